@@ -1,0 +1,1 @@
+"""The read side of the log: consumers for each backend, the event consumer, workers."""

@@ -1,0 +1,102 @@
+"""The read half of the log contract, implemented once per backend (`kafka.py`, `embedded.py`)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import NamedTuple, Self
+
+
+class TopicPartition(NamedTuple):
+    topic: str
+    partition: int
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...]
+    timestamp_ms: int
+
+    @property
+    def tp(self) -> TopicPartition:
+        return TopicPartition(self.topic, self.partition)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicInfo:
+    name: str
+    partitions: int
+    messages: int
+
+
+class LogConsumer(ABC):
+    """Reads records from topics.
+
+    With a `group_id` the consumer joins that consumer group: the topics' partitions are shared
+    among the group's live members, each member resumes from the group's committed offsets, and a
+    member that stops or dies has its partitions taken over. Without one it reads every partition
+    of its topics from the start (or wherever `seek` puts it) and commits nothing.
+    Offsets committed are the next offset to read, as in Kafka.
+    """
+
+    @abstractmethod
+    async def start(self) -> None: ...
+
+    @abstractmethod
+    async def stop(self) -> None: ...
+
+    @abstractmethod
+    async def poll(self, timeout_s: float = 1.0, max_records: int = 1000) -> list[LogRecord]:
+        """Records after the current positions, in offset order per partition; [] on timeout."""
+
+    @abstractmethod
+    async def commit(self, offsets: Mapping[TopicPartition, int] | None = None) -> None:
+        """Commits the given next-offsets, or the positions after everything polled so far."""
+
+    @abstractmethod
+    async def seek(self, tp: TopicPartition, offset: int) -> None: ...
+
+    @abstractmethod
+    def assignment(self) -> set[TopicPartition]: ...
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+class LogAdmin(ABC):
+    """Topic management and the point reads replay needs."""
+
+    @abstractmethod
+    async def create_topics(self, topics: Mapping[str, int]) -> None:
+        """Creates each missing topic with the given partition count; existing ones are left alone."""
+
+    @abstractmethod
+    async def topics(self) -> list[TopicInfo]: ...
+
+    @abstractmethod
+    async def end_offsets(self, topic: str) -> dict[int, int]: ...
+
+    @abstractmethod
+    def read_key(self, topics: Sequence[str], key: bytes) -> AsyncIterator[LogRecord]:
+        """Every record with this key in these topics, in offset order per topic."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+
+class CommitFailed(RuntimeError):
+    """The group moved a partition to another member before this commit; its records will be
+    delivered again to the new owner (at-least-once), so the caller need not retry."""

@@ -1,0 +1,192 @@
+"""The embedded log's consumer and admin, over the SQLite log file."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+from consumers.base import CommitFailed, LogAdmin, LogConsumer, LogRecord, TopicInfo, TopicPartition
+from producers.embedded import open_log_file
+from producers.embedded_store import CommitRejected, LogFile, StoredRecord
+from producers.notify import notifier_for
+
+
+def _record(r: StoredRecord) -> LogRecord:
+    return LogRecord(r.topic, r.partition, r.offset, r.key, r.value, r.headers, r.timestamp_ms)
+
+
+class EmbeddedConsumer(LogConsumer):
+    def __init__(
+        self,
+        path: Path,
+        topics: Sequence[str],
+        *,
+        group_id: str | None = None,
+        auto_offset_reset: Literal["earliest", "latest"] = "earliest",
+        session_timeout_s: float = 10.0,
+        heartbeat_interval_s: float = 1.0,
+        idle_poll_s: float = 0.01,
+    ) -> None:
+        self._path = path
+        self._topics = list(topics)
+        self._group_id = group_id
+        self._member_id = f"{group_id}-{uuid.uuid4()}" if group_id else None
+        self._reset = auto_offset_reset
+        self._session_timeout_ms = int(session_timeout_s * 1000)
+        self._heartbeat_interval_s = heartbeat_interval_s
+        self._idle_poll_s = idle_poll_s
+        self._log: LogFile | None = None
+        self._positions: dict[TopicPartition, int] = {}
+        self._consumed: dict[TopicPartition, int] = {}
+        self._last_heartbeat = 0.0
+        self._data_version = -1
+        self._wake = asyncio.Event()
+        self._next_tp = 0  # round-robin start, so no partition starves
+
+    @property
+    def log(self) -> LogFile:
+        if self._log is None:
+            raise RuntimeError("consumer is not started")
+        return self._log
+
+    async def start(self) -> None:
+        self._log = await asyncio.to_thread(open_log_file, self._path)
+        notifier_for(self._path).subscribe(self._wake)
+        if self._group_id is None:
+            for topic in self._topics:
+                partitions = await asyncio.to_thread(self.log.ensure_topic, topic)
+                for p in range(partitions):
+                    tp = TopicPartition(topic, p)
+                    self._positions[tp] = (
+                        0 if self._reset == "earliest" else await asyncio.to_thread(self.log.end_offset, topic, p)
+                    )
+        else:
+            await self._heartbeat()
+
+    async def stop(self) -> None:
+        if self._log is None:
+            return
+        notifier_for(self._path).unsubscribe(self._wake)
+        if self._group_id is not None and self._member_id is not None:
+            await asyncio.to_thread(self.log.leave, self._group_id, self._member_id)
+        await asyncio.to_thread(self.log.close)
+        self._log = None
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self._positions)
+
+    async def _heartbeat(self) -> None:
+        assert self._group_id is not None
+        assert self._member_id is not None
+        mine = await asyncio.to_thread(
+            self.log.heartbeat, self._group_id, self._member_id, self._topics, self._session_timeout_ms
+        )
+        self._last_heartbeat = time.monotonic()
+        assigned = {TopicPartition(t, p) for t, p in mine}
+        if assigned == set(self._positions):
+            return
+        for tp in set(self._positions) - assigned:  # revoked: its new owner resumes from the last commit
+            del self._positions[tp]
+            self._consumed.pop(tp, None)
+        added = assigned - set(self._positions)
+        committed = await asyncio.to_thread(self.log.committed, self._group_id, added)
+        for tp in added:
+            if tp in committed:
+                self._positions[tp] = committed[tp]
+            elif self._reset == "earliest":
+                self._positions[tp] = 0
+            else:
+                self._positions[tp] = await asyncio.to_thread(self.log.end_offset, tp.topic, tp.partition)
+        self._data_version = -1  # new partitions: look at them now
+
+    async def poll(self, timeout_s: float = 1.0, max_records: int = 1000) -> list[LogRecord]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self._group_id is not None and time.monotonic() - self._last_heartbeat >= self._heartbeat_interval_s:
+                await self._heartbeat()
+            self._wake.clear()
+            version = await asyncio.to_thread(self.log.data_version)
+            if version != self._data_version:
+                records = await asyncio.to_thread(self._fetch, max_records)
+                if records:
+                    return records
+                self._data_version = version
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), min(remaining, self._idle_poll_s))
+
+    def _fetch(self, max_records: int) -> list[LogRecord]:
+        tps = sorted(self._positions)
+        out: list[LogRecord] = []
+        if not tps:
+            return out
+        start = self._next_tp % len(tps)
+        for tp in tps[start:] + tps[:start]:
+            if len(out) >= max_records:
+                break
+            rows = self.log.read(tp.topic, tp.partition, self._positions[tp], max_records - len(out))
+            if rows:
+                self._positions[tp] = rows[-1].offset + 1
+                self._consumed[tp] = rows[-1].offset + 1
+                out.extend(_record(r) for r in rows)
+        self._next_tp += 1
+        return out
+
+    async def commit(self, offsets: Mapping[TopicPartition, int] | None = None) -> None:
+        if self._group_id is None:
+            raise RuntimeError("commit needs a consumer group")
+        to_commit = dict(offsets if offsets is not None else self._consumed)
+        if not to_commit:
+            return
+        try:
+            await asyncio.to_thread(
+                self.log.commit,
+                self._group_id,
+                self._member_id,
+                {(tp.topic, tp.partition): o for tp, o in to_commit.items()},
+            )
+        except CommitRejected as exc:
+            await self._heartbeat()
+            raise CommitFailed(str(exc)) from exc
+
+    async def seek(self, tp: TopicPartition, offset: int) -> None:
+        if tp not in self._positions:
+            raise KeyError(f"{tp} is not assigned to this consumer")
+        self._positions[tp] = offset
+        self._data_version = -1
+
+
+class EmbeddedAdmin(LogAdmin):
+    def __init__(self, path: Path) -> None:
+        self._log = open_log_file(path)
+
+    async def create_topics(self, topics: Mapping[str, int]) -> None:
+        for name, partitions in topics.items():
+            await asyncio.to_thread(self._log.create_topic, name, partitions)
+
+    async def topics(self) -> list[TopicInfo]:
+        out = []
+        for name, partitions in (await asyncio.to_thread(self._log.topics)).items():
+            ends = await self.end_offsets(name)
+            out.append(TopicInfo(name, partitions, sum(ends.values())))
+        return out
+
+    async def end_offsets(self, topic: str) -> dict[int, int]:
+        partitions = await asyncio.to_thread(self._log.partitions, topic)
+        if partitions is None:
+            raise KeyError(f"no topic {topic!r}")
+        return {p: await asyncio.to_thread(self._log.end_offset, topic, p) for p in range(partitions)}
+
+    async def read_key(self, topics: Sequence[str], key: bytes) -> AsyncIterator[LogRecord]:
+        for r in await asyncio.to_thread(self._log.read_key, topics, key):
+            yield _record(r)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._log.close)

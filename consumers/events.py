@@ -1,0 +1,92 @@
+"""Events off the log: decode, and dead-letter what cannot be decoded without stopping."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from consumers.base import LogAdmin, LogConsumer, LogRecord
+from producers.base import LogProducer
+from schemas.base import Event, EventPayload
+from schemas.codec import EventCodec, UndecodableMessage
+from schemas.topics import CALL_TOPICS, DEADLETTER
+
+DLQ_REASON = "vx-dlq-reason"
+DLQ_TOPIC = "vx-dlq-topic"
+DLQ_PARTITION = "vx-dlq-partition"
+DLQ_OFFSET = "vx-dlq-offset"
+DLQ_CONSUMER = "vx-dlq-consumer"
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumedEvent:
+    record: LogRecord
+    event: Event[EventPayload]
+
+
+def dead_letter_headers(record: LogRecord, reason: str, consumer: str) -> list[tuple[str, bytes]]:
+    return [
+        (DLQ_REASON, reason.encode()),
+        (DLQ_TOPIC, record.topic.encode()),
+        (DLQ_PARTITION, str(record.partition).encode()),
+        (DLQ_OFFSET, str(record.offset).encode()),
+        (DLQ_CONSUMER, consumer.encode()),
+        *record.headers,
+    ]
+
+
+class EventConsumer:
+    """Wraps a `LogConsumer`: yields decoded events; an undecodable message (unknown schema,
+    corrupt bytes) is copied, original bytes and all, to the dead-letter topic with the reason
+    and where it came from, and consumption goes on. `commit` first makes the dead letters
+    durable, so a message is either processed, or dead-lettered, before its offset is committed.
+    """
+
+    def __init__(
+        self, consumer: LogConsumer, dead_letters: LogProducer, *, name: str, codec: EventCodec | None = None
+    ) -> None:
+        self.consumer = consumer
+        self.dead_letters = dead_letters
+        self.name = name
+        self.codec = codec or EventCodec()
+        self.dead_lettered = 0
+
+    async def poll(self, timeout_s: float = 1.0, max_records: int = 1000) -> list[ConsumedEvent]:
+        out = []
+        for record in await self.consumer.poll(timeout_s, max_records):
+            try:
+                out.append(ConsumedEvent(record, self.codec.decode(record.value)))
+            except UndecodableMessage as exc:
+                await self.dead_letters.send(
+                    DEADLETTER, record.key or b"", record.value, dead_letter_headers(record, str(exc), self.name)
+                )
+                self.dead_lettered += 1
+        return out
+
+    async def commit(self) -> None:
+        await self.dead_letters.flush()
+        await self.consumer.commit()
+
+
+@dataclass(frozen=True)
+class CallHistory:
+    """One call's events in `seq` order, merged across topics, and what could not be read."""
+
+    call_id: str
+    events: list[Event[EventPayload]]
+    undecodable: list[tuple[LogRecord, str]]
+
+
+async def read_call(
+    admin: LogAdmin, call_id: str, codec: EventCodec | None = None, topics: Sequence[str] = CALL_TOPICS
+) -> CallHistory:
+    codec = codec or EventCodec()
+    events: list[Event[EventPayload]] = []
+    bad: list[tuple[LogRecord, str]] = []
+    async for record in admin.read_key(topics, call_id.encode()):
+        try:
+            events.append(codec.decode(record.value))
+        except UndecodableMessage as exc:
+            bad.append((record, str(exc)))
+    events.sort(key=lambda e: e.seq)
+    return CallHistory(call_id, events, bad)

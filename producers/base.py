@@ -1,0 +1,53 @@
+"""The write half of the log contract, implemented once per backend (`kafka.py`, `embedded.py`)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Self
+
+Headers = Sequence[tuple[str, bytes]]
+
+# Kafka's default message.max.bytes is 1 MiB including record overhead; both backends refuse
+# larger messages the same way, so nothing works on one machine that fails on many.
+MAX_MESSAGE_BYTES = 1_000_000
+
+
+class LogWriteError(RuntimeError):
+    """Messages handed to a producer could not be made durable; raised, never swallowed."""
+
+
+class MessageTooLarge(LogWriteError):
+    """Refused at `send`, before buffering; the message was not written."""
+
+
+class LogProducer(ABC):
+    """Appends messages to topics, batched and asynchronously.
+
+    `send` returns once the message is buffered; it waits only when the bounded buffer is full
+    (back-pressure), so the caller is slowed rather than a message dropped. `flush` returns once
+    every message sent before it is durable in the log, and raises `LogWriteError` if any failed.
+    """
+
+    @abstractmethod
+    async def start(self) -> None: ...
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Flushes, then releases resources."""
+
+    @abstractmethod
+    async def send(self, topic: str, key: bytes, value: bytes, headers: Headers = ()) -> None: ...
+
+    @abstractmethod
+    async def flush(self) -> None: ...
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()

@@ -1,0 +1,102 @@
+"""Events onto the log: encode (refusing what breaks its schema), route to its topic, key by call."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+
+from producers.base import LogProducer
+from schemas.base import Event, EventPayload
+from schemas.codec import EventCodec
+from schemas.envelope import Envelope
+from schemas.topics import topic_for
+
+
+class EventWriter:
+    def __init__(self, producer: LogProducer, codec: EventCodec | None = None) -> None:
+        self.producer = producer
+        self.codec = codec or EventCodec()
+
+    async def append(self, event: Event[EventPayload]) -> None:
+        """Encodes now, so a `SchemaViolation` reaches the caller before anything is written."""
+        data = self.codec.encode(event)
+        await self.producer.send(topic_for(event.type), event.call_id.encode(), data)
+
+    async def flush(self) -> None:
+        await self.producer.flush()
+
+
+def wall_clock_us() -> int:
+    return time.time_ns() // 1000
+
+
+def new_event_id() -> str:
+    return str(uuid.uuid4())
+
+
+class CallRecorder:
+    """The one writer of a call's events: numbers them (gap-free `seq`), stamps the envelope.
+
+    A call has exactly one recorder at a time (the session that owns its media), which is what
+    makes `seq` a total order of the call across topics.
+    """
+
+    def __init__(
+        self,
+        writer: EventWriter,
+        *,
+        tenant_id: str,
+        call_id: str,
+        producer: str,
+        producer_version: str,
+        next_seq: int = 0,
+        clock_us: Callable[[], int] = wall_clock_us,
+        new_id: Callable[[], str] = new_event_id,
+    ) -> None:
+        self.writer = writer
+        self.tenant_id = tenant_id
+        self.call_id = call_id
+        self.producer = producer
+        self.producer_version = producer_version
+        self.next_seq = next_seq
+        self._clock_us = clock_us
+        self._new_id = new_id
+
+    def make(
+        self,
+        payload: EventPayload,
+        *,
+        causation_id: str | None = None,
+        correlation_id: str | None = None,
+        event_time_us: int | None = None,
+    ) -> Event[EventPayload]:
+        envelope = Envelope(
+            event_id=self._new_id(),
+            tenant_id=self.tenant_id,
+            call_id=self.call_id,
+            seq=self.next_seq,
+            type=payload.EVENT_TYPE,
+            schema_version=payload.EVENT_VERSION,
+            event_time_us=self._clock_us() if event_time_us is None else event_time_us,
+            causation_id=causation_id,
+            correlation_id=correlation_id,
+            producer=self.producer,
+            producer_version=self.producer_version,
+        )
+        return Event(envelope, payload)
+
+    async def record(
+        self,
+        payload: EventPayload,
+        *,
+        causation_id: str | None = None,
+        correlation_id: str | None = None,
+        event_time_us: int | None = None,
+    ) -> Event[EventPayload]:
+        event = self.make(
+            payload, causation_id=causation_id, correlation_id=correlation_id, event_time_us=event_time_us
+        )
+        await self.writer.append(event)  # raises before seq advances if the payload is invalid
+        self.next_seq += 1
+        return event

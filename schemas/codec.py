@@ -1,0 +1,145 @@
+"""Encoding events to bytes and back: Avro binary in single-object encoding.
+
+Every message starts with the marker C3 01 and the 8-byte fingerprint of the schema that wrote it,
+so a reader always knows which event type and version it holds. Reading resolves older versions
+into the newest one (Avro resolution, then upcasters).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import fastavro
+from fastavro.validation import ValidationError, validate
+
+from schemas.base import Event, EventPayload
+from schemas.envelope import Envelope
+from schemas.events import PAYLOAD_TYPES
+from schemas.registry import SINGLE_OBJECT_MAGIC, SchemaRegistry, load_registry
+from schemas.upcasters import upcast
+
+HEADER_LEN = len(SINGLE_OBJECT_MAGIC) + 8
+
+
+class SchemaViolation(ValueError):
+    """An event that does not match its schema; refused before it reaches the log."""
+
+    def __init__(self, event_type: str, field: str, problem: str) -> None:
+        super().__init__(f"{event_type}: field '{field}' {problem}")
+        self.event_type = event_type
+        self.field = field
+        self.problem = problem
+
+
+class UndecodableMessage(ValueError):
+    """Bytes from the log that cannot be read as an event; the consumer dead-letters them."""
+
+
+def _describe(schema: Any) -> str:
+    if isinstance(schema, dict):
+        if schema.get("type") == "enum":
+            return "one of " + ", ".join(schema["symbols"])
+        return str(schema.get("type"))
+    return str(schema)
+
+
+def _field_and_problem(error: ValidationError, record_name: str) -> tuple[str, str]:
+    """fastavro lists one entry per rejected branch of the field's type; name the field once."""
+    entries = [e for e in error.errors if hasattr(e, "field")]
+    if not entries:
+        return "?", str(error)
+    first = entries[0]
+    field = str(first.field)
+    for prefix in (f"{record_name}.", "voxlog.events.", "voxlog."):
+        field = field.removeprefix(prefix)
+    expected = " or ".join(dict.fromkeys(_describe(e.schema) for e in entries if e.field == first.field))
+    value = first.datum
+    shown = repr(value) if not isinstance(value, bytes | bytearray) else f"{len(value)} bytes"
+    return field, f"is {shown} ({type(value).__name__}), expected {expected}"
+
+
+class EventCodec:
+    def __init__(self, registry: SchemaRegistry | None = None) -> None:
+        self.registry = registry or load_registry()
+        self._latest = self.registry.latest
+        self._by_fingerprint = self.registry.by_fingerprint
+
+    def encode(self, event: Event[EventPayload]) -> bytes:
+        payload = event.payload
+        event_type = payload.EVENT_TYPE
+        sv = self._latest.get(event_type)
+        if sv is None:
+            raise SchemaViolation(event_type, "type", "is not a known event type")
+        envelope = event.envelope
+        if envelope.type != event_type or envelope.schema_version != sv.version:
+            raise SchemaViolation(
+                event_type,
+                "envelope.type",
+                f"says {envelope.type} v{envelope.schema_version}, payload is {event_type} v{sv.version}",
+            )
+        record = payload.to_avro()
+        record["envelope"] = envelope.to_avro()
+        out = io.BytesIO()
+        out.write(sv.header)
+        try:
+            fastavro.schemaless_writer(out, sv.parsed, record)
+        except Exception as exc:  # fastavro raises TypeError/ValueError/OverflowError/...: explain
+            raise self._violation(event_type, sv.parsed, record, exc) from exc
+        return out.getvalue()
+
+    @staticmethod
+    def _violation(event_type: str, schema: Any, record: dict[str, Any], exc: Exception) -> SchemaViolation:
+        try:
+            validate(record, schema, raise_errors=True, strict=True)
+        except ValidationError as verr:
+            field, problem = _field_and_problem(verr, schema["name"])
+            return SchemaViolation(event_type, field, problem)
+        return SchemaViolation(event_type, "?", f"could not be encoded: {exc!r}")
+
+    def schema_of(self, data: bytes) -> tuple[str, int]:
+        """Event type and writer version of a message, from its header alone."""
+        sv = self._writer(data)
+        return sv.event_type, sv.version
+
+    def _writer(self, data: bytes) -> Any:
+        if len(data) < HEADER_LEN or data[:2] != SINGLE_OBJECT_MAGIC:
+            raise UndecodableMessage("not an Avro single-object encoded message (bad marker)")
+        sv = self._by_fingerprint.get(bytes(data[2:HEADER_LEN]))
+        if sv is None:
+            raise UndecodableMessage(
+                f"unknown schema fingerprint {bytes(data[2:HEADER_LEN]).hex()}: "
+                "written by a schema version this code does not have"
+            )
+        return sv
+
+    def decode(self, data: bytes) -> Event[EventPayload]:
+        writer = self._writer(data)
+        latest = self._latest[writer.event_type]
+        body = io.BytesIO(data[HEADER_LEN:])
+        try:
+            if writer is latest:
+                record = fastavro.schemaless_reader(body, writer.parsed, None)
+            else:
+                record = fastavro.schemaless_reader(body, writer.parsed, latest.parsed)
+        except Exception as exc:  # truncated or corrupt bodies fail in many ways inside fastavro
+            raise UndecodableMessage(f"corrupt {writer.event_type} v{writer.version} body: {exc!r}") from exc
+        if body.tell() != len(data) - HEADER_LEN:
+            raise UndecodableMessage(
+                f"corrupt {writer.event_type} v{writer.version} body: "
+                f"{len(data) - HEADER_LEN - body.tell()} trailing bytes"
+            )
+        assert isinstance(record, dict)
+        if writer.version != latest.version:
+            record = upcast(writer.event_type, writer.version, latest.version, record)
+        try:
+            envelope = Envelope.from_avro(record["envelope"])
+            payload = PAYLOAD_TYPES[writer.event_type].from_avro(record)
+        except (KeyError, TypeError) as exc:
+            raise UndecodableMessage(f"{writer.event_type} v{writer.version}: {exc!r}") from exc
+        if envelope.type != writer.event_type or envelope.schema_version != writer.version:
+            raise UndecodableMessage(
+                f"envelope says {envelope.type} v{envelope.schema_version} but the message was written "
+                f"with {writer.event_type} v{writer.version}"
+            )
+        return Event(envelope, payload)

@@ -1,0 +1,47 @@
+"""The topic map: which events go on which topic. Every topic is keyed by call id.
+
+Audio is heavy and hot (50 chunks a second per direction per call), so it has a topic of its own:
+projections that never look at audio never read it, and its retention can differ. Commands to
+side-effect workers are apart too, so a worker group consumes only what it acts on. A call's events
+across topics are ordered by the envelope's per-call `seq`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CALLS = "voxlog.calls"
+AUDIO = "voxlog.audio"
+COMMANDS = "voxlog.commands"
+DEADLETTER = "voxlog.deadletter"
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    doc: str
+
+
+TOPICS: dict[str, TopicSpec] = {
+    spec.name: spec
+    for spec in (
+        TopicSpec(CALLS, 12, "Every call event but audio and commands: lifecycle, transcripts, decisions, results."),
+        TopicSpec(AUDIO, 12, "Caller and agent audio chunks."),
+        TopicSpec(COMMANDS, 6, "Requests for side effects, consumed by idempotent workers (tool.requested)."),
+        TopicSpec(DEADLETTER, 1, "Messages no consumer could decode, with the reason and their origin in headers."),
+    )
+}
+
+# Topics that hold a call's own events (replay reads these, merged by seq).
+CALL_TOPICS = (CALLS, AUDIO, COMMANDS)
+
+_COMMAND_TYPES = frozenset({"tool.requested"})
+
+
+def topic_for(event_type: str) -> str:
+    if event_type.startswith("audio."):
+        return AUDIO
+    if event_type in _COMMAND_TYPES:
+        return COMMANDS
+    return CALLS

@@ -1,0 +1,76 @@
+"""Chooses the event-log backend from settings: Kafka when a bootstrap is set, else embedded."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from consumers.base import LogAdmin, LogConsumer
+from consumers.embedded import EmbeddedAdmin, EmbeddedConsumer
+from consumers.kafka import KafkaAdmin, KafkaConsumer
+from producers.base import LogProducer
+from producers.embedded import EmbeddedProducer
+from producers.kafka import KafkaProducer
+from voxlog.settings import Settings
+
+
+class LogBackend(ABC):
+    name: str
+
+    @abstractmethod
+    def producer(self, **options: Any) -> LogProducer: ...
+
+    @abstractmethod
+    def consumer(self, topics: Sequence[str], *, group_id: str | None = None, **options: Any) -> LogConsumer: ...
+
+    @abstractmethod
+    def admin(self) -> LogAdmin: ...
+
+    @abstractmethod
+    def describe(self) -> str: ...
+
+
+class EmbeddedBackend(LogBackend):
+    name = "embedded"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def producer(self, **options: Any) -> LogProducer:
+        return EmbeddedProducer(self.path, **options)
+
+    def consumer(self, topics: Sequence[str], *, group_id: str | None = None, **options: Any) -> LogConsumer:
+        return EmbeddedConsumer(self.path, topics, group_id=group_id, **options)
+
+    def admin(self) -> LogAdmin:
+        return EmbeddedAdmin(self.path)
+
+    def describe(self) -> str:
+        return f"embedded log {self.path}"
+
+
+class KafkaBackend(LogBackend):
+    name = "kafka"
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+
+    def producer(self, **options: Any) -> LogProducer:
+        return KafkaProducer(self.bootstrap, **options)
+
+    def consumer(self, topics: Sequence[str], *, group_id: str | None = None, **options: Any) -> LogConsumer:
+        return KafkaConsumer(self.bootstrap, topics, group_id=group_id, **options)
+
+    def admin(self) -> LogAdmin:
+        return KafkaAdmin(self.bootstrap)
+
+    def describe(self) -> str:
+        return f"kafka {self.bootstrap}"
+
+
+def log_backend(settings: Settings) -> LogBackend:
+    if settings.kafka_bootstrap:
+        return KafkaBackend(settings.kafka_bootstrap)
+    return EmbeddedBackend(settings.log_path)

@@ -1,0 +1,202 @@
+"""`voxlog bench log`: what the event log costs, measured on a realistic mix of call events.
+
+Two phases on one backend:
+1. throughput: append N events as fast as the writer takes them (encoding included, as the hot path
+   pays it), flush, then consume them all (decoding included);
+2. latency: append at a steady rate (default 5,000 events/s: 100 calls' worth of caller audio plus
+   their transcripts and decisions) while a consumer in the same process reads them, and measure
+   produce-to-consume latency from each event's own timestamp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from consumers.events import EventConsumer
+from producers.events import CallRecorder, EventWriter
+from producers.synthetic import concurrent_calls
+from schemas.codec import EventCodec
+from schemas.topics import CALL_TOPICS, TOPICS
+from voxlog import __version__
+from voxlog.backends import LogBackend
+
+
+@dataclass
+class Phase:
+    events: int
+    seconds: float
+    events_per_s: float
+
+
+@dataclass
+class Latency:
+    target_rate: int
+    achieved_rate: float
+    seconds: float
+    events: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class _Recorders:
+    """One recorder per synthetic call, on fresh call ids for this run."""
+
+    def __init__(self, writer: EventWriter, run: str) -> None:
+        self.writer = writer
+        self.run = run
+        self.by_index: dict[int, CallRecorder] = {}
+
+    def __getitem__(self, index: int) -> CallRecorder:
+        found = self.by_index.get(index)
+        if found is None:
+            found = self.by_index[index] = CallRecorder(
+                self.writer,
+                tenant_id="bench",
+                call_id=f"bench-{self.run}-{index}",
+                producer="voxlog.bench",
+                producer_version=__version__,
+            )
+        return found
+
+
+async def _consume(
+    backend: LogBackend,
+    codec: EventCodec,
+    run: str,
+    until: int,
+    latencies: list[float] | None = None,
+    timeout_s: float = 30.0,
+    joined: asyncio.Event | None = None,
+) -> tuple[int, float]:
+    """Reads this run's events until `until` of them arrived; returns (count, seconds)."""
+    seen = 0
+    prefix = f"bench-{run}-"
+    async with (
+        backend.producer() as dead_letters,
+        backend.consumer(
+            CALL_TOPICS,
+            group_id=f"bench-{run}",
+            # The latency phase starts at the end of the log: older runs' events are not its business.
+            auto_offset_reset="earliest" if joined is None else "latest",
+        ) as consumer,
+    ):
+        events = EventConsumer(consumer, dead_letters, name="voxlog-bench", codec=codec)
+        if joined is not None:
+            while not consumer.assignment():  # Kafka assigns partitions on the first polls
+                await events.poll(timeout_s=0.2)
+            joined.set()
+        start = time.perf_counter()
+        last_progress = time.monotonic()
+        while seen < until:
+            batch = await events.poll(timeout_s=0.5, max_records=5000)
+            now_us = time.time_ns() // 1000
+            for item in batch:
+                if item.event.call_id.startswith(prefix):
+                    seen += 1
+                    if latencies is not None:
+                        latencies.append((now_us - item.event.envelope.event_time_us) / 1000)
+            if batch:
+                last_progress = time.monotonic()
+            elif time.monotonic() - last_progress > timeout_s:
+                raise TimeoutError(f"consumed {seen} of {until} events")
+        elapsed = time.perf_counter() - start
+        await events.commit()
+    return seen, elapsed
+
+
+async def bench_log(
+    backend: LogBackend, *, events: int, rate: int = 5000, seconds: float = 10.0, concurrent: int = 100
+) -> dict[str, Any]:
+    codec = EventCodec()
+    admin = backend.admin()
+    try:
+        await admin.create_topics({name: spec.partitions for name, spec in TOPICS.items()})
+    finally:
+        await admin.close()
+
+    # Phase 1: throughput.
+    run = uuid.uuid4().hex[:8]
+    mix: Counter[str] = Counter()
+    source = concurrent_calls(concurrent)
+    payloads = [next(source) for _ in range(events)]
+    for _, payload in payloads:
+        mix[payload.EVENT_TYPE] += 1
+    async with backend.producer() as producer:
+        writer = EventWriter(producer, codec)
+        recorders = _Recorders(writer, run)
+        start = time.perf_counter()
+        for index, payload in payloads:
+            await recorders[index].record(payload)
+        await writer.flush()
+        append_s = time.perf_counter() - start
+    consumed, consume_s = await _consume(backend, codec, run, events)
+
+    # Phase 2: produce-to-consume latency at a steady rate, consumer running alongside.
+    run2 = uuid.uuid4().hex[:8]
+    total = int(rate * seconds)
+    latencies: list[float] = []
+    joined = asyncio.Event()
+    consumer_task = asyncio.create_task(_consume(backend, codec, run2, total, latencies, joined=joined))
+    await asyncio.wait_for(joined.wait(), 60)  # the consumer owns its partitions before the clock starts
+    async with backend.producer() as producer:
+        writer = EventWriter(producer, codec)
+        recorders = _Recorders(writer, run2)
+        source = concurrent_calls(concurrent)
+        tick_s = 0.002
+        start = time.perf_counter()
+        sent = 0
+        while sent < total:
+            due = min(total, int((time.perf_counter() - start) * rate) + 1)
+            while sent < due:
+                index, payload = next(source)
+                await recorders[index].record(payload)
+                sent += 1
+            await asyncio.sleep(tick_s)
+        produce_s = time.perf_counter() - start
+        await writer.flush()
+    await consumer_task
+    steady = latencies[len(latencies) // 20 :]  # the first 5% include connection and fetch warm-up
+
+    return {
+        "benchmark": "log",
+        "backend": backend.name,
+        "target": backend.describe(),
+        "version": __version__,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "mix": dict(mix.most_common()),
+        "append": asdict(Phase(events, round(append_s, 3), round(events / append_s))),
+        "consume": asdict(Phase(consumed, round(consume_s, 3), round(consumed / consume_s))),
+        "latency": asdict(
+            Latency(
+                target_rate=rate,
+                achieved_rate=round(total / produce_s),
+                seconds=round(produce_s, 2),
+                events=len(steady),
+                p50_ms=round(statistics.median(steady), 2),
+                p99_ms=round(_percentile(steady, 0.99), 2),
+                max_ms=round(max(steady), 2),
+            )
+        ),
+    }
+
+
+def write_result(result: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")

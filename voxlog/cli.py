@@ -1,0 +1,174 @@
+"""The `voxlog` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from consumers.events import EventConsumer, read_call
+from schemas.topics import CALL_TOPICS
+from voxlog import __version__
+from voxlog.backends import EmbeddedBackend, KafkaBackend, LogBackend, log_backend
+from voxlog.describe import describe
+from voxlog.settings import Settings
+
+app = typer.Typer(help="voxlog: an AI voice agent whose system of record is an event log.", no_args_is_help=True)
+events_app = typer.Typer(help="Read events from the log.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks; results go to a JSON file.", no_args_is_help=True)
+app.add_typer(events_app, name="events")
+app.add_typer(bench_app, name="bench")
+console = Console()
+
+
+def _backend() -> LogBackend:
+    return log_backend(Settings())
+
+
+@app.command()
+def version() -> None:
+    """Print voxlog's version."""
+    console.print(__version__)
+
+
+@app.command()
+def demo(calls: Annotated[int, typer.Option(min=1, help="How many calls to run.")] = 3) -> None:
+    """Run the main job end to end on the configured backend (embedded by default)."""
+    from voxlog.demo import run_demo
+
+    backend = _backend()
+    console.print(f"[bold]voxlog demo[/] on {backend.describe()}")
+    report = asyncio.run(run_demo(backend, calls=calls))
+    table = Table("call", "channel", "events", "audio chunks", "turns", "tool calls", "barge-ins", "read back")
+    for c in report.calls:
+        table.add_row(
+            c.call_id,
+            c.channel,
+            str(c.events),
+            str(c.audio_chunks),
+            str(c.turns),
+            str(c.tool_calls),
+            str(c.barge_ins),
+            c.read_back,
+        )
+    console.print(table)
+    consumed = ", ".join(f"{t} {n}" for t, n in sorted(report.consumed.items()))
+    console.print(
+        f"consumed by a consumer group: {sum(report.consumed.values())} events ({consumed}); "
+        f"dead-lettered: {report.dead_lettered}"
+    )
+    identical = sum(c.read_back == "identical" for c in report.calls)
+    console.print(f"read back {len(report.calls)} calls from the log, {identical} identical to what was written")
+    if not report.all_identical:
+        raise typer.Exit(1)
+
+
+@app.command()
+def topics() -> None:
+    """List the topics with their partition and message counts."""
+    backend = _backend()
+
+    async def run() -> None:
+        admin = backend.admin()
+        try:
+            infos = await admin.topics()
+        finally:
+            await admin.close()
+        table = Table("topic", "partitions", "messages", title=backend.describe())
+        for info in infos:
+            table.add_row(info.name, str(info.partitions), str(info.messages))
+        console.print(table)
+
+    asyncio.run(run())
+
+
+@events_app.command("tail")
+def events_tail(
+    call: Annotated[str, typer.Option("--call", help="Call id whose events to print, in seq order.")],
+    audio: Annotated[bool, typer.Option(help="Include audio chunk events.")] = True,
+) -> None:
+    """Print one call's events in order, decoded, from either backend."""
+    backend = _backend()
+
+    async def run() -> int:
+        admin = backend.admin()
+        try:
+            history = await read_call(admin, call)
+        finally:
+            await admin.close()
+        for event in history.events:
+            if audio or not event.type.startswith("audio."):
+                typer.echo(describe(event))
+        for record, reason in history.undecodable:
+            typer.echo(f"undecodable {record.topic}/{record.partition}@{record.offset}: {reason}", err=True)
+        if not history.events and not history.undecodable:
+            typer.echo(f"no events for call {call} in {backend.describe()}", err=True)
+            return 1
+        return 0
+
+    raise typer.Exit(asyncio.run(run()))
+
+
+@events_app.command("follow")
+def events_follow(
+    group: Annotated[str | None, typer.Option(help="Consumer group; default: read everything, commit nothing.")] = None,
+    audio: Annotated[bool, typer.Option(help="Include audio chunk events.")] = False,
+) -> None:
+    """Print events as they arrive on the call topics, until interrupted."""
+    backend = _backend()
+
+    async def run() -> None:
+        async with backend.producer() as dead_letters, backend.consumer(CALL_TOPICS, group_id=group) as consumer:
+            events = EventConsumer(consumer, dead_letters, name=group or "voxlog-events-follow")
+            while True:
+                for item in await events.poll(timeout_s=1.0):
+                    if audio or not item.event.type.startswith("audio."):
+                        typer.echo(f"{item.event.call_id} {describe(item.event)}")
+                if group:
+                    await events.commit()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+
+
+class BenchBackend(enum.StrEnum):
+    embedded = "embedded"
+    kafka = "kafka"
+
+
+@bench_app.command("log")
+def bench_log_command(
+    out: Annotated[Path, typer.Option(help="JSON file the results are written to.")],
+    backend: Annotated[BenchBackend, typer.Option(help="Which log to measure.")] = BenchBackend.embedded,
+    events: Annotated[int, typer.Option(min=1000, help="Events for the throughput phase.")] = 200_000,
+    rate: Annotated[int, typer.Option(min=100, help="Events/s for the latency phase.")] = 5000,
+    seconds: Annotated[float, typer.Option(min=1.0, help="Length of the latency phase.")] = 10.0,
+) -> None:
+    """Append/consume throughput and produce-to-consume latency of the event log."""
+    from voxlog.bench import bench_log, write_result
+
+    settings = Settings()
+    if backend is BenchBackend.kafka:
+        if not settings.kafka_bootstrap:
+            raise typer.BadParameter("set VOXLOG_KAFKA_BOOTSTRAP to benchmark Kafka", param_hint="--backend")
+        target: LogBackend = KafkaBackend(settings.kafka_bootstrap)
+    else:
+        target = EmbeddedBackend(settings.home / "bench" / "log.db")
+    result = asyncio.run(bench_log(target, events=events, rate=rate, seconds=seconds))
+    write_result(result, out)
+    a, c, lat = result["append"], result["consume"], result["latency"]
+    console.print(
+        f"{target.describe()}: append {a['events_per_s']:,} events/s, consume {c['events_per_s']:,} events/s; "
+        f"at {lat['achieved_rate']:,} events/s produce-to-consume p50 {lat['p50_ms']} ms, "
+        f"p99 {lat['p99_ms']} ms -> {out}"
+    )
+
+
+if __name__ == "__main__":
+    app()
