@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import NamedTuple, Self
@@ -80,8 +80,9 @@ class LogAdmin(ABC):
     """Topic management and the point reads replay needs."""
 
     @abstractmethod
-    async def create_topics(self, topics: Mapping[str, int]) -> None:
-        """Creates each missing topic with the given partition count; existing ones are left alone."""
+    async def create_topics(self, topics: Mapping[str, int], *, compacted: Collection[str] = ()) -> None:
+        """Creates each missing topic with the given partition count; existing ones are left alone.
+        Topics in `compacted` keep only the latest message per key where the backend can compact."""
 
     @abstractmethod
     async def topics(self) -> list[TopicInfo]: ...

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -167,7 +167,8 @@ class EmbeddedAdmin(LogAdmin):
     def __init__(self, path: Path) -> None:
         self._log = open_log_file(path)
 
-    async def create_topics(self, topics: Mapping[str, int]) -> None:
+    async def create_topics(self, topics: Mapping[str, int], *, compacted: Collection[str] = ()) -> None:
+        # The embedded log keeps every message; readers of a compacted topic take the latest per key.
         for name, partitions in topics.items():
             await asyncio.to_thread(self._log.create_topic, name, partitions)
 

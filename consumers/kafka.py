@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
@@ -122,14 +121,21 @@ class KafkaAdmin(LogAdmin):
             await self._admin.start()
         return self._admin
 
-    async def create_topics(self, topics: Mapping[str, int]) -> None:
+    async def create_topics(self, topics: Mapping[str, int], *, compacted: Collection[str] = ()) -> None:
         admin = await self._client()
         existing = set(await admin.list_topics())
-        new = [NewTopic(name, partitions, 1) for name, partitions in topics.items() if name not in existing]
+        new = [
+            NewTopic(name, partitions, 1, topic_configs={"cleanup.policy": "compact"} if name in compacted else {})
+            for name, partitions in topics.items()
+            if name not in existing
+        ]
         if not new:
             return
-        with contextlib.suppress(TopicAlreadyExistsError):
-            await admin.create_topics(new)
+        # aiokafka reports per-topic failures inside the response rather than raising.
+        response = await admin.create_topics(new)
+        for topic, code, *rest in getattr(response, "topic_errors", ()):
+            if code not in (0, TopicAlreadyExistsError.errno):
+                raise RuntimeError(f"creating topic {topic} failed: error {code} {rest[0] if rest else ''}")
 
     async def _partition_counts(self) -> dict[str, int]:
         admin = await self._client()

@@ -14,6 +14,7 @@ CALLS = "voxlog.calls"
 AUDIO = "voxlog.audio"
 COMMANDS = "voxlog.commands"
 DEADLETTER = "voxlog.deadletter"
+CALL_REGISTRY = "voxlog.call_registry"
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class TopicSpec:
     name: str
     partitions: int
     doc: str
+    compacted: bool = False
+    """Keeps the latest message per key (Kafka cleanup.policy=compact): a table, not a history."""
 
 
 TOPICS: dict[str, TopicSpec] = {
@@ -30,6 +33,7 @@ TOPICS: dict[str, TopicSpec] = {
         TopicSpec(AUDIO, 12, "Caller and agent audio chunks."),
         TopicSpec(COMMANDS, 6, "Requests for side effects, consumed by idempotent workers (tool.requested)."),
         TopicSpec(DEADLETTER, 1, "Messages no consumer could decode, with the reason and their origin in headers."),
+        TopicSpec(CALL_REGISTRY, 12, "One JSON entry per call, kept current by streams.call_registry.", compacted=True),
     )
 }
 

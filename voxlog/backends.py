@@ -13,6 +13,7 @@ from consumers.kafka import KafkaAdmin, KafkaConsumer
 from producers.base import LogProducer
 from producers.embedded import EmbeddedProducer
 from producers.kafka import KafkaProducer
+from schemas.topics import TOPICS
 from voxlog.settings import Settings
 
 
@@ -68,6 +69,14 @@ class KafkaBackend(LogBackend):
 
     def describe(self) -> str:
         return f"kafka {self.bootstrap}"
+
+
+async def ensure_topics(admin: LogAdmin) -> None:
+    """Creates voxlog's topics (schemas.topics.TOPICS) where missing."""
+    await admin.create_topics(
+        {name: spec.partitions for name, spec in TOPICS.items()},
+        compacted=[name for name, spec in TOPICS.items() if spec.compacted],
+    )
 
 
 def log_backend(settings: Settings) -> LogBackend:

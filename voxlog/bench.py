@@ -26,9 +26,9 @@ from consumers.events import EventConsumer
 from producers.events import CallRecorder, EventWriter
 from producers.synthetic import concurrent_calls
 from schemas.codec import EventCodec
-from schemas.topics import CALL_TOPICS, TOPICS
+from schemas.topics import CALL_TOPICS
 from voxlog import __version__
-from voxlog.backends import LogBackend
+from voxlog.backends import LogBackend, ensure_topics
 
 
 @dataclass
@@ -126,7 +126,7 @@ async def bench_log(
     codec = EventCodec()
     admin = backend.admin()
     try:
-        await admin.create_topics({name: spec.partitions for name, spec in TOPICS.items()})
+        await ensure_topics(admin)
     finally:
         await admin.close()
 

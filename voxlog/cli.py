@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import os
+import signal
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +18,7 @@ from rich.table import Table
 from consumers.events import EventConsumer, read_call
 from schemas.topics import CALL_TOPICS
 from voxlog import __version__
-from voxlog.backends import EmbeddedBackend, KafkaBackend, LogBackend, log_backend
+from voxlog.backends import EmbeddedBackend, KafkaBackend, LogBackend, ensure_topics, log_backend
 from voxlog.describe import describe
 from voxlog.settings import Settings
 
@@ -67,6 +70,39 @@ def demo(calls: Annotated[int, typer.Option(min=1, help="How many calls to run."
     console.print(f"read back {len(report.calls)} calls from the log, {identical} identical to what was written")
     if not report.all_identical:
         raise typer.Exit(1)
+
+
+@app.command()
+def workers() -> None:
+    """Run the stream processors: in-process on the embedded log, as a faust worker on Kafka."""
+    settings = Settings()
+    backend = log_backend(settings)
+
+    async def prepare() -> None:
+        admin = backend.admin()
+        try:
+            await ensure_topics(admin)  # faust ignores source topics that do not exist yet
+        finally:
+            await admin.close()
+
+    asyncio.run(prepare())
+    if isinstance(backend, KafkaBackend):
+        faust_cli = Path(sys.executable).with_name("faust")
+        os.execv(faust_cli, [str(faust_cli), "-A", "streams.faust_app", "worker", "-l", "info", "--without-web"])
+
+    from streams.faust_app import default_processors
+    from streams.runner import run_processors
+
+    console.print(f"stream processors on {backend.describe()}; Ctrl-C stops them")
+    stop = asyncio.Event()
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_processors(backend, default_processors(), stop)
+
+    asyncio.run(run())
 
 
 @app.command()

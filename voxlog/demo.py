@@ -15,9 +15,9 @@ from consumers.events import EventConsumer, read_call
 from producers.events import CallRecorder, EventWriter
 from producers.synthetic import synthetic_call
 from schemas.codec import EventCodec
-from schemas.topics import CALL_TOPICS, TOPICS
+from schemas.topics import CALL_TOPICS
 from voxlog import __version__
-from voxlog.backends import LogBackend
+from voxlog.backends import LogBackend, ensure_topics
 
 
 @dataclass
@@ -47,7 +47,7 @@ async def run_demo(backend: LogBackend, *, calls: int = 3, tenant_id: str = "dem
     codec = EventCodec()
     admin = backend.admin()
     try:
-        await admin.create_topics({name: spec.partitions for name, spec in TOPICS.items()})
+        await ensure_topics(admin)
         written: dict[str, list[bytes]] = {}
         async with backend.producer() as producer:
             writer = EventWriter(producer, codec)

@@ -1,0 +1,26 @@
+# voxlog's own services (gateway, workers, projector); see docker-compose.yml.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VOXLOG_HOME=/data
+
+# espeak-ng and sox: offline speech synthesis and audio conversion.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends espeak-ng sox \
+ && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /app
+COPY . .
+RUN pip install . \
+ && useradd --create-home --uid 10001 voxlog \
+ && mkdir -p /data \
+ && chown voxlog:voxlog /data
+
+USER voxlog
+VOLUME ["/data"]
+EXPOSE 8080
+ENTRYPOINT ["voxlog"]
+CMD ["--help"]

@@ -1,0 +1,92 @@
+"""The same processors as faust-streaming agents on Kafka: `faust -A streams.faust_app worker`.
+
+Each processor becomes an agent over its topics. Faust consumes in the app's group, acks an event
+once the agent has handled it, and flushes its producer before committing acked offsets, so what a
+processor emits is durable before its input is marked done: the same at-least-once contract as
+`streams.runner`. A processor's state is restored from its output topic when the worker starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import faust
+
+from consumers.base import LogRecord
+from consumers.events import dead_letter_headers
+from schemas.codec import EventCodec, UndecodableMessage
+from schemas.topics import DEADLETTER, TOPICS
+from streams.call_registry import CallRegistry
+from streams.processor import EventProcessor
+from streams.runner import restore
+from voxlog.backends import KafkaBackend
+from voxlog.settings import Settings
+
+APP_ID = "voxlog-streams"
+
+
+def default_processors() -> list[EventProcessor]:
+    return [CallRegistry()]
+
+
+def build_app(bootstrap: str, processors: Sequence[EventProcessor]) -> faust.App:
+    app = faust.App(
+        APP_ID,
+        broker=f"kafka://{bootstrap}",
+        store="memory://",
+        web_enabled=False,
+        key_serializer="raw",
+        value_serializer="raw",
+        topic_replication_factor=1,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+    )
+    codec = EventCodec()
+    dead_letters = app.topic(DEADLETTER, key_type=bytes, value_type=bytes, partitions=TOPICS[DEADLETTER].partitions)
+    outputs = {
+        name: app.topic(name, key_type=bytes, value_type=bytes, partitions=spec.partitions)
+        for name, spec in TOPICS.items()
+    }
+
+    def make_agent(processor: EventProcessor) -> Any:
+        async def agent(stream: Any) -> None:
+            await restore(KafkaBackend(bootstrap), processor)
+            async for event in stream.events():
+                message = event.message
+                value = bytes(message.value)
+                try:
+                    decoded = codec.decode(value)
+                except UndecodableMessage as exc:
+                    record = LogRecord(
+                        message.topic,
+                        message.partition,
+                        message.offset,
+                        message.key,
+                        value,
+                        tuple(message.headers or ()),
+                        message.timestamp,
+                    )
+                    await dead_letters.send(
+                        key=message.key or b"",
+                        value=value,
+                        headers=dead_letter_headers(record, str(exc), processor.name),
+                    )
+                    continue
+                for emit in processor.process(decoded):
+                    await outputs[emit.topic].send(key=emit.key, value=emit.value)
+
+        return agent
+
+    for processor in processors:
+        source = app.topic(*processor.topics, key_type=bytes, value_type=bytes)
+        app.agent(source, name=processor.name)(make_agent(processor))
+    return app
+
+
+def _app_from_settings() -> faust.App:
+    settings = Settings()
+    return build_app(settings.kafka_bootstrap or "localhost:9092", default_processors())
+
+
+app = _app_from_settings()

@@ -1,0 +1,87 @@
+"""Runs stream processors in-process on any log backend (the embedded log's way of running them)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from consumers.base import CommitFailed, LogRecord
+from consumers.events import EventConsumer
+from streams.processor import EventProcessor
+from voxlog.backends import LogBackend, ensure_topics
+
+log = logging.getLogger(__name__)
+
+
+async def restore(backend: LogBackend, processor: EventProcessor) -> int:
+    """Feeds the processor's output topic back to it, start to end as of now; returns messages read."""
+    if processor.output_topic is None:
+        return 0
+    admin = backend.admin()
+    try:
+        ends = await admin.end_offsets(processor.output_topic)
+    finally:
+        await admin.close()
+    remaining = {p: end for p, end in ends.items() if end > 0}
+    count = 0
+    async with backend.consumer([processor.output_topic], auto_offset_reset="earliest") as consumer:
+        while remaining:
+            records: list[LogRecord] = await consumer.poll(timeout_s=5.0, max_records=5000)
+            if not records:
+                raise TimeoutError(f"restoring {processor.name}: {processor.output_topic} stopped short of {remaining}")
+            for record in records:
+                if record.offset < ends[record.partition] and record.key is not None:
+                    processor.restore(record.key, record.value)
+                    count += 1
+                if record.offset + 1 >= ends[record.partition]:
+                    remaining.pop(record.partition, None)
+    return count
+
+
+class ProcessorRunner:
+    """Consumes a processor's topics in its consumer group; sends what it emits; commits after.
+
+    Emitted messages are flushed before offsets are committed, so a crash at any point replays
+    events rather than losing them; processors make replays harmless (see `restore` and seq checks).
+    """
+
+    def __init__(self, backend: LogBackend, processor: EventProcessor, *, max_batch: int = 2000) -> None:
+        self.backend = backend
+        self.processor = processor
+        self.max_batch = max_batch
+        self.processed = 0
+        self.ready = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        admin = self.backend.admin()
+        try:
+            await ensure_topics(admin)
+        finally:
+            await admin.close()
+        restored = await restore(self.backend, self.processor)
+        log.info("%s restored %d entries", self.processor.name, restored)
+        async with (
+            self.backend.producer() as producer,
+            self.backend.consumer(self.processor.topics, group_id=self.processor.name) as consumer,
+        ):
+            events = EventConsumer(consumer, producer, name=self.processor.name)
+            self.ready.set()
+            while not stop.is_set():
+                batch = await events.poll(timeout_s=0.2, max_records=self.max_batch)
+                for item in batch:
+                    for emit in self.processor.process(item.event):
+                        await producer.send(emit.topic, emit.key, emit.value)
+                self.processed += len(batch)
+                if batch:
+                    await producer.flush()
+                    try:
+                        await events.commit()
+                    except CommitFailed as exc:  # rebalanced: the new owner replays from the last commit
+                        log.warning("%s: %s", self.processor.name, exc)
+
+
+async def run_processors(backend: LogBackend, processors: Sequence[EventProcessor], stop: asyncio.Event) -> None:
+    async with asyncio.TaskGroup() as group:
+        for processor in processors:
+            group.create_task(ProcessorRunner(backend, processor).run(stop), name=processor.name)
