@@ -35,8 +35,13 @@ async def record_calls(backend: LogBackend, count: int, first_index: int = 0) ->
     async with backend.producer() as producer:
         writer = EventWriter(producer)
         for index in range(first_index, first_index + count):
-            recorder = CallRecorder(writer, tenant_id=f"tenant-{index % 2}", call_id=f"reg-{uuid.uuid4().hex[:10]}",
-                                    producer="test", producer_version="0")
+            recorder = CallRecorder(
+                writer,
+                tenant_id=f"tenant-{index % 2}",
+                call_id=f"reg-{uuid.uuid4().hex[:10]}",
+                producer="test",
+                producer_version="0",
+            )
             calls[recorder.call_id] = [await recorder.record(p) for p in synthetic_call(index)]
         await writer.flush()
     return calls
@@ -63,8 +68,9 @@ async def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> No
 def test_registry_entry_follows_the_call_and_ignores_redelivery() -> None:
     events = [_event(payload, seq) for seq, payload in enumerate(synthetic_call(4))]
     entry = fold(events)
-    assert entry.channel == "phone" and entry.agent_id == "front-desk"
-    assert not entry.live and entry.end_reason == "caller_hangup" and entry.outcome == "resolved"
+    assert (entry.channel, entry.agent_id) == ("phone", "front-desk")
+    assert not entry.live
+    assert (entry.end_reason, entry.outcome) == ("caller_hangup", "resolved")
     assert entry.turns == 2
     assert entry.tool_calls == sum(1 for e in events if e.type == "tool.requested")
     again = apply(CallEntry.from_json(entry.to_json()), events[10])  # an old event delivered twice
@@ -72,9 +78,20 @@ def test_registry_entry_follows_the_call_and_ignores_redelivery() -> None:
 
 
 def _event(payload: EventPayload, seq: int) -> Event[EventPayload]:
-    return Event(Envelope(event_id=str(uuid.uuid4()), tenant_id="t", call_id="c", seq=seq, type=payload.EVENT_TYPE,
-                          schema_version=payload.EVENT_VERSION, event_time_us=1_000_000 + seq, producer="test",
-                          producer_version="0"), payload)
+    return Event(
+        Envelope(
+            event_id=str(uuid.uuid4()),
+            tenant_id="t",
+            call_id="c",
+            seq=seq,
+            type=payload.EVENT_TYPE,
+            schema_version=payload.EVENT_VERSION,
+            event_time_us=1_000_000 + seq,
+            producer="test",
+            producer_version="0",
+        ),
+        payload,
+    )
 
 
 async def test_runner_builds_the_registry_and_restores_it_after_a_restart(backend: LogBackend) -> None:
@@ -118,17 +135,28 @@ async def test_faust_worker_runs_the_same_processor_on_kafka(tmp_path: Path) -> 
     faust_cli = Path(sys.executable).with_name("faust")
     log_path = tmp_path / "faust.log"
     with log_path.open("wb") as log_file:
-        worker = subprocess.Popen(
-            [str(faust_cli), "--datadir", str(tmp_path / "faust-data"), "-A", "streams.faust_app",
-             "worker", "-l", "info", "--without-web"],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp_path)
+        worker = await asyncio.create_subprocess_exec(
+            str(faust_cli),
+            "--datadir",
+            str(tmp_path / "faust-data"),
+            "-A",
+            "streams.faust_app",
+            "worker",
+            "-l",
+            "info",
+            "--without-web",
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
         try:
             admin = backend.admin()
             deadline = time.monotonic() + 120
             published: dict[str, CallEntry] = {}
             try:
                 while published != expected:
-                    assert worker.poll() is None, log_path.read_text()[-3000:]
+                    assert worker.returncode is None, log_path.read_text()[-3000:]
                     assert time.monotonic() < deadline, f"registry so far {published}\n{log_path.read_text()[-3000:]}"
                     for call_id in expected:
                         records = [r async for r in admin.read_key([CALL_REGISTRY], call_id.encode())]
@@ -140,6 +168,6 @@ async def test_faust_worker_runs_the_same_processor_on_kafka(tmp_path: Path) -> 
         finally:
             worker.terminate()
             try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
+                await asyncio.wait_for(worker.wait(), 30)
+            except TimeoutError:
                 worker.kill()
