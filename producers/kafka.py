@@ -1,9 +1,17 @@
-"""The Kafka producer: aiokafka, idempotent, acks=all, key = call id."""
+"""The Kafka producer: aiokafka, idempotent, acks=all, key = call id.
+
+Messages are appended straight into per-partition record batches (aiokafka's `BatchBuilder`, a C
+extension) and each full or lingering batch is handed to aiokafka as a whole. That keeps the cost
+per message on the audio hot path to a couple of microseconds, against ~10 for aiokafka's
+per-message `send` and its future per message. Each partition has one sender task that hands its
+batches over in order, so per-key order holds; aiokafka keeps one batch in flight per partition.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections import deque
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -11,11 +19,7 @@ from aiokafka.errors import KafkaError
 from producers.base import MAX_MESSAGE_BYTES, Headers, LogProducer, LogWriteError, MessageTooLarge
 from producers.partitioning import partition_for
 
-
-def _partitioner(key: bytes | None, all_partitions: Sequence[int], available: Sequence[int]) -> int:
-    # Same placement as Kafka's default partitioner, with the key's partition remembered.
-    assert key is not None, "voxlog always keys messages by call id"
-    return all_partitions[partition_for(key, len(all_partitions))]
+TopicPartition = tuple[str, int]
 
 
 class KafkaProducer(LogProducer):
@@ -26,6 +30,7 @@ class KafkaProducer(LogProducer):
         acks: int | str = "all",
         linger_ms: int = 2,
         max_batch_size: int = 256 * 1024,
+        max_queued_batches: int = 256,
         client_id: str = "voxlog",
     ) -> None:
         self._bootstrap = bootstrap
@@ -34,11 +39,20 @@ class KafkaProducer(LogProducer):
             client_id=client_id,
             acks=acks,
             enable_idempotence=acks == "all",
-            linger_ms=linger_ms,
+            linger_ms=0,  # batches arrive whole from this class, which does the lingering
             max_batch_size=max_batch_size,
-            max_request_size=MAX_MESSAGE_BYTES + 64 * 1024,
-            partitioner=_partitioner,
+            max_request_size=max(max_batch_size, MAX_MESSAGE_BYTES + 64 * 1024),
         )
+        self._linger_s = linger_ms / 1000
+        self._max_queued = max_queued_batches
+        self._partitions: dict[str, int] = {}
+        self._open: dict[TopicPartition, Any] = {}  # the batch being filled, per partition
+        self._queued: dict[TopicPartition, deque[Any]] = {}  # full batches waiting for their sender
+        self._senders: dict[TopicPartition, asyncio.Task[None]] = {}
+        self._queued_count = 0
+        self._space = asyncio.Condition()
+        self._in_flight: set[asyncio.Future[Any]] = set()
+        self._linger_task: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
         self._started = False
 
@@ -53,25 +67,89 @@ class KafkaProducer(LogProducer):
             await self.flush()
         finally:
             self._started = False
+            if self._linger_task is not None:
+                self._linger_task.cancel()
             await self._producer.stop()
 
-    def _delivered(self, future: asyncio.Future[object]) -> None:
+    def _raise_if_failed(self, what: str) -> None:
+        if self._error is not None:
+            raise LogWriteError(f"kafka {self._bootstrap}: {what}") from self._error
+
+    async def _partition_count(self, topic: str) -> int:
+        count = self._partitions.get(topic)
+        if count is None:
+            try:
+                count = self._partitions[topic] = len(await self._producer.partitions_for(topic))
+            except KafkaError as exc:
+                raise LogWriteError(f"kafka {self._bootstrap}: no metadata for {topic}: {exc!r}") from exc
+        return count
+
+    async def send(self, topic: str, key: bytes, value: bytes, headers: Headers = ()) -> None:
+        self._raise_if_failed("earlier sends failed")
+        if not self._started:
+            raise LogWriteError("producer is not started")
+        if len(value) > MAX_MESSAGE_BYTES:
+            raise MessageTooLarge(f"message of {len(value)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+        tp = (topic, partition_for(key, await self._partition_count(topic)))
+        batch = self._open.get(tp)
+        if batch is None:
+            batch = self._open[tp] = self._producer.create_batch()
+        header_list = list(headers)
+        if batch.append(key=key, value=value, timestamp=None, headers=header_list) is None:
+            await self._close_batch(tp)  # full: hand it over, start the next
+            batch = self._open[tp] = self._producer.create_batch()
+            if batch.append(key=key, value=value, timestamp=None, headers=header_list) is None:
+                raise MessageTooLarge(f"message of {len(value)} bytes does not fit an empty batch")
+        if self._linger_task is None or self._linger_task.done():
+            self._linger_task = asyncio.create_task(self._linger())
+
+    async def _linger(self) -> None:
+        await asyncio.sleep(self._linger_s)
+        for tp in list(self._open):
+            await self._close_batch(tp)
+
+    async def _close_batch(self, tp: TopicPartition) -> None:
+        batch = self._open.pop(tp, None)
+        if batch is None:
+            return
+        if self._queued_count >= self._max_queued:  # back-pressure: wait for the broker to catch up
+            async with self._space:
+                await self._space.wait_for(lambda: self._queued_count < self._max_queued or self._error is not None)
+        self._queued.setdefault(tp, deque()).append(batch)
+        self._queued_count += 1
+        sender = self._senders.get(tp)
+        if sender is None or sender.done():
+            self._senders[tp] = asyncio.create_task(self._send_queued(tp))
+
+    async def _send_queued(self, tp: TopicPartition) -> None:
+        queue = self._queued[tp]
+        while queue:
+            batch = queue[0]
+            try:
+                # Waits until the partition's previous batch has drained, then enqueues this one.
+                future = await self._producer.send_batch(batch, tp[0], partition=tp[1])
+            except BaseException as exc:  # surfaced on the next send/flush: never silently dropped
+                self._error = self._error or exc
+                raise
+            finally:
+                queue.popleft()
+                self._queued_count -= 1
+                async with self._space:
+                    self._space.notify_all()
+            self._in_flight.add(future)
+            future.add_done_callback(self._delivered)
+
+    def _delivered(self, future: asyncio.Future[Any]) -> None:
+        self._in_flight.discard(future)
         if not future.cancelled() and future.exception() is not None and self._error is None:
             self._error = future.exception()
 
-    async def send(self, topic: str, key: bytes, value: bytes, headers: Headers = ()) -> None:
-        if self._error is not None:
-            raise LogWriteError(f"kafka {self._bootstrap}: earlier sends failed") from self._error
-        if len(value) > MAX_MESSAGE_BYTES:
-            raise MessageTooLarge(f"message of {len(value)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
-        try:
-            # Waits only when aiokafka's buffer for the partition is full: that is the back-pressure.
-            future = await self._producer.send(topic, value=value, key=key, headers=list(headers))
-        except KafkaError as exc:
-            raise LogWriteError(f"kafka {self._bootstrap}: send to {topic} failed: {exc!r}") from exc
-        future.add_done_callback(self._delivered)
-
     async def flush(self) -> None:
-        await self._producer.flush()
-        if self._error is not None:
-            raise LogWriteError(f"kafka {self._bootstrap}: sends failed") from self._error
+        for tp in list(self._open):
+            await self._close_batch(tp)
+        senders = [t for t in self._senders.values() if not t.done()]
+        if senders:
+            await asyncio.gather(*senders, return_exceptions=True)
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+        self._raise_if_failed("sends failed")

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from consumers.base import TopicPartition
 from consumers.events import EventConsumer
 from producers.events import CallRecorder, EventWriter
 from producers.synthetic import concurrent_calls
@@ -75,33 +76,42 @@ class _Recorders:
         return found
 
 
+async def _end_offsets(backend: LogBackend) -> dict[TopicPartition, int]:
+    admin = backend.admin()
+    try:
+        return {TopicPartition(t, p): o for t in CALL_TOPICS for p, o in (await admin.end_offsets(t)).items()}
+    finally:
+        await admin.close()
+
+
 async def _consume(
     backend: LogBackend,
     codec: EventCodec,
     run: str,
     until: int,
+    *,
+    start: dict[TopicPartition, int] | None = None,
     latencies: list[float] | None = None,
+    ready: asyncio.Event | None = None,
     timeout_s: float = 30.0,
-    joined: asyncio.Event | None = None,
 ) -> tuple[int, float]:
-    """Reads this run's events until `until` of them arrived; returns (count, seconds)."""
+    """Reads this run's events until `until` of them arrived; returns (count, seconds).
+
+    Reads from `start` (the end of the log before the run), or from the end when `start` is None,
+    so earlier runs' events in a long-lived log are not read at all.
+    """
     seen = 0
     prefix = f"bench-{run}-"
     async with (
         backend.producer() as dead_letters,
-        backend.consumer(
-            CALL_TOPICS,
-            group_id=f"bench-{run}",
-            # The latency phase starts at the end of the log: older runs' events are not its business.
-            auto_offset_reset="earliest" if joined is None else "latest",
-        ) as consumer,
+        backend.consumer(CALL_TOPICS, auto_offset_reset="latest" if start is None else "earliest") as consumer,
     ):
+        for tp, offset in (start or {}).items():
+            await consumer.seek(tp, offset)
         events = EventConsumer(consumer, dead_letters, name="voxlog-bench", codec=codec)
-        if joined is not None:
-            while not consumer.assignment():  # Kafka assigns partitions on the first polls
-                await events.poll(timeout_s=0.2)
-            joined.set()
-        start = time.perf_counter()
+        if ready is not None:
+            ready.set()
+        began = time.perf_counter()
         last_progress = time.monotonic()
         while seen < until:
             batch = await events.poll(timeout_s=0.5, max_records=5000)
@@ -115,8 +125,7 @@ async def _consume(
                 last_progress = time.monotonic()
             elif time.monotonic() - last_progress > timeout_s:
                 raise TimeoutError(f"consumed {seen} of {until} events")
-        elapsed = time.perf_counter() - start
-        await events.commit()
+        elapsed = time.perf_counter() - began
     return seen, elapsed
 
 
@@ -132,6 +141,7 @@ async def bench_log(
 
     # Phase 1: throughput.
     run = uuid.uuid4().hex[:8]
+    log_end = await _end_offsets(backend)
     mix: Counter[str] = Counter()
     source = concurrent_calls(concurrent)
     payloads = [next(source) for _ in range(events)]
@@ -145,15 +155,15 @@ async def bench_log(
             await recorders[index].record(payload)
         await writer.flush()
         append_s = time.perf_counter() - start
-    consumed, consume_s = await _consume(backend, codec, run, events)
+    consumed, consume_s = await _consume(backend, codec, run, events, start=log_end)
 
     # Phase 2: produce-to-consume latency at a steady rate, consumer running alongside.
     run2 = uuid.uuid4().hex[:8]
     total = int(rate * seconds)
     latencies: list[float] = []
-    joined = asyncio.Event()
-    consumer_task = asyncio.create_task(_consume(backend, codec, run2, total, latencies, joined=joined))
-    await asyncio.wait_for(joined.wait(), 60)  # the consumer owns its partitions before the clock starts
+    ready = asyncio.Event()
+    consumer_task = asyncio.create_task(_consume(backend, codec, run2, total, latencies=latencies, ready=ready))
+    await asyncio.wait_for(ready.wait(), 60)  # the consumer is at the end of the log before the clock starts
     async with backend.producer() as producer:
         writer = EventWriter(producer, codec)
         recorders = _Recorders(writer, run2)
