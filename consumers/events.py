@@ -24,9 +24,12 @@ class ConsumedEvent:
     event: Event[EventPayload]
 
 
+MAX_REASON_CHARS = 2000  # keeps the dead letter within its headroom over the original's size
+
+
 def dead_letter_headers(record: LogRecord, reason: str, consumer: str) -> list[tuple[str, bytes]]:
     return [
-        (DLQ_REASON, reason.encode()),
+        (DLQ_REASON, reason[:MAX_REASON_CHARS].encode()),
         (DLQ_TOPIC, record.topic.encode()),
         (DLQ_PARTITION, str(record.partition).encode()),
         (DLQ_OFFSET, str(record.offset).encode()),

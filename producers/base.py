@@ -7,11 +7,17 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
 
+from schemas.topics import DEADLETTER
+
 Headers = Sequence[tuple[str, bytes]]
 
 # Kafka's default message.max.bytes is 1 MiB including record overhead; both backends refuse
 # larger messages the same way, so nothing works on one machine that fails on many.
 MAX_MESSAGE_BYTES = 1_000_000
+# A dead letter is the original message plus headers saying why and whence; this much more is
+# allowed on the dead-letter topic (still under the broker's 1,048,588), so any message the log
+# accepted can also be dead-lettered.
+DEAD_LETTER_HEADROOM = 16 * 1024
 
 
 class LogWriteError(RuntimeError):
@@ -20,6 +26,14 @@ class LogWriteError(RuntimeError):
 
 class MessageTooLarge(LogWriteError):
     """Refused at `send`, before buffering; the message was not written."""
+
+
+def check_message_size(topic: str, key: bytes, value: bytes, headers: Headers) -> None:
+    """Refuses, before buffering, what the broker would refuse: key, value and headers count."""
+    limit = MAX_MESSAGE_BYTES + (DEAD_LETTER_HEADROOM if topic == DEADLETTER else 0)
+    size = len(key) + len(value) + sum(len(name.encode()) + len(v) for name, v in headers)
+    if size > limit:
+        raise MessageTooLarge(f"message of {size} bytes (key, value and headers) exceeds the {limit}-byte limit")
 
 
 class LogProducer(ABC):

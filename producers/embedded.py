@@ -6,7 +6,7 @@ import asyncio
 from collections import deque
 from pathlib import Path
 
-from producers.base import MAX_MESSAGE_BYTES, Headers, LogProducer, LogWriteError, MessageTooLarge
+from producers.base import Headers, LogProducer, LogWriteError, check_message_size
 from producers.embedded_store import LogFile, Message
 from producers.notify import notifier_for
 from schemas.topics import TOPICS
@@ -62,8 +62,7 @@ class EmbeddedProducer(LogProducer):
             raise LogWriteError(f"embedded log {self._path}: earlier appends failed") from self._error
         if self._writer is None:
             raise LogWriteError("producer is not started")
-        if len(value) > MAX_MESSAGE_BYTES:
-            raise MessageTooLarge(f"message of {len(value)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+        check_message_size(topic, key, value, headers)
         if len(self._pending) >= self._max_buffered:
             async with self._progress:
                 await self._progress.wait_for(

@@ -50,7 +50,7 @@ CREATE TABLE IF NOT EXISTS group_members (
     group_id TEXT NOT NULL,
     member_id TEXT NOT NULL,
     topics TEXT NOT NULL,            -- JSON list of subscribed topics
-    heartbeat_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,     -- last heartbeat + the member's own session timeout
     PRIMARY KEY (group_id, member_id)
 );
 CREATE TABLE IF NOT EXISTS group_offsets (
@@ -287,21 +287,22 @@ class LogFile:
     def _heartbeat(
         self, group_id: str, member_id: str, topics: Sequence[str], session_timeout_ms: int, now_ms: int
     ) -> list[tuple[str, int]]:
+        # Each member is judged by its own session timeout, as the Kafka group coordinator does.
+        self._db.execute("DELETE FROM group_members WHERE group_id = ? AND expires_ms < ?", (group_id, now_ms))
         self._db.execute(
-            "DELETE FROM group_members WHERE group_id = ? AND heartbeat_ms < ?", (group_id, now_ms - session_timeout_ms)
-        )
-        self._db.execute(
-            "INSERT INTO group_members (group_id, member_id, topics, heartbeat_ms) VALUES (?, ?, ?, ?) "
+            "INSERT INTO group_members (group_id, member_id, topics, expires_ms) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (group_id, member_id)"
-            " DO UPDATE SET heartbeat_ms = excluded.heartbeat_ms, topics = excluded.topics",
-            (group_id, member_id, json.dumps(sorted(topics)), now_ms),
+            " DO UPDATE SET expires_ms = excluded.expires_ms, topics = excluded.topics",
+            (group_id, member_id, json.dumps(sorted(topics)), now_ms + session_timeout_ms),
         )
-        return self._assignment(group_id, member_id)
+        return self._assignment(group_id, member_id, now_ms)
 
-    def _assignment(self, group_id: str, member_id: str) -> list[tuple[str, int]]:
+    def _assignment(self, group_id: str, member_id: str, now_ms: int) -> list[tuple[str, int]]:
         members = {
             str(m): json.loads(t)
-            for m, t in self._db.execute("SELECT member_id, topics FROM group_members WHERE group_id = ?", (group_id,))
+            for m, t in self._db.execute(
+                "SELECT member_id, topics FROM group_members WHERE group_id = ? AND expires_ms >= ?", (group_id, now_ms)
+            )
         }
         mine: list[tuple[str, int]] = []
         for topic in members.get(member_id, []):
@@ -337,7 +338,7 @@ class LogFile:
 
             def body() -> None:
                 if member_id is not None:
-                    owned = set(self._assignment(group_id, member_id))
+                    owned = set(self._assignment(group_id, member_id, int(time.time() * 1000)))
                     lost = [tp for tp in offsets if tp not in owned]
                     if lost:
                         raise CommitRejected(f"member {member_id} of {group_id} no longer owns {sorted(lost)}")

@@ -16,7 +16,15 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from producers.base import MAX_MESSAGE_BYTES, Headers, LogProducer, LogWriteError, MessageTooLarge
+from producers.base import (
+    DEAD_LETTER_HEADROOM,
+    MAX_MESSAGE_BYTES,
+    Headers,
+    LogProducer,
+    LogWriteError,
+    MessageTooLarge,
+    check_message_size,
+)
 from producers.partitioning import partition_for
 
 TopicPartition = tuple[str, int]
@@ -41,7 +49,7 @@ class KafkaProducer(LogProducer):
             enable_idempotence=acks == "all",
             linger_ms=0,  # batches arrive whole from this class, which does the lingering
             max_batch_size=max_batch_size,
-            max_request_size=max(max_batch_size, MAX_MESSAGE_BYTES + 64 * 1024),
+            max_request_size=max(max_batch_size, MAX_MESSAGE_BYTES + DEAD_LETTER_HEADROOM + 32 * 1024),
         )
         self._linger_s = linger_ms / 1000
         self._max_queued = max_queued_batches
@@ -88,8 +96,7 @@ class KafkaProducer(LogProducer):
         self._raise_if_failed("earlier sends failed")
         if not self._started:
             raise LogWriteError("producer is not started")
-        if len(value) > MAX_MESSAGE_BYTES:
-            raise MessageTooLarge(f"message of {len(value)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+        check_message_size(topic, key, value, headers)
         tp = (topic, partition_for(key, await self._partition_count(topic)))
         batch = self._open.get(tp)
         if batch is None:
