@@ -30,6 +30,7 @@ class EmbeddedConsumer(LogConsumer):
         auto_offset_reset: Literal["earliest", "latest"] = "earliest",
         session_timeout_s: float = 10.0,
         heartbeat_interval_s: float = 1.0,
+        max_poll_interval_s: float = 300.0,
         idle_poll_s: float = 0.01,
     ) -> None:
         self._path = path
@@ -39,6 +40,9 @@ class EmbeddedConsumer(LogConsumer):
         self._reset = auto_offset_reset
         self._session_timeout_ms = int(session_timeout_s * 1000)
         self._heartbeat_interval_s = heartbeat_interval_s
+        self._max_poll_interval_s = max_poll_interval_s
+        self._last_poll = time.monotonic()
+        self._keepalive: asyncio.Task[None] | None = None
         self._idle_poll_s = idle_poll_s
         self._log: LogFile | None = None
         self._positions: dict[TopicPartition, int] = {}
@@ -67,10 +71,27 @@ class EmbeddedConsumer(LogConsumer):
                     )
         else:
             await self._heartbeat()
+            self._keepalive = asyncio.create_task(self._keep_alive())
+
+    async def _keep_alive(self) -> None:
+        """Like Kafka's background heartbeat: a member busy between polls stays in its group, up to
+        `max_poll_interval_s` without a poll. Reassignment itself happens only inside `poll`."""
+        group_id, member_id = self._group_id, self._member_id
+        assert group_id is not None
+        assert member_id is not None
+        while True:
+            await asyncio.sleep(self._heartbeat_interval_s)
+            if time.monotonic() - self._last_poll < self._max_poll_interval_s:
+                await asyncio.to_thread(self.log.touch, group_id, member_id, self._session_timeout_ms)
 
     async def stop(self) -> None:
         if self._log is None:
             return
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keepalive
+            self._keepalive = None
         notifier_for(self._path).unsubscribe(self._wake)
         if self._group_id is not None and self._member_id is not None:
             await asyncio.to_thread(self.log.leave, self._group_id, self._member_id)
@@ -106,6 +127,7 @@ class EmbeddedConsumer(LogConsumer):
 
     async def poll(self, timeout_s: float = 1.0, max_records: int = 1000) -> list[LogRecord]:
         deadline = time.monotonic() + timeout_s
+        self._last_poll = time.monotonic()
         while True:
             if self._group_id is not None and time.monotonic() - self._last_heartbeat >= self._heartbeat_interval_s:
                 await self._heartbeat()

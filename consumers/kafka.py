@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
@@ -16,6 +16,12 @@ from producers.partitioning import partition_for
 
 def _record(m: Any) -> LogRecord:  # aiokafka's ConsumerRecord carries no type information
     return LogRecord(m.topic, m.partition, m.offset, m.key, m.value, tuple(m.headers or ()), m.timestamp)
+
+
+async def _learn_topics(consumer: AIOKafkaConsumer, topics: Iterable[str]) -> None:
+    """Fetches metadata for all these topics in one request. Without it a fresh aiokafka consumer
+    learns unknown topics one at a time, 100 ms apart (8.6 s for `topics()` on 85 topics)."""
+    await consumer._client.set_topics(sorted(set(topics)))  # noqa: SLF001 - aiokafka has no public way
 
 
 class _ForgetRevoked(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -46,6 +52,7 @@ class KafkaConsumer(LogConsumer):
         client_id: str = "voxlog",
     ) -> None:
         self._topics = list(topics)
+        self._bootstrap = bootstrap
         self._group_id = group_id
         self._reset = auto_offset_reset
         self._consumer = AIOKafkaConsumer(
@@ -66,12 +73,12 @@ class KafkaConsumer(LogConsumer):
         if self._group_id is not None:
             self._consumer.subscribe(self._topics, listener=_ForgetRevoked(self._consumed))
             return
+        await _learn_topics(self._consumer, self._topics)
         tps = []
         for topic in self._topics:
             partitions = self._consumer.partitions_for_topic(topic)
-            if partitions is None:
-                await self._consumer._client.force_metadata_update()  # noqa: SLF001 - no public way to wait for one topic
-                partitions = self._consumer.partitions_for_topic(topic) or set()
+            if not partitions:
+                raise LookupError(f"topic {topic!r} does not exist on {self._bootstrap}")
             tps += [KafkaTopicPartition(topic, p) for p in sorted(partitions)]
         self._consumer.assign(tps)
         if self._reset == "earliest":
@@ -149,6 +156,7 @@ class KafkaAdmin(LogAdmin):
         consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, client_id=self._client_id)
         await consumer.start()
         try:
+            await _learn_topics(consumer, {tp.topic for tp in tps})
             return await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
         finally:
             await consumer.stop()
@@ -180,6 +188,7 @@ class KafkaAdmin(LogAdmin):
         )
         await consumer.start()
         try:
+            await _learn_topics(consumer, {tp.topic for tp in tps})
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             ends = await consumer.end_offsets(tps)

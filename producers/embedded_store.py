@@ -24,6 +24,9 @@ from producers.partitioning import partition_for
 
 T = TypeVar("T")
 
+# Stored in the file (PRAGMA user_version): a newer format is refused with a clear error.
+FORMAT_VERSION = 1
+
 OFFSET_BITS = 40
 OFFSET_MASK = (1 << OFFSET_BITS) - 1
 
@@ -120,7 +123,16 @@ class LogFile:
             # NORMAL in WAL mode: a commit survives a process crash; only an OS crash or power loss
             # can lose the last transactions. Kafka's acks=all with page-cache writes is comparable.
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
+            self._migrate()
+
+    def _migrate(self) -> None:
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > FORMAT_VERSION:
+            raise RuntimeError(
+                f"{self.path} was written by a newer voxlog (log format {version}; this one reads {FORMAT_VERSION})"
+            )
+        self._db.executescript(SCHEMA)
+        self._db.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
 
     def close(self) -> None:
         with self._lock:
@@ -314,6 +326,15 @@ class LogFile:
             subscribers = [m for m, ts in members.items() if topic in ts]
             mine += assign_partitions(subscribers, [(topic, p) for p in range(partitions)])[member_id]
         return mine
+
+    def touch(self, group_id: str, member_id: str, session_timeout_ms: int) -> None:
+        """Keeps a busy member alive between polls without changing what it is assigned."""
+        expires_ms = int(time.time() * 1000) + session_timeout_ms
+        with self._lock:
+            self._db.execute(
+                "UPDATE group_members SET expires_ms = ? WHERE group_id = ? AND member_id = ?",
+                (expires_ms, group_id, member_id),
+            )
 
     def leave(self, group_id: str, member_id: str) -> None:
         with self._lock:
