@@ -1,0 +1,117 @@
+"""The `voxlog` command line, run as a user runs it: a subprocess with settings in the environment."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from producers.events import CallRecorder, EventWriter
+from producers.synthetic import synthetic_call
+from tests.conftest import kafka_bootstrap
+from voxlog.backends import EmbeddedBackend
+
+
+def voxlog(*args: str, home: Path, kafka: str | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VOXLOG_")}
+    env.update(VOXLOG_HOME=str(home), COLUMNS="200")
+    if kafka:
+        env["VOXLOG_KAFKA_BOOTSTRAP"] = kafka
+    return subprocess.run(
+        [sys.executable, "-m", "voxlog.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_demo_runs_end_to_end_on_the_embedded_log(tmp_path: Path) -> None:
+    result = voxlog("demo", "--calls", "2", home=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "embedded log" in result.stdout
+    assert "read back 2 calls from the log, 2 identical to what was written" in result.stdout
+    assert "dead-lettered: 0" in result.stdout
+    assert (tmp_path / "log.db").exists()
+
+    topics = voxlog("topics", home=tmp_path)
+    assert topics.returncode == 0, topics.stderr
+    rows = {}
+    for line in topics.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("│ ").split("│")]
+        if cells[0].startswith("voxlog."):
+            rows[cells[0]] = (int(cells[1]), int(cells[2]))
+    assert rows["voxlog.calls"][0] == 12
+    assert rows["voxlog.audio"][1] > rows["voxlog.calls"][1] > 0  # audio is most of a call
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_kafka(tmp_path: Path) -> None:
+    result = voxlog("demo", "--calls", "2", home=tmp_path, kafka=kafka_bootstrap())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "kafka" in result.stdout
+    assert "2 identical" in result.stdout
+
+
+def test_events_tail_prints_a_call_in_seq_order(tmp_path: Path) -> None:
+    call_id = f"tail-{uuid.uuid4().hex[:8]}"
+
+    async def record() -> int:
+        backend = EmbeddedBackend(tmp_path / "log.db")
+        async with backend.producer() as producer:
+            recorder = CallRecorder(
+                EventWriter(producer), tenant_id="t", call_id=call_id, producer="test", producer_version="0"
+            )
+            for payload in synthetic_call(1):
+                await recorder.record(payload)
+        return recorder.next_seq
+
+    count = asyncio.run(record())
+    result = voxlog("events", "tail", "--call", call_id, home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == count
+    assert [int(line.split()[0]) for line in lines] == list(range(count))
+    assert lines[0].split()[2] == "call.started"
+    assert lines[-1].split()[2] == "call.ended"
+    assert "audio=<160 bytes>" in result.stdout
+
+    quiet = voxlog("events", "tail", "--call", call_id, "--no-audio", home=tmp_path)
+    assert "audio." not in quiet.stdout
+    assert len(quiet.stdout.splitlines()) < count
+
+
+def test_events_tail_of_an_unknown_call_says_so(tmp_path: Path) -> None:
+    voxlog("demo", "--calls", "1", home=tmp_path)
+    result = voxlog("events", "tail", "--call", "no-such-call", home=tmp_path)
+    assert result.returncode == 1
+    assert "no events for call no-such-call" in result.stderr
+
+
+@pytest.mark.slow
+def test_bench_log_writes_its_figures(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = voxlog(
+        "bench", "log", "--events", "3000", "--rate", "1000", "--seconds", "2", "--out", str(out), home=tmp_path
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(out.read_text())
+    assert figures["backend"] == "embedded"
+    assert figures["append"]["events"] == figures["consume"]["events"] == 3000
+    assert figures["latency"]["events"] > 1000
+    assert 0 < figures["latency"]["p50_ms"] <= figures["latency"]["p99_ms"] <= figures["latency"]["max_ms"]
+    assert figures["mix"]["audio.caller_chunk"] > figures["mix"]["call.started"] > 0
+
+
+def test_bench_on_kafka_needs_a_bootstrap(tmp_path: Path) -> None:
+    result = voxlog("bench", "log", "--backend", "kafka", "--out", str(tmp_path / "x.json"), home=tmp_path)
+    assert result.returncode == 2
+    assert "VOXLOG_KAFKA_BOOTSTRAP" in result.stderr
