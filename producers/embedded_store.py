@@ -199,16 +199,16 @@ class LogFile:
         return result
 
     # appends ------------------------------------------------------------------------------
-    def append(self, messages: Iterable[Message]) -> list[tuple[str, int, int]]:
-        """Appends in one transaction; returns (topic, partition, offset) of each, in order."""
+    def append(self, messages: Iterable[Message]) -> int:
+        """Appends in one transaction; returns how many."""
         with self._lock:
             return self._write(lambda: self._append(messages))
 
-    def _append(self, messages: Iterable[Message]) -> list[tuple[str, int, int]]:
+    def _append(self, messages: Iterable[Message]) -> int:
+        # This loop holds the GIL while the producing session wants it: keep it lean.
         now_ms = int(time.time() * 1000)
         next_ids: dict[tuple[str, int], int] = {}
         rows = []
-        placed = []
         for topic, key, value, headers in messages:
             partitions = self._partitions.get(topic)
             if partitions is None:
@@ -225,10 +225,9 @@ class LogFile:
                 ).fetchone()[0]
                 next_id = (tp << OFFSET_BITS) if last is None else last + 1
             next_ids[slot] = next_id + 1
-            rows.append((next_id, key, value, encode_headers(headers), now_ms))
-            placed.append((topic, partition, next_id & OFFSET_MASK))
+            rows.append((next_id, key, value, encode_headers(headers) if headers else None, now_ms))
         self._db.executemany("INSERT INTO records (id, key, value, headers, timestamp_ms) VALUES (?, ?, ?, ?, ?)", rows)
-        return placed
+        return len(rows)
 
     # reads --------------------------------------------------------------------------------
     def read(self, topic: str, partition: int, offset: int, limit: int) -> list[StoredRecord]:
