@@ -5,8 +5,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import NamedTuple, Self
+from typing import NamedTuple
+
+from producers.base import AsyncService
 
 
 class TopicPartition(NamedTuple):
@@ -36,7 +37,7 @@ class TopicInfo:
     messages: int
 
 
-class LogConsumer(ABC):
+class LogConsumer(AsyncService):
     """Reads records from topics.
 
     With a `group_id` the consumer joins that consumer group: the topics' partitions are shared
@@ -45,12 +46,6 @@ class LogConsumer(ABC):
     of its topics from the start (or wherever `seek` puts it) and commits nothing.
     Offsets committed are the next offset to read, as in Kafka.
     """
-
-    @abstractmethod
-    async def start(self) -> None: ...
-
-    @abstractmethod
-    async def stop(self) -> None: ...
 
     @abstractmethod
     async def poll(self, timeout_s: float = 1.0, max_records: int = 1000) -> list[LogRecord]:
@@ -65,15 +60,6 @@ class LogConsumer(ABC):
 
     @abstractmethod
     def assignment(self) -> set[TopicPartition]: ...
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
 
 class LogAdmin(ABC):

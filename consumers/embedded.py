@@ -12,12 +12,8 @@ from typing import Literal
 
 from consumers.base import CommitFailed, LogAdmin, LogConsumer, LogRecord, TopicInfo, TopicPartition
 from producers.embedded import open_log_file
-from producers.embedded_store import CommitRejected, LogFile, StoredRecord
+from producers.embedded_store import CommitRejected, LogFile
 from producers.notify import notifier_for
-
-
-def _record(r: StoredRecord) -> LogRecord:
-    return LogRecord(r.topic, r.partition, r.offset, r.key, r.value, r.headers, r.timestamp_ms)
 
 
 class EmbeddedConsumer(LogConsumer):
@@ -157,7 +153,7 @@ class EmbeddedConsumer(LogConsumer):
             if rows:
                 self._positions[tp] = rows[-1].offset + 1
                 self._consumed[tp] = rows[-1].offset + 1
-                out.extend(_record(r) for r in rows)
+                out.extend(rows)
         self._next_tp += 1
         return out
 
@@ -208,8 +204,8 @@ class EmbeddedAdmin(LogAdmin):
         return {p: await asyncio.to_thread(self._log.end_offset, topic, p) for p in range(partitions)}
 
     async def read_key(self, topics: Sequence[str], key: bytes) -> AsyncIterator[LogRecord]:
-        for r in await asyncio.to_thread(self._log.read_key, topics, key):
-            yield _record(r)
+        for record in await asyncio.to_thread(self._log.read_key, topics, key):
+            yield record
 
     async def close(self) -> None:
         await asyncio.to_thread(self._log.close)

@@ -36,16 +36,32 @@ def check_message_size(topic: str, key: bytes, value: bytes, headers: Headers) -
         raise MessageTooLarge(f"message of {size} bytes (key, value and headers) exceeds the {limit}-byte limit")
 
 
-class LogProducer(ABC):
+class AsyncService(ABC):
+    """Something with `start` and `stop`, usable as `async with`."""
+
+    @abstractmethod
+    async def start(self) -> None: ...
+
+    @abstractmethod
+    async def stop(self) -> None: ...
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+class LogProducer(AsyncService):
     """Appends messages to topics, batched and asynchronously.
 
     `send` returns once the message is buffered; it waits only when the bounded buffer is full
     (back-pressure), so the caller is slowed rather than a message dropped. `flush` returns once
     every message sent before it is durable in the log, and raises `LogWriteError` if any failed.
     """
-
-    @abstractmethod
-    async def start(self) -> None: ...
 
     @abstractmethod
     async def stop(self) -> None:
@@ -56,12 +72,3 @@ class LogProducer(ABC):
 
     @abstractmethod
     async def flush(self) -> None: ...
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()

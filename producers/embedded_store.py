@@ -16,10 +16,10 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from consumers.base import LogRecord
 from producers.partitioning import partition_for
 
 T = TypeVar("T")
@@ -64,17 +64,6 @@ CREATE TABLE IF NOT EXISTS group_offsets (
     PRIMARY KEY (group_id, topic, partition)
 );
 """
-
-
-@dataclass(frozen=True, slots=True)
-class StoredRecord:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes
-    headers: tuple[tuple[str, bytes], ...]
-    timestamp_ms: int
 
 
 Message = tuple[str, bytes, bytes, Sequence[tuple[str, bytes]]]  # topic, key, value, headers
@@ -230,7 +219,7 @@ class LogFile:
         return len(rows)
 
     # reads --------------------------------------------------------------------------------
-    def read(self, topic: str, partition: int, offset: int, limit: int) -> list[StoredRecord]:
+    def read(self, topic: str, partition: int, offset: int, limit: int) -> list[LogRecord]:
         with self._lock:
             tp = self._tp(topic, partition)
             cursor = self._db.execute(
@@ -239,7 +228,7 @@ class LogFile:
                 ((tp << OFFSET_BITS) + offset, (tp + 1) << OFFSET_BITS, limit),
             )
             return [
-                StoredRecord(topic, partition, rid & OFFSET_MASK, key, value, decode_headers(headers), ts)
+                LogRecord(topic, partition, rid & OFFSET_MASK, key, value, decode_headers(headers), ts)
                 for rid, key, value, headers, ts in cursor
             ]
 
@@ -251,7 +240,7 @@ class LogFile:
             ).fetchone()[0]
             return 0 if last is None else (last & OFFSET_MASK) + 1
 
-    def read_key(self, topics: Sequence[str], key: bytes) -> list[StoredRecord]:
+    def read_key(self, topics: Sequence[str], key: bytes) -> list[LogRecord]:
         with self._lock:
             wanted = {self._tp(t, partition_for(key, n)): t for t in topics if (n := self._partitions_locked(t))}
             out = []
@@ -261,7 +250,7 @@ class LogFile:
                 topic = wanted.get(rid >> OFFSET_BITS)
                 if topic is not None:
                     out.append(
-                        StoredRecord(
+                        LogRecord(
                             topic,
                             partition_for(key, self._partitions[topic]),
                             rid & OFFSET_MASK,

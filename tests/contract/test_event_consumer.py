@@ -61,12 +61,6 @@ async def admin(backend: LogBackend) -> AsyncIterator[LogAdmin]:
         await log_admin.close()
 
 
-@pytest.fixture
-async def producer(backend: LogBackend) -> AsyncIterator[LogProducer]:
-    async with backend.producer() as log_producer:
-        yield log_producer
-
-
 def new_call_id() -> str:
     return f"call-{uuid.uuid4()}"
 

@@ -63,12 +63,6 @@ async def admin(backend: LogBackend) -> AsyncIterator[LogAdmin]:
         await log_admin.close()
 
 
-@pytest.fixture
-async def producer(backend: LogBackend) -> AsyncIterator[LogProducer]:
-    async with backend.producer() as log_producer:
-        yield log_producer
-
-
 def group_name() -> str:
     return f"group.{uuid.uuid4().hex[:12]}"
 

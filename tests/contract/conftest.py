@@ -1,0 +1,16 @@
+"""Fixtures shared by the contract suites."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from producers.base import LogProducer
+from voxlog.backends import LogBackend
+
+
+@pytest.fixture
+async def producer(backend: LogBackend) -> AsyncIterator[LogProducer]:
+    async with backend.producer() as log_producer:
+        yield log_producer
