@@ -77,8 +77,9 @@ class LogAdmin(ABC):
     async def end_offsets(self, topic: str) -> dict[int, int]: ...
 
     @abstractmethod
-    def read_key(self, topics: Sequence[str], key: bytes) -> AsyncIterator[LogRecord]:
-        """Every record with this key in these topics, in offset order per topic."""
+    def read_key(self, topics: Sequence[str], key: bytes, *, since_ms: int | None = None) -> AsyncIterator[LogRecord]:
+        """Every record with this key in these topics, in offset order per topic; with `since_ms`,
+        only those appended at or after that time (on Kafka this bounds the scan)."""
 
     @abstractmethod
     async def close(self) -> None: ...

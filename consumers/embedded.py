@@ -203,9 +203,12 @@ class EmbeddedAdmin(LogAdmin):
             raise KeyError(f"no topic {topic!r}")
         return {p: await asyncio.to_thread(self._log.end_offset, topic, p) for p in range(partitions)}
 
-    async def read_key(self, topics: Sequence[str], key: bytes) -> AsyncIterator[LogRecord]:
+    async def read_key(
+        self, topics: Sequence[str], key: bytes, *, since_ms: int | None = None
+    ) -> AsyncIterator[LogRecord]:
         for record in await asyncio.to_thread(self._log.read_key, topics, key):
-            yield record
+            if since_ms is None or record.timestamp_ms >= since_ms:
+                yield record
 
     async def close(self) -> None:
         await asyncio.to_thread(self._log.close)

@@ -81,12 +81,17 @@ class CallHistory:
 
 
 async def read_call(
-    admin: LogAdmin, call_id: str, codec: EventCodec | None = None, topics: Sequence[str] = CALL_TOPICS
+    admin: LogAdmin,
+    call_id: str,
+    codec: EventCodec | None = None,
+    topics: Sequence[str] = CALL_TOPICS,
+    since_ms: int | None = None,
 ) -> CallHistory:
+    """One call from the log; `since_ms` (no later than the call's start) bounds Kafka's scan."""
     codec = codec or EventCodec()
     events: list[Event[EventPayload]] = []
     bad: list[tuple[LogRecord, str]] = []
-    async for record in admin.read_key(topics, call_id.encode()):
+    async for record in admin.read_key(topics, call_id.encode(), since_ms=since_ms):
         try:
             events.append(codec.decode(record.value))
         except UndecodableMessage as exc:

@@ -177,22 +177,34 @@ class KafkaAdmin(LogAdmin):
         _, end = await self._offsets([KafkaTopicPartition(topic, p) for p in range(counts[topic])])
         return {tp.partition: o for tp, o in end.items()}
 
-    async def read_key(self, topics: Sequence[str], key: bytes) -> AsyncIterator[LogRecord]:
-        # Kafka has no index by key: read the one partition the key hashes to, start to end.
+    async def read_key(
+        self, topics: Sequence[str], key: bytes, *, since_ms: int | None = None
+    ) -> AsyncIterator[LogRecord]:
+        # Kafka has no index by key: read the one partition the key hashes to, from the start or
+        # from the first record at `since_ms`, to the end as of now.
         counts = await self._partition_counts()
         tps = [KafkaTopicPartition(t, partition_for(key, counts[t])) for t in topics if t in counts]
         if not tps:
             return
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._bootstrap, client_id=self._client_id, enable_auto_commit=False, fetch_max_wait_ms=5
+            bootstrap_servers=self._bootstrap,
+            client_id=self._client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=5,
         )
         await consumer.start()
         try:
             await _learn_topics(consumer, {tp.topic for tp in tps})
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
+            starts = {tp: 0 for tp in tps}
             ends = await consumer.end_offsets(tps)
+            if since_ms is not None:
+                for tp, found in (await consumer.offsets_for_times({tp: since_ms for tp in tps})).items():
+                    starts[tp] = ends[tp] if found is None else found.offset  # None: nothing that recent
+            consumer.assign(tps)
             for tp in tps:
+                consumer.seek(tp, starts[tp])
+            for tp in [tp for tp in tps if starts[tp] < ends[tp]]:
                 consumer.pause(*[other for other in tps if other != tp])
                 consumer.resume(tp)
                 while await consumer.position(tp) < ends[tp]:

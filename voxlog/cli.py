@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import enum
 import os
 import signal
@@ -128,14 +129,19 @@ def topics() -> None:
 def events_tail(
     call: Annotated[str, typer.Option("--call", help="Call id whose events to print, in seq order.")],
     audio: Annotated[bool, typer.Option(help="Include audio chunk events.")] = True,
+    since: Annotated[
+        datetime.datetime | None,
+        typer.Option(help="No later than the call's start (UTC): on Kafka, the scan starts there, not at offset 0."),
+    ] = None,
 ) -> None:
     """Print one call's events in order, decoded, from either backend."""
     backend = _backend()
+    since_ms = None if since is None else int(since.replace(tzinfo=since.tzinfo or datetime.UTC).timestamp() * 1000)
 
     async def run() -> int:
         admin = backend.admin()
         try:
-            history = await read_call(admin, call)
+            history = await read_call(admin, call, since_ms=since_ms)
         finally:
             await admin.close()
         for event in history.events:

@@ -7,10 +7,12 @@ compared byte for byte with what was written.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
+from consumers.base import TopicPartition
 from consumers.events import EventConsumer, read_call
 from producers.events import CallRecorder, EventWriter
 from producers.synthetic import synthetic_call
@@ -48,6 +50,9 @@ async def run_demo(backend: LogBackend, *, calls: int = 3, tenant_id: str = "dem
     admin = backend.admin()
     try:
         await ensure_topics(admin)
+        began_ms = int(time.time() * 1000)
+        # Where the log ends now: the demo's consumer group starts there, not at offset 0.
+        log_end = {TopicPartition(t, p): o for t in CALL_TOPICS for p, o in (await admin.end_offsets(t)).items()}
         written: dict[str, list[bytes]] = {}
         async with backend.producer() as producer:
             writer = EventWriter(producer, codec)
@@ -67,13 +72,20 @@ async def run_demo(backend: LogBackend, *, calls: int = 3, tenant_id: str = "dem
         seen: Counter[str] = Counter()
         async with (
             backend.producer() as dead_letters,
-            backend.consumer(CALL_TOPICS, group_id=f"voxlog-demo-{uuid.uuid4().hex[:8]}") as consumer,
+            backend.consumer(
+                CALL_TOPICS, group_id=f"voxlog-demo-{uuid.uuid4().hex[:8]}", auto_offset_reset="latest"
+            ) as consumer,
         ):
             events = EventConsumer(consumer, dead_letters, name="voxlog-demo", codec=codec)
+            positioned: set[TopicPartition] = set()
+            deadline = time.monotonic() + 60
             while any(seen[c] < n for c, n in expected.items()):
-                batch = await events.poll(timeout_s=5.0)
-                if not batch:
+                if time.monotonic() > deadline:
                     raise TimeoutError(f"consumed {sum(seen.values())} of {sum(expected.values())} events")
+                for tp in consumer.assignment() - positioned:  # Kafka assigns during the first polls
+                    await consumer.seek(tp, log_end.get(tp, 0))
+                    positioned.add(tp)
+                batch = await events.poll(timeout_s=0.5)
                 for item in batch:
                     if item.event.call_id in expected:
                         seen[item.event.call_id] += 1
@@ -82,7 +94,7 @@ async def run_demo(backend: LogBackend, *, calls: int = 3, tenant_id: str = "dem
             report.dead_lettered = events.dead_lettered
 
         for call_id, originals in written.items():
-            history = await read_call(admin, call_id, codec)
+            history = await read_call(admin, call_id, codec, since_ms=began_ms)
             replayed = [codec.encode(e) for e in history.events]
             types = Counter(e.type for e in history.events)
             verdict = "identical"

@@ -31,6 +31,7 @@ from . import (
     consume,
     consume_exactly,
     create_topics,
+    eventually,
     read_topic,
     settle_group,
 )
@@ -462,3 +463,28 @@ async def test_read_key_returns_exactly_one_keys_records_in_order_across_topics(
         assert len(got) == len(sent[(calls, key)]) + len(sent[(audio, key)]), "read_key strayed outside its topics"
 
     assert [r async for r in admin.read_key([calls, audio], b"call-never")] == []
+
+
+async def test_read_key_since_a_time_skips_what_came_before(
+        admin: LogAdmin, producer: LogProducer, topic_name: str) -> None:
+    """The bound a replay passes on Kafka so it does not scan a partition from offset 0."""
+    await create_topics(admin, {topic_name: 2})
+    for i in range(20):
+        await producer.send(topic_name, b"call-x", f"old-{i}".encode())
+    await producer.flush()
+    old = [r async for r in admin.read_key([topic_name], b"call-x")]
+    since_ms = max(r.timestamp_ms for r in old) + 1
+
+    async def clock_moved_on() -> bool | None:
+        return True if time.time() * 1000 > since_ms + 5 else None
+
+    await eventually(clock_moved_on, what="the clock to move past the old records", interval_s=0.005)
+    for i in range(5):
+        await producer.send(topic_name, b"call-x", f"new-{i}".encode())
+    await producer.flush()
+
+    recent = [r.value async for r in admin.read_key([topic_name], b"call-x", since_ms=since_ms)]
+    assert recent == [f"new-{i}".encode() for i in range(5)]
+    everything = [r async for r in admin.read_key([topic_name], b"call-x")]
+    assert len(everything) == 25
+    assert [r async for r in admin.read_key([topic_name], b"call-x", since_ms=int(time.time() * 1000) + 60_000)] == []
