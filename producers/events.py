@@ -20,7 +20,9 @@ class EventWriter:
 
     async def append(self, event: Event[EventPayload]) -> None:
         """Encodes now, so a `SchemaViolation` reaches the caller before anything is written."""
-        data = self.codec.encode(event)
+        await self.send_encoded(event, self.codec.encode(event))
+
+    async def send_encoded(self, event: Event[EventPayload], data: bytes) -> None:
         await self.producer.send(topic_for(event.type), event.call_id.encode(), data)
 
     async def flush(self) -> None:
@@ -77,6 +79,7 @@ class CallRecorder:
         causation_id: str | None = None,
         correlation_id: str | None = None,
         event_time_us: int | None = None,
+        producer: str | None = None,
     ) -> Event[EventPayload]:
         envelope = Envelope(
             event_id=self._new_id(),
@@ -88,7 +91,7 @@ class CallRecorder:
             event_time_us=self._clock_us() if event_time_us is None else event_time_us,
             causation_id=causation_id,
             correlation_id=correlation_id,
-            producer=self.producer,
+            producer=self.producer if producer is None else producer,
             producer_version=self.producer_version,
         )
         return Event(envelope, payload)
@@ -100,10 +103,18 @@ class CallRecorder:
         causation_id: str | None = None,
         correlation_id: str | None = None,
         event_time_us: int | None = None,
+        producer: str | None = None,
     ) -> Event[EventPayload]:
+        """`producer` overrides the recorder's for this event (the core's decisions say `voxlog.core`)."""
         event = self.make(
-            payload, causation_id=causation_id, correlation_id=correlation_id, event_time_us=event_time_us
+            payload,
+            causation_id=causation_id,
+            correlation_id=correlation_id,
+            event_time_us=event_time_us,
+            producer=producer,
         )
-        await self.writer.append(event)  # raises before seq advances if the payload is invalid
+        data = self.writer.codec.encode(event)  # raises before seq advances if the payload is invalid
+        # The seq is taken before the first await: concurrent records (audio beside decisions) never share one.
         self.next_seq += 1
+        await self.writer.send_encoded(event, data)
         return event

@@ -156,6 +156,28 @@ class CallEnded(EventPayload):
         )
 
 
+@dataclass(frozen=True, slots=True)
+class CallHangupRequested(EventPayload):
+    """The core decided to end the call; call.ended follows."""
+
+    EVENT_TYPE: ClassVar[str] = 'call.hangup_requested'
+    EVENT_VERSION: ClassVar[int] = 1
+
+    reason: str
+    """goodbye, silence, max_duration, guardrail, max_turns, handoff_failed."""
+
+    def to_avro(self) -> dict[str, Any]:
+        return {
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_avro(cls, record: Mapping[str, Any]) -> CallHangupRequested:
+        return cls(
+            reason=record["reason"],
+        )
+
+
 Channel = Literal["phone", "sip", "widget", "unknown"]
 
 
@@ -213,6 +235,44 @@ class CallStarted(EventPayload):
             provider_call_id=record["provider_call_id"],
             routed_by=record["routed_by"],
             parameters=dict(record["parameters"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CallStatus(EventPayload):
+    """A telephony status callback (e.g. Twilio's): the carrier's view of the call."""
+
+    EVENT_TYPE: ClassVar[str] = 'call.status'
+    EVENT_VERSION: ClassVar[int] = 1
+
+    status: str
+    """queued, initiated, ringing, in-progress, completed, busy, no-answer, canceled, failed."""
+    provider: str
+    """twilio, sip, widget."""
+    sip_response_code: int | None = None
+    """SIP response code when given."""
+    duration_s: int | None = None
+    """Call duration the carrier reports, when given."""
+    raw: dict[str, str] = field(default_factory=dict)
+    """The callback's parameters as received. PII: json."""
+
+    def to_avro(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "provider": self.provider,
+            "sip_response_code": self.sip_response_code,
+            "duration_s": self.duration_s,
+            "raw": dict(self.raw),
+        }
+
+    @classmethod
+    def from_avro(cls, record: Mapping[str, Any]) -> CallStatus:
+        return cls(
+            status=record["status"],
+            provider=record["provider"],
+            sip_response_code=record["sip_response_code"],
+            duration_s=record["duration_s"],
+            raw=dict(record["raw"]),
         )
 
 
@@ -737,6 +797,32 @@ class SpeechStopped(EventPayload):
 
 
 @dataclass(frozen=True, slots=True)
+class TimerCancelled(EventPayload):
+    """The core cancelled a timer before it fired."""
+
+    EVENT_TYPE: ClassVar[str] = 'timer.cancelled'
+    EVENT_VERSION: ClassVar[int] = 1
+
+    timer_id: str
+    """Timer id."""
+    name: str
+    """Timer name."""
+
+    def to_avro(self) -> dict[str, Any]:
+        return {
+            "timer_id": self.timer_id,
+            "name": self.name,
+        }
+
+    @classmethod
+    def from_avro(cls, record: Mapping[str, Any]) -> TimerCancelled:
+        return cls(
+            timer_id=record["timer_id"],
+            name=record["name"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class TimerFired(EventPayload):
     """A timer the core set has fired (time enters the core only as events)."""
 
@@ -766,6 +852,36 @@ class TimerFired(EventPayload):
             timer_id=record["timer_id"],
             name=record["name"],
             set_by_seq=record["set_by_seq"],
+            due_us=record["due_us"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TimerSet(EventPayload):
+    """The core set a timer; a timer.fired event comes back when it is due."""
+
+    EVENT_TYPE: ClassVar[str] = 'timer.set'
+    EVENT_VERSION: ClassVar[int] = 1
+
+    timer_id: str
+    """Timer id."""
+    name: str
+    """silence, max_duration, ..."""
+    due_us: int
+    """When it is due, microseconds since epoch."""
+
+    def to_avro(self) -> dict[str, Any]:
+        return {
+            "timer_id": self.timer_id,
+            "name": self.name,
+            "due_us": self.due_us,
+        }
+
+    @classmethod
+    def from_avro(cls, record: Mapping[str, Any]) -> TimerSet:
+        return cls(
+            timer_id=record["timer_id"],
+            name=record["name"],
             due_us=record["due_us"],
         )
 
@@ -1180,7 +1296,9 @@ PAYLOAD_TYPES: dict[str, type[EventPayload]] = {
     "audio.caller_chunk": CallerAudioChunk,
     "call.answered": CallAnswered,
     "call.ended": CallEnded,
+    "call.hangup_requested": CallHangupRequested,
     "call.started": CallStarted,
+    "call.status": CallStatus,
     "consent.given": ConsentGiven,
     "consent.refused": ConsentRefused,
     "dtmf.received": DtmfReceived,
@@ -1194,7 +1312,9 @@ PAYLOAD_TYPES: dict[str, type[EventPayload]] = {
     "provider.fallback": ProviderFallback,
     "speech.started": SpeechStarted,
     "speech.stopped": SpeechStopped,
+    "timer.cancelled": TimerCancelled,
     "timer.fired": TimerFired,
+    "timer.set": TimerSet,
     "tool.failed": ToolFailed,
     "tool.requested": ToolRequested,
     "tool.succeeded": ToolSucceeded,
@@ -1212,7 +1332,9 @@ __all__ = [
     "BargeIn",
     "CallAnswered",
     "CallEnded",
+    "CallHangupRequested",
     "CallStarted",
+    "CallStatus",
     "CallerAudioChunk",
     "Channel",
     "ConsentGiven",
@@ -1230,7 +1352,9 @@ __all__ = [
     "ProviderFallback",
     "SpeechStarted",
     "SpeechStopped",
+    "TimerCancelled",
     "TimerFired",
+    "TimerSet",
     "ToolCallSpec",
     "ToolFailed",
     "ToolRequested",

@@ -15,6 +15,7 @@ AUDIO = "voxlog.audio"
 COMMANDS = "voxlog.commands"
 DEADLETTER = "voxlog.deadletter"
 CALL_REGISTRY = "voxlog.call_registry"
+TOOL_RESULTS = "voxlog.tool_results"
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,12 @@ TOPICS: dict[str, TopicSpec] = {
         TopicSpec(COMMANDS, 6, "Requests for side effects, consumed by idempotent workers (tool.requested)."),
         TopicSpec(DEADLETTER, 1, "Messages no consumer could decode, with the reason and their origin in headers."),
         TopicSpec(CALL_REGISTRY, 12, "One JSON entry per call, kept current by streams.call_registry.", compacted=True),
+        TopicSpec(
+            TOOL_RESULTS,
+            6,
+            "Tool workers' replies (tool.succeeded / tool.failed, seq = the request's); the call's session "
+            "records them into the call.",
+        ),
     )
 }
 

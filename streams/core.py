@@ -1,0 +1,505 @@
+"""The call core: the conversation policy as a pure function of the call's events.
+
+    decide(state, event) -> (state, decisions)
+
+No clock, no randomness, no I/O: time is the events' `event_time_us`, ids are derived from the call
+id and counters in the state, and everything the outside world says (transcripts, LLM decisions,
+tool results, timers, caller memory) arrives as a recorded event. Each `Decision` is an event
+payload to record, plus the action the session must take for it. Replaying a call's recorded
+inputs through `decide` gives the same decisions, which is what `voxlog replay verify` checks.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from schemas.base import Event, EventPayload
+from schemas.events import (
+    BargeIn,
+    CallAnswered,
+    CallEnded,
+    CallHangupRequested,
+    CallStarted,
+    ConsentGiven,
+    DtmfReceived,
+    GuardrailTriggered,
+    HandoffCompleted,
+    HandoffRequested,
+    LlmDecided,
+    LlmRequested,
+    MemoryLoaded,
+    SpeechStarted,
+    SpeechStopped,
+    TimerCancelled,
+    TimerFired,
+    TimerSet,
+    ToolFailed,
+    ToolRequested,
+    ToolSucceeded,
+    TranscriptFinal,
+    TtsCompleted,
+    TtsRequested,
+    TurnTaken,
+)
+from streams.agents import AgentSpec
+from streams.providers.base import ChatMessage, LlmRequest, ToolSpec
+
+CORE_PRODUCER = "voxlog.core"
+CORE_VERSION = "1"
+"""Bumped when the policy changes on purpose: replay of older calls is then expected to differ."""
+
+# Tools the core itself understands, offered to the LLM beside the agent's own.
+TRANSFER_TOOL = ToolSpec(
+    "transfer_to_human",
+    "Hand the call to a human colleague when the caller asks for one or you cannot help.",
+    '{"properties":{"reason":{"type":"string"}},"type":"object"}',
+)
+END_CALL_TOOL = ToolSpec(
+    "end_call", "End the call after saying goodbye.", '{"properties":{"reason":{"type":"string"}},"type":"object"}'
+)
+
+
+# Actions: what the session must do for a decision. The payload is what gets recorded.
+@dataclass(frozen=True, slots=True)
+class CallLlm:
+    request: LlmRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Speak:
+    request_id: str
+    text: str
+    voice: str
+
+
+@dataclass(frozen=True, slots=True)
+class StopSpeaking:
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunTool:
+    tool_call_id: str
+    name: str
+    arguments_json: str
+    idempotency_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    handoff_id: str
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class Hangup:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StartTimer:
+    timer_id: str
+    name: str
+    due_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTimer:
+    timer_id: str
+
+
+Action = CallLlm | Speak | StopSpeaking | RunTool | Transfer | Hangup | StartTimer | CancelTimer
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    payload: EventPayload
+    action: Action | None = None
+
+
+Phase = Literal["new", "listening", "thinking", "ended"]
+
+
+@dataclass(frozen=True)
+class CallState:
+    """Everything the core remembers about a call; replaced, never mutated."""
+
+    agent: AgentSpec
+    call_id: str = ""
+    phase: Phase = "new"
+    started_us: int = 0
+    turn_index: int = 0
+    history: tuple[ChatMessage, ...] = ()
+    memory: tuple[str, ...] = ()
+    heard: tuple[str, ...] = ()  # final transcripts since the last turn
+    heard_ids: tuple[str, ...] = ()
+    caller_speaking: bool = False
+    speaking: str | None = None  # TTS request being played
+    pending_llm: str | None = None
+    pending_tools: tuple[str, ...] = ()
+    tool_names: dict[str, str] = field(default_factory=dict)
+    intent_after_tools: str | None = None
+    llm_count: int = 0
+    tts_count: int = 0
+    timer_count: int = 0
+    timers: dict[str, str] = field(default_factory=dict)  # name -> timer id
+    silence_reprompted: bool = False
+    hangup_after_speech: str | None = None  # reason, once the goodbye has been spoken
+    handoff_id: str | None = None
+    ended: bool = False
+
+
+def new_state(agent: AgentSpec) -> CallState:
+    return CallState(agent=agent)
+
+
+def decide(state: CallState, event: Event[EventPayload]) -> tuple[CallState, list[Decision]]:
+    """The whole policy. Events the core does not act on leave the state as it is."""
+    if state.ended:
+        return state, []
+    p = event.payload
+    now = event.envelope.event_time_us
+    match p:
+        case CallStarted():
+            return replace(state, call_id=event.call_id, started_us=now), []
+        case MemoryLoaded():
+            return replace(state, memory=tuple(s.summary for s in p.summaries)), []
+        case CallAnswered():
+            return _greet(replace(state, phase="listening"), now)
+        case SpeechStarted():
+            return _caller_started(state, p.offset_ms)
+        case SpeechStopped():
+            return replace(state, caller_speaking=False), []
+        case TranscriptFinal():
+            return _heard(state, p, now)
+        case LlmDecided():
+            return _llm_decided(state, p, now)
+        case ToolSucceeded() | ToolFailed():
+            return _tool_result(state, p, now)
+        case TtsCompleted():
+            return _finished_speaking(state, p, now)
+        case TimerFired():
+            return _timer_fired(state, p, now)
+        case DtmfReceived():
+            return _heard_text(state, f"pressed {p.digit}", (), now)
+        case HandoffCompleted():
+            if p.outcome == "connected":
+                return _hangup(state, "handoff")
+            return _say(replace(state, handoff_id=None), "I couldn't reach anyone right now. How else can I help?")
+        case CallEnded():
+            return replace(state, ended=True, phase="ended"), []
+    return state, []
+
+
+# -- helpers that build decisions ---------------------------------------------------------------
+
+
+def _say(state: CallState, text: str) -> tuple[CallState, list[Decision]]:
+    request_id = f"{state.call_id}/tts/{state.tts_count}"
+    voice = state.agent.tts.voice
+    payload = TtsRequested(
+        request_id=request_id,
+        text=text,
+        provider=state.agent.tts.provider,
+        voice=voice,
+        codec="pcm_s16le",
+        sample_rate=16000,
+    )
+    state = replace(
+        state,
+        tts_count=state.tts_count + 1,
+        speaking=request_id,
+        history=(*state.history, ChatMessage("assistant", text)),
+    )
+    return state, [Decision(payload, Speak(request_id, text, voice))]
+
+
+def _set_timer(state: CallState, name: str, due_us: int) -> tuple[CallState, list[Decision]]:
+    state, decisions = _cancel_timer(state, name)
+    timer_id = f"{state.call_id}/timer/{state.timer_count}"
+    state = replace(state, timer_count=state.timer_count + 1, timers={**state.timers, name: timer_id})
+    return state, [
+        *decisions,
+        Decision(TimerSet(timer_id=timer_id, name=name, due_us=due_us), StartTimer(timer_id, name, due_us)),
+    ]
+
+
+def _cancel_timer(state: CallState, name: str) -> tuple[CallState, list[Decision]]:
+    timer_id = state.timers.get(name)
+    if timer_id is None:
+        return state, []
+    timers = {k: v for k, v in state.timers.items() if k != name}
+    return replace(state, timers=timers), [
+        Decision(TimerCancelled(timer_id=timer_id, name=name), CancelTimer(timer_id))
+    ]
+
+
+def _hangup(state: CallState, reason: str) -> tuple[CallState, list[Decision]]:
+    decisions: list[Decision] = []
+    for name in list(state.timers):
+        state, cancelled = _cancel_timer(state, name)
+        decisions += cancelled
+    state = replace(state, phase="ended")
+    return state, [*decisions, Decision(CallHangupRequested(reason=reason), Hangup(reason))]
+
+
+def _greet(state: CallState, now: int) -> tuple[CallState, list[Decision]]:
+    agent = state.agent
+    state, limit = _set_timer(state, "max_duration", now + agent.guardrails.max_duration_s * 1_000_000)
+    state, greeting = _say(state, f"{agent.consent.text} {agent.greeting}" if agent.consent.text else agent.greeting)
+    decisions = [*limit, *greeting]
+    if agent.consent.text:
+        # Continuing after the notice is consent to it; refusing means hanging up.
+        decisions.insert(
+            0,
+            Decision(
+                ConsentGiven(kind=agent.consent.kind, method="implied_by_continuing", prompt_text=agent.consent.text)
+            ),
+        )
+    return state, decisions
+
+
+def _caller_started(state: CallState, offset_ms: int) -> tuple[CallState, list[Decision]]:
+    state = replace(state, caller_speaking=True, silence_reprompted=False)
+    state, decisions = _cancel_timer(state, "silence")
+    if state.speaking is not None and state.hangup_after_speech is None:
+        interrupted = state.speaking
+        # How much had played is the session's to know: its tts.completed says (interrupted, audio_ms).
+        decisions.append(
+            Decision(
+                BargeIn(offset_ms=offset_ms, interrupted_tts_request_id=interrupted, played_ms=0),
+                StopSpeaking(interrupted),
+            )
+        )
+    return state, decisions
+
+
+def _heard(state: CallState, p: TranscriptFinal, now: int) -> tuple[CallState, list[Decision]]:
+    text = p.text.strip()
+    if not text:
+        return state, []
+    return _heard_text(state, text, (p.utterance_id,), now)
+
+
+def _heard_text(state: CallState, text: str, ids: tuple[str, ...], now: int) -> tuple[CallState, list[Decision]]:
+    state = replace(state, heard=(*state.heard, text), heard_ids=state.heard_ids + ids)
+    if state.pending_llm is not None or state.pending_tools or state.phase != "listening":
+        return state, []  # the caller added to a turn already being answered; it joins the next one
+    return _take_turn(state, now)
+
+
+def _take_turn(state: CallState, now: int) -> tuple[CallState, list[Decision]]:
+    agent = state.agent
+    caller_text = " ".join(state.heard)
+    turn = TurnTaken(
+        turn_index=state.turn_index, caller_text=caller_text, utterance_ids=state.heard_ids, end_of_turn_ms=0
+    )
+    state = replace(
+        state,
+        heard=(),
+        heard_ids=(),
+        turn_index=state.turn_index + 1,
+        history=(*state.history, ChatMessage("user", caller_text)),
+    )
+    decisions = [Decision(turn)]
+    if state.turn_index > agent.guardrails.max_turns:
+        decisions.append(
+            Decision(
+                GuardrailTriggered(
+                    stage="input",
+                    rule="max_turns",
+                    action="hangup",
+                    detail=str(agent.guardrails.max_turns),
+                    turn_index=turn.turn_index,
+                )
+            )
+        )
+        state, said = _say(state, agent.goodbye)
+        return replace(state, hangup_after_speech="max_turns"), decisions + said
+    for pattern in agent.guardrails.blocked_input:
+        if re.search(pattern, caller_text):
+            decisions.append(
+                Decision(
+                    GuardrailTriggered(
+                        stage="input", rule=pattern, action="block", detail=caller_text, turn_index=turn.turn_index
+                    )
+                )
+            )
+            state, said = _say(state, agent.guardrails.refusal)
+            return state, decisions + said
+    if agent.handoff and any(re.search(rf"\b{re.escape(w)}\b", caller_text.lower()) for w in agent.handoff.phrases):
+        state, handed = _hand_off(state, "caller_asked")
+        return state, decisions + handed
+    state, asked = _ask_llm(state)
+    return state, decisions + asked
+
+
+def _hand_off(state: CallState, reason: str) -> tuple[CallState, list[Decision]]:
+    agent = state.agent
+    if agent.handoff is None:
+        return _say(state, agent.fallback)
+    handoff_id = f"{state.call_id}/handoff"
+    summary = " | ".join(m.content for m in state.history if m.role == "user")[-500:]
+    state, said = _say(replace(state, handoff_id=handoff_id), agent.handoff.message)
+    return state, [
+        Decision(
+            HandoffRequested(handoff_id=handoff_id, reason=reason, target=agent.handoff.target, summary=summary),
+            Transfer(handoff_id, agent.handoff.target),
+        ),
+        *said,
+    ]
+
+
+def _ask_llm(state: CallState) -> tuple[CallState, list[Decision]]:
+    agent = state.agent
+    request_id = f"{state.call_id}/llm/{state.llm_count}"
+    system = [
+        ChatMessage("system", agent.prompts.persona),
+        ChatMessage("system", agent.prompts.task),
+        ChatMessage("system", agent.prompts.safety),
+    ]
+    if state.memory:
+        system.append(ChatMessage("system", "What we know from this caller's earlier calls: " + " ".join(state.memory)))
+    messages = (*system, *state.history[-agent.context_messages :])
+    tools = (
+        *(ToolSpec(t.name, t.description, t.parameters_json) for t in agent.tools),
+        *((TRANSFER_TOOL,) if agent.handoff else ()),
+        END_CALL_TOOL,
+    )
+    parameters = {"temperature": "0", **agent.llm.options}
+    request = LlmRequest(
+        request_id=request_id, model=agent.llm.model, messages=tuple(messages), tools=tools, parameters=parameters
+    )
+    payload = LlmRequested(
+        request_id=request_id,
+        turn_index=state.turn_index - 1,
+        agent_id=agent.id,
+        prompt_id=agent.prompt_id,
+        prompt_hash=agent.prompt_hash,
+        provider=agent.llm.provider,
+        model=agent.llm.model,
+        parameters=parameters,
+        message_count=len(messages),
+        tools=tuple(t.name for t in tools),
+    )
+    state = replace(state, pending_llm=request_id, llm_count=state.llm_count + 1)
+    return state, [Decision(payload, CallLlm(request))]
+
+
+def _llm_decided(state: CallState, p: LlmDecided, now: int) -> tuple[CallState, list[Decision]]:
+    if p.request_id != state.pending_llm:
+        return state, []  # an answer to a request the core no longer waits for
+    agent = state.agent
+    state = replace(state, pending_llm=None)
+    decisions: list[Decision] = []
+    for call in p.tool_calls:
+        if call.name == TRANSFER_TOOL.name:
+            return _hand_off(state, "llm_decided")
+        if call.name == END_CALL_TOOL.name:
+            state, said = _say(state, p.text or agent.goodbye)
+            return replace(state, hangup_after_speech="goodbye"), said
+    known = [c for c in p.tool_calls if agent.tool(c.name) is not None]
+    if known:
+        state = replace(
+            state,
+            history=(
+                *state.history,
+                ChatMessage(
+                    "assistant",
+                    json.dumps([{"id": c.id, "name": c.name, "arguments": c.arguments_json} for c in known]),
+                ),
+            ),
+        )
+        for call in known:
+            decisions.append(
+                Decision(
+                    ToolRequested(
+                        tool_call_id=call.id,
+                        tool=call.name,
+                        arguments_json=call.arguments_json,
+                        idempotency_key=f"{state.call_id}/{call.id}",
+                    ),
+                    RunTool(call.id, call.name, call.arguments_json, f"{state.call_id}/{call.id}"),
+                )
+            )
+        state = replace(
+            state,
+            pending_tools=tuple(c.id for c in known),
+            tool_names={**state.tool_names, **{c.id: c.name for c in known}},
+        )
+        return state, decisions
+    text = p.text.strip() or agent.fallback
+    for pattern in agent.guardrails.blocked_output:
+        if re.search(pattern, text):
+            decisions.append(
+                Decision(
+                    GuardrailTriggered(
+                        stage="output", rule=pattern, action="rewrite", detail=text, turn_index=state.turn_index - 1
+                    )
+                )
+            )
+            text = agent.guardrails.refusal
+            break
+    state, said = _say(state, text)
+    return state, decisions + said
+
+
+def _tool_result(state: CallState, p: ToolSucceeded | ToolFailed, now: int) -> tuple[CallState, list[Decision]]:
+    if p.tool_call_id not in state.pending_tools:
+        return state, []
+    if isinstance(p, ToolFailed) and not p.dead_lettered:
+        return state, []  # the worker will try again; only its last word counts
+    result = p.result_json if isinstance(p, ToolSucceeded) else json.dumps({"error": p.error})
+    history = (*state.history, ChatMessage("tool", result, name=p.tool, tool_call_id=p.tool_call_id))
+    pending = tuple(t for t in state.pending_tools if t != p.tool_call_id)
+    state = replace(state, history=history, pending_tools=pending)
+    if pending:
+        return state, []
+    return _ask_llm(state)
+
+
+def _finished_speaking(state: CallState, p: TtsCompleted, now: int) -> tuple[CallState, list[Decision]]:
+    if p.request_id != state.speaking:
+        return state, []
+    state = replace(state, speaking=None)
+    if state.hangup_after_speech is not None:
+        return _hangup(state, state.hangup_after_speech)
+    if state.handoff_id is not None or state.phase != "listening":
+        return state, []
+    decisions: list[Decision] = []
+    if state.heard and state.pending_llm is None and not state.pending_tools:
+        return _take_turn(state, now)  # the caller spoke while we talked: answer that now
+    if not state.caller_speaking:
+        state, decisions = _set_timer(state, "silence", now + state.agent.guardrails.silence_reprompt_s * 1_000_000)
+    return state, decisions
+
+
+def _timer_fired(state: CallState, p: TimerFired, now: int) -> tuple[CallState, list[Decision]]:
+    if state.timers.get(p.name) != p.timer_id:
+        return state, []  # cancelled or replaced before it fired
+    state = replace(state, timers={k: v for k, v in state.timers.items() if k != p.name})
+    agent = state.agent
+    if p.name == "max_duration":
+        state, said = _say(state, agent.goodbye)
+        return replace(state, hangup_after_speech="max_duration"), [
+            Decision(
+                GuardrailTriggered(
+                    stage="input",
+                    rule="max_duration",
+                    action="hangup",
+                    detail=str(agent.guardrails.max_duration_s),
+                    turn_index=state.turn_index,
+                )
+            ),
+            *said,
+        ]
+    if p.name == "silence":
+        if state.silence_reprompted:
+            state, said = _say(state, agent.goodbye)
+            return replace(state, hangup_after_speech="silence"), said
+        state, said = _say(replace(state, silence_reprompted=True), agent.reprompt)
+        return state, said
+    return state, []

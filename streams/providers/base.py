@@ -1,0 +1,143 @@
+"""The provider interfaces: speech recognition (ASR), speech synthesis (TTS), and the LLM.
+
+A session owns one ASR stream per call and asks TTS and the LLM per turn. Everything a provider
+returns is recorded as an event by the session, so the call core never sees a provider directly:
+replay feeds it the recorded results instead.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+PCM_RATE = 16_000
+"""Sessions work in 16 kHz mono signed 16-bit little-endian PCM; channels convert at the edges."""
+
+
+class ProviderError(RuntimeError):
+    """A provider failed (timeout, connection, protocol); `retryable` says whether trying again may help."""
+
+    def __init__(self, provider: str, kind: str, message: str, *, retryable: bool = False) -> None:
+        super().__init__(f"{provider}: {kind}: {message}")
+        self.provider = provider
+        self.kind = kind
+        self.retryable = retryable
+
+
+@dataclass(frozen=True, slots=True)
+class RecognizedWord:
+    word: str
+    start_ms: int
+    end_ms: int
+    confidence: float
+
+
+@dataclass(frozen=True, slots=True)
+class Recognition:
+    """A recognition result; times are ms from the start of the stream's audio."""
+
+    text: str
+    is_final: bool
+    confidence: float
+    start_ms: int
+    end_ms: int
+    words: tuple[RecognizedWord, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AsrCapabilities:
+    streaming: bool
+    interim_results: bool
+    word_timings: bool
+
+
+class AsrStream(ABC):
+    """One call's recognition: audio in as it arrives, results out per utterance."""
+
+    @abstractmethod
+    async def accept(self, pcm: bytes) -> Recognition | None:
+        """Feeds 16 kHz PCM; may return an interim result for the utterance in progress."""
+
+    @abstractmethod
+    async def end_utterance(self) -> Recognition:
+        """The caller stopped speaking: the final result for the audio since the last one."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+
+class AsrProvider(ABC):
+    name: str
+    model: str
+    capabilities: AsrCapabilities
+
+    @abstractmethod
+    async def open_stream(self, *, keywords: Sequence[str] = (), language: str = "en-US") -> AsrStream:
+        """`keywords`: words and phrases the agent expects, to bias recognition where supported."""
+
+
+@dataclass(frozen=True, slots=True)
+class TtsCapabilities:
+    streaming: bool
+    codecs: tuple[str, ...]
+
+
+class TtsProvider(ABC):
+    name: str
+    capabilities: TtsCapabilities
+
+    @abstractmethod
+    def synthesize(self, text: str, *, voice: str, sample_rate: int = PCM_RATE) -> AsyncIterator[bytes]:
+        """Speech for `text` as 16-bit mono PCM at `sample_rate`, in chunks as they are ready."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+    name: str | None = None  # the tool's name, for role "tool"
+    tool_call_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    name: str
+    description: str
+    parameters_json: str  # a JSON schema for the arguments
+
+
+@dataclass(frozen=True, slots=True)
+class LlmRequest:
+    request_id: str
+    model: str
+    messages: tuple[ChatMessage, ...]
+    tools: tuple[ToolSpec, ...] = ()
+    parameters: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments_json: str
+
+
+@dataclass(frozen=True, slots=True)
+class LlmResult:
+    text: str
+    tool_calls: tuple[ToolCall, ...]
+    finish_reason: str
+    input_tokens: int
+    output_tokens: int
+    time_to_first_token_ms: int
+    total_ms: int
+    model: str
+
+
+class LlmProvider(ABC):
+    name: str
+
+    @abstractmethod
+    async def complete(self, request: LlmRequest) -> LlmResult: ...

@@ -1,0 +1,82 @@
+"""`offline-scripted`: the offline stand-in for an LLM. Not a language model: it follows the rules
+in the agent's `script` (keywords -> what to say, which tool to call, whether to end the call), so
+a demo and the tests run with no keys and no network. Its answers are recorded like any LLM's."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+from streams.agents import AgentSpec, ScriptIntent
+from streams.core import END_CALL_TOOL
+from streams.providers.base import LlmProvider, LlmRequest, LlmResult, ToolCall
+
+
+class _Result(dict[str, Any]):
+    """`{result.when}` in a script reads fields of the tool's JSON result; missing ones read as '?'."""
+
+    def __missing__(self, key: str) -> str:
+        return "?"
+
+
+def _fill(template: str, **values: Any) -> str:
+    class Fields:
+        def __init__(self, data: dict[str, Any]) -> None:
+            self.__dict__.update(_Result(data))
+
+        def __getattr__(self, name: str) -> str:
+            return "?"
+
+    prepared = {k: Fields(v) if isinstance(v, dict) else v for k, v in values.items()}
+    return template.format_map(_Result(prepared))
+
+
+class ScriptedLlm(LlmProvider):
+    name = "offline-scripted"
+
+    def __init__(self, agent: AgentSpec) -> None:
+        self.agent = agent
+
+    def _match(self, text: str) -> ScriptIntent | None:
+        lowered = text.lower()
+        for intent in self.agent.script:
+            if any(re.search(rf"\b{re.escape(m.lower())}\b", lowered) for m in intent.match):
+                return intent
+        return None
+
+    async def complete(self, request: LlmRequest) -> LlmResult:
+        started = time.perf_counter()
+        text, calls, finish = self._decide(request)
+        elapsed = int((time.perf_counter() - started) * 1000)
+        words_in = sum(len(m.content.split()) for m in request.messages)
+        return LlmResult(text=text, tool_calls=calls, finish_reason=finish, input_tokens=words_in,
+                         output_tokens=len(text.split()), time_to_first_token_ms=elapsed, total_ms=elapsed,
+                         model=request.model or "scripted-policy")
+
+    def _decide(self, request: LlmRequest) -> tuple[str, tuple[ToolCall, ...], str]:
+        last = request.messages[-1] if request.messages else None
+        if last is not None and last.role == "tool":
+            intent = next((i for i in self.agent.script if i.tool == last.name), None)
+            try:
+                result = json.loads(last.content)
+            except ValueError:
+                result = {}
+            if isinstance(result, dict) and "error" in result:
+                return "I'm sorry, that didn't work. Let me connect you with a colleague.", (), "stop"
+            template = intent.after_tool if intent and intent.after_tool else "Done. Anything else?"
+            return _fill(template, result=result if isinstance(result, dict) else {}), (), "stop"
+        said = last.content if last is not None and last.role == "user" else ""
+        turn = sum(1 for m in request.messages if m.role == "user")
+        intent = self._match(said)
+        if intent is None:
+            return self.agent.fallback, (), "stop"
+        if intent.end_call:
+            call = ToolCall(f"{request.request_id}/0", END_CALL_TOOL.name, json.dumps({"reason": intent.name}))
+            return intent.say or self.agent.goodbye, (call,), "tool_calls"
+        if intent.tool:
+            arguments = {k: _fill(v, text=said, turn=turn) for k, v in intent.arguments.items()}
+            call = ToolCall(f"{request.request_id}/0", intent.tool, json.dumps(arguments, sort_keys=True))
+            return intent.say, (call,), "tool_calls"
+        return intent.say or self.agent.fallback, (), "stop"

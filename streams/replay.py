@@ -1,0 +1,105 @@
+"""Deterministic replay: run a recorded call's inputs through the core again and compare.
+
+In a live call the session records each input event, then at once the core's decisions for it
+(producer `voxlog.core`). Replay feeds the inputs, in `seq` order, to `decide` and checks that the
+decisions recorded after each input are exactly the ones the core makes now, payload for payload.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from schemas.base import Event, EventPayload
+from schemas.events import CallStarted
+from streams.agents import AgentRouter, AgentSpec, RoutingError
+from streams.core import CORE_PRODUCER, Decision, decide, new_state
+
+
+@dataclass(frozen=True)
+class Divergence:
+    seq: int
+    event_type: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    call_id: str
+    decisions: int
+    divergence: Divergence | None
+
+    @property
+    def identical(self) -> bool:
+        return self.divergence is None
+
+
+def _describe(payload: EventPayload) -> str:
+    return f"{payload.EVENT_TYPE} {payload.to_avro()}"
+
+
+def verify_call(events: Sequence[Event[EventPayload]], agent: AgentSpec) -> ReplayResult:
+    """`events`: one call's events in seq order. `agent`: the definition to replay with."""
+    call_id = events[0].call_id if events else ""
+    state = new_state(agent)
+    expected: deque[Decision] = deque()
+    checked = 0
+    for event in events:
+        if event.envelope.producer == CORE_PRODUCER:
+            if not expected:
+                return ReplayResult(
+                    call_id,
+                    checked,
+                    Divergence(
+                        event.seq, event.type, f"recorded {_describe(event.payload)}; the core now decides nothing here"
+                    ),
+                )
+            decision = expected.popleft()
+            if decision.payload != event.payload:
+                return ReplayResult(
+                    call_id,
+                    checked,
+                    Divergence(
+                        event.seq,
+                        event.type,
+                        f"recorded {_describe(event.payload)}; the core now decides {_describe(decision.payload)}",
+                    ),
+                )
+            checked += 1
+            continue
+        if expected:
+            missing = expected[0].payload
+            return ReplayResult(
+                call_id,
+                checked,
+                Divergence(
+                    event.seq, event.type, f"the core now decides {_describe(missing)} before this event; not recorded"
+                ),
+            )
+        state, decisions = decide(state, event)
+        expected.extend(decisions)
+    if expected:
+        last = events[-1]
+        return ReplayResult(
+            call_id,
+            checked,
+            Divergence(
+                last.seq + 1, "(end)", f"the core now decides {_describe(expected[0].payload)} after the last event"
+            ),
+        )
+    return ReplayResult(call_id, checked, None)
+
+
+def agent_for(events: Sequence[Event[EventPayload]], router: AgentRouter) -> AgentSpec:
+    """The agent that took the call, as defined now; refuses one whose definition has changed."""
+    started = next((e for e in events if isinstance(e.payload, CallStarted)), None)
+    if started is None or not isinstance(started.payload, CallStarted):
+        raise RoutingError("the call has no call.started event")
+    agent = router.get(started.tenant_id, started.payload.agent_id)
+    if agent.version != started.payload.agent_version:
+        raise RoutingError(
+            f"agent {started.tenant_id}/{agent.id} has changed since the call "
+            f"(recorded {started.payload.agent_version}, now {agent.version}); replay it as a what-if"
+        )
+    return agent
