@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,19 +16,16 @@ from schemas.events import (
     CallHangupRequested,
     CallStarted,
     ConsentGiven,
-    GuardrailTriggered,
     HandoffCompleted,
     HandoffRequested,
     LlmDecided,
     LlmRequested,
     SpeechStarted,
     SpeechStopped,
-    TimerCancelled,
     TimerFired,
     TimerSet,
     ToolCallSpec,
     ToolFailed,
-    ToolRequested,
     ToolSucceeded,
     TranscriptFinal,
     TtsCompleted,
