@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -32,8 +32,8 @@ SECRET = b"webhook-secret"
 class Receiver(BaseHTTPRequestHandler):
     """A webhook endpoint: answers by script, records what arrived and whether the signature held."""
 
-    script: list[int] = []
-    received: list[dict[str, Any]] = []
+    script: ClassVar[list[int]] = []
+    received: ClassVar[list[dict[str, Any]]] = []
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
