@@ -101,6 +101,48 @@ class CallerAudioChunk(EventPayload):
 
 
 @dataclass(frozen=True, slots=True)
+class AuditRecorded(EventPayload):
+    """Who or what did what, when, to what: for the compliance trail. On the audit topic; call_id (the key) is the call concerned or '-'; seq is not a call's sequence."""
+
+    EVENT_TYPE: ClassVar[str] = 'audit.recorded'
+    EVENT_VERSION: ClassVar[int] = 1
+
+    actor: str
+    """Who acted: an API key id, 'twilio-webhook', a worker, an operator."""
+    action: str
+    """What was done, e.g. webhook.rejected, sql.query, call.erased, agent.changed."""
+    resource: str
+    """What it was done to: a URL path, a call id, a table."""
+    outcome: str
+    """allowed, denied, failed."""
+    detail: str
+    """Why, or what exactly. PII: text."""
+    remote_addr: str | None = None
+    """The client's address, when over the network. PII: ip."""
+
+    def to_avro(self) -> dict[str, Any]:
+        return {
+            "actor": self.actor,
+            "action": self.action,
+            "resource": self.resource,
+            "outcome": self.outcome,
+            "detail": self.detail,
+            "remote_addr": self.remote_addr,
+        }
+
+    @classmethod
+    def from_avro(cls, record: Mapping[str, Any]) -> AuditRecorded:
+        return cls(
+            actor=record["actor"],
+            action=record["action"],
+            resource=record["resource"],
+            outcome=record["outcome"],
+            detail=record["detail"],
+            remote_addr=record["remote_addr"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class CallAnswered(EventPayload):
     """The call was answered and media is flowing."""
 
@@ -1294,6 +1336,7 @@ class TurnTaken(EventPayload):
 PAYLOAD_TYPES: dict[str, type[EventPayload]] = {
     "audio.agent_chunk": AgentAudioChunk,
     "audio.caller_chunk": CallerAudioChunk,
+    "audit.recorded": AuditRecorded,
     "call.answered": CallAnswered,
     "call.ended": CallEnded,
     "call.hangup_requested": CallHangupRequested,
@@ -1329,6 +1372,7 @@ PAYLOAD_TYPES: dict[str, type[EventPayload]] = {
 __all__ = [
     "AgentAudioChunk",
     "AudioCodec",
+    "AuditRecorded",
     "BargeIn",
     "CallAnswered",
     "CallEnded",

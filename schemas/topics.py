@@ -16,6 +16,7 @@ COMMANDS = "voxlog.commands"
 DEADLETTER = "voxlog.deadletter"
 CALL_REGISTRY = "voxlog.call_registry"
 TOOL_RESULTS = "voxlog.tool_results"
+AUDIT = "voxlog.audit"
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ TOPICS: dict[str, TopicSpec] = {
         TopicSpec(COMMANDS, 6, "Requests for side effects, consumed by idempotent workers (tool.requested)."),
         TopicSpec(DEADLETTER, 1, "Messages no consumer could decode, with the reason and their origin in headers."),
         TopicSpec(CALL_REGISTRY, 12, "One JSON entry per call, kept current by streams.call_registry.", compacted=True),
+        TopicSpec(AUDIT, 3, "Audit records (audit.recorded): who or what did what, to which call (the key; - for none)."),
         TopicSpec(
             TOOL_RESULTS,
             6,
@@ -48,6 +50,7 @@ TOPICS: dict[str, TopicSpec] = {
 CALL_TOPICS = (CALLS, AUDIO, COMMANDS)
 
 _COMMAND_TYPES = frozenset({"tool.requested"})
+_AUDIT_TYPES = frozenset({"audit.recorded"})
 
 
 def topic_for(event_type: str) -> str:
@@ -55,4 +58,6 @@ def topic_for(event_type: str) -> str:
         return AUDIO
     if event_type in _COMMAND_TYPES:
         return COMMANDS
+    if event_type in _AUDIT_TYPES:
+        return AUDIT
     return CALLS

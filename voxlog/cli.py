@@ -18,6 +18,7 @@ from rich.table import Table
 
 from consumers.events import EventConsumer, read_call
 from schemas.topics import CALL_TOPICS
+from streams.agents import DEFAULT_AGENTS_DIR, AgentRouter, load_agents
 from voxlog import __version__
 from voxlog.backends import EmbeddedBackend, KafkaBackend, LogBackend, ensure_topics, log_backend
 from voxlog.describe import describe
@@ -26,9 +27,15 @@ from voxlog.settings import Settings
 app = typer.Typer(help="voxlog: an AI voice agent whose system of record is an event log.", no_args_is_help=True)
 events_app = typer.Typer(help="Read events from the log.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks; results go to a JSON file.", no_args_is_help=True)
+replay_app = typer.Typer(help="Replay recorded calls through the core.", no_args_is_help=True)
 app.add_typer(events_app, name="events")
 app.add_typer(bench_app, name="bench")
+app.add_typer(replay_app, name="replay")
 console = Console()
+
+
+def agents_router(settings: Settings) -> AgentRouter:
+    return AgentRouter(load_agents(settings.agents_dir or DEFAULT_AGENTS_DIR))
 
 
 def _backend() -> LogBackend:
@@ -71,6 +78,23 @@ def demo(calls: Annotated[int, typer.Option(min=1, help="How many calls to run."
     console.print(f"read back {len(report.calls)} calls from the log, {identical} identical to what was written")
     if not report.all_identical:
         raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+) -> None:
+    """Start the gateway (Twilio webhooks and media streams, the web widget) and, unless
+    VOXLOG_RUN_WORKERS=false, the tool worker, on the configured backends."""
+    import uvicorn
+
+    from gateway.app import create_app
+
+    settings = Settings()
+    console.print(f"voxlog gateway on http://{host}:{port} ({log_backend(settings).describe()}); "
+                  f"widget at http://{host}:{port}/widget")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", ws="websockets")
 
 
 @app.command()
@@ -177,6 +201,33 @@ def events_follow(
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())
+
+
+@replay_app.command("verify")
+def replay_verify(
+    call: Annotated[str | None, typer.Argument(help="Call id to verify.")] = None,
+    all_calls: Annotated[bool, typer.Option("--all", help="Verify every call in the log.")] = False,
+) -> None:
+    """Rebuild each call's decisions from its recorded events; print identical or the first divergence."""
+    from voxlog.replaying import verify_calls
+
+    if (call is None) == (not all_calls):
+        raise typer.BadParameter("give a CALL_ID or --all")
+    settings = Settings()
+    ids = [call] if call is not None else None
+    results = asyncio.run(verify_calls(log_backend(settings), agents_router(settings), ids))
+    diverged = 0
+    for result in results:
+        if result.identical:
+            typer.echo(f"{result.call_id}: identical ({result.decisions} decisions)")
+        else:
+            diverged += 1
+            d = result.divergence
+            assert d is not None
+            typer.echo(f"{result.call_id}: diverged at seq {d.seq} ({d.event_type}): {d.reason}")
+    typer.echo(f"verified {len(results)} calls, {diverged} diverged")
+    if diverged:
+        raise typer.Exit(1)
 
 
 class BenchBackend(enum.StrEnum):

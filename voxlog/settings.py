@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -18,6 +18,19 @@ class Settings(BaseSettings):
     clickhouse_dsn: str | None = Field(
         None, description="ClickHouse DSN (http://user:pass@host:8123/db); unset means embedded chDB in `home`."
     )
+
+    agents_dir: Path | None = Field(
+        None, description="Folder of agent definitions (YAML/TOML, a folder per tenant); unset: the demo agents.")
+    public_url: str | None = Field(
+        None, description="Public base URL Twilio reaches us at (TwiML stream URLs, webhook signatures); "
+        "unset: the URL each request came to.")
+    twilio_account_sid: str | None = Field(None, validation_alias=AliasChoices("TWILIO_ACCOUNT_SID"))
+    twilio_auth_token: SecretStr | None = Field(None, validation_alias=AliasChoices("TWILIO_AUTH_TOKEN"))
+    twilio_api_base: str | None = Field(
+        None, description="Override of Twilio's REST base URL (a local test server); unset: Twilio's own.")
+    webhook_secret: SecretStr = Field(
+        SecretStr("voxlog-dev-webhook-secret"), description="Signs outgoing tool webhooks (HMAC-SHA256).")
+    run_workers: bool = Field(True, description="Run the tool worker inside `voxlog serve` too.")
 
     @property
     def log_path(self) -> Path:

@@ -1,0 +1,128 @@
+"""The gateway's runtime: the shared producer, the agents, the tool replies, and one session per call."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from consumers.tools import ToolRunner, ToolStore, ToolWorker, WebhookSigner
+from producers.base import LogProducer
+from producers.events import CallRecorder, EventWriter, wall_clock_us
+from schemas.base import Event
+from schemas.envelope import Envelope
+from schemas.events import AuditRecorded, ErrorRaised
+from streams.agents import AgentRouter, AgentSpec
+from streams.providers.registry import providers_for
+from streams.session import CallSession, Providers, SessionReport
+from streams.tool_replies import ToolReplies
+from streams.transport import InboundCall, MediaTransport
+from voxlog import __version__
+from voxlog.backends import LogBackend, ensure_topics
+
+log = logging.getLogger(__name__)
+
+PRODUCER = "voxlog.gateway"
+
+
+def new_call_id() -> str:
+    return f"call-{uuid.uuid4()}"
+
+
+@dataclass
+class Gateway:
+    backend: LogBackend
+    router: AgentRouter
+    home: Path
+    run_workers: bool = True
+    """Run the tool worker in this process too (one machine); with Kafka they usually run apart."""
+    webhook_secret: bytes = b""
+    sessions: dict[str, CallSession] = field(default_factory=dict)
+    reports: list[SessionReport] = field(default_factory=list)
+    _producer: LogProducer | None = None
+    _writer: EventWriter | None = None
+    _replies: ToolReplies | None = None
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _http: httpx.AsyncClient | None = None
+    _store: ToolStore | None = None
+
+    async def start(self) -> None:
+        admin = self.backend.admin()
+        try:
+            await ensure_topics(admin)
+        finally:
+            await admin.close()
+        self._producer = self.backend.producer()
+        await self._producer.start()
+        self._writer = EventWriter(self._producer)
+        self._replies = ToolReplies(self.backend)
+        self._tasks.append(asyncio.create_task(self._replies.run(self._stop), name="tool-replies"))
+        await asyncio.wait_for(self._replies.ready.wait(), 60)
+        if self.run_workers:
+            self._http = httpx.AsyncClient(timeout=10)
+            self._store = ToolStore(self.home / "tools.db")
+            worker = ToolWorker(self.backend, ToolRunner(self._store, self.router, WebhookSigner(self.webhook_secret),
+                                                         self._http))
+            self._tasks.append(asyncio.create_task(worker.run(self._stop), name="tool-worker"))
+            await asyncio.wait_for(worker.ready.wait(), 60)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for session in list(self.sessions.values()):
+            session.closed("shutdown")
+        for task in self._tasks:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 10)
+        if self._producer is not None:
+            await self._producer.stop()
+        if self._http is not None:
+            await self._http.aclose()
+        if self._store is not None:
+            self._store.close()
+
+    @property
+    def writer(self) -> EventWriter:
+        if self._writer is None:
+            raise RuntimeError("gateway not started")
+        return self._writer
+
+    def open_session(self, call: InboundCall, agent: AgentSpec, transport: MediaTransport,
+                     providers: Providers | None = None) -> CallSession:
+        assert self._replies is not None
+        recorder = CallRecorder(self.writer, tenant_id=call.tenant_id, call_id=call.call_id, producer=PRODUCER,
+                                producer_version=__version__)
+        session = CallSession(call, agent, transport, recorder, providers or providers_for(agent),
+                              tool_replies=self._replies.register(call.call_id))
+        self.sessions[call.call_id] = session
+        return session
+
+    async def run_session(self, session: CallSession) -> SessionReport:
+        try:
+            report = await session.run()
+            self.reports.append(report)
+            return report
+        finally:
+            self.sessions.pop(session.call.call_id, None)
+            if self._replies is not None:
+                self._replies.unregister(session.call.call_id)
+
+    async def audit(self, *, tenant_id: str, call_id: str, actor: str, action: str, resource: str, outcome: str,
+                    detail: str, remote_addr: str | None) -> None:
+        payload = AuditRecorded(actor=actor, action=action, resource=resource, outcome=outcome, detail=detail,
+                                remote_addr=remote_addr)
+        envelope = Envelope(event_id=str(uuid.uuid4()), tenant_id=tenant_id, call_id=call_id, seq=0,
+                            type=payload.EVENT_TYPE, schema_version=payload.EVENT_VERSION,
+                            event_time_us=wall_clock_us(), producer=PRODUCER, producer_version=__version__)
+        await self.writer.append(Event(envelope, payload))
+        await self.writer.flush()
+
+    def bad_input(self, session: CallSession, component: str, message: str) -> None:
+        """A malformed frame or message from a channel: recorded, skipped, the call goes on."""
+        session.observe(ErrorRaised(component=component, provider=None, kind="bad_input", message=message[:500],
+                                         retryable=False, fatal=False))
