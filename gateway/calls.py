@@ -51,6 +51,7 @@ class Gateway:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _http: httpx.AsyncClient | None = None
     _store: ToolStore | None = None
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     async def start(self) -> None:
         admin = self.backend.admin()
@@ -111,6 +112,13 @@ class Gateway:
             self.sessions.pop(session.call.call_id, None)
             if self._replies is not None:
                 self._replies.unregister(session.call.call_id)
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def wait_idle(self, timeout_s: float) -> None:
+        """Until no call is in progress (or the timeout passes)."""
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(lambda: not self.sessions), timeout_s)
 
     async def audit(self, *, tenant_id: str, call_id: str, actor: str, action: str, resource: str, outcome: str,
                     detail: str, remote_addr: str | None) -> None:

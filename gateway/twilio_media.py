@@ -702,6 +702,12 @@ class TwilioMediaTransport(MediaTransport):
                 log.warning("twilio hangup of %s through REST failed (%s); closing the stream", self.call_sid, exc)
         await self.close()
 
+    async def detach(self) -> None:
+        """After a transfer Twilio bridges the caller elsewhere and ends this stream itself; we only
+        close our side, never complete the call (that would hang up on the human)."""
+        self._hung_up = True
+        await self.close()
+
     async def close(self, code: int = 1000) -> None:
         async with self._send_lock:
             if self.closed:

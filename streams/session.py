@@ -417,7 +417,10 @@ class CallSession:
 
     async def _hang_up(self, action: Hangup) -> None:
         with contextlib.suppress(TransportClosed):
-            await self.transport.hangup()
+            if action.reason == "handoff":
+                await self.transport.detach()  # the caller is with a human now: do not end their call
+            else:
+                await self.transport.hangup()
         self._submit(self._ended_payload("agent_hangup", action.reason))
 
     # -- speech out ---------------------------------------------------------------------------

@@ -43,6 +43,11 @@ class MediaTransport(ABC):
     async def hangup(self) -> None:
         """Ends the call from our side."""
 
+    async def detach(self) -> None:
+        """Stops our media without ending the call, which goes on elsewhere (after a transfer).
+        Channels that cannot tell the two apart hang up."""
+        await self.hangup()
+
     async def send_transcript(self, speaker: Literal["caller", "agent"], text: str, final: bool) -> None:  # noqa: B027
         """Channels with a screen (the widget) show the live transcript; phones ignore it."""
 

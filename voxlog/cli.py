@@ -49,25 +49,55 @@ def version() -> None:
 
 
 @app.command()
-def demo(calls: Annotated[int, typer.Option(min=1, help="How many calls to run.")] = 3) -> None:
-    """Run the main job end to end on the configured backend (embedded by default)."""
-    from voxlog.demo import run_demo
+def demo(
+    synthetic: Annotated[
+        bool, typer.Option(help="Instead of real calls, write synthetic calls to the log and read them back.")
+    ] = False,
+    calls: Annotated[int, typer.Option(min=1, help="With --synthetic: how many calls.")] = 3,
+) -> None:
+    """Run the main job end to end on the configured backend (embedded by default): complete calls
+    played into the gateway as Twilio plays them, then their transcripts, latencies and replay checks."""
+    if synthetic:
+        _synthetic_demo(calls)
+        return
+    from voxlog.calls_demo import SCRIPTS, run_calls_demo
+
+    settings = Settings()
+    console.print(f"[bold]voxlog demo[/]: {len(SCRIPTS)} calls through the gateway on "
+                  f"{log_backend(settings).describe()}, offline speech (pocketsphinx, espeak-ng), "
+                  "the offline scripted policy")
+    results = asyncio.run(run_calls_demo(settings))
+    diverged = 0
+    for call in results:
+        console.print(f"\n[bold]{call.script.name}[/] {call.call_id}")
+        for speaker, text in call.transcript:
+            console.print(f"  {speaker:>6}: {text}")
+        for tool in call.tools:
+            console.print(f"  {'action':>6}: {tool}")
+        latencies = ", ".join(f"{ms:.0f} ms" for ms in call.latencies_ms) or "-"
+        console.print(f"  ended: {call.end_reason} ({call.outcome}); barge-in clears: {call.clears}; "
+                      f"voice-to-voice per turn: {latencies}")
+        if call.replay is None or not call.replay.identical:
+            diverged += 1
+            reason = call.replay.divergence if call.replay else "no events"
+            console.print(f"  replay: [red]diverged[/] {reason}")
+        else:
+            console.print(f"  replay: identical ({call.replay.decisions} decisions)")
+    console.print(f"\nverified {len(results)} calls, {diverged} diverged")
+    if diverged:
+        raise typer.Exit(1)
+
+
+def _synthetic_demo(calls: int) -> None:
+    from voxlog.log_demo import run_demo
 
     backend = _backend()
-    console.print(f"[bold]voxlog demo[/] on {backend.describe()}")
+    console.print(f"[bold]voxlog demo --synthetic[/] on {backend.describe()}")
     report = asyncio.run(run_demo(backend, calls=calls))
     table = Table("call", "channel", "events", "audio chunks", "turns", "tool calls", "barge-ins", "read back")
     for c in report.calls:
-        table.add_row(
-            c.call_id,
-            c.channel,
-            str(c.events),
-            str(c.audio_chunks),
-            str(c.turns),
-            str(c.tool_calls),
-            str(c.barge_ins),
-            c.read_back,
-        )
+        table.add_row(c.call_id, c.channel, str(c.events), str(c.audio_chunks), str(c.turns), str(c.tool_calls),
+                      str(c.barge_ins), c.read_back)
     console.print(table)
     consumed = ", ".join(f"{t} {n}" for t, n in sorted(report.consumed.items()))
     console.print(

@@ -34,7 +34,7 @@ def voxlog(*args: str, home: Path, kafka: str | None = None, timeout: float = 24
 
 
 def test_demo_runs_end_to_end_on_the_embedded_log(tmp_path: Path) -> None:
-    result = voxlog("demo", "--calls", "2", home=tmp_path)
+    result = voxlog("demo", "--synthetic", "--calls", "2", home=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "embedded log" in result.stdout
     assert "read back 2 calls from the log, 2 identical to what was written" in result.stdout
@@ -55,7 +55,7 @@ def test_demo_runs_end_to_end_on_the_embedded_log(tmp_path: Path) -> None:
 @pytest.mark.kafka
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_kafka(tmp_path: Path) -> None:
-    result = voxlog("demo", "--calls", "2", home=tmp_path, kafka=kafka_bootstrap())
+    result = voxlog("demo", "--synthetic", "--calls", "2", home=tmp_path, kafka=kafka_bootstrap())
     assert result.returncode == 0, result.stdout + result.stderr
     assert "kafka" in result.stdout
     assert "2 identical" in result.stdout
@@ -90,7 +90,7 @@ def test_events_tail_prints_a_call_in_seq_order(tmp_path: Path) -> None:
 
 
 def test_events_tail_of_an_unknown_call_says_so(tmp_path: Path) -> None:
-    voxlog("demo", "--calls", "1", home=tmp_path)
+    voxlog("demo", "--synthetic", "--calls", "1", home=tmp_path)
     result = voxlog("events", "tail", "--call", "no-such-call", home=tmp_path)
     assert result.returncode == 1
     assert "no events for call no-such-call" in result.stderr

@@ -1,8 +1,8 @@
 """The Twilio side of the gateway, end to end over real sockets.
 
 A FastAPI app with `gateway.twilio_webhooks.twilio_router` and a minimal media endpoint built on
-`gateway.twilio_media` runs under uvicorn on a free port; `tests.twilio_caller.TwilioCaller` plays
-Twilio (signed webhooks, the media WebSocket); `tests.fake_twilio.FakeTwilio` plays Twilio's REST
+`gateway.twilio_media` runs under uvicorn on a free port; `voxlog.sim.twilio_caller.TwilioCaller` plays
+Twilio (signed webhooks, the media WebSocket); `voxlog.sim.fake_twilio.FakeTwilio` plays Twilio's REST
 API for the real twilio SDK behind `TwilioMediaTransport.transfer` / `hangup`.
 """
 
@@ -49,8 +49,8 @@ from gateway.twilio_webhooks import (
 from schemas.events import CallStatus
 from streams.audio import Resampler, mulaw_to_pcm16, pcm16_to_mulaw, resample_pcm16
 from streams.transport import TransportClosed
-from tests.fake_twilio import FakeTwilio, new_account_sid
-from tests.twilio_caller import TwilioCaller, parse_stream_twiml
+from voxlog.sim.fake_twilio import FakeTwilio, new_account_sid
+from voxlog.sim.twilio_caller import TwilioCaller, parse_stream_twiml
 
 AUTH_TOKEN = "f3c1d2e4b5a697887766554433221100"
 ACCOUNT_SID = new_account_sid()

@@ -1,0 +1,420 @@
+"""Audio plumbing on raw bytes: G.711 mu-law, resampling, 20 ms frames, levels and WAV files.
+
+Everything here works on signed 16-bit little-endian mono PCM ("pcm16") held in `bytes`, the
+format sessions use (16 kHz, `streams.providers.base.PCM_RATE`); Twilio delivers 8 kHz mu-law and
+espeak-ng writes 22.05 kHz WAV, so channels convert at the edges with these functions. The
+functions are pure; `Resampler` keeps the little state a stream of 20 ms frames needs so that
+frame boundaries leave no trace in the output.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import struct
+import wave
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import BinaryIO
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "SILENCE_DBFS",
+    "Resampler",
+    "WavHeader",
+    "frame_bytes",
+    "frames",
+    "mulaw_to_pcm16",
+    "parse_wav_header",
+    "pcm16_to_mulaw",
+    "read_wav",
+    "resample_pcm16",
+    "rms_dbfs",
+    "to_mono_pcm16",
+    "wav_bytes",
+    "write_wav",
+]
+
+_Int16Array = npt.NDArray[np.int16]
+_FloatArray = npt.NDArray[np.float64]
+
+SILENCE_DBFS = -120.0
+"""What `rms_dbfs` says for digital silence (and for no samples at all), instead of minus infinity."""
+
+
+def _as_int16(pcm: bytes | bytearray | memoryview) -> _Int16Array:
+    data = bytes(pcm)
+    if len(data) % 2:
+        raise ValueError(f"16-bit PCM must have an even number of bytes, got {len(data)}")
+    return np.frombuffer(data, dtype="<i2").astype(np.int16)
+
+
+def _to_bytes(samples: _Int16Array) -> bytes:
+    return samples.astype("<i2").tobytes()
+
+
+# --- G.711 mu-law ---------------------------------------------------------------------------------
+
+
+def _ulaw_compress_reference(linear: npt.NDArray[np.int32]) -> npt.NDArray[np.uint8]:
+    """The ITU-T G.191 (STL) `ulaw_compress` algorithm, vectorised: 16-bit linear in, mu-law out.
+
+    The reference takes the 14 most significant bits, mirrors negative values by one's complement
+    (so -1 sits opposite 0, as G.711's decision table is symmetric about -1/2), adds the bias 33,
+    and packs segment and mantissa, inverted.
+    """
+    negative = linear < 0
+    absno = np.where(negative, (~linear) >> 2, linear >> 2) + 33
+    absno = np.minimum(absno, 0x1FFF)
+    # segno = 1 + the number of significant bits of absno >> 6 (1..8).
+    segno = np.ones_like(absno)
+    shifted = absno >> 6
+    while np.any(shifted):
+        segno += shifted != 0
+        shifted >>= 1
+    high = 0x8 - segno
+    low = 0xF - ((absno >> segno) & 0xF)
+    code = (high << 4) | low
+    code = np.where(negative, code, code | 0x80)
+    return code.astype(np.uint8)
+
+
+def _ulaw_expand_reference(codes: npt.NDArray[np.int32]) -> npt.NDArray[np.int16]:
+    """The ITU-T G.191 `ulaw_expand` algorithm, vectorised: mu-law codes in, 16-bit linear out."""
+    sign = np.where(codes < 0x80, -1, 1)
+    mantissa = ~codes
+    exponent = (mantissa >> 4) & 0x7
+    segment = exponent + 1
+    mantissa &= 0xF
+    step = 4 << segment
+    value = sign * ((0x80 << exponent) + step * mantissa + step // 2 - 4 * 33)
+    return value.astype(np.int16)
+
+
+_ULAW_DECODE: _Int16Array = _ulaw_expand_reference(np.arange(256, dtype=np.int32))
+# Indexed by the sample's 16 bits read as unsigned (value & 0xFFFF).
+_ULAW_ENCODE: npt.NDArray[np.uint8] = _ulaw_compress_reference(
+    np.arange(65536, dtype=np.int32).astype(np.uint16).view(np.int16).astype(np.int32)
+)
+
+
+def mulaw_to_pcm16(data: bytes) -> bytes:
+    """G.711 mu-law bytes (one sample each) to 16-bit PCM, as the ITU reference decoder does."""
+    codes = np.frombuffer(bytes(data), dtype=np.uint8)
+    return _to_bytes(_ULAW_DECODE[codes])
+
+
+def pcm16_to_mulaw(pcm: bytes) -> bytes:
+    """16-bit PCM to G.711 mu-law, bit-exact with the ITU-T G.191 reference encoder.
+
+    Python's `audioop.lin2ulaw` (Sun's g711.c) differs for a few negative inputs that lie exactly
+    on a decision boundary (it mirrors -x to +x instead of to x-1); decoding agrees everywhere.
+    """
+    samples = _as_int16(pcm)
+    return _ULAW_ENCODE[samples.view(np.uint16)].tobytes()
+
+
+# --- resampling -----------------------------------------------------------------------------------
+
+_ZERO_CROSSINGS = 32
+"""Sinc zero crossings each side of the filter, counted at the lower of the two rates (4 ms at 8 kHz)."""
+_ROLLOFF = 0.92
+"""Cut-off as a fraction of the lower rate's Nyquist frequency: 3.68 kHz between 8 and 16 kHz."""
+_KAISER_BETA = 8.6
+"""About 80 dB of stop-band attenuation."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Polyphase:
+    up: int  # L: output samples per `down` input samples
+    down: int  # M
+    half: int  # input samples each side of the centre tap
+    table: _FloatArray  # (up, 2 * half + 1): the taps for each output phase
+
+    @property
+    def taps(self) -> int:
+        return 2 * self.half + 1
+
+
+@lru_cache(maxsize=32)
+def _polyphase(from_rate: int, to_rate: int) -> _Polyphase:
+    """A Kaiser-windowed sinc low-pass, sampled once for each of the `up` output phases.
+
+    Output n sits at input position t = n * down / up; with base = floor(t) and phase p = t - base,
+    tap k weighs input sample base - half + k, at distance p + half - k from t.
+    """
+    g = math.gcd(from_rate, to_rate)
+    up, down = to_rate // g, from_rate // g
+    ratio = min(1.0, to_rate / from_rate)  # below 1 when decimating: the cut-off follows the output
+    cutoff = _ROLLOFF * ratio  # in cycles per input sample, times two (1.0 = the input's Nyquist)
+    half = math.ceil(_ZERO_CROSSINGS / cutoff)
+    k = np.arange(2 * half + 1, dtype=np.float64)
+    phases = np.arange(up, dtype=np.float64)[:, None] / up
+    distance = phases + half - k[None, :]  # in input samples
+    x = np.clip(distance / (half + 1), -1.0, 1.0)
+    kaiser = np.i0(_KAISER_BETA * np.sqrt(1.0 - x * x)) / np.i0(_KAISER_BETA)
+    table = cutoff * np.sinc(cutoff * distance) * kaiser
+    return _Polyphase(up=up, down=down, half=half, table=table)
+
+
+def _apply(poly: _Polyphase, padded: _FloatArray, first_output: int, count: int, origin: int) -> _FloatArray:
+    """Outputs first_output .. first_output + count - 1; `padded[j]` holds input sample j - origin."""
+    out = np.empty(count, dtype=np.float64)
+    block = 2048
+    k = np.arange(poly.taps)
+    for start in range(0, count, block):
+        n = np.arange(first_output + start, first_output + min(count, start + block), dtype=np.int64)
+        position = n * poly.down
+        base = position // poly.up
+        phase = position % poly.up
+        index = (base - poly.half + origin)[:, None] + k[None, :]
+        out[start : start + len(n)] = np.einsum("ij,ij->i", padded[index], poly.table[phase])
+    return out
+
+
+def _round_to_int16(values: _FloatArray) -> _Int16Array:
+    return np.clip(np.rint(values), -32768, 32767).astype(np.int16)
+
+
+def resample_pcm16(pcm: bytes, from_rate: int, to_rate: int) -> bytes:
+    """Resamples 16-bit mono PCM with a band-limited (windowed-sinc, polyphase) filter.
+
+    Any pair of integer rates works (8000 <-> 16000, 22050 -> 16000 ...); the output has
+    ceil(n * to_rate / from_rate) samples, aligned with the input (no delay), the signal's edges
+    treated as silence beyond. For a stream of frames use `Resampler`.
+    """
+    if from_rate <= 0 or to_rate <= 0:
+        raise ValueError(f"sample rates must be positive, got {from_rate} -> {to_rate}")
+    samples = _as_int16(pcm)
+    if from_rate == to_rate or samples.size == 0:
+        return _to_bytes(samples)
+    poly = _polyphase(from_rate, to_rate)
+    count = -(-samples.size * poly.up // poly.down)
+    padded = np.concatenate(
+        [np.zeros(poly.half), samples.astype(np.float64), np.zeros(poly.half + 1)]
+    )
+    return _to_bytes(_round_to_int16(_apply(poly, padded, 0, count, poly.half)))
+
+
+class Resampler:
+    """Resamples a stream of 16-bit PCM chunks with the same filter as `resample_pcm16`.
+
+    The output is the one-shot result for the whole stream delayed by `delay_input_samples` input
+    samples (half the filter, 4 ms between 8 and 16 kHz), which lets every chunk come out as soon
+    as it goes in, identical whatever the chunking: between 8 and 16 kHz a 20 ms frame in gives
+    exactly a 20 ms frame out. `flush` returns the tail held back by the delay.
+    """
+
+    def __init__(self, from_rate: int, to_rate: int) -> None:
+        if from_rate <= 0 or to_rate <= 0:
+            raise ValueError(f"sample rates must be positive, got {from_rate} -> {to_rate}")
+        self.from_rate = from_rate
+        self.to_rate = to_rate
+        self._poly = _polyphase(from_rate, to_rate) if from_rate != to_rate else None
+        half = self._poly.half if self._poly else 0
+        # _history[j] holds input sample _history_start + j; input before the stream is silence.
+        self._history: _FloatArray = np.zeros(2 * half + 1, dtype=np.float64)
+        self._history_start = -(2 * half + 1)
+        self._received = 0  # input samples so far
+        self._produced = 0  # output samples so far
+        self._flushed = False
+
+    @property
+    def delay_input_samples(self) -> int:
+        return self._poly.half if self._poly else 0
+
+    def process(self, pcm: bytes) -> bytes:
+        """Resamples the next chunk; returns every output sample that chunk completes."""
+        if self._flushed:
+            raise RuntimeError("Resampler was flushed; make a new one for a new stream")
+        samples = _as_int16(pcm)
+        if self._poly is None:
+            return _to_bytes(samples)
+        self._append(samples.astype(np.float64))
+        return self._emit(self._received)
+
+    def flush(self) -> bytes:
+        """The last outputs, as if the stream went on with silence for half a filter; then done."""
+        if self._flushed:
+            return b""
+        self._flushed = True
+        if self._poly is None:
+            return b""
+        half = self._poly.half
+        self._append(np.zeros(half + 1, dtype=np.float64))
+        end = self._received - half - 1  # the real input samples, delayed by `half`
+        target = -(-(end + half) * self._poly.up // self._poly.down)
+        return self._emit(self._received, limit=target)
+
+    def _append(self, samples: _FloatArray) -> None:
+        self._history = np.concatenate([self._history, samples])
+        self._received += samples.size
+
+    def _emit(self, available: int, limit: int | None = None) -> bytes:
+        poly = self._poly
+        assert poly is not None
+        # Output n is the one-shot output n of the input delayed by `half`: its newest tap is input
+        # sample floor(n * down / up) (delayed coordinates), which must have arrived.
+        last = (available * poly.up - 1) // poly.down  # largest n with floor(n*down/up) < available
+        count = last + 1 - self._produced
+        if limit is not None:
+            count = min(count, limit - self._produced)
+        if count <= 0:
+            return b""
+        # In delayed coordinates input sample j is real sample j - half; _history[0] is real sample
+        # _history_start, i.e. delayed sample _history_start + half.
+        origin = -(self._history_start + poly.half)
+        out = _apply(poly, self._history, self._produced, count, origin)
+        self._produced += count
+        # Keep what the next output needs: from its first tap on.
+        next_base = (self._produced * poly.down) // poly.up
+        keep_from = next_base - poly.half - poly.half  # real sample index of the first tap
+        drop = keep_from - self._history_start
+        if drop > 0:
+            self._history = self._history[drop:]
+            self._history_start += drop
+        return _to_bytes(_round_to_int16(out))
+
+
+# --- frames and levels ----------------------------------------------------------------------------
+
+
+def frame_bytes(sample_rate: int, frame_ms: int = 20) -> int:
+    """Bytes in one frame of 16-bit mono PCM: 640 for 20 ms at 16 kHz."""
+    samples, rest = divmod(sample_rate * frame_ms, 1000)
+    if rest or samples <= 0:
+        raise ValueError(f"{frame_ms} ms at {sample_rate} Hz is not a whole, positive number of samples")
+    return 2 * samples
+
+
+def frames(pcm: bytes, sample_rate: int, frame_ms: int = 20, *, pad: bool = False) -> Iterator[bytes]:
+    """Splits 16-bit PCM into frames of `frame_ms`; the last may be short, or zero-padded if `pad`."""
+    size = frame_bytes(sample_rate, frame_ms)
+    if len(pcm) % 2:
+        raise ValueError(f"16-bit PCM must have an even number of bytes, got {len(pcm)}")
+    for start in range(0, len(pcm), size):
+        frame = bytes(pcm[start : start + size])
+        if pad and len(frame) < size:
+            frame += b"\x00" * (size - len(frame))
+        yield frame
+
+
+def rms_dbfs(pcm: bytes) -> float:
+    """Root-mean-square level relative to a full-scale square wave; `SILENCE_DBFS` for no signal."""
+    samples = _as_int16(pcm)
+    if samples.size == 0:
+        return SILENCE_DBFS
+    mean_square = float(np.mean(np.square(samples.astype(np.float64))))
+    if mean_square <= 0.0:
+        return SILENCE_DBFS
+    return max(SILENCE_DBFS, 10.0 * math.log10(mean_square / (32768.0 * 32768.0)))
+
+
+# --- WAV ------------------------------------------------------------------------------------------
+
+
+def to_mono_pcm16(data: bytes, sample_width: int, channels: int) -> bytes:
+    """Interleaved integer PCM of 1-4 bytes per sample (8-bit unsigned, others signed) to mono 16-bit."""
+    if channels < 1:
+        raise ValueError(f"channels must be at least 1, got {channels}")
+    frame = sample_width * channels
+    usable = len(data) - len(data) % frame
+    raw = np.frombuffer(bytes(data[:usable]), dtype=np.uint8)
+    if sample_width == 1:
+        values = raw.astype(np.float64) - 128.0
+        scale = 256.0
+    elif sample_width == 2:
+        values = raw.view("<i2").astype(np.float64)
+        scale = 1.0
+    elif sample_width == 3:
+        triples = raw.reshape(-1, 3).astype(np.int32)
+        ints = triples[:, 0] | (triples[:, 1] << 8) | (triples[:, 2] << 16)
+        ints = np.where(ints >= 1 << 23, ints - (1 << 24), ints)
+        values = ints.astype(np.float64)
+        scale = 1.0 / 256.0
+    elif sample_width == 4:
+        values = raw.view("<i4").astype(np.float64)
+        scale = 1.0 / 65536.0
+    else:
+        raise ValueError(f"unsupported sample width {sample_width} bytes")
+    if channels > 1:
+        values = values.reshape(-1, channels).mean(axis=1)
+    return _to_bytes(_round_to_int16(values * scale))
+
+
+def read_wav(path: str | os.PathLike[str] | BinaryIO) -> tuple[bytes, int]:
+    """Reads a PCM WAV file (any channels, 8-32 bit integer) as mono 16-bit PCM and its sample rate."""
+    try:
+        with wave.open(path if not isinstance(path, os.PathLike) else os.fspath(path), "rb") as wav:
+            channels, width, rate = wav.getnchannels(), wav.getsampwidth(), wav.getframerate()
+            data = wav.readframes(wav.getnframes())
+    except (wave.Error, EOFError) as exc:
+        raise ValueError(f"not a PCM WAV file: {exc}") from exc
+    return to_mono_pcm16(data, width, channels), rate
+
+
+def write_wav(path: str | os.PathLike[str] | BinaryIO, pcm: bytes, rate: int) -> None:
+    """Writes mono 16-bit PCM as a WAV file."""
+    if len(pcm) % 2:
+        raise ValueError(f"16-bit PCM must have an even number of bytes, got {len(pcm)}")
+    with wave.open(path if not isinstance(path, os.PathLike) else os.fspath(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(pcm)
+
+
+def wav_bytes(pcm: bytes, rate: int) -> bytes:
+    """Mono 16-bit PCM as the bytes of a WAV file."""
+    buffer = io.BytesIO()
+    write_wav(buffer, pcm, rate)
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True, slots=True)
+class WavHeader:
+    sample_rate: int
+    channels: int
+    sample_width: int  # bytes per sample
+    data_offset: int  # where the sample data starts
+    data_size: int | None  # None where the writer did not know it (a stream, e.g. espeak-ng --stdout)
+
+
+def parse_wav_header(data: bytes) -> WavHeader | None:
+    """Parses a RIFF/WAVE header from the start of `data`; None while more bytes are needed.
+
+    For WAV written to a pipe, whose sizes are placeholders, so the data can be read as it comes.
+    Raises ValueError for anything but integer PCM.
+    """
+    if len(data) < 12:
+        return None
+    riff, _size, wave_id = struct.unpack_from("<4sI4s", data, 0)
+    if riff != b"RIFF" or wave_id != b"WAVE":
+        raise ValueError("not a RIFF/WAVE stream")
+    offset = 12
+    fmt: tuple[int, int, int, int] | None = None
+    while True:
+        if len(data) < offset + 8:
+            return None
+        chunk_id, chunk_size = struct.unpack_from("<4sI", data, offset)
+        body = offset + 8
+        if chunk_id == b"data":
+            if fmt is None:
+                raise ValueError("WAV data chunk before its fmt chunk")
+            tag, channels, rate, bits = fmt
+            if tag not in (1, 0xFFFE) or bits % 8 or not 8 <= bits <= 32:
+                raise ValueError(f"unsupported WAV encoding (format {tag}, {bits} bits)")
+            size = None if chunk_size in (0, 0xFFFFFFFF, 0x7FFFFFFF) or chunk_size >= 0x7FFF0000 else chunk_size
+            return WavHeader(rate, channels, bits // 8, body, size)
+        if len(data) < body + chunk_size:
+            return None
+        if chunk_id == b"fmt ":
+            if chunk_size < 16:
+                raise ValueError("WAV fmt chunk too short")
+            tag, channels, rate, _byte_rate, _align, bits = struct.unpack_from("<HHIIHH", data, body)
+            fmt = (tag, channels, rate, bits)
+        offset = body + chunk_size + (chunk_size & 1)

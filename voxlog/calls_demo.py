@@ -1,0 +1,151 @@
+"""`voxlog demo`: complete calls through the real gateway, offline.
+
+The gateway runs in-process on the configured log (embedded by default) with the offline providers
+(pocketsphinx, the scripted policy, espeak-ng). Callers are played exactly as Twilio plays them: a
+signed voice webhook, then the Media Streams WebSocket carrying espeak-ng speech as 8 kHz mu-law in
+20 ms frames, in real time; Twilio's REST API (transfers, hang-ups) is a local stand-in. After the
+calls, each is read back from the log, shown with its per-turn latencies, and replay-verified.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from streams.providers.tts_espeak import EspeakTts
+
+from consumers.events import read_call
+from schemas.events import (
+    CallEnded,
+    HandoffRequested,
+    ToolFailed,
+    ToolSucceeded,
+    TtsRequested,
+    TurnTaken,
+)
+from streams.audio import pcm16_to_mulaw
+from streams.replay import ReplayResult, agent_for, verify_call
+from voxlog.settings import Settings
+from voxlog.sim.stack import LocalStack, local_stack
+from voxlog.sim.twilio_caller import TwilioCaller
+
+AGENT_NUMBER = "+15550100"
+
+
+@dataclass(frozen=True)
+class Line:
+    text: str
+    barge_in: bool = False
+    """Speak over the agent instead of waiting for it to finish."""
+
+
+@dataclass(frozen=True)
+class Script:
+    name: str
+    caller: str
+    lines: tuple[Line, ...]
+
+
+SCRIPTS = (
+    Script("booking", "+15550001001", (
+        Line("i would like to book an appointment for tomorrow at ten"),
+        Line("no thank you goodbye"),
+    )),
+    Script("ticket, then a human", "+15550001002", (
+        Line("my internet is down"),
+        Line("i want to speak to a human"),
+    )),
+    Script("barge-in", "+15550001003", (
+        Line("my internet is broken", barge_in=True),
+        Line("thank you goodbye"),
+    )),
+)
+
+
+@dataclass
+class DemoCall:
+    script: Script
+    call_id: str = ""
+    transcript: list[tuple[str, str]] = field(default_factory=list)  # (speaker, text)
+    tools: list[str] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)
+    end_reason: str = ""
+    outcome: str = ""
+    clears: int = 0
+    replay: ReplayResult | None = None
+
+
+async def _speech(tts: EspeakTts, text: str) -> bytes:
+    """The caller's words as Twilio carries them: 8 kHz mu-law."""
+    pcm = b"".join([chunk async for chunk in tts.synthesize(text, voice="en-us", sample_rate=8000)])
+    return pcm16_to_mulaw(pcm)
+
+
+async def _agent_quiet(caller: TwilioCaller, quiet_s: float, timeout_s: float) -> None:
+    """Waits until the agent has said something and then been silent for `quiet_s`."""
+    deadline = time.monotonic() + timeout_s
+    heard = len(caller.agent_audio)
+    quiet_since = time.monotonic()
+    while time.monotonic() < deadline and not caller.closed.is_set():
+        await asyncio.sleep(0.1)
+        now_heard = len(caller.agent_audio)
+        if now_heard != heard:
+            heard, quiet_since = now_heard, time.monotonic()
+        elif heard and time.monotonic() - quiet_since >= quiet_s:
+            return
+
+
+async def play_call(stack: LocalStack, script: Script, tts: EspeakTts) -> DemoCall:
+    result = DemoCall(script)
+    caller = TwilioCaller(stack.base_url, stack.auth_token, from_=script.caller, to=AGENT_NUMBER)
+    instructions = await caller.dial()
+    result.call_id = instructions.parameters.get("call_id", "")
+    async with caller:
+        await caller.connect(instructions)
+        for index, line in enumerate(script.lines):
+            speech = await _speech(tts, line.text)
+            if line.barge_in and index == 0:
+                await asyncio.sleep(2.5)  # into the greeting, then talk over it
+            else:
+                await _agent_quiet(caller, quiet_s=1.2, timeout_s=30)
+            if caller.closed.is_set():
+                break
+            await caller.send_mulaw(speech + bytes([0xFF]) * 8000)  # the words, then a second of silence
+        await _agent_quiet(caller, quiet_s=1.5, timeout_s=30)
+        if not caller.closed.is_set():
+            await caller.stop()
+        result.clears = caller.clears
+    return result
+
+
+async def run_calls_demo(settings: Settings) -> list[DemoCall]:
+    tts = EspeakTts()
+    async with local_stack(settings) as stack:
+        calls = await asyncio.gather(*(play_call(stack, script, tts) for script in SCRIPTS))
+        await stack.gateway.wait_idle(30)
+        reports = {r.call_id: r for r in stack.gateway.reports}
+        admin = stack.gateway.backend.admin()
+        try:
+            for call in calls:
+                history = await read_call(admin, call.call_id)
+                report = reports.get(call.call_id)
+                if report is not None:
+                    call.latencies_ms = [t.voice_to_voice_ms for t in report.turns if t.voice_to_voice_ms is not None]
+                for event in history.events:
+                    p = event.payload
+                    if isinstance(p, TurnTaken):
+                        call.transcript.append(("caller", p.caller_text))
+                    elif isinstance(p, TtsRequested):
+                        call.transcript.append(("agent", p.text))
+                    elif isinstance(p, ToolSucceeded | ToolFailed):
+                        call.tools.append(f"{p.tool}: {'ok' if isinstance(p, ToolSucceeded) else p.error}")
+                    elif isinstance(p, HandoffRequested):
+                        call.tools.append(f"handoff to {p.target}")
+                    elif isinstance(p, CallEnded):
+                        call.end_reason, call.outcome = p.reason, p.outcome or ""
+                if history.events:
+                    call.replay = verify_call(history.events, agent_for(history.events, stack.gateway.router))
+        finally:
+            await admin.close()
+    return calls
