@@ -1,0 +1,198 @@
+"""A caller played exactly as Twilio plays one, through the real gateway, on both log backends:
+signed webhook, media WebSocket with real synthesised speech as mu-law, the agent's audio back,
+the whole event sequence in the log, and replay of the recorded call."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from consumers.events import read_call
+from gateway.twilio_media import OutboundClear, OutboundMedia
+from schemas.base import Event, EventPayload
+from schemas.events import AuditRecorded, CallEnded, ErrorRaised, TtsRequested
+from schemas.topics import AUDIT
+from streams.audio import pcm16_to_mulaw
+from streams.replay import agent_for, verify_call
+from tests.conftest import kafka_bootstrap
+from tests.speech import synthesize_pcm16
+from voxlog.settings import Settings
+from voxlog.sim.stack import LocalStack, local_stack
+from voxlog.sim.twilio_caller import TwilioCaller
+
+pytestmark = pytest.mark.slow
+
+AGENT_NUMBER = "+15550100"
+
+
+@pytest.fixture(params=["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])
+async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[LocalStack]:
+    settings = Settings(home=tmp_path, kafka_bootstrap=kafka_bootstrap() if request.param == "kafka" else None)
+    async with local_stack(settings) as running:
+        yield running
+
+
+def speech(text: str) -> bytes:
+    """Caller speech as Twilio carries it: 8 kHz mu-law, then a second of silence to end the turn."""
+    return pcm16_to_mulaw(synthesize_pcm16(text, rate=8000)) + bytes([0xFF]) * 8000
+
+
+async def agent_done_speaking(caller: TwilioCaller, quiet_s: float = 1.2, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    heard, since = len(caller.agent_audio), time.monotonic()
+    while time.monotonic() < deadline and not caller.closed.is_set():
+        await asyncio.sleep(0.1)
+        if len(caller.agent_audio) != heard:
+            heard, since = len(caller.agent_audio), time.monotonic()
+        elif heard and time.monotonic() - since >= quiet_s:
+            return
+    assert caller.closed.is_set() or heard, "the agent never spoke"
+
+
+async def events_of(stack: LocalStack, call_id: str) -> list[Event[EventPayload]]:
+    await stack.gateway.wait_idle(30)
+    admin = stack.gateway.backend.admin()
+    try:
+        return (await read_call(admin, call_id)).events
+    finally:
+        await admin.close()
+
+
+def types(events: list[Event[EventPayload]]) -> list[str]:
+    return [e.type for e in events if not e.type.startswith("audio.")]
+
+
+def loud(mulaw: bytes) -> bool:
+    """Mu-law codes near 0x7F/0xFF are silence; speech has codes far from them."""
+    return sum(1 for b in mulaw if (b & 0x7F) < 0x70) > len(mulaw) // 10
+
+
+async def test_a_caller_books_an_appointment_and_says_goodbye(stack: LocalStack) -> None:
+    caller = TwilioCaller(stack.base_url, stack.auth_token, from_="+15557770001", to=AGENT_NUMBER)
+    instructions = await caller.dial()
+    call_id = instructions.parameters["call_id"]
+    async with caller:
+        await caller.connect(instructions)
+        await agent_done_speaking(caller)
+        greeting_bytes = len(caller.agent_audio)
+        assert loud(bytes(caller.agent_audio)), "the greeting should be speech, not silence"
+        await caller.send_mulaw(speech("i would like to book an appointment for tomorrow at ten"))
+        await agent_done_speaking(caller)
+        assert len(caller.agent_audio) > greeting_bytes, "the agent answered the booking"
+        await caller.send_mulaw(speech("no thank you goodbye"))
+        await asyncio.wait_for(caller.closed.wait(), 30)  # the agent says goodbye and hangs up
+    assert caller.closed_by_agent
+    assert not caller.protocol_errors
+    assert caller.messages(OutboundMedia)
+
+    events = await events_of(stack, call_id)
+    seen = types(events)
+    expected_order = ["call.started", "call.answered", "consent.given", "tts.requested", "speech.started",
+                      "speech.stopped", "transcript.final", "turn.taken", "llm.requested", "llm.decided",
+                      "tool.requested", "tool.succeeded", "llm.requested", "llm.decided", "tts.requested",
+                      "call.hangup_requested", "call.ended"]
+    position = 0
+    for name in seen:
+        if position < len(expected_order) and name == expected_order[position]:
+            position += 1
+    assert position == len(expected_order), f"missing {expected_order[position:]} in {seen}"
+    assert [e.seq for e in events] == list(range(len(events))), "seq is gap-free and ordered"
+    caller_chunks = [e for e in events if e.type == "audio.caller_chunk"]
+    assert caller_chunks[0].payload.codec == "mulaw"  # type: ignore[attr-defined]
+    assert sum(1 for e in events if e.type == "audio.agent_chunk") > 100
+    ended = events[-1].payload
+    assert isinstance(ended, CallEnded)
+    assert (ended.reason, ended.outcome) == ("agent_hangup", "booked")
+    assert stack.twilio.requests_for("update", caller.call_sid), "hang-up went through Twilio's REST API"
+    said = [e.payload.text for e in events if isinstance(e.payload, TtsRequested)]
+    assert any("booked" in text for text in said), said
+
+    agent = agent_for(events, stack.gateway.router)
+    assert verify_call(events, agent).identical
+
+
+async def test_a_bad_signature_is_refused_and_only_audited(stack: LocalStack) -> None:
+    caller = TwilioCaller(stack.base_url, "not-the-auth-token", to=AGENT_NUMBER)
+    response = await caller.ring()
+    assert response.status_code == 403
+    admin = stack.gateway.backend.admin()
+    try:
+        records = [r async for r in admin.read_key([AUDIT], caller.call_sid.encode())]
+        assert records, "the rejection is audited"
+        ends = await admin.end_offsets("voxlog.calls")
+    finally:
+        await admin.close()
+    assert sum(ends.values()) == 0, "nothing about a call was logged"
+    from schemas.codec import EventCodec
+
+    audit = EventCodec().decode(records[-1].value).payload
+    assert isinstance(audit, AuditRecorded)
+    assert (audit.action, audit.outcome, audit.detail) == ("webhook.rejected", "denied", "bad signature")
+
+
+async def test_malformed_frames_are_recorded_and_the_call_goes_on(stack: LocalStack) -> None:
+    caller = TwilioCaller(stack.base_url, stack.auth_token, to=AGENT_NUMBER)
+    instructions = await caller.dial()
+    call_id = instructions.parameters["call_id"]
+    async with caller:
+        await caller.connect(instructions)
+        await caller.send_raw("{not json")
+        await caller.send_raw('{"event": "media", "streamSid": "%s", "media": {"payload": "@@@"}}' % caller.stream_sid)
+        await caller.send_raw(b"\x00\x01binary")
+        await agent_done_speaking(caller)
+        await caller.stop()
+    events = await events_of(stack, call_id)
+    errors = [e.payload for e in events if isinstance(e.payload, ErrorRaised)]
+    assert len(errors) == 3
+    assert all(e.kind == "bad_input" and e.component == "gateway.twilio" for e in errors)
+    ended = events[-1].payload
+    assert isinstance(ended, CallEnded)
+    assert ended.reason == "caller_hangup"
+
+
+async def test_an_abrupt_close_ends_the_call_cleanly(stack: LocalStack) -> None:
+    caller = TwilioCaller(stack.base_url, stack.auth_token, to=AGENT_NUMBER)
+    instructions = await caller.dial()
+    call_id = instructions.parameters["call_id"]
+    await caller.connect(instructions)
+    await asyncio.sleep(1.0)
+    await caller.abort()
+    events = await events_of(stack, call_id)
+    ended = events[-1].payload
+    assert isinstance(ended, CallEnded)
+    assert ended.reason == "socket_closed"
+    assert verify_call(events, agent_for(events, stack.gateway.router)).identical
+
+
+async def test_speaking_over_the_agent_stops_it_and_clears_twilio(stack: LocalStack) -> None:
+    caller = TwilioCaller(stack.base_url, stack.auth_token, to=AGENT_NUMBER)
+    instructions = await caller.dial()
+    call_id = instructions.parameters["call_id"]
+    async with caller:
+        await caller.connect(instructions)
+        await caller.wait_until(lambda: len(caller.agent_audio) > 8000, timeout_s=20)  # a second of greeting
+        await caller.send_mulaw(speech("my internet is down"))
+        await caller.wait_until(lambda: bool(caller.messages(OutboundClear)), timeout_s=10)
+        await agent_done_speaking(caller)
+        await caller.stop()
+    assert caller.clears >= 1
+    events = await events_of(stack, call_id)
+    seen = types(events)
+    assert "turn.barge_in" in seen
+    barge = seen.index("turn.barge_in")
+    greeting_done = next(e for e in events if e.type == "tts.completed")
+    assert greeting_done.payload.interrupted  # type: ignore[attr-defined]
+    assert "turn.taken" in seen[barge:]
+    assert verify_call(events, agent_for(events, stack.gateway.router)).identical
+
+
+async def test_health_reports_the_log(stack: LocalStack) -> None:
+    async with httpx.AsyncClient(base_url=stack.base_url) as client:
+        health = (await client.get("/healthz")).json()
+    assert health["status"] == "ok"
+    assert health["live_calls"] == 0

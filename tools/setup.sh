@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs what voxlog needs on a Debian machine, idempotently: the system packages (espeak-ng for
+# offline speech; with --dev also a JDK, Maven and docker-compose for the tests) and .venv with the
+# project (with --dev, its test and lint tools too).
+#
+#   bash tools/setup.sh          # to run voxlog
+#   bash tools/setup.sh --dev    # to run its tests (what .ci/run does)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+dev=false
+[[ "${1:-}" == "--dev" ]] && dev=true
+
+missing=()
+command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
+if $dev; then
+  command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
+  command -v mvn >/dev/null 2>&1 || missing+=(maven)
+  if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null 2>&1; then
+    missing+=(docker-compose)
+  fi
+fi
+if [[ ${#missing[@]} -gt 0 ]]; then
+  echo "==> installing ${missing[*]}"
+  sudo=""
+  [[ "$(id -u)" == 0 ]] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+python="${PYTHON:-}"
+if [[ -z "$python" ]]; then
+  if command -v python3.11 >/dev/null 2>&1; then python=python3.11; else python=python3; fi
+fi
+if [[ ! -x .venv/bin/python ]]; then
+  echo "==> creating .venv with $("$python" --version 2>&1)"
+  "$python" -m venv .venv
+fi
+if $dev; then
+  .venv/bin/pip install -q -e '.[dev]'
+else
+  .venv/bin/pip install -q -e .
+fi
