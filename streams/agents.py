@@ -96,7 +96,10 @@ class ScriptIntent(_Spec):
     say: str = ""
     tool: str | None = None
     arguments: dict[str, str] = Field(default_factory=dict)
-    """Tool arguments; `{text}` is the caller's words, `{turn}` the turn number."""
+    """Tool arguments; `{text}` is the caller's words, `{turn}` the turn number, `{SLOT}` a slot's value."""
+    slots: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    """Named values to pick out of the caller's words: the first of the listed words that was said,
+    else the slot's first entry (its default)."""
     after_tool: str = ""
     """What to say once the tool answered; `{result.FIELD}` reads the tool's JSON result."""
     end_call: bool = False

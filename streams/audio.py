@@ -80,7 +80,8 @@ def _ulaw_compress_reference(linear: npt.NDArray[np.int32]) -> npt.NDArray[np.ui
     low = 0xF - ((absno >> segno) & 0xF)
     code = (high << 4) | low
     code = np.where(negative, code, code | 0x80)
-    return code.astype(np.uint8)
+    result: npt.NDArray[np.uint8] = code.astype(np.uint8)
+    return result
 
 
 def _ulaw_expand_reference(codes: npt.NDArray[np.int32]) -> npt.NDArray[np.int16]:
@@ -92,7 +93,8 @@ def _ulaw_expand_reference(codes: npt.NDArray[np.int32]) -> npt.NDArray[np.int16
     mantissa &= 0xF
     step = 4 << segment
     value = sign * ((0x80 << exponent) + step * mantissa + step // 2 - 4 * 33)
-    return value.astype(np.int16)
+    result: _Int16Array = value.astype(np.int16)
+    return result
 
 
 _ULAW_DECODE: _Int16Array = _ulaw_expand_reference(np.arange(256, dtype=np.int32))
@@ -121,7 +123,7 @@ def pcm16_to_mulaw(pcm: bytes) -> bytes:
 # --- resampling -----------------------------------------------------------------------------------
 
 _ZERO_CROSSINGS = 32
-"""Sinc zero crossings each side of the filter, counted at the lower of the two rates (4 ms at 8 kHz)."""
+"""Sinc zero crossings each side of the filter at the cut-off frequency (4.4 ms each side between 8 and 16 kHz)."""
 _ROLLOFF = 0.92
 """Cut-off as a fraction of the lower rate's Nyquist frequency: 3.68 kHz between 8 and 16 kHz."""
 _KAISER_BETA = 8.6
@@ -194,28 +196,30 @@ def resample_pcm16(pcm: bytes, from_rate: int, to_rate: int) -> bytes:
         return _to_bytes(samples)
     poly = _polyphase(from_rate, to_rate)
     count = -(-samples.size * poly.up // poly.down)
-    padded = np.concatenate(
-        [np.zeros(poly.half), samples.astype(np.float64), np.zeros(poly.half + 1)]
-    )
+    padded = np.concatenate([np.zeros(poly.half), samples.astype(np.float64), np.zeros(poly.half + 1)])
     return _to_bytes(_round_to_int16(_apply(poly, padded, 0, count, poly.half)))
 
 
 class Resampler:
     """Resamples a stream of 16-bit PCM chunks with the same filter as `resample_pcm16`.
 
-    The output is the one-shot result for the whole stream delayed by `delay_input_samples` input
-    samples (half the filter, 4 ms between 8 and 16 kHz), which lets every chunk come out as soon
-    as it goes in, identical whatever the chunking: between 8 and 16 kHz a 20 ms frame in gives
-    exactly a 20 ms frame out. `flush` returns the tail held back by the delay.
+    By default the output is the one-shot result for the whole stream delayed by
+    `delay_input_samples` input samples (half the filter, 4.4 ms between 8 and 16 kHz): every chunk
+    comes out as soon as it goes in, whatever the chunking, and between 8 and 16 kHz a 20 ms
+    frame in gives exactly a 20 ms frame out. With `aligned=True` the output is instead exactly
+    `resample_pcm16` of the whole stream, each output held back until the input it looks ahead to
+    has arrived (so chunk sizes vary). `flush` returns what is held back, at the end.
     """
 
-    def __init__(self, from_rate: int, to_rate: int) -> None:
+    def __init__(self, from_rate: int, to_rate: int, *, aligned: bool = False) -> None:
         if from_rate <= 0 or to_rate <= 0:
             raise ValueError(f"sample rates must be positive, got {from_rate} -> {to_rate}")
         self.from_rate = from_rate
         self.to_rate = to_rate
+        self.aligned = aligned
         self._poly = _polyphase(from_rate, to_rate) if from_rate != to_rate else None
         half = self._poly.half if self._poly else 0
+        self._shift = 0 if aligned else half  # the output lags the input by this many input samples
         # _history[j] holds input sample _history_start + j; input before the stream is silence.
         self._history: _FloatArray = np.zeros(2 * half + 1, dtype=np.float64)
         self._history_start = -(2 * half + 1)
@@ -225,7 +229,8 @@ class Resampler:
 
     @property
     def delay_input_samples(self) -> int:
-        return self._poly.half if self._poly else 0
+        """How far the output lags the input, in input samples (0 when `aligned`)."""
+        return self._shift
 
     def process(self, pcm: bytes) -> bytes:
         """Resamples the next chunk; returns every output sample that chunk completes."""
@@ -235,44 +240,44 @@ class Resampler:
         if self._poly is None:
             return _to_bytes(samples)
         self._append(samples.astype(np.float64))
-        return self._emit(self._received)
+        return self._emit()
 
     def flush(self) -> bytes:
-        """The last outputs, as if the stream went on with silence for half a filter; then done."""
+        """The outputs still held back, as if the stream went on with silence; then it is done.
+
+        After it, the whole output has ceil((n + delay_input_samples) * to_rate / from_rate) samples.
+        """
         if self._flushed:
             return b""
         self._flushed = True
         if self._poly is None:
             return b""
-        half = self._poly.half
-        self._append(np.zeros(half + 1, dtype=np.float64))
-        end = self._received - half - 1  # the real input samples, delayed by `half`
-        target = -(-(end + half) * self._poly.up // self._poly.down)
-        return self._emit(self._received, limit=target)
+        real = self._received
+        self._append(np.zeros(self._poly.half + 1, dtype=np.float64))
+        target = -(-(real + self._shift) * self._poly.up // self._poly.down)
+        return self._emit(limit=target)
 
     def _append(self, samples: _FloatArray) -> None:
         self._history = np.concatenate([self._history, samples])
         self._received += samples.size
 
-    def _emit(self, available: int, limit: int | None = None) -> bytes:
+    def _emit(self, limit: int | None = None) -> bytes:
         poly = self._poly
         assert poly is not None
-        # Output n is the one-shot output n of the input delayed by `half`: its newest tap is input
-        # sample floor(n * down / up) (delayed coordinates), which must have arrived.
-        last = (available * poly.up - 1) // poly.down  # largest n with floor(n*down/up) < available
-        count = last + 1 - self._produced
+        # Output n is the one-shot output n of the input delayed by `_shift` ("delayed" indices are
+        # real ones plus _shift). Its newest tap is delayed sample floor(n * down / up) + half, i.e.
+        # real sample floor(n * down / up) + half - _shift, which must have arrived.
+        ready = self._received - poly.half + self._shift  # outputs need floor(n * down / up) < ready
+        count = (ready * poly.up - 1) // poly.down + 1 - self._produced if ready > 0 else 0
         if limit is not None:
             count = min(count, limit - self._produced)
         if count <= 0:
             return b""
-        # In delayed coordinates input sample j is real sample j - half; _history[0] is real sample
-        # _history_start, i.e. delayed sample _history_start + half.
-        origin = -(self._history_start + poly.half)
+        origin = -(self._history_start + self._shift)  # _history[j] is delayed sample j - origin
         out = _apply(poly, self._history, self._produced, count, origin)
         self._produced += count
-        # Keep what the next output needs: from its first tap on.
-        next_base = (self._produced * poly.down) // poly.up
-        keep_from = next_base - poly.half - poly.half  # real sample index of the first tap
+        # Keep what the next output needs: from its first tap on (a real sample index).
+        keep_from = (self._produced * poly.down) // poly.up - poly.half - self._shift
         drop = keep_from - self._history_start
         if drop > 0:
             self._history = self._history[drop:]

@@ -152,6 +152,11 @@ class CallState:
     ended: bool = False
 
 
+def says(text: str, phrase: str) -> bool:
+    """Whether the caller's words contain the phrase, as whole words (a plural 's' allowed)."""
+    return re.search(rf"\b{re.escape(phrase.lower())}s?\b", text.lower()) is not None
+
+
 def new_state(agent: AgentSpec) -> CallState:
     return CallState(agent=agent)
 
@@ -330,7 +335,7 @@ def _take_turn(state: CallState, now: int) -> tuple[CallState, list[Decision]]:
             )
             state, said = _say(state, agent.guardrails.refusal)
             return state, decisions + said
-    if agent.handoff and any(re.search(rf"\b{re.escape(w)}\b", caller_text.lower()) for w in agent.handoff.phrases):
+    if agent.handoff and any(says(caller_text, phrase) for phrase in agent.handoff.phrases):
         state, handed = _hand_off(state, "caller_asked")
         return state, decisions + handed
     state, asked = _ask_llm(state)

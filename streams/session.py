@@ -421,7 +421,7 @@ class CallSession:
                 await self.transport.detach()  # the caller is with a human now: do not end their call
             else:
                 await self.transport.hangup()
-        self._submit(self._ended_payload("agent_hangup", action.reason))
+        self._submit(self._ended_payload("handoff" if action.reason == "handoff" else "agent_hangup", action.reason))
 
     # -- speech out ---------------------------------------------------------------------------
     async def _speak(self, action: Speak, causation_id: str) -> None:

@@ -10,10 +10,11 @@ calls, each is read back from the log, shown with its per-turn latencies, and re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 
-from streams.providers.tts_espeak import EspeakTts
+from websockets.exceptions import ConnectionClosed
 
 from consumers.events import read_call
 from schemas.events import (
@@ -25,6 +26,7 @@ from schemas.events import (
     TurnTaken,
 )
 from streams.audio import pcm16_to_mulaw
+from streams.providers.tts_espeak import EspeakTts
 from streams.replay import ReplayResult, agent_for, verify_call
 from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
@@ -53,12 +55,12 @@ SCRIPTS = (
         Line("no thank you goodbye"),
     )),
     Script("ticket, then a human", "+15550001002", (
-        Line("my internet is down"),
-        Line("i want to speak to a human"),
+        Line("i have a problem with my internet"),
+        Line("operator"),
     )),
     Script("barge-in", "+15550001003", (
-        Line("my internet is broken", barge_in=True),
-        Line("thank you goodbye"),
+        Line("i have a problem with my internet", barge_in=True),
+        Line("that is all goodbye"),
     )),
 )
 
@@ -98,7 +100,7 @@ async def _agent_quiet(caller: TwilioCaller, quiet_s: float, timeout_s: float) -
 
 async def play_call(stack: LocalStack, script: Script, tts: EspeakTts) -> DemoCall:
     result = DemoCall(script)
-    caller = TwilioCaller(stack.base_url, stack.auth_token, from_=script.caller, to=AGENT_NUMBER)
+    caller = stack.caller(from_=script.caller, to=AGENT_NUMBER)
     instructions = await caller.dial()
     result.call_id = instructions.parameters.get("call_id", "")
     async with caller:
@@ -111,10 +113,14 @@ async def play_call(stack: LocalStack, script: Script, tts: EspeakTts) -> DemoCa
                 await _agent_quiet(caller, quiet_s=1.2, timeout_s=30)
             if caller.closed.is_set():
                 break
-            await caller.send_mulaw(speech + bytes([0xFF]) * 8000)  # the words, then a second of silence
+            try:
+                await caller.send_mulaw(speech + bytes([0xFF]) * 8000)  # the words, then a second of silence
+            except ConnectionClosed:
+                break  # the agent ended the stream (hang-up, or transfer to a human) while we spoke
         await _agent_quiet(caller, quiet_s=1.5, timeout_s=30)
         if not caller.closed.is_set():
-            await caller.stop()
+            with contextlib.suppress(ConnectionClosed):
+                await caller.stop()
         result.clears = caller.clears
     return result
 

@@ -31,7 +31,7 @@ replay_app = typer.Typer(help="Replay recorded calls through the core.", no_args
 app.add_typer(events_app, name="events")
 app.add_typer(bench_app, name="bench")
 app.add_typer(replay_app, name="replay")
-console = Console()
+console = Console(soft_wrap=True)
 
 
 def agents_router(settings: Settings) -> AgentRouter:

@@ -5,12 +5,11 @@ a demo and the tests run with no keys and no network. Its answers are recorded l
 from __future__ import annotations
 
 import json
-import re
 import time
 from typing import Any
 
 from streams.agents import AgentSpec, ScriptIntent
-from streams.core import END_CALL_TOOL
+from streams.core import END_CALL_TOOL, says
 from streams.providers.base import LlmProvider, LlmRequest, LlmResult, ToolCall
 
 
@@ -33,6 +32,11 @@ def _fill(template: str, **values: Any) -> str:
     return template.format_map(_Result(prepared))
 
 
+def _pick(said: str, values: tuple[str, ...]) -> str:
+    found = [v for v in values[1:] if says(said, v)]
+    return found[0] if found else (values[0] if values else "")
+
+
 class ScriptedLlm(LlmProvider):
     name = "offline-scripted"
 
@@ -40,9 +44,8 @@ class ScriptedLlm(LlmProvider):
         self.agent = agent
 
     def _match(self, text: str) -> ScriptIntent | None:
-        lowered = text.lower()
         for intent in self.agent.script:
-            if any(re.search(rf"\b{re.escape(m.lower())}\b", lowered) for m in intent.match):
+            if any(says(text, phrase) for phrase in intent.match):
                 return intent
         return None
 
@@ -76,7 +79,8 @@ class ScriptedLlm(LlmProvider):
             call = ToolCall(f"{request.request_id}/0", END_CALL_TOOL.name, json.dumps({"reason": intent.name}))
             return intent.say or self.agent.goodbye, (call,), "tool_calls"
         if intent.tool:
-            arguments = {k: _fill(v, text=said, turn=turn) for k, v in intent.arguments.items()}
+            slots = {name: _pick(said, values) for name, values in intent.slots.items()}
+            arguments = {k: _fill(v, text=said, turn=turn, **slots) for k, v in intent.arguments.items()}
             call = ToolCall(f"{request.request_id}/0", intent.tool, json.dumps(arguments, sort_keys=True))
             return intent.say, (call,), "tool_calls"
         return intent.say or self.agent.fallback, (), "stop"

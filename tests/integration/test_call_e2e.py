@@ -73,7 +73,7 @@ def loud(mulaw: bytes) -> bool:
 
 
 async def test_a_caller_books_an_appointment_and_says_goodbye(stack: LocalStack) -> None:
-    caller = TwilioCaller(stack.base_url, stack.auth_token, from_="+15557770001", to=AGENT_NUMBER)
+    caller = stack.caller(from_="+15557770001", to=AGENT_NUMBER)
     instructions = await caller.dial()
     call_id = instructions.parameters["call_id"]
     async with caller:
@@ -136,7 +136,7 @@ async def test_a_bad_signature_is_refused_and_only_audited(stack: LocalStack) ->
 
 
 async def test_malformed_frames_are_recorded_and_the_call_goes_on(stack: LocalStack) -> None:
-    caller = TwilioCaller(stack.base_url, stack.auth_token, to=AGENT_NUMBER)
+    caller = stack.caller(to=AGENT_NUMBER)
     instructions = await caller.dial()
     call_id = instructions.parameters["call_id"]
     async with caller:
@@ -156,7 +156,7 @@ async def test_malformed_frames_are_recorded_and_the_call_goes_on(stack: LocalSt
 
 
 async def test_an_abrupt_close_ends_the_call_cleanly(stack: LocalStack) -> None:
-    caller = TwilioCaller(stack.base_url, stack.auth_token, to=AGENT_NUMBER)
+    caller = stack.caller(to=AGENT_NUMBER)
     instructions = await caller.dial()
     call_id = instructions.parameters["call_id"]
     await caller.connect(instructions)
@@ -170,7 +170,7 @@ async def test_an_abrupt_close_ends_the_call_cleanly(stack: LocalStack) -> None:
 
 
 async def test_speaking_over_the_agent_stops_it_and_clears_twilio(stack: LocalStack) -> None:
-    caller = TwilioCaller(stack.base_url, stack.auth_token, to=AGENT_NUMBER)
+    caller = stack.caller(to=AGENT_NUMBER)
     instructions = await caller.dial()
     call_id = instructions.parameters["call_id"]
     async with caller:

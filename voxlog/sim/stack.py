@@ -16,6 +16,7 @@ from gateway.app import build_gateway, create_app
 from gateway.calls import Gateway
 from voxlog.settings import Settings
 from voxlog.sim.fake_twilio import FakeTwilio, new_account_sid
+from voxlog.sim.twilio_caller import TwilioCaller
 
 AUTH_TOKEN = "voxlog-local-auth-token"
 
@@ -36,6 +37,13 @@ class LocalStack:
     @property
     def auth_token(self) -> str:
         return AUTH_TOKEN
+
+    def caller(self, *, from_: str = "+15550001111", to: str = "+15550100") -> TwilioCaller:
+        """A caller Twilio knows about: its call exists in Twilio's REST API for transfers and hang-ups."""
+        caller = TwilioCaller(self.base_url, AUTH_TOKEN, account_sid=self.settings.twilio_account_sid or "",
+                              from_=from_, to=to)
+        self.twilio.add_call(from_, to, sid=caller.call_sid)
+        return caller
 
 
 @asynccontextmanager

@@ -1,0 +1,185 @@
+"""Offline speech synthesis with espeak-ng (the Debian package `espeak-ng`).
+
+Each request runs `espeak-ng --stdout -v VOICE -s WPM` as a subprocess (never through a shell),
+with the text on its standard input, so no text can be taken for an option or exceed the limits on
+a command line. espeak-ng writes a WAV stream (22.05 kHz, 16-bit mono, placeholder sizes) as it
+synthesises, sentence by sentence; it is resampled as it arrives to the rate asked for and handed
+on in chunks of `chunk_ms`, so the first audio is out before the whole text is spoken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+from streams.audio import Resampler, WavHeader, parse_wav_header, to_mono_pcm16
+from streams.providers.base import PCM_RATE, ProviderError, TtsCapabilities, TtsProvider
+
+__all__ = ["EspeakTts"]
+
+PROVIDER = "espeak-ng"
+_VOICE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+\-./]*$")
+_READ_SIZE = 8192
+_T = TypeVar("_T")
+
+
+class EspeakTts(TtsProvider):
+    """espeak-ng voices ("en-us", "en-gb", "en-us+f3" ...), 16-bit mono PCM at any sample rate.
+
+    Args:
+        binary: the espeak-ng executable (a name on PATH or a path).
+        words_per_minute: speaking rate (espeak-ng's -s; its own default is 175).
+        chunk_ms: size of the chunks yielded.
+        timeout_s: the longest one synthesis may take, start to end.
+        default_voice: used when the caller passes an empty voice.
+    """
+
+    name = PROVIDER
+    capabilities = TtsCapabilities(streaming=True, codecs=("pcm_s16le",))
+
+    def __init__(
+        self,
+        *,
+        binary: str = "espeak-ng",
+        words_per_minute: int = 160,
+        chunk_ms: int = 100,
+        timeout_s: float = 20.0,
+        default_voice: str = "en-us",
+    ) -> None:
+        if not 80 <= words_per_minute <= 500:
+            raise ValueError(f"words_per_minute must be within 80..500, got {words_per_minute}")
+        if chunk_ms <= 0 or timeout_s <= 0:
+            raise ValueError("chunk_ms and timeout_s must be positive")
+        self.binary = binary
+        self.words_per_minute = words_per_minute
+        self.chunk_ms = chunk_ms
+        self.timeout_s = timeout_s
+        self.default_voice = default_voice
+
+    async def synthesize(self, text: str, *, voice: str, sample_rate: int = PCM_RATE) -> AsyncIterator[bytes]:
+        """Speech for `text` as 16-bit mono PCM at `sample_rate`, in chunks as espeak-ng makes it.
+
+        Yields nothing for empty text. Raises ProviderError: `not_installed`, `bad_request` (voice
+        or rate), `failed` (espeak-ng exited with an error: an unknown voice, for one), `empty_output`,
+        `bad_output`, `timeout`.
+        """
+        voice = voice or self.default_voice
+        if not _VOICE.match(voice):
+            raise ProviderError(PROVIDER, "bad_request", f"not a voice name: {voice!r}")
+        if sample_rate <= 0:
+            raise ProviderError(PROVIDER, "bad_request", f"sample rate must be positive, got {sample_rate}")
+        if not text.strip():
+            return
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            process = await asyncio.create_subprocess_exec(
+                self.binary,
+                "--stdout",
+                "-v",
+                voice,
+                "-s",
+                str(self.words_per_minute),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except FileNotFoundError as exc:
+            raise ProviderError(
+                PROVIDER, "not_installed", f"{self.binary!r} not found; install it (apt-get install espeak-ng)"
+            ) from exc
+        except OSError as exc:
+            raise ProviderError(PROVIDER, "failed", f"cannot run {self.binary!r}: {exc}") from exc
+        assert process.stdin is not None
+        assert process.stdout is not None
+        assert process.stderr is not None
+        stderr_task = asyncio.create_task(process.stderr.read())
+        finished = False
+        try:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                process.stdin.write(text.encode("utf-8") + b"\n")
+                await process.stdin.drain()
+                process.stdin.close()
+
+            chunk_bytes = max(2, sample_rate * self.chunk_ms // 1000 * 2)
+            buffer = bytearray()  # espeak-ng's bytes not yet parsed
+            out = bytearray()  # resampled PCM not yet yielded
+            header: WavHeader | None = None
+            resampler: Resampler | None = None
+            produced = 0
+            while True:
+                data = await self._before(deadline, process.stdout.read(_READ_SIZE))
+                if data:
+                    buffer += data
+                if header is None:
+                    header = parse_wav_header(bytes(buffer)) if buffer else None
+                    if header is None:
+                        if not data:
+                            break  # ended before a complete header
+                        continue
+                    del buffer[: header.data_offset]
+                    resampler = Resampler(header.sample_rate, sample_rate, aligned=True)
+                assert resampler is not None
+                frame = header.channels * header.sample_width
+                usable = len(buffer) - len(buffer) % frame
+                if header.data_size is not None:
+                    usable = min(usable, header.data_size - produced)
+                if usable > 0:
+                    pcm = to_mono_pcm16(bytes(buffer[:usable]), header.sample_width, header.channels)
+                    del buffer[:usable]
+                    produced += usable
+                    out += resampler.process(pcm)
+                if not data:
+                    out += resampler.flush()
+                while len(out) >= chunk_bytes:
+                    yield bytes(out[:chunk_bytes])
+                    del out[:chunk_bytes]
+                if not data:
+                    break
+            returncode = await self._before(deadline, process.wait())
+            stderr = (await stderr_task).decode(errors="replace").strip()
+            if returncode != 0:
+                detail = f": {stderr.splitlines()[-1]}" if stderr else ""
+                raise ProviderError(PROVIDER, "failed", f"espeak-ng exited with status {returncode}{detail}")
+            if header is None:
+                raise ProviderError(PROVIDER, "bad_output" if buffer else "empty_output", "espeak-ng wrote no WAV")
+            if produced == 0:
+                raise ProviderError(PROVIDER, "empty_output", f"espeak-ng wrote no audio for {len(text)} characters")
+            if out:
+                yield bytes(out)
+            finished = True
+        except ValueError as exc:  # parse_wav_header on something that is not a WAV
+            raise ProviderError(PROVIDER, "bad_output", str(exc)) from exc
+        finally:
+            if not finished:
+                await _stop(process)
+            if not stderr_task.done():
+                stderr_task.cancel()
+            with contextlib.suppress(BaseException):
+                await stderr_task
+
+    async def _before(self, deadline: float, awaitable: Awaitable[_T]) -> _T:
+        """Awaits within what is left of the synthesis's time."""
+        try:
+            return await asyncio.wait_for(awaitable, max(0.0, deadline - time.monotonic()))
+        except TimeoutError as exc:
+            raise ProviderError(
+                PROVIDER, "timeout", f"espeak-ng took more than {self.timeout_s} s", retryable=True
+            ) from exc
+
+
+async def _stop(process: asyncio.subprocess.Process) -> None:
+    """Kills espeak-ng and reaps it. What it wrote is read and dropped: asyncio stops reading a pipe
+    whose buffer is full, and would then never see it close, nor let `wait` return."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(5.0):
+            assert process.stdout is not None
+            while await process.stdout.read(65536):
+                pass
+            await process.wait()
