@@ -36,7 +36,9 @@ TOPICS: dict[str, TopicSpec] = {
         TopicSpec(COMMANDS, 6, "Requests for side effects, consumed by idempotent workers (tool.requested)."),
         TopicSpec(DEADLETTER, 1, "Messages no consumer could decode, with the reason and their origin in headers."),
         TopicSpec(CALL_REGISTRY, 12, "One JSON entry per call, kept current by streams.call_registry.", compacted=True),
-        TopicSpec(AUDIT, 3, "Audit records (audit.recorded): who or what did what, to which call (the key; - for none)."),
+        TopicSpec(
+            AUDIT, 3, "Audit records (audit.recorded): who or what did what, to which call (the key; - for none)."
+        ),
         TopicSpec(
             TOOL_RESULTS,
             6,
