@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what voxlog needs on a Debian machine, idempotently: the system packages (espeak-ng for
-# offline speech; with --dev also a JDK, Maven and docker-compose for the tests) and .venv with the
+# offline speech; with --dev also a JDK, Maven, Chromium and docker-compose for the tests) and .venv with the
 # project (with --dev, its test and lint tools too).
 #
 #   bash tools/setup.sh          # to run voxlog
@@ -17,6 +17,7 @@ command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
 if $dev; then
   command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
   command -v mvn >/dev/null 2>&1 || missing+=(maven)
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null 2>&1; then
     missing+=(docker-compose)
   fi

@@ -115,3 +115,44 @@ def test_bench_on_kafka_needs_a_bootstrap(tmp_path: Path) -> None:
     result = voxlog("bench", "log", "--backend", "kafka", "--out", str(tmp_path / "x.json"), home=tmp_path)
     assert result.returncode == 2
     assert "VOXLOG_KAFKA_BOOTSTRAP" in result.stderr
+
+
+def test_replay_verify_reports_identical_calls_and_the_first_divergence(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from schemas.events import CallAnswered, CallStarted, TranscriptFinal, TtsRequested
+    from streams.agents import DEFAULT_AGENTS_DIR, load_agents
+    from tests.core_sim import CoreSim
+
+    agent = load_agents(DEFAULT_AGENTS_DIR)[0]
+
+    def recorded_call(call_id: str) -> CoreSim:
+        sim = CoreSim(agent, call_id=call_id)
+        sim.feed(CallStarted(channel="phone", direction="inbound", agent_id=agent.id, agent_version=agent.version,
+                             routed_by="number"))
+        sim.feed(CallAnswered(answered_by=None))
+        sim.feed(TranscriptFinal(utterance_id="u0", text="my internet is down", confidence=0.9, provider="p",
+                                 model="m", start_ms=0, end_ms=1, latency_ms=1))
+        return sim
+
+    good = recorded_call("call-good")
+    bad = recorded_call("call-bad")
+    greeting = next(i for i, e in enumerate(bad.events) if isinstance(e.payload, TtsRequested))
+    bad.events[greeting] = replace(bad.events[greeting], payload=replace(bad.events[greeting].payload, text="Hi."))
+
+    async def write() -> None:
+        async with EmbeddedBackend(tmp_path / "log.db").producer() as producer:
+            writer = EventWriter(producer)
+            for event in [*good.events, *bad.events]:
+                await writer.append(event)
+
+    asyncio.run(write())
+    one = voxlog("replay", "verify", "call-good", home=tmp_path)
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert "call-good: identical (" in one.stdout
+    assert one.stdout.strip().endswith("verified 1 calls, 0 diverged")
+
+    everything = voxlog("replay", "verify", "--all", home=tmp_path)
+    assert everything.returncode == 1
+    assert f"call-bad: diverged at seq {greeting} (tts.requested)" in everything.stdout
+    assert everything.stdout.strip().endswith("verified 2 calls, 1 diverged")
