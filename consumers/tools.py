@@ -72,17 +72,13 @@ class ToolStore:
             row = self._db.execute("SELECT result_json FROM results WHERE idempotency_key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
-    def book(self, key: str, tenant_id: str, call_id: str, day: str, at: str, note: str) -> str:
+    def _effect(self, key: str, effect: Callable[[], str]) -> str:
+        """Runs a side effect and stores its result under the idempotency key, in one transaction:
+        either both happened or neither did."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                cursor = self._db.execute(
-                    "INSERT INTO bookings (tenant_id, call_id, day, time, note) VALUES (?, ?, ?, ?, ?)",
-                    (tenant_id, call_id, day, at, note),
-                )
-                confirmation = f"A{1000 + int(cursor.lastrowid or 0)}"
-                self._db.execute("UPDATE bookings SET confirmation = ? WHERE id = ?", (confirmation, cursor.lastrowid))
-                result = json.dumps({"confirmation": confirmation, "when": f"{day} at {at}".strip()})
+                result = effect()
                 self._db.execute("INSERT INTO results VALUES (?, ?)", (key, result))
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -90,22 +86,28 @@ class ToolStore:
             self._db.execute("COMMIT")
         return result
 
+    def book(self, key: str, tenant_id: str, call_id: str, day: str, at: str, note: str) -> str:
+        def effect() -> str:
+            cursor = self._db.execute(
+                "INSERT INTO bookings (tenant_id, call_id, day, time, note) VALUES (?, ?, ?, ?, ?)",
+                (tenant_id, call_id, day, at, note),
+            )
+            confirmation = f"A{1000 + int(cursor.lastrowid or 0)}"
+            self._db.execute("UPDATE bookings SET confirmation = ? WHERE id = ?", (confirmation, cursor.lastrowid))
+            return json.dumps({"confirmation": confirmation, "when": f"{day} at {at}".strip()})
+
+        return self._effect(key, effect)
+
     def open_ticket(self, key: str, tenant_id: str, call_id: str, summary: str) -> str:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                cursor = self._db.execute(
-                    "INSERT INTO tickets (tenant_id, call_id, summary) VALUES (?, ?, ?)", (tenant_id, call_id, summary)
-                )
-                ticket_id = f"T{1000 + int(cursor.lastrowid or 0)}"
-                self._db.execute("UPDATE tickets SET ticket_id = ? WHERE id = ?", (ticket_id, cursor.lastrowid))
-                result = json.dumps({"ticket_id": ticket_id})
-                self._db.execute("INSERT INTO results VALUES (?, ?)", (key, result))
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-        return result
+        def effect() -> str:
+            cursor = self._db.execute(
+                "INSERT INTO tickets (tenant_id, call_id, summary) VALUES (?, ?, ?)", (tenant_id, call_id, summary)
+            )
+            ticket_id = f"T{1000 + int(cursor.lastrowid or 0)}"
+            self._db.execute("UPDATE tickets SET ticket_id = ? WHERE id = ?", (ticket_id, cursor.lastrowid))
+            return json.dumps({"ticket_id": ticket_id})
+
+        return self._effect(key, effect)
 
     def remember(self, key: str, result: str) -> None:
         with self._lock:
