@@ -17,7 +17,7 @@ from consumers.events import read_call
 from gateway.twilio_media import OutboundClear, OutboundMedia
 from schemas.base import Event, EventPayload
 from schemas.codec import EventCodec
-from schemas.events import AuditRecorded, CallEnded, ErrorRaised, TtsRequested
+from schemas.events import AuditRecorded, CallEnded, CallStatus, ErrorRaised, TtsRequested
 from schemas.topics import AUDIT, CALL_TOPICS
 from streams.audio import pcm16_to_mulaw
 from streams.replay import agent_for, verify_call
@@ -154,14 +154,21 @@ async def test_malformed_frames_are_recorded_and_the_call_goes_on(stack: LocalSt
         bad_media = {"event": "media", "streamSid": caller.stream_sid, "media": {"payload": "@@@"}}
         await caller.send_raw(json.dumps(bad_media))
         await caller.send_raw(b"\x00\x01binary")
+        assert (await caller.send_status("in-progress")).status_code == 204
         await agent_done_speaking(caller)
         await caller.stop()
+    # Twilio's final status arrives after the stream has stopped: it still joins the call's record.
+    await stack.gateway.wait_idle(30)
+    assert (await caller.send_status("completed", duration_s=7, sip_response_code=200)).status_code == 204
     events = await events_of(stack, call_id)
+    statuses = [e.payload for e in events if isinstance(e.payload, CallStatus)]
+    assert [(s.status, s.duration_s, s.sip_response_code) for s in statuses] == [
+        ("in-progress", None, None), ("completed", 7, 200)]
+    assert [e.seq for e in events] == list(range(len(events)))
     errors = [e.payload for e in events if isinstance(e.payload, ErrorRaised)]
     assert len(errors) == 3
     assert all(e.kind == "bad_input" and e.component == "gateway.twilio" for e in errors)
-    ended = events[-1].payload
-    assert isinstance(ended, CallEnded)
+    (ended,) = [e.payload for e in events if isinstance(e.payload, CallEnded)]
     assert ended.reason == "caller_hangup"
 
 
