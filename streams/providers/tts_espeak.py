@@ -34,7 +34,8 @@ class EspeakTts(TtsProvider):
         binary: the espeak-ng executable (a name on PATH or a path).
         words_per_minute: speaking rate (espeak-ng's -s; its own default is 175).
         chunk_ms: size of the chunks yielded.
-        timeout_s: the longest one synthesis may take, start to end.
+        timeout_s: the longest espeak-ng may take for one text (time the consumer spends between
+            chunks does not count).
         default_voice: used when the caller passes an empty voice.
     """
 
@@ -74,6 +75,8 @@ class EspeakTts(TtsProvider):
             raise ProviderError(PROVIDER, "bad_request", f"sample rate must be positive, got {sample_rate}")
         if not text.strip():
             return
+        # The time espeak-ng may take, not counting the time the consumer spends between chunks
+        # (pacing playback, say): the deadline moves on by every pause at a `yield`.
         deadline = time.monotonic() + self.timeout_s
         try:
             process = await asyncio.create_subprocess_exec(
@@ -135,7 +138,9 @@ class EspeakTts(TtsProvider):
                 if not data:
                     out += resampler.flush()
                 while len(out) >= chunk_bytes:
+                    paused = time.monotonic()
                     yield bytes(out[:chunk_bytes])
+                    deadline += time.monotonic() - paused
                     del out[:chunk_bytes]
                 if not data:
                     break
