@@ -8,6 +8,9 @@
 (function () {
   "use strict";
   const RATE = 16000;
+  // Where this script came from: read now, while it runs; when mount() is called from an inline
+  // <script>, document.currentScript is that script, which has no src.
+  const SCRIPT_ORIGIN = document.currentScript && document.currentScript.src ? new URL(document.currentScript.src).origin : null;
 
   function el(tag, cls, text) {
     const node = document.createElement(tag);
@@ -18,7 +21,7 @@
 
   function mount(root, options) {
     options = options || {};
-    const base = options.base || (document.currentScript && new URL(document.currentScript.src).origin) || location.origin;
+    const base = options.base || SCRIPT_ORIGIN || location.origin;
     const key = options.key || root.dataset.key;
     const controls = el("div", "vx-controls");
     const button = el("button", "vx-start", "Start call");
