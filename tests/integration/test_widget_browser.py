@@ -40,7 +40,7 @@ from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
 
 pytest.importorskip("pocketsphinx")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 CHROMIUM = Path("/usr/bin/chromium")
 WIDGET_KEY = "demo-widget-key"
