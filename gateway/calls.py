@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,8 @@ class Gateway:
     run_workers: bool = True
     """Run the tool worker in this process too (one machine); with Kafka they usually run apart."""
     webhook_secret: bytes = b""
+    providers_factory: Callable[[AgentSpec], Providers] = providers_for
+    """How a call's providers are made (benchmarks swap in scripted timelines)."""
     sessions: dict[str, CallSession] = field(default_factory=dict)
     reports: list[SessionReport] = field(default_factory=list)
     _producer: LogProducer | None = None
@@ -98,7 +101,7 @@ class Gateway:
         assert self._replies is not None
         recorder = CallRecorder(self.writer, tenant_id=call.tenant_id, call_id=call.call_id, producer=PRODUCER,
                                 producer_version=__version__)
-        session = CallSession(call, agent, transport, recorder, providers or providers_for(agent),
+        session = CallSession(call, agent, transport, recorder, providers or self.providers_factory(agent),
                               tool_replies=self._replies.register(call.call_id))
         self.sessions[call.call_id] = session
         return session

@@ -260,6 +260,30 @@ def replay_verify(
         raise typer.Exit(1)
 
 
+@bench_app.command("calls")
+def bench_calls_command(
+    out: Annotated[Path, typer.Option(help="JSON file the results are written to.")],
+    calls: Annotated[int, typer.Option(min=1, help="Concurrent calls.")] = 50,
+    asr_ms: Annotated[int, typer.Option(help="Scripted ASR final-result delay.")] = 150,
+    llm_ms: Annotated[int, typer.Option(help="Scripted LLM delay.")] = 300,
+    tts_ms: Annotated[int, typer.Option(help="Scripted TTS first-byte delay.")] = 120,
+) -> None:
+    """Concurrent calls through the real gateway with scripted-timeline providers: what voxlog adds
+    to voice-to-voice latency, and how evenly the agent's audio is paced."""
+    from streams.providers.timeline import Timeline
+    from voxlog.bench import write_result
+    from voxlog.bench_calls import bench_calls
+
+    settings = Settings()
+    timeline = Timeline(asr_final_ms=asr_ms, llm_ms=llm_ms, tts_first_byte_ms=tts_ms, speech_ms_per_word=60)
+    result = asyncio.run(bench_calls(settings, calls=calls, timeline=timeline))
+    write_result(result, out)
+    added, jitter = result["added_latency_ms"], result["pacing_jitter_ms"]
+    console.print(f"{calls} calls on {result['log']}: added latency p50 {added['p50']} ms, p99 {added['p99']} ms; "
+                  f"pacing jitter p99 {jitter['p99']} ms; {result['events_per_s']:,} events/s; "
+                  f"failed calls: {len(result['failed_calls'])} -> {out}")
+
+
 class BenchBackend(enum.StrEnum):
     embedded = "embedded"
     kafka = "kafka"

@@ -156,3 +156,18 @@ def test_replay_verify_reports_identical_calls_and_the_first_divergence(tmp_path
     assert everything.returncode == 1
     assert f"call-bad: diverged at seq {greeting} (tts.requested)" in everything.stdout
     assert everything.stdout.strip().endswith("verified 2 calls, 1 diverged")
+
+
+@pytest.mark.slow
+def test_bench_calls_measures_what_voxlog_adds(tmp_path: Path) -> None:
+    out = tmp_path / "calls.json"
+    result = voxlog("bench", "calls", "--calls", "3", "--out", str(out), home=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(out.read_text())
+    assert figures["failed_calls"] == []
+    assert figures["turns_measured"] == 6  # two turns per call
+    assert figures["scripted_ms"]["total"] == 700 + 150 + 300 + 120
+    # What voxlog adds cannot be negative beyond a frame's worth of measuring granularity.
+    assert -25 < figures["added_latency_ms"]["p50"] <= figures["added_latency_ms"]["p99"]
+    assert figures["pacing_jitter_ms"]["frames"] > 50
+    assert figures["events_per_s"] > 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -14,6 +14,8 @@ from pydantic import SecretStr
 
 from gateway.app import build_gateway, create_app
 from gateway.calls import Gateway
+from streams.agents import AgentSpec
+from streams.session import Providers
 from voxlog.settings import Settings
 from voxlog.sim.fake_twilio import FakeTwilio, new_account_sid
 from voxlog.sim.twilio_caller import TwilioCaller
@@ -47,7 +49,9 @@ class LocalStack:
 
 
 @asynccontextmanager
-async def local_stack(settings: Settings) -> AsyncIterator[LocalStack]:
+async def local_stack(
+    settings: Settings, providers_factory: Callable[[AgentSpec], Providers] | None = None
+) -> AsyncIterator[LocalStack]:
     account_sid = new_account_sid()
     with FakeTwilio(account_sid, AUTH_TOKEN) as twilio:
         port = free_port()
@@ -56,6 +60,8 @@ async def local_stack(settings: Settings) -> AsyncIterator[LocalStack]:
             "twilio_account_sid": account_sid, "twilio_auth_token": SecretStr(AUTH_TOKEN),
             "twilio_api_base": twilio.base_url, "public_url": base_url})
         gateway = build_gateway(settings)
+        if providers_factory is not None:
+            gateway.providers_factory = providers_factory
         server = uvicorn.Server(uvicorn.Config(create_app(settings, gateway=gateway), host="127.0.0.1", port=port,
                                                log_level="warning", ws="websockets", lifespan="on"))
         serving = asyncio.create_task(server.serve())

@@ -296,6 +296,11 @@ class TwilioCaller:
         )
         return urlunsplit(("wss" if local.scheme == "https" else "ws", local.netloc, path, "", ""))
 
+    @property
+    def opened_at(self) -> float:
+        """`time.monotonic()` when the WebSocket opened: `Received.at` counts from here."""
+        return self._opened_at
+
     def _next_sequence(self) -> int:
         self._sequence += 1
         return self._sequence

@@ -1,0 +1,102 @@
+"""Providers with scripted timelines, for benchmarks: they answer after set delays, so what a
+measurement finds beyond those delays is what voxlog itself adds. Named as what they are."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from streams.agents import AgentSpec
+from streams.providers.base import (
+    AsrCapabilities,
+    AsrProvider,
+    AsrStream,
+    LlmProvider,
+    LlmRequest,
+    LlmResult,
+    Recognition,
+    TtsCapabilities,
+    TtsProvider,
+)
+from streams.providers.llm_scripted import ScriptedLlm
+
+
+@dataclass(frozen=True)
+class Timeline:
+    asr_final_ms: int = 150
+    """From the end of an utterance to its final transcript."""
+    llm_ms: int = 300
+    """From request to the whole decision."""
+    tts_first_byte_ms: int = 120
+    """From request to the first audio."""
+    speech_ms_per_word: int = 250
+
+
+class TimelineAsrStream(AsrStream):
+    def __init__(self, timeline: Timeline, lines: Sequence[str]) -> None:
+        self.timeline = timeline
+        self.lines = list(lines)
+        self.heard_ms = 0
+        self.start_ms = 0
+
+    async def accept(self, pcm: bytes) -> Recognition | None:
+        self.heard_ms += len(pcm) // 32
+        return None
+
+    async def end_utterance(self) -> Recognition:
+        await asyncio.sleep(self.timeline.asr_final_ms / 1000)
+        text = self.lines.pop(0) if self.lines else ""
+        result = Recognition(text=text, is_final=True, confidence=1.0, start_ms=self.start_ms, end_ms=self.heard_ms)
+        self.start_ms = self.heard_ms
+        return result
+
+    async def close(self) -> None:
+        pass
+
+
+class TimelineAsr(AsrProvider):
+    name = "timeline-asr"
+    model = "scripted-lines"
+    capabilities = AsrCapabilities(streaming=True, interim_results=False, word_timings=False)
+
+    def __init__(self, timeline: Timeline, lines: Sequence[str]) -> None:
+        self.timeline = timeline
+        self.lines = lines
+
+    async def open_stream(self, *, keywords: Sequence[str] = (), language: str = "en-US") -> AsrStream:
+        return TimelineAsrStream(self.timeline, self.lines)
+
+
+class TimelineLlm(LlmProvider):
+    """The agent's scripted policy, answering after the timeline's delay."""
+
+    name = "timeline-llm"
+
+    def __init__(self, timeline: Timeline, agent: AgentSpec) -> None:
+        self.timeline = timeline
+        self.policy = ScriptedLlm(agent)
+
+    async def complete(self, request: LlmRequest) -> LlmResult:
+        await asyncio.sleep(self.timeline.llm_ms / 1000)
+        return await self.policy.complete(request)
+
+
+class TimelineTts(TtsProvider):
+    """A 220 Hz tone as long as the text would take to say, after the first-byte delay."""
+
+    name = "timeline-tts"
+    capabilities = TtsCapabilities(streaming=True, codecs=("pcm_s16le",))
+
+    def __init__(self, timeline: Timeline) -> None:
+        self.timeline = timeline
+
+    async def synthesize(self, text: str, *, voice: str, sample_rate: int = 16_000) -> AsyncIterator[bytes]:
+        await asyncio.sleep(self.timeline.tts_first_byte_ms / 1000)
+        samples = sample_rate * self.timeline.speech_ms_per_word * max(1, len(text.split())) // 1000
+        chunk = sample_rate // 10
+        for start in range(0, samples, chunk):
+            yield b"".join(
+                int(6000 * math.sin(2 * math.pi * 220 * i / sample_rate)).to_bytes(2, "little", signed=True)
+                for i in range(start, min(samples, start + chunk)))
