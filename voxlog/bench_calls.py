@@ -34,7 +34,6 @@ from voxlog import __version__
 from voxlog.backends import LogBackend
 from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
-from voxlog.sim.twilio_caller import TwilioCaller
 
 LINES = ("hello there", "that is all goodbye")
 SPEECH_S = 1.0
@@ -58,17 +57,6 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-async def _quiet(caller: TwilioCaller, quiet_s: float, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    heard, since = len(caller.agent_audio), time.monotonic()
-    while time.monotonic() < deadline and not caller.closed.is_set():
-        await asyncio.sleep(0.05)
-        if len(caller.agent_audio) != heard:
-            heard, since = len(caller.agent_audio), time.monotonic()
-        elif heard and time.monotonic() - since >= quiet_s:
-            return
-
-
 async def _one_call(stack: LocalStack, index: int, budget_ms: float) -> CallFigures:
     figures = CallFigures()
     caller = stack.caller(from_=f"+1555{index:07d}")
@@ -76,12 +64,12 @@ async def _one_call(stack: LocalStack, index: int, budget_ms: float) -> CallFigu
         instructions = await caller.dial()
         async with caller:
             await caller.connect(instructions)
-            await _quiet(caller, 0.5, 30)  # the greeting
+            await caller.agent_quiet(0.5, 30)  # the greeting
             for _ in LINES:
                 await caller.send_mulaw(_tone_mulaw(SPEECH_S))
                 spoke_until = time.monotonic() - caller.opened_at
                 await caller.send_mulaw(bytes([MULAW_SILENCE]) * int(8000 * 1.5))
-                await _quiet(caller, 0.5, 30)
+                await caller.agent_quiet(0.5, 30)
                 frames = [r.at for r in caller.log if isinstance(r.message, OutboundMedia) and r.at > spoke_until]
                 if frames:
                     figures.added_ms.append((frames[0] - spoke_until) * 1000 - budget_ms)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from dataclasses import dataclass, field
 
 from websockets.exceptions import ConnectionClosed
@@ -30,7 +29,6 @@ from streams.providers.tts_espeak import EspeakTts
 from streams.replay import ReplayResult, agent_for, verify_call
 from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
-from voxlog.sim.twilio_caller import TwilioCaller
 
 AGENT_NUMBER = "+15550100"
 
@@ -84,20 +82,6 @@ async def _speech(tts: EspeakTts, text: str) -> bytes:
     return pcm16_to_mulaw(pcm)
 
 
-async def _agent_quiet(caller: TwilioCaller, quiet_s: float, timeout_s: float) -> None:
-    """Waits until the agent has said something and then been silent for `quiet_s`."""
-    deadline = time.monotonic() + timeout_s
-    heard = len(caller.agent_audio)
-    quiet_since = time.monotonic()
-    while time.monotonic() < deadline and not caller.closed.is_set():
-        await asyncio.sleep(0.1)
-        now_heard = len(caller.agent_audio)
-        if now_heard != heard:
-            heard, quiet_since = now_heard, time.monotonic()
-        elif heard and time.monotonic() - quiet_since >= quiet_s:
-            return
-
-
 async def play_call(stack: LocalStack, script: Script, tts: EspeakTts) -> DemoCall:
     result = DemoCall(script)
     caller = stack.caller(from_=script.caller, to=AGENT_NUMBER)
@@ -110,14 +94,14 @@ async def play_call(stack: LocalStack, script: Script, tts: EspeakTts) -> DemoCa
             if line.barge_in and index == 0:
                 await asyncio.sleep(2.5)  # into the greeting, then talk over it
             else:
-                await _agent_quiet(caller, quiet_s=1.2, timeout_s=30)
+                await caller.agent_quiet(1.2, 30)
             if caller.closed.is_set():
                 break
             try:
                 await caller.send_mulaw(speech + bytes([0xFF]) * 8000)  # the words, then a second of silence
             except ConnectionClosed:
                 break  # the agent ended the stream (hang-up, or transfer to a human) while we spoke
-        await _agent_quiet(caller, quiet_s=1.5, timeout_s=30)
+        await caller.agent_quiet(1.5, 30)
         if not caller.closed.is_set():
             with contextlib.suppress(ConnectionClosed):
                 await caller.stop()

@@ -13,23 +13,25 @@ from streams.core import END_CALL_TOOL, says
 from streams.providers.base import LlmProvider, LlmRequest, LlmResult, ToolCall
 
 
-class _Result(dict[str, Any]):
-    """`{result.when}` in a script reads fields of the tool's JSON result; missing ones read as '?'."""
+class _Missing(dict[str, Any]):
+    """Template values where a name the script uses but nobody supplied reads as '?'."""
 
     def __missing__(self, key: str) -> str:
         return "?"
 
 
+class _Fields:
+    """`{result.when}` reads a field of the tool's JSON result; a missing field reads as '?'."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self._data = data
+
+    def __getattr__(self, name: str) -> Any:
+        return self._data.get(name, "?")
+
+
 def _fill(template: str, **values: Any) -> str:
-    class Fields:
-        def __init__(self, data: dict[str, Any]) -> None:
-            self.__dict__.update(_Result(data))
-
-        def __getattr__(self, name: str) -> str:
-            return "?"
-
-    prepared = {k: Fields(v) if isinstance(v, dict) else v for k, v in values.items()}
-    return template.format_map(_Result(prepared))
+    return template.format_map(_Missing({k: _Fields(v) if isinstance(v, dict) else v for k, v in values.items()}))
 
 
 def _pick(said: str, values: tuple[str, ...]) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -44,16 +43,8 @@ def speech(text: str) -> bytes:
     return pcm16_to_mulaw(synthesize_pcm16(text, rate=8000)) + bytes([0xFF]) * 8000
 
 
-async def agent_done_speaking(caller: TwilioCaller, quiet_s: float = 1.2, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    heard, since = len(caller.agent_audio), time.monotonic()
-    while time.monotonic() < deadline and not caller.closed.is_set():
-        await asyncio.sleep(0.1)
-        if len(caller.agent_audio) != heard:
-            heard, since = len(caller.agent_audio), time.monotonic()
-        elif heard and time.monotonic() - since >= quiet_s:
-            return
-    assert caller.closed.is_set() or heard, "the agent never spoke"
+async def agent_done_speaking(caller: TwilioCaller) -> None:
+    assert await caller.agent_quiet() or caller.closed.is_set(), "the agent never spoke"
 
 
 async def events_of(stack: LocalStack, call_id: str) -> list[Event[EventPayload]]:

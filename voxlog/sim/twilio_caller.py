@@ -478,6 +478,19 @@ class TwilioCaller:
 
         await asyncio.wait_for(check(), timeout_s)
 
+    async def agent_quiet(self, quiet_s: float = 1.2, timeout_s: float = 30.0) -> bool:
+        """Waits until the agent has said something and then been silent for `quiet_s` (or the call
+        closed, or the timeout passed). Returns whether the agent has said anything at all."""
+        deadline = time.monotonic() + timeout_s
+        heard, since = len(self.agent_audio), time.monotonic()
+        while time.monotonic() < deadline and not self.closed.is_set():
+            await asyncio.sleep(0.05)
+            if len(self.agent_audio) != heard:
+                heard, since = len(self.agent_audio), time.monotonic()
+            elif heard and time.monotonic() - since >= quiet_s:
+                break
+        return bool(heard)
+
     def messages(self, kind: type[OutboundMessage] | None = None) -> list[OutboundMessage]:
         return [r.message for r in self.log if r.message is not None and (kind is None or isinstance(r.message, kind))]
 
