@@ -73,7 +73,7 @@ class EventConsumer:
 
 @dataclass(frozen=True)
 class CallHistory:
-    """One call's events in `seq` order, merged across topics, and what could not be read."""
+    """One call's events in `seq` order, merged across topics, each seq once, and what could not be read."""
 
     call_id: str
     events: list[Event[EventPayload]]
@@ -97,4 +97,7 @@ async def read_call(
         except UndecodableMessage as exc:
             bad.append((record, str(exc)))
     events.sort(key=lambda e: e.seq)
-    return CallHistory(call_id, events, bad)
+    # A call's seq is unique, so a repeat is a redelivery (a carrier's retried callback, a resend
+    # after a crash): the first copy stands.
+    unique = [e for i, e in enumerate(events) if i == 0 or e.seq != events[i - 1].seq]
+    return CallHistory(call_id, unique, bad)

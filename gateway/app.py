@@ -12,19 +12,36 @@ import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Literal
+from urllib.parse import urlencode
 
 from fastapi import FastAPI, WebSocket
 
-from gateway.calls import Gateway, new_call_id
+from gateway.api import api_router
+from gateway.calls import PRODUCER, Gateway, new_call_id
+from gateway.outbound import OutboundRouteError, dial_status_route, outbound_route
 from gateway.twilio_media import Dtmf, Malformed, Media, Stop, TwilioMediaTransport, iterate_media, wait_for_start
 from gateway.twilio_rest import TwilioRest
-from gateway.twilio_webhooks import CallRejected, RejectedWebhook, twilio_router, validate_media_handshake
+from gateway.twilio_webhooks import (
+    DIAL_ACTION_PATH,
+    CallRejected,
+    RejectedWebhook,
+    dial_outcome_payload,
+    dial_twiml,
+    public_base_url,
+    twilio_router,
+    validate_media_handshake,
+)
 from gateway.widget import widget_router
 from producers.events import CallRecorder
+from schemas.base import EventPayload
 from schemas.events import CallStatus
 from streams.agents import DEFAULT_AGENTS_DIR, AgentRouter, RoutingError, load_agents
+from streams.core import RETURNED_FROM_HANDOFF, handoff_id_of
+from streams.tenants import Tenants, load_tenants
 from streams.transport import InboundCall
+from voxlog import __version__
 from voxlog.backends import log_backend
 from voxlog.settings import Settings
 
@@ -36,10 +53,19 @@ PENDING_CALLS = 10_000
 """Calls answered by the voice webhook whose media stream has not connected yet."""
 
 
+def twilio_rest(settings: Settings) -> TwilioRest | None:
+    token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else ""
+    if not (settings.twilio_account_sid and token):
+        return None
+    return TwilioRest(settings.twilio_account_sid, token, base_url=settings.twilio_api_base)
+
+
 def build_gateway(settings: Settings) -> Gateway:
-    router = AgentRouter(load_agents(settings.agents_dir or DEFAULT_AGENTS_DIR))
-    return Gateway(backend=log_backend(settings), router=router, home=settings.home,
-                   run_workers=settings.run_workers, webhook_secret=settings.webhook_secret.get_secret_value().encode())
+    agents_dir = settings.agents_dir or DEFAULT_AGENTS_DIR
+    return Gateway(backend=log_backend(settings), router=AgentRouter(load_agents(agents_dir)),
+                   tenants=Tenants(load_tenants(agents_dir)), home=settings.home, run_workers=settings.run_workers,
+                   webhook_secret=settings.webhook_secret.get_secret_value().encode(), rest=twilio_rest(settings),
+                   public_url=settings.public_url)
 
 
 def create_app(settings: Settings | None = None, *, gateway: Gateway | None = None) -> FastAPI:
@@ -48,8 +74,7 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
     pending: OrderedDict[str, InboundCall] = OrderedDict()
     ended: OrderedDict[str, CallRecorder] = OrderedDict()  # provider call id -> the call's recorder
     token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else ""
-    rest = (TwilioRest(settings.twilio_account_sid, token, base_url=settings.twilio_api_base)
-            if settings.twilio_account_sid and token else None)
+    rest = runtime.rest
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -66,36 +91,88 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
     async def health() -> dict[str, object]:
         return {"status": "ok", "log": runtime.backend.describe(), "live_calls": len(runtime.sessions)}
 
-    async def on_inbound(form: Mapping[str, str]) -> tuple[str, dict[str, str]]:
+    def remember_pending(call: InboundCall) -> None:
+        pending[call.call_id] = call
+        while len(pending) > PENDING_CALLS:
+            pending.popitem(last=False)
+
+    async def on_inbound(form: Mapping[str, str], query: Mapping[str, str]) -> tuple[str, dict[str, str]]:
         try:
-            agent = runtime.router.by_number(form.get("To", ""))
-        except RoutingError as exc:
+            outbound = outbound_route(query)
+            agent = (runtime.router.get(outbound.tenant_id, outbound.agent_id) if outbound is not None
+                     else runtime.router.by_number(form.get("To", "")))
+        except (RoutingError, OutboundRouteError) as exc:
             raise CallRejected(str(exc)) from exc
-        call_id = new_call_id()
         direction: Literal["inbound", "outbound"] = (
             "outbound" if form.get("Direction", "inbound").startswith("outbound") else "inbound"
         )
-        pending[call_id] = InboundCall(
-            call_id=call_id, channel="phone", direction=direction, tenant_id=agent.tenant, agent_id=agent.id,
-            routed_by="number", from_number=form.get("From"), to_number=form.get("To"),
-            provider_call_id=form.get("CallSid"))
-        while len(pending) > PENDING_CALLS:
-            pending.popitem(last=False)
-        return call_id, {"tenant": agent.tenant, "agent": agent.id}
+        call = InboundCall(
+            call_id=outbound.call_id if outbound is not None else new_call_id(), channel="phone",
+            direction=direction, tenant_id=agent.tenant, agent_id=agent.id,
+            routed_by="outbound_request" if outbound is not None else "number",
+            from_number=form.get("From"), to_number=form.get("To"), provider_call_id=form.get("CallSid"),
+            parameters={**outbound.parameters, "dial_id": outbound.dial_id} if outbound is not None else {})
+        remember_pending(call)
+        return call.call_id, {"tenant": agent.tenant, "agent": agent.id}
 
-    async def on_status(call_sid: str, status: CallStatus) -> None:
+    async def record_late(call_sid: str, payload: EventPayload) -> bool:
+        """Records what the carrier reports about a call into that call: live, or recently ended."""
         for session in runtime.sessions.values():
             if session.call.provider_call_id == call_sid:
-                session.observe(status)
-                return
+                session.observe(payload)
+                return True
         recorder = ended.get(call_sid)
         if recorder is not None:
-            await recorder.record(status)
+            await recorder.record(payload)
             await recorder.writer.flush()
+            return True
+        return False
+
+    async def on_status(call_sid: str, status: CallStatus, query: Mapping[str, str]) -> None:
+        if await record_late(call_sid, status):
+            return
+        try:
+            dial = dial_status_route(query)
+        except OutboundRouteError as exc:
+            raise ValueError(str(exc)) from exc
+        if dial is not None:
+            # Not answered (yet): the dial's stream. Twilio's SequenceNumber makes a retried callback the same event.
+            sequence = int(status.raw.get("SequenceNumber", "0") or 0)
+            recorder = CallRecorder(runtime.writer, tenant_id=dial.tenant_id, call_id=dial.dial_id, producer=PRODUCER,
+                                    producer_version=__version__, next_seq=dial.first_seq + sequence)
+            await recorder.record(status)
+            await runtime.writer.flush()
             return
         await runtime.audit(tenant_id="platform", call_id="-", actor="twilio-webhook", action="status.unknown_call",
                             resource=call_sid, outcome="failed", detail=f"status {status.status} for no known call",
                             remote_addr=None)
+
+    async def on_dial_action(form: Mapping[str, str], query: Mapping[str, str]) -> tuple[str, dict[str, str]] | None:
+        call_id, tenant, agent_id = query.get("call_id", ""), query.get("tenant", ""), query.get("agent", "")
+        if not (call_id and tenant and agent_id):
+            raise ValueError("dial action URL needs call_id, tenant and agent")
+        outcome = dial_outcome_payload(handoff_id_of(call_id), form)
+        call_sid = form.get("CallSid", "")
+        if not await record_late(call_sid, outcome):
+            await runtime.audit(tenant_id=tenant, call_id=call_id, actor="twilio-webhook",
+                                action="dial_action.unknown_call", resource=call_sid, outcome="failed",
+                                detail=f"handoff outcome {outcome.outcome} arrived after the call was forgotten",
+                                remote_addr=None)
+        if outcome.outcome == "connected":
+            return None  # the caller talked with a human; when they hang up the call is over
+        try:
+            agent = runtime.router.get(tenant, agent_id)
+        except RoutingError:
+            return None
+        # Nobody took the call: the caller comes back to the agent, as a new call linked to this one.
+        direction: Literal["inbound", "outbound"] = "outbound" if query.get("direction") == "outbound" else "inbound"
+        back = InboundCall(
+            call_id=new_call_id(), channel="phone", direction=direction, tenant_id=tenant, agent_id=agent.id,
+            routed_by="handoff_return", from_number=form.get("From"), to_number=form.get("To"),
+            provider_call_id=call_sid or None,
+            parameters={RETURNED_FROM_HANDOFF: call_id, "handoff_outcome": outcome.outcome})
+        remember_pending(back)
+        return back.call_id, {"tenant": tenant, "agent": agent.id}
 
     async def on_rejected(info: RejectedWebhook) -> None:
         await runtime.audit(tenant_id="platform", call_id=info.call_sid or "-", actor="twilio-webhook",
@@ -103,8 +180,9 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
                             remote_addr=info.remote)
 
     app.include_router(twilio_router(lambda: token, settings.public_url, on_inbound, on_status,
-                                     on_rejected=on_rejected))
+                                     on_rejected=on_rejected, on_dial_action=on_dial_action))
     app.include_router(widget_router(runtime))
+    app.include_router(api_router(runtime))
 
     @app.websocket("/twilio/media")
     async def twilio_media(websocket: WebSocket) -> None:
@@ -120,7 +198,10 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
                 await websocket.close(code=1008)
             return
         agent = runtime.router.get(call.tenant_id, call.agent_id)
-        transport = TwilioMediaTransport.from_start(websocket, start, rest=rest)
+        action = f"{public_base_url(websocket, settings.public_url)}{DIAL_ACTION_PATH}?" + urlencode(
+            {"call_id": call.call_id, "tenant": call.tenant_id, "agent": call.agent_id, "direction": call.direction})
+        transport = TwilioMediaTransport.from_start(websocket, start, rest=rest,
+                                                    transfer_twiml=partial(dial_twiml, action=action))
         session = runtime.open_session(call, agent, transport)
         running = asyncio.create_task(runtime.run_session(session))
         try:

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import httpx
 
+from consumers.dialer import DialStore, DialWorker
 from consumers.tools import ToolRunner, ToolStore, ToolWorker, WebhookSigner
+from gateway.twilio_rest import TwilioRest
 from producers.base import LogProducer
 from producers.events import CallRecorder, EventWriter, wall_clock_us
 from schemas.base import Event
@@ -21,6 +23,7 @@ from schemas.events import AuditRecorded, ErrorRaised
 from streams.agents import AgentRouter, AgentSpec
 from streams.providers.registry import providers_for
 from streams.session import CallSession, Providers, SessionReport
+from streams.tenants import Tenants
 from streams.tool_replies import ToolReplies
 from streams.transport import InboundCall, MediaTransport
 from voxlog import __version__
@@ -40,9 +43,13 @@ class Gateway:
     backend: LogBackend
     router: AgentRouter
     home: Path
+    tenants: Tenants = field(default_factory=lambda: Tenants({}))
     run_workers: bool = True
-    """Run the tool worker in this process too (one machine); with Kafka they usually run apart."""
+    """Run the tool worker and the dialer in this process too (one machine); with Kafka they usually run apart."""
     webhook_secret: bytes = b""
+    rest: TwilioRest | None = None
+    """Twilio's REST API, when an account is configured: transfers, hang-ups, outbound calls."""
+    public_url: str | None = None
     providers_factory: Callable[[AgentSpec], Providers] = providers_for
     """How a call's providers are made (benchmarks swap in scripted timelines)."""
     sessions: dict[str, CallSession] = field(default_factory=dict)
@@ -54,6 +61,8 @@ class Gateway:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _http: httpx.AsyncClient | None = None
     _store: ToolStore | None = None
+    _dials: DialStore | None = None
+    dialer: DialWorker | None = None
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     async def start(self) -> None:
@@ -75,6 +84,13 @@ class Gateway:
                                                          self._http))
             self._tasks.append(asyncio.create_task(worker.run(self._stop), name="tool-worker"))
             await asyncio.wait_for(worker.ready.wait(), 60)
+            if self.rest is not None and self.public_url:
+                self._dials = DialStore(self.home / "dials.db")
+                self.dialer = DialWorker(self.backend, self.rest, self.tenants, self.public_url, self._dials)
+                self._tasks.append(asyncio.create_task(self.dialer.run(self._stop), name="dialer"))
+                await asyncio.wait_for(self.dialer.ready.wait(), 60)
+            else:
+                log.info("no dialer: outbound calls need a Twilio account and VOXLOG_PUBLIC_URL")
 
     async def stop(self) -> None:
         self._stop.set()
@@ -89,6 +105,8 @@ class Gateway:
             await self._http.aclose()
         if self._store is not None:
             self._store.close()
+        if self._dials is not None:
+            self._dials.close()
 
     @property
     def writer(self) -> EventWriter:

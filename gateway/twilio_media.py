@@ -630,8 +630,9 @@ class TwilioMediaTransport(MediaTransport):
         *,
         rest: CallControl | None = None,
         codec: PhoneAudioCodec | None = None,
+        transfer_twiml: Callable[[str], str] = dial_twiml,
     ) -> TwilioMediaTransport:
-        return cls(websocket, start.stream_sid, start.call_sid, rest=rest, codec=codec)
+        return cls(websocket, start.stream_sid, start.call_sid, rest=rest, codec=codec, transfer_twiml=transfer_twiml)
 
     @property
     def closed(self) -> bool:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+import requests
 from twilio.base.exceptions import (  # type: ignore[import-untyped]
     TwilioException,
     TwilioRestException,
@@ -28,6 +29,7 @@ from twilio.rest import Client  # type: ignore[import-untyped]
 _CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
 _PREFIXES = ("Unable to update record: ", "Unable to create record: ", "Unable to fetch record: ")
 DEFAULT_STATUS_EVENTS = ("initiated", "ringing", "answered", "completed")
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 T = TypeVar("T")
 
@@ -44,13 +46,21 @@ class TwilioRestError(Exception):
         status: int | None = None,
         code: int | None = None,
         more_info: str | None = None,
+        unsent: bool = False,
     ) -> None:
         self.operation = operation
+        self.unsent = unsent
         self.message = message
         self.status = status
         self.code = code
         self.more_info = more_info
         super().__init__(str(self))
+
+    @property
+    def retryable(self) -> bool:
+        """Safe to try again: Twilio said so (429, 5xx), or the request never reached it. A timeout
+        after sending is not: the call may have been placed."""
+        return self.unsent or self.status in RETRYABLE_STATUSES
 
     def __str__(self) -> str:
         where = f"HTTP {self.status}" if self.status is not None else "no response"
@@ -112,7 +122,11 @@ def _rest_error(operation: str, exc: Exception) -> TwilioRestError:
         code = int(exc.code) if isinstance(exc.code, int) else None
         more_info = f"https://www.twilio.com/docs/errors/{code}" if code is not None and code >= 10000 else None
         return TwilioRestError(operation, message, status=int(exc.status), code=code, more_info=more_info)
-    return TwilioRestError(operation, f"{type(exc).__name__}: {exc}")
+    unsent = isinstance(exc, requests.exceptions.ConnectTimeout) or (
+        isinstance(exc, requests.exceptions.ConnectionError)
+        and any(sign in str(exc) for sign in ("NewConnectionError", "Connection refused", "Name or service not known"))
+    )
+    return TwilioRestError(operation, f"{type(exc).__name__}: {exc}", unsent=unsent)
 
 
 class TwilioRest:

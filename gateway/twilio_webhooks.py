@@ -30,11 +30,12 @@ from starlette.requests import HTTPConnection
 from twilio.request_validator import RequestValidator  # type: ignore[import-untyped]
 from twilio.twiml.voice_response import Connect, Dial, VoiceResponse  # type: ignore[import-untyped]
 
-from schemas.events import CallStatus
+from schemas.events import CallStatus, HandoffOutcome
 
 log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Twilio-Signature"
+DIAL_ACTION_PATH = "/twilio/dial-action"
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 MAX_WEBHOOK_BYTES = 64 * 1024
 """Twilio's webhooks are a few hundred bytes; anything far larger is not Twilio."""
@@ -241,6 +242,28 @@ def status_callback_payload(params: Mapping[str, str]) -> CallStatus:
     )
 
 
+# --------------------------------------------------------------------------- dial action
+
+DIAL_OUTCOMES = {"completed": "connected", "answered": "connected", "busy": "busy", "no-answer": "no_answer",
+                 "failed": "failed", "canceled": "canceled"}
+"""Twilio's DialCallStatus -> handoff.outcome's outcome."""
+
+
+def dial_outcome_payload(handoff_id: str, params: Mapping[str, str]) -> HandoffOutcome:
+    """A `<Dial>` action callback as a `handoff.outcome` payload; raises ValueError without DialCallStatus."""
+    status = (params.get("DialCallStatus") or "").strip()
+    if not status:
+        raise ValueError("dial action has no DialCallStatus")
+    outcome = DIAL_OUTCOMES.get(status)
+    if outcome is None:
+        log.warning("twilio dial action: unknown DialCallStatus %r, taken as failed", status)
+        outcome = "failed"
+    return HandoffOutcome(handoff_id=handoff_id, outcome=outcome, provider_status=status,
+                          dialed_call_id=params.get("DialCallSid") or None,
+                          duration_s=_optional_int(params, "DialCallDuration"),
+                          raw={str(k): str(v) for k, v in params.items()})
+
+
 # --------------------------------------------------------------------------- the router
 
 
@@ -271,15 +294,22 @@ class RejectedWebhook:
 
 
 class InboundHook(Protocol):
-    async def __call__(self, form: Mapping[str, str]) -> tuple[str, Mapping[str, str]]:
-        """A verified inbound call (Twilio's voice webhook form): returns (call_id, stream parameters).
-        Raise CallRejected to refuse the call."""
+    async def __call__(self, form: Mapping[str, str], query: Mapping[str, str]) -> tuple[str, Mapping[str, str]]:
+        """A verified call to answer (Twilio's voice webhook form, and the query of the URL Twilio was
+        given, which it signed too): returns (call_id, stream parameters). Raise CallRejected to refuse it."""
         ...
 
 
 class StatusHook(Protocol):
-    async def __call__(self, call_sid: str, status: CallStatus) -> None:
+    async def __call__(self, call_sid: str, status: CallStatus, query: Mapping[str, str]) -> None:
         """A verified status callback."""
+        ...
+
+
+class DialActionHook(Protocol):
+    async def __call__(self, form: Mapping[str, str], query: Mapping[str, str]) -> tuple[str, Mapping[str, str]] | None:
+        """A verified `<Dial>` action callback (the human's leg ended). None: the call is over (Twilio
+        gets `<Hangup/>`); (call_id, stream parameters): the caller goes back to an agent on a new stream."""
         ...
 
 
@@ -323,10 +353,12 @@ def twilio_router(
     on_status: StatusHook,
     *,
     on_rejected: RejectedHook | None = None,
+    on_dial_action: DialActionHook | None = None,
     media_path: str = "/twilio/media",
     call_id_parameter: str = "call_id",
 ) -> APIRouter:
-    """`POST /twilio/voice` and `POST /twilio/status`, both signature-checked.
+    """`POST /twilio/voice`, `POST /twilio/status` and (with `on_dial_action`) `POST
+    /twilio/dial-action`, all signature-checked.
 
     The voice webhook calls `on_inbound(form)` and answers `<Connect><Stream>` to `media_path` on the
     public host, with the stream parameters plus `call_id_parameter`=call_id. The status webhook calls
@@ -377,7 +409,7 @@ def twilio_router(
         if not form.get("CallSid"):
             return PlainTextResponse("missing CallSid", status_code=400)
         try:
-            call_id, parameters = await on_inbound(form)
+            call_id, parameters = await on_inbound(form, dict(request.query_params))
         except CallRejected as exc:
             log.info("call %s rejected: %s", form.get("CallSid"), exc.reason)
             return Response(reject_twiml("busy" if exc.busy else "rejected"), media_type="application/xml")
@@ -397,7 +429,31 @@ def twilio_router(
             payload = status_callback_payload(form)
         except ValueError as exc:
             return PlainTextResponse(str(exc), status_code=400)
-        await on_status(call_sid, payload)
+        try:
+            await on_status(call_sid, payload, dict(request.query_params))
+        except ValueError as exc:
+            return PlainTextResponse(str(exc), status_code=400)
         return Response(status_code=204)
+
+    if on_dial_action is not None:
+        dial_action = on_dial_action
+
+        @router.post(DIAL_ACTION_PATH, response_class=Response)
+        async def dial_result(request: Request) -> Response:
+            form = await verified_form(request)
+            if isinstance(form, Response):
+                return form
+            if not form.get("CallSid") or not form.get("DialCallStatus"):
+                return PlainTextResponse("missing CallSid or DialCallStatus", status_code=400)
+            try:
+                back = await dial_action(form, dict(request.query_params))
+            except ValueError as exc:
+                return PlainTextResponse(str(exc), status_code=400)
+            if back is None:
+                return Response(hangup_twiml(), media_type="application/xml")
+            call_id, parameters = back
+            twiml = connect_stream_twiml(media_stream_url(request, public_url, media_path),
+                                         {**dict(parameters), call_id_parameter: call_id})
+            return Response(twiml, media_type="application/xml")
 
     return router

@@ -165,6 +165,136 @@ class CallAnswered(EventPayload):
 
 
 @dataclass(frozen=True, slots=True)
+class CallDialFailed(EventPayload):
+    """An attempt to place the call failed, or the dial was given up (final)."""
+
+    EVENT_TYPE: ClassVar[str] = 'call.dial_failed'
+    EVENT_VERSION: ClassVar[int] = 1
+
+    provider: str
+    """twilio."""
+    error: str
+    """What went wrong, in the carrier's words when it said."""
+    attempt: int
+    """Which attempt (0: none was made, e.g. expired in the queue)."""
+    retryable: bool
+    """Whether another attempt follows."""
+    final: bool
+    """The dial is given up: no call will be placed."""
+    code: int | None = None
+    """The carrier's error code (e.g. Twilio 21211 invalid To number)."""
+
+    def to_avro(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "error": self.error,
+            "code": self.code,
+            "attempt": self.attempt,
+            "retryable": self.retryable,
+            "final": self.final,
+        }
+
+    @classmethod
+    def from_avro(cls, record: Mapping[str, Any]) -> CallDialFailed:
+        return cls(
+            provider=record["provider"],
+            error=record["error"],
+            code=record["code"],
+            attempt=record["attempt"],
+            retryable=record["retryable"],
+            final=record["final"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CallDialPlaced(EventPayload):
+    """The dialer placed the call with the carrier (Twilio accepted it); it rings next."""
+
+    EVENT_TYPE: ClassVar[str] = 'call.dial_placed'
+    EVENT_VERSION: ClassVar[int] = 1
+
+    provider: str
+    """twilio."""
+    provider_call_id: str
+    """The carrier's id for the call (Twilio CallSid)."""
+    attempt: int
+    """Which attempt placed it (1 is the first)."""
+    queued_ms: int
+    """How long the request waited for the tenant's rate limit and the dialer."""
+    latency_ms: int
+    """How long the carrier took to accept it."""
+
+    def to_avro(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "provider_call_id": self.provider_call_id,
+            "attempt": self.attempt,
+            "queued_ms": self.queued_ms,
+            "latency_ms": self.latency_ms,
+        }
+
+    @classmethod
+    def from_avro(cls, record: Mapping[str, Any]) -> CallDialPlaced:
+        return cls(
+            provider=record["provider"],
+            provider_call_id=record["provider_call_id"],
+            attempt=record["attempt"],
+            queued_ms=record["queued_ms"],
+            latency_ms=record["latency_ms"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CallDialRequested(EventPayload):
+    """Someone asked the platform to phone a person (POST /v1/calls). The dial's own stream: call_id in the envelope is the dial id; the dialer places it."""
+
+    EVENT_TYPE: ClassVar[str] = 'call.dial_requested'
+    EVENT_VERSION: ClassVar[int] = 1
+
+    agent_id: str
+    """The agent that will talk to the person."""
+    to_number: str
+    """Who to call (E.164). PII: phone."""
+    from_number: str
+    """Caller id to present: one of the tenant's numbers (E.164). PII: phone."""
+    call_id: str
+    """The id the call will have once answered (its own event stream)."""
+    requested_by: str
+    """Which API key asked (its id, never the key)."""
+    expires_at_us: int
+    """Not placed after this (epoch microseconds): a late call is worse than none."""
+    parameters: dict[str, str] = field(default_factory=dict)
+    """Custom parameters for the agent, passed into the call's call.started. PII: json."""
+    ring_timeout_s: int = 30
+    """How long to let it ring before giving up."""
+
+    def to_avro(self) -> dict[str, Any]:
+        return {
+            "agent_id": self.agent_id,
+            "to_number": self.to_number,
+            "from_number": self.from_number,
+            "call_id": self.call_id,
+            "parameters": dict(self.parameters),
+            "requested_by": self.requested_by,
+            "expires_at_us": self.expires_at_us,
+            "ring_timeout_s": self.ring_timeout_s,
+        }
+
+    @classmethod
+    def from_avro(cls, record: Mapping[str, Any]) -> CallDialRequested:
+        return cls(
+            agent_id=record["agent_id"],
+            to_number=record["to_number"],
+            from_number=record["from_number"],
+            call_id=record["call_id"],
+            parameters=dict(record["parameters"]),
+            requested_by=record["requested_by"],
+            expires_at_us=record["expires_at_us"],
+            ring_timeout_s=record["ring_timeout_s"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class CallEnded(EventPayload):
     """The call ended."""
 
@@ -515,6 +645,48 @@ class HandoffCompleted(EventPayload):
             target=record["target"],
             outcome=record["outcome"],
             detail=record["detail"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HandoffOutcome(EventPayload):
+    """What became of a transfer once the human's leg ended, as the carrier reports it (Twilio's <Dial> action)."""
+
+    EVENT_TYPE: ClassVar[str] = 'handoff.outcome'
+    EVENT_VERSION: ClassVar[int] = 1
+
+    handoff_id: str
+    """The handoff."""
+    outcome: str
+    """connected (a human talked with the caller), no_answer, busy, failed, canceled."""
+    provider_status: str
+    """The carrier's own status (Twilio DialCallStatus)."""
+    dialed_call_id: str | None = None
+    """The carrier's id for the human's leg (Twilio DialCallSid)."""
+    duration_s: int | None = None
+    """How long the human's leg lasted."""
+    raw: dict[str, str] = field(default_factory=dict)
+    """The callback's parameters as received. PII: json."""
+
+    def to_avro(self) -> dict[str, Any]:
+        return {
+            "handoff_id": self.handoff_id,
+            "outcome": self.outcome,
+            "provider_status": self.provider_status,
+            "dialed_call_id": self.dialed_call_id,
+            "duration_s": self.duration_s,
+            "raw": dict(self.raw),
+        }
+
+    @classmethod
+    def from_avro(cls, record: Mapping[str, Any]) -> HandoffOutcome:
+        return cls(
+            handoff_id=record["handoff_id"],
+            outcome=record["outcome"],
+            provider_status=record["provider_status"],
+            dialed_call_id=record["dialed_call_id"],
+            duration_s=record["duration_s"],
+            raw=dict(record["raw"]),
         )
 
 
@@ -1338,6 +1510,9 @@ PAYLOAD_TYPES: dict[str, type[EventPayload]] = {
     "audio.caller_chunk": CallerAudioChunk,
     "audit.recorded": AuditRecorded,
     "call.answered": CallAnswered,
+    "call.dial_failed": CallDialFailed,
+    "call.dial_placed": CallDialPlaced,
+    "call.dial_requested": CallDialRequested,
     "call.ended": CallEnded,
     "call.hangup_requested": CallHangupRequested,
     "call.started": CallStarted,
@@ -1348,6 +1523,7 @@ PAYLOAD_TYPES: dict[str, type[EventPayload]] = {
     "error.raised": ErrorRaised,
     "guardrail.triggered": GuardrailTriggered,
     "handoff.completed": HandoffCompleted,
+    "handoff.outcome": HandoffOutcome,
     "handoff.requested": HandoffRequested,
     "llm.decided": LlmDecided,
     "llm.requested": LlmRequested,
@@ -1375,6 +1551,9 @@ __all__ = [
     "AuditRecorded",
     "BargeIn",
     "CallAnswered",
+    "CallDialFailed",
+    "CallDialPlaced",
+    "CallDialRequested",
     "CallEnded",
     "CallHangupRequested",
     "CallStarted",
@@ -1388,6 +1567,7 @@ __all__ = [
     "ErrorRaised",
     "GuardrailTriggered",
     "HandoffCompleted",
+    "HandoffOutcome",
     "HandoffRequested",
     "LlmDecided",
     "LlmRequested",

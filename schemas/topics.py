@@ -3,7 +3,9 @@
 Audio is heavy and hot (50 chunks a second per direction per call), so it has a topic of its own:
 projections that never look at audio never read it, and its retention can differ. Commands to
 side-effect workers are apart too, so a worker group consumes only what it acts on. A call's events
-across topics are ordered by the envelope's per-call `seq`.
+across topics are ordered by the envelope's per-call `seq`. An outbound dial is a stream of its own,
+keyed by its dial id (`dial-...`): its request on the commands topic, the dialer's outcomes and the
+carrier's status callbacks until the call is answered on the calls topic.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ TOPICS: dict[str, TopicSpec] = {
     for spec in (
         TopicSpec(CALLS, 12, "Every call event but audio and commands: lifecycle, transcripts, decisions, results."),
         TopicSpec(AUDIO, 12, "Caller and agent audio chunks."),
-        TopicSpec(COMMANDS, 6, "Requests for side effects, consumed by idempotent workers (tool.requested)."),
+        TopicSpec(COMMANDS, 6, "Requests for side effects, consumed by idempotent workers (tool.requested, "
+                  "call.dial_requested)."),
         TopicSpec(DEADLETTER, 1, "Messages no consumer could decode, with the reason and their origin in headers."),
         TopicSpec(CALL_REGISTRY, 12, "One JSON entry per call, kept current by streams.call_registry.", compacted=True),
         TopicSpec(
@@ -51,7 +54,7 @@ TOPICS: dict[str, TopicSpec] = {
 # Topics that hold a call's own events (replay reads these, merged by seq).
 CALL_TOPICS = (CALLS, AUDIO, COMMANDS)
 
-_COMMAND_TYPES = frozenset({"tool.requested"})
+_COMMAND_TYPES = frozenset({"tool.requested", "call.dial_requested"})
 _AUDIT_TYPES = frozenset({"audit.recorded"})
 
 

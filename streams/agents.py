@@ -20,6 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_AGENTS_DIR = Path(__file__).resolve().parent.parent / "voxlog" / "agents"
+TENANT_FILES = ("tenant.yaml", "tenant.yml", "tenant.toml")
+"""A tenant's own settings (`streams.tenants`), beside its agents."""
 
 
 class _Spec(BaseModel):
@@ -81,6 +83,9 @@ class Handoff(_Spec):
     """Where a human answers: a phone number (E.164) or a SIP URI."""
     phrases: tuple[str, ...] = ("human", "agent", "representative", "operator", "person")
     message: str = "Let me connect you with a colleague."
+    unavailable: str = "I couldn't reach anyone right now. How else can I help?"
+    """Said when the human could not be reached: at once when the transfer fails, or when the
+    caller comes back to the agent because nobody answered."""
 
 
 class Consent(_Spec):
@@ -164,7 +169,8 @@ def load_agent_file(path: Path) -> AgentSpec:
 
 
 def load_agents(directory: Path) -> list[AgentSpec]:
-    files = sorted(p for p in directory.rglob("*") if p.suffix in (".yaml", ".yml", ".toml"))
+    files = sorted(p for p in directory.rglob("*")
+                   if p.suffix in (".yaml", ".yml", ".toml") and p.name not in TENANT_FILES)
     agents = [load_agent_file(p) for p in files]
     seen: dict[tuple[str, str], Path] = {}
     for agent, path in zip(agents, files, strict=True):

@@ -44,8 +44,11 @@ from schemas.events import (
     TtsRequested,
     TurnTaken,
 )
-from streams.agents import AgentSpec
+from streams.agents import AgentSpec, Handoff
 from streams.providers.base import ChatMessage, LlmRequest, ToolSpec
+
+RETURNED_FROM_HANDOFF = "returned_from"
+"""call.started parameter: the call whose transfer failed and brought the caller back (its id)."""
 
 CORE_PRODUCER = "voxlog.core"
 CORE_VERSION = "1"
@@ -149,12 +152,19 @@ class CallState:
     silence_reprompted: bool = False
     hangup_after_speech: str | None = None  # reason, once the goodbye has been spoken
     handoff_id: str | None = None
+    returned_from_handoff: bool = False
+    """The caller came back to the agent because the human could not be reached."""
     ended: bool = False
 
 
 def says(text: str, phrase: str) -> bool:
     """Whether the caller's words contain the phrase, as whole words (a plural 's' allowed)."""
     return re.search(rf"\b{re.escape(phrase.lower())}s?\b", text.lower()) is not None
+
+
+def handoff_id_of(call_id: str) -> str:
+    """A call's handoff id (one at a time; the carrier's report of the human's leg names it)."""
+    return f"{call_id}/handoff"
 
 
 def new_state(agent: AgentSpec) -> CallState:
@@ -169,7 +179,8 @@ def decide(state: CallState, event: Event[EventPayload]) -> tuple[CallState, lis
     now = event.envelope.event_time_us
     match p:
         case CallStarted():
-            return replace(state, call_id=event.call_id, started_us=now), []
+            returned = RETURNED_FROM_HANDOFF in p.parameters
+            return replace(state, call_id=event.call_id, started_us=now, returned_from_handoff=returned), []
         case MemoryLoaded():
             return replace(state, memory=tuple(s.summary for s in p.summaries)), []
         case CallAnswered():
@@ -193,7 +204,7 @@ def decide(state: CallState, event: Event[EventPayload]) -> tuple[CallState, lis
         case HandoffCompleted():
             if p.outcome == "connected":
                 return _hangup(state, "handoff")
-            return _say(replace(state, handoff_id=None), "I couldn't reach anyone right now. How else can I help?")
+            return _say(replace(state, handoff_id=None), _unavailable(state.agent))
         case CallEnded():
             return replace(state, ended=True, phase="ended"), []
     return state, []
@@ -251,10 +262,16 @@ def _hangup(state: CallState, reason: str) -> tuple[CallState, list[Decision]]:
     return state, [*decisions, Decision(CallHangupRequested(reason=reason), Hangup(reason))]
 
 
+def _unavailable(agent: AgentSpec) -> str:
+    return agent.handoff.unavailable if agent.handoff else Handoff.model_fields["unavailable"].default
+
+
 def _greet(state: CallState, now: int) -> tuple[CallState, list[Decision]]:
     agent = state.agent
     state, limit = _set_timer(state, "max_duration", now + agent.guardrails.max_duration_s * 1_000_000)
-    state, greeting = _say(state, f"{agent.consent.text} {agent.greeting}" if agent.consent.text else agent.greeting)
+    # A caller back from a transfer nobody answered hears why, not the greeting again.
+    opening = _unavailable(agent) if state.returned_from_handoff else agent.greeting
+    state, greeting = _say(state, f"{agent.consent.text} {opening}" if agent.consent.text else opening)
     decisions = [*limit, *greeting]
     if agent.consent.text:
         # Continuing after the notice is consent to it; refusing means hanging up.
@@ -346,7 +363,7 @@ def _hand_off(state: CallState, reason: str) -> tuple[CallState, list[Decision]]
     agent = state.agent
     if agent.handoff is None:
         return _say(state, agent.fallback)
-    handoff_id = f"{state.call_id}/handoff"
+    handoff_id = handoff_id_of(state.call_id)
     summary = " | ".join(m.content for m in state.history if m.role == "user")[-500:]
     state, said = _say(replace(state, handoff_id=handoff_id), agent.handoff.message)
     return state, [

@@ -93,13 +93,13 @@ class Gateway:
 
 
 def build_app(gateway: Gateway, rest: TwilioRest | None) -> FastAPI:
-    async def on_inbound(form: Mapping[str, str]) -> tuple[str, Mapping[str, str]]:
+    async def on_inbound(form: Mapping[str, str], query: Mapping[str, str]) -> tuple[str, Mapping[str, str]]:
         gateway.inbound.append(dict(form))
         if form.get("To") == REJECTED_NUMBER:
             raise CallRejected("no agent answers this number")
         return f"call-{form['CallSid'][-8:]}", {"tenant": "acme", "agent": "front-desk", "from": form["From"]}
 
-    async def on_status(call_sid: str, status: CallStatus) -> None:
+    async def on_status(call_sid: str, status: CallStatus, query: Mapping[str, str]) -> None:
         gateway.statuses.append((call_sid, status))
 
     async def on_rejected(info: RejectedWebhook) -> None:

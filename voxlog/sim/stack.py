@@ -8,6 +8,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import uvicorn
 from pydantic import SecretStr
@@ -17,7 +18,7 @@ from gateway.calls import Gateway
 from streams.agents import AgentSpec
 from streams.session import Providers
 from voxlog.settings import Settings
-from voxlog.sim.fake_twilio import FakeTwilio, new_account_sid
+from voxlog.sim.fake_twilio import FakeTwilio, RecordedRequest, new_account_sid
 from voxlog.sim.twilio_caller import TwilioCaller
 
 AUTH_TOKEN = "voxlog-local-auth-token"
@@ -46,6 +47,25 @@ class LocalStack:
                               from_=from_, to=to)
         self.twilio.add_call(from_, to, sid=caller.call_sid)
         return caller
+
+    async def placed_calls(self, count: int, timeout_s: float = 15.0) -> list[RecordedRequest]:
+        """Waits until the dialer has asked Twilio for `count` calls; returns those requests."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while len(created := [r for r in self.twilio.requests_for("create_call") if r.call_sid]) < count:
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"{len(created)} of {count} calls placed within {timeout_s} s")
+            await asyncio.sleep(0.05)
+        return created
+
+    def callee(self, placed: RecordedRequest) -> TwilioCaller:
+        """The person who answers a call the dialer placed: Twilio then fetches the voice URL the dialer
+        gave (signed, Direction outbound-api) and posts status callbacks to its status callback URL."""
+        params = placed.params
+        voice, status = urlsplit(params["Url"]), urlsplit(params["StatusCallback"])
+        return TwilioCaller(self.base_url, AUTH_TOKEN, account_sid=self.settings.twilio_account_sid or "",
+                            call_sid=placed.call_sid or "", from_=params["From"], to=params["To"],
+                            voice_path=f"{voice.path}?{voice.query}", status_path=f"{status.path}?{status.query}",
+                            direction="outbound-api")
 
 
 @asynccontextmanager

@@ -114,6 +114,8 @@ class TwilioCaller:
     public_url: str | None = None
     voice_path: str = "/twilio/voice"
     status_path: str = "/twilio/status"
+    direction: str = "inbound"
+    """inbound, or outbound-api for a call the platform placed (the person answering is the far end)."""
     realtime_playback: bool = True
 
     agent_audio: bytearray = field(default_factory=bytearray)
@@ -152,7 +154,7 @@ class TwilioCaller:
             "AccountSid": self.account_sid,
             "ApiVersion": "2010-04-01",
             "CallSid": self.call_sid,
-            "CallStatus": "ringing",
+            "CallStatus": "ringing" if self.direction == "inbound" else "in-progress",
             "CallToken": "%7B%22parentCallInfoToken%22%3A%22%22%7D",
             "Called": self.to,
             "CalledCity": "SAN FRANCISCO",
@@ -164,7 +166,7 @@ class TwilioCaller:
             "CallerCountry": "US",
             "CallerState": "CA",
             "CallerZip": "94612",
-            "Direction": "inbound",
+            "Direction": self.direction,
             "From": self.from_,
             "FromCity": "OAKLAND",
             "FromCountry": "US",

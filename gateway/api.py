@@ -1,0 +1,183 @@
+"""The tenant API: `POST /v1/calls` asks for an outbound call, `GET /v1/calls/dials/{id}` tells what
+became of it. Both take a tenant API key (`Authorization: Bearer KEY`) and only ever see that
+tenant's dials.
+
+A dial request is recorded as `call.dial_requested` (the dial's stream, seq 0) and answered 202 at
+once; the dialer (`consumers.dialer`) places it within the tenant's rate limit, and the answered
+call joins the same media path as an inbound one.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections.abc import Sequence
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from consumers.events import read_call
+from gateway.calls import PRODUCER, Gateway, new_call_id
+from gateway.outbound import DIAL_ID, check_parameters
+from producers.events import CallRecorder
+from schemas.base import Event, EventPayload
+from schemas.events import CallDialFailed, CallDialPlaced, CallDialRequested, CallStatus
+from schemas.topics import CALLS, COMMANDS
+from streams.agents import RoutingError
+from streams.tenants import E164, TenantSpec
+from voxlog import __version__
+
+DIAL_LOOKBACK_MS = 60_000
+"""A dial's events start at its request; its id carries that time, which bounds the log scan."""
+
+
+def new_dial_id(now_ms: int | None = None) -> str:
+    """`dial-` + 12 hex digits of the request's epoch milliseconds + 20 random: sortable by time."""
+    now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    return f"dial-{now_ms:012x}{random.getrandbits(80):020x}"
+
+
+def dial_time_ms(dial_id: str) -> int:
+    return int(dial_id[5:17], 16)
+
+
+class DialRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    agent: str = Field(description="The tenant's agent that talks to the person.")
+    to: str = Field(pattern=E164, description="Who to call, E.164.")
+    from_: str | None = Field(None, alias="from", pattern=E164,
+                              description="Caller id, one of the tenant's numbers; default its first.")
+    parameters: dict[str, str] = Field(default_factory=dict,
+                                       description="Passed to the agent in the call's call.started.")
+    expires_in_s: int | None = Field(None, ge=1, le=86_400,
+                                     description="Give up if not placed within this; default the tenant's max_wait_s.")
+    ring_timeout_s: int | None = Field(None, ge=5, le=600)
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameters_travel(cls, parameters: dict[str, str]) -> dict[str, str]:
+        check_parameters(parameters)
+        return parameters
+
+
+class DialAccepted(BaseModel):
+    dial_id: str
+    call_id: str
+    status: Literal["queued"] = "queued"
+    status_url: str
+
+
+class DialEvent(BaseModel):
+    seq: int
+    type: str
+    at_us: int
+    detail: str
+
+
+class DialView(BaseModel):
+    dial_id: str
+    call_id: str
+    status: str
+    """queued, placed, failed, or the carrier's last status (ringing, in-progress, busy, no-answer...)."""
+    attempts: int
+    provider_call_id: str | None
+    error: str | None
+    events: list[DialEvent]
+
+
+_BEARER = re.compile(r"^Bearer\s+(\S+)$", re.IGNORECASE)
+
+
+async def tenant_of(request: Request) -> tuple[TenantSpec, str]:
+    """The tenant (and key id) of the request's API key; 401, audited, without a valid one."""
+    runtime: Gateway = request.app.state.gateway
+    match = _BEARER.match(request.headers.get("authorization", ""))
+    found = runtime.tenants.by_api_key(match.group(1)) if match else None
+    if found is None:
+        await runtime.audit(tenant_id="platform", call_id="-", actor="api", action="api.unauthorized",
+                            resource=request.url.path, outcome="denied",
+                            detail="missing Authorization header" if match is None else "unknown API key",
+                            remote_addr=request.client.host if request.client else None)
+        raise HTTPException(401, "a tenant API key is required: Authorization: Bearer KEY",
+                            headers={"WWW-Authenticate": "Bearer"})
+    return found
+
+
+Caller = Annotated[tuple[TenantSpec, str], Depends(tenant_of)]
+
+
+def api_router(runtime: Gateway) -> APIRouter:
+    router = APIRouter(prefix="/v1")
+
+    @router.post("/calls", status_code=202, response_model=DialAccepted)
+    async def request_call(body: DialRequest, caller: Caller, request: Request) -> DialAccepted:
+        tenant, key_id = caller
+        try:
+            runtime.router.get(tenant.id, body.agent)
+        except RoutingError as exc:
+            raise HTTPException(404, f"tenant {tenant.id} has no agent {body.agent!r}") from exc
+        caller_ids = tenant.dialing.caller_ids
+        if not caller_ids:
+            raise HTTPException(409, f"tenant {tenant.id} has no caller ids to dial out from (dialing.caller_ids)")
+        from_number = body.from_ or caller_ids[0]
+        if from_number not in caller_ids:
+            raise HTTPException(422, f"{from_number} is not one of tenant {tenant.id}'s caller ids")
+        now_us = time.time_ns() // 1000
+        dial_id, call_id = new_dial_id(now_us // 1000), new_call_id()
+        expires_in_s = body.expires_in_s or tenant.dialing.max_wait_s
+        recorder = CallRecorder(runtime.writer, tenant_id=tenant.id, call_id=dial_id, producer=PRODUCER,
+                                producer_version=__version__)
+        await recorder.record(CallDialRequested(
+            agent_id=body.agent, to_number=body.to, from_number=from_number, call_id=call_id,
+            parameters=body.parameters, requested_by=key_id, expires_at_us=now_us + expires_in_s * 1_000_000,
+            ring_timeout_s=body.ring_timeout_s or tenant.dialing.ring_timeout_s), correlation_id=call_id)
+        await runtime.writer.flush()
+        await runtime.audit(tenant_id=tenant.id, call_id=call_id, actor=f"api-key:{key_id}", action="dial.requested",
+                            resource=dial_id, outcome="accepted", detail=f"agent {body.agent}",
+                            remote_addr=request.client.host if request.client else None)
+        return DialAccepted(dial_id=dial_id, call_id=call_id,
+                            status_url=str(request.url_for("dial_status", dial_id=dial_id)))
+
+    @router.get("/calls/dials/{dial_id}", response_model=DialView, name="dial_status")
+    async def dial_status(dial_id: str, caller: Caller) -> DialView:
+        tenant, _ = caller
+        if not DIAL_ID.match(dial_id):
+            raise HTTPException(404, "no such dial")
+        admin = runtime.backend.admin()
+        try:
+            history = await read_call(admin, dial_id, topics=(COMMANDS, CALLS),
+                                      since_ms=dial_time_ms(dial_id) - DIAL_LOOKBACK_MS)
+        finally:
+            await admin.close()
+        mine = [e for e in history.events if e.tenant_id == tenant.id]
+        requested = next((e.payload for e in mine if isinstance(e.payload, CallDialRequested)), None)
+        if requested is None:
+            raise HTTPException(404, "no such dial")  # another tenant's looks the same as none
+        return dial_view(dial_id, requested, mine)
+
+    return router
+
+
+def dial_view(dial_id: str, requested: CallDialRequested, events: Sequence[Event[EventPayload]]) -> DialView:
+    status, attempts, sid, error = "queued", 0, None, None
+    rows = []
+    for event in events:
+        p = event.payload
+        detail = ""
+        if isinstance(p, CallDialPlaced):
+            status, attempts, sid, detail = "placed", p.attempt, p.provider_call_id, p.provider_call_id
+        elif isinstance(p, CallDialFailed):
+            attempts, error, detail = p.attempt, p.error, p.error
+            if p.final:
+                status = "failed"
+        elif isinstance(p, CallStatus):
+            status, detail = p.status, p.status
+        elif isinstance(p, CallDialRequested):
+            detail = f"agent {p.agent_id}"
+        rows.append(DialEvent(seq=event.seq, type=event.type, at_us=event.envelope.event_time_us, detail=detail))
+    return DialView(dial_id=dial_id, call_id=requested.call_id, status=status, attempts=attempts,
+                    provider_call_id=sid, error=error, events=rows)
+

@@ -1,0 +1,107 @@
+"""Tenants as operators define them: `tenant.yaml` (or `.toml`) in the tenant's folder of agents.
+
+A tenant file holds what is the tenant's rather than one agent's: the API keys that act for it (as
+SHA-256 digests; the keys themselves are never stored) and its outbound dialling policy (caller
+ids it may present, how fast calls may be placed). A tenant with no file has no API access.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import tomllib
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from streams.agents import TENANT_FILES, AgentConfigError
+
+E164 = r"^\+[1-9][0-9]{6,14}$"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ApiKey(_Spec):
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    """A name for the key, recorded with what it does (never the key itself)."""
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """`sha256(key).hexdigest()`: `voxlog keys hash KEY` prints it."""
+
+
+class Dialing(_Spec):
+    caller_ids: tuple[str, ...] = ()
+    """Numbers (E.164) the tenant may call from; the first is the default."""
+    calls_per_minute: float = Field(10.0, gt=0)
+    """Sustained rate of placed calls, across all of the tenant's dials."""
+    burst: int = Field(3, ge=1)
+    """How many calls may be placed at once before the rate applies."""
+    max_wait_s: int = Field(600, ge=1)
+    """A dial not placed within this long after its request is given up."""
+    ring_timeout_s: int = Field(30, ge=5, le=600)
+
+
+class TenantSpec(_Spec):
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")
+    name: str = ""
+    api_keys: tuple[ApiKey, ...] = ()
+    dialing: Dialing = Dialing()
+
+    def key_id(self, key: str) -> str | None:
+        """The id of the API key `key`, if it is one of this tenant's."""
+        digest = hash_api_key(key)
+        for api_key in self.api_keys:
+            if hmac.compare_digest(api_key.sha256, digest):
+                return api_key.id
+        return None
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def is_tenant_file(path: Path) -> bool:
+    return path.name in TENANT_FILES
+
+
+def load_tenants(directory: Path) -> dict[str, TenantSpec]:
+    tenants: dict[str, TenantSpec] = {}
+    for path in sorted(p for p in directory.rglob("*") if is_tenant_file(p)):
+        try:
+            text = path.read_text()
+            raw = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+            tenant = TenantSpec.model_validate(raw)
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            raise AgentConfigError(f"{path}: {exc}") from exc
+        if tenant.id in tenants:
+            raise AgentConfigError(f"{path}: tenant {tenant.id} is defined twice")
+        tenants[tenant.id] = tenant
+    return tenants
+
+
+class Tenants:
+    """The tenants, and which one an API key belongs to."""
+
+    def __init__(self, tenants: dict[str, TenantSpec]) -> None:
+        self.tenants = tenants
+        seen: dict[str, str] = {}
+        for tenant in tenants.values():
+            for key in tenant.api_keys:
+                if key.sha256 in seen:
+                    raise AgentConfigError(f"an API key of tenant {tenant.id} is also one of {seen[key.sha256]}")
+                seen[key.sha256] = tenant.id
+
+    def get(self, tenant_id: str) -> TenantSpec:
+        return self.tenants.get(tenant_id) or TenantSpec(id=tenant_id)
+
+    def by_api_key(self, key: str) -> tuple[TenantSpec, str] | None:
+        """(tenant, key id) for a valid key, else None. Every tenant is checked, so the time taken
+        does not tell which tenant came close."""
+        found = None
+        for tenant in self.tenants.values():
+            key_id = tenant.key_id(key)
+            if key_id is not None:
+                found = (tenant, key_id)
+        return found
