@@ -135,8 +135,10 @@ async def test_a_requested_call_is_placed_answered_and_talks_with_the_agent(stac
     dial = await wait_for_stream(stack, dial_id, lambda es: sum(isinstance(e.payload, CallStatus) for e in es) >= 2)
     assert [e.type for e in dial] == ["call.dial_requested", "call.dial_placed", "call.status", "call.status"]
     assert [e.seq for e in dial] == [0, 1, 2, 3], "status callbacks number on after the placing; a retry is the same"
-    assert isinstance(dial[0].payload, CallDialRequested) and dial[0].payload.requested_by == "demo-key"
-    assert isinstance(dial[1].payload, CallDialPlaced) and dial[1].payload.provider_call_id == placed.call_sid
+    assert isinstance(dial[0].payload, CallDialRequested)
+    assert dial[0].payload.requested_by == "demo-key"
+    assert isinstance(dial[1].payload, CallDialPlaced)
+    assert dial[1].payload.provider_call_id == placed.call_sid
 
     call = await wait_for_stream(stack, call_id, lambda es: any(isinstance(e.payload, CallStatus) for e in es))
     started = call[0].payload
@@ -148,7 +150,8 @@ async def test_a_requested_call_is_placed_answered_and_talks_with_the_agent(stac
 
     view = await api(stack, "GET", f"/v1/calls/dials/{dial_id}")
     assert view.status_code == 200
-    assert view.json()["call_id"] == call_id and view.json()["provider_call_id"] == placed.call_sid
+    assert view.json()["call_id"] == call_id
+    assert view.json()["provider_call_id"] == placed.call_sid
     assert view.json()["status"] == "ringing"  # the dial's last word; the call's own stream has the rest
 
 
@@ -158,7 +161,8 @@ async def test_the_api_refuses_what_it_must(stack: LocalStack) -> None:
     assert (await api(stack, "POST", "/v1/calls", key="wrong", json={"agent": "front-desk", "to": PERSON})
             ).status_code == 401
     bad_number = await api(stack, "POST", "/v1/calls", json={"agent": "front-desk", "to": "555-0100"})
-    assert bad_number.status_code == 422 and "to" in bad_number.text
+    assert bad_number.status_code == 422
+    assert "to" in bad_number.text
     assert (await api(stack, "POST", "/v1/calls", json={"agent": "nobody", "to": PERSON})).status_code == 404
     not_ours = await api(stack, "POST", "/v1/calls", json={"agent": "front-desk", "to": PERSON, "from": "+15550200"})
     assert not_ours.status_code == 422, "another tenant's caller id"
@@ -184,7 +188,8 @@ async def test_the_tenant_rate_limit_spaces_placed_calls(embedded: LocalStack) -
     placed = await embedded.placed_calls(4, timeout_s=20)
     spacing = [later.at - placed[0].at for later in placed]
     # burst 2 at 60 a minute: two at once, then one a second
-    assert spacing[2] >= 0.9 and spacing[3] >= 1.9, spacing
+    assert spacing[2] >= 0.9, spacing
+    assert spacing[3] >= 1.9, spacing
 
 
 async def test_twilio_refusals_are_retried_only_when_safe(embedded: LocalStack) -> None:
@@ -202,10 +207,12 @@ async def test_twilio_refusals_are_retried_only_when_safe(embedded: LocalStack) 
     busy = (await api(embedded, "POST", "/v1/calls", json={"agent": "front-desk", "to": PERSON})).json()
     events = await wait_for_stream(embedded, busy["dial_id"], lambda es: len(es) >= 3)
     assert [type(e.payload) for e in events] == [CallDialRequested, CallDialFailed, CallDialPlaced]
-    assert events[1].payload.retryable and events[2].payload.attempt == 2  # type: ignore[attr-defined]
+    assert events[1].payload.retryable
+    assert events[2].payload.attempt == 2
 
     view = (await api(embedded, "GET", f"/v1/calls/dials/{refused['dial_id']}")).json()
-    assert view["status"] == "failed" and "not a valid phone number" in view["error"]
+    assert view["status"] == "failed"
+    assert "not a valid phone number" in view["error"]
 
 
 def dial_action_url(twiml: str) -> str:
@@ -264,7 +271,8 @@ async def test_a_transfer_nobody_answers_brings_the_caller_back_to_the_agent(sta
 
     second = await stream_of(stack, new_call_id)
     started = second[0].payload
-    assert isinstance(started, CallStarted) and started.routed_by == "handoff_return"
+    assert isinstance(started, CallStarted)
+    assert started.routed_by == "handoff_return"
     assert started.parameters["returned_from"] == call_id
     said = [e.payload.text for e in second if isinstance(e.payload, TtsRequested)]
     assert "couldn't reach anyone" in said[0], said
@@ -274,7 +282,8 @@ async def test_a_transfer_nobody_answers_brings_the_caller_back_to_the_agent(sta
 async def test_a_transfer_a_human_took_ends_with_the_human(embedded: LocalStack) -> None:
     caller, call_id, action = await transferred_call(embedded)
     answer = await post_dial_action(caller, action, "completed", duration=42)
-    assert answer.status_code == 200 and "<Hangup" in answer.text
+    assert answer.status_code == 200
+    assert "<Hangup" in answer.text
     outcome = (await stream_of(embedded, call_id))[-1].payload
     assert isinstance(outcome, HandoffOutcome)
     assert (outcome.outcome, outcome.duration_s) == ("connected", 42)

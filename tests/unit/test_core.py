@@ -33,7 +33,7 @@ from schemas.events import (
     TurnTaken,
 )
 from streams.agents import DEFAULT_AGENTS_DIR, AgentSpec, load_agents
-from streams.core import CallLlm, Hangup, RunTool, Speak, StopSpeaking, Transfer
+from streams.core import RETURNED_FROM_HANDOFF, CallLlm, Hangup, RunTool, Speak, StopSpeaking, Transfer
 from streams.replay import verify_call
 from tests.core_sim import CoreSim
 
@@ -134,6 +134,22 @@ def test_asking_for_a_human_hands_off_without_the_llm() -> None:
     connected = sim.feed(HandoffCompleted(handoff_id=handoff.payload.handoff_id, target="x", outcome="connected"))
     assert types(connected)[-1] == "call.hangup_requested"
     assert isinstance(connected[-1].action, Hangup)
+
+
+def test_a_transfer_that_failed_says_so_and_a_returned_caller_hears_why() -> None:
+    sim = CoreSim(AGENT)
+    started(sim)
+    handoff = sim.feed(final("operator"))[1].payload
+    assert isinstance(handoff, HandoffRequested)
+    failed = sim.feed(HandoffCompleted(handoff_id=handoff.handoff_id, target="x", outcome="failed"))
+    assert [d.payload.text for d in failed] == [AGENT.handoff.unavailable]  # type: ignore[union-attr, attr-defined]
+
+    back = CoreSim(AGENT, call_id="call-2")
+    back.feed(CallStarted(channel="phone", direction="inbound", agent_id=AGENT.id, agent_version=AGENT.version,
+                          routed_by="handoff_return", parameters={RETURNED_FROM_HANDOFF: "call-1"}))
+    greeting = back.feed(CallAnswered(answered_by=None))[-1].payload
+    assert isinstance(greeting, TtsRequested)
+    assert greeting.text == f"{AGENT.consent.text} {AGENT.handoff.unavailable}"  # type: ignore[union-attr]
 
 
 def test_blocked_input_is_refused_and_never_reaches_the_llm() -> None:
