@@ -124,6 +124,8 @@ class AgentSpec(_Spec):
     prompt_id: str
     prompts: Prompts
     greeting: str
+    outbound_greeting: str | None = None
+    """What the agent opens with on a call it placed (`POST /v1/calls`); unset: `greeting`."""
     goodbye: str = "Thank you for calling. Goodbye."
     reprompt: str = "Are you still there?"
     fallback: str = "Sorry, I didn't catch that. Could you say it again?"

@@ -154,6 +154,8 @@ class CallState:
     handoff_id: str | None = None
     returned_from_handoff: bool = False
     """The caller came back to the agent because the human could not be reached."""
+    outbound: bool = False
+    """The platform placed this call (the agent speaks first to someone it called)."""
     ended: bool = False
 
 
@@ -180,7 +182,8 @@ def decide(state: CallState, event: Event[EventPayload]) -> tuple[CallState, lis
     match p:
         case CallStarted():
             returned = RETURNED_FROM_HANDOFF in p.parameters
-            return replace(state, call_id=event.call_id, started_us=now, returned_from_handoff=returned), []
+            return replace(state, call_id=event.call_id, started_us=now, returned_from_handoff=returned,
+                           outbound=p.direction == "outbound"), []
         case MemoryLoaded():
             return replace(state, memory=tuple(s.summary for s in p.summaries)), []
         case CallAnswered():
@@ -270,7 +273,12 @@ def _greet(state: CallState, now: int) -> tuple[CallState, list[Decision]]:
     agent = state.agent
     state, limit = _set_timer(state, "max_duration", now + agent.guardrails.max_duration_s * 1_000_000)
     # A caller back from a transfer nobody answered hears why, not the greeting again.
-    opening = _unavailable(agent) if state.returned_from_handoff else agent.greeting
+    if state.returned_from_handoff:
+        opening = _unavailable(agent)
+    elif state.outbound and agent.outbound_greeting:
+        opening = agent.outbound_greeting
+    else:
+        opening = agent.greeting
     state, greeting = _say(state, f"{agent.consent.text} {opening}" if agent.consent.text else opening)
     decisions = [*limit, *greeting]
     if agent.consent.text:

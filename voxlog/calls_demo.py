@@ -3,7 +3,9 @@
 The gateway runs in-process on the configured log (embedded by default) with the offline providers
 (pocketsphinx, the scripted policy, espeak-ng). Callers are played exactly as Twilio plays them: a
 signed voice webhook, then the Media Streams WebSocket carrying espeak-ng speech as 8 kHz mu-law in
-20 ms frames, in real time; Twilio's REST API (transfers, hang-ups) is a local stand-in. After the
+20 ms frames, in real time. One call goes the other way: the agent calls a customer, asked for with
+`POST /v1/calls` and placed by the dialer. Twilio's REST API (placing calls, transfers, hang-ups) is
+a local stand-in. After the
 calls, each is read back from the log, shown with its per-turn latencies, and replay-verified.
 """
 
@@ -13,6 +15,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
+import httpx
 from websockets.exceptions import ConnectionClosed
 
 from consumers.events import read_call
@@ -29,6 +32,7 @@ from streams.providers.tts_espeak import EspeakTts
 from streams.replay import ReplayResult, agent_for, verify_call
 from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
+from voxlog.sim.twilio_caller import TwilioCaller
 
 AGENT_NUMBER = "+15550100"
 
@@ -45,6 +49,8 @@ class Script:
     name: str
     caller: str
     lines: tuple[Line, ...]
+    outbound: bool = False
+    """The agent calls the person (POST /v1/calls), instead of the person calling in."""
 
 
 SCRIPTS = (
@@ -60,7 +66,13 @@ SCRIPTS = (
         Line("i have a problem with my internet", barge_in=True),
         Line("that is all goodbye"),
     )),
+    Script("outbound: the agent calls a customer", "+15550001004", (
+        Line("i would like to book an appointment for tomorrow at ten"),
+        Line("no thank you goodbye"),
+    ), outbound=True),
 )
+DEMO_API_KEY = "demo-api-key"
+"""The demo tenant's published API key (voxlog/agents/demo/tenant.yaml)."""
 
 
 @dataclass
@@ -82,9 +94,20 @@ async def _speech(tts: EspeakTts, text: str) -> bytes:
     return pcm16_to_mulaw(pcm)
 
 
+async def place_call(stack: LocalStack, number: str) -> TwilioCaller:
+    """Asks the gateway to call `number` and answers when Twilio rings it."""
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=10) as client:
+        asked = await client.post("/v1/calls", json={"agent": "front-desk", "to": number},
+                                  headers={"Authorization": f"Bearer {DEMO_API_KEY}"})
+    asked.raise_for_status()
+    (placed,) = await stack.placed_calls(1, to=number)
+    return stack.callee(placed)
+
+
 async def play_call(stack: LocalStack, script: Script, tts: EspeakTts) -> DemoCall:
     result = DemoCall(script)
-    caller = stack.caller(from_=script.caller, to=AGENT_NUMBER)
+    caller = await place_call(stack, script.caller) if script.outbound else stack.caller(from_=script.caller,
+                                                                                          to=AGENT_NUMBER)
     instructions = await caller.dial()
     result.call_id = instructions.parameters.get("call_id", "")
     async with caller:

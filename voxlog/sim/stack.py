@@ -48,10 +48,13 @@ class LocalStack:
         self.twilio.add_call(from_, to, sid=caller.call_sid)
         return caller
 
-    async def placed_calls(self, count: int, timeout_s: float = 15.0) -> list[RecordedRequest]:
-        """Waits until the dialer has asked Twilio for `count` calls; returns those requests."""
+    async def placed_calls(
+        self, count: int, timeout_s: float = 15.0, *, to: str | None = None
+    ) -> list[RecordedRequest]:
+        """Waits until the dialer has asked Twilio for `count` calls (to `to`, if given); returns them."""
         deadline = asyncio.get_running_loop().time() + timeout_s
-        while len(created := [r for r in self.twilio.requests_for("create_call") if r.call_sid]) < count:
+        while len(created := [r for r in self.twilio.requests_for("create_call")
+                              if r.call_sid and to in (None, r.params.get("To"))]) < count:
             if asyncio.get_running_loop().time() > deadline:
                 raise TimeoutError(f"{len(created)} of {count} calls placed within {timeout_s} s")
             await asyncio.sleep(0.05)
