@@ -27,7 +27,7 @@ class EmbeddedConsumer(LogConsumer):
         session_timeout_s: float = 10.0,
         heartbeat_interval_s: float = 1.0,
         max_poll_interval_s: float = 300.0,
-        idle_poll_s: float = 0.01,
+        idle_poll_s: float = 0.05,
     ) -> None:
         self._path = path
         self._topics = list(topics)
@@ -56,7 +56,7 @@ class EmbeddedConsumer(LogConsumer):
 
     async def start(self) -> None:
         self._log = await asyncio.to_thread(open_log_file, self._path)
-        notifier_for(self._path).subscribe(self._wake)
+        notifier_for(self._path).subscribe(self._wake, self._topics)
         if self._group_id is None:
             for topic in self._topics:
                 partitions = await asyncio.to_thread(self.log.ensure_topic, topic)

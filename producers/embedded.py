@@ -101,6 +101,6 @@ class EmbeddedProducer(LogProducer):
                     self._progress.notify_all()
                 return
             self._written += len(batch)
-            notifier.notify()
+            notifier.notify({topic for topic, _, _, _ in batch})
             async with self._progress:
                 self._progress.notify_all()

@@ -8,27 +8,32 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 
 class LogNotifier:
+    """Consumers subscribe with the topics they read; a commit wakes only those whose topics it
+    wrote to (audio appends, most of them, wake no worker that reads commands)."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event, frozenset[str]]] = []
 
-    def subscribe(self, event: asyncio.Event) -> None:
+    def subscribe(self, event: asyncio.Event, topics: Iterable[str]) -> None:
         with self._lock:
-            self._waiters.add((asyncio.get_running_loop(), event))
+            self._waiters.append((asyncio.get_running_loop(), event, frozenset(topics)))
 
     def unsubscribe(self, event: asyncio.Event) -> None:
         with self._lock:
-            self._waiters = {(loop, e) for loop, e in self._waiters if e is not event}
+            self._waiters = [w for w in self._waiters if w[1] is not event]
 
-    def notify(self) -> None:
+    def notify(self, topics: AbstractSet[str]) -> None:
         with self._lock:
             waiters = list(self._waiters)
-        for loop, event in waiters:
-            if loop.is_closed():
+        for loop, event, wanted in waiters:
+            if loop.is_closed() or wanted.isdisjoint(topics):
                 continue
             try:
                 running = asyncio.get_running_loop()

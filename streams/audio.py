@@ -165,6 +165,33 @@ def _polyphase(from_rate: int, to_rate: int) -> _Polyphase:
 
 def _apply(poly: _Polyphase, padded: _FloatArray, first_output: int, count: int, origin: int) -> _FloatArray:
     """Outputs first_output .. first_output + count - 1; `padded[j]` holds input sample j - origin."""
+    if poly.up == 1 or poly.down == 1:
+        return _apply_integer_ratio(poly, padded, first_output, count, origin)
+    return _apply_any_ratio(poly, padded, first_output, count, origin)
+
+
+def _apply_integer_ratio(
+    poly: _Polyphase, padded: _FloatArray, first_output: int, count: int, origin: int
+) -> _FloatArray:
+    """`_apply_any_ratio` for up == 1 or down == 1 (the phone path, 8 <-> 16 kHz): the outputs of one
+    phase are then a strided correlation of the input with that phase's taps, done in C."""
+    out = np.empty(count, dtype=np.float64)
+    end = first_output + count
+    for phase in range(poly.up):
+        first = first_output + (phase - first_output) % poly.up  # the first output with this phase
+        if first >= end:
+            continue
+        outputs = (end - 1 - first) // poly.up + 1
+        step = poly.down  # input samples between consecutive outputs of one phase (up == 1 or down == 1)
+        start = first * poly.down // poly.up - poly.half + origin
+        window = padded[start : start + (outputs - 1) * step + poly.taps]
+        if start < 0 or window.size < (outputs - 1) * step + poly.taps:
+            raise IndexError("resampler asked for outputs beyond its input")
+        out[first - first_output :: poly.up] = np.correlate(window, poly.table[phase], "valid")[::step]
+    return out
+
+
+def _apply_any_ratio(poly: _Polyphase, padded: _FloatArray, first_output: int, count: int, origin: int) -> _FloatArray:
     out = np.empty(count, dtype=np.float64)
     block = 2048
     k = np.arange(poly.taps)

@@ -85,8 +85,10 @@ class Vad:
         self._state = _State.SILENCE
         self._speech_start_samples = 0  # where the pending or current speech began
         self._last_loud_end_samples = 0  # end of the latest frame above the stop threshold
-        # (end sample, level) of the frames in the noise window. It starts full of silence, so the
-        # first frames of a stream, speech or not, are judged by the fixed thresholds alone.
+        # (end sample, level) of the frames in the noise window that could still be its minimum:
+        # levels rise from front to back, so the front is the floor (a sliding-window minimum, O(1)
+        # a frame). It starts full of silence, so the first frames of a stream, speech or not, are
+        # judged by the fixed thresholds alone.
         self._levels: deque[tuple[int, float]] = deque([(0, SILENCE_DBFS)])
 
     @property
@@ -102,7 +104,7 @@ class Vad:
     @property
     def noise_floor_dbfs(self) -> float:
         """The quietest frame level in the noise window (`SILENCE_DBFS` until a window has passed)."""
-        return min((level for _, level in self._levels), default=SILENCE_DBFS)
+        return self._levels[0][1] if self._levels else SILENCE_DBFS
 
     def thresholds(self) -> tuple[float, float]:
         """The (start, stop) thresholds in force now, after raising them above the noise floor."""
@@ -161,6 +163,8 @@ class Vad:
         return VadEvent("speech_stopped", end, end - start)
 
     def _remember(self, level: float) -> None:
+        while self._levels and self._levels[-1][1] >= level:
+            self._levels.pop()  # never the minimum again: this quieter or equal frame outlives it
         self._levels.append((self._samples, level))
         horizon = self._samples - self._to_samples(self.noise_window_ms)
         while self._levels and self._levels[0][0] <= horizon:

@@ -1,7 +1,7 @@
 """`voxlog bench calls`: what voxlog adds to each turn's voice-to-voice latency.
 
 N callers at once, each played into the real gateway exactly as Twilio plays one (webhook, media
-WebSocket, 20 ms mu-law frames in real time). The providers answer on scripted timelines
+WebSocket, 20 ms mu-law frames in real time), from a process of their own. The providers answer on scripted timelines
 (`streams.providers.timeline`), so for each turn:
 
     added = (first agent audio at the caller - end of the caller's speech)
@@ -15,10 +15,13 @@ stray from 20 ms.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
+import json
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +37,7 @@ from voxlog import __version__
 from voxlog.backends import LogBackend
 from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
+from voxlog.sim.twilio_caller import TwilioCaller
 
 LINES = ("hello there", "that is all goodbye")
 SPEECH_S = 1.0
@@ -57,9 +61,8 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-async def _one_call(stack: LocalStack, index: int, budget_ms: float) -> CallFigures:
+async def _one_call(caller: TwilioCaller, budget_ms: float) -> CallFigures:
     figures = CallFigures()
-    caller = stack.caller(from_=f"+1555{index:07d}")
     try:
         instructions = await caller.dial()
         async with caller:
@@ -82,6 +85,31 @@ async def _one_call(stack: LocalStack, index: int, budget_ms: float) -> CallFigu
     return figures
 
 
+async def play_callers(plan: dict[str, Any]) -> list[CallFigures]:
+    """All the callers of a run, at once (in the callers' own process)."""
+    return await asyncio.gather(*(
+        _one_call(TwilioCaller(plan["base_url"], plan["auth_token"], account_sid=plan["account_sid"],
+                               call_sid=sid, from_=number, to=plan["to"]), plan["budget_ms"])
+        for sid, number in plan["calls"]))
+
+
+async def _callers_process(stack: LocalStack, calls: int, budget_ms: float) -> list[CallFigures]:
+    """Runs the callers in a process of their own, as Twilio is: only the gateway is measured here,
+    and the callers' clocks are not held up by the gateway's event loop."""
+    plan: dict[str, Any] = {"base_url": stack.base_url, "auth_token": stack.auth_token,
+                            "account_sid": stack.settings.twilio_account_sid, "to": "+15550100",
+                            "budget_ms": budget_ms, "calls": []}
+    for index in range(calls):
+        number = f"+1555{index:07d}"
+        plan["calls"].append((stack.twilio.add_call(number, plan["to"]), number))
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "voxlog.bench_calls", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    out, _ = await child.communicate(json.dumps(plan).encode())
+    if child.returncode != 0:
+        raise RuntimeError(f"the callers' process failed (exit {child.returncode})")
+    return [CallFigures(**figures) for figures in json.loads(out)]
+
+
 async def _events_in_log(backend: LogBackend) -> int:
     admin = backend.admin()
     try:
@@ -98,10 +126,10 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline) -> 
     budget_ms = end_of_turn_ms + timeline.asr_final_ms + timeline.llm_ms + timeline.tts_first_byte_ms
     async with local_stack(settings, providers_factory=providers) as stack:
         before = await _events_in_log(stack.gateway.backend)
-        started = time.perf_counter()
-        results = await asyncio.gather(*(_one_call(stack, i, budget_ms) for i in range(calls)))
+        started, cpu_before = time.perf_counter(), time.process_time()
+        results = await _callers_process(stack, calls, budget_ms)
         await stack.gateway.wait_idle(60)
-        elapsed = time.perf_counter() - started
+        elapsed, cpu_s = time.perf_counter() - started, time.process_time() - cpu_before
         events = await _events_in_log(stack.gateway.backend) - before
         backend = stack.gateway.backend.describe()
     added = [ms for r in results for ms in r.added_ms]
@@ -123,7 +151,14 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline) -> 
         "pacing_jitter_ms": {"p50": round(statistics.median(jitter), 2) if jitter else None,
                              "p99": round(_percentile(jitter, 0.99), 2) if jitter else None,
                              "frames": len(jitter)},
+        "gateway_cpu_s": round(cpu_s, 2),
+        "gateway_cpu_share": round(cpu_s / elapsed, 3),
         "events": events,
         "seconds": round(elapsed, 1),
         "events_per_s": round(events / elapsed),
     }
+
+
+if __name__ == "__main__":  # the callers' process: a plan on stdin, their figures on stdout
+    figures = asyncio.run(play_callers(json.loads(sys.stdin.read())))
+    print(json.dumps([dataclasses.asdict(f) for f in figures]))

@@ -281,6 +281,7 @@ def bench_calls_command(
     added, jitter = result["added_latency_ms"], result["pacing_jitter_ms"]
     console.print(f"{calls} calls on {result['log']}: added latency p50 {added['p50']} ms, p99 {added['p99']} ms; "
                   f"pacing jitter p99 {jitter['p99']} ms; {result['events_per_s']:,} events/s; "
+                  f"gateway CPU {result['gateway_cpu_share']:.0%}; "
                   f"failed calls: {len(result['failed_calls'])} -> {out}")
 
 

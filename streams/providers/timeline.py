@@ -4,9 +4,10 @@ measurement finds beyond those delays is what voxlog itself adds. Named as what 
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from streams.agents import AgentSpec
 from streams.providers.base import (
@@ -96,7 +97,6 @@ class TimelineTts(TtsProvider):
         await asyncio.sleep(self.timeline.tts_first_byte_ms / 1000)
         samples = sample_rate * self.timeline.speech_ms_per_word * max(1, len(text.split())) // 1000
         chunk = sample_rate // 10
+        tone = (6000 * np.sin(2 * np.pi * 220 * np.arange(samples) / sample_rate)).astype("<i2").tobytes()
         for start in range(0, samples, chunk):
-            yield b"".join(
-                int(6000 * math.sin(2 * math.pi * 220 * i / sample_rate)).to_bytes(2, "little", signed=True)
-                for i in range(start, min(samples, start + chunk)))
+            yield tone[2 * start : 2 * min(samples, start + chunk)]

@@ -191,3 +191,20 @@ def test_espeak_phrases_are_one_utterance_each(noise_dbfs: float | None) -> None
     for (start, end), (first, last) in zip(found, expected, strict=True):
         assert first - 60 <= start <= first + 100
         assert last - 150 <= end <= last + 60
+
+
+def test_the_noise_floor_is_the_quietest_frame_of_the_window() -> None:
+    rng = np.random.default_rng(7)
+    vad = Vad(noise_window_ms=200)
+    levels: list[tuple[int, float]] = []
+    for index in range(300):
+        amplitude = float(rng.choice([0.0, 30.0, 300.0, 3000.0])) * (1 + rng.random())
+        frame = (amplitude * rng.standard_normal(320)).astype("<i2").tobytes()
+        vad.process(frame)
+        from streams.audio import rms_dbfs
+
+        levels.append(((index + 1) * 320, rms_dbfs(frame)))
+        horizon = (index + 1) * 320 - 200 * 16
+        window = [level for end, level in levels if end > horizon]
+        if index >= 10:  # once the window holds only this stream's frames
+            assert vad.noise_floor_dbfs == min(window)
