@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -50,6 +51,33 @@ def test_demo_runs_end_to_end_on_the_embedded_log(tmp_path: Path) -> None:
             rows[cells[0]] = (int(cells[1]), int(cells[2]))
     assert rows["voxlog.calls"][0] == 12
     assert rows["voxlog.audio"][1] > rows["voxlog.calls"][1] > 0  # audio is most of a call
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("log", ["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])
+def test_the_main_job_plays_every_call_and_each_replays_identically(log: str, tmp_path: Path) -> None:
+    """The README's `voxlog demo`: real speech through the gateway, inbound and outbound, then replay."""
+    kafka = kafka_bootstrap() if log == "kafka" else None
+    result = voxlog("demo", home=tmp_path, kafka=kafka)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "verified 4 calls, 0 diverged" in out, out
+    for expected in ("book_appointment: ok", "create_ticket: ok", "handoff to +15550199", "barge-in clears: 1",
+                     "calling about your recent request"):
+        assert expected in out, f"{expected!r} missing from the demo's output:\n{out}"
+    # Replay is the log's, not the demo's: the command finds the calls on its own (on the shared
+    # broker, which holds other tests' calls too, each of the demo's by its id).
+    if kafka is None:
+        replay = voxlog("replay", "verify", "--all", home=tmp_path)
+        assert replay.returncode == 0, replay.stdout + replay.stderr
+        assert "verified 4 calls, 0 diverged" in replay.stdout, replay.stdout
+    else:
+        call_ids = re.findall(r"\b(call-[0-9a-f-]{36})\b", out)
+        assert len(set(call_ids)) == 4, out
+        for call_id in set(call_ids):
+            replay = voxlog("replay", "verify", call_id, home=tmp_path, kafka=kafka)
+            assert replay.returncode == 0, replay.stdout + replay.stderr
+            assert "verified 1 calls, 0 diverged" in replay.stdout, replay.stdout
 
 
 @pytest.mark.kafka

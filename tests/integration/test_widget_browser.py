@@ -35,6 +35,7 @@ from consumers.events import read_call
 from schemas.base import Event, EventPayload
 from schemas.events import AgentAudioChunk, CallEnded, CallerAudioChunk, CallStarted, ToolRequested, TurnTaken
 from streams.audio import write_wav
+from tests.conftest import kafka_bootstrap
 from tests.speech import require_espeak, silence, synthesize_pcm16
 from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
@@ -314,9 +315,11 @@ def answer_heard(cdp: Cdp) -> int | None:
 # -- the test ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def stack(tmp_path: Path) -> AsyncIterator[LocalStack]:
-    async with local_stack(Settings(home=tmp_path / "voxlog")) as running:
+@pytest.fixture(params=["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])
+async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[LocalStack]:
+    kafka = kafka_bootstrap() if request.param == "kafka" else None
+    settings = Settings(home=tmp_path / "voxlog", kafka_bootstrap=kafka)
+    async with local_stack(settings) as running:
         yield running
 
 
