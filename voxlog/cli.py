@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import datetime
 import enum
+import json
 import os
 import signal
 import sys
@@ -28,9 +30,13 @@ app = typer.Typer(help="voxlog: an AI voice agent whose system of record is an e
 events_app = typer.Typer(help="Read events from the log.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks; results go to a JSON file.", no_args_is_help=True)
 replay_app = typer.Typer(help="Replay recorded calls through the core.", no_args_is_help=True)
+projections_app = typer.Typer(help="The ClickHouse tables built from the log.", no_args_is_help=True)
+audit_app = typer.Typer(help="The audit trail.", no_args_is_help=True)
 app.add_typer(events_app, name="events")
 app.add_typer(bench_app, name="bench")
 app.add_typer(replay_app, name="replay")
+app.add_typer(projections_app, name="projections")
+app.add_typer(audit_app, name="audit")
 console = Console(soft_wrap=True)
 
 
@@ -316,6 +322,118 @@ def bench_log_command(
         f"at {lat['achieved_rate']:,} events/s produce-to-consume p50 {lat['p50_ms']} ms, "
         f"p99 {lat['p99_ms']} ms -> {out}"
     )
+
+
+
+class SqlFormat(enum.StrEnum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+@app.command()
+def sql(
+    query: Annotated[str, typer.Argument(help="A SELECT over calls, turns, transcripts, tool_calls, errors, "
+                                              "prompt_versions, audit_log (see docs/analytics.md).")],
+    output: Annotated[SqlFormat, typer.Option("--format", help="How to print the rows.")] = SqlFormat.table,
+    catch_up: Annotated[bool, typer.Option(help="Bring the tables up to the log first.")] = True,
+) -> None:
+    """Query the analytics tables: read-only, 30 s and 10,000 rows at most, every table read FINAL."""
+    from projections.store import AnalyticsError
+    from voxlog.analytics import Analytics
+
+    analytics = Analytics(Settings())
+    if catch_up:
+        asyncio.run(analytics.catch_up())
+    try:
+        result = analytics.sql(query)
+    except AnalyticsError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
+    if output is SqlFormat.json:
+        for row in result.rows:
+            print(json.dumps(dict(zip(result.columns, row, strict=True)), default=str))
+    elif output is SqlFormat.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(result.columns)
+        writer.writerows(result.rows)
+    else:
+        table = Table(*result.columns, title=analytics.store.describe())
+        for row in result.rows:
+            table.add_row(*("" if v is None else str(v) for v in row))
+        console.print(table)
+
+
+@projections_app.command("rebuild")
+def projections_rebuild(name: Annotated[str, typer.Argument(help="calls or audit.")]) -> None:
+    """Drop a projection's tables and build them again from offset zero."""
+    from voxlog.analytics import Analytics
+
+    analytics = Analytics(Settings())
+    try:
+        runner = asyncio.run(analytics.rebuild(name))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="NAME") from exc
+    console.print(f"rebuilt {name}: {runner.events:,} events, {runner.rows_written:,} rows")
+
+
+@projections_app.command("run")
+def projections_run() -> None:
+    """Keep every projection up to date with the log until Ctrl-C (a worker of its own on Kafka)."""
+    from projections.runner import ProjectionRunner
+    from voxlog.analytics import Analytics
+
+    analytics = Analytics(Settings())
+    console.print(f"projections from {analytics.backend.describe()} into {analytics.store.describe()}; Ctrl-C stops")
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        runners = [ProjectionRunner(analytics.backend, analytics.store, p) for p in analytics.projections()]
+        await asyncio.gather(*(runner.run(stop) for runner in runners))
+
+    asyncio.run(run())
+
+
+@projections_app.command("status")
+def projections_status() -> None:
+    """How far each projection has read each partition."""
+    from voxlog.analytics import Analytics
+
+    result = Analytics(Settings()).lag()
+    table = Table(*result.columns)
+    for row in result.rows:
+        table.add_row(*(str(v) for v in row))
+    console.print(table)
+
+
+@audit_app.command("verify")
+def audit_verify(tenant: Annotated[str, typer.Option(help="The tenant whose trail to check.")]) -> None:
+    """Check a tenant's audit trail: intact, or the first record that was changed or removed."""
+    from voxlog.analytics import Analytics
+
+    analytics = Analytics(Settings())
+    asyncio.run(analytics.catch_up())
+    count, problems = analytics.verify_audit(tenant)
+    for problem in problems:
+        console.print(f"[red]tampered[/]: {problem.source} record {problem.chain_index}: {problem.problem}")
+    if problems:
+        raise typer.Exit(1)
+    console.print(f"audit trail of {tenant} intact: {count} records")
+
+
+@audit_app.command("export")
+def audit_export(call: Annotated[str, typer.Option("--call", help="The call whose trail to export.")]) -> None:
+    """A call's whole audit trail, one JSON object per line."""
+    from voxlog.analytics import Analytics
+
+    analytics = Analytics(Settings())
+    asyncio.run(analytics.catch_up())
+    result = analytics.export_audit(call)
+    for row in result.rows:
+        print(json.dumps(dict(zip(result.columns, row, strict=True)), default=str))
 
 
 if __name__ == "__main__":

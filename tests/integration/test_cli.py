@@ -199,3 +199,44 @@ def test_bench_calls_measures_what_voxlog_adds(tmp_path: Path) -> None:
     assert -25 < figures["added_latency_ms"]["p50"] <= figures["added_latency_ms"]["p99"]
     assert figures["pacing_jitter_ms"]["frames"] > 50
     assert figures["events_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_analysts_query_the_tables_and_compliance_checks_the_trail(tmp_path: Path) -> None:
+    assert voxlog("demo", "--synthetic", "--calls", "3", home=tmp_path).returncode == 0
+    totals = "SELECT count() AS calls, sum(turns) AS turns FROM calls"
+    counted = voxlog("sql", "--format", "json", totals, home=tmp_path)
+    assert counted.returncode == 0, counted.stdout + counted.stderr
+    assert json.loads(counted.stdout) == {"calls": 3, "turns": 6}, counted.stdout
+    p95 = voxlog("sql", "SELECT agent_id, quantile(0.95)(voice_to_voice_ms) FROM turns GROUP BY agent_id",
+                 home=tmp_path)
+    assert p95.returncode == 0, p95.stdout + p95.stderr
+    assert "front-desk" in p95.stdout
+
+    for forbidden in ("DROP TABLE calls", "INSERT INTO calls (call_id) VALUES ('x')"):
+        refused = voxlog("sql", forbidden, home=tmp_path)
+        assert refused.returncode == 1, refused.stdout
+        assert "readonly" in refused.stdout.lower() or "read-only" in refused.stdout.lower(), refused.stdout
+    bad = voxlog("sql", "SELECT nonsense FROM nowhere", home=tmp_path)
+    assert bad.returncode == 1
+    assert "nowhere" in bad.stdout
+
+    verified = voxlog("audit", "verify", "--tenant", "demo", home=tmp_path)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    tools = json.loads(voxlog("sql", "--format", "json", "SELECT count() AS n FROM tool_calls", home=tmp_path).stdout)
+    # the three consents and every tool call with a side effect
+    assert f"intact: {3 + tools['n']} records" in verified.stdout, verified.stdout
+    call_id = json.loads(voxlog("sql", "--format", "json", "SELECT call_id FROM calls WHERE tool_calls > 0 LIMIT 1",
+                                home=tmp_path).stdout)["call_id"]
+    exported = voxlog("audit", "export", "--call", call_id, home=tmp_path)
+    actions = [json.loads(line)["action"] for line in exported.stdout.splitlines()]
+    assert actions[0] == "consent.given"
+    assert "tool.requested" in actions
+
+    rebuilt = voxlog("projections", "rebuild", "calls", home=tmp_path)
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    again = voxlog("sql", "--format", "json", totals, home=tmp_path)
+    assert json.loads(again.stdout) == {"calls": 3, "turns": 6}
+    unknown = voxlog("projections", "rebuild", "nothing", home=tmp_path)
+    assert unknown.returncode != 0
+    assert "no projection nothing" in unknown.stdout + unknown.stderr

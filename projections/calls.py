@@ -1,0 +1,294 @@
+"""The calls projection: a call's events folded into `calls`, `turns`, `transcripts`, `tool_calls`,
+`errors` and `prompt_versions` rows.
+
+The fold is pure: an event in, the rows it changes out, each row whole (ReplacingMergeTree keeps
+the newest). It keeps a little state per live call (the turn being built, which request belongs to
+which turn) and applies each event of a call once (by `seq`), so that a call picked up in the
+middle, after a restart, can be folded from its history in the log without counting anything
+twice. Text goes through PII redaction here: raw text never reaches ClickHouse.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from projections.tables import CALLS, ERRORS, PROMPT_VERSIONS, TOOL_CALLS, TRANSCRIPTS, TURNS, Row
+from schemas.base import Event, EventPayload
+from schemas.events import (
+    BargeIn,
+    CallEnded,
+    CallStarted,
+    ConsentGiven,
+    ConsentRefused,
+    ErrorRaised,
+    GuardrailTriggered,
+    HandoffOutcome,
+    HandoffRequested,
+    LlmDecided,
+    LlmRequested,
+    ProviderFallback,
+    ToolFailed,
+    ToolRequested,
+    ToolSucceeded,
+    TranscriptFinal,
+    TtsCompleted,
+    TtsRequested,
+    TurnTaken,
+)
+from streams.agents import AgentRouter
+from streams.redaction import Redactor, redact_field
+
+ENDED_CALLS_KEPT = 1000
+"""Ended calls whose state is kept for late events (a transfer's outcome, a carrier's last status)."""
+
+
+def at(us: int) -> datetime:
+    return datetime.fromtimestamp(us / 1e6, UTC)
+
+
+@dataclass
+class _Turn:
+    index: int
+    at_us: int
+    caller_text: str
+    utterances: tuple[str, ...]
+    agent_texts: list[str] = field(default_factory=list)
+    llm: dict[str, Any] = field(default_factory=dict)
+    tts: dict[str, Any] = field(default_factory=dict)
+    first_tts_request: str | None = None
+    first_tts_us: int | None = None
+    voice_to_voice_ms: float | None = None
+    barge_in: bool = False
+    guardrail: str = ""
+
+
+@dataclass
+class _Call:
+    tenant_id: str
+    call_id: str
+    version: int = 0
+    applied: set[int] = field(default_factory=set)
+    row: dict[str, Any] = field(default_factory=dict)
+    utterances: dict[str, TranscriptFinal] = field(default_factory=dict)
+    turns: dict[int, _Turn] = field(default_factory=dict)
+    current_turn: int | None = None
+    turn_of_request: dict[str, int] = field(default_factory=dict)
+    tools: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class CallsFold:
+    """Events in, rows out. `knows(call_id)` says whether a call's state is here (else fold its
+    history first)."""
+
+    tables = (CALLS, TURNS, TRANSCRIPTS, TOOL_CALLS, ERRORS, PROMPT_VERSIONS)
+
+    def __init__(self, redactor: Redactor, router: AgentRouter | None = None) -> None:
+        self.redactor = redactor
+        self.router = router
+        self.calls: OrderedDict[str, _Call] = OrderedDict()
+        self.prompts: dict[tuple[str, str, str, str], tuple[int, int]] = {}
+        """(tenant, agent, prompt id, hash) -> (first, last use in epoch us)."""
+
+    def knows(self, call_id: str) -> bool:
+        return call_id in self.calls
+
+    def seed_prompt(
+        self, tenant: str, agent: str, prompt_id: str, prompt_hash: str, first_us: int, last_us: int
+    ) -> None:
+        """What `prompt_versions` already holds (first uses survive a restart)."""
+        self.prompts[(tenant, agent, prompt_id, prompt_hash)] = (first_us, last_us)
+
+    def _text(self, text: str) -> str:
+        return self.redactor.redact(text)
+
+    def apply(self, event: Event[EventPayload]) -> list[Row]:
+        call = self.calls.get(event.call_id)
+        if call is None:
+            call = self.calls[event.call_id] = _Call(event.tenant_id, event.call_id)
+            self._new_call_row(call)
+        if event.seq in call.applied:
+            return []  # folded already (from the log's history, or a redelivery)
+        call.applied.add(event.seq)
+        call.version = max(call.version, event.seq)
+        rows = self._apply(call, event)
+        if isinstance(event.payload, CallEnded):
+            self.calls.move_to_end(call.call_id)
+            ended = [cid for cid, c in self.calls.items() if c.row.get("ended_at") is not None]
+            for cid in ended[:-ENDED_CALLS_KEPT] if len(ended) > ENDED_CALLS_KEPT else []:
+                del self.calls[cid]
+        return rows
+
+    def _new_call_row(self, call: _Call) -> None:
+        call.row = {
+            "tenant_id": call.tenant_id, "call_id": call.call_id, "agent_id": "", "agent_version": "",
+            "channel": "", "direction": "", "routed_by": "", "from_number": "", "to_number": "",
+            "provider_call_id": "", "dial_id": "", "started_at": at(0), "ended_at": None, "duration_ms": None,
+            "outcome": "", "end_reason": "", "handoff": 0, "handoff_outcome": "", "consent": "", "turns": 0,
+            "tool_calls": 0, "barge_ins": 0, "errors": 0}
+
+    def _call_row(self, call: _Call) -> Row:
+        return CALLS, (*(call.row[name] for name in CALLS.column_names[:-1]), call.version)
+
+    def _turn_row(self, call: _Call, turn: _Turn) -> Row:
+        llm, tts = turn.llm, turn.tts
+        finals = [call.utterances[u] for u in turn.utterances if u in call.utterances]
+        return TURNS, (
+            call.tenant_id, call.call_id, call.row["agent_id"], turn.index, at(turn.at_us),
+            self._text(turn.caller_text), self._text(" ".join(turn.agent_texts)),
+            finals[0].provider if finals else "", finals[0].model if finals else "",
+            sum(f.confidence for f in finals) / len(finals) if finals else 0.0,
+            max((f.latency_ms for f in finals), default=0),
+            llm.get("provider", ""), llm.get("model", ""), llm.get("prompt_id", ""), llm.get("prompt_hash", ""),
+            llm.get("calls", 0), llm.get("input_tokens", 0), llm.get("output_tokens", 0),
+            llm.get("first_token_ms", 0), llm.get("total_ms", 0),
+            tts.get("provider", ""), tts.get("voice", ""), tts.get("first_byte_ms", 0),
+            turn.voice_to_voice_ms, int(turn.barge_in), turn.guardrail, call.version)
+
+    def _tool_row(self, call: _Call, tool: dict[str, Any]) -> Row:
+        return TOOL_CALLS, (call.tenant_id, call.call_id, *(tool[name] for name in TOOL_CALLS.column_names[2:-1]),
+                            call.version)
+
+    def _tool(self, call: _Call, tool_call_id: str, name: str) -> dict[str, Any]:
+        return call.tools.setdefault(tool_call_id, {
+            "tool_call_id": tool_call_id, "tool": name, "requested_at": None, "arguments": "", "result": "",
+            "outcome": "pending", "error": "", "attempts": 0, "latency_ms": 0})
+
+    def _turn_for(self, call: _Call, request_id: str) -> _Turn | None:
+        index = call.turn_of_request.get(request_id)
+        return None if index is None else call.turns.get(index)
+
+    def _apply(self, call: _Call, event: Event[EventPayload]) -> list[Row]:
+        p, row, now = event.payload, call.row, event.envelope.event_time_us
+        turn: _Turn | None
+        match p:
+            case CallStarted():
+                row.update(agent_id=p.agent_id, agent_version=p.agent_version, channel=p.channel,
+                           direction=p.direction, routed_by=p.routed_by, started_at=at(now),
+                           from_number=redact_field("phone", p.from_number, self.redactor) or "",
+                           to_number=redact_field("phone", p.to_number, self.redactor) or "",
+                           provider_call_id=p.provider_call_id or "", dial_id=p.parameters.get("dial_id", ""))
+                return [self._call_row(call)]
+            case ConsentGiven() | ConsentRefused():
+                row["consent"] = "given" if isinstance(p, ConsentGiven) else "refused"
+                return [self._call_row(call)]
+            case TranscriptFinal():
+                call.utterances[p.utterance_id] = p
+                return [(TRANSCRIPTS, (call.tenant_id, call.call_id, event.seq, at(now), "caller", self._text(p.text),
+                                       p.start_ms, p.end_ms, p.confidence, event.seq))]
+            case TurnTaken():
+                taken = call.turns[p.turn_index] = _Turn(p.turn_index, now, p.caller_text, tuple(p.utterance_ids))
+                call.current_turn = p.turn_index
+                row["turns"] = len(call.turns)
+                return [self._turn_row(call, taken), self._call_row(call)]
+            case LlmRequested():
+                call.turn_of_request[p.request_id] = p.turn_index
+                rows = self._prompt_used(call.tenant_id, p.agent_id, p.prompt_id, p.prompt_hash, now)
+                turn = call.turns.get(p.turn_index)
+                if turn is None:
+                    return rows
+                turn.llm.update(provider=p.provider, model=p.model, prompt_id=p.prompt_id, prompt_hash=p.prompt_hash,
+                                calls=turn.llm.get("calls", 0) + 1)
+                return [*rows, self._turn_row(call, turn)]
+            case LlmDecided():
+                turn = self._turn_for(call, p.request_id)
+                if turn is None:
+                    return []
+                llm = turn.llm
+                if "first_token_ms" not in llm:
+                    llm["first_token_ms"] = p.time_to_first_token_ms
+                for name, value in (("input_tokens", p.input_tokens), ("output_tokens", p.output_tokens),
+                                    ("total_ms", p.total_ms)):
+                    llm[name] = llm.get(name, 0) + value
+                return [self._turn_row(call, turn)]
+            case TtsRequested():
+                said: list[Row] = [(TRANSCRIPTS, (call.tenant_id, call.call_id, event.seq, at(now), "agent",
+                                                  self._text(p.text), None, None, None, event.seq))]
+                turn = call.turns.get(call.current_turn) if call.current_turn is not None else None
+                if turn is not None:
+                    call.turn_of_request[p.request_id] = turn.index
+                    turn.agent_texts.append(p.text)
+                    if turn.first_tts_request is None:
+                        turn.first_tts_request, turn.first_tts_us = p.request_id, now
+                        turn.tts.update(provider=p.provider, voice=p.voice)
+                    said.append(self._turn_row(call, turn))
+                return said
+            case TtsCompleted():
+                turn = self._turn_for(call, p.request_id)
+                if turn is None or turn.first_tts_request != p.request_id or turn.first_tts_us is None:
+                    return []
+                turn.tts["first_byte_ms"] = p.time_to_first_byte_ms
+                if p.audio_ms > 0:
+                    turn.voice_to_voice_ms = (turn.first_tts_us - turn.at_us) / 1000 + p.time_to_first_byte_ms
+                return [self._turn_row(call, turn)]
+            case BargeIn():
+                row["barge_ins"] += 1
+                turn = self._turn_for(call, p.interrupted_tts_request_id or "")
+                if turn is None:
+                    return [self._call_row(call)]
+                turn.barge_in = True
+                return [self._turn_row(call, turn), self._call_row(call)]
+            case GuardrailTriggered():
+                turn = call.turns.get(p.turn_index)
+                if turn is None:
+                    return []
+                turn.guardrail = p.rule
+                return [self._turn_row(call, turn)]
+            case ToolRequested():
+                tool = self._tool(call, p.tool_call_id, p.tool)
+                tool.update(requested_at=at(now),
+                            arguments=redact_field("json", p.arguments_json, self.redactor) or "")
+                row["tool_calls"] = sum(1 for t in call.tools.values() if t["requested_at"] is not None)
+                return [self._tool_row(call, tool), self._call_row(call)]
+            case ToolSucceeded():
+                tool = self._tool(call, p.tool_call_id, p.tool)
+                tool.update(outcome="succeeded", result=redact_field("json", p.result_json, self.redactor) or "",
+                            attempts=p.attempt, latency_ms=p.latency_ms, error="")
+                return [self._tool_row(call, tool)]
+            case ToolFailed():
+                tool = self._tool(call, p.tool_call_id, p.tool)
+                if tool["outcome"] != "succeeded":
+                    tool.update(outcome="failed" if p.dead_lettered or not p.retryable else "pending",
+                                error=self._text(p.error), attempts=p.attempt, latency_ms=p.latency_ms)
+                return [self._tool_row(call, tool)]
+            case ErrorRaised():
+                row["errors"] += 1
+                return [(ERRORS, (call.tenant_id, call.call_id, event.seq, at(now), p.component, p.provider or "",
+                                  p.kind, self._text(p.message), int(p.retryable), int(p.fatal), "", event.seq)),
+                        self._call_row(call)]
+            case ProviderFallback():
+                return [(ERRORS, (call.tenant_id, call.call_id, event.seq, at(now), p.capability, p.from_provider,
+                                  "fallback", self._text(p.reason), 1, 0, p.to_provider, event.seq))]
+            case HandoffRequested():
+                row["handoff"] = 1
+                return [self._call_row(call)]
+            case HandoffOutcome():
+                row["handoff_outcome"] = p.outcome
+                return [self._call_row(call)]
+            case CallEnded():
+                row.update(ended_at=at(now), duration_ms=p.duration_ms, outcome=p.outcome or "", end_reason=p.reason)
+                return [self._call_row(call)]
+        return []
+
+    def _prompt_used(self, tenant: str, agent_id: str, prompt_id: str, prompt_hash: str, now: int) -> list[Row]:
+        key = (tenant, agent_id, prompt_id, prompt_hash)
+        first, last = self.prompts.get(key, (now, now))
+        first, last = min(first, now), max(last, now)
+        if self.prompts.get(key) == (first, last):
+            return []
+        self.prompts[key] = (first, last)
+        text = self._prompt_text(tenant, agent_id, prompt_hash)
+        return [(PROMPT_VERSIONS, (tenant, agent_id, prompt_id, prompt_hash, text, at(first), at(last), last))]
+
+    def _prompt_text(self, tenant: str, agent_id: str, prompt_hash: str) -> str:
+        agent = self.router.agents.get((tenant, agent_id)) if self.router else None
+        if agent is None or agent.prompt_hash != prompt_hash:
+            return ""
+        return "\n\n".join((agent.prompts.persona, agent.prompts.task, agent.prompts.safety))
+
+
+def fold_all(fold: CallsFold, events: Iterable[Event[EventPayload]]) -> list[Row]:
+    return [row for event in events for row in fold.apply(event)]

@@ -1,0 +1,107 @@
+"""Where projections write and analysts read: ClickHouse, through clickhouse-connect.
+
+Embedded by default: chDB, the ClickHouse engine in-process, under `VOXLOG_HOME/clickhouse`
+(`chdb://` DSN); a ClickHouse server when `VOXLOG_CLICKHOUSE_DSN=http://user:pass@host:8123/db`.
+Same client API, same SQL. The client is synchronous; callers on the event loop go through
+`asyncio.to_thread`, and one lock serialises use of a client (chDB's session is one per process).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import clickhouse_connect
+from clickhouse_connect.driver.exceptions import ClickHouseError
+
+from projections.tables import Table
+
+
+class AnalyticsError(Exception):
+    """ClickHouse refused a statement: bad SQL, a limit reached, a read-only violation."""
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    columns: tuple[str, ...]
+    rows: list[tuple[Any, ...]]
+
+
+_locks: dict[str, threading.Lock] = {}
+_locks_lock = threading.Lock()
+
+
+def _lock_for(dsn: str) -> threading.Lock:
+    # chDB runs one engine per process (one data path): its clients take turns.
+    with _locks_lock:
+        return _locks.setdefault(dsn, threading.Lock())
+
+
+def embedded_dsn(home: Path) -> str:
+    path = (home / "clickhouse").resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"chdb://{path}"
+
+
+class AnalyticsStore:
+    """`database`: where the tables are (default: the DSN's own); tests give each a database of its own."""
+
+    def __init__(self, dsn: str, *, database: str | None = None) -> None:
+        self.dsn = dsn
+        self._lock = _lock_for(dsn)
+        with self._lock:
+            self._client = clickhouse_connect.get_client(dsn=dsn)
+            if database is not None:
+                self._client.command(f"USE {database}")
+
+    @classmethod
+    def open(cls, dsn: str | None, home: Path) -> AnalyticsStore:
+        return cls(dsn or embedded_dsn(home))
+
+    def describe(self) -> str:
+        if self.dsn.startswith("chdb://"):
+            return f"embedded ClickHouse (chDB) {self.dsn[len('chdb://'):]}"
+        return f"ClickHouse {self.dsn.split('@')[-1]}"  # never the password
+
+    def command(self, sql: str, parameters: Mapping[str, Any] | None = None) -> None:
+        with self._lock:
+            try:
+                self._client.command(sql, parameters=dict(parameters or {}))
+            except ClickHouseError as exc:
+                raise AnalyticsError(_first_line(exc)) from exc
+
+    def create(self, table: Table) -> None:
+        self.command(table.ddl())
+
+    def drop(self, table: Table) -> None:
+        self.command(f"DROP TABLE IF EXISTS {table.name}")
+
+    def insert(self, table: Table, rows: Sequence[Sequence[Any]]) -> None:
+        if not rows:
+            return
+        with self._lock:
+            try:
+                self._client.insert(table.name, rows, column_names=table.column_names)
+            except ClickHouseError as exc:
+                raise AnalyticsError(_first_line(exc)) from exc
+
+    def query(
+        self,
+        sql: str,
+        parameters: Mapping[str, Any] | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> QueryResult:
+        with self._lock:
+            try:
+                result = self._client.query(sql, parameters=dict(parameters or {}), settings=dict(settings or {}))
+            except ClickHouseError as exc:
+                raise AnalyticsError(_first_line(exc)) from exc
+        return QueryResult(tuple(result.column_names), [tuple(row) for row in result.result_rows])
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,260 @@
+"""The analysts' tables: stable names, every column documented here (docs/analytics.md is made
+from these definitions, and a test fails when it is stale).
+
+Every table is a ReplacingMergeTree keyed by what identifies a row, with `_version` (the position
+of the event that last changed the row in its call, or in its log partition) as the version: a row
+written twice, after a projector crash and restart, collapses to one. Read with `FINAL` (or let
+`voxlog sql` and `POST /v1/sql` do it: they set `final = 1`) to see each row once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+TIME = "DateTime64(6, 'UTC')"
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str
+    doc: str
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    doc: str
+    columns: tuple[Column, ...]
+    order_by: tuple[str, ...]
+    example: str
+    """An example query, for docs/analytics.md."""
+
+    @property
+    def column_names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    def ddl(self) -> str:
+        columns = ",\n  ".join(f"`{c.name}` {c.type} COMMENT '{_quote(c.doc)}'" for c in self.columns)
+        return (f"CREATE TABLE IF NOT EXISTS {self.name} (\n  {columns}\n) "
+                f"ENGINE = ReplacingMergeTree(_version) ORDER BY ({', '.join(self.order_by)}) "
+                f"COMMENT '{_quote(self.doc)}'")
+
+
+Row = tuple["Table", tuple[Any, ...]]
+"""A row for a table, its values in the table's column order."""
+
+
+def _quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def _c(name: str, type_: str, doc: str) -> Column:
+    return Column(name, type_, doc)
+
+
+TENANT = _c("tenant_id", "LowCardinality(String)", "The tenant the call belongs to.")
+CALL = _c("call_id", "String", "The call (its id in the log).")
+VERSION = _c("_version", "UInt64", "Position of the event that last changed this row: the newest wins.")
+
+CALLS = Table(
+    "calls",
+    "One row per call: who, how, when, how it ended.",
+    (
+        TENANT, CALL,
+        _c("agent_id", "LowCardinality(String)", "The agent that took the call."),
+        _c("agent_version", "String", "Content hash of the agent's definition during the call."),
+        _c("channel", "LowCardinality(String)", "phone, sip, widget."),
+        _c("direction", "LowCardinality(String)", "inbound (the caller dialled) or outbound (the platform dialled)."),
+        _c("routed_by", "LowCardinality(String)", "number, widget_key, outbound_request, handoff_return."),
+        _c("from_number", "String", "Caller's number, masked but for its last 2 digits."),
+        _c("to_number", "String", "Dialled number, masked but for its last 2 digits."),
+        _c("provider_call_id", "String", "The carrier's id (Twilio CallSid); empty for the widget."),
+        _c("dial_id", "String", "The dial request that placed an outbound call; empty otherwise."),
+        _c("started_at", TIME, "When the call started."),
+        _c("ended_at", f"Nullable({TIME})", "When it ended; NULL while it is live."),
+        _c("duration_ms", "Nullable(UInt64)", "Length of the call; NULL while it is live."),
+        _c("outcome", "LowCardinality(String)", "What the call achieved: booked, ticket_created, handed_off, ..."),
+        _c("end_reason", "LowCardinality(String)",
+           "caller_hangup, agent_hangup, handoff, timeout, socket_closed, error, ..."),
+        _c("handoff", "UInt8", "1 when the call was handed to a human."),
+        _c("handoff_outcome", "LowCardinality(String)",
+           "What became of the handoff: connected, busy, no_answer, failed, canceled."),
+        _c("consent", "LowCardinality(String)", "Recording consent: given, refused, or empty when not asked."),
+        _c("turns", "UInt32", "Caller turns taken."),
+        _c("tool_calls", "UInt32", "Tool calls requested."),
+        _c("barge_ins", "UInt32", "Times the caller spoke over the agent."),
+        _c("errors", "UInt32", "Errors recorded (error.raised)."),
+        VERSION,
+    ),
+    ("tenant_id", "call_id"),
+    "SELECT outcome, count() AS calls, avg(duration_ms) / 1000 AS avg_s FROM calls FINAL GROUP BY outcome",
+)
+
+TURNS = Table(
+    "turns",
+    "One row per caller turn: what was said and answered, and what each step cost.",
+    (
+        TENANT, CALL,
+        _c("agent_id", "LowCardinality(String)", "The agent."),
+        _c("turn_index", "UInt32", "0-based turn number in the call."),
+        _c("at", TIME, "When the turn was taken (the caller's turn detected as over)."),
+        _c("caller_text", "String", "What the caller said, PII redacted."),
+        _c("agent_text", "String", "What the agent said in answer, PII redacted."),
+        _c("asr_provider", "LowCardinality(String)", "Speech recogniser."),
+        _c("asr_model", "LowCardinality(String)", "Its model."),
+        _c("asr_confidence", "Float64", "Mean confidence of the turn's final transcripts."),
+        _c("asr_latency_ms", "UInt32", "Longest final-transcript latency of the turn."),
+        _c("llm_provider", "LowCardinality(String)", "LLM (or the offline scripted policy)."),
+        _c("llm_model", "LowCardinality(String)", "Its model."),
+        _c("prompt_id", "LowCardinality(String)", "The agent's prompt id."),
+        _c("prompt_hash", "String", "Content hash of the prompts used."),
+        _c("llm_calls", "UInt32", "LLM requests in the turn (more than one after tool results)."),
+        _c("input_tokens", "UInt32", "Tokens sent, all the turn's requests."),
+        _c("output_tokens", "UInt32", "Tokens received, all the turn's requests."),
+        _c("llm_first_token_ms", "UInt32", "Time to first token of the turn's first request."),
+        _c("llm_total_ms", "UInt32", "Total LLM time of the turn."),
+        _c("tts_provider", "LowCardinality(String)", "Speech synthesiser."),
+        _c("tts_voice", "LowCardinality(String)", "Its voice."),
+        _c("tts_first_byte_ms", "UInt32", "Time to first audio byte of the turn's first answer."),
+        _c("voice_to_voice_ms", "Nullable(Float64)",
+           "From the turn detected as over to the agent's first audio byte; NULL when the agent did not speak."),
+        _c("barge_in", "UInt8", "1 when the caller spoke over this turn's answer."),
+        _c("guardrail", "String", "The guardrail rule that fired in this turn, if any."),
+        VERSION,
+    ),
+    ("tenant_id", "call_id", "turn_index"),
+    "SELECT agent_id, quantile(0.95)(voice_to_voice_ms) AS p95_ms FROM turns FINAL GROUP BY agent_id",
+)
+
+TRANSCRIPTS = Table(
+    "transcripts",
+    "Each utterance of a call, caller's and agent's, with timing; PII redacted.",
+    (
+        TENANT, CALL,
+        _c("seq", "UInt64", "The utterance's event position in the call: orders the transcript."),
+        _c("at", TIME, "When it was recognised (caller) or sent to speech (agent)."),
+        _c("speaker", "LowCardinality(String)", "caller or agent."),
+        _c("text", "String", "What was said, PII redacted."),
+        _c("start_ms", "Nullable(UInt32)", "Caller utterances: start in the caller's audio stream."),
+        _c("end_ms", "Nullable(UInt32)", "Caller utterances: end in the caller's audio stream."),
+        _c("confidence", "Nullable(Float64)", "Caller utterances: the recogniser's confidence."),
+        VERSION,
+    ),
+    ("tenant_id", "call_id", "seq"),
+    "SELECT speaker, text FROM transcripts FINAL WHERE call_id = 'call-...' ORDER BY seq",
+)
+
+TOOL_CALLS = Table(
+    "tool_calls",
+    "Each tool call the agent made: arguments and result (PII redacted), latency, outcome.",
+    (
+        TENANT, CALL,
+        _c("tool_call_id", "String", "The tool call."),
+        _c("tool", "LowCardinality(String)", "The tool's name."),
+        _c("requested_at", f"Nullable({TIME})", "When it was requested."),
+        _c("arguments", "String", "Arguments (JSON), PII redacted."),
+        _c("result", "String", "Result (JSON), PII redacted; empty unless it succeeded."),
+        _c("outcome", "LowCardinality(String)", "pending, succeeded, failed."),
+        _c("error", "String", "Why it failed."),
+        _c("attempts", "UInt32", "Attempts the worker made."),
+        _c("latency_ms", "UInt32", "The worker's time on the successful or last attempt."),
+        VERSION,
+    ),
+    ("tenant_id", "call_id", "tool_call_id"),
+    "SELECT tool, countIf(outcome = 'failed') / count() AS failure_rate FROM tool_calls FINAL GROUP BY tool",
+)
+
+ERRORS = Table(
+    "errors",
+    "Errors and provider fallbacks, per call.",
+    (
+        TENANT, CALL,
+        _c("seq", "UInt64", "The event's position in the call."),
+        _c("at", TIME, "When."),
+        _c("component", "LowCardinality(String)", "asr, llm, tts, gateway.twilio, tool, ..."),
+        _c("provider", "LowCardinality(String)", "The provider involved, if any."),
+        _c("kind", "LowCardinality(String)", "The error's kind (bad_input, timeout, ...) or 'fallback'."),
+        _c("message", "String", "What happened, PII redacted."),
+        _c("retryable", "UInt8", "1 when it may succeed if tried again."),
+        _c("fatal", "UInt8", "1 when it ended the call."),
+        _c("fallback_to", "LowCardinality(String)", "For fallbacks: the provider taken instead."),
+        VERSION,
+    ),
+    ("tenant_id", "call_id", "seq"),
+    "SELECT component, kind, count() FROM errors FINAL GROUP BY component, kind ORDER BY count() DESC",
+)
+
+PROMPT_VERSIONS = Table(
+    "prompt_versions",
+    "Each prompt id and hash the agents have used, with its text when the agent's file still has it, "
+    "and first and last use.",
+    (
+        TENANT,
+        _c("agent_id", "LowCardinality(String)", "The agent."),
+        _c("prompt_id", "String", "The prompt's id in the agent's file."),
+        _c("prompt_hash", "String", "Content hash of the persona, task and safety prompts."),
+        _c("prompt_text", "String", "The prompts, when the agent's current file has this hash; else empty."),
+        _c("first_used", TIME, "First LLM request with it (in the first call the projector saw it in)."),
+        _c("last_used", TIME, "Latest LLM request with it."),
+        VERSION,
+    ),
+    ("tenant_id", "agent_id", "prompt_id", "prompt_hash"),
+    "SELECT prompt_id, prompt_hash, first_used, last_used FROM prompt_versions FINAL ORDER BY first_used",
+)
+
+AUDIT_LOG = Table(
+    "audit_log",
+    "Who or what did what, when, to which call: consents, handoffs, tool calls with side effects, API and "
+    "SQL access, rejected webhooks. Chained by hash per tenant and source partition: `voxlog audit verify` "
+    "finds any change or deletion.",
+    (
+        TENANT,
+        _c("source", "LowCardinality(String)",
+           "The log partition the record was derived from (topic/partition): one chain per tenant and source."),
+        _c("chain_index", "UInt64", "Position in its chain, from 0, gap-free."),
+        _c("log_offset", "UInt64", "The record's event's offset in that partition."),
+        _c("at", TIME, "When it happened."),
+        _c("call_id", "String", "The call concerned, or '-'."),
+        _c("actor", "String", "Who or what acted: api-key:ID, twilio-webhook, the agent, a tool worker."),
+        _c("action", "LowCardinality(String)",
+           "What was done: consent.given, handoff.requested, tool.requested, dial.requested, ..."),
+        _c("resource", "String", "What it was done to."),
+        _c("outcome", "LowCardinality(String)", "accepted, denied, failed, succeeded, ..."),
+        _c("detail", "String", "More, PII redacted."),
+        _c("remote_addr", "String", "Where a request came from, if it came over the network."),
+        _c("event_id", "String", "The audit event's id in the log."),
+        _c("prev_hash", "String", "The previous record's hash in this chain (64 zeros for the first)."),
+        _c("hash", "String", "SHA-256 over prev_hash and this record's fields."),
+        VERSION,
+    ),
+    ("tenant_id", "source", "chain_index"),
+    "SELECT at, actor, action, resource, outcome FROM audit_log FINAL WHERE call_id = 'call-...' ORDER BY at",
+)
+
+OFFSETS = Table(
+    "_projection_offsets",
+    "How far each projection has written: the next log offset per topic partition.",
+    (
+        _c("projection_name", "LowCardinality(String)", "The projection."),
+        _c("topic", "LowCardinality(String)", "The log topic."),
+        _c("log_partition", "UInt32", "The partition."),
+        _c("next_offset", "UInt64", "The next offset to read."),
+        _c("_version", "UInt64", "Increases with every write: the newest wins."),
+    ),
+    ("projection_name", "topic", "log_partition"),
+    "SELECT * FROM _projection_offsets FINAL",
+)
+
+ANALYST_TABLES = (CALLS, TURNS, TRANSCRIPTS, TOOL_CALLS, ERRORS, PROMPT_VERSIONS, AUDIT_LOG)
+
+
+def analytics_markdown() -> str:
+    """The tables section of docs/analytics.md."""
+    parts = []
+    for table in ANALYST_TABLES:
+        rows = "\n".join(f"| `{c.name}` | `{c.type}` | {c.doc} |" for c in table.columns)
+        parts.append(f"### `{table.name}`\n\n{table.doc} Key: `({', '.join(table.order_by)})`.\n\n"
+                     f"| column | type | meaning |\n| --- | --- | --- |\n{rows}\n\n```sql\n{table.example}\n```\n")
+    return "\n".join(parts)
