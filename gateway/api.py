@@ -1,6 +1,6 @@
 """The tenant API: `POST /v1/calls` asks for an outbound call, `GET /v1/calls/dials/{id}` tells what
-became of it. Both take a tenant API key (`Authorization: Bearer KEY`) and only ever see that
-tenant's dials.
+became of it, `POST /v1/sql` queries the analyst tables. All take a tenant API key
+(`Authorization: Bearer KEY`) and only ever see that tenant's data; every SQL query is audited.
 
 A dial request is recorded as `call.dial_requested` (the dial's stream, seq 0) and answered 202 at
 once; the dialer (`consumers.dialer`) places it within the tenant's rate limit, and the answered
@@ -9,11 +9,12 @@ call joins the same media path as an inbound one.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 import time
 from collections.abc import Sequence
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -22,6 +23,8 @@ from consumers.events import read_call
 from gateway.calls import PRODUCER, Gateway, new_call_id
 from gateway.outbound import DIAL_ID, check_parameters
 from producers.events import CallRecorder
+from projections.store import AnalyticsError
+from projections.tenant_sql import TENANT_SQL_LIMITS, ForbiddenQuery, TenantSql
 from schemas.base import Event, EventPayload
 from schemas.events import CallDialFailed, CallDialPlaced, CallDialRequested, CallStatus
 from schemas.topics import CALLS, COMMANDS
@@ -68,6 +71,19 @@ class DialAccepted(BaseModel):
     call_id: str
     status: Literal["queued"] = "queued"
     status_url: str
+
+
+class SqlRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: str = Field(min_length=1, max_length=20_000, description="One SELECT over the analyst tables.")
+
+
+class SqlResult(BaseModel):
+    columns: list[str]
+    rows: list[list[Any]]
+    row_count: int
+    limits: dict[str, Any] = Field(description="What the query ran under: rows and seconds at most.")
 
 
 class DialEvent(BaseModel):
@@ -140,6 +156,33 @@ def api_router(runtime: Gateway) -> APIRouter:
                             remote_addr=request.client.host if request.client else None)
         return DialAccepted(dial_id=dial_id, call_id=call_id,
                             status_url=str(request.url_for("dial_status", dial_id=dial_id)))
+
+    @router.post("/sql", response_model=SqlResult)
+    async def tenant_sql(body: SqlRequest, caller: Caller, request: Request) -> SqlResult:
+        """The tenant's own rows of the analyst tables (docs/analytics.md), read-only and bounded."""
+        tenant, key_id = caller
+        remote = request.client.host if request.client else None
+
+        async def audit(outcome: str, detail: str) -> None:
+            await runtime.audit(tenant_id=tenant.id, call_id="-", actor=f"api-key:{key_id}", action="sql.query",
+                                resource="analytics", outcome=outcome, detail=detail[:2000], remote_addr=remote)
+
+        if runtime.analytics is None:
+            raise HTTPException(503, f"analytics unavailable: {runtime.analytics_error}")
+        if runtime.tenant_sql is None:
+            runtime.tenant_sql = TenantSql(runtime.analytics)
+        try:
+            result = await asyncio.to_thread(runtime.tenant_sql.query, tenant.id, body.query)
+        except ForbiddenQuery as exc:
+            await audit("denied", f"{exc}: {body.query}")
+            raise HTTPException(403, str(exc)) from exc
+        except AnalyticsError as exc:
+            await audit("failed", f"{exc}: {body.query}")
+            raise HTTPException(400, str(exc)) from exc
+        await audit("accepted", f"{len(result.rows)} rows: {body.query}")
+        return SqlResult(columns=list(result.columns), rows=[list(r) for r in result.rows],
+                         row_count=len(result.rows),
+                         limits={k: TENANT_SQL_LIMITS[k] for k in ("max_result_rows", "max_execution_time")})
 
     @router.get("/calls/dials/{dial_id}", response_model=DialView, name="dial_status")
     async def dial_status(dial_id: str, caller: Caller) -> DialView:

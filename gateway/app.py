@@ -35,6 +35,7 @@ from gateway.twilio_webhooks import (
 )
 from gateway.widget import widget_router
 from producers.events import CallRecorder
+from projections.store import AnalyticsError, AnalyticsStore
 from schemas.base import EventPayload
 from schemas.events import CallStatus
 from streams.agents import DEFAULT_AGENTS_DIR, AgentRouter, RoutingError, load_agents
@@ -62,10 +63,20 @@ def twilio_rest(settings: Settings) -> TwilioRest | None:
 
 def build_gateway(settings: Settings) -> Gateway:
     agents_dir = settings.agents_dir or DEFAULT_AGENTS_DIR
+    analytics, analytics_error = None, None
+    if settings.run_projections or settings.clickhouse_dsn:
+        try:
+            analytics = AnalyticsStore.open(settings.clickhouse_dsn, settings.home)
+        except AnalyticsError as exc:
+            log.error("analytics unavailable: %s", exc)
+            analytics_error = str(exc)
+    else:
+        analytics_error = "this gateway runs without analytics (VOXLOG_RUN_PROJECTIONS=false, no VOXLOG_CLICKHOUSE_DSN)"
     return Gateway(backend=log_backend(settings), router=AgentRouter(load_agents(agents_dir)),
                    tenants=Tenants(load_tenants(agents_dir)), home=settings.home, run_workers=settings.run_workers,
                    webhook_secret=settings.webhook_secret.get_secret_value().encode(), rest=twilio_rest(settings),
-                   public_url=settings.public_url)
+                   public_url=settings.public_url, analytics=analytics, analytics_error=analytics_error,
+                   run_projections=settings.run_projections and analytics is not None)
 
 
 def create_app(settings: Settings | None = None, *, gateway: Gateway | None = None) -> FastAPI:

@@ -17,6 +17,9 @@ from consumers.tools import ToolRunner, ToolStore, ToolWorker, WebhookSigner
 from gateway.twilio_rest import TwilioRest
 from producers.base import LogProducer
 from producers.events import CallRecorder, EventWriter, wall_clock_us
+from projections.runner import ProjectionRunner, default_projections
+from projections.store import AnalyticsStore
+from projections.tenant_sql import TenantSql
 from schemas.base import Event
 from schemas.envelope import Envelope
 from schemas.events import AuditRecorded, ErrorRaised
@@ -50,6 +53,12 @@ class Gateway:
     rest: TwilioRest | None = None
     """Twilio's REST API, when an account is configured: transfers, hang-ups, outbound calls."""
     public_url: str | None = None
+    analytics: AnalyticsStore | None = None
+    """ClickHouse, for the tenant SQL API (and the projections, with `run_projections`)."""
+    analytics_error: str | None = None
+    """Why there is no `analytics` (it could not be opened), for the API to say."""
+    run_projections: bool = False
+    tenant_sql: TenantSql | None = None
     providers_factory: Callable[[AgentSpec], Providers] = providers_for
     """How a call's providers are made (benchmarks swap in scripted timelines)."""
     sessions: dict[str, CallSession] = field(default_factory=dict)
@@ -91,6 +100,10 @@ class Gateway:
                 await asyncio.wait_for(self.dialer.ready.wait(), 60)
             else:
                 log.info("no dialer: outbound calls need a Twilio account and VOXLOG_PUBLIC_URL")
+        if self.analytics is not None and self.run_projections:
+            for projection in default_projections(self.router):
+                runner = ProjectionRunner(self.backend, self.analytics, projection)
+                self._tasks.append(asyncio.create_task(runner.run(self._stop), name=f"projection-{projection.name}"))
 
     async def stop(self) -> None:
         self._stop.set()

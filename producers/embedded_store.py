@@ -108,11 +108,25 @@ class LogFile:
         self._partitions: dict[str, int] = {}
         self._tp_ids: dict[tuple[str, int], int] = {}
         with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._use_wal()
             # NORMAL in WAL mode: a commit survives a process crash; only an OS crash or power loss
             # can lose the last transactions. Kafka's acks=all with page-cache writes is comparable.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
+
+    def _use_wal(self) -> None:
+        # Switching the journal mode can answer "locked" at once, without waiting out the busy
+        # timeout, while another connection is mid-transaction: only switch when needed, and retry.
+        deadline = time.monotonic() + 30.0
+        while True:
+            try:
+                if str(self._db.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                    self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def _migrate(self) -> None:
         version = int(self._db.execute("PRAGMA user_version").fetchone()[0])

@@ -31,6 +31,7 @@ from schemas.events import (
     LlmDecided,
     LlmRequested,
     ProviderFallback,
+    SpeechStopped,
     ToolFailed,
     ToolRequested,
     ToolSucceeded,
@@ -54,6 +55,7 @@ def at(us: int) -> datetime:
 class _Turn:
     index: int
     at_us: int
+    speech_end_us: int
     caller_text: str
     utterances: tuple[str, ...]
     agent_texts: list[str] = field(default_factory=list)
@@ -76,6 +78,7 @@ class _Call:
     utterances: dict[str, TranscriptFinal] = field(default_factory=dict)
     turns: dict[int, _Turn] = field(default_factory=dict)
     current_turn: int | None = None
+    speech_stopped_us: int | None = None
     turn_of_request: dict[str, int] = field(default_factory=dict)
     tools: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -175,12 +178,16 @@ class CallsFold:
             case ConsentGiven() | ConsentRefused():
                 row["consent"] = "given" if isinstance(p, ConsentGiven) else "refused"
                 return [self._call_row(call)]
+            case SpeechStopped():
+                call.speech_stopped_us = now
+                return []
             case TranscriptFinal():
                 call.utterances[p.utterance_id] = p
                 return [(TRANSCRIPTS, (call.tenant_id, call.call_id, event.seq, at(now), "caller", self._text(p.text),
                                        p.start_ms, p.end_ms, p.confidence, event.seq))]
             case TurnTaken():
-                taken = call.turns[p.turn_index] = _Turn(p.turn_index, now, p.caller_text, tuple(p.utterance_ids))
+                taken = _Turn(p.turn_index, now, call.speech_stopped_us or now, p.caller_text, tuple(p.utterance_ids))
+                call.turns[p.turn_index] = taken
                 call.current_turn = p.turn_index
                 row["turns"] = len(call.turns)
                 return [self._turn_row(call, taken), self._call_row(call)]
@@ -222,7 +229,7 @@ class CallsFold:
                     return []
                 turn.tts["first_byte_ms"] = p.time_to_first_byte_ms
                 if p.audio_ms > 0:
-                    turn.voice_to_voice_ms = (turn.first_tts_us - turn.at_us) / 1000 + p.time_to_first_byte_ms
+                    turn.voice_to_voice_ms = (turn.first_tts_us - turn.speech_end_us) / 1000 + p.time_to_first_byte_ms
                 return [self._turn_row(call, turn)]
             case BargeIn():
                 row["barge_ins"] += 1

@@ -53,7 +53,14 @@ class AnalyticsStore:
         self.dsn = dsn
         self._lock = _lock_for(dsn)
         with self._lock:
-            self._client = clickhouse_connect.get_client(dsn=dsn)
+            try:
+                self._client = clickhouse_connect.get_client(dsn=dsn)
+            except ClickHouseError as exc:
+                if "lock" in str(exc).lower() or "already" in str(exc).lower():
+                    raise AnalyticsError(
+                        f"the embedded ClickHouse at {dsn[len('chdb://'):]} is open in another voxlog process "
+                        "(only one may open it): query through that one (`POST /v1/sql`), or stop it") from exc
+                raise AnalyticsError(f"cannot open {self.describe()}: {_first_line(exc)}") from exc
             if database is not None:
                 self._client.command(f"USE {database}")
 

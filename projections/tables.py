@@ -119,7 +119,8 @@ TURNS = Table(
         _c("tts_voice", "LowCardinality(String)", "Its voice."),
         _c("tts_first_byte_ms", "UInt32", "Time to first audio byte of the turn's first answer."),
         _c("voice_to_voice_ms", "Nullable(Float64)",
-           "From the turn detected as over to the agent's first audio byte; NULL when the agent did not speak."),
+           "From the end of the caller's speech (the VAD's speech.stopped) to the agent's first audio byte: "
+           "recognition, decision and synthesis; NULL when the agent did not speak."),
         _c("barge_in", "UInt8", "1 when the caller spoke over this turn's answer."),
         _c("guardrail", "String", "The guardrail rule that fired in this turn, if any."),
         VERSION,

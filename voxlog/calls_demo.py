@@ -19,6 +19,8 @@ import httpx
 from websockets.exceptions import ConnectionClosed
 
 from consumers.events import read_call
+from projections.runner import catch_up, default_projections
+from projections.store import QueryResult
 from schemas.events import (
     CallEnded,
     HandoffRequested,
@@ -132,9 +134,15 @@ async def play_call(stack: LocalStack, script: Script, tts: EspeakTts) -> DemoCa
     return result
 
 
-async def run_calls_demo(settings: Settings) -> list[DemoCall]:
+ANALYTICS_QUERY = ("SELECT outcome, count() AS calls, sum(turns) AS turns, sum(tool_calls) AS tool_calls "
+                   "FROM calls FINAL GROUP BY outcome ORDER BY outcome")
+"""What the demo asks ClickHouse afterwards (as `voxlog sql` would)."""
+
+
+async def run_calls_demo(settings: Settings) -> tuple[list[DemoCall], QueryResult | None]:
+    """The calls, and what the analytics tables say of them (None when ClickHouse is not at hand)."""
     tts = EspeakTts()
-    async with local_stack(settings) as stack:
+    async with local_stack(settings, analytics=True) as stack:
         calls = await asyncio.gather(*(play_call(stack, script, tts) for script in SCRIPTS))
         await stack.gateway.wait_idle(30)
         reports = {r.call_id: r for r in stack.gateway.reports}
@@ -161,4 +169,9 @@ async def run_calls_demo(settings: Settings) -> list[DemoCall]:
                     call.replay = verify_call(history.events, agent_for(history.events, stack.gateway.router))
         finally:
             await admin.close()
-    return calls
+        summary = None
+        store = stack.gateway.analytics
+        if store is not None:
+            await catch_up(stack.gateway.backend, store, default_projections(stack.gateway.router))
+            summary = await asyncio.to_thread(store.query, ANALYTICS_QUERY)
+    return calls, summary

@@ -66,13 +66,13 @@ def demo(
     if synthetic:
         _synthetic_demo(calls)
         return
-    from voxlog.calls_demo import SCRIPTS, run_calls_demo
+    from voxlog.calls_demo import ANALYTICS_QUERY, SCRIPTS, run_calls_demo
 
     settings = Settings()
     console.print(f"[bold]voxlog demo[/]: {len(SCRIPTS)} calls through the gateway on "
                   f"{log_backend(settings).describe()}, offline speech (pocketsphinx, espeak-ng), "
                   "the offline scripted policy")
-    results = asyncio.run(run_calls_demo(settings))
+    results, summary = asyncio.run(run_calls_demo(settings))
     diverged = 0
     for call in results:
         console.print(f"\n[bold]{call.script.name}[/] {call.call_id}")
@@ -89,6 +89,12 @@ def demo(
             console.print(f"  replay: [red]diverged[/] {reason}")
         else:
             console.print(f"  replay: identical ({call.replay.decisions} decisions)")
+    if summary is not None:
+        table = Table(*summary.columns, title=f'voxlog sql "{ANALYTICS_QUERY}"')
+        for row in summary.rows:
+            table.add_row(*(str(v) for v in row))
+        console.print()
+        console.print(table)
     console.print(f"\nverified {len(results)} calls, {diverged} diverged")
     if diverged:
         raise typer.Exit(1)

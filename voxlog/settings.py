@@ -30,7 +30,10 @@ class Settings(BaseSettings):
         None, description="Override of Twilio's REST base URL (a local test server); unset: Twilio's own.")
     webhook_secret: SecretStr = Field(
         SecretStr("voxlog-dev-webhook-secret"), description="Signs outgoing tool webhooks (HMAC-SHA256).")
-    run_workers: bool = Field(True, description="Run the tool worker inside `voxlog serve` too.")
+    run_workers: bool = Field(True, description="Run the tool worker and the dialer inside `voxlog serve` too.")
+    run_projections: bool = Field(
+        True, description="Run the ClickHouse projections inside `voxlog serve` (the embedded ClickHouse can be "
+        "open in one process only; with a ClickHouse server run `voxlog projections run` apart instead).")
 
     @property
     def log_path(self) -> Path:

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
 from projections.store import AnalyticsError, AnalyticsStore
 from projections.tables import CALLS
 from projections.tenant_sql import ForbiddenQuery, TenantSql
-from tests.integration.test_projections import store  # noqa: F401  (the fixture)
+from schemas.codec import EventCodec
+from schemas.events import AuditRecorded
+from schemas.topics import AUDIT
+from tests.integration.test_outbound_calls import OTHER_KEY, agents_with_two_tenants, api
+from tests.integration.test_projections import project, store, write_calls  # noqa: F401  (store: the fixture)
+from voxlog.settings import Settings
+from voxlog.sim.stack import local_stack
 
 
 def call_row(tenant: str) -> tuple[object, ...]:
@@ -67,3 +74,34 @@ def test_one_statement_with_semicolons_in_strings_and_a_trailing_one_is_fine(sql
 def test_limits_cannot_be_lifted_from_inside_the_query(sql: TenantSql) -> None:
     with pytest.raises(AnalyticsError, match=r"(?i)readonly|setting"):
         sql.query("acme", "SELECT count() FROM calls SETTINGS max_result_rows = 0")
+
+
+async def test_the_sql_api_answers_each_tenant_with_its_own_rows_and_audits_it(
+    store: AnalyticsStore, tmp_path: Path  # noqa: F811
+) -> None:
+    settings = Settings(home=tmp_path / "home", agents_dir=agents_with_two_tenants(tmp_path / "agents"))
+    async with local_stack(settings) as stack:
+        stack.gateway.analytics = store  # the test's own database in this process's ClickHouse
+        await write_calls(stack.gateway.backend, "demo", 3)
+        await write_calls(stack.gateway.backend, "other", 2, first=3)
+        await project(stack.gateway.backend, store)
+
+        asked = await api(stack, "POST", "/v1/sql", json={"query": "SELECT tenant_id, count() FROM calls GROUP BY 1"})
+        assert asked.status_code == 200, asked.text
+        assert asked.json()["rows"] == [["demo", 3]]
+        other = await api(stack, "POST", "/v1/sql", key=OTHER_KEY, json={"query": "SELECT count() FROM turns"})
+        assert other.json()["rows"] == [[4]]
+        forbidden = await api(stack, "POST", "/v1/sql", json={"query": "SELECT * FROM system.tables"})
+        assert forbidden.status_code == 403
+        broken = await api(stack, "POST", "/v1/sql", json={"query": "SELECT nothing FROM calls"})
+        assert broken.status_code == 400
+        assert (await api(stack, "POST", "/v1/sql", key=None, json={"query": "SELECT 1"})).status_code == 401
+
+        admin = stack.gateway.backend.admin()
+        try:
+            audit = [EventCodec().decode(r.value).payload async for r in admin.read_key([AUDIT], b"-")]
+        finally:
+            await admin.close()
+        outcomes = [(a.actor, a.outcome) for a in audit if isinstance(a, AuditRecorded) and a.action == "sql.query"]
+        assert outcomes == [("api-key:demo-key", "accepted"), ("api-key:other-key", "accepted"),
+                            ("api-key:demo-key", "denied"), ("api-key:demo-key", "failed")]

@@ -73,15 +73,18 @@ class LocalStack:
 
 @asynccontextmanager
 async def local_stack(
-    settings: Settings, providers_factory: Callable[[AgentSpec], Providers] | None = None
+    settings: Settings, providers_factory: Callable[[AgentSpec], Providers] | None = None, *,
+    analytics: bool = False,
 ) -> AsyncIterator[LocalStack]:
+    """`analytics`: open ClickHouse and run the projections in the gateway too (the embedded engine
+    takes one data folder per process, so only one stack in a process may)."""
     account_sid = new_account_sid()
     with FakeTwilio(account_sid, AUTH_TOKEN) as twilio:
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
         settings = settings.model_copy(update={
             "twilio_account_sid": account_sid, "twilio_auth_token": SecretStr(AUTH_TOKEN),
-            "twilio_api_base": twilio.base_url, "public_url": base_url})
+            "twilio_api_base": twilio.base_url, "public_url": base_url, "run_projections": analytics})
         gateway = build_gateway(settings)
         if providers_factory is not None:
             gateway.providers_factory = providers_factory
