@@ -213,7 +213,7 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
             {"call_id": call.call_id, "tenant": call.tenant_id, "agent": call.agent_id, "direction": call.direction})
         transport = TwilioMediaTransport.from_start(websocket, start, rest=rest,
                                                     transfer_twiml=partial(dial_twiml, action=action))
-        session = runtime.open_session(call, agent, transport)
+        session = runtime.open_session(call, agent, transport, memory=await runtime.recall(call))
         running = asyncio.create_task(runtime.run_session(session))
         try:
             async for event in events:

@@ -13,17 +13,21 @@ from pathlib import Path
 import httpx
 
 from consumers.dialer import DialStore, DialWorker
+from consumers.summariser import Summariser
 from consumers.tools import ToolRunner, ToolStore, ToolWorker, WebhookSigner
 from gateway.twilio_rest import TwilioRest
 from producers.base import LogProducer
 from producers.events import CallRecorder, EventWriter, wall_clock_us
+from projections.audit import epoch_us
 from projections.runner import ProjectionRunner, default_projections
-from projections.store import AnalyticsStore
+from projections.store import AnalyticsError, AnalyticsStore
+from projections.tables import CALLER_MEMORY
 from projections.tenant_sql import TenantSql
 from schemas.base import Event
 from schemas.envelope import Envelope
-from schemas.events import AuditRecorded, ErrorRaised
+from schemas.events import AuditRecorded, ErrorRaised, MemoryLoaded, MemorySummary
 from streams.agents import AgentRouter, AgentSpec
+from streams.memory import caller_key
 from streams.providers.registry import providers_for
 from streams.session import CallSession, Providers, SessionReport
 from streams.tenants import Tenants
@@ -35,6 +39,9 @@ from voxlog.backends import LogBackend, ensure_topics
 log = logging.getLogger(__name__)
 
 PRODUCER = "voxlog.gateway"
+MEMORY_SUMMARIES = 3
+MEMORY_TIMEOUT_S = 0.5
+MEMORY_SOURCE = "clickhouse:caller_memory"
 
 
 def new_call_id() -> str:
@@ -100,6 +107,9 @@ class Gateway:
                 await asyncio.wait_for(self.dialer.ready.wait(), 60)
             else:
                 log.info("no dialer: outbound calls need a Twilio account and VOXLOG_PUBLIC_URL")
+            summariser = Summariser(self.backend)
+            self._tasks.append(asyncio.create_task(summariser.run(self._stop), name="summariser"))
+            await asyncio.wait_for(summariser.ready.wait(), 60)
         if self.analytics is not None and self.run_projections:
             for projection in default_projections(self.router):
                 runner = ProjectionRunner(self.backend, self.analytics, projection)
@@ -127,13 +137,33 @@ class Gateway:
             raise RuntimeError("gateway not started")
         return self._writer
 
+    async def recall(self, call: InboundCall) -> MemoryLoaded | None:
+        """What the tenant remembers of this caller (newest first), from `caller_memory`; None when
+        the caller has no key (no number) or there is no ClickHouse. Bounded in time: a slow lookup
+        costs the caller a greeting without memory, not a wait."""
+        number = call.to_number if call.direction == "outbound" else call.from_number
+        key = caller_key(call.tenant_id, number)
+        if key is None or self.analytics is None:
+            return None
+        query = (f"SELECT call_id, summary, at FROM {CALLER_MEMORY.name} FINAL "
+                 "WHERE tenant_id = {t:String} AND caller_key = {k:String} ORDER BY at DESC LIMIT {n:UInt32}")
+        try:
+            result = await asyncio.wait_for(asyncio.to_thread(
+                self.analytics.query, query, {"t": call.tenant_id, "k": key, "n": MEMORY_SUMMARIES}), MEMORY_TIMEOUT_S)
+        except (TimeoutError, AnalyticsError) as exc:
+            log.warning("caller memory for %s unavailable: %s", call.call_id, exc or "timed out")
+            return MemoryLoaded(caller_key=key, summaries=(), source=f"{MEMORY_SOURCE} (unavailable)")
+        return MemoryLoaded(caller_key=key, source=MEMORY_SOURCE, summaries=tuple(
+            MemorySummary(call_id=str(cid), summary=str(text), created_us=epoch_us(when))
+            for cid, text, when in result.rows))
+
     def open_session(self, call: InboundCall, agent: AgentSpec, transport: MediaTransport,
-                     providers: Providers | None = None) -> CallSession:
+                     providers: Providers | None = None, memory: MemoryLoaded | None = None) -> CallSession:
         assert self._replies is not None
         recorder = CallRecorder(self.writer, tenant_id=call.tenant_id, call_id=call.call_id, producer=PRODUCER,
                                 producer_version=__version__)
         session = CallSession(call, agent, transport, recorder, providers or self.providers_factory(agent),
-                              tool_replies=self._replies.register(call.call_id))
+                              tool_replies=self._replies.register(call.call_id), memory=memory)
         self.sessions[call.call_id] = session
         return session
 

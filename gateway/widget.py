@@ -99,7 +99,7 @@ def widget_router(gateway: Gateway) -> APIRouter:
                            agent_id=agent.id, routed_by="widget_key",
                            parameters={"page": str(hello.get("page", ""))[:500]})
         transport = WidgetTransport(websocket)
-        session = gateway.open_session(call, agent, transport)
+        session = gateway.open_session(call, agent, transport, memory=await gateway.recall(call))
         await websocket.send_text(json.dumps({"type": "started", "call_id": call.call_id}))
         running = asyncio.create_task(gateway.run_session(session))
         pending = b""

@@ -21,11 +21,11 @@ from typing import Any, Protocol
 from consumers.base import LogRecord, TopicPartition
 from consumers.events import EventConsumer, read_call
 from projections.audit import AuditFold, epoch_us
-from projections.calls import CallsFold
+from projections.calls import CallsFold, at
 from projections.store import AnalyticsStore
-from projections.tables import AUDIT_LOG, OFFSETS, PROMPT_VERSIONS, Row, Table
+from projections.tables import AUDIT_LOG, CALLER_MEMORY, OFFSETS, PROMPT_VERSIONS, Row, Table
 from schemas.base import Event, EventPayload
-from schemas.events import CallStarted
+from schemas.events import CallStarted, CallSummarized
 from schemas.topics import AUDIT, CALLS, COMMANDS
 from streams.agents import AgentRouter
 from streams.redaction import default_redactor
@@ -108,8 +108,33 @@ class AuditProjection:
         return self.fold.apply(event, f"{record.topic}/{record.partition}", record.offset)
 
 
+class MemoryProjection:
+    """`caller_memory`: the summaries on the callers' memory streams (`call.summarized`)."""
+
+    name = "memory"
+    topics: tuple[str, ...] = (CALLS,)
+    tables: tuple[Table, ...] = (CALLER_MEMORY,)
+
+    def __init__(self) -> None:
+        self.redactor = default_redactor()
+
+    def reset(self) -> None:
+        """Nothing is kept between events."""
+
+    async def load(self, store: AnalyticsStore) -> None:
+        """Nothing is kept between events."""
+
+    async def rows(self, record: LogRecord, event: Event[EventPayload], backend: LogBackend) -> list[Row]:
+        p = event.payload
+        if not isinstance(p, CallSummarized):
+            return []
+        return [(CALLER_MEMORY, (event.tenant_id, event.call_id, p.call_id, p.agent_id,
+                                 at(event.envelope.event_time_us), self.redactor.redact(p.summary), p.outcome or "",
+                                 p.source, event.seq))]
+
+
 def default_projections(router: AgentRouter | None = None) -> list[Projection]:
-    return [CallsProjection(router), AuditProjection()]
+    return [CallsProjection(router), AuditProjection(), MemoryProjection()]
 
 
 class ProjectionRunner:

@@ -234,6 +234,25 @@ AUDIT_LOG = Table(
     "SELECT at, actor, action, resource, outcome FROM audit_log FINAL WHERE call_id = 'call-...' ORDER BY at",
 )
 
+CALLER_MEMORY = Table(
+    "caller_memory",
+    "Long-term memory: a summary of each finished call, per caller and tenant. A caller who calls again "
+    "is greeted with the newest (recorded in the new call as memory.loaded).",
+    (
+        TENANT,
+        _c("caller_key", "String", "The caller, as a key: a hash of the tenant and the number, never the number."),
+        CALL,
+        _c("agent_id", "LowCardinality(String)", "The agent that took the call."),
+        _c("at", TIME, "When the summary was made."),
+        _c("summary", "String", "What happened, PII redacted."),
+        _c("outcome", "LowCardinality(String)", "The call's outcome."),
+        _c("source", "LowCardinality(String)", "How the summary was made: offline-extractive, or the LLM used."),
+        VERSION,
+    ),
+    ("tenant_id", "caller_key", "call_id"),
+    "SELECT at, summary FROM caller_memory FINAL WHERE caller_key = 'caller-...' ORDER BY at DESC LIMIT 3",
+)
+
 OFFSETS = Table(
     "_projection_offsets",
     "How far each projection has written: the next log offset per topic partition.",
@@ -248,7 +267,7 @@ OFFSETS = Table(
     "SELECT * FROM _projection_offsets FINAL",
 )
 
-ANALYST_TABLES = (CALLS, TURNS, TRANSCRIPTS, TOOL_CALLS, ERRORS, PROMPT_VERSIONS, AUDIT_LOG)
+ANALYST_TABLES = (CALLS, TURNS, TRANSCRIPTS, TOOL_CALLS, ERRORS, PROMPT_VERSIONS, CALLER_MEMORY, AUDIT_LOG)
 
 
 def analytics_markdown() -> str:

@@ -449,6 +449,44 @@ class CallStatus(EventPayload):
 
 
 @dataclass(frozen=True, slots=True)
+class CallSummarized(EventPayload):
+    """A finished call, summarised for the caller's long-term memory. On the caller's memory stream: the envelope's call_id is the caller key, seq counts that caller's summaries."""
+
+    EVENT_TYPE: ClassVar[str] = 'call.summarized'
+    EVENT_VERSION: ClassVar[int] = 1
+
+    call_id: str
+    """The call summarised."""
+    agent_id: str
+    """The agent that took it."""
+    summary: str
+    """What happened, as the agent will recall it: a clause such as 'you booked a technician visit for tomorrow at ten'. PII: text."""
+    source: str
+    """How it was made: offline-extractive, or the LLM's provider/model."""
+    outcome: str | None = None
+    """The call's outcome."""
+
+    def to_avro(self) -> dict[str, Any]:
+        return {
+            "call_id": self.call_id,
+            "agent_id": self.agent_id,
+            "summary": self.summary,
+            "outcome": self.outcome,
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_avro(cls, record: Mapping[str, Any]) -> CallSummarized:
+        return cls(
+            call_id=record["call_id"],
+            agent_id=record["agent_id"],
+            summary=record["summary"],
+            outcome=record["outcome"],
+            source=record["source"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class ConsentGiven(EventPayload):
     """The caller gave consent."""
 
@@ -1517,6 +1555,7 @@ PAYLOAD_TYPES: dict[str, type[EventPayload]] = {
     "call.hangup_requested": CallHangupRequested,
     "call.started": CallStarted,
     "call.status": CallStatus,
+    "call.summarized": CallSummarized,
     "consent.given": ConsentGiven,
     "consent.refused": ConsentRefused,
     "dtmf.received": DtmfReceived,
@@ -1558,6 +1597,7 @@ __all__ = [
     "CallHangupRequested",
     "CallStarted",
     "CallStatus",
+    "CallSummarized",
     "CallerAudioChunk",
     "Channel",
     "ConsentGiven",

@@ -126,6 +126,9 @@ class AgentSpec(_Spec):
     greeting: str
     outbound_greeting: str | None = None
     """What the agent opens with on a call it placed (`POST /v1/calls`); unset: `greeting`."""
+    returning_greeting: str | None = None
+    """What the agent opens with when it remembers the caller; `{last_call}` is the newest summary
+    (e.g. "you booked a visit for tomorrow at ten"). Unset: `greeting`."""
     goodbye: str = "Thank you for calling. Goodbye."
     reprompt: str = "Are you still there?"
     fallback: str = "Sorry, I didn't catch that. Could you say it again?"

@@ -277,6 +277,8 @@ def _greet(state: CallState, now: int) -> tuple[CallState, list[Decision]]:
         opening = _unavailable(agent)
     elif state.outbound and agent.outbound_greeting:
         opening = agent.outbound_greeting
+    elif state.memory and agent.returning_greeting:
+        opening = agent.returning_greeting.replace("{last_call}", state.memory[0])
     else:
         opening = agent.greeting
     state, greeting = _say(state, f"{agent.consent.text} {opening}" if agent.consent.text else opening)

@@ -32,6 +32,7 @@ from schemas.events import (
     ErrorRaised,
     HandoffCompleted,
     LlmDecided,
+    MemoryLoaded,
     SpeechStarted,
     SpeechStopped,
     TimerFired,
@@ -135,8 +136,11 @@ class CallSession:
         tool_replies: asyncio.Queue[Event[EventPayload]] | None = None,
         limits: SessionLimits = SessionLimits(),
         clock_us: Callable[[], int] = now_us,
+        memory: MemoryLoaded | None = None,
     ) -> None:
         self.call = call
+        self.memory = memory
+        """What is remembered of the caller: recorded right after call.started, before the greeting."""
         self.agent = agent
         self.transport = transport
         self.recorder = recorder
@@ -206,6 +210,8 @@ class CallSession:
                 parameters=dict(call.parameters),
             )
         )
+        if self.memory is not None:
+            self._submit(self.memory)
         self._submit(CallAnswered(answered_by=None))
         audio = self._spawn(self._audio_loop(), "audio")
         replies = self._spawn(self._reply_loop(), "tool-replies") if self._tool_replies is not None else None

@@ -1,0 +1,65 @@
+"""Long-term memory of callers: who a caller is (a key, never the number) and what a finished call
+leaves behind (an extractive summary: what was booked, opened, asked for).
+
+Pure functions of a call's events, so the offline summary is the same whenever it is made; a
+summary an LLM makes instead is recorded as an event (`call.summarized`) all the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+
+from schemas.base import Event, EventPayload
+from schemas.events import CallStarted, HandoffRequested, ToolSucceeded, TurnTaken
+
+OFFLINE_SOURCE = "offline-extractive"
+
+
+def caller_key(tenant_id: str, number: str | None) -> str | None:
+    """A stable key for the person on the other end, within a tenant; None when there is no number
+    (a web widget visitor)."""
+    if not number:
+        return None
+    digest = hashlib.sha256(f"{tenant_id}\x1f{number}".encode()).hexdigest()
+    return f"caller-{digest[:24]}"
+
+
+def person_number(started: CallStarted) -> str | None:
+    """The person's number: the caller's on an inbound call, the called one's on an outbound one."""
+    return started.to_number if started.direction == "outbound" else started.from_number
+
+
+def _tool_clause(tool: str, result_json: str) -> str:
+    try:
+        result = json.loads(result_json)
+    except ValueError:
+        result = {}
+    if not isinstance(result, dict):
+        result = {}
+    if "when" in result and "confirmation" in result:
+        return f"you booked a visit for {result['when']} (confirmation {result['confirmation']})"
+    if "ticket_id" in result:
+        return f"we opened ticket {result['ticket_id']} for you"
+    return f"we ran {tool.replace('_', ' ')} for you"
+
+
+def summarize(events: Sequence[Event[EventPayload]]) -> str | None:
+    """What the call did, as clauses the agent can say back ("you booked a visit for tomorrow at ten
+    (confirmation A1001)"); None for a call where nothing was said."""
+    clauses: list[str] = []
+    first_words: str | None = None
+    for event in events:
+        p = event.payload
+        if isinstance(p, ToolSucceeded):
+            clauses.append(_tool_clause(p.tool, p.result_json))
+        elif isinstance(p, HandoffRequested):
+            clauses.append("you asked to speak with a person")
+        elif isinstance(p, TurnTaken) and first_words is None and p.caller_text.strip():
+            first_words = p.caller_text.strip()
+    if not clauses and first_words is None:
+        return None
+    if not clauses:
+        return f'you told us "{first_words}"'
+    return " and ".join(dict.fromkeys(clauses))

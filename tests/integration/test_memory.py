@@ -1,0 +1,72 @@
+"""Long-term memory end to end: a caller books, hangs up, calls again and is greeted with what the
+agent remembers; the summary travels the log (call.summarized), ClickHouse (caller_memory) and
+back into the new call as a recorded memory.loaded, so replay still verifies."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from consumers.events import read_call
+from projections.runner import MemoryProjection, ProjectionRunner
+from projections.store import AnalyticsStore
+from schemas.events import CallSummarized, MemoryLoaded, TtsRequested
+from schemas.topics import CALLS
+from streams.memory import caller_key
+from streams.replay import agent_for, verify_call
+from tests.integration.test_call_e2e import agent_done_speaking, events_of, speech
+from tests.integration.test_projections import store  # noqa: F401  (the fixture)
+from voxlog.settings import Settings
+from voxlog.sim.stack import LocalStack, local_stack
+
+pytestmark = pytest.mark.slow
+NUMBER = "+15557770042"
+
+
+async def call_and_say(stack: LocalStack, *lines: str) -> str:
+    caller = stack.caller(from_=NUMBER, to="+15550100")
+    instructions = await caller.dial()
+    async with caller:
+        await caller.connect(instructions)
+        for line in lines:
+            await agent_done_speaking(caller)
+            await caller.send_mulaw(speech(line))
+        await asyncio.wait_for(caller.closed.wait(), 30)
+    return instructions.parameters["call_id"]
+
+
+async def test_a_caller_who_calls_again_is_greeted_with_what_the_agent_remembers(
+    store: AnalyticsStore, tmp_path: Path  # noqa: F811
+) -> None:
+    async with local_stack(Settings(home=tmp_path)) as stack:
+        stack.gateway.analytics = store  # this process's ClickHouse, the test's own database
+        first = await call_and_say(stack, "i would like to book an appointment for tomorrow at ten",
+                                   "no thank you goodbye")
+        key = caller_key("demo", NUMBER)
+        assert key is not None
+        for _ in range(100):  # the summariser works after the call
+            admin = stack.gateway.backend.admin()
+            try:
+                memory = (await read_call(admin, key, topics=(CALLS,))).events
+            finally:
+                await admin.close()
+            if memory:
+                break
+            await asyncio.sleep(0.1)
+        (summarized,) = memory
+        assert isinstance(summarized.payload, CallSummarized)
+        assert summarized.payload.call_id == first
+        assert summarized.payload.summary.startswith("you booked a visit for tomorrow at ten (confirmation A")
+        await ProjectionRunner(stack.gateway.backend, store, MemoryProjection()).run(asyncio.Event(),
+                                                                                     until_caught_up=True)
+
+        second = await call_and_say(stack, "no thank you goodbye")
+        events = await events_of(stack, second)
+    loaded = next(e.payload for e in events if isinstance(e.payload, MemoryLoaded))
+    assert [s.call_id for s in loaded.summaries] == [first]
+    assert [e.type for e in events[:3]] == ["call.started", "memory.loaded", "call.answered"]
+    greeting = next(e.payload.text for e in events if isinstance(e.payload, TtsRequested))
+    assert "Welcome back to Acme. Last time you booked a visit for tomorrow at ten" in greeting, greeting
+    assert verify_call(events, agent_for(events, stack.gateway.router)).identical

@@ -1,0 +1,52 @@
+"""What a finished call leaves in the caller's memory, and the caller's key."""
+
+from __future__ import annotations
+
+from schemas.base import Event, EventPayload
+from schemas.envelope import Envelope
+from schemas.events import CallStarted, HandoffRequested, ToolSucceeded, TurnTaken
+from streams.memory import caller_key, person_number, summarize
+
+
+def events(*payloads: EventPayload) -> list[Event[EventPayload]]:
+    return [Event(Envelope(event_id=f"e{i}", tenant_id="demo", call_id="call-1", seq=i, type=p.EVENT_TYPE,
+                           schema_version=p.EVENT_VERSION, event_time_us=i, producer="t", producer_version="0"), p)
+            for i, p in enumerate(payloads)]
+
+
+def turn(text: str) -> TurnTaken:
+    return TurnTaken(turn_index=0, caller_text=text, utterance_ids=("u0",), end_of_turn_ms=0)
+
+
+def test_a_summary_says_what_was_done_in_order_once_each() -> None:
+    booked = ToolSucceeded(tool_call_id="t1", tool="book_appointment", attempt=1, latency_ms=1,
+                           result_json='{"confirmation": "A1001", "when": "tomorrow at ten"}')
+    ticket = ToolSucceeded(tool_call_id="t2", tool="create_ticket", attempt=1, latency_ms=1,
+                           result_json='{"ticket_id": "T1002"}')
+    handoff = HandoffRequested(handoff_id="h", reason="caller_asked", target="+15550199", summary="")
+    assert summarize(events(turn("book please"), booked, ticket, handoff, handoff)) == (
+        "you booked a visit for tomorrow at ten (confirmation A1001) and we opened ticket T1002 for you "
+        "and you asked to speak with a person")
+    odd = ToolSucceeded(tool_call_id="t3", tool="send_sms", attempt=1, latency_ms=1, result_json="not json")
+    assert summarize(events(odd)) == "we ran send sms for you"
+
+
+def test_a_call_with_words_but_no_action_remembers_the_words_and_a_silent_one_nothing() -> None:
+    assert summarize(events(turn("  what are your hours "))) == 'you told us "what are your hours"'
+    assert summarize(events(turn("  "))) is None
+    assert summarize([]) is None
+
+
+def test_the_key_is_the_tenant_and_the_number_hashed() -> None:
+    key = caller_key("demo", "+15557770042")
+    assert key is not None
+    assert key.startswith("caller-")
+    assert "5557770042" not in key
+    assert key == caller_key("demo", "+15557770042")
+    assert key != caller_key("other", "+15557770042")
+    assert caller_key("demo", None) is None
+    inbound = CallStarted(channel="phone", direction="inbound", agent_id="a", agent_version="v", routed_by="number",
+                          from_number="+1555", to_number="+1666")
+    outbound = CallStarted(channel="phone", direction="outbound", agent_id="a", agent_version="v",
+                           routed_by="outbound_request", from_number="+1666", to_number="+1555")
+    assert person_number(inbound) == person_number(outbound) == "+1555"
