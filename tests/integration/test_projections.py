@@ -5,8 +5,10 @@ nothing; a rebuild gives identical tables; the audit chain finds tampering."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
+import re
 import tempfile
 import uuid
 from pathlib import Path
@@ -17,12 +19,23 @@ import pytest
 from producers.events import CallRecorder, EventWriter
 from producers.synthetic import synthetic_call
 from projections.audit import verify_chain
-from projections.runner import AuditProjection, CallsProjection, ProjectionRunner
+from projections.runner import AuditProjection, CallsProjection, ProjectionRunner, default_projections
 from projections.store import AnalyticsStore
 from projections.tables import ANALYST_TABLES, AUDIT_LOG, Table
 from schemas.base import EventPayload
-from schemas.events import AuditRecorded
+from schemas.events import (
+    AuditRecorded,
+    CallEnded,
+    CallStarted,
+    ErrorRaised,
+    ToolRequested,
+    ToolSucceeded,
+    TranscriptFinal,
+    TtsRequested,
+    TurnTaken,
+)
 from tests.conftest import kafka_bootstrap
+from tests.unit.test_redaction import SEEDED
 from voxlog.backends import EmbeddedBackend, KafkaBackend, LogBackend
 
 pytestmark = pytest.mark.slow
@@ -80,7 +93,7 @@ async def snapshot(store: AnalyticsStore, tables: tuple[Table, ...] = ANALYST_TA
 
 
 async def project(log: LogBackend, store: AnalyticsStore) -> None:
-    for projection in (CallsProjection(), AuditProjection()):
+    for projection in default_projections():
         await ProjectionRunner(log, store, projection).run(asyncio.Event(), until_caught_up=True)
 
 
@@ -177,3 +190,66 @@ async def test_changing_or_removing_an_audit_record_is_detected(log: LogBackend,
                   {"e": victim[AUDIT_COLUMN["event_id"]]})
     (problem,) = verify_chain([(*r, 0) for r in rows()])
     assert "missing" in problem.problem
+
+
+async def test_no_seeded_pii_reaches_clickhouse(log: LogBackend, store: AnalyticsStore) -> None:
+    """Every corpus sentence is said by a caller, echoed by the agent, passed to a tool, returned by
+    it, put in an error and in an audit record; no seeded value may be found in any table."""
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    async with log.producer() as producer:
+        writer = EventWriter(producer)
+        for index, item in enumerate(SEEDED):
+            text = item["text"]
+            recorder = CallRecorder(writer, tenant_id=tenant, call_id=f"call-{uuid.uuid4()}", producer="test",
+                                    producer_version="0")
+            for payload in pii_call(index, text):
+                await recorder.record(payload)
+        await producer.flush()
+    await project(log, store)
+
+    found: list[str] = []
+    for table in ANALYST_TABLES:
+        text_columns = [c.name for c in table.columns if "String" in c.type]
+        rows = store.query(f"SELECT {', '.join(text_columns)} FROM {table.name} FINAL "
+                           "WHERE tenant_id = {t:String}", {"t": tenant}).rows
+        found += [" ".join(str(v) for v in row) for row in rows]
+    everything = "\n".join(found)
+    assert len(found) > 6 * len(SEEDED), "every table got its rows"
+    leaks = []
+    for item in SEEDED:
+        for pii in item["pii"]:
+            value = pii["value"]
+            if re.search(r"[a-z]", value, re.IGNORECASE):
+                if value.lower() in everything.lower():
+                    leaks.append(value)
+            elif re.search(rf"(?<!\d){re.escape(digits(value))}(?!\d)", digits_only_runs(everything)):
+                leaks.append(value)
+    assert leaks == []
+
+
+def digits(text: str) -> str:
+    return re.sub(r"\D", "", text)
+
+
+def digits_only_runs(text: str) -> str:
+    """Each run of digits and separators, its separators dropped: '212 555-0100' -> '2125550100'."""
+    return re.sub(r"(?<=\d)[ ().-]+(?=\d)", "", text)
+
+
+def pii_call(index: int, text: str) -> list[EventPayload]:
+    return [
+        CallStarted(channel="phone", direction="inbound", agent_id="front-desk", agent_version="v",
+                    from_number=f"+1212555{index:04d}", to_number="+15550100", routed_by="number"),
+        TranscriptFinal(utterance_id="u0", text=text, confidence=0.9, provider="p", model="m", start_ms=0,
+                        end_ms=1000, latency_ms=100),
+        TurnTaken(turn_index=0, caller_text=text, utterance_ids=("u0",), end_of_turn_ms=1000),
+        ToolRequested(tool_call_id="t0", tool="create_ticket", arguments_json=json.dumps({"summary": text}),
+                      idempotency_key="k"),
+        ToolSucceeded(tool_call_id="t0", tool="create_ticket", result_json=json.dumps({"echo": text}), attempt=1,
+                      latency_ms=3),
+        TtsRequested(request_id="r0", text=f"You said: {text}", provider="p", voice="v", codec="pcm_s16le",
+                     sample_rate=16000),
+        ErrorRaised(component="tool", provider=None, kind="echo", message=text, retryable=False, fatal=False),
+        AuditRecorded(actor="test", action="echo", resource="r", outcome="accepted", detail=text, remote_addr=None),
+        CallEnded(reason="caller_hangup", duration_ms=1000, outcome=None),
+    ]
