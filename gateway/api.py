@@ -17,12 +17,14 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from consumers.events import read_call
 from gateway.calls import PRODUCER, Gateway, new_call_id
 from gateway.outbound import DIAL_ID, check_parameters
 from producers.events import CallRecorder
+from projections.recordings import recording_path
 from projections.store import AnalyticsError
 from projections.tenant_sql import TENANT_SQL_LIMITS, ForbiddenQuery, TenantSql
 from schemas.base import Event, EventPayload
@@ -183,6 +185,23 @@ def api_router(runtime: Gateway) -> APIRouter:
         return SqlResult(columns=list(result.columns), rows=[list(r) for r in result.rows],
                          row_count=len(result.rows),
                          limits={k: TENANT_SQL_LIMITS[k] for k in ("max_result_rows", "max_execution_time")})
+
+    @router.get("/calls/{call_id}/recording", response_class=FileResponse)
+    async def recording(call_id: str, caller: Caller, request: Request) -> FileResponse:
+        """The call's recording: a stereo WAV, 16 kHz, the caller left and the agent right, once the call ended."""
+        tenant, key_id = caller
+        try:
+            path = recording_path(runtime.recordings_path, tenant.id, call_id)
+        except ValueError as exc:
+            raise HTTPException(404, "no such recording") from exc
+        found = await asyncio.to_thread(path.is_file)
+        await runtime.audit(tenant_id=tenant.id, call_id=call_id, actor=f"api-key:{key_id}", action="recording.read",
+                            resource=call_id, outcome="accepted" if found else "failed",
+                            detail="" if found else "no finished recording",
+                            remote_addr=request.client.host if request.client else None)
+        if not found:  # another tenant's call, a live one, or none: the same answer
+            raise HTTPException(404, "no such recording (calls are recorded once they have ended)")
+        return FileResponse(path, media_type="audio/wav", filename=f"{call_id}.wav")
 
     @router.get("/calls/dials/{dial_id}", response_model=DialView, name="dial_status")
     async def dial_status(dial_id: str, caller: Caller) -> DialView:

@@ -17,6 +17,8 @@ from typing import Literal
 from urllib.parse import urlencode
 
 from fastapi import FastAPI, WebSocket
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.api import api_router
 from gateway.calls import PRODUCER, Gateway, new_call_id
@@ -97,6 +99,11 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
 
     app = FastAPI(title="voxlog gateway", lifespan=lifespan)
     app.state.gateway = runtime
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus: calls, turns, voice-to-voice and provider latencies, errors, fallbacks, tool calls."""
+        return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     async def health() -> dict[str, object]:

@@ -28,6 +28,7 @@ from schemas.envelope import Envelope
 from schemas.events import AuditRecorded, ErrorRaised, MemoryLoaded, MemorySummary
 from streams.agents import AgentRouter, AgentSpec
 from streams.memory import caller_key
+from streams.metrics import CallMetrics
 from streams.providers.registry import providers_for
 from streams.session import CallSession, Providers, SessionReport
 from streams.tenants import Tenants
@@ -66,6 +67,11 @@ class Gateway:
     """Why there is no `analytics` (it could not be opened), for the API to say."""
     run_projections: bool = False
     tenant_sql: TenantSql | None = None
+    metrics: CallMetrics = field(default_factory=CallMetrics)
+
+    @property
+    def recordings_path(self) -> Path:
+        return self.home / "recordings"
     providers_factory: Callable[[AgentSpec], Providers] = providers_for
     """How a call's providers are made (benchmarks swap in scripted timelines)."""
     sessions: dict[str, CallSession] = field(default_factory=dict)
@@ -89,7 +95,7 @@ class Gateway:
             await admin.close()
         self._producer = self.backend.producer()
         await self._producer.start()
-        self._writer = EventWriter(self._producer)
+        self._writer = EventWriter(self._producer, observers=(self.metrics.observe,))
         self._replies = ToolReplies(self.backend)
         self._tasks.append(asyncio.create_task(self._replies.run(self._stop), name="tool-replies"))
         await asyncio.wait_for(self._replies.ready.wait(), 60)
@@ -111,7 +117,7 @@ class Gateway:
             self._tasks.append(asyncio.create_task(summariser.run(self._stop), name="summariser"))
             await asyncio.wait_for(summariser.ready.wait(), 60)
         if self.analytics is not None and self.run_projections:
-            for projection in default_projections(self.router):
+            for projection in default_projections(self.router, recordings=self.recordings_path):
                 runner = ProjectionRunner(self.backend, self.analytics, projection)
                 self._tasks.append(asyncio.create_task(runner.run(self._stop), name=f"projection-{projection.name}"))
 

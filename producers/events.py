@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from producers.base import LogProducer
 from schemas.base import Event, EventPayload
@@ -14,9 +14,17 @@ from schemas.topics import topic_for
 
 
 class EventWriter:
-    def __init__(self, producer: LogProducer, codec: EventCodec | None = None) -> None:
+    """`observers` see every event written (metrics), after it is handed to the producer."""
+
+    def __init__(
+        self,
+        producer: LogProducer,
+        codec: EventCodec | None = None,
+        observers: Sequence[Callable[[Event[EventPayload]], None]] = (),
+    ) -> None:
         self.producer = producer
         self.codec = codec or EventCodec()
+        self.observers = tuple(observers)
 
     async def append(self, event: Event[EventPayload]) -> None:
         """Encodes now, so a `SchemaViolation` reaches the caller before anything is written."""
@@ -24,6 +32,8 @@ class EventWriter:
 
     async def send_encoded(self, event: Event[EventPayload], data: bytes) -> None:
         await self.producer.send(topic_for(event.type), event.call_id.encode(), data)
+        for observe in self.observers:
+            observe(event)
 
     async def flush(self) -> None:
         await self.producer.flush()

@@ -16,12 +16,14 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from consumers.base import LogRecord, TopicPartition
 from consumers.events import EventConsumer, read_call
 from projections.audit import AuditFold, epoch_us
 from projections.calls import CallsFold, at
+from projections.recordings import RecordingsProjection
 from projections.store import AnalyticsStore
 from projections.tables import AUDIT_LOG, CALLER_MEMORY, OFFSETS, PROMPT_VERSIONS, Row, Table
 from schemas.base import Event, EventPayload
@@ -133,8 +135,12 @@ class MemoryProjection:
                                  p.source, event.seq))]
 
 
-def default_projections(router: AgentRouter | None = None) -> list[Projection]:
-    return [CallsProjection(router), AuditProjection(), MemoryProjection()]
+def default_projections(router: AgentRouter | None = None, recordings: Path | None = None) -> list[Projection]:
+    """Every projection; `recordings` is the folder call recordings go to (none: no recordings)."""
+    found: list[Projection] = [CallsProjection(router), AuditProjection(), MemoryProjection()]
+    if recordings is not None:
+        found.append(RecordingsProjection(recordings))
+    return found
 
 
 class ProjectionRunner:

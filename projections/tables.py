@@ -253,6 +253,30 @@ CALLER_MEMORY = Table(
     "SELECT at, summary FROM caller_memory FINAL WHERE caller_key = 'caller-...' ORDER BY at DESC LIMIT 3",
 )
 
+RECORDINGS = Table(
+    "recordings",
+    "One row per call recording: a stereo WAV, the caller on the left, the agent on the right.",
+    (
+        TENANT, CALL,
+        _c("path", "String", "The WAV file, relative to the recordings folder: <tenant_id>/<call_id>.wav."),
+        _c("format", "LowCardinality(String)", "Container/encoding/rate/layout: wav/pcm_s16le/16000/stereo."),
+        _c("channels", "UInt8", "2: left the caller, right the agent."),
+        _c("sample_rate", "UInt32", "Samples per second of each channel."),
+        _c("duration_ms", "UInt64", "Length of the recording (the longer channel); 0 while the call is live."),
+        _c("bytes", "UInt64", "Size of the WAV file; 0 while the call is live."),
+        _c("caller_audio_ms", "UInt64", "Caller audio received (its chunks' durations); 0 while the call is live."),
+        _c("agent_audio_ms", "UInt64",
+               "Agent audio played to the caller (its chunks' durations); 0 while the call is live."),
+        _c("started_at", TIME, "When the call started: the recording's time zero."),
+        _c("ended_at", f"Nullable({TIME})", "When the call ended; NULL while it is live."),
+        _c("complete", "UInt8", "1 once the call ended and the file is final; 0 while it is being recorded."),
+        VERSION,
+    ),
+    ("tenant_id", "call_id"),
+    "SELECT tenant_id, count() AS recordings, sum(duration_ms) / 3600000 AS hours FROM recordings FINAL "
+    "WHERE complete GROUP BY tenant_id",
+)
+
 OFFSETS = Table(
     "_projection_offsets",
     "How far each projection has written: the next log offset per topic partition.",
@@ -267,7 +291,7 @@ OFFSETS = Table(
     "SELECT * FROM _projection_offsets FINAL",
 )
 
-ANALYST_TABLES = (CALLS, TURNS, TRANSCRIPTS, TOOL_CALLS, ERRORS, PROMPT_VERSIONS, CALLER_MEMORY, AUDIT_LOG)
+ANALYST_TABLES = (CALLS, TURNS, TRANSCRIPTS, TOOL_CALLS, ERRORS, PROMPT_VERSIONS, CALLER_MEMORY, RECORDINGS, AUDIT_LOG)
 
 
 def analytics_markdown() -> str:

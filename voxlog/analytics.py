@@ -32,7 +32,7 @@ class Analytics:
         self.router = AgentRouter(load_agents(settings.agents_dir or DEFAULT_AGENTS_DIR))
 
     def projections(self, names: Sequence[str] | None = None) -> list[Projection]:
-        found = default_projections(self.router)
+        found = default_projections(self.router, recordings=self.settings.recordings_path)
         if names is None:
             return found
         unknown = set(names) - {p.name for p in found}

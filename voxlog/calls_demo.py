@@ -172,6 +172,7 @@ async def run_calls_demo(settings: Settings) -> tuple[list[DemoCall], QueryResul
         summary = None
         store = stack.gateway.analytics
         if store is not None:
-            await catch_up(stack.gateway.backend, store, default_projections(stack.gateway.router))
+            await catch_up(stack.gateway.backend, store,
+                           default_projections(stack.gateway.router, recordings=stack.gateway.recordings_path))
             summary = await asyncio.to_thread(store.query, ANALYTICS_QUERY)
     return calls, summary

@@ -36,6 +36,11 @@ class Settings(BaseSettings):
         "open in one process only; with a ClickHouse server run `voxlog projections run` apart instead).")
 
     @property
+    def recordings_path(self) -> Path:
+        """Where call recordings (stereo WAV) are assembled."""
+        return self.home / "recordings"
+
+    @property
     def log_path(self) -> Path:
         return self.home / "log.db"
 

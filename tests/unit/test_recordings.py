@@ -1,0 +1,336 @@
+"""Recordings: a call's audio events become one stereo WAV, each side where it was heard, the same
+however the events come (replayed after a crash, picked up mid-call, the calls topic ahead of the
+audio topic), without letting a crafted id or a broken chunk do harm."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import wave
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from consumers.base import LogRecord
+from producers.events import CallRecorder, EventWriter
+from projections import recordings
+from projections.calls import at
+from projections.recordings import RECORDINGS, RecordingsProjection, recording_path
+from projections.tables import Row
+from schemas.base import Event, EventPayload
+from schemas.envelope import Envelope
+from schemas.events import AgentAudioChunk, CallEnded, CallerAudioChunk, CallStarted
+from schemas.topics import AUDIO, CALLS, topic_for
+from streams.audio import pcm16_to_mulaw, rms_dbfs
+from voxlog.backends import EmbeddedBackend
+
+TENANT = "t1"
+FRAME_MS = 20
+CALL_MS = 4000
+CALLER_SPEECH = ((1000, 1600), (2800, 3400))
+"""Where the caller speaks, in ms from the call's start (the rest of the caller's stream is silence)."""
+AGENT_REPLIES = ((200, 600), (2500, 3500))
+"""When the agent's replies are played."""
+SPEECH_DBFS = -30.0
+QUIET_DBFS = -60.0
+
+
+def tone(hz: float, rate: int, first_sample: int, count: int) -> bytes:
+    n = np.arange(first_sample, first_sample + count)
+    return (np.cos(2 * math.pi * hz * n / rate) * 8000).astype("<i2").tobytes()
+
+
+def call_payloads(*, call_ms: int = CALL_MS, caller_speech: Sequence[tuple[int, int]] = CALLER_SPEECH,
+                  agent_replies: Sequence[tuple[int, int]] = AGENT_REPLIES) -> list[tuple[int, EventPayload]]:
+    """(ms after the call's start, payload) in time order: an 8 kHz mu-law caller (a Twilio call)
+    and a 16 kHz PCM agent whose frames are sent with a little jitter."""
+    timed: list[tuple[float, EventPayload]] = [(0, CallStarted(channel="phone", direction="inbound", agent_id="a",
+                                                               agent_version="v", routed_by="number"))]
+    for index, offset in enumerate(range(0, call_ms, FRAME_MS)):
+        speaking = any(start <= offset < end for start, end in caller_speech)
+        pcm = tone(440, 8000, offset * 8, 160) if speaking else bytes(320)
+        timed.append((offset + FRAME_MS, CallerAudioChunk(codec="mulaw", sample_rate=8000, chunk_index=index,
+                                                          offset_ms=offset, duration_ms=FRAME_MS,
+                                                          audio=pcm16_to_mulaw(pcm))))
+    index = 0
+    for start, end in agent_replies:
+        for played in range(start, end, FRAME_MS):
+            jitter_ms = 0 if played == start else (index * 7919 % 3000) / 1000
+            timed.append((played + jitter_ms, AgentAudioChunk(
+                codec="pcm_s16le", sample_rate=16000, chunk_index=index, offset_ms=index * FRAME_MS,
+                duration_ms=FRAME_MS, audio=tone(1000, 16000, (played - start) * 16, 320))))
+            index += 1
+    timed.append((call_ms + FRAME_MS, CallEnded(reason="caller_hangup", duration_ms=call_ms + FRAME_MS)))
+    timed.sort(key=lambda item: item[0])
+    return [(round(ms * 1000), payload) for ms, payload in timed]
+
+
+async def record_call(backend: EmbeddedBackend, call_id: str, payloads: list[tuple[int, EventPayload]],
+                      start_us: int) -> list[Event[EventPayload]]:
+    """Writes the call into the log as a gateway would; returns its events."""
+    async with backend.producer() as producer:
+        recorder = CallRecorder(EventWriter(producer), tenant_id=TENANT, call_id=call_id, producer="test",
+                                producer_version="0")
+        events = [await recorder.record(payload, event_time_us=start_us + us) for us, payload in payloads]
+        await producer.flush()
+    return events
+
+
+def past_us() -> int:
+    """A call's start a while ago: the log stamps records when they are appended, after their events."""
+    return time.time_ns() // 1000 - 600_000_000
+
+
+def record_of(event: Event[EventPayload]) -> LogRecord:
+    return LogRecord(topic_for(event.type), 0, event.seq, event.call_id.encode(), b"", (), 0)
+
+
+async def feed(projection: RecordingsProjection, events: Sequence[Event[EventPayload]],
+               backend: EmbeddedBackend) -> list[Row]:
+    rows: list[Row] = []
+    for event in events:
+        rows += await projection.rows(record_of(event), event, backend)
+    return rows
+
+
+def value(row: Row, column: str) -> Any:
+    return row[1][RECORDINGS.column_names.index(column)]
+
+
+def stereo(path: Path) -> np.ndarray:
+    with wave.open(str(path), "rb") as wav:
+        assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) == (2, 2, 16000)
+        return np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").reshape(-1, 2)
+
+
+def level(channel: np.ndarray, from_ms: int, to_ms: int) -> float:
+    return rms_dbfs(channel[from_ms * 16 : to_ms * 16].tobytes())
+
+
+def assert_heard(channel: np.ndarray, spans: Sequence[tuple[int, int]], *, total_ms: int = CALL_MS) -> None:
+    """Speech inside each span (20 ms in from its edges), quiet everywhere else (20 ms out)."""
+    edges = [0, *(edge for span in spans for edge in span), total_ms]
+    for start, end in spans:
+        assert level(channel, start + 20, end - 20) > SPEECH_DBFS, (start, end)
+    for quiet_start, quiet_end in zip(edges[::2], edges[1::2], strict=True):
+        if quiet_end - quiet_start > 40:
+            assert level(channel, quiet_start + (20 if quiet_start else 0), quiet_end - 20) < QUIET_DBFS, \
+                (quiet_start, quiet_end)
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> EmbeddedBackend:
+    return EmbeddedBackend(tmp_path / "log.db")
+
+
+@pytest.fixture
+async def call(backend: EmbeddedBackend) -> tuple[int, list[Event[EventPayload]]]:
+    start_us = past_us()
+    return start_us, await record_call(backend, "call-1", call_payloads(), start_us)
+
+
+async def test_a_call_becomes_a_stereo_wav_with_each_side_where_it_was_heard(
+        tmp_path: Path, backend: EmbeddedBackend, call: tuple[int, list[Event[EventPayload]]]) -> None:
+    start_us, events = call
+    projection = RecordingsProjection(tmp_path / "recordings")
+    rows = await feed(projection, events, backend)
+
+    wav = recording_path(tmp_path / "recordings", TENANT, "call-1")
+    audio = stereo(wav)
+    assert len(audio) == CALL_MS * 16  # the caller's stream is the longer
+    assert_heard(audio[:, 0], CALLER_SPEECH)
+    assert_heard(audio[:, 1], AGENT_REPLIES)
+    assert np.flatnonzero(audio[:, 1])[0] == AGENT_REPLIES[0][0] * 16  # played when it was sent
+    # Each reply is its frames end to end, whatever the jitter of their send times: no clicks.
+    agent = b"".join(e.payload.audio for e in events if isinstance(e.payload, AgentAudioChunk))
+    greeting_ms = AGENT_REPLIES[0][1] - AGENT_REPLIES[0][0]
+    for (start, end), first_ms in zip(AGENT_REPLIES, (0, greeting_ms), strict=True):
+        assert audio[start * 16 : end * 16, 1].tobytes() == agent[first_ms * 32 : (first_ms + end - start) * 32]
+
+    ended = events[-1]
+    assert rows == [
+        (RECORDINGS, (TENANT, "call-1", "t1/call-1.wav", "wav/pcm_s16le/16000/stereo", 2, 16000, 0, 0, 0, 0,
+                      at(start_us), None, 0, 0)),
+        (RECORDINGS, (TENANT, "call-1", "t1/call-1.wav", "wav/pcm_s16le/16000/stereo", 2, 16000, CALL_MS,
+                      wav.stat().st_size, CALL_MS, 1400, at(start_us), at(ended.envelope.event_time_us), 1,
+                      ended.seq)),
+    ]
+    assert all(len(values) == len(RECORDINGS.columns) for _, values in rows)
+    assert sorted(p.name for p in wav.parent.iterdir()) == [".partial", "call-1.json", "call-1.wav"]
+    assert list((wav.parent / ".partial").iterdir()) == []  # the working files are gone
+    assert projection.skipped_chunks == projection.rejected_events == 0
+
+
+async def test_replaying_a_call_gives_the_same_wav_and_rows(
+        tmp_path: Path, backend: EmbeddedBackend, call: tuple[int, list[Event[EventPayload]]]) -> None:
+    _, events = call
+    root = tmp_path / "recordings"
+    projection = RecordingsProjection(root)
+    rows = await feed(projection, events, backend)
+    wav = recording_path(root, TENANT, "call-1")
+    first = wav.read_bytes()
+
+    assert await feed(projection, events, backend) == rows  # redelivered
+    after_crash = RecordingsProjection(root)  # a restart: nothing in memory
+    assert await feed(after_crash, events, backend) == rows
+    # A crash between the WAV's rename and the clean-up leaves working files: a replay removes them.
+    (wav.parent / ".partial" / "call-1.caller.pcm").write_bytes(b"\1\2")
+    assert await feed(RecordingsProjection(root), events[-1:], backend) == rows[-1:]
+    assert list((wav.parent / ".partial").iterdir()) == []
+    assert wav.read_bytes() == first
+
+
+@pytest.mark.parametrize(("crashed_after", "resumed_from"), [(90, 60), (150, 150), (250, 200), (272, 268)])
+async def test_a_projector_that_crashed_mid_call_goes_on_from_its_working_files(
+        tmp_path: Path, backend: EmbeddedBackend, call: tuple[int, list[Event[EventPayload]]],
+        crashed_after: int, resumed_from: int) -> None:
+    _, events = call
+    assert len(events) == 272
+    clean = await feed(RecordingsProjection(tmp_path / "clean"), events, backend)
+
+    root = tmp_path / "crashed"
+    await feed(RecordingsProjection(root), events[:crashed_after], backend)
+    # The runner stored offsets a little before the crash: what came after them comes again.
+    rows = await feed(RecordingsProjection(root), events[resumed_from:], backend)
+
+    assert rows[-1] == clean[-1]
+    expected = stereo(recording_path(tmp_path / "clean", TENANT, "call-1"))
+    got = stereo(recording_path(root, TENANT, "call-1"))
+    assert np.array_equal(expected[:, 1], got[:, 1])
+    # The caller's resampling starts afresh where the new process began: a few ms there, nothing else.
+    first_new = next((e.payload.offset_ms for e in events[crashed_after:] if isinstance(e.payload, CallerAudioChunk)),
+                     CALL_MS)
+    differ = np.flatnonzero(expected[:, 0] != got[:, 0])
+    assert differ.size == 0 or (differ.min() >= (first_new - 10) * 16 and differ.max() < (first_new + 10) * 16)
+
+
+async def test_a_call_picked_up_in_the_middle_still_places_audio_where_it_was_heard(
+        tmp_path: Path, backend: EmbeddedBackend, call: tuple[int, list[Event[EventPayload]]]) -> None:
+    start_us, events = call
+    second_half = [e for e in events if e.envelope.event_time_us >= start_us + 2_000_000]
+    projection = RecordingsProjection(tmp_path / "recordings")
+    rows = await feed(projection, second_half, backend)
+
+    audio = stereo(recording_path(tmp_path / "recordings", TENANT, "call-1"))
+    assert_heard(audio[:, 0], CALLER_SPEECH[1:])
+    assert_heard(audio[:, 1], AGENT_REPLIES[1:])  # at 2.5 s from the call.started found in the log
+    assert np.flatnonzero(audio[:, 1])[0] == AGENT_REPLIES[1][0] * 16
+    (final,) = rows
+    assert value(final, "started_at") == at(start_us)
+
+
+async def test_without_a_call_started_the_earliest_event_is_time_zero(tmp_path: Path, backend: EmbeddedBackend) -> None:
+    start_us = past_us()
+    events = await record_call(backend, "call-2", call_payloads()[1:], start_us)
+    rows = await feed(RecordingsProjection(tmp_path / "recordings"), events, backend)
+
+    first_chunk_us = events[0].envelope.event_time_us  # the first caller chunk, 20 ms in
+    audio = stereo(recording_path(tmp_path / "recordings", TENANT, "call-2"))
+    assert np.flatnonzero(audio[:, 1])[0] == (AGENT_REPLIES[0][0] - FRAME_MS) * 16
+    assert value(rows[-1], "started_at") == at(first_chunk_us)
+
+
+async def test_the_calls_topic_read_ahead_of_the_audio_topic_loses_no_audio(
+        tmp_path: Path, backend: EmbeddedBackend, call: tuple[int, list[Event[EventPayload]]]) -> None:
+    _, events = call
+    clean = await feed(RecordingsProjection(tmp_path / "clean"), events, backend)
+    projection = RecordingsProjection(tmp_path / "reordered")
+    rows = await feed(projection, [e for e in events if topic_for(e.type) == CALLS], backend)
+    wav = recording_path(tmp_path / "reordered", TENANT, "call-1")
+    assembled = wav.read_bytes()
+    # The audio arrives after call.ended: the WAV took it from the log and is not touched again.
+    assert await feed(projection, [e for e in events if topic_for(e.type) == AUDIO], backend) == []
+
+    assert rows == clean
+    assert wav.read_bytes() == assembled == recording_path(tmp_path / "clean", TENANT, "call-1").read_bytes()
+
+
+async def test_malformed_chunks_are_skipped_and_counted(
+        tmp_path: Path, backend: EmbeddedBackend, call: tuple[int, list[Event[EventPayload]]]) -> None:
+    _, events = call
+
+    def broken(event: Event[EventPayload]) -> Event[EventPayload]:
+        payload = event.payload
+        if isinstance(payload, CallerAudioChunk) and payload.offset_ms == 1200:
+            return dataclasses.replace(event, payload=dataclasses.replace(payload, codec="opus"))
+        if isinstance(payload, CallerAudioChunk) and payload.offset_ms == 1400:
+            return dataclasses.replace(event, payload=dataclasses.replace(
+                payload, codec="pcm_s16le", sample_rate=8000, audio=bytes(321)))
+        if isinstance(payload, AgentAudioChunk) and payload.chunk_index == 30:
+            return dataclasses.replace(event, payload=dataclasses.replace(payload, sample_rate=0))
+        return event
+
+    projection = RecordingsProjection(tmp_path / "recordings")
+    rows = await feed(projection, [broken(e) for e in events], backend)
+
+    assert projection.skipped_chunks == 3
+    audio = stereo(recording_path(tmp_path / "recordings", TENANT, "call-1"))
+    caller = audio[:, 0]
+    for hole in (1200, 1400):  # silence where the broken chunks were, the caller around them
+        assert level(caller, hole + 5, hole + 15) < QUIET_DBFS
+        assert level(caller, hole - 100, hole - 10) > SPEECH_DBFS
+        assert level(caller, hole + 30, hole + 100) > SPEECH_DBFS
+    assert_heard(audio[:, 1], AGENT_REPLIES)
+    assert (value(rows[-1], "caller_audio_ms"), value(rows[-1], "agent_audio_ms")) == (CALL_MS - 2 * FRAME_MS,
+                                                                                        1400 - FRAME_MS)
+
+
+@pytest.mark.parametrize("bad", ["../evil", "..", ".", "a/b", "a\\b", "", ".partial", "x\x00y", "call\n", "/abs"])
+def test_ids_that_are_not_plain_names_cannot_name_a_recording(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(ValueError, match="cannot name a recording"):
+        recording_path(tmp_path, TENANT, bad)
+    with pytest.raises(ValueError, match="cannot name a recording"):
+        recording_path(tmp_path, bad, "call-1")
+
+
+def crafted(call_id: str, seq: int, payload: EventPayload) -> Event[EventPayload]:
+    return Event(Envelope(event_id=f"e{seq}", tenant_id=TENANT, call_id=call_id, seq=seq, type=payload.EVENT_TYPE,
+                          schema_version=payload.EVENT_VERSION, event_time_us=past_us() + seq * 20_000,
+                          producer="test", producer_version="0"), payload)
+
+
+async def test_a_crafted_call_id_writes_nothing_outside_the_folder(tmp_path: Path, backend: EmbeddedBackend) -> None:
+    root = tmp_path / "a" / "recordings"
+    payloads = [payload for _, payload in call_payloads(call_ms=100, agent_replies=())]
+    projection = RecordingsProjection(root)
+    rows = await feed(projection, [crafted("../../escape", seq, p) for seq, p in enumerate(payloads)], backend)
+
+    assert rows == []
+    assert projection.rejected_events == len(payloads)
+    assert named(tmp_path, "escape") == []
+
+
+def named(folder: Path, part: str) -> list[Path]:
+    return [path for path in folder.rglob("*") if part in path.name]
+
+
+async def test_state_stays_bounded_and_evicted_live_calls_resume_from_disk(
+        tmp_path: Path, backend: EmbeddedBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(recordings, "ENDED_CALLS_KEPT", 2)
+    monkeypatch.setattr(recordings, "LIVE_CALLS_KEPT", 2)
+    start_us = past_us()
+    speech, replies = ((200, 600),), ((700, 900),)
+    calls = [await record_call(backend, f"call-{n}", call_payloads(call_ms=1000, caller_speech=speech,
+                                                                    agent_replies=replies), start_us + n)
+             for n in range(4)]
+    interleaved = sorted((e for events in calls for e in events), key=lambda e: (e.envelope.event_time_us, e.seq))
+    root = tmp_path / "recordings"
+    projection = RecordingsProjection(root)
+    await feed(projection, interleaved, backend)
+
+    assert len(projection.live) == 0
+    assert list(projection.ended) == ["call-2", "call-3"]
+    for n in range(4):
+        audio = stereo(recording_path(root, TENANT, f"call-{n}"))
+        assert_heard(audio[:, 0], speech, total_ms=1000)
+        assert_heard(audio[:, 1], replies, total_ms=1000)
+    # call-0 is forgotten; its late audio still finds the WAV final and leaves it alone.
+    wav = recording_path(root, TENANT, "call-0")
+    before = wav.read_bytes()
+    assert await feed(projection, [e for e in calls[0] if isinstance(e.payload, CallerAudioChunk)][-3:], backend) == []
+    assert wav.read_bytes() == before
+    assert list((root / TENANT / ".partial").iterdir()) == []
