@@ -57,8 +57,10 @@ class _Turn:
     at_us: int
     speech_end_us: int
     caller_text: str
+    """Redacted, once: a turn's row is written again as each of its steps arrives."""
     utterances: tuple[str, ...]
     agent_texts: list[str] = field(default_factory=list)
+    """Redacted, once each."""
     llm: dict[str, Any] = field(default_factory=dict)
     tts: dict[str, Any] = field(default_factory=dict)
     first_tts_request: str | None = None
@@ -141,7 +143,7 @@ class CallsFold:
         finals = [call.utterances[u] for u in turn.utterances if u in call.utterances]
         return TURNS, (
             call.tenant_id, call.call_id, call.row["agent_id"], turn.index, at(turn.at_us),
-            self._text(turn.caller_text), self._text(" ".join(turn.agent_texts)),
+            turn.caller_text, " ".join(turn.agent_texts),
             finals[0].provider if finals else "", finals[0].model if finals else "",
             sum(f.confidence for f in finals) / len(finals) if finals else 0.0,
             max((f.latency_ms for f in finals), default=0),
@@ -186,7 +188,8 @@ class CallsFold:
                 return [(TRANSCRIPTS, (call.tenant_id, call.call_id, event.seq, at(now), "caller", self._text(p.text),
                                        p.start_ms, p.end_ms, p.confidence, event.seq))]
             case TurnTaken():
-                taken = _Turn(p.turn_index, now, call.speech_stopped_us or now, p.caller_text, tuple(p.utterance_ids))
+                taken = _Turn(p.turn_index, now, call.speech_stopped_us or now, self._text(p.caller_text),
+                              tuple(p.utterance_ids))
                 call.turns[p.turn_index] = taken
                 call.current_turn = p.turn_index
                 row["turns"] = len(call.turns)
@@ -212,12 +215,13 @@ class CallsFold:
                     llm[name] = llm.get(name, 0) + value
                 return [self._turn_row(call, turn)]
             case TtsRequested():
+                agent_text = self._text(p.text)
                 said: list[Row] = [(TRANSCRIPTS, (call.tenant_id, call.call_id, event.seq, at(now), "agent",
-                                                  self._text(p.text), None, None, None, event.seq))]
+                                                  agent_text, None, None, None, event.seq))]
                 turn = call.turns.get(call.current_turn) if call.current_turn is not None else None
                 if turn is not None:
                     call.turn_of_request[p.request_id] = turn.index
-                    turn.agent_texts.append(p.text)
+                    turn.agent_texts.append(agent_text)
                     if turn.first_tts_request is None:
                         turn.first_tts_request, turn.first_tts_us = p.request_id, now
                         turn.tts.update(provider=p.provider, voice=p.voice)

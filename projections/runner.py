@@ -183,38 +183,53 @@ class ProjectionRunner:
         await self._prepare()
         ends = await self._ends() if until_caught_up else {}
         pending: dict[Table, list[tuple[Any, ...]]] = defaultdict(list)
-        buffered, last_flush = 0, time.monotonic()
+        buffered, last_flush, unwritten = 0, time.monotonic(), False
+        flushing: asyncio.Task[None] | None = None
+
+        async def flush() -> None:
+            # One batch is written while the next is read; a batch's offsets follow its rows.
+            nonlocal pending, buffered, last_flush, flushing, unwritten
+            if flushing is not None:
+                await flushing
+            flushing = asyncio.create_task(self._flush(pending, dict(self.positions)))
+            pending, buffered, last_flush, unwritten = defaultdict(list), 0, time.monotonic(), False
+
         async with self.backend.producer() as dead_letters, \
                 self.backend.consumer(list(self.projection.topics)) as consumer:
             for tp in consumer.assignment():
                 if self.positions.get(tp, 0):
                     await consumer.seek(tp, self.positions[tp])
             events = EventConsumer(consumer, dead_letters, name=f"voxlog-projection-{self.projection.name}")
-            while not stop.is_set():
-                if until_caught_up and all(self.positions.get(tp, 0) >= end for tp, end in ends.items()):
-                    break
-                batch = await events.poll(timeout_s=0.2, max_records=2000)
-                for item in batch:
-                    for table, values in await self.projection.rows(item.record, item.event, self.backend):
-                        pending[table].append(values)
-                        buffered += 1
-                    self.events += 1
-                for record in _last_per_partition(item.record for item in batch):
-                    self.positions[record.tp] = record.offset + 1
-                if buffered >= self.batch_rows or time.monotonic() - last_flush >= self.flush_s or not batch:
-                    await self._flush(pending)
-                    buffered, last_flush = 0, time.monotonic()
-            await self._flush(pending)
+            try:
+                while not stop.is_set():
+                    if until_caught_up and all(self.positions.get(tp, 0) >= end for tp, end in ends.items()):
+                        break
+                    batch = await events.poll(timeout_s=0.2, max_records=2000)
+                    for item in batch:
+                        for table, values in await self.projection.rows(item.record, item.event, self.backend):
+                            pending[table].append(values)
+                            buffered += 1
+                        self.events += 1
+                    for record in _last_per_partition(item.record for item in batch):
+                        self.positions[record.tp] = record.offset + 1
+                        unwritten = True
+                    due = buffered >= self.batch_rows or time.monotonic() - last_flush >= self.flush_s or not batch
+                    if unwritten and due:
+                        await flush()
+                if unwritten:
+                    await flush()
+            finally:
+                if flushing is not None:
+                    await flushing
 
-    async def _flush(self, pending: dict[Table, list[tuple[Any, ...]]]) -> None:
+    async def _flush(self, pending: dict[Table, list[tuple[Any, ...]]], positions: dict[TopicPartition, int]) -> None:
         for table, rows in pending.items():
             if rows:
                 await asyncio.to_thread(self.store.insert, table, rows)
                 self.rows_written += len(rows)
-        pending.clear()
         version = time.time_ns()
         offsets = [(self.projection.name, tp.topic, tp.partition, offset, version)
-                   for tp, offset in sorted(self.positions.items())]
+                   for tp, offset in sorted(positions.items())]
         await asyncio.to_thread(self.store.insert, OFFSETS, offsets)
 
     async def rebuild(self) -> None:

@@ -297,6 +297,32 @@ def bench_calls_command(
                   f"failed calls: {len(result['failed_calls'])} -> {out}")
 
 
+@bench_app.command("projections")
+def bench_projections_command(
+    out: Annotated[Path, typer.Option(help="JSON file the results are written to.")],
+    events: Annotated[int, typer.Option(min=1000, help="Events in the log for the rebuild phase.")] = 100_000,
+    rate: Annotated[int, typer.Option(min=100, help="Events per second while lag is measured.")] = 5000,
+    seconds: Annotated[float, typer.Option(min=1, help="How long lag is measured.")] = 20,
+) -> None:
+    """Rebuild speed of every projection, and lag from event to queryable row while calls flow."""
+    from projections.store import AnalyticsStore
+    from voxlog.bench import write_result
+    from voxlog.bench_projections import bench_projections
+
+    settings = Settings()
+    bench_home = settings.home / "bench"
+    backend = log_backend(settings) if settings.kafka_bootstrap else EmbeddedBackend(bench_home / "log.db")
+    store = AnalyticsStore.open(settings.clickhouse_dsn, bench_home)
+    result = asyncio.run(bench_projections(backend, store, bench_home / "recordings", events=events, rate=rate,
+                                           seconds=seconds))
+    write_result(result, out)
+    rebuilt = ", ".join(f"{name} {r['events_per_s']:,}/s" for name, r in result["rebuild"].items())
+    lag = result["lag"]
+    console.print(f"{result['log']} -> {result['store']}: rebuild {rebuilt}; at {lag['achieved_rate']:,} events/s "
+                  f"lag p50 {lag['p50_ms']} ms, p99 {lag['p99_ms']} ms ({lag['turns_seen']}/{lag['turns']} turns) "
+                  f"-> {out}")
+
+
 class BenchBackend(enum.StrEnum):
     embedded = "embedded"
     kafka = "kafka"

@@ -1,0 +1,131 @@
+"""`voxlog bench projections`: how fast the log becomes tables, and how fresh the tables are.
+
+Two phases, on the configured log and a ClickHouse of the benchmark's own (embedded chDB in
+`VOXLOG_HOME/bench/clickhouse`, unless `VOXLOG_CLICKHOUSE_DSN` names a server):
+1. rebuild: N events of synthetic calls (the realistic mix: mostly audio) are in the log; every
+   projection (calls, audit, memory, recordings) rebuilds from offset zero. Reported per
+   projection: the events it read, per second.
+2. lag: calls flow at a steady rate (default 5,000 events/s) while the projections run as they do
+   in production (batches of 5,000 rows or one a second); a poller asks ClickHouse every 50 ms
+   which turns exist yet. Lag = when a turn's row could first be read - when its event was written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import statistics
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from producers.events import CallRecorder, EventWriter
+from producers.synthetic import concurrent_calls
+from projections.runner import ProjectionRunner, default_projections
+from projections.store import AnalyticsStore
+from schemas.events import TurnTaken
+from voxlog import __version__
+from voxlog.backends import LogBackend, ensure_topics
+
+POLL_S = 0.05
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _write(backend: LogBackend, run: str, events: int, rate: float | None,
+                 written: dict[tuple[str, int], float] | None = None) -> float:
+    """Appends `events` events of concurrent synthetic calls (at `rate` a second, or flat out);
+    records when each turn was written. Returns the seconds taken."""
+    started = time.perf_counter()
+    async with backend.producer() as producer:
+        writer = EventWriter(producer)
+        recorders: dict[int, CallRecorder] = {}
+        for count, (index, payload) in enumerate(concurrent_calls(100, seed=11)):
+            if count >= events:
+                break
+            recorder = recorders.get(index)
+            if recorder is None:
+                recorder = recorders[index] = CallRecorder(writer, tenant_id="bench", call_id=f"bench-{run}-{index}",
+                                                           producer="voxlog.bench", producer_version=__version__)
+            await recorder.record(payload)
+            if written is not None and isinstance(payload, TurnTaken):
+                written[(recorder.call_id, payload.turn_index)] = time.time()
+            if rate is not None and count % 100 == 99:
+                await producer.flush()
+                ahead = started + (count + 1) / rate - time.perf_counter()
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+        await producer.flush()
+    return time.perf_counter() - started
+
+
+async def bench_projections(backend: LogBackend, store: AnalyticsStore, recordings: Path, *, events: int,
+                            rate: int, seconds: float) -> dict[str, Any]:
+    admin = backend.admin()
+    try:
+        await ensure_topics(admin)
+    finally:
+        await admin.close()
+    await _write(backend, uuid.uuid4().hex[:8], events, None)
+
+    rebuild: dict[str, Any] = {}
+    for projection in default_projections(recordings=recordings):
+        runner = ProjectionRunner(backend, store, projection)
+        started = time.perf_counter()
+        await runner.rebuild()
+        elapsed = time.perf_counter() - started
+        rebuild[projection.name] = {"events": runner.events, "rows": runner.rows_written,
+                                    "seconds": round(elapsed, 2), "events_per_s": round(runner.events / elapsed)}
+
+    run = uuid.uuid4().hex[:8]
+    written: dict[tuple[str, int], float] = {}
+    seen: dict[tuple[str, int], float] = {}
+    stop = asyncio.Event()
+    runners = [ProjectionRunner(backend, store, p) for p in default_projections(recordings=recordings)]
+    tasks = [asyncio.create_task(r.run(stop)) for r in runners]
+
+    async def poll() -> None:
+        while not stop.is_set() or len(seen) < len(written):
+            result = await asyncio.to_thread(
+                store.query, "SELECT call_id, turn_index FROM turns WHERE call_id LIKE {p:String}",
+                {"p": f"bench-{run}-%"})
+            now = time.time()
+            for call_id, turn in result.rows:
+                seen.setdefault((call_id, int(turn)), now)
+            if stop.is_set() and now - stopped_at > 30:
+                return
+            await asyncio.sleep(POLL_S)
+
+    stopped_at = 0.0
+    polling = asyncio.create_task(poll())
+    wrote_s = await _write(backend, run, int(rate * seconds), float(rate), written)
+    await asyncio.sleep(3)  # the last batches
+    stopped_at = time.time()
+    stop.set()
+    await asyncio.gather(*tasks)
+    await polling
+    lags = [(seen[k] - t) * 1000 for k, t in written.items() if k in seen]
+    return {
+        "benchmark": "projections",
+        "log": backend.describe(),
+        "store": store.describe(),
+        "version": __version__,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "rebuild": rebuild,
+        "lag": {
+            "target_rate": rate,
+            "achieved_rate": round(int(rate * seconds) / wrote_s),
+            "turns": len(written),
+            "turns_seen": len(lags),
+            "p50_ms": round(statistics.median(lags), 1) if lags else None,
+            "p99_ms": round(_percentile(lags, 0.99), 1) if lags else None,
+            "max_ms": round(max(lags), 1) if lags else None,
+            "poll_ms": POLL_S * 1000,
+        },
+    }
