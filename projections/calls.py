@@ -94,7 +94,9 @@ class CallsFold:
     def __init__(self, redactor: Redactor, router: AgentRouter | None = None) -> None:
         self.redactor = redactor
         self.router = router
-        self.calls: OrderedDict[str, _Call] = OrderedDict()
+        self.calls: dict[str, _Call] = {}
+        self.ended: OrderedDict[str, None] = OrderedDict()
+        """Calls that ended, oldest first: their state is kept a while for late events."""
         self.prompts: dict[tuple[str, str, str, str], tuple[int, int]] = {}
         """(tenant, agent, prompt id, hash) -> (first, last use in epoch us)."""
 
@@ -121,10 +123,9 @@ class CallsFold:
         call.version = max(call.version, event.seq)
         rows = self._apply(call, event)
         if isinstance(event.payload, CallEnded):
-            self.calls.move_to_end(call.call_id)
-            ended = [cid for cid, c in self.calls.items() if c.row.get("ended_at") is not None]
-            for cid in ended[:-ENDED_CALLS_KEPT] if len(ended) > ENDED_CALLS_KEPT else []:
-                del self.calls[cid]
+            self.ended[call.call_id] = None
+            while len(self.ended) > ENDED_CALLS_KEPT:
+                self.calls.pop(self.ended.popitem(last=False)[0], None)
         return rows
 
     def _new_call_row(self, call: _Call) -> None:

@@ -12,6 +12,7 @@ or in a worker of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from consumers.base import LogRecord, TopicPartition
-from consumers.events import EventConsumer, read_call
+from consumers.events import ConsumedEvent, EventConsumer, read_call
 from projections.audit import AuditFold, epoch_us
 from projections.calls import CallsFold, at
 from projections.recordings import RecordingsProjection
@@ -200,11 +201,14 @@ class ProjectionRunner:
                 if self.positions.get(tp, 0):
                     await consumer.seek(tp, self.positions[tp])
             events = EventConsumer(consumer, dead_letters, name=f"voxlog-projection-{self.projection.name}")
+            reading: asyncio.Task[list[ConsumedEvent]] | None = None
             try:
                 while not stop.is_set():
                     if until_caught_up and all(self.positions.get(tp, 0) >= end for tp, end in ends.items()):
                         break
-                    batch = await events.poll(timeout_s=0.2, max_records=2000)
+                    batch = await (reading or events.poll(timeout_s=0.2, max_records=2000))
+                    # The next batch is read from the log while this one is folded.
+                    reading = asyncio.create_task(events.poll(timeout_s=0.2, max_records=2000)) if batch else None
                     for item in batch:
                         for table, values in await self.projection.rows(item.record, item.event, self.backend):
                             pending[table].append(values)
@@ -219,6 +223,10 @@ class ProjectionRunner:
                 if unwritten:
                     await flush()
             finally:
+                if reading is not None:
+                    reading.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await reading
                 if flushing is not None:
                     await flushing
 

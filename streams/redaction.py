@@ -114,6 +114,11 @@ _DIRECTION = r"(?:north|south|east|west|northeast|northwest|southeast|southwest|
 _UNIT = r"(?:,?\s+(?:apt|apartment|unit|suite|ste|flat)\b\.?\s*(?:number\s+|no\.?\s*|\#\s*)?[a-z0-9-]{1,6}\b)"
 
 
+_MAYBE_PII = re.compile(rf"[0-9@]|::|\bdot\b|{_DOB_CUE}", re.IGNORECASE)
+"""What every kind of PII here needs somewhere in the text: a digit, an @ or a spoken "dot", an
+IPv6 "::", or a birth-date cue. Text without any is redacted by doing nothing."""
+
+
 def _recognizer(kind: str, **patterns: str) -> PatternRecognizer:
     """A presidio recognizer for `kind` from named regexes (presidio wants a score; we use none)."""
     return PatternRecognizer(
@@ -294,6 +299,8 @@ class Redactor:
         or among equally long ones the kind first in CARD, IBAN, NATIONAL_ID, EMAIL, IP, PHONE,
         DOB, ADDRESS.
         """
+        if not _MAYBE_PII.search(text):
+            return []  # most of what callers say: nothing any rule below could match
         candidates = _card_spans(text) + _iban_spans(text, self._iban)
         for match in PhoneNumberMatcher(text, self.default_region, leniency=Leniency.POSSIBLE):
             candidates.append(PiiSpan("PHONE", match.start, match.end))
