@@ -53,11 +53,20 @@ class EventConsumer:
         self.name = name
         self.codec = codec or EventCodec()
         self.dead_lettered = 0
+        self.polled: list[LogRecord] = []
+        """Every record of the last poll, decoded or not."""
 
-    async def poll(self, timeout_s: float = 1.0, max_records: int = 1000) -> list[ConsumedEvent]:
+    async def poll(
+        self, timeout_s: float = 1.0, max_records: int = 1000, *, types: frozenset[str] | None = None
+    ) -> list[ConsumedEvent]:
+        """The records polled, decoded; with `types`, only events of those types are decoded and
+        returned (the type is in each message's header), though `polled` still has every record."""
         out = []
-        for record in await self.consumer.poll(timeout_s, max_records):
+        self.polled = await self.consumer.poll(timeout_s, max_records)
+        for record in self.polled:
             try:
+                if types is not None and self.codec.schema_of(record.value)[0] not in types:
+                    continue
                 out.append(ConsumedEvent(record, self.codec.decode(record.value)))
             except UndecodableMessage as exc:
                 await self.dead_letters.send(

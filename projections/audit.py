@@ -59,6 +59,8 @@ class _Head:
 
 class AuditFold:
     tables = (AUDIT_LOG,)
+    event_types = frozenset(t.EVENT_TYPE for t in (AuditRecorded, ConsentGiven, ConsentRefused, HandoffRequested,
+                                                   HandoffOutcome, ToolRequested))
 
     def __init__(self, redactor: Redactor) -> None:
         self.redactor = redactor

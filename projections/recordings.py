@@ -245,6 +245,8 @@ class RecordingsProjection:
     name = "recordings"
     topics: tuple[str, ...] = (AUDIO, CALLS)
     tables: tuple[Table, ...] = (RECORDINGS,)
+    event_types: frozenset[str] | None = frozenset(
+        t.EVENT_TYPE for t in (CallerAudioChunk, AgentAudioChunk, CallStarted, CallEnded))
 
     def __init__(self, root: Path) -> None:
         self.root = root

@@ -44,6 +44,8 @@ class Projection(Protocol):
     name: str
     topics: tuple[str, ...]
     tables: tuple[Table, ...]
+    event_types: frozenset[str] | None
+    """The event types it folds (others are not even decoded); None: all of its topics'."""
 
     async def load(self, store: AnalyticsStore) -> None:
         """Restores what the projection keeps across events from its own tables."""
@@ -58,6 +60,7 @@ class CallsProjection:
     name = "calls"
     topics: tuple[str, ...] = (CALLS, COMMANDS)
     tables: tuple[Table, ...] = CallsFold.tables
+    event_types: frozenset[str] | None = None
 
     def __init__(self, router: AgentRouter | None = None) -> None:
         self.router = router
@@ -93,6 +96,7 @@ class AuditProjection:
     name = "audit"
     topics: tuple[str, ...] = (AUDIT, CALLS, COMMANDS)
     tables: tuple[Table, ...] = (AUDIT_LOG,)
+    event_types: frozenset[str] | None = AuditFold.event_types
 
     def __init__(self) -> None:
         self.fold = AuditFold(default_redactor())
@@ -117,6 +121,7 @@ class MemoryProjection:
     name = "memory"
     topics: tuple[str, ...] = (CALLS,)
     tables: tuple[Table, ...] = (CALLER_MEMORY,)
+    event_types: frozenset[str] | None = frozenset({CallSummarized.EVENT_TYPE})
 
     def __init__(self) -> None:
         self.redactor = default_redactor()
@@ -154,6 +159,7 @@ class ProjectionRunner:
         self.flush_s = flush_s
         self.positions: dict[TopicPartition, int] = {}
         self.events = 0
+        """Records read (of the projection's event types or not)."""
         self.rows_written = 0
 
     async def _prepare(self) -> None:
@@ -201,23 +207,23 @@ class ProjectionRunner:
                 if self.positions.get(tp, 0):
                     await consumer.seek(tp, self.positions[tp])
             events = EventConsumer(consumer, dead_letters, name=f"voxlog-projection-{self.projection.name}")
-            reading: asyncio.Task[list[ConsumedEvent]] | None = None
+            reading: asyncio.Task[tuple[list[ConsumedEvent], list[LogRecord]]] | None = None
             try:
                 while not stop.is_set():
                     if until_caught_up and all(self.positions.get(tp, 0) >= end for tp, end in ends.items()):
                         break
-                    batch = await (reading or events.poll(timeout_s=0.2, max_records=2000))
+                    batch, polled = await (reading or self._poll(events))
                     # The next batch is read from the log while this one is folded.
-                    reading = asyncio.create_task(events.poll(timeout_s=0.2, max_records=2000)) if batch else None
+                    reading = asyncio.create_task(self._poll(events)) if polled else None
                     for item in batch:
                         for table, values in await self.projection.rows(item.record, item.event, self.backend):
                             pending[table].append(values)
                             buffered += 1
-                        self.events += 1
-                    for record in _last_per_partition(item.record for item in batch):
+                    self.events += len(polled)
+                    for record in _last_per_partition(polled):
                         self.positions[record.tp] = record.offset + 1
                         unwritten = True
-                    due = buffered >= self.batch_rows or time.monotonic() - last_flush >= self.flush_s or not batch
+                    due = buffered >= self.batch_rows or time.monotonic() - last_flush >= self.flush_s or not polled
                     if unwritten and due:
                         await flush()
                 if unwritten:
@@ -229,6 +235,10 @@ class ProjectionRunner:
                         await reading
                 if flushing is not None:
                     await flushing
+
+    async def _poll(self, events: EventConsumer) -> tuple[list[ConsumedEvent], list[LogRecord]]:
+        batch = await events.poll(timeout_s=0.2, max_records=2000, types=self.projection.event_types)
+        return batch, events.polled
 
     async def _flush(self, pending: dict[Table, list[tuple[Any, ...]]], positions: dict[TopicPartition, int]) -> None:
         for table, rows in pending.items():
