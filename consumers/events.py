@@ -100,6 +100,8 @@ async def read_call(
     codec = codec or EventCodec()
     events: list[Event[EventPayload]] = []
     bad: list[tuple[LogRecord, str]] = []
+    if since_ms is not None:
+        since_ms = max(0, since_ms)  # an event stamped near (or before) the epoch must not break the scan
     async for record in admin.read_key(topics, call_id.encode(), since_ms=since_ms):
         try:
             events.append(codec.decode(record.value))

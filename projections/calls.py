@@ -90,6 +90,11 @@ class CallsFold:
     history first)."""
 
     tables = (CALLS, TURNS, TRANSCRIPTS, TOOL_CALLS, ERRORS, PROMPT_VERSIONS)
+    event_types = frozenset(t.EVENT_TYPE for t in (
+        CallStarted, ConsentGiven, ConsentRefused, SpeechStopped, TranscriptFinal, TurnTaken, LlmRequested,
+        LlmDecided, TtsRequested, TtsCompleted, BargeIn, GuardrailTriggered, ToolRequested, ToolSucceeded, ToolFailed,
+        ErrorRaised, ProviderFallback, HandoffRequested, HandoffOutcome, CallEnded))
+    """What the fold reads: a call's own events (not a dial's, a caller's memory, or audio)."""
 
     def __init__(self, redactor: Redactor, router: AgentRouter | None = None) -> None:
         self.redactor = redactor

@@ -60,7 +60,7 @@ class CallsProjection:
     name = "calls"
     topics: tuple[str, ...] = (CALLS, COMMANDS)
     tables: tuple[Table, ...] = CallsFold.tables
-    event_types: frozenset[str] | None = None
+    event_types: frozenset[str] | None = CallsFold.event_types
 
     def __init__(self, router: AgentRouter | None = None) -> None:
         self.router = router
@@ -87,7 +87,7 @@ class CallsProjection:
             finally:
                 await admin.close()
             for earlier in history.events:
-                if earlier.seq < event.seq:
+                if earlier.seq < event.seq and earlier.type in CallsFold.event_types:
                     out += self.fold.apply(earlier)
         return out + self.fold.apply(event)
 

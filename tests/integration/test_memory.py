@@ -5,6 +5,7 @@ back into the new call as a recorded memory.loaded, so replay still verifies."""
 from __future__ import annotations
 
 import asyncio
+import random
 from pathlib import Path
 
 import pytest
@@ -22,11 +23,13 @@ from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
 
 pytestmark = pytest.mark.slow
-NUMBER = "+15557770042"
+def fresh_number() -> str:
+    """A caller of this run's own: a shared broker remembers every earlier run's callers."""
+    return f"+1555{random.randrange(10**7):07d}"
 
 
-async def call_and_say(stack: LocalStack, *lines: str) -> str:
-    caller = stack.caller(from_=NUMBER, to="+15550100")
+async def call_and_say(stack: LocalStack, *lines: str, number: str = "+15557770042") -> str:
+    caller = stack.caller(from_=number, to="+15550100")
     instructions = await caller.dial()
     async with caller:
         await caller.connect(instructions)
@@ -40,11 +43,13 @@ async def call_and_say(stack: LocalStack, *lines: str) -> str:
 async def test_a_caller_who_calls_again_is_greeted_with_what_the_agent_remembers(
     store: AnalyticsStore, tmp_path: Path  # noqa: F811
 ) -> None:
-    async with local_stack(Settings(home=tmp_path)) as stack:
+    settings = Settings(home=tmp_path)
+    number = fresh_number()
+    async with local_stack(settings) as stack:
         stack.gateway.analytics = store  # this process's ClickHouse, the test's own database
         first = await call_and_say(stack, "i would like to book an appointment for tomorrow at ten",
-                                   "no thank you goodbye")
-        key = caller_key("demo", NUMBER)
+                                   "no thank you goodbye", number=number)
+        key = caller_key("demo", number)
         assert key is not None
         for _ in range(100):  # the summariser works after the call
             admin = stack.gateway.backend.admin()
@@ -62,7 +67,7 @@ async def test_a_caller_who_calls_again_is_greeted_with_what_the_agent_remembers
         await ProjectionRunner(stack.gateway.backend, store, MemoryProjection()).run(asyncio.Event(),
                                                                                      until_caught_up=True)
 
-        second = await call_and_say(stack, "no thank you goodbye")
+        second = await call_and_say(stack, "no thank you goodbye", number=number)
         events = await events_of(stack, second)
     loaded = next(e.payload for e in events if isinstance(e.payload, MemoryLoaded))
     assert [s.call_id for s in loaded.summaries] == [first]

@@ -23,7 +23,9 @@ from voxlog.sim.stack import local_stack
 pytestmark = pytest.mark.slow
 
 
-async def test_a_finished_call_has_a_stereo_recording_and_metrics(store: AnalyticsStore, tmp_path: Path) -> None:  # noqa: F811
+async def test_a_finished_call_has_a_stereo_recording_and_metrics(
+    store: AnalyticsStore, tmp_path: Path  # noqa: F811
+) -> None:
     settings = Settings(home=tmp_path / "home", agents_dir=agents_with_two_tenants(tmp_path / "agents"))
     async with local_stack(settings) as stack:
         call_id = await call_and_say(stack, "i have a problem with my internet", "no thank you goodbye")
