@@ -47,8 +47,14 @@ ENDED_CALLS_KEPT = 1000
 """Ended calls whose state is kept for late events (a transfer's outcome, a carrier's last status)."""
 
 
+EARLIEST_US = -2_208_988_800_000_000  # 1900-01-01: ClickHouse's DateTime64 range
+LATEST_US = 10_413_791_999_000_000  # 2299-12-31T23:59:59
+
+
 def at(us: int) -> datetime:
-    return datetime.fromtimestamp(us / 1e6, UTC)
+    """An event time as a datetime, held within what ClickHouse's DateTime64 can store (a clock
+    gone wrong must not stop a projection)."""
+    return datetime.fromtimestamp(min(max(us, EARLIEST_US), LATEST_US) / 1e6, UTC)
 
 
 @dataclass

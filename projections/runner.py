@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from consumers.base import LogRecord, TopicPartition
-from consumers.events import ConsumedEvent, EventConsumer, read_call
+from consumers.events import ConsumedEvent, EventConsumer, dead_letter_headers, read_call
+from producers.base import LogProducer
 from projections.audit import AuditFold, epoch_us
 from projections.calls import CallsFold, at
 from projections.recordings import RecordingsProjection
@@ -29,7 +30,7 @@ from projections.store import AnalyticsStore
 from projections.tables import AUDIT_LOG, CALLER_MEMORY, OFFSETS, PROMPT_VERSIONS, Row, Table
 from schemas.base import Event, EventPayload
 from schemas.events import CallStarted, CallSummarized
-from schemas.topics import AUDIT, CALLS, COMMANDS
+from schemas.topics import AUDIT, CALLS, COMMANDS, DEADLETTER
 from streams.agents import AgentRouter
 from streams.redaction import default_redactor
 from voxlog.backends import LogBackend, ensure_topics
@@ -159,6 +160,8 @@ class ProjectionRunner:
         self.flush_s = flush_s
         self.positions: dict[TopicPartition, int] = {}
         self.events = 0
+        self.dead_lettered = 0
+        """Events the projection could not fold, sent to the dead-letter topic with the reason."""
         """Records read (of the projection's event types or not)."""
         self.rows_written = 0
 
@@ -216,7 +219,12 @@ class ProjectionRunner:
                     # The next batch is read from the log while this one is folded.
                     reading = asyncio.create_task(self._poll(events)) if polled else None
                     for item in batch:
-                        for table, values in await self.projection.rows(item.record, item.event, self.backend):
+                        try:
+                            rows = await self.projection.rows(item.record, item.event, self.backend)
+                        except Exception as exc:  # one event the projection cannot take must not stop it
+                            await self._dead_letter(dead_letters, item.record, exc)
+                            continue
+                        for table, values in rows:
                             pending[table].append(values)
                             buffered += 1
                     self.events += len(polled)
@@ -236,6 +244,13 @@ class ProjectionRunner:
                 if flushing is not None:
                     await flushing
 
+    async def _dead_letter(self, dead_letters: LogProducer, record: LogRecord, exc: Exception) -> None:
+        reason = f"projection {self.projection.name} could not fold it: {exc!r}"
+        log.warning("%s (%s/%s@%s)", reason, record.topic, record.partition, record.offset)
+        await dead_letters.send(DEADLETTER, record.key or b"", record.value,
+                                dead_letter_headers(record, reason, f"voxlog-projection-{self.projection.name}"))
+        self.dead_lettered += 1
+
     async def _poll(self, events: EventConsumer) -> tuple[list[ConsumedEvent], list[LogRecord]]:
         batch = await events.poll(timeout_s=0.2, max_records=2000, types=self.projection.event_types)
         return batch, events.polled
@@ -243,12 +258,25 @@ class ProjectionRunner:
     async def _flush(self, pending: dict[Table, list[tuple[Any, ...]]], positions: dict[TopicPartition, int]) -> None:
         for table, rows in pending.items():
             if rows:
-                await asyncio.to_thread(self.store.insert, table, rows)
+                await asyncio.to_thread(self._insert, table, rows)
                 self.rows_written += len(rows)
         version = time.time_ns()
         offsets = [(self.projection.name, tp.topic, tp.partition, offset, version)
                    for tp, offset in sorted(positions.items())]
         await asyncio.to_thread(self.store.insert, OFFSETS, offsets)
+
+    def _insert(self, table: Table, rows: list[tuple[Any, ...]]) -> None:
+        try:
+            self.store.insert(table, rows)
+            return
+        except Exception as exc:  # a value ClickHouse refuses: mend what can be mended, keep the rest
+            log.warning("projection %s: a batch for %s was refused (%s); inserting row by row", self.projection.name,
+                        table.name, exc)
+        for values in rows:
+            try:
+                self.store.insert(table, [table.sanitize(values)])
+            except Exception as exc:
+                log.error("projection %s: row dropped from %s: %s: %r", self.projection.name, table.name, exc, values)
 
     async def rebuild(self) -> None:
         """Drops the projection's tables and offsets, and projects the whole log again."""

@@ -35,6 +35,16 @@ class Table:
     def column_names(self) -> list[str]:
         return [c.name for c in self.columns]
 
+    def sanitize(self, values: tuple[Any, ...]) -> tuple[Any, ...]:
+        """The row with its unsigned numbers held within their type (an event with a negative or
+        absurd number must not make a whole batch fail)."""
+        out = list(values)
+        for i, column in enumerate(self.columns):
+            bits = _UNSIGNED_BITS.get(column.type.removeprefix("Nullable(").rstrip(")"))
+            if bits is not None and isinstance(out[i], int):
+                out[i] = min(max(out[i], 0), 2**bits - 1)
+        return tuple(out)
+
     def ddl(self) -> str:
         columns = ",\n  ".join(f"`{c.name}` {c.type} COMMENT '{_quote(c.doc)}'" for c in self.columns)
         return (f"CREATE TABLE IF NOT EXISTS {self.name} (\n  {columns}\n) "
@@ -44,6 +54,9 @@ class Table:
 
 Row = tuple["Table", tuple[Any, ...]]
 """A row for a table, its values in the table's column order."""
+
+
+_UNSIGNED_BITS = {"UInt8": 8, "UInt16": 16, "UInt32": 32, "UInt64": 64}
 
 
 def _quote(text: str) -> str:

@@ -34,6 +34,7 @@ from schemas.events import (
     TtsRequested,
     TurnTaken,
 )
+from schemas.topics import DEADLETTER
 from tests.conftest import kafka_bootstrap
 from tests.unit.test_redaction import SEEDED
 from voxlog.backends import EmbeddedBackend, KafkaBackend, LogBackend
@@ -256,3 +257,38 @@ def pii_call(index: int, text: str) -> list[EventPayload]:
         AuditRecorded(actor="test", action="echo", resource="r", outcome="accepted", detail=text, remote_addr=None),
         CallEnded(reason="caller_hangup", duration_ms=1000, outcome=None),
     ]
+
+
+class _Refuses(CallsProjection):
+    """The calls projection, failing on turns: stands for any event a projection cannot take."""
+
+    async def rows(self, record: Any, event: Any, backend: LogBackend) -> list[Any]:
+        if event.type == "turn.taken":
+            raise ValueError("cannot take this turn")
+        return await super().rows(record, event, backend)
+
+
+async def test_an_event_a_projection_cannot_take_is_dead_lettered_and_the_rest_projected(
+    tmp_path: Path, store: AnalyticsStore
+) -> None:
+    log = EmbeddedBackend(tmp_path / "log.db")
+    async with log.producer() as producer:
+        far_future = CallRecorder(EventWriter(producer), tenant_id="demo", call_id="call-future", producer="test",
+                                  producer_version="0", clock_us=lambda: 9 * 10**18)
+        for payload in list(synthetic_call(0, turns=1, frames_per_utterance=2)):
+            if isinstance(payload, CallEnded):  # a number no unsigned column can hold
+                payload = CallEnded(reason="caller_hangup", duration_ms=-5, outcome="resolved")
+            await far_future.record(payload)
+    runner = ProjectionRunner(log, store, _Refuses())
+    await runner.run(asyncio.Event(), until_caught_up=True)
+    assert runner.dead_lettered == 1
+    (started,) = store.query("SELECT started_at, duration_ms FROM calls FINAL WHERE call_id = 'call-future'").rows
+    assert started[0].year == 2299, "a clock gone wrong is held within what ClickHouse stores"
+    assert started[1] == 0, "so is a negative duration"
+    admin = log.admin()
+    try:
+        dead = [r async for r in admin.read_key([DEADLETTER], b"call-future")]
+    finally:
+        await admin.close()
+    assert len(dead) == 1
+    assert b"cannot take this turn" in dict(dead[0].headers)["vx-dlq-reason"]
