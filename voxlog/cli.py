@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -25,6 +25,9 @@ from voxlog import __version__
 from voxlog.backends import EmbeddedBackend, KafkaBackend, LogBackend, ensure_topics, log_backend
 from voxlog.describe import describe
 from voxlog.settings import Settings
+
+if TYPE_CHECKING:
+    from voxlog.analytics import Analytics
 
 app = typer.Typer(help="voxlog: an AI voice agent whose system of record is an event log.", no_args_is_help=True)
 events_app = typer.Typer(help="Read events from the log.", no_args_is_help=True)
@@ -357,6 +360,18 @@ def bench_log_command(
 
 
 
+def _analytics() -> Analytics:
+    """The analytics side, or a clear error and exit 1 when ClickHouse cannot be opened."""
+    from projections.store import AnalyticsError
+    from voxlog.analytics import Analytics
+
+    try:
+        return Analytics(Settings())
+    except AnalyticsError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
+
+
 class SqlFormat(enum.StrEnum):
     table = "table"
     json = "json"
@@ -372,9 +387,7 @@ def sql(
 ) -> None:
     """Query the analytics tables: read-only, 30 s and 10,000 rows at most, every table read FINAL."""
     from projections.store import AnalyticsError
-    from voxlog.analytics import Analytics
-
-    analytics = Analytics(Settings())
+    analytics = _analytics()
     if catch_up:
         asyncio.run(analytics.catch_up())
     try:
@@ -399,9 +412,7 @@ def sql(
 @projections_app.command("rebuild")
 def projections_rebuild(name: Annotated[str, typer.Argument(help="calls or audit.")]) -> None:
     """Drop a projection's tables and build them again from offset zero."""
-    from voxlog.analytics import Analytics
-
-    analytics = Analytics(Settings())
+    analytics = _analytics()
     try:
         runner = asyncio.run(analytics.rebuild(name))
     except ValueError as exc:
@@ -413,9 +424,7 @@ def projections_rebuild(name: Annotated[str, typer.Argument(help="calls or audit
 def projections_run() -> None:
     """Keep every projection up to date with the log until Ctrl-C (a worker of its own on Kafka)."""
     from projections.runner import ProjectionRunner
-    from voxlog.analytics import Analytics
-
-    analytics = Analytics(Settings())
+    analytics = _analytics()
     console.print(f"projections from {analytics.backend.describe()} into {analytics.store.describe()}; Ctrl-C stops")
 
     async def run() -> None:
@@ -432,9 +441,7 @@ def projections_run() -> None:
 @projections_app.command("status")
 def projections_status() -> None:
     """How far each projection has read each partition."""
-    from voxlog.analytics import Analytics
-
-    result = Analytics(Settings()).lag()
+    result = _analytics().lag()
     table = Table(*result.columns)
     for row in result.rows:
         table.add_row(*(str(v) for v in row))
@@ -444,9 +451,7 @@ def projections_status() -> None:
 @audit_app.command("verify")
 def audit_verify(tenant: Annotated[str, typer.Option(help="The tenant whose trail to check.")]) -> None:
     """Check a tenant's audit trail: intact, or the first record that was changed or removed."""
-    from voxlog.analytics import Analytics
-
-    analytics = Analytics(Settings())
+    analytics = _analytics()
     asyncio.run(analytics.catch_up())
     count, problems = analytics.verify_audit(tenant)
     for problem in problems:
@@ -459,9 +464,7 @@ def audit_verify(tenant: Annotated[str, typer.Option(help="The tenant whose trai
 @audit_app.command("export")
 def audit_export(call: Annotated[str, typer.Option("--call", help="The call whose trail to export.")]) -> None:
     """A call's whole audit trail, one JSON object per line."""
-    from voxlog.analytics import Analytics
-
-    analytics = Analytics(Settings())
+    analytics = _analytics()
     asyncio.run(analytics.catch_up())
     result = analytics.export_audit(call)
     for row in result.rows:
