@@ -19,17 +19,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from consumers.base import CommitFailed
-from consumers.events import EventConsumer
+from consumers.events import ConsumedEvent
+from consumers.worker import open_state_db, run_in_group
 from gateway.outbound import OutboundRoute, status_url, voice_url
 from gateway.twilio_rest import TwilioRest, TwilioRestError
+from producers.base import LogProducer
 from producers.events import CallRecorder, EventWriter
 from schemas.base import EventPayload
 from schemas.envelope import Envelope
@@ -94,11 +94,9 @@ class DialStore:
     """The dialer's queue and memory in one SQLite file. States: queued -> placing -> placed | failed."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db = open_state_db(path)
         self._lock = threading.Lock()
         with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("""
                 CREATE TABLE IF NOT EXISTS dials (
                     seqno INTEGER PRIMARY KEY, dial_id TEXT UNIQUE NOT NULL, tenant_id TEXT NOT NULL,
@@ -204,32 +202,24 @@ class DialWorker:
         self._writer: EventWriter | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
-        async with (
-            self.backend.producer() as producer,
-            self.backend.consumer([COMMANDS], group_id=GROUP) as consumer,
-        ):
+        async def start(producer: LogProducer) -> None:
             self._writer = EventWriter(producer)
-            events = EventConsumer(consumer, producer, name=GROUP)
             await self._recover()
-            self.ready.set()
-            try:
-                while not stop.is_set():
-                    batch = await events.poll(timeout_s=0.2)
-                    for item in batch:
-                        payload = item.event.payload
-                        if isinstance(payload, CallDialRequested):
-                            await asyncio.to_thread(self.store.enqueue, item.event.envelope, payload)
-                            self._schedule(item.event.tenant_id)
-                    if batch:
-                        try:
-                            await events.commit()
-                        except CommitFailed as exc:
-                            log.warning("dialer: %s", exc)
-            finally:
-                for task in self._loops.values():
-                    task.cancel()
-                await asyncio.gather(*self._loops.values(), return_exceptions=True)
-                await producer.flush()
+
+        async def handle(producer: LogProducer, item: ConsumedEvent) -> None:
+            # Stored, then committed: from here the store is the queue.
+            payload = item.event.payload
+            if isinstance(payload, CallDialRequested):
+                await asyncio.to_thread(self.store.enqueue, item.event.envelope, payload)
+                self._schedule(item.event.tenant_id)
+
+        async def finish() -> None:
+            for task in self._loops.values():
+                task.cancel()
+            await asyncio.gather(*self._loops.values(), return_exceptions=True)
+
+        await run_in_group(self.backend, [COMMANDS], GROUP, stop, handle, ready=self.ready, start=start,
+                           finish=finish)
 
     async def _recover(self) -> None:
         for dial_id, data in await asyncio.to_thread(self.store.outbox):

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from consumers.base import CommitFailed
-from consumers.events import EventConsumer, read_call
+from consumers.events import ConsumedEvent, read_call
+from consumers.worker import run_in_group
+from producers.base import LogProducer
 from producers.events import CallRecorder, EventWriter
 from schemas.base import Event, EventPayload
 from schemas.events import CallEnded, CallStarted, CallSummarized
@@ -36,27 +37,19 @@ class Summariser:
         self.summarised = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        async with (
-            self.backend.producer() as producer,
-            self.backend.consumer([CALLS], group_id=GROUP) as consumer,
-        ):
-            writer = EventWriter(producer)
-            events = EventConsumer(consumer, producer, name=GROUP)
-            self.ready.set()
-            while not stop.is_set():
-                batch = await events.poll(timeout_s=0.2)
-                for item in batch:
-                    if isinstance(item.event.payload, CallEnded):
-                        try:
-                            await self.summarise(writer, item.event)
-                        except Exception:  # one call's summary must not stop the others'
-                            log.exception("summariser: call %s", item.event.call_id)
-                if batch:
-                    await producer.flush()
-                    try:
-                        await events.commit()
-                    except CommitFailed as exc:
-                        log.warning("summariser: %s", exc)
+        writers: list[EventWriter] = []
+
+        async def start(producer: LogProducer) -> None:
+            writers.append(EventWriter(producer))
+
+        async def handle(producer: LogProducer, item: ConsumedEvent) -> None:
+            if isinstance(item.event.payload, CallEnded):
+                try:
+                    await self.summarise(writers[0], item.event)
+                except Exception:  # one call's summary must not stop the others'
+                    log.exception("summariser: call %s", item.event.call_id)
+
+        await run_in_group(self.backend, [CALLS], GROUP, stop, handle, ready=self.ready, start=start)
 
     async def summarise(self, writer: EventWriter, ended: Event[EventPayload]) -> CallSummarized | None:
         since_ms = ended.envelope.event_time_us // 1000 - LOOKBACK_MS

@@ -15,7 +15,6 @@ import hashlib
 import hmac
 import json
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -25,8 +24,8 @@ from typing import Any
 
 import httpx
 
-from consumers.base import CommitFailed
-from consumers.events import EventConsumer, dead_letter_headers
+from consumers.events import ConsumedEvent, dead_letter_headers
+from consumers.worker import open_state_db, run_in_group
 from producers.base import LogProducer
 from schemas.base import Event, EventPayload
 from schemas.codec import EventCodec
@@ -53,11 +52,9 @@ class ToolStore:
     """The worker's own state in one SQLite file: results by idempotency key, bookings, tickets."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db = open_state_db(path)
         self._lock = threading.Lock()
         with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript("""
                 CREATE TABLE IF NOT EXISTS results (idempotency_key TEXT PRIMARY KEY, result_json TEXT NOT NULL);
                 CREATE TABLE IF NOT EXISTS bookings (
@@ -255,23 +252,11 @@ class ToolWorker:
         self.handled = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        async with (
-            self.backend.producer() as producer,
-            self.backend.consumer([COMMANDS], group_id=GROUP) as consumer,
-        ):
-            events = EventConsumer(consumer, producer, name=GROUP, codec=self.codec)
-            self.ready.set()
-            while not stop.is_set():
-                batch = await events.poll(timeout_s=0.2)
-                for item in batch:
-                    if isinstance(item.event.payload, ToolRequested):
-                        await self._handle(producer, item.event.envelope, item.event.payload, item.record)
-                if batch:
-                    await producer.flush()
-                    try:
-                        await events.commit()
-                    except CommitFailed as exc:
-                        log.warning("tool worker: %s", exc)
+        async def handle(producer: LogProducer, item: ConsumedEvent) -> None:
+            if isinstance(item.event.payload, ToolRequested):
+                await self._handle(producer, item.event.envelope, item.event.payload, item.record)
+
+        await run_in_group(self.backend, [COMMANDS], GROUP, stop, handle, ready=self.ready, codec=self.codec)
 
     async def _reply(self, producer: LogProducer, request_envelope: Envelope, payload: EventPayload) -> None:
         envelope = Envelope(

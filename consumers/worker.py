@@ -1,0 +1,64 @@
+"""What the side-effect workers (tools, dialer, summariser) share: the consumer-group loop and their
+own SQLite state file."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from consumers.base import CommitFailed
+from consumers.events import ConsumedEvent, EventConsumer
+from producers.base import LogProducer
+from schemas.codec import EventCodec
+from voxlog.backends import LogBackend
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[LogProducer, ConsumedEvent], Awaitable[None]]
+
+
+async def run_in_group(
+    backend: LogBackend,
+    topics: Sequence[str],
+    group: str,
+    stop: asyncio.Event,
+    handle: Handler,
+    *,
+    ready: asyncio.Event,
+    start: Callable[[LogProducer], Awaitable[None]] | None = None,
+    finish: Callable[[], Awaitable[None]] | None = None,
+    codec: EventCodec | None = None,
+) -> None:
+    """Consumes `topics` in consumer group `group` until `stop`: each event to `handle`, then what
+    the handlers sent is flushed and the offsets committed (at-least-once: handlers are idempotent).
+    `start` runs before `ready` is set, `finish` before the producer closes."""
+    async with backend.producer() as producer, backend.consumer(list(topics), group_id=group) as consumer:
+        events = EventConsumer(consumer, producer, name=group, codec=codec)
+        try:
+            if start is not None:
+                await start(producer)
+            ready.set()
+            while not stop.is_set():
+                batch = await events.poll(timeout_s=0.2)
+                for item in batch:
+                    await handle(producer, item)
+                if batch:
+                    try:
+                        await events.commit()  # flushes the producer first: replies and dead letters
+                    except CommitFailed as exc:
+                        log.warning("%s: %s", group, exc)
+        finally:
+            if finish is not None:
+                await finish()
+
+
+def open_state_db(path: Path) -> sqlite3.Connection:
+    """A worker's own SQLite file: autocommit (transactions are explicit), WAL, shared by threads
+    under the caller's lock."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    db.execute("PRAGMA journal_mode=WAL")
+    return db
