@@ -26,7 +26,7 @@ from gateway.outbound import DIAL_ID, check_parameters
 from producers.events import CallRecorder
 from projections.recordings import recording_path
 from projections.store import AnalyticsError
-from projections.tenant_sql import TENANT_SQL_LIMITS, ForbiddenQuery, TenantSql
+from projections.tenant_sql import TENANT_SQL_LIMITS, ForbiddenQuery
 from schemas.base import Event, EventPayload
 from schemas.events import CallDialFailed, CallDialPlaced, CallDialRequested, CallStatus
 from schemas.topics import CALLS, COMMANDS
@@ -169,12 +169,12 @@ def api_router(runtime: Gateway) -> APIRouter:
             await runtime.audit(tenant_id=tenant.id, call_id="-", actor=f"api-key:{key_id}", action="sql.query",
                                 resource="analytics", outcome=outcome, detail=detail[:2000], remote_addr=remote)
 
-        if runtime.analytics is None:
-            raise HTTPException(503, f"analytics unavailable: {runtime.analytics_error}")
-        if runtime.tenant_sql is None:
-            runtime.tenant_sql = TenantSql(runtime.analytics)
         try:
-            result = await asyncio.to_thread(runtime.tenant_sql.query, tenant.id, body.query)
+            sql = runtime.tenant_sql()
+        except AnalyticsError as exc:
+            raise HTTPException(503, str(exc)) from exc
+        try:
+            result = await asyncio.to_thread(sql.query, tenant.id, body.query)
         except ForbiddenQuery as exc:
             await audit("denied", f"{exc}: {body.query}")
             raise HTTPException(403, str(exc)) from exc

@@ -66,7 +66,7 @@ class Gateway:
     analytics_error: str | None = None
     """Why there is no `analytics` (it could not be opened), for the API to say."""
     run_projections: bool = False
-    tenant_sql: TenantSql | None = None
+    _tenant_sql: TenantSql | None = None
     metrics: CallMetrics = field(default_factory=CallMetrics)
 
     @property
@@ -142,6 +142,14 @@ class Gateway:
         if self._writer is None:
             raise RuntimeError("gateway not started")
         return self._writer
+
+    def tenant_sql(self) -> TenantSql:
+        """Tenant-scoped SQL over `analytics`; AnalyticsError when there is none."""
+        if self.analytics is None:
+            raise AnalyticsError(f"analytics unavailable: {self.analytics_error}")
+        if self._tenant_sql is None or self._tenant_sql.store is not self.analytics:
+            self._tenant_sql = TenantSql(self.analytics)
+        return self._tenant_sql
 
     async def recall(self, call: InboundCall) -> MemoryLoaded | None:
         """What the tenant remembers of this caller (newest first), from `caller_memory`; None when

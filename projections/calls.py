@@ -11,7 +11,6 @@ twice. Text goes through PII redaction here: raw text never reaches ClickHouse.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -41,6 +40,7 @@ from schemas.events import (
     TurnTaken,
 )
 from streams.agents import AgentRouter
+from streams.metrics import voice_to_voice_ms
 from streams.redaction import Redactor, redact_field
 
 ENDED_CALLS_KEPT = 1000
@@ -245,7 +245,8 @@ class CallsFold:
                     return []
                 turn.tts["first_byte_ms"] = p.time_to_first_byte_ms
                 if p.audio_ms > 0:
-                    turn.voice_to_voice_ms = (turn.first_tts_us - turn.speech_end_us) / 1000 + p.time_to_first_byte_ms
+                    turn.voice_to_voice_ms = voice_to_voice_ms(turn.speech_end_us, turn.first_tts_us,
+                                                               p.time_to_first_byte_ms)
                 return [self._turn_row(call, turn)]
             case BargeIn():
                 row["barge_ins"] += 1
@@ -310,8 +311,5 @@ class CallsFold:
         agent = self.router.agents.get((tenant, agent_id)) if self.router else None
         if agent is None or agent.prompt_hash != prompt_hash:
             return ""
-        return "\n\n".join((agent.prompts.persona, agent.prompts.task, agent.prompts.safety))
+        return agent.prompt_text
 
-
-def fold_all(fold: CallsFold, events: Iterable[Event[EventPayload]]) -> list[Row]:
-    return [row for event in events for row in fold.apply(event)]

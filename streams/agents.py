@@ -153,9 +153,13 @@ class AgentSpec(_Spec):
         return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     @property
+    def prompt_text(self) -> str:
+        """The role-separated prompts as one text: what `prompt_hash` is the hash of."""
+        return "\n\n".join((self.prompts.persona, self.prompts.task, self.prompts.safety))
+
+    @property
     def prompt_hash(self) -> str:
-        text = "\n\n".join((self.prompts.persona, self.prompts.task, self.prompts.safety))
-        return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+        return "sha256:" + hashlib.sha256(self.prompt_text.encode()).hexdigest()[:16]
 
     def tool(self, name: str) -> ToolDefinition | None:
         return next((t for t in self.tools if t.name == name), None)

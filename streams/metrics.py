@@ -33,6 +33,12 @@ LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.
 MAX_CALLS_TRACKED = 10_000
 
 
+def voice_to_voice_ms(speech_end_us: int, tts_requested_us: int, first_byte_ms: int) -> float:
+    """From the end of the caller's speech (speech.stopped) to the agent's first audio byte (the
+    turn's first tts.requested plus its time to first byte), from event times alone."""
+    return (tts_requested_us - speech_end_us) / 1000 + first_byte_ms
+
+
 @dataclass
 class _Call:
     agent: str
@@ -114,8 +120,8 @@ class CallMetrics:
                 self.tts_first_byte.labels(p.provider, p.voice).observe(p.time_to_first_byte_ms / 1000)
                 requested = call.tts_requested_us.pop(p.request_id, None)
                 if p.request_id == call.turn_first_tts and requested is not None and call.turn_speech_end_us:
-                    seconds = (requested - call.turn_speech_end_us) / 1e6 + p.time_to_first_byte_ms / 1000
-                    self.voice_to_voice.labels(call.agent, call.prompt_hash).observe(seconds)
+                    ms = voice_to_voice_ms(call.turn_speech_end_us, requested, p.time_to_first_byte_ms)
+                    self.voice_to_voice.labels(call.agent, call.prompt_hash).observe(ms / 1000)
                     call.turn_speech_end_us = None
             case ErrorRaised():
                 self.errors.labels(p.component, p.provider or "", p.kind).inc()
