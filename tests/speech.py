@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import shutil
 import subprocess
 import tempfile
@@ -18,9 +17,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from streams.audio import read_wav, resample_pcm16, write_wav
+from tests.needs import missing
 
 DEFAULT_VOICE = "en-us"
 DEFAULT_SPEED = 150  # words per minute; espeak-ng's own default, 175, is fast for a caller
@@ -35,9 +34,7 @@ def require_espeak() -> None:
     """Skips the calling test where espeak-ng is not installed; under CI (which installs it through
     tools/setup.sh) its absence fails the test instead, so the speech tests never silently vanish."""
     if not espeak_available():
-        if os.environ.get("CI") == "true":
-            pytest.fail("espeak-ng is missing: CI must run the speech tests (tools/setup.sh installs it)")
-        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+        missing("espeak-ng", "tools/setup.sh installs it: apt-get install espeak-ng")
 
 
 @lru_cache(maxsize=256)

@@ -18,7 +18,6 @@ from schemas.topics import CALLS
 from streams.memory import caller_key
 from streams.replay import agent_for, verify_call
 from tests.integration.test_call_e2e import agent_done_speaking, events_of, speech
-from tests.integration.test_projections import store  # noqa: F401  (the fixture)
 from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
 
@@ -41,7 +40,7 @@ async def call_and_say(stack: LocalStack, *lines: str, number: str = "+155577700
 
 
 async def test_a_caller_who_calls_again_is_greeted_with_what_the_agent_remembers(
-    store: AnalyticsStore, tmp_path: Path  # noqa: F811
+    store: AnalyticsStore, tmp_path: Path
 ) -> None:
     settings = Settings(home=tmp_path)
     number = fresh_number()

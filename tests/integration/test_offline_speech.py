@@ -35,7 +35,6 @@ from streams.providers.tts_espeak import EspeakTts
 from streams.vad import Vad
 from tests.speech import caller_utterance_wav, require_espeak, synthesize_pcm16, with_silence
 
-pytest.importorskip("pocketsphinx")
 pytestmark = pytest.mark.slow
 
 FRAME_MS = 20

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import re
 import tempfile
@@ -47,18 +46,6 @@ def log(request: pytest.FixtureRequest, tmp_path: Path) -> LogBackend:
     if request.param == "embedded":
         return EmbeddedBackend(tmp_path / "log.db")
     return KafkaBackend(kafka_bootstrap())
-
-
-CHDB_HOME = Path(tempfile.gettempdir()) / f"voxlog-test-chdb-{os.getpid()}"
-
-
-@pytest.fixture
-def store() -> AnalyticsStore:
-    # chDB runs one engine (one data path) per process: every test gets a database of its own in it.
-    database = f"t_{uuid.uuid4().hex[:12]}"
-    admin = AnalyticsStore.open(None, CHDB_HOME)
-    admin.command(f"CREATE DATABASE {database}")
-    return AnalyticsStore(admin.dsn, database=database)
 
 
 async def write_calls(log: LogBackend, tenant: str, count: int, *, first: int = 0,

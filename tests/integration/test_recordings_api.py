@@ -16,7 +16,6 @@ from projections.runner import ProjectionRunner
 from projections.store import AnalyticsStore
 from tests.integration.test_memory import call_and_say
 from tests.integration.test_outbound_calls import OTHER_KEY, agents_with_two_tenants, api
-from tests.integration.test_projections import store  # noqa: F401  (the fixture)
 from voxlog.settings import Settings
 from voxlog.sim.stack import local_stack
 
@@ -24,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 async def test_a_finished_call_has_a_stereo_recording_and_metrics(
-    store: AnalyticsStore, tmp_path: Path  # noqa: F811
+    store: AnalyticsStore, tmp_path: Path
 ) -> None:
     settings = Settings(home=tmp_path / "home", agents_dir=agents_with_two_tenants(tmp_path / "agents"))
     async with local_stack(settings) as stack:

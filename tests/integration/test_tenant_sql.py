@@ -15,7 +15,7 @@ from schemas.codec import EventCodec
 from schemas.events import AuditRecorded
 from schemas.topics import AUDIT
 from tests.integration.test_outbound_calls import OTHER_KEY, agents_with_two_tenants, api
-from tests.integration.test_projections import project, store, write_calls  # noqa: F401  (store: the fixture)
+from tests.integration.test_projections import project, write_calls
 from voxlog.settings import Settings
 from voxlog.sim.stack import local_stack
 
@@ -28,7 +28,7 @@ def call_row(tenant: str) -> tuple[object, ...]:
 
 
 @pytest.fixture
-def sql(store: AnalyticsStore) -> TenantSql:  # noqa: F811
+def sql(store: AnalyticsStore) -> TenantSql:
     store.create(CALLS)
     store.insert(CALLS, [call_row("acme"), call_row("acme"), call_row("globex")])
     return TenantSql(store)
@@ -61,7 +61,7 @@ def test_a_tenant_sees_only_its_own_rows(sql: TenantSql) -> None:
     "SELECT ';' AS a; SELECT * FROM {db}.calls -- ;",
     "SELECT * FROM numbers(10)",
 ])
-def test_queries_that_reach_outside_the_tenant_are_refused(sql: TenantSql, store: AnalyticsStore, query: str) -> None:  # noqa: F811
+def test_queries_that_reach_outside_the_tenant_are_refused(sql: TenantSql, store: AnalyticsStore, query: str) -> None:
     main = str(store.query("SELECT currentDatabase()").rows[0][0])
     with pytest.raises(ForbiddenQuery):
         sql.query("acme", query.format(db=main))
@@ -77,7 +77,7 @@ def test_limits_cannot_be_lifted_from_inside_the_query(sql: TenantSql) -> None:
 
 
 async def test_the_sql_api_answers_each_tenant_with_its_own_rows_and_audits_it(
-    store: AnalyticsStore, tmp_path: Path  # noqa: F811
+    store: AnalyticsStore, tmp_path: Path
 ) -> None:
     settings = Settings(home=tmp_path / "home", agents_dir=agents_with_two_tenants(tmp_path / "agents"))
     async with local_stack(settings) as stack:

@@ -36,11 +36,11 @@ from schemas.base import Event, EventPayload
 from schemas.events import AgentAudioChunk, CallEnded, CallerAudioChunk, CallStarted, ToolRequested, TurnTaken
 from streams.audio import write_wav
 from tests.conftest import kafka_bootstrap
+from tests.needs import missing
 from tests.speech import require_espeak, silence, synthesize_pcm16
 from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
 
-pytest.importorskip("pocketsphinx")
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -63,11 +63,8 @@ CDP_TIMEOUT_S = 30  # any single DevTools command
 
 
 def require_chromium() -> None:
-    if CHROMIUM.exists():
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{CHROMIUM} is missing: CI must run the browser test (apt-get install chromium)")
-    pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium); the widget's browser test needs it")
+    if not CHROMIUM.exists():
+        missing(str(CHROMIUM), "tools/setup.sh installs it: apt-get install chromium")
 
 
 # -- the caller's microphone -------------------------------------------------------------------
