@@ -3,11 +3,12 @@
 Two phases, on the configured log and a ClickHouse of the benchmark's own (embedded chDB in
 `VOXLOG_HOME/bench/clickhouse`, unless `VOXLOG_CLICKHOUSE_DSN` names a server):
 1. rebuild: N events of synthetic calls (the realistic mix: mostly audio) are in the log; every
-   projection (calls, audit, memory, recordings) rebuilds from offset zero. Reported per
-   projection: the events it read, per second.
+   projection (calls, audit, memory, recordings; or those named with `--only`) rebuilds from
+   offset zero. Reported per projection: the events it read, per second.
 2. lag: calls flow at a steady rate (default 5,000 events/s) while the projections run as they do
    in production (batches of 5,000 rows or one a second); a poller asks ClickHouse every 50 ms
    which turns exist yet. Lag = when a turn's row could first be read - when its event was written.
+   Turns come from the calls projection: without it there is no lag phase.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import platform
 import statistics
 import time
 import uuid
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +67,14 @@ async def _write(backend: LogBackend, run: str, events: int, rate: float | None,
 
 
 async def bench_projections(backend: LogBackend, store: AnalyticsStore, recordings: Path, *, events: int,
-                            rate: int, seconds: float) -> dict[str, Any]:
+                            rate: int, seconds: float, only: Collection[str] = ()) -> dict[str, Any]:
+    """Rebuild and lag of every projection, or of those named in `only`."""
+    projections = default_projections(recordings=recordings)
+    unknown = set(only) - {p.name for p in projections}
+    if unknown:
+        known = ", ".join(p.name for p in projections)
+        raise ValueError(f"no projection {', '.join(sorted(unknown))}; there are {known}")
+    chosen = {p.name for p in projections if not only or p.name in only}
     admin = backend.admin()
     try:
         await ensure_topics(admin)
@@ -74,19 +83,34 @@ async def bench_projections(backend: LogBackend, store: AnalyticsStore, recordin
     await _write(backend, uuid.uuid4().hex[:8], events, None)
 
     rebuild: dict[str, Any] = {}
-    for projection in default_projections(recordings=recordings):
+    for projection in (p for p in projections if p.name in chosen):
         runner = ProjectionRunner(backend, store, projection)
         started = time.perf_counter()
         await runner.rebuild()
         elapsed = time.perf_counter() - started
         rebuild[projection.name] = {"events": runner.events, "rows": runner.rows_written,
                                     "seconds": round(elapsed, 2), "events_per_s": round(runner.events / elapsed)}
+    return {
+        "benchmark": "projections",
+        "log": backend.describe(),
+        "store": store.describe(),
+        "version": __version__,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "rebuild": rebuild,
+        "lag": await _lag(backend, store, recordings, chosen, rate, seconds) if "calls" in chosen else None,
+    }
 
+
+async def _lag(backend: LogBackend, store: AnalyticsStore, recordings: Path, chosen: Collection[str], rate: int,
+               seconds: float) -> dict[str, Any]:
+    """Event-to-row lag of turns while calls flow at `rate` for `seconds`, the `chosen` projections running."""
     run = uuid.uuid4().hex[:8]
     written: dict[tuple[str, int], float] = {}
     seen: dict[tuple[str, int], float] = {}
     stop = asyncio.Event()
-    runners = [ProjectionRunner(backend, store, p) for p in default_projections(recordings=recordings)]
+    runners = [ProjectionRunner(backend, store, p) for p in default_projections(recordings=recordings)
+               if p.name in chosen]
     tasks = [asyncio.create_task(r.run(stop)) for r in runners]
 
     async def poll() -> None:
@@ -111,21 +135,12 @@ async def bench_projections(backend: LogBackend, store: AnalyticsStore, recordin
     await polling
     lags = [(seen[k] - t) * 1000 for k, t in written.items() if k in seen]
     return {
-        "benchmark": "projections",
-        "log": backend.describe(),
-        "store": store.describe(),
-        "version": __version__,
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "rebuild": rebuild,
-        "lag": {
-            "target_rate": rate,
-            "achieved_rate": round(int(rate * seconds) / wrote_s),
-            "turns": len(written),
-            "turns_seen": len(lags),
-            "p50_ms": round(statistics.median(lags), 1) if lags else None,
-            "p99_ms": round(_percentile(lags, 0.99), 1) if lags else None,
-            "max_ms": round(max(lags), 1) if lags else None,
-            "poll_ms": POLL_S * 1000,
-        },
+        "target_rate": rate,
+        "achieved_rate": round(int(rate * seconds) / wrote_s),
+        "turns": len(written),
+        "turns_seen": len(lags),
+        "p50_ms": round(statistics.median(lags), 1) if lags else None,
+        "p99_ms": round(_percentile(lags, 0.99), 1) if lags else None,
+        "max_ms": round(max(lags), 1) if lags else None,
+        "poll_ms": POLL_S * 1000,
     }
