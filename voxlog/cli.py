@@ -310,6 +310,7 @@ def bench_projections_command(
         help="Only this projection (repeatable); lag is measured only with calls among them.")] = None,
 ) -> None:
     """Rebuild speed of every projection, and lag from event to queryable row while calls flow."""
+    from projections.runner import default_projections
     from projections.store import AnalyticsStore
     from voxlog.bench import write_result
     from voxlog.bench_projections import bench_projections
@@ -318,11 +319,11 @@ def bench_projections_command(
     bench_home = settings.home / "bench"
     backend = log_backend(settings) if settings.kafka_bootstrap else EmbeddedBackend(bench_home / "log.db")
     store = AnalyticsStore.open(settings.clickhouse_dsn, bench_home)
-    try:
-        result = asyncio.run(bench_projections(backend, store, bench_home / "recordings", events=events, rate=rate,
-                                               seconds=seconds, only=only or ()))
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--only") from exc
+    known = [p.name for p in default_projections(recordings=bench_home / "recordings")]
+    if set(only or ()) - set(known):
+        raise typer.BadParameter(f"the projections are {', '.join(known)}", param_hint="--only")
+    result = asyncio.run(bench_projections(backend, store, bench_home / "recordings", events=events, rate=rate,
+                                           seconds=seconds, only=only or ()))
     write_result(result, out)
     rebuilt = ", ".join(f"{name} {r['events_per_s']:,}/s" for name, r in result["rebuild"].items())
     lag = result["lag"]
