@@ -317,11 +317,11 @@ def bench_projections_command(
 
     settings = Settings()
     bench_home = settings.home / "bench"
-    backend = log_backend(settings) if settings.kafka_bootstrap else EmbeddedBackend(bench_home / "log.db")
-    store = AnalyticsStore.open(settings.clickhouse_dsn, bench_home)
     known = [p.name for p in default_projections(recordings=bench_home / "recordings")]
     if set(only or ()) - set(known):
         raise typer.BadParameter(f"the projections are {', '.join(known)}", param_hint="--only")
+    backend = log_backend(settings) if settings.kafka_bootstrap else EmbeddedBackend(bench_home / "log.db")
+    store = AnalyticsStore.open(settings.clickhouse_dsn, bench_home)
     result = asyncio.run(bench_projections(backend, store, bench_home / "recordings", events=events, rate=rate,
                                            seconds=seconds, only=only or ()))
     write_result(result, out)
