@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,18 +16,18 @@ import httpx
 from consumers.dialer import DialStore, DialWorker
 from consumers.summariser import Summariser
 from consumers.tools import ToolRunner, ToolStore, ToolWorker, WebhookSigner
+from gateway.config_audit import record_config_changes
 from gateway.twilio_rest import TwilioRest
 from producers.base import LogProducer
-from producers.events import CallRecorder, EventWriter, wall_clock_us
+from producers.events import CallRecorder, EventWriter, standalone_event
 from projections.audit import epoch_us
 from projections.runner import ProjectionRunner, default_projections
 from projections.store import AnalyticsError, AnalyticsStore
 from projections.tables import CALLER_MEMORY
 from projections.tenant_sql import TenantSql
-from schemas.base import Event
-from schemas.envelope import Envelope
 from schemas.events import AuditRecorded, ErrorRaised, MemoryLoaded, MemorySummary
 from streams.agents import AgentRouter, AgentSpec
+from streams.config_changes import config_items
 from streams.memory import caller_key
 from streams.metrics import CallMetrics
 from streams.providers.registry import providers_for
@@ -96,6 +97,9 @@ class Gateway:
         self._producer = self.backend.producer()
         await self._producer.start()
         self._writer = EventWriter(self._producer, observers=(self.metrics.observe,))
+        await record_config_changes(self.backend, self._writer,
+                                    config_items(self.router.agents.values(), self.tenants.tenants.values()),
+                                    actor=f"config-files@{socket.gethostname()}")
         self._replies = ToolReplies(self.backend)
         self._tasks.append(asyncio.create_task(self._replies.run(self._stop), name="tool-replies"))
         await asyncio.wait_for(self._replies.ready.wait(), 60)
@@ -202,10 +206,8 @@ class Gateway:
                     detail: str, remote_addr: str | None) -> None:
         payload = AuditRecorded(actor=actor, action=action, resource=resource, outcome=outcome, detail=detail,
                                 remote_addr=remote_addr)
-        envelope = Envelope(event_id=str(uuid.uuid4()), tenant_id=tenant_id, call_id=call_id, seq=0,
-                            type=payload.EVENT_TYPE, schema_version=payload.EVENT_VERSION,
-                            event_time_us=wall_clock_us(), producer=PRODUCER, producer_version=__version__)
-        await self.writer.append(Event(envelope, payload))
+        await self.writer.append(standalone_event(payload, tenant_id=tenant_id, stream_id=call_id, producer=PRODUCER,
+                                                  producer_version=__version__))
         await self.writer.flush()
 
     def bad_input(self, session: CallSession, component: str, message: str) -> None:

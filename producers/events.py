@@ -43,6 +43,15 @@ def wall_clock_us() -> int:
     return time.time_ns() // 1000
 
 
+def standalone_event(payload: EventPayload, *, tenant_id: str, stream_id: str, producer: str,
+                     producer_version: str) -> Event[EventPayload]:
+    """An event that is not one of a call's numbered events (an audit record, say): seq 0, now."""
+    envelope = Envelope(event_id=new_event_id(), tenant_id=tenant_id, call_id=stream_id, seq=0,
+                        type=payload.EVENT_TYPE, schema_version=payload.EVENT_VERSION,
+                        event_time_us=wall_clock_us(), producer=producer, producer_version=producer_version)
+    return Event(envelope, payload)
+
+
 _VERSION_4 = (0x4000 << 64) | (0x8000 << 48)  # version 4, RFC 4122 variant
 _VERSION_MASK = ~((0xF000 << 64) | (0xC000 << 48))
 

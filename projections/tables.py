@@ -221,7 +221,8 @@ PROMPT_VERSIONS = Table(
 AUDIT_LOG = Table(
     "audit_log",
     "Who or what did what, when, to which call: consents, handoffs, tool calls with side effects, API and "
-    "SQL access, rejected webhooks. Chained by hash per tenant and source partition: `voxlog audit verify` "
+    "SQL access, rejected webhooks, configuration changes (`config.agent_changed` and the like, naming the "
+    "fields). Chained by hash per tenant and source partition: `voxlog audit verify` "
     "finds any change or deletion.",
     (
         TENANT,

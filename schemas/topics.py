@@ -19,6 +19,7 @@ DEADLETTER = "voxlog.deadletter"
 CALL_REGISTRY = "voxlog.call_registry"
 TOOL_RESULTS = "voxlog.tool_results"
 AUDIT = "voxlog.audit"
+CONFIG = "voxlog.config"
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ TOPICS: dict[str, TopicSpec] = {
         TopicSpec(
             AUDIT, 3, "Audit records (audit.recorded): who or what did what, to which call (the key; - for none)."
         ),
+        TopicSpec(CONFIG, 1, "The operators' configuration as last recorded: one JSON document per agent and "
+                  "tenant (key `agent:<tenant>/<id>` or `tenant:<id>`), written with each change's audit record.",
+                  compacted=True),
         TopicSpec(
             TOOL_RESULTS,
             6,

@@ -19,6 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from streams.config_changes import content_hash
+
 DEFAULT_AGENTS_DIR = Path(__file__).resolve().parent.parent / "voxlog" / "agents"
 TENANT_FILES = ("tenant.yaml", "tenant.yml", "tenant.toml")
 """A tenant's own settings (`streams.tenants`), beside its agents."""
@@ -149,8 +151,7 @@ class AgentSpec(_Spec):
     @property
     def version(self) -> str:
         """Content hash of the whole definition: recorded with each call, checked by replay."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        return content_hash(self.model_dump(mode="json"))
 
     @property
     def prompt_text(self) -> str:

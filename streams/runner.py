@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from consumers.base import CommitFailed, LogRecord
 from consumers.events import EventConsumer
@@ -18,21 +18,31 @@ async def restore(backend: LogBackend, processor: EventProcessor) -> int:
     """Feeds the processor's output topic back to it, start to end as of now; returns messages read."""
     if processor.output_topic is None:
         return 0
+
+    def handle(record: LogRecord) -> None:
+        if record.key is not None:
+            processor.restore(record.key, record.value)
+
+    return await read_to_end(backend, processor.output_topic, handle, what=f"restoring {processor.name}")
+
+
+async def read_to_end(backend: LogBackend, topic: str, handle: Callable[[LogRecord], None], *, what: str) -> int:
+    """Hands every record of `topic`, start to end as of now, to `handle`; returns how many."""
     admin = backend.admin()
     try:
-        ends = await admin.end_offsets(processor.output_topic)
+        ends = await admin.end_offsets(topic)
     finally:
         await admin.close()
     remaining = {p: end for p, end in ends.items() if end > 0}
     count = 0
-    async with backend.consumer([processor.output_topic], auto_offset_reset="earliest") as consumer:
+    async with backend.consumer([topic], auto_offset_reset="earliest") as consumer:
         while remaining:
             records: list[LogRecord] = await consumer.poll(timeout_s=5.0, max_records=5000)
             if not records:
-                raise TimeoutError(f"restoring {processor.name}: {processor.output_topic} stopped short of {remaining}")
+                raise TimeoutError(f"{what}: {topic} stopped short of {remaining}")
             for record in records:
-                if record.offset < ends[record.partition] and record.key is not None:
-                    processor.restore(record.key, record.value)
+                if record.offset < ends[record.partition]:
+                    handle(record)
                     count += 1
                 if record.offset + 1 >= ends[record.partition]:
                     remaining.pop(record.partition, None)
