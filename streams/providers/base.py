@@ -17,13 +17,20 @@ PCM_RATE = 16_000
 
 
 class ProviderError(RuntimeError):
-    """A provider failed (timeout, connection, protocol); `retryable` says whether trying again may help."""
+    """A provider failed; `retryable` says whether trying again may help, `retry_after_s` when (the
+    provider's own Retry-After, if it sent one).
 
-    def __init__(self, provider: str, kind: str, message: str, *, retryable: bool = False) -> None:
+    `kind` is one of: timeout (no connection, no first byte, or a stall mid-stream in time),
+    connection, rate_limited, server (5xx, overloaded), auth, bad_request, protocol (a malformed
+    or truncated stream), error (anything else)."""
+
+    def __init__(self, provider: str, kind: str, message: str, *, retryable: bool = False,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(f"{provider}: {kind}: {message}")
         self.provider = provider
         self.kind = kind
         self.retryable = retryable
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True, slots=True)
