@@ -35,6 +35,7 @@ from schemas.base import EventPayload
 from schemas.envelope import Envelope
 from schemas.events import CallDialFailed, CallDialPlaced, CallDialRequested
 from schemas.topics import COMMANDS, topic_for
+from streams.rate_limit import TokenBucket
 from streams.tenants import Tenants
 from voxlog import __version__
 from voxlog.backends import LogBackend
@@ -44,29 +45,6 @@ log = logging.getLogger(__name__)
 WORKER = "voxlog.dialer"
 GROUP = "voxlog-dialer"
 DIAL_TOPIC = topic_for(CallDialPlaced.EVENT_TYPE)
-
-
-class TokenBucket:
-    """`rate_per_s` tokens a second, at most `burst` saved up. `delay()` says how long until the
-    next token; `take()` spends one."""
-
-    def __init__(self, rate_per_s: float, burst: int, now: float) -> None:
-        self.rate_per_s = rate_per_s
-        self.burst = burst
-        self.tokens = float(burst)
-        self.updated = now
-
-    def _refill(self, now: float) -> None:
-        self.tokens = min(float(self.burst), self.tokens + (now - self.updated) * self.rate_per_s)
-        self.updated = max(self.updated, now)
-
-    def delay(self, now: float) -> float:
-        self._refill(now)
-        return 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) / self.rate_per_s
-
-    def take(self, now: float) -> None:
-        self._refill(now)
-        self.tokens -= 1.0
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumers.dialer import TokenBucket
 from gateway.api import dial_time_ms, new_dial_id
 from gateway.calls import new_call_id
 from gateway.outbound import (
@@ -25,6 +24,7 @@ from gateway.outbound import (
 )
 from gateway.twilio_webhooks import dial_outcome_payload
 from streams.agents import DEFAULT_AGENTS_DIR, AgentConfigError, load_agents
+from streams.rate_limit import TokenBucket
 from streams.tenants import Tenants, load_tenants
 
 
