@@ -38,6 +38,28 @@ def dead_letter_headers(record: LogRecord, reason: str, consumer: str) -> list[t
     ]
 
 
+async def decode_records(
+    records: Sequence[LogRecord], codec: EventCodec, dead_letters: LogProducer, consumer: str,
+    types: frozenset[str] | None = None,
+) -> tuple[list[ConsumedEvent], int]:
+    """The records decoded (with `types`, only those of these types: the type is in each message's
+    header) and how many were dead-lettered: an undecodable one (unknown schema, corrupt bytes) is
+    copied, original bytes and all, to the dead-letter topic with the reason and where it came from."""
+    out = []
+    dead_lettered = 0
+    for record in records:
+        try:
+            if types is not None and codec.schema_of(record.value)[0] not in types:
+                continue
+            out.append(ConsumedEvent(record, codec.decode(record.value)))
+        except UndecodableMessage as exc:
+            await dead_letters.send(
+                DEADLETTER, record.key or b"", record.value, dead_letter_headers(record, str(exc), consumer)
+            )
+            dead_lettered += 1
+    return out, dead_lettered
+
+
 class EventConsumer:
     """Wraps a `LogConsumer`: yields decoded events; an undecodable message (unknown schema,
     corrupt bytes) is copied, original bytes and all, to the dead-letter topic with the reason
@@ -61,18 +83,9 @@ class EventConsumer:
     ) -> list[ConsumedEvent]:
         """The records polled, decoded; with `types`, only events of those types are decoded and
         returned (the type is in each message's header), though `polled` still has every record."""
-        out = []
         self.polled = await self.consumer.poll(timeout_s, max_records)
-        for record in self.polled:
-            try:
-                if types is not None and self.codec.schema_of(record.value)[0] not in types:
-                    continue
-                out.append(ConsumedEvent(record, self.codec.decode(record.value)))
-            except UndecodableMessage as exc:
-                await self.dead_letters.send(
-                    DEADLETTER, record.key or b"", record.value, dead_letter_headers(record, str(exc), self.name)
-                )
-                self.dead_lettered += 1
+        out, dead_lettered = await decode_records(self.polled, self.codec, self.dead_letters, self.name, types)
+        self.dead_lettered += dead_lettered
         return out
 
     async def commit(self) -> None:
