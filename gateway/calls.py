@@ -21,6 +21,7 @@ from gateway.twilio_rest import TwilioRest
 from producers.base import LogProducer
 from producers.events import CallRecorder, EventWriter, standalone_event
 from projections.audit import epoch_us
+from projections.recording_store import LocalRecordingStore, RecordingStore
 from projections.runner import ProjectionRunner, default_projections
 from projections.store import AnalyticsError, AnalyticsStore
 from projections.tables import CALLER_MEMORY
@@ -30,7 +31,7 @@ from streams.agents import AgentRouter, AgentSpec
 from streams.config_changes import config_items
 from streams.memory import caller_key
 from streams.metrics import CallMetrics
-from streams.providers.registry import providers_for
+from streams.providers.registry import ProviderRegistry
 from streams.session import CallSession, Providers, SessionReport
 from streams.tenants import Tenants
 from streams.tool_replies import ToolReplies
@@ -70,10 +71,19 @@ class Gateway:
     _tenant_sql: TenantSql | None = None
     metrics: CallMetrics = field(default_factory=CallMetrics)
 
+    recording_store: RecordingStore | None = None
+    """Where finished call recordings are kept; None: the folder `recordings_path`."""
+
     @property
     def recordings_path(self) -> Path:
         return self.home / "recordings"
-    providers_factory: Callable[[AgentSpec], Providers] = providers_for
+
+    @property
+    def recordings(self) -> RecordingStore:
+        return self.recording_store or LocalRecordingStore(self.recordings_path)
+    providers_factory: Callable[[AgentSpec], Providers] = field(
+        default_factory=lambda: ProviderRegistry().providers_for)
+    """An agent's providers; one registry per gateway, so breakers and rate limits span its calls."""
     """How a call's providers are made (benchmarks swap in scripted timelines)."""
     sessions: dict[str, CallSession] = field(default_factory=dict)
     reports: list[SessionReport] = field(default_factory=list)
@@ -121,7 +131,8 @@ class Gateway:
             self._tasks.append(asyncio.create_task(summariser.run(self._stop), name="summariser"))
             await asyncio.wait_for(summariser.ready.wait(), 60)
         if self.analytics is not None and self.run_projections:
-            for projection in default_projections(self.router, recordings=self.recordings_path):
+            for projection in default_projections(self.router, recordings=self.recordings_path,
+                                                  recording_store=self.recordings):
                 runner = ProjectionRunner(self.backend, self.analytics, projection)
                 self._tasks.append(asyncio.create_task(runner.run(self._stop), name=f"projection-{projection.name}"))
 

@@ -54,6 +54,10 @@ class Provider(_Spec):
     provider: str
     model: str = ""
     options: dict[str, str] = Field(default_factory=dict)
+    timeout_s: float | None = Field(None, gt=0, le=60)
+    """How long one attempt may take before the next provider is tried; unset: the capability's default."""
+    fallbacks: tuple[Provider, ...] = ()
+    """Who takes over, in order, when this provider fails, times out, is rate limited or its circuit is open."""
 
 
 class Voice(_Spec):

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ from schemas.events import (
     HandoffCompleted,
     LlmDecided,
     MemoryLoaded,
+    ProviderFallback,
     SpeechStarted,
     SpeechStopped,
     TimerFired,
@@ -65,10 +66,14 @@ from streams.providers.base import (
     AsrProvider,
     AsrStream,
     LlmProvider,
+    LlmRequest,
     ProviderError,
+    ProviderFailure,
+    ProviderSwitch,
     Recognition,
     TtsProvider,
 )
+from streams.providers.resilience import ChainExhausted
 from streams.transport import InboundCall, MediaTransport, TransportClosed
 from streams.vad import Vad
 
@@ -361,41 +366,21 @@ class CallSession:
         started = time.perf_counter()
         try:
             result = await asyncio.wait_for(self.providers.llm.complete(request), self.limits.llm_timeout_s)
+        except ChainExhausted as exc:
+            self._record_attempts("llm", exc.report.failures, exc.report.fallbacks, self.state.turn_index, causation_id)
+            self._llm_failed(request, causation_id, started)
+            return
         except (TimeoutError, ProviderError) as exc:
             kind = "timeout" if isinstance(exc, TimeoutError) else getattr(exc, "kind", "error")
-            self._submit(
-                ErrorRaised(
-                    component="llm",
-                    provider=self.providers.llm.name,
-                    kind=kind,
-                    message=str(exc),
-                    retryable=True,
-                    fatal=False,
-                ),
-                causation_id=causation_id,
-            )
-            elapsed = int((time.perf_counter() - started) * 1000)
-            self._submit(
-                LlmDecided(
-                    request_id=request.request_id,
-                    provider=self.providers.llm.name,
-                    model=request.model,
-                    text="",
-                    tool_calls=(),
-                    finish_reason="error",
-                    input_tokens=0,
-                    output_tokens=0,
-                    time_to_first_token_ms=elapsed,
-                    total_ms=elapsed,
-                ),
-                causation_id=causation_id,
-                correlation_id=request.request_id,
-            )
+            failure = ProviderFailure(self.providers.llm.name, kind, str(exc), True)
+            self._record_attempts("llm", (failure,), (), self.state.turn_index, causation_id)
+            self._llm_failed(request, causation_id, started)
             return
+        self._record_attempts("llm", result.failures, result.fallbacks, self.state.turn_index, causation_id)
         self._submit(
             LlmDecided(
                 request_id=request.request_id,
-                provider=self.providers.llm.name,
+                provider=result.provider or self.providers.llm.name,
                 model=result.model,
                 text=result.text,
                 tool_calls=tuple(
@@ -406,6 +391,39 @@ class CallSession:
                 output_tokens=result.output_tokens,
                 time_to_first_token_ms=result.time_to_first_token_ms,
                 total_ms=result.total_ms,
+            ),
+            causation_id=causation_id,
+            correlation_id=request.request_id,
+        )
+
+    def _record_attempts(self, component: str, failures: Sequence[ProviderFailure],
+                         fallbacks: Sequence[ProviderSwitch], turn_index: int, causation_id: str) -> None:
+        """What a provider chain went through: an error per failed attempt, a fallback per switch."""
+        for failure in failures:
+            self._submit(ErrorRaised(component=component, provider=failure.provider, kind=failure.kind,
+                                     message=failure.message[:500], retryable=failure.retryable, fatal=False),
+                         causation_id=causation_id)
+        for switch in fallbacks:
+            self._submit(ProviderFallback(capability=component, from_provider=switch.from_provider,
+                                          to_provider=switch.to_provider, reason=switch.reason,
+                                          turn_index=turn_index),
+                         causation_id=causation_id)
+
+    def _llm_failed(self, request: LlmRequest, causation_id: str, started: float) -> None:
+        """No provider answered: an empty decision (`error`), on which the core says the agent's fallback line."""
+        elapsed = int((time.perf_counter() - started) * 1000)
+        self._submit(
+            LlmDecided(
+                request_id=request.request_id,
+                provider=self.providers.llm.name,
+                model=request.model,
+                text="",
+                tool_calls=(),
+                finish_reason="error",
+                input_tokens=0,
+                output_tokens=0,
+                time_to_first_token_ms=elapsed,
+                total_ms=elapsed,
             ),
             causation_id=causation_id,
             correlation_id=request.request_id,

@@ -132,6 +132,25 @@ class ToolCall:
 
 
 @dataclass(frozen=True, slots=True)
+class ProviderFailure:
+    """One failed attempt on the way to an answer (see streams/providers/resilience.py)."""
+
+    provider: str
+    kind: str
+    message: str
+    retryable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSwitch:
+    """The next provider of a chain took over; `reason`: timeout, error, rate_limited, circuit_open."""
+
+    from_provider: str
+    to_provider: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class LlmResult:
     text: str
     tool_calls: tuple[ToolCall, ...]
@@ -141,6 +160,10 @@ class LlmResult:
     time_to_first_token_ms: int
     total_ms: int
     model: str
+    provider: str = ""
+    """Who answered, where a chain of providers stands behind the LLM (else: the LLM's name)."""
+    failures: tuple[ProviderFailure, ...] = ()
+    fallbacks: tuple[ProviderSwitch, ...] = ()
 
 
 class LlmProvider(ABC):
