@@ -14,17 +14,19 @@ import random
 import re
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.background import BackgroundTask
 
 from consumers.events import read_call
 from gateway.calls import PRODUCER, Gateway, new_call_id
 from gateway.outbound import DIAL_ID, check_parameters
 from producers.events import CallRecorder
-from projections.recordings import recording_path
+from projections.recording_store import RangeNotSatisfiable, RecordingStoreError
 from projections.store import AnalyticsError
 from projections.tenant_sql import TENANT_SQL_LIMITS, ForbiddenQuery
 from schemas.base import Event, EventPayload
@@ -34,6 +36,8 @@ from streams.agents import RoutingError
 from streams.tenants import E164, TenantSpec
 from voxlog import __version__
 
+_BYTE_RANGE = re.compile(r"bytes=(\d+-\d*|-\d+)")
+"""One byte range (the store is asked for it as it is); several in one request get the whole file."""
 DIAL_LOOKBACK_MS = 60_000
 """A dial's events start at its request; its id carries that time, which bounds the log scan."""
 
@@ -187,21 +191,45 @@ def api_router(runtime: Gateway) -> APIRouter:
                          limits={k: TENANT_SQL_LIMITS[k] for k in ("max_result_rows", "max_execution_time")})
 
     @router.get("/calls/{call_id}/recording", response_class=FileResponse)
-    async def recording(call_id: str, caller: Caller, request: Request) -> FileResponse:
-        """The call's recording: a stereo WAV, 16 kHz, the caller left and the agent right, once the call ended."""
+    async def recording(call_id: str, caller: Caller, request: Request) -> Response:
+        """The call's recording: a stereo WAV, 16 kHz, the caller left and the agent right, once the call ended.
+
+        Byte ranges (`Range: bytes=first-last`) are served, so a player can seek. From an S3 store the
+        object is streamed through: the bucket stays private, and each read is checked and audited
+        here rather than handed out as a presigned URL anyone holding it could use.
+        """
         tenant, key_id = caller
+        store = runtime.recordings
+        asked = request.headers.get("range")
+        byte_range = asked if asked and _BYTE_RANGE.fullmatch(asked) else None  # else the whole file, as HTTP allows
+
+        async def audit(outcome: str, detail: str) -> None:
+            await runtime.audit(tenant_id=tenant.id, call_id=call_id, actor=f"api-key:{key_id}",
+                                action="recording.read", resource=call_id, outcome=outcome, detail=detail,
+                                remote_addr=request.client.host if request.client else None)
+
         try:
-            path = recording_path(runtime.recordings_path, tenant.id, call_id)
+            found = await asyncio.to_thread(store.read, tenant.id, call_id, byte_range)
         except ValueError as exc:
             raise HTTPException(404, "no such recording") from exc
-        found = await asyncio.to_thread(path.is_file)
-        await runtime.audit(tenant_id=tenant.id, call_id=call_id, actor=f"api-key:{key_id}", action="recording.read",
-                            resource=call_id, outcome="accepted" if found else "failed",
-                            detail="" if found else "no finished recording",
-                            remote_addr=request.client.host if request.client else None)
-        if not found:  # another tenant's call, a live one, or none: the same answer
+        except RangeNotSatisfiable as exc:
+            await audit("failed", str(exc))
+            raise HTTPException(416, str(exc)) from exc
+        except RecordingStoreError as exc:
+            await audit("failed", f"the recording store failed: {exc}")
+            raise HTTPException(503, "the recording store cannot be reached; try again shortly") from exc
+        await audit("accepted" if found else "failed",
+                    ("" if byte_range is None else byte_range) if found else "no finished recording")
+        if found is None:  # another tenant's call, a live one, or none: the same answer
             raise HTTPException(404, "no such recording (calls are recorded once they have ended)")
-        return FileResponse(path, media_type="audio/wav", filename=f"{call_id}.wav")
+        if isinstance(found, Path):
+            return FileResponse(found, media_type="audio/wav", filename=f"{call_id}.wav")
+        headers = {"Content-Length": str(found.length), "Accept-Ranges": "bytes",
+                   "Content-Disposition": f'attachment; filename="{call_id}.wav"'}
+        if found.content_range:
+            headers["Content-Range"] = found.content_range
+        return StreamingResponse(found.chunks, status_code=206 if found.content_range else 200,
+                                 media_type="audio/wav", headers=headers, background=BackgroundTask(found.close))
 
     @router.get("/calls/dials/{dial_id}", response_model=DialView, name="dial_status")
     async def dial_status(dial_id: str, caller: Caller) -> DialView:

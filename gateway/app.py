@@ -37,6 +37,7 @@ from gateway.twilio_webhooks import (
 )
 from gateway.widget import widget_router
 from producers.events import CallRecorder
+from projections.recording_store import recording_store
 from projections.store import AnalyticsError, AnalyticsStore
 from schemas.base import EventPayload
 from schemas.events import CallStatus
@@ -78,7 +79,8 @@ def build_gateway(settings: Settings) -> Gateway:
                    tenants=Tenants(load_tenants(agents_dir)), home=settings.home, run_workers=settings.run_workers,
                    webhook_secret=settings.webhook_secret.get_secret_value().encode(), rest=twilio_rest(settings),
                    public_url=settings.public_url, analytics=analytics, analytics_error=analytics_error,
-                   run_projections=settings.run_projections and analytics is not None)
+                   run_projections=settings.run_projections and analytics is not None,
+                   recording_store=recording_store(settings))
 
 
 def create_app(settings: Settings | None = None, *, gateway: Gateway | None = None) -> FastAPI:

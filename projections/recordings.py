@@ -1,5 +1,6 @@
-"""The recordings projection: every call's audio as one stereo WAV (caller left, agent right) under
-the recordings folder, and a `recordings` row that says where it is and what it holds.
+"""The recordings projection: every call's audio as one stereo WAV (caller left, agent right), kept
+in a `RecordingStore` (the recordings folder, or an S3 bucket), and a `recordings` row that says
+where it is and what it holds.
 
 The log is the system of record and the WAV is derived from it, so it has to come out the same
 however the events arrive: replayed after a crash (the runner stores offsets after the rows),
@@ -7,13 +8,14 @@ picked up in the middle of a call, or with the calls topic read ahead of the aud
 separate partitions, so `call.ended` often arrives before the call's last chunks). So:
 
 - Audio goes straight to two working files per call (`<root>/<tenant>/.partial/<call>.caller.pcm`
-  and `.agent.pcm`: 16 kHz 16-bit mono PCM), each chunk written at its own byte position. Rewriting
-  a chunk rewrites the same bytes, gaps stay silence, and a 10-minute call costs about a kilobyte
-  of memory, not 20 MB.
-- Chunks are decoded (mu-law) and resampled to 16 kHz by one resampler per direction that runs
-  across contiguous chunks, so chunk edges leave no trace (resampling each 20 ms chunk alone would
-  put a 50 Hz buzz 27 dB under the voice). It lives in memory only: after a restart the filter
-  starts afresh, which changes a few milliseconds of the caller's side at that one point.
+  and `.agent.pcm`: 16-bit mono PCM at the rate of the direction's first chunk, 8 kHz for a phone
+  call), each chunk decoded (mu-law) and written at its own byte position. Rewriting a chunk
+  rewrites the same bytes, gaps stay silence, and a 10-minute call costs about a kilobyte of memory,
+  not 20 MB. A live call's working files stay open (opening a file costs more than writing 20 ms).
+- Resampling to 16 kHz happens once, over each whole direction, when the WAV is assembled: so chunk
+  edges leave no trace (resampling each 20 ms chunk alone would put a 50 Hz buzz 27 dB under the
+  voice), and a restart changes nothing. A chunk at another rate than its direction's first (no
+  source sends one) is resampled to that rate alone.
 - Where a chunk goes: the caller's stream is real time from the call's start, so a caller chunk goes
   at its `offset_ms`. The agent's `offset_ms` counts agent audio only (it would squash the silences
   between replies), so an agent chunk goes where it was played: its event time minus the call's
@@ -21,53 +23,66 @@ separate partitions, so `call.ended` often arrives before the call's last chunks
   side plays agent audio first in, first out, and the jitter of the send times must not leave
   clicks between the frames of a reply).
 - A small fixed-size meta file beside the parts keeps what a restart needs (the call's start, and
-  per direction the last chunk written, where it ended, how much audio there was), so replayed
-  chunks are skipped rather than written again, and nothing is counted twice.
+  per direction the last chunk written, where it ended, how much audio there was, its rate),
+  written after each chunk's audio, so replayed chunks are skipped rather than written again, and
+  nothing is counted twice.
 - On `call.ended` the call's audio after the last chunk written is read from the log (it may still
-  be behind on its topic), the parts are interleaved into `<call>.wav.tmp`, and that is renamed into
-  place: a WAV that exists is final. Its facts (length, size, audio per direction) are written
-  beside it first (`<call>.json`), so the row of a replayed `call.ended` is the same row.
+  be behind on its topic), the parts are resampled and interleaved into `<call>.wav.tmp` beside
+  them, and that goes to the store with its facts (length, size, audio per direction) in one step:
+  a recording the store has is final, and the row of a replayed `call.ended` is the same row. The
+  working files go only after that. A store that cannot be reached is retried (with backoff, each
+  failure logged) until it can: the projection waits on that call rather than lose its recording.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import io
 import logging
 import os
-import re
 import struct
 import wave
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from consumers.base import LogAdmin, LogRecord
 from consumers.events import read_call
 from projections.calls import at
+from projections.recording_store import (
+    LocalRecordingStore,
+    RecordingFacts,
+    RecordingStore,
+    RecordingStoreError,
+    recording_path,
+)
 from projections.store import AnalyticsStore
 from projections.tables import RECORDINGS, Row, Table
 from schemas.base import Event, EventPayload
 from schemas.events import AgentAudioChunk, CallEnded, CallerAudioChunk, CallStarted
 from schemas.topics import AUDIO, CALLS
-from streams.audio import Resampler, mulaw_to_pcm16
+from streams.audio import Resampler, mulaw_to_pcm16, resample_pcm16
 from streams.providers.base import PCM_RATE
 from voxlog.backends import LogBackend
+
+__all__ = ["RECORDINGS", "RecordingsProjection", "recording_path"]
 
 log = logging.getLogger(__name__)
 
 RATE = PCM_RATE
-SAMPLES_PER_MS = RATE // 1000
 FORMAT = f"wav/pcm_s16le/{RATE}/stereo"
 
 ENDED_CALLS_KEPT = 1000
-"""Ended calls remembered, so that their late audio is dropped without looking at the disk."""
+"""Ended calls remembered, so that their late audio is dropped without asking the store."""
 LIVE_CALLS_KEPT = 10_000
 """Live calls held in memory; one evicted comes back from its meta file when it speaks again."""
+OPEN_CALLS_KEPT = 256
+"""Live calls whose working files are held open (three files each); others reopen them when they speak."""
 CALL_LOOKBACK_MS = 3 * 3600 * 1000
 """How far back a call picked up in the middle is looked for in the log (longer than any call)."""
 AUDIO_CATCH_UP_SLACK_MS = 10_000
@@ -81,74 +96,59 @@ SAMPLE_RATES = range(8000, 48001)
 """Sample rates accepted in chunks."""
 BLOCK_FRAMES = RATE * 10
 """Frames interleaved at a time when the WAV is assembled (10 s: 640 KB)."""
+STORE_RETRY_FIRST_S = 0.5
+STORE_RETRY_MAX_S = 30.0
+"""Backoff between attempts at a store that failed: doubling from the first to the most."""
 
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
-_META = struct.Struct("<10q")
+_META = struct.Struct("<12q")
 """The meta file: started_us (-1: not known yet), first_seen_us, then caller and agent tracks
-(last_seq, last_us, end, audio_ms each)."""
+(last_seq, last_us, end, audio_ms, rate each)."""
+_META_16K = struct.Struct("<10q")
+"""The meta file of working files written before they kept each direction's own rate: the same
+without the rates, parts at 16 kHz."""
 
-
-def recording_path(root: Path, tenant_id: str, call_id: str) -> Path:
-    """Where a call's recording goes: `<root>/<tenant_id>/<call_id>.wav`.
-
-    Raises ValueError for an id that is not a plain name (a path separator, `..`, a leading dot),
-    so that no event can make the projection write outside `root`.
-    """
-    for kind, value in (("tenant id", tenant_id), ("call id", call_id)):
-        if not _ID.fullmatch(value):
-            raise ValueError(f"{kind} {value!r} cannot name a recording")
-    return root / tenant_id / f"{call_id}.wav"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class _Files:
-    wav: Path
-    facts: Path
     caller: Path
     agent: Path
     meta: Path
+    wav: Path
+    """Where the WAV is assembled before it goes to the store."""
 
     @classmethod
     def of(cls, root: Path, tenant_id: str, call_id: str) -> _Files:
-        wav = recording_path(root, tenant_id, call_id)
-        partial = wav.parent / ".partial"
-        return cls(wav, wav.with_suffix(".json"), partial / f"{call_id}.caller.pcm",
-                   partial / f"{call_id}.agent.pcm", partial / f"{call_id}.meta")
+        partial = recording_path(root, tenant_id, call_id).parent / ".partial"
+        return cls(partial / f"{call_id}.caller.pcm", partial / f"{call_id}.agent.pcm", partial / f"{call_id}.meta",
+                   partial / f"{call_id}.wav.tmp")
 
-    def remove_parts(self) -> None:
-        for path in (self.caller, self.agent, self.meta):
+    def remove(self) -> None:
+        for path in (self.caller, self.agent, self.meta, self.wav):
             path.unlink(missing_ok=True)
 
 
-@dataclass(frozen=True)
-class _Facts:
-    """What the row of a finished recording says beyond its event: kept beside the WAV."""
-
-    started_us: int
-    duration_ms: int
-    bytes: int
-    caller_audio_ms: int
-    agent_audio_ms: int
+def _open(path: Path) -> io.FileIO:
+    return io.FileIO(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+")
 
 
 @dataclass
 class _Track:
-    """One direction of a call: its part file and how far writing it has got."""
+    """One direction of a call: how far writing its part file has got."""
 
     last_seq: int = -1
     """The last chunk written: chunks up to it are replays."""
     last_us: int = 0
     """Its event time."""
     end: int = 0
-    """The sample where its audio ends."""
+    """The sample where its audio ends (at `rate`)."""
     audio_ms: int = 0
     """Audio written, by the chunks' own durations."""
-    resampler: Resampler | None = None
-    """The current run's (contiguous chunks at one rate): resampling across chunk edges leaves no
-    trace. Memory only: after a restart or an eviction a new run starts, which can leave a few
-    milliseconds of edge at that one point."""
-    written: int = 0
-    """Where the current run's next output sample goes (the resampler holds a few back)."""
+    rate: int = 0
+    """The part file's sample rate: its first chunk's (0 before it)."""
+    part: io.FileIO | None = None
+    """The part file, while held open."""
 
 
 @dataclass
@@ -161,6 +161,8 @@ class _Call:
     caller: _Track = field(default_factory=_Track)
     agent: _Track = field(default_factory=_Track)
     skipped: int = 0
+    meta: io.FileIO | None = None
+    """The meta file, while held open (with the parts)."""
 
     @classmethod
     def restore(cls, event: Event[EventPayload], files: _Files) -> _Call:
@@ -171,29 +173,38 @@ class _Call:
         except FileNotFoundError:
             files.meta.parent.mkdir(parents=True, exist_ok=True)
             return call
-        if len(data) != _META.size:
+        if len(data) == _META_16K.size:
+            started, first, *tracks = _META_16K.unpack(data)
+            tracks = [*tracks[:4], RATE if tracks[0] >= 0 else 0, *tracks[4:], RATE if tracks[4] >= 0 else 0]
+        elif len(data) == _META.size:
+            started, first, *tracks = _META.unpack(data)
+        else:
             log.warning("recordings: meta file %s is torn; continuing the call as new", files.meta)
             return call
-        started, first, *tracks = _META.unpack(data)
         call.started_us = None if started < 0 else started
         call.first_seen_us = min(first, call.first_seen_us)
-        call.caller = _Track(*tracks[:4])
-        call.agent = _Track(*tracks[4:])
+        call.caller = _Track(*tracks[:5])
+        call.agent = _Track(*tracks[5:])
         return call
 
+    def open(self) -> None:
+        self.meta = _open(self.files.meta)
+        self.caller.part = _open(self.files.caller)
+        self.agent.part = _open(self.files.agent)
+
+    def close(self) -> None:
+        for file in (self.meta, self.caller.part, self.agent.part):
+            if file is not None:
+                file.close()
+        self.meta = self.caller.part = self.agent.part = None
+
     def save(self) -> None:
-        values = [-1 if self.started_us is None else self.started_us, self.first_seen_us]
-        for track in (self.caller, self.agent):
-            values += (track.last_seq, track.last_us, track.end, track.audio_ms)
-        _write_at(self.files.meta, 0, _META.pack(*values))
-
-
-def _write_at(path: Path, position: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        os.pwrite(fd, data, position)
-    finally:
-        os.close(fd)
+        assert self.meta is not None
+        caller, agent = self.caller, self.agent
+        os.pwrite(self.meta.fileno(), _META.pack(
+            -1 if self.started_us is None else self.started_us, self.first_seen_us,
+            caller.last_seq, caller.last_us, caller.end, caller.audio_ms, caller.rate,
+            agent.last_seq, agent.last_us, agent.end, agent.audio_ms, agent.rate), 0)
 
 
 def _pcm16(chunk: CallerAudioChunk | AgentAudioChunk) -> bytes | None:
@@ -207,28 +218,54 @@ def _pcm16(chunk: CallerAudioChunk | AgentAudioChunk) -> bytes | None:
     return None
 
 
-def _interleave(caller: Path, agent: Path, out: Path) -> int:
-    """Writes the part files side by side as a stereo WAV as long as the longer (a missing part is
-    silence), synced to disk; returns its frames."""
-    parts = [part if part.exists() else None for part in (caller, agent)]
-    frames = max((part.stat().st_size // 2 for part in parts if part is not None), default=0)
+class _Direction:
+    """One part file read back at RATE, in order, a block at a time (resampled as one stream)."""
+
+    def __init__(self, path: Path, rate: int) -> None:
+        self.source = path.open("rb")
+        self.resampler = Resampler(rate, RATE, aligned=True) if rate not in (0, RATE) else None
+        size = path.stat().st_size // 2
+        self.frames = size if self.resampler is None else -(-size * RATE // rate)
+        self.held = np.zeros(0, dtype="<i2")
+
+    def read(self, count: int) -> np.ndarray:
+        """The next `count` samples (fewer at the end)."""
+        while self.held.size < count:
+            data = self.source.read(2 * BLOCK_FRAMES)
+            at_end = not data
+            if self.resampler is not None:
+                data = self.resampler.flush() if at_end else self.resampler.process(data)
+            self.held = np.concatenate([self.held, np.frombuffer(data, dtype="<i2")])
+            if at_end:
+                break
+        taken, self.held = self.held[:count], self.held[count:]
+        return taken
+
+
+def _assemble(call: _Call) -> int:
+    """Writes the part files side by side as a stereo WAV at RATE (`call.files.wav`) as long as the
+    longer (a missing part is silence); returns its frames."""
+    files = call.files
     with contextlib.ExitStack() as stack:
-        sources = [None if part is None else stack.enter_context(part.open("rb")) for part in parts]
-        with out.open("wb") as sink:
-            with wave.open(sink, "wb") as wav:
-                wav.setnchannels(2)
-                wav.setsampwidth(2)
-                wav.setframerate(RATE)
-                for first in range(0, frames, BLOCK_FRAMES):
-                    count = min(BLOCK_FRAMES, frames - first)
-                    block = np.zeros((count, 2), dtype="<i2")
-                    for channel, source in enumerate(sources):
-                        if source is not None:
-                            samples = np.frombuffer(source.read(2 * count), dtype="<i2")
-                            block[: samples.size, channel] = samples
-                    wav.writeframes(block.tobytes())
-            sink.flush()
-            os.fsync(sink.fileno())
+        directions: list[_Direction | None] = []
+        for path, track in ((files.caller, call.caller), (files.agent, call.agent)):
+            direction = _Direction(path, track.rate) if path.exists() else None
+            if direction is not None:
+                stack.callback(direction.source.close)
+            directions.append(direction)
+        frames = max((d.frames for d in directions if d is not None), default=0)
+        with wave.open(str(files.wav), "wb") as wav:
+            wav.setnchannels(2)
+            wav.setsampwidth(2)
+            wav.setframerate(RATE)
+            for first in range(0, frames, BLOCK_FRAMES):
+                count = min(BLOCK_FRAMES, frames - first)
+                block = np.zeros((count, 2), dtype="<i2")
+                for channel, direction in enumerate(directions):
+                    if direction is not None:
+                        samples = direction.read(count)
+                        block[: samples.size, channel] = samples
+                wav.writeframes(block.tobytes())
     return frames
 
 
@@ -248,17 +285,26 @@ class RecordingsProjection:
     event_types: frozenset[str] | None = frozenset(
         t.EVENT_TYPE for t in (CallerAudioChunk, AgentAudioChunk, CallStarted, CallEnded))
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, store: RecordingStore | None = None) -> None:
+        """`root`: the working folder; `store`: where finished recordings go (default: `root` itself)."""
         self.root = root
+        self.store: RecordingStore = store or LocalRecordingStore(root)
         self.live: OrderedDict[str, _Call] = OrderedDict()
-        self.ended: OrderedDict[str, None] = OrderedDict()
+        self.open: OrderedDict[str, _Call] = OrderedDict()
+        """The live calls whose working files are open, least recently written first."""
+        self.ended: OrderedDict[str, RecordingFacts] = OrderedDict()
         self.skipped_chunks = 0
         """Audio chunks that were not audio (an unknown codec, PCM cut mid-sample, an absurd position)."""
         self.rejected_events = 0
         """Events whose tenant or call id cannot name a file."""
+        self.store_failures = 0
+        """Attempts at the store that failed (each retried)."""
 
     def reset(self) -> None:
-        # The files stay: finished WAVs are final, and live calls continue from their meta files.
+        # The files stay: finished recordings are final, and live calls continue from their meta files.
+        for call in self.open.values():
+            call.close()
+        self.open.clear()
         self.live.clear()
         self.ended.clear()
 
@@ -267,59 +313,116 @@ class RecordingsProjection:
 
     async def rows(self, record: LogRecord, event: Event[EventPayload], backend: LogBackend) -> list[Row]:
         payload = event.payload
-        if not isinstance(payload, CallStarted | CallEnded | CallerAudioChunk | AgentAudioChunk):
-            return []
-        known = self.live.get(event.call_id)
-        try:
-            files = known.files if known is not None else _Files.of(self.root, event.tenant_id, event.call_id)
-        except ValueError as exc:
-            self.rejected_events += 1
-            log.warning("recordings: %s; event %s ignored", exc, event.envelope.event_id)
-            return []
-        if isinstance(payload, CallStarted):
-            call = self._call(event, files)
-            if call is not None and call.started_us is None:
-                call.started_us = event.envelope.event_time_us
-            return [self._live_row(event, files)]
-        if isinstance(payload, CallEnded):
-            call = self._call(event, files)
-            if call is not None:
-                await self._finish(call, event, backend)
+        kind = type(payload)
+        if kind is CallerAudioChunk or kind is AgentAudioChunk:
+            assert isinstance(payload, CallerAudioChunk | AgentAudioChunk)
+            call = self.live.get(event.call_id)
+            if call is None:
+                if event.call_id in self.ended:  # its late audio: the recording is final
+                    return []
+                call = await self._call(event)
+                if call is None:
+                    return []
             else:
-                files.remove_parts()  # what a crash between the WAV's rename and the clean-up left
-            return [self._final_row(event, files)]
-        call = self._call(event, files)
-        if call is not None:
-            if isinstance(payload, AgentAudioChunk) and call.started_us is None:
+                self.live.move_to_end(event.call_id)
+                call.first_seen_us = min(call.first_seen_us, event.envelope.event_time_us)
+            if kind is AgentAudioChunk and call.started_us is None:
                 async with _admin(backend) as admin:
                     await self._find_start(call, event, admin)
             self._write(call, event, payload)
+            return []
+        if kind is CallStarted:
+            try:
+                location = self.store.location(event.tenant_id, event.call_id)
+            except ValueError as exc:
+                return self._reject(event, exc)
+            call = await self._call(event)
+            if call is not None and call.started_us is None:
+                call.started_us = event.envelope.event_time_us
+            return [(RECORDINGS, (event.tenant_id, event.call_id, location, FORMAT, 2, RATE, 0, 0, 0, 0,
+                                  at(event.envelope.event_time_us), None, 0, event.seq))]
+        if kind is CallEnded:
+            try:
+                location = self.store.location(event.tenant_id, event.call_id)
+            except ValueError as exc:
+                return self._reject(event, exc)
+            call = await self._call(event)
+            if call is not None:
+                facts = await self._finish(call, event, backend)
+            else:
+                facts = self.ended[event.call_id]
+                # What a crash between storing the recording and the clean-up left.
+                _Files.of(self.root, event.tenant_id, event.call_id).remove()
+            return [(RECORDINGS, (event.tenant_id, event.call_id, location, FORMAT, 2, RATE, facts.duration_ms,
+                                  facts.bytes, facts.caller_audio_ms, facts.agent_audio_ms, at(facts.started_us),
+                                  at(event.envelope.event_time_us), 1, event.seq))]
         return []
 
-    def _call(self, event: Event[EventPayload], files: _Files) -> _Call | None:
-        """The live call's state (restored or new); None once its recording is final."""
+    def _reject(self, event: Event[EventPayload], exc: ValueError) -> list[Row]:
+        self.rejected_events += 1
+        log.warning("recordings: %s; event %s ignored", exc, event.envelope.event_id)
+        return []
+
+    async def _call(self, event: Event[EventPayload]) -> _Call | None:
+        """The live call's state (restored or new); None once its recording is final (or its ids
+        cannot name one)."""
         call_id = event.call_id
         if call_id in self.ended:
             self.ended.move_to_end(call_id)
             return None
         call = self.live.get(call_id)
         if call is None:
-            if files.wav.exists():
-                self._remember_ended(call_id)
+            try:
+                files = _Files.of(self.root, event.tenant_id, call_id)
+            except ValueError as exc:
+                self._reject(event, exc)
+                return None
+            facts = await self._stored(f"looking up call {call_id}'s recording", self.store.finished,
+                                       event.tenant_id, call_id)
+            if facts is not None:
+                self._remember_ended(call_id, facts)
                 return None
             call = self.live[call_id] = _Call.restore(event, files)
             while len(self.live) > LIVE_CALLS_KEPT:
                 _, evicted = self.live.popitem(last=False)
-                self._end_runs(evicted)
+                self._close(evicted)
         else:
             self.live.move_to_end(call_id)
         call.first_seen_us = min(call.first_seen_us, event.envelope.event_time_us)
         return call
 
-    def _remember_ended(self, call_id: str) -> None:
-        self.ended[call_id] = None
+    async def _stored(self, what: str, operation: Callable[..., T], *args: object) -> T:
+        """`operation(*args)` on the store (in a thread if it is remote), retried with backoff while it fails."""
+        delay = STORE_RETRY_FIRST_S
+        while True:
+            try:
+                return await asyncio.to_thread(operation, *args) if self.store.remote else operation(*args)
+            except RecordingStoreError as exc:
+                self.store_failures += 1
+                log.error("recordings: %s failed (%s, %s); retrying in %.1f s, the audio is kept meanwhile",
+                          what, self.store.describe(), exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, STORE_RETRY_MAX_S)
+
+    def _remember_ended(self, call_id: str, facts: RecordingFacts) -> None:
+        self.ended[call_id] = facts
         while len(self.ended) > ENDED_CALLS_KEPT:
             self.ended.popitem(last=False)
+
+    def _opened(self, call: _Call) -> None:
+        """Holds the call's working files open (closing those of the call written longest ago)."""
+        if call.meta is not None:
+            self.open.move_to_end(call.call_id)
+            return
+        call.open()
+        self.open[call.call_id] = call
+        while len(self.open) > OPEN_CALLS_KEPT:
+            _, closed = self.open.popitem(last=False)
+            closed.close()
+
+    def _close(self, call: _Call) -> None:
+        self.open.pop(call.call_id, None)
+        call.close()
 
     async def _find_start(self, call: _Call, event: Event[EventPayload], admin: LogAdmin) -> int:
         """The call's start from the log: its call.started, or (none there) the earliest event seen."""
@@ -331,34 +434,32 @@ class RecordingsProjection:
         return call.started_us
 
     def _write(self, call: _Call, event: Event[EventPayload], chunk: CallerAudioChunk | AgentAudioChunk) -> None:
-        agent = isinstance(chunk, AgentAudioChunk)
-        track, part = (call.agent, call.files.agent) if agent else (call.caller, call.files.caller)
+        agent = type(chunk) is AgentAudioChunk
+        track = call.agent if agent else call.caller
         if event.seq <= track.last_seq:
             return  # written already (a replay)
         pcm = _pcm16(chunk)
+        rate = track.rate or (chunk.sample_rate if chunk.sample_rate in SAMPLE_RATES else RATE)
         if agent:
             assert call.started_us is not None
-            played = max(0, (event.envelope.event_time_us - call.started_us) * SAMPLES_PER_MS // 1000)
-            start = track.end if played < track.end + AGENT_JITTER_MS * SAMPLES_PER_MS else played
+            played = max(0, (event.envelope.event_time_us - call.started_us) * rate // 1_000_000)
+            start = track.end if played < track.end + AGENT_JITTER_MS * rate // 1000 else played
         else:
-            start = chunk.offset_ms * SAMPLES_PER_MS
-        limit = MAX_RECORDING_MS * SAMPLES_PER_MS
+            start = chunk.offset_ms * rate // 1000
+        limit = MAX_RECORDING_MS * rate // 1000
+        self._opened(call)
         if pcm is None or start > limit:
             self._skip(call, event, chunk)
-            self._end_run(track, part)
             if start <= limit:  # it was heard all the same (only its record is broken): what follows keeps its time
-                track.end = min(start + max(chunk.duration_ms, 0) * SAMPLES_PER_MS, limit)
+                track.end = min(start + max(chunk.duration_ms, 0) * rate // 1000, limit)
         else:
-            run = track.resampler
-            if run is None or start != track.end or run.from_rate != chunk.sample_rate:
-                self._end_run(track, part)
-                run = track.resampler = Resampler(chunk.sample_rate, RATE, aligned=True)
-                track.written = start
-            out = run.process(pcm)
-            _write_at(part, 2 * track.written, out)
-            track.written += len(out) // 2
-            track.end = start + len(pcm) // 2 * RATE // chunk.sample_rate
+            if chunk.sample_rate != rate:
+                pcm = resample_pcm16(pcm, chunk.sample_rate, rate)
+            assert track.part is not None
+            os.pwrite(track.part.fileno(), pcm, 2 * start)
+            track.end = start + len(pcm) // 2
             track.audio_ms += chunk.duration_ms
+        track.rate = rate
         track.last_seq, track.last_us = event.seq, event.envelope.event_time_us
         call.save()
 
@@ -370,18 +471,7 @@ class RecordingsProjection:
                         "seq %d", call.call_id, event.type, chunk.codec, len(chunk.audio), chunk.sample_rate,
                         chunk.offset_ms, event.seq)
 
-    @staticmethod
-    def _end_run(track: _Track, part: Path) -> None:
-        """Writes what the run's resampler holds back."""
-        if track.resampler is not None:
-            _write_at(part, 2 * track.written, track.resampler.flush())
-            track.resampler = None
-
-    def _end_runs(self, call: _Call) -> None:
-        self._end_run(call.caller, call.files.caller)
-        self._end_run(call.agent, call.files.agent)
-
-    async def _finish(self, call: _Call, event: Event[EventPayload], backend: LogBackend) -> None:
+    async def _finish(self, call: _Call, event: Event[EventPayload], backend: LogBackend) -> RecordingFacts:
         async with _admin(backend) as admin:
             started_us = call.started_us if call.started_us is not None else await self._find_start(call, event, admin)
             # The audio topic may be behind the calls topic: take the rest of the call's audio from the log.
@@ -391,29 +481,13 @@ class RecordingsProjection:
         for earlier in history.events:
             if earlier.seq < event.seq and isinstance(earlier.payload, CallerAudioChunk | AgentAudioChunk):
                 self._write(call, earlier, earlier.payload)
-        self._end_runs(call)
-        files = call.files
-        tmp = files.wav.with_name(files.wav.name + ".tmp")
-        frames = await asyncio.to_thread(_interleave, files.caller, files.agent, tmp)
-        facts = _Facts(started_us, frames * 1000 // RATE, tmp.stat().st_size, call.caller.audio_ms,
-                       call.agent.audio_ms)
-        facts_tmp = files.facts.with_name(files.facts.name + ".tmp")
-        facts_tmp.write_text(json.dumps(asdict(facts)))
-        os.replace(facts_tmp, files.facts)
-        os.replace(tmp, files.wav)
-        files.remove_parts()
+        self._close(call)
+        frames = await asyncio.to_thread(_assemble, call)
+        facts = RecordingFacts(started_us, frames * 1000 // RATE, call.files.wav.stat().st_size, call.caller.audio_ms,
+                               call.agent.audio_ms)
+        await self._stored(f"storing call {call.call_id}'s recording", self.store.put, call.tenant_id, call.call_id,
+                           call.files.wav, facts)
+        call.files.remove()
         del self.live[call.call_id]
-        self._remember_ended(call.call_id)
-
-    def _relative(self, files: _Files) -> str:
-        return files.wav.relative_to(self.root).as_posix()
-
-    def _live_row(self, event: Event[EventPayload], files: _Files) -> Row:
-        return RECORDINGS, (event.tenant_id, event.call_id, self._relative(files), FORMAT, 2, RATE, 0, 0, 0, 0,
-                            at(event.envelope.event_time_us), None, 0, event.seq)
-
-    def _final_row(self, event: Event[EventPayload], files: _Files) -> Row:
-        facts = _Facts(**json.loads(files.facts.read_text()))
-        return RECORDINGS, (event.tenant_id, event.call_id, self._relative(files), FORMAT, 2, RATE,
-                            facts.duration_ms, facts.bytes, facts.caller_audio_ms, facts.agent_audio_ms,
-                            at(facts.started_us), at(event.envelope.event_time_us), 1, event.seq)
+        self._remember_ended(call.call_id, facts)
+        return facts

@@ -25,6 +25,7 @@ from consumers.events import ConsumedEvent, EventConsumer, dead_letter_headers, 
 from producers.base import LogProducer
 from projections.audit import AuditFold, epoch_us
 from projections.calls import CallsFold, at
+from projections.recording_store import RecordingStore
 from projections.recordings import RecordingsProjection
 from projections.store import AnalyticsStore
 from projections.tables import AUDIT_LOG, CALLER_MEMORY, OFFSETS, PROMPT_VERSIONS, Row, Table
@@ -142,11 +143,13 @@ class MemoryProjection:
                                  p.source, event.seq))]
 
 
-def default_projections(router: AgentRouter | None = None, recordings: Path | None = None) -> list[Projection]:
-    """Every projection; `recordings` is the folder call recordings go to (none: no recordings)."""
+def default_projections(router: AgentRouter | None = None, recordings: Path | None = None,
+                        recording_store: RecordingStore | None = None) -> list[Projection]:
+    """Every projection; `recordings` is the folder call recordings are assembled in (none: no
+    recordings), `recording_store` where they are kept (default: that folder)."""
     found: list[Projection] = [CallsProjection(router), AuditProjection(), MemoryProjection()]
     if recordings is not None:
-        found.append(RecordingsProjection(recordings))
+        found.append(RecordingsProjection(recordings, recording_store))
     return found
 
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from projections.audit import AuditProblem, verify_chain
+from projections.recording_store import recording_store
 from projections.runner import Projection, ProjectionRunner, catch_up, default_projections
 from projections.store import AnalyticsStore, QueryResult
 from projections.tables import AUDIT_LOG, OFFSETS
@@ -32,7 +33,8 @@ class Analytics:
         self.router = AgentRouter(load_agents(settings.agents_dir or DEFAULT_AGENTS_DIR))
 
     def projections(self, names: Sequence[str] | None = None) -> list[Projection]:
-        found = default_projections(self.router, recordings=self.settings.recordings_path)
+        found = default_projections(self.router, recordings=self.settings.recordings_path,
+                                    recording_store=recording_store(self.settings))
         if names is None:
             return found
         unknown = set(names) - {p.name for p in found}

@@ -175,6 +175,7 @@ async def run_calls_demo(settings: Settings) -> tuple[list[DemoCall], QueryResul
         store = stack.gateway.analytics
         if store is not None:
             await catch_up(stack.gateway.backend, store,
-                           default_projections(stack.gateway.router, recordings=stack.gateway.recordings_path))
+                           default_projections(stack.gateway.router, recordings=stack.gateway.recordings_path,
+                                               recording_store=stack.gateway.recordings))
             summary = await asyncio.to_thread(store.query, ANALYTICS_QUERY)
     return calls, summary

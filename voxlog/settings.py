@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from projections.recording_store import parse_s3_url
 
 
 class Settings(BaseSettings):
@@ -34,6 +36,24 @@ class Settings(BaseSettings):
     run_projections: bool = Field(
         True, description="Run the ClickHouse projections inside `voxlog serve` (the embedded ClickHouse can be "
         "open in one process only; with a ClickHouse server run `voxlog projections run` apart instead).")
+
+    recordings_s3_url: str | None = Field(
+        None, description="s3://bucket/prefix where finished call recordings are kept (AWS S3 or any S3-compatible "
+        "store); unset: the recordings folder under `home`. Recordings are assembled under `home` either way.")
+    recordings_s3_endpoint_url: str | None = Field(
+        None, description="The S3-compatible store's URL (MinIO, Ceph: http://minio:9000); unset: AWS S3.")
+    recordings_s3_region: str | None = Field(None, description="The bucket's region; unset: boto3's default.")
+    recordings_s3_access_key_id: SecretStr | None = Field(
+        None, description="Access key for the recordings bucket; unset: boto3's own chain (AWS_* variables, "
+        "~/.aws, an instance role).")
+    recordings_s3_secret_access_key: SecretStr | None = Field(None, description="Its secret key.")
+
+    @field_validator("recordings_s3_url")
+    @classmethod
+    def _an_s3_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            parse_s3_url(url)
+        return url
 
     @property
     def recordings_path(self) -> Path:
