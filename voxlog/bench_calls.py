@@ -10,6 +10,13 @@ WebSocket, 20 ms mu-law frames in real time), from a process of their own. The p
 is the time spent in voxlog itself: the gateway, the session's tasks, the log appends, the core.
 Pacing jitter is how far the gaps between the agent's audio frames, as the caller receives them,
 stray from 20 ms.
+
+With a fallback profile, the LLM is a chain of two timeline providers (streams/providers/resilience.py)
+and in every `every`-th call the primary fails on each turn (`stall`: it never answers, so the
+chain's attempt timeout ends it; `error`: a 500 after 20 ms); the backup answers on the timeline.
+The calls that fell back (told by the log's `provider.fallback`) are measured apart, against the
+same budget; what a failed primary cost a turn is its added latency less the normal turns' median,
+the target being at most the attempt timeout plus 50 ms.
 """
 
 from __future__ import annotations
@@ -28,9 +35,15 @@ from typing import Any
 
 from gateway.twilio_media import OutboundMedia
 from producers.synthetic import mulaw_tone
-from schemas.topics import TOPICS
+from schemas.codec import EventCodec
+from schemas.events import CallStarted, ProviderFallback
+from schemas.topics import CALLS, TOPICS
 from streams.agents import AgentSpec
-from streams.providers.timeline import Timeline, TimelineAsr, TimelineLlm, TimelineTts
+from streams.providers.base import LlmProvider
+from streams.providers.registry import LLM_CHAIN_DEADLINE_S
+from streams.providers.resilience import ChainLlm, CircuitBreaker, Guarded, ProviderChain
+from streams.providers.timeline import ScriptedFailure, Timeline, TimelineAsr, TimelineLlm, TimelineTts
+from streams.runner import read_to_end
 from streams.session import Providers
 from streams.vad import Vad
 from voxlog import __version__
@@ -49,6 +62,17 @@ def _tone_mulaw(seconds: float) -> bytes:
     return mulaw_tone(int(8000 * seconds), 0, freq=300.0)
 
 
+@dataclass(frozen=True)
+class FallbackProfile:
+    failure: ScriptedFailure
+    every: int = 2
+    """Every n-th call's primary LLM fails, on each of its turns."""
+    attempt_timeout_ms: int = 800
+    """The primary's attempt timeout in the chain."""
+    fallback_target_ms: int = 50
+    """What a failed primary may cost beyond its attempt timeout."""
+
+
 @dataclass
 class CallFigures:
     added_ms: list[float] = field(default_factory=list)
@@ -61,6 +85,14 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+async def _answer_begun(caller: TwilioCaller, heard: int, timeout_s: float) -> None:
+    """Waits for the agent's audio to grow past `heard` (its answer), the call's end or the timeout."""
+    for _ in range(int(timeout_s / 0.02)):
+        if len(caller.agent_audio) != heard or caller.closed.is_set():
+            return
+        await asyncio.sleep(0.02)
+
+
 async def _one_call(caller: TwilioCaller, budget_ms: float) -> CallFigures:
     figures = CallFigures()
     try:
@@ -70,8 +102,9 @@ async def _one_call(caller: TwilioCaller, budget_ms: float) -> CallFigures:
             await caller.agent_quiet(0.5, 30)  # the greeting
             for _ in LINES:
                 await caller.send_mulaw(_tone_mulaw(SPEECH_S))
-                spoke_until = time.monotonic() - caller.opened_at
+                spoke_until, heard = time.monotonic() - caller.opened_at, len(caller.agent_audio)
                 await caller.send_mulaw(bytes([MULAW_SILENCE]) * int(8000 * 1.5))
+                await _answer_begun(caller, heard, 30)  # a slow answer (a fallback) outlasts the silence
                 await caller.agent_quiet(0.5, 30)
                 frames = [r.at for r in caller.log if isinstance(r.message, OutboundMedia) and r.at > spoke_until]
                 if frames:
@@ -93,7 +126,7 @@ async def play_callers(plan: dict[str, Any]) -> list[CallFigures]:
         for sid, number in plan["calls"]))
 
 
-async def _callers_process(stack: LocalStack, calls: int, budget_ms: float) -> list[CallFigures]:
+async def _callers_process(stack: LocalStack, calls: int, budget_ms: float) -> tuple[list[str], list[CallFigures]]:
     """Runs the callers in a process of their own, as Twilio is: only the gateway is measured here,
     and the callers' clocks are not held up by the gateway's event loop."""
     plan: dict[str, Any] = {"base_url": stack.base_url, "auth_token": stack.auth_token,
@@ -107,7 +140,7 @@ async def _callers_process(stack: LocalStack, calls: int, budget_ms: float) -> l
     out, _ = await child.communicate(json.dumps(plan).encode())
     if child.returncode != 0:
         raise RuntimeError(f"the callers' process failed (exit {child.returncode})")
-    return [CallFigures(**figures) for figures in json.loads(out)]
+    return [sid for sid, _ in plan["calls"]], [CallFigures(**figures) for figures in json.loads(out)]
 
 
 async def _events_in_log(backend: LogBackend) -> int:
@@ -118,23 +151,62 @@ async def _events_in_log(backend: LogBackend) -> int:
         await admin.close()
 
 
-async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline) -> dict[str, Any]:
+def _llm(timeline: Timeline, agent: AgentSpec, fallback: FallbackProfile | None, failing: bool) -> LlmProvider:
+    if fallback is None:
+        return TimelineLlm(timeline, agent)
+    primary = TimelineLlm(timeline, agent, name="timeline-primary", failure=fallback.failure if failing else None)
+    backup = TimelineLlm(timeline, agent, name="timeline-backup")
+    # A breaker per call: the failures of one call's primary must not spare the others their timeout.
+    members = [Guarded[LlmProvider](primary, primary.name, "", CircuitBreaker(), fallback.attempt_timeout_ms / 1000),
+               Guarded[LlmProvider](backup, backup.name, "", CircuitBreaker(), LLM_CHAIN_DEADLINE_S)]
+    return ChainLlm(ProviderChain("llm", members, deadline_s=LLM_CHAIN_DEADLINE_S))
+
+
+async def _fallback_calls(backend: LogBackend, call_sids: set[str]) -> set[str]:
+    """The Twilio call sids (of `call_sids`) whose call recorded a provider fallback."""
+    codec, sid_of, fell_back = EventCodec(), {}, set()
+
+    def take(record: Any) -> None:
+        event = codec.decode(record.value)
+        if isinstance(event.payload, CallStarted) and event.payload.provider_call_id in call_sids:
+            sid_of[event.call_id] = event.payload.provider_call_id
+        elif isinstance(event.payload, ProviderFallback):
+            fell_back.add(event.call_id)
+
+    await read_to_end(backend, CALLS, take, what="finding the calls that fell back")
+    return {sid for call_id, sid in sid_of.items() if call_id in fell_back}
+
+
+def _latency(values: list[float]) -> dict[str, float | None]:
+    return {"p50": round(statistics.median(values), 1) if values else None,
+            "p99": round(_percentile(values, 0.99), 1) if values else None,
+            "max": round(max(values), 1) if values else None}
+
+
+async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
+                      fallback: FallbackProfile | None = None) -> dict[str, Any]:
+    made = itertools.count()
+
     def providers(agent: AgentSpec) -> Providers:
-        return Providers(asr=TimelineAsr(timeline, LINES), llm=TimelineLlm(timeline, agent), tts=TimelineTts(timeline))
+        failing = fallback is not None and next(made) % fallback.every == 0
+        return Providers(asr=TimelineAsr(timeline, LINES), llm=_llm(timeline, agent, fallback, failing),
+                         tts=TimelineTts(timeline))
 
     end_of_turn_ms = Vad().end_of_turn_silence_ms
     budget_ms = end_of_turn_ms + timeline.asr_final_ms + timeline.llm_ms + timeline.tts_first_byte_ms
     async with local_stack(settings, providers_factory=providers) as stack:
         before = await _events_in_log(stack.gateway.backend)
         started, cpu_before = time.perf_counter(), time.process_time()
-        results = await _callers_process(stack, calls, budget_ms)
+        sids, results = await _callers_process(stack, calls, budget_ms)
         await stack.gateway.wait_idle(60)
         elapsed, cpu_s = time.perf_counter() - started, time.process_time() - cpu_before
         events = await _events_in_log(stack.gateway.backend) - before
+        fell_back = await _fallback_calls(stack.gateway.backend, set(sids)) if fallback else set()
         backend = stack.gateway.backend.describe()
-    added = [ms for r in results for ms in r.added_ms]
+    normal = [r for sid, r in zip(sids, results, strict=True) if sid not in fell_back]
+    added = [ms for r in normal for ms in r.added_ms]
     jitter = [ms for r in results for ms in r.jitter_ms]
-    return {
+    result: dict[str, Any] = {
         "benchmark": "calls",
         "log": backend,
         "version": __version__,
@@ -145,9 +217,7 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline) -> 
         "turns_measured": len(added),
         "scripted_ms": {"vad_end_of_turn": end_of_turn_ms, "asr_final": timeline.asr_final_ms,
                         "llm": timeline.llm_ms, "tts_first_byte": timeline.tts_first_byte_ms, "total": budget_ms},
-        "added_latency_ms": {"p50": round(statistics.median(added), 1) if added else None,
-                             "p99": round(_percentile(added, 0.99), 1) if added else None,
-                             "max": round(max(added), 1) if added else None},
+        "added_latency_ms": _latency(added),
         "pacing_jitter_ms": {"p50": round(statistics.median(jitter), 2) if jitter else None,
                              "p99": round(_percentile(jitter, 0.99), 2) if jitter else None,
                              "frames": len(jitter)},
@@ -157,6 +227,24 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline) -> 
         "seconds": round(elapsed, 1),
         "events_per_s": round(events / elapsed),
     }
+    if fallback is not None:
+        # What a fallback turn took beyond a normal turn: its added latency less the normal turns' median.
+        fallback_added = [ms for sid, r in zip(sids, results, strict=True) if sid in fell_back for ms in r.added_ms]
+        baseline = statistics.median(added) if added else 0.0
+        costs = [ms - baseline for ms in fallback_added]
+        # The target is about a primary that hangs: what it may cost beyond its timeout. A fast error's
+        # cost (two tries and a jittered pause) is reported as measured.
+        limit_ms = fallback.attempt_timeout_ms + fallback.fallback_target_ms if fallback.failure == "stall" else None
+        p99 = _percentile(costs, 0.99) if costs else None
+        result["fallback"] = {
+            "failure": fallback.failure, "every": fallback.every, "attempt_timeout_ms": fallback.attempt_timeout_ms,
+            "calls_fell_back": len(fell_back), "turns_measured": len(costs),
+            "added_latency_ms": _latency(fallback_added),
+            "cost_ms": _latency(costs),
+            "target_ms": limit_ms,
+            "met": None if limit_ms is None else p99 is not None and p99 <= limit_ms,
+        }
+    return result
 
 
 if __name__ == "__main__":  # the callers' process: a plan on stdin, their figures on stdout

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -17,6 +18,7 @@ from streams.providers.base import (
     LlmProvider,
     LlmRequest,
     LlmResult,
+    ProviderError,
     Recognition,
     TtsCapabilities,
     TtsProvider,
@@ -70,16 +72,28 @@ class TimelineAsr(AsrProvider):
         return TimelineAsrStream(self.timeline, self.lines)
 
 
+ScriptedFailure = Literal["stall", "error"]
+SCRIPTED_ERROR_AFTER_MS = 20
+"""How soon a scripted `error` comes (a refused request: a 500 after a round trip)."""
+
+
 class TimelineLlm(LlmProvider):
-    """The agent's scripted policy, answering after the timeline's delay."""
+    """The agent's scripted policy, answering after the timeline's delay; or, with `failure`, never
+    answering (`stall`: a provider that hangs) or failing at once (`error`: a 500)."""
 
-    name = "timeline-llm"
-
-    def __init__(self, timeline: Timeline, agent: AgentSpec) -> None:
+    def __init__(self, timeline: Timeline, agent: AgentSpec, *, name: str = "timeline-llm",
+                 failure: ScriptedFailure | None = None) -> None:
         self.timeline = timeline
         self.policy = ScriptedLlm(agent)
+        self.name = name
+        self.failure = failure
 
     async def complete(self, request: LlmRequest) -> LlmResult:
+        if self.failure == "stall":
+            await asyncio.Event().wait()
+        if self.failure == "error":
+            await asyncio.sleep(SCRIPTED_ERROR_AFTER_MS / 1000)
+            raise ProviderError(self.name, "server", "scripted 500 Internal Server Error", retryable=True)
         await asyncio.sleep(self.timeline.llm_ms / 1000)
         return await self.policy.complete(request)
 
