@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any
 
 from projections.tables import CALLS, ERRORS, PROMPT_VERSIONS, TOOL_CALLS, TRANSCRIPTS, TURNS, Row
@@ -49,6 +50,12 @@ ENDED_CALLS_KEPT = 1000
 
 EARLIEST_US = -2_208_988_800_000_000  # 1900-01-01: ClickHouse's DateTime64 range
 LATEST_US = 10_413_791_999_000_000  # 2299-12-31T23:59:59
+
+
+_CALL_VALUES = itemgetter(*CALLS.column_names[:-1])
+"""A call's row values from its state, in column order (all but the version)."""
+_TOOL_VALUES = itemgetter(*TOOL_CALLS.column_names[2:-1])
+"""A tool call's row values from its state, in column order (all but tenant, call and version)."""
 
 
 def at(us: int) -> datetime:
@@ -148,7 +155,7 @@ class CallsFold:
             "tool_calls": 0, "barge_ins": 0, "errors": 0}
 
     def _call_row(self, call: _Call) -> Row:
-        return CALLS, (*(call.row[name] for name in CALLS.column_names[:-1]), call.version)
+        return CALLS, (*_CALL_VALUES(call.row), call.version)
 
     def _turn_row(self, call: _Call, turn: _Turn) -> Row:
         llm, tts = turn.llm, turn.tts
@@ -166,8 +173,7 @@ class CallsFold:
             turn.voice_to_voice_ms, int(turn.barge_in), turn.guardrail, call.version)
 
     def _tool_row(self, call: _Call, tool: dict[str, Any]) -> Row:
-        return TOOL_CALLS, (call.tenant_id, call.call_id, *(tool[name] for name in TOOL_CALLS.column_names[2:-1]),
-                            call.version)
+        return TOOL_CALLS, (call.tenant_id, call.call_id, *_TOOL_VALUES(tool), call.version)
 
     def _tool(self, call: _Call, tool_call_id: str, name: str) -> dict[str, Any]:
         return call.tools.setdefault(tool_call_id, {
