@@ -1,15 +1,21 @@
 """The summariser: after each call, a summary on the caller's memory stream.
 
 It consumes `voxlog.calls` in its own group; on `call.ended` it reads the call back from the log,
-summarises it (offline: `streams.memory.summarize`, extractive) and appends `call.summarized` to
-the caller's memory stream (key = the caller key, seq = that caller's summaries so far). A call
-summarised already (a redelivery) is not summarised twice: the stream is read first.
+summarises it and appends `call.summarized` to the caller's memory stream (key = the caller key,
+seq = that caller's summaries so far). A call summarised already (a redelivery) is not summarised
+twice: the stream is read first.
+
+The summary is the agent's LLM's where the agent has a cloud LLM (its chain, without the offline
+scripted policy, which cannot summarise: `llm_for`), and the extractive one of
+`streams.memory.summarize` otherwise, or when every LLM of the chain failed: a caller is remembered
+either way. `source` says which (`llm:openai/gpt-4o-...` or `offline-extractive`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from consumers.events import ConsumedEvent, read_call
 from consumers.worker import run_in_group
@@ -18,7 +24,8 @@ from producers.events import CallRecorder, EventWriter
 from schemas.base import Event, EventPayload
 from schemas.events import CallEnded, CallStarted, CallSummarized
 from schemas.topics import CALLS
-from streams.memory import OFFLINE_SOURCE, caller_key, person_number, summarize
+from streams.memory import OFFLINE_SOURCE, caller_key, clean_summary, person_number, summarize, summary_request
+from streams.providers.base import LlmProvider, ProviderError
 from voxlog import __version__
 from voxlog.backends import LogBackend
 
@@ -28,11 +35,16 @@ WORKER = "voxlog.summariser"
 GROUP = "voxlog-summariser"
 LOOKBACK_MS = 3 * 3600 * 1000
 """How far before its end a call's start is looked for."""
+LLM_SUMMARY_TIMEOUT_S = 30.0
+
+SummaryLlm = Callable[[str, str], LlmProvider | None]
+"""(tenant, agent id) -> the LLM that summarises that agent's calls, or None: extractive."""
 
 
 class Summariser:
-    def __init__(self, backend: LogBackend) -> None:
+    def __init__(self, backend: LogBackend, llm_for: SummaryLlm | None = None) -> None:
         self.backend = backend
+        self.llm_for = llm_for
         self.ready = asyncio.Event()
         self.summarised = 0
 
@@ -60,20 +72,38 @@ class Summariser:
             if started is None or not isinstance(started.payload, CallStarted):
                 return None
             key = caller_key(ended.tenant_id, person_number(started.payload))
-            summary = summarize(call.events)
-            if key is None or summary is None:
+            extractive = summarize(call.events)
+            if key is None or extractive is None:
                 return None
             memory = await read_call(admin, key, topics=(CALLS,))
         finally:
             await admin.close()
         if any(isinstance(e.payload, CallSummarized) and e.payload.call_id == ended.call_id for e in memory.events):
             return None  # summarised before (a redelivered call.ended)
+        summary, source = await self._llm_summary(ended, started.payload, call.events) or (extractive, OFFLINE_SOURCE)
         payload = CallSummarized(call_id=ended.call_id, agent_id=started.payload.agent_id, summary=summary,
                                  outcome=ended.payload.outcome if isinstance(ended.payload, CallEnded) else None,
-                                 source=OFFLINE_SOURCE)
+                                 source=source)
         recorder = CallRecorder(writer, tenant_id=ended.tenant_id, call_id=key, producer=WORKER,
                                 producer_version=__version__, next_seq=len(memory.events))
         await recorder.record(payload, causation_id=ended.envelope.event_id, correlation_id=ended.call_id)
         await writer.flush()
         self.summarised += 1
         return payload
+
+    async def _llm_summary(self, ended: Event[EventPayload], started: CallStarted,
+                           events: list[Event[EventPayload]]) -> tuple[str, str] | None:
+        """(summary, source) from the agent's LLM, or None: no LLM for it, or none answered."""
+        llm = self.llm_for(ended.tenant_id, started.agent_id) if self.llm_for else None
+        request = summary_request(events, request_id=f"{ended.call_id}/summary", model="")
+        if llm is None or request is None:
+            return None
+        try:
+            result = await asyncio.wait_for(llm.complete(request), LLM_SUMMARY_TIMEOUT_S)
+        except (TimeoutError, ProviderError) as exc:
+            log.warning("summariser: call %s: no LLM summary (%s); the extractive one is kept", ended.call_id, exc)
+            return None
+        summary = clean_summary(result.text)
+        if summary is None:
+            return None
+        return summary, f"llm:{result.provider or llm.name}/{result.model}"

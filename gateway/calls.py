@@ -31,6 +31,7 @@ from streams.agents import AgentRouter, AgentSpec
 from streams.config_changes import config_items
 from streams.memory import caller_key
 from streams.metrics import CallMetrics
+from streams.providers.base import LlmProvider
 from streams.providers.registry import ProviderRegistry
 from streams.session import CallSession, Providers, SessionReport
 from streams.tenants import Tenants
@@ -81,9 +82,10 @@ class Gateway:
     @property
     def recordings(self) -> RecordingStore:
         return self.recording_store or LocalRecordingStore(self.recordings_path)
-    providers_factory: Callable[[AgentSpec], Providers] = field(
-        default_factory=lambda: ProviderRegistry().providers_for)
-    """An agent's providers; one registry per gateway, so breakers and rate limits span its calls."""
+    provider_registry: ProviderRegistry = field(default_factory=ProviderRegistry)
+    """One per gateway, so that circuit breakers and rate limits span its calls."""
+    providers_factory: Callable[[AgentSpec], Providers] | None = None
+    """An agent's providers, where not the registry's (benchmarks' scripted timelines)."""
     """How a call's providers are made (benchmarks swap in scripted timelines)."""
     sessions: dict[str, CallSession] = field(default_factory=dict)
     reports: list[SessionReport] = field(default_factory=list)
@@ -127,7 +129,7 @@ class Gateway:
                 await asyncio.wait_for(self.dialer.ready.wait(), 60)
             else:
                 log.info("no dialer: outbound calls need a Twilio account and VOXLOG_PUBLIC_URL")
-            summariser = Summariser(self.backend)
+            summariser = Summariser(self.backend, llm_for=self._summary_llm)
             self._tasks.append(asyncio.create_task(summariser.run(self._stop), name="summariser"))
             await asyncio.wait_for(summariser.ready.wait(), 60)
         if self.analytics is not None and self.run_projections:
@@ -157,6 +159,13 @@ class Gateway:
         if self._writer is None:
             raise RuntimeError("gateway not started")
         return self._writer
+
+    def _providers(self, agent: AgentSpec) -> Providers:
+        return (self.providers_factory or self.provider_registry.providers_for)(agent)
+
+    def _summary_llm(self, tenant_id: str, agent_id: str) -> LlmProvider | None:
+        agent = self.router.agents.get((tenant_id, agent_id))
+        return self.provider_registry.summary_llm(agent) if agent is not None else None
 
     def tenant_sql(self) -> TenantSql:
         """Tenant-scoped SQL over `analytics`; AnalyticsError when there is none."""
@@ -191,7 +200,7 @@ class Gateway:
         assert self._replies is not None
         recorder = CallRecorder(self.writer, tenant_id=call.tenant_id, call_id=call.call_id, producer=PRODUCER,
                                 producer_version=__version__)
-        session = CallSession(call, agent, transport, recorder, providers or self.providers_factory(agent),
+        session = CallSession(call, agent, transport, recorder, providers or self._providers(agent),
                               tool_replies=self._replies.register(call.call_id), memory=memory)
         self.sessions[call.call_id] = session
         return session

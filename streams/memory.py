@@ -12,9 +12,22 @@ import json
 from collections.abc import Sequence
 
 from schemas.base import Event, EventPayload
-from schemas.events import CallStarted, HandoffRequested, ToolSucceeded, TurnTaken
+from schemas.events import CallStarted, HandoffRequested, ToolSucceeded, TtsRequested, TurnTaken
+from streams.providers.base import ChatMessage, LlmRequest
 
 OFFLINE_SOURCE = "offline-extractive"
+SUMMARY_INSTRUCTIONS = (
+    "You keep a voice agent's long-term memory of its callers. Read the transcript of a call that "
+    "just ended and write what the agent should remember for the caller's next call: one short "
+    "clause or two joined by 'and', addressed to the caller in the second person, starting in lower "
+    "case, as it would follow 'Last time' (for example: 'you booked a visit for tomorrow at ten "
+    "(confirmation A1001)'). Keep bookings, tickets, confirmation numbers and unresolved requests; "
+    "leave out phone numbers, email addresses, card numbers and anything said only in passing. "
+    "Answer with the clause alone, without quotes."
+)
+SUMMARY_MAX_CHARS = 400
+TRANSCRIPT_MAX_CHARS = 12_000
+"""The newest part of a very long call's transcript is what is sent."""
 
 
 def caller_key(tenant_id: str, number: str | None) -> str | None:
@@ -63,3 +76,36 @@ def summarize(events: Sequence[Event[EventPayload]]) -> str | None:
     if not clauses:
         return f'you told us "{first_words}"'
     return " and ".join(dict.fromkeys(clauses))
+
+
+def transcript(events: Sequence[Event[EventPayload]]) -> str:
+    """The call as lines (`Caller: ...`, `Agent: ...`, `Tool ...: result`), for an LLM to summarise."""
+    lines: list[str] = []
+    for event in events:
+        p = event.payload
+        if isinstance(p, TurnTaken) and p.caller_text.strip():
+            lines.append(f"Caller: {p.caller_text.strip()}")
+        elif isinstance(p, TtsRequested) and p.text.strip():
+            lines.append(f"Agent: {p.text.strip()}")
+        elif isinstance(p, ToolSucceeded):
+            lines.append(f"Tool {p.tool} result: {p.result_json}")
+    return "\n".join(lines)[-TRANSCRIPT_MAX_CHARS:]
+
+
+def summary_request(events: Sequence[Event[EventPayload]], *, request_id: str, model: str) -> LlmRequest | None:
+    """What to ask an LLM for the call's summary; None for a call where nothing was said."""
+    text = transcript(events)
+    if not text:
+        return None
+    return LlmRequest(request_id=request_id, model=model,
+                      messages=(ChatMessage("system", SUMMARY_INSTRUCTIONS), ChatMessage("user", text)),
+                      parameters={"temperature": "0.2", "max_tokens": "120"})
+
+
+def clean_summary(text: str) -> str | None:
+    """An LLM's answer as a summary clause: one line, unquoted, bounded; None when it is empty."""
+    line = " ".join(text.split()).strip().strip('"').strip()
+    if line.lower().startswith("last time"):
+        line = line[len("last time"):].lstrip(" ,:")
+    line = line.rstrip(".")
+    return line[:SUMMARY_MAX_CHARS] or None

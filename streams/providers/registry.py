@@ -27,6 +27,9 @@ LLM_CHAIN_DEADLINE_S = 18.0
 session, reports what failed."""
 
 
+SCRIPTED_POLICY = "offline-scripted"
+
+
 class UnknownProvider(ValueError):
     """The agent names a provider this installation does not have, or one it has no key for."""
 
@@ -44,16 +47,24 @@ class ProviderRegistry:
         members = [self._llm_member(agent, spec) for spec in (agent.llm, *agent.llm.fallbacks)]
         return ChainLlm(ProviderChain("llm", members, deadline_s=LLM_CHAIN_DEADLINE_S))
 
+    def summary_llm(self, agent: AgentSpec) -> LlmProvider | None:
+        """The agent's LLM chain for summarising its calls: its language models only (the offline
+        scripted policy follows a script, it cannot summarise); None when it has none."""
+        specs = [spec for spec in (agent.llm, *agent.llm.fallbacks) if spec.provider != SCRIPTED_POLICY]
+        if not specs:
+            return None
+        members = [self._llm_member(agent, spec) for spec in specs]
+        return ChainLlm(ProviderChain("llm", members, deadline_s=LLM_CHAIN_DEADLINE_S))
+
     def _llm_member(self, agent: AgentSpec, spec: Provider) -> Guarded[LlmProvider]:
         provider: LlmProvider
         endpoint, key = "", None
-        match spec.provider:
-            case "offline-scripted":
-                from streams.providers.llm_scripted import ScriptedLlm
+        if spec.provider == SCRIPTED_POLICY:
+            from streams.providers.llm_scripted import ScriptedLlm
 
-                provider = ScriptedLlm(agent)
-            case _:
-                raise UnknownProvider(f"agent {agent.tenant}/{agent.id}: no LLM provider {spec.provider!r}")
+            provider = ScriptedLlm(agent)
+        else:
+            raise UnknownProvider(f"agent {agent.tenant}/{agent.id}: no LLM provider {spec.provider!r}")
         return Guarded(provider, spec.provider, spec.model, self._breaker(spec.provider, spec.model, endpoint),
                        spec.timeout_s or LLM_ATTEMPT_TIMEOUT_S, self._bucket(spec.provider, key))
 

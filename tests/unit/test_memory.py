@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from schemas.base import Event, EventPayload
 from schemas.envelope import Envelope
-from schemas.events import CallStarted, HandoffRequested, ToolSucceeded, TurnTaken
-from streams.memory import caller_key, person_number, summarize
+from schemas.events import CallStarted, HandoffRequested, ToolSucceeded, TtsRequested, TurnTaken
+from streams.memory import (
+    SUMMARY_INSTRUCTIONS,
+    TRANSCRIPT_MAX_CHARS,
+    caller_key,
+    clean_summary,
+    person_number,
+    summarize,
+    summary_request,
+)
 
 
 def events(*payloads: EventPayload) -> list[Event[EventPayload]]:
@@ -50,3 +58,35 @@ def test_the_key_is_the_tenant_and_the_number_hashed() -> None:
     outbound = CallStarted(channel="phone", direction="outbound", agent_id="a", agent_version="v",
                            routed_by="outbound_request", from_number="+1666", to_number="+1555")
     assert person_number(inbound) == person_number(outbound) == "+1555"
+
+
+def test_an_llm_is_asked_for_the_summary_with_the_whole_transcript() -> None:
+    booked = ToolSucceeded(tool_call_id="t1", tool="book_appointment", attempt=1, latency_ms=1,
+                           result_json='{"confirmation": "A1001", "when": "tomorrow at ten"}')
+    said = TtsRequested(request_id="r1", text="Booked for tomorrow at ten.", provider="espeak-ng", voice="en-us",
+                        codec="pcm_s16le", sample_rate=16000)
+    request = summary_request(events(turn("book me for tomorrow at ten"), booked, said), request_id="c/summary",
+                              model="gpt-4o")
+    assert request is not None
+    assert (request.request_id, request.model, request.tools) == ("c/summary", "gpt-4o", ())
+    system, user = request.messages
+    assert (system.role, system.content) == ("system", SUMMARY_INSTRUCTIONS)
+    assert user.role == "user"
+    assert user.content == ("Caller: book me for tomorrow at ten\n"
+                            'Tool book_appointment result: {"confirmation": "A1001", "when": "tomorrow at ten"}\n'
+                            "Agent: Booked for tomorrow at ten.")
+    assert summary_request(events(turn(" ")), request_id="x", model="m") is None
+
+
+def test_a_very_long_call_sends_its_newest_part() -> None:
+    request = summary_request(events(*(turn(f"line {i} " + "x" * 100) for i in range(500))), request_id="x", model="m")
+    assert request is not None
+    assert len(request.messages[1].content) == TRANSCRIPT_MAX_CHARS
+    assert request.messages[1].content.endswith("line 499 " + "x" * 100)
+
+
+def test_an_llm_answer_becomes_one_clause() -> None:
+    assert clean_summary(' "Last time, you booked a visit\n for tomorrow at ten." ') == \
+        "you booked a visit for tomorrow at ten"
+    assert clean_summary("  \n ") is None
+    assert len(clean_summary("you " + "a" * 1000) or "") == 400
