@@ -1,0 +1,285 @@
+"""`openai`: GPT models through OpenAI's Chat Completions API, streamed, with the official SDK
+(`AsyncOpenAI`; `base_url` points it at a proxy, an OpenAI-compatible gateway or the test server).
+
+What it sends. One `POST {base_url}/chat/completions` with `stream: true` and
+`stream_options: {include_usage: true}`; the system prompts as `system` messages; the caller's and
+the agent's words as `user` and `assistant` messages; the core's tool-call message as an assistant
+message with `tool_calls` (function calls) and each result as a `tool` message with its
+`tool_call_id`; the agent's tools as function tools (their JSON schema as `parameters`). Parameters:
+temperature, top_p, presence_penalty, frequency_penalty, seed, stop (one sequence) and max_tokens,
+sent as `max_completion_tokens` (`max_tokens` is deprecated and refused by reasoning models).
+
+What it reads. Content deltas are joined; tool-call deltas are joined by their `index` (the id and
+name come in the first piece, the arguments in many); `finish_reason` is normalised (stop, length,
+tool_calls, content_filter; `function_call` counts as tool_calls); usage comes from the last chunk
+(the one with empty `choices` that `include_usage` asks for) and the model from the chunks.
+
+Failures, as `ProviderError` kinds. The SDK's own retries are off (`max_retries=0`): the resilience
+layer decides what to retry and where to fall back, and needs to know at once.
+- timeout: no connection within `connect_timeout_s`; no first token within `first_token_timeout_s`
+  of the request; a gap of more than `stall_timeout_s` between chunks after it. Retryable.
+- connection: the request could not be sent or no response came back. Retryable.
+- rate_limited (429): retryable, `retry_after_s` from `retry-after-ms` or `retry-after`.
+- server (5xx, or an `{"error": ...}` object in the stream of type server_error): retryable.
+- auth (401, 403), bad_request (400, 404, 409, 422, a parameter or tool schema that does not parse):
+  not retryable; trying again, here or elsewhere, sends the same request.
+- protocol: a chunk that is not JSON, a tool call without an id or name, a stream that ends or breaks
+  off before a `finish_reason`. Retryable: the answer was lost, not refused.
+The API key is never logged, and is removed from any message that might echo it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import httpx2
+import openai
+from openai.types.chat import (
+    ChatCompletionChunk,
+    ChatCompletionFunctionToolParam,
+    ChatCompletionMessageFunctionToolCallParam,
+    ChatCompletionMessageParam,
+)
+
+from streams.providers.base import LlmProvider, LlmRequest, LlmResult, ProviderError, ToolCall, ToolSpec
+from streams.providers.llm_common import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_FIRST_TOKEN_TIMEOUT_S,
+    DEFAULT_STALL_TIMEOUT_S,
+    ParameterReader,
+    StreamClock,
+    StreamTimeouts,
+    TextTurn,
+    ToolCallsTurn,
+    ToolResultTurn,
+    conversation,
+    error_detail,
+    redact,
+    status_error,
+    timed_events,
+    tool_schema,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+NAME = "openai"
+DEFAULT_MODEL = "gpt-4o"
+
+_PARAMETERS: dict[str, type[int] | type[float] | type[str]] = {
+    "temperature": float,
+    "top_p": float,
+    "presence_penalty": float,
+    "frequency_penalty": float,
+    "seed": int,
+    "stop": str,
+    "max_tokens": int,
+}
+
+_FINISH_REASONS = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+    "content_filter": "content_filter",
+}
+
+
+class OpenAiLlm(LlmProvider):
+    name = NAME
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: str | None = None,
+        model: str = DEFAULT_MODEL,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        first_token_timeout_s: float = DEFAULT_FIRST_TOKEN_TIMEOUT_S,
+        stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
+    ) -> None:
+        """`model` is used where a request names none. `base_url` includes the API's version path
+        (`https://api.openai.com/v1` when None)."""
+        if not api_key:
+            raise ValueError("openai: an API key is required")
+        self.model = model
+        self.timeouts = StreamTimeouts(connect_timeout_s, first_token_timeout_s, stall_timeout_s)
+        self._api_key = api_key
+        self._parameters = ParameterReader(NAME, _PARAMETERS)
+        self._client = openai.AsyncOpenAI(
+            api_key=api_key, base_url=base_url, max_retries=0, timeout=self.timeouts.http()
+        )
+
+    def __repr__(self) -> str:
+        return f"OpenAiLlm(model={self.model!r}, base_url={str(self._client.base_url)!r})"
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    async def complete(self, request: LlmRequest) -> LlmResult:
+        clock = StreamClock()
+        model = request.model or self.model
+        parameters = self._parameters.read(request.parameters)
+        messages = _messages(request)
+        tools = [_tool(spec) for spec in request.tools]
+        first_token_deadline = asyncio.get_running_loop().time() + self.timeouts.first_token_s
+        answer = _Answer(model=model)
+        stream: openai.AsyncStream[ChatCompletionChunk] | None = None
+        try:
+            try:
+                async with asyncio.timeout_at(first_token_deadline):
+                    stream = await self._client.chat.completions.create(
+                        model=model,
+                        messages=messages,
+                        tools=tools or openai.omit,
+                        stream=True,
+                        stream_options={"include_usage": True},
+                        temperature=_given(parameters.number("temperature")),
+                        top_p=_given(parameters.number("top_p")),
+                        presence_penalty=_given(parameters.number("presence_penalty")),
+                        frequency_penalty=_given(parameters.number("frequency_penalty")),
+                        seed=_given(parameters.integer("seed")),
+                        stop=_given(parameters.text("stop")),
+                        max_completion_tokens=_given(parameters.integer("max_tokens")),
+                    )
+            except TimeoutError:
+                raise ProviderError(
+                    NAME, "timeout", f"no response within {self.timeouts.first_token_s:g} s", retryable=True
+                ) from None
+            async for chunk in timed_events(NAME, stream, self.timeouts, first_token_deadline, _has_token):
+                if answer.add(chunk):
+                    clock.token()
+        except ProviderError:
+            raise
+        except (openai.APIError, httpx2.HTTPError, ValueError) as exc:
+            raise self._failure(exc, streaming=stream is not None) from exc
+        finally:
+            if stream is not None:
+                await stream.close()
+        result = answer.result(clock)
+        log.debug("openai %s: %s, %d+%d tokens, first token %d ms", request.request_id, result.finish_reason,
+                  result.input_tokens, result.output_tokens, result.time_to_first_token_ms)
+        return result
+
+    def _failure(self, exc: Exception, *, streaming: bool) -> ProviderError:
+        if isinstance(exc, openai.APIStatusError):
+            _, message = error_detail(exc.body)
+            text = redact(message or exc.message, self._api_key)
+            return status_error(NAME, exc.status_code, text, exc.response.headers)
+        if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException):
+            return ProviderError(NAME, "timeout", "the request timed out", retryable=True)
+        if isinstance(exc, openai.APIConnectionError | httpx2.HTTPError):
+            if streaming:
+                return ProviderError(NAME, "protocol", "the stream broke off before its end", retryable=True)
+            return ProviderError(NAME, "connection", redact(str(exc), self._api_key), retryable=True)
+        if isinstance(exc, openai.APIError):  # an error object sent in place of a chunk
+            kind, message = error_detail(exc.body)
+            text = redact(message or exc.message, self._api_key)
+            if kind == "server_error":
+                return ProviderError(NAME, "server", f"error in the stream: {text}", retryable=True)
+            return ProviderError(NAME, "error", f"error in the stream ({kind}): {text}")
+        return ProviderError(NAME, "protocol", f"a chunk that is not JSON: {exc}", retryable=True)
+
+
+def _has_token(chunk: ChatCompletionChunk) -> bool:
+    return any(choice.delta.content or choice.delta.tool_calls for choice in chunk.choices)
+
+
+def _given(value: T | None) -> T | openai.Omit:
+    return openai.omit if value is None else value
+
+
+def _tool(spec: ToolSpec) -> ChatCompletionFunctionToolParam:
+    return {
+        "type": "function",
+        "function": {"name": spec.name, "description": spec.description, "parameters": tool_schema(NAME, spec)},
+    }
+
+
+def _messages(request: LlmRequest) -> list[ChatCompletionMessageParam]:
+    talk = conversation(request.messages)
+    messages: list[ChatCompletionMessageParam] = [{"role": "system", "content": text} for text in talk.system]
+    for turn in talk.turns:
+        if isinstance(turn, TextTurn):
+            if turn.role == "assistant":
+                messages.append({"role": "assistant", "content": turn.text})
+            else:
+                messages.append({"role": "user", "content": turn.text})
+        elif isinstance(turn, ToolCallsTurn):
+            calls: list[ChatCompletionMessageFunctionToolCallParam] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments_json}}
+                for c in turn.calls
+            ]
+            messages.append({"role": "assistant", "content": None, "tool_calls": calls})
+        elif isinstance(turn, ToolResultTurn):
+            messages.append({"role": "tool", "tool_call_id": turn.call_id, "content": turn.content})
+    return messages
+
+
+@dataclass
+class _PartialCall:
+    id: str = ""
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Answer:
+    """The answer as its chunks arrive."""
+
+    model: str
+    text: list[str] = field(default_factory=list)
+    calls: dict[int, _PartialCall] = field(default_factory=dict)
+    finish_reason: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def add(self, chunk: ChatCompletionChunk) -> bool:
+        """Takes in a chunk; True where it carried a token (text or a piece of a tool call)."""
+        if chunk.model:
+            self.model = chunk.model
+        if chunk.usage is not None:
+            self.input_tokens = chunk.usage.prompt_tokens
+            self.output_tokens = chunk.usage.completion_tokens
+        token = False
+        for choice in chunk.choices:
+            if choice.index != 0:
+                continue  # one answer is asked for (n=1)
+            if choice.delta.content:
+                self.text.append(choice.delta.content)
+                token = True
+            for piece in choice.delta.tool_calls or ():
+                call = self.calls.setdefault(piece.index, _PartialCall())
+                call.id = piece.id or call.id
+                if piece.function is not None:
+                    call.name = piece.function.name or call.name
+                    call.arguments.append(piece.function.arguments or "")
+                token = True
+            if choice.finish_reason is not None:
+                self.finish_reason = choice.finish_reason
+        return token
+
+    def result(self, clock: StreamClock) -> LlmResult:
+        if self.finish_reason is None:
+            raise ProviderError(NAME, "protocol", "the stream ended before a finish_reason", retryable=True)
+        calls = []
+        for index, call in sorted(self.calls.items()):
+            if not call.id or not call.name:
+                raise ProviderError(NAME, "protocol", f"tool call {index} came without an id or a name",
+                                    retryable=True)
+            calls.append(ToolCall(call.id, call.name, "".join(call.arguments) or "{}"))
+        return LlmResult(
+            text="".join(self.text),
+            tool_calls=tuple(calls),
+            finish_reason=_FINISH_REASONS.get(self.finish_reason, "error"),
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            time_to_first_token_ms=clock.first_token_ms(),
+            total_ms=clock.elapsed_ms(),
+            model=self.model,
+        )
+
