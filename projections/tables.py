@@ -272,7 +272,8 @@ RECORDINGS = Table(
     "One row per call recording: a stereo WAV, the caller on the left, the agent on the right.",
     (
         TENANT, CALL,
-        _c("path", "String", "The WAV file, relative to the recordings folder: <tenant_id>/<call_id>.wav."),
+        _c("path", "String", "Where the WAV is: <tenant_id>/<call_id>.wav under the recordings folder, or "
+           "s3://<bucket>/<prefix><tenant_id>/<call_id>.wav when recordings are kept in S3."),
         _c("format", "LowCardinality(String)", "Container/encoding/rate/layout: wav/pcm_s16le/16000/stereo."),
         _c("channels", "UInt8", "2: left the caller, right the agent."),
         _c("sample_rate", "UInt32", "Samples per second of each channel."),
