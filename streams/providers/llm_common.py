@@ -5,12 +5,12 @@ into tool calls and tool results, the timeouts of a streamed answer, and turning
 The conversation. The core records an assistant's tool calls as an assistant message whose content
 is the JSON list `[{"id", "name", "arguments"}, ...]`, followed by one `tool` message per result
 (`streams.core._llm_decided`, `_tool_result`). Both providers want the calls as structure (OpenAI's
-`tool_calls`, Anthropic's `tool_use` blocks) and reject a tool result whose call is not in the
-request, so `conversation()` recognises that message by its shape *and* by the tool messages that
-answer it. A result whose call fell out of the core's context window (`context_messages`) is sent
-as plain text instead of failing the turn with a 400. Tool-call ids are rewritten where a provider
-would refuse them (ids from another provider after a fallback, or the scripted LLM's `call/llm/0`),
-consistently within the request.
+`tool_calls`, Anthropic's `tool_use` blocks) and refuse (400) a tool result whose call is not in the
+request, or a call whose result does not follow it; so `conversation()` recognises that message by
+its shape *and* by the tool messages that answer it, and keeps only the calls that were answered. A
+result whose call fell out of the core's context window (`context_messages`) is sent as plain text.
+Tool-call ids are rewritten where a provider would refuse them (ids from another provider after a
+fallback, or the scripted LLM's `call/llm/0/0`), consistently within the request.
 
 Timeouts. A voice call cannot wait on a silent provider: `StreamTimeouts` bounds the connection
 (httpx), the first token (an asyncio deadline from the start of the request to the first streamed
@@ -248,9 +248,11 @@ def conversation(messages: Iterable[ChatMessage]) -> Conversation:
         if message.role == "assistant":
             calls = _tool_calls(message)
             answered = {safe_call_id(m.tool_call_id or "") for m in _following_tool_results(rest, index + 1)}
-            if calls is not None and answered and answered <= {c.id for c in calls}:
-                turns.append(ToolCallsTurn(calls))
-                open_calls = {c.id: c.name for c in calls}
+            # Both providers refuse a call without its result next to it: only the answered ones go.
+            kept = tuple(c for c in calls or () if c.id in answered)
+            if kept:
+                turns.append(ToolCallsTurn(kept))
+                open_calls = {c.id: c.name for c in kept}
                 continue
         turns.append(TextTurn(message.role, message.content))
     return Conversation(system, tuple(turns))

@@ -8,6 +8,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +18,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from schemas.events import (
     CallAnswered,
@@ -31,6 +34,7 @@ from schemas.events import (
 )
 from streams.agents import DEFAULT_AGENTS_DIR, load_agents
 from streams.core import END_CALL_TOOL, CallLlm
+from streams.providers import llm_anthropic, llm_openai
 from streams.providers.base import (
     ChatMessage,
     LlmProvider,
@@ -515,3 +519,62 @@ async def test_the_server_streams_chunked_binary_and_json_and_records_requests(
     first = server.requests[0]
     assert (first.path, first.query, first.json()) == (
         "/v1/text-to-speech/voice-1/stream", "output_format=pcm_16000", {"text": "hello"})
+
+
+# Any conversation the core can hold maps to a request the providers take
+
+
+@st.composite
+def core_histories(draw: st.DrawFn) -> tuple[ChatMessage, ...]:
+    """Histories as the core builds them (streams.core): caller and agent turns, tool-call messages
+    with their results (some calls answered, some not), cut anywhere by the context window."""
+    words = st.text(alphabet="abc xyz.", max_size=12)
+    ids = st.lists(st.sampled_from(["call_A1", "toolu_01B2", "call-1/llm/3/0", "x" * 50]), min_size=1, max_size=3,
+                   unique=True)  # unique within a message, as a provider's are; reused across messages
+    arguments = st.sampled_from(['{"day":"x"}', "", "{"])
+    history: list[ChatMessage] = []
+    for _ in range(draw(st.integers(0, 8))):
+        kind = draw(st.sampled_from(["user", "assistant", "tools"]))
+        if kind != "tools":
+            history.append(ChatMessage(kind, draw(words)))
+            continue
+        calls = [{"id": i, "name": "book_appointment", "arguments": draw(arguments)} for i in draw(ids)]
+        history.append(ChatMessage("assistant", json.dumps(calls)))
+        for call in calls:
+            if draw(st.booleans()):
+                history.append(ChatMessage("tool", draw(words), name=call["name"], tool_call_id=call["id"]))
+    return tuple(history[draw(st.integers(0, len(history))):])
+
+
+@given(core_histories())
+@settings(max_examples=300, deadline=None)
+def test_every_core_history_maps_to_well_formed_provider_messages(history: tuple[ChatMessage, ...]) -> None:
+    request = ask(*history, BOOKING)
+
+    openai_messages = llm_openai._messages(request)
+    open_ids: set[str] = set()
+    for message in openai_messages:
+        if message["role"] == "tool":
+            assert message["tool_call_id"] in open_ids  # answers a call just before it
+            open_ids.discard(message["tool_call_id"])
+            continue
+        assert not open_ids  # every call answered before the conversation goes on
+        if message["role"] == "assistant" and message.get("tool_calls"):
+            open_ids = {c["id"] for c in message["tool_calls"]}  # type: ignore[typeddict-item]
+            assert all(re.fullmatch(r"[A-Za-z0-9_-]{1,40}", i) for i in open_ids)
+
+    system, anthropic_messages = llm_anthropic._messages(request)
+    assert [b["text"] for b in system] == list(SYSTEM)
+    roles = [m["role"] for m in anthropic_messages]
+    assert all(a != b for a, b in itertools.pairwise(roles))  # turns alternate
+    asked: set[str] = set()
+    for message in anthropic_messages:
+        blocks = list(message["content"])  # type: ignore[arg-type]
+        kinds = [b["type"] for b in blocks]
+        answered = {b["tool_use_id"] for b in blocks if b["type"] == "tool_result"}
+        assert answered == asked  # each call answered in the very next message, and only those
+        assert kinds == sorted(kinds, key=lambda k: k != "tool_result")  # results before any text
+        assert all(b["text"].strip() for b in blocks if b["type"] == "text")
+        asked = {b["id"] for b in blocks if b["type"] == "tool_use"}
+        assert all(isinstance(b["input"], dict) for b in blocks if b["type"] == "tool_use")
+    assert not asked
