@@ -87,6 +87,7 @@ class Provider:
     text_answer: str
     text_tokens: tuple[int, int]
     answering_model: str
+    first_token_chunk: int  # the text stream's first chunk that carries text
     tool_call: str
     after_tool: str
     rate_limited: str
@@ -112,6 +113,7 @@ OPENAI = Provider(
     text_answer="Sure, I can book a technician for Tuesday.",
     text_tokens=(187, 11),
     answering_model="gpt-4o-2024-11-20",
+    first_token_chunk=1,  # after the role chunk
     tool_call="openai/chat_tool_call_stream",
     after_tool="openai/chat_after_tool_result",
     rate_limited="openai/rate_limited_429",
@@ -128,6 +130,7 @@ ANTHROPIC = Provider(
     text_answer="Sure, I can book a technician for Tuesday.",
     text_tokens=(412, 14),
     answering_model="claude-haiku-4-5-20251001",
+    first_token_chunk=3,  # after message_start, content_block_start and a ping
     tool_call="anthropic/messages_tool_use_stream",
     after_tool="anthropic/messages_after_tool_result",
     rate_limited="anthropic/rate_limited_429",
@@ -181,6 +184,15 @@ async def test_a_text_answer_streams_with_its_usage_model_and_first_token(
     sent = server.requests[0]
     assert sent.headers["authorization"] == f"Bearer {API_KEY}"
     assert sent.json()["stream"] is True
+
+
+async def test_time_to_first_token_runs_to_the_first_text_not_the_first_event(
+    provider: Provider, server: ProviderServer, llm: LlmProvider
+) -> None:
+    server.reply(provider.text, Fault(stall_before_chunk=provider.first_token_chunk, stall_s=0.25))
+    result = await llm.complete(ask(BOOKING))
+    assert result.time_to_first_token_ms >= 250
+    assert result.total_ms >= result.time_to_first_token_ms
 
 
 async def test_a_tool_call_streamed_in_pieces_is_put_together(
