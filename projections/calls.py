@@ -131,14 +131,17 @@ class CallsFold:
         return self.redactor.redact(text)
 
     def apply(self, event: Event[EventPayload]) -> list[Row]:
-        call = self.calls.get(event.call_id)
+        envelope = event.envelope
+        seq = envelope.seq
+        call = self.calls.get(envelope.call_id)
         if call is None:
-            call = self.calls[event.call_id] = _Call(event.tenant_id, event.call_id)
+            call = self.calls[envelope.call_id] = _Call(envelope.tenant_id, envelope.call_id)
             self._new_call_row(call)
-        if event.seq in call.applied:
+        if seq in call.applied:
             return []  # folded already (from the log's history, or a redelivery)
-        call.applied.add(event.seq)
-        call.version = max(call.version, event.seq)
+        call.applied.add(seq)
+        if seq > call.version:
+            call.version = seq
         rows = self._apply(call, event)
         if isinstance(event.payload, CallEnded):
             self.ended[call.call_id] = None

@@ -351,9 +351,9 @@ def _freeze_startup_heap() -> None:
 
 
 def _last_per_partition(records: Iterable[LogRecord]) -> list[LogRecord]:
-    last: dict[TopicPartition, LogRecord] = {}
+    last: dict[tuple[str, int], LogRecord] = {}
     for record in records:
-        last[record.tp] = record
+        last[record.topic, record.partition] = record  # not `record.tp`: a TopicPartition per record is costly
     return list(last.values())
 
 
