@@ -145,6 +145,7 @@ class Gateway:
         for task in self._tasks:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, 10)
+        await self.provider_registry.aclose()
         if self._producer is not None:
             await self._producer.stop()
         if self._http is not None:

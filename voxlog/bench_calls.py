@@ -85,14 +85,6 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-async def _answer_begun(caller: TwilioCaller, heard: int, timeout_s: float) -> None:
-    """Waits for the agent's audio to grow past `heard` (its answer), the call's end or the timeout."""
-    for _ in range(int(timeout_s / 0.02)):
-        if len(caller.agent_audio) != heard or caller.closed.is_set():
-            return
-        await asyncio.sleep(0.02)
-
-
 async def _one_call(caller: TwilioCaller, budget_ms: float) -> CallFigures:
     figures = CallFigures()
     try:
@@ -104,7 +96,7 @@ async def _one_call(caller: TwilioCaller, budget_ms: float) -> CallFigures:
                 await caller.send_mulaw(_tone_mulaw(SPEECH_S))
                 spoke_until, heard = time.monotonic() - caller.opened_at, len(caller.agent_audio)
                 await caller.send_mulaw(bytes([MULAW_SILENCE]) * int(8000 * 1.5))
-                await _answer_begun(caller, heard, 30)  # a slow answer (a fallback) outlasts the silence
+                await caller.agent_speaks_beyond(heard, 30)  # a slow answer (a fallback) outlasts the silence
                 await caller.agent_quiet(0.5, 30)
                 frames = [r.at for r in caller.log if isinstance(r.message, OutboundMedia) and r.at > spoke_until]
                 if frames:

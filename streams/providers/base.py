@@ -171,3 +171,6 @@ class LlmProvider(ABC):
 
     @abstractmethod
     async def complete(self, request: LlmRequest) -> LlmResult: ...
+
+    async def aclose(self) -> None:  # noqa: B027 (optional: most providers hold nothing open)
+        """Releases what the provider holds open (a cloud client's connections); nothing by default."""

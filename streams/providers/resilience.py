@@ -210,8 +210,9 @@ class _Failed:
 
 
 class ChainLlm(LlmProvider):
-    """An LLM served by a chain: each request goes through `chain.run`, with the member's own model,
-    and its result says who answered and what failed before."""
+    """An LLM served by a chain: each request goes through `chain.run` with the member's own model
+    (none: the provider's default, never another provider's model name), and its result says who
+    answered and what failed before."""
 
     def __init__(self, chain: ProviderChain[LlmProvider]) -> None:
         self.chain = chain
@@ -219,7 +220,7 @@ class ChainLlm(LlmProvider):
 
     async def complete(self, request: LlmRequest) -> LlmResult:
         async def ask(member: Guarded[LlmProvider]) -> LlmResult:
-            return await member.provider.complete(replace(request, model=member.model or request.model))
+            return await member.provider.complete(replace(request, model=member.model))
 
         result, member, report = await self.chain.run(ask)
         return replace(result, provider=member.name, failures=tuple(report.failures),

@@ -27,7 +27,7 @@ def _key(name: str) -> SecretStr | None:
 
 
 class ProviderSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False, populate_by_name=True)
 
     openai_api_key: SecretStr | None = _key("OPENAI_API_KEY")
     anthropic_api_key: SecretStr | None = _key("ANTHROPIC_API_KEY")

@@ -493,6 +493,15 @@ class TwilioCaller:
                 break
         return bool(heard)
 
+    async def agent_speaks_beyond(self, heard: int, timeout_s: float = 30.0) -> bool:
+        """Waits for the agent's audio to grow past `heard` bytes (an answer that may be slow in
+        coming, a fallback's), the call's end or the timeout; returns whether it grew."""
+        for _ in range(int(timeout_s / 0.02)):
+            if len(self.agent_audio) != heard or self.closed.is_set():
+                break
+            await asyncio.sleep(0.02)
+        return len(self.agent_audio) > heard
+
     def messages(self, kind: type[OutboundMessage] | None = None) -> list[OutboundMessage]:
         return [r.message for r in self.log if r.message is not None and (kind is None or isinstance(r.message, kind))]
 
