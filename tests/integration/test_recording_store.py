@@ -1,13 +1,15 @@
 """Recording stores: one contract, run against the local folder and against S3 (the real boto3
 talking to moto's server on loopback, which speaks S3's wire protocol); then the recordings
 projection with S3: the same WAV as the local store, the same row and object on a replay, and a
-store that goes away holding the recording back until it returns, never losing it."""
+store that goes away holding the recording back until it returns, never losing it; and working
+files left by the version whose parts were all 16 kHz are continued."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import struct
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +33,9 @@ from projections.recording_store_s3 import S3RecordingStore
 from projections.recordings import RECORDINGS, RecordingsProjection
 from projections.runner import ProjectionRunner
 from projections.store import AnalyticsStore
-from tests.unit.test_recordings import TENANT, call_payloads, feed, past_us, record_call
+from schemas.events import CallerAudioChunk
+from streams.audio import mulaw_to_pcm16, resample_pcm16
+from tests.unit.test_recordings import TENANT, assert_heard, call_payloads, feed, past_us, record_call, stereo
 from voxlog.backends import EmbeddedBackend
 from voxlog.settings import Settings
 from voxlog.sim.stack import free_port
@@ -286,3 +290,28 @@ async def test_a_store_that_went_away_holds_the_recording_back_until_it_returns(
     assert stored == (tmp_path / "local" / TENANT / "call-1.wav").read_bytes()
     (row,) = store.query("SELECT complete, path FROM recordings FINAL WHERE call_id = 'call-1'").rows
     assert row == (1, f"s3://{bucket}/calls/recordings/{TENANT}/call-1.wav")
+
+
+async def test_working_files_from_before_parts_kept_their_own_rate_are_continued(
+        backend: EmbeddedBackend, tmp_path: Path) -> None:
+    """A call live across the upgrade: its caller part is 16 kHz and its meta has no rates."""
+    start_us = past_us()
+    speech = ((200, 800), (1200, 1800))
+    events = await record_call(backend, "call-1", call_payloads(call_ms=2000, caller_speech=speech, agent_replies=()),
+                               start_us)
+    split = next(i for i, e in enumerate(events) if isinstance(e.payload, CallerAudioChunk)
+                 and e.payload.offset_ms >= 1000)
+    before = [e for e in events[:split] if isinstance(e.payload, CallerAudioChunk)]
+    partial = tmp_path / "recordings" / TENANT / ".partial"
+    partial.mkdir(parents=True)
+    decoded = b"".join(mulaw_to_pcm16(e.payload.audio) for e in before)
+    (partial / "call-1.caller.pcm").write_bytes(resample_pcm16(decoded, 8000, 16000))
+    (partial / "call-1.meta").write_bytes(struct.pack(
+        "<10q", start_us, start_us, before[-1].seq, before[-1].envelope.event_time_us, 16000, 1000, -1, 0, 0, 0))
+
+    rows = await feed(RecordingsProjection(tmp_path / "recordings"), events[split:], backend)
+
+    audio = stereo(tmp_path / "recordings" / TENANT / "call-1.wav")
+    assert len(audio) == 2000 * 16
+    assert_heard(audio[:, 0], speech, total_ms=2000)
+    assert rows[-1][1][RECORDINGS.column_names.index("caller_audio_ms")] == 2000
