@@ -212,7 +212,8 @@ class ProjectionRunner:
         """Records read (of the projection's event types or not)."""
         self.rows_written = 0
 
-    async def _prepare(self) -> None:
+    async def prepare(self) -> None:
+        """Makes the topics and tables, reads the stored positions, loads the projection's state."""
         admin = self.backend.admin()
         try:
             await ensure_topics(admin)
@@ -237,7 +238,7 @@ class ProjectionRunner:
     async def run(self, stop: asyncio.Event, *, until_caught_up: bool = False) -> None:
         """Projects until `stop` is set (or, with `until_caught_up`, until it reached where the
         log ended when it began)."""
-        await self._prepare()
+        await self.prepare()
         ends = await self._ends() if until_caught_up else {}
         pending = RowBatch()
         last_flush, unwritten = time.monotonic(), False
@@ -265,13 +266,7 @@ class ProjectionRunner:
                     batch, polled = await (reading or self._poll(events))
                     # The next batch is read from the log while this one is folded.
                     reading = asyncio.create_task(self._poll(events)) if polled else None
-                    for item in batch:
-                        try:
-                            rows = await self.projection.rows(item.record, item.event, self.backend)
-                        except Exception as exc:  # one event the projection cannot take must not stop it
-                            await self._dead_letter(dead_letters, item.record, exc)
-                            continue
-                        pending.add(rows)
+                    await self._fold(batch, dead_letters, pending)
                     self.events += len(polled)
                     for record in _last_per_partition(polled):
                         self.positions[record.tp] = record.offset + 1
@@ -288,6 +283,24 @@ class ProjectionRunner:
                         await reading
                 if flushing is not None:
                     await flushing
+
+    async def _fold(self, batch: Sequence[ConsumedEvent], dead_letters: LogProducer, into: RowBatch) -> None:
+        for item in batch:
+            try:
+                rows = await self.projection.rows(item.record, item.event, self.backend)
+            except Exception as exc:  # one event the projection cannot take must not stop it
+                await self._dead_letter(dead_letters, item.record, exc)
+                continue
+            into.add(rows)
+
+    async def project(self, batch: Sequence[ConsumedEvent], dead_letters: LogProducer,
+                      positions: dict[TopicPartition, int]) -> None:
+        """Folds one batch and writes its rows, then `positions` (the offsets after it) once its dead
+        letters are durable: for a runner that reads the log itself (`projections.faust_app`)."""
+        pending = RowBatch()
+        await self._fold(batch, dead_letters, pending)
+        await dead_letters.flush()
+        await self._flush(pending, positions)
 
     async def _dead_letter(self, dead_letters: LogProducer, record: LogRecord, exc: Exception) -> None:
         reason = f"projection {self.projection.name} could not fold it: {exc!r}"
