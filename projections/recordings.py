@@ -313,9 +313,7 @@ class RecordingsProjection:
 
     async def rows(self, record: LogRecord, event: Event[EventPayload], backend: LogBackend) -> list[Row]:
         payload = event.payload
-        kind = type(payload)
-        if kind is CallerAudioChunk or kind is AgentAudioChunk:
-            assert isinstance(payload, CallerAudioChunk | AgentAudioChunk)
+        if isinstance(payload, CallerAudioChunk | AgentAudioChunk):
             call = self.live.get(event.call_id)
             if call is None:
                 if event.call_id in self.ended:  # its late audio: the recording is final
@@ -326,12 +324,12 @@ class RecordingsProjection:
             else:
                 self.live.move_to_end(event.call_id)
                 call.first_seen_us = min(call.first_seen_us, event.envelope.event_time_us)
-            if kind is AgentAudioChunk and call.started_us is None:
+            if isinstance(payload, AgentAudioChunk) and call.started_us is None:
                 async with _admin(backend) as admin:
                     await self._find_start(call, event, admin)
             self._write(call, event, payload)
             return []
-        if kind is CallStarted:
+        if isinstance(payload, CallStarted):
             try:
                 location = self.store.location(event.tenant_id, event.call_id)
             except ValueError as exc:
@@ -341,7 +339,7 @@ class RecordingsProjection:
                 call.started_us = event.envelope.event_time_us
             return [(RECORDINGS, (event.tenant_id, event.call_id, location, FORMAT, 2, RATE, 0, 0, 0, 0,
                                   at(event.envelope.event_time_us), None, 0, event.seq))]
-        if kind is CallEnded:
+        if isinstance(payload, CallEnded):
             try:
                 location = self.store.location(event.tenant_id, event.call_id)
             except ValueError as exc:
@@ -434,7 +432,7 @@ class RecordingsProjection:
         return call.started_us
 
     def _write(self, call: _Call, event: Event[EventPayload], chunk: CallerAudioChunk | AgentAudioChunk) -> None:
-        agent = type(chunk) is AgentAudioChunk
+        agent = isinstance(chunk, AgentAudioChunk)
         track = call.agent if agent else call.caller
         if event.seq <= track.last_seq:
             return  # written already (a replay)
