@@ -142,20 +142,20 @@ def serve(
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info", ws="websockets")
 
 
+async def _make_topics(backend: LogBackend) -> None:
+    admin = backend.admin()
+    try:
+        await ensure_topics(admin)  # faust ignores source topics that do not exist yet
+    finally:
+        await admin.close()
+
+
 @app.command()
 def workers() -> None:
     """Run the stream processors: in-process on the embedded log, as a faust worker on Kafka."""
     settings = Settings()
     backend = log_backend(settings)
-
-    async def prepare() -> None:
-        admin = backend.admin()
-        try:
-            await ensure_topics(admin)  # faust ignores source topics that do not exist yet
-        finally:
-            await admin.close()
-
-    asyncio.run(prepare())
+    asyncio.run(_make_topics(backend))
     if isinstance(backend, KafkaBackend):
         faust_cli = Path(sys.executable).with_name("faust")
         os.execv(faust_cli, [str(faust_cli), "-A", "streams.faust_app", "worker", "-l", "info", "--without-web"])
@@ -446,10 +446,23 @@ def projections_rebuild(name: Annotated[str, typer.Argument(help="calls or audit
 
 
 @projections_app.command("run")
-def projections_run() -> None:
-    """Keep every projection up to date with the log until Ctrl-C (a worker of its own on Kafka)."""
+def projections_run(
+    app_id: Annotated[str, typer.Option(
+        envvar="VOXLOG_PROJECTIONS_APP_ID",
+        help="On Kafka: each projection's faust app id, its consumer group, is this, a dash and its name.")
+    ] = "voxlog-projection",
+) -> None:
+    """Keep every projection up to date with the log until Ctrl-C: in-process on the embedded log, as a
+    faust worker on Kafka."""
     from projections.runner import ProjectionRunner
     analytics = _analytics()
+    if isinstance(analytics.backend, KafkaBackend):
+        from projections.faust_app import run_worker
+        asyncio.run(_make_topics(analytics.backend))
+        console.print(f"projections as faust agents on {analytics.backend.describe()} into "
+                      f"{analytics.store.describe()}; Ctrl-C stops")
+        run_worker(analytics.backend.bootstrap, analytics.store, analytics.projections(), app_id_prefix=app_id,
+                   datadir=analytics.settings.home / "faust")
     console.print(f"projections from {analytics.backend.describe()} into {analytics.store.describe()}; Ctrl-C stops")
 
     async def run() -> None:

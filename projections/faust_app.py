@@ -1,0 +1,166 @@
+"""The projections as faust-streaming workers on Kafka (`voxlog projections run` with `VOXLOG_KAFKA_BOOTSTRAP`).
+
+Each projection is a faust app of its own, whose id (`<prefix>-<projection>`) is its Kafka consumer
+group, with one agent over the projection's topics: an independent consumer that no other
+projection holds back. All the apps run in one worker process, because the embedded ClickHouse
+(chDB) can be open in one process only. The folding and writing are `ProjectionRunner`'s own
+(`projections.runner`), so both runners give the same rows.
+
+**Batches.** The agent takes up to `BATCH_RECORDS` events, or what came within `BATCH_WITHIN_S`
+(`Stream.take_events`), folds them into rows, inserts the rows, then stores the offsets after the
+batch in `_projection_offsets`, like the in-process runner. Faust acks the batch only once that is
+done, so its periodic commits follow the rows in the normal course.
+
+**ClickHouse's offsets are the truth, not the group's.** Faust's committed offsets alone cannot
+promise that no row is lost: `take_events` acks its batch in a `finally`, so also when the agent
+fails or is cancelled in the middle of a batch, and faust commits acked offsets when a task fails
+and when it stops; and a stop here cancels a batch midway, for it does not wait for the events
+already fetched to be folded (`stream_wait_empty` off: catching up, that can take minutes). So at
+every partition assignment the worker commits to the group the offsets stored in ClickHouse for
+the partitions it was given, in `on_rebalance_complete`, which faust awaits before it seeks the
+consumer to the committed offsets: reading resumes right after the last batch whose offsets are
+stored. A crash between a batch's rows and its offsets replays that batch, whose rows come out the
+same and collapse in the ReplacingMergeTree; so a worker killed or stopped anywhere and started
+again neither loses nor doubles a row. Events fetched before the assignment (a batch gathered
+across a rebalance) carry the old consumer generation and are skipped: the seek reads them again.
+An agent that fails crashes the worker (`CrashingSupervisor`) rather than going on past a batch it
+did not write; started again, it goes on from ClickHouse's offsets.
+
+**State.** At every assignment the projection is reset and loaded from its tables, as a freshly
+started in-process runner is (prompt versions, audit chain heads); a call picked up in the middle
+is first folded from its history in the log. One lock orders assignments and batches, so the
+state is never reset under a batch being folded.
+
+**One worker.** Run one projections worker per ClickHouse: faust shares a group's partitions among
+its live workers and keeps the same partition of several topics together only when the topics
+have as many partitions, and `voxlog.calls` (12) and `voxlog.commands` (6) do not, so a second
+worker would fold a call's tool requests apart from the rest of the call. A worker given only part
+of a projection's partitions says so in its log. A crashed worker's partitions wait for its
+session to expire (`SESSION_TIMEOUT_S`) before its restart gets them.
+
+**Rebuild** stays on the in-process runner (`voxlog projections rebuild NAME`, from offset zero, to
+the end of the log): stop the worker first (with chDB it has to be stopped, being the one process
+that opens it); started again, it goes on from the offsets the rebuild stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn, cast
+
+import faust
+from faust.transport.consumer import Consumer
+from mode.supervisors import CrashingSupervisor
+
+from consumers.base import LogRecord, TopicPartition
+from consumers.events import decode_records
+from producers.base import LogProducer
+from projections.runner import Projection, ProjectionRunner
+from projections.store import AnalyticsStore
+from schemas.codec import EventCodec
+from voxlog.backends import KafkaBackend
+
+log = logging.getLogger(__name__)
+
+BATCH_RECORDS = 2000
+BATCH_WITHIN_S = 1.0
+SESSION_TIMEOUT_S = 10.0
+"""How long a silent worker keeps its partitions: also how long a restart after a crash waits."""
+
+
+def _record(message: Any) -> LogRecord:
+    return LogRecord(message.topic, message.partition, message.offset, message.key, bytes(message.value),
+                     tuple(message.headers or ()), round(message.timestamp * 1000))
+
+
+class ProjectionAgent:
+    """One projection on Kafka: its faust agent's body and what it does when given partitions."""
+
+    def __init__(self, app: faust.App, backend: KafkaBackend, store: AnalyticsStore, projection: Projection) -> None:
+        self.app = app
+        self.projection = projection
+        self.runner = ProjectionRunner(backend, store, projection)
+        self.codec = EventCodec()
+        self.name = f"voxlog-projection-{projection.name}"
+        self.lock = asyncio.Lock()
+        self.generation: int | None = None
+        """The consumer generation whose assignment the state and positions belong to."""
+
+    async def on_assigned(self, sender: faust.App, *_: Any, **__: Any) -> None:
+        """Resets the state, loads it from ClickHouse, and points the group at the stored offsets."""
+        async with self.lock:
+            consumer = cast(Consumer, self.app.consumer)
+            generation = self.app.consumer_generation_id
+            assigned = {tp for tp in consumer.assignment() if tp.topic in self.projection.topics}
+            self.projection.reset()
+            await self.runner.prepare()
+            offsets = {tp: self.runner.positions.get(TopicPartition(tp.topic, tp.partition), 0) for tp in assigned}
+            # Faust has no public call to commit given offsets; `_commit` is the one its own commits end in.
+            if offsets and not await consumer._commit(offsets):  # noqa: SLF001
+                log.warning("%s: rebalanced again before its offsets were committed", self.name)
+                return
+            self.generation = generation
+            partitions = sum(consumer.topic_partitions(topic) or 0 for topic in self.projection.topics)
+            if len(assigned) < partitions:
+                log.warning("%s holds %d of its %d partitions: its group %s has another member, a worker that "
+                            "crashed and whose session has not expired yet, or a second worker (run one: see "
+                            "projections.faust_app)", self.name, len(assigned), partitions, self.app.conf.id)
+            log.info("%s: %d partitions, from the offsets stored in ClickHouse", self.name, len(assigned))
+
+    async def consume(self, stream: Any) -> None:
+        async with self.runner.backend.producer() as dead_letters:
+            async for events in stream.take_events(BATCH_RECORDS, within=BATCH_WITHIN_S):
+                async with self.lock:
+                    await self._project(events, dead_letters)
+
+    async def _project(self, events: Sequence[Any], dead_letters: LogProducer) -> None:
+        records = [_record(e.message) for e in events if e.message.generation_id == self.generation]
+        if not records:
+            return  # fetched before this assignment's seek, which reads them again
+        decoded, _ = await decode_records(records, self.codec, dead_letters, self.name, self.projection.event_types)
+        after = {record.tp: record.offset + 1 for record in records}
+        await self.runner.project(decoded, dead_letters, after)
+        self.runner.positions.update(after)
+        self.runner.events += len(records)
+
+
+def build_apps(bootstrap: str, store: AnalyticsStore, projections: Sequence[Projection], *,
+               app_id_prefix: str, datadir: Path) -> list[faust.App]:
+    """A faust app per projection, with the id `<app_id_prefix>-<name>` (`datadir` holds faust's folders)."""
+    backend = KafkaBackend(bootstrap)
+    apps = []
+    for projection in projections:
+        app_id = f"{app_id_prefix}-{projection.name}"
+        (datadir / app_id).mkdir(parents=True, exist_ok=True)
+        app = faust.App(
+            app_id,
+            broker=f"kafka://{bootstrap}",
+            store="memory://",
+            web_enabled=False,
+            key_serializer="raw",
+            value_serializer="raw",
+            topic_replication_factor=1,
+            consumer_auto_offset_reset="earliest",
+            broker_session_timeout=SESSION_TIMEOUT_S,
+            # A stop or a rebalance need not wait for the events faust has handed out to be folded
+            # (catching up, that can be minutes): the offsets in ClickHouse say where to go on.
+            stream_wait_empty=False,
+            datadir=str(datadir / app_id),
+        )
+        agent = ProjectionAgent(app, backend, store, projection)
+        source = app.topic(*projection.topics, key_type=bytes, value_type=bytes)
+        app.agent(source, name=projection.name, supervisor_strategy=CrashingSupervisor)(agent.consume)
+        # mode's SignalHandlerT matches no function under mypy, not even `def (sender, *args, **kwargs) -> None`.
+        app.on_rebalance_complete.connect(agent.on_assigned)  # type: ignore[arg-type]
+        apps.append(app)
+    return apps
+
+
+def run_worker(bootstrap: str, store: AnalyticsStore, projections: Sequence[Projection], *,
+               app_id_prefix: str, datadir: Path, loglevel: str = "info") -> NoReturn:
+    """Runs every projection's app in one faust worker until it is stopped (SIGINT, SIGTERM)."""
+    apps = build_apps(bootstrap, store, projections, app_id_prefix=app_id_prefix, datadir=datadir)
+    faust.Worker(*apps, loglevel=loglevel).execute_from_commandline()
