@@ -218,10 +218,10 @@ def api_router(runtime: Gateway) -> APIRouter:
         except RecordingStoreError as exc:
             await audit("failed", f"the recording store failed: {exc}")
             raise HTTPException(503, "the recording store cannot be reached; try again shortly") from exc
-        await audit("accepted" if found else "failed",
-                    ("" if byte_range is None else byte_range) if found else "no finished recording")
         if found is None:  # another tenant's call, a live one, or none: the same answer
+            await audit("failed", "no finished recording")
             raise HTTPException(404, "no such recording (calls are recorded once they have ended)")
+        await audit("accepted", byte_range or "")
         if isinstance(found, Path):
             return FileResponse(found, media_type="audio/wav", filename=f"{call_id}.wav")
         headers = {"Content-Length": str(found.length), "Accept-Ranges": "bytes",

@@ -103,8 +103,8 @@ class RecordingStore(Protocol):
         ...
 
     def put(self, tenant_id: str, call_id: str, wav: Path, facts: RecordingFacts) -> None:
-        """Stores the finished WAV (a local file, consumed) and its facts, all at once: before it
-        returns nothing is there, after it both are. Putting a call again replaces it with itself."""
+        """Stores the finished WAV (a local file, which the store may move away) and its facts as one:
+        `finished` sees neither or both. Putting a call again replaces it with itself."""
         ...
 
     def read(self, tenant_id: str, call_id: str, byte_range: str | None = None) -> Path | RecordingStream | None:

@@ -72,7 +72,8 @@ class S3RecordingStore:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> S3RecordingStore:
-        assert settings.recordings_s3_url is not None
+        if settings.recordings_s3_url is None:
+            raise ValueError("no S3 store is configured (VOXLOG_RECORDINGS_S3_URL)")
         bucket, prefix = parse_s3_url(settings.recordings_s3_url)
         key_id, secret = settings.recordings_s3_access_key_id, settings.recordings_s3_secret_access_key
         endpoint = settings.recordings_s3_endpoint_url
