@@ -431,7 +431,9 @@ class RecordingsProjection:
         call.started_us = starts[0] if starts else min([*seen, call.first_seen_us])
         return call.started_us
 
-    def _write(self, call: _Call, event: Event[EventPayload], chunk: CallerAudioChunk | AgentAudioChunk) -> None:
+    def _write(self, call: _Call, event: Event[EventPayload], chunk: CallerAudioChunk | AgentAudioChunk, *,
+               save: bool = True) -> None:
+        """Writes the chunk where it goes, then (with `save`) the meta file that says so."""
         agent = isinstance(chunk, AgentAudioChunk)
         track = call.agent if agent else call.caller
         if event.seq <= track.last_seq:
@@ -459,7 +461,8 @@ class RecordingsProjection:
             track.audio_ms += chunk.duration_ms
         track.rate = rate
         track.last_seq, track.last_us = event.seq, event.envelope.event_time_us
-        call.save()
+        if save:
+            call.save()
 
     def _skip(self, call: _Call, event: Event[EventPayload], chunk: CallerAudioChunk | AgentAudioChunk) -> None:
         self.skipped_chunks += 1
@@ -478,7 +481,9 @@ class RecordingsProjection:
                                       since_ms=since_us // 1000 - AUDIO_CATCH_UP_SLACK_MS)
         for earlier in history.events:
             if earlier.seq < event.seq and isinstance(earlier.payload, CallerAudioChunk | AgentAudioChunk):
-                self._write(call, earlier, earlier.payload)
+                # No meta file per chunk here: a crash before the store has the recording replays this
+                # call.ended, which starts from the meta file again and rewrites the same bytes.
+                self._write(call, earlier, earlier.payload, save=False)
         self._close(call)
         frames = await asyncio.to_thread(_assemble, call)
         facts = RecordingFacts(started_us, frames * 1000 // RATE, call.files.wav.stat().st_size, call.caller.audio_ms,
