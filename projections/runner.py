@@ -83,7 +83,10 @@ class CallsProjection:
     async def rows(self, record: LogRecord, event: Event[EventPayload], backend: LogBackend) -> list[Row]:
         out: list[Row] = []
         if not self.fold.knows(event.call_id) and not isinstance(event.payload, CallStarted):
-            # Picked up mid-call (a restart, a late event): fold what came before from the log first.
+            # Picked up mid-call (a restart, a late event): fold the call as the log has it first. All of
+            # it, not only what came before this event: its other topic may have been read further (a
+            # late `tool.requested` on voxlog.commands after the call's end on voxlog.calls), and rows
+            # folded from less would lose to the newer ones already written. Later seqs are then skipped.
             admin = backend.admin()
             try:
                 history = await read_call(admin, event.call_id, topics=self.topics,
@@ -91,7 +94,7 @@ class CallsProjection:
             finally:
                 await admin.close()
             for earlier in history.events:
-                if earlier.seq < event.seq and earlier.type in CallsFold.event_types:
+                if earlier.type in CallsFold.event_types:
                     out += self.fold.apply(earlier)
         return out + self.fold.apply(event)
 
