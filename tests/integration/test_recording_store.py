@@ -13,11 +13,11 @@ import struct
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import boto3
 import pytest
 from moto.server import ThreadedMotoServer
-from mypy_boto3_s3 import S3Client
 
 from projections import recordings
 from projections.recording_store import (
@@ -39,6 +39,9 @@ from tests.unit.test_recordings import TENANT, assert_heard, call_payloads, feed
 from voxlog.backends import EmbeddedBackend
 from voxlog.settings import Settings
 from voxlog.sim.stack import free_port
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 FACTS = RecordingFacts(started_us=1_700_000_000_000_000, duration_ms=4000, bytes=44, caller_audio_ms=3960,
                        agent_audio_ms=1400)
