@@ -48,6 +48,7 @@ __all__ = ["PiiSpan", "Redactor", "default_redactor", "redact_field"]
 
 _PRIORITY = ("CARD", "IBAN", "NATIONAL_ID", "EMAIL", "IP", "PHONE", "DOB", "ADDRESS")
 """Which kind names a span when equally long candidates overlap (earlier wins)."""
+_CHECKSUMMED = frozenset({"CARD", "IBAN"})
 
 _RANK = {kind: rank for rank, kind in enumerate(_PRIORITY)}
 
@@ -255,7 +256,8 @@ def _iban_spans(text: str, iban: IbanRecognizer) -> list[PiiSpan]:
 
 
 def _merge_overlaps(candidates: list[PiiSpan]) -> list[PiiSpan]:
-    """One span for each group of overlapping candidates, named after the longest of them."""
+    """One span for each group of overlapping candidates, named after a checksummed one (a card or
+    an IBAN: what its checksum proves beats what a pattern suggests) or else the longest."""
     spans: list[PiiSpan] = []
     group: list[PiiSpan] = []
     for candidate in sorted(candidates, key=lambda s: s.start):
@@ -269,7 +271,7 @@ def _merge_overlaps(candidates: list[PiiSpan]) -> list[PiiSpan]:
 
 
 def _covering(group: list[PiiSpan]) -> PiiSpan:
-    named_by = min(group, key=lambda s: (s.start - s.end, _RANK[s.kind]))
+    named_by = min(group, key=lambda s: (s.kind not in _CHECKSUMMED, s.start - s.end, _RANK[s.kind]))
     return PiiSpan(named_by.kind, group[0].start, max(span.end for span in group))
 
 

@@ -233,3 +233,8 @@ def test_json_fields_redact_every_string_and_keep_keys(redactor: Redactor) -> No
 def test_json_fields_that_are_not_json_are_redacted_as_text(redactor: Redactor) -> None:
     assert redact_field("json", "not json: call 212 555 0100", redactor) == "not json: call <PHONE>"
     assert redact_field("json", '{"broken": "212 555 0100"', redactor) == '{"broken": "<PHONE>"'
+
+
+def test_a_card_number_before_a_street_suffix_is_still_named_a_card() -> None:
+    # hypothesis found it: "0000 0000 0000 0000 ct" also reads as a street address (number, name, "ct").
+    assert default_redactor().redact("4111 1111 1111 1111 ct") == "<CARD>"
