@@ -25,7 +25,7 @@ from starlette.background import BackgroundTask
 from consumers.events import read_call
 from gateway.calls import PRODUCER, Gateway, new_call_id
 from gateway.outbound import DIAL_ID, check_parameters
-from producers.events import CallRecorder
+from producers.events import CallRecorder, standalone_event
 from projections.recording_store import RangeNotSatisfiable, RecordingStoreError
 from projections.store import AnalyticsError
 from projections.tenant_sql import TENANT_SQL_LIMITS, ForbiddenQuery
@@ -33,6 +33,7 @@ from schemas.base import Event, EventPayload
 from schemas.events import CallDialFailed, CallDialPlaced, CallDialRequested, CallStatus
 from schemas.topics import CALLS, COMMANDS
 from streams.agents import RoutingError
+from streams.memory import erasure, new_erasure_id
 from streams.tenants import E164, TenantSpec
 from voxlog import __version__
 
@@ -90,6 +91,22 @@ class SqlResult(BaseModel):
     rows: list[list[Any]]
     row_count: int
     limits: dict[str, Any] = Field(description="What the query ran under: rows and seconds at most.")
+
+
+class ErasureRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    number: str = Field(pattern=E164, description="The caller's (or called person's) number, E.164.")
+    reason: str = Field("", max_length=500, description="Why, for the audit trail (a data subject's request...).")
+
+
+class ErasureAccepted(BaseModel):
+    erasure_id: str
+    caller_key: str
+    erased_before_us: int
+    status: Literal["accepted"] = "accepted"
+    detail: str = ("the caller's memory and their calls' rows and recordings are removed from the projections as they "
+                   "reach this event; the log keeps raw events until its retention removes them")
 
 
 class DialEvent(BaseModel):
@@ -162,6 +179,19 @@ def api_router(runtime: Gateway) -> APIRouter:
                             remote_addr=request.client.host if request.client else None)
         return DialAccepted(dial_id=dial_id, call_id=call_id,
                             status_url=str(request.url_for("dial_status", dial_id=dial_id)))
+
+    @router.post("/erasures", response_model=ErasureAccepted, status_code=202)
+    async def erase_caller(body: ErasureRequest, caller: Caller) -> ErasureAccepted:
+        """Forget a caller: their memory, and their calls that started before now, in every table and
+        recording (the erasure is an event: restarts and rebuilds keep it)."""
+        tenant, key_id = caller
+        now_us = time.time_ns() // 1000
+        payload = erasure(tenant.id, body.number, requested_by=f"api-key:{key_id}", reason=body.reason, now_us=now_us)
+        erasure_id = new_erasure_id()
+        await runtime.writer.append(standalone_event(payload, tenant_id=tenant.id, stream_id=erasure_id,
+                                                     producer=PRODUCER, producer_version=__version__))
+        await runtime.writer.flush()
+        return ErasureAccepted(erasure_id=erasure_id, caller_key=payload.caller_key, erased_before_us=now_us)
 
     @router.post("/sql", response_model=SqlResult)
     async def tenant_sql(body: SqlRequest, caller: Caller, request: Request) -> SqlResult:

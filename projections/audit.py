@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from projections.calls import at
-from projections.tables import AUDIT_LOG, Row
+from projections.tables import AUDIT_LOG, Row, at
 from schemas.base import Event, EventPayload
 from schemas.events import (
     AuditRecorded,
+    CallerErased,
     ConsentGiven,
     ConsentRefused,
     HandoffOutcome,
@@ -59,8 +59,8 @@ class _Head:
 
 class AuditFold:
     tables = (AUDIT_LOG,)
-    event_types = frozenset(t.EVENT_TYPE for t in (AuditRecorded, ConsentGiven, ConsentRefused, HandoffRequested,
-                                                   HandoffOutcome, ToolRequested))
+    event_types = frozenset(t.EVENT_TYPE for t in (AuditRecorded, CallerErased, ConsentGiven, ConsentRefused,
+                                                   HandoffRequested, HandoffOutcome, ToolRequested))
 
     def __init__(self, redactor: Redactor) -> None:
         self.redactor = redactor
@@ -102,6 +102,8 @@ class AuditFold:
                 return "carrier", "handoff.outcome", p.handoff_id, p.outcome, p.provider_status, ""
             case ToolRequested():
                 return producer, "tool.requested", p.tool_call_id, "requested", p.tool, ""
+            case CallerErased():
+                return p.requested_by, "caller.erased", p.caller_key, "erased", p.reason, ""
         return None
 
 

@@ -12,15 +12,28 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from operator import itemgetter
 from typing import Any
 
-from projections.tables import CALLS, ERRORS, PROMPT_VERSIONS, TOOL_CALLS, TRANSCRIPTS, TURNS, Row
+from projections.erasure import ErasedCallers, erasure_of_calls
+from projections.tables import (
+    CALLS,
+    ERASED_CALLS,
+    ERASURES,
+    ERRORS,
+    PROMPT_VERSIONS,
+    TOOL_CALLS,
+    TRANSCRIPTS,
+    TURNS,
+    Output,
+    Row,
+    at,
+)
 from schemas.base import Event, EventPayload
 from schemas.events import (
     BargeIn,
     CallEnded,
+    CallerErased,
     CallStarted,
     ConsentGiven,
     ConsentRefused,
@@ -41,6 +54,7 @@ from schemas.events import (
     TurnTaken,
 )
 from streams.agents import AgentRouter
+from streams.memory import caller_key, person_number
 from streams.metrics import voice_to_voice_ms
 from streams.redaction import Redactor, redact_field
 
@@ -48,20 +62,12 @@ ENDED_CALLS_KEPT = 1000
 """Ended calls whose state is kept for late events (a transfer's outcome, a carrier's last status)."""
 
 
-EARLIEST_US = -2_208_988_800_000_000  # 1900-01-01: ClickHouse's DateTime64 range
-LATEST_US = 10_413_791_999_000_000  # 2299-12-31T23:59:59
 
 
 _CALL_VALUES = itemgetter(*CALLS.column_names[:-1])
 """A call's row values from its state, in column order (all but the version)."""
 _TOOL_VALUES = itemgetter(*TOOL_CALLS.column_names[2:-1])
 """A tool call's row values from its state, in column order (all but tenant, call and version)."""
-
-
-def at(us: int) -> datetime:
-    """An event time as a datetime, held within what ClickHouse's DateTime64 can store (a clock
-    gone wrong must not stop a projection)."""
-    return datetime.fromtimestamp(min(max(us, EARLIEST_US), LATEST_US) / 1e6, UTC)
 
 
 @dataclass
@@ -87,6 +93,10 @@ class _Turn:
 class _Call:
     tenant_id: str
     call_id: str
+    erased: bool = False
+    """Its caller's data was erased: nothing more of it is written."""
+    caller_key: str | None = None
+    started_us: int = 0
     version: int = 0
     applied: set[int] = field(default_factory=set)
     row: dict[str, Any] = field(default_factory=dict)
@@ -102,12 +112,13 @@ class CallsFold:
     """Events in, rows out. `knows(call_id)` says whether a call's state is here (else fold its
     history first)."""
 
-    tables = (CALLS, TURNS, TRANSCRIPTS, TOOL_CALLS, ERRORS, PROMPT_VERSIONS)
-    event_types = frozenset(t.EVENT_TYPE for t in (
+    tables = (CALLS, TURNS, TRANSCRIPTS, TOOL_CALLS, ERRORS, PROMPT_VERSIONS, ERASURES, ERASED_CALLS)
+    event_types = frozenset(t.EVENT_TYPE for t in (CallerErased,
+
         CallStarted, ConsentGiven, ConsentRefused, SpeechStopped, TranscriptFinal, TurnTaken, LlmRequested,
         LlmDecided, TtsRequested, TtsCompleted, BargeIn, GuardrailTriggered, ToolRequested, ToolSucceeded, ToolFailed,
         ErrorRaised, ProviderFallback, HandoffRequested, HandoffOutcome, CallEnded))
-    """What the fold reads: a call's own events (not a dial's, a caller's memory, or audio)."""
+    """What the fold reads: a call's own events (not a dial's, a caller's memory, or audio), and erasures."""
 
     def __init__(self, redactor: Redactor, router: AgentRouter | None = None) -> None:
         self.redactor = redactor
@@ -117,6 +128,7 @@ class CallsFold:
         """Calls that ended, oldest first: their state is kept a while for late events."""
         self.prompts: dict[tuple[str, str, str, str], tuple[int, int]] = {}
         """(tenant, agent, prompt id, hash) -> (first, last use in epoch us)."""
+        self.erasures = ErasedCallers()
 
     def knows(self, call_id: str) -> bool:
         return call_id in self.calls
@@ -130,7 +142,9 @@ class CallsFold:
     def _text(self, text: str) -> str:
         return self.redactor.redact(text)
 
-    def apply(self, event: Event[EventPayload]) -> list[Row]:
+    def apply(self, event: Event[EventPayload]) -> list[Output]:
+        if isinstance(event.payload, CallerErased):
+            return self._erase(event)
         envelope = event.envelope
         seq = envelope.seq
         call = self.calls.get(envelope.call_id)
@@ -142,17 +156,26 @@ class CallsFold:
         call.applied.add(seq)
         if seq > call.version:
             call.version = seq
-        rows = self._apply(call, event)
+        rows: list[Output] = [] if call.erased else list(self._apply(call, event))
         if isinstance(event.payload, CallEnded):
             self.ended[call.call_id] = None
             while len(self.ended) > ENDED_CALLS_KEPT:
                 self.calls.pop(self.ended.popitem(last=False)[0], None)
         return rows
 
+    def _erase(self, event: Event[EventPayload]) -> list[Output]:
+        """The erasure's row, then the deletion of what was written of the caller's erased calls; the
+        ones still in memory write nothing more."""
+        row = self.erasures.fold(event, self.redactor)
+        for call in self.calls.values():
+            if self.erasures.erased(call.tenant_id, call.caller_key, call.started_us):
+                call.erased = True
+        return [row, *erasure_of_calls(event, (TURNS, TRANSCRIPTS, TOOL_CALLS, ERRORS))]
+
     def _new_call_row(self, call: _Call) -> None:
         call.row = {
             "tenant_id": call.tenant_id, "call_id": call.call_id, "agent_id": "", "agent_version": "",
-            "channel": "", "direction": "", "routed_by": "", "from_number": "", "to_number": "",
+            "channel": "", "direction": "", "routed_by": "", "from_number": "", "to_number": "", "caller_key": "",
             "provider_call_id": "", "dial_id": "", "started_at": at(0), "ended_at": None, "duration_ms": None,
             "outcome": "", "end_reason": "", "handoff": 0, "handoff_outcome": "", "consent": "", "turns": 0,
             "tool_calls": 0, "barge_ins": 0, "errors": 0}
@@ -192,8 +215,12 @@ class CallsFold:
         turn: _Turn | None
         match p:
             case CallStarted():
-                row.update(agent_id=p.agent_id, agent_version=p.agent_version, channel=p.channel,
-                           direction=p.direction, routed_by=p.routed_by, started_at=at(now),
+                call.caller_key, call.started_us = caller_key(call.tenant_id, person_number(p)), now
+                if self.erasures.erased(call.tenant_id, call.caller_key, now):
+                    call.erased = True
+                    return []
+                row.update(caller_key=call.caller_key or "", agent_id=p.agent_id, agent_version=p.agent_version,
+                           channel=p.channel, direction=p.direction, routed_by=p.routed_by, started_at=at(now),
                            from_number=redact_field("phone", p.from_number, self.redactor) or "",
                            to_number=redact_field("phone", p.to_number, self.redactor) or "",
                            provider_call_id=p.provider_call_id or "", dial_id=p.parameters.get("dial_id", ""))

@@ -44,7 +44,7 @@ import os
 import struct
 import wave
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -53,7 +53,9 @@ import numpy as np
 
 from consumers.base import LogAdmin, LogRecord
 from consumers.events import read_call
-from projections.calls import at
+from projections import tables
+from projections.erasure import CALLS_ERASED, ERASED_CALL_IDS, ErasedCallers
+from projections.erasure import parameters as erasure_parameters
 from projections.recording_store import (
     LocalRecordingStore,
     RecordingFacts,
@@ -62,12 +64,14 @@ from projections.recording_store import (
     recording_path,
 )
 from projections.store import AnalyticsStore
-from projections.tables import RECORDINGS, Row, Table
+from projections.tables import ERASED_CALLS, ERASURES, RECORDINGS, Output, Row, Table, at, deletion
 from schemas.base import Event, EventPayload
-from schemas.events import AgentAudioChunk, CallEnded, CallerAudioChunk, CallStarted
+from schemas.events import AgentAudioChunk, CallEnded, CallerAudioChunk, CallerErased, CallStarted
 from schemas.topics import AUDIO, CALLS
 from streams.audio import Resampler, mulaw_to_pcm16, resample_pcm16
+from streams.memory import caller_key, person_number
 from streams.providers.base import PCM_RATE
+from streams.redaction import default_redactor
 from voxlog.backends import LogBackend
 
 __all__ = ["RECORDINGS", "RecordingsProjection", "recording_path"]
@@ -281,9 +285,9 @@ async def _admin(backend: LogBackend) -> AsyncIterator[LogAdmin]:
 class RecordingsProjection:
     name = "recordings"
     topics: tuple[str, ...] = (AUDIO, CALLS)
-    tables: tuple[Table, ...] = (RECORDINGS,)
+    tables: tuple[Table, ...] = (RECORDINGS, ERASURES)
     event_types: frozenset[str] | None = frozenset(
-        t.EVENT_TYPE for t in (CallerAudioChunk, AgentAudioChunk, CallStarted, CallEnded))
+        t.EVENT_TYPE for t in (CallerAudioChunk, AgentAudioChunk, CallStarted, CallEnded, CallerErased))
 
     def __init__(self, root: Path, store: RecordingStore | None = None) -> None:
         """`root`: the working folder; `store`: where finished recordings go (default: `root` itself)."""
@@ -299,6 +303,10 @@ class RecordingsProjection:
         """Events whose tenant or call id cannot name a file."""
         self.store_failures = 0
         """Attempts at the store that failed (each retried)."""
+        self.erasures = ErasedCallers()
+        self.erased: OrderedDict[str, None] = OrderedDict()
+        """Calls of erased callers seen lately: their audio is not recorded."""
+        self.analytics: AnalyticsStore | None = None
 
     def reset(self) -> None:
         # The files stay: finished recordings are final, and live calls continue from their meta files.
@@ -309,10 +317,22 @@ class RecordingsProjection:
         self.ended.clear()
 
     async def load(self, store: AnalyticsStore) -> None:
-        """Nothing to restore: what a live call needs is in its meta file."""
+        """The erasures folded before (what a live call needs is in its meta file)."""
+        self.analytics = store
+        for table in (tables.CALLS, ERASED_CALLS):  # where an erasure's calls are found (the calls projection's)
+            await asyncio.to_thread(store.create, table)
+        await asyncio.to_thread(self.erasures.load, store)
 
-    async def rows(self, record: LogRecord, event: Event[EventPayload], backend: LogBackend) -> list[Row]:
+    async def rows(self, record: LogRecord, event: Event[EventPayload], backend: LogBackend) -> Sequence[Output]:
         payload = event.payload
+        if isinstance(payload, CallerErased):
+            return await self._erase(event)
+        if event.call_id in self.erased:
+            return []
+        if isinstance(payload, CallStarted) and self.erasures.erased(
+                event.tenant_id, caller_key(event.tenant_id, person_number(payload)), event.envelope.event_time_us):
+            await self._forget(event.tenant_id, event.call_id)  # its audio may have come first
+            return []
         if isinstance(payload, CallerAudioChunk | AgentAudioChunk):
             call = self.live.get(event.call_id)
             if call is None:
@@ -401,6 +421,28 @@ class RecordingsProjection:
                           what, self.store.describe(), exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, STORE_RETRY_MAX_S)
+
+    async def _erase(self, event: Event[EventPayload]) -> list[Output]:
+        """The erased caller's recordings (their calls found through `calls`) leave the store, their
+        working files and rows go, and the erasure is remembered."""
+        row = self.erasures.fold(event, default_redactor())
+        if self.analytics is not None:
+            found = await asyncio.to_thread(self.analytics.query, ERASED_CALL_IDS, dict(erasure_parameters(event)))
+            for (call_id,) in found.rows:
+                await self._forget(event.tenant_id, call_id)
+        return [row, deletion(RECORDINGS, CALLS_ERASED, erasure_parameters(event))]
+
+    async def _forget(self, tenant_id: str, call_id: str) -> None:
+        """No recording of this call, anywhere: not in the store, not in the working files."""
+        self.erased[call_id] = None
+        while len(self.erased) > ENDED_CALLS_KEPT:
+            self.erased.popitem(last=False)
+        call = self.live.pop(call_id, None)
+        if call is not None:
+            self._close(call)
+        self.ended.pop(call_id, None)
+        _Files.of(self.root, tenant_id, call_id).remove()
+        await self._stored(f"erasing call {call_id}'s recording", self.store.erase, tenant_id, call_id)
 
     def _remember_ended(self, call_id: str, facts: RecordingFacts) -> None:
         self.ended[call_id] = facts

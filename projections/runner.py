@@ -26,13 +26,27 @@ from consumers.base import LogRecord, TopicPartition
 from consumers.events import ConsumedEvent, EventConsumer, dead_letter_headers, read_call
 from producers.base import LogProducer
 from projections.audit import AuditFold, epoch_us
-from projections.calls import CallsFold, at
+from projections.calls import CallsFold
+from projections.erasure import ErasedCallers
+from projections.erasure import parameters as erasure_parameters
 from projections.recording_store import RecordingStore
 from projections.recordings import RecordingsProjection
 from projections.store import AnalyticsStore
-from projections.tables import AUDIT_LOG, CALLER_MEMORY, OFFSETS, PROMPT_VERSIONS, Row, Table
+from projections.tables import (
+    AUDIT_LOG,
+    CALLER_MEMORY,
+    ERASURES,
+    OFFSETS,
+    PROMPT_VERSIONS,
+    Output,
+    Row,
+    Statement,
+    Table,
+    at,
+    deletion,
+)
 from schemas.base import Event, EventPayload
-from schemas.events import CallStarted, CallSummarized
+from schemas.events import CallerErased, CallStarted, CallSummarized
 from schemas.topics import AUDIT, CALLS, COMMANDS, DEADLETTER
 from streams.agents import AgentRouter
 from streams.redaction import default_redactor
@@ -57,7 +71,7 @@ class Projection(Protocol):
     def reset(self) -> None:
         """Forgets everything (a rebuild)."""
 
-    async def rows(self, record: LogRecord, event: Event[EventPayload], backend: LogBackend) -> list[Row]: ...
+    async def rows(self, record: LogRecord, event: Event[EventPayload], backend: LogBackend) -> Sequence[Output]: ...
 
 
 class CallsProjection:
@@ -79,10 +93,11 @@ class CallsProjection:
             f"FROM {PROMPT_VERSIONS.name} FINAL")
         for tenant, agent, prompt_id, prompt_hash, first, last in result.rows:
             self.fold.seed_prompt(tenant, agent, prompt_id, prompt_hash, epoch_us(first), epoch_us(last))
+        await asyncio.to_thread(self.fold.erasures.load, store)
 
-    async def rows(self, record: LogRecord, event: Event[EventPayload], backend: LogBackend) -> list[Row]:
-        out: list[Row] = []
-        if not self.fold.knows(event.call_id) and not isinstance(event.payload, CallStarted):
+    async def rows(self, record: LogRecord, event: Event[EventPayload], backend: LogBackend) -> list[Output]:
+        out: list[Output] = []
+        if not self.fold.knows(event.call_id) and not isinstance(event.payload, CallStarted | CallerErased):
             # Picked up mid-call (a restart, a late event): fold the call as the log has it first. All of
             # it, not only what came before this event: its other topic may have been read further (a
             # late `tool.requested` on voxlog.commands after the call's end on voxlog.calls), and rows
@@ -123,28 +138,37 @@ class AuditProjection:
 
 
 class MemoryProjection:
-    """`caller_memory`: the summaries on the callers' memory streams (`call.summarized`)."""
+    """`caller_memory`: the summaries on the callers' memory streams (`call.summarized`), less what an
+    erasure removed (`caller.erased`: the caller's summaries made before it)."""
 
     name = "memory"
     topics: tuple[str, ...] = (CALLS,)
-    tables: tuple[Table, ...] = (CALLER_MEMORY,)
-    event_types: frozenset[str] | None = frozenset({CallSummarized.EVENT_TYPE})
+    tables: tuple[Table, ...] = (CALLER_MEMORY, ERASURES)
+    event_types: frozenset[str] | None = frozenset({CallSummarized.EVENT_TYPE, CallerErased.EVENT_TYPE})
 
     def __init__(self) -> None:
         self.redactor = default_redactor()
+        self.erasures = ErasedCallers()
 
     def reset(self) -> None:
-        """Nothing is kept between events."""
+        self.erasures = ErasedCallers()
 
     async def load(self, store: AnalyticsStore) -> None:
-        """Nothing is kept between events."""
+        await asyncio.to_thread(self.erasures.load, store)
 
-    async def rows(self, record: LogRecord, event: Event[EventPayload], backend: LogBackend) -> list[Row]:
+    async def rows(self, record: LogRecord, event: Event[EventPayload], backend: LogBackend) -> list[Output]:
         p = event.payload
+        if isinstance(p, CallerErased):
+            return [self.erasures.fold(event, self.redactor), deletion(
+                CALLER_MEMORY, "tenant_id = {tenant:String} AND caller_key = {caller:String} AND "
+                "at < fromUnixTimestamp64Micro({before:Int64})", erasure_parameters(event))]
         if not isinstance(p, CallSummarized):
             return []
+        made_us = event.envelope.event_time_us
+        if self.erasures.erased(event.tenant_id, event.call_id, made_us):
+            return []
         return [(CALLER_MEMORY, (event.tenant_id, event.call_id, p.call_id, p.agent_id,
-                                 at(event.envelope.event_time_us), self.redactor.redact(p.summary), p.outcome or "",
+                                 at(made_us), self.redactor.redact(p.summary), p.outcome or "",
                                  p.source, event.seq))]
 
 
@@ -159,9 +183,16 @@ class RowBatch:
         self.tables: dict[str, tuple[Table, dict[Any, tuple[Any, ...]]]] = {}
         self.rows = 0
         """Rows held (one per key): what decides when a batch is full."""
+        self.statements: list[Statement] = []
+        """Run after the batch's rows are written (an erasure must remove what came before it; the
+        folds write nothing of an erased call after it)."""
 
-    def add(self, rows: Iterable[Row]) -> None:
-        for table, values in rows:
+    def add(self, rows: Iterable[Output]) -> None:
+        for row in rows:
+            if isinstance(row, Statement):
+                self.statements.append(row)
+                continue
+            table, values = row
             held = self.tables.get(table.name)
             if held is None:
                 held = self.tables[table.name] = (table, {})
@@ -320,6 +351,8 @@ class ProjectionRunner:
         for table, rows in pending.per_table():
             await asyncio.to_thread(self._insert, table, rows)
             self.rows_written += len(rows)
+        for statement in pending.statements:
+            await asyncio.to_thread(self.store.run, statement)
         version = time.time_ns()
         offsets = [(self.projection.name, tp.topic, tp.partition, offset, version)
                    for tp, offset in sorted(positions.items())]
@@ -330,11 +363,18 @@ class ProjectionRunner:
             self.store.insert(table, rows)
             return
         except Exception as exc:  # a value ClickHouse refuses: mend what can be mended, keep the rest
-            log.warning("projection %s: a batch for %s was refused (%s); inserting row by row", self.projection.name,
+            log.warning("projection %s: a batch for %s was refused (%s); inserting it mended", self.projection.name,
                         table.name, exc)
-        for values in rows:
+        mended = [table.sanitize(values) for values in rows]
+        try:
+            self.store.insert(table, mended)  # one insert still, when mending was all it took
+            return
+        except Exception as exc:
+            log.warning("projection %s: the mended batch for %s was refused too (%s); inserting row by row",
+                        self.projection.name, table.name, exc)
+        for values in mended:
             try:
-                self.store.insert(table, [table.sanitize(values)])
+                self.store.insert(table, [values])
             except Exception as exc:
                 log.error("projection %s: row dropped from %s: %s: %r", self.projection.name, table.name, exc, values)
 

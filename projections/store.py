@@ -17,7 +17,7 @@ from typing import Any
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from projections.tables import Table
+from projections.tables import Statement, Table
 
 
 class AnalyticsError(Exception):
@@ -81,7 +81,21 @@ class AnalyticsStore:
                 raise AnalyticsError(_first_line(exc)) from exc
 
     def create(self, table: Table) -> None:
+        """Creates the table, or adds the columns a newer voxlog defines to one an older made (rows
+        written before get the column's default until a rebuild)."""
         self.command(table.ddl())
+        have = {name for (name,) in self.query(
+            "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = {t:String}",
+            {"t": table.name}).rows}
+        previous = None
+        for column in table.columns:
+            if column.name not in have:
+                after = f" AFTER `{previous}`" if previous else " FIRST"
+                self.command(f"ALTER TABLE {table.name} ADD COLUMN IF NOT EXISTS `{column.name}` {column.type}{after}")
+            previous = column.name
+
+    def run(self, statement: Statement) -> None:
+        self.command(statement.sql, dict(statement.parameters))
 
     def drop(self, table: Table) -> None:
         self.command(f"DROP TABLE IF EXISTS {table.name}")

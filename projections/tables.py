@@ -10,9 +10,18 @@ written twice, after a projector crash and restart, collapses to one. Read with 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 TIME = "DateTime64(6, 'UTC')"
+EARLIEST_US = -2_208_988_800_000_000  # 1900-01-01: ClickHouse's DateTime64 range
+LATEST_US = 10_413_791_999_000_000  # 2299-12-31T23:59:59
+
+
+def at(us: int) -> datetime:
+    """An event time as a datetime, held within what ClickHouse's DateTime64 can store (a clock
+    gone wrong must not stop a projection)."""
+    return datetime.fromtimestamp(min(max(us, EARLIEST_US), LATEST_US) / 1e6, UTC)
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,24 @@ Row = tuple["Table", tuple[Any, ...]]
 """A row for a table, its values in the table's column order."""
 
 
+@dataclass(frozen=True)
+class Statement:
+    """SQL a projection runs besides writing rows (an erasure's copies and deletions), its
+    `parameters` bound to {name:Type} placeholders, after the rows of its batch that came before it."""
+
+    sql: str
+    parameters: tuple[tuple[str, Any], ...]
+
+
+def deletion(table: Table, where: str, parameters: tuple[tuple[str, Any], ...]) -> Statement:
+    """Rows removed at once (a lightweight DELETE: gone from every query that follows)."""
+    return Statement(f"DELETE FROM {table.name} WHERE {where}", parameters)
+
+
+Output = Row | Statement
+"""What a projection makes of an event: rows to write, and (for an erasure) rows to delete."""
+
+
 _UNSIGNED_BITS = {"UInt8": 8, "UInt16": 16, "UInt32": 32, "UInt64": 64}
 
 
@@ -83,6 +110,8 @@ CALLS = Table(
         _c("routed_by", "LowCardinality(String)", "number, widget_key, outbound_request, handoff_return."),
         _c("from_number", "String", "Caller's number, masked but for its last 2 digits."),
         _c("to_number", "String", "Dialled number, masked but for its last 2 digits."),
+        _c("caller_key", "String", "The person on the other end (the caller inbound, the called outbound) as a "
+           "key: a hash of the tenant and the number, as in caller_memory; empty for the widget."),
         _c("provider_call_id", "String", "The carrier's id (Twilio CallSid); empty for the widget."),
         _c("dial_id", "String", "The dial request that placed an outbound call; empty otherwise."),
         _c("started_at", TIME, "When the call started."),
@@ -267,6 +296,39 @@ CALLER_MEMORY = Table(
     "SELECT at, summary FROM caller_memory FINAL WHERE caller_key = 'caller-...' ORDER BY at DESC LIMIT 3",
 )
 
+ERASURES = Table(
+    "erasures",
+    "Callers whose data was erased (caller.erased): their memory, and the calls, turns, transcripts, tool "
+    "calls, errors and recordings of their calls that started before `erased_before`, are gone from every "
+    "table and stay gone through restarts and rebuilds.",
+    (
+        TENANT,
+        _c("caller_key", "String", "The caller, as a key, never the number."),
+        _c("erased_before", TIME, "Calls that started before this were erased; later calls are kept."),
+        _c("requested_by", "String", "Who asked: api-key:ID or cli:USER."),
+        _c("reason", "String", "Why, as given, PII redacted."),
+        _c("erasure_id", "String", "The erasure's own stream id in the log (erasure-...)."),
+        VERSION,
+    ),
+    ("tenant_id", "caller_key", "erasure_id"),
+    "SELECT tenant_id, count() FROM erasures FINAL GROUP BY tenant_id",
+)
+
+ERASED_CALLS = Table(
+    "erased_calls",
+    "The calls an erasure removed (their rows in every other table are gone): which, whose, when they "
+    "started, by which erasure.",
+    (
+        TENANT, CALL,
+        _c("caller_key", "String", "The caller, as a key, never the number."),
+        _c("started_at", TIME, "When the call started."),
+        _c("erasure_id", "String", "The erasure that removed it (erasures.erasure_id)."),
+        VERSION,
+    ),
+    ("tenant_id", "caller_key", "call_id"),
+    "SELECT count() FROM erased_calls FINAL WHERE erasure_id = 'erasure-...'",
+)
+
 RECORDINGS = Table(
     "recordings",
     "One row per call recording: a stereo WAV, the caller on the left, the agent on the right.",
@@ -306,7 +368,8 @@ OFFSETS = Table(
     "SELECT * FROM _projection_offsets FINAL",
 )
 
-ANALYST_TABLES = (CALLS, TURNS, TRANSCRIPTS, TOOL_CALLS, ERRORS, PROMPT_VERSIONS, CALLER_MEMORY, RECORDINGS, AUDIT_LOG)
+ANALYST_TABLES = (CALLS, TURNS, TRANSCRIPTS, TOOL_CALLS, ERRORS, PROMPT_VERSIONS, CALLER_MEMORY, RECORDINGS, AUDIT_LOG,
+                  ERASURES, ERASED_CALLS)
 
 
 def analytics_markdown() -> str:

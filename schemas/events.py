@@ -487,6 +487,40 @@ class CallSummarized(EventPayload):
 
 
 @dataclass(frozen=True, slots=True)
+class CallerErased(EventPayload):
+    """A caller's data is to be erased from every projection: their memory, and the calls, turns, transcripts, tool calls, errors and recordings of their calls that started before `erased_before_us`. A stream of its own (call_id erasure-...). The raw events stay in the log until its retention removes them."""
+
+    EVENT_TYPE: ClassVar[str] = 'caller.erased'
+    EVENT_VERSION: ClassVar[int] = 1
+
+    caller_key: str
+    """The caller, as a key (a hash of the tenant and the number), never the number."""
+    erased_before_us: int
+    """Calls that started before this (epoch microseconds) are erased; later calls are kept."""
+    requested_by: str
+    """Who asked: an API key id (api-key:ID) or an operator (cli:USER)."""
+    reason: str = ''
+    """Why, as given (a data subject's request, a retention rule)."""
+
+    def to_avro(self) -> dict[str, Any]:
+        return {
+            "caller_key": self.caller_key,
+            "erased_before_us": self.erased_before_us,
+            "requested_by": self.requested_by,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_avro(cls, record: Mapping[str, Any]) -> CallerErased:
+        return cls(
+            caller_key=record["caller_key"],
+            erased_before_us=record["erased_before_us"],
+            requested_by=record["requested_by"],
+            reason=record["reason"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class ConsentGiven(EventPayload):
     """The caller gave consent."""
 
@@ -1556,6 +1590,7 @@ PAYLOAD_TYPES: dict[str, type[EventPayload]] = {
     "call.started": CallStarted,
     "call.status": CallStatus,
     "call.summarized": CallSummarized,
+    "caller.erased": CallerErased,
     "consent.given": ConsentGiven,
     "consent.refused": ConsentRefused,
     "dtmf.received": DtmfReceived,
@@ -1599,6 +1634,7 @@ __all__ = [
     "CallStatus",
     "CallSummarized",
     "CallerAudioChunk",
+    "CallerErased",
     "Channel",
     "ConsentGiven",
     "ConsentRefused",

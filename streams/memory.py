@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import uuid
 from collections.abc import Sequence
 
 from schemas.base import Event, EventPayload
-from schemas.events import CallStarted, HandoffRequested, ToolSucceeded, TtsRequested, TurnTaken
+from schemas.events import CallerErased, CallStarted, HandoffRequested, ToolSucceeded, TtsRequested, TurnTaken
 from streams.providers.base import ChatMessage, LlmRequest
+from streams.tenants import E164
 
 OFFLINE_SOURCE = "offline-extractive"
 SUMMARY_INSTRUCTIONS = (
@@ -109,3 +112,18 @@ def clean_summary(text: str) -> str | None:
         line = line[len("last time"):].lstrip(" ,:")
     line = line.rstrip(".")
     return line[:SUMMARY_MAX_CHARS] or None
+
+
+def new_erasure_id() -> str:
+    """An erasure's own stream id: `erasure-` and a random UUID."""
+    return f"erasure-{uuid.uuid4()}"
+
+
+def erasure(tenant_id: str, number: str, *, requested_by: str, reason: str, now_us: int) -> CallerErased:
+    """The request to forget a caller: everything of their calls that started before now.
+
+    Raises ValueError for a number that is not E.164, as calls record them (it would match nobody)."""
+    key = caller_key(tenant_id, number)
+    if key is None or not re.fullmatch(E164, number):
+        raise ValueError(f"{number!r} is not an E.164 number (+ and up to 15 digits), as calls record them")
+    return CallerErased(caller_key=key, erased_before_us=now_us, requested_by=requested_by, reason=reason)

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -484,6 +485,36 @@ def projections_status() -> None:
     for row in result.rows:
         table.add_row(*(str(v) for v in row))
     console.print(table)
+
+
+@app.command("erase")
+def erase_caller(
+    tenant: Annotated[str, typer.Option(help="The tenant whose caller is to be forgotten.")],
+    number: Annotated[str, typer.Option(help="The caller's (or called person's) number, E.164.")],
+    reason: Annotated[str, typer.Option(help="Why, for the audit trail.")] = "",
+) -> None:
+    """Forget a caller: their memory, and their calls that started before now (rows in every table,
+    recordings), as a caller.erased event that every projection folds, through restarts and rebuilds."""
+    from producers.events import EventWriter, standalone_event
+    from streams.memory import erasure, new_erasure_id
+
+    operator = os.environ.get("USER") or "operator"
+    try:
+        payload = erasure(tenant, number, requested_by=f"cli:{operator}", reason=reason, now_us=time.time_ns() // 1000)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--number") from exc
+    erasure_id = new_erasure_id()
+
+    async def write() -> None:
+        async with _backend().producer() as producer:
+            writer = EventWriter(producer)
+            await writer.append(standalone_event(payload, tenant_id=tenant, stream_id=erasure_id,
+                                                 producer="voxlog.cli", producer_version=__version__))
+            await writer.flush()
+
+    asyncio.run(write())
+    console.print(f"{erasure_id}: caller {payload.caller_key} of {tenant} erased (calls started before now); "
+                  "the projections remove their rows and recordings as they reach it")
 
 
 @audit_app.command("verify")

@@ -18,9 +18,8 @@ import pytest
 from consumers.base import LogRecord
 from producers.events import CallRecorder, EventWriter
 from projections import recordings
-from projections.calls import at
 from projections.recordings import RECORDINGS, RecordingsProjection, recording_path
-from projections.tables import Row
+from projections.tables import Row, at
 from schemas.base import Event, EventPayload
 from schemas.envelope import Envelope
 from schemas.events import AgentAudioChunk, CallEnded, CallerAudioChunk, CallStarted
