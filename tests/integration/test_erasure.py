@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from consumers.events import read_call
 from producers.events import CallRecorder, EventWriter, standalone_event
 from producers.synthetic import synthetic_call
 from projections.recordings import RecordingsProjection, recording_path
@@ -27,9 +28,13 @@ from projections.tables import (
     TRANSCRIPTS,
     TURNS,
 )
-from schemas.events import CallStarted, CallSummarized
+from schemas.events import CallerErased, CallStarted, CallSummarized
 from streams.memory import caller_key, erasure, new_erasure_id
-from voxlog.backends import LogBackend
+from tests.integration.test_cli import voxlog
+from tests.integration.test_outbound_calls import api, stream_of
+from voxlog.backends import EmbeddedBackend, LogBackend
+from voxlog.settings import Settings
+from voxlog.sim.stack import local_stack
 
 ERASED, KEPT = "+15557000001", "+15557000002"
 PER_CALL_TABLES = (CALLS, TURNS, TRANSCRIPTS, TOOL_CALLS, ERRORS, RECORDINGS)
@@ -115,3 +120,41 @@ async def test_an_erased_caller_is_gone_from_every_table_and_stays_gone(backend:
     check()
     await project(backend, store, recordings, rebuild=True)  # from offset zero: the calls come before their erasure
     check()
+
+
+async def test_a_tenant_asks_for_an_erasure_through_the_api(tmp_path: Path) -> None:
+    async with local_stack(Settings(home=tmp_path)) as stack:
+        refused = await api(stack, "POST", "/v1/erasures", key=None, json={"number": ERASED})
+        assert refused.status_code == 401
+        assert (await api(stack, "POST", "/v1/erasures", json={"number": "555-0100"})).status_code == 422
+        accepted = await api(stack, "POST", "/v1/erasures", json={"number": ERASED, "reason": "asked by phone"})
+        assert accepted.status_code == 202, accepted.text
+        body = accepted.json()
+        assert body["caller_key"] == caller_key("demo", ERASED)
+        (event,) = await stream_of(stack, body["erasure_id"])
+    assert isinstance(event.payload, CallerErased)
+    assert (event.tenant_id, event.payload.caller_key, event.payload.reason) == ("demo", body["caller_key"],
+                                                                                   "asked by phone")
+    assert event.payload.requested_by.startswith("api-key:")
+    assert event.payload.erased_before_us == body["erased_before_us"]
+
+
+def test_an_operator_erases_a_caller_from_the_command_line(tmp_path: Path) -> None:
+    refused = voxlog("erase", "--tenant", "demo", "--number", "5550100", home=tmp_path)
+    assert refused.returncode == 2
+    assert "not an E.164 number" in refused.stderr
+    done = voxlog("erase", "--tenant", "demo", "--number", ERASED, "--reason", "retention", home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    erasure_id = done.stdout.split(":")[0].strip()
+
+    async def read() -> list[Any]:
+        admin = EmbeddedBackend(tmp_path / "log.db").admin()
+        try:
+            return (await read_call(admin, erasure_id)).events
+        finally:
+            await admin.close()
+
+    (event,) = asyncio.run(read())
+    assert isinstance(event.payload, CallerErased)
+    assert event.payload.caller_key == caller_key("demo", ERASED)
+    assert event.payload.requested_by.startswith("cli:")
