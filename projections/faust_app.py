@@ -123,8 +123,6 @@ class ProjectionAgent:
         decoded, _ = await decode_records(records, self.codec, dead_letters, self.name, self.projection.event_types)
         after = {record.tp: record.offset + 1 for record in records}
         await self.runner.project(decoded, dead_letters, after)
-        self.runner.positions.update(after)
-        self.runner.events += len(records)
 
 
 def build_apps(bootstrap: str, store: AnalyticsStore, projections: Sequence[Projection], *,
