@@ -37,7 +37,6 @@ The API key is never logged, and is removed from any message that might echo it.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from dataclasses import dataclass, field
@@ -62,16 +61,15 @@ from streams.providers.llm_common import (
     DEFAULT_FIRST_TOKEN_TIMEOUT_S,
     DEFAULT_STALL_TIMEOUT_S,
     ParameterReader,
-    RequestedCall,
     StreamClock,
     StreamTimeouts,
     TextTurn,
     ToolCallsTurn,
     conversation,
     error_detail,
+    read_stream,
     redact,
     status_error,
-    timed_events,
     tool_schema,
 )
 
@@ -132,49 +130,37 @@ class AnthropicLlm(LlmProvider):
         await self._client.close()
 
     async def complete(self, request: LlmRequest) -> LlmResult:
-        clock = StreamClock()
         model = request.model or self.model
         parameters = self._parameters.read(request.parameters)
         max_tokens = parameters.integer("max_tokens") or self.max_tokens
         stop = parameters.text("stop")
         system, messages = _messages(request)
         tools = [_tool(spec) for spec in request.tools]
-        first_token_deadline = asyncio.get_running_loop().time() + self.timeouts.first_token_s
         answer = _Answer(model=model)
-        stream: anthropic.AsyncStream[RawMessageStreamEvent] | None = None
-        try:
-            try:
-                async with asyncio.timeout_at(first_token_deadline):
-                    stream = await self._client.messages.create(
-                        model=model,
-                        max_tokens=max_tokens,
-                        system=system or anthropic.omit,
-                        messages=messages,
-                        tools=tools or anthropic.omit,
-                        stop_sequences=[stop] if stop else anthropic.omit,
-                        stream=True,
-                    )
-            except TimeoutError:
-                raise ProviderError(
-                    NAME, "timeout", f"no response within {self.timeouts.first_token_s:g} s", retryable=True
-                ) from None
-            async for event in timed_events(NAME, stream, self.timeouts, first_token_deadline, _is_token):
-                answer.add(event)
-                if _is_token(event):
-                    clock.token()
-        except ProviderError:
-            raise
-        except (anthropic.APIError, httpx2.HTTPError, ValueError) as exc:
-            raise self._failure(exc, streaming=stream is not None) from exc
-        finally:
-            if stream is not None:
-                await stream.close()
+
+        async def open_stream() -> anthropic.AsyncStream[RawMessageStreamEvent]:
+            return await self._client.messages.create(
+                model=model,
+                max_tokens=max_tokens,
+                system=system or anthropic.omit,
+                messages=messages,
+                tools=tools or anthropic.omit,
+                stop_sequences=[stop] if stop else anthropic.omit,
+                stream=True,
+            )
+
+        def take(event: RawMessageStreamEvent) -> bool:
+            answer.add(event)
+            return _is_token(event)
+
+        clock = await read_stream(NAME, self.timeouts, open_stream, is_token=_is_token, take=take,
+                                  sdk_errors=(anthropic.APIError,), failure=self._failure)
         result = answer.result(clock)
         log.debug("anthropic %s: %s, %d+%d tokens, first token %d ms", request.request_id, result.finish_reason,
                   result.input_tokens, result.output_tokens, result.time_to_first_token_ms)
         return result
 
-    def _failure(self, exc: Exception, *, streaming: bool) -> ProviderError:
+    def _failure(self, exc: Exception, streaming: bool) -> ProviderError:
         if isinstance(exc, anthropic.APIStatusError):
             kind, message = error_detail(exc.body)
             text = redact(message or exc.message, self._api_key)
@@ -210,7 +196,7 @@ def _tool(spec: ToolSpec) -> ToolParam:
     }
 
 
-def _tool_input(call: RequestedCall) -> dict[str, object]:
+def _tool_input(call: ToolCall) -> dict[str, object]:
     """The arguments as the object `tool_use.input` must be. Arguments that are no JSON object (an
     earlier provider's malformed call) are kept as a string, not lost."""
     try:

@@ -27,17 +27,18 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import httpx2
 
-from streams.providers.base import ChatMessage, ProviderError, ToolSpec
+from streams.providers.base import ChatMessage, ProviderError, ToolCall, ToolSpec
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 DEFAULT_CONNECT_TIMEOUT_S = 2.0
 DEFAULT_FIRST_TOKEN_TIMEOUT_S = 3.0
@@ -118,6 +119,55 @@ async def timed_events(
         yield event
 
 
+class EventStream(Protocol[T_co]):
+    """An SDK's streamed response: its events, and a way to let go of the connection."""
+
+    def __aiter__(self) -> AsyncIterator[T_co]: ...
+
+    async def __anext__(self) -> T_co: ...
+
+    async def close(self) -> None: ...
+
+
+async def read_stream(
+    provider: str,
+    timeouts: StreamTimeouts,
+    open_stream: Callable[[], Awaitable[EventStream[T]]],
+    *,
+    is_token: Callable[[T], bool],
+    take: Callable[[T], bool],
+    sdk_errors: tuple[type[Exception], ...],
+    failure: Callable[[Exception, bool], ProviderError],
+) -> StreamClock:
+    """Opens a streamed answer within the first-token deadline and hands each event to `take` (which
+    folds it and says whether it carried a token) within `timed_events`' deadlines; an SDK's or the
+    HTTP client's error becomes `failure(exc, streaming)`. The stream is closed whatever happens.
+    Returns the clock of the answer."""
+    caught: tuple[type[Exception], ...] = (*sdk_errors, httpx2.HTTPError, ValueError)
+    clock = StreamClock()
+    first_token_deadline = asyncio.get_running_loop().time() + timeouts.first_token_s
+    stream: EventStream[T] | None = None
+    try:
+        try:
+            async with asyncio.timeout_at(first_token_deadline):
+                stream = await open_stream()
+        except TimeoutError:
+            raise ProviderError(
+                provider, "timeout", f"no response within {timeouts.first_token_s:g} s", retryable=True
+            ) from None
+        async for event in timed_events(provider, stream, timeouts, first_token_deadline, is_token):
+            if take(event):
+                clock.token()
+    except ProviderError:
+        raise
+    except caught as exc:
+        raise failure(exc, stream is not None) from exc
+    finally:
+        if stream is not None:
+            await stream.close()
+    return clock
+
+
 def retry_after_s(headers: Mapping[str, str]) -> float | None:
     """The server's wait, from `retry-after-ms` (OpenAI) or `retry-after` (seconds or an HTTP date)."""
     millis = headers.get("retry-after-ms")
@@ -169,15 +219,8 @@ class TextTurn:
 
 
 @dataclass(frozen=True, slots=True)
-class RequestedCall:
-    id: str
-    name: str
-    arguments_json: str
-
-
-@dataclass(frozen=True, slots=True)
 class ToolCallsTurn:
-    calls: tuple[RequestedCall, ...]
+    calls: tuple[ToolCall, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +250,7 @@ def safe_call_id(call_id: str) -> str:
     return "call_" + hashlib.sha256(call_id.encode()).hexdigest()[:24]
 
 
-def _tool_calls(message: ChatMessage) -> tuple[RequestedCall, ...] | None:
+def _tool_calls(message: ChatMessage) -> tuple[ToolCall, ...] | None:
     """The calls in a core tool-call message, or None where `message` is not one by its shape."""
     try:
         items = json.loads(message.content)
@@ -221,7 +264,7 @@ def _tool_calls(message: ChatMessage) -> tuple[RequestedCall, ...] | None:
             return None
         if not all(isinstance(item[key], str) for key in ("id", "name", "arguments")):
             return None
-        calls.append(RequestedCall(safe_call_id(item["id"]), item["name"], item["arguments"] or "{}"))
+        calls.append(ToolCall(safe_call_id(item["id"]), item["name"], item["arguments"] or "{}"))
     return tuple(calls)
 
 

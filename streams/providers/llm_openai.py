@@ -30,7 +30,6 @@ The API key is never logged, and is removed from any message that might echo it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -57,9 +56,9 @@ from streams.providers.llm_common import (
     ToolResultTurn,
     conversation,
     error_detail,
+    read_stream,
     redact,
     status_error,
-    timed_events,
     tool_schema,
 )
 
@@ -121,51 +120,36 @@ class OpenAiLlm(LlmProvider):
         await self._client.close()
 
     async def complete(self, request: LlmRequest) -> LlmResult:
-        clock = StreamClock()
         model = request.model or self.model
         parameters = self._parameters.read(request.parameters)
         messages = _messages(request)
         tools = [_tool(spec) for spec in request.tools]
-        first_token_deadline = asyncio.get_running_loop().time() + self.timeouts.first_token_s
         answer = _Answer(model=model)
-        stream: openai.AsyncStream[ChatCompletionChunk] | None = None
-        try:
-            try:
-                async with asyncio.timeout_at(first_token_deadline):
-                    stream = await self._client.chat.completions.create(
-                        model=model,
-                        messages=messages,
-                        tools=tools or openai.omit,
-                        stream=True,
-                        stream_options={"include_usage": True},
-                        temperature=_given(parameters.number("temperature")),
-                        top_p=_given(parameters.number("top_p")),
-                        presence_penalty=_given(parameters.number("presence_penalty")),
-                        frequency_penalty=_given(parameters.number("frequency_penalty")),
-                        seed=_given(parameters.integer("seed")),
-                        stop=_given(parameters.text("stop")),
-                        max_completion_tokens=_given(parameters.integer("max_tokens")),
-                    )
-            except TimeoutError:
-                raise ProviderError(
-                    NAME, "timeout", f"no response within {self.timeouts.first_token_s:g} s", retryable=True
-                ) from None
-            async for chunk in timed_events(NAME, stream, self.timeouts, first_token_deadline, _has_token):
-                if answer.add(chunk):
-                    clock.token()
-        except ProviderError:
-            raise
-        except (openai.APIError, httpx2.HTTPError, ValueError) as exc:
-            raise self._failure(exc, streaming=stream is not None) from exc
-        finally:
-            if stream is not None:
-                await stream.close()
+
+        async def open_stream() -> openai.AsyncStream[ChatCompletionChunk]:
+            return await self._client.chat.completions.create(
+                model=model,
+                messages=messages,
+                tools=tools or openai.omit,
+                stream=True,
+                stream_options={"include_usage": True},
+                temperature=_given(parameters.number("temperature")),
+                top_p=_given(parameters.number("top_p")),
+                presence_penalty=_given(parameters.number("presence_penalty")),
+                frequency_penalty=_given(parameters.number("frequency_penalty")),
+                seed=_given(parameters.integer("seed")),
+                stop=_given(parameters.text("stop")),
+                max_completion_tokens=_given(parameters.integer("max_tokens")),
+            )
+
+        clock = await read_stream(NAME, self.timeouts, open_stream, is_token=_has_token, take=answer.add,
+                                  sdk_errors=(openai.APIError,), failure=self._failure)
         result = answer.result(clock)
         log.debug("openai %s: %s, %d+%d tokens, first token %d ms", request.request_id, result.finish_reason,
                   result.input_tokens, result.output_tokens, result.time_to_first_token_ms)
         return result
 
-    def _failure(self, exc: Exception, *, streaming: bool) -> ProviderError:
+    def _failure(self, exc: Exception, streaming: bool) -> ProviderError:
         if isinstance(exc, openai.APIStatusError):
             _, message = error_detail(exc.body)
             text = redact(message or exc.message, self._api_key)
