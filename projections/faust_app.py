@@ -61,6 +61,7 @@ from producers.base import LogProducer
 from projections.runner import Projection, ProjectionRunner
 from projections.store import AnalyticsStore
 from schemas.codec import EventCodec
+from streams.faust_apps import faust_app
 from voxlog.backends import KafkaBackend
 
 log = logging.getLogger(__name__)
@@ -133,15 +134,9 @@ def build_apps(bootstrap: str, store: AnalyticsStore, projections: Sequence[Proj
     for projection in projections:
         app_id = f"{app_id_prefix}-{projection.name}"
         (datadir / app_id).mkdir(parents=True, exist_ok=True)
-        app = faust.App(
+        app = faust_app(
             app_id,
-            broker=f"kafka://{bootstrap}",
-            store="memory://",
-            web_enabled=False,
-            key_serializer="raw",
-            value_serializer="raw",
-            topic_replication_factor=1,
-            consumer_auto_offset_reset="earliest",
+            bootstrap,
             broker_session_timeout=SESSION_TIMEOUT_S,
             # A stop or a rebalance need not wait for the events faust has handed out to be folded
             # (catching up, that can be minutes): the offsets in ClickHouse say where to go on.

@@ -18,6 +18,7 @@ from consumers.events import dead_letter_headers
 from schemas.codec import EventCodec, UndecodableMessage
 from schemas.topics import DEADLETTER, TOPICS
 from streams.call_registry import CallRegistry
+from streams.faust_apps import faust_app
 from streams.processor import EventProcessor
 from streams.runner import restore
 from voxlog.backends import KafkaBackend
@@ -31,17 +32,7 @@ def default_processors() -> list[EventProcessor]:
 
 
 def build_app(bootstrap: str, processors: Sequence[EventProcessor]) -> faust.App:
-    app = faust.App(
-        APP_ID,
-        broker=f"kafka://{bootstrap}",
-        store="memory://",
-        web_enabled=False,
-        key_serializer="raw",
-        value_serializer="raw",
-        topic_replication_factor=1,
-        consumer_auto_offset_reset="earliest",
-        producer_acks=-1,
-    )
+    app = faust_app(APP_ID, bootstrap, producer_acks=-1)
     codec = EventCodec()
     dead_letters = app.topic(DEADLETTER, key_type=bytes, value_type=bytes, partitions=TOPICS[DEADLETTER].partitions)
     outputs = {
