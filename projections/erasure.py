@@ -8,7 +8,8 @@ batch that came before, so nothing written earlier survives), writes a row to `e
 whatever of those calls it reads later. Which of the two comes first in a rebuild (a call's events
 and the erasure are on different partitions) does not matter: either the call's rows are written
 and then deleted, or they are never written. A restarted projection learns the erasures it has
-folded from `erasures`.
+folded from `erasures`. Each of them writes the same `erasures` rows, so a rebuild of one, which
+drops the table, refills it as it reads the erasures again.
 """
 
 from __future__ import annotations
