@@ -216,9 +216,10 @@ class CallsFold:
         match p:
             case CallStarted():
                 call.caller_key, call.started_us = caller_key(call.tenant_id, person_number(p)), now
-                if self.erasures.erased(call.tenant_id, call.caller_key, now):
+                erasure = self.erasures.erasure_of(call.tenant_id, call.caller_key, now)
+                if erasure is not None:  # read after its erasure: listed as erased, for the other projections
                     call.erased = True
-                    return []
+                    return [(ERASED_CALLS, (call.tenant_id, call.call_id, call.caller_key, at(now), erasure, 1))]
                 row.update(caller_key=call.caller_key or "", agent_id=p.agent_id, agent_version=p.agent_version,
                            channel=p.channel, direction=p.direction, routed_by=p.routed_by, started_at=at(now),
                            from_number=redact_field("phone", p.from_number, self.redactor) or "",

@@ -34,31 +34,37 @@ CALLS_ERASED = f"tenant_id = {{tenant:String}} AND call_id IN ({ERASED_CALL_IDS}
 
 
 class ErasedCallers:
-    """The erasures a projection has folded: (tenant, caller key) -> erased before (epoch us)."""
+    """The erasures a projection has folded: (tenant, caller key) -> (erased before (epoch us), the
+    erasure that set it)."""
 
     def __init__(self) -> None:
-        self.before: dict[tuple[str, str], int] = {}
+        self.before: dict[tuple[str, str], tuple[int, str]] = {}
+
+    def erasure_of(self, tenant_id: str, caller_key: str | None, started_us: int) -> str | None:
+        """The erasure that erased a call of this caller that started then, if one did."""
+        if not caller_key:
+            return None
+        found = self.before.get((tenant_id, caller_key))
+        return found[1] if found is not None and started_us < found[0] else None
 
     def erased(self, tenant_id: str, caller_key: str | None, started_us: int) -> bool:
         """Whether a call of this caller that started then is erased."""
-        if not caller_key:
-            return False
-        before = self.before.get((tenant_id, caller_key))
-        return before is not None and started_us < before
+        return self.erasure_of(tenant_id, caller_key, started_us) is not None
 
     def fold(self, event: Event[EventPayload], redactor: Redactor) -> Row:
         """Remembers the erasure; returns its `erasures` row."""
         p = event.payload
         assert isinstance(p, CallerErased)
         key = (event.tenant_id, p.caller_key)
-        self.before[key] = max(self.before.get(key, 0), p.erased_before_us)
+        self.before[key] = max(self.before.get(key, (0, "")), (p.erased_before_us, event.call_id))
         return ERASURES, (event.tenant_id, p.caller_key, at(p.erased_before_us), p.requested_by,
                           redactor.redact(p.reason), event.call_id, event.seq)
 
     def load(self, store: AnalyticsStore) -> None:
-        result = store.query(f"SELECT tenant_id, caller_key, max(toUnixTimestamp64Micro(erased_before)) "
-                             f"FROM {ERASURES.name} FINAL GROUP BY tenant_id, caller_key")
-        self.before = {(tenant, caller): int(before) for tenant, caller, before in result.rows}
+        result = store.query(f"SELECT tenant_id, caller_key, max(toUnixTimestamp64Micro(erased_before)), "
+                             f"argMax(erasure_id, erased_before) FROM {ERASURES.name} FINAL "
+                             "GROUP BY tenant_id, caller_key")
+        self.before = {(tenant, caller): (int(before), erasure) for tenant, caller, before, erasure in result.rows}
 
 
 def parameters(event: Event[EventPayload]) -> tuple[tuple[str, Any], ...]:
