@@ -8,18 +8,21 @@ projection holds back. All the apps run in one worker process, because the embed
 
 **Batches.** The agent takes up to `BATCH_RECORDS` events, or what came within `BATCH_WITHIN_S`
 (`Stream.take_events`), folds them into rows, inserts the rows, then stores the offsets after the
-batch in `_projection_offsets`, like the in-process runner. Faust acks the batch only once that is
-done, so its periodic commits follow the rows in the normal course.
+batch in `_projection_offsets`, like the in-process runner, and only then commits those offsets to
+the group itself.
 
-**ClickHouse's offsets are the truth, not the group's.** Faust's committed offsets alone cannot
-promise that no row is lost: `take_events` acks its batch in a `finally`, so also when the agent
-fails or is cancelled in the middle of a batch, and faust commits acked offsets when a task fails
-and when it stops; and a stop here cancels a batch midway, for it does not wait for the events
-already fetched to be folded (`stream_wait_empty` off: catching up, that can take minutes). So at
-every partition assignment the worker commits to the group the offsets stored in ClickHouse for
-the partitions it was given, in `on_rebalance_complete`, which faust awaits before it seeks the
-consumer to the committed offsets: reading resumes right after the last batch whose offsets are
-stored. A crash between a batch's rows and its offsets replays that batch, whose rows come out the
+**ClickHouse's offsets are the truth, not faust's acks.** The topics are read with acks off, so
+faust commits nothing of its own: its acks cannot say what was written. `take_events` acks its
+batch in a `finally`, so also when the agent fails or is cancelled in the middle of a batch, or
+skips a batch fetched before a rebalance (below); faust commits acked offsets periodically, when a
+task fails and when it stops; and a stop here cancels a batch midway, for it does not wait for the
+events already fetched to be folded (`stream_wait_empty` off: catching up, that can take minutes).
+With acks on, the group's offsets ran ahead of the rows after a rebalance, and a worker stopped
+then (or a reader of the group's lag) took events for written that were not. So the group's
+offsets are only ever the ones stored in ClickHouse: after each batch, and at every partition
+assignment, for the partitions the worker was given, in `on_rebalance_complete`, which faust awaits
+before it seeks the consumer to the committed offsets: reading resumes right after the last batch
+whose offsets are stored. A crash between a batch's rows and its offsets replays that batch, whose rows come out the
 same and collapse in the ReplacingMergeTree; so a worker killed or stopped anywhere and started
 again neither loses nor doubles a row. Events fetched before the assignment (a batch gathered
 across a rebalance) carry the old consumer generation and are skipped: the seek reads them again.
@@ -47,12 +50,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, cast
 
 import faust
 from faust.transport.consumer import Consumer
+from faust.types import TP
 from mode.supervisors import CrashingSupervisor
 
 from consumers.base import LogRecord, TopicPartition
@@ -99,8 +103,7 @@ class ProjectionAgent:
             self.projection.reset()
             await self.runner.prepare()
             offsets = {tp: self.runner.positions.get(TopicPartition(tp.topic, tp.partition), 0) for tp in assigned}
-            # Faust has no public call to commit given offsets; `_commit` is the one its own commits end in.
-            if offsets and not await consumer._commit(offsets):  # noqa: SLF001
+            if offsets and not await self._commit(offsets):
                 log.warning("%s: rebalanced again before its offsets were committed", self.name)
                 return
             self.generation = generation
@@ -124,6 +127,14 @@ class ProjectionAgent:
         decoded, _ = await decode_records(records, self.codec, dead_letters, self.name, self.projection.event_types)
         after = {record.tp: record.offset + 1 for record in records}
         await self.runner.project(decoded, dead_letters, after)
+        if not await self._commit({TP(tp.topic, tp.partition): offset for tp, offset in after.items()}):
+            log.info("%s: rebalancing; the next assignment commits the offsets stored in ClickHouse", self.name)
+
+    async def _commit(self, offsets: Mapping[TP, int]) -> bool:
+        """Commits `offsets` to the group; False where the group rebalanced meanwhile."""
+        consumer = cast(Consumer, self.app.consumer)
+        # Faust has no public call to commit given offsets; `_commit` is the one its own commits end in.
+        return bool(await consumer._commit(offsets))  # noqa: SLF001
 
 
 def build_apps(bootstrap: str, store: AnalyticsStore, projections: Sequence[Projection], *,
@@ -144,7 +155,7 @@ def build_apps(bootstrap: str, store: AnalyticsStore, projections: Sequence[Proj
             datadir=str(datadir / app_id),
         )
         agent = ProjectionAgent(app, backend, store, projection)
-        source = app.topic(*projection.topics, key_type=bytes, value_type=bytes)
+        source = app.topic(*projection.topics, key_type=bytes, value_type=bytes, acks=False)
         app.agent(source, name=projection.name, supervisor_strategy=CrashingSupervisor)(agent.consume)
         # mode's SignalHandlerT matches no function under mypy, not even `def (sender, *args, **kwargs) -> None`.
         app.on_rebalance_complete.connect(agent.on_assigned)  # type: ignore[arg-type]

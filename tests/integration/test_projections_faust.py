@@ -203,10 +203,6 @@ async def test_the_faust_worker_writes_what_the_in_process_runner_writes(tmp_pat
     assert comparable(tables) == comparable(await in_process_tables(log, store, tenant))
 
 
-# It still runs in CI, and its failures show there. It failed once in three full CI runs on the shared
-# broker (2026-11-25), and pytest could not format the traceback. Until the cause is found, that
-# failure must not hide the rest of the suite: see the issue 5 note.
-@pytest.mark.xfail(strict=False, reason="intermittent on a shared broker; cause under investigation (issue 5)")
 async def test_killing_the_faust_worker_loses_and_doubles_nothing(tmp_path: Path, store: AnalyticsStore) -> None:
     log = KafkaBackend(kafka_bootstrap())
     tenant = f"t{uuid.uuid4().hex[:8]}"
