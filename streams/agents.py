@@ -63,6 +63,13 @@ class Provider(_Spec):
 class Voice(_Spec):
     provider: str = "espeak-ng"
     voice: str = "en-us"
+    """The provider's own voice id (an ElevenLabs voice id, a PlayHT voice manifest URL, an espeak-ng voice)."""
+    model: str = ""
+    """The provider's model (ElevenLabs' `model_id`, PlayHT's voice engine); unset: the adapter's default."""
+    timeout_s: float | None = Field(None, gt=0, le=60)
+    """How long its first audio may take (and a stall midway) before the next provider speaks instead."""
+    fallbacks: tuple[Voice, ...] = ()
+    """Who speaks instead, in order, each with its own voice, when this provider fails."""
 
 
 class Guardrails(_Spec):

@@ -72,6 +72,7 @@ from streams.providers.base import (
     ProviderSwitch,
     Recognition,
     TtsProvider,
+    close_chunks,
 )
 from streams.providers.resilience import ChainExhausted
 from streams.transport import InboundCall, MediaTransport, TransportClosed
@@ -397,7 +398,7 @@ class CallSession:
         )
 
     def _record_attempts(self, component: str, failures: Sequence[ProviderFailure],
-                         fallbacks: Sequence[ProviderSwitch], turn_index: int, causation_id: str) -> None:
+                         fallbacks: Sequence[ProviderSwitch], turn_index: int, causation_id: str | None = None) -> None:
         """What a provider chain went through: an error per failed attempt, a fallback per switch."""
         for failure in failures:
             self._submit(ErrorRaised(component=component, provider=failure.provider, kind=failure.kind,
@@ -449,7 +450,7 @@ class CallSession:
 
     # -- speech out ---------------------------------------------------------------------------
     async def _speak(self, action: Speak, causation_id: str) -> None:
-        tts = self.providers.tts
+        speech = self.providers.tts.speak(action.text, voice=action.voice, sample_rate=PCM_RATE)
         requested = time.perf_counter()
         first_byte_ms = 0
         frames_sent = 0
@@ -459,7 +460,7 @@ class CallSession:
         start = 0.0
         await self._show("agent", action.text, final=True)
         try:
-            async for chunk in tts.synthesize(action.text, voice=action.voice, sample_rate=PCM_RATE):
+            async for chunk in speech.chunks:
                 if not first_byte_ms:
                     first_byte_ms = int((time.perf_counter() - requested) * 1000)
                     start = loop.time()
@@ -476,23 +477,21 @@ class CallSession:
             await self.transport.mark(action.request_id)
         except asyncio.CancelledError:
             interrupted = True
-        except (ProviderError, TransportClosed) as exc:
-            self._submit(
-                ErrorRaised(
-                    component="tts",
-                    provider=tts.name,
-                    kind=type(exc).__name__,
-                    message=str(exc),
-                    retryable=False,
-                    fatal=False,
-                ),
-                causation_id=causation_id,
-            )
+        except ProviderError as exc:
+            if not isinstance(exc, ChainExhausted):  # a chain's failures are in its report
+                self._record_attempts("tts", [ProviderFailure(speech.provider, exc.kind, str(exc), exc.retryable)],
+                                      (), self.state.turn_index, causation_id)
+        except TransportClosed as exc:
+            self._submit(ErrorRaised(component="transport", provider=self.call.channel, kind="closed",
+                                     message=str(exc), retryable=False, fatal=False), causation_id=causation_id)
         finally:
+            await close_chunks(speech.chunks)
+            self._record_attempts("tts", speech.report.failures, speech.report.fallbacks, self.state.turn_index,
+                                  causation_id)
             self._submit(
                 TtsCompleted(
                     request_id=action.request_id,
-                    provider=tts.name,
+                    provider=speech.provider,
                     voice=action.voice,
                     time_to_first_byte_ms=first_byte_ms,
                     audio_ms=frames_sent * FRAME_MS,
@@ -565,8 +564,8 @@ class CallSession:
                             utterance_id=f"u{self._utterances}",
                             text=interim.text,
                             confidence=interim.confidence,
-                            provider=self.providers.asr.name,
-                            model=self.providers.asr.model,
+                            provider=interim.provider or self.providers.asr.name,
+                            model=interim.model or self.providers.asr.model,
                             start_ms=interim.start_ms + self._asr_shift_ms,
                             end_ms=interim.end_ms + self._asr_shift_ms,
                         )
@@ -576,7 +575,11 @@ class CallSession:
     async def _feed(self, pcm16: bytes) -> Recognition | None:
         assert self._asr is not None
         self._asr_fed_ms += FRAME_MS
-        return await self._asr.accept(pcm16)
+        try:
+            return await self._asr.accept(pcm16)
+        except ProviderError as exc:
+            self._asr_failed(exc)  # the utterance's end tries again (a chain: from its first provider)
+            return None
 
     async def _finish_utterance(self) -> None:
         assert self._asr is not None
@@ -584,17 +587,9 @@ class CallSession:
         try:
             result = await self._asr.end_utterance()
         except ProviderError as exc:
-            self._submit(
-                ErrorRaised(
-                    component="asr",
-                    provider=self.providers.asr.name,
-                    kind=exc.kind,
-                    message=str(exc),
-                    retryable=exc.retryable,
-                    fatal=False,
-                )
-            )
+            self._asr_failed(exc)
             return
+        self._record_attempts("asr", result.failures, result.fallbacks, self.state.turn_index)
         utterance_id = f"u{self._utterances}"
         self._utterances += 1
         shift = self._asr_shift_ms
@@ -607,8 +602,8 @@ class CallSession:
                     Word(word=w.word, start_ms=w.start_ms + shift, end_ms=w.end_ms + shift, confidence=w.confidence)
                     for w in result.words
                 ),
-                provider=self.providers.asr.name,
-                model=self.providers.asr.model,
+                provider=result.provider or self.providers.asr.name,
+                model=result.model or self.providers.asr.model,
                 language="en-US",
                 start_ms=result.start_ms + shift,
                 end_ms=result.end_ms + shift,
@@ -617,6 +612,14 @@ class CallSession:
         )
         if result.text:
             await self._show("caller", result.text, final=True)
+
+    def _asr_failed(self, exc: ProviderError) -> None:
+        """Recognition failed: what the chain went through, or the one provider's error."""
+        if isinstance(exc, ChainExhausted):
+            self._record_attempts("asr", exc.report.failures, exc.report.fallbacks, self.state.turn_index)
+        else:
+            failure = ProviderFailure(self.providers.asr.name, exc.kind, str(exc), exc.retryable)
+            self._record_attempts("asr", [failure], (), self.state.turn_index)
 
     async def _show(self, speaker: str, text: str, *, final: bool) -> None:
         with contextlib.suppress(TransportClosed):

@@ -34,6 +34,33 @@ class ProviderError(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True)
+class ProviderFailure:
+    """One failed attempt on the way to an answer (see streams/providers/resilience.py)."""
+
+    provider: str
+    kind: str
+    message: str
+    retryable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSwitch:
+    """The next provider of a chain took over; `reason`: timeout, error, rate_limited, circuit_open."""
+
+    from_provider: str
+    to_provider: str
+    reason: str
+
+
+@dataclass
+class ChainReport:
+    """What a request served by a chain of providers went through before it was answered (or not)."""
+
+    failures: list[ProviderFailure] = field(default_factory=list)
+    fallbacks: list[ProviderSwitch] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
 class RecognizedWord:
     word: str
     start_ms: int
@@ -51,6 +78,11 @@ class Recognition:
     start_ms: int
     end_ms: int
     words: tuple[RecognizedWord, ...] = ()
+    provider: str = ""
+    """Who recognised it, where a chain of providers stands behind the stream (else: the stream's provider)."""
+    model: str = ""
+    failures: tuple[ProviderFailure, ...] = ()
+    fallbacks: tuple[ProviderSwitch, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +116,9 @@ class AsrProvider(ABC):
     async def open_stream(self, *, keywords: Sequence[str] = (), language: str = "en-US") -> AsrStream:
         """`keywords`: words and phrases the agent expects, to bias recognition where supported."""
 
+    async def aclose(self) -> None:  # noqa: B027 (optional: most providers hold nothing open)
+        """Releases what the provider holds open across streams (a cloud client's connections)."""
+
 
 @dataclass(frozen=True, slots=True)
 class TtsCapabilities:
@@ -98,6 +133,31 @@ class TtsProvider(ABC):
     @abstractmethod
     def synthesize(self, text: str, *, voice: str, sample_rate: int = PCM_RATE) -> AsyncIterator[bytes]:
         """Speech for `text` as 16-bit mono PCM at `sample_rate`, in chunks as they are ready."""
+
+    def speak(self, text: str, *, voice: str, sample_rate: int = PCM_RATE) -> Speech:
+        """`synthesize`, with who is speaking and what failed on the way (a chain of providers says more)."""
+        return Speech(self.synthesize(text, voice=voice, sample_rate=sample_rate), self.name)
+
+    async def aclose(self) -> None:  # noqa: B027 (optional: most providers hold nothing open)
+        """Releases what the provider holds open (a cloud client's connections); nothing by default."""
+
+
+async def close_chunks(chunks: AsyncIterator[bytes]) -> None:
+    """Lets go of a synthesis stream that is not read to its end (a barge-in, a failure): its
+    connection or process is released now, not whenever the garbage collector finds it."""
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+@dataclass
+class Speech:
+    """Speech being synthesized: its chunks, and who speaks them, which a chain updates as it
+    switches providers; `report` holds what failed, complete once the chunks are."""
+
+    chunks: AsyncIterator[bytes]
+    provider: str
+    report: ChainReport = field(default_factory=ChainReport)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,25 +189,6 @@ class ToolCall:
     id: str
     name: str
     arguments_json: str
-
-
-@dataclass(frozen=True, slots=True)
-class ProviderFailure:
-    """One failed attempt on the way to an answer (see streams/providers/resilience.py)."""
-
-    provider: str
-    kind: str
-    message: str
-    retryable: bool
-
-
-@dataclass(frozen=True, slots=True)
-class ProviderSwitch:
-    """The next provider of a chain took over; `reason`: timeout, error, rate_limited, circuit_open."""
-
-    from_provider: str
-    to_provider: str
-    reason: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""Providers fail; a call must not. A capability (the LLM now; ASR and TTS the same way) is served
+"""Providers fail; a call must not. A capability (the LLM; ASR and TTS: asr_chain.py, tts_chain.py) is served
 by a chain of providers, the agent's choice first and its fallbacks after, each guarded by:
 
 - a **circuit breaker** of its own (per provider and model, shared by every call in the process):
@@ -28,7 +28,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Generic, Literal, TypeVar
 
-from streams.providers.base import LlmProvider, LlmRequest, LlmResult, ProviderError, ProviderFailure, ProviderSwitch
+from streams.providers.base import (
+    ChainReport,
+    LlmProvider,
+    LlmRequest,
+    LlmResult,
+    ProviderError,
+    ProviderFailure,
+    ProviderSwitch,
+)
 from streams.rate_limit import TokenBucket
 
 P = TypeVar("P")
@@ -100,14 +108,6 @@ class Guarded(Generic[P]):
     """The rate limit of the provider's API key (shared by every user of that key), if it has one."""
 
 
-@dataclass
-class ChainReport:
-    """What a request went through before it was answered (or not)."""
-
-    failures: list[ProviderFailure] = field(default_factory=list)
-    fallbacks: list[ProviderSwitch] = field(default_factory=list)
-
-
 class ChainExhausted(ProviderError):
     """Every provider of the chain failed or was skipped."""
 
@@ -137,13 +137,27 @@ class ProviderChain(Generic[P]):
     def primary(self) -> Guarded[P]:
         return self.members[0]
 
-    async def run(self, call: Callable[[Guarded[P]], Awaitable[T]]) -> tuple[T, Guarded[P], ChainReport]:
+    def index(self, member: Guarded[P]) -> int:
+        return next(i for i, m in enumerate(self.members) if m is member)
+
+    def failed(self, member: Guarded[P], error: ProviderError, report: ChainReport) -> tuple[str, FallbackReason]:
+        """A member that had answered failed later (a stream, midway): its breaker and the report are
+        told; returns what `run(failed=...)` needs to hand over to the next member."""
+        member.breaker.failed(self.clock())
+        report.failures.append(ProviderFailure(member.name, error.kind, str(error), error.retryable))
+        return member.name, fallback_reason(error.kind)
+
+    async def run(self, call: Callable[[Guarded[P]], Awaitable[T]], *, start: int = 0,
+                  failed: tuple[str, FallbackReason] | None = None,
+                  report: ChainReport | None = None) -> tuple[T, Guarded[P], ChainReport]:
         """`call(member)` with the chain's guards: the first answer, who gave it and what failed before;
-        ChainExhausted (with the report) when nobody answered."""
-        report = ChainReport()
+        ChainExhausted (with the report) when nobody answered. A stream that loses its provider midway
+        goes on with the members after it (`start`), saying which one failed and why (`failed`), and
+        adds to the report it already has."""
+        report = report if report is not None else ChainReport()
         deadline = self.clock() + self.deadline_s
-        failed: tuple[str, FallbackReason] | None = None
-        for index, member in enumerate(self.members):
+        for index in range(start, len(self.members)):
+            member = self.members[index]
             if failed is not None:
                 report.fallbacks.append(ProviderSwitch(failed[0], member.name, failed[1]))
                 failed = None
@@ -191,8 +205,7 @@ class ProviderChain(Generic[P]):
             else:
                 member.breaker.succeeded()
                 return result
-            member.breaker.failed(self.clock())
-            report.failures.append(ProviderFailure(member.name, error.kind, str(error), error.retryable))
+            self.failed(member, error, report)
             if not error.retryable or attempt == self.retry.attempts:
                 break
             if not last and error.kind in NOT_RETRIED_BEFORE_FALLBACK:

@@ -42,6 +42,15 @@ class ProviderSettings(BaseSettings):
     anthropic_base_url: str | None = Field(
         None, validation_alias=AliasChoices("VOXLOG_ANTHROPIC_BASE_URL", "ANTHROPIC_BASE_URL"),
         description="Anthropic endpoint; unset: Anthropic's.")
+    deepgram_base_url: str | None = Field(
+        None, validation_alias=AliasChoices("VOXLOG_DEEPGRAM_BASE_URL", "DEEPGRAM_BASE_URL"),
+        description="Deepgram endpoint (its live transcription WebSocket is reached there too); unset: Deepgram's.")
+    elevenlabs_base_url: str | None = Field(
+        None, validation_alias=AliasChoices("VOXLOG_ELEVENLABS_BASE_URL", "ELEVENLABS_BASE_URL"),
+        description="ElevenLabs endpoint; unset: ElevenLabs'.")
+    playht_base_url: str | None = Field(
+        None, validation_alias=AliasChoices("VOXLOG_PLAYHT_BASE_URL", "PLAYHT_BASE_URL"),
+        description="PlayHT endpoint; unset: PlayHT's.")
     requests_per_minute: dict[str, int] = Field(
         default_factory=dict, validation_alias=AliasChoices("VOXLOG_PROVIDER_REQUESTS_PER_MINUTE"),
         description='Rate limit per provider key, e.g. {"openai": 500}: a request over it goes to the next '

@@ -1,0 +1,179 @@
+"""Speech recognition served by a chain of providers (Deepgram, then Whisper, then pocketsphinx, say).
+
+A recognition stream lives as long as the call, so a provider can fail in the middle of it: its
+socket drops, or it stalls and no final result comes. The chain's stream keeps the audio of the
+utterance in progress; when its provider fails, the next provider of the chain (past open circuits
+and spent rate limits, as `ProviderChain.run` goes) opens a stream, hears that audio again and
+gives the utterance's result, so the caller's turn is recognised within its turn. The call stays
+with that provider afterwards: a stream cannot go back to a provider midway.
+
+Every result says who recognised it and what failed since the previous one (`Recognition.provider`,
+`failures`, `fallbacks`), which the session records as events. Where every provider failed, the
+utterance's `end_utterance` raises `ChainExhausted`; the next utterance starts again from the top of
+the chain, whose circuits may have closed by then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import replace
+
+from streams.providers.base import (
+    PCM_RATE,
+    AsrProvider,
+    AsrStream,
+    ChainReport,
+    ProviderError,
+    Recognition,
+    RecognizedWord,
+)
+from streams.providers.resilience import ChainExhausted, FallbackReason, Guarded, ProviderChain
+
+MAX_REPLAYED_MS = 60_000
+"""The most of an utterance a fallback hears again (an utterance is rarely longer)."""
+BYTES_PER_MS = PCM_RATE * 2 // 1000
+
+
+class ChainAsr(AsrProvider):
+    def __init__(self, chain: ProviderChain[AsrProvider]) -> None:
+        self.chain = chain
+        self.name = chain.primary.name
+        self.model = chain.primary.model or chain.primary.provider.model
+        self.capabilities = chain.primary.provider.capabilities
+
+    async def open_stream(self, *, keywords: Sequence[str] = (), language: str = "en-US") -> AsrStream:
+        stream = ChainAsrStream(self.chain, tuple(keywords), language)
+        await stream.start()
+        return stream
+
+
+class ChainAsrStream(AsrStream):
+    def __init__(self, chain: ProviderChain[AsrProvider], keywords: tuple[str, ...], language: str) -> None:
+        self.chain = chain
+        self.keywords = keywords
+        self.language = language
+        self._member: Guarded[AsrProvider] | None = None
+        self._stream: AsrStream | None = None
+        self._utterance: deque[bytes] = deque()
+        """The audio since the last final result, for a fallback to hear again."""
+        self._utterance_bytes = 0
+        self._fed_ms = 0
+        self._origin_ms = 0
+        """Where the serving stream's audio began, in the chain stream's audio: its times are shifted by it."""
+        self._report = ChainReport()
+        """What failed since the last final result."""
+
+    async def start(self) -> None:
+        """Opens the first provider that answers; ChainExhausted when none does (the call has no ears)."""
+        await self._take_over(start=0, failed=None)
+
+    async def accept(self, pcm: bytes) -> Recognition | None:
+        self._keep(pcm)
+        self._fed_ms += len(pcm) // BYTES_PER_MS
+        if self._stream is None:
+            return None  # every provider failed during this utterance: its end tries the chain again
+        assert self._member is not None
+        try:
+            result = await asyncio.wait_for(self._stream.accept(pcm), self._member.attempt_timeout_s)
+        except (ProviderError, TimeoutError) as exc:
+            await self._hand_over(self._member, _as_provider_error(self._member, exc))
+            return None
+        return None if result is None else self._ours(result, self._member)
+
+    async def end_utterance(self) -> Recognition:
+        try:
+            return await self._final()
+        except ChainExhausted:
+            self._forget_utterance()  # reported lost; the next utterance must not carry it
+            raise
+
+    async def _final(self) -> Recognition:
+        member = self._member
+        if self._stream is None or member is None:
+            await self._take_over(start=0, failed=None)
+            return await self._final()
+        try:
+            result = await asyncio.wait_for(self._stream.end_utterance(), member.attempt_timeout_s)
+        except (ProviderError, TimeoutError) as exc:
+            await self._hand_over(member, _as_provider_error(member, exc))
+            return await self._final()
+        member.breaker.succeeded()
+        recognition = self._ours(result, member, final=True)
+        self._forget_utterance()
+        self._report = ChainReport()
+        return recognition
+
+    def _forget_utterance(self) -> None:
+        self._utterance.clear()
+        self._utterance_bytes = 0
+
+    async def close(self) -> None:
+        await self._drop_stream()
+
+    def _keep(self, pcm: bytes) -> None:
+        self._utterance.append(pcm)
+        self._utterance_bytes += len(pcm)
+        while self._utterance_bytes > MAX_REPLAYED_MS * BYTES_PER_MS and len(self._utterance) > 1:
+            self._utterance_bytes -= len(self._utterance.popleft())
+
+    async def _hand_over(self, member: Guarded[AsrProvider], error: ProviderError) -> None:
+        """The serving provider failed midway: the next ones, from the one after it."""
+        failed = self.chain.failed(member, error, self._report)
+        await self._drop_stream()
+        await self._take_over(start=self.chain.index(member) + 1, failed=failed)
+
+    async def _take_over(self, *, start: int, failed: tuple[str, FallbackReason] | None) -> None:
+        """Opens the first member from `start` that answers, and has it hear the utterance so far.
+        Where none does, the stream has no provider until the utterance ends, and the report of what
+        failed goes with ChainExhausted."""
+        replayed = list(self._utterance)
+
+        async def open_and_replay(member: Guarded[AsrProvider]) -> AsrStream:
+            stream = await member.provider.open_stream(keywords=self.keywords, language=self.language)
+            try:
+                for pcm in replayed:
+                    await stream.accept(pcm)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await stream.close()
+                raise
+            return stream
+
+        try:
+            stream, member, _ = await self.chain.run(open_and_replay, start=start, failed=failed, report=self._report)
+        except ChainExhausted:
+            report, self._report = self._report, ChainReport()
+            self._member = None
+            raise ChainExhausted(self.chain.capability, report) from None
+        self._stream, self._member = stream, member
+        self._origin_ms = self._fed_ms - sum(len(pcm) for pcm in replayed) // BYTES_PER_MS
+
+    async def _drop_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                await stream.close()
+
+    def _ours(self, result: Recognition, member: Guarded[AsrProvider], *, final: bool = False) -> Recognition:
+        """The member's result in the chain stream's time, saying who gave it (and, final, what failed)."""
+        shift = self._origin_ms
+        return replace(
+            result,
+            start_ms=result.start_ms + shift,
+            end_ms=result.end_ms + shift,
+            words=tuple(RecognizedWord(w.word, w.start_ms + shift, w.end_ms + shift, w.confidence)
+                        for w in result.words),
+            provider=result.provider or member.name,
+            model=result.model or member.model or member.provider.model,
+            failures=tuple(self._report.failures) if final else (),
+            fallbacks=tuple(self._report.fallbacks) if final else (),
+        )
+
+
+def _as_provider_error(member: Guarded[AsrProvider], exc: BaseException) -> ProviderError:
+    if isinstance(exc, ProviderError):
+        return exc
+    return ProviderError(member.name, "timeout", f"no answer within {member.attempt_timeout_s:g} s", retryable=True)

@@ -1,0 +1,156 @@
+"""Speech synthesis served by a chain of providers (ElevenLabs, then PlayHT, then espeak-ng, say).
+
+With fallbacks, a reply is synthesized sentence by sentence, so a provider that fails midway costs
+at most the sentence it was speaking: the next provider of the chain (past open circuits and spent
+rate limits, as `ProviderChain.run` goes) says that sentence again from its start, and the rest of
+the reply. A provider that stalls mid-stream is given up after `stall_s`, so it does not stall the
+call. The next sentence's request is opened while one is playing, so sentences follow each other
+without waiting for a first byte. The reply stays with the provider that took over.
+
+Who is speaking and what failed are on the `Speech` (`TtsProvider.speak`), which the session
+records as events once the speech is over. Every provider speaks with its own voice: the agent's
+`tts.voice` for the first, each fallback's `voice` for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from streams.providers.base import PCM_RATE, ProviderError, Speech, TtsProvider, close_chunks
+from streams.providers.resilience import ChainExhausted, FallbackReason, Guarded, ProviderChain
+
+STALL_TIMEOUT_S = 2.5
+"""The longest wait for the next chunk once audio has begun (the cloud adapters' own stall timeouts
+are shorter, so they report a stall first, with their own words)."""
+MIN_SENTENCE_CHARS = 24
+"""Shorter sentences go with the next one: a request per "Sure." is not worth its first byte."""
+
+_SENTENCE_END = re.compile(r"(?<=[.!?…])[\"')\]]*\s+(?=\S)")
+
+
+def sentences(text: str) -> list[str]:
+    """`text` cut after each sentence's end, short ones joined to the next; joined with spaces, the
+    parts give back the text's words in order."""
+    parts: list[str] = []
+    pending = ""
+    start = 0
+    for match in _SENTENCE_END.finditer(text):
+        piece = text[start:match.start() + len(match.group(0).rstrip())]
+        start = match.end()
+        pending = f"{pending} {piece}" if pending else piece
+        if len(pending) >= MIN_SENTENCE_CHARS:
+            parts.append(pending.strip())
+            pending = ""
+    rest = text[start:]
+    pending = f"{pending} {rest}" if pending else rest
+    if pending.strip():
+        parts.append(pending.strip())
+    return parts
+
+
+Opened = tuple[bytes, AsyncIterator[bytes]]
+"""A sentence's first chunk, and the rest of its chunks."""
+
+
+class ChainTts(TtsProvider):
+    def __init__(self, chain: ProviderChain[TtsProvider], voices: Sequence[str],
+                 stall_s: float = STALL_TIMEOUT_S) -> None:
+        """`voices[i]`: the voice of `chain.members[i]` where it is not the first (the first speaks
+        with the voice asked for)."""
+        if len(voices) != len(chain.members):
+            raise ValueError("a voice per member of the chain")
+        self.chain = chain
+        self.voices = tuple(voices)
+        self.stall_s = stall_s
+        self.name = chain.primary.name
+        self.capabilities = chain.primary.provider.capabilities
+
+    def synthesize(self, text: str, *, voice: str, sample_rate: int = PCM_RATE) -> AsyncIterator[bytes]:
+        return self.speak(text, voice=voice, sample_rate=sample_rate).chunks
+
+    def speak(self, text: str, *, voice: str, sample_rate: int = PCM_RATE) -> Speech:
+        speech = Speech(_nothing(), self.name)
+        speech.chunks = self._chunks(text, voice, sample_rate, speech)
+        return speech
+
+    async def _chunks(self, text: str, voice: str, sample_rate: int, speech: Speech) -> AsyncIterator[bytes]:
+        parts = sentences(text) if len(self.chain.members) > 1 else [text]
+        index = 0
+        ahead: asyncio.Task[tuple[Opened, Guarded[TtsProvider]]] | None = None
+        try:
+            for number, part in enumerate(parts):
+                failed: tuple[str, FallbackReason] | None = None
+                while True:
+                    if ahead is not None and failed is None:
+                        opening, ahead = ahead, None
+                        (first, rest), member = await opening
+                    else:
+                        (first, rest), member = await self._open(part, voice, sample_rate, speech, index, failed)
+                    index = self.chain.index(member)
+                    speech.provider = member.name
+                    if number + 1 < len(parts) and ahead is None:
+                        ahead = asyncio.create_task(
+                            self._open(parts[number + 1], voice, sample_rate, speech, index, None))
+                    try:
+                        yield first
+                        while True:
+                            try:
+                                chunk = await asyncio.wait_for(anext(rest), self.stall_s)
+                            except StopAsyncIteration:
+                                break
+                            except TimeoutError:
+                                raise ProviderError(member.name, "timeout",
+                                                    f"the audio stalled: nothing for {self.stall_s:g} s",
+                                                    retryable=True) from None
+                            yield chunk
+                    except ProviderError as exc:
+                        failed = self.chain.failed(member, exc, speech.report)
+                        index += 1
+                        await _cancelled(ahead)  # it was opened with the provider that failed
+                        ahead = None
+                        continue
+                    finally:
+                        await close_chunks(rest)
+                    member.breaker.succeeded()
+                    break
+        finally:
+            await _cancelled(ahead)
+
+    async def _open(self, text: str, voice: str, sample_rate: int, speech: Speech, start: int,
+                    failed: tuple[str, FallbackReason] | None) -> tuple[Opened, Guarded[TtsProvider]]:
+        """The first member from `start` whose speech of `text` begins (its first chunk in time)."""
+        async def first_chunk(member: Guarded[TtsProvider]) -> Opened:
+            own_voice = voice if member is self.chain.primary else self.voices[self.chain.index(member)]
+            chunks = member.provider.synthesize(text, voice=own_voice, sample_rate=sample_rate)
+            try:
+                return await anext(chunks), chunks
+            except StopAsyncIteration:
+                return b"", chunks
+            except BaseException:
+                await close_chunks(chunks)
+                raise
+
+        if start >= len(self.chain.members):
+            raise ChainExhausted(self.chain.capability, speech.report)
+        opened, member, _ = await self.chain.run(first_chunk, start=start, failed=failed, report=speech.report)
+        return opened, member
+
+
+async def _cancelled(task: asyncio.Task[Any] | None) -> None:
+    """Cancels an opening made ahead, closing the stream it may have opened."""
+    if task is None:
+        return
+    if not task.done():
+        task.cancel()
+    with contextlib.suppress(BaseException):
+        (_, rest), _ = await task
+        await close_chunks(rest)
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield b""  # an async generator with nothing in it
