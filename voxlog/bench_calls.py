@@ -11,9 +11,12 @@ is the time spent in voxlog itself: the gateway, the session's tasks, the log ap
 Pacing jitter is how far the gaps between the agent's audio frames, as the caller receives them,
 stray from 20 ms.
 
-With a fallback profile, the LLM is a chain of two timeline providers (streams/providers/resilience.py)
-and in every `every`-th call the primary fails on each turn (`stall`: it never answers, so the
-chain's attempt timeout ends it; `error`: a 500 after 20 ms); the backup answers on the timeline.
+With a fallback profile, one capability (the LLM, ASR or TTS) is a chain of two timeline providers
+(streams/providers/resilience.py, asr_chain.py, tts_chain.py) and in every `every`-th call the
+primary fails on each turn (`stall`: it never answers, so the chain's attempt timeout ends it;
+`error`: a 500 after 20 ms); the backup answers on the timeline. (A recogniser's stream stays with
+the backup once it took over, so an ASR fallback is one turn a call; a voice's failure is before
+its first byte, which is what delays a turn.)
 The calls that fell back (told by the log's `provider.fallback`) are measured apart, against the
 same budget; what a failed primary cost a turn is its added latency less the normal turns' median,
 the target being at most the attempt timeout plus 50 ms.
@@ -31,7 +34,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 from gateway.twilio_media import OutboundMedia
 from producers.synthetic import mulaw_tone
@@ -39,10 +42,12 @@ from schemas.codec import EventCodec
 from schemas.events import CallStarted, ProviderFallback
 from schemas.topics import CALLS, TOPICS
 from streams.agents import AgentSpec
-from streams.providers.base import LlmProvider
-from streams.providers.registry import LLM_CHAIN_DEADLINE_S
+from streams.providers.asr_chain import ChainAsr
+from streams.providers.base import AsrProvider, LlmProvider, TtsProvider
+from streams.providers.registry import LLM_CHAIN_DEADLINE_S, SPEECH_CHAIN_DEADLINE_S
 from streams.providers.resilience import ChainLlm, CircuitBreaker, Guarded, ProviderChain
 from streams.providers.timeline import ScriptedFailure, Timeline, TimelineAsr, TimelineLlm, TimelineTts
+from streams.providers.tts_chain import ChainTts
 from streams.runner import read_to_end
 from streams.session import Providers
 from streams.vad import Vad
@@ -51,6 +56,8 @@ from voxlog.backends import LogBackend
 from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
 from voxlog.sim.twilio_caller import TwilioCaller
+
+P = TypeVar("P")
 
 LINES = ("hello there", "that is all goodbye")
 SPEECH_S = 1.0
@@ -62,15 +69,19 @@ def _tone_mulaw(seconds: float) -> bytes:
     return mulaw_tone(int(8000 * seconds), 0, freq=300.0)
 
 
+Capability = Literal["llm", "asr", "tts"]
+
+
 @dataclass(frozen=True)
 class FallbackProfile:
     failure: ScriptedFailure
     every: int = 2
-    """Every n-th call's primary LLM fails, on each of its turns."""
+    """Every n-th call's primary fails, on each of its turns."""
     attempt_timeout_ms: int = 800
     """The primary's attempt timeout in the chain."""
     fallback_target_ms: int = 50
     """What a failed primary may cost beyond its attempt timeout."""
+    capability: Capability = "llm"
 
 
 @dataclass
@@ -143,15 +154,37 @@ async def _events_in_log(backend: LogBackend) -> int:
         await admin.close()
 
 
-def _llm(timeline: Timeline, agent: AgentSpec, fallback: FallbackProfile | None, failing: bool) -> LlmProvider:
+def _providers(timeline: Timeline, agent: AgentSpec, fallback: FallbackProfile | None, failing: bool) -> Providers:
+    """The timeline providers; with a fallback profile, its capability a chain of a primary (failing
+    as scripted in a failing call) and a backup."""
+    asr: AsrProvider = TimelineAsr(timeline, LINES)
+    llm: LlmProvider = TimelineLlm(timeline, agent)
+    tts: TtsProvider = TimelineTts(timeline)
     if fallback is None:
-        return TimelineLlm(timeline, agent)
-    primary = TimelineLlm(timeline, agent, name="timeline-primary", failure=fallback.failure if failing else None)
-    backup = TimelineLlm(timeline, agent, name="timeline-backup")
-    # A breaker per call: the failures of one call's primary must not spare the others their timeout.
-    members = [Guarded[LlmProvider](primary, primary.name, "", CircuitBreaker(), fallback.attempt_timeout_ms / 1000),
-               Guarded[LlmProvider](backup, backup.name, "", CircuitBreaker(), LLM_CHAIN_DEADLINE_S)]
-    return ChainLlm(ProviderChain("llm", members, deadline_s=LLM_CHAIN_DEADLINE_S))
+        return Providers(asr=asr, llm=llm, tts=tts)
+    failure = fallback.failure if failing else None
+    primary_timeout_s = fallback.attempt_timeout_ms / 1000
+
+    def chain(primary: P, backup: P, backup_timeout_s: float, deadline_s: float) -> ProviderChain[P]:
+        # A breaker per call: the failures of one call's primary must not spare the others their timeout.
+        return ProviderChain(fallback.capability, [
+            Guarded(primary, "timeline-primary", "", CircuitBreaker(), primary_timeout_s),
+            Guarded(backup, "timeline-backup", "", CircuitBreaker(), backup_timeout_s)], deadline_s=deadline_s)
+
+    match fallback.capability:
+        case "llm":
+            llm = ChainLlm(chain(TimelineLlm(timeline, agent, name="timeline-primary", failure=failure),
+                                 TimelineLlm(timeline, agent, name="timeline-backup"),
+                                 LLM_CHAIN_DEADLINE_S, LLM_CHAIN_DEADLINE_S))
+        case "asr":
+            asr = ChainAsr(chain(TimelineAsr(timeline, LINES, name="timeline-primary", failure=failure),
+                                 TimelineAsr(timeline, LINES, name="timeline-backup"),
+                                 SPEECH_CHAIN_DEADLINE_S, SPEECH_CHAIN_DEADLINE_S))
+        case "tts":
+            tts = ChainTts(chain(TimelineTts(timeline, name="timeline-primary", failure=failure),
+                                 TimelineTts(timeline, name="timeline-backup"),
+                                 SPEECH_CHAIN_DEADLINE_S, SPEECH_CHAIN_DEADLINE_S), voices=["", ""])
+    return Providers(asr=asr, llm=llm, tts=tts)
 
 
 async def _fallback_calls(backend: LogBackend, call_sids: set[str]) -> set[str]:
@@ -181,8 +214,7 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
 
     def providers(agent: AgentSpec) -> Providers:
         failing = fallback is not None and next(made) % fallback.every == 0
-        return Providers(asr=TimelineAsr(timeline, LINES), llm=_llm(timeline, agent, fallback, failing),
-                         tts=TimelineTts(timeline))
+        return _providers(timeline, agent, fallback, failing)
 
     end_of_turn_ms = Vad().end_of_turn_silence_ms
     budget_ms = end_of_turn_ms + timeline.asr_final_ms + timeline.llm_ms + timeline.tts_first_byte_ms
@@ -229,7 +261,8 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
         limit_ms = fallback.attempt_timeout_ms + fallback.fallback_target_ms if fallback.failure == "stall" else None
         p99 = _percentile(costs, 0.99) if costs else None
         result["fallback"] = {
-            "failure": fallback.failure, "every": fallback.every, "attempt_timeout_ms": fallback.attempt_timeout_ms,
+            "capability": fallback.capability, "failure": fallback.failure, "every": fallback.every,
+            "attempt_timeout_ms": fallback.attempt_timeout_ms,
             "calls_fell_back": len(fell_back), "turns_measured": len(costs),
             "added_latency_ms": _latency(fallback_added),
             "cost_ms": _latency(costs),

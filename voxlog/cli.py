@@ -281,6 +281,12 @@ class ScriptedFailureChoice(enum.StrEnum):
     error = "error"
 
 
+class CapabilityChoice(enum.StrEnum):
+    llm = "llm"
+    asr = "asr"
+    tts = "tts"
+
+
 @bench_app.command("calls")
 def bench_calls_command(
     out: Annotated[Path, typer.Option(help="JSON file the results are written to.")],
@@ -289,21 +295,24 @@ def bench_calls_command(
     llm_ms: Annotated[int, typer.Option(help="Scripted LLM delay.")] = 300,
     tts_ms: Annotated[int, typer.Option(help="Scripted TTS first-byte delay.")] = 120,
     fallback: Annotated[ScriptedFailureChoice | None, typer.Option(
-        help="Fallback profile: in every --fallback-every-th call the primary LLM stalls or errs on each "
-        "turn, and a backup in the chain answers.")] = None,
+        help="Fallback profile: in every --fallback-every-th call the primary of --fallback-capability stalls "
+        "or errs on each turn, and a backup in the chain answers.")] = None,
     fallback_every: Annotated[int, typer.Option(min=1, help="Which calls' primary fails.")] = 2,
+    fallback_capability: Annotated[CapabilityChoice, typer.Option(
+        help="Whose primary fails: the LLM's, the recogniser's or the voice's.")] = CapabilityChoice.llm,
     attempt_timeout_ms: Annotated[int, typer.Option(min=10, help="The primary's attempt timeout.")] = 800,
 ) -> None:
     """Concurrent calls through the real gateway with scripted-timeline providers: what voxlog adds
     to voice-to-voice latency, how evenly the agent's audio is paced, and (with --fallback) what a
-    failed primary LLM costs a turn."""
+    failed primary LLM, recogniser or voice costs a turn."""
     from streams.providers.timeline import Timeline
     from voxlog.bench import write_result
     from voxlog.bench_calls import FallbackProfile, bench_calls
 
     settings = Settings()
     timeline = Timeline(asr_final_ms=asr_ms, llm_ms=llm_ms, tts_first_byte_ms=tts_ms, speech_ms_per_word=60)
-    profile = None if fallback is None else FallbackProfile(fallback.value, fallback_every, attempt_timeout_ms)
+    profile = None if fallback is None else FallbackProfile(fallback.value, fallback_every, attempt_timeout_ms,
+                                                            capability=fallback_capability.value)
     result = asyncio.run(bench_calls(settings, calls=calls, timeline=timeline, fallback=profile))
     write_result(result, out)
     added, jitter = result["added_latency_ms"], result["pacing_jitter_ms"]
@@ -313,7 +322,7 @@ def bench_calls_command(
                   f"failed calls: {len(result['failed_calls'])} -> {out}")
     if "fallback" in result:
         fb = result["fallback"]
-        console.print(f"fallback ({fb['failure']}, attempt timeout {fb['attempt_timeout_ms']} ms): "
+        console.print(f"{fb['capability']} fallback ({fb['failure']}, attempt timeout {fb['attempt_timeout_ms']} ms): "
                       f"{fb['calls_fell_back']} calls fell back; cost p50 {fb['cost_ms']['p50']} ms, "
                       f"p99 {fb['cost_ms']['p99']} ms; " + (
                           "no target for a fast error" if fb["met"] is None else

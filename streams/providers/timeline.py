@@ -37,10 +37,26 @@ class Timeline:
     speech_ms_per_word: int = 250
 
 
+ScriptedFailure = Literal["stall", "error"]
+SCRIPTED_ERROR_AFTER_MS = 20
+"""How soon a scripted `error` comes (a refused request: a 500 after a round trip)."""
+
+
+async def scripted_failure(provider: str, failure: ScriptedFailure | None) -> None:
+    """Where a provider scripted to fail fails: `stall` never returns (a provider that hangs, which
+    only a timeout ends), `error` raises a 500 after a round trip; no failure returns at once."""
+    if failure == "stall":
+        await asyncio.Event().wait()
+    if failure == "error":
+        await asyncio.sleep(SCRIPTED_ERROR_AFTER_MS / 1000)
+        raise ProviderError(provider, "server", "scripted 500 Internal Server Error", retryable=True)
+
+
 class TimelineAsrStream(AsrStream):
-    def __init__(self, timeline: Timeline, lines: Sequence[str]) -> None:
-        self.timeline = timeline
-        self.lines = list(lines)
+    def __init__(self, provider: TimelineAsr) -> None:
+        self.provider = provider
+        self.timeline = provider.timeline
+        self.lines = list(provider.lines)
         self.heard_ms = 0
         self.start_ms = 0
 
@@ -49,6 +65,7 @@ class TimelineAsrStream(AsrStream):
         return None
 
     async def end_utterance(self) -> Recognition:
+        await scripted_failure(self.provider.name, self.provider.failure)
         await asyncio.sleep(self.timeline.asr_final_ms / 1000)
         text = self.lines.pop(0) if self.lines else ""
         result = Recognition(text=text, is_final=True, confidence=1.0, start_ms=self.start_ms, end_ms=self.heard_ms)
@@ -60,21 +77,21 @@ class TimelineAsrStream(AsrStream):
 
 
 class TimelineAsr(AsrProvider):
-    name = "timeline-asr"
+    """Recognises each utterance as the next of `lines`, after the timeline's delay; or, with
+    `failure`, stalls or errs at each utterance's end."""
+
     model = "scripted-lines"
     capabilities = AsrCapabilities(streaming=True, interim_results=False, word_timings=False)
 
-    def __init__(self, timeline: Timeline, lines: Sequence[str]) -> None:
+    def __init__(self, timeline: Timeline, lines: Sequence[str], *, name: str = "timeline-asr",
+                 failure: ScriptedFailure | None = None) -> None:
         self.timeline = timeline
         self.lines = lines
+        self.name = name
+        self.failure = failure
 
     async def open_stream(self, *, keywords: Sequence[str] = (), language: str = "en-US") -> AsrStream:
-        return TimelineAsrStream(self.timeline, self.lines)
-
-
-ScriptedFailure = Literal["stall", "error"]
-SCRIPTED_ERROR_AFTER_MS = 20
-"""How soon a scripted `error` comes (a refused request: a 500 after a round trip)."""
+        return TimelineAsrStream(self)
 
 
 class TimelineLlm(LlmProvider):
@@ -89,25 +106,25 @@ class TimelineLlm(LlmProvider):
         self.failure = failure
 
     async def complete(self, request: LlmRequest) -> LlmResult:
-        if self.failure == "stall":
-            await asyncio.Event().wait()
-        if self.failure == "error":
-            await asyncio.sleep(SCRIPTED_ERROR_AFTER_MS / 1000)
-            raise ProviderError(self.name, "server", "scripted 500 Internal Server Error", retryable=True)
+        await scripted_failure(self.name, self.failure)
         await asyncio.sleep(self.timeline.llm_ms / 1000)
         return await self.policy.complete(request)
 
 
 class TimelineTts(TtsProvider):
-    """A 220 Hz tone as long as the text would take to say, after the first-byte delay."""
+    """A 220 Hz tone as long as the text would take to say, after the first-byte delay; or, with
+    `failure`, a stall or an error before the first byte."""
 
-    name = "timeline-tts"
     capabilities = TtsCapabilities(streaming=True, codecs=("pcm_s16le",))
 
-    def __init__(self, timeline: Timeline) -> None:
+    def __init__(self, timeline: Timeline, *, name: str = "timeline-tts",
+                 failure: ScriptedFailure | None = None) -> None:
         self.timeline = timeline
+        self.name = name
+        self.failure = failure
 
     async def synthesize(self, text: str, *, voice: str, sample_rate: int = 16_000) -> AsyncIterator[bytes]:
+        await scripted_failure(self.name, self.failure)
         await asyncio.sleep(self.timeline.tts_first_byte_ms / 1000)
         samples = sample_rate * self.timeline.speech_ms_per_word * max(1, len(text.split())) // 1000
         chunk = sample_rate // 10
