@@ -25,7 +25,9 @@ streams a file beside the fixture in chunks (audio, for text-to-speech providers
 with `Transfer-Encoding: chunked`, so a client can tell a complete body from a broken one.
 
 Faults are the test's, not the recording's (`Fault`): wait before the response, stall before a given
-chunk, or close the connection after some chunks without ending the body.
+chunk, or close the connection after some chunks without ending the body. While a fault holds a reply
+back the server watches the connection: a client that gives up and closes it (as a client that times
+out should) is seen at once and recorded in `hangups`.
 """
 
 from __future__ import annotations
@@ -124,12 +126,21 @@ class ProviderServer:
 
     requests: list[RecordedRequest] = field(default_factory=list)
     faulted_at: list[float] = field(default_factory=list)  # perf_counter() when each delay or stall began
+    hangups: list[float] = field(default_factory=list)  # perf_counter() when a client closed during one
+    _hung_up: asyncio.Event = field(default_factory=asyncio.Event)
     _queue: deque[_Queued] = field(default_factory=deque)
     _server: asyncio.Server | None = None
     _handlers: set[asyncio.Task[None]] = field(default_factory=set)
 
     def reply(self, reply: Reply | str, fault: Fault | None = None) -> None:
         self._queue.append(_Queued(Reply.load(reply) if isinstance(reply, str) else reply, fault or Fault()))
+
+    async def first_hangup(self, within_s: float) -> float | None:
+        """`hangups[0]`, waiting up to `within_s` for it; None where no client hung up in that time."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within_s):
+                await self._hung_up.wait()
+        return self.hangups[0] if self.hangups else None
 
     @property
     def base_url(self) -> str:
@@ -160,17 +171,23 @@ class ProviderServer:
         try:
             while (request := await _read_request(reader)) is not None:
                 self.requests.append(request)
-                if not await self._answer(request, writer):
+                if not await self._answer(request, reader, writer):
                     break
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client went away, as clients that time out do
+        except asyncio.CancelledError:
+            # The server is closing (`__aexit__`). Ending quietly, as Python 3.11's asyncio logs a
+            # connection handler that ends cancelled as an unhandled exception.
+            pass
         finally:
             self._handlers.discard(task)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    async def _answer(self, request: RecordedRequest, writer: asyncio.StreamWriter) -> bool:
+    async def _answer(
+        self, request: RecordedRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
         """Writes the next queued reply; False where the connection is to be dropped."""
         if not self._queue:
             await _write_whole(writer, 500, {"error": f"no reply queued for {request.method} {request.path}"})
@@ -182,9 +199,8 @@ class ProviderServer:
                 writer, 404, {"error": f"expected {reply.method} {reply.path}, got {request.method} {request.path}"}
             )
             return True
-        if fault.headers_delay_s:
-            self.faulted_at.append(time.perf_counter())
-            await asyncio.sleep(fault.headers_delay_s)
+        if fault.headers_delay_s and not await self._hold(reader, fault.headers_delay_s):
+            return False
         head = [f"HTTP/1.1 {reply.status} {_REASONS.get(reply.status, 'Status')}"]
         head += [f"{name}: {value}" for name, value in reply.headers if name.lower() != "transfer-encoding"]
         head += ["transfer-encoding: chunked", "", ""]
@@ -193,9 +209,8 @@ class ProviderServer:
         for index, chunk in enumerate(reply.chunks):
             if fault.close_after_chunks is not None and index >= fault.close_after_chunks:
                 return False
-            if fault.stall_before_chunk == index:
-                self.faulted_at.append(time.perf_counter())
-                await asyncio.sleep(fault.stall_s)
+            if fault.stall_before_chunk == index and not await self._hold(reader, fault.stall_s):
+                return False
             writer.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
             await writer.drain()
         if fault.close_after_chunks is not None and fault.close_after_chunks >= len(reply.chunks):
@@ -204,10 +219,29 @@ class ProviderServer:
         await writer.drain()
         return True
 
+    async def _hold(self, reader: asyncio.StreamReader, seconds: float) -> bool:
+        """Holds the reply back for `seconds`; False where the client closed the connection meanwhile.
+        A client sends nothing while its response is under way (no pipelining), so the only thing the
+        connection can bring is its end."""
+        self.faulted_at.append(time.perf_counter())
+        try:
+            async with asyncio.timeout(seconds):
+                data = await reader.read(1)
+        except TimeoutError:
+            return True
+        except ConnectionError:
+            data = b""
+        if data:
+            raise RuntimeError("the client sent data while its response was under way (pipelining is not supported)")
+        self.hangups.append(time.perf_counter())
+        self._hung_up.set()
+        return False
+
 
 _REASONS = {
-    200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-    429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable", 529: "Site Overloaded",
+    200: "OK", 201: "Created", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    422: "Unprocessable Entity", 429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable",
+    529: "Site Overloaded",
 }
 
 

@@ -1,0 +1,221 @@
+"""What the cloud speech-synthesis adapters (`tts_elevenlabs`, `tts_playht`) share: reading an audio body
+as it streams in, within the deadlines of `llm_common.StreamTimeouts`, with HTTP failures as
+`ProviderError` kinds; and turning the bytes of that body into whole 16-bit samples at the rate the
+caller asked for.
+
+Deadlines. The first byte of audio must come within `first_token_s` of the request (which covers the
+connection and the response headers too), each later piece within `stall_s` of the one before
+(`llm_common.timed_events`). A missed deadline raises `ProviderError(timeout)` at once, whatever the
+server does afterwards, and the response is closed: a body read only in part cannot be reused, so
+the connection is dropped and the server sees the client go.
+
+The body. Audio arrives cut wherever the network cut it, so a 16-bit sample may be split between two
+pieces: `PcmChunks` and `WavChunks` hold back the odd byte and hand on whole samples only. A body that
+ends mid-sample, or short of the size its WAV header declared, lost audio: a retryable `protocol`
+error. A successful status whose content type is JSON or text carries a message where audio was
+expected (a gateway's error page, an answer to the wrong `accept`): a `protocol` error too, with the
+message in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import httpx
+
+from streams.audio import Resampler, WavHeader, parse_wav_header, to_mono_pcm16
+from streams.providers.base import ProviderError
+from streams.providers.llm_common import StreamTimeouts, redact, timed_events
+
+_MESSAGE_BYTES = 4096
+"""How much of a body that is a message, not audio, is read for the error: enough for any message."""
+
+
+@dataclass(frozen=True, slots=True)
+class AudioResponse:
+    """A response whose status said that audio follows: its headers and its body as it arrives."""
+
+    headers: Mapping[str, str]
+    body: AsyncIterator[bytes]
+
+
+OpenResponse = Callable[[contextlib.AsyncExitStack], Awaitable[AudioResponse]]
+"""Sends the request and returns the response once its status is known to be a success; registers
+the response's closing on the stack; raises `ProviderError` for an error status."""
+
+
+def http_timeouts(timeouts: StreamTimeouts) -> httpx.Timeout:
+    """`StreamTimeouts.http()` for `httpx`, the HTTP client the speech adapters and the ElevenLabs SDK
+    use (the LLM SDKs use its fork `httpx2`)."""
+    return httpx.Timeout(**timeouts.http().as_dict())
+
+
+async def read_audio(
+    provider: str,
+    timeouts: StreamTimeouts,
+    open_response: OpenResponse,
+    *,
+    secret: str,
+    describe: Callable[[object], str | None],
+) -> AsyncGenerator[bytes, None]:
+    """The audio body of the response `open_response` opens, piece by piece as it arrives, within the
+    deadlines of `timeouts`; the response is closed whatever happens. `describe` finds the message in
+    a provider's JSON error body; `secret` (the API key) is kept out of every message.
+
+    Raises ProviderError: timeout, connection (no response), protocol (the body broke off, held no
+    audio at all, or is a message rather than audio), and whatever `open_response` raises."""
+    first_byte_deadline = asyncio.get_running_loop().time() + timeouts.first_token_s
+    streaming = False
+    received = 0
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            try:
+                async with asyncio.timeout_at(first_byte_deadline):
+                    response = await open_response(stack)
+            except TimeoutError:
+                raise ProviderError(
+                    provider, "timeout", f"no response within {timeouts.first_token_s:g} s", retryable=True
+                ) from None
+            body = timed_events(provider, response.body, timeouts, first_byte_deadline, _is_audio_piece)
+            content_type = response.headers.get("content-type", "")
+            if "json" in content_type or content_type.startswith("text/"):
+                text = await _start_of(body)
+                message = redact(_message(text, describe), secret)
+                raise ProviderError(provider, "protocol", f"a {content_type} body where audio was expected: {message}")
+            streaming = True
+            async for piece in body:
+                received += len(piece)
+                yield piece
+        except httpx.TimeoutException:
+            raise ProviderError(provider, "timeout", "the request timed out", retryable=True) from None
+        except httpx.HTTPError as exc:
+            if streaming:
+                raise ProviderError(
+                    provider, "protocol", "the audio stream broke off before its end", retryable=True
+                ) from exc
+            raise ProviderError(
+                provider, "connection", redact(str(exc) or type(exc).__name__, secret), retryable=True
+            ) from exc
+    if not received:
+        raise ProviderError(provider, "protocol", "the response held no audio", retryable=True)
+
+
+def _is_audio_piece(piece: bytes) -> bool:
+    return bool(piece)
+
+
+async def _start_of(body: AsyncIterator[bytes]) -> bytes:
+    data = b""
+    async for piece in body:
+        data += piece
+        if len(data) >= _MESSAGE_BYTES:
+            break
+    return data[:_MESSAGE_BYTES]
+
+
+def _message(text: bytes, describe: Callable[[object], str | None]) -> str:
+    try:
+        found = describe(json.loads(text))
+    except ValueError:
+        found = None
+    return found or text.decode("utf-8", errors="replace").strip()[:300]
+
+
+class AudioDecoder(Protocol):
+    """Turns a provider's audio bytes, cut anywhere, into the PCM the caller asked for."""
+
+    def feed(self, data: bytes) -> bytes:
+        """The PCM `data` completes (may be empty); ValueError where it is not the audio expected."""
+
+    def end(self) -> bytes:
+        """The PCM held back, at the end of the stream; ValueError where the stream stopped short."""
+
+
+async def decode(
+    provider: str, pieces: AsyncGenerator[bytes, None], decoder: AudioDecoder
+) -> AsyncGenerator[bytes, None]:
+    """`pieces` through `decoder`, each non-empty output as soon as there is one; `pieces` is closed
+    when this is. Audio that does not decode is a retryable `protocol` error (the answer was damaged)."""
+    async with contextlib.aclosing(pieces):
+        try:
+            async for piece in pieces:
+                if chunk := decoder.feed(piece):
+                    yield chunk
+            rest = decoder.end()
+        except ValueError as exc:
+            raise ProviderError(provider, "protocol", str(exc), retryable=True) from None
+    if rest:
+        yield rest
+
+
+class PcmChunks:
+    """Whole 16-bit little-endian mono samples from a byte stream cut anywhere, resampled from the
+    provider's rate to the caller's."""
+
+    def __init__(self, from_rate: int, to_rate: int) -> None:
+        self._resampler = Resampler(from_rate, to_rate, aligned=True)
+        self._odd = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """The samples `data` completes, at the caller's rate (may be empty)."""
+        data = self._odd + data
+        whole = len(data) - len(data) % 2
+        self._odd = data[whole:]
+        return self._resampler.process(data[:whole])
+
+    def end(self) -> bytes:
+        """What is held back; raises ValueError where the stream stopped in the middle of a sample."""
+        if self._odd:
+            raise ValueError("the audio ended in the middle of a sample (an odd number of bytes)")
+        return self._resampler.flush()
+
+
+class WavChunks:
+    """16-bit mono PCM at the caller's rate from a streamed WAV file: its header first (whose sizes may
+    be placeholders, as a stream's are), then its integer PCM as it comes, channels mixed down and
+    resampled from the rate the header gives. Bytes past a declared data size (trailing chunks) are
+    not audio and are dropped."""
+
+    def __init__(self, to_rate: int) -> None:
+        self.to_rate = to_rate
+        self.header: WavHeader | None = None
+        self._buffer = bytearray()
+        self._resampler: Resampler | None = None
+        self._left: int | None = None  # audio bytes still due, where the header declared a size
+
+    def feed(self, data: bytes) -> bytes:
+        """The samples `data` completes, at the caller's rate (may be empty); raises ValueError for a
+        stream that is not integer PCM WAV."""
+        self._buffer += data
+        if self.header is None:
+            self.header = parse_wav_header(bytes(self._buffer))
+            if self.header is None:
+                return b""
+            del self._buffer[: self.header.data_offset]
+            self._resampler = Resampler(self.header.sample_rate, self.to_rate, aligned=True)
+            self._left = self.header.data_size
+        assert self._resampler is not None
+        frame = self.header.channels * self.header.sample_width
+        usable = len(self._buffer) - len(self._buffer) % frame
+        if self._left is not None:
+            usable = min(usable, self._left)
+            self._left -= usable
+        pcm = to_mono_pcm16(bytes(self._buffer[:usable]), self.header.sample_width, self.header.channels)
+        del self._buffer[:usable]
+        return self._resampler.process(pcm)
+
+    def end(self) -> bytes:
+        """What is held back; raises ValueError where the stream stopped before its header was whole,
+        in the middle of a sample, or short of the size its header declared."""
+        if self.header is None or self._resampler is None:
+            raise ValueError("the audio ended before its WAV header was complete")
+        if self._left:
+            raise ValueError(f"the audio ended {self._left} bytes short of the size its WAV header declared")
+        if self._left is None and self._buffer:
+            raise ValueError("the audio ended in the middle of a sample")
+        return self._resampler.flush()
