@@ -435,6 +435,10 @@ def _llm_decided(state: CallState, p: LlmDecided, now: int) -> tuple[CallState, 
             return replace(state, hangup_after_speech="goodbye"), said
     known = [c for c in p.tool_calls if agent.tool(c.name) is not None]
     if known:
+        if p.text.strip():  # what the model says while its tools run ("Let me check that for you.")
+            text, decisions = _guarded_output(state, p.text.strip())
+            state, said = _say(state, text)
+            decisions += said
         state = replace(
             state,
             history=(
@@ -463,20 +467,21 @@ def _llm_decided(state: CallState, p: LlmDecided, now: int) -> tuple[CallState, 
             tool_names={**state.tool_names, **{c.id: c.name for c in known}},
         )
         return state, decisions
-    text = p.text.strip() or agent.fallback
-    for pattern in agent.guardrails.blocked_output:
-        if re.search(pattern, text):
-            decisions.append(
-                Decision(
-                    GuardrailTriggered(
-                        stage="output", rule=pattern, action="rewrite", detail=text, turn_index=state.turn_index - 1
-                    )
-                )
-            )
-            text = agent.guardrails.refusal
-            break
+    text, decisions = _guarded_output(state, p.text.strip() or agent.fallback)
     state, said = _say(state, text)
     return state, decisions + said
+
+
+def _guarded_output(state: CallState, text: str) -> tuple[str, list[Decision]]:
+    """`text`, or the agent's refusal where it matches a blocked output pattern (recorded)."""
+    guardrails = state.agent.guardrails
+    for pattern in guardrails.blocked_output:
+        if re.search(pattern, text):
+            triggered = GuardrailTriggered(
+                stage="output", rule=pattern, action="rewrite", detail=text, turn_index=state.turn_index - 1
+            )
+            return guardrails.refusal, [Decision(triggered)]
+    return text, []
 
 
 def _tool_result(state: CallState, p: ToolSucceeded | ToolFailed, now: int) -> tuple[CallState, list[Decision]]:
@@ -504,7 +509,8 @@ def _finished_speaking(state: CallState, p: TtsCompleted, now: int) -> tuple[Cal
     decisions: list[Decision] = []
     if state.heard and state.pending_llm is None and not state.pending_tools:
         return _take_turn(state, now)  # the caller spoke while we talked: answer that now
-    if not state.caller_speaking:
+    if not state.caller_speaking and state.pending_llm is None and not state.pending_tools:
+        # (While tools run after "let me check", the silence is the agent's, not the caller's.)
         state, decisions = _set_timer(state, "silence", now + state.agent.guardrails.silence_reprompt_s * 1_000_000)
     return state, decisions
 

@@ -300,10 +300,11 @@ class CallSession:
             case CallLlm():
                 self._background(self._ask_llm(action, recorded.envelope.event_id), "llm")
             case Speak():
-                if self._speech is not None and not self._speech.done():
-                    self._speech.cancel()
+                # After what is being said, not over it ("let me check that" and then the answer);
+                # a barge-in (StopSpeaking) stops both.
+                before = self._speech if self._speech is not None and not self._speech.done() else None
                 self._speaking_id = action.request_id
-                self._speech = self._spawn(self._speak(action, recorded.envelope.event_id), "speech")
+                self._speech = self._spawn(self._speak(action, recorded.envelope.event_id, before), "speech")
             case StopSpeaking():
                 if self._speech is not None and not self._speech.done():
                     self._speech.cancel()
@@ -449,7 +450,18 @@ class CallSession:
         self._submit(self._ended_payload("handoff" if action.reason == "handoff" else "agent_hangup", action.reason))
 
     # -- speech out ---------------------------------------------------------------------------
-    async def _speak(self, action: Speak, causation_id: str) -> None:
+    async def _speak(self, action: Speak, causation_id: str, before: asyncio.Task[None] | None = None) -> None:
+        """Says `action`'s text once `before` (the speech in progress) is over; cancelled, it cancels
+        `before` too, and records every speech it ends as interrupted."""
+        if before is not None:
+            try:
+                await asyncio.wait({before})  # not `await before`: a speech that ends interrupted returns
+            except asyncio.CancelledError:
+                before.cancel()
+                self._submit(TtsCompleted(request_id=action.request_id, provider=self.providers.tts.name,
+                                          voice=action.voice, time_to_first_byte_ms=0, audio_ms=0, audio_bytes=0,
+                                          interrupted=True), causation_id=causation_id)
+                raise
         speech = self.providers.tts.speak(action.text, voice=action.voice, sample_rate=PCM_RATE)
         requested = time.perf_counter()
         first_byte_ms = 0

@@ -108,6 +108,30 @@ def test_a_booking_turn_runs_the_tool_then_answers() -> None:
     assert answer[0].payload.text == "You're booked."  # type: ignore[attr-defined]
 
 
+def test_what_the_model_says_with_its_tool_calls_is_spoken_while_the_tools_run() -> None:
+    sim = CoreSim(AGENT)
+    started(sim)
+    sim.feed(done("call-1/tts/0"))
+    sim.feed(final("i would like to book an appointment"))
+    call = ToolCallSpec(id="tc1", name="book_appointment", arguments_json='{"day": "tomorrow"}')
+    tool = sim.feed(decided("call-1/llm/0", text="Let me check the calendar.", calls=(call,)))
+
+    assert types(tool) == ["tts.requested", "tool.requested"]
+    assert tool[0].payload.text == "Let me check the calendar."  # type: ignore[attr-defined]
+    history = sim.state.history[-2:]
+    assert [(m.role, m.content) for m in history] == [
+        ("assistant", "Let me check the calendar."),
+        ("assistant", json.dumps([{"id": "tc1", "name": "book_appointment", "arguments": '{"day": "tomorrow"}'}])),
+    ]
+    # Its end is not the caller's silence: the agent is still working.
+    assert types(sim.feed(done("call-1/tts/1"))) == []
+    again = sim.feed(ToolSucceeded(tool_call_id="tc1", tool="book_appointment", result_json='{"confirmation":"A1"}',
+                                   attempt=1, latency_ms=1))
+    assert types(again) == ["llm.requested"]
+    assert types(sim.feed(decided("call-1/llm/1", text="You're booked."))) == ["tts.requested"]
+    assert types(sim.feed(done("call-1/tts/2")))[-1] == "timer.set"  # the silence watch, after the answer
+
+
 def test_caller_speaking_over_the_agent_is_a_barge_in() -> None:
     sim = CoreSim(AGENT)
     started(sim)

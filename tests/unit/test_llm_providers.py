@@ -230,7 +230,9 @@ async def test_a_tool_round_trip_through_the_call_core(
     asked = await llm.complete(first)
     tool = sim.feed(decision(first.request_id, asked))
     [call] = asked.tool_calls
-    assert [d.payload.EVENT_TYPE for d in tool] == ["tool.requested"]
+    # What the model said with its call ("Let me book that for you.", Claude's) is spoken meanwhile.
+    spoken = ["tts.requested"] if asked.text.strip() else []
+    assert [d.payload.EVENT_TYPE for d in tool] == [*spoken, "tool.requested"]
     again = sim.feed(ToolSucceeded(tool_call_id=call.id, tool=call.name, result_json='{"confirmation":"A1"}',
                                    attempt=1, latency_ms=5))
     second = next(d.action.request for d in again if isinstance(d.action, CallLlm))
@@ -254,8 +256,9 @@ async def test_a_tool_round_trip_through_the_call_core(
         roles = [m["role"] for m in messages]
         assert all(a != b for a, b in itertools.pairwise(roles)), roles  # turns alternate
         *_, assistant, result = messages
+        said_first = [{"type": "text", "text": asked.text.strip()}] if spoken else []
         assert assistant == {"role": "assistant", "content": [
-            {"type": "tool_use", "id": call.id, "name": "book_appointment", "input": arguments}]}
+            *said_first, {"type": "tool_use", "id": call.id, "name": "book_appointment", "input": arguments}]}
         assert result == {"role": "user", "content": [
             {"type": "tool_result", "tool_use_id": call.id, "content": '{"confirmation":"A1"}', "is_error": False}]}
 
