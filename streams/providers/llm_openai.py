@@ -150,23 +150,29 @@ class OpenAiLlm(LlmProvider):
         return result
 
     def _failure(self, exc: Exception, streaming: bool) -> ProviderError:
-        if isinstance(exc, openai.APIStatusError):
-            _, message = error_detail(exc.body)
-            text = redact(message or exc.message, self._api_key)
-            return status_error(NAME, exc.status_code, text, exc.response.headers)
-        if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException):
-            return ProviderError(NAME, "timeout", "the request timed out", retryable=True)
-        if isinstance(exc, openai.APIConnectionError | httpx2.HTTPError):
-            if streaming:
-                return ProviderError(NAME, "protocol", "the stream broke off before its end", retryable=True)
-            return ProviderError(NAME, "connection", redact(str(exc), self._api_key), retryable=True)
-        if isinstance(exc, openai.APIError):  # an error object sent in place of a chunk
-            kind, message = error_detail(exc.body)
-            text = redact(message or exc.message, self._api_key)
-            if kind == "server_error":
-                return ProviderError(NAME, "server", f"error in the stream: {text}", retryable=True)
-            return ProviderError(NAME, "error", f"error in the stream ({kind}): {text}")
-        return ProviderError(NAME, "protocol", f"a chunk that is not JSON: {exc}", retryable=True)
+        return sdk_failure(NAME, self._api_key, exc, streaming)
+
+
+def sdk_failure(provider: str, api_key: str, exc: Exception, streaming: bool) -> ProviderError:
+    """An error of the openai SDK or its HTTP client as `provider`'s `ProviderError`, the key redacted
+    (`streaming`: whether the response had begun); shared with `asr_whisper`, on the same SDK."""
+    if isinstance(exc, openai.APIStatusError):
+        _, message = error_detail(exc.body)
+        text = redact(message or exc.message, api_key)
+        return status_error(provider, exc.status_code, text, exc.response.headers)
+    if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException):
+        return ProviderError(provider, "timeout", "the request timed out", retryable=True)
+    if isinstance(exc, openai.APIConnectionError | httpx2.HTTPError):
+        if streaming:
+            return ProviderError(provider, "protocol", "the stream broke off before its end", retryable=True)
+        return ProviderError(provider, "connection", redact(str(exc), api_key), retryable=True)
+    if isinstance(exc, openai.APIError):  # an error object sent in place of a chunk
+        kind, message = error_detail(exc.body)
+        text = redact(message or exc.message, api_key)
+        if kind == "server_error":
+            return ProviderError(provider, "server", f"error in the stream: {text}", retryable=True)
+        return ProviderError(provider, "error", f"error in the stream ({kind}): {text}")
+    return ProviderError(provider, "protocol", f"a chunk that is not JSON: {exc}", retryable=True)
 
 
 def _has_token(chunk: ChatCompletionChunk) -> bool:
