@@ -27,9 +27,10 @@ Once the client has asked to close (a `CloseStream` message), steps still waitin
 another control message are skipped up to the next `on: CloseStream` one. When the script is done
 the connection stays open until the client asks to close; it is then closed normally (1000).
 
-Faults are the test's, not the recording's (`WsFault`): stall (send nothing more after some messages,
-while still reading what the client sends) or drop the TCP connection, with no close frame, after some
-messages.
+Faults are the test's, not the recording's (`WsFault`), each after some messages: stall (send nothing
+more, while still reading what the client sends), freeze (read nothing more either: not even a close
+frame is answered, as with a hung server or a network that went dark), or drop the TCP connection with
+no close frame.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class WsExchange:
 @dataclass(frozen=True)
 class WsFault:
     stall_after_messages: int | None = None  # send nothing after this many messages (keep reading)
+    freeze_after_messages: int | None = None  # neither send nor read after this many messages
     drop_after_messages: int | None = None  # abort the TCP connection after this many messages
 
 
@@ -179,6 +181,8 @@ class ProviderWsServer:
         assert self._server is not None
         for task in list(self._handlers):  # a stalled exchange must not outlive the test
             task.cancel()
+        for connection in self._server.connections:  # nor wait for a frozen one's closing handshake
+            connection.transport.abort()
         self._server.close()
         await self._server.wait_closed()
 
@@ -238,6 +242,10 @@ class ProviderWsServer:
                 return False
             if fault.stall_after_messages is not None and session.record.sent >= fault.stall_after_messages:
                 self.faulted_at.append(time.perf_counter())
+                return False
+            if fault.freeze_after_messages is not None and session.record.sent >= fault.freeze_after_messages:
+                self.faulted_at.append(time.perf_counter())
+                connection.transport.pause_reading()
                 return False
             assert step.send is not None
             try:

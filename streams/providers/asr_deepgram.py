@@ -44,7 +44,7 @@ import asyncio
 import contextlib
 import logging
 import warnings
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,7 +85,9 @@ SAMPLE_RATE = 16_000
 KEEPALIVE_S = 4.0  # Deepgram's guide: every 3-5 s; it closes a socket silent for 10 s
 SETTLE_S = 0.25  # how long an utterance already closed by the server waits for a late Finalize answer
 
-_abandoned: set[asyncio.Task[None]] = set()  # upgrades given up on, finishing their clean-up
+_background: set[asyncio.Task[None]] = set()
+"""Clean-ups the SDK's websockets client does not cut short (an upgrade given up on, a close), left to
+finish on their own; held here so that they are not garbage-collected midway."""
 
 _SERVER_CLOSE_CODES = {1011, 1012, 1013, 1014}  # internal error, restart, try again later, bad gateway
 _BAD_REQUEST_CLOSE_CODES = {1002, 1003, 1007, 1008}  # protocol error, unsupported or invalid data, policy
@@ -242,27 +244,29 @@ class DeepgramStream(AsrStream):
         )
 
     async def close(self) -> None:
-        """Sends CloseStream and lets go of the socket; safe to call more than once."""
+        """Sends CloseStream and lets go of the socket within `stall_s`; safe to call more than once."""
         if self._closed:
             return
         self._closed = self._closing = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeouts.stall_s
         if self._keepalive is not None:
             self._keepalive.cancel()
         if self._reader is not None and self._failed is None:
             try:
                 await self._send(lambda socket: socket.send_close_stream(), "CloseStream")
-                await asyncio.wait({self._reader}, timeout=self._timeouts.stall_s)  # Metadata, then the close
+                # The server's Metadata, then its close.
+                await asyncio.wait({self._reader}, timeout=max(0.0, deadline - loop.time()))
             except ProviderError as exc:
                 log.debug("deepgram: closing the stream: %s", exc)
         tasks = [task for task in (self._keepalive, self._reader) if task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        try:
-            async with asyncio.timeout(self._timeouts.stall_s):
-                await self._exit.aclose()
-        except (TimeoutError, OSError, WebSocketException) as exc:
-            log.debug("deepgram: the socket did not close cleanly: %s", redact(repr(exc), self._api_key))
+        # Not `asyncio.timeout`: the SDK's websockets client, closing, waits up to 10 s for the server's
+        # close frame and then for the server to end the TCP connection, and does not give that up when
+        # cancelled. It goes on in the background.
+        await asyncio.wait({_in_background(self._release())}, timeout=max(0.0, deadline - loop.time()))
 
     # -- the connection -------------------------------------------------------------------------
     async def connect(self, listen: AsyncV1Client, options: Mapping[str, Any]) -> None:
@@ -276,8 +280,7 @@ class DeepgramStream(AsrStream):
             timed_out = not opening.done()
             if timed_out:
                 opening.cancel()
-                _abandoned.add(task := asyncio.create_task(self._abandon(opening)))
-                task.add_done_callback(_abandoned.discard)
+                _in_background(self._abandon(opening))
         if timed_out:
             raise self._error(
                 "timeout", f"no WebSocket upgrade within {self._timeouts.connect_s:g} s", retryable=True
@@ -304,8 +307,13 @@ class DeepgramStream(AsrStream):
         """Lets a cancelled upgrade finish its clean-up, and closes the socket if it opened after all."""
         await asyncio.wait({opening})
         if not opening.cancelled() and opening.exception() is None:
-            with contextlib.suppress(OSError, WebSocketException):
-                await self._exit.aclose()
+            await self._release()
+
+    async def _release(self) -> None:
+        try:
+            await self._exit.aclose()
+        except (OSError, WebSocketException) as exc:
+            log.debug("deepgram: the socket did not close cleanly: %s", redact(repr(exc), self._api_key))
 
     async def _read(self) -> None:
         socket = self._socket
@@ -481,6 +489,13 @@ class DeepgramStream(AsrStream):
 
     def _fed_ms(self) -> int:
         return self._fed_bytes * 1000 // (SAMPLE_RATE * 2)
+
+
+def _in_background(work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    task = asyncio.create_task(work)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return task
 
 
 def _ms(seconds: float) -> int:

@@ -246,6 +246,15 @@ async def test_close_does_not_wait_long_on_a_silent_server(ws_server: ProviderWs
     assert time.perf_counter() - started < TIMEOUT_S + SLACK_S
 
 
+async def test_close_is_bounded_on_a_server_that_hangs(ws_server: ProviderWsServer) -> None:
+    ws_server.expect("deepgram/utterance_interims_final", WsFault(freeze_after_messages=0))
+    stream = await deepgram(ws_server, timeouts=StreamTimeouts(5.0, 5.0, TIMEOUT_S)).open_stream()
+    await speak(stream, 200)
+    started = time.perf_counter()
+    await stream.close()  # neither Metadata nor an answer to the close frame comes
+    assert time.perf_counter() - started < TIMEOUT_S + SLACK_S
+
+
 # -- Deepgram: failures -----------------------------------------------------------------------------
 
 
