@@ -600,6 +600,8 @@ class TwilioMediaTransport(MediaTransport):
     marks and clears; hang-up and transfer through Twilio's REST API (`rest`)."""
 
     channel: Literal["phone", "sip", "widget"] = "phone"
+    speech_codec: Literal["pcm_s16le", "mulaw"] = "mulaw"
+    speech_rate: int = 8_000
 
     def __init__(
         self,
@@ -662,6 +664,9 @@ class TwilioMediaTransport(MediaTransport):
         """Sends audio already in Twilio's format (8 kHz mu-law)."""
         await self._send(media_message(self.stream_sid, mulaw))
         self.frames_sent += 1
+
+    async def play_speech(self, frame: bytes) -> None:
+        await self.play_mulaw(frame)
 
     async def clear(self) -> None:
         await self._send(clear_message(self.stream_sid))

@@ -462,7 +462,10 @@ class CallSession:
                                           voice=action.voice, time_to_first_byte_ms=0, audio_ms=0, audio_bytes=0,
                                           interrupted=True), causation_id=causation_id)
                 raise
-        speech = self.providers.tts.speak(action.text, voice=action.voice, sample_rate=PCM_RATE)
+        codec, rate = self.transport.speech_codec, self.transport.speech_rate
+        speech = self.providers.tts.speak(action.text, voice=action.voice, sample_rate=rate, codec=codec)
+        frame_bytes = rate * FRAME_MS // 1000 * (1 if codec == "mulaw" else 2)
+        silence = b"\xff" if codec == "mulaw" else b"\0"
         requested = time.perf_counter()
         first_byte_ms = 0
         frames_sent = 0
@@ -477,13 +480,13 @@ class CallSession:
                     first_byte_ms = int((time.perf_counter() - requested) * 1000)
                     start = loop.time()
                 pending += chunk
-                while len(pending) >= FRAME_BYTES:
-                    frame, pending = pending[:FRAME_BYTES], pending[FRAME_BYTES:]
+                while len(pending) >= frame_bytes:
+                    frame, pending = pending[:frame_bytes], pending[frame_bytes:]
                     await self._play(frame, action.request_id, start + frames_sent * FRAME_MS / 1000)
                     frames_sent += 1
             if pending:
                 await self._play(
-                    pending.ljust(FRAME_BYTES, b"\0"), action.request_id, start + frames_sent * FRAME_MS / 1000
+                    pending.ljust(frame_bytes, silence), action.request_id, start + frames_sent * FRAME_MS / 1000
                 )
                 frames_sent += 1
             await self.transport.mark(action.request_id)
@@ -507,7 +510,7 @@ class CallSession:
                     voice=action.voice,
                     time_to_first_byte_ms=first_byte_ms,
                     audio_ms=frames_sent * FRAME_MS,
-                    audio_bytes=frames_sent * FRAME_BYTES,
+                    audio_bytes=frames_sent * frame_bytes,
                     interrupted=interrupted,
                 ),
                 causation_id=causation_id,
@@ -518,15 +521,15 @@ class CallSession:
         delay = due - asyncio.get_running_loop().time()
         if delay > 0:
             await asyncio.sleep(delay)
-        await self.transport.play(frame)
+        await self.transport.play_speech(frame)
         if self._pending_turn is not None and self._pending_turn.first_audio_us is None:
             self._pending_turn.first_audio_us = self.clock_us()
             self.report.turns.append(self._pending_turn)
             self._pending_turn = None
         await self.recorder.record(
             AgentAudioChunk(
-                codec="pcm_s16le",
-                sample_rate=PCM_RATE,
+                codec=self.transport.speech_codec,
+                sample_rate=self.transport.speech_rate,
                 chunk_index=self._agent_chunks,
                 offset_ms=self._agent_chunks * FRAME_MS,
                 duration_ms=FRAME_MS,

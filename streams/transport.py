@@ -21,10 +21,18 @@ class MediaTransport(ABC):
     """
 
     channel: Literal["phone", "sip", "widget"]
+    speech_codec: Literal["pcm_s16le", "mulaw"] = "pcm_s16le"
+    speech_rate: int = 16_000
+    """The channel's own audio format, which the session asks speech synthesis for (a phone line:
+    8 kHz mu-law, which cloud voices make themselves), and which `play_speech` takes."""
 
     @abstractmethod
     async def play(self, frame: bytes) -> None:
         """Sends one 20 ms frame of agent audio; the session paces the calls in real time."""
+
+    async def play_speech(self, frame: bytes) -> None:
+        """Sends one 20 ms frame of agent audio in the channel's own format (`speech_codec`)."""
+        await self.play(frame)
 
     @abstractmethod
     async def clear(self) -> None:

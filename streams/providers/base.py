@@ -12,8 +12,15 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from streams.audio import pcm16_to_mulaw
+
 PCM_RATE = 16_000
 """Sessions work in 16 kHz mono signed 16-bit little-endian PCM; channels convert at the edges."""
+MULAW_RATE = 8_000
+
+SpeechCodec = Literal["pcm_s16le", "mulaw"]
+"""How speech comes out of a TTS provider: 16-bit PCM at the rate asked for, or G.711 mu-law at 8 kHz
+(a phone line's own format, which cloud providers make themselves)."""
 
 
 class ProviderError(RuntimeError):
@@ -134,12 +141,28 @@ class TtsProvider(ABC):
     def synthesize(self, text: str, *, voice: str, sample_rate: int = PCM_RATE) -> AsyncIterator[bytes]:
         """Speech for `text` as 16-bit mono PCM at `sample_rate`, in chunks as they are ready."""
 
-    def speak(self, text: str, *, voice: str, sample_rate: int = PCM_RATE) -> Speech:
-        """`synthesize`, with who is speaking and what failed on the way (a chain of providers says more)."""
-        return Speech(self.synthesize(text, voice=voice, sample_rate=sample_rate), self.name)
+    def synthesize_mulaw(self, text: str, *, voice: str) -> AsyncIterator[bytes]:
+        """Speech for `text` as 8 kHz G.711 mu-law, for a phone line: the provider's own where it makes
+        it (the cloud adapters override this), else its PCM at 8 kHz, encoded."""
+        return _encoded(self.synthesize(text, voice=voice, sample_rate=MULAW_RATE))
+
+    def speak(self, text: str, *, voice: str, sample_rate: int = PCM_RATE, codec: SpeechCodec = "pcm_s16le") -> Speech:
+        """`synthesize` (or, for `mulaw`, `synthesize_mulaw`), with who is speaking and what failed on
+        the way (a chain of providers says more)."""
+        chunks = (self.synthesize_mulaw(text, voice=voice) if codec == "mulaw"
+                  else self.synthesize(text, voice=voice, sample_rate=sample_rate))
+        return Speech(chunks, self.name)
 
     async def aclose(self) -> None:  # noqa: B027 (optional: most providers hold nothing open)
         """Releases what the provider holds open (a cloud client's connections); nothing by default."""
+
+
+async def _encoded(pcm: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in pcm:
+            yield pcm16_to_mulaw(chunk)
+    finally:
+        await close_chunks(pcm)
 
 
 async def close_chunks(chunks: AsyncIterator[bytes]) -> None:

@@ -10,15 +10,21 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from pydantic import SecretStr
 
-from streams.agents import AgentSpec, Provider
+from streams.agents import AgentSpec, Provider, Voice
+from streams.providers.asr_chain import ChainAsr
 from streams.providers.base import AsrProvider, LlmProvider, TtsProvider
 from streams.providers.resilience import ChainLlm, CircuitBreaker, Guarded, ProviderChain
 from streams.providers.settings import ProviderSettings
+from streams.providers.tts_chain import ChainTts
 from streams.rate_limit import TokenBucket
 from streams.session import Providers
+
+P = TypeVar("P")
+C = TypeVar("C")
 
 LLM_ATTEMPT_TIMEOUT_S = 8.0
 """One LLM attempt's limit where the agent sets none (the adapters' connect, first-token and stall
@@ -26,9 +32,17 @@ timeouts are shorter, so a stalled provider is given up sooner)."""
 LLM_CHAIN_DEADLINE_S = 18.0
 """The whole chain's; under the session's own limit for a decision (20 s), so the chain, not the
 session, reports what failed."""
+SPEECH_ATTEMPT_TIMEOUT_S = 3.0
+"""A cloud speech provider's limit, where the agent sets none: to open its stream or give its first
+audio (TTS), to take a frame or give an utterance's final result (ASR)."""
+OFFLINE_ATTEMPT_TIMEOUT_S = 10.0
+"""The offline providers' (pocketsphinx, espeak-ng): they run on this machine's CPU, which a busy
+machine slows down but which does not go away."""
+SPEECH_CHAIN_DEADLINE_S = 10.0
 
 
 SCRIPTED_POLICY = "offline-scripted"
+OFFLINE_SPEECH = frozenset({"pocketsphinx", "espeak-ng"})
 
 
 class UnknownProvider(ValueError):
@@ -40,10 +54,22 @@ class ProviderRegistry:
     settings: ProviderSettings = field(default_factory=ProviderSettings)
     breakers: dict[tuple[str, str, str], CircuitBreaker] = field(default_factory=dict)
     buckets: dict[tuple[str, str], TokenBucket] = field(default_factory=dict)
-    clients: dict[tuple[str, str, str], LlmProvider] = field(default_factory=dict)
+    clients: dict[tuple[str, ...], Any] = field(default_factory=dict)
+    """The cloud providers' adapters, one per provider, endpoint, key (and model or voice engine,
+    where the adapter is made for one), shared by every call: their connections stay open."""
 
     def providers_for(self, agent: AgentSpec) -> Providers:
-        return Providers(asr=asr_provider(agent), llm=self.llm(agent), tts=tts_provider(agent))
+        return Providers(asr=self.asr(agent), llm=self.llm(agent), tts=self.tts(agent))
+
+    def asr(self, agent: AgentSpec) -> AsrProvider:
+        members = [self._asr_member(agent, spec) for spec in (agent.asr, *agent.asr.fallbacks)]
+        return ChainAsr(ProviderChain("asr", members, deadline_s=SPEECH_CHAIN_DEADLINE_S))
+
+    def tts(self, agent: AgentSpec) -> TtsProvider:
+        specs = (agent.tts, *agent.tts.fallbacks)
+        members = [self._tts_member(agent, spec) for spec in specs]
+        return ChainTts(ProviderChain("tts", members, deadline_s=SPEECH_CHAIN_DEADLINE_S),
+                        voices=[spec.voice for spec in specs])
 
     def llm(self, agent: AgentSpec) -> LlmProvider:
         members = [self._llm_member(agent, spec) for spec in (agent.llm, *agent.llm.fallbacks)]
@@ -66,37 +92,99 @@ class ProviderRegistry:
 
             provider = ScriptedLlm(agent)
         elif spec.provider == "openai":
-            key = self._key(agent, spec.provider, self.settings.openai_api_key, "OPENAI_API_KEY")
+            from streams.providers.llm_openai import OpenAiLlm
+
+            key = secret = self._key(agent, spec.provider, self.settings.openai_api_key, "OPENAI_API_KEY")
             endpoint = self.settings.openai_base_url or ""
-            provider = self._client(spec.provider, endpoint, key, self._openai)
+            provider = self._client(
+                (spec.provider, endpoint, _key_id(secret)),
+                lambda: OpenAiLlm(api_key=secret.get_secret_value(), base_url=endpoint or None))
         elif spec.provider == "anthropic":
-            key = self._key(agent, spec.provider, self.settings.anthropic_api_key, "ANTHROPIC_API_KEY")
+            from streams.providers.llm_anthropic import AnthropicLlm
+
+            key = secret = self._key(agent, spec.provider, self.settings.anthropic_api_key, "ANTHROPIC_API_KEY")
             endpoint = self.settings.anthropic_base_url or ""
-            provider = self._client(spec.provider, endpoint, key, self._anthropic)
+            provider = self._client(
+                (spec.provider, endpoint, _key_id(secret)),
+                lambda: AnthropicLlm(api_key=secret.get_secret_value(), base_url=endpoint or None))
         else:
             raise UnknownProvider(f"agent {agent.tenant}/{agent.id}: no LLM provider {spec.provider!r}")
         return Guarded(provider, spec.provider, spec.model, self._breaker(spec.provider, spec.model, endpoint),
                        spec.timeout_s or LLM_ATTEMPT_TIMEOUT_S, self._bucket(spec.provider, key))
 
-    def _client(self, provider: str, endpoint: str, key: SecretStr,
-                make: Callable[[str, str | None], LlmProvider]) -> LlmProvider:
-        """One client per provider, endpoint and key, shared by every call: its connections stay open."""
-        ident = (provider, endpoint, _key_id(key))
+    def _asr_member(self, agent: AgentSpec, spec: Provider) -> Guarded[AsrProvider]:
+        provider: AsrProvider
+        endpoint, key = "", None
+        if spec.provider == "pocketsphinx":
+            from streams.providers.asr_pocketsphinx import PocketsphinxAsr
+
+            provider = PocketsphinxAsr()
+        elif spec.provider == "deepgram":
+            from streams.providers.asr_deepgram import DeepgramAsr
+
+            key = secret = self._key(agent, spec.provider, self.settings.deepgram_api_key, "DEEPGRAM_API_KEY")
+            endpoint = self.settings.deepgram_base_url or ""
+            model = spec.model or "nova-3"
+            provider = self._client(
+                (spec.provider, endpoint, _key_id(secret), model),
+                lambda: DeepgramAsr(api_key=secret.get_secret_value(), base_url=endpoint or None, model=model))
+        elif spec.provider == "whisper":
+            from streams.providers.asr_whisper import WhisperAsr
+
+            key = secret = self._key(agent, spec.provider, self.settings.openai_api_key, "OPENAI_API_KEY")
+            endpoint = self.settings.openai_base_url or ""
+            model = spec.model or "whisper-1"
+            provider = self._client(
+                (spec.provider, endpoint, _key_id(secret), model),
+                lambda: WhisperAsr(api_key=secret.get_secret_value(), base_url=endpoint or None, model=model))
+        else:
+            raise UnknownProvider(f"agent {agent.tenant}/{agent.id}: no ASR provider {spec.provider!r}")
+        return self._speech_member(spec.provider, spec.model or provider.model, spec.timeout_s, provider, endpoint,
+                                   key)
+
+    def _tts_member(self, agent: AgentSpec, spec: Voice) -> Guarded[TtsProvider]:
+        provider: TtsProvider
+        endpoint, key = "", None
+        if spec.provider == "espeak-ng":
+            from streams.providers.tts_espeak import EspeakTts
+
+            provider = EspeakTts()
+        elif spec.provider == "elevenlabs":
+            from streams.providers.tts_elevenlabs import ElevenLabsTts
+
+            key = secret = self._key(agent, spec.provider, self.settings.elevenlabs_api_key, "ELEVENLABS_API_KEY")
+            endpoint = self.settings.elevenlabs_base_url or ""
+            model = spec.model or "eleven_flash_v2_5"
+            provider = self._client(
+                (spec.provider, endpoint, _key_id(secret), model),
+                lambda: ElevenLabsTts(api_key=secret.get_secret_value(), base_url=endpoint or None, model=model))
+        elif spec.provider == "playht":
+            from streams.providers.tts_playht import PlayHtTts
+
+            key = secret = self._key(agent, spec.provider, self.settings.playht_api_key, "PLAYHT_API_KEY")
+            user = self._key(agent, spec.provider, self.settings.playht_user_id, "PLAYHT_USER_ID")
+            endpoint = self.settings.playht_base_url or ""
+            engine = spec.model or "Play3.0-mini"
+            provider = self._client(
+                (spec.provider, endpoint, _key_id(secret), engine),
+                lambda: PlayHtTts(api_key=secret.get_secret_value(), user_id=user.get_secret_value(),
+                                  base_url=endpoint or None, voice_engine=engine))
+        else:
+            raise UnknownProvider(f"agent {agent.tenant}/{agent.id}: no TTS provider {spec.provider!r}")
+        return self._speech_member(spec.provider, spec.model, spec.timeout_s, provider, endpoint, key)
+
+    def _speech_member(self, name: str, model: str, timeout_s: float | None, provider: P, endpoint: str,
+                       key: SecretStr | None) -> Guarded[P]:
+        default = OFFLINE_ATTEMPT_TIMEOUT_S if name in OFFLINE_SPEECH else SPEECH_ATTEMPT_TIMEOUT_S
+        return Guarded(provider, name, model, self._breaker(name, model, endpoint), timeout_s or default,
+                       self._bucket(name, key))
+
+    def _client(self, ident: tuple[str, ...], make: Callable[[], C]) -> C:
+        """One adapter per `ident`, shared by every call (`clients`)."""
         if ident not in self.clients:
-            self.clients[ident] = make(key.get_secret_value(), endpoint or None)
-        return self.clients[ident]
-
-    @staticmethod
-    def _openai(api_key: str, base_url: str | None) -> LlmProvider:
-        from streams.providers.llm_openai import OpenAiLlm
-
-        return OpenAiLlm(api_key=api_key, base_url=base_url)
-
-    @staticmethod
-    def _anthropic(api_key: str, base_url: str | None) -> LlmProvider:
-        from streams.providers.llm_anthropic import AnthropicLlm
-
-        return AnthropicLlm(api_key=api_key, base_url=base_url)
+            self.clients[ident] = make()
+        client: C = self.clients[ident]
+        return client
 
     async def aclose(self) -> None:
         """Closes the cloud providers' clients (their connection pools)."""
@@ -126,19 +214,3 @@ class ProviderRegistry:
 def _key_id(key: SecretStr) -> str:
     """Which key, without the key: 12 hex digits of its SHA-256."""
     return hashlib.sha256(key.get_secret_value().encode()).hexdigest()[:12]
-
-
-def asr_provider(agent: AgentSpec) -> AsrProvider:
-    if agent.asr.provider == "pocketsphinx":
-        from streams.providers.asr_pocketsphinx import PocketsphinxAsr
-
-        return PocketsphinxAsr()
-    raise UnknownProvider(f"agent {agent.tenant}/{agent.id}: no ASR provider {agent.asr.provider!r}")
-
-
-def tts_provider(agent: AgentSpec) -> TtsProvider:
-    if agent.tts.provider == "espeak-ng":
-        from streams.providers.tts_espeak import EspeakTts
-
-        return EspeakTts()
-    raise UnknownProvider(f"agent {agent.tenant}/{agent.id}: no TTS provider {agent.tts.provider!r}")

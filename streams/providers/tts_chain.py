@@ -18,9 +18,10 @@ import asyncio
 import contextlib
 import re
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from streams.providers.base import PCM_RATE, ProviderError, Speech, TtsProvider, close_chunks
+from streams.providers.base import PCM_RATE, ProviderError, Speech, SpeechCodec, TtsProvider, close_chunks
 from streams.providers.resilience import ChainExhausted, FallbackReason, Guarded, ProviderChain
 
 STALL_TIMEOUT_S = 2.5
@@ -52,6 +53,12 @@ def sentences(text: str) -> list[str]:
     return parts
 
 
+@dataclass(frozen=True)
+class _Format:
+    codec: SpeechCodec
+    rate: int
+
+
 Opened = tuple[bytes, AsyncIterator[bytes]]
 """A sentence's first chunk, and the rest of its chunks."""
 
@@ -72,12 +79,17 @@ class ChainTts(TtsProvider):
     def synthesize(self, text: str, *, voice: str, sample_rate: int = PCM_RATE) -> AsyncIterator[bytes]:
         return self.speak(text, voice=voice, sample_rate=sample_rate).chunks
 
-    def speak(self, text: str, *, voice: str, sample_rate: int = PCM_RATE) -> Speech:
+    def synthesize_mulaw(self, text: str, *, voice: str) -> AsyncIterator[bytes]:
+        return self.speak(text, voice=voice, codec="mulaw").chunks
+
+    def speak(self, text: str, *, voice: str, sample_rate: int = PCM_RATE, codec: SpeechCodec = "pcm_s16le") -> Speech:
+        """Every member speaks in `codec` (at `sample_rate`, for PCM), so that a switch midway does
+        not change what the listener gets."""
         speech = Speech(_nothing(), self.name)
-        speech.chunks = self._chunks(text, voice, sample_rate, speech)
+        speech.chunks = self._chunks(text, voice, _Format(codec, sample_rate), speech)
         return speech
 
-    async def _chunks(self, text: str, voice: str, sample_rate: int, speech: Speech) -> AsyncIterator[bytes]:
+    async def _chunks(self, text: str, voice: str, fmt: _Format, speech: Speech) -> AsyncIterator[bytes]:
         parts = sentences(text) if len(self.chain.members) > 1 else [text]
         index = 0
         ahead: asyncio.Task[tuple[Opened, Guarded[TtsProvider]]] | None = None
@@ -89,12 +101,12 @@ class ChainTts(TtsProvider):
                         opening, ahead = ahead, None
                         (first, rest), member = await opening
                     else:
-                        (first, rest), member = await self._open(part, voice, sample_rate, speech, index, failed)
+                        (first, rest), member = await self._open(part, voice, fmt, speech, index, failed)
                     index = self.chain.index(member)
                     speech.provider = member.name
                     if number + 1 < len(parts) and ahead is None:
                         ahead = asyncio.create_task(
-                            self._open(parts[number + 1], voice, sample_rate, speech, index, None))
+                            self._open(parts[number + 1], voice, fmt, speech, index, None))
                     try:
                         yield first
                         while True:
@@ -120,12 +132,13 @@ class ChainTts(TtsProvider):
         finally:
             await _cancelled(ahead)
 
-    async def _open(self, text: str, voice: str, sample_rate: int, speech: Speech, start: int,
+    async def _open(self, text: str, voice: str, fmt: _Format, speech: Speech, start: int,
                     failed: tuple[str, FallbackReason] | None) -> tuple[Opened, Guarded[TtsProvider]]:
         """The first member from `start` whose speech of `text` begins (its first chunk in time)."""
         async def first_chunk(member: Guarded[TtsProvider]) -> Opened:
             own_voice = voice if member is self.chain.primary else self.voices[self.chain.index(member)]
-            chunks = member.provider.synthesize(text, voice=own_voice, sample_rate=sample_rate)
+            chunks = (member.provider.synthesize_mulaw(text, voice=own_voice) if fmt.codec == "mulaw"
+                      else member.provider.synthesize(text, voice=own_voice, sample_rate=fmt.rate))
             try:
                 return await anext(chunks), chunks
             except StopAsyncIteration:

@@ -115,7 +115,8 @@ async def test_a_socket_dropped_mid_utterance_hands_the_audio_so_far_to_the_next
     interims = [await stream.accept(FRAME) for _ in range(20)]
     final = await stream.end_utterance()
     assert interims[12] is None, "the frame the primary dropped"
-    assert interims[13] is not None and interims[13].provider == "whisper"
+    assert interims[13] is not None
+    assert interims[13].provider == "whisper"
     assert (final.provider, final.text, final.start_ms, final.end_ms) == ("whisper", "20 frames", 0, 400)
     assert final.fallbacks == (ProviderSwitch("deepgram", "whisper", "error"),)
 
