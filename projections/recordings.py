@@ -3,15 +3,20 @@ in a `RecordingStore` (the recordings folder, or an S3 bucket), and a `recording
 where it is and what it holds.
 
 The log is the system of record and the WAV is derived from it, so it has to come out the same
-however the events arrive: replayed after a crash (the runner stores offsets after the rows),
-picked up in the middle of a call, or with the calls topic read ahead of the audio topic (they are
-separate partitions, so `call.ended` often arrives before the call's last chunks). So:
+however the events arrive: replayed after a crash, picked up in the middle of a call, or with the
+calls topic read ahead of the audio topic (they are separate partitions, so `call.ended` often
+arrives before the call's last chunks; in a rebuild, long before). So:
 
-- Audio goes straight to two working files per call (`<root>/<tenant>/.partial/<call>.caller.pcm`
-  and `.agent.pcm`: 16-bit mono PCM at the rate of the direction's first chunk, 8 kHz for a phone
-  call), each chunk decoded (mu-law) and written at its own byte position. Rewriting a chunk
-  rewrites the same bytes, gaps stay silence, and a 10-minute call costs about a kilobyte of memory,
-  not 20 MB. A live call's working files stay open (opening a file costs more than writing 20 ms).
+- A call's audio is held in memory as it arrives (each chunk as it came: mu-law codes are decoded
+  a run of chunks at a time, later), with where it goes. It goes to working files
+  (`<root>/<tenant>/.partial/<call>.caller.pcm` and `.agent.pcm`: 16-bit mono PCM at the rate of the
+  direction's first chunk, 8 kHz for a phone call, each chunk at its own byte position, so rewriting
+  a chunk rewrites the same bytes and gaps stay silence) only when the call holds more than
+  `SPILL_BYTES`, has held audio for `SPILL_AFTER_MS`, or all calls together hold more than
+  `BUFFERED_BYTES`: a call of a few minutes never touches a working file, and memory stays bounded.
+  Until its audio is in the files, the projection holds the runner's stored offset of its audio
+  partition back to the call's first chunk held (`held`, `projections.runner.HoldsOffsets`): a crash
+  replays it rather than lose it.
 - Resampling to 16 kHz happens once, over each whole direction, when the WAV is assembled: so chunk
   edges leave no trace (resampling each 20 ms chunk alone would put a 50 Hz buzz 27 dB under the
   voice), and a restart changes nothing. A chunk at another rate than its direction's first (no
@@ -24,35 +29,42 @@ separate partitions, so `call.ended` often arrives before the call's last chunks
   clicks between the frames of a reply).
 - A small fixed-size meta file beside the parts keeps what a restart needs (the call's start, and
   per direction the last chunk written, where it ended, how much audio there was, its rate),
-  written after each chunk's audio, so replayed chunks are skipped rather than written again, and
-  nothing is counted twice.
-- On `call.ended` the call's audio after the last chunk written is read from the log (it may still
-  be behind on its topic), the parts are resampled and interleaved into `<call>.wav.tmp` beside
-  them, and that goes to the store with its facts (length, size, audio per direction) in one step:
-  a recording the store has is final, and the row of a replayed `call.ended` is the same row. The
-  working files go only after that. A store that cannot be reached is retried (with backoff, each
-  failure logged) until it can: the projection waits on that call rather than lose its recording.
+  written with the parts, so replayed chunks are skipped rather than written again, and nothing is
+  counted twice.
+- On `call.ended`: when the call's audio partition has been read `AUDIO_SETTLE_MS` past it (log
+  time), all its audio is here. When that partition is well behind (a rebuild, a backlog), the call
+  waits for it (or for the runner to have read the whole log: `settle`), holding the stored offset
+  of `call.ended` back meanwhile, so that a crash replays it; the row comes with a later event.
+  Otherwise (live: the audio arrives with the end) the call's audio after the last chunk held is
+  read from the log. Then the two sides are resampled and interleaved into `<call>.wav.tmp`, and
+  that goes to the store with its facts (length, size, audio per direction) in one step: a recording
+  the store has is final, and the row of a replayed `call.ended` is the same row. The working files
+  go only after that. A store that cannot be reached is retried (with backoff, each failure logged)
+  until it can: the projection waits on that call rather than lose its recording.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import io
+import itertools
 import logging
 import os
 import struct
 import wave
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 
-from consumers.base import LogAdmin, LogRecord
+from consumers.base import LogAdmin, LogRecord, TopicPartition
 from consumers.events import read_call
+from producers.partitioning import partition_for
 from projections import tables
 from projections.erasure import CALLS_ERASED, ERASED_CALL_IDS, ErasedCallers
 from projections.erasure import parameters as erasure_parameters
@@ -84,9 +96,19 @@ FORMAT = f"wav/pcm_s16le/{RATE}/stereo"
 ENDED_CALLS_KEPT = 1000
 """Ended calls remembered, so that their late audio is dropped without asking the store."""
 LIVE_CALLS_KEPT = 10_000
-"""Live calls held in memory; one evicted comes back from its meta file when it speaks again."""
-OPEN_CALLS_KEPT = 256
-"""Live calls whose working files are held open (three files each); others reopen them when they speak."""
+"""Live calls held in memory; one evicted (its audio to its working files first) comes back from its
+meta file when it speaks again."""
+WAITING_CALLS_KEPT = 2000
+"""Ended calls waiting for their audio partition to be read; beyond, an ending call reads its audio from the log."""
+SPILL_BYTES = 1 << 20
+"""Audio a call holds in memory before it goes to its working files (a minute of both sides of a phone call)."""
+SPILL_AFTER_MS = 30_000
+"""How long (event time) a call holds audio in memory at most: what a crash makes the runner replay."""
+BUFFERED_BYTES = 64 << 20
+"""Audio all calls hold in memory at most: beyond, the calls written longest ago go to their working files."""
+AUDIO_SETTLE_MS = 1000
+"""A call's audio is all read once its audio partition is read this far (log time) past its `call.ended`:
+slack for the producers' clocks and for sends to the two topics that land out of order."""
 CALL_LOOKBACK_MS = 3 * 3600 * 1000
 """How far back a call picked up in the middle is looked for in the log (longer than any call)."""
 AUDIO_CATCH_UP_SLACK_MS = 10_000
@@ -133,13 +155,19 @@ class _Files:
             path.unlink(missing_ok=True)
 
 
-def _open(path: Path) -> io.FileIO:
-    return io.FileIO(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+")
+def _pwrite_all(path: Path, pieces: Iterator[tuple[int, bytes]]) -> None:
+    """Writes each (byte position, data) into the file (made if need be)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for position, data in pieces:
+            os.pwrite(fd, data, position)
+    finally:
+        os.close(fd)
 
 
 @dataclass
 class _Track:
-    """One direction of a call: how far writing its part file has got."""
+    """One direction of a call: what has been written of it, and the audio held in memory."""
 
     last_seq: int = -1
     """The last chunk written: chunks up to it are replays."""
@@ -150,9 +178,37 @@ class _Track:
     audio_ms: int = 0
     """Audio written, by the chunks' own durations."""
     rate: int = 0
-    """The part file's sample rate: its first chunk's (0 before it)."""
-    part: io.FileIO | None = None
-    """The part file, while held open."""
+    """The part's sample rate: its first chunk's (0 before it)."""
+    held: list[tuple[int, bytes, bool]] = field(default_factory=list)
+    """Audio not in the part file yet, in the order written: (first sample, data, whether the data are
+    mu-law codes rather than 16-bit PCM)."""
+
+    def runs(self) -> Iterator[tuple[int, bytes]]:
+        """The held audio as 16-bit PCM, (first sample, PCM) a run of adjoining chunks at a time, in
+        order (a later run overwrites an earlier one where they overlap)."""
+        held = self.held
+        i = 0
+        while i < len(held):
+            start, data, mulaw = held[i]
+            parts, end = [data], start + (len(data) if mulaw else len(data) // 2)
+            i += 1
+            while i < len(held) and held[i][0] == end and held[i][2] == mulaw:
+                parts.append(held[i][1])
+                end += len(held[i][1]) if mulaw else len(held[i][1]) // 2
+                i += 1
+            joined = b"".join(parts)
+            yield start, mulaw_to_pcm16(joined) if mulaw else joined
+
+
+@dataclass(frozen=True)
+class _Ending:
+    """A `call.ended` waiting for its call's audio partition to be read past it."""
+
+    event: Event[EventPayload]
+    tp: TopicPartition
+    offset: int
+    stamped_ms: int
+    """The log's timestamp of its record."""
 
 
 @dataclass
@@ -165,8 +221,17 @@ class _Call:
     caller: _Track = field(default_factory=_Track)
     agent: _Track = field(default_factory=_Track)
     skipped: int = 0
-    meta: io.FileIO | None = None
-    """The meta file, while held open (with the parts)."""
+    on_disk: bool = False
+    """Its working files exist (with a meta file)."""
+    held_bytes: int = 0
+    """Audio held in memory."""
+    held_from: tuple[TopicPartition, int] | None = None
+    """The first record whose effects are only in memory (not in the working files)."""
+    held_since_us: int = 0
+    """Its event time."""
+    audio_partition: int | None = None
+    """Where its audio is on the audio topic, once seen."""
+    ending: _Ending | None = None
 
     @classmethod
     def restore(cls, event: Event[EventPayload], files: _Files) -> _Call:
@@ -175,8 +240,8 @@ class _Call:
         try:
             data = files.meta.read_bytes()
         except FileNotFoundError:
-            files.meta.parent.mkdir(parents=True, exist_ok=True)
             return call
+        call.on_disk = True
         if len(data) == _META_16K.size:
             started, first, *tracks = _META_16K.unpack(data)
             tracks = [*tracks[:4], RATE if tracks[0] >= 0 else 0, *tracks[4:], RATE if tracks[4] >= 0 else 0]
@@ -191,45 +256,32 @@ class _Call:
         call.agent = _Track(*tracks[5:])
         return call
 
-    def open(self) -> None:
-        self.meta = _open(self.files.meta)
-        self.caller.part = _open(self.files.caller)
-        self.agent.part = _open(self.files.agent)
-
-    def close(self) -> None:
-        for file in (self.meta, self.caller.part, self.agent.part):
-            if file is not None:
-                file.close()
-        self.meta = self.caller.part = self.agent.part = None
-
-    def save(self) -> None:
-        assert self.meta is not None
+    def meta(self) -> bytes:
         caller, agent = self.caller, self.agent
-        os.pwrite(self.meta.fileno(), _META.pack(
+        return _META.pack(
             -1 if self.started_us is None else self.started_us, self.first_seen_us,
             caller.last_seq, caller.last_us, caller.end, caller.audio_ms, caller.rate,
-            agent.last_seq, agent.last_us, agent.end, agent.audio_ms, agent.rate), 0)
+            agent.last_seq, agent.last_us, agent.end, agent.audio_ms, agent.rate)
 
 
-def _pcm16(chunk: CallerAudioChunk | AgentAudioChunk) -> bytes | None:
-    """The chunk's audio as 16-bit PCM at its own rate; None for what cannot be audio."""
+def _audio(chunk: CallerAudioChunk | AgentAudioChunk) -> tuple[bytes, bool] | None:
+    """The chunk's audio as it came (data, whether mu-law), at its own rate; None for what cannot be audio."""
     if chunk.sample_rate not in SAMPLE_RATES or chunk.offset_ms < 0 or chunk.duration_ms < 0:
         return None
     if chunk.codec == "mulaw":
-        return mulaw_to_pcm16(chunk.audio)
+        return chunk.audio, True
     if chunk.codec == "pcm_s16le" and len(chunk.audio) % 2 == 0:
-        return chunk.audio
+        return chunk.audio, False
     return None
 
 
 class _Direction:
-    """One part file read back at RATE, in order, a block at a time (resampled as one stream)."""
+    """One side read back at RATE, in order, a block at a time (resampled as one stream)."""
 
-    def __init__(self, path: Path, rate: int) -> None:
-        self.source = path.open("rb")
+    def __init__(self, source: BinaryIO, samples: int, rate: int) -> None:
+        self.source = source
         self.resampler = Resampler(rate, RATE, aligned=True) if rate not in (0, RATE) else None
-        size = path.stat().st_size // 2
-        self.frames = size if self.resampler is None else -(-size * RATE // rate)
+        self.frames = samples if self.resampler is None else -(-samples * RATE // rate)
         self.held = np.zeros(0, dtype="<i2")
 
     def read(self, count: int) -> np.ndarray:
@@ -246,17 +298,36 @@ class _Direction:
         return taken
 
 
+def _in_memory(track: _Track) -> _Direction | None:
+    """The side from the audio held (the call never went to its working files)."""
+    runs = list(track.runs())
+    if not runs:
+        return None
+    samples = max(start + len(pcm) // 2 for start, pcm in runs)
+    if len(runs) == 1 and runs[0][0] == 0:
+        data = runs[0][1]
+    else:
+        buffer = bytearray(2 * samples)
+        for start, pcm in runs:
+            buffer[2 * start : 2 * start + len(pcm)] = pcm
+        data = bytes(buffer)
+    return _Direction(io.BytesIO(data), samples, track.rate)
+
+
 def _assemble(call: _Call) -> int:
-    """Writes the part files side by side as a stereo WAV at RATE (`call.files.wav`) as long as the
-    longer (a missing part is silence); returns its frames."""
+    """Writes the two sides (from the working files, or from memory) side by side as a stereo WAV at
+    RATE (`call.files.wav`) as long as the longer (a missing side is silence); returns its frames."""
     files = call.files
     with contextlib.ExitStack() as stack:
         directions: list[_Direction | None] = []
         for path, track in ((files.caller, call.caller), (files.agent, call.agent)):
-            direction = _Direction(path, track.rate) if path.exists() else None
-            if direction is not None:
-                stack.callback(direction.source.close)
-            directions.append(direction)
+            if not call.on_disk:
+                directions.append(_in_memory(track))
+            elif path.exists():
+                source = stack.enter_context(path.open("rb"))
+                directions.append(_Direction(source, path.stat().st_size // 2, track.rate))
+            else:
+                directions.append(None)
         frames = max((d.frames for d in directions if d is not None), default=0)
         with wave.open(str(files.wav), "wb") as wav:
             wav.setnchannels(2)
@@ -294,9 +365,19 @@ class RecordingsProjection:
         self.root = root
         self.store: RecordingStore = store or LocalRecordingStore(root)
         self.live: OrderedDict[str, _Call] = OrderedDict()
-        self.open: OrderedDict[str, _Call] = OrderedDict()
-        """The live calls whose working files are open, least recently written first."""
+        """Calls being recorded, least recently written first."""
         self.ended: OrderedDict[str, RecordingFacts] = OrderedDict()
+        self.held_bytes = 0
+        """Audio all live calls hold in memory."""
+        self.audio_read: dict[int, int] = {}
+        """Per audio partition, the latest log timestamp read (ms)."""
+        self.waiting: dict[int, list[tuple[int, int, _Call]]] = {}
+        """Per audio partition, the ended calls waiting for it: a heap of (stamped_ms, order, call)."""
+        self.waiting_calls = 0
+        self._order = itertools.count()
+        self._audio_partitions: int | None = None
+        self._folders: set[Path] = set()
+        """Working folders known to exist."""
         self.skipped_chunks = 0
         """Audio chunks that were not audio (an unknown codec, PCM cut mid-sample, an absurd position)."""
         self.rejected_events = 0
@@ -310,11 +391,12 @@ class RecordingsProjection:
 
     def reset(self) -> None:
         # The files stay: finished recordings are final, and live calls continue from their meta files.
-        for call in self.open.values():
-            call.close()
-        self.open.clear()
         self.live.clear()
         self.ended.clear()
+        self.waiting.clear()
+        self.audio_read.clear()
+        self.held_bytes = self.waiting_calls = 0
+        self._folders.clear()
 
     async def load(self, store: AnalyticsStore) -> None:
         """The erasures folded before (what a live call needs is in its meta file)."""
@@ -323,8 +405,34 @@ class RecordingsProjection:
             await asyncio.to_thread(store.create, table)
         await asyncio.to_thread(self.erasures.load, store)
 
+    def held(self) -> Mapping[TopicPartition, int]:
+        """The offsets the runner must not store past: each live call's first record whose effects are
+        only in memory, and each `call.ended` waiting for its audio."""
+        out: dict[TopicPartition, int] = {}
+        for call in self.live.values():
+            for hold in (call.held_from, call.ending and (call.ending.tp, call.ending.offset)):
+                if hold and hold[1] < out.get(hold[0], hold[1] + 1):
+                    out[hold[0]] = hold[1]
+        return out
+
+    async def settle(self, backend: LogBackend, read: Mapping[TopicPartition, int] | None) -> list[Output]:
+        """Finishes the calls waiting for their audio: from what was read where all the log held when
+        their `call.ended` was in it has been read (a call's audio comes before its end), from the log otherwise."""
+        waiting = sorted((entry for heap in self.waiting.values() for entry in heap), key=lambda entry: entry[:2])
+        self.waiting.clear()
+        out: list[Output] = []
+        for _, _, call in waiting:
+            if call.ending is not None and self.live.get(call.call_id) is call:
+                read_all = read is not None and call.ending.offset < read.get(call.ending.tp, 0)
+                out += await self._end(call, call.ending.event, backend, catch_up=not read_all)
+        return out
+
     async def rows(self, record: LogRecord, event: Event[EventPayload], backend: LogBackend) -> Sequence[Output]:
         payload = event.payload
+        if isinstance(payload, CallerAudioChunk | AgentAudioChunk):
+            out = await self._audio_read(record, backend)
+            await self._chunk(record, event, payload, backend)
+            return out
         if isinstance(payload, CallerErased):
             return await self._erase(event)
         if event.call_id in self.erased:
@@ -332,22 +440,6 @@ class RecordingsProjection:
         if isinstance(payload, CallStarted) and self.erasures.erased(
                 event.tenant_id, caller_key(event.tenant_id, person_number(payload)), event.envelope.event_time_us):
             await self._forget(event.tenant_id, event.call_id)  # its audio may have come first
-            return []
-        if isinstance(payload, CallerAudioChunk | AgentAudioChunk):
-            call = self.live.get(event.call_id)
-            if call is None:
-                if event.call_id in self.ended:  # its late audio: the recording is final
-                    return []
-                call = await self._call(event)
-                if call is None:
-                    return []
-            else:
-                self.live.move_to_end(event.call_id)
-                call.first_seen_us = min(call.first_seen_us, event.envelope.event_time_us)
-            if isinstance(payload, AgentAudioChunk) and call.started_us is None:
-                async with _admin(backend) as admin:
-                    await self._find_start(call, event, admin)
-            self._write(call, event, payload)
             return []
         if isinstance(payload, CallStarted):
             try:
@@ -361,20 +453,89 @@ class RecordingsProjection:
                                   at(event.envelope.event_time_us), None, 0, event.seq))]
         if isinstance(payload, CallEnded):
             try:
-                location = self.store.location(event.tenant_id, event.call_id)
+                self.store.location(event.tenant_id, event.call_id)
             except ValueError as exc:
                 return self._reject(event, exc)
             call = await self._call(event)
-            if call is not None:
-                facts = await self._finish(call, event, backend)
-            else:
-                facts = self.ended[event.call_id]
+            if call is None:
                 # What a crash between storing the recording and the clean-up left.
                 _Files.of(self.root, event.tenant_id, event.call_id).remove()
-            return [(RECORDINGS, (event.tenant_id, event.call_id, location, FORMAT, 2, RATE, facts.duration_ms,
-                                  facts.bytes, facts.caller_audio_ms, facts.agent_audio_ms, at(facts.started_us),
-                                  at(event.envelope.event_time_us), 1, event.seq))]
+                return self._row(event, self.ended[event.call_id])
+            if call.ending is not None:
+                return []  # a redelivery of the call.ended it waits with
+            return await self._ending(call, record, event, backend)
         return []
+
+    def _row(self, ended: Event[EventPayload], facts: RecordingFacts) -> list[Output]:
+        location = self.store.location(ended.tenant_id, ended.call_id)
+        return [(RECORDINGS, (ended.tenant_id, ended.call_id, location, FORMAT, 2, RATE, facts.duration_ms,
+                              facts.bytes, facts.caller_audio_ms, facts.agent_audio_ms, at(facts.started_us),
+                              at(ended.envelope.event_time_us), 1, ended.seq))]
+
+    async def _chunk(self, record: LogRecord, event: Event[EventPayload], chunk: CallerAudioChunk | AgentAudioChunk,
+                     backend: LogBackend) -> None:
+        if event.call_id in self.erased:
+            return
+        call = self.live.get(event.call_id)
+        if call is None:
+            if event.call_id in self.ended:  # its late audio: the recording is final
+                return
+            call = await self._call(event)
+            if call is None:
+                return
+        else:
+            self.live.move_to_end(event.call_id)
+            call.first_seen_us = min(call.first_seen_us, event.envelope.event_time_us)
+        call.audio_partition = record.partition
+        if isinstance(chunk, AgentAudioChunk) and call.started_us is None:
+            async with _admin(backend) as admin:
+                await self._find_start(call, event, admin)
+        self._write(call, event, chunk, record)
+        if call.held_from is not None and (call.held_bytes >= SPILL_BYTES or
+                                           event.envelope.event_time_us - call.held_since_us >= SPILL_AFTER_MS * 1000):
+            self._spill(call)
+        if self.held_bytes > BUFFERED_BYTES:
+            for other in list(self.live.values()):  # the calls written longest ago first
+                if self.held_bytes <= BUFFERED_BYTES // 2:
+                    break
+                self._spill(other)
+
+    async def _audio_read(self, record: LogRecord, backend: LogBackend) -> list[Output]:
+        """Notes how far the record's audio partition is read; finishes the calls that waited for that."""
+        partition, stamped = record.partition, record.timestamp_ms
+        if stamped > self.audio_read.get(partition, -1):
+            self.audio_read[partition] = stamped
+        waiting = self.waiting.get(partition)
+        out: list[Output] = []
+        while waiting and waiting[0][0] + AUDIO_SETTLE_MS <= stamped:
+            call = heapq.heappop(waiting)[2]
+            if call.ending is not None and self.live.get(call.call_id) is call:
+                out += await self._end(call, call.ending.event, backend, catch_up=False)
+        return out
+
+    async def _ending(self, call: _Call, record: LogRecord, event: Event[EventPayload],
+                      backend: LogBackend) -> list[Output]:
+        """The call's `call.ended`: its row now if its audio partition is read past it, else once it
+        is (or once the runner settles)."""
+        partition = call.audio_partition
+        if partition is None:
+            partition = await self._audio_partition_of(event.call_id, backend)
+        stamped = record.timestamp_ms
+        if partition is not None and self.audio_read.get(partition, -1) >= stamped + AUDIO_SETTLE_MS:
+            return await self._end(call, event, backend, catch_up=False)
+        if self.waiting_calls >= WAITING_CALLS_KEPT:
+            return await self._end(call, event, backend, catch_up=True)
+        call.ending = _Ending(event, record.tp, record.offset, stamped)
+        heapq.heappush(self.waiting.setdefault(-1 if partition is None else partition, []),
+                       (stamped, next(self._order), call))
+        self.waiting_calls += 1
+        return []
+
+    async def _audio_partition_of(self, call_id: str, backend: LogBackend) -> int | None:
+        if self._audio_partitions is None:
+            async with _admin(backend) as admin:
+                self._audio_partitions = len(await admin.end_offsets(AUDIO))
+        return partition_for(call_id.encode(), self._audio_partitions) if self._audio_partitions else None
 
     def _reject(self, event: Event[EventPayload], exc: ValueError) -> list[Row]:
         self.rejected_events += 1
@@ -401,13 +562,21 @@ class RecordingsProjection:
                 self._remember_ended(call_id, facts)
                 return None
             call = self.live[call_id] = _Call.restore(event, files)
-            while len(self.live) > LIVE_CALLS_KEPT:
-                _, evicted = self.live.popitem(last=False)
-                self._close(evicted)
+            if len(self.live) > LIVE_CALLS_KEPT:
+                self._evict()
         else:
             self.live.move_to_end(call_id)
         call.first_seen_us = min(call.first_seen_us, event.envelope.event_time_us)
         return call
+
+    def _evict(self) -> None:
+        """Forgets the call written longest ago (its audio to its working files first); not one waiting
+        for its audio, whose `call.ended` is held, nor the one just come."""
+        for call_id, call in itertools.islice(self.live.items(), len(self.live) - 1):
+            if call.ending is None:
+                self._spill(call)
+                del self.live[call_id]
+                return
 
     async def _stored(self, what: str, operation: Callable[..., T], *args: object) -> T:
         """`operation(*args)` on the store (in a thread if it is remote), retried with backoff while it fails."""
@@ -433,36 +602,49 @@ class RecordingsProjection:
         return [row, deletion(RECORDINGS, CALLS_ERASED, erasure_parameters(event))]
 
     async def _forget(self, tenant_id: str, call_id: str) -> None:
-        """No recording of this call, anywhere: not in the store, not in the working files."""
+        """No recording of this call, anywhere: not in the store, not in the working files, not in memory."""
         self.erased[call_id] = None
         while len(self.erased) > ENDED_CALLS_KEPT:
             self.erased.popitem(last=False)
         call = self.live.pop(call_id, None)
         if call is not None:
-            self._close(call)
+            self._drop(call)
         self.ended.pop(call_id, None)
         _Files.of(self.root, tenant_id, call_id).remove()
         await self._stored(f"erasing call {call_id}'s recording", self.store.erase, tenant_id, call_id)
+
+    def _drop(self, call: _Call) -> None:
+        """Lets go of what a call that leaves `live` holds (its holds go with it)."""
+        self.held_bytes -= call.held_bytes
+        call.held_bytes = 0
+        if call.ending is not None:
+            call.ending = None
+            self.waiting_calls -= 1
 
     def _remember_ended(self, call_id: str, facts: RecordingFacts) -> None:
         self.ended[call_id] = facts
         while len(self.ended) > ENDED_CALLS_KEPT:
             self.ended.popitem(last=False)
 
-    def _opened(self, call: _Call) -> None:
-        """Holds the call's working files open (closing those of the call written longest ago)."""
-        if call.meta is not None:
-            self.open.move_to_end(call.call_id)
-            return
-        call.open()
-        self.open[call.call_id] = call
-        while len(self.open) > OPEN_CALLS_KEPT:
-            _, closed = self.open.popitem(last=False)
-            closed.close()
+    def _folder(self, call: _Call) -> None:
+        partial = call.files.meta.parent
+        if partial not in self._folders:
+            partial.mkdir(parents=True, exist_ok=True)
+            self._folders.add(partial)
 
-    def _close(self, call: _Call) -> None:
-        self.open.pop(call.call_id, None)
-        call.close()
+    def _spill(self, call: _Call) -> None:
+        """Writes the audio the call holds to its working files, then the meta file that says so."""
+        if call.held_from is None and call.on_disk:
+            return
+        self._folder(call)
+        for path, track in ((call.files.caller, call.caller), (call.files.agent, call.agent)):
+            if track.held:
+                _pwrite_all(path, ((2 * start, pcm) for start, pcm in track.runs()))
+                track.held = []
+        _pwrite_all(call.files.meta, iter([(0, call.meta())]))
+        call.on_disk = True
+        self.held_bytes -= call.held_bytes
+        call.held_bytes, call.held_from = 0, None
 
     async def _find_start(self, call: _Call, event: Event[EventPayload], admin: LogAdmin) -> int:
         """The call's start from the log: its call.started, or (none there) the earliest event seen."""
@@ -473,14 +655,17 @@ class RecordingsProjection:
         call.started_us = starts[0] if starts else min([*seen, call.first_seen_us])
         return call.started_us
 
-    def _write(self, call: _Call, event: Event[EventPayload], chunk: CallerAudioChunk | AgentAudioChunk, *,
-               save: bool = True) -> None:
-        """Writes the chunk where it goes, then (with `save`) the meta file that says so."""
+    def _write(self, call: _Call, event: Event[EventPayload], chunk: CallerAudioChunk | AgentAudioChunk,
+               record: LogRecord | None) -> None:
+        """Places the chunk where it goes, held in memory; `record`: where it was read (none: from the
+        log, for a call being finished)."""
         agent = isinstance(chunk, AgentAudioChunk)
         track = call.agent if agent else call.caller
         if event.seq <= track.last_seq:
             return  # written already (a replay)
-        pcm = _pcm16(chunk)
+        if call.ending is not None and event.seq >= call.ending.event.seq:
+            return  # after the call's end
+        audio = _audio(chunk)
         rate = track.rate or (chunk.sample_rate if chunk.sample_rate in SAMPLE_RATES else RATE)
         if agent:
             assert call.started_us is not None
@@ -489,22 +674,23 @@ class RecordingsProjection:
         else:
             start = chunk.offset_ms * rate // 1000
         limit = MAX_RECORDING_MS * rate // 1000
-        self._opened(call)
-        if pcm is None or start > limit:
+        if audio is None or start > limit:
             self._skip(call, event, chunk)
             if start <= limit:  # it was heard all the same (only its record is broken): what follows keeps its time
                 track.end = min(start + max(chunk.duration_ms, 0) * rate // 1000, limit)
         else:
+            data, mulaw = audio
             if chunk.sample_rate != rate:
-                pcm = resample_pcm16(pcm, chunk.sample_rate, rate)
-            assert track.part is not None
-            os.pwrite(track.part.fileno(), pcm, 2 * start)
-            track.end = start + len(pcm) // 2
+                data, mulaw = resample_pcm16(mulaw_to_pcm16(data) if mulaw else data, chunk.sample_rate, rate), False
+            track.held.append((start, data, mulaw))
+            call.held_bytes += len(data)
+            self.held_bytes += len(data)
+            track.end = start + (len(data) if mulaw else len(data) // 2)
             track.audio_ms += chunk.duration_ms
         track.rate = rate
         track.last_seq, track.last_us = event.seq, event.envelope.event_time_us
-        if save:
-            call.save()
+        if record is not None and call.held_from is None:
+            call.held_from, call.held_since_us = (record.tp, record.offset), event.envelope.event_time_us
 
     def _skip(self, call: _Call, event: Event[EventPayload], chunk: CallerAudioChunk | AgentAudioChunk) -> None:
         self.skipped_chunks += 1
@@ -514,25 +700,37 @@ class RecordingsProjection:
                         "seq %d", call.call_id, event.type, chunk.codec, len(chunk.audio), chunk.sample_rate,
                         chunk.offset_ms, event.seq)
 
-    async def _finish(self, call: _Call, event: Event[EventPayload], backend: LogBackend) -> RecordingFacts:
-        async with _admin(backend) as admin:
-            started_us = call.started_us if call.started_us is not None else await self._find_start(call, event, admin)
-            # The audio topic may be behind the calls topic: take the rest of the call's audio from the log.
-            since_us = min(track.last_us if track.last_seq >= 0 else started_us for track in (call.caller, call.agent))
-            history = await read_call(admin, call.call_id, topics=(AUDIO,),
-                                      since_ms=since_us // 1000 - AUDIO_CATCH_UP_SLACK_MS)
-        for earlier in history.events:
-            if earlier.seq < event.seq and isinstance(earlier.payload, CallerAudioChunk | AgentAudioChunk):
-                # No meta file per chunk here: a crash before the store has the recording replays this
-                # call.ended, which starts from the meta file again and rewrites the same bytes.
-                self._write(call, earlier, earlier.payload, save=False)
-        self._close(call)
+    async def _end(self, call: _Call, event: Event[EventPayload], backend: LogBackend, *,
+                   catch_up: bool) -> list[Output]:
+        """Finishes the call's recording (with `catch_up`, its audio after the last chunk held read
+        from the log first) and gives its final row."""
+        started_us = call.started_us
+        if started_us is None or catch_up:
+            async with _admin(backend) as admin:
+                if started_us is None:
+                    started_us = await self._find_start(call, event, admin)
+                if catch_up:
+                    # The audio topic may be behind the calls topic: take the rest of the call's audio from the log.
+                    since_us = min(track.last_us if track.last_seq >= 0 else started_us
+                                   for track in (call.caller, call.agent))
+                    history = await read_call(admin, call.call_id, topics=(AUDIO,),
+                                              since_ms=since_us // 1000 - AUDIO_CATCH_UP_SLACK_MS)
+                    for earlier in history.events:
+                        if earlier.seq < event.seq and isinstance(earlier.payload, CallerAudioChunk | AgentAudioChunk):
+                            self._write(call, earlier, earlier.payload, None)
+        self._folder(call)
+        if call.on_disk:  # the rest joins what is in its working files
+            self._spill(call)
         frames = await asyncio.to_thread(_assemble, call)
         facts = RecordingFacts(started_us, frames * 1000 // RATE, call.files.wav.stat().st_size, call.caller.audio_ms,
                                call.agent.audio_ms)
         await self._stored(f"storing call {call.call_id}'s recording", self.store.put, call.tenant_id, call.call_id,
                            call.files.wav, facts)
-        call.files.remove()
+        if call.on_disk:
+            call.files.remove()
+        else:
+            call.files.wav.unlink(missing_ok=True)  # a store may copy it rather than move it
         del self.live[call.call_id]
+        self._drop(call)
         self._remember_ended(call.call_id, facts)
-        return facts
+        return self._row(event, facts)

@@ -5,7 +5,10 @@ Each projection reads its topics alone (every partition), from the offsets it st
 inserted before the offsets that cover them: a crash in between replays some events, whose rows
 come out the same (same key, same version) and collapse in the ReplacingMergeTree. So a crash and
 restart neither loses nor doubles a row; `rebuild` starts from offset zero and gives the same
-tables. The same runner works on both log backends, in-process (`voxlog workers`, `voxlog sql`)
+tables. A projection whose effects of an event may come after the event's batch (the recordings
+projection keeps a call's audio in memory, and finishes a call once its audio has been read) says
+which offsets it holds back (`HoldsOffsets`): the offsets stored stop there, so a crash replays those
+events. The same runner works on both log backends, in-process (`voxlog workers`, `voxlog sql`)
 or in a worker of its own.
 """
 
@@ -17,10 +20,10 @@ import functools
 import gc
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from consumers.base import LogRecord, TopicPartition
 from consumers.events import ConsumedEvent, EventConsumer, dead_letter_headers, read_call
@@ -72,6 +75,22 @@ class Projection(Protocol):
         """Forgets everything (a rebuild)."""
 
     async def rows(self, record: LogRecord, event: Event[EventPayload], backend: LogBackend) -> Sequence[Output]: ...
+
+
+@runtime_checkable
+class HoldsOffsets(Protocol):
+    """A projection some of whose events' effects are not durable when their batch is written."""
+
+    def held(self) -> Mapping[TopicPartition, int]:
+        """Per topic-partition, the offset of the earliest record read whose effects are not durable
+        yet: no offset past it is stored, so a crash replays it."""
+        ...
+
+    async def settle(self, backend: LogBackend, read: Mapping[TopicPartition, int] | None) -> Sequence[Output]:
+        """Finish what waits on more of the log: called when every record of the log at a moment when
+        the records below the offsets `read` were in it has been read (None: at the end of a batch,
+        with nothing known of the rest of the log)."""
+        ...
 
 
 class CallsProjection:
@@ -283,7 +302,7 @@ class ProjectionRunner:
             nonlocal pending, last_flush, flushing, unwritten
             if flushing is not None:
                 await flushing
-            flushing = asyncio.create_task(self._flush(pending, dict(self.positions)))
+            flushing = asyncio.create_task(self._flush(pending, self._storable(self.positions)))
             pending, last_flush, unwritten = RowBatch(), time.monotonic(), False
 
         async with self.backend.producer() as dead_letters, \
@@ -296,11 +315,14 @@ class ProjectionRunner:
             try:
                 while not stop.is_set():
                     if until_caught_up and all(self.positions.get(tp, 0) >= end for tp, end in ends.items()):
+                        unwritten |= await self._settle(pending, ends)  # all the log held then is read
                         break
                     batch, polled = await (reading or self._poll(events))
                     # The next batch is read from the log while this one is folded.
                     reading = asyncio.create_task(self._poll(events)) if polled else None
                     await self._fold(batch, dead_letters, pending)
+                    if not polled:  # the log read to its end: all it held when the poll began is read
+                        unwritten |= await self._settle(pending, self.positions)
                     self.events += len(polled)
                     for record in _last_per_partition(polled):
                         self.positions[record.tp] = record.offset + 1
@@ -333,8 +355,26 @@ class ProjectionRunner:
         letters are durable: for a runner that reads the log itself (`projections.faust_app`)."""
         pending = RowBatch()
         await self._fold(batch, dead_letters, pending)
+        await self._settle(pending, None)  # this runner cannot tell when the log is read to its end
         await dead_letters.flush()
-        await self._flush(pending, positions)
+        await self._flush(pending, self._storable(positions))
+
+    def _storable(self, positions: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
+        """The offsets that may be stored once the rows folded so far are written: `positions`, less
+        what the projection holds back. Taken when a batch is closed, not when it is written: later
+        events may release a hold whose rows are only in a later batch."""
+        if not isinstance(self.projection, HoldsOffsets):
+            return dict(positions)
+        held = self.projection.held()
+        return {tp: min(offset, held.get(tp, offset)) for tp, offset in positions.items()}
+
+    async def _settle(self, into: RowBatch, read: Mapping[TopicPartition, int] | None) -> bool:
+        """Lets a projection that holds offsets finish what waited on the log; True if it gave rows."""
+        if not isinstance(self.projection, HoldsOffsets):
+            return False
+        rows = await self.projection.settle(self.backend, read)
+        into.add(rows)
+        return bool(rows)
 
     async def _dead_letter(self, dead_letters: LogProducer, record: LogRecord, exc: Exception) -> None:
         reason = f"projection {self.projection.name} could not fold it: {exc!r}"
