@@ -109,6 +109,8 @@ BUFFERED_BYTES = 64 << 20
 AUDIO_SETTLE_MS = 1000
 """A call's audio is all read once its audio partition is read this far (log time) past its `call.ended`:
 slack for the producers' clocks and for sends to the two topics that land out of order."""
+CALLS_FINISHED_TOGETHER = 8
+"""Waiting calls finished at once when the runner settles."""
 CALL_LOOKBACK_MS = 3 * 3600 * 1000
 """How far back a call picked up in the middle is looked for in the log (longer than any call)."""
 AUDIO_CATCH_UP_SLACK_MS = 10_000
@@ -314,9 +316,9 @@ def _in_memory(track: _Track) -> _Direction | None:
     return _Direction(io.BytesIO(data), samples, track.rate)
 
 
-def _assemble(call: _Call) -> int:
+def _assemble(call: _Call) -> tuple[int, int]:
     """Writes the two sides (from the working files, or from memory) side by side as a stereo WAV at
-    RATE (`call.files.wav`) as long as the longer (a missing side is silence); returns its frames."""
+    RATE (`call.files.wav`) as long as the longer (a missing side is silence); returns its frames and bytes."""
     files = call.files
     with contextlib.ExitStack() as stack:
         directions: list[_Direction | None] = []
@@ -341,7 +343,7 @@ def _assemble(call: _Call) -> int:
                         samples = direction.read(count)
                         block[: samples.size, channel] = samples
                 wav.writeframes(block.tobytes())
-    return frames
+    return frames, files.wav.stat().st_size
 
 
 @contextlib.asynccontextmanager
@@ -420,11 +422,19 @@ class RecordingsProjection:
         their `call.ended` was in it has been read (a call's audio comes before its end), from the log otherwise."""
         waiting = sorted((entry for heap in self.waiting.values() for entry in heap), key=lambda entry: entry[:2])
         self.waiting.clear()
+        calls = [call for _, _, call in waiting if call.ending is not None and self.live.get(call.call_id) is call]
         out: list[Output] = []
-        for _, _, call in waiting:
-            if call.ending is not None and self.live.get(call.call_id) is call:
-                read_all = read is not None and call.ending.offset < read.get(call.ending.tp, 0)
-                out += await self._end(call, call.ending.event, backend, catch_up=not read_all)
+        for first in range(0, len(calls), CALLS_FINISHED_TOGETHER):
+            endings = [(call, call.ending) for call in calls[first : first + CALLS_FINISHED_TOGETHER]
+                       if call.ending is not None]
+            # Together: one call's disk waits (creating files, the store's fsync) overlap the others' work.
+            finished = await asyncio.gather(*(
+                self._finish(call, ending.event, backend,
+                             catch_up=read is None or ending.offset >= read.get(ending.tp, 0))
+                for call, ending in endings))
+            for (call, ending), facts in zip(endings, finished, strict=True):  # remembered in the order they ended
+                self._remember_ended(call.call_id, facts)
+                out += self._row(ending.event, facts)
         return out
 
     async def rows(self, record: LogRecord, event: Event[EventPayload], backend: LogBackend) -> Sequence[Output]:
@@ -578,12 +588,13 @@ class RecordingsProjection:
                 del self.live[call_id]
                 return
 
-    async def _stored(self, what: str, operation: Callable[..., T], *args: object) -> T:
-        """`operation(*args)` on the store (in a thread if it is remote), retried with backoff while it fails."""
+    async def _stored(self, what: str, operation: Callable[..., T], *args: object, waits: bool = False) -> T:
+        """`operation(*args)` on the store (in a thread if it is remote, or `waits` on the disk), retried
+        with backoff while it fails."""
         delay = STORE_RETRY_FIRST_S
         while True:
             try:
-                return await asyncio.to_thread(operation, *args) if self.store.remote else operation(*args)
+                return await asyncio.to_thread(operation, *args) if self.store.remote or waits else operation(*args)
             except RecordingStoreError as exc:
                 self.store_failures += 1
                 log.error("recordings: %s failed (%s, %s); retrying in %.1f s, the audio is kept meanwhile",
@@ -702,8 +713,15 @@ class RecordingsProjection:
 
     async def _end(self, call: _Call, event: Event[EventPayload], backend: LogBackend, *,
                    catch_up: bool) -> list[Output]:
-        """Finishes the call's recording (with `catch_up`, its audio after the last chunk held read
-        from the log first) and gives its final row."""
+        """Finishes the call's recording and gives its final row."""
+        facts = await self._finish(call, event, backend, catch_up=catch_up)
+        self._remember_ended(call.call_id, facts)
+        return self._row(event, facts)
+
+    async def _finish(self, call: _Call, event: Event[EventPayload], backend: LogBackend, *,
+                      catch_up: bool) -> RecordingFacts:
+        """Stores the call's recording (with `catch_up`, its audio after the last chunk held read from
+        the log first), and forgets the call."""
         started_us = call.started_us
         if started_us is None or catch_up:
             async with _admin(backend) as admin:
@@ -721,16 +739,14 @@ class RecordingsProjection:
         self._folder(call)
         if call.on_disk:  # the rest joins what is in its working files
             self._spill(call)
-        frames = await asyncio.to_thread(_assemble, call)
-        facts = RecordingFacts(started_us, frames * 1000 // RATE, call.files.wav.stat().st_size, call.caller.audio_ms,
-                               call.agent.audio_ms)
+        frames, size = await asyncio.to_thread(_assemble, call)
+        facts = RecordingFacts(started_us, frames * 1000 // RATE, size, call.caller.audio_ms, call.agent.audio_ms)
         await self._stored(f"storing call {call.call_id}'s recording", self.store.put, call.tenant_id, call.call_id,
-                           call.files.wav, facts)
+                           call.files.wav, facts, waits=True)
         if call.on_disk:
             call.files.remove()
         else:
             call.files.wav.unlink(missing_ok=True)  # a store may copy it rather than move it
         del self.live[call.call_id]
         self._drop(call)
-        self._remember_ended(call.call_id, facts)
-        return self._row(event, facts)
+        return facts
