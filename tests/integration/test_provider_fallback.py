@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from consumers.events import read_call
-from schemas.events import CallSummarized, ErrorRaised, LlmDecided, ProviderFallback, TtsRequested
+from schemas.events import CallSummarized, ErrorRaised, LlmDecided, ProviderFallback, TtsCompleted, TtsRequested
 from schemas.topics import CALLS
 from streams.agents import DEFAULT_AGENTS_DIR
 from streams.memory import caller_key
@@ -107,3 +107,40 @@ async def _summary(backend: object, key: str | None) -> CallSummarized | None:
             return found[-1]
         await asyncio.sleep(0.1)
     return None
+
+
+async def test_what_claude_says_with_its_tool_call_is_spoken_whole_before_the_answer(tmp_path: Path) -> None:
+    """Claude's "Let me book that for you." comes with its tool call: the caller hears it while the
+    booking runs, and the answer after it, not over it."""
+    agents = cloud_agents(tmp_path / "agents")
+    path = agents / "demo" / "front-desk.yaml"
+    agent = yaml.safe_load(path.read_text())
+    agent["llm"] = {"provider": "anthropic", "model": "claude-haiku-4-5"}
+    path.write_text(yaml.safe_dump(agent))
+    async with ProviderServer() as server:
+        server.reply("anthropic/messages_tool_use_stream")
+        server.reply("anthropic/messages_after_tool_result")
+        server.reply("anthropic/messages_text_stream")  # the summary of the call, after it ends
+        keys = ProviderSettings(anthropic_api_key="sk-ant-test-preamble", anthropic_base_url=server.base_url)
+        settings = Settings(home=tmp_path / "home", agents_dir=agents)
+        async with local_stack(settings) as stack:
+            stack.gateway.provider_registry = ProviderRegistry(keys)
+            caller = stack.caller(from_="+15557770422", to=AGENT_NUMBER)
+            instructions = await caller.dial()
+            async with caller:
+                await caller.connect(instructions)
+                await agent_done_speaking(caller)
+                await caller.send_mulaw(speech("i would like to book an appointment on tuesday"))
+                assert await caller.agent_quiet(1.5, 60)
+                await caller.stop()
+            events = await events_of(stack, instructions.parameters["call_id"])
+
+    requested = [e.payload for e in events if isinstance(e.payload, TtsRequested)]
+    completed = {e.payload.request_id: e.payload for e in events if isinstance(e.payload, TtsCompleted)}
+    assert [r.text for r in requested[1:]] == ["Let me book that for you.", "You're booked for Tuesday at 2 pm."]
+    preamble, answer = (completed[r.request_id] for r in requested[1:])
+    assert not preamble.interrupted and preamble.audio_ms > 500, "said whole"
+    assert not answer.interrupted and answer.audio_ms > 500
+    order = [e.type for e in events if e.type in ("tool.requested", "tool.succeeded", "tts.requested")]
+    assert order[1:] == ["tts.requested", "tool.requested", "tool.succeeded", "tts.requested"]
+    assert verify_call(events, agent_for(events, stack.gateway.router)).identical
