@@ -106,6 +106,10 @@ class Gateway:
             await ensure_topics(admin)
         finally:
             await admin.close()
+        if self.providers_factory is None:
+            for agent in self.router.agents.values():
+                for problem in self.provider_registry.problems(agent):
+                    log.error("%s: its calls will fail until this is mended", problem)
         self._producer = self.backend.producer()
         await self._producer.start()
         self._writer = EventWriter(self._producer, observers=(self.metrics.observe,))

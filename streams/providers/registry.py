@@ -61,6 +61,17 @@ class ProviderRegistry:
     def providers_for(self, agent: AgentSpec) -> Providers:
         return Providers(asr=self.asr(agent), llm=self.llm(agent), tts=self.tts(agent))
 
+    def problems(self, agent: AgentSpec) -> list[str]:
+        """Why this registry cannot serve `agent`'s calls, a line per capability (an unknown provider,
+        a key that is not set); none when it can."""
+        found = []
+        for capability in (self.asr, self.llm, self.tts):
+            try:
+                capability(agent)
+            except UnknownProvider as exc:
+                found.append(str(exc))
+        return found
+
     def asr(self, agent: AgentSpec) -> AsrProvider:
         members = [self._asr_member(agent, spec) for spec in (agent.asr, *agent.asr.fallbacks)]
         return ChainAsr(ProviderChain("asr", members, deadline_s=SPEECH_CHAIN_DEADLINE_S))
