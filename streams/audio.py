@@ -25,6 +25,7 @@ import numpy.typing as npt
 __all__ = [
     "SILENCE_DBFS",
     "Resampler",
+    "WavChunks",
     "WavHeader",
     "frame_bytes",
     "frames",
@@ -450,3 +451,49 @@ def parse_wav_header(data: bytes) -> WavHeader | None:
             tag, channels, rate, _byte_rate, _align, bits = struct.unpack_from("<HHIIHH", data, body)
             fmt = (tag, channels, rate, bits)
         offset = body + chunk_size + (chunk_size & 1)
+
+
+class WavChunks:
+    """16-bit mono PCM at the caller's rate from a streamed WAV file: its header first (whose sizes may
+    be placeholders, as a stream's are), then its integer PCM as it comes, channels mixed down and
+    resampled from the rate the header gives. Bytes past a declared data size (trailing chunks) are
+    not audio and are dropped."""
+
+    def __init__(self, to_rate: int) -> None:
+        self.to_rate = to_rate
+        self.header: WavHeader | None = None
+        self._buffer = bytearray()
+        self._resampler: Resampler | None = None
+        self._left: int | None = None  # audio bytes still due, where the header declared a size
+
+    def feed(self, data: bytes) -> bytes:
+        """The samples `data` completes, at the caller's rate (may be empty); raises ValueError for a
+        stream that is not integer PCM WAV."""
+        self._buffer += data
+        if self.header is None:
+            self.header = parse_wav_header(bytes(self._buffer))
+            if self.header is None:
+                return b""
+            del self._buffer[: self.header.data_offset]
+            self._resampler = Resampler(self.header.sample_rate, self.to_rate, aligned=True)
+            self._left = self.header.data_size
+        assert self._resampler is not None
+        frame = self.header.channels * self.header.sample_width
+        usable = len(self._buffer) - len(self._buffer) % frame
+        if self._left is not None:
+            usable = min(usable, self._left)
+            self._left -= usable
+        pcm = to_mono_pcm16(bytes(self._buffer[:usable]), self.header.sample_width, self.header.channels)
+        del self._buffer[:usable]
+        return self._resampler.process(pcm)
+
+    def end(self) -> bytes:
+        """What is held back; raises ValueError where the stream stopped before its header was whole,
+        in the middle of a sample, or short of the size its header declared."""
+        if self.header is None or self._resampler is None:
+            raise ValueError("the audio ended before its WAV header was complete")
+        if self._left:
+            raise ValueError(f"the audio ended {self._left} bytes short of the size its WAV header declared")
+        if self._left is None and self._buffer:
+            raise ValueError("the audio ended in the middle of a sample")
+        return self._resampler.flush()

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
-from streams.audio import Resampler, WavHeader, parse_wav_header, to_mono_pcm16
+from streams.audio import WavChunks
 from streams.providers.base import PCM_RATE, ProviderError, TtsCapabilities, TtsProvider
 
 __all__ = ["EspeakTts"]
@@ -108,55 +108,32 @@ class EspeakTts(TtsProvider):
                 process.stdin.close()
 
             chunk_bytes = max(2, sample_rate * self.chunk_ms // 1000 * 2)
-            buffer = bytearray()  # espeak-ng's bytes not yet parsed
+            wav = WavChunks(sample_rate)
             out = bytearray()  # resampled PCM not yet yielded
-            header: WavHeader | None = None
-            resampler: Resampler | None = None
-            produced = 0
-            while True:
-                data = await self._before(deadline, process.stdout.read(_READ_SIZE))
-                if data:
-                    buffer += data
-                if header is None:
-                    header = parse_wav_header(bytes(buffer)) if buffer else None
-                    if header is None:
-                        if not data:
-                            break  # ended before a complete header
-                        continue
-                    del buffer[: header.data_offset]
-                    resampler = Resampler(header.sample_rate, sample_rate, aligned=True)
-                assert resampler is not None
-                frame = header.channels * header.sample_width
-                usable = len(buffer) - len(buffer) % frame
-                if header.data_size is not None:
-                    usable = min(usable, header.data_size - produced)
-                if usable > 0:
-                    pcm = to_mono_pcm16(bytes(buffer[:usable]), header.sample_width, header.channels)
-                    del buffer[:usable]
-                    produced += usable
-                    out += resampler.process(pcm)
-                if not data:
-                    out += resampler.flush()
+            received = produced = 0
+            while data := await self._before(deadline, process.stdout.read(_READ_SIZE)):
+                received += len(data)
+                out += wav.feed(data)
                 while len(out) >= chunk_bytes:
                     paused = time.monotonic()
                     yield bytes(out[:chunk_bytes])
                     deadline += time.monotonic() - paused
+                    produced += chunk_bytes
                     del out[:chunk_bytes]
-                if not data:
-                    break
             returncode = await self._before(deadline, process.wait())
             stderr = (await stderr_task).decode(errors="replace").strip()
             if returncode != 0:
                 detail = f": {stderr.splitlines()[-1]}" if stderr else ""
                 raise ProviderError(PROVIDER, "failed", f"espeak-ng exited with status {returncode}{detail}")
-            if header is None:
-                raise ProviderError(PROVIDER, "bad_output" if buffer else "empty_output", "espeak-ng wrote no WAV")
-            if produced == 0:
+            if wav.header is None:
+                raise ProviderError(PROVIDER, "bad_output" if received else "empty_output", "espeak-ng wrote no WAV")
+            out += wav.end()
+            if produced + len(out) == 0:
                 raise ProviderError(PROVIDER, "empty_output", f"espeak-ng wrote no audio for {len(text)} characters")
             if out:
                 yield bytes(out)
             finished = True
-        except ValueError as exc:  # parse_wav_header on something that is not a WAV
+        except ValueError as exc:  # not a WAV, or one cut short
             raise ProviderError(PROVIDER, "bad_output", str(exc)) from exc
         finally:
             if not finished:

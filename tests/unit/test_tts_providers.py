@@ -21,10 +21,10 @@ from elevenlabs import VoiceSettings
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.audio import mulaw_to_pcm16, resample_pcm16
+from streams.audio import WavChunks, mulaw_to_pcm16, resample_pcm16
 from streams.providers.base import ProviderError
 from streams.providers.llm_common import StreamTimeouts
-from streams.providers.tts_common import PcmChunks, WavChunks
+from streams.providers.tts_common import PcmChunks
 from streams.providers.tts_elevenlabs import ElevenLabsTts
 from streams.providers.tts_playht import PlayHtTts
 from tests.provider_server import FIXTURES, Fault, ProviderServer, Reply
