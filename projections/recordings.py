@@ -31,8 +31,8 @@ arrives before the call's last chunks; in a rebuild, long before). So:
   per direction the last chunk written, where it ended, how much audio there was, its rate),
   written with the parts, so replayed chunks are skipped rather than written again, and nothing is
   counted twice.
-- On `call.ended`: when the call's audio partition has been read `AUDIO_SETTLE_MS` past it (log
-  time), all its audio is here. When that partition is well behind (a rebuild, a backlog), the call
+- On `call.ended`: when the call's audio partition has been read past it (log time; on Kafka,
+  `AUDIO_SETTLE_MS` past it), all its audio is here. When that partition is well behind (a rebuild, a backlog), the call
   waits for it (or for the runner to have read the whole log: `settle`), holding the stored offset
   of `call.ended` back meanwhile, so that a crash replays it; the row comes with a later event.
   Otherwise (live: the audio arrives with the end) the call's audio after the last chunk held is
@@ -76,7 +76,7 @@ from projections.recording_store import (
     recording_path,
 )
 from projections.store import AnalyticsStore
-from projections.tables import ERASED_CALLS, ERASURES, RECORDINGS, Output, Row, Table, at, deletion
+from projections.tables import ERASED_CALLS, ERASURES, RECORDINGS, Output, Table, at, deletion
 from schemas.base import Event, EventPayload
 from schemas.events import AgentAudioChunk, CallEnded, CallerAudioChunk, CallerErased, CallStarted
 from schemas.topics import AUDIO, CALLS
@@ -84,7 +84,7 @@ from streams.audio import Resampler, mulaw_to_pcm16, resample_pcm16
 from streams.memory import caller_key, person_number
 from streams.providers.base import PCM_RATE
 from streams.redaction import default_redactor
-from voxlog.backends import LogBackend
+from voxlog.backends import EmbeddedBackend, LogBackend
 
 __all__ = ["RECORDINGS", "RecordingsProjection", "recording_path"]
 
@@ -107,10 +107,16 @@ SPILL_AFTER_MS = 30_000
 BUFFERED_BYTES = 64 << 20
 """Audio all calls hold in memory at most: beyond, the calls written longest ago go to their working files."""
 AUDIO_SETTLE_MS = 1000
-"""A call's audio is all read once its audio partition is read this far (log time) past its `call.ended`:
-slack for the producers' clocks and for sends to the two topics that land out of order."""
+"""On Kafka, a call's audio is all read once its audio partition is read this far (log time) past its
+`call.ended`: slack for the producers' clocks and for sends to the two topics that land out of order.
+The embedded log stamps records under its write lock, so there a record stamped later was appended later."""
 CALLS_FINISHED_TOGETHER = 8
-"""Waiting calls finished at once when the runner settles."""
+"""Calls finished at once (each in a thread): one's disk waits overlap the others' work."""
+READY_CALLS_KEPT = 256
+"""Calls ready to finish held before they are finished together: finishing calls between reading the
+log's batches costs more than finishing many at once."""
+UNPLACED_CHUNKS_KEPT = 500
+"""Agent chunks held until the call's start is known (10 s); beyond, it is looked for in the log."""
 CALL_LOOKBACK_MS = 3 * 3600 * 1000
 """How far back a call picked up in the middle is looked for in the log (longer than any call)."""
 AUDIO_CATCH_UP_SLACK_MS = 10_000
@@ -136,6 +142,8 @@ _META_16K = struct.Struct("<10q")
 without the rates, parts at 16 kHz."""
 
 T = TypeVar("T")
+
+_CHUNKS = (CallerAudioChunk, AgentAudioChunk)
 
 
 @dataclass(frozen=True)
@@ -209,8 +217,6 @@ class _Ending:
     event: Event[EventPayload]
     tp: TopicPartition
     offset: int
-    stamped_ms: int
-    """The log's timestamp of its record."""
 
 
 @dataclass
@@ -234,6 +240,11 @@ class _Call:
     audio_partition: int | None = None
     """Where its audio is on the audio topic, once seen."""
     ending: _Ending | None = None
+    """Its `call.ended`, held from when it is read until the recording's row is given."""
+    waiting: bool = False
+    """Ended, waiting for its audio partition to be read past its end."""
+    unplaced: list[tuple[Event[EventPayload], AgentAudioChunk, LogRecord]] = field(default_factory=list)
+    """Agent chunks read before the call's start was known (where they go depends on it)."""
 
     @classmethod
     def restore(cls, event: Event[EventPayload], files: _Files) -> _Call:
@@ -346,6 +357,15 @@ def _assemble(call: _Call) -> tuple[int, int]:
     return frames, files.wav.stat().st_size
 
 
+def _clean_up(call: _Call) -> None:
+    """What is left of a stored call's working files (only once stored: a crash before leaves them to
+    replay the call from)."""
+    if call.on_disk:
+        call.files.remove()
+    else:
+        call.files.wav.unlink(missing_ok=True)  # a store may copy it rather than move it
+
+
 @contextlib.asynccontextmanager
 async def _admin(backend: LogBackend) -> AsyncIterator[LogAdmin]:
     admin = backend.admin()
@@ -374,8 +394,11 @@ class RecordingsProjection:
         self.audio_read: dict[int, int] = {}
         """Per audio partition, the latest log timestamp read (ms)."""
         self.waiting: dict[int, list[tuple[int, int, _Call]]] = {}
-        """Per audio partition, the ended calls waiting for it: a heap of (stamped_ms, order, call)."""
+        """Per audio partition, the ended calls waiting for it: a heap of (the log time its audio
+        partition must be read past, order, call)."""
         self.waiting_calls = 0
+        self.ready: OrderedDict[str, tuple[_Call, bool]] = OrderedDict()
+        """Ended calls to finish (with whether their audio is to be read from the log first), a few at once."""
         self._order = itertools.count()
         self._audio_partitions: int | None = None
         self._folders: set[Path] = set()
@@ -393,6 +416,7 @@ class RecordingsProjection:
 
     def reset(self) -> None:
         # The files stay: finished recordings are final, and live calls continue from their meta files.
+        self.ready.clear()
         self.live.clear()
         self.ended.clear()
         self.waiting.clear()
@@ -412,37 +436,46 @@ class RecordingsProjection:
         only in memory, and each `call.ended` waiting for its audio."""
         out: dict[TopicPartition, int] = {}
         for call in self.live.values():
-            for hold in (call.held_from, call.ending and (call.ending.tp, call.ending.offset)):
+            for hold in (call.held_from, call.ending and (call.ending.tp, call.ending.offset),
+                         call.unplaced and (call.unplaced[0][2].tp, call.unplaced[0][2].offset)):
                 if hold and hold[1] < out.get(hold[0], hold[1] + 1):
                     out[hold[0]] = hold[1]
         return out
 
     async def settle(self, backend: LogBackend, read: Mapping[TopicPartition, int] | None) -> list[Output]:
-        """Finishes the calls waiting for their audio: from what was read where all the log held when
-        their `call.ended` was in it has been read (a call's audio comes before its end), from the log otherwise."""
+        """Finishes the calls ready, and those waiting for their audio (from what was read where all the
+        log held when their `call.ended` was in it has been read, as a call's audio comes before its
+        end; from the log otherwise)."""
         waiting = sorted((entry for heap in self.waiting.values() for entry in heap), key=lambda entry: entry[:2])
         self.waiting.clear()
-        calls = [call for _, _, call in waiting if call.ending is not None and self.live.get(call.call_id) is call]
-        out: list[Output] = []
-        for first in range(0, len(calls), CALLS_FINISHED_TOGETHER):
-            endings = [(call, call.ending) for call in calls[first : first + CALLS_FINISHED_TOGETHER]
-                       if call.ending is not None]
-            # Together: one call's disk waits (creating files, the store's fsync) overlap the others' work.
-            finished = await asyncio.gather(*(
-                self._finish(call, ending.event, backend,
-                             catch_up=read is None or ending.offset >= read.get(ending.tp, 0))
-                for call, ending in endings))
-            for (call, ending), facts in zip(endings, finished, strict=True):  # remembered in the order they ended
-                self._remember_ended(call.call_id, facts)
-                out += self._row(ending.event, facts)
-        return out
+        for _, _, call in waiting:
+            if call.waiting and call.ending is not None:
+                self._ready(call, catch_up=read is None or call.ending.offset >= read.get(call.ending.tp, 0))
+        return await self._finish_ready(backend)
 
     async def rows(self, record: LogRecord, event: Event[EventPayload], backend: LogBackend) -> Sequence[Output]:
         payload = event.payload
-        if isinstance(payload, CallerAudioChunk | AgentAudioChunk):
-            out = await self._audio_read(record, backend)
-            await self._chunk(record, event, payload, backend)
-            return out
+        if isinstance(payload, _CHUNKS):  # most events: kept short
+            partition, stamped = record.partition, record.timestamp_ms
+            if stamped > self.audio_read.get(partition, -1):
+                self.audio_read[partition] = stamped
+                waiting = self.waiting.get(partition)
+                if waiting and waiting[0][0] < stamped:
+                    self._audio_read(partition, stamped)
+            call = self.live.get(event.call_id)
+            if call is None or call.started_us is None:
+                await self._chunk(record, event, payload, backend)
+            else:
+                self.live.move_to_end(event.call_id)
+                self._write(call, event, payload, record)
+                self._spill_if_due(call, event.envelope.event_time_us)
+            return await self._finish_ready(backend) if len(self.ready) >= READY_CALLS_KEPT else []
+        out = await self._other(record, event, backend)
+        # Only once this event is folded: were it not, its dead letter would take the rows along.
+        return [*out, *await self._finish_ready(backend)] if len(self.ready) >= READY_CALLS_KEPT else out
+
+    async def _other(self, record: LogRecord, event: Event[EventPayload], backend: LogBackend) -> list[Output]:
+        payload = event.payload
         if isinstance(payload, CallerErased):
             return await self._erase(event)
         if event.call_id in self.erased:
@@ -459,6 +492,7 @@ class RecordingsProjection:
             call = await self._call(event)
             if call is not None and call.started_us is None:
                 call.started_us = event.envelope.event_time_us
+                self._place(call)
             return [(RECORDINGS, (event.tenant_id, event.call_id, location, FORMAT, 2, RATE, 0, 0, 0, 0,
                                   at(event.envelope.event_time_us), None, 0, event.seq))]
         if isinstance(payload, CallEnded):
@@ -473,7 +507,7 @@ class RecordingsProjection:
                 return self._row(event, self.ended[event.call_id])
             if call.ending is not None:
                 return []  # a redelivery of the call.ended it waits with
-            return await self._ending(call, record, event, backend)
+            await self._ending(call, record, event, backend)
         return []
 
     def _row(self, ended: Event[EventPayload], facts: RecordingFacts) -> list[Output]:
@@ -495,51 +529,62 @@ class RecordingsProjection:
                 return
         else:
             self.live.move_to_end(event.call_id)
-            call.first_seen_us = min(call.first_seen_us, event.envelope.event_time_us)
-        call.audio_partition = record.partition
         if isinstance(chunk, AgentAudioChunk) and call.started_us is None:
+            # Placed once the call's start is known: its call.started is often just behind on its topic.
+            if event.seq > call.agent.last_seq:
+                call.unplaced.append((event, chunk, record))
+            if len(call.unplaced) < UNPLACED_CHUNKS_KEPT:
+                return
             async with _admin(backend) as admin:
                 await self._find_start(call, event, admin)
-        self._write(call, event, chunk, record)
-        if call.held_from is not None and (call.held_bytes >= SPILL_BYTES or
-                                           event.envelope.event_time_us - call.held_since_us >= SPILL_AFTER_MS * 1000):
+            self._place(call)
+        else:
+            self._write(call, event, chunk, record)
+        self._spill_if_due(call, event.envelope.event_time_us)
+
+    def _place(self, call: _Call) -> None:
+        """Places the agent chunks that waited for the call's start."""
+        unplaced, call.unplaced = call.unplaced, []
+        for event, chunk, record in unplaced:
+            self._write(call, event, chunk, record)
+
+    def _spill_if_due(self, call: _Call, event_time_us: int) -> None:
+        """To the working files with the audio of a call that holds too much, or too long; of the calls
+        written longest ago while all hold too much."""
+        if call.held_from is not None and (call.held_bytes >= SPILL_BYTES
+                                           or event_time_us - call.held_since_us >= SPILL_AFTER_MS * 1000):
             self._spill(call)
         if self.held_bytes > BUFFERED_BYTES:
-            for other in list(self.live.values()):  # the calls written longest ago first
+            for other in list(self.live.values()):
                 if self.held_bytes <= BUFFERED_BYTES // 2:
                     break
                 self._spill(other)
 
-    async def _audio_read(self, record: LogRecord, backend: LogBackend) -> list[Output]:
-        """Notes how far the record's audio partition is read; finishes the calls that waited for that."""
-        partition, stamped = record.partition, record.timestamp_ms
-        if stamped > self.audio_read.get(partition, -1):
-            self.audio_read[partition] = stamped
+    def _audio_read(self, partition: int, stamped: int) -> None:
+        """Finishes the calls that waited for their audio partition to be read this far."""
         waiting = self.waiting.get(partition)
-        out: list[Output] = []
-        while waiting and waiting[0][0] + AUDIO_SETTLE_MS <= stamped:
+        while waiting and waiting[0][0] < stamped:
             call = heapq.heappop(waiting)[2]
-            if call.ending is not None and self.live.get(call.call_id) is call:
-                out += await self._end(call, call.ending.event, backend, catch_up=False)
-        return out
+            if call.waiting:
+                self._ready(call, catch_up=False)
 
-    async def _ending(self, call: _Call, record: LogRecord, event: Event[EventPayload],
-                      backend: LogBackend) -> list[Output]:
-        """The call's `call.ended`: its row now if its audio partition is read past it, else once it
-        is (or once the runner settles)."""
+    async def _ending(self, call: _Call, record: LogRecord, event: Event[EventPayload], backend: LogBackend) -> None:
+        """The call's `call.ended`: the call is ready to finish if its audio partition is read past it,
+        else once it is (or once the runner settles). Its `call.ended` is held until its row is given."""
+        call.ending = _Ending(event, record.tp, record.offset)
         partition = call.audio_partition
         if partition is None:
             partition = await self._audio_partition_of(event.call_id, backend)
-        stamped = record.timestamp_ms
-        if partition is not None and self.audio_read.get(partition, -1) >= stamped + AUDIO_SETTLE_MS:
-            return await self._end(call, event, backend, catch_up=False)
-        if self.waiting_calls >= WAITING_CALLS_KEPT:
-            return await self._end(call, event, backend, catch_up=True)
-        call.ending = _Ending(event, record.tp, record.offset, stamped)
-        heapq.heappush(self.waiting.setdefault(-1 if partition is None else partition, []),
-                       (stamped, next(self._order), call))
-        self.waiting_calls += 1
-        return []
+        complete_after = record.timestamp_ms + (0 if isinstance(backend, EmbeddedBackend) else AUDIO_SETTLE_MS)
+        if partition is not None and self.audio_read.get(partition, -1) > complete_after:
+            self._ready(call, catch_up=False)
+        elif self.waiting_calls >= WAITING_CALLS_KEPT:
+            self._ready(call, catch_up=True)
+        else:
+            heapq.heappush(self.waiting.setdefault(-1 if partition is None else partition, []),
+                           (complete_after, next(self._order), call))
+            call.waiting = True
+            self.waiting_calls += 1
 
     async def _audio_partition_of(self, call_id: str, backend: LogBackend) -> int | None:
         if self._audio_partitions is None:
@@ -547,7 +592,7 @@ class RecordingsProjection:
                 self._audio_partitions = len(await admin.end_offsets(AUDIO))
         return partition_for(call_id.encode(), self._audio_partitions) if self._audio_partitions else None
 
-    def _reject(self, event: Event[EventPayload], exc: ValueError) -> list[Row]:
+    def _reject(self, event: Event[EventPayload], exc: ValueError) -> list[Output]:
         self.rejected_events += 1
         log.warning("recordings: %s; event %s ignored", exc, event.envelope.event_id)
         return []
@@ -583,7 +628,7 @@ class RecordingsProjection:
         """Forgets the call written longest ago (its audio to its working files first); not one waiting
         for its audio, whose `call.ended` is held, nor the one just come."""
         for call_id, call in itertools.islice(self.live.items(), len(self.live) - 1):
-            if call.ending is None:
+            if call.ending is None and not call.unplaced:  # not one whose call.ended or audio is held
                 self._spill(call)
                 del self.live[call_id]
                 return
@@ -617,6 +662,7 @@ class RecordingsProjection:
         self.erased[call_id] = None
         while len(self.erased) > ENDED_CALLS_KEPT:
             self.erased.popitem(last=False)
+        self.ready.pop(call_id, None)
         call = self.live.pop(call_id, None)
         if call is not None:
             self._drop(call)
@@ -628,8 +674,9 @@ class RecordingsProjection:
         """Lets go of what a call that leaves `live` holds (its holds go with it)."""
         self.held_bytes -= call.held_bytes
         call.held_bytes = 0
-        if call.ending is not None:
-            call.ending = None
+        call.ending = None
+        if call.waiting:
+            call.waiting = False
             self.waiting_calls -= 1
 
     def _remember_ended(self, call_id: str, facts: RecordingFacts) -> None:
@@ -672,6 +719,11 @@ class RecordingsProjection:
         log, for a call being finished)."""
         agent = isinstance(chunk, AgentAudioChunk)
         track = call.agent if agent else call.caller
+        time_us = event.envelope.event_time_us
+        if time_us < call.first_seen_us:
+            call.first_seen_us = time_us
+        if record is not None:
+            call.audio_partition = record.partition
         if event.seq <= track.last_seq:
             return  # written already (a replay)
         if call.ending is not None and event.seq >= call.ending.event.seq:
@@ -711,31 +763,57 @@ class RecordingsProjection:
                         "seq %d", call.call_id, event.type, chunk.codec, len(chunk.audio), chunk.sample_rate,
                         chunk.offset_ms, event.seq)
 
-    async def _end(self, call: _Call, event: Event[EventPayload], backend: LogBackend, *,
-                   catch_up: bool) -> list[Output]:
-        """Finishes the call's recording and gives its final row."""
-        facts = await self._finish(call, event, backend, catch_up=catch_up)
-        self._remember_ended(call.call_id, facts)
-        return self._row(event, facts)
+    def _ready(self, call: _Call, *, catch_up: bool) -> None:
+        if call.waiting:
+            call.waiting = False
+            self.waiting_calls -= 1
+        self.ready[call.call_id] = (call, catch_up)
 
-    async def _finish(self, call: _Call, event: Event[EventPayload], backend: LogBackend, *,
-                      catch_up: bool) -> RecordingFacts:
+    async def _finish_ready(self, backend: LogBackend) -> list[Output]:
+        """Finishes the calls ready, a few at once (assembling a WAV is mostly numpy, storing it mostly
+        waits on the disk: one call's waits overlap the others' work); gives their rows."""
+        out: list[Output] = []
+        while self.ready:
+            together = [self.ready.popitem(last=False)[1] for _ in range(min(CALLS_FINISHED_TOGETHER, len(self.ready)))]
+            finished = await asyncio.gather(*(self._finish(call, backend, catch_up=catch_up)
+                                              for call, catch_up in together), return_exceptions=True)
+            for (call, _), facts in zip(together, finished, strict=True):
+                ending = call.ending
+                assert ending is not None
+                if isinstance(facts, BaseException):
+                    if not isinstance(facts, Exception):
+                        raise facts
+                    # As a dead letter of its call.ended would: the call stays, its end is not held.
+                    log.error("recordings: call %s could not be finished: %r", call.call_id, facts)
+                    call.ending = None
+                    with contextlib.suppress(OSError):
+                        self._spill(call)
+                    continue
+                del self.live[call.call_id]
+                self._drop(call)
+                self._remember_ended(call.call_id, facts)
+                out += self._row(ending.event, facts)
+        return out
+
+    async def _finish(self, call: _Call, backend: LogBackend, *, catch_up: bool) -> RecordingFacts:
         """Stores the call's recording (with `catch_up`, its audio after the last chunk held read from
-        the log first), and forgets the call."""
+        the log first), then lets go of its working files."""
+        assert call.ending is not None
+        event = call.ending.event
         started_us = call.started_us
-        if started_us is None or catch_up:
+        if started_us is None:
             async with _admin(backend) as admin:
-                if started_us is None:
-                    started_us = await self._find_start(call, event, admin)
-                if catch_up:
-                    # The audio topic may be behind the calls topic: take the rest of the call's audio from the log.
-                    since_us = min(track.last_us if track.last_seq >= 0 else started_us
-                                   for track in (call.caller, call.agent))
-                    history = await read_call(admin, call.call_id, topics=(AUDIO,),
-                                              since_ms=since_us // 1000 - AUDIO_CATCH_UP_SLACK_MS)
-                    for earlier in history.events:
-                        if earlier.seq < event.seq and isinstance(earlier.payload, CallerAudioChunk | AgentAudioChunk):
-                            self._write(call, earlier, earlier.payload, None)
+                started_us = await self._find_start(call, event, admin)
+        self._place(call)
+        if catch_up:
+            # The audio topic may be behind the calls topic: take the rest of the call's audio from the log.
+            since_us = min(track.last_us if track.last_seq >= 0 else started_us for track in (call.caller, call.agent))
+            async with _admin(backend) as admin:
+                history = await read_call(admin, call.call_id, topics=(AUDIO,),
+                                          since_ms=since_us // 1000 - AUDIO_CATCH_UP_SLACK_MS)
+            for earlier in history.events:
+                if earlier.seq < event.seq and isinstance(earlier.payload, CallerAudioChunk | AgentAudioChunk):
+                    self._write(call, earlier, earlier.payload, None)
         self._folder(call)
         if call.on_disk:  # the rest joins what is in its working files
             self._spill(call)
@@ -743,10 +821,5 @@ class RecordingsProjection:
         facts = RecordingFacts(started_us, frames * 1000 // RATE, size, call.caller.audio_ms, call.agent.audio_ms)
         await self._stored(f"storing call {call.call_id}'s recording", self.store.put, call.tenant_id, call.call_id,
                            call.files.wav, facts, waits=True)
-        if call.on_disk:
-            call.files.remove()
-        else:
-            call.files.wav.unlink(missing_ok=True)  # a store may copy it rather than move it
-        del self.live[call.call_id]
-        self._drop(call)
+        await asyncio.to_thread(_clean_up, call)
         return facts
