@@ -60,6 +60,12 @@ from streams.redaction import Redactor, redact_field
 
 ENDED_CALLS_KEPT = 1000
 """Ended calls whose state is kept for late events (a transfer's outcome, a carrier's last status)."""
+FOLDED_CALLS_REMEMBERED = 200_000
+"""Ended calls whose state was let go, remembered by id and last seq folded (about 100 bytes each):
+an event of theirs already folded is skipped, not folded again from nothing. The calls topic read far
+behind the commands topic (a rebuild, a catch-up) brings a call's `call.started` long after the call
+was folded from the log's history when its `tool.requested` came; folded afresh, its rows would lose
+what the commands topic gave (the tool calls' request time and arguments)."""
 
 
 
@@ -126,12 +132,20 @@ class CallsFold:
         self.calls: dict[str, _Call] = {}
         self.ended: OrderedDict[str, None] = OrderedDict()
         """Calls that ended, oldest first: their state is kept a while for late events."""
+        self.folded: OrderedDict[str, int] = OrderedDict()
+        """Ended calls whose state was let go, oldest first: the last seq each had folded."""
         self.prompts: dict[tuple[str, str, str, str], tuple[int, int]] = {}
         """(tenant, agent, prompt id, hash) -> (first, last use in epoch us)."""
         self.erasures = ErasedCallers()
 
-    def knows(self, call_id: str) -> bool:
-        return call_id in self.calls
+    def knows(self, call_id: str, seq: int) -> bool:
+        """Whether the call's state is here, or its event `seq` was folded before the state was let go:
+        either way the call's history need not be read for it."""
+        return call_id in self.calls or self.folded.get(call_id, -1) >= seq
+
+    def forget(self, call_id: str) -> None:
+        """The call is to be folded again from its history (a late event of a call whose state was let go)."""
+        self.folded.pop(call_id, None)
 
     def seed_prompt(
         self, tenant: str, agent: str, prompt_id: str, prompt_hash: str, first_us: int, last_us: int
@@ -148,6 +162,8 @@ class CallsFold:
         envelope = event.envelope
         seq = envelope.seq
         call = self.calls.get(envelope.call_id)
+        if call is None and self.folded.get(envelope.call_id, -1) >= seq:
+            return []  # folded before its state was let go
         if call is None:
             call = self.calls[envelope.call_id] = _Call(envelope.tenant_id, envelope.call_id)
             self._new_call_row(call)
@@ -160,7 +176,11 @@ class CallsFold:
         if isinstance(event.payload, CallEnded):
             self.ended[call.call_id] = None
             while len(self.ended) > ENDED_CALLS_KEPT:
-                self.calls.pop(self.ended.popitem(last=False)[0], None)
+                evicted = self.calls.pop(self.ended.popitem(last=False)[0], None)
+                if evicted is not None:
+                    self.folded[evicted.call_id] = evicted.version
+                    while len(self.folded) > FOLDED_CALLS_REMEMBERED:
+                        self.folded.popitem(last=False)
         return rows
 
     def _erase(self, event: Event[EventPayload]) -> list[Output]:
