@@ -117,7 +117,8 @@ class CallMetrics:
                 if call.turn_first_tts is None and call.turn_speech_end_us is not None:
                     call.turn_first_tts = p.request_id
             case TtsCompleted():
-                self.tts_first_byte.labels(p.provider, p.voice).observe(p.time_to_first_byte_ms / 1000)
+                if p.audio_ms:  # a speech cut before its first byte has no time to it
+                    self.tts_first_byte.labels(p.provider, p.voice).observe(p.time_to_first_byte_ms / 1000)
                 requested = call.tts_requested_us.pop(p.request_id, None)
                 if p.request_id == call.turn_first_tts and requested is not None and call.turn_speech_end_us:
                     ms = voice_to_voice_ms(call.turn_speech_end_us, requested, p.time_to_first_byte_ms)

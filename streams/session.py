@@ -507,7 +507,7 @@ class CallSession:
                 TtsCompleted(
                     request_id=action.request_id,
                     provider=speech.provider,
-                    voice=action.voice,
+                    voice=speech.voice or action.voice,
                     time_to_first_byte_ms=first_byte_ms,
                     audio_ms=frames_sent * FRAME_MS,
                     audio_bytes=frames_sent * frame_bytes,

@@ -175,12 +175,14 @@ async def close_chunks(chunks: AsyncIterator[bytes]) -> None:
 
 @dataclass
 class Speech:
-    """Speech being synthesized: its chunks, and who speaks them, which a chain updates as it
-    switches providers; `report` holds what failed, complete once the chunks are."""
+    """Speech being synthesized: its chunks, and who speaks them with which voice (`voice` empty:
+    the one asked for), which a chain updates as it switches providers; `report` holds what failed,
+    complete once the chunks are."""
 
     chunks: AsyncIterator[bytes]
     provider: str
     report: ChainReport = field(default_factory=ChainReport)
+    voice: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -104,6 +104,7 @@ class ChainTts(TtsProvider):
                         (first, rest), member = await self._open(part, voice, fmt, speech, index, failed)
                     index = self.chain.index(member)
                     speech.provider = member.name
+                    speech.voice = self._voice(member, voice)
                     if number + 1 < len(parts) and ahead is None:
                         ahead = asyncio.create_task(
                             self._open(parts[number + 1], voice, fmt, speech, index, None))
@@ -132,11 +133,14 @@ class ChainTts(TtsProvider):
         finally:
             await _cancelled(ahead)
 
+    def _voice(self, member: Guarded[TtsProvider], asked: str) -> str:
+        return asked if member is self.chain.primary else self.voices[self.chain.index(member)]
+
     async def _open(self, text: str, voice: str, fmt: _Format, speech: Speech, start: int,
                     failed: tuple[str, FallbackReason] | None) -> tuple[Opened, Guarded[TtsProvider]]:
         """The first member from `start` whose speech of `text` begins (its first chunk in time)."""
         async def first_chunk(member: Guarded[TtsProvider]) -> Opened:
-            own_voice = voice if member is self.chain.primary else self.voices[self.chain.index(member)]
+            own_voice = self._voice(member, voice)
             chunks = (member.provider.synthesize_mulaw(text, voice=own_voice) if fmt.codec == "mulaw"
                       else member.provider.synthesize(text, voice=own_voice, sample_rate=fmt.rate))
             try:

@@ -109,6 +109,7 @@ async def test_a_dropped_recogniser_and_a_stalled_voice_are_replaced_within_the_
     greeting, answer = requested[0], requested[1]
     assert spoken[greeting.request_id].provider == "elevenlabs"
     assert spoken[answer.request_id].provider == "playht", "the answer, from the voice that took over"
+    assert spoken[answer.request_id].voice == PLAYHT_VOICE
     assert not spoken[answer.request_id].interrupted
     assert spoken[answer.request_id].audio_ms > 0
 

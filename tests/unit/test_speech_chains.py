@@ -191,7 +191,7 @@ async def test_a_voice_that_stalls_mid_sentence_is_replaced_from_that_sentence_s
     assert audio == (first + second[:8] + second + third).encode(), "the cut sentence again, then the rest"
     assert primary.requests[0] == (first, "rachel")
     assert fallback.requests == [(second, "playht-voice"), (third, "playht-voice")]
-    assert speech.provider == "playht"
+    assert (speech.provider, speech.voice) == ("playht", "playht-voice")
     assert [(f.provider, f.kind) for f in speech.report.failures] == [("elevenlabs", "timeout")]
     assert speech.report.fallbacks == [ProviderSwitch("elevenlabs", "playht", "timeout")]
     assert primary.closed == len(primary.requests), "every stream it opened was let go"
