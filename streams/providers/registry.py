@@ -105,19 +105,15 @@ class ProviderRegistry:
         elif spec.provider == "openai":
             from streams.providers.llm_openai import OpenAiLlm
 
-            key = secret = self._key(agent, spec.provider, self.settings.openai_api_key, "OPENAI_API_KEY")
-            endpoint = self.settings.openai_base_url or ""
-            provider = self._client(
-                (spec.provider, endpoint, _key_id(secret)),
-                lambda: OpenAiLlm(api_key=secret.get_secret_value(), base_url=endpoint or None))
+            # One client for all the models of a key: the model is the request's.
+            provider, endpoint, key = self._cloud(agent, spec.provider, "OPENAI_API_KEY", self.settings.openai_base_url,
+                                                  "", lambda k, url: OpenAiLlm(api_key=k, base_url=url))
         elif spec.provider == "anthropic":
             from streams.providers.llm_anthropic import AnthropicLlm
 
-            key = secret = self._key(agent, spec.provider, self.settings.anthropic_api_key, "ANTHROPIC_API_KEY")
-            endpoint = self.settings.anthropic_base_url or ""
-            provider = self._client(
-                (spec.provider, endpoint, _key_id(secret)),
-                lambda: AnthropicLlm(api_key=secret.get_secret_value(), base_url=endpoint or None))
+            provider, endpoint, key = self._cloud(
+                agent, spec.provider, "ANTHROPIC_API_KEY", self.settings.anthropic_base_url, "",
+                lambda k, url: AnthropicLlm(api_key=k, base_url=url))
         else:
             raise UnknownProvider(f"agent {agent.tenant}/{agent.id}: no LLM provider {spec.provider!r}")
         return Guarded(provider, spec.provider, spec.model, self._breaker(spec.provider, spec.model, endpoint),
@@ -133,21 +129,17 @@ class ProviderRegistry:
         elif spec.provider == "deepgram":
             from streams.providers.asr_deepgram import DeepgramAsr
 
-            key = secret = self._key(agent, spec.provider, self.settings.deepgram_api_key, "DEEPGRAM_API_KEY")
-            endpoint = self.settings.deepgram_base_url or ""
             model = spec.model or "nova-3"
-            provider = self._client(
-                (spec.provider, endpoint, _key_id(secret), model),
-                lambda: DeepgramAsr(api_key=secret.get_secret_value(), base_url=endpoint or None, model=model))
+            provider, endpoint, key = self._cloud(
+                agent, spec.provider, "DEEPGRAM_API_KEY", self.settings.deepgram_base_url, model,
+                lambda k, url: DeepgramAsr(api_key=k, base_url=url, model=model))
         elif spec.provider == "whisper":
             from streams.providers.asr_whisper import WhisperAsr
 
-            key = secret = self._key(agent, spec.provider, self.settings.openai_api_key, "OPENAI_API_KEY")
-            endpoint = self.settings.openai_base_url or ""
             model = spec.model or "whisper-1"
-            provider = self._client(
-                (spec.provider, endpoint, _key_id(secret), model),
-                lambda: WhisperAsr(api_key=secret.get_secret_value(), base_url=endpoint or None, model=model))
+            provider, endpoint, key = self._cloud(
+                agent, spec.provider, "OPENAI_API_KEY", self.settings.openai_base_url, model,
+                lambda k, url: WhisperAsr(api_key=k, base_url=url, model=model))
         else:
             raise UnknownProvider(f"agent {agent.tenant}/{agent.id}: no ASR provider {spec.provider!r}")
         return self._speech_member(spec.provider, spec.model or provider.model, spec.timeout_s, provider, endpoint,
@@ -163,23 +155,19 @@ class ProviderRegistry:
         elif spec.provider == "elevenlabs":
             from streams.providers.tts_elevenlabs import ElevenLabsTts
 
-            key = secret = self._key(agent, spec.provider, self.settings.elevenlabs_api_key, "ELEVENLABS_API_KEY")
-            endpoint = self.settings.elevenlabs_base_url or ""
             model = spec.model or "eleven_flash_v2_5"
-            provider = self._client(
-                (spec.provider, endpoint, _key_id(secret), model),
-                lambda: ElevenLabsTts(api_key=secret.get_secret_value(), base_url=endpoint or None, model=model))
+            provider, endpoint, key = self._cloud(
+                agent, spec.provider, "ELEVENLABS_API_KEY", self.settings.elevenlabs_base_url, model,
+                lambda k, url: ElevenLabsTts(api_key=k, base_url=url, model=model))
         elif spec.provider == "playht":
             from streams.providers.tts_playht import PlayHtTts
 
-            key = secret = self._key(agent, spec.provider, self.settings.playht_api_key, "PLAYHT_API_KEY")
             user = self._key(agent, spec.provider, self.settings.playht_user_id, "PLAYHT_USER_ID")
-            endpoint = self.settings.playht_base_url or ""
             engine = spec.model or "Play3.0-mini"
-            provider = self._client(
-                (spec.provider, endpoint, _key_id(secret), engine),
-                lambda: PlayHtTts(api_key=secret.get_secret_value(), user_id=user.get_secret_value(),
-                                  base_url=endpoint or None, voice_engine=engine))
+            provider, endpoint, key = self._cloud(
+                agent, spec.provider, "PLAYHT_API_KEY", self.settings.playht_base_url, engine,
+                lambda k, url: PlayHtTts(api_key=k, user_id=user.get_secret_value(), base_url=url,
+                                         voice_engine=engine))
         else:
             raise UnknownProvider(f"agent {agent.tenant}/{agent.id}: no TTS provider {spec.provider!r}")
         return self._speech_member(spec.provider, spec.model, spec.timeout_s, provider, endpoint, key)
@@ -190,12 +178,18 @@ class ProviderRegistry:
         return Guarded(provider, name, model, self._breaker(name, model, endpoint), timeout_s or default,
                        self._bucket(name, key))
 
-    def _client(self, ident: tuple[str, ...], make: Callable[[], C]) -> C:
-        """One adapter per `ident`, shared by every call (`clients`)."""
+    def _cloud(self, agent: AgentSpec, provider: str, variable: str, base_url: str | None, model: str,
+               make: Callable[[str, str | None], C]) -> tuple[C, str, SecretStr]:
+        """A cloud provider's adapter, `make(key, base_url)`: one per provider, endpoint, key and model,
+        shared by every call (`clients`: its connections stay open); with its endpoint and key, which
+        its breaker and rate limit go by. The key is the setting named like `variable`."""
+        secret = self._key(agent, provider, getattr(self.settings, variable.lower()), variable)
+        endpoint = base_url or ""
+        ident = (provider, endpoint, _key_id(secret), model)
         if ident not in self.clients:
-            self.clients[ident] = make()
+            self.clients[ident] = make(secret.get_secret_value(), base_url or None)
         client: C = self.clients[ident]
-        return client
+        return client, endpoint, secret
 
     async def aclose(self) -> None:
         """Closes the cloud providers' clients (their connection pools)."""
