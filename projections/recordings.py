@@ -48,7 +48,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
-import io
 import itertools
 import logging
 import os
@@ -311,50 +310,59 @@ class _Direction:
         return taken
 
 
-def _in_memory(track: _Track) -> _Direction | None:
-    """The side from the audio held (the call never went to its working files)."""
+def _in_memory(track: _Track) -> np.ndarray | None:
+    """The side at RATE from the audio held (the call never went to its working files): resampled in
+    one go, which is what `_Direction` gives a block at a time."""
     runs = list(track.runs())
     if not runs:
         return None
-    samples = max(start + len(pcm) // 2 for start, pcm in runs)
     if len(runs) == 1 and runs[0][0] == 0:
         data = runs[0][1]
     else:
-        buffer = bytearray(2 * samples)
+        buffer = bytearray(2 * max(start + len(pcm) // 2 for start, pcm in runs))
         for start, pcm in runs:
             buffer[2 * start : 2 * start + len(pcm)] = pcm
         data = bytes(buffer)
-    return _Direction(io.BytesIO(data), samples, track.rate)
+    if track.rate not in (0, RATE):
+        data = resample_pcm16(data, track.rate, RATE)
+    return np.frombuffer(data, dtype="<i2")
 
 
-def _assemble(call: _Call) -> tuple[int, int]:
+def _assemble(call: _Call) -> int:
     """Writes the two sides (from the working files, or from memory) side by side as a stereo WAV at
-    RATE (`call.files.wav`) as long as the longer (a missing side is silence); returns its frames and bytes."""
+    RATE (`call.files.wav`) as long as the longer (a missing side is silence); returns its frames."""
     files = call.files
     with contextlib.ExitStack() as stack:
+        wav = stack.enter_context(wave.open(str(files.wav), "wb"))
+        wav.setnchannels(2)
+        wav.setsampwidth(2)
+        wav.setframerate(RATE)
+        if not call.on_disk:  # short: in one block
+            sides = [_in_memory(call.caller), _in_memory(call.agent)]
+            frames = max((side.size for side in sides if side is not None), default=0)
+            stereo = np.zeros((frames, 2), dtype="<i2")
+            for channel, side in enumerate(sides):
+                if side is not None:
+                    stereo[: side.size, channel] = side
+            wav.writeframes(stereo.tobytes())
+            return frames
         directions: list[_Direction | None] = []
         for path, track in ((files.caller, call.caller), (files.agent, call.agent)):
-            if not call.on_disk:
-                directions.append(_in_memory(track))
-            elif path.exists():
+            if path.exists():
                 source = stack.enter_context(path.open("rb"))
                 directions.append(_Direction(source, path.stat().st_size // 2, track.rate))
             else:
                 directions.append(None)
         frames = max((d.frames for d in directions if d is not None), default=0)
-        with wave.open(str(files.wav), "wb") as wav:
-            wav.setnchannels(2)
-            wav.setsampwidth(2)
-            wav.setframerate(RATE)
-            for first in range(0, frames, BLOCK_FRAMES):
-                count = min(BLOCK_FRAMES, frames - first)
-                block = np.zeros((count, 2), dtype="<i2")
-                for channel, direction in enumerate(directions):
-                    if direction is not None:
-                        samples = direction.read(count)
-                        block[: samples.size, channel] = samples
-                wav.writeframes(block.tobytes())
-    return frames, files.wav.stat().st_size
+        for first in range(0, frames, BLOCK_FRAMES):
+            count = min(BLOCK_FRAMES, frames - first)
+            block = np.zeros((count, 2), dtype="<i2")
+            for channel, direction in enumerate(directions):
+                if direction is not None:
+                    samples = direction.read(count)
+                    block[: samples.size, channel] = samples
+            wav.writeframes(block.tobytes())
+    return frames
 
 
 def _clean_up(call: _Call) -> None:
@@ -817,9 +825,15 @@ class RecordingsProjection:
         self._folder(call)
         if call.on_disk:  # the rest joins what is in its working files
             self._spill(call)
-        frames, size = await asyncio.to_thread(_assemble, call)
-        facts = RecordingFacts(started_us, frames * 1000 // RATE, size, call.caller.audio_ms, call.agent.audio_ms)
-        await self._stored(f"storing call {call.call_id}'s recording", self.store.put, call.tenant_id, call.call_id,
-                           call.files.wav, facts, waits=True)
-        await asyncio.to_thread(_clean_up, call)
+        return await self._stored(f"storing call {call.call_id}'s recording", self._store_call, call, started_us,
+                                  waits=True)
+
+    def _store_call(self, call: _Call, started_us: int) -> RecordingFacts:
+        """Assembles the call's WAV, stores it with its facts, then lets go of its working files (in a
+        thread: one hop for all of it)."""
+        frames = _assemble(call)
+        facts = RecordingFacts(started_us, frames * 1000 // RATE, call.files.wav.stat().st_size, call.caller.audio_ms,
+                               call.agent.audio_ms)
+        self.store.put(call.tenant_id, call.call_id, call.files.wav, facts)
+        _clean_up(call)
         return facts
