@@ -4,8 +4,11 @@ A recognition stream lives as long as the call, so a provider can fail in the mi
 socket drops, or it stalls and no final result comes. The chain's stream keeps the audio of the
 utterance in progress; when its provider fails, the next provider of the chain (past open circuits
 and spent rate limits, as `ProviderChain.run` goes) opens a stream, hears that audio again and
-gives the utterance's result, so the caller's turn is recognised within its turn. The call stays
-with that provider afterwards: a stream cannot go back to a provider midway.
+gives the utterance's result, so the caller's turn is recognised within its turn. After each
+result the chain reconnects to the first provider in the background, once its circuit lets a
+request through (a socket that dropped once should not leave the rest of a long call with a slower
+recogniser), and moves to it at the next frame, with the audio heard since; until then the call
+stays with the one that took over.
 
 Every result says who recognised it and what failed since the previous one (`Recognition.provider`,
 `failures`, `fallbacks`), which the session records as events. Where every provider failed, the
@@ -65,6 +68,8 @@ class ChainAsrStream(AsrStream):
         """Where the serving stream's audio began, in the chain stream's audio: its times are shifted by it."""
         self._report = ChainReport()
         """What failed since the last final result."""
+        self._returning: asyncio.Task[AsrStream] | None = None
+        """The first provider's stream being opened again, after a fallback."""
 
     async def start(self) -> None:
         """Opens the first provider that answers; ChainExhausted when none does (the call has no ears)."""
@@ -73,6 +78,10 @@ class ChainAsrStream(AsrStream):
     async def accept(self, pcm: bytes) -> Recognition | None:
         self._keep(pcm)
         self._fed_ms += len(pcm) // BYTES_PER_MS
+        if self._returning is not None and self._returning.done():
+            opening, self._returning = self._returning, None
+            if await self._back_to_primary(opening):
+                return None  # (this frame went to the first provider with the audio before it)
         if self._stream is None:
             return None  # every provider failed during this utterance: its end tries the chain again
         assert self._member is not None
@@ -104,13 +113,42 @@ class ChainAsrStream(AsrStream):
         recognition = self._ours(result, member, final=True)
         self._forget_utterance()
         self._report = ChainReport()
+        primary = self.chain.primary
+        if member is not primary and self._returning is None and primary.breaker.allow(self.chain.clock()):
+            opening = primary.provider.open_stream(keywords=self.keywords, language=self.language)
+            self._returning = asyncio.create_task(asyncio.wait_for(opening, primary.attempt_timeout_s))
         return recognition
+
+    async def _back_to_primary(self, opening: asyncio.Task[AsrStream]) -> bool:
+        """Whether the first provider's stream, opened again, took over (with the audio since the last
+        result); where it could not, that is reported with the next result."""
+        primary = self.chain.primary
+        stream: AsrStream | None = None
+        try:
+            stream = opening.result()
+            for earlier in self._utterance:
+                await asyncio.wait_for(stream.accept(earlier), primary.attempt_timeout_s)
+        except (ProviderError, TimeoutError) as exc:
+            self.chain.failed(primary, _as_provider_error(primary, exc), self._report)
+            if stream is not None:
+                with contextlib.suppress(Exception):
+                    await stream.close()
+            return False
+        primary.breaker.succeeded()  # (a half-open circuit's probe, answered)
+        await self._drop_stream()
+        self._stream, self._member = stream, primary
+        self._origin_ms = self._fed_ms - self._utterance_bytes // BYTES_PER_MS
+        return True
 
     def _forget_utterance(self) -> None:
         self._utterance.clear()
         self._utterance_bytes = 0
 
     async def close(self) -> None:
+        if self._returning is not None:
+            self._returning.cancel()
+            with contextlib.suppress(BaseException):
+                await (await self._returning).close()
         await self._drop_stream()
 
     def _keep(self, pcm: bytes) -> None:

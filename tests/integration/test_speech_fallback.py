@@ -60,6 +60,7 @@ async def test_a_dropped_recogniser_and_a_stalled_voice_are_replaced_within_the_
                 ProviderServer() as playht):
         # Deepgram hears the caller start, sends one interim, and its socket drops mid-utterance.
         deepgram.expect("deepgram/utterance_interims_final", WsFault(drop_after_messages=2))
+        deepgram.expect("deepgram/utterance_interims_final")  # back to Deepgram, after Whisper's result
         whisper.reply("openai/transcription_ok")
         # ElevenLabs says the greeting, a sentence a request; its first sentence of the answer stalls
         # after a few chunks (its stall timeout gives it up), then PlayHT says the answer.
@@ -117,8 +118,9 @@ async def test_a_dropped_recogniser_and_a_stalled_voice_are_replaced_within_the_
     assert {(c.codec, c.sample_rate) for c in agent_audio} == {("mulaw", 8000)}, "the phone line's own format"
     assert verify_call(events, agent_for(events, stack.gateway.router)).identical, "replay needs no provider"
 
-    (socket,) = deepgram.sockets
+    socket, returned = deepgram.sockets
     assert socket.headers["authorization"] == "Token dg-test-key"
+    assert returned.query == socket.query, "the call went back to Deepgram for its next utterance"
     assert socket.query["encoding"] == ["linear16"]
     assert socket.query["sample_rate"] == ["16000"]
     (transcription,) = whisper.requests

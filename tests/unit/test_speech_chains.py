@@ -101,12 +101,25 @@ async def test_a_stalled_final_is_given_by_the_next_recogniser_from_the_utteranc
     assert [(f.provider, f.kind) for f in second.failures] == [("deepgram", "timeout")]
     assert second.fallbacks == (ProviderSwitch("deepgram", "whisper", "timeout"),)
     assert primary.streams[0].closed
-    for _ in range(10):  # the call stays with the fallback
+    for _ in range(10):  # between utterances, the call went back to the primary (its circuit is closed)
         await stream.accept(FRAME)
     third = await stream.end_utterance()
-    assert (third.provider, third.text, third.start_ms, third.failures) == ("whisper", "10 frames", 1600, ())
-    await stream.close()
+    assert (third.provider, third.text, third.start_ms, third.failures) == ("deepgram", "10 frames", 1600, ())
     assert fallback.streams[0].closed
+    await stream.close()
+    assert primary.streams[1].closed
+
+
+async def test_while_the_primary_s_circuit_is_open_the_call_stays_with_the_fallback() -> None:
+    primary, fallback = FakeAsr("deepgram", stall_final=0), FakeAsr("whisper")
+    chain = asr_chain(primary, fallback)
+    chain.chain.primary.breaker.failure_threshold = 1
+    stream = await chain.open_stream()
+    for utterance in range(3):
+        for _ in range(10):
+            await stream.accept(FRAME)
+        assert (await stream.end_utterance()).provider == "whisper", utterance
+    assert len(primary.streams) == 1, "not tried again while its circuit is open"
 
 
 async def test_a_socket_dropped_mid_utterance_hands_the_audio_so_far_to_the_next() -> None:
