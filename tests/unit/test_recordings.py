@@ -206,7 +206,8 @@ async def test_a_projector_that_crashed_mid_call_goes_on_from_what_it_stored(
     held = crashed.held()
     if spill_bytes == 0:
         assert not any(tp.topic == AUDIO for tp in held)  # every chunk's audio is in the working files
-    stored = {topic: min([resumed_from, *(o for tp, o in held.items() if tp.topic == topic)]) for topic in (AUDIO, CALLS)}
+    stored = {topic: min([resumed_from, *(offset for tp, offset in held.items() if tp.topic == topic)])
+              for topic in (AUDIO, CALLS)}
     await feed(crashed, events[resumed_from:crashed_after], backend)
     replayed = [e for e in events if e.seq >= stored[topic_for(e.type)]]
     rows = await feed(RecordingsProjection(root), replayed, backend)
