@@ -308,7 +308,7 @@ async def test_working_files_from_before_parts_kept_their_own_rate_are_continued
     before = [e for e in events[:split] if isinstance(e.payload, CallerAudioChunk)]
     partial = tmp_path / "recordings" / TENANT / ".partial"
     partial.mkdir(parents=True)
-    decoded = b"".join(mulaw_to_pcm16(e.payload.audio) for e in before)
+    decoded = b"".join(mulaw_to_pcm16(e.payload.audio) for e in before if isinstance(e.payload, CallerAudioChunk))
     (partial / "call-1.caller.pcm").write_bytes(resample_pcm16(decoded, 8000, 16000))
     (partial / "call-1.meta").write_bytes(struct.pack(
         "<10q", start_us, start_us, before[-1].seq, before[-1].envelope.event_time_us, 16000, 1000, -1, 0, 0, 0))
