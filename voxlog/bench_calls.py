@@ -14,9 +14,9 @@ stray from 20 ms.
 With a fallback profile, one capability (the LLM, ASR or TTS) is a chain of two timeline providers
 (streams/providers/resilience.py, asr_chain.py, tts_chain.py) and in every `every`-th call the
 primary fails on each turn (`stall`: it never answers, so the chain's attempt timeout ends it;
-`error`: a 500 after 20 ms); the backup answers on the timeline. (A recogniser's stream stays with
-the backup once it took over, so an ASR fallback is one turn a call; a voice's failure is before
-its first byte, which is what delays a turn.)
+`error`: a 500 after 20 ms); the backup answers on the timeline. (A recogniser's stream goes back
+to the primary after each result, so it falls back on each turn too; a voice's failure is before its
+first byte, which is what delays a turn.)
 The calls that fell back (told by the log's `provider.fallback`) are measured apart, against the
 same budget; what a failed primary cost a turn is its added latency less the normal turns' median,
 the target being at most the attempt timeout plus 50 ms.
@@ -33,6 +33,7 @@ import platform
 import statistics
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -177,8 +178,9 @@ def _providers(timeline: Timeline, agent: AgentSpec, fallback: FallbackProfile |
                                  TimelineLlm(timeline, agent, name="timeline-backup"),
                                  LLM_CHAIN_DEADLINE_S, LLM_CHAIN_DEADLINE_S))
         case "asr":
-            asr = ChainAsr(chain(TimelineAsr(timeline, LINES, name="timeline-primary", failure=failure),
-                                 TimelineAsr(timeline, LINES, name="timeline-backup"),
+            lines = deque(LINES)  # one call's lines, whichever recogniser hears them
+            asr = ChainAsr(chain(TimelineAsr(timeline, lines, name="timeline-primary", failure=failure),
+                                 TimelineAsr(timeline, lines, name="timeline-backup"),
                                  SPEECH_CHAIN_DEADLINE_S, SPEECH_CHAIN_DEADLINE_S))
         case "tts":
             tts = ChainTts(chain(TimelineTts(timeline, name="timeline-primary", failure=failure),

@@ -4,6 +4,7 @@ measurement finds beyond those delays is what voxlog itself adds. Named as what 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -56,7 +57,7 @@ class TimelineAsrStream(AsrStream):
     def __init__(self, provider: TimelineAsr) -> None:
         self.provider = provider
         self.timeline = provider.timeline
-        self.lines = list(provider.lines)
+        self.lines = provider.lines
         self.heard_ms = 0
         self.start_ms = 0
 
@@ -67,7 +68,7 @@ class TimelineAsrStream(AsrStream):
     async def end_utterance(self) -> Recognition:
         await scripted_failure(self.provider.name, self.provider.failure)
         await asyncio.sleep(self.timeline.asr_final_ms / 1000)
-        text = self.lines.pop(0) if self.lines else ""
+        text = self.lines.popleft() if self.lines else ""
         result = Recognition(text=text, is_final=True, confidence=1.0, start_ms=self.start_ms, end_ms=self.heard_ms)
         self.start_ms = self.heard_ms
         return result
@@ -78,7 +79,8 @@ class TimelineAsrStream(AsrStream):
 
 class TimelineAsr(AsrProvider):
     """Recognises each utterance as the next of `lines`, after the timeline's delay; or, with
-    `failure`, stalls or errs at each utterance's end."""
+    `failure`, stalls or errs at each utterance's end. Its streams take from one queue of lines,
+    which a chain's members may share (`lines` a deque): an utterance is heard once, whoever hears it."""
 
     model = "scripted-lines"
     capabilities = AsrCapabilities(streaming=True, interim_results=False, word_timings=False)
@@ -86,7 +88,7 @@ class TimelineAsr(AsrProvider):
     def __init__(self, timeline: Timeline, lines: Sequence[str], *, name: str = "timeline-asr",
                  failure: ScriptedFailure | None = None) -> None:
         self.timeline = timeline
-        self.lines = lines
+        self.lines = lines if isinstance(lines, deque) else deque(lines)
         self.name = name
         self.failure = failure
 
