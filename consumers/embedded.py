@@ -137,8 +137,11 @@ class EmbeddedConsumer(LogConsumer):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
+            # Not asyncio.wait_for: on Python 3.11 a cancel that comes as it times out is swallowed,
+            # and a cancelled consumer (a projector killed in a test) went on polling for ever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), min(remaining, self._idle_poll_s))
+                async with asyncio.timeout(min(remaining, self._idle_poll_s)):
+                    await self._wake.wait()
 
     def _fetch(self, max_records: int) -> list[LogRecord]:
         tps = sorted(self._positions)
