@@ -60,12 +60,6 @@ from streams.redaction import Redactor, redact_field
 
 ENDED_CALLS_KEPT = 1000
 """Ended calls whose state is kept for late events (a transfer's outcome, a carrier's last status)."""
-FOLDED_CALLS_REMEMBERED = 200_000
-"""Ended calls whose state was let go, remembered by id and last seq folded (about 100 bytes each):
-an event of theirs already folded is skipped, not folded again from nothing. The calls topic read far
-behind the commands topic (a rebuild, a catch-up) brings a call's `call.started` long after the call
-was folded from the log's history when its `tool.requested` came; folded afresh, its rows would lose
-what the commands topic gave (the tool calls' request time and arguments)."""
 
 
 
@@ -112,6 +106,8 @@ class _Call:
     speech_stopped_us: int | None = None
     turn_of_request: dict[str, int] = field(default_factory=dict)
     tools: dict[str, dict[str, Any]] = field(default_factory=dict)
+    decided: dict[str, tuple[int, str]] = field(default_factory=dict)
+    """Tool call id -> when the model asked for it and its arguments (`llm.decided`, on voxlog.calls)."""
 
 
 class CallsFold:
@@ -132,20 +128,12 @@ class CallsFold:
         self.calls: dict[str, _Call] = {}
         self.ended: OrderedDict[str, None] = OrderedDict()
         """Calls that ended, oldest first: their state is kept a while for late events."""
-        self.folded: OrderedDict[str, int] = OrderedDict()
-        """Ended calls whose state was let go, oldest first: the last seq each had folded."""
         self.prompts: dict[tuple[str, str, str, str], tuple[int, int]] = {}
         """(tenant, agent, prompt id, hash) -> (first, last use in epoch us)."""
         self.erasures = ErasedCallers()
 
-    def knows(self, call_id: str, seq: int) -> bool:
-        """Whether the call's state is here, or its event `seq` was folded before the state was let go:
-        either way the call's history need not be read for it."""
-        return call_id in self.calls or self.folded.get(call_id, -1) >= seq
-
-    def forget(self, call_id: str) -> None:
-        """The call is to be folded again from its history (a late event of a call whose state was let go)."""
-        self.folded.pop(call_id, None)
+    def knows(self, call_id: str) -> bool:
+        return call_id in self.calls
 
     def seed_prompt(
         self, tenant: str, agent: str, prompt_id: str, prompt_hash: str, first_us: int, last_us: int
@@ -162,8 +150,6 @@ class CallsFold:
         envelope = event.envelope
         seq = envelope.seq
         call = self.calls.get(envelope.call_id)
-        if call is None and self.folded.get(envelope.call_id, -1) >= seq:
-            return []  # folded before its state was let go
         if call is None:
             call = self.calls[envelope.call_id] = _Call(envelope.tenant_id, envelope.call_id)
             self._new_call_row(call)
@@ -176,11 +162,7 @@ class CallsFold:
         if isinstance(event.payload, CallEnded):
             self.ended[call.call_id] = None
             while len(self.ended) > ENDED_CALLS_KEPT:
-                evicted = self.calls.pop(self.ended.popitem(last=False)[0], None)
-                if evicted is not None:
-                    self.folded[evicted.call_id] = evicted.version
-                    while len(self.folded) > FOLDED_CALLS_REMEMBERED:
-                        self.folded.popitem(last=False)
+                self.calls.pop(self.ended.popitem(last=False)[0], None)
         return rows
 
     def _erase(self, event: Event[EventPayload]) -> list[Output]:
@@ -222,9 +204,27 @@ class CallsFold:
         return TOOL_CALLS, (call.tenant_id, call.call_id, *_TOOL_VALUES(tool), call.version)
 
     def _tool(self, call: _Call, tool_call_id: str, name: str) -> dict[str, Any]:
-        return call.tools.setdefault(tool_call_id, {
-            "tool_call_id": tool_call_id, "tool": name, "requested_at": None, "arguments": "", "result": "",
-            "outcome": "pending", "error": "", "attempts": 0, "latency_ms": 0})
+        """A tool call's row, made by its `tool.requested` (voxlog.commands) or by its result (voxlog.calls),
+        whichever comes first: both topics are read apart, and a restart may resume voxlog.calls behind a
+        `tool.requested` already read. So when and with what it was asked come from the `llm.decided` that
+        asked for it, on voxlog.calls before the result: the row is the same whichever made it."""
+        tool = call.tools.get(tool_call_id)
+        if tool is None:
+            decided_us, arguments = call.decided.get(tool_call_id, (None, ""))
+            tool = call.tools[tool_call_id] = {
+                "tool_call_id": tool_call_id, "tool": name,
+                "requested_at": None if decided_us is None else at(decided_us),
+                "arguments": redact_field("json", arguments, self.redactor) or "", "result": "",
+                "outcome": "pending", "error": "", "attempts": 0, "latency_ms": 0}
+        return tool
+
+    def _tool_rows(self, call: _Call, tool: dict[str, Any]) -> list[Row]:
+        """The tool's row, and the call's where the number of its tool calls changed."""
+        count = sum(1 for t in call.tools.values() if t["requested_at"] is not None)
+        if count == call.row["tool_calls"]:
+            return [self._tool_row(call, tool)]
+        call.row["tool_calls"] = count
+        return [self._tool_row(call, tool), self._call_row(call)]
 
     def _turn_for(self, call: _Call, request_id: str) -> _Turn | None:
         index = call.turn_of_request.get(request_id)
@@ -273,6 +273,8 @@ class CallsFold:
                                 calls=turn.llm.get("calls", 0) + 1)
                 return [*rows, self._turn_row(call, turn)]
             case LlmDecided():
+                for asked in p.tool_calls:
+                    call.decided[asked.id] = (now, asked.arguments_json)
                 turn = self._turn_for(call, p.request_id)
                 if turn is None:
                     return []
@@ -320,21 +322,21 @@ class CallsFold:
                 return [self._turn_row(call, turn)]
             case ToolRequested():
                 tool = self._tool(call, p.tool_call_id, p.tool)
-                tool.update(requested_at=at(now),
-                            arguments=redact_field("json", p.arguments_json, self.redactor) or "")
-                row["tool_calls"] = sum(1 for t in call.tools.values() if t["requested_at"] is not None)
-                return [self._tool_row(call, tool), self._call_row(call)]
+                if tool["requested_at"] is None:  # no llm.decided asked for it (not the core's request)
+                    tool.update(requested_at=at(now),
+                                arguments=redact_field("json", p.arguments_json, self.redactor) or "")
+                return self._tool_rows(call, tool)
             case ToolSucceeded():
                 tool = self._tool(call, p.tool_call_id, p.tool)
                 tool.update(outcome="succeeded", result=redact_field("json", p.result_json, self.redactor) or "",
                             attempts=p.attempt, latency_ms=p.latency_ms, error="")
-                return [self._tool_row(call, tool)]
+                return self._tool_rows(call, tool)
             case ToolFailed():
                 tool = self._tool(call, p.tool_call_id, p.tool)
                 if tool["outcome"] != "succeeded":
                     tool.update(outcome="failed" if p.dead_lettered or not p.retryable else "pending",
                                 error=self._text(p.error), attempts=p.attempt, latency_ms=p.latency_ms)
-                return [self._tool_row(call, tool)]
+                return self._tool_rows(call, tool)
             case ErrorRaised():
                 row["errors"] += 1
                 return [(ERRORS, (call.tenant_id, call.call_id, event.seq, at(now), p.component, p.provider or "",

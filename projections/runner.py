@@ -116,12 +116,11 @@ class CallsProjection:
 
     async def rows(self, record: LogRecord, event: Event[EventPayload], backend: LogBackend) -> list[Output]:
         out: list[Output] = []
-        if not self.fold.knows(event.call_id, event.seq) and not isinstance(event.payload, CallStarted | CallerErased):
+        if not self.fold.knows(event.call_id) and not isinstance(event.payload, CallStarted | CallerErased):
             # Picked up mid-call (a restart, a late event): fold the call as the log has it first. All of
             # it, not only what came before this event: its other topic may have been read further (a
             # late `tool.requested` on voxlog.commands after the call's end on voxlog.calls), and rows
             # folded from less would lose to the newer ones already written. Later seqs are then skipped.
-            self.fold.forget(event.call_id)
             admin = backend.admin()
             try:
                 history = await read_call(admin, event.call_id, topics=self.topics,

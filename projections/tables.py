@@ -196,7 +196,7 @@ TOOL_CALLS = Table(
         TENANT, CALL,
         _c("tool_call_id", "String", "The tool call."),
         _c("tool", "LowCardinality(String)", "The tool's name."),
-        _c("requested_at", f"Nullable({TIME})", "When it was requested."),
+        _c("requested_at", f"Nullable({TIME})", "When the model asked for it (its `llm.decided`)."),
         _c("arguments", "String", "Arguments (JSON), PII redacted."),
         _c("result", "String", "Result (JSON), PII redacted; empty unless it succeeded."),
         _c("outcome", "LowCardinality(String)", "pending, succeeded, failed."),

@@ -27,7 +27,6 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from projections.runner import default_projections
 from projections.store import AnalyticsStore
-from projections.tables import CALLS, TOOL_CALLS
 from tests.conftest import kafka_bootstrap
 from tests.integration.test_projections import AUDIT_COLUMN, project, snapshot, write_calls
 from voxlog.backends import KafkaBackend
@@ -165,26 +164,6 @@ async def in_process_tables(log: KafkaBackend, store: AnalyticsStore, tenant: st
     return loaded
 
 
-ACROSS_TOPICS = {CALLS: ("tool_calls",), TOOL_CALLS: ("requested_at", "arguments")}
-"""What the calls projection takes from voxlog.commands (`tool.requested`) into rows it otherwise folds
-from voxlog.calls. Read from offset zero on this shared broker, the two topics are read far apart. A
-worker restarted while they were (the kill test) starts with no memory of the calls it folded, and
-may fold a call afresh from its `call.started` after its `tool.requested` was read before the
-restart: these columns then depend on where the kills fell, a known limit of the calls projection
-(CallsProjection), not of the worker. They are left out of that comparison; everything else must
-be equal. (Without restarts, CallsFold remembers the calls it let go, and the tables are equal
-whole.)"""
-
-
-def comparable(tables: dict[str, list[Any]]) -> dict[str, list[Any]]:
-    out = dict(tables)
-    for table, columns in ACROSS_TOPICS.items():
-        names = [c for c in table.column_names if c != "_version"]
-        blank = {names.index(column) for column in columns}
-        out[table.name] = [[None if i in blank else v for i, v in enumerate(row)] for row in tables[table.name]]
-    return out
-
-
 async def test_the_faust_worker_writes_what_the_in_process_runner_writes(tmp_path: Path,
                                                                          store: AnalyticsStore) -> None:
     log = KafkaBackend(kafka_bootstrap())
@@ -246,5 +225,4 @@ async def test_killing_the_faust_worker_loses_and_doubles_nothing(tmp_path: Path
     assert len(tables["turns"]) == 2 * len(ids)
     assert len(tables["transcripts"]) == 4 * len(ids)
     assert sum(1 for row in tables["audit_log"] if row[AUDIT_COLUMN["action"]] == "consent.given") == len(ids)
-    assert comparable(tables) == comparable(await in_process_tables(log, store, tenant)), \
-        "the rows the in-process runner gives"
+    assert tables == await in_process_tables(log, store, tenant), "the rows the in-process runner gives"
