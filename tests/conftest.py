@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from projections.store import AnalyticsStore
 from tests.needs import missing
+from tests.provider_server import ProviderServer
 from voxlog.backends import EmbeddedBackend, KafkaBackend, LogBackend
 
 KAFKA_ENV = "VOXLOG_TEST_KAFKA_BOOTSTRAP"
@@ -50,3 +51,10 @@ def store() -> AnalyticsStore:
 def topic_name() -> str:
     """A topic of the test's own, so tests never see each other's messages on a shared broker."""
     return f"test.{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[ProviderServer]:
+    """A local server replaying recorded provider exchanges (tests/provider_server.py), for the SDK tests."""
+    async with ProviderServer() as running:
+        yield running

@@ -86,7 +86,9 @@ class ChainAsrStream(AsrStream):
             return None  # every provider failed during this utterance: its end tries the chain again
         assert self._member is not None
         try:
-            result = await asyncio.wait_for(self._stream.accept(pcm), self._member.attempt_timeout_s)
+            # asyncio.timeout, not wait_for: this is every 20 ms frame, and wait_for makes a task of each.
+            async with asyncio.timeout(self._member.attempt_timeout_s):
+                result = await self._stream.accept(pcm)
         except (ProviderError, TimeoutError) as exc:
             await self._hand_over(self._member, _as_provider_error(self._member, exc))
             return None
@@ -105,7 +107,8 @@ class ChainAsrStream(AsrStream):
             await self._take_over(start=0, failed=None)
             return await self._final()
         try:
-            result = await asyncio.wait_for(self._stream.end_utterance(), member.attempt_timeout_s)
+            async with asyncio.timeout(member.attempt_timeout_s):
+                result = await self._stream.end_utterance()
         except (ProviderError, TimeoutError) as exc:
             await self._hand_over(member, _as_provider_error(member, exc))
             return await self._final()
@@ -127,7 +130,8 @@ class ChainAsrStream(AsrStream):
         try:
             stream = opening.result()
             for earlier in self._utterance:
-                await asyncio.wait_for(stream.accept(earlier), primary.attempt_timeout_s)
+                async with asyncio.timeout(primary.attempt_timeout_s):
+                    await stream.accept(earlier)
         except (ProviderError, TimeoutError) as exc:
             self.chain.failed(primary, _as_provider_error(primary, exc), self._report)
             if stream is not None:

@@ -112,7 +112,8 @@ class ChainTts(TtsProvider):
                         yield first
                         while True:
                             try:
-                                chunk = await asyncio.wait_for(anext(rest), self.stall_s)
+                                async with asyncio.timeout(self.stall_s):  # (no task per chunk)
+                                    chunk = await anext(rest)
                             except StopAsyncIteration:
                                 break
                             except TimeoutError:

@@ -81,12 +81,6 @@ async def ws_server() -> AsyncIterator[ProviderWsServer]:
         yield running
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[ProviderServer]:
-    async with ProviderServer() as running:
-        yield running
-
-
 def deepgram(ws_server: ProviderWsServer, timeouts: StreamTimeouts = RELAXED, **options: Any) -> DeepgramAsr:
     return DeepgramAsr(DEEPGRAM_KEY, base_url=ws_server.url, timeouts=timeouts, **options)
 

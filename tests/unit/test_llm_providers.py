@@ -149,12 +149,6 @@ def provider(request: pytest.FixtureRequest) -> Provider:
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[ProviderServer]:
-    async with ProviderServer() as running:
-        yield running
-
-
-@pytest.fixture
 async def llm(provider: Provider, server: ProviderServer) -> AsyncIterator[LlmProvider]:
     adapter = provider.make(server.base_url, **RELAXED)
     yield adapter

@@ -103,6 +103,7 @@ async def test_a_stalled_final_is_given_by_the_next_recogniser_from_the_utteranc
     assert primary.streams[0].closed
     for _ in range(10):  # between utterances, the call went back to the primary (its circuit is closed)
         await stream.accept(FRAME)
+        await asyncio.sleep(0)  # frames come from the network, the loop turning between them
     third = await stream.end_utterance()
     assert (third.provider, third.text, third.start_ms, third.failures) == ("deepgram", "10 frames", 1600, ())
     assert fallback.streams[0].closed

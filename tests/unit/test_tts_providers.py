@@ -125,12 +125,6 @@ def provider(request: pytest.FixtureRequest) -> Provider:
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[ProviderServer]:
-    async with ProviderServer() as running:
-        yield running
-
-
-@pytest.fixture
 async def tts(provider: Provider, server: ProviderServer) -> AsyncIterator[Tts]:
     adapter = provider.make(server.base_url, RELAXED)
     yield adapter
