@@ -195,13 +195,18 @@ class CallSession:
 
     def closed(self, reason: str) -> None:
         """The far end is gone: the call ends with this reason."""
+        self.closed_with(reason)
+
+    def closed_with(self, reason: str, detail: str | None = None) -> None:
+        """The call ends with this reason (the far end is gone, the gateway is shutting down...)."""
         if not self._ended.is_set() and not self.state.ended:
-            self._submit(self._ended_payload(reason))
+            self._submit(self._ended_payload(reason, detail))
 
     # -- the session --------------------------------------------------------------------------
     async def run(self) -> SessionReport:
         self._started_us = self.clock_us()
-        self._asr = await self.providers.asr.open_stream(keywords=self.agent.keywords)
+        # call.started first, before anything that can fail (opening recognition can): a call that
+        # was answered is in the log whatever happens to it next.
         call = self.call
         self._submit(
             CallStarted(
@@ -225,7 +230,9 @@ class CallSession:
             await self._core_loop()
         finally:
             self._ended.set()
-            await self._audio.put(None)
+            while not self._audio.empty():  # a channel blocked on a full queue (a dead audio task) goes on
+                self._audio.get_nowait()
+            self._audio.put_nowait(None)
             for task in [audio, replies, self._speech, *self._tasks]:
                 if task is not None and not task.done():
                     task.cancel()
@@ -241,7 +248,21 @@ class CallSession:
         return self.report
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        return asyncio.create_task(coroutine, name=f"{self.call.call_id}/{name}")
+        task = asyncio.create_task(coroutine, name=f"{self.call.call_id}/{name}")
+        task.add_done_callback(self._crashed)
+        return task
+
+    def _crashed(self, task: asyncio.Task[None]) -> None:
+        """A task of the call died of a bug: the call ends with the error in the log, rather than
+        leaving the caller in silence."""
+        if task.cancelled() or task.exception() is None or self._ended.is_set():
+            return
+        exc = task.exception()
+        log.error("call %s: %s failed", self.call.call_id, task.get_name(), exc_info=exc)
+        message = f"{task.get_name()}: {type(exc).__name__}: {exc}"[:500]
+        self._submit(ErrorRaised(component="session", provider=None, kind="crashed", message=message,
+                                 retryable=False, fatal=True))
+        self.closed_with("error", message)
 
     def _background(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
         task = self._spawn(coroutine, name)
@@ -541,6 +562,12 @@ class CallSession:
 
     # -- audio in -----------------------------------------------------------------------------
     async def _audio_loop(self) -> None:
+        try:
+            self._asr = await self.providers.asr.open_stream(keywords=self.agent.keywords)
+        except ProviderError as exc:  # every recogniser of the chain: the call has no ears
+            self._asr_failed(exc)
+            self.closed_with("error", f"speech recognition unavailable: {exc}"[:500])
+            return
         while True:
             item = await self._audio.get()
             if item is None:

@@ -116,7 +116,8 @@ class ProviderRegistry:
                 lambda k, url: AnthropicLlm(api_key=k, base_url=url))
         else:
             raise UnknownProvider(f"agent {agent.tenant}/{agent.id}: no LLM provider {spec.provider!r}")
-        return Guarded(provider, spec.provider, spec.model, self._breaker(spec.provider, spec.model, endpoint),
+        return Guarded(provider, spec.provider, spec.model,
+                       self._breaker(spec.provider, spec.model, endpoint, local=spec.provider == SCRIPTED_POLICY),
                        spec.timeout_s or LLM_ATTEMPT_TIMEOUT_S, self._bucket(spec.provider, key))
 
     def _asr_member(self, agent: AgentSpec, spec: Provider) -> Guarded[AsrProvider]:
@@ -175,8 +176,8 @@ class ProviderRegistry:
     def _speech_member(self, name: str, model: str, timeout_s: float | None, provider: P, endpoint: str,
                        key: SecretStr | None) -> Guarded[P]:
         default = OFFLINE_ATTEMPT_TIMEOUT_S if name in OFFLINE_SPEECH else SPEECH_ATTEMPT_TIMEOUT_S
-        return Guarded(provider, name, model, self._breaker(name, model, endpoint), timeout_s or default,
-                       self._bucket(name, key))
+        return Guarded(provider, name, model, self._breaker(name, model, endpoint, local=name in OFFLINE_SPEECH),
+                       timeout_s or default, self._bucket(name, key))
 
     def _cloud(self, agent: AgentSpec, provider: str, variable: str, base_url: str | None, model: str,
                make: Callable[[str, str | None], C]) -> tuple[C, str, SecretStr]:
@@ -197,8 +198,8 @@ class ProviderRegistry:
         for client in clients:
             await client.aclose()
 
-    def _breaker(self, provider: str, model: str, endpoint: str) -> CircuitBreaker:
-        return self.breakers.setdefault((provider, model, endpoint), CircuitBreaker())
+    def _breaker(self, provider: str, model: str, endpoint: str, *, local: bool = False) -> CircuitBreaker:
+        return self.breakers.setdefault((provider, model, endpoint), CircuitBreaker(counts_timeouts=not local))
 
     def _bucket(self, provider: str, key: SecretStr | None) -> TokenBucket | None:
         per_minute = self.settings.requests_per_minute.get(provider)

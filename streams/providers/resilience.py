@@ -50,6 +50,10 @@ NOT_RETRIED_BEFORE_FALLBACK = frozenset({"timeout", "rate_limited", "auth", "bad
 class CircuitBreaker:
     failure_threshold: int = 3
     reset_after_s: float = 30.0
+    counts_timeouts: bool = True
+    """False for a provider on this machine's own CPU: a timeout there means the machine is busy (a
+    burst of calls), not that the provider is gone, and opening the circuit would fail every call
+    that comes after the burst too. Admission control, not the breaker, answers local overload."""
     failures: int = 0
     opened_at: float | None = None
     probing: bool = False
@@ -72,7 +76,10 @@ class CircuitBreaker:
     def succeeded(self) -> None:
         self.failures, self.opened_at, self.probing = 0, None, False
 
-    def failed(self, now: float) -> None:
+    def failed(self, now: float, kind: str = "error") -> None:
+        if kind == "timeout" and not self.counts_timeouts:
+            self.probing = False
+            return
         self.failures += 1
         if self.probing or self.failures >= self.failure_threshold:
             self.opened_at, self.probing = now, False
@@ -143,7 +150,7 @@ class ProviderChain(Generic[P]):
     def failed(self, member: Guarded[P], error: ProviderError, report: ChainReport) -> tuple[str, FallbackReason]:
         """A member that had answered failed later (a stream, midway): its breaker and the report are
         told; returns what `run(failed=...)` needs to hand over to the next member."""
-        member.breaker.failed(self.clock())
+        member.breaker.failed(self.clock(), error.kind)
         report.failures.append(ProviderFailure(member.name, error.kind, str(error), error.retryable))
         return member.name, fallback_reason(error.kind)
 

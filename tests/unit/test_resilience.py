@@ -184,3 +184,19 @@ async def test_when_every_provider_fails_the_report_says_what_each_did() -> None
     assert [(f.provider, f.kind) for f in report.failures] == [("openai", "timeout"), ("anthropic", "auth")]
     assert report.fallbacks == [ProviderSwitch("openai", "anthropic", "timeout")]
     assert "openai (timeout), anthropic (auth)" in str(failed.value)
+
+
+def test_a_provider_on_this_machine_is_not_cut_off_for_being_slow() -> None:
+    """A burst of calls slows the local recogniser down; its circuit must not open for it (every call
+    after the burst would fail), while errors still open it."""
+    local = CircuitBreaker(failure_threshold=2, reset_after_s=10, counts_timeouts=False)
+    for at in range(10):
+        local.failed(float(at), "timeout")
+    assert local.state(10.0) == "closed"
+    local.failed(11.0, "worker_exited")
+    local.failed(12.0, "worker_exited")
+    assert local.state(12.0) == "open"
+    remote = CircuitBreaker(failure_threshold=2, reset_after_s=10)
+    remote.failed(0.0, "timeout")
+    remote.failed(1.0, "timeout")
+    assert remote.state(1.0) == "open"
