@@ -12,19 +12,47 @@ back in its `start` message.
 Behind a proxy the URL Twilio signed is not the one the app sees: set the public URL
 (`VOXLOG_PUBLIC_URL`, e.g. `https://voice.example.com`) or have the proxy send
 X-Forwarded-Proto / X-Forwarded-Host.
+
+Replays. The signature has no timestamp, so a captured request stays valid for ever, and its
+signature is the same every time (same URL, same form). Twilio itself sends a request again only
+as a retry (its connection overrides: after a failed connect or, if asked, a timeout; 1 retry by
+default, all within its 15 s total), and a retry carries the same `I-Twilio-Idempotency-Token`
+header as the first try. `ReplayGuard` remembers the (path, signature) of every verified request
+for `window_s`, so:
+
+- a retry (same token, within `retry_window_s`) gets the first try's answer again and does nothing
+  else: the voice webhook the same TwiML, naming the same pending call, so the call still connects
+  and no second call is made; a status callback its 204 without a second `call.status`. Refusing it
+  instead would drop a real call whose first answer was lost on the way back;
+- any other repeat (another or no token, or later than a retry can come) is not something Twilio
+  sends: it gets a 403 and goes to `on_rejected` (reason "replayed request"), like a bad signature.
+
+The token is not signed, so whoever captured a request can copy it: within the retry window such a
+replay is answered like a retry, which by construction changes nothing. Only verified requests are
+remembered, so forged ones cannot push real ones out; the store keeps at most `max_entries` (the
+oldest go first), and the answers only for the retry window. Past the window, a status callback is
+still refused by its signed `Timestamp` (Twilio sends it with call progress events); a voice webhook
+has no signed time, so its protection ends with the window, and the media stream it names still
+needs Twilio's signed handshake.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+from typing import Annotated, Any, Protocol
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Security
 from fastapi.responses import PlainTextResponse, Response
+from fastapi.security import APIKeyHeader
 from starlette.datastructures import MultiDict
 from starlette.requests import HTTPConnection
 from twilio.request_validator import RequestValidator  # type: ignore[import-untyped]
@@ -35,6 +63,8 @@ from schemas.events import CallStatus, HandoffOutcome
 log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Twilio-Signature"
+IDEMPOTENCY_HEADER = "I-Twilio-Idempotency-Token"
+"""Sent by Twilio on its webhooks; the same on each retry of a request. Not signed."""
 DIAL_ACTION_PATH = "/twilio/dial-action"
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 MAX_WEBHOOK_BYTES = 64 * 1024
@@ -264,6 +294,116 @@ def dial_outcome_payload(handoff_id: str, params: Mapping[str, str]) -> HandoffO
                           raw={str(k): str(v) for k, v in params.items()})
 
 
+# --------------------------------------------------------------------------- replays
+
+RETRY_WINDOW_S = 60.0
+"""How long after a request Twilio's retry of it may come: Twilio gives a webhook 15 s in all,
+retries included; the margin covers a slow first answer and clocks."""
+REPLAY_WINDOW_S = 3600.0
+"""How long a verified request is remembered, so that a copy of it is refused."""
+REPLAY_ENTRIES = 50_000
+"""At most this many remembered requests (about 200 bytes each once their answer is let go)."""
+
+
+@dataclass(frozen=True)
+class WebhookAnswer:
+    """What a webhook answered, to give a retry of it the same."""
+
+    status_code: int
+    body: bytes
+    media_type: str | None
+
+    @classmethod
+    def of(cls, response: Response) -> WebhookAnswer:
+        return cls(response.status_code, bytes(response.body), response.media_type)
+
+    def response(self) -> Response:
+        return Response(self.body, status_code=self.status_code, media_type=self.media_type)
+
+
+class Replayed(Exception):
+    """A verified request seen before that is not Twilio's retry of it."""
+
+
+@dataclass
+class _Recent:
+    at: float
+    token: str | None
+    answer: asyncio.Future[WebhookAnswer | None]
+    """None: the first try failed, so the retry is handled afresh."""
+
+
+class ReplayGuard:
+    """The verified webhooks of the last `window_s` seconds, at most `max_entries` of them, and the
+    answers of those of the last `retry_window_s`. See the module's docstring for why."""
+
+    def __init__(self, *, window_s: float = REPLAY_WINDOW_S, retry_window_s: float = RETRY_WINDOW_S,
+                 max_entries: int = REPLAY_ENTRIES, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
+        if max_entries < 1 or not 0 < retry_window_s <= window_s:
+            raise ValueError("a replay guard needs max_entries >= 1 and 0 < retry_window_s <= window_s")
+        self.window_s, self.retry_window_s, self.max_entries = window_s, retry_window_s, max_entries
+        self._clock, self._wall_clock = clock, wall_clock
+        self._seen: OrderedDict[str, float] = OrderedDict()  # key -> first seen, oldest first
+        self._recent: OrderedDict[str, _Recent] = OrderedDict()  # the retry window's, oldest first
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def _prune(self, now: float) -> None:
+        while self._seen and (len(self._seen) > self.max_entries
+                              or next(iter(self._seen.values())) <= now - self.window_s):
+            self._seen.popitem(last=False)
+        while self._recent and (len(self._recent) > self.max_entries
+                                or next(iter(self._recent.values())).at <= now - self.retry_window_s):
+            self._recent.popitem(last=False)
+
+    def admit(self, key: str, token: str | None) -> tuple[asyncio.Future[WebhookAnswer | None], bool]:
+        """(the request's answer, whether this is its first try). The first try's handler settles the
+        answer (`settle`); a retry awaits it. Raises Replayed for anything else seen before."""
+        now = self._clock()
+        self._prune(now)
+        recent = self._recent.get(key)
+        if recent is not None and token is not None and token == recent.token:
+            return recent.answer, False
+        first_seen = self._seen.get(key)
+        if first_seen is not None:
+            raise Replayed(f"replayed request (first seen {now - first_seen:.0f} s ago)")
+        answer: asyncio.Future[WebhookAnswer | None] = asyncio.get_running_loop().create_future()
+        self._seen[key] = now
+        self._recent[key] = _Recent(now, token, answer)
+        self._prune(now)
+        return answer, True
+
+    def settle(self, key: str, answer: asyncio.Future[WebhookAnswer | None], response: Response | None) -> None:
+        """The first try's outcome: its response, or None when it failed (then the request is
+        forgotten, so that Twilio's retry, or a waiting one, is handled afresh)."""
+        if response is not None:
+            answer.set_result(WebhookAnswer.of(response))
+            return
+        recent = self._recent.get(key)
+        if recent is not None and recent.answer is answer:  # not a later request with the same key
+            del self._recent[key]
+            self._seen.pop(key, None)
+        answer.set_result(None)
+
+    def check_timestamp(self, form: Mapping[str, str]) -> None:
+        """Raises Replayed for a request whose signed `Timestamp` (RFC 2822, as Twilio sends with call
+        progress events) is older than the window: it was remembered once and may be forgotten now."""
+        stamp = form.get("Timestamp")
+        if not stamp:
+            return
+        try:
+            sent = parsedate_to_datetime(stamp)
+        except (TypeError, ValueError):
+            return  # not Twilio's format: nothing to go by, the store still applies
+        if sent.tzinfo is None:
+            sent = sent.replace(tzinfo=UTC)
+        age_s = self._wall_clock() - sent.timestamp()
+        if age_s > self.window_s:
+            raise Replayed(f"replayed request (signed Timestamp {stamp!r}, {age_s:.0f} s ago)")
+
+
 # --------------------------------------------------------------------------- the router
 
 
@@ -346,6 +486,93 @@ async def read_form(request: Request) -> list[tuple[str, str]]:
         raise WebhookError(400, f"unreadable form body: {exc}") from exc
 
 
+# --------------------------------------------------------------------------- OpenAPI: what Twilio sends
+# The routes read and check the raw body themselves (the signature covers every parameter exactly as
+# sent), so these describe the form in the OpenAPI document only; nothing parses the body with them.
+
+
+def _text(description: str, **constraints: object) -> dict[str, object]:
+    return {"type": "string", "description": description, **constraints}
+
+
+_CALL_FIELDS: dict[str, dict[str, object]] = {
+    "CallSid": _text("Twilio's id of the call (CA + 32 hex digits).", minLength=1),
+    "AccountSid": _text("The Twilio account of the call."),
+    "From": _text("The caller: an E.164 number, a SIP URI or a client id."),
+    "To": _text("The number called; an inbound call's picks the agent."),
+    "CallStatus": _text("queued, initiated, ringing, in-progress, completed, busy, no-answer, canceled or failed."),
+    "Direction": _text("inbound, outbound-api (a call the dialer placed) or outbound-dial."),
+    "ApiVersion": _text("Twilio's API version, 2010-04-01."),
+    "Caller": _text("Same as From."),
+    "Called": _text("Same as To."),
+    "CallToken": _text("A token to forward the call with the caller's identity."),
+    "ForwardedFrom": _text("The number that forwarded the call, when the carrier says."),
+    "CallerName": _text("The caller's name (CNAM), when looked up."),
+    "ParentCallSid": _text("The call this one was created from, if any."),
+    "StirVerstat": _text("The caller id's SHAKEN/STIR attestation."),
+    **{f"{who}{what}": _text(f"Geography of {who}, when Twilio knows it.")
+       for who in ("From", "To", "Caller", "Called") for what in ("City", "State", "Zip", "Country")},
+}
+_STATUS_FIELDS: dict[str, dict[str, object]] = {
+    **_CALL_FIELDS,
+    "CallStatus": _text("The call's status now; values Twilio adds later are kept as they are.", pattern=r"\S"),
+    "CallbackSource": _text("call-progress-events."),
+    "SequenceNumber": _text("Order of this call's callbacks, from 0; a retried callback has the same."),
+    "Timestamp": _text("When the event happened, RFC 2822; an old one is refused as a replay."),
+    "CallDuration": _text("Seconds the call lasted (completed calls); not an integer: ignored."),
+    "Duration": _text("Minutes billed."),
+    "SipResponseCode": _text("The SIP code the call ended with; not an integer: ignored."),
+}
+_DIAL_FIELDS: dict[str, dict[str, object]] = {
+    **_CALL_FIELDS,
+    "DialCallStatus": _text("How the dialled leg ended: completed, answered, busy, no-answer, failed, canceled.",
+                            pattern=r"\S"),
+    "DialCallSid": _text("The dialled leg's call id."),
+    "DialCallDuration": _text("Seconds the dialled leg lasted; not an integer: ignored."),
+    "DialBridged": _text("Whether the two legs were connected."),
+}
+
+
+def _form_body(title: str, fields: dict[str, dict[str, object]], required: Sequence[str]) -> dict[str, Any]:
+    schema = {"title": title, "type": "object", "properties": fields, "required": list(required),
+              "additionalProperties": {"type": "string"}, "maxProperties": MAX_FORM_FIELDS,
+              "description": f"Twilio's parameters (those it adds later are accepted too); {MAX_WEBHOOK_BYTES} bytes "
+                             "at most, UTF-8."}
+    return {"requestBody": {"required": True, "content": {FORM_CONTENT_TYPE: {"schema": schema}}}}
+
+
+def _query(name: str, description: str, *, required: bool = True) -> dict[str, object]:
+    return {"name": name, "in": "query", "required": required, "description": description,
+            "schema": {"type": "string", "minLength": 1} if required else {"type": "string"}}
+
+
+def _plain(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"text/plain": {"schema": {"type": "string"}}}}
+
+
+class TwimlResponse(Response):
+    media_type = "application/xml"
+
+
+_REFUSALS: dict[int | str, dict[str, Any]] = {
+    400: _plain("A parameter the webhook needs is missing or wrong, or the form cannot be read."),
+    403: _plain("The signature is missing or wrong, or the request is a replay of one already answered."),
+    413: _plain(f"The body is over {MAX_WEBHOOK_BYTES} bytes."),
+    415: _plain(f"The body is not {FORM_CONTENT_TYPE}."),
+}
+_VOICE_TWIML = {"description": "TwiML: `<Connect><Stream>` to the media WebSocket, or `<Reject>` when no agent "
+                               "takes the call or there is no room for it. A retry of a request gets the same "
+                               "answer."}
+_OUTBOUND_QUERY = ("A call the dialer placed comes back with `dial_id`, `call_id`, `tenant`, `agent` and `p.<name>` "
+                   "custom parameters in the query of this URL (see `gateway.outbound`); Twilio signs them too.")
+
+twilio_signature = APIKeyHeader(
+    name=SIGNATURE_HEADER, scheme_name="TwilioSignature", auto_error=False,
+    description="HMAC-SHA1 of the URL Twilio requested and the sorted form parameters, keyed by the account's auth "
+                "token, base64.")
+Signature = Annotated[str | None, Security(twilio_signature)]
+
+
 def twilio_router(
     auth_token_getter: Callable[[], str],
     public_url: str | None,
@@ -356,34 +583,21 @@ def twilio_router(
     on_dial_action: DialActionHook | None = None,
     media_path: str = "/twilio/media",
     call_id_parameter: str = "call_id",
+    replay_guard: ReplayGuard | None = None,
 ) -> APIRouter:
     """`POST /twilio/voice`, `POST /twilio/status` and (with `on_dial_action`) `POST
     /twilio/dial-action`, all signature-checked.
 
     The voice webhook calls `on_inbound(form)` and answers `<Connect><Stream>` to `media_path` on the
     public host, with the stream parameters plus `call_id_parameter`=call_id. The status webhook calls
-    `on_status(CallSid, CallStatus)` and answers 204. A bad or missing signature answers 403 and calls
-    `on_rejected`. `public_url` is VOXLOG_PUBLIC_URL (None: the URL requested, forwarded headers honoured).
+    `on_status(CallSid, CallStatus)` and answers 204. A bad or missing signature, or a replay, answers
+    403 and calls `on_rejected`; a retry gets the first answer again (`replay_guard`, a fresh one by
+    default). `public_url` is VOXLOG_PUBLIC_URL (None: the URL requested, forwarded headers honoured).
     """
-    router = APIRouter()
+    router = APIRouter(tags=["twilio"])
+    guard = replay_guard or ReplayGuard()
 
-    async def verified_form(request: Request) -> dict[str, str] | Response:
-        try:
-            pairs = await read_form(request)
-        except WebhookError as exc:
-            return PlainTextResponse(exc.detail, status_code=exc.status_code)
-        form = dict(pairs)
-        url = public_request_url(request, public_url)
-        signature = request.headers.get(SIGNATURE_HEADER)
-        token = auth_token_getter()
-        if not token:
-            reason = "no auth token configured"
-        elif not signature:
-            reason = "missing signature"
-        elif not validate_twilio_request(token, url, pairs, signature):
-            reason = "bad signature"
-        else:
-            return form
+    async def refuse(request: Request, url: str, form: Mapping[str, str], reason: str, text: str) -> Response:
         info = RejectedWebhook(
             path=request.url.path,
             url=url,
@@ -399,61 +613,110 @@ def twilio_router(
                 await on_rejected(info)
             except Exception:
                 log.exception("on_rejected hook failed")
-        return PlainTextResponse("invalid Twilio signature", status_code=403)
+        return PlainTextResponse(text, status_code=403)
 
-    @router.post("/twilio/voice", response_class=Response)
-    async def voice(request: Request) -> Response:
-        form = await verified_form(request)
-        if isinstance(form, Response):
-            return form
-        if not form.get("CallSid"):
-            return PlainTextResponse("missing CallSid", status_code=400)
+    async def answer_once(
+        request: Request, signature: str | None, handle: Callable[[dict[str, str]], Awaitable[Response]]
+    ) -> Response:
+        """Reads and verifies the form, refuses replays, answers retries as before, else `handle`s it."""
         try:
-            call_id, parameters = await on_inbound(form, dict(request.query_params))
-        except CallRejected as exc:
-            log.info("call %s rejected: %s", form.get("CallSid"), exc.reason)
-            return Response(reject_twiml("busy" if exc.busy else "rejected"), media_type="application/xml")
-        stream_parameters = {**dict(parameters), call_id_parameter: call_id}
-        twiml = connect_stream_twiml(media_stream_url(request, public_url, media_path), stream_parameters)
-        return Response(twiml, media_type="application/xml")
+            pairs = await read_form(request)
+        except WebhookError as exc:
+            return PlainTextResponse(exc.detail, status_code=exc.status_code)
+        form = dict(pairs)
+        url = public_request_url(request, public_url)
+        token = auth_token_getter()
+        if not token:
+            return await refuse(request, url, form, "no auth token configured", "invalid Twilio signature")
+        if not signature:
+            return await refuse(request, url, form, "missing signature", "invalid Twilio signature")
+        if not validate_twilio_request(token, url, pairs, signature):
+            return await refuse(request, url, form, "bad signature", "invalid Twilio signature")
+        key = f"{request.url.path} {signature}"
+        try:
+            guard.check_timestamp(form)
+            while True:
+                answer, first = guard.admit(key, request.headers.get(IDEMPOTENCY_HEADER))
+                if first:
+                    break
+                earlier = await asyncio.shield(answer)  # shielded: this request's end must not cancel the first's
+                if earlier is not None:
+                    log.info("twilio retried %s for %s: answered as before", request.url.path, form.get("CallSid"))
+                    return earlier.response()
+        except Replayed as exc:
+            return await refuse(request, url, form, str(exc), "replayed Twilio request")
+        try:
+            response = await handle(form)
+        except BaseException:
+            guard.settle(key, answer, None)
+            raise
+        guard.settle(key, answer, response)
+        return response
 
-    @router.post("/twilio/status", status_code=204, response_class=Response)
-    async def status(request: Request) -> Response:
-        form = await verified_form(request)
-        if isinstance(form, Response):
-            return form
-        call_sid = form.get("CallSid")
-        if not call_sid:
-            return PlainTextResponse("missing CallSid", status_code=400)
-        try:
-            payload = status_callback_payload(form)
-        except ValueError as exc:
-            return PlainTextResponse(str(exc), status_code=400)
-        try:
-            await on_status(call_sid, payload, dict(request.query_params))
-        except ValueError as exc:
-            return PlainTextResponse(str(exc), status_code=400)
-        return Response(status_code=204)
+    @router.post("/twilio/voice", response_class=TwimlResponse, responses={200: _VOICE_TWIML, **_REFUSALS},
+                 openapi_extra=_form_body("VoiceWebhook", _CALL_FIELDS, ["CallSid"]),
+                 description=f"Twilio's voice webhook: a call to answer. {_OUTBOUND_QUERY}")
+    async def voice(request: Request, signature: Signature) -> Response:
+        async def handle(form: dict[str, str]) -> Response:
+            if not form.get("CallSid"):
+                return PlainTextResponse("missing CallSid", status_code=400)
+            try:
+                call_id, parameters = await on_inbound(form, dict(request.query_params))
+            except CallRejected as exc:
+                log.info("call %s rejected: %s", form.get("CallSid"), exc.reason)
+                return TwimlResponse(reject_twiml("busy" if exc.busy else "rejected"))
+            stream_parameters = {**dict(parameters), call_id_parameter: call_id}
+            return TwimlResponse(connect_stream_twiml(media_stream_url(request, public_url, media_path),
+                                                      stream_parameters))
+
+        return await answer_once(request, signature, handle)
+
+    @router.post("/twilio/status", status_code=204, response_class=Response,
+                 responses={204: {"description": "Recorded into its call (or audited when no call is known)."},
+                            **_REFUSALS},
+                 openapi_extra=_form_body("StatusCallback", _STATUS_FIELDS, ["CallSid", "CallStatus"]),
+                 description="Twilio's status callback: how a call progresses. A call the dialer placed brings "
+                             "`dial_id`, `tenant` and `seq` in the query (see `gateway.outbound`).")
+    async def status(request: Request, signature: Signature) -> Response:
+        async def handle(form: dict[str, str]) -> Response:
+            call_sid = form.get("CallSid")
+            if not call_sid:
+                return PlainTextResponse("missing CallSid", status_code=400)
+            try:
+                payload = status_callback_payload(form)
+                await on_status(call_sid, payload, dict(request.query_params))
+            except ValueError as exc:
+                return PlainTextResponse(str(exc), status_code=400)
+            return Response(status_code=204)
+
+        return await answer_once(request, signature, handle)
 
     if on_dial_action is not None:
         dial_action = on_dial_action
+        dial_query = [_query("call_id", "The call that was handed off."), _query("tenant", "Its tenant."),
+                      _query("agent", "Its agent, who takes the caller back if nobody answered."),
+                      _query("direction", "outbound for a call the dialer placed; else inbound.", required=False)]
 
-        @router.post(DIAL_ACTION_PATH, response_class=Response)
-        async def dial_result(request: Request) -> Response:
-            form = await verified_form(request)
-            if isinstance(form, Response):
-                return form
-            if not form.get("CallSid") or not form.get("DialCallStatus"):
-                return PlainTextResponse("missing CallSid or DialCallStatus", status_code=400)
-            try:
-                back = await dial_action(form, dict(request.query_params))
-            except ValueError as exc:
-                return PlainTextResponse(str(exc), status_code=400)
-            if back is None:
-                return Response(hangup_twiml(), media_type="application/xml")
-            call_id, parameters = back
-            twiml = connect_stream_twiml(media_stream_url(request, public_url, media_path),
-                                         {**dict(parameters), call_id_parameter: call_id})
-            return Response(twiml, media_type="application/xml")
+        @router.post(DIAL_ACTION_PATH, response_class=TwimlResponse,
+                     responses={200: {"description": "TwiML: `<Hangup/>`, or `<Connect><Stream>` back to the agent "
+                                                     "when nobody took the call."}, **_REFUSALS},
+                     openapi_extra={**_form_body("DialAction", _DIAL_FIELDS, ["CallSid", "DialCallStatus"]),
+                                    "parameters": dial_query},
+                     description="Twilio's `<Dial action>` callback: the human's leg of a handoff ended.")
+        async def dial_result(request: Request, signature: Signature) -> Response:
+            async def handle(form: dict[str, str]) -> Response:
+                if not form.get("CallSid") or not form.get("DialCallStatus"):
+                    return PlainTextResponse("missing CallSid or DialCallStatus", status_code=400)
+                try:
+                    back = await dial_action(form, dict(request.query_params))
+                except ValueError as exc:
+                    return PlainTextResponse(str(exc), status_code=400)
+                if back is None:
+                    return TwimlResponse(hangup_twiml())
+                call_id, parameters = back
+                return TwimlResponse(connect_stream_twiml(media_stream_url(request, public_url, media_path),
+                                                          {**dict(parameters), call_id_parameter: call_id}))
+
+            return await answer_once(request, signature, handle)
 
     return router

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, HTMLResponse
@@ -24,6 +24,8 @@ from streams.session import FRAME_BYTES
 from streams.transport import InboundCall, MediaTransport, TransportClosed
 
 STATIC = Path(__file__).parent / "static"
+JAVASCRIPT = "text/javascript"
+"""JavaScript's media type (RFC 9239; application/javascript is its obsolete alias)."""
 MAX_FRAME_BYTES = FRAME_BYTES * 10  # 200 ms: more in one message is not a live microphone
 
 
@@ -69,6 +71,10 @@ class WidgetTransport(MediaTransport):
         await self._send({"type": "transcript", "speaker": speaker, "text": text, "final": final})
 
 
+def _javascript(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JAVASCRIPT: {"schema": {"type": "string"}}}}
+
+
 def widget_router(gateway: Gateway) -> APIRouter:
     router = APIRouter()
 
@@ -76,13 +82,15 @@ def widget_router(gateway: Gateway) -> APIRouter:
     async def page(key: str = "demo-widget-key") -> str:
         return (STATIC / "widget.html").read_text().replace("{{WIDGET_KEY}}", json.dumps(key)[1:-1])
 
-    @router.get("/widget/voxlog-widget.js")
+    @router.get("/widget/voxlog-widget.js", response_class=FileResponse,
+                responses={200: _javascript("The embeddable script: the page's microphone, speaker and socket.")})
     async def script() -> FileResponse:
-        return FileResponse(STATIC / "voxlog-widget.js", media_type="text/javascript")
+        return FileResponse(STATIC / "voxlog-widget.js", media_type=JAVASCRIPT)
 
-    @router.get("/widget/capture-worklet.js")
+    @router.get("/widget/capture-worklet.js", response_class=FileResponse,
+                responses={200: _javascript("The AudioWorklet the script captures the microphone with.")})
     async def worklet() -> FileResponse:
-        return FileResponse(STATIC / "capture-worklet.js", media_type="text/javascript")
+        return FileResponse(STATIC / "capture-worklet.js", media_type=JAVASCRIPT)
 
     @router.websocket("/widget/ws")
     async def socket(websocket: WebSocket) -> None:

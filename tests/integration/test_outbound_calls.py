@@ -20,7 +20,7 @@ import yaml
 from websockets.exceptions import ConnectionClosed
 
 from consumers.events import read_call
-from gateway.twilio_webhooks import DIAL_ACTION_PATH
+from gateway.twilio_webhooks import DIAL_ACTION_PATH, IDEMPOTENCY_HEADER
 from schemas.base import Event, EventPayload
 from schemas.events import (
     CallDialFailed,
@@ -119,8 +119,9 @@ async def test_a_requested_call_is_placed_answered_and_talks_with_the_agent(stac
     assert params["Timeout"] == "30"
     person = stack.callee(placed)
     assert (await person.send_status("initiated", sequence=0)).status_code == 204
-    assert (await person.send_status("ringing", sequence=1)).status_code == 204
-    assert (await person.send_status("ringing", sequence=1)).status_code == 204  # Twilio retried it
+    ringing = {IDEMPOTENCY_HEADER: "ringing-1"}  # a retry is the same request, its token included
+    assert (await person.send_status("ringing", sequence=1, headers=ringing)).status_code == 204
+    assert (await person.send_status("ringing", sequence=1, headers=ringing)).status_code == 204  # Twilio retried it
 
     instructions = await person.dial()
     assert instructions.parameters["call_id"] == call_id

@@ -17,6 +17,8 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 
 import numpy as np
 import pytest
@@ -40,6 +42,7 @@ from gateway.twilio_media import (
 )
 from gateway.twilio_rest import TwilioRest, TwilioRestError
 from gateway.twilio_webhooks import (
+    IDEMPOTENCY_HEADER,
     CallRejected,
     RejectedWebhook,
     dial_twiml,
@@ -314,6 +317,61 @@ async def test_webhook_refuses_non_form_bodies(gateway: Gateway) -> None:
     caller = make_caller(gateway)
     response = await caller.ring(headers={"Content-Type": "application/json"})
     assert response.status_code == 415
+
+
+async def test_a_replayed_voice_webhook_makes_no_second_call_and_is_audited(gateway: Gateway) -> None:
+    caller = make_caller(gateway)
+    token = {IDEMPOTENCY_HEADER: "idempotency-voice-1"}
+    first = await caller.ring(headers=token)
+    retried = await caller.ring(headers=token)  # Twilio's retry: the same request, its token included
+    assert (first.status_code, retried.status_code) == (200, 200)
+    assert retried.text == first.text, "a retry gets the same TwiML, naming the same call"
+    # Copies of the signed request: with a token of their own (the caller's default), and with none.
+    replays = [await caller.ring(), await caller.ring(), await caller.ring(headers={IDEMPOTENCY_HEADER: ""})]
+    assert [r.status_code for r in replays] == [403, 403, 403]
+    assert {r.text for r in replays} == {"replayed Twilio request"}
+    assert len(gateway.inbound) == 1, "one call, however often the request came"
+    assert [(r.path, r.call_sid, r.account_sid) for r in gateway.rejected] == [
+        ("/twilio/voice", caller.call_sid, ACCOUNT_SID)] * 3
+    assert all(r.reason.startswith("replayed request") for r in gateway.rejected)
+    await caller.connect(parse_stream_twiml(retried.text))  # and the call still connects, once
+    start, _transport = await gateway.stream()
+    assert start.custom_parameters["call_id"] == f"call-{caller.call_sid[-8:]}"
+    await caller.stop()
+    await asyncio.wait_for(gateway.handler_done.wait(), 5)
+
+
+async def test_a_replayed_status_callback_records_one_event(gateway: Gateway) -> None:
+    caller = make_caller(gateway)
+    sent_at = datetime.now(UTC).replace(microsecond=0)
+    params = {**caller.voice_params(CallStatus="completed"), "CallbackSource": "call-progress-events",
+              "SequenceNumber": "3", "Timestamp": format_datetime(sent_at), "CallDuration": "42"}
+    token = {IDEMPOTENCY_HEADER: "idempotency-status-1"}
+    delivered = [await caller.post_webhook(caller.status_path, params, headers=token) for _ in range(2)]
+    replays = [await caller.post_webhook(caller.status_path, params) for _ in range(3)]
+    assert [r.status_code for r in delivered] == [204, 204], "sent, and retried by Twilio"
+    assert [r.status_code for r in replays] == [403, 403, 403]
+    assert [(sid, status.status) for sid, status in gateway.statuses] == [(caller.call_sid, "completed")]
+    # A callback signed long ago is refused even when nothing remembers it: its Timestamp is signed too.
+    stale = {**params, "SequenceNumber": "2", "Timestamp": format_datetime(sent_at - timedelta(hours=2))}
+    assert (await caller.post_webhook(caller.status_path, stale)).status_code == 403
+    assert len(gateway.statuses) == 1
+    assert [r.path for r in gateway.rejected] == ["/twilio/status"] * 4
+    assert "signed Timestamp" in gateway.rejected[-1].reason
+
+
+async def test_a_burst_of_distinct_webhooks_is_answered_as_usual(gateway: Gateway) -> None:
+    callers = [make_caller(gateway) for _ in range(25)]
+    rung = await asyncio.gather(*(caller.ring() for caller in callers))
+    assert [r.status_code for r in rung] == [200] * len(callers)
+    assert len({parse_stream_twiml(r.text).parameters["call_id"] for r in rung}) == len(callers)
+    progress = ("ringing", "in-progress", "completed")
+    statuses = await asyncio.gather(*(caller.send_status(status, sequence=n)
+                                      for caller in callers for n, status in enumerate(progress)))
+    assert {r.status_code for r in statuses} == {204}
+    assert len(gateway.inbound) == len(callers)
+    assert len(gateway.statuses) == len(callers) * len(progress)
+    assert gateway.rejected == []
 
 
 # --------------------------------------------------------------------------- media stream in

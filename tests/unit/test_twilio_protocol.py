@@ -8,12 +8,15 @@ import hmac
 import json
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
+from datetime import UTC, datetime
+from email.utils import format_datetime
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from starlette.requests import HTTPConnection
+from starlette.responses import Response
 from starlette.websockets import WebSocketState
 from twilio.request_validator import RequestValidator  # type: ignore[import-untyped]
 
@@ -46,6 +49,9 @@ from gateway.twilio_media import (
 )
 from gateway.twilio_rest import TwilioCall, TwilioRestError
 from gateway.twilio_webhooks import (
+    Replayed,
+    ReplayGuard,
+    WebhookAnswer,
     compute_twilio_signature,
     connect_stream_twiml,
     dial_twiml,
@@ -737,3 +743,88 @@ def test_media_handshake_signature() -> None:
         assert not validate_media_handshake("tok", ws, "https://elsewhere.example.com")
     unsigned = connection("/twilio/media", kind="websocket", scheme="ws")
     assert not validate_media_handshake("tok", unsigned, "https://voice.example.com")
+
+
+# --------------------------------------------------------------------------- replays
+
+
+class Clock:
+    """Time that moves only when the test moves it."""
+
+    def __init__(self, now: float = 1_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+KEY = "/twilio/voice c2lnbmF0dXJlLW9mLXRoZS1maXJzdA=="
+
+
+async def test_a_retry_gets_the_first_answer_and_a_copy_is_refused() -> None:
+    clock = Clock()
+    guard = ReplayGuard(window_s=3600, retry_window_s=60, clock=clock)
+    answer, first = guard.admit(KEY, "token-1")
+    assert first
+    guard.settle(KEY, answer, Response(b"<Response/>", media_type="application/xml"))
+    retried, first = guard.admit(KEY, "token-1")  # Twilio's retry: the same request, the same token
+    assert not first
+    assert retried is answer
+    assert await retried == WebhookAnswer(200, b"<Response/>", "application/xml")
+    for token in ("token-2", None, ""):  # a copy: another token, or none
+        with pytest.raises(Replayed, match="replayed request"):
+            guard.admit(KEY, token)
+    clock.now += 61  # later than any retry of Twilio's: even its token makes it a copy
+    with pytest.raises(Replayed):
+        guard.admit(KEY, "token-1")
+    clock.now += 3600  # past the window: forgotten
+    assert guard.admit(KEY, "token-1")[1]
+    assert len(guard) == 1
+
+
+async def test_without_a_token_a_repeat_is_never_a_retry() -> None:
+    guard = ReplayGuard()
+    guard.admit(KEY, None)
+    with pytest.raises(Replayed):
+        guard.admit(KEY, None)
+
+
+async def test_a_failed_first_try_is_forgotten_so_the_retry_is_handled_afresh() -> None:
+    guard = ReplayGuard()
+    answer, _ = guard.admit(KEY, "token-1")
+    waiting, first = guard.admit(KEY, "token-1")  # came while the first was still being handled
+    assert not first
+    guard.settle(KEY, answer, None)
+    assert await waiting is None
+    assert guard.admit(KEY, "token-1")[1]
+
+
+async def test_the_replay_store_stays_within_its_bound() -> None:
+    clock = Clock()
+    guard = ReplayGuard(max_entries=8, window_s=3600, retry_window_s=60, clock=clock)
+    for n in range(1_000):
+        assert guard.admit(f"/twilio/status sig-{n}", f"token-{n}")[1]
+        clock.now += 0.01
+        assert len(guard) <= 8
+        assert len(guard._recent) <= 8
+    with pytest.raises(Replayed):
+        guard.admit("/twilio/status sig-999", None)  # the newest are remembered ...
+    assert guard.admit("/twilio/status sig-0", None)[1]  # ... the oldest made room for them
+    clock.now += 3601
+    guard.admit("/twilio/status later", "token")
+    assert (len(guard), len(guard._recent)) == (1, 1), "expired entries go at the next request"
+
+
+def test_a_signed_timestamp_older_than_the_window_is_a_replay() -> None:
+    now = datetime(2025, 12, 4, 12, 0, tzinfo=UTC).timestamp()
+    guard = ReplayGuard(window_s=3600, wall_clock=lambda: now)
+
+    def sent(seconds_ago: float) -> dict[str, str]:
+        return {"Timestamp": format_datetime(datetime.fromtimestamp(now - seconds_ago, UTC))}
+
+    guard.check_timestamp(sent(10))
+    guard.check_timestamp(sent(-30))  # Twilio's clock a little ahead
+    guard.check_timestamp({})  # voice webhooks have none
+    guard.check_timestamp({"Timestamp": "not a date"})
+    with pytest.raises(Replayed, match="signed Timestamp"):
+        guard.check_timestamp(sent(3601))
