@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -16,8 +17,9 @@ from functools import partial
 from typing import Literal
 from urllib.parse import urlencode
 
+import uvicorn
 from fastapi import FastAPI, WebSocket
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.api import api_router
@@ -80,7 +82,30 @@ def build_gateway(settings: Settings) -> Gateway:
                    webhook_secret=settings.webhook_secret.get_secret_value().encode(), rest=twilio_rest(settings),
                    public_url=settings.public_url, analytics=analytics, analytics_error=analytics_error,
                    run_projections=settings.run_projections and analytics is not None,
-                   recording_store=recording_store(settings))
+                   recording_store=recording_store(settings), capacity=settings.call_capacity,
+                   drain_s=settings.drain_s)
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn, telling the gateway first when it is asked to stop (SIGTERM, SIGINT): its calls end with
+    reason `shutdown` (the callers are hung up) before uvicorn closes their sockets, and everything is
+    over within about `drain_s`, whatever the log or the carrier does."""
+
+    def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
+        super().__init__(config)
+        self.gateway = gateway
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.gateway.begin_drain()
+        await super().shutdown(sockets)
+
+
+def gateway_server(settings: Settings, host: str, port: int, *, gateway: Gateway | None = None,
+                   log_level: str = "info") -> GatewayServer:
+    runtime = gateway or build_gateway(settings)
+    config = uvicorn.Config(create_app(settings, gateway=runtime), host=host, port=port, log_level=log_level,
+                            ws="websockets", lifespan="on", timeout_graceful_shutdown=max(1, int(settings.drain_s)))
+    return GatewayServer(config, runtime)
 
 
 def create_app(settings: Settings | None = None, *, gateway: Gateway | None = None) -> FastAPI:
@@ -102,14 +127,24 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
     app = FastAPI(title="voxlog gateway", lifespan=lifespan)
     app.state.gateway = runtime
 
-    @app.get("/metrics", response_class=Response)
+    @app.get("/metrics", response_class=Response, responses={200: {
+        "description": "Prometheus' text exposition format.",
+        "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         """Prometheus: calls, turns, voice-to-voice and provider latencies, errors, fallbacks, tool calls."""
         return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/healthz")
-    async def health() -> dict[str, object]:
-        return {"status": "ok", "log": runtime.backend.describe(), "live_calls": len(runtime.sessions)}
+    @app.get("/healthz", responses={503: {"description": "not ready: the log cannot be written, or the gateway "
+                                                        "is starting or shutting down",
+                                         "content": {"application/json": {"schema": {"type": "object"}}}}})
+    async def health() -> JSONResponse:
+        """Readiness: 200 when the gateway takes calls, 503 (with the reason) when it does not."""
+        problem = runtime.not_ready()
+        body = {"status": "ok" if problem is None else "unavailable", "log": runtime.backend.describe(),
+                "live_calls": len(runtime.sessions), "capacity": runtime.capacity, "instance": runtime.instance_id}
+        if problem is not None:
+            body["problem"] = problem
+        return JSONResponse(body, status_code=200 if problem is None else 503)
 
     def remember_pending(call: InboundCall) -> None:
         pending[call.call_id] = call
@@ -132,6 +167,9 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
             routed_by="outbound_request" if outbound is not None else "number",
             from_number=form.get("From"), to_number=form.get("To"), provider_call_id=form.get("CallSid"),
             parameters={**outbound.parameters, "dial_id": outbound.dial_id} if outbound is not None else {})
+        refusal = await runtime.admit(call)
+        if refusal is not None:
+            raise CallRejected(refusal.detail, busy=True)
         remember_pending(call)
         return call.call_id, {"tenant": agent.tenant, "agent": agent.id}
 
@@ -191,6 +229,8 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
             routed_by="handoff_return", from_number=form.get("From"), to_number=form.get("To"),
             provider_call_id=call_sid or None,
             parameters={RETURNED_FROM_HANDOFF: call_id, "handoff_outcome": outcome.outcome})
+        if await runtime.admit(back) is not None:
+            return None  # no room to take the caller back: they are hung up (recorded as call.refused)
         remember_pending(back)
         return back.call_id, {"tenant": tenant, "agent": agent.id}
 
@@ -217,6 +257,17 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
             with contextlib.suppress(Exception):
                 await websocket.close(code=1008)
             return
+        if call.provider_call_id and start.call_sid != call.provider_call_id:
+            # A stream must belong to the call its voice webhook answered; another call's stream
+            # (a replayed or forged start) gets nothing, and the answered call keeps its place.
+            pending[call.call_id] = call
+            await runtime.audit(tenant_id=call.tenant_id, call_id=call.call_id, actor="twilio-media",
+                                action="media.call_mismatch", resource=start.call_sid, outcome="denied",
+                                detail=f"the stream's start names CallSid {start.call_sid}, the call is "
+                                       f"{call.provider_call_id}", remote_addr=None)
+            with contextlib.suppress(Exception):
+                await websocket.close(code=1008)
+            return
         agent = runtime.router.get(call.tenant_id, call.agent_id)
         action = f"{public_base_url(websocket, settings.public_url)}{DIAL_ACTION_PATH}?" + urlencode(
             {"call_id": call.call_id, "tenant": call.tenant_id, "agent": call.agent_id, "direction": call.direction})
@@ -238,7 +289,8 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
                 if running.done():
                     break
         finally:
-            session.closed("socket_closed")  # no-op when the call already ended
+            # No-op when the call already ended; uvicorn closes the sockets first when it shuts down.
+            session.closed("shutdown" if runtime.draining else "socket_closed")
             await running
             if call.provider_call_id:
                 ended[call.provider_call_id] = session.recorder

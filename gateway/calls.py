@@ -1,4 +1,11 @@
-"""The gateway's runtime: the shared producer, the agents, the tool replies, and one session per call."""
+"""The gateway's runtime: the shared producer, the agents, the tool replies, and one session per call.
+
+It keeps itself honest about what it can serve: calls are admitted against its capacity and the
+tenants' limits (`gateway.admission`); its lease lists the calls it owns and its reaper ends the
+calls of gateways that died (`consumers.call_leases`); while its log cannot be written it takes no
+calls, and after `LOG_OUTAGE_END_S` it ends the ones it can no longer record; on shutdown it ends
+its calls with a reason and gives the log `drain_s` to take their last events.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +13,21 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from consumers.base import LogConsumer
+from consumers.call_leases import CallReaper, LeasedCall, LeaseKeeper, new_instance_id
 from consumers.dialer import DialStore, DialWorker
 from consumers.summariser import Summariser
 from consumers.tools import ToolRunner, ToolStore, ToolWorker, WebhookSigner
+from gateway.admission import Admission, Refusal
 from gateway.config_audit import record_config_changes
 from gateway.twilio_rest import TwilioRest
 from producers.base import LogProducer
@@ -26,7 +38,8 @@ from projections.runner import ProjectionRunner, default_projections
 from projections.store import AnalyticsError, AnalyticsStore
 from projections.tables import CALLER_MEMORY
 from projections.tenant_sql import TenantSql
-from schemas.events import AuditRecorded, ErrorRaised, MemoryLoaded, MemorySummary
+from schemas.events import AuditRecorded, CallRefused, MemoryLoaded, MemorySummary
+from schemas.topics import GATEWAYS
 from streams.agents import AgentRouter, AgentSpec
 from streams.config_changes import config_items
 from streams.memory import caller_key
@@ -46,6 +59,13 @@ PRODUCER = "voxlog.gateway"
 MEMORY_SUMMARIES = 3
 MEMORY_TIMEOUT_S = 0.5
 MEMORY_SOURCE = "clickhouse:caller_memory"
+LOG_STALL_S = 3.0
+"""The log has not taken a write for this long: the gateway is not ready and takes no calls."""
+LOG_OUTAGE_END_S = 15.0
+"""For this long: the calls in progress are ended (a call that cannot be recorded is not served), their
+last events wait in the producer's bounded buffer for the log to come back."""
+LEASE_HOLD_TIMEOUT_S = 5.0
+"""A call whose owner cannot be put on record within this long is not started."""
 
 
 def new_call_id() -> str:
@@ -89,6 +109,16 @@ class Gateway:
     """How a call's providers are made (benchmarks swap in scripted timelines)."""
     sessions: dict[str, CallSession] = field(default_factory=dict)
     reports: list[SessionReport] = field(default_factory=list)
+    capacity: int = 20
+    """Calls this gateway serves at once (`VOXLOG_MAX_CALLS`)."""
+    drain_s: float = 15.0
+    instance_id: str = field(default_factory=new_instance_id)
+    draining: bool = False
+    admission: Admission = field(init=False)
+    reaper: CallReaper | None = None
+    _leases: LeaseKeeper | None = None
+    _lease_producer: LogProducer | None = None
+    _drain_deadline: float | None = None
     _producer: LogProducer | None = None
     _writer: EventWriter | None = None
     _replies: ToolReplies | None = None
@@ -100,12 +130,34 @@ class Gateway:
     dialer: DialWorker | None = None
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
+    def __post_init__(self) -> None:
+        self.admission = Admission(self.capacity, tenant_limit=self._tenant_limit, not_ready=self.not_ready)
+
+    def _tenant_limit(self, tenant_id: str) -> int | None:
+        return self.tenants.get(tenant_id).limits.max_concurrent_calls
+
+    def not_ready(self) -> str | None:
+        """Why this gateway takes no calls now, or None when it does."""
+        if self.draining:
+            return "the gateway is shutting down"
+        if self._producer is None:
+            return "the gateway is starting"
+        stalled = self._producer.stalled_s()
+        if stalled > LOG_STALL_S:
+            return f"the log ({self.backend.describe()}) has not taken a write for {stalled:.0f} s"
+        return None
+
     async def start(self) -> None:
         admin = self.backend.admin()
         try:
             await ensure_topics(admin)
         finally:
             await admin.close()
+        self._lease_producer = self.backend.producer()
+        await self._lease_producer.start()
+        self._leases = LeaseKeeper(self._lease_producer, self.instance_id)
+        await self._leases.renew()
+        self._tasks.append(asyncio.create_task(self._leases.run(self._stop), name="lease"))
         if self.providers_factory is None:
             for agent in self.router.agents.values():
                 for problem in self.provider_registry.problems(agent):
@@ -136,28 +188,82 @@ class Gateway:
             summariser = Summariser(self.backend, llm_for=self._summary_llm)
             self._tasks.append(asyncio.create_task(summariser.run(self._stop), name="summariser"))
             await asyncio.wait_for(summariser.ready.wait(), 60)
+        reaper_consumer = self.backend.consumer([GATEWAYS], auto_offset_reset="earliest")
+        await reaper_consumer.start()
+        self.reaper = CallReaper(reaper_consumer, self.backend.admin, self.writer, self.instance_id, __version__)
+        self._tasks.append(asyncio.create_task(self._run_reaper(reaper_consumer), name="reaper"))
+        self._tasks.append(asyncio.create_task(self._watch_log(), name="log-watch"))
         if self.analytics is not None and self.run_projections:
             for projection in default_projections(self.router, recordings=self.recordings_path,
                                                   recording_store=self.recordings):
                 runner = ProjectionRunner(self.backend, self.analytics, projection)
                 self._tasks.append(asyncio.create_task(runner.run(self._stop), name=f"projection-{projection.name}"))
 
-    async def stop(self) -> None:
-        self._stop.set()
+    async def _run_reaper(self, consumer: LogConsumer) -> None:
+        assert self.reaper is not None
+        try:
+            await self.reaper.run(self._stop)
+        finally:
+            await consumer.stop()
+
+    async def _watch_log(self) -> None:
+        """Ends the calls in progress once the log has been away for LOG_OUTAGE_END_S."""
+        while not self._stop.is_set():
+            await asyncio.sleep(0.5)
+            assert self._producer is not None
+            stalled = self._producer.stalled_s()
+            if stalled <= LOG_OUTAGE_END_S:
+                continue
+            told = [s for s in self.sessions.values() if not s.ending]
+            if told:
+                log.error("the log has taken no write for %.0f s: ending %d calls", stalled, len(told))
+            for session in told:
+                session.end_now("log_unavailable", f"the log took no write for {stalled:.0f} s")
+
+    def begin_drain(self) -> None:
+        """Takes no more calls and ends those in progress (reason `shutdown`); `stop` finishes within
+        `drain_s` of this."""
+        if self._drain_deadline is None:
+            self._drain_deadline = asyncio.get_running_loop().time() + self.drain_s
+        self.draining = True
         for session in list(self.sessions.values()):
-            session.closed("shutdown")
-        for task in self._tasks:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, 10)
+            session.end_now("shutdown", "the gateway is shutting down")
+
+    async def stop(self) -> None:
+        """Ends the calls in progress (reason `shutdown`) and stops, within `drain_s` whatever the log does."""
+        loop = asyncio.get_running_loop()
+        self.begin_drain()
+        assert self._drain_deadline is not None
+        deadline = self._drain_deadline
+        with contextlib.suppress(TimeoutError):
+            await self.wait_idle(max(0.1, deadline - loop.time() - 1.0))
+        self._stop.set()
+        if self._tasks:
+            _done, late = await asyncio.wait(self._tasks, timeout=max(0.1, deadline - loop.time() - 1.0))
+            for task in late:
+                task.cancel()
         await self.provider_registry.aclose()
-        if self._producer is not None:
-            await self._producer.stop()
+        if self._leases is not None:
+            await self._stop_bounded("the last lease", self._leases.close(), deadline)
+        for producer in (self._producer, self._lease_producer):
+            if producer is not None:
+                await self._stop_bounded("the log's producer", producer.stop(), deadline)
         if self._http is not None:
             await self._http.aclose()
         if self._store is not None:
             self._store.close()
         if self._dials is not None:
             self._dials.close()
+
+    async def _stop_bounded(self, what: str, stopping: Coroutine[Any, Any, None], deadline: float) -> None:
+        remaining = max(1.0, deadline - asyncio.get_running_loop().time())
+        try:
+            await asyncio.wait_for(stopping, remaining)
+        except TimeoutError:
+            log.error("%s did not finish within the drain time: what it had not written to %s is lost; the "
+                      "calls it concerns are ended by a reaper once their lease lapses", what, self.backend.describe())
+        except Exception as exc:
+            log.error("%s failed while stopping: %s", what, exc)
 
     @property
     def writer(self) -> EventWriter:
@@ -200,6 +306,24 @@ class Gateway:
             MemorySummary(call_id=str(cid), summary=str(text), created_us=epoch_us(when))
             for cid, text, when in result.rows))
 
+    async def admit(self, call: InboundCall) -> Refusal | None:
+        """Takes the call on, or refuses it (recorded as `call.refused`) and says why."""
+        refusal = self.admission.admit(call.call_id, call.tenant_id)
+        if refusal is None:
+            return None
+        log.warning("call %s (%s) refused: %s", call.call_id, call.tenant_id, refusal.detail)
+        payload = CallRefused(reason=refusal.reason, detail=refusal.detail, channel=call.channel,
+                              direction=call.direction, agent_id=call.agent_id, live_calls=refusal.live_calls,
+                              limit=refusal.limit, from_number=call.from_number, to_number=call.to_number,
+                              provider_call_id=call.provider_call_id)
+        recorder = CallRecorder(self.writer, tenant_id=call.tenant_id, call_id=call.call_id, producer=PRODUCER,
+                                producer_version=__version__)
+        if self._producer is not None and self._producer.stalled_s() <= LOG_STALL_S:
+            await recorder.record(payload)  # buffered, not waited for: a refusal must be quick
+        else:  # the log is away: a full buffer would hold the refusal up; the metric still counts it
+            self.metrics.observe(recorder.make(payload))
+        return refusal
+
     def open_session(self, call: InboundCall, agent: AgentSpec, transport: MediaTransport,
                      providers: Providers | None = None, memory: MemoryLoaded | None = None) -> CallSession:
         assert self._replies is not None
@@ -211,11 +335,29 @@ class Gateway:
         return session
 
     async def run_session(self, session: CallSession) -> SessionReport:
+        call = session.call
         try:
+            if not self.admission.connected(call.call_id):
+                # Not admitted through the voice webhook (the widget) or its place expired: admit now.
+                refusal = await self.admit(call)
+                if refusal is not None:
+                    await session.refused(refusal.detail)
+                    return session.report
+            assert self._leases is not None
+            try:
+                async with asyncio.timeout(LEASE_HOLD_TIMEOUT_S):
+                    await self._leases.hold(LeasedCall(call.call_id, call.tenant_id, time.time_ns() // 1_000_000,
+                                                       call.provider_call_id))
+            except Exception as exc:  # the log is away: the call never starts (nothing of it is in the log)
+                log.error("call %s not started: its owner could not be put on record: %s", call.call_id, exc)
+                await session.refused("the gateway cannot record calls now")
+                return session.report
             report = await session.run()
+            self._leases.release(call.call_id)  # its call.ended is durable (else the lease keeps it for a reaper)
             self.reports.append(report)
             return report
         finally:
+            self.admission.release(call.call_id)
             self.sessions.pop(session.call.call_id, None)
             if self._replies is not None:
                 self._replies.unregister(session.call.call_id)
@@ -236,6 +378,5 @@ class Gateway:
         await self.writer.flush()
 
     def bad_input(self, session: CallSession, component: str, message: str) -> None:
-        """A malformed frame or message from a channel: recorded, skipped, the call goes on."""
-        session.observe(ErrorRaised(component=component, provider=None, kind="bad_input", message=message[:500],
-                                         retryable=False, fatal=False))
+        """A malformed frame or message from a channel: skipped, the call goes on (`CallSession.bad_input`)."""
+        session.bad_input(component, message)

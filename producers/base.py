@@ -72,3 +72,8 @@ class LogProducer(AsyncService):
 
     @abstractmethod
     async def flush(self) -> None: ...
+
+    @abstractmethod
+    def stalled_s(self) -> float:
+        """How long the oldest message not yet durable has waited (0: none waits). Seconds here mean
+        the log cannot be written (a broker away, a full disk): the gateway stops taking calls."""

@@ -6,6 +6,11 @@ partition from an offset is a range scan with no secondary index. An index on th
 replay's "all of one call's records". Several processes may share the file: appends take SQLite's
 write lock and read the partition's last offset inside the same transaction.
 
+Compacted topics (a table rather than a history: the gateways' leases, the call registry, the
+configuration) keep the latest record per key, as Kafka's log cleaner does: an append deletes the
+key's earlier records of that partition in the same transaction, so the topic's size follows its
+keys, not its age. Offsets keep their numbers (readers skip the gaps).
+
 This module is synchronous; `producers.embedded` and `consumers.embedded` run it off the event loop.
 """
 
@@ -15,7 +20,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -97,9 +102,11 @@ class LogFile:
     """One connection to the log file. Thread-safe: calls are serialised on a lock."""
 
     def __init__(
-        self, path: Path, default_partitions: Mapping[str, int] | None = None, fallback_partitions: int = 1
+        self, path: Path, default_partitions: Mapping[str, int] | None = None, fallback_partitions: int = 1,
+        compacted: Collection[str] = (),
     ) -> None:
         self.path = path
+        self._compacted = frozenset(compacted)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
         self._lock = threading.Lock()
@@ -212,6 +219,7 @@ class LogFile:
         now_ms = int(time.time() * 1000)
         next_ids: dict[tuple[str, int], int] = {}
         rows = []
+        latest: dict[tuple[bytes, int], int] = {}  # (key, tp) of a compacted topic: the id of its newest record
         for topic, key, value, headers in messages:
             partitions = self._partitions.get(topic)
             if partitions is None:
@@ -229,7 +237,12 @@ class LogFile:
                 next_id = (tp << OFFSET_BITS) if last is None else last + 1
             next_ids[slot] = next_id + 1
             rows.append((next_id, key, value, encode_headers(headers) if headers else None, now_ms))
+            if topic in self._compacted:
+                latest[(key, next_id >> OFFSET_BITS)] = next_id
         self._db.executemany("INSERT INTO records (id, key, value, headers, timestamp_ms) VALUES (?, ?, ?, ?, ?)", rows)
+        if latest:
+            self._db.executemany("DELETE FROM records WHERE key = ? AND id >= ? AND id < ?",
+                                 [(key, tp << OFFSET_BITS, rid) for (key, tp), rid in latest.items()])
         return len(rows)
 
     # reads --------------------------------------------------------------------------------

@@ -5,16 +5,25 @@ extension) and each full or lingering batch is handed to aiokafka as a whole. Th
 per message on the audio hot path to a couple of microseconds, against ~10 for aiokafka's
 per-message `send` and its future per message. Each partition has one sender task that hands its
 batches over in order, so per-key order holds; aiokafka keeps one batch in flight per partition.
+
+**The broker goes away.** aiokafka's idempotent producer retries a batch in flight until the broker
+answers, however long that takes. The next batch of a partition waits for it; aiokafka gives that
+wait up after `request_timeout_ms`, but the batch is still ours, untouched: its sender offers it
+again, in order. So an outage of any length loses nothing: while it lasts, a busy partition's open
+batch fills up instead of being closed every linger, full batches queue up to `max_queued_batches`,
+and then `send` waits (back-pressure). `stalled_s` says how long the oldest unacknowledged message
+has waited, for the gateway to stop taking calls and to end the ones it cannot record.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from producers.base import (
     DEAD_LETTER_HEADROOM,
@@ -40,11 +49,13 @@ class KafkaProducer(LogProducer):
         max_batch_size: int = 256 * 1024,
         max_queued_batches: int = 256,
         client_id: str = "voxlog",
+        request_timeout_ms: int = 40_000,
     ) -> None:
         self._bootstrap = bootstrap
         self._producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap,
             client_id=client_id,
+            request_timeout_ms=request_timeout_ms,
             acks=acks,
             enable_idempotence=acks == "all",
             linger_ms=0,  # batches arrive whole from this class, which does the lingering
@@ -55,11 +66,11 @@ class KafkaProducer(LogProducer):
         self._max_queued = max_queued_batches
         self._partitions: dict[str, int] = {}
         self._open: dict[TopicPartition, Any] = {}  # the batch being filled, per partition
-        self._queued: dict[TopicPartition, deque[Any]] = {}  # full batches waiting for their sender
+        self._queued: dict[TopicPartition, deque[tuple[Any, float]]] = {}  # closed batches (and when) for the sender
         self._senders: dict[TopicPartition, asyncio.Task[None]] = {}
         self._queued_count = 0
         self._space = asyncio.Condition()
-        self._in_flight: set[asyncio.Future[Any]] = set()
+        self._in_flight: dict[asyncio.Future[Any], float] = {}  # handed to aiokafka, not acknowledged: since when
         self._linger_task: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
         self._started = False
@@ -113,7 +124,8 @@ class KafkaProducer(LogProducer):
     async def _linger(self) -> None:
         await asyncio.sleep(self._linger_s)
         for tp in list(self._open):
-            await self._close_batch(tp)
+            if not self._queued.get(tp):  # a partition whose sender is busy fills its batch; the sender takes it
+                await self._close_batch(tp)
 
     async def _close_batch(self, tp: TopicPartition) -> None:
         batch = self._open.pop(tp, None)
@@ -122,7 +134,7 @@ class KafkaProducer(LogProducer):
         if self._queued_count >= self._max_queued:  # back-pressure: wait for the broker to catch up
             async with self._space:
                 await self._space.wait_for(lambda: self._queued_count < self._max_queued or self._error is not None)
-        self._queued.setdefault(tp, deque()).append(batch)
+        self._queued.setdefault(tp, deque()).append((batch, time.monotonic()))
         self._queued_count += 1
         sender = self._senders.get(tp)
         if sender is None or sender.done():
@@ -130,33 +142,52 @@ class KafkaProducer(LogProducer):
 
     async def _send_queued(self, tp: TopicPartition) -> None:
         queue = self._queued[tp]
-        while queue:
-            batch = queue[0]
+        while True:
+            if not queue:
+                if tp not in self._open:
+                    return
+                # The batch that filled while this sender was busy: it has lingered long enough.
+                queue.append((self._open.pop(tp), time.monotonic()))
+                self._queued_count += 1
+            batch, since = queue[0]
             try:
                 # Waits until the partition's previous batch has drained, then enqueues this one.
                 future = await self._producer.send_batch(batch, tp[0], partition=tp[1])
-            except BaseException as exc:  # surfaced on the next send/flush: never silently dropped
+            except KafkaTimeoutError:
+                continue  # the previous batch is still unacknowledged (the broker is away): offer this one again
+            except asyncio.CancelledError:
+                raise  # stopped: the batch stays queued
+            except Exception as exc:  # surfaced on the next send/flush: never silently dropped
                 self._error = self._error or exc
-                raise
-            finally:
-                queue.popleft()
-                self._queued_count -= 1
-                async with self._space:
-                    self._space.notify_all()
-            self._in_flight.add(future)
+                await self._dequeue(queue)
+                return
+            await self._dequeue(queue)
+            self._in_flight[future] = since
             future.add_done_callback(self._delivered)
 
+    async def _dequeue(self, queue: deque[tuple[Any, float]]) -> None:
+        queue.popleft()
+        self._queued_count -= 1
+        async with self._space:
+            self._space.notify_all()
+
     def _delivered(self, future: asyncio.Future[Any]) -> None:
-        self._in_flight.discard(future)
+        self._in_flight.pop(future, None)
         if not future.cancelled() and future.exception() is not None and self._error is None:
             self._error = future.exception()
+
+    def stalled_s(self) -> float:
+        """How long the oldest message not yet acknowledged by the broker has waited (0: none waits)."""
+        oldest = min([*self._in_flight.values(), *(q[0][1] for q in self._queued.values() if q)], default=None)
+        return 0.0 if oldest is None else time.monotonic() - oldest
 
     async def flush(self) -> None:
         for tp in list(self._open):
             await self._close_batch(tp)
+        # asyncio.wait, not gather: a flush given up (a caller's timeout) must not cancel the senders.
         senders = [t for t in self._senders.values() if not t.done()]
         if senders:
-            await asyncio.gather(*senders, return_exceptions=True)
+            await asyncio.wait(senders)
         if self._in_flight:
-            await asyncio.gather(*self._in_flight, return_exceptions=True)
+            await asyncio.wait(list(self._in_flight))
         self._raise_if_failed("sends failed")

@@ -350,6 +350,64 @@ class CallHangupRequested(EventPayload):
         )
 
 
+@dataclass(frozen=True, slots=True)
+class CallRefused(EventPayload):
+    """A call that reached the gateway was not taken on (admission control): the caller heard busy. The call has no other event."""
+
+    EVENT_TYPE: ClassVar[str] = 'call.refused'
+    EVENT_VERSION: ClassVar[int] = 1
+
+    reason: str
+    """gateway_at_capacity, tenant_at_capacity, not_ready (the gateway cannot write its log, or is draining)."""
+    detail: str
+    """What the limit was, in words."""
+    channel: str
+    """phone, sip or widget."""
+    direction: str
+    """inbound or outbound."""
+    agent_id: str
+    """The agent the call was routed to."""
+    live_calls: int
+    """Calls counted against the limit when this one came (the gateway's, or the tenant's)."""
+    limit: int
+    """The limit that was reached."""
+    from_number: str | None = None
+    """Caller's number (E.164) when known. PII: phone."""
+    to_number: str | None = None
+    """Dialled number (E.164) when known. PII: phone."""
+    provider_call_id: str | None = None
+    """Telephony provider's id (Twilio CallSid)."""
+
+    def to_avro(self) -> dict[str, Any]:
+        return {
+            "reason": self.reason,
+            "detail": self.detail,
+            "channel": self.channel,
+            "direction": self.direction,
+            "agent_id": self.agent_id,
+            "live_calls": self.live_calls,
+            "limit": self.limit,
+            "from_number": self.from_number,
+            "to_number": self.to_number,
+            "provider_call_id": self.provider_call_id,
+        }
+
+    @classmethod
+    def from_avro(cls, record: Mapping[str, Any]) -> CallRefused:
+        return cls(
+            reason=record["reason"],
+            detail=record["detail"],
+            channel=record["channel"],
+            direction=record["direction"],
+            agent_id=record["agent_id"],
+            live_calls=record["live_calls"],
+            limit=record["limit"],
+            from_number=record["from_number"],
+            to_number=record["to_number"],
+            provider_call_id=record["provider_call_id"],
+        )
+
+
 Channel = Literal["phone", "sip", "widget", "unknown"]
 
 
@@ -1587,6 +1645,7 @@ PAYLOAD_TYPES: dict[str, type[EventPayload]] = {
     "call.dial_requested": CallDialRequested,
     "call.ended": CallEnded,
     "call.hangup_requested": CallHangupRequested,
+    "call.refused": CallRefused,
     "call.started": CallStarted,
     "call.status": CallStatus,
     "call.summarized": CallSummarized,
@@ -1630,6 +1689,7 @@ __all__ = [
     "CallDialRequested",
     "CallEnded",
     "CallHangupRequested",
+    "CallRefused",
     "CallStarted",
     "CallStatus",
     "CallSummarized",

@@ -20,6 +20,7 @@ CALL_REGISTRY = "voxlog.call_registry"
 TOOL_RESULTS = "voxlog.tool_results"
 AUDIT = "voxlog.audit"
 CONFIG = "voxlog.config"
+GATEWAYS = "voxlog.gateways"
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ TOPICS: dict[str, TopicSpec] = {
         TopicSpec(
             AUDIT, 3, "Audit records (audit.recorded): who or what did what, to which call (the key; - for none)."
         ),
+        TopicSpec(GATEWAYS, 1, "Each gateway instance's lease (key: the instance): the calls it owns, renewed every "
+                  "few seconds, so that a reaper can end the calls of a gateway that died (consumers.call_leases).",
+                  compacted=True),
         TopicSpec(CONFIG, 1, "The operators' configuration as last recorded: one JSON document per agent and "
                   "tenant (key `agent:<tenant>/<id>` or `tenant:<id>`), written with each change's audit record.",
                   compacted=True),

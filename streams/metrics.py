@@ -14,6 +14,7 @@ from schemas.base import Event, EventPayload
 from schemas.events import (
     BargeIn,
     CallEnded,
+    CallRefused,
     CallStarted,
     ErrorRaised,
     LlmDecided,
@@ -60,6 +61,8 @@ class CallMetrics:
         self.calls_ended = Counter("voxlog_calls_ended", "Calls ended.", ["tenant", "agent", "reason", "outcome"],
                                    registry=r)
         self.live = Gauge("voxlog_calls_live", "Calls in progress.", ["tenant", "agent"], registry=r)
+        self.refused = Counter("voxlog_calls_refused", "Calls refused by admission control (the caller heard busy).",
+                               ["tenant", "agent", "reason"], registry=r)
         self.turns = Counter("voxlog_turns", "Caller turns.", ["agent", "prompt_hash"], registry=r)
         self.voice_to_voice = Histogram(
             "voxlog_voice_to_voice_seconds", "End of the caller's speech to the agent's first audio byte.",
@@ -92,6 +95,9 @@ class CallMetrics:
             self._calls[event.call_id] = _Call(p.agent_id)
             self.calls.labels(event.tenant_id, p.agent_id, p.channel, p.direction).inc()
             self.live.labels(event.tenant_id, p.agent_id).inc()
+            return
+        if isinstance(p, CallRefused):
+            self.refused.labels(event.tenant_id, p.agent_id, p.reason).inc()
             return
         call = self._calls.get(event.call_id)
         if call is None:

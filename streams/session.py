@@ -83,6 +83,10 @@ log = logging.getLogger(__name__)
 FRAME_MS = 20
 FRAME_BYTES = PCM_RATE * 2 * FRAME_MS // 1000  # 640: 20 ms of 16 kHz 16-bit mono
 PREROLL_FRAMES = 15  # 300 ms before the VAD's confirmation go to the recogniser with the speech
+BAD_INPUT_RECORDED = 10
+"""Malformed frames recorded one by one; after these they are counted, so a broken peer cannot fill the log."""
+BAD_INPUT_LIMIT = 1000
+"""Malformed frames after which the call is ended (`protocol_error`): nothing sensible is arriving."""
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,9 @@ class CallSession:
         self._pending_turn: TurnLatency | None = None
         self._last_speech_stop_us = 0
         self._tool_deadlines: dict[str, asyncio.TimerHandle] = {}
+        self._hanging_up: asyncio.Task[None] | None = None
+        self._bad_inputs = 0
+        self._ending = False
 
     # -- what channels call -------------------------------------------------------------------
     async def hear(self, pcm16: bytes, raw: bytes, codec: str, sample_rate: int) -> None:
@@ -188,6 +195,25 @@ class CallSession:
     def dtmf(self, digit: str) -> None:
         self._submit(DtmfReceived(digit=digit, offset_ms=self._caller_chunks * FRAME_MS))
 
+    def bad_input(self, component: str, message: str) -> None:
+        """A malformed frame or message from the channel: skipped; the first few recorded, the rest counted,
+        and a call that brings nothing else ends."""
+        self._bad_inputs += 1
+        count = self._bad_inputs
+        if count <= BAD_INPUT_RECORDED:
+            text = message[:500]
+        elif count == BAD_INPUT_RECORDED + 1:
+            text = f"more malformed input follows: counted, not recorded one by one ({message[:200]})"
+        elif count == BAD_INPUT_LIMIT:
+            self.observe(ErrorRaised(component=component, provider=None, kind="bad_input", retryable=False,
+                                     fatal=True, message=f"{count} malformed frames: the call is ended"))
+            self.closed_with("protocol_error", f"{count} malformed frames from {component}")
+            return
+        else:
+            return
+        self.observe(ErrorRaised(component=component, provider=None, kind="bad_input", message=text,
+                                 retryable=False, fatal=False))
+
     def observe(self, payload: EventPayload) -> None:
         """Records something the channel saw (a malformed frame, a carrier status) as an input of the call."""
         if not self._ended.is_set():
@@ -197,9 +223,35 @@ class CallSession:
         """The far end is gone: the call ends with this reason."""
         self.closed_with(reason)
 
+    @property
+    def ending(self) -> bool:
+        """Whether the call has been told to end (or has ended)."""
+        return self._ending or self._ended.is_set() or self.state.ended
+
+    def end_now(self, reason: str, detail: str) -> None:
+        """Ends the call from our side at once (the gateway is shutting down, or cannot record it): the
+        caller is hung up now, the call.ended follows in the log as soon as the log takes it."""
+        self.closed_with(reason, detail)
+        if self._hanging_up is None:
+            self._hanging_up = asyncio.create_task(self._hang_up_quietly(), name=f"{self.call.call_id}/end-now")
+
+    async def refused(self, detail: str) -> None:
+        """The call is not taken on after all (no capacity, the log away): the caller is hung up, and
+        nothing of the call is recorded but its refusal."""
+        log.warning("call %s hung up before it started: %s", self.call.call_id, detail)
+        self._ended.set()
+        self.report.end_reason = "refused"
+        await self._hang_up_quietly()
+
+    async def _hang_up_quietly(self) -> None:
+        with contextlib.suppress(TransportClosed):
+            await self.transport.hangup()
+
     def closed_with(self, reason: str, detail: str | None = None) -> None:
-        """The call ends with this reason (the far end is gone, the gateway is shutting down...)."""
-        if not self._ended.is_set() and not self.state.ended:
+        """The call ends with this reason (the far end is gone, the gateway is shutting down...); the
+        first reason given stands."""
+        if not self._ending and not self._ended.is_set() and not self.state.ended:
+            self._ending = True
             self._submit(self._ended_payload(reason, detail))
 
     # -- the session --------------------------------------------------------------------------
@@ -244,6 +296,8 @@ class CallSession:
                 handle.cancel()
             if self._asr is not None:
                 await self._asr.close()
+            if self._hanging_up is not None:
+                await asyncio.wait({self._hanging_up}, timeout=5.0)  # a carrier slow to hang up holds nothing up
             await self.recorder.writer.flush()
         return self.report
 

@@ -1,8 +1,9 @@
 """Tenants as operators define them: `tenant.yaml` (or `.toml`) in the tenant's folder of agents.
 
 A tenant file holds what is the tenant's rather than one agent's: the API keys that act for it (as
-SHA-256 digests; the keys themselves are never stored) and its outbound dialling policy (caller
-ids it may present, how fast calls may be placed). A tenant with no file has no API access.
+SHA-256 digests; the keys themselves are never stored), its outbound dialling policy (caller
+ids it may present, how fast calls may be placed) and its limits (calls at once, API requests).
+A tenant with no file has no API access.
 """
 
 from __future__ import annotations
@@ -43,11 +44,20 @@ class Dialing(_Spec):
     ring_timeout_s: int = Field(30, ge=5, le=600)
 
 
+class Limits(_Spec):
+    max_concurrent_calls: int | None = Field(None, ge=1)
+    """Calls of this tenant one gateway serves at once (unset: only the gateway's capacity); more are told busy."""
+    api_requests_per_minute: float = Field(600.0, gt=0)
+    """Sustained requests per API key; over it the API answers 429 with Retry-After."""
+    api_burst: int = Field(60, ge=1)
+
+
 class TenantSpec(_Spec):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")
     name: str = ""
     api_keys: tuple[ApiKey, ...] = ()
     dialing: Dialing = Dialing()
+    limits: Limits = Limits()
 
     def key_id(self, key: str) -> str | None:
         """The id of the API key `key`, if it is one of this tenant's."""

@@ -22,3 +22,6 @@ class MemoryProducer(LogProducer):
 
     async def flush(self) -> None:
         pass
+
+    def stalled_s(self) -> float:
+        return 0.0

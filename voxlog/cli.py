@@ -133,14 +133,12 @@ def serve(
 ) -> None:
     """Start the gateway (Twilio webhooks and media streams, the web widget) and, unless
     VOXLOG_RUN_WORKERS=false, the tool worker, on the configured backends."""
-    import uvicorn
-
-    from gateway.app import create_app
+    from gateway.app import gateway_server
 
     settings = Settings()
     console.print(f"voxlog gateway on http://{host}:{port} ({log_backend(settings).describe()}); "
                   f"widget at http://{host}:{port}/widget")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", ws="websockets")
+    gateway_server(settings, host, port).run()
 
 
 async def _make_topics(backend: LogBackend) -> None:
@@ -528,16 +526,31 @@ def erase_caller(
 
 
 @audit_app.command("verify")
-def audit_verify(tenant: Annotated[str, typer.Option(help="The tenant whose trail to check.")]) -> None:
-    """Check a tenant's audit trail: intact, or the first record that was changed or removed."""
+def audit_verify(
+    tenant: Annotated[str, typer.Option(help="The tenant whose trail to check.")],
+    anchor: Annotated[bool, typer.Option(
+        help="When the trail is intact, record its chain heads in the log (an audit.verified record), so that "
+             "later checks show the log itself cut short, or the table rewritten beyond the log's retention.")] = True,
+) -> None:
+    """Check a tenant's audit trail against the log it came from: each chain's first record changed,
+    deleted or added in ClickHouse, and any chain cut short since an earlier check."""
     analytics = _analytics()
-    asyncio.run(analytics.catch_up())
-    count, problems = analytics.verify_audit(tenant)
-    for problem in problems:
-        console.print(f"[red]tampered[/]: {problem.source} record {problem.chain_index}: {problem.problem}")
-    if problems:
+    report = asyncio.run(analytics.verify_audit(tenant))
+    for problem in report.problems:
+        console.print(f"[red]tampered[/]: {problem.source} record {problem.chain_index}: {problem.kind}: "
+                      f"{problem.problem}")
+    if report.problems:
+        console.print(f"[red]audit trail of {tenant} tampered[/]: {len(report.problems)} of {report.chains} chains "
+                      f"({report.records} records checked against the log, and {report.anchors} anchors)")
         raise typer.Exit(1)
-    console.print(f"audit trail of {tenant} intact: {count} records")
+    checks = f"{report.anchors} earlier check{'s' if report.anchors != 1 else ''}"
+    anchors = f"the chain heads {checks} anchored are all there" if report.anchors else "no earlier check anchored it"
+    console.print(f"audit trail of {tenant} intact: {report.records} records in {report.chains} chains, each as the "
+                  f"log has it; {anchors}")
+    if anchor and report.heads:
+        actor = f"cli:{os.environ.get('USER') or 'operator'}"
+        asyncio.run(analytics.anchor_audit(tenant, report.heads, actor=actor))
+        console.print(f"anchored the heads of its {len(report.heads)} chains in the log")
 
 
 @audit_app.command("export")

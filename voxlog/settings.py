@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from projections.recording_store import parse_s3_url
+
+CALLS_PER_CORE = 10
+"""The default capacity's measure (docs/performance.md, 'Admission')."""
 
 
 class Settings(BaseSettings):
@@ -33,6 +37,12 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr = Field(
         SecretStr("voxlog-dev-webhook-secret"), description="Signs outgoing tool webhooks (HMAC-SHA256).")
     run_workers: bool = Field(True, description="Run the tool worker and the dialer inside `voxlog serve` too.")
+    max_calls: int | None = Field(
+        None, ge=1, description="Calls one gateway serves at once; more are told busy. Unset: "
+        f"{CALLS_PER_CORE} per CPU core (docs/performance.md, 'Admission').")
+    drain_s: float = Field(
+        15.0, gt=0, description="On SIGTERM, how long live calls get to end (they are told the gateway is shutting "
+        "down) and the log to take their last events, before the process exits anyway.")
     run_projections: bool = Field(
         True, description="Run the ClickHouse projections inside `voxlog serve` (the embedded ClickHouse can be "
         "open in one process only; with a ClickHouse server run `voxlog projections run` apart instead).")
@@ -54,6 +64,10 @@ class Settings(BaseSettings):
         if url is not None:
             parse_s3_url(url)
         return url
+
+    @property
+    def call_capacity(self) -> int:
+        return self.max_calls or CALLS_PER_CORE * (os.cpu_count() or 1)
 
     @property
     def recordings_path(self) -> Path:

@@ -4,6 +4,7 @@
 #
 #   tools/kafka/broker.sh fetch   # copy the broker classpath into the cache (once)
 #   tools/kafka/broker.sh start   # wipe the data dir, format, start, wait until it answers
+#   tools/kafka/broker.sh resume  # start it again on the same data dir (topics and messages kept)
 #   tools/kafka/broker.sh stop    # stop it (TERM, then KILL); fine if it isn't running
 #   tools/kafka/broker.sh log     # last 200 lines of server.log
 #   tools/kafka/broker.sh status  # exit 0 if the broker process is alive
@@ -248,16 +249,7 @@ start() {
   mkdir -p "$DATA_DIR/data" "$DATA_DIR/logs"
   write_config
 
-  local cp="$LIBS/*" started=$SECONDS
-  local -a jvm=(
-    "${HEAP[@]}"
-    "${JVM_OPTS[@]}"
-    -XX:+ExitOnOutOfMemoryError
-    -Djava.awt.headless=true
-    -Dlog4j2.configurationFile="$DATA_DIR/log4j2.properties"
-    -Dkafka.logs.dir="$DATA_DIR/logs"
-  )
-
+  local cp="$LIBS/*"
   local cluster_id
   cluster_id="$(java -cp "$cp" -Dlog4j2.configurationFile="$DATA_DIR/log4j2.properties" \
     kafka.tools.StorageTool random-uuid 2>>"$STDOUT_LOG")"
@@ -269,6 +261,21 @@ start() {
     die "StorageTool format failed"
   fi
 
+  launch
+}
+
+# Runs the broker on the data dir as it is (formatted by `start`), and waits until it answers.
+launch() {
+  local cp="$LIBS/*" started=$SECONDS
+  local -a jvm=(
+    "${HEAP[@]}"
+    "${JVM_OPTS[@]}"
+    -XX:+ExitOnOutOfMemoryError
+    -Djava.awt.headless=true
+    -Dlog4j2.configurationFile="$DATA_DIR/log4j2.properties"
+    -Dkafka.logs.dir="$DATA_DIR/logs"
+  )
+  : >"$SERVER_LOG"  # readiness is read from this start's lines only
   log "starting kafka $VERSION on $BOOTSTRAP (controller $HOST:$CONTROLLER_PORT, dir $DATA_DIR)"
   nohup java "${jvm[@]}" -cp "$cp" kafka.Kafka "$DATA_DIR/server.properties" \
     >>"$STDOUT_LOG" 2>&1 </dev/null &
@@ -309,6 +316,20 @@ show_log() {
   fi
 }
 
+# Starts the broker again on the data dir of an earlier `start`, keeping its topics and messages
+# (the outage tests stop a broker and bring it back).
+resume() {
+  need java
+  need python3
+  [[ -f "$DATA_DIR/server.properties" ]] || die "no broker was started on $DATA_DIR; use start"
+  if pid_alive; then
+    log "already running (pid $(cat "$PID_FILE"))"
+    echo "KAFKA_BOOTSTRAP=$BOOTSTRAP"
+    return 0
+  fi
+  launch
+}
+
 status() {
   if pid_alive; then
     echo "running pid $(cat "$PID_FILE") on $BOOTSTRAP"
@@ -321,11 +342,12 @@ status() {
 case "${1:-}" in
   fetch) fetch ;;
   start) start ;;
+  resume) resume ;;
   stop) stop ;;
   log) show_log 200 ;;
   status) status ;;
   *)
-    echo "usage: $0 {fetch|start|stop|log|status}" >&2
+    echo "usage: $0 {fetch|start|resume|stop|log|status}" >&2
     exit 2
     ;;
 esac

@@ -10,10 +10,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import uvicorn
 from pydantic import SecretStr
 
-from gateway.app import build_gateway, create_app
+from gateway.app import build_gateway, gateway_server
 from gateway.calls import Gateway
 from streams.agents import AgentSpec
 from streams.session import Providers
@@ -88,8 +87,7 @@ async def local_stack(
         gateway = build_gateway(settings)
         if providers_factory is not None:
             gateway.providers_factory = providers_factory
-        server = uvicorn.Server(uvicorn.Config(create_app(settings, gateway=gateway), host="127.0.0.1", port=port,
-                                               log_level="warning", ws="websockets", lifespan="on"))
+        server = gateway_server(settings, "127.0.0.1", port, gateway=gateway, log_level="warning")
         serving = asyncio.create_task(server.serve())
         while not server.started:
             if serving.done():
