@@ -5,11 +5,30 @@ The fold is pure: an event in, the rows it changes out, each row whole (Replacin
 the newest). It keeps a little state per live call (the turn being built, which request belongs to
 which turn) and applies each event of a call once (by `seq`), so that a call picked up in the
 middle, after a restart, can be folded from its history in the log without counting anything
-twice. Text goes through PII redaction here: raw text never reaches ClickHouse.
+twice. Text goes through PII redaction here: raw text never reaches ClickHouse. People's names
+the call is told in fields meant for them (a `customer_name` among the call's parameters, in a
+tool's arguments or result) are redacted wherever they are said after that; only events of
+voxlog.calls tell them, so what a text is redacted with never depends on how far voxlog.commands
+was read.
+
+A row's `_version` is the highest `seq` among the events that changed it, never where the fold was
+when it wrote the row: a call's events come from two topics read apart, interleaved differently
+from run to run, and a run killed and restarted any number of times must end with the rebuild's
+rows, versions included. Every event that can change a row writes it, so the row's last write
+carries its highest version. An event read behind one with a higher `seq` (a `tool.requested` on
+voxlog.commands read behind voxlog.calls) writes the row again at the same version, and of equal
+versions ReplacingMergeTree keeps the last inserted: here the one folded from more. A run
+restarted at a call's `call.started` after it had read the call's `tool.requested` folds the call
+without it, and still writes the same rows: the `llm.decided` that asked for the tool says what
+the request says (and where the request was a row's newest change, the row written with it keeps
+the higher version). Not so for a request no `llm.decided` asked for: the tool's row and the
+call's count of tool calls lose it, unless the runner folds such a call from the log first (it
+does only for a call it first sees mid-way).
 """
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -56,18 +75,15 @@ from schemas.events import (
 from streams.agents import AgentRouter
 from streams.memory import caller_key, person_number
 from streams.metrics import voice_to_voice_ms
-from streams.redaction import Redactor, redact_field
+from streams.redaction import Redactor, names_in_json, redact_field
 
 ENDED_CALLS_KEPT = 1000
 """Ended calls whose state is kept for late events (a transfer's outcome, a carrier's last status)."""
 
-
-
-
 _CALL_VALUES = itemgetter(*CALLS.column_names[:-1])
 """A call's row values from its state, in column order (all but the version)."""
-_TOOL_VALUES = itemgetter(*TOOL_CALLS.column_names[2:-1])
-"""A tool call's row values from its state, in column order (all but tenant, call and version)."""
+_TOOL_VALUES = itemgetter(*TOOL_CALLS.column_names[2:])
+"""A tool call's row values from its state, in column order (all but tenant and call)."""
 
 
 @dataclass
@@ -78,6 +94,8 @@ class _Turn:
     caller_text: str
     """Redacted, once: a turn's row is written again as each of its steps arrives."""
     utterances: tuple[str, ...]
+    version: int = 0
+    """The highest seq of the events that changed the turn."""
     agent_texts: list[str] = field(default_factory=list)
     """Redacted, once each."""
     llm: dict[str, Any] = field(default_factory=dict)
@@ -97,17 +115,22 @@ class _Call:
     """Its caller's data was erased: nothing more of it is written."""
     caller_key: str | None = None
     started_us: int = 0
-    version: int = 0
     applied: set[int] = field(default_factory=set)
     row: dict[str, Any] = field(default_factory=dict)
+    version: int = 0
+    """The highest seq of the events that changed the call's row."""
     utterances: dict[str, TranscriptFinal] = field(default_factory=dict)
     turns: dict[int, _Turn] = field(default_factory=dict)
     current_turn: int | None = None
     speech_stopped_us: int | None = None
     turn_of_request: dict[str, int] = field(default_factory=dict)
     tools: dict[str, dict[str, Any]] = field(default_factory=dict)
-    decided: dict[str, tuple[int, str]] = field(default_factory=dict)
-    """Tool call id -> when the model asked for it and its arguments (`llm.decided`, on voxlog.calls)."""
+    """Tool call id -> its row's values, its version under "_version"."""
+    decided: dict[str, tuple[int, int, str]] = field(default_factory=dict)
+    """Tool call id -> the seq of the `llm.decided` (on voxlog.calls) that asked for it, when, and its
+    arguments (redacted)."""
+    names: frozenset[str] = frozenset()
+    """People's names the call was told (see the module's docstring)."""
 
 
 class CallsFold:
@@ -141,8 +164,13 @@ class CallsFold:
         """What `prompt_versions` already holds (first uses survive a restart)."""
         self.prompts[(tenant, agent, prompt_id, prompt_hash)] = (first_us, last_us)
 
-    def _text(self, text: str) -> str:
-        return self.redactor.redact(text)
+    def _text(self, call: _Call, text: str) -> str:
+        return self.redactor.redact(text, call.names)
+
+    def _json(self, call: _Call, value: str | None) -> str:
+        """A JSON field, redacted; the names in its name fields are known to the call from then on."""
+        call.names |= frozenset(names_in_json(value))
+        return redact_field("json", value, self.redactor, call.names) or ""
 
     def apply(self, event: Event[EventPayload]) -> list[Output]:
         if isinstance(event.payload, CallerErased):
@@ -156,8 +184,6 @@ class CallsFold:
         if seq in call.applied:
             return []  # folded already (from the log's history, or a redelivery)
         call.applied.add(seq)
-        if seq > call.version:
-            call.version = seq
         rows: list[Output] = [] if call.erased else list(self._apply(call, event))
         if isinstance(event.payload, CallEnded):
             self.ended[call.call_id] = None
@@ -182,10 +208,14 @@ class CallsFold:
             "outcome": "", "end_reason": "", "handoff": 0, "handoff_outcome": "", "consent": "", "turns": 0,
             "tool_calls": 0, "barge_ins": 0, "errors": 0}
 
-    def _call_row(self, call: _Call) -> Row:
+    def _call_row(self, call: _Call, seq: int) -> Row:
+        """The call's row, changed (or perhaps changed) by the event at `seq`."""
+        call.version = max(call.version, seq)
         return CALLS, (*_CALL_VALUES(call.row), call.version)
 
-    def _turn_row(self, call: _Call, turn: _Turn) -> Row:
+    def _turn_row(self, call: _Call, turn: _Turn, seq: int) -> Row:
+        """The turn's row, changed by the event at `seq`."""
+        turn.version = max(turn.version, seq)
         llm, tts = turn.llm, turn.tts
         finals = [call.utterances[u] for u in turn.utterances if u in call.utterances]
         return TURNS, (
@@ -198,33 +228,38 @@ class CallsFold:
             llm.get("calls", 0), llm.get("input_tokens", 0), llm.get("output_tokens", 0),
             llm.get("first_token_ms", 0), llm.get("total_ms", 0),
             tts.get("provider", ""), tts.get("voice", ""), tts.get("first_byte_ms", 0),
-            turn.voice_to_voice_ms, int(turn.barge_in), turn.guardrail, call.version)
-
-    def _tool_row(self, call: _Call, tool: dict[str, Any]) -> Row:
-        return TOOL_CALLS, (call.tenant_id, call.call_id, *_TOOL_VALUES(tool), call.version)
+            turn.voice_to_voice_ms, int(turn.barge_in), turn.guardrail, turn.version)
 
     def _tool(self, call: _Call, tool_call_id: str, name: str) -> dict[str, Any]:
         """A tool call's row, made by its `tool.requested` (voxlog.commands) or by its result (voxlog.calls),
         whichever comes first: both topics are read apart, and a restart may resume voxlog.calls behind a
         `tool.requested` already read. So when and with what it was asked come from the `llm.decided` that
-        asked for it, on voxlog.calls before the result: the row is the same whichever made it."""
+        asked for it, on voxlog.calls before the result: the row is the same whichever made it (an
+        `llm.decided` read after the `tool.requested` corrects the row)."""
         tool = call.tools.get(tool_call_id)
         if tool is None:
-            decided_us, arguments = call.decided.get(tool_call_id, (None, ""))
             tool = call.tools[tool_call_id] = {
-                "tool_call_id": tool_call_id, "tool": name,
-                "requested_at": None if decided_us is None else at(decided_us),
-                "arguments": redact_field("json", arguments, self.redactor) or "", "result": "",
-                "outcome": "pending", "error": "", "attempts": 0, "latency_ms": 0}
+                "tool_call_id": tool_call_id, "tool": name, "requested_at": None, "arguments": "", "result": "",
+                "outcome": "pending", "error": "", "attempts": 0, "latency_ms": 0, "_version": 0}
+            decided = call.decided.get(tool_call_id)
+            if decided is not None:
+                self._asked(tool, *decided)
         return tool
 
-    def _tool_rows(self, call: _Call, tool: dict[str, Any]) -> list[Row]:
-        """The tool's row, and the call's where the number of its tool calls changed."""
-        count = sum(1 for t in call.tools.values() if t["requested_at"] is not None)
-        if count == call.row["tool_calls"]:
-            return [self._tool_row(call, tool)]
-        call.row["tool_calls"] = count
-        return [self._tool_row(call, tool), self._call_row(call)]
+    def _asked(self, tool: dict[str, Any], seq: int, decided_us: int, arguments: str) -> None:
+        """What the `llm.decided` at `seq` says of the tool call: when and with what (redacted) it was asked."""
+        tool.update(requested_at=at(decided_us), arguments=arguments, _version=max(tool["_version"], seq))
+
+    def _tool_row(self, call: _Call, tool: dict[str, Any]) -> Row:
+        return TOOL_CALLS, (call.tenant_id, call.call_id, *_TOOL_VALUES(tool))
+
+    def _tool_rows(self, call: _Call, tool: dict[str, Any], seq: int) -> list[Row]:
+        """The rows a tool's own event (request or result) at `seq` changes: the tool's, and the call's,
+        whether or not the number of its tool calls changed: which of the two makes the tool count
+        depends on the order the topics were read in, and the call row's version must not."""
+        tool["_version"] = max(tool["_version"], seq)
+        call.row["tool_calls"] = sum(1 for t in call.tools.values() if t["requested_at"] is not None)
+        return [self._tool_row(call, tool), self._call_row(call, seq)]
 
     def _turn_for(self, call: _Call, request_id: str) -> _Turn | None:
         index = call.turn_of_request.get(request_id)
@@ -236,6 +271,7 @@ class CallsFold:
         match p:
             case CallStarted():
                 call.caller_key, call.started_us = caller_key(call.tenant_id, person_number(p)), now
+                call.names |= frozenset(names_in_json(json.dumps(p.parameters)))
                 erasure = self.erasures.erasure_of(call.tenant_id, call.caller_key, now)
                 if erasure is not None:  # read after its erasure: listed as erased, for the other projections
                     call.erased = True
@@ -245,24 +281,25 @@ class CallsFold:
                            from_number=redact_field("phone", p.from_number, self.redactor) or "",
                            to_number=redact_field("phone", p.to_number, self.redactor) or "",
                            provider_call_id=p.provider_call_id or "", dial_id=p.parameters.get("dial_id", ""))
-                return [self._call_row(call)]
+                return [self._call_row(call, event.seq)]
             case ConsentGiven() | ConsentRefused():
                 row["consent"] = "given" if isinstance(p, ConsentGiven) else "refused"
-                return [self._call_row(call)]
+                return [self._call_row(call, event.seq)]
             case SpeechStopped():
                 call.speech_stopped_us = now
                 return []
             case TranscriptFinal():
                 call.utterances[p.utterance_id] = p
-                return [(TRANSCRIPTS, (call.tenant_id, call.call_id, event.seq, at(now), "caller", self._text(p.text),
-                                       p.start_ms, p.end_ms, p.confidence, event.seq))]
+                heard = self._text(call, p.text)
+                return [(TRANSCRIPTS, (call.tenant_id, call.call_id, event.seq, at(now), "caller", heard, p.start_ms,
+                                       p.end_ms, p.confidence, event.seq))]
             case TurnTaken():
-                taken = _Turn(p.turn_index, now, call.speech_stopped_us or now, self._text(p.caller_text),
+                taken = _Turn(p.turn_index, now, call.speech_stopped_us or now, self._text(call, p.caller_text),
                               tuple(p.utterance_ids))
                 call.turns[p.turn_index] = taken
                 call.current_turn = p.turn_index
                 row["turns"] = len(call.turns)
-                return [self._turn_row(call, taken), self._call_row(call)]
+                return [self._turn_row(call, taken, event.seq), self._call_row(call, event.seq)]
             case LlmRequested():
                 call.turn_of_request[p.request_id] = p.turn_index
                 rows = self._prompt_used(call.tenant_id, p.agent_id, p.prompt_id, p.prompt_hash, now)
@@ -271,22 +308,28 @@ class CallsFold:
                     return rows
                 turn.llm.update(provider=p.provider, model=p.model, prompt_id=p.prompt_id, prompt_hash=p.prompt_hash,
                                 calls=turn.llm.get("calls", 0) + 1)
-                return [*rows, self._turn_row(call, turn)]
+                return [*rows, self._turn_row(call, turn, event.seq)]
             case LlmDecided():
+                asked_rows: list[Row] = []
                 for asked in p.tool_calls:
-                    call.decided[asked.id] = (now, asked.arguments_json)
+                    arguments = self._json(call, asked.arguments_json)
+                    call.decided[asked.id] = (event.seq, now, arguments)
+                    tool = call.tools.get(asked.id)
+                    if tool is not None:  # made by its tool.requested (voxlog.commands), read first: it counts already
+                        self._asked(tool, event.seq, now, arguments)
+                        asked_rows.append(self._tool_row(call, tool))
                 turn = self._turn_for(call, p.request_id)
                 if turn is None:
-                    return []
+                    return asked_rows
                 llm = turn.llm
                 if "first_token_ms" not in llm:
                     llm["first_token_ms"] = p.time_to_first_token_ms
                 for name, value in (("input_tokens", p.input_tokens), ("output_tokens", p.output_tokens),
                                     ("total_ms", p.total_ms)):
                     llm[name] = llm.get(name, 0) + value
-                return [self._turn_row(call, turn)]
+                return [*asked_rows, self._turn_row(call, turn, event.seq)]
             case TtsRequested():
-                agent_text = self._text(p.text)
+                agent_text = self._text(call, p.text)
                 said: list[Row] = [(TRANSCRIPTS, (call.tenant_id, call.call_id, event.seq, at(now), "agent",
                                                   agent_text, None, None, None, event.seq))]
                 turn = call.turns.get(call.current_turn) if call.current_turn is not None else None
@@ -296,7 +339,7 @@ class CallsFold:
                     if turn.first_tts_request is None:
                         turn.first_tts_request, turn.first_tts_us = p.request_id, now
                         turn.tts.update(provider=p.provider, voice=p.voice)
-                    said.append(self._turn_row(call, turn))
+                    said.append(self._turn_row(call, turn, event.seq))
                 return said
             case TtsCompleted():
                 turn = self._turn_for(call, p.request_id)
@@ -306,54 +349,55 @@ class CallsFold:
                 if p.audio_ms > 0:
                     turn.voice_to_voice_ms = voice_to_voice_ms(turn.speech_end_us, turn.first_tts_us,
                                                                p.time_to_first_byte_ms)
-                return [self._turn_row(call, turn)]
+                return [self._turn_row(call, turn, event.seq)]
             case BargeIn():
                 row["barge_ins"] += 1
                 turn = self._turn_for(call, p.interrupted_tts_request_id or "")
                 if turn is None:
-                    return [self._call_row(call)]
+                    return [self._call_row(call, event.seq)]
                 turn.barge_in = True
-                return [self._turn_row(call, turn), self._call_row(call)]
+                return [self._turn_row(call, turn, event.seq), self._call_row(call, event.seq)]
             case GuardrailTriggered():
                 turn = call.turns.get(p.turn_index)
                 if turn is None:
                     return []
                 turn.guardrail = p.rule
-                return [self._turn_row(call, turn)]
+                return [self._turn_row(call, turn, event.seq)]
             case ToolRequested():
                 tool = self._tool(call, p.tool_call_id, p.tool)
                 if tool["requested_at"] is None:  # no llm.decided asked for it (not the core's request)
+                    # Without the call's names: which it knows when this is read depends on the read order.
                     tool.update(requested_at=at(now),
                                 arguments=redact_field("json", p.arguments_json, self.redactor) or "")
-                return self._tool_rows(call, tool)
+                return self._tool_rows(call, tool, event.seq)
             case ToolSucceeded():
                 tool = self._tool(call, p.tool_call_id, p.tool)
-                tool.update(outcome="succeeded", result=redact_field("json", p.result_json, self.redactor) or "",
+                tool.update(outcome="succeeded", result=self._json(call, p.result_json),
                             attempts=p.attempt, latency_ms=p.latency_ms, error="")
-                return self._tool_rows(call, tool)
+                return self._tool_rows(call, tool, event.seq)
             case ToolFailed():
                 tool = self._tool(call, p.tool_call_id, p.tool)
                 if tool["outcome"] != "succeeded":
                     tool.update(outcome="failed" if p.dead_lettered or not p.retryable else "pending",
-                                error=self._text(p.error), attempts=p.attempt, latency_ms=p.latency_ms)
-                return self._tool_rows(call, tool)
+                                error=self._text(call, p.error), attempts=p.attempt, latency_ms=p.latency_ms)
+                return self._tool_rows(call, tool, event.seq)
             case ErrorRaised():
                 row["errors"] += 1
                 return [(ERRORS, (call.tenant_id, call.call_id, event.seq, at(now), p.component, p.provider or "",
-                                  p.kind, self._text(p.message), int(p.retryable), int(p.fatal), "", event.seq)),
-                        self._call_row(call)]
+                                  p.kind, self._text(call, p.message), int(p.retryable), int(p.fatal), "", event.seq)),
+                        self._call_row(call, event.seq)]
             case ProviderFallback():
                 return [(ERRORS, (call.tenant_id, call.call_id, event.seq, at(now), p.capability, p.from_provider,
-                                  "fallback", self._text(p.reason), 1, 0, p.to_provider, event.seq))]
+                                  "fallback", self._text(call, p.reason), 1, 0, p.to_provider, event.seq))]
             case HandoffRequested():
                 row["handoff"] = 1
-                return [self._call_row(call)]
+                return [self._call_row(call, event.seq)]
             case HandoffOutcome():
                 row["handoff_outcome"] = p.outcome
-                return [self._call_row(call)]
+                return [self._call_row(call, event.seq)]
             case CallEnded():
                 row.update(ended_at=at(now), duration_ms=p.duration_ms, outcome=p.outcome or "", end_reason=p.reason)
-                return [self._call_row(call)]
+                return [self._call_row(call, event.seq)]
         return []
 
     def _prompt_used(self, tenant: str, agent_id: str, prompt_id: str, prompt_hash: str, now: int) -> list[Row]:

@@ -1,6 +1,6 @@
 """Projections into real ClickHouse (chDB), from both log backends: the tables hold what the log
 says, once each; killing the projector at random points while calls flow loses and doubles
-nothing; a rebuild gives identical tables; the audit chain finds tampering."""
+nothing; a rebuild gives identical tables, `_version` included; the audit chain finds tampering."""
 
 from __future__ import annotations
 
@@ -70,12 +70,16 @@ async def write_calls(log: LogBackend, tenant: str, count: int, *, first: int = 
     return ids
 
 
-async def snapshot(store: AnalyticsStore, tables: tuple[Table, ...] = ANALYST_TABLES) -> dict[str, list[Any]]:
+async def snapshot(store: AnalyticsStore, tables: tuple[Table, ...] = ANALYST_TABLES, *,
+                   versions: bool = False, tenant: str | None = None) -> dict[str, list[Any]]:
+    """Each table's rows (FINAL), without `_version` unless `versions`; only `tenant`'s if given."""
     out = {}
     for table in tables:
-        columns = [c for c in table.column_names if c != "_version"]
+        columns = [c for c in table.column_names if versions or c != "_version"]
+        where = "WHERE tenant_id = {tenant:String} " if tenant is not None else ""
         result = await asyncio.to_thread(
-            store.query, f"SELECT {', '.join(columns)} FROM {table.name} FINAL ORDER BY {', '.join(table.order_by)}")
+            store.query, f"SELECT {', '.join(columns)} FROM {table.name} FINAL {where}"
+            f"ORDER BY {', '.join(table.order_by)}", {"tenant": tenant} if tenant is not None else None)
         out[table.name] = result.rows
     return out
 
@@ -136,6 +140,7 @@ async def test_killing_the_projector_loses_and_doubles_nothing(tmp_path: Path, s
     await writing
     await ProjectionRunner(log, store, CallsProjection()).run(asyncio.Event(), until_caught_up=True)
     after_kills = await snapshot(store, CallsProjection.tables)
+    versions_after_kills = await snapshot(store, CallsProjection.tables, versions=True)
 
     assert len(after_kills["calls"]) == 40
     assert len(after_kills["turns"]) == 80
@@ -146,6 +151,38 @@ async def test_killing_the_projector_loses_and_doubles_nothing(tmp_path: Path, s
     runner = ProjectionRunner(log, store, CallsProjection())
     await runner.rebuild()
     assert await snapshot(store, CallsProjection.tables) == after_kills, "a rebuild from offset zero gives the same"
+    assert await snapshot(store, CallsProjection.tables, versions=True) == versions_after_kills, "versions too"
+
+
+async def test_projecting_as_calls_are_written_gives_the_rebuilds_rows_versions_included(
+    log: LogBackend, store: AnalyticsStore
+) -> None:
+    """The calls projection started again after every few events of each call (a restart from the
+    stored offsets, calls picked up mid-way, voxlog.calls and voxlog.commands read apart) ends with
+    the rows a rebuild from offset zero gives, `_version` included."""
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    streams = [list(synthetic_call(i, turns=2, frames_per_utterance=5)) for i in range(6)]
+    runs = 0
+    async with log.producer() as producer:
+        writer = EventWriter(producer)
+        recorders = [CallRecorder(writer, tenant_id=tenant, call_id=f"call-{uuid.uuid4()}", producer="test",
+                                  producer_version="0") for _ in streams]
+        while any(streams):
+            for index, (recorder, payloads) in enumerate(zip(recorders, streams, strict=True)):
+                for _ in range(5 + index):  # calls at different points when the projector runs
+                    if payloads:
+                        await recorder.record(payloads.pop(0))
+            await producer.flush()
+            await ProjectionRunner(log, store, CallsProjection(), batch_rows=50).run(asyncio.Event(),
+                                                                                    until_caught_up=True)
+            runs += 1
+    stepped = await snapshot(store, CallsProjection.tables, versions=True, tenant=tenant)
+    assert runs > 5
+    assert len(stepped["calls"]) == 6
+    assert len(stepped["tool_calls"]) >= 6
+
+    await ProjectionRunner(log, store, CallsProjection()).rebuild()
+    assert await snapshot(store, CallsProjection.tables, versions=True, tenant=tenant) == stepped
 
 
 async def test_changing_or_removing_an_audit_record_is_detected(log: LogBackend, store: AnalyticsStore) -> None:
