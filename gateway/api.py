@@ -10,6 +10,7 @@ call joins the same media path as an inbound one.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import re
 import time
@@ -17,8 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request, Security
 from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.background import BackgroundTask
 
@@ -28,7 +30,7 @@ from gateway.outbound import DIAL_ID, check_parameters
 from producers.events import CallRecorder, standalone_event
 from projections.recording_store import RangeNotSatisfiable, RecordingStoreError
 from projections.store import AnalyticsError
-from projections.tenant_sql import TENANT_SQL_LIMITS, ForbiddenQuery
+from projections.tenant_sql import ForbiddenQuery, QueryFailed
 from schemas.base import Event, EventPayload
 from schemas.events import CallDialFailed, CallDialPlaced, CallDialRequested, CallStatus
 from schemas.topics import CALLS, COMMANDS
@@ -54,7 +56,8 @@ def dial_time_ms(dial_id: str) -> int:
 
 
 class DialRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra={
+        "examples": [{"agent": "front-desk", "to": "+15551234567", "parameters": {"order": "A-1042"}}]})
 
     agent: str = Field(description="The tenant's agent that talks to the person.")
     to: str = Field(pattern=E164, description="Who to call, E.164.")
@@ -127,18 +130,39 @@ class DialView(BaseModel):
     events: list[DialEvent]
 
 
-_BEARER = re.compile(r"^Bearer\s+(\S+)$", re.IGNORECASE)
+class ErrorDetail(BaseModel):
+    """What a refused request gets (FastAPI's HTTPException body)."""
+
+    detail: str
 
 
-async def tenant_of(request: Request) -> tuple[TenantSpec, str]:
+class Unprocessable(BaseModel):
+    """FastAPI's list of validation errors, or a sentence for a value the tenant may not use."""
+
+    detail: str | list[dict[str, Any]]
+
+
+def refusal(description: str) -> dict[str, Any]:
+    return {"model": ErrorDetail, "description": description}
+
+
+UNREADABLE_BODY = refusal("The body cannot be read (not UTF-8, so not JSON).")
+
+
+tenant_api_key = HTTPBearer(auto_error=False, scheme_name="TenantApiKey",
+                            description="A tenant API key: `Authorization: Bearer KEY`.")
+
+
+async def tenant_of(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(tenant_api_key)]
+) -> tuple[TenantSpec, str]:
     """The tenant (and key id) of the request's API key; 401, audited, without a valid one."""
     runtime: Gateway = request.app.state.gateway
-    match = _BEARER.match(request.headers.get("authorization", ""))
-    found = runtime.tenants.by_api_key(match.group(1)) if match else None
+    found = runtime.tenants.by_api_key(credentials.credentials) if credentials is not None else None
     if found is None:
         await runtime.audit(tenant_id="platform", call_id="-", actor="api", action="api.unauthorized",
                             resource=request.url.path, outcome="denied",
-                            detail="missing Authorization header" if match is None else "unknown API key",
+                            detail="missing Authorization header" if credentials is None else "unknown API key",
                             remote_addr=request.client.host if request.client else None)
         raise HTTPException(401, "a tenant API key is required: Authorization: Bearer KEY",
                             headers={"WWW-Authenticate": "Bearer"})
@@ -149,9 +173,17 @@ Caller = Annotated[tuple[TenantSpec, str], Depends(tenant_of)]
 
 
 def api_router(runtime: Gateway) -> APIRouter:
-    router = APIRouter(prefix="/v1")
+    router = APIRouter(prefix="/v1", tags=["tenant API"], responses={
+        401: refusal("No API key, or not one of a tenant's."),
+        429: {**refusal("Over the key's request rate (or this address sent too many invalid keys)."),
+              "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}}})
 
-    @router.post("/calls", status_code=202, response_model=DialAccepted)
+    @router.post("/calls", status_code=202, response_model=DialAccepted,
+                 responses={400: UNREADABLE_BODY, 404: refusal("The tenant has no such agent."),
+                            409: refusal("The tenant has no caller ids to dial out from."),
+                            422: {"model": Unprocessable,
+                                  "description": "The request does not match its schema (a list of errors), or "
+                                                 "`from` is not one of the tenant's caller ids (a sentence)."}})
     async def request_call(body: DialRequest, caller: Caller, request: Request) -> DialAccepted:
         tenant, key_id = caller
         try:
@@ -180,7 +212,7 @@ def api_router(runtime: Gateway) -> APIRouter:
         return DialAccepted(dial_id=dial_id, call_id=call_id,
                             status_url=str(request.url_for("dial_status", dial_id=dial_id)))
 
-    @router.post("/erasures", response_model=ErasureAccepted, status_code=202)
+    @router.post("/erasures", response_model=ErasureAccepted, status_code=202, responses={400: UNREADABLE_BODY})
     async def erase_caller(body: ErasureRequest, caller: Caller) -> ErasureAccepted:
         """Forget a caller: their memory, and their calls that started before now, in every table and
         recording (the erasure is an event: restarts and rebuilds keep it)."""
@@ -193,7 +225,11 @@ def api_router(runtime: Gateway) -> APIRouter:
         await runtime.writer.flush()
         return ErasureAccepted(erasure_id=erasure_id, caller_key=payload.caller_key, erased_before_us=now_us)
 
-    @router.post("/sql", response_model=SqlResult)
+    @router.post("/sql", response_model=SqlResult, responses={
+        400: refusal("The query cannot run, and why: a syntax error and where, an unknown column, a limit it ran "
+                     "into (or the body cannot be read)."),
+        403: refusal("Not a query a tenant may run (one SELECT over its own tables, allowed functions only), and why."),
+        503: refusal("Analytics is unavailable; try again shortly.")})
     async def tenant_sql(body: SqlRequest, caller: Caller, request: Request) -> SqlResult:
         """The tenant's own rows of the analyst tables (docs/analytics.md), read-only and bounded."""
         tenant, key_id = caller
@@ -205,22 +241,30 @@ def api_router(runtime: Gateway) -> APIRouter:
 
         try:
             sql = runtime.tenant_sql()
-        except AnalyticsError as exc:
-            raise HTTPException(503, str(exc)) from exc
-        try:
             result = await asyncio.to_thread(sql.query, tenant.id, body.query)
         except ForbiddenQuery as exc:
             await audit("denied", f"{exc}: {body.query}")
             raise HTTPException(403, str(exc)) from exc
-        except AnalyticsError as exc:
+        except QueryFailed as exc:
             await audit("failed", f"{exc}: {body.query}")
             raise HTTPException(400, str(exc)) from exc
+        except AnalyticsError as exc:  # ClickHouse itself, not the query: its words (paths, hosts) stay in our log
+            logging.getLogger(__name__).warning("tenant SQL unavailable: %s", exc)
+            await audit("failed", f"analytics unavailable: {body.query}")
+            raise HTTPException(503, "analytics is unavailable right now; try again shortly") from exc
         await audit("accepted", f"{len(result.rows)} rows: {body.query}")
         return SqlResult(columns=list(result.columns), rows=[list(r) for r in result.rows],
                          row_count=len(result.rows),
-                         limits={k: TENANT_SQL_LIMITS[k] for k in ("max_result_rows", "max_execution_time")})
+                         limits={k: sql.limits[k] for k in ("max_result_rows", "max_execution_time")})
 
-    @router.get("/calls/{call_id}/recording", response_class=FileResponse)
+    @router.get("/calls/{call_id}/recording", response_class=FileResponse, responses={
+        200: {"description": "The whole recording.", "content": {"audio/wav": {"schema": {"type": "string",
+                                                                                           "format": "binary"}}}},
+        206: {"description": "The byte range asked for (`Range: bytes=first-last`).",
+              "content": {"audio/wav": {"schema": {"type": "string", "format": "binary"}}}},
+        404: refusal("No finished recording of this call for this tenant (live, unknown or another's call)."),
+        416: refusal("The byte range is outside the recording."),
+        503: refusal("The recording store cannot be reached; try again shortly.")})
     async def recording(call_id: str, caller: Caller, request: Request) -> Response:
         """The call's recording: a stereo WAV, 16 kHz, the caller left and the agent right, once the call ended.
 
@@ -261,7 +305,8 @@ def api_router(runtime: Gateway) -> APIRouter:
         return StreamingResponse(found.chunks, status_code=206 if found.content_range else 200,
                                  media_type="audio/wav", headers=headers, background=BackgroundTask(found.close))
 
-    @router.get("/calls/dials/{dial_id}", response_model=DialView, name="dial_status")
+    @router.get("/calls/dials/{dial_id}", response_model=DialView, name="dial_status",
+                responses={404: refusal("No such dial for this tenant.")})
     async def dial_status(dial_id: str, caller: Caller) -> DialView:
         tenant, _ = caller
         if not DIAL_ID.match(dial_id):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -10,7 +11,18 @@ import pytest
 
 from projections.store import AnalyticsError, AnalyticsStore
 from projections.tables import CALLS
-from projections.tenant_sql import ForbiddenQuery, TenantSql
+from projections.tenant_sql import (
+    ALLOWED_AGGREGATES,
+    ALLOWED_FUNCTIONS,
+    TENANT_SQL_LIMITS,
+    ForbiddenQuery,
+    TenantSql,
+    describe_failure,
+    parse_ast,
+    tenant_access_statements,
+    tenant_database,
+    tenant_login,
+)
 from schemas.codec import EventCodec
 from schemas.events import AuditRecorded
 from schemas.topics import AUDIT
@@ -21,7 +33,7 @@ from voxlog.sim.stack import local_stack
 
 
 def call_row(tenant: str) -> tuple[object, ...]:
-    values = {c.name: "" for c in CALLS.columns}
+    values: dict[str, object] = {c.name: "" for c in CALLS.columns}
     values.update(tenant_id=tenant, call_id=f"call-{uuid.uuid4()}", started_at=datetime.now(UTC), ended_at=None,
                   duration_ms=None, handoff=0, turns=1, tool_calls=0, barge_ins=0, errors=0, _version=1)
     return tuple(values[c.name] for c in CALLS.columns)
@@ -105,3 +117,135 @@ async def test_the_sql_api_answers_each_tenant_with_its_own_rows_and_audits_it(
         outcomes = [(a.actor, a.outcome) for a in audit if isinstance(a, AuditRecorded) and a.action == "sql.query"]
         assert outcomes == [("api-key:demo-key", "accepted"), ("api-key:other-key", "accepted"),
                             ("api-key:demo-key", "denied"), ("api-key:demo-key", "failed")]
+
+
+def test_every_allowed_function_is_one_clickhouse_has(store: AnalyticsStore) -> None:
+    rows = store.query("SELECT name, is_aggregate FROM system.functions").rows
+    registered, aggregates = {str(n) for n, _ in rows}, {str(n) for n, a in rows if a}
+    assert ALLOWED_FUNCTIONS - registered == {"lambda", "exists", "untuple"}, "made by the parser, not registered"
+    assert aggregates >= ALLOWED_AGGREGATES
+    assert ALLOWED_AGGREGATES <= ALLOWED_FUNCTIONS
+
+
+def test_function_names_are_resolved_as_clickhouse_resolves_them(sql: TenantSql) -> None:
+    names = sql._function_names()
+    for allowed in ("count", "COUNT", "Sum", "countIf", "uniqExactIf", "sumArrayIf", "avgOrNull", "sumMap",
+                    "countDistinct", "quantileIf", "if", "IF", "lower", "LOWER", "toStartOfDay", "JSONExtractString"):
+        assert names.allowed(allowed), allowed
+    for refused in ("version", "VERSION", "Version", "hostName", "hostname", "HOSTNAME", "FQDN", "currentDatabase",
+                    "DATABASE", "database", "currentSchemas", "buildId", "timezone", "getSetting", "file", "url",
+                    "dictGet", "dictGetString", "joinGet", "hasColumnInTable", "sleep", "sleepEachRow", "throwIf",
+                    "arrayReduce", "versionIf", "fileIf", "sleepIf", "dictGetOrNull", "chdb", "getMacro"):
+        assert not names.allowed(refused), refused
+    # Every name ClickHouse registers is allowed only if it is on the list: no suffix or case folding
+    # lets another one through.
+    accepted = {n for n in names.registered if names.allowed(n)}
+    assert accepted <= ALLOWED_FUNCTIONS
+
+
+def test_a_name_that_prints_lines_of_its_own_into_the_dump_cannot_pass() -> None:
+    honest = ["SelectWithUnionQuery (children 2)", " ExpressionList (children 1)", "  SelectQuery (children 1)",
+              "   ExpressionList (children 1)", "    Identifier a", " Identifier TabSeparated"]
+    assert parse_ast(honest).children[0].children[0].children[0].children[0].name == "a"
+    smuggled = [*honest[:5], "    Function file", honest[5]]  # `a\n    Function file`: one node too many
+    with pytest.raises(ForbiddenQuery, match="cannot be checked"):
+        parse_ast(smuggled)
+    with pytest.raises(ForbiddenQuery, match="cannot be checked"):
+        parse_ast([*honest, "SelectQuery"])  # a second root
+    with pytest.raises(ForbiddenQuery, match="cannot be checked"):
+        parse_ast([*honest[:4], "      Identifier a", honest[5]])  # skips a level
+
+
+def test_the_tenant_connection_is_read_only_and_bounded_whatever_runs_on_it(sql: TenantSql) -> None:
+    connection = sql._tenant_store("acme")  # straight to ClickHouse: no check of ours in the way
+    # ClickHouse takes the result limits off a query's context once it has applied them to its
+    # result, so inside a query they read 0; test_a_settings_clause_cannot_lift_the_row_cap shows them.
+    expected = {name: str(value) for name, value in TENANT_SQL_LIMITS.items()
+                if name not in ("limit", "max_result_rows", "max_result_bytes")}
+    names = ", ".join(f"'{name}'" for name in expected)
+    have = dict(connection.query(f"SELECT name, value FROM system.settings WHERE name IN ({names})").rows)
+    assert have == expected
+    for statement in ("INSERT INTO calls (call_id) VALUES ('x')", "DROP TABLE calls", "SET readonly = 0",
+                      f"CREATE TABLE {tenant_database('acme')}.t (a UInt8) ENGINE = Memory"):
+        with pytest.raises(AnalyticsError, match=r"(?i)readonly"):
+            connection.command(statement)
+    with pytest.raises(AnalyticsError, match="readonly"):
+        connection.query("SELECT 1", settings={"max_execution_time": 1000})
+    assert sql.query("acme", "SELECT count() FROM calls").rows == [(2,)], "still answers"
+
+
+def test_a_settings_clause_cannot_lift_the_row_cap(sql: TenantSql) -> None:
+    for query in ("SELECT count() FROM calls SETTINGS limit = 0", "SELECT 1 SETTINGS offset = 1",
+                  "SELECT 1 SETTINGS limit = 5, offset = 2", "SELECT 1 SETTINGS max_threads = 8"):
+        with pytest.raises(ForbiddenQuery, match="SETTINGS"):
+            sql.query("acme", query)
+    rows = sql.query("acme", "SELECT arrayJoin(range(20000)) AS n").rows
+    assert len(rows) == TENANT_SQL_LIMITS["limit"], "more rows than the cap are cut, as a LIMIT would"
+
+
+def test_on_a_clickhouse_server_each_tenant_is_a_user_with_a_row_policy(store: AnalyticsStore) -> None:
+    digest = "ab" * 32
+    statements = tenant_access_statements("acme-1", main_database="voxlog", password_sha256_hex=digest,
+                                          tables=("calls", "turns"), limits={"readonly": 1, "max_threads": 2,
+                                                                             "timeout_overflow_mode": "throw"},
+                                          quota={"queries": 10, "execution_time": 60})
+    assert statements == [
+        "CREATE SETTINGS PROFILE OR REPLACE vx_tenant_acme_1 SETTINGS readonly = 1, max_threads = 2, "
+        "timeout_overflow_mode = 'throw'",
+        f"CREATE USER OR REPLACE vx_tenant_acme_1 IDENTIFIED WITH sha256_hash BY '{digest}' "
+        "DEFAULT DATABASE vx_tenant_acme_1 SETTINGS PROFILE 'vx_tenant_acme_1'",
+        "CREATE QUOTA OR REPLACE vx_tenant_acme_1 FOR INTERVAL 1 hour MAX queries = 10, execution_time = 60 "
+        "TO vx_tenant_acme_1",
+        "GRANT SELECT ON vx_tenant_acme_1.* TO vx_tenant_acme_1",
+        "GRANT SELECT ON voxlog.calls TO vx_tenant_acme_1",
+        "CREATE ROW POLICY OR REPLACE vx_tenant_acme_1 ON voxlog.calls USING tenant_id = 'acme-1' TO vx_tenant_acme_1",
+        "GRANT SELECT ON voxlog.turns TO vx_tenant_acme_1",
+        "CREATE ROW POLICY OR REPLACE vx_tenant_acme_1 ON voxlog.turns USING tenant_id = 'acme-1' TO vx_tenant_acme_1",
+    ]
+    for statement in tenant_access_statements("acme-1", main_database="voxlog", password_sha256_hex=digest):
+        # ClickHouse's own parser takes each; chDB refuses to run them (its one user has no ACCESS
+        # MANAGEMENT, and no tenant user exists to grant to), so docker-compose's server runs them.
+        assert store.query("SELECT formatQuerySingleLine({s:String})", {"s": statement}).rows[0][0]
+        with pytest.raises(AnalyticsError, match=r"ACCESS_DENIED|UNKNOWN_ROLE"):
+            store.command(statement)
+    with pytest.raises(ValueError, match="tenant id"):
+        tenant_access_statements("acme'; DROP", main_database="voxlog", password_sha256_hex=digest)
+
+
+def test_a_tenant_user_logs_in_with_a_password_derived_from_voxlogs_own() -> None:
+    dsn, password = tenant_login("https://voxlog:s3cret@ch.example:8443/voxlog?secure=1", "acme")
+    assert dsn == f"https://vx_tenant_acme:{password}@ch.example:8443/vx_tenant_acme?secure=1"
+    assert re.fullmatch(r"[0-9a-f]{64}", password)
+    assert tenant_login("https://voxlog:s3cret@other-host/voxlog", "acme")[1] == password, "every gateway agrees"
+    assert tenant_login("https://voxlog:another@ch.example:8443/voxlog", "acme")[1] != password
+    assert tenant_login("https://voxlog:s3cret@ch.example:8443/voxlog", "globex")[1] != password
+    assert "s3cret" not in dsn
+
+
+def test_errors_say_what_is_wrong_with_the_query_not_how_voxlog_is_built() -> None:
+    internals = ("t_0123456789ab", "vx_tenant_", "_projection", "system", "default", "FORMAT ", "SETTINGS")
+
+    def said(message: str, query: str = "SELECT nothing FROM calls") -> str:
+        return str(describe_failure(AnalyticsError(message), query, limits=TENANT_SQL_LIMITS, internals=internals))
+
+    assert said("Code: 47. DB::Exception: Unknown expression identifier `nothing` in scope SELECT nothing FROM "
+                "calls. (UNKNOWN_IDENTIFIER)") == "unknown column or alias: nothing"
+    unknown = said("Code: 60. DB::Exception: Unknown table expression identifier 'x' in scope SELECT * FROM "
+                   "t_0123456789ab.calls FINAL WHERE tenant_id = 'a'. (UNKNOWN_TABLE)", "SELECT * FROM x")
+    assert unknown.startswith("unknown table: x; the tables are calls, turns, ")
+    assert said("Code: 62. DB::Exception: Syntax error: failed at position 8 (x): x y z. Expected one of: "
+                "something (SYNTAX_ERROR)", "SELECT  x y z") == "syntax error at position 8, near 'x y z'"
+    assert said("Code: 62. DB::Exception: Syntax error: failed at position 8: ...", "SELECT  system.one") \
+        == "syntax error at position 8", "the query's own words, unless they name a database"
+    assert said("Code: 159. DB::Exception: Timeout exceeded: elapsed 10.1 s, maximum: 10 s. (TIMEOUT_EXCEEDED)") \
+        == "the query was stopped: it ran longer than 10 s"
+    assert said("Code: 43. DB::Exception: Illegal types String and UInt8 of arguments of function plus: In scope "
+                "SELECT 'a' + 1\n SETTINGS readonly = '1'\n FORMAT Native. (ILLEGAL_TYPE_OF_ARGUMENT)") \
+        == "Illegal types String and UInt8 of arguments of function plus"
+    assert said("Code: 43. DB::Exception: Illegal type of t_0123456789ab.calls. (ILLEGAL_TYPE_OF_ARGUMENT)") \
+        == "the query could not run (ClickHouse error 43)"
+    assert said("HTTPDriver for http://ch.internal:8123 received ClickHouse error code 999") \
+        == "the query could not run (ClickHouse error 999)"
+    assert isinstance(describe_failure(AnalyticsError("Code: 62. DB::Exception: Syntax error (Multi-statements are "
+                                                      "not allowed): failed at position 9"), "SELECT 1; SELECT 2",
+                                       limits=TENANT_SQL_LIMITS, internals=internals), ForbiddenQuery)
