@@ -243,11 +243,11 @@ class Gateway:
             for task in late:
                 task.cancel()
         await self.provider_registry.aclose()
-        if self._leases is not None:
+        if self._leases is not None and self._producer is not None and self._producer.stalled_s() <= LOG_STALL_S:
+            # (with the log away there is no last lease: the reaper ends what is left once it lapses)
             await self._stop_bounded("the last lease", self._leases.close(), deadline)
-        for producer in (self._producer, self._lease_producer):
-            if producer is not None:
-                await self._stop_bounded("the log's producer", producer.stop(), deadline)
+        await asyncio.gather(*(self._stop_bounded("the log's producer", producer.stop(), deadline)
+                               for producer in (self._producer, self._lease_producer) if producer is not None))
         if self._http is not None:
             await self._http.aclose()
         if self._store is not None:

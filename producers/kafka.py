@@ -18,6 +18,7 @@ has waited, for the gateway to stop taking calls and to end the ones it cannot r
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from typing import Any
@@ -37,6 +38,10 @@ from producers.base import (
 from producers.partitioning import partition_for
 
 TopicPartition = tuple[str, int]
+log = logging.getLogger(__name__)
+
+CLOSE_TIMEOUT_S = 2.0
+"""How long `stop` waits for aiokafka to hand over what it holds before closing regardless."""
 
 
 class KafkaProducer(LogProducer):
@@ -88,7 +93,18 @@ class KafkaProducer(LogProducer):
             self._started = False
             if self._linger_task is not None:
                 self._linger_task.cancel()
-            await self._producer.stop()
+            for sender in self._senders.values():
+                sender.cancel()
+            try:
+                # aiokafka's stop waits for every batch it holds; with the broker away that is for ever
+                # (a stop cut short by its caller's deadline comes here too).
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await self._producer.stop()
+            except TimeoutError:
+                unsent = self._queued_count + len(self._in_flight) + len(self._open)
+                log.error("kafka %s: closed with %d batches the broker never acknowledged (it is away): they are "
+                          "lost", self._bootstrap, unsent)
+                await self._producer.client.close()
 
     def _raise_if_failed(self, what: str) -> None:
         if self._error is not None:

@@ -176,7 +176,6 @@ class CallSession:
         self._speaking_id: str | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._started_us = 0
         self._ended = asyncio.Event()
         self._pending_turn: TurnLatency | None = None
         self._last_speech_stop_us = 0
@@ -184,6 +183,21 @@ class CallSession:
         self._hanging_up: asyncio.Task[None] | None = None
         self._bad_inputs = 0
         self._ending = False
+        self._start()
+
+    def _start(self) -> None:
+        """call.started (with what is remembered of the caller, and the answer) goes first into the
+        call's inputs, when the session is made: whatever the channel reports before `run` (the caller
+        gone already) and whatever fails after (opening recognition can) comes after it in the log."""
+        self._started_us = self.clock_us()
+        call = self.call
+        self._submit(CallStarted(channel=call.channel, direction=call.direction, agent_id=self.agent.id,
+                                 agent_version=self.agent.version, from_number=call.from_number,
+                                 to_number=call.to_number, provider_call_id=call.provider_call_id,
+                                 routed_by=call.routed_by, parameters=dict(call.parameters)))
+        if self.memory is not None:
+            self._submit(self.memory)
+        self._submit(CallAnswered(answered_by=None))
 
     # -- what channels call -------------------------------------------------------------------
     async def hear(self, pcm16: bytes, raw: bytes, codec: str, sample_rate: int) -> None:
@@ -256,26 +270,6 @@ class CallSession:
 
     # -- the session --------------------------------------------------------------------------
     async def run(self) -> SessionReport:
-        self._started_us = self.clock_us()
-        # call.started first, before anything that can fail (opening recognition can): a call that
-        # was answered is in the log whatever happens to it next.
-        call = self.call
-        self._submit(
-            CallStarted(
-                channel=call.channel,
-                direction=call.direction,
-                agent_id=self.agent.id,
-                agent_version=self.agent.version,
-                from_number=call.from_number,
-                to_number=call.to_number,
-                provider_call_id=call.provider_call_id,
-                routed_by=call.routed_by,
-                parameters=dict(call.parameters),
-            )
-        )
-        if self.memory is not None:
-            self._submit(self.memory)
-        self._submit(CallAnswered(answered_by=None))
         audio = self._spawn(self._audio_loop(), "audio")
         replies = self._spawn(self._reply_loop(), "tool-replies") if self._tool_replies is not None else None
         try:

@@ -1,0 +1,441 @@
+"""Calls when the world is not kind, through the real gateway: a burst of callers past its capacity, a
+gateway killed mid-call, the broker away for longer than the producer's timeouts, SIGTERM after an
+overload. Each was reproduced on main before its fix (issue 11); nothing here waits on a sleep being
+long enough: every wait polls for what it expects, with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from consumers.base import LogAdmin, TopicPartition
+from consumers.events import read_call
+from schemas.base import Event, EventPayload
+from schemas.codec import EventCodec
+from schemas.events import CallEnded, CallRefused, CallStarted
+from schemas.topics import CALL_TOPICS, CALLS
+from tests.conftest import kafka_bootstrap
+from voxlog.backends import EmbeddedBackend, KafkaBackend, LogBackend
+from voxlog.settings import Settings
+from voxlog.sim.fake_twilio import FakeTwilio, new_account_sid
+from voxlog.sim.stack import LocalStack, free_port, local_stack
+from voxlog.sim.twilio_caller import TwilioCaller, parse_stream_twiml
+
+pytestmark = pytest.mark.slow
+
+AGENT_NUMBER = "+15550100"
+AUTH_TOKEN = "voxlog-hardship-auth-token"
+SILENCE_1S = bytes([0xFF]) * 8000
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        await asyncio.sleep(0.2)
+
+
+async def call_events(backend: LogBackend, call_id: str) -> list[Event[EventPayload]]:
+    admin = backend.admin()
+    try:
+        return (await read_call(admin, call_id)).events
+    finally:
+        await admin.close()
+
+
+async def ends(backend: LogBackend) -> dict[TopicPartition, int]:
+    admin = backend.admin()
+    try:
+        return {TopicPartition(CALLS, p): end for p, end in (await admin.end_offsets(CALLS)).items()}
+    finally:
+        await admin.close()
+
+
+async def calls_topic_since(backend: LogBackend, start: dict[TopicPartition, int]) -> list[Event[EventPayload]]:
+    """The events written to voxlog.calls after `start` (end offsets taken earlier), up to its end now."""
+    stop = await ends(backend)
+    codec, out = EventCodec(), []
+    async with backend.consumer([CALLS], auto_offset_reset="earliest") as consumer:
+        async def assigned() -> bool:
+            return len(consumer.assignment()) == len(stop)
+
+        await eventually(assigned, 30, "partitions assigned")
+        for tp, offset in start.items():
+            await consumer.seek(tp, offset)
+        remaining = {tp for tp in stop if stop[tp] > start[tp]}
+        deadline = time.monotonic() + 60
+        while remaining and time.monotonic() < deadline:
+            for record in await consumer.poll(timeout_s=1.0, max_records=5000):
+                if record.offset < stop[record.tp]:
+                    out.append(codec.decode(record.value))
+                if record.offset + 1 >= stop[record.tp]:
+                    remaining.discard(record.tp)
+    assert not remaining, f"voxlog.calls not read to its end: {remaining}"
+    return out
+
+
+def assert_whole(events: list[Event[EventPayload]]) -> CallEnded:
+    """A call in the log from its call.started to one call.ended, every seq once, in order."""
+    assert events, "the call is not in the log at all"
+    assert isinstance(events[0].payload, CallStarted), f"it starts with {events[0].type}"
+    assert [e.seq for e in events] == list(range(len(events))), "seq is gap-free"
+    ended = [e.payload for e in events if isinstance(e.payload, CallEnded)]
+    assert len(ended) == 1, [e.type for e in events[-3:]]
+    assert events[-1].type == "call.ended", [e.type for e in events[-3:]]
+    return ended[0]
+
+
+@pytest.fixture(params=["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])
+def backend_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+# --------------------------------------------------------------------------- a burst past capacity
+
+
+async def test_a_burst_of_80_callers_in_a_second_gets_capacity_served_and_the_rest_told_busy(
+    backend_name: str, tmp_path: Path
+) -> None:
+    capacity = 20
+    settings = Settings(home=tmp_path, max_calls=capacity,
+                        kafka_bootstrap=kafka_bootstrap() if backend_name == "kafka" else None)
+    async with local_stack(settings) as stack:
+        backend = stack.gateway.backend
+        before = await ends(backend)
+        callers = [stack.caller(from_=f"+1555700{i:04d}", to=AGENT_NUMBER) for i in range(80)]
+        started = time.monotonic()
+        answers = await asyncio.gather(*(caller.ring() for caller in callers))
+        burst_s = time.monotonic() - started
+        assert all(a.status_code == 200 for a in answers), [a.status_code for a in answers]
+        admitted = [(c, parse_stream_twiml(a.text))
+                    for c, a in zip(callers, answers, strict=True) if "<Stream" in a.text]
+        busy = [a for a in answers if '<Reject reason="busy"' in a.text]
+        assert (len(admitted), len(busy)) == (capacity, 80 - capacity), f"in {burst_s:.1f} s"
+
+        async def talk(caller: TwilioCaller, instructions: object) -> str:
+            async with caller:
+                await caller.connect(instructions)  # type: ignore[arg-type]
+                await caller.send_mulaw(SILENCE_1S)
+                await caller.stop()
+            return str(instructions.parameters["call_id"])  # type: ignore[attr-defined]
+
+        call_ids = await asyncio.gather(*(talk(c, i) for c, i in admitted))
+        await stack.gateway.wait_idle(120)
+        for call_id in call_ids:
+            assert assert_whole(await call_events(backend, call_id)).reason == "caller_hangup"
+        refused = [e for e in await calls_topic_since(backend, before) if isinstance(e.payload, CallRefused)]
+        ours = {c.call_sid for c in callers}
+        refused = [e for e in refused if e.payload.provider_call_id in ours]  # type: ignore[attr-defined]
+        assert len(refused) == 80 - capacity
+        assert {e.payload.reason for e in refused} == {"gateway_at_capacity"}  # type: ignore[attr-defined]
+        assert all(e.seq == 0 and e.payload.limit == capacity for e in refused)  # type: ignore[attr-defined]
+        assert not stack.gateway.sessions
+        assert stack.gateway.admission.live == 0, "every place given back"
+
+        # After the burst the gateway serves again at once: no circuit was opened by it.
+        after = stack.caller(from_="+15557009999", to=AGENT_NUMBER)
+        call_id = await talk(after, await after.dial())
+        await stack.gateway.wait_idle(60)
+        assert assert_whole(await call_events(backend, call_id)).reason == "caller_hangup"
+
+
+async def test_one_tenant_over_its_limit_is_told_busy_and_the_others_are_served(tmp_path: Path) -> None:
+    agents = tmp_path / "agents"
+    (agents / "demo").mkdir(parents=True)
+    demo = REPO / "voxlog" / "agents" / "demo"
+    (agents / "demo" / "front-desk.yaml").write_text((demo / "front-desk.yaml").read_text())
+    tenant = (demo / "tenant.yaml").read_text().replace("max_concurrent_calls: 50", "max_concurrent_calls: 2")
+    (agents / "demo" / "tenant.yaml").write_text(tenant)
+    async with local_stack(Settings(home=tmp_path / "home", agents_dir=agents)) as stack:
+        callers = [stack.caller(from_=f"+1555710{i:04d}", to=AGENT_NUMBER) for i in range(4)]
+        answers = [await c.ring() for c in callers]
+        assert ['<Reject reason="busy"' in a.text for a in answers] == [False, False, True, True]
+        assert stack.gateway.admission.tenant_live("demo") == 2
+
+
+# --------------------------------------------------------------------------- a gateway killed mid-call
+
+
+@dataclass
+class GatewayProcess:
+    """`voxlog serve` as an operator runs it: a process of its own, its settings in the environment."""
+
+    process: subprocess.Popen[bytes]
+    base_url: str
+    output: Path
+
+    @classmethod
+    def start(cls, home: Path, twilio: FakeTwilio, *, kafka: str | None, **env: str) -> GatewayProcess:
+        port = free_port()
+        base_url = f"http://127.0.0.1:{port}"
+        environment = {**os.environ, "VOXLOG_HOME": str(home), "VOXLOG_RUN_PROJECTIONS": "false",
+                       "TWILIO_ACCOUNT_SID": twilio.account_sid, "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+                       "VOXLOG_TWILIO_API_BASE": twilio.base_url, "VOXLOG_PUBLIC_URL": base_url, **env}
+        environment.pop("VOXLOG_KAFKA_BOOTSTRAP", None)
+        if kafka:
+            environment["VOXLOG_KAFKA_BOOTSTRAP"] = kafka
+        output = home / f"gateway-{port}.log"
+        with output.open("wb") as sink:
+            process = subprocess.Popen([sys.executable, "-m", "voxlog.cli", "serve", "--port", str(port)],
+                                       env=environment, stdout=sink, stderr=subprocess.STDOUT, cwd=REPO)
+        return cls(process, base_url, output)
+
+    async def ready(self, timeout_s: float = 90) -> None:
+        async def answers() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the gateway exited: {self.output.read_text()[-3000:]}")
+            try:
+                async with httpx.AsyncClient(timeout=2) as client:
+                    return (await client.get(f"{self.base_url}/healthz")).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        await eventually(answers, timeout_s, f"gateway at {self.base_url} ready")
+
+    def caller(self, twilio: FakeTwilio, number: str) -> TwilioCaller:
+        caller = TwilioCaller(self.base_url, AUTH_TOKEN, account_sid=twilio.account_sid, from_=number, to=AGENT_NUMBER)
+        twilio.add_call(number, AGENT_NUMBER, sid=caller.call_sid)
+        return caller
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(30)
+
+
+@pytest.fixture
+def twilio() -> Iterator[FakeTwilio]:
+    with FakeTwilio(new_account_sid(), AUTH_TOKEN) as running:
+        yield running
+
+
+@pytest.fixture
+def gateways() -> Iterator[list[GatewayProcess]]:
+    started: list[GatewayProcess] = []
+    yield started
+    for gateway in started:
+        gateway.stop()
+
+
+def log_backend_for(name: str, home: Path) -> tuple[LogBackend, str | None]:
+    if name == "kafka":
+        bootstrap = kafka_bootstrap()
+        return KafkaBackend(bootstrap), bootstrap
+    return EmbeddedBackend(home / "log.db"), None
+
+
+async def test_a_call_whose_gateway_is_killed_is_ended_once_by_the_gateways_that_remain(
+    backend_name: str, tmp_path: Path, twilio: FakeTwilio, gateways: list[GatewayProcess]
+) -> None:
+    backend, kafka = log_backend_for(backend_name, tmp_path)
+    doomed = GatewayProcess.start(tmp_path, twilio, kafka=kafka)
+    gateways.append(doomed)
+    await doomed.ready()
+    caller = doomed.caller(twilio, "+15557200001")
+    instructions = await caller.dial()
+    call_id = instructions.parameters["call_id"]
+    await caller.connect(instructions)
+    await caller.send_mulaw(SILENCE_1S * 2)
+
+    async def under_way() -> bool:
+        return len(await call_events(backend, call_id)) > 50
+
+    await eventually(under_way, 30, "the call's events in the log")
+    doomed.process.send_signal(signal.SIGKILL)  # kill -9: no drain, no last lease
+    doomed.process.wait(30)
+    await caller.abort()
+    assert not any(isinstance(e.payload, CallEnded) for e in await call_events(backend, call_id))
+
+    # Two gateways take over; both run a reaper, and both may end the call: it must end once.
+    survivors = [GatewayProcess.start(tmp_path, twilio, kafka=kafka) for _ in range(2)]
+    gateways.extend(survivors)
+    await asyncio.gather(*(g.ready() for g in survivors))
+    noticed = time.monotonic()
+
+    async def ended() -> bool:
+        return any(isinstance(e.payload, CallEnded) for e in await call_events(backend, call_id))
+
+    await eventually(ended, 90, "the lost call ended by a reaper")
+    took_s = time.monotonic() - noticed
+    events = await call_events(backend, call_id)
+    end = assert_whole(events)
+    assert end.reason == "gateway_lost"
+    assert "stopped renewing its lease" in (end.detail or "")
+    assert events[-1].envelope.event_time_us == events[-2].envelope.event_time_us, "when it was last heard of"
+    assert took_s < 60, f"ended {took_s:.0f} s after the survivors started"
+
+    admin: LogAdmin = backend.admin()
+    try:
+        copies = [r.value async for r in admin.read_key(list(CALL_TOPICS), call_id.encode())
+                  if EventCodec().decode(r.value).type == "call.ended"]
+    finally:
+        await admin.close()
+    assert copies
+    assert len(set(copies)) == 1, "any second reaper wrote the very same event (read once)"
+
+    # Twilio's final status callback for it reaches a survivor: answered, and nothing breaks.
+    to_survivor = TwilioCaller(survivors[0].base_url, AUTH_TOKEN, account_sid=twilio.account_sid,
+                               call_sid=caller.call_sid, from_=caller.from_, to=AGENT_NUMBER)
+    status = await to_survivor.send_status("completed", duration_s=5)
+    assert status.status_code == 204
+    assert Counter(e.type for e in await call_events(backend, call_id))["call.ended"] == 1
+
+
+# --------------------------------------------------------------------------- SIGTERM after an overload
+
+
+async def test_sigterm_after_an_overload_ends_live_calls_with_a_reason_within_the_drain_time(
+    backend_name: str, tmp_path: Path, twilio: FakeTwilio, gateways: list[GatewayProcess]
+) -> None:
+    backend, kafka = log_backend_for(backend_name, tmp_path)
+    drain_s = 5
+    gateway = GatewayProcess.start(tmp_path, twilio, kafka=kafka, VOXLOG_MAX_CALLS="4", VOXLOG_DRAIN_S=str(drain_s))
+    gateways.append(gateway)
+    await gateway.ready()
+    callers = [gateway.caller(twilio, f"+1555730{i:04d}") for i in range(10)]
+    answers = await asyncio.gather(*(c.ring() for c in callers))
+    admitted = [(c, parse_stream_twiml(a.text)) for c, a in zip(callers, answers, strict=True) if "<Stream" in a.text]
+    assert len(admitted) == 4
+    for caller, instructions in admitted:
+        await caller.connect(instructions)
+    talking = [asyncio.create_task(c.send_mulaw(SILENCE_1S * 60)) for c, _ in admitted]
+    call_ids = [i.parameters["call_id"] for _, i in admitted]
+
+    async def all_under_way() -> bool:
+        counts = [len(await call_events(backend, c)) for c in call_ids]
+        return min(counts) > 20
+
+    await eventually(all_under_way, 60, "every admitted call under way")
+    signalled = time.monotonic()
+    gateway.process.send_signal(signal.SIGTERM)
+    await asyncio.to_thread(gateway.process.wait, drain_s + 30)
+    stopped_s = time.monotonic() - signalled
+    for task in talking:
+        task.cancel()
+    await asyncio.gather(*talking, return_exceptions=True)
+    for caller, _ in admitted:
+        await caller.abort()
+    assert stopped_s < drain_s + 10, f"stopped {stopped_s:.1f} s after SIGTERM"
+    for call_id in call_ids:
+        assert assert_whole(await call_events(backend, call_id)).reason == "shutdown"
+    hung_up = {r.call_sid for r in twilio.requests_for("update_call") if r.params.get("Status") == "completed"}
+    assert {c.call_sid for c, _ in admitted} <= hung_up, "each caller was hung up through Twilio's REST API"
+
+
+# --------------------------------------------------------------------------- the broker away
+
+
+@dataclass
+class OwnBroker:
+    """A Kafka broker of the test's own (tools/kafka/broker.sh), to stop and bring back."""
+
+    env: dict[str, str]
+    bootstrap: str
+
+    def run(self, command: str) -> None:
+        subprocess.run([str(REPO / "tools" / "kafka" / "broker.sh"), command], env=self.env, check=True,
+                       capture_output=True, timeout=180)
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[OwnBroker]:
+    kafka_bootstrap()  # CI has a broker's jars and a JDK; without them this skips (or fails under CI)
+    port = free_port()
+    while port + 1 >= 65535:
+        port = free_port()
+    env = {**os.environ, "VOXLOG_KAFKA_PORT": str(port), "VOXLOG_KAFKA_DIR": str(tmp_path / "broker"),
+           "VOXLOG_KAFKA_HEAP": "-Xmx512m -Xms256m"}
+    broker = OwnBroker(env, f"127.0.0.1:{port}")
+    broker.run("start")
+    try:
+        yield broker
+    finally:
+        broker.run("stop")
+
+
+async def health(stack: LocalStack) -> int:
+    async with httpx.AsyncClient(timeout=5) as client:
+        return (await client.get(f"{stack.base_url}/healthz")).status_code
+
+
+@pytest.mark.kafka
+async def test_the_broker_away_longer_than_the_producers_timeouts_and_back(
+    own_broker: OwnBroker, tmp_path: Path
+) -> None:
+    outage_s = 50  # aiokafka gives up a wait for the previous batch after 40 s (request_timeout_ms)
+    settings = Settings(home=tmp_path / "home", kafka_bootstrap=own_broker.bootstrap, drain_s=5)
+    stopping: float | None = None
+    async with local_stack(settings) as stack:
+        backend = stack.gateway.backend
+        caller = stack.caller(from_="+15557400001", to=AGENT_NUMBER)
+        instructions = await caller.dial()
+        call_id = instructions.parameters["call_id"]
+        await caller.connect(instructions)
+        await caller.send_mulaw(SILENCE_1S)
+
+        own_broker.run("stop")
+        away = time.monotonic()
+        talking = asyncio.create_task(caller.send_mulaw(SILENCE_1S * (outage_s + 10)))
+
+        async def not_ready() -> bool:
+            return await health(stack) == 503
+
+        await eventually(not_ready, 15, "readiness says the log cannot be written")
+        busy = stack.caller(from_="+15557400002", to=AGENT_NUMBER)
+        assert '<Reject reason="busy"' in (await busy.ring()).text, "new calls are refused cleanly"
+        await asyncio.wait_for(caller.closed.wait(), 40)  # the live call is ended: it cannot be recorded
+        assert caller.closed_by_agent
+        while time.monotonic() - away < outage_s:
+            assert await health(stack) == 503
+            await asyncio.sleep(1)
+
+        own_broker.run("resume")
+
+        async def ready() -> bool:
+            return await health(stack) == 200
+
+        await eventually(ready, 60, "ready again once the broker is back")
+        talking.cancel()
+        await asyncio.gather(talking, return_exceptions=True)
+        await caller.abort()
+        await stack.gateway.wait_idle(60)
+        events = await call_events(backend, call_id)
+        end = assert_whole(events)
+        assert end.reason == "log_unavailable"
+        heard = [e.payload.chunk_index for e in events if e.type == "audio.caller_chunk"]  # type: ignore[attr-defined]
+        assert heard == list(range(len(heard))), "every frame heard is in the log"
+        assert len(heard) > 50 * 15
+
+        after = stack.caller(from_="+15557400003", to=AGENT_NUMBER)
+        async with after:
+            instructions = await after.dial()
+            await after.connect(instructions)
+            await after.send_mulaw(SILENCE_1S)
+            await after.stop()
+        await stack.gateway.wait_idle(60)
+        assert assert_whole(await call_events(backend, instructions.parameters["call_id"])).reason == "caller_hangup"
+
+        # Away again, and the gateway is asked to stop: it does, within its drain time.
+        last = stack.caller(from_="+15557400004", to=AGENT_NUMBER)
+        instructions = await last.dial()
+        await last.connect(instructions)
+        await last.send_mulaw(SILENCE_1S)
+        own_broker.run("stop")
+        stopping = time.monotonic()
+    assert stopping is not None
+    assert time.monotonic() - stopping < settings.drain_s + 10
+    await last.abort()
+
