@@ -121,6 +121,9 @@ class RateLimits:
     """Token buckets per API key and per source address of failed authentications."""
 
     clock: Callable[[], float] = time.monotonic
+    stranger_per_minute: float = 30
+    stranger_burst: int = 10
+    """Requests without a valid key one source address may make (each is audited) before 429s."""
     _keys: dict[str, TokenBucket] = field(default_factory=dict)
     _sources: OrderedDict[str, TokenBucket] = field(default_factory=OrderedDict)
 
@@ -132,11 +135,12 @@ class RateLimits:
             bucket = self._keys[key] = TokenBucket(per_minute / 60, burst, now)
         return _spend(bucket, now)
 
-    def failed_auth(self, source: str, per_minute: float = 30, burst: int = 10) -> float | None:
+    def failed_auth(self, source: str) -> float | None:
         """Counts a request without a valid key from `source`: None while it is within the allowance,
         else when to come back. Bounds the audit records a stranger can make us write."""
         now = self.clock()
-        bucket = self._sources.pop(source, None) or TokenBucket(per_minute / 60, burst, now)
+        bucket = self._sources.pop(source, None) or TokenBucket(self.stranger_per_minute / 60, self.stranger_burst,
+                                                                 now)
         self._sources[source] = bucket
         while len(self._sources) > MAX_SOURCES:
             self._sources.popitem(last=False)

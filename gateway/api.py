@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.background import BackgroundTask
 
 from consumers.events import read_call
+from gateway.admission import retry_after
 from gateway.calls import PRODUCER, Gateway, new_call_id
 from gateway.outbound import DIAL_ID, check_parameters
 from producers.events import CallRecorder, standalone_event
@@ -156,16 +157,33 @@ tenant_api_key = HTTPBearer(auto_error=False, scheme_name="TenantApiKey",
 async def tenant_of(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(tenant_api_key)]
 ) -> tuple[TenantSpec, str]:
-    """The tenant (and key id) of the request's API key; 401, audited, without a valid one."""
+    """The tenant (and key id) of the request's API key; 401, audited, without a valid one; 429 over the
+    key's rate (or from an address that keeps sending invalid keys); 503 while the gateway cannot
+    record what the request does (every request is audited in the log)."""
     runtime: Gateway = request.app.state.gateway
+    problem = runtime.not_ready()
+    if problem is not None:
+        raise HTTPException(503, f"not now: {problem}", headers={"Retry-After": "5"})
+    remote = request.client.host if request.client else None
     found = runtime.tenants.by_api_key(credentials.credentials) if credentials is not None else None
     if found is None:
+        # Bounded before the audit record: a stranger must not be able to make us write without end.
+        wait = runtime.rate_limits.failed_auth(remote or "-")
+        if wait is not None:
+            raise HTTPException(429, "too many requests without a valid API key from this address",
+                                headers={"Retry-After": retry_after(wait)})
         await runtime.audit(tenant_id="platform", call_id="-", actor="api", action="api.unauthorized",
                             resource=request.url.path, outcome="denied",
                             detail="missing Authorization header" if credentials is None else "unknown API key",
-                            remote_addr=request.client.host if request.client else None)
+                            remote_addr=remote)
         raise HTTPException(401, "a tenant API key is required: Authorization: Bearer KEY",
                             headers={"WWW-Authenticate": "Bearer"})
+    tenant, key_id = found
+    limits = tenant.limits
+    wait = runtime.rate_limits.take(f"{tenant.id}/{key_id}", limits.api_requests_per_minute, limits.api_burst)
+    if wait is not None:
+        raise HTTPException(429, f"API key {key_id} is over its rate ({limits.api_requests_per_minute:g} requests a "
+                                 f"minute, {limits.api_burst} at once)", headers={"Retry-After": retry_after(wait)})
     return found
 
 
@@ -175,6 +193,8 @@ Caller = Annotated[tuple[TenantSpec, str], Depends(tenant_of)]
 def api_router(runtime: Gateway) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["tenant API"], responses={
         401: refusal("No API key, or not one of a tenant's."),
+        503: {**refusal("The gateway cannot record requests now (its log is away, or it is shutting down)."),
+              "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}},
         429: {**refusal("Over the key's request rate (or this address sent too many invalid keys)."),
               "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}}})
 

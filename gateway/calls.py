@@ -27,7 +27,7 @@ from consumers.call_leases import CallReaper, LeasedCall, LeaseKeeper, new_insta
 from consumers.dialer import DialStore, DialWorker
 from consumers.summariser import Summariser
 from consumers.tools import ToolRunner, ToolStore, ToolWorker, WebhookSigner
-from gateway.admission import Admission, Refusal
+from gateway.admission import Admission, RateLimits, Refusal
 from gateway.config_audit import record_config_changes
 from gateway.twilio_rest import TwilioRest
 from producers.base import LogProducer
@@ -115,6 +115,8 @@ class Gateway:
     instance_id: str = field(default_factory=new_instance_id)
     draining: bool = False
     admission: Admission = field(init=False)
+    rate_limits: RateLimits = field(default_factory=RateLimits)
+    """The tenant API's, per API key and per address presenting invalid keys."""
     reaper: CallReaper | None = None
     _leases: LeaseKeeper | None = None
     _lease_producer: LogProducer | None = None

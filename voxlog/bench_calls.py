@@ -11,6 +11,10 @@ is the time spent in voxlog itself: the gateway, the session's tasks, the log ap
 Pacing jitter is how far the gaps between the agent's audio frames, as the caller receives them,
 stray from 20 ms.
 
+Past the gateway's capacity (`--calls` above `VOXLOG_MAX_CALLS`) the calls it refuses are counted with
+how long their busy answer took; the latency and jitter figures are the admitted calls', which admission
+control exists to protect.
+
 With a fallback profile, one capability (the LLM, ASR or TTS) is a chain of two timeline providers
 (streams/providers/resilience.py, asr_chain.py, tts_chain.py) and in every `every`-th call the
 primary fails on each turn (`stall`: it never answers, so the chain's attempt timeout ends it;
@@ -37,6 +41,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+import httpx
+
 from gateway.twilio_media import OutboundMedia
 from producers.synthetic import mulaw_tone
 from schemas.codec import EventCodec
@@ -56,7 +62,7 @@ from voxlog import __version__
 from voxlog.backends import LogBackend
 from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
-from voxlog.sim.twilio_caller import TwilioCaller
+from voxlog.sim.twilio_caller import TwilioCaller, parse_stream_twiml
 
 P = TypeVar("P")
 
@@ -90,6 +96,10 @@ class CallFigures:
     added_ms: list[float] = field(default_factory=list)
     jitter_ms: list[float] = field(default_factory=list)
     error: str | None = None
+    refused: bool = False
+    """Told busy by admission control (past the gateway's capacity)."""
+    webhook_ms: float | None = None
+    """How long the voice webhook took to answer."""
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -100,7 +110,15 @@ def _percentile(values: list[float], q: float) -> float:
 async def _one_call(caller: TwilioCaller, budget_ms: float) -> CallFigures:
     figures = CallFigures()
     try:
-        instructions = await caller.dial()
+        asked = time.perf_counter()
+        answer = await caller.ring()
+        figures.webhook_ms = (time.perf_counter() - asked) * 1000
+        if '<Reject reason="busy"' in answer.text:
+            figures.refused = True
+            return figures
+        if answer.status_code != 200:
+            raise AssertionError(f"voice webhook answered {answer.status_code}: {answer.text}")
+        instructions = parse_stream_twiml(answer.text)
         async with caller:
             await caller.connect(instructions)
             await caller.agent_quiet(0.5, 30)  # the greeting
@@ -123,11 +141,13 @@ async def _one_call(caller: TwilioCaller, budget_ms: float) -> CallFigures:
 
 
 async def play_callers(plan: dict[str, Any]) -> list[CallFigures]:
-    """All the callers of a run, at once (in the callers' own process)."""
-    return await asyncio.gather(*(
-        _one_call(TwilioCaller(plan["base_url"], plan["auth_token"], account_sid=plan["account_sid"],
-                               call_sid=sid, from_=number, to=plan["to"]), plan["budget_ms"])
-        for sid, number in plan["calls"]))
+    """All the callers of a run, at once (in the callers' own process), sharing one HTTP client: a
+    client (and its SSL context) per webhook would cost the callers more CPU than the gateway spends."""
+    async with httpx.AsyncClient(base_url=plan["base_url"], timeout=30) as http:
+        return await asyncio.gather(*(
+            _one_call(TwilioCaller(plan["base_url"], plan["auth_token"], account_sid=plan["account_sid"],
+                                   call_sid=sid, from_=number, to=plan["to"], http=http), plan["budget_ms"])
+            for sid, number in plan["calls"]))
 
 
 async def _callers_process(stack: LocalStack, calls: int, budget_ms: float) -> tuple[list[str], list[CallFigures]]:
@@ -229,9 +249,12 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
         events = await _events_in_log(stack.gateway.backend) - before
         fell_back = await _fallback_calls(stack.gateway.backend, set(sids)) if fallback else set()
         backend = stack.gateway.backend.describe()
-    normal = [r for sid, r in zip(sids, results, strict=True) if sid not in fell_back]
+        capacity = stack.gateway.capacity
+    normal = [r for sid, r in zip(sids, results, strict=True) if sid not in fell_back and not r.refused]
     added = [ms for r in normal for ms in r.added_ms]
     jitter = [ms for r in results for ms in r.jitter_ms]
+    refused = [r for r in results if r.refused]
+    admitted_webhooks = [r.webhook_ms for r in results if not r.refused and r.webhook_ms is not None]
     result: dict[str, Any] = {
         "benchmark": "calls",
         "log": backend,
@@ -239,6 +262,11 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "calls": calls,
+        "capacity": capacity,
+        "admitted_calls": calls - len(refused),
+        "refused_calls": len(refused),
+        "refusal_ms": _latency([r.webhook_ms for r in refused if r.webhook_ms is not None]),
+        "admitted_webhook_ms": _latency(admitted_webhooks),
         "failed_calls": [r.error for r in results if r.error],
         "turns_measured": len(added),
         "scripted_ms": {"vad_end_of_turn": end_of_turn_ms, "asr_final": timeline.asr_final_ms,

@@ -299,6 +299,9 @@ def bench_calls_command(
     fallback_capability: Annotated[CapabilityChoice, typer.Option(
         help="Whose primary fails: the LLM's, the recogniser's or the voice's.")] = CapabilityChoice.llm,
     attempt_timeout_ms: Annotated[int, typer.Option(min=10, help="The primary's attempt timeout.")] = 800,
+    max_calls: Annotated[int | None, typer.Option(
+        min=1, help="The gateway's capacity (VOXLOG_MAX_CALLS); --calls beyond it measures admission control: "
+        "the refused calls' busy answers, and the admitted calls' latency.")] = None,
 ) -> None:
     """Concurrent calls through the real gateway with scripted-timeline providers: what voxlog adds
     to voice-to-voice latency, how evenly the agent's audio is paced, and (with --fallback) what a
@@ -307,7 +310,7 @@ def bench_calls_command(
     from voxlog.bench import write_result
     from voxlog.bench_calls import FallbackProfile, bench_calls
 
-    settings = Settings()
+    settings = Settings() if max_calls is None else Settings(max_calls=max_calls)
     timeline = Timeline(asr_final_ms=asr_ms, llm_ms=llm_ms, tts_first_byte_ms=tts_ms, speech_ms_per_word=60)
     profile = None if fallback is None else FallbackProfile(fallback.value, fallback_every, attempt_timeout_ms,
                                                             capability=fallback_capability.value)
@@ -318,6 +321,10 @@ def bench_calls_command(
                   f"pacing jitter p99 {jitter['p99']} ms; {result['events_per_s']:,} events/s; "
                   f"gateway CPU {result['gateway_cpu_share']:.0%}; "
                   f"failed calls: {len(result['failed_calls'])} -> {out}")
+    if result["refused_calls"]:
+        refusal = result["refusal_ms"]
+        console.print(f"capacity {result['capacity']}: {result['admitted_calls']} admitted, "
+                      f"{result['refused_calls']} told busy in p50 {refusal['p50']} ms, p99 {refusal['p99']} ms")
     if "fallback" in result:
         fb = result["fallback"]
         console.print(f"{fb['capability']} fallback ({fb['failure']}, attempt timeout {fb['attempt_timeout_ms']} ms): "

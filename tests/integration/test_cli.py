@@ -202,6 +202,19 @@ def test_bench_calls_measures_what_voxlog_adds(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_bench_calls_past_capacity_measures_the_refusals_and_the_admitted_calls(tmp_path: Path) -> None:
+    out = tmp_path / "calls.json"
+    result = voxlog("bench", "calls", "--calls", "6", "--max-calls", "3", "--out", str(out), home=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(out.read_text())
+    assert (figures["capacity"], figures["admitted_calls"], figures["refused_calls"]) == (3, 3, 3)
+    assert figures["failed_calls"] == []
+    assert figures["turns_measured"] == 6, "the admitted calls' turns"
+    assert 0 < figures["refusal_ms"]["p50"] <= figures["refusal_ms"]["p99"]
+    assert "told busy" in result.stdout
+
+
+@pytest.mark.slow
 def test_analysts_query_the_tables_and_compliance_checks_the_trail(tmp_path: Path) -> None:
     assert voxlog("demo", "--synthetic", "--calls", "3", home=tmp_path).returncode == 0
     totals = "SELECT count() AS calls, sum(turns) AS turns FROM calls"

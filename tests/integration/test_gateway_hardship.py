@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from consumers.events import read_call
 from schemas.base import Event, EventPayload
 from schemas.codec import EventCodec
 from schemas.events import CallEnded, CallRefused, CallStarted
-from schemas.topics import CALL_TOPICS, CALLS
+from schemas.topics import AUDIT, CALL_TOPICS, CALLS
 from tests.conftest import kafka_bootstrap
 from voxlog.backends import EmbeddedBackend, KafkaBackend, LogBackend
 from voxlog.settings import Settings
@@ -152,18 +153,53 @@ async def test_a_burst_of_80_callers_in_a_second_gets_capacity_served_and_the_re
         assert assert_whole(await call_events(backend, call_id)).reason == "caller_hangup"
 
 
-async def test_one_tenant_over_its_limit_is_told_busy_and_the_others_are_served(tmp_path: Path) -> None:
+def demo_agents_with(tmp_path: Path, **limits: int) -> Path:
+    """The demo tenant's files, with other limits."""
     agents = tmp_path / "agents"
     (agents / "demo").mkdir(parents=True)
     demo = REPO / "voxlog" / "agents" / "demo"
     (agents / "demo" / "front-desk.yaml").write_text((demo / "front-desk.yaml").read_text())
-    tenant = (demo / "tenant.yaml").read_text().replace("max_concurrent_calls: 50", "max_concurrent_calls: 2")
+    tenant = (demo / "tenant.yaml").read_text()
+    for name, value in limits.items():
+        tenant = re.sub(rf"{name}: \d+", f"{name}: {value}", tenant)
     (agents / "demo" / "tenant.yaml").write_text(tenant)
+    return agents
+
+
+async def test_one_tenant_over_its_limit_is_told_busy_and_the_others_are_served(tmp_path: Path) -> None:
+    agents = demo_agents_with(tmp_path, max_concurrent_calls=2)
     async with local_stack(Settings(home=tmp_path / "home", agents_dir=agents)) as stack:
         callers = [stack.caller(from_=f"+1555710{i:04d}", to=AGENT_NUMBER) for i in range(4)]
         answers = [await c.ring() for c in callers]
         assert ['<Reject reason="busy"' in a.text for a in answers] == [False, False, True, True]
         assert stack.gateway.admission.tenant_live("demo") == 2
+
+
+async def test_api_keys_are_rate_limited_and_strangers_cannot_make_the_audit_trail_grow_without_end(
+    tmp_path: Path
+) -> None:
+    agents = demo_agents_with(tmp_path, api_requests_per_minute=60, api_burst=3)
+    async with local_stack(Settings(home=tmp_path / "home", agents_dir=agents)) as stack, \
+            httpx.AsyncClient(base_url=stack.base_url, timeout=10) as client:
+        key = {"Authorization": "Bearer demo-api-key"}
+        asked = [await client.get("/v1/calls/dials/dial-000000000000aaaaaaaaaaaaaaaaaaaa", headers=key)
+                 for _ in range(4)]
+        assert [a.status_code for a in asked] == [404, 404, 404, 429]
+        assert asked[-1].headers["Retry-After"] == "1"
+        assert "over its rate" in asked[-1].json()["detail"]
+
+        before = sum((await ends(stack.gateway.backend)).values())
+        strangers = [(await client.get("/v1/calls/dials/dial-x", headers={"Authorization": f"Bearer guess-{i}"}))
+                     for i in range(200)]
+        assert Counter(r.status_code for r in strangers) == {401: 10, 429: 190}
+        admin = stack.gateway.backend.admin()
+        try:
+            audited = [r async for r in admin.read_key([AUDIT], b"-")]
+        finally:
+            await admin.close()
+        refused = [EventCodec().decode(r.value).payload for r in audited]
+        assert sum(1 for p in refused if getattr(p, "action", "") == "api.unauthorized") == 10
+        assert sum((await ends(stack.gateway.backend)).values()) == before, "nothing else was written"
 
 
 # --------------------------------------------------------------------------- a gateway killed mid-call

@@ -117,6 +117,8 @@ class TwilioCaller:
     direction: str = "inbound"
     """inbound, or outbound-api for a call the platform placed (the person answering is the far end)."""
     realtime_playback: bool = True
+    http: httpx.AsyncClient | None = None
+    """A client to post webhooks with (base URL `base_url`), shared by many callers; else one per post."""
 
     agent_audio: bytearray = field(default_factory=bytearray)
     log: list[Received] = field(default_factory=list)
@@ -208,6 +210,8 @@ class TwilioCaller:
         request_headers.update(headers or {})
         if tamper is not None:
             tamper(form)
+        if self.http is not None:
+            return await self.http.post(path, data=form, headers=request_headers)
         async with httpx.AsyncClient(base_url=self.base_url, timeout=10) as client:
             return await client.post(path, data=form, headers=request_headers)
 
