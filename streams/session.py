@@ -221,7 +221,7 @@ class CallSession:
         elif count == BAD_INPUT_LIMIT:
             self.observe(ErrorRaised(component=component, provider=None, kind="bad_input", retryable=False,
                                      fatal=True, message=f"{count} malformed frames: the call is ended"))
-            self.closed_with("protocol_error", f"{count} malformed frames from {component}")
+            self.end_now("protocol_error", f"{count} malformed frames from {component}")
             return
         else:
             return
@@ -310,7 +310,7 @@ class CallSession:
         message = f"{task.get_name()}: {type(exc).__name__}: {exc}"[:500]
         self._submit(ErrorRaised(component="session", provider=None, kind="crashed", message=message,
                                  retryable=False, fatal=True))
-        self.closed_with("error", message)
+        self.end_now("error", message)
 
     def _background(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
         task = self._spawn(coroutine, name)
@@ -614,7 +614,7 @@ class CallSession:
             self._asr = await self.providers.asr.open_stream(keywords=self.agent.keywords)
         except ProviderError as exc:  # every recogniser of the chain: the call has no ears
             self._asr_failed(exc)
-            self.closed_with("error", f"speech recognition unavailable: {exc}"[:500])
+            self.end_now("error", f"speech recognition unavailable: {exc}"[:500])
             return
         while True:
             item = await self._audio.get()

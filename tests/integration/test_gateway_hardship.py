@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,8 @@ from schemas.base import Event, EventPayload
 from schemas.codec import EventCodec
 from schemas.events import CallEnded, CallRefused, CallStarted
 from schemas.topics import AUDIT, CALL_TOPICS, CALLS
+from streams.providers.base import TtsCapabilities, TtsProvider
+from streams.session import Providers
 from tests.conftest import kafka_bootstrap
 from voxlog.backends import EmbeddedBackend, KafkaBackend, LogBackend
 from voxlog.settings import Settings
@@ -200,6 +202,87 @@ async def test_api_keys_are_rate_limited_and_strangers_cannot_make_the_audit_tra
         refused = [EventCodec().decode(r.value).payload for r in audited]
         assert sum(1 for p in refused if getattr(p, "action", "") == "api.unauthorized") == 10
         assert sum((await ends(stack.gateway.backend)).values()) == before, "nothing else was written"
+
+
+# --------------------------------------------------------------------------- hostile media streams
+
+
+async def test_a_flood_of_malformed_frames_is_counted_not_recorded_and_then_ends_the_call(tmp_path: Path) -> None:
+    async with local_stack(Settings(home=tmp_path)) as stack:
+        caller = stack.caller(to=AGENT_NUMBER)
+        instructions = await caller.dial()
+        call_id = instructions.parameters["call_id"]
+        async with caller:
+            await caller.connect(instructions)
+            for i in range(30):
+                await caller.send_raw(f"{{not json {i}")
+            await caller.send_mulaw(SILENCE_1S)  # the call goes on
+            assert not caller.closed.is_set()
+            for i in range(1000):
+                await caller.send_raw(f"{{still not json {i}")
+            await asyncio.wait_for(caller.closed.wait(), 30)
+        await stack.gateway.wait_idle(30)
+        events = await call_events(stack.gateway.backend, call_id)
+        errors = [e.payload for e in events if e.type == "error.raised"]
+        assert len(errors) == 12, "ten recorded one by one, one saying the rest are counted, one ending the call"
+        assert "counted, not recorded" in errors[10].message  # type: ignore[attr-defined]
+        assert errors[11].fatal  # type: ignore[attr-defined]
+        assert assert_whole(events).reason == "protocol_error"
+
+
+async def test_a_media_stream_claiming_another_call_is_refused_and_the_real_one_connects(tmp_path: Path) -> None:
+    async with local_stack(Settings(home=tmp_path)) as stack:
+        caller = stack.caller(to=AGENT_NUMBER)
+        instructions = await caller.dial()
+        forger = TwilioCaller(stack.base_url, stack.auth_token, account_sid=caller.account_sid, to=AGENT_NUMBER)
+        await forger.connect(instructions)  # the answered call's parameters, another CallSid
+        await asyncio.wait_for(forger.closed.wait(), 10)
+        assert forger.close_code == 1008
+        assert not stack.gateway.sessions
+        async with caller:
+            await caller.connect(instructions)
+            await caller.send_mulaw(SILENCE_1S)
+            await caller.stop()
+        await stack.gateway.wait_idle(30)
+        call_id = instructions.parameters["call_id"]
+        assert assert_whole(await call_events(stack.gateway.backend, call_id)).reason == "caller_hangup"
+        admin = stack.gateway.backend.admin()
+        try:
+            audited = [EventCodec().decode(r.value).payload async for r in admin.read_key([AUDIT], call_id.encode())]
+        finally:
+            await admin.close()
+        assert [(a.action, a.resource) for a in audited] == [  # type: ignore[attr-defined]
+            ("media.call_mismatch", forger.call_sid)]
+
+
+class BuggyVoice(TtsProvider):
+    """A voice with a bug: not a provider failure (those are ProviderErrors the session handles) but an
+    exception nobody expected, in the middle of the call's speech task."""
+
+    name = "buggy"
+    capabilities = TtsCapabilities(streaming=True, codecs=("pcm_s16le",))
+
+    def synthesize(self, text: str, *, voice: str, sample_rate: int = 16000) -> AsyncIterator[bytes]:
+        raise ZeroDivisionError("a bug in the voice")
+
+
+async def test_a_task_of_the_call_that_crashes_ends_the_call_with_the_error_instead_of_silence(tmp_path: Path) -> None:
+    async with local_stack(Settings(home=tmp_path)) as stack:
+        registry = stack.gateway.provider_registry
+        stack.gateway.providers_factory = lambda agent: Providers(
+            asr=registry.asr(agent), llm=registry.llm(agent), tts=BuggyVoice())
+        caller = stack.caller(to=AGENT_NUMBER)
+        instructions = await caller.dial()
+        async with caller:
+            await caller.connect(instructions)
+            await asyncio.wait_for(caller.closed.wait(), 30)  # hung up, not left in silence
+        await stack.gateway.wait_idle(30)
+        events = await call_events(stack.gateway.backend, instructions.parameters["call_id"])
+        end = assert_whole(events)
+        assert end.reason == "error"
+        assert "ZeroDivisionError: a bug in the voice" in (end.detail or "")
+        crashed = [e.payload for e in events if e.type == "error.raised"]
+        assert [(c.kind, c.fatal) for c in crashed] == [("crashed", True)]  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- a gateway killed mid-call
