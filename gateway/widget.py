@@ -106,6 +106,12 @@ def widget_router(gateway: Gateway) -> APIRouter:
         call = InboundCall(call_id=new_call_id(), channel="widget", direction="inbound", tenant_id=agent.tenant,
                            agent_id=agent.id, routed_by="widget_key",
                            parameters={"page": str(hello.get("page", ""))[:500]})
+        refusal = await gateway.admit(call)
+        if refusal is not None:  # the page says so; 1013: try again later
+            with contextlib.suppress(Exception):
+                await websocket.send_text(json.dumps({"type": "busy", "message": refusal.detail}))
+                await websocket.close(code=1013)
+            return
         transport = WidgetTransport(websocket)
         session = gateway.open_session(call, agent, transport, memory=await gateway.recall(call))
         await websocket.send_text(json.dumps({"type": "started", "call_id": call.call_id}))

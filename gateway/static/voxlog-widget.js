@@ -83,6 +83,7 @@
         else if (msg.type === "clear") clearPlayback();
         else if (msg.type === "end") { status.textContent = "call ended (" + msg.reason + ")"; stop(); }
         else if (msg.type === "error") { status.textContent = "error: " + msg.message; }
+        else if (msg.type === "busy") { status.textContent = "all lines are busy, please try again shortly"; stop(); }
       };
       socket.onclose = () => { if (status.textContent === "connected") status.textContent = "disconnected"; stop(); };
       capture.port.onmessage = (event) => { if (socket && socket.readyState === WebSocket.OPEN) socket.send(event.data); };

@@ -6,6 +6,7 @@ long enough: every wait polls for what it expects, with a deadline."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import websockets
 
 from consumers.base import LogAdmin, TopicPartition
 from consumers.events import read_call
@@ -175,6 +177,25 @@ async def test_one_tenant_over_its_limit_is_told_busy_and_the_others_are_served(
         answers = [await c.ring() for c in callers]
         assert ['<Reject reason="busy"' in a.text for a in answers] == [False, False, True, True]
         assert stack.gateway.admission.tenant_live("demo") == 2
+
+
+async def test_a_widget_caller_past_capacity_is_told_busy(tmp_path: Path) -> None:
+    async with local_stack(Settings(home=tmp_path, max_calls=1)) as stack:
+        url = stack.base_url.replace("http", "ws") + "/widget/ws"
+        hello = json.dumps({"type": "hello", "key": "demo-widget-key"})
+        async with websockets.connect(url) as first:
+            await first.send(hello)
+            assert json.loads(await first.recv())["type"] == "started"
+            async with websockets.connect(url) as second:
+                await second.send(hello)
+                answer = json.loads(await second.recv())
+                assert answer["type"] == "busy"
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await second.recv()
+                assert closed.value.rcvd is not None
+                assert closed.value.rcvd.code == 1013
+        await stack.gateway.wait_idle(30)
+        assert stack.gateway.metrics.refused.labels("demo", "front-desk", "gateway_at_capacity")._value.get() == 1
 
 
 async def test_api_keys_are_rate_limited_and_strangers_cannot_make_the_audit_trail_grow_without_end(
