@@ -41,6 +41,7 @@ from projections.tables import (
     ERASURES,
     ERRORS,
     PROMPT_VERSIONS,
+    REFUSED_CALLS,
     TOOL_CALLS,
     TRANSCRIPTS,
     TURNS,
@@ -53,6 +54,7 @@ from schemas.events import (
     BargeIn,
     CallEnded,
     CallerErased,
+    CallRefused,
     CallStarted,
     ConsentGiven,
     ConsentRefused,
@@ -137,8 +139,8 @@ class CallsFold:
     """Events in, rows out. `knows(call_id)` says whether a call's state is here (else fold its
     history first)."""
 
-    tables = (CALLS, TURNS, TRANSCRIPTS, TOOL_CALLS, ERRORS, PROMPT_VERSIONS, ERASURES, ERASED_CALLS)
-    event_types = frozenset(t.EVENT_TYPE for t in (CallerErased,
+    tables = (CALLS, TURNS, TRANSCRIPTS, TOOL_CALLS, ERRORS, PROMPT_VERSIONS, ERASURES, ERASED_CALLS, REFUSED_CALLS)
+    event_types = frozenset(t.EVENT_TYPE for t in (CallerErased, CallRefused,
 
         CallStarted, ConsentGiven, ConsentRefused, SpeechStopped, TranscriptFinal, TurnTaken, LlmRequested,
         LlmDecided, TtsRequested, TtsCompleted, BargeIn, GuardrailTriggered, ToolRequested, ToolSucceeded, ToolFailed,
@@ -175,6 +177,11 @@ class CallsFold:
     def apply(self, event: Event[EventPayload]) -> list[Output]:
         if isinstance(event.payload, CallerErased):
             return self._erase(event)
+        if isinstance(event.payload, CallRefused):  # a call that never was: a row of its own, nothing else
+            p, envelope = event.payload, event.envelope
+            return [(REFUSED_CALLS, (envelope.tenant_id, envelope.call_id, at(envelope.event_time_us), p.agent_id,
+                                     p.channel, p.direction, p.reason, p.detail, p.live_calls, p.limit,
+                                     envelope.seq))]
         envelope = event.envelope
         seq = envelope.seq
         call = self.calls.get(envelope.call_id)

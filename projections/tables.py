@@ -329,6 +329,27 @@ ERASED_CALLS = Table(
     "SELECT count() FROM erased_calls FINAL WHERE erasure_id = 'erasure-...'",
 )
 
+REFUSED_CALLS = Table(
+    "refused_calls",
+    "Calls the gateway did not take on (admission control): the caller heard busy. They have no row in "
+    "`calls`.",
+    (
+        TENANT, CALL,
+        _c("at", TIME, "When the call came."),
+        _c("agent_id", "LowCardinality(String)", "The agent it was routed to."),
+        _c("channel", "LowCardinality(String)", "phone, sip or widget."),
+        _c("direction", "LowCardinality(String)", "inbound or outbound."),
+        _c("reason", "LowCardinality(String)", "gateway_at_capacity, tenant_at_capacity, or not_ready (the "
+           "gateway could not write its log, or was shutting down)."),
+        _c("detail", "String", "The limit, in words."),
+        _c("live_calls", "UInt32", "Calls counted against the limit when this one came."),
+        _c("call_limit", "UInt32", "The limit that was reached."),
+        VERSION,
+    ),
+    ("tenant_id", "call_id"),
+    "SELECT toStartOfHour(at) AS hour, reason, count() FROM refused_calls FINAL GROUP BY hour, reason ORDER BY hour",
+)
+
 RECORDINGS = Table(
     "recordings",
     "One row per call recording: a stereo WAV, the caller on the left, the agent on the right.",
@@ -369,7 +390,7 @@ OFFSETS = Table(
 )
 
 ANALYST_TABLES = (CALLS, TURNS, TRANSCRIPTS, TOOL_CALLS, ERRORS, PROMPT_VERSIONS, CALLER_MEMORY, RECORDINGS, AUDIT_LOG,
-                  ERASURES, ERASED_CALLS)
+                  ERASURES, ERASED_CALLS, REFUSED_CALLS)
 
 
 def analytics_markdown() -> str:

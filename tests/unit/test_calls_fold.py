@@ -12,11 +12,12 @@ from typing import Any
 from projections.audit import epoch_us
 from projections.calls import CallsFold
 from projections.runner import RowBatch
-from projections.tables import PROMPT_VERSIONS, TOOL_CALLS, Output
+from projections.tables import PROMPT_VERSIONS, TOOL_CALLS, Output, at
 from schemas.base import Event, EventPayload
 from schemas.envelope import Envelope
 from schemas.events import (
     CallEnded,
+    CallRefused,
     CallStarted,
     ConsentGiven,
     ErrorRaised,
@@ -248,3 +249,17 @@ def test_names_the_call_was_told_are_redacted_wherever_said_after() -> None:
     assert arguments["tc0-2"] == '{"who":"the lovelace account"}'
     (call,) = (row for row in table["calls"] if row[1] == "call-0")
     assert "Lovelace" not in repr(call)
+
+
+def test_a_refused_call_is_a_row_of_refused_calls_and_nothing_else() -> None:
+    refused = CallRefused(reason="gateway_at_capacity", detail="this gateway serves 20 calls at once",
+                          channel="phone", direction="inbound", agent_id="front-desk", live_calls=20, limit=20,
+                          from_number="+15557000009", to_number="+15550100", provider_call_id="CA9")
+    event = Event(Envelope(event_id="call-9/0", tenant_id="demo", call_id="call-9", seq=0, type=refused.EVENT_TYPE,
+                           schema_version=refused.EVENT_VERSION, event_time_us=5_000_000, producer="t",
+                           producer_version="0"), refused)
+    written = tables(fold([event]))
+    assert list(written) == ["refused_calls"], "no row in calls: the call never was"
+    (row,) = written["refused_calls"]
+    assert row[1:] == ("call-9", at(5_000_000), "front-desk", "phone", "inbound", "gateway_at_capacity",
+                       "this gateway serves 20 calls at once", 20, 20, 0)
