@@ -25,20 +25,20 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from consumers.backends import LogBackend
 from consumers.events import ConsumedEvent
 from consumers.worker import open_state_db, run_in_group
-from gateway.outbound import OutboundRoute, status_url, voice_url
-from gateway.twilio_rest import TwilioRest, TwilioRestError
 from producers.base import LogProducer
 from producers.events import CallRecorder, EventWriter
 from schemas.base import EventPayload
 from schemas.envelope import Envelope
 from schemas.events import CallDialFailed, CallDialPlaced, CallDialRequested
 from schemas.topics import COMMANDS, topic_for
+from schemas.version import __version__
+from streams.channels.twilio_outbound import OutboundRoute, status_url, voice_url
+from streams.channels.twilio_rest import TwilioRest, TwilioRestError
 from streams.rate_limit import TokenBucket
 from streams.tenants import Tenants
-from voxlog import __version__
-from voxlog.backends import LogBackend
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-from consumers.base import CommitFailed, LogAdmin, LogConsumer, LogRecord, TopicInfo, TopicPartition
+from consumers.base import CommitFailed, LogAdmin, LogConsumer, TopicInfo
+from producers.base import LogRecord, TopicPartition
 from producers.embedded import open_log_file
 from producers.embedded_store import CommitRejected, LogFile
 from producers.notify import notifier_for

@@ -17,6 +17,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from consumers.backends import LogBackend
 from consumers.events import ConsumedEvent, read_call
 from consumers.worker import run_in_group
 from producers.base import LogProducer
@@ -24,10 +25,9 @@ from producers.events import CallRecorder, EventWriter
 from schemas.base import Event, EventPayload
 from schemas.events import CallEnded, CallStarted, CallSummarized
 from schemas.topics import CALLS
+from schemas.version import __version__
 from streams.memory import OFFLINE_SOURCE, caller_key, clean_summary, person_number, summarize, summary_request
 from streams.providers.base import LlmProvider, ProviderError
-from voxlog import __version__
-from voxlog.backends import LogBackend
 
 log = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from consumers.backends import LogBackend
 from consumers.events import ConsumedEvent, dead_letter_headers
 from consumers.worker import open_state_db, run_in_group
 from producers.base import LogProducer
@@ -32,9 +33,8 @@ from schemas.codec import EventCodec
 from schemas.envelope import Envelope
 from schemas.events import ToolFailed, ToolRequested, ToolSucceeded
 from schemas.topics import COMMANDS, DEADLETTER, TOOL_RESULTS
+from schemas.version import __version__
 from streams.agents import AgentRouter, ToolDefinition
-from voxlog import __version__
-from voxlog.backends import LogBackend
 
 log = logging.getLogger(__name__)
 

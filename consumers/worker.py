@@ -9,11 +9,11 @@ import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
+from consumers.backends import LogBackend
 from consumers.base import CommitFailed
 from consumers.events import ConsumedEvent, EventConsumer
 from producers.base import LogProducer
 from schemas.codec import EventCodec
-from voxlog.backends import LogBackend
 
 log = logging.getLogger(__name__)
 

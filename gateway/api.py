@@ -27,7 +27,6 @@ from starlette.background import BackgroundTask
 from consumers.events import read_call
 from gateway.admission import retry_after
 from gateway.calls import PRODUCER, Gateway, new_call_id
-from gateway.outbound import DIAL_ID, check_parameters
 from producers.events import CallRecorder, standalone_event
 from projections.recording_store import RangeNotSatisfiable, RecordingStoreError
 from projections.store import AnalyticsError
@@ -35,10 +34,11 @@ from projections.tenant_sql import ForbiddenQuery, QueryFailed
 from schemas.base import Event, EventPayload
 from schemas.events import CallDialFailed, CallDialPlaced, CallDialRequested, CallStatus
 from schemas.topics import CALLS, COMMANDS
+from schemas.version import __version__
 from streams.agents import RoutingError
+from streams.channels.twilio_outbound import DIAL_ID, check_parameters
 from streams.memory import erasure, new_erasure_id
 from streams.tenants import E164, TenantSpec
-from voxlog import __version__
 
 _BYTE_RANGE = re.compile(r"bytes=(\d+-\d*|-\d+)")
 """One byte range (the store is asked for it as it is); several in one request get the whole file."""

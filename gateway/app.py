@@ -1,6 +1,6 @@
 """The FastAPI application: Twilio webhooks and media streams, the web widget, health.
 
-`create_app(settings)` wires the gateway runtime (`gateway.calls.Gateway`) into the routes; it starts
+`create_app(gateway)` wires the gateway runtime (`gateway.calls.Gateway`) into the routes; it starts
 and stops with the app's lifespan. `voxlog serve` runs it with uvicorn.
 """
 
@@ -24,9 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.api import api_router
 from gateway.calls import PRODUCER, Gateway, new_call_id
-from gateway.outbound import OutboundRouteError, dial_status_route, outbound_route
 from gateway.twilio_media import Dtmf, Malformed, Media, Stop, TwilioMediaTransport, iterate_media, wait_for_start
-from gateway.twilio_rest import TwilioRest
 from gateway.twilio_webhooks import (
     DIAL_ACTION_PATH,
     CallRejected,
@@ -39,17 +37,13 @@ from gateway.twilio_webhooks import (
 )
 from gateway.widget import widget_router
 from producers.events import CallRecorder
-from projections.recording_store import recording_store
-from projections.store import AnalyticsError, AnalyticsStore
 from schemas.base import EventPayload
 from schemas.events import CallStatus
-from streams.agents import DEFAULT_AGENTS_DIR, AgentRouter, RoutingError, load_agents
+from schemas.version import __version__
+from streams.agents import RoutingError
+from streams.channels.twilio_outbound import OutboundRouteError, dial_status_route, outbound_route
 from streams.core import RETURNED_FROM_HANDOFF, handoff_id_of
-from streams.tenants import Tenants, load_tenants
 from streams.transport import InboundCall
-from voxlog import __version__
-from voxlog.backends import log_backend
-from voxlog.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -57,33 +51,6 @@ LATE_STATUS_CALLS = 1000
 """Calls whose recorder is kept after they end, for the carrier's final status callbacks."""
 PENDING_CALLS = 10_000
 """Calls answered by the voice webhook whose media stream has not connected yet."""
-
-
-def twilio_rest(settings: Settings) -> TwilioRest | None:
-    token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else ""
-    if not (settings.twilio_account_sid and token):
-        return None
-    return TwilioRest(settings.twilio_account_sid, token, base_url=settings.twilio_api_base)
-
-
-def build_gateway(settings: Settings) -> Gateway:
-    agents_dir = settings.agents_dir or DEFAULT_AGENTS_DIR
-    analytics, analytics_error = None, None
-    if settings.run_projections or settings.clickhouse_dsn:
-        try:
-            analytics = AnalyticsStore.open(settings.clickhouse_dsn, settings.home)
-        except AnalyticsError as exc:
-            log.error("analytics unavailable: %s", exc)
-            analytics_error = str(exc)
-    else:
-        analytics_error = "this gateway runs without analytics (VOXLOG_RUN_PROJECTIONS=false, no VOXLOG_CLICKHOUSE_DSN)"
-    return Gateway(backend=log_backend(settings), router=AgentRouter(load_agents(agents_dir)),
-                   tenants=Tenants(load_tenants(agents_dir)), home=settings.home, run_workers=settings.run_workers,
-                   webhook_secret=settings.webhook_secret.get_secret_value().encode(), rest=twilio_rest(settings),
-                   public_url=settings.public_url, analytics=analytics, analytics_error=analytics_error,
-                   run_projections=settings.run_projections and analytics is not None,
-                   recording_store=recording_store(settings), capacity=settings.call_capacity,
-                   drain_s=settings.drain_s)
 
 
 class GatewayServer(uvicorn.Server):
@@ -100,20 +67,10 @@ class GatewayServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def gateway_server(settings: Settings, host: str, port: int, *, gateway: Gateway | None = None,
-                   log_level: str = "info") -> GatewayServer:
-    runtime = gateway or build_gateway(settings)
-    config = uvicorn.Config(create_app(settings, gateway=runtime), host=host, port=port, log_level=log_level,
-                            ws="websockets", lifespan="on", timeout_graceful_shutdown=max(1, int(settings.drain_s)))
-    return GatewayServer(config, runtime)
-
-
-def create_app(settings: Settings | None = None, *, gateway: Gateway | None = None) -> FastAPI:
-    settings = settings or Settings()
-    runtime = gateway or build_gateway(settings)
+def create_app(runtime: Gateway) -> FastAPI:
     pending: OrderedDict[str, InboundCall] = OrderedDict()
     ended: OrderedDict[str, CallRecorder] = OrderedDict()  # provider call id -> the call's recorder
-    token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else ""
+    token = runtime.twilio_auth_token
     rest = runtime.rest
 
     @asynccontextmanager
@@ -239,14 +196,14 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
                             action="webhook.rejected", resource=info.path, outcome="denied", detail=info.reason,
                             remote_addr=info.remote)
 
-    app.include_router(twilio_router(lambda: token, settings.public_url, on_inbound, on_status,
+    app.include_router(twilio_router(lambda: token, runtime.public_url, on_inbound, on_status,
                                      on_rejected=on_rejected, on_dial_action=on_dial_action))
     app.include_router(widget_router(runtime))
     app.include_router(api_router(runtime))
 
     @app.websocket("/twilio/media")
     async def twilio_media(websocket: WebSocket) -> None:
-        if token and not validate_media_handshake(token, websocket, settings.public_url):
+        if token and not validate_media_handshake(token, websocket, runtime.public_url):
             await websocket.close(code=1008)
             return
         await websocket.accept()
@@ -269,7 +226,7 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
                 await websocket.close(code=1008)
             return
         agent = runtime.router.get(call.tenant_id, call.agent_id)
-        action = f"{public_base_url(websocket, settings.public_url)}{DIAL_ACTION_PATH}?" + urlencode(
+        action = f"{public_base_url(websocket, runtime.public_url)}{DIAL_ACTION_PATH}?" + urlencode(
             {"call_id": call.call_id, "tenant": call.tenant_id, "agent": call.agent_id, "direction": call.direction})
         transport = TwilioMediaTransport.from_start(websocket, start, rest=rest,
                                                     transfer_twiml=partial(dial_twiml, action=action))

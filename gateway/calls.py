@@ -22,14 +22,15 @@ from typing import Any
 
 import httpx
 
+from consumers.backends import LogBackend, ensure_topics
 from consumers.base import LogConsumer
 from consumers.call_leases import CallReaper, LeasedCall, LeaseKeeper, new_instance_id
 from consumers.dialer import DialStore, DialWorker
 from consumers.summariser import Summariser
+from consumers.tool_replies import ToolReplies
 from consumers.tools import ToolRunner, ToolStore, ToolWorker, WebhookSigner
 from gateway.admission import Admission, RateLimits, Refusal
 from gateway.config_audit import record_config_changes
-from gateway.twilio_rest import TwilioRest
 from producers.base import LogProducer
 from producers.events import CallRecorder, EventWriter, standalone_event
 from projections.audit import epoch_us
@@ -40,7 +41,9 @@ from projections.tables import CALLER_MEMORY
 from projections.tenant_sql import TenantSql
 from schemas.events import AuditRecorded, CallRefused, MemoryLoaded, MemorySummary
 from schemas.topics import GATEWAYS
+from schemas.version import __version__
 from streams.agents import AgentRouter, AgentSpec
+from streams.channels.twilio_rest import TwilioRest
 from streams.config_changes import config_items
 from streams.memory import caller_key
 from streams.metrics import CallMetrics
@@ -48,10 +51,7 @@ from streams.providers.base import LlmProvider
 from streams.providers.registry import ProviderRegistry
 from streams.session import CallSession, Providers, SessionReport
 from streams.tenants import Tenants
-from streams.tool_replies import ToolReplies
 from streams.transport import InboundCall, MediaTransport
-from voxlog import __version__
-from voxlog.backends import LogBackend, ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,8 @@ class Gateway:
     run_workers: bool = True
     """Run the tool worker and the dialer in this process too (one machine); with Kafka they usually run apart."""
     webhook_secret: bytes = b""
+    twilio_auth_token: str = ""
+    """Checks Twilio's signatures on webhooks and media streams; empty: none are checked (no Twilio account)."""
     rest: TwilioRest | None = None
     """Twilio's REST API, when an account is configured: transfers, hang-ups, outbound calls."""
     public_url: str | None = None

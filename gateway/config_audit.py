@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 
-from consumers.base import LogRecord
+from consumers.backends import LogBackend
+from consumers.processor_runner import read_to_end
+from producers.base import LogRecord
 from producers.events import EventWriter, standalone_event
 from schemas.events import AuditRecorded
 from schemas.topics import CONFIG
+from schemas.version import __version__
 from streams.config_changes import ConfigChange, ConfigItem, config_changes
-from streams.runner import read_to_end
-from voxlog import __version__
-from voxlog.backends import LogBackend
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,13 @@
-"""The write half of the log contract, implemented once per backend (`kafka.py`, `embedded.py`)."""
+"""The write half of the log contract, implemented once per backend (`kafka.py`, `embedded.py`), and what
+both halves share: a record as the log holds it, a topic partition."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import NamedTuple, Self
 
 from schemas.topics import DEADLETTER
 
@@ -18,6 +20,26 @@ MAX_MESSAGE_BYTES = 1_000_000
 # allowed on the dead-letter topic (still under the broker's 1,048,588), so any message the log
 # accepted can also be dead-lettered.
 DEAD_LETTER_HEADROOM = 16 * 1024
+
+
+class TopicPartition(NamedTuple):
+    topic: str
+    partition: int
+
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...]
+    timestamp_ms: int
+
+    @property
+    def tp(self) -> TopicPartition:
+        return TopicPartition(self.topic, self.partition)
+
 
 
 class LogWriteError(RuntimeError):

@@ -11,7 +11,8 @@ file to a store; the API reads it back from there; caller erasure removes it. Tw
   metadata, so object and facts appear together in one PUT (or one multipart upload): an object
   that exists is final.
 
-`recording_store(settings)` picks one: S3 when `VOXLOG_RECORDINGS_S3_URL` is set, else the local folder.
+`voxlog.backends.recording_store(settings)` picks one: S3 when `VOXLOG_RECORDINGS_S3_URL` is set, else the
+local folder.
 """
 
 from __future__ import annotations
@@ -22,10 +23,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from voxlog.settings import Settings
+from typing import Protocol
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 _S3_URL = re.compile(r"s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<prefix>.*))?")
@@ -170,12 +168,3 @@ class LocalRecordingStore:
             self._facts_path(wav).unlink(missing_ok=True)
         except OSError as exc:
             raise RecordingStoreError(f"cannot erase {wav}: {exc}") from exc
-
-
-def recording_store(settings: Settings) -> RecordingStore:
-    """The store the settings name: S3 with `recordings_s3_url`, else the recordings folder."""
-    if settings.recordings_s3_url is None:
-        return LocalRecordingStore(settings.recordings_path)
-    from projections.recording_store_s3 import S3RecordingStore  # boto3 is imported only when it is used
-
-    return S3RecordingStore.from_settings(settings)

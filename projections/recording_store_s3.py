@@ -37,8 +37,6 @@ from projections.recording_store import (
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-    from voxlog.settings import Settings
-
 READ_CHUNK_BYTES = 64 * 1024
 CLIENT_CONFIG = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"})
 """Fail within seconds when the store is unreachable (the projection retries on its own, and logs it)."""
@@ -71,19 +69,16 @@ class S3RecordingStore:
         self.endpoint_url = endpoint_url
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> S3RecordingStore:
-        if settings.recordings_s3_url is None:
-            raise ValueError("no S3 store is configured (VOXLOG_RECORDINGS_S3_URL)")
-        bucket, prefix = parse_s3_url(settings.recordings_s3_url)
-        key_id, secret = settings.recordings_s3_access_key_id, settings.recordings_s3_secret_access_key
-        endpoint = settings.recordings_s3_endpoint_url
+    def connect(cls, url: str, *, endpoint_url: str | None = None, region: str | None = None,
+                access_key_id: str | None = None, secret_access_key: str | None = None) -> S3RecordingStore:
+        """The store at `url` (s3://bucket/prefix); without keys, boto3's own chain finds them."""
+        bucket, prefix = parse_s3_url(url)
         # Path-style addressing for a store of one's own: its host name has no per-bucket subdomains.
-        config = CLIENT_CONFIG.merge(Config(s3={"addressing_style": "path"})) if endpoint else CLIENT_CONFIG
+        config = CLIENT_CONFIG.merge(Config(s3={"addressing_style": "path"})) if endpoint_url else CLIENT_CONFIG
         client = boto3.session.Session().client(
-            "s3", endpoint_url=endpoint, region_name=settings.recordings_s3_region,
-            aws_access_key_id=key_id.get_secret_value() if key_id else None,
-            aws_secret_access_key=secret.get_secret_value() if secret else None, config=config)
-        return cls(client, bucket, prefix, endpoint_url=endpoint)
+            "s3", endpoint_url=endpoint_url, region_name=region, aws_access_key_id=access_key_id,
+            aws_secret_access_key=secret_access_key, config=config)
+        return cls(client, bucket, prefix, endpoint_url=endpoint_url)
 
     def describe(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}" + (f" at {self.endpoint_url}" if self.endpoint_url else "")

@@ -61,8 +61,10 @@ from typing import BinaryIO, TypeVar
 
 import numpy as np
 
-from consumers.base import LogAdmin, LogRecord, TopicPartition
+from consumers.backends import EmbeddedBackend, LogBackend
+from consumers.base import LogAdmin
 from consumers.events import read_call
+from producers.base import LogRecord, TopicPartition
 from producers.partitioning import partition_for
 from projections import tables
 from projections.erasure import CALLS_ERASED, ERASED_CALL_IDS, ErasedCallers
@@ -83,7 +85,6 @@ from streams.audio import Resampler, mulaw_to_pcm16, resample_pcm16
 from streams.memory import caller_key, person_number
 from streams.providers.base import PCM_RATE
 from streams.redaction import default_redactor
-from voxlog.backends import EmbeddedBackend, LogBackend
 
 __all__ = ["RECORDINGS", "RecordingsProjection", "recording_path"]
 

@@ -25,9 +25,9 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from consumers.base import LogRecord, TopicPartition
+from consumers.backends import LogBackend, ensure_topics
 from consumers.events import ConsumedEvent, EventConsumer, dead_letter_headers, read_call
-from producers.base import LogProducer
+from producers.base import LogProducer, LogRecord, TopicPartition
 from projections.audit import AuditFold, epoch_us
 from projections.calls import CallsFold
 from projections.erasure import ErasedCallers
@@ -53,7 +53,6 @@ from schemas.events import CallerErased, CallStarted, CallSummarized
 from schemas.topics import AUDIT, CALLS, COMMANDS, DEADLETTER
 from streams.agents import AgentRouter
 from streams.redaction import default_redactor
-from voxlog.backends import LogBackend, ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +351,7 @@ class ProjectionRunner:
     async def project(self, batch: Sequence[ConsumedEvent], dead_letters: LogProducer,
                       positions: dict[TopicPartition, int]) -> None:
         """Folds one batch and writes its rows, then `positions` (the offsets after it) once its dead
-        letters are durable: for a runner that reads the log itself (`projections.faust_app`)."""
+        letters are durable: for a runner that reads the log itself (`projections.faust_projections`)."""
         pending = RowBatch()
         await self._fold(batch, dead_letters, pending)
         await self._settle(pending, None)  # this runner cannot tell when the log is read to its end

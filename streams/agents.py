@@ -19,12 +19,19 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from streams.config_changes import content_hash
-
 DEFAULT_AGENTS_DIR = Path(__file__).resolve().parent.parent / "voxlog" / "agents"
 TENANT_FILES = ("tenant.yaml", "tenant.yml", "tenant.toml")
 """A tenant's own settings (`streams.tenants`), beside its agents."""
 
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def content_hash(document: Any) -> str:
+    """`sha256:` and 16 hex digits of a JSON document's canonical form (an agent's version)."""
+    return "sha256:" + hashlib.sha256(canonical_json(document).encode()).hexdigest()[:16]
 
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

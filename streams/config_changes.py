@@ -10,15 +10,13 @@ now gives the changes, and each change names the fields that differ, for the aud
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-if TYPE_CHECKING:  # streams.agents hashes its definitions with `content_hash`
-    from streams.agents import AgentSpec
-    from streams.tenants import TenantSpec
+from streams.agents import AgentSpec, canonical_json, content_hash
+from streams.tenants import TenantSpec
 
 ChangeKind = Literal["added", "changed", "removed"]
 MAX_FIELDS_LISTED = 20
@@ -66,15 +64,6 @@ class ConfigChange:
         more = f" and {len(self.fields) - MAX_FIELDS_LISTED} more" if len(self.fields) > MAX_FIELDS_LISTED else ""
         changed = f"; changed: {listed}{more}" if self.fields else ""
         return f"{self.old_version or '-'} -> {self.new_version or '-'}{changed}"
-
-
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
-
-
-def content_hash(document: Any) -> str:
-    """`sha256:` and 16 hex digits of a JSON document's canonical form (an agent's version)."""
-    return "sha256:" + hashlib.sha256(canonical_json(document).encode()).hexdigest()[:16]
 
 
 def config_items(agents: Iterable[AgentSpec], tenants: Iterable[TenantSpec]) -> dict[str, ConfigItem]:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from consumers.backends import EmbeddedBackend, KafkaBackend, LogBackend
 from projections.store import AnalyticsStore
 from tests.needs import missing
 from tests.provider_server import ProviderServer
-from voxlog.backends import EmbeddedBackend, KafkaBackend, LogBackend
 
 KAFKA_ENV = "VOXLOG_TEST_KAFKA_BOOTSTRAP"
 

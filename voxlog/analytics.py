@@ -7,8 +7,10 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from consumers.base import LogAdmin, LogRecord
+from consumers.backends import LogBackend, ensure_topics
+from consumers.base import LogAdmin
 from gateway.config_audit import NO_CALL
+from producers.base import LogRecord
 from producers.events import EventWriter, standalone_event
 from projections.audit import (
     ANCHOR_ACTION,
@@ -19,16 +21,15 @@ from projections.audit import (
     audit_source,
     compare_with_log,
 )
-from projections.recording_store import recording_store
 from projections.runner import AuditProjection, Projection, ProjectionRunner, catch_up, default_projections
 from projections.store import AnalyticsStore, QueryResult
 from projections.tables import AUDIT_LOG, OFFSETS
 from schemas.base import Event, EventPayload
 from schemas.codec import EventCodec, UndecodableMessage
 from schemas.events import AuditRecorded
+from schemas.version import __version__
 from streams.agents import DEFAULT_AGENTS_DIR, AgentRouter, load_agents
-from voxlog import __version__
-from voxlog.backends import LogBackend, ensure_topics, log_backend
+from voxlog.backends import log_backend, recording_store
 from voxlog.settings import Settings
 
 SQL_LIMITS: dict[str, Any] = {

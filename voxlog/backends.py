@@ -1,85 +1,26 @@
-"""Chooses the event-log backend from settings: Kafka when a bootstrap is set, else embedded."""
+"""The backends the settings name: the event log (Kafka when a bootstrap is set, else embedded) and where
+recordings are kept (S3 when a bucket is set, else the recordings folder)."""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
-
-from consumers.base import LogAdmin, LogConsumer
-from consumers.embedded import EmbeddedAdmin, EmbeddedConsumer
-from consumers.kafka import KafkaAdmin, KafkaConsumer
-from producers.base import LogProducer
-from producers.embedded import EmbeddedProducer
-from producers.kafka import KafkaProducer
-from schemas.topics import TOPICS
+from consumers.backends import EmbeddedBackend, KafkaBackend, LogBackend
+from projections.recording_store import LocalRecordingStore, RecordingStore
 from voxlog.settings import Settings
-
-
-class LogBackend(ABC):
-    name: str
-
-    @abstractmethod
-    def producer(self, **options: Any) -> LogProducer: ...
-
-    @abstractmethod
-    def consumer(self, topics: Sequence[str], *, group_id: str | None = None, **options: Any) -> LogConsumer: ...
-
-    @abstractmethod
-    def admin(self) -> LogAdmin: ...
-
-    @abstractmethod
-    def describe(self) -> str: ...
-
-
-class EmbeddedBackend(LogBackend):
-    name = "embedded"
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def producer(self, **options: Any) -> LogProducer:
-        return EmbeddedProducer(self.path, **options)
-
-    def consumer(self, topics: Sequence[str], *, group_id: str | None = None, **options: Any) -> LogConsumer:
-        return EmbeddedConsumer(self.path, topics, group_id=group_id, **options)
-
-    def admin(self) -> LogAdmin:
-        return EmbeddedAdmin(self.path)
-
-    def describe(self) -> str:
-        return f"embedded log {self.path}"
-
-
-class KafkaBackend(LogBackend):
-    name = "kafka"
-
-    def __init__(self, bootstrap: str) -> None:
-        self.bootstrap = bootstrap
-
-    def producer(self, **options: Any) -> LogProducer:
-        return KafkaProducer(self.bootstrap, **options)
-
-    def consumer(self, topics: Sequence[str], *, group_id: str | None = None, **options: Any) -> LogConsumer:
-        return KafkaConsumer(self.bootstrap, topics, group_id=group_id, **options)
-
-    def admin(self) -> LogAdmin:
-        return KafkaAdmin(self.bootstrap)
-
-    def describe(self) -> str:
-        return f"kafka {self.bootstrap}"
-
-
-async def ensure_topics(admin: LogAdmin) -> None:
-    """Creates voxlog's topics (schemas.topics.TOPICS) where missing."""
-    await admin.create_topics(
-        {name: spec.partitions for name, spec in TOPICS.items()},
-        compacted=[name for name, spec in TOPICS.items() if spec.compacted],
-    )
 
 
 def log_backend(settings: Settings) -> LogBackend:
     if settings.kafka_bootstrap:
         return KafkaBackend(settings.kafka_bootstrap)
     return EmbeddedBackend(settings.log_path)
+
+
+def recording_store(settings: Settings) -> RecordingStore:
+    if settings.recordings_s3_url is None:
+        return LocalRecordingStore(settings.recordings_path)
+    from projections.recording_store_s3 import S3RecordingStore  # boto3 is imported only when it is used
+
+    key_id, secret = settings.recordings_s3_access_key_id, settings.recordings_s3_secret_access_key
+    return S3RecordingStore.connect(
+        settings.recordings_s3_url, endpoint_url=settings.recordings_s3_endpoint_url,
+        region=settings.recordings_s3_region, access_key_id=key_id.get_secret_value() if key_id else None,
+        secret_access_key=secret.get_secret_value() if secret else None)

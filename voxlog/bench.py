@@ -23,14 +23,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from consumers.base import TopicPartition
+from consumers.backends import LogBackend, ensure_topics
 from consumers.events import EventConsumer
+from producers.base import TopicPartition
 from producers.events import CallRecorder, EventWriter
 from producers.synthetic import concurrent_calls
 from schemas.codec import EventCodec
 from schemas.topics import CALL_TOPICS
-from voxlog import __version__
-from voxlog.backends import LogBackend, ensure_topics
+from schemas.version import __version__
 
 
 @dataclass

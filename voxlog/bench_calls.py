@@ -43,11 +43,14 @@ from typing import Any, Literal, TypeVar
 
 import httpx
 
+from consumers.backends import LogBackend
+from consumers.processor_runner import read_to_end
 from gateway.twilio_media import OutboundMedia
 from producers.synthetic import mulaw_tone
 from schemas.codec import EventCodec
 from schemas.events import CallStarted, ProviderFallback
 from schemas.topics import CALLS, TOPICS
+from schemas.version import __version__
 from streams.agents import AgentSpec
 from streams.providers.asr_chain import ChainAsr
 from streams.providers.base import AsrProvider, LlmProvider, TtsProvider
@@ -55,11 +58,8 @@ from streams.providers.registry import LLM_CHAIN_DEADLINE_S, SPEECH_CHAIN_DEADLI
 from streams.providers.resilience import ChainLlm, CircuitBreaker, Guarded, ProviderChain
 from streams.providers.timeline import ScriptedFailure, Timeline, TimelineAsr, TimelineLlm, TimelineTts
 from streams.providers.tts_chain import ChainTts
-from streams.runner import read_to_end
 from streams.session import Providers
 from streams.vad import Vad
-from voxlog import __version__
-from voxlog.backends import LogBackend
 from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
 from voxlog.sim.twilio_caller import TwilioCaller, parse_stream_twiml

@@ -23,14 +23,14 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+from consumers.backends import LogBackend, ensure_topics
 from producers.events import CallRecorder, EventWriter
 from producers.synthetic import concurrent_calls
 from projections.runner import ProjectionRunner, default_projections
 from projections.store import AnalyticsStore
 from projections.tables import Column, Table
 from schemas.events import TurnTaken
-from voxlog import __version__
-from voxlog.backends import LogBackend, ensure_topics
+from schemas.version import __version__
 
 POLL_S = 0.05
 

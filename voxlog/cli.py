@@ -19,11 +19,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from consumers.backends import EmbeddedBackend, KafkaBackend, LogBackend, ensure_topics
 from consumers.events import EventConsumer, read_call
 from schemas.topics import CALL_TOPICS
+from schemas.version import __version__
 from streams.agents import DEFAULT_AGENTS_DIR, AgentRouter, load_agents
-from voxlog import __version__
-from voxlog.backends import EmbeddedBackend, KafkaBackend, LogBackend, ensure_topics, log_backend
+from voxlog.backends import log_backend
 from voxlog.describe import describe
 from voxlog.settings import Settings
 
@@ -133,7 +134,7 @@ def serve(
 ) -> None:
     """Start the gateway (Twilio webhooks and media streams, the web widget) and, unless
     VOXLOG_RUN_WORKERS=false, the tool worker, on the configured backends."""
-    from gateway.app import gateway_server
+    from voxlog.serving import gateway_server
 
     settings = Settings()
     console.print(f"voxlog gateway on http://{host}:{port} ({log_backend(settings).describe()}); "
@@ -157,10 +158,10 @@ def workers() -> None:
     asyncio.run(_make_topics(backend))
     if isinstance(backend, KafkaBackend):
         faust_cli = Path(sys.executable).with_name("faust")
-        os.execv(faust_cli, [str(faust_cli), "-A", "streams.faust_app", "worker", "-l", "info", "--without-web"])
+        os.execv(faust_cli, [str(faust_cli), "-A", "voxlog.faust_worker", "worker", "-l", "info",
+                             "--without-web"])
 
-    from streams.faust_app import default_processors
-    from streams.runner import run_processors
+    from consumers.processor_runner import default_processors, run_processors
 
     console.print(f"stream processors on {backend.describe()}; Ctrl-C stops them")
     stop = asyncio.Event()
@@ -473,7 +474,7 @@ def projections_run(
     from projections.runner import ProjectionRunner
     analytics = _analytics()
     if isinstance(analytics.backend, KafkaBackend):
-        from projections.faust_app import run_worker
+        from projections.faust_projections import run_worker
         asyncio.run(_make_topics(analytics.backend))
         console.print(f"projections as faust agents on {analytics.backend.describe()} into "
                       f"{analytics.store.describe()}; Ctrl-C stops")

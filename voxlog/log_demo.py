@@ -12,14 +12,14 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
-from consumers.base import TopicPartition
+from consumers.backends import LogBackend, ensure_topics
 from consumers.events import EventConsumer, read_call
+from producers.base import TopicPartition
 from producers.events import CallRecorder, EventWriter
 from producers.synthetic import synthetic_call
 from schemas.codec import EventCodec
 from schemas.topics import CALL_TOPICS
-from voxlog import __version__
-from voxlog.backends import LogBackend, ensure_topics
+from schemas.version import __version__
 
 
 @dataclass

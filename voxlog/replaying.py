@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from consumers.backends import LogBackend
 from consumers.events import EventConsumer, read_call
 from schemas.events import CallStarted
 from schemas.topics import CALLS
 from streams.agents import AgentRouter, RoutingError
 from streams.replay import Divergence, ReplayResult, agent_for, verify_call
-from voxlog.backends import LogBackend
 
 
 async def recorded_call_ids(backend: LogBackend) -> list[str]:

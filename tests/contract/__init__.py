@@ -14,8 +14,9 @@ from typing import TypeVar
 
 import pytest
 
-from consumers.base import LogAdmin, LogConsumer, LogRecord, TopicPartition
-from voxlog.backends import LogBackend
+from consumers.backends import LogBackend
+from consumers.base import LogAdmin, LogConsumer
+from producers.base import LogRecord, TopicPartition
 
 T = TypeVar("T")
 

@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from consumers.backends import LogBackend
 from producers.base import LogProducer
-from voxlog.backends import LogBackend
 
 
 @pytest.fixture

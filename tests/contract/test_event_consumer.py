@@ -16,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consumers.base import LogAdmin, LogConsumer, TopicPartition
+from consumers.backends import LogBackend
+from consumers.base import LogAdmin, LogConsumer
 from consumers.events import (
     DLQ_OFFSET,
     DLQ_PARTITION,
@@ -26,7 +27,7 @@ from consumers.events import (
     EventConsumer,
     read_call,
 )
-from producers.base import MAX_MESSAGE_BYTES, LogProducer
+from producers.base import MAX_MESSAGE_BYTES, LogProducer, TopicPartition
 from producers.events import CallRecorder, EventWriter
 from schemas.base import Event, EventPayload
 from schemas.codec import HEADER_LEN, EventCodec, SchemaViolation
@@ -42,7 +43,6 @@ from schemas.events import (
 )
 from schemas.registry import SINGLE_OBJECT_MAGIC, load_registry
 from schemas.topics import CALL_TOPICS, DEADLETTER, TOPICS
-from voxlog.backends import LogBackend
 
 from . import assert_quiet, create_topics, eventually, read_topic
 

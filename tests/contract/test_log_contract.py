@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from consumers.base import LogAdmin, LogRecord, TopicPartition
-from producers.base import MAX_MESSAGE_BYTES, LogProducer, MessageTooLarge
-from voxlog.backends import EmbeddedBackend, KafkaBackend, LogBackend
+from consumers.backends import EmbeddedBackend, KafkaBackend, LogBackend
+from consumers.base import LogAdmin
+from producers.base import MAX_MESSAGE_BYTES, LogProducer, LogRecord, MessageTooLarge, TopicPartition
 
 from . import (
     DEADLINE_S,
@@ -282,8 +282,8 @@ async def test_a_stopped_consumer_loses_nothing_and_uncommitted_records_come_aga
 CRASHING_MEMBER = """
 import asyncio, json, sys
 from pathlib import Path
-from consumers.base import TopicPartition
-from voxlog.backends import EmbeddedBackend, KafkaBackend
+from producers.base import TopicPartition
+from consumers.backends import EmbeddedBackend, KafkaBackend
 
 async def main(kind, where, topic, group, session_s, total, cut):
     backend = EmbeddedBackend(Path(where)) if kind == "embedded" else KafkaBackend(where)

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from consumers.backends import EmbeddedBackend, LogBackend, ensure_topics
 from producers.embedded_store import OFFSET_BITS
 from producers.events import CallRecorder, EventWriter, standalone_event
 from producers.partitioning import partition_for
@@ -37,7 +38,6 @@ from schemas.events import AuditRecorded, ConsentGiven, HandoffOutcome, HandoffR
 from schemas.topics import AUDIT, CALLS, COMMANDS
 from streams.redaction import default_redactor
 from voxlog.analytics import record_audit_anchor, verify_audit_trail
-from voxlog.backends import EmbeddedBackend, LogBackend, ensure_topics
 
 pytestmark = pytest.mark.slow
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from consumers.backends import EmbeddedBackend
 from producers.events import CallRecorder, EventWriter
 from producers.synthetic import synthetic_call
 from tests.conftest import kafka_bootstrap
-from voxlog.backends import EmbeddedBackend
 
 
 def voxlog(*args: str, home: Path, kafka: str | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:

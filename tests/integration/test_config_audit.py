@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from consumers.backends import LogBackend, ensure_topics
 from gateway.config_audit import record_config_changes, recorded_config
 from producers.events import EventWriter
 from projections.audit import verify_chain
@@ -25,7 +26,6 @@ from streams.agents import DEFAULT_AGENTS_DIR, load_agents
 from streams.config_changes import ConfigItem, config_items
 from streams.tenants import load_tenants
 from tests.conftest import kafka_bootstrap
-from voxlog.backends import LogBackend, ensure_topics
 from voxlog.settings import Settings
 from voxlog.sim.stack import local_stack
 

@@ -12,17 +12,17 @@ from pathlib import Path
 
 import pytest
 
+from consumers.backends import LogBackend, ensure_topics
 from consumers.dialer import DialStore, DialWorker
 from consumers.events import read_call
 from gateway.api import new_dial_id
 from gateway.calls import new_call_id
-from gateway.twilio_rest import TwilioRest
 from producers.events import CallRecorder, EventWriter
 from schemas.base import Event, EventPayload
 from schemas.events import CallDialFailed, CallDialPlaced, CallDialRequested
 from streams.agents import DEFAULT_AGENTS_DIR
+from streams.channels.twilio_rest import TwilioRest
 from streams.tenants import Tenants, load_tenants
-from voxlog.backends import LogBackend, ensure_topics
 from voxlog.sim.fake_twilio import FakeTwilio, new_account_sid
 
 TOKEN = "dialer-test-token"

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from consumers.backends import EmbeddedBackend, LogBackend
 from consumers.events import read_call
 from producers.events import CallRecorder, EventWriter, standalone_event
 from producers.synthetic import synthetic_call
@@ -32,7 +33,6 @@ from schemas.events import CallerErased, CallStarted, CallSummarized
 from streams.memory import caller_key, erasure, new_erasure_id
 from tests.integration.test_cli import voxlog
 from tests.integration.test_outbound_calls import api, stream_of
-from voxlog.backends import EmbeddedBackend, LogBackend
 from voxlog.settings import Settings
 from voxlog.sim.stack import local_stack
 

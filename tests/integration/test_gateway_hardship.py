@@ -22,8 +22,10 @@ import httpx
 import pytest
 import websockets
 
-from consumers.base import LogAdmin, TopicPartition
+from consumers.backends import EmbeddedBackend, KafkaBackend, LogBackend
+from consumers.base import LogAdmin
 from consumers.events import read_call
+from producers.base import TopicPartition
 from schemas.base import Event, EventPayload
 from schemas.codec import EventCodec
 from schemas.events import CallEnded, CallRefused, CallStarted
@@ -31,7 +33,6 @@ from schemas.topics import AUDIT, CALL_TOPICS, CALLS
 from streams.providers.base import TtsCapabilities, TtsProvider
 from streams.session import Providers
 from tests.conftest import kafka_bootstrap
-from voxlog.backends import EmbeddedBackend, KafkaBackend, LogBackend
 from voxlog.settings import Settings
 from voxlog.sim.fake_twilio import FakeTwilio, new_account_sid
 from voxlog.sim.stack import LocalStack, free_port, local_stack

@@ -27,10 +27,11 @@ from schemathesis.engine import Status, events, from_schema
 from schemathesis.python.asgi import HOST, shutdown_lifespans
 
 from gateway.admission import RateLimits
-from gateway.app import build_gateway, create_app
+from gateway.app import create_app
 from gateway.twilio_webhooks import SIGNATURE_HEADER, compute_twilio_signature
 from projections.store import AnalyticsStore
 from streams.tenants import Limits, Tenants
+from voxlog.serving import build_gateway
 from voxlog.settings import Settings
 
 AUTH_TOKEN = "openapi-test-auth-token"
@@ -132,7 +133,7 @@ def test_the_gateway_does_what_its_openapi_document_says(tmp_path: Path, store: 
                 "expected-statuses": [*POSITIVE_DATA_ACCEPTED, status]}}}
             for path, status in SEMANTIC_REFUSALS.items()],
     }
-    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(settings, gateway=gateway),
+    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(gateway),
                                             config=SchemathesisConfig.from_dict(config))
     schema.auth(refresh_interval=None)(Credentials)  # signatures differ per request: nothing to cache
     try:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from consumers.backends import EmbeddedBackend, KafkaBackend, LogBackend
 from producers.events import CallRecorder, EventWriter
 from producers.synthetic import synthetic_call
 from projections.audit import verify_chain
@@ -36,7 +37,6 @@ from schemas.events import (
 from schemas.topics import DEADLETTER
 from tests.conftest import kafka_bootstrap
 from tests.unit.test_redaction import SEEDED
-from voxlog.backends import EmbeddedBackend, KafkaBackend, LogBackend
 
 pytestmark = pytest.mark.slow
 

@@ -25,11 +25,11 @@ from typing import Any
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
+from consumers.backends import KafkaBackend
 from projections.runner import default_projections
 from projections.store import AnalyticsStore
 from tests.conftest import kafka_bootstrap
 from tests.integration.test_projections import AUDIT_COLUMN, project, snapshot, write_calls
-from voxlog.backends import KafkaBackend
 
 pytestmark = [pytest.mark.slow, pytest.mark.kafka]
 

@@ -19,6 +19,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
+from consumers.backends import EmbeddedBackend
 from projections import recordings
 from projections.recording_store import (
     LocalRecordingStore,
@@ -27,7 +28,6 @@ from projections.recording_store import (
     RecordingStore,
     RecordingStoreError,
     RecordingStream,
-    recording_store,
 )
 from projections.recording_store_s3 import S3RecordingStore
 from projections.recordings import RECORDINGS, RecordingsProjection
@@ -36,7 +36,7 @@ from projections.store import AnalyticsStore
 from schemas.events import CallerAudioChunk
 from streams.audio import mulaw_to_pcm16, resample_pcm16
 from tests.unit.test_recordings import TENANT, assert_heard, call_payloads, feed, past_us, record_call, stereo
-from voxlog.backends import EmbeddedBackend
+from voxlog.backends import recording_store
 from voxlog.settings import Settings
 from voxlog.sim.stack import free_port
 

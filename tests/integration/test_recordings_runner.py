@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from consumers.base import LogRecord, TopicPartition
+from consumers.backends import EmbeddedBackend, LogBackend
+from producers.base import LogRecord, TopicPartition
 from projections.recordings import RecordingsProjection
 from projections.runner import HoldsOffsets, ProjectionRunner
 from projections.store import AnalyticsStore
@@ -22,7 +23,6 @@ from schemas.base import Event, EventPayload
 from schemas.events import CallEnded
 from schemas.topics import CALLS
 from tests.integration.test_projections import snapshot, write_calls
-from voxlog.backends import EmbeddedBackend, LogBackend
 
 pytestmark = pytest.mark.slow
 

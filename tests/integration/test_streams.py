@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from consumers.backends import KafkaBackend, LogBackend, ensure_topics
+from consumers.processor_runner import ProcessorRunner
 from producers.events import CallRecorder, EventWriter
 from producers.synthetic import synthetic_call
 from schemas.base import Event, EventPayload
 from schemas.envelope import Envelope
 from schemas.topics import CALL_REGISTRY
 from streams.call_registry import CallEntry, CallRegistry, apply
-from streams.runner import ProcessorRunner
 from tests.conftest import kafka_bootstrap
-from voxlog.backends import KafkaBackend, LogBackend, ensure_topics
 
 
 async def record_calls(backend: LogBackend, count: int, first_index: int = 0) -> dict[str, list[Event[EventPayload]]]:
@@ -140,7 +140,7 @@ async def test_faust_worker_runs_the_same_processor_on_kafka(tmp_path: Path) -> 
             "--datadir",
             str(tmp_path / "faust-data"),
             "-A",
-            "streams.faust_app",
+            "voxlog.faust_worker",
             "worker",
             "-l",
             "info",

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import httpx
 import pytest
 
+from consumers.backends import LogBackend, ensure_topics
 from consumers.events import DLQ_REASON, EventConsumer
 from consumers.tools import ToolRunner, ToolStore, ToolWorker, WebhookSigner
 from producers.events import CallRecorder, EventWriter
@@ -24,7 +25,6 @@ from schemas.base import Event, EventPayload
 from schemas.events import ToolFailed, ToolRequested, ToolSucceeded
 from schemas.topics import DEADLETTER, TOOL_RESULTS
 from streams.agents import DEFAULT_AGENTS_DIR, AgentRouter, ToolDefinition, load_agents
-from voxlog.backends import LogBackend, ensure_topics
 
 SECRET = b"webhook-secret"
 

@@ -40,7 +40,6 @@ from gateway.twilio_media import (
     iterate_media,
     wait_for_start,
 )
-from gateway.twilio_rest import TwilioRest, TwilioRestError
 from gateway.twilio_webhooks import (
     IDEMPOTENCY_HEADER,
     CallRejected,
@@ -51,6 +50,7 @@ from gateway.twilio_webhooks import (
 )
 from schemas.events import CallStatus
 from streams.audio import Resampler, mulaw_to_pcm16, pcm16_to_mulaw, resample_pcm16
+from streams.channels.twilio_rest import TwilioRest, TwilioRestError
 from streams.transport import TransportClosed
 from voxlog.sim.fake_twilio import FakeTwilio, new_account_sid
 from voxlog.sim.twilio_caller import TwilioCaller, parse_stream_twiml

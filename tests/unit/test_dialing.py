@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 
 from gateway.api import dial_time_ms, new_dial_id
 from gateway.calls import new_call_id
-from gateway.outbound import (
+from gateway.twilio_webhooks import dial_outcome_payload
+from streams.agents import DEFAULT_AGENTS_DIR, AgentConfigError, load_agents
+from streams.channels.twilio_outbound import (
     OutboundRoute,
     OutboundRouteError,
     check_parameters,
@@ -22,8 +24,6 @@ from gateway.outbound import (
     status_url,
     voice_url,
 )
-from gateway.twilio_webhooks import dial_outcome_payload
-from streams.agents import DEFAULT_AGENTS_DIR, AgentConfigError, load_agents
 from streams.rate_limit import TokenBucket
 from streams.tenants import Tenants, load_tenants
 

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from consumers.base import LogRecord
+from consumers.backends import EmbeddedBackend
+from producers.base import LogRecord
 from producers.events import CallRecorder, EventWriter
 from projections import recordings
 from projections.recordings import RECORDINGS, RecordingsProjection, recording_path
@@ -25,7 +26,6 @@ from schemas.envelope import Envelope
 from schemas.events import AgentAudioChunk, CallEnded, CallerAudioChunk, CallStarted
 from schemas.topics import AUDIO, CALLS, topic_for
 from streams.audio import pcm16_to_mulaw, rms_dbfs
-from voxlog.backends import EmbeddedBackend
 
 TENANT = "t1"
 FRAME_MS = 20

@@ -47,7 +47,6 @@ from gateway.twilio_media import (
     parse_inbound,
     parse_outbound,
 )
-from gateway.twilio_rest import TwilioCall, TwilioRestError
 from gateway.twilio_webhooks import (
     Replayed,
     ReplayGuard,
@@ -63,6 +62,7 @@ from gateway.twilio_webhooks import (
     validate_media_handshake,
     validate_twilio_request,
 )
+from streams.channels.twilio_rest import TwilioCall, TwilioRestError
 from streams.transport import TransportClosed
 
 HEX = "0123456789abcdef"

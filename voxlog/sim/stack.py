@@ -12,10 +12,10 @@ from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 
-from gateway.app import build_gateway, gateway_server
 from gateway.calls import Gateway
 from streams.agents import AgentSpec
 from streams.session import Providers
+from voxlog.serving import build_gateway, gateway_server
 from voxlog.settings import Settings
 from voxlog.sim.fake_twilio import FakeTwilio, RecordedRequest, new_account_sid
 from voxlog.sim.twilio_caller import TwilioCaller

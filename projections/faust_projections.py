@@ -59,14 +59,13 @@ from faust.transport.consumer import Consumer
 from faust.types import TP
 from mode.supervisors import CrashingSupervisor
 
-from consumers.base import LogRecord, TopicPartition
+from consumers.backends import KafkaBackend
 from consumers.events import decode_records
-from producers.base import LogProducer
+from consumers.faust_common import faust_app
+from producers.base import LogProducer, LogRecord, TopicPartition
 from projections.runner import Projection, ProjectionRunner
 from projections.store import AnalyticsStore
 from schemas.codec import EventCodec
-from streams.faust_apps import faust_app
-from voxlog.backends import KafkaBackend
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +110,7 @@ class ProjectionAgent:
             if len(assigned) < partitions:
                 log.warning("%s holds %d of its %d partitions: its group %s has another member, a worker that "
                             "crashed and whose session has not expired yet, or a second worker (run one: see "
-                            "projections.faust_app)", self.name, len(assigned), partitions, self.app.conf.id)
+                            "projections.faust_projections)", self.name, len(assigned), partitions, self.app.conf.id)
             log.info("%s: %d partitions, from the offsets stored in ClickHouse", self.name, len(assigned))
 
     async def consume(self, stream: Any) -> None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from consumers.backends import LogBackend
 from consumers.events import EventConsumer
 from schemas.base import Event, EventPayload
 from schemas.codec import EventCodec
 from schemas.topics import TOOL_RESULTS
-from voxlog.backends import LogBackend
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,12 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
-from consumers.base import CommitFailed, LogRecord
+from consumers.backends import LogBackend, ensure_topics
+from consumers.base import CommitFailed
 from consumers.events import EventConsumer
+from producers.base import LogRecord
+from streams.call_registry import CallRegistry
 from streams.processor import EventProcessor
-from voxlog.backends import LogBackend, ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,11 @@ async def read_to_end(backend: LogBackend, topic: str, handle: Callable[[LogReco
                 if record.offset + 1 >= ends[record.partition]:
                     remaining.pop(record.partition, None)
     return count
+
+
+def default_processors() -> list[EventProcessor]:
+    """The stream processors `voxlog workers` runs."""
+    return [CallRegistry()]
 
 
 class ProcessorRunner:

@@ -1,4 +1,5 @@
-"""The same processors as faust-streaming agents on Kafka: `faust -A streams.faust_app worker`.
+"""The same processors as faust-streaming agents on Kafka (`voxlog workers` runs `faust -A voxlog.faust_worker
+worker`).
 
 Each processor becomes an agent over its topics. Faust consumes in the app's group, acks an event
 once the agent has handled it, and flushes its producer before committing acked offsets, so what a
@@ -13,22 +14,16 @@ from typing import Any
 
 import faust
 
-from consumers.base import LogRecord
+from consumers.backends import KafkaBackend
 from consumers.events import dead_letter_headers
+from consumers.faust_common import faust_app
+from consumers.processor_runner import restore
+from producers.base import LogRecord
 from schemas.codec import EventCodec, UndecodableMessage
 from schemas.topics import DEADLETTER, TOPICS
-from streams.call_registry import CallRegistry
-from streams.faust_apps import faust_app
 from streams.processor import EventProcessor
-from streams.runner import restore
-from voxlog.backends import KafkaBackend
-from voxlog.settings import Settings
 
 APP_ID = "voxlog-streams"
-
-
-def default_processors() -> list[EventProcessor]:
-    return [CallRegistry()]
 
 
 def build_app(bootstrap: str, processors: Sequence[EventProcessor]) -> faust.App:
@@ -73,11 +68,3 @@ def build_app(bootstrap: str, processors: Sequence[EventProcessor]) -> faust.App
         source = app.topic(*processor.topics, key_type=bytes, value_type=bytes)
         app.agent(source, name=processor.name)(make_agent(processor))
     return app
-
-
-def _app_from_settings() -> faust.App:
-    settings = Settings()
-    return build_app(settings.kafka_bootstrap or "localhost:9092", default_processors())
-
-
-app = _app_from_settings()

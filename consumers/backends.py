@@ -1,0 +1,80 @@
+"""The two event-log backends behind one factory interface: a backend makes producers, consumers and
+admins of its kind (`EmbeddedBackend`: the SQLite file; `KafkaBackend`: a broker). `voxlog.backends`
+picks one from the settings."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from consumers.base import LogAdmin, LogConsumer
+from consumers.embedded import EmbeddedAdmin, EmbeddedConsumer
+from consumers.kafka import KafkaAdmin, KafkaConsumer
+from producers.base import LogProducer
+from producers.embedded import EmbeddedProducer
+from producers.kafka import KafkaProducer
+from schemas.topics import TOPICS
+
+
+class LogBackend(ABC):
+    name: str
+
+    @abstractmethod
+    def producer(self, **options: Any) -> LogProducer: ...
+
+    @abstractmethod
+    def consumer(self, topics: Sequence[str], *, group_id: str | None = None, **options: Any) -> LogConsumer: ...
+
+    @abstractmethod
+    def admin(self) -> LogAdmin: ...
+
+    @abstractmethod
+    def describe(self) -> str: ...
+
+
+class EmbeddedBackend(LogBackend):
+    name = "embedded"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def producer(self, **options: Any) -> LogProducer:
+        return EmbeddedProducer(self.path, **options)
+
+    def consumer(self, topics: Sequence[str], *, group_id: str | None = None, **options: Any) -> LogConsumer:
+        return EmbeddedConsumer(self.path, topics, group_id=group_id, **options)
+
+    def admin(self) -> LogAdmin:
+        return EmbeddedAdmin(self.path)
+
+    def describe(self) -> str:
+        return f"embedded log {self.path}"
+
+
+class KafkaBackend(LogBackend):
+    name = "kafka"
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+
+    def producer(self, **options: Any) -> LogProducer:
+        return KafkaProducer(self.bootstrap, **options)
+
+    def consumer(self, topics: Sequence[str], *, group_id: str | None = None, **options: Any) -> LogConsumer:
+        return KafkaConsumer(self.bootstrap, topics, group_id=group_id, **options)
+
+    def admin(self) -> LogAdmin:
+        return KafkaAdmin(self.bootstrap)
+
+    def describe(self) -> str:
+        return f"kafka {self.bootstrap}"
+
+
+async def ensure_topics(admin: LogAdmin) -> None:
+    """Creates voxlog's topics (schemas.topics.TOPICS) where missing."""
+    await admin.create_topics(
+        {name: spec.partitions for name, spec in TOPICS.items()},
+        compacted=[name for name, spec in TOPICS.items() if spec.compacted],
+    )

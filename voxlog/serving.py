@@ -1,0 +1,55 @@
+"""The gateway as the settings describe it: its runtime (log, agents, tenants, Twilio, ClickHouse,
+recordings, limits) and its uvicorn server (`voxlog serve`, the local stack)."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from gateway.app import GatewayServer, create_app
+from gateway.calls import Gateway
+from projections.store import AnalyticsError, AnalyticsStore
+from streams.agents import DEFAULT_AGENTS_DIR, AgentRouter, load_agents
+from streams.channels.twilio_rest import TwilioRest
+from streams.tenants import Tenants, load_tenants
+from voxlog.backends import log_backend, recording_store
+from voxlog.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def twilio_rest(settings: Settings) -> TwilioRest | None:
+    token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else ""
+    if not (settings.twilio_account_sid and token):
+        return None
+    return TwilioRest(settings.twilio_account_sid, token, base_url=settings.twilio_api_base)
+
+
+def build_gateway(settings: Settings) -> Gateway:
+    agents_dir = settings.agents_dir or DEFAULT_AGENTS_DIR
+    analytics, analytics_error = None, None
+    if settings.run_projections or settings.clickhouse_dsn:
+        try:
+            analytics = AnalyticsStore.open(settings.clickhouse_dsn, settings.home)
+        except AnalyticsError as exc:
+            log.error("analytics unavailable: %s", exc)
+            analytics_error = str(exc)
+    else:
+        analytics_error = "this gateway runs without analytics (VOXLOG_RUN_PROJECTIONS=false, no VOXLOG_CLICKHOUSE_DSN)"
+    token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else ""
+    return Gateway(backend=log_backend(settings), router=AgentRouter(load_agents(agents_dir)),
+                   tenants=Tenants(load_tenants(agents_dir)), home=settings.home, run_workers=settings.run_workers,
+                   webhook_secret=settings.webhook_secret.get_secret_value().encode(), rest=twilio_rest(settings),
+                   public_url=settings.public_url, analytics=analytics, analytics_error=analytics_error,
+                   run_projections=settings.run_projections and analytics is not None,
+                   recording_store=recording_store(settings), capacity=settings.call_capacity,
+                   drain_s=settings.drain_s, twilio_auth_token=token)
+
+
+def gateway_server(settings: Settings, host: str, port: int, *, gateway: Gateway | None = None,
+                   log_level: str = "info") -> GatewayServer:
+    runtime = gateway or build_gateway(settings)
+    config = uvicorn.Config(create_app(runtime), host=host, port=port, log_level=log_level,
+                            ws="websockets", lifespan="on", timeout_graceful_shutdown=max(1, int(settings.drain_s)))
+    return GatewayServer(config, runtime)
