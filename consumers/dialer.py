@@ -37,8 +37,8 @@ from schemas.topics import COMMANDS, topic_for
 from schemas.version import __version__
 from streams.channels.twilio_outbound import OutboundRoute, status_url, voice_url
 from streams.channels.twilio_rest import TwilioRest, TwilioRestError
+from streams.config.tenants import Tenants
 from streams.rate_limit import TokenBucket
-from streams.tenants import Tenants
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from consumers.processor_runner import restore
 from producers.base import LogRecord
 from schemas.codec import EventCodec, UndecodableMessage
 from schemas.topics import DEADLETTER, TOPICS
-from streams.processor import EventProcessor
+from streams.processors.processor import EventProcessor
 
 APP_ID = "voxlog-streams"
 

@@ -10,8 +10,8 @@ from consumers.backends import LogBackend, ensure_topics
 from consumers.base import CommitFailed
 from consumers.events import EventConsumer
 from producers.base import LogRecord
-from streams.call_registry import CallRegistry
-from streams.processor import EventProcessor
+from streams.processors.call_registry import CallRegistry
+from streams.processors.processor import EventProcessor
 
 log = logging.getLogger(__name__)
 

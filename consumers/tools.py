@@ -34,7 +34,7 @@ from schemas.envelope import Envelope
 from schemas.events import ToolFailed, ToolRequested, ToolSucceeded
 from schemas.topics import COMMANDS, DEADLETTER, TOOL_RESULTS
 from schemas.version import __version__
-from streams.agents import AgentRouter, ToolDefinition
+from streams.config.agents import AgentRouter, ToolDefinition
 
 log = logging.getLogger(__name__)
 

@@ -35,10 +35,10 @@ from schemas.base import Event, EventPayload
 from schemas.events import CallDialFailed, CallDialPlaced, CallDialRequested, CallStatus
 from schemas.topics import CALLS, COMMANDS
 from schemas.version import __version__
-from streams.agents import RoutingError
 from streams.channels.twilio_outbound import DIAL_ID, check_parameters
+from streams.config.agents import RoutingError
+from streams.config.tenants import E164, TenantSpec
 from streams.memory import erasure, new_erasure_id
-from streams.tenants import E164, TenantSpec
 
 _BYTE_RANGE = re.compile(r"bytes=(\d+-\d*|-\d+)")
 """One byte range (the store is asked for it as it is); several in one request get the whole file."""

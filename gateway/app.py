@@ -40,10 +40,10 @@ from producers.events import CallRecorder
 from schemas.base import EventPayload
 from schemas.events import CallStatus
 from schemas.version import __version__
-from streams.agents import RoutingError
+from streams.call.core import RETURNED_FROM_HANDOFF, handoff_id_of
+from streams.call.transport import InboundCall
 from streams.channels.twilio_outbound import OutboundRouteError, dial_status_route, outbound_route
-from streams.core import RETURNED_FROM_HANDOFF, handoff_id_of
-from streams.transport import InboundCall
+from streams.config.agents import RoutingError
 
 log = logging.getLogger(__name__)
 

@@ -42,16 +42,16 @@ from projections.tenant_sql import TenantSql
 from schemas.events import AuditRecorded, CallRefused, MemoryLoaded, MemorySummary
 from schemas.topics import GATEWAYS
 from schemas.version import __version__
-from streams.agents import AgentRouter, AgentSpec
+from streams.call.session import CallSession, Providers, SessionReport
+from streams.call.transport import InboundCall, MediaTransport
 from streams.channels.twilio_rest import TwilioRest
-from streams.config_changes import config_items
+from streams.config.agents import AgentRouter, AgentSpec
+from streams.config.config_changes import config_items
+from streams.config.tenants import Tenants
 from streams.memory import caller_key
 from streams.metrics import CallMetrics
 from streams.providers.base import LlmProvider
 from streams.providers.registry import ProviderRegistry
-from streams.session import CallSession, Providers, SessionReport
-from streams.tenants import Tenants
-from streams.transport import InboundCall, MediaTransport
 
 log = logging.getLogger(__name__)
 

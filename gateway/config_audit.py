@@ -18,7 +18,7 @@ from producers.events import EventWriter, standalone_event
 from schemas.events import AuditRecorded
 from schemas.topics import CONFIG
 from schemas.version import __version__
-from streams.config_changes import ConfigChange, ConfigItem, config_changes
+from streams.config.config_changes import ConfigChange, ConfigItem, config_changes
 
 log = logging.getLogger(__name__)
 

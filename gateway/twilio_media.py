@@ -26,9 +26,9 @@ from typing import Any, Literal, NoReturn, Protocol
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from gateway.twilio_webhooks import dial_twiml
-from streams.audio import Resampler, mulaw_to_pcm16, pcm16_to_mulaw
+from streams.audio.codecs import Resampler, mulaw_to_pcm16, pcm16_to_mulaw
+from streams.call.transport import MediaTransport, TransportClosed
 from streams.channels.twilio_rest import CallControl, TwilioRestError
-from streams.transport import MediaTransport, TransportClosed
 
 log = logging.getLogger(__name__)
 

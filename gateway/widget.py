@@ -19,9 +19,9 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, HTMLResponse
 
 from gateway.calls import Gateway, new_call_id
-from streams.agents import RoutingError
-from streams.session import FRAME_BYTES
-from streams.transport import InboundCall, MediaTransport, TransportClosed
+from streams.call.session import FRAME_BYTES
+from streams.call.transport import InboundCall, MediaTransport, TransportClosed
+from streams.config.agents import RoutingError
 
 STATIC = Path(__file__).parent / "static"
 JAVASCRIPT = "text/javascript"

@@ -74,7 +74,7 @@ from schemas.events import (
     TtsRequested,
     TurnTaken,
 )
-from streams.agents import AgentRouter
+from streams.config.agents import AgentRouter
 from streams.memory import caller_key, person_number
 from streams.metrics import voice_to_voice_ms
 from streams.redaction import Redactor, names_in_json, redact_field

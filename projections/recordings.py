@@ -81,7 +81,7 @@ from projections.tables import ERASED_CALLS, ERASURES, RECORDINGS, Output, Table
 from schemas.base import Event, EventPayload
 from schemas.events import AgentAudioChunk, CallEnded, CallerAudioChunk, CallerErased, CallStarted
 from schemas.topics import AUDIO, CALLS
-from streams.audio import Resampler, mulaw_to_pcm16, resample_pcm16
+from streams.audio.codecs import Resampler, mulaw_to_pcm16, resample_pcm16
 from streams.memory import caller_key, person_number
 from streams.providers.base import PCM_RATE
 from streams.redaction import default_redactor

@@ -51,7 +51,7 @@ from projections.tables import (
 from schemas.base import Event, EventPayload
 from schemas.events import CallerErased, CallStarted, CallSummarized
 from schemas.topics import AUDIT, CALLS, COMMANDS, DEADLETTER
-from streams.agents import AgentRouter
+from streams.config.agents import AgentRouter
 from streams.redaction import default_redactor
 
 log = logging.getLogger(__name__)

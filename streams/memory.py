@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 from schemas.base import Event, EventPayload
 from schemas.events import CallerErased, CallStarted, HandoffRequested, ToolSucceeded, TtsRequested, TurnTaken
+from streams.config.tenants import E164
 from streams.providers.base import ChatMessage, LlmRequest
-from streams.tenants import E164
 
 OFFLINE_SOURCE = "offline-extractive"
 SUMMARY_INSTRUCTIONS = (

@@ -6,8 +6,8 @@ from collections.abc import Iterable
 
 from schemas.base import Event, EventPayload
 from schemas.envelope import Envelope
-from streams.agents import AgentSpec
-from streams.core import CORE_PRODUCER, CallState, Decision, decide, new_state
+from streams.call.core import CORE_PRODUCER, CallState, Decision, decide, new_state
+from streams.config.agents import AgentSpec
 
 
 class CoreSim:

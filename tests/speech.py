@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streams.audio import read_wav, resample_pcm16, write_wav
+from streams.audio.codecs import read_wav, resample_pcm16, write_wav
 from tests.needs import missing
 
 DEFAULT_VOICE = "en-us"

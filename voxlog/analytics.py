@@ -28,9 +28,9 @@ from schemas.base import Event, EventPayload
 from schemas.codec import EventCodec, UndecodableMessage
 from schemas.events import AuditRecorded
 from schemas.version import __version__
-from streams.agents import DEFAULT_AGENTS_DIR, AgentRouter, load_agents
+from streams.config.agents import AgentRouter, load_agents
 from voxlog.backends import log_backend, recording_store
-from voxlog.settings import Settings
+from voxlog.settings import DEFAULT_AGENTS_DIR, Settings
 
 SQL_LIMITS: dict[str, Any] = {
     "readonly": 2,  # no writes; settings in the query may still be read

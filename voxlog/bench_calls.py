@@ -51,15 +51,15 @@ from schemas.codec import EventCodec
 from schemas.events import CallStarted, ProviderFallback
 from schemas.topics import CALLS, TOPICS
 from schemas.version import __version__
-from streams.agents import AgentSpec
+from streams.audio.vad import Vad
+from streams.call.session import Providers
+from streams.config.agents import AgentSpec
 from streams.providers.asr_chain import ChainAsr
 from streams.providers.base import AsrProvider, LlmProvider, TtsProvider
 from streams.providers.registry import LLM_CHAIN_DEADLINE_S, SPEECH_CHAIN_DEADLINE_S
 from streams.providers.resilience import ChainLlm, CircuitBreaker, Guarded, ProviderChain
 from streams.providers.timeline import ScriptedFailure, Timeline, TimelineAsr, TimelineLlm, TimelineTts
 from streams.providers.tts_chain import ChainTts
-from streams.session import Providers
-from streams.vad import Vad
 from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
 from voxlog.sim.twilio_caller import TwilioCaller, parse_stream_twiml

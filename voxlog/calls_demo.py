@@ -29,9 +29,9 @@ from schemas.events import (
     TtsRequested,
     TurnTaken,
 )
-from streams.audio import pcm16_to_mulaw
+from streams.audio.codecs import pcm16_to_mulaw
+from streams.call.replay import ReplayResult, agent_for, verify_call
 from streams.providers.tts_espeak import EspeakTts
-from streams.replay import ReplayResult, agent_for, verify_call
 from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
 from voxlog.sim.twilio_caller import TwilioCaller

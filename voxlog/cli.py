@@ -23,10 +23,10 @@ from consumers.backends import EmbeddedBackend, KafkaBackend, LogBackend, ensure
 from consumers.events import EventConsumer, read_call
 from schemas.topics import CALL_TOPICS
 from schemas.version import __version__
-from streams.agents import DEFAULT_AGENTS_DIR, AgentRouter, load_agents
+from streams.config.agents import AgentRouter, load_agents
 from voxlog.backends import log_backend
 from voxlog.describe import describe
-from voxlog.settings import Settings
+from voxlog.settings import DEFAULT_AGENTS_DIR, Settings
 
 if TYPE_CHECKING:
     from voxlog.analytics import Analytics

@@ -8,8 +8,8 @@ from consumers.backends import LogBackend
 from consumers.events import EventConsumer, read_call
 from schemas.events import CallStarted
 from schemas.topics import CALLS
-from streams.agents import AgentRouter, RoutingError
-from streams.replay import Divergence, ReplayResult, agent_for, verify_call
+from streams.call.replay import Divergence, ReplayResult, agent_for, verify_call
+from streams.config.agents import AgentRouter, RoutingError
 
 
 async def recorded_call_ids(backend: LogBackend) -> list[str]:

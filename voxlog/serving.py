@@ -10,11 +10,11 @@ import uvicorn
 from gateway.app import GatewayServer, create_app
 from gateway.calls import Gateway
 from projections.store import AnalyticsError, AnalyticsStore
-from streams.agents import DEFAULT_AGENTS_DIR, AgentRouter, load_agents
 from streams.channels.twilio_rest import TwilioRest
-from streams.tenants import Tenants, load_tenants
+from streams.config.agents import AgentRouter, load_agents
+from streams.config.tenants import Tenants, load_tenants
 from voxlog.backends import log_backend, recording_store
-from voxlog.settings import Settings
+from voxlog.settings import DEFAULT_AGENTS_DIR, Settings
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from projections.recording_store import parse_s3_url
 
+DEFAULT_AGENTS_DIR = Path(__file__).resolve().parent / "agents"
+"""The demo tenant's agent files, shipped with voxlog: the agents when `VOXLOG_AGENTS_DIR` is not set."""
 CALLS_PER_CORE = 10
 """The default capacity's measure (docs/performance.md, 'Admission')."""
 

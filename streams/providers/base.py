@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from streams.audio import pcm16_to_mulaw
+from streams.audio.codecs import pcm16_to_mulaw
 
 PCM_RATE = 16_000
 """Sessions work in 16 kHz mono signed 16-bit little-endian PCM; channels convert at the edges."""

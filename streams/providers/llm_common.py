@@ -4,7 +4,7 @@ into tool calls and tool results, the timeouts of a streamed answer, and turning
 
 The conversation. The core records an assistant's tool calls as an assistant message whose content
 is the JSON list `[{"id", "name", "arguments"}, ...]`, followed by one `tool` message per result
-(`streams.core._llm_decided`, `_tool_result`). Both providers want the calls as structure (OpenAI's
+(`streams.call.core._llm_decided`, `_tool_result`). Both providers want the calls as structure (OpenAI's
 `tool_calls`, Anthropic's `tool_use` blocks) and refuse (400) a tool result whose call is not in the
 request, or a call whose result does not follow it; so `conversation()` recognises that message by
 its shape *and* by the tool messages that answer it, and keeps only the calls that were answered. A

@@ -8,8 +8,8 @@ import json
 import time
 from typing import Any
 
-from streams.agents import AgentSpec, ScriptIntent
-from streams.core import END_CALL_TOOL, says
+from streams.call.core import END_CALL_TOOL, says
+from streams.config.agents import AgentSpec, ScriptIntent
 from streams.providers.base import LlmProvider, LlmRequest, LlmResult, ToolCall
 
 

@@ -14,14 +14,14 @@ from typing import Any, TypeVar
 
 from pydantic import SecretStr
 
-from streams.agents import AgentSpec, Provider, Voice
+from streams.call.session import Providers
+from streams.config.agents import AgentSpec, Provider, Voice
 from streams.providers.asr_chain import ChainAsr
 from streams.providers.base import AsrProvider, LlmProvider, TtsProvider
 from streams.providers.resilience import ChainLlm, CircuitBreaker, Guarded, ProviderChain
 from streams.providers.settings import ProviderSettings
 from streams.providers.tts_chain import ChainTts
 from streams.rate_limit import TokenBucket
-from streams.session import Providers
 
 P = TypeVar("P")
 C = TypeVar("C")

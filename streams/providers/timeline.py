@@ -11,7 +11,7 @@ from typing import Literal
 
 import numpy as np
 
-from streams.agents import AgentSpec
+from streams.config.agents import AgentSpec
 from streams.providers.base import (
     AsrCapabilities,
     AsrProvider,

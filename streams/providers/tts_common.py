@@ -10,8 +10,8 @@ server does afterwards, and the response is closed: a body read only in part can
 the connection is dropped and the server sees the client go.
 
 The body. Audio arrives cut wherever the network cut it, so a 16-bit sample may be split between two
-pieces: `PcmChunks` and `streams.audio.WavChunks` hold back the odd byte and hand on whole samples only. A body that
-ends mid-sample, or short of the size its WAV header declared, lost audio: a retryable `protocol`
+pieces: `PcmChunks` and `streams.audio.codecs.WavChunks` hold back the odd byte and hand on whole samples
+only. A body that ends mid-sample, or short of the size its WAV header declared, lost audio: a retryable `protocol`
 error. A successful status whose content type is JSON or text carries a message where audio was
 expected (a gateway's error page, an answer to the wrong `accept`): a `protocol` error too, with the
 message in it.
@@ -28,7 +28,7 @@ from typing import Protocol
 
 import httpx
 
-from streams.audio import Resampler
+from streams.audio.codecs import Resampler
 from streams.providers.base import ProviderError
 from streams.providers.llm_common import StreamTimeouts, redact, timed_events
 

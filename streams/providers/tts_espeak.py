@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
-from streams.audio import WavChunks
+from streams.audio.codecs import WavChunks
 from streams.providers.base import PCM_RATE, ProviderError, TtsCapabilities, TtsProvider
 
 __all__ = ["EspeakTts"]

@@ -11,7 +11,7 @@ stream carries.
 
 What it reads. The WAV header first (its sizes are placeholders in a stream; a declared data size is
 honoured), then the samples as they arrive, handed on at once, whole, mixed down to mono and
-resampled where the header's rate is not the caller's (`streams.audio.WavChunks`).
+resampled where the header's rate is not the caller's (`streams.audio.codecs.WavChunks`).
 
 Failures, as `ProviderError` kinds; nothing is retried here (the resilience layer decides):
 - timeout: no connection within `connect_s`, no first byte of audio within `first_token_s` of the
@@ -31,7 +31,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 
 import httpx
 
-from streams.audio import WavChunks
+from streams.audio.codecs import WavChunks
 from streams.providers.base import PCM_RATE, ProviderError, TtsCapabilities, TtsProvider
 from streams.providers.llm_common import StreamTimeouts, redact, status_error
 from streams.providers.tts_common import AudioResponse, decode, http_timeouts, read_audio

@@ -149,8 +149,9 @@ def test_replay_verify_reports_identical_calls_and_the_first_divergence(tmp_path
     from dataclasses import replace
 
     from schemas.events import CallAnswered, CallStarted, TranscriptFinal, TtsRequested
-    from streams.agents import DEFAULT_AGENTS_DIR, load_agents
+    from streams.config.agents import load_agents
     from tests.core_sim import CoreSim
+    from voxlog.settings import DEFAULT_AGENTS_DIR
 
     agent = load_agents(DEFAULT_AGENTS_DIR)[0]
 

@@ -22,11 +22,11 @@ from projections.tables import AUDIT_LOG
 from schemas.codec import EventCodec
 from schemas.events import AuditRecorded
 from schemas.topics import AUDIT
-from streams.agents import DEFAULT_AGENTS_DIR, load_agents
-from streams.config_changes import ConfigItem, config_items
-from streams.tenants import load_tenants
+from streams.config.agents import load_agents
+from streams.config.config_changes import ConfigItem, config_items
+from streams.config.tenants import load_tenants
 from tests.conftest import kafka_bootstrap
-from voxlog.settings import Settings
+from voxlog.settings import DEFAULT_AGENTS_DIR, Settings
 from voxlog.sim.stack import local_stack
 
 pytestmark = pytest.mark.slow

@@ -20,9 +20,9 @@ from gateway.calls import new_call_id
 from producers.events import CallRecorder, EventWriter
 from schemas.base import Event, EventPayload
 from schemas.events import CallDialFailed, CallDialPlaced, CallDialRequested
-from streams.agents import DEFAULT_AGENTS_DIR
 from streams.channels.twilio_rest import TwilioRest
-from streams.tenants import Tenants, load_tenants
+from streams.config.tenants import Tenants, load_tenants
+from voxlog.settings import DEFAULT_AGENTS_DIR
 from voxlog.sim.fake_twilio import FakeTwilio, new_account_sid
 
 TOKEN = "dialer-test-token"

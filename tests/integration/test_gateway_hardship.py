@@ -30,8 +30,8 @@ from schemas.base import Event, EventPayload
 from schemas.codec import EventCodec
 from schemas.events import CallEnded, CallRefused, CallStarted
 from schemas.topics import AUDIT, CALL_TOPICS, CALLS
+from streams.call.session import Providers
 from streams.providers.base import TtsCapabilities, TtsProvider
-from streams.session import Providers
 from tests.conftest import kafka_bootstrap
 from voxlog.settings import Settings
 from voxlog.sim.fake_twilio import FakeTwilio, new_account_sid

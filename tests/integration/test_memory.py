@@ -15,8 +15,8 @@ from projections.runner import MemoryProjection, ProjectionRunner
 from projections.store import AnalyticsStore
 from schemas.events import CallSummarized, MemoryLoaded, TtsRequested
 from schemas.topics import CALLS
+from streams.call.replay import agent_for, verify_call
 from streams.memory import caller_key
-from streams.replay import agent_for, verify_call
 from tests.conftest import kafka_bootstrap
 from tests.integration.test_call_e2e import agent_done_speaking, events_of, speech
 from voxlog.settings import Settings

@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streams.audio import Resampler, frames, mulaw_to_pcm16, pcm16_to_mulaw, read_wav, resample_pcm16
+from streams.audio.codecs import Resampler, frames, mulaw_to_pcm16, pcm16_to_mulaw, read_wav, resample_pcm16
+from streams.audio.vad import Vad
 from streams.providers.asr_pocketsphinx import PocketsphinxAsr
 from streams.providers.base import ProviderError, Recognition
 from streams.providers.tts_espeak import EspeakTts
-from streams.vad import Vad
 from tests.speech import caller_utterance_wav, require_espeak, synthesize_pcm16, with_silence
 
 pytestmark = pytest.mark.slow

@@ -30,7 +30,7 @@ from gateway.admission import RateLimits
 from gateway.app import create_app
 from gateway.twilio_webhooks import SIGNATURE_HEADER, compute_twilio_signature
 from projections.store import AnalyticsStore
-from streams.tenants import Limits, Tenants
+from streams.config.tenants import Limits, Tenants
 from voxlog.serving import build_gateway
 from voxlog.settings import Settings
 

@@ -33,11 +33,10 @@ from schemas.events import (
     TtsRequested,
 )
 from schemas.topics import AUDIT
-from streams.agents import DEFAULT_AGENTS_DIR
-from streams.replay import agent_for, verify_call
+from streams.call.replay import agent_for, verify_call
 from tests.conftest import kafka_bootstrap
 from tests.integration.test_call_e2e import agent_done_speaking, speech
-from voxlog.settings import Settings
+from voxlog.settings import DEFAULT_AGENTS_DIR, Settings
 from voxlog.sim.stack import LocalStack, local_stack
 from voxlog.sim.twilio_caller import TwilioCaller, parse_stream_twiml
 

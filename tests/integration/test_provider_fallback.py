@@ -15,14 +15,13 @@ import yaml
 from consumers.events import read_call
 from schemas.events import CallSummarized, ErrorRaised, LlmDecided, ProviderFallback, TtsCompleted, TtsRequested
 from schemas.topics import CALLS
-from streams.agents import DEFAULT_AGENTS_DIR
+from streams.call.replay import agent_for, verify_call
 from streams.memory import caller_key
 from streams.providers.registry import ProviderRegistry
 from streams.providers.settings import ProviderSettings
-from streams.replay import agent_for, verify_call
 from tests.integration.test_call_e2e import AGENT_NUMBER, agent_done_speaking, events_of, speech
 from tests.provider_server import Fault, ProviderServer
-from voxlog.settings import Settings
+from voxlog.settings import DEFAULT_AGENTS_DIR, Settings
 from voxlog.sim.stack import local_stack
 
 pytestmark = pytest.mark.slow

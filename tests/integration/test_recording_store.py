@@ -34,7 +34,7 @@ from projections.recordings import RECORDINGS, RecordingsProjection
 from projections.runner import ProjectionRunner
 from projections.store import AnalyticsStore
 from schemas.events import CallerAudioChunk
-from streams.audio import mulaw_to_pcm16, resample_pcm16
+from streams.audio.codecs import mulaw_to_pcm16, resample_pcm16
 from tests.unit.test_recordings import TENANT, assert_heard, call_payloads, feed, past_us, record_call, stereo
 from voxlog.backends import recording_store
 from voxlog.settings import Settings

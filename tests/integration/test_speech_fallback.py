@@ -20,15 +20,15 @@ from schemas.events import (
     TtsCompleted,
     TtsRequested,
 )
-from streams.agents import DEFAULT_AGENTS_DIR, load_agents
+from streams.call.replay import agent_for, verify_call
+from streams.config.agents import load_agents
 from streams.providers.registry import ProviderRegistry
 from streams.providers.settings import ProviderSettings
 from streams.providers.tts_chain import sentences
-from streams.replay import agent_for, verify_call
 from tests.integration.test_call_e2e import AGENT_NUMBER, agent_done_speaking, events_of, speech
 from tests.provider_server import Fault, ProviderServer
 from tests.provider_ws_server import ProviderWsServer, WsFault
-from voxlog.settings import Settings
+from voxlog.settings import DEFAULT_AGENTS_DIR, Settings
 from voxlog.sim.stack import local_stack
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,7 @@ from producers.synthetic import synthetic_call
 from schemas.base import Event, EventPayload
 from schemas.envelope import Envelope
 from schemas.topics import CALL_REGISTRY
-from streams.call_registry import CallEntry, CallRegistry, apply
+from streams.processors.call_registry import CallEntry, CallRegistry, apply
 from tests.conftest import kafka_bootstrap
 
 

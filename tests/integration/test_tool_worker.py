@@ -24,7 +24,8 @@ from producers.events import CallRecorder, EventWriter
 from schemas.base import Event, EventPayload
 from schemas.events import ToolFailed, ToolRequested, ToolSucceeded
 from schemas.topics import DEADLETTER, TOOL_RESULTS
-from streams.agents import DEFAULT_AGENTS_DIR, AgentRouter, ToolDefinition, load_agents
+from streams.config.agents import AgentRouter, ToolDefinition, load_agents
+from voxlog.settings import DEFAULT_AGENTS_DIR
 
 SECRET = b"webhook-secret"
 

@@ -49,9 +49,9 @@ from gateway.twilio_webhooks import (
     validate_media_handshake,
 )
 from schemas.events import CallStatus
-from streams.audio import Resampler, mulaw_to_pcm16, pcm16_to_mulaw, resample_pcm16
+from streams.audio.codecs import Resampler, mulaw_to_pcm16, pcm16_to_mulaw, resample_pcm16
+from streams.call.transport import TransportClosed
 from streams.channels.twilio_rest import TwilioRest, TwilioRestError
-from streams.transport import TransportClosed
 from voxlog.sim.fake_twilio import FakeTwilio, new_account_sid
 from voxlog.sim.twilio_caller import TwilioCaller, parse_stream_twiml
 

@@ -34,7 +34,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from consumers.events import read_call
 from schemas.base import Event, EventPayload
 from schemas.events import AgentAudioChunk, CallEnded, CallerAudioChunk, CallStarted, ToolRequested, TurnTaken
-from streams.audio import write_wav
+from streams.audio.codecs import write_wav
 from tests.conftest import kafka_bootstrap
 from tests.needs import missing
 from tests.speech import require_espeak, silence, synthesize_pcm16

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.audio import (
+from streams.audio.codecs import (
     SILENCE_DBFS,
     Resampler,
     frame_bytes,
@@ -349,7 +349,7 @@ def test_parse_wav_header_reads_a_piped_wav_as_it_arrives() -> None:
 def test_the_integer_ratio_resampling_path_matches_the_general_one(
     rates: tuple[int, int], inputs: int, first_output: int, seed: int
 ) -> None:
-    from streams import audio
+    from streams.audio import codecs as audio
 
     poly = audio._polyphase(*rates)
     padded = np.random.default_rng(seed).normal(size=inputs + 2 * poly.half + 1) * 8000

@@ -8,9 +8,9 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.agents import load_agents
-from streams.config_changes import ConfigItem, config_changes, config_items, differing_fields
-from streams.tenants import TenantSpec
+from streams.config.agents import load_agents
+from streams.config.config_changes import ConfigItem, config_changes, config_items, differing_fields
+from streams.config.tenants import TenantSpec
 
 AGENTS = Path(__file__).resolve().parents[2] / "voxlog" / "agents"
 

@@ -32,10 +32,11 @@ from schemas.events import (
     TtsRequested,
     TurnTaken,
 )
-from streams.agents import DEFAULT_AGENTS_DIR, AgentSpec, load_agents
-from streams.core import RETURNED_FROM_HANDOFF, CallLlm, Hangup, RunTool, Speak, StopSpeaking, Transfer
-from streams.replay import verify_call
+from streams.call.core import RETURNED_FROM_HANDOFF, CallLlm, Hangup, RunTool, Speak, StopSpeaking, Transfer
+from streams.call.replay import verify_call
+from streams.config.agents import AgentSpec, load_agents
 from tests.core_sim import CoreSim
+from voxlog.settings import DEFAULT_AGENTS_DIR
 
 AGENT = next(a for a in load_agents(DEFAULT_AGENTS_DIR) if a.id == "front-desk")
 

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from gateway.api import dial_time_ms, new_dial_id
 from gateway.calls import new_call_id
 from gateway.twilio_webhooks import dial_outcome_payload
-from streams.agents import DEFAULT_AGENTS_DIR, AgentConfigError, load_agents
 from streams.channels.twilio_outbound import (
     OutboundRoute,
     OutboundRouteError,
@@ -24,8 +23,10 @@ from streams.channels.twilio_outbound import (
     status_url,
     voice_url,
 )
+from streams.config.agents import AgentConfigError, load_agents
+from streams.config.tenants import Tenants, load_tenants
 from streams.rate_limit import TokenBucket
-from streams.tenants import Tenants, load_tenants
+from voxlog.settings import DEFAULT_AGENTS_DIR
 
 
 def test_a_bucket_lets_a_burst_through_then_paces() -> None:

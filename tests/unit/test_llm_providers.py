@@ -32,8 +32,8 @@ from schemas.events import (
     TranscriptFinal,
     TtsCompleted,
 )
-from streams.agents import DEFAULT_AGENTS_DIR, load_agents
-from streams.core import END_CALL_TOOL, CallLlm
+from streams.call.core import END_CALL_TOOL, CallLlm
+from streams.config.agents import load_agents
 from streams.providers import llm_anthropic, llm_openai
 from streams.providers.base import (
     ChatMessage,
@@ -48,6 +48,7 @@ from streams.providers.llm_common import retry_after_s
 from streams.providers.llm_openai import OpenAiLlm
 from tests.core_sim import CoreSim
 from tests.provider_server import Fault, ProviderServer, Reply
+from voxlog.settings import DEFAULT_AGENTS_DIR
 
 API_KEY = "sk-test-voxlog-7Hq2Lm9Xc4Vb8Nz1Pw6Rt3Ys2xQ9"
 TIMEOUT_S = 0.3  # a timeout under test: small, so that the file stays fast

@@ -25,7 +25,7 @@ from schemas.base import Event, EventPayload
 from schemas.envelope import Envelope
 from schemas.events import AgentAudioChunk, CallEnded, CallerAudioChunk, CallStarted
 from schemas.topics import AUDIO, CALLS, topic_for
-from streams.audio import pcm16_to_mulaw, rms_dbfs
+from streams.audio.codecs import pcm16_to_mulaw, rms_dbfs
 
 TENANT = "t1"
 FRAME_MS = 20

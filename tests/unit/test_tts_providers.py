@@ -21,7 +21,7 @@ from elevenlabs import VoiceSettings
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.audio import WavChunks, mulaw_to_pcm16, resample_pcm16
+from streams.audio.codecs import WavChunks, mulaw_to_pcm16, resample_pcm16
 from streams.providers.base import ProviderError
 from streams.providers.llm_common import StreamTimeouts
 from streams.providers.tts_common import PcmChunks

@@ -62,8 +62,8 @@ from gateway.twilio_webhooks import (
     validate_media_handshake,
     validate_twilio_request,
 )
+from streams.call.transport import TransportClosed
 from streams.channels.twilio_rest import TwilioCall, TwilioRestError
-from streams.transport import TransportClosed
 
 HEX = "0123456789abcdef"
 

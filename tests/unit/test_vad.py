@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from streams.audio import frames
-from streams.vad import Vad, VadEvent
+from streams.audio.codecs import frames
+from streams.audio.vad import Vad, VadEvent
 from tests.speech import noise, require_espeak, silence, synthesize_pcm16, with_noise, with_silence
 
 RATE = 16_000
@@ -201,7 +201,7 @@ def test_the_noise_floor_is_the_quietest_frame_of_the_window() -> None:
         amplitude = float(rng.choice([0.0, 30.0, 300.0, 3000.0])) * (1 + rng.random())
         frame = (amplitude * rng.standard_normal(320)).astype("<i2").tobytes()
         vad.process(frame)
-        from streams.audio import rms_dbfs
+        from streams.audio.codecs import rms_dbfs
 
         levels.append(((index + 1) * 320, rms_dbfs(frame)))
         horizon = (index + 1) * 320 - 200 * 16

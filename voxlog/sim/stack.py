@@ -13,8 +13,8 @@ from urllib.parse import urlsplit
 from pydantic import SecretStr
 
 from gateway.calls import Gateway
-from streams.agents import AgentSpec
-from streams.session import Providers
+from streams.call.session import Providers
+from streams.config.agents import AgentSpec
 from voxlog.serving import build_gateway, gateway_server
 from voxlog.settings import Settings
 from voxlog.sim.fake_twilio import FakeTwilio, RecordedRequest, new_account_sid

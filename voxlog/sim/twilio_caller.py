@@ -49,7 +49,7 @@ from gateway.twilio_media import (
     parse_outbound,
 )
 from gateway.twilio_webhooks import SIGNATURE_HEADER, compute_twilio_signature
-from streams.audio import pcm16_to_mulaw, resample_pcm16
+from streams.audio.codecs import pcm16_to_mulaw, resample_pcm16
 
 MULAW_SILENCE = 0xFF
 FRAME_S = 0.020

@@ -44,7 +44,7 @@ from schemas.events import (
     TtsRequested,
     TurnTaken,
 )
-from streams.agents import AgentSpec, Handoff
+from streams.config.agents import AgentSpec, Handoff
 from streams.providers.base import ChatMessage, LlmRequest, ToolSpec
 
 RETURNED_FROM_HANDOFF = "returned_from"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
 
-from streams.audio import SILENCE_DBFS, rms_dbfs
+from streams.audio.codecs import SILENCE_DBFS, rms_dbfs
 
 __all__ = ["Vad", "VadEvent"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from streams.agents import TENANT_FILES, AgentConfigError
+from streams.config.agents import TENANT_FILES, AgentConfigError
 
 E164 = r"^\+[1-9][0-9]{6,14}$"
 

@@ -19,7 +19,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-DEFAULT_AGENTS_DIR = Path(__file__).resolve().parent.parent / "voxlog" / "agents"
 TENANT_FILES = ("tenant.yaml", "tenant.yml", "tenant.toml")
 """A tenant's own settings (`streams.tenants`), beside its agents."""
 

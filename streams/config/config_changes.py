@@ -15,8 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from streams.agents import AgentSpec, canonical_json, content_hash
-from streams.tenants import TenantSpec
+from streams.config.agents import AgentSpec, canonical_json, content_hash
+from streams.config.tenants import TenantSpec
 
 ChangeKind = Literal["added", "changed", "removed"]
 MAX_FIELDS_LISTED = 20

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from schemas.base import Event, EventPayload
 from schemas.events import CallEnded, CallStarted, ErrorRaised, HandoffRequested, LlmDecided, TurnTaken
 from schemas.topics import CALL_REGISTRY, CALLS
-from streams.processor import Emit, EventProcessor
+from streams.processors.processor import Emit, EventProcessor
 
 
 @dataclass

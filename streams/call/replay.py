@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from schemas.base import Event, EventPayload
 from schemas.events import CallStarted
-from streams.agents import AgentRouter, AgentSpec, RoutingError
-from streams.core import CORE_PRODUCER, Decision, decide, new_state
+from streams.call.core import CORE_PRODUCER, Decision, decide, new_state
+from streams.config.agents import AgentRouter, AgentSpec, RoutingError
 
 
 @dataclass(frozen=True)

@@ -45,8 +45,8 @@ from schemas.events import (
     TtsCompleted,
     Word,
 )
-from streams.agents import AgentSpec
-from streams.core import (
+from streams.audio.vad import Vad
+from streams.call.core import (
     CORE_PRODUCER,
     Action,
     CallLlm,
@@ -61,6 +61,8 @@ from streams.core import (
     decide,
     new_state,
 )
+from streams.call.transport import InboundCall, MediaTransport, TransportClosed
+from streams.config.agents import AgentSpec
 from streams.providers.base import (
     PCM_RATE,
     AsrProvider,
@@ -75,8 +77,6 @@ from streams.providers.base import (
     close_chunks,
 )
 from streams.providers.resilience import ChainExhausted
-from streams.transport import InboundCall, MediaTransport, TransportClosed
-from streams.vad import Vad
 
 log = logging.getLogger(__name__)
 
