@@ -26,7 +26,7 @@ from starlette.background import BackgroundTask
 
 from consumers.events import read_call
 from gateway.admission import retry_after
-from gateway.calls import PRODUCER, Gateway, new_call_id
+from gateway.calls import PRODUCER, GatewayRuntime, new_call_id
 from producers.events import CallRecorder, standalone_event
 from projections.recording_store import RangeNotSatisfiable, RecordingStoreError
 from projections.store import AnalyticsError
@@ -160,7 +160,7 @@ async def tenant_of(
     """The tenant (and key id) of the request's API key; 401, audited, without a valid one; 429 over the
     key's rate (or from an address that keeps sending invalid keys); 503 while the gateway cannot
     record what the request does (every request is audited in the log)."""
-    runtime: Gateway = request.app.state.gateway
+    runtime: GatewayRuntime = request.app.state.gateway
     problem = runtime.not_ready()
     if problem is not None:
         raise HTTPException(503, f"not now: {problem}", headers={"Retry-After": "5"})
@@ -190,7 +190,7 @@ async def tenant_of(
 Caller = Annotated[tuple[TenantSpec, str], Depends(tenant_of)]
 
 
-def api_router(runtime: Gateway) -> APIRouter:
+def api_router(runtime: GatewayRuntime) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["tenant API"], responses={
         401: refusal("No API key, or not one of a tenant's."),
         503: {**refusal("The gateway cannot record requests now (its log is away, or it is shutting down)."),

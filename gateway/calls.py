@@ -33,13 +33,12 @@ from gateway.admission import Admission, RateLimits, Refusal
 from gateway.config_audit import record_config_changes
 from producers.base import LogProducer
 from producers.events import CallRecorder, EventWriter, standalone_event
-from projections.audit import epoch_us
+from projections.default_projections import default_projections
+from projections.projection_runner import ProjectionRunner
 from projections.recording_store import LocalRecordingStore, RecordingStore
-from projections.runner import ProjectionRunner, default_projections
 from projections.store import AnalyticsError, AnalyticsStore
-from projections.tables import CALLER_MEMORY
 from projections.tenant_sql import TenantSql
-from schemas.events import AuditRecorded, CallRefused, MemoryLoaded, MemorySummary
+from schemas.events import AuditRecorded, CallRefused, MemoryLoaded
 from schemas.topics import GATEWAYS
 from schemas.version import __version__
 from streams.call.session import CallSession, Providers, SessionReport
@@ -48,7 +47,6 @@ from streams.channels.twilio_rest import TwilioRest
 from streams.config.agents import AgentRouter, AgentSpec
 from streams.config.config_changes import config_items
 from streams.config.tenants import Tenants
-from streams.memory import caller_key
 from streams.metrics import CallMetrics
 from streams.providers.base import LlmProvider
 from streams.providers.registry import ProviderRegistry
@@ -56,9 +54,6 @@ from streams.providers.registry import ProviderRegistry
 log = logging.getLogger(__name__)
 
 PRODUCER = "voxlog.gateway"
-MEMORY_SUMMARIES = 3
-MEMORY_TIMEOUT_S = 0.5
-MEMORY_SOURCE = "clickhouse:caller_memory"
 LOG_STALL_S = 3.0
 """The log has not taken a write for this long: the gateway is not ready and takes no calls."""
 LOG_OUTAGE_END_S = 15.0
@@ -73,7 +68,7 @@ def new_call_id() -> str:
 
 
 @dataclass
-class Gateway:
+class GatewayRuntime:
     backend: LogBackend
     router: AgentRouter
     home: Path
@@ -93,22 +88,12 @@ class Gateway:
     run_projections: bool = False
     _tenant_sql: TenantSql | None = None
     metrics: CallMetrics = field(default_factory=CallMetrics)
-
     recording_store: RecordingStore | None = None
     """Where finished call recordings are kept; None: the folder `recordings_path`."""
-
-    @property
-    def recordings_path(self) -> Path:
-        return self.home / "recordings"
-
-    @property
-    def recordings(self) -> RecordingStore:
-        return self.recording_store or LocalRecordingStore(self.recordings_path)
     provider_registry: ProviderRegistry = field(default_factory=ProviderRegistry)
     """One per gateway, so that circuit breakers and rate limits span its calls."""
     providers_factory: Callable[[AgentSpec], Providers] | None = None
     """An agent's providers, where not the registry's (benchmarks' scripted timelines)."""
-    """How a call's providers are made (benchmarks swap in scripted timelines)."""
     sessions: dict[str, CallSession] = field(default_factory=dict)
     reports: list[SessionReport] = field(default_factory=list)
     capacity: int = 20
@@ -136,6 +121,14 @@ class Gateway:
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.capacity, tenant_limit=self._tenant_limit, not_ready=self.not_ready)
+
+    @property
+    def recordings_path(self) -> Path:
+        return self.home / "recordings"
+
+    @property
+    def recordings(self) -> RecordingStore:
+        return self.recording_store or LocalRecordingStore(self.recordings_path)
 
     def _tenant_limit(self, tenant_id: str) -> int | None:
         return self.tenants.get(tenant_id).limits.max_concurrent_calls
@@ -289,26 +282,6 @@ class Gateway:
         if self._tenant_sql is None or self._tenant_sql.store is not self.analytics:
             self._tenant_sql = TenantSql(self.analytics)
         return self._tenant_sql
-
-    async def recall(self, call: InboundCall) -> MemoryLoaded | None:
-        """What the tenant remembers of this caller (newest first), from `caller_memory`; None when
-        the caller has no key (no number) or there is no ClickHouse. Bounded in time: a slow lookup
-        costs the caller a greeting without memory, not a wait."""
-        number = call.to_number if call.direction == "outbound" else call.from_number
-        key = caller_key(call.tenant_id, number)
-        if key is None or self.analytics is None:
-            return None
-        query = (f"SELECT call_id, summary, at FROM {CALLER_MEMORY.name} FINAL "
-                 "WHERE tenant_id = {t:String} AND caller_key = {k:String} ORDER BY at DESC LIMIT {n:UInt32}")
-        try:
-            result = await asyncio.wait_for(asyncio.to_thread(
-                self.analytics.query, query, {"t": call.tenant_id, "k": key, "n": MEMORY_SUMMARIES}), MEMORY_TIMEOUT_S)
-        except (TimeoutError, AnalyticsError) as exc:
-            log.warning("caller memory for %s unavailable: %s", call.call_id, exc or "timed out")
-            return MemoryLoaded(caller_key=key, summaries=(), source=f"{MEMORY_SOURCE} (unavailable)")
-        return MemoryLoaded(caller_key=key, source=MEMORY_SOURCE, summaries=tuple(
-            MemorySummary(call_id=str(cid), summary=str(text), created_us=epoch_us(when))
-            for cid, text, when in result.rows))
 
     async def admit(self, call: InboundCall) -> Refusal | None:
         """Takes the call on, or refuses it (recorded as `call.refused`) and says why."""

@@ -1,4 +1,4 @@
-"""The audit trail: `audit_log`, chained by hash, and its verification against the log.
+"""The audit projection: `audit_log`, chained by hash, and its verification against the log.
 
 Audit records come from `audit.recorded` events (API keys refused, dial requests, rejected
 webhooks, SQL access) and from the call events that are audit matters in themselves: consent
@@ -30,6 +30,7 @@ with the anchors after them; keep the anchors (or the CLI's output) elsewhere to
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -37,7 +38,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from projections.tables import AUDIT_LOG, Row, at
+from consumers.backends import LogBackend
+from producers.base import LogRecord
+from projections.store import AnalyticsStore
+from projections.tables import AUDIT_LOG, Row, Table, at
 from schemas.base import Event, EventPayload
 from schemas.events import (
     AuditRecorded,
@@ -48,7 +52,8 @@ from schemas.events import (
     HandoffRequested,
     ToolRequested,
 )
-from streams.redaction import Redactor
+from schemas.topics import AUDIT, CALLS, COMMANDS
+from streams.redaction import Redactor, default_redactor
 
 GENESIS = "0" * 64
 
@@ -137,6 +142,29 @@ class AuditFold:
             case CallerErased():
                 return p.requested_by, "caller.erased", p.caller_key, "erased", p.reason, ""
         return None
+
+
+class AuditProjection:
+    name = "audit"
+    topics: tuple[str, ...] = (AUDIT, CALLS, COMMANDS)
+    tables: tuple[Table, ...] = (AUDIT_LOG,)
+    event_types: frozenset[str] | None = AuditFold.event_types
+
+    def __init__(self) -> None:
+        self.fold = AuditFold(default_redactor())
+
+    def reset(self) -> None:
+        self.fold = AuditFold(default_redactor())
+
+    async def load(self, store: AnalyticsStore) -> None:
+        result = await asyncio.to_thread(
+            store.query, f"SELECT tenant_id, source, max(chain_index), argMax(hash, chain_index), max(log_offset) "
+            f"FROM {AUDIT_LOG.name} FINAL GROUP BY tenant_id, source")
+        for tenant, source, index, digest, offset in result.rows:
+            self.fold.seed_head(tenant, source, int(index), digest, int(offset))
+
+    async def rows(self, record: LogRecord, event: Event[EventPayload], backend: LogBackend) -> list[Row]:
+        return self.fold.apply(event, f"{record.topic}/{record.partition}", record.offset)
 
 
 ProblemKind = Literal["changed", "missing", "extra", "truncated"]

@@ -22,19 +22,26 @@ restarted at a call's `call.started` after it had read the call's `tool.requeste
 without it, and still writes the same rows: the `llm.decided` that asked for the tool says what
 the request says (and where the request was a row's newest change, the row written with it keeps
 the higher version). Not so for a request no `llm.decided` asked for: the tool's row and the
-call's count of tool calls lose it, unless the runner folds such a call from the log first (it
-does only for a call it first sees mid-way).
+call's count of tool calls lose it, unless such a call is folded from the log first, which
+`CallsProjection` does only for a call it first sees mid-way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
 
+from consumers.backends import LogBackend
+from consumers.events import read_call
+from producers.base import LogRecord
+from projections.audit import epoch_us
 from projections.erasure import ErasedCallers, erasure_of_calls
+from projections.projection import CALL_LOOKBACK_MS, log_admin
+from projections.store import AnalyticsStore
 from projections.tables import (
     CALLS,
     ERASED_CALLS,
@@ -47,6 +54,7 @@ from projections.tables import (
     TURNS,
     Output,
     Row,
+    Table,
     at,
 )
 from schemas.base import Event, EventPayload
@@ -74,10 +82,12 @@ from schemas.events import (
     TtsRequested,
     TurnTaken,
 )
+from schemas.topics import CALLS as CALLS_TOPIC  # the topic, beside the table of the same name
+from schemas.topics import COMMANDS
 from streams.config.agents import AgentRouter
 from streams.memory import caller_key, person_number
 from streams.metrics import voice_to_voice_ms
-from streams.redaction import Redactor, names_in_json, redact_field
+from streams.redaction import Redactor, default_redactor, names_in_json, redact_field
 
 ENDED_CALLS_KEPT = 1000
 """Ended calls whose state is kept for late events (a transfer's outcome, a carrier's last status)."""
@@ -423,3 +433,39 @@ class CallsFold:
             return ""
         return agent.prompt_text
 
+
+class CallsProjection:
+    name = "calls"
+    topics: tuple[str, ...] = (CALLS_TOPIC, COMMANDS)
+    tables: tuple[Table, ...] = CallsFold.tables
+    event_types: frozenset[str] | None = CallsFold.event_types
+
+    def __init__(self, router: AgentRouter | None = None) -> None:
+        self.router = router
+        self.fold = CallsFold(default_redactor(), router)
+
+    def reset(self) -> None:
+        self.fold = CallsFold(default_redactor(), self.router)
+
+    async def load(self, store: AnalyticsStore) -> None:
+        result = await asyncio.to_thread(
+            store.query, "SELECT tenant_id, agent_id, prompt_id, prompt_hash, first_used, last_used "
+            f"FROM {PROMPT_VERSIONS.name} FINAL")
+        for tenant, agent, prompt_id, prompt_hash, first, last in result.rows:
+            self.fold.seed_prompt(tenant, agent, prompt_id, prompt_hash, epoch_us(first), epoch_us(last))
+        await asyncio.to_thread(self.fold.erasures.load, store)
+
+    async def rows(self, record: LogRecord, event: Event[EventPayload], backend: LogBackend) -> list[Output]:
+        out: list[Output] = []
+        if not self.fold.knows(event.call_id) and not isinstance(event.payload, CallStarted | CallerErased):
+            # Picked up mid-call (a restart, a late event): fold the call as the log has it first. All of
+            # it, not only what came before this event: its other topic may have been read further (a
+            # late `tool.requested` on voxlog.commands after the call's end on voxlog.calls), and rows
+            # folded from less would lose to the newer ones already written. Later seqs are then skipped.
+            async with log_admin(backend) as admin:
+                history = await read_call(admin, event.call_id, topics=self.topics,
+                                          since_ms=event.envelope.event_time_us // 1000 - CALL_LOOKBACK_MS)
+            for earlier in history.events:
+                if earlier.type in CallsFold.event_types:
+                    out += self.fold.apply(earlier)
+        return out + self.fold.apply(event)

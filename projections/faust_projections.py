@@ -4,7 +4,7 @@ Each projection is a faust app of its own, whose id (`<prefix>-<projection>`) is
 group, with one agent over the projection's topics: an independent consumer that no other
 projection holds back. All the apps run in one worker process, because the embedded ClickHouse
 (chDB) can be open in one process only. The folding and writing are `ProjectionRunner`'s own
-(`projections.runner`), so both runners give the same rows.
+(`projections.projection_runner`), so both runners give the same rows.
 
 **Batches.** The agent takes up to `BATCH_RECORDS` events, or what came within `BATCH_WITHIN_S`
 (`Stream.take_events`), folds them into rows, inserts the rows, then stores the offsets after the
@@ -63,7 +63,8 @@ from consumers.backends import KafkaBackend
 from consumers.events import decode_records
 from consumers.faust_common import faust_app
 from producers.base import LogProducer, LogRecord, TopicPartition
-from projections.runner import Projection, ProjectionRunner
+from projections.projection import Projection
+from projections.projection_runner import ProjectionRunner
 from projections.store import AnalyticsStore
 from schemas.codec import EventCodec
 

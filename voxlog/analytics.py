@@ -14,6 +14,7 @@ from producers.base import LogRecord
 from producers.events import EventWriter, standalone_event
 from projections.audit import (
     ANCHOR_ACTION,
+    AuditProjection,
     AuditReport,
     ChainHead,
     LogTrail,
@@ -21,7 +22,9 @@ from projections.audit import (
     audit_source,
     compare_with_log,
 )
-from projections.runner import AuditProjection, Projection, ProjectionRunner, catch_up, default_projections
+from projections.default_projections import default_projections
+from projections.projection import Projection
+from projections.projection_runner import ProjectionRunner, catch_up
 from projections.store import AnalyticsStore, QueryResult
 from projections.tables import AUDIT_LOG, OFFSETS
 from schemas.base import Event, EventPayload

@@ -45,7 +45,6 @@ import httpx
 
 from consumers.backends import LogBackend
 from consumers.processor_runner import read_to_end
-from gateway.twilio_media import OutboundMedia
 from producers.synthetic import mulaw_tone
 from schemas.codec import EventCodec
 from schemas.events import CallStarted, ProviderFallback
@@ -53,6 +52,7 @@ from schemas.topics import CALLS, TOPICS
 from schemas.version import __version__
 from streams.audio.vad import Vad
 from streams.call.session import Providers
+from streams.channels.twilio_media_protocol import OutboundMedia
 from streams.config.agents import AgentSpec
 from streams.providers.asr_chain import ChainAsr
 from streams.providers.base import AsrProvider, LlmProvider, TtsProvider

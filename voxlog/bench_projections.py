@@ -26,7 +26,8 @@ from typing import Any
 from consumers.backends import LogBackend, ensure_topics
 from producers.events import CallRecorder, EventWriter
 from producers.synthetic import concurrent_calls
-from projections.runner import ProjectionRunner, default_projections
+from projections.default_projections import default_projections
+from projections.projection_runner import ProjectionRunner
 from projections.store import AnalyticsStore
 from projections.tables import Column, Table
 from schemas.events import TurnTaken

@@ -19,7 +19,8 @@ import httpx
 from websockets.exceptions import ConnectionClosed
 
 from consumers.events import read_call
-from projections.runner import catch_up, default_projections
+from projections.default_projections import default_projections
+from projections.projection_runner import catch_up
 from projections.store import QueryResult
 from schemas.events import (
     CallEnded,

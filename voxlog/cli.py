@@ -345,7 +345,7 @@ def bench_projections_command(
         help="Only this projection (repeatable); lag is measured only with calls among them.")] = None,
 ) -> None:
     """Rebuild speed of every projection, and lag from event to queryable row while calls flow."""
-    from projections.runner import default_projections
+    from projections.default_projections import default_projections
     from projections.store import AnalyticsStore
     from voxlog.bench import write_result
     from voxlog.bench_projections import bench_projections
@@ -471,7 +471,7 @@ def projections_run(
 ) -> None:
     """Keep every projection up to date with the log until Ctrl-C: in-process on the embedded log, as a
     faust worker on Kafka."""
-    from projections.runner import ProjectionRunner
+    from projections.projection_runner import ProjectionRunner
     analytics = _analytics()
     if isinstance(analytics.backend, KafkaBackend):
         from projections.faust_projections import run_worker

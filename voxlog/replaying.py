@@ -1,11 +1,15 @@
-"""Finding recorded calls in the log and replaying them through the core (`voxlog replay`)."""
+"""Finding recorded calls in the log and replaying them through the core (`voxlog replay`).
+
+Read only: QA replays a log it must not change, so nothing here opens a producer; a record that
+cannot be decoded is left where it is (not dead-lettered), and its call's replay reports it."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from consumers.backends import LogBackend
-from consumers.events import EventConsumer, read_call
+from consumers.events import read_call
+from schemas.codec import EventCodec, UndecodableMessage
 from schemas.events import CallStarted
 from schemas.topics import CALLS
 from streams.call.replay import Divergence, ReplayResult, agent_for, verify_call
@@ -13,26 +17,31 @@ from streams.config.agents import AgentRouter, RoutingError
 
 
 async def recorded_call_ids(backend: LogBackend) -> list[str]:
-    """Calls with a `call.started` in the log, oldest first per partition."""
-    ids: list[str] = []
+    """Calls with a `call.started` in the log, oldest first per partition, and those with a record
+    that cannot be decoded (a call's records are keyed by its id)."""
+    ids: dict[str, None] = {}
     admin = backend.admin()
     try:
         ends = await admin.end_offsets(CALLS)
     finally:
         await admin.close()
     remaining = {p for p, end in ends.items() if end > 0}
-    async with backend.producer() as dead_letters, backend.consumer([CALLS]) as consumer:
-        events = EventConsumer(consumer, dead_letters, name="voxlog-replay")
+    codec = EventCodec()
+    async with backend.consumer([CALLS]) as consumer:
         while remaining:
-            batch = await events.poll(timeout_s=2.0, max_records=5000)
-            if not batch:
+            records = await consumer.poll(timeout_s=2.0, max_records=5000)
+            if not records:
                 break
-            for item in batch:
-                if isinstance(item.event.payload, CallStarted):
-                    ids.append(item.event.call_id)
-                if item.record.offset + 1 >= ends[item.record.partition]:
-                    remaining.discard(item.record.partition)
-    return ids
+            for record in records:
+                try:
+                    if codec.schema_of(record.value)[0] == CallStarted.EVENT_TYPE:
+                        ids[codec.decode(record.value).call_id] = None
+                except UndecodableMessage:
+                    if record.key:
+                        ids[record.key.decode(errors="replace")] = None
+                if record.offset + 1 >= ends[record.partition]:
+                    remaining.discard(record.partition)
+    return list(ids)
 
 
 async def verify_calls(backend: LogBackend, router: AgentRouter, call_ids: Sequence[str] | None) -> list[ReplayResult]:
@@ -42,13 +51,13 @@ async def verify_calls(backend: LogBackend, router: AgentRouter, call_ids: Seque
     try:
         for call_id in ids:
             history = await read_call(admin, call_id)
-            if not history.events:
-                results.append(ReplayResult(call_id, 0, Divergence(0, "(none)", "no events for this call")))
-                continue
             if history.undecodable:
                 record, reason = history.undecodable[0]
                 results.append(ReplayResult(call_id, 0, Divergence(
                     -1, "(undecodable)", f"{record.topic}/{record.partition}@{record.offset}: {reason}")))
+                continue
+            if not history.events:
+                results.append(ReplayResult(call_id, 0, Divergence(0, "(none)", "no events for this call")))
                 continue
             try:
                 agent = agent_for(history.events, router)

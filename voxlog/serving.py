@@ -8,13 +8,13 @@ import logging
 import uvicorn
 
 from gateway.app import GatewayServer, create_app
-from gateway.calls import Gateway
+from gateway.calls import GatewayRuntime
 from projections.store import AnalyticsError, AnalyticsStore
 from streams.channels.twilio_rest import TwilioRest
 from streams.config.agents import AgentRouter, load_agents
 from streams.config.tenants import Tenants, load_tenants
 from voxlog.backends import log_backend, recording_store
-from voxlog.settings import DEFAULT_AGENTS_DIR, Settings
+from voxlog.settings import DEFAULT_AGENTS_DIR, DEMO_WEBHOOK_SECRET, InsecureSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,12 @@ def twilio_rest(settings: Settings) -> TwilioRest | None:
     return TwilioRest(settings.twilio_account_sid, token, base_url=settings.twilio_api_base)
 
 
-def build_gateway(settings: Settings) -> Gateway:
+def build_gateway(settings: Settings) -> GatewayRuntime:
+    if settings.agents_dir is not None and settings.webhook_secret.get_secret_value() == DEMO_WEBHOOK_SECRET:
+        # Anyone can sign with the published secret: a tenant's webhook could not tell us from a forger.
+        raise InsecureSettings(
+            f"VOXLOG_WEBHOOK_SECRET is not set, and its default is the demo's, published: set a secret of your own "
+            f"to serve the agents in {settings.agents_dir} (their tool webhooks are signed with it)")
     agents_dir = settings.agents_dir or DEFAULT_AGENTS_DIR
     analytics, analytics_error = None, None
     if settings.run_projections or settings.clickhouse_dsn:
@@ -38,7 +43,7 @@ def build_gateway(settings: Settings) -> Gateway:
     else:
         analytics_error = "this gateway runs without analytics (VOXLOG_RUN_PROJECTIONS=false, no VOXLOG_CLICKHOUSE_DSN)"
     token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else ""
-    return Gateway(backend=log_backend(settings), router=AgentRouter(load_agents(agents_dir)),
+    return GatewayRuntime(backend=log_backend(settings), router=AgentRouter(load_agents(agents_dir)),
                    tenants=Tenants(load_tenants(agents_dir)), home=settings.home, run_workers=settings.run_workers,
                    webhook_secret=settings.webhook_secret.get_secret_value().encode(), rest=twilio_rest(settings),
                    public_url=settings.public_url, analytics=analytics, analytics_error=analytics_error,
@@ -47,7 +52,7 @@ def build_gateway(settings: Settings) -> Gateway:
                    drain_s=settings.drain_s, twilio_auth_token=token)
 
 
-def gateway_server(settings: Settings, host: str, port: int, *, gateway: Gateway | None = None,
+def gateway_server(settings: Settings, host: str, port: int, *, gateway: GatewayRuntime | None = None,
                    log_level: str = "info") -> GatewayServer:
     runtime = gateway or build_gateway(settings)
     config = uvicorn.Config(create_app(runtime), host=host, port=port, log_level=log_level,

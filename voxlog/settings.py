@@ -14,6 +14,12 @@ DEFAULT_AGENTS_DIR = Path(__file__).resolve().parent / "agents"
 """The demo tenant's agent files, shipped with voxlog: the agents when `VOXLOG_AGENTS_DIR` is not set."""
 CALLS_PER_CORE = 10
 """The default capacity's measure (docs/performance.md, 'Admission')."""
+DEMO_WEBHOOK_SECRET = "voxlog-dev-webhook-secret"
+"""The default webhook secret, published here: good for the demo's own agents, refused for any others."""
+
+
+class InsecureSettings(ValueError):
+    """Settings a gateway must not serve with (a published secret guarding real agents)."""
 
 
 class Settings(BaseSettings):
@@ -37,7 +43,8 @@ class Settings(BaseSettings):
     twilio_api_base: str | None = Field(
         None, description="Override of Twilio's REST base URL (a local test server); unset: Twilio's own.")
     webhook_secret: SecretStr = Field(
-        SecretStr("voxlog-dev-webhook-secret"), description="Signs outgoing tool webhooks (HMAC-SHA256).")
+        SecretStr(DEMO_WEBHOOK_SECRET), description="Signs outgoing tool webhooks (HMAC-SHA256); unset: the "
+        "demo's published secret, which `voxlog serve` refuses for agents of your own (VOXLOG_AGENTS_DIR).")
     run_workers: bool = Field(True, description="Run the tool worker and the dialer inside `voxlog serve` too.")
     max_calls: int | None = Field(
         None, ge=1, description="Calls one gateway serves at once; more are told busy. Unset: "

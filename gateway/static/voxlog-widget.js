@@ -4,7 +4,8 @@
 //   <script>VoxlogWidget.mount(document.getElementById("voxlog-widget"))</script>
 // It captures the microphone (getUserMedia + AudioWorklet), streams 16 kHz 16-bit PCM in 20 ms
 // frames over a WebSocket to /widget/ws, plays the agent's audio as it arrives and shows the live
-// transcript. Protocol: text frames are JSON control messages, binary frames are PCM audio.
+// transcript. Protocol: text frames are JSON control messages, binary frames are PCM audio; a mark
+// is sent back when playback reaches it (streams/channels/widget_protocol.py).
 (function () {
   "use strict";
   const RATE = 16000;
@@ -31,7 +32,7 @@
     controls.append(button, status);
     root.append(controls, transcript);
 
-    let socket = null, context = null, stream = null, playHead = 0, sources = [], interim = null;
+    let socket = null, context = null, stream = null, playHead = 0, sources = [], marks = [], interim = null;
 
     function say(speaker, text, final) {
       if (interim && interim.dataset.speaker === speaker) { interim.remove(); interim = null; }
@@ -56,10 +57,25 @@
       source.onended = () => { sources = sources.filter((s) => s !== source); };
     }
 
+    function acknowledge(name) {
+      if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ type: "mark", name: name }));
+    }
+
+    // A mark is answered once the audio queued before it has played.
+    function mark(name) {
+      const entry = { name: name };
+      entry.timer = setTimeout(() => { marks = marks.filter((m) => m !== entry); acknowledge(name); },
+        Math.max(0, playHead - context.currentTime) * 1000);
+      marks.push(entry);
+    }
+
     function clearPlayback() {
       sources.forEach((s) => { try { s.stop(); } catch (e) { /* already stopped */ } });
       sources = [];
       playHead = context ? context.currentTime : 0;
+      // The audio before these marks will never play: they are answered now.
+      marks.forEach((m) => { clearTimeout(m.timer); acknowledge(m.name); });
+      marks = [];
     }
 
     async function start() {
@@ -81,6 +97,7 @@
         if (msg.type === "started") { status.textContent = "connected"; root.dataset.callId = msg.call_id; }
         else if (msg.type === "transcript") say(msg.speaker, msg.text, msg.final);
         else if (msg.type === "clear") clearPlayback();
+        else if (msg.type === "mark") mark(msg.name);
         else if (msg.type === "end") { status.textContent = "call ended (" + msg.reason + ")"; stop(); }
         else if (msg.type === "error") { status.textContent = "error: " + msg.message; }
         else if (msg.type === "busy") { status.textContent = "all lines are busy, please try again shortly"; stop(); }

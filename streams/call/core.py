@@ -44,6 +44,7 @@ from schemas.events import (
     TtsRequested,
     TurnTaken,
 )
+from streams.call.transport import DEFAULT_SPEECH, SPEECH_FORMATS, SpeechFormat
 from streams.config.agents import AgentSpec, Handoff
 from streams.providers.base import ChatMessage, LlmRequest, ToolSpec
 
@@ -51,7 +52,7 @@ RETURNED_FROM_HANDOFF = "returned_from"
 """call.started parameter: the call whose transfer failed and brought the caller back (its id)."""
 
 CORE_PRODUCER = "voxlog.core"
-CORE_VERSION = "1"
+CORE_VERSION = "2"
 """Bumped when the policy changes on purpose: replay of older calls is then expected to differ."""
 
 # Tools the core itself understands, offered to the LLM beside the agent's own.
@@ -144,7 +145,8 @@ class CallState:
     pending_llm: str | None = None
     pending_tools: tuple[str, ...] = ()
     tool_names: dict[str, str] = field(default_factory=dict)
-    intent_after_tools: str | None = None
+    achieved: str | None = None
+    """The outcome the agent file declares for the last of its tools that succeeded."""
     llm_count: int = 0
     tts_count: int = 0
     timer_count: int = 0
@@ -156,6 +158,8 @@ class CallState:
     """The caller came back to the agent because the human could not be reached."""
     outbound: bool = False
     """The platform placed this call (the agent speaks first to someone it called)."""
+    speech: SpeechFormat = DEFAULT_SPEECH
+    """What the channel plays, from `call.started`: what each `tts.requested` records."""
     ended: bool = False
 
 
@@ -173,6 +177,16 @@ def new_state(agent: AgentSpec) -> CallState:
     return CallState(agent=agent)
 
 
+def outcome(state: CallState) -> str:
+    """What the call achieved, for its `call.ended`, whoever ends it: handed to a human; else what its
+    tools achieved, as the agent file declares; else whether the caller got as far as a turn."""
+    if state.handoff_id is not None:
+        return "handed_off"
+    if state.achieved is not None:
+        return state.achieved
+    return "resolved" if state.turn_index else "abandoned"
+
+
 def decide(state: CallState, event: Event[EventPayload]) -> tuple[CallState, list[Decision]]:
     """The whole policy. Events the core does not act on leave the state as it is."""
     if state.ended:
@@ -183,7 +197,7 @@ def decide(state: CallState, event: Event[EventPayload]) -> tuple[CallState, lis
         case CallStarted():
             returned = RETURNED_FROM_HANDOFF in p.parameters
             return replace(state, call_id=event.call_id, started_us=now, returned_from_handoff=returned,
-                           outbound=p.direction == "outbound"), []
+                           outbound=p.direction == "outbound", speech=SPEECH_FORMATS.get(p.channel, DEFAULT_SPEECH)), []
         case MemoryLoaded():
             return replace(state, memory=tuple(s.summary for s in p.summaries)), []
         case CallAnswered():
@@ -224,8 +238,8 @@ def _say(state: CallState, text: str) -> tuple[CallState, list[Decision]]:
         text=text,
         provider=state.agent.tts.provider,
         voice=voice,
-        codec="pcm_s16le",
-        sample_rate=16000,
+        codec=state.speech.codec,
+        sample_rate=state.speech.sample_rate,
     )
     state = replace(
         state,
@@ -493,6 +507,9 @@ def _tool_result(state: CallState, p: ToolSucceeded | ToolFailed, now: int) -> t
     history = (*state.history, ChatMessage("tool", result, name=p.tool, tool_call_id=p.tool_call_id))
     pending = tuple(t for t in state.pending_tools if t != p.tool_call_id)
     state = replace(state, history=history, pending_tools=pending)
+    tool = state.agent.tool(state.tool_names[p.tool_call_id])
+    if isinstance(p, ToolSucceeded) and tool is not None and tool.outcome is not None:
+        state = replace(state, achieved=tool.outcome)
     if pending:
         return state, []
     return _ask_llm(state)

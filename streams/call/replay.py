@@ -3,6 +3,8 @@
 In a live call the session records each input event, then at once the core's decisions for it
 (producer `voxlog.core`). Replay feeds the inputs, in `seq` order, to `decide` and checks that the
 decisions recorded after each input are exactly the ones the core makes now, payload for payload.
+`call.ended` is an input (the session knows when and why a call ends), but its outcome is the
+core's (`core.outcome`): replay checks that too.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from schemas.base import Event, EventPayload
-from schemas.events import CallStarted
-from streams.call.core import CORE_PRODUCER, Decision, decide, new_state
+from schemas.events import CallEnded, CallStarted
+from streams.call.core import CORE_PRODUCER, Decision, decide, new_state, outcome
 from streams.config.agents import AgentRouter, AgentSpec, RoutingError
 
 
@@ -75,6 +77,16 @@ def verify_call(events: Sequence[Event[EventPayload]], agent: AgentSpec) -> Repl
                 checked,
                 Divergence(
                     event.seq, event.type, f"the core now decides {_describe(missing)} before this event; not recorded"
+                ),
+            )
+        if isinstance(event.payload, CallEnded) and event.payload.outcome != outcome(state):
+            return ReplayResult(
+                call_id,
+                checked,
+                Divergence(
+                    event.seq,
+                    event.type,
+                    f"recorded outcome {event.payload.outcome}; the core now decides {outcome(state)}",
                 ),
             )
         state, decisions = decide(state, event)

@@ -1,11 +1,38 @@
 """The media edge of a call session: what a channel (Twilio media stream, web widget, SIP) must
-offer the session, and what the session needs to know about a call when it starts."""
+offer the session, what it plays, and what the session needs to know about a call when it starts."""
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Literal
+
+from streams.providers.base import MULAW_RATE, PCM_RATE, SpeechCodec
+
+Channel = Literal["phone", "sip", "widget"]
+
+FRAME_MS = 20
+FRAME_BYTES = PCM_RATE * 2 * FRAME_MS // 1000  # 640: 20 ms of 16 kHz 16-bit mono
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechFormat:
+    """How agent speech is played on a channel: what synthesis makes, the far end hears and the log records."""
+
+    codec: SpeechCodec
+    sample_rate: int
+
+
+SPEECH_FORMATS: dict[str, SpeechFormat] = {
+    "phone": SpeechFormat("mulaw", MULAW_RATE),  # a Twilio media stream carries 8 kHz mu-law only
+    "sip": SpeechFormat("mulaw", MULAW_RATE),  # G.711 PCMU, the codec every SIP trunk offers
+    "widget": SpeechFormat("pcm_s16le", PCM_RATE),
+}
+"""Each channel's speech format. The core reads it from `call.started`'s channel (so replay decides the
+same `tts.requested`), a transport plays it: one table, so the log says what was played."""
+DEFAULT_SPEECH = SPEECH_FORMATS["widget"]
+"""For a call recorded without a known channel (`call.started` v1's `unknown`)."""
 
 
 class TransportClosed(ConnectionError):
@@ -13,18 +40,24 @@ class TransportClosed(ConnectionError):
 
 
 class MediaTransport(ABC):
-    """One call's media connection. Audio crosses it as 16 kHz 16-bit mono PCM in 20 ms frames;
-    the transport converts to and from its channel's format (Twilio: 8 kHz mu-law).
+    """One call's media connection. Caller audio crosses it as 16 kHz 16-bit mono PCM in 20 ms frames;
+    agent speech in the channel's own format (`SPEECH_FORMATS`), which the session asks synthesis for;
+    the transport converts the rest (Twilio: 8 kHz mu-law).
 
     Inbound audio is pushed to the session by the channel (`CallSession.hear`); the session calls
     these to talk back.
     """
 
-    channel: Literal["phone", "sip", "widget"]
-    speech_codec: Literal["pcm_s16le", "mulaw"] = "pcm_s16le"
-    speech_rate: int = 16_000
-    """The channel's own audio format, which the session asks speech synthesis for (a phone line:
-    8 kHz mu-law, which cloud voices make themselves), and which `play_speech` takes."""
+    channel: Channel
+
+    @property
+    def speech_codec(self) -> SpeechCodec:
+        """The codec `play_speech` takes: the channel's."""
+        return SPEECH_FORMATS[self.channel].codec
+
+    @property
+    def speech_rate(self) -> int:
+        return SPEECH_FORMATS[self.channel].sample_rate
 
     @abstractmethod
     async def play(self, frame: bytes) -> None:
@@ -59,13 +92,18 @@ class MediaTransport(ABC):
     async def send_transcript(self, speaker: Literal["caller", "agent"], text: str, final: bool) -> None:  # noqa: B027
         """Channels with a screen (the widget) show the live transcript; phones ignore it."""
 
+    async def show(self, speaker: Literal["caller", "agent"], text: str, *, final: bool) -> None:
+        """`send_transcript`, where a far end already gone is no reason to stop: the transcript is a courtesy."""
+        with contextlib.suppress(TransportClosed):
+            await self.send_transcript(speaker, text, final)
+
 
 @dataclass(frozen=True)
 class InboundCall:
     """What a channel knows when a call connects, for routing and the `call.started` event."""
 
     call_id: str
-    channel: Literal["phone", "sip", "widget"]
+    channel: Channel
     direction: Literal["inbound", "outbound"]
     tenant_id: str
     agent_id: str

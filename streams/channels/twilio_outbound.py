@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
+from streams.channels.twilio_webhook_protocol import STATUS_PATH, VOICE_PATH
+
 DIAL_ID = re.compile(r"^dial-[0-9a-f]{32}$")
 CALL_ID = re.compile(r"^call-[0-9a-f-]{36}$")
 PARAMETER_PREFIX = "p."
@@ -52,14 +54,14 @@ def check_parameters(parameters: Mapping[str, str]) -> None:
 
 
 def voice_url(public_url: str, route: OutboundRoute) -> str:
-    return f"{public_url.rstrip('/')}/twilio/voice?{route.query()}"
+    return f"{public_url.rstrip('/')}{VOICE_PATH}?{route.query()}"
 
 
 def status_url(public_url: str, dial_id: str, tenant_id: str, first_seq: int) -> str:
     """Status callbacks of a placed call; before it is answered they belong to the dial's stream,
     numbered from `first_seq` by Twilio's SequenceNumber (so a retried callback has the same seq)."""
     query = urlencode({"dial_id": dial_id, "tenant": tenant_id, "seq": str(first_seq)})
-    return f"{public_url.rstrip('/')}/twilio/status?{query}"
+    return f"{public_url.rstrip('/')}{STATUS_PATH}?{query}"
 
 
 def outbound_route(query: Mapping[str, str]) -> OutboundRoute | None:

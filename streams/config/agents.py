@@ -50,6 +50,10 @@ class ToolDefinition(_Spec):
     kind: Literal["calendar", "ticket", "webhook"] = "webhook"
     """Which built-in worker runs it."""
     webhook_url: str | None = None
+    outcome: str | None = Field(None, pattern=r"^[a-z][a-z0-9_]{0,63}$")
+    """What the call has achieved once this tool succeeded (`booked`): its `call.ended` outcome, unless a
+    human took the call over or a later tool achieved something else. The offline script's steps reach
+    the core as tool calls, so a step's outcome is its tool's."""
 
     @property
     def parameters_json(self) -> str:

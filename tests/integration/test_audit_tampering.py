@@ -23,6 +23,7 @@ from producers.events import CallRecorder, EventWriter, standalone_event
 from producers.partitioning import partition_for
 from projections.audit import (
     AuditFold,
+    AuditProjection,
     AuditReport,
     LogTrail,
     audit_source,
@@ -30,7 +31,7 @@ from projections.audit import (
     record_hash,
     verify_chain,
 )
-from projections.runner import AuditProjection, ProjectionRunner
+from projections.projection_runner import ProjectionRunner
 from projections.store import AnalyticsStore
 from projections.tables import AUDIT_LOG
 from schemas.base import EventPayload

@@ -13,13 +13,13 @@ import httpx
 import pytest
 
 from consumers.events import read_call
-from gateway.twilio_media import OutboundClear, OutboundMedia
 from schemas.base import Event, EventPayload
 from schemas.codec import EventCodec
 from schemas.events import AuditRecorded, CallEnded, CallStatus, ErrorRaised, TtsRequested
 from schemas.topics import AUDIT, CALL_TOPICS
 from streams.audio.codecs import pcm16_to_mulaw
 from streams.call.replay import agent_for, verify_call
+from streams.channels.twilio_media_protocol import OutboundClear, OutboundMedia
 from tests.conftest import kafka_bootstrap
 from tests.speech import synthesize_pcm16
 from voxlog.settings import Settings

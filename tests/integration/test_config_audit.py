@@ -15,8 +15,8 @@ import yaml
 from consumers.backends import LogBackend, ensure_topics
 from gateway.config_audit import record_config_changes, recorded_config
 from producers.events import EventWriter
-from projections.audit import verify_chain
-from projections.runner import AuditProjection, ProjectionRunner
+from projections.audit import AuditProjection, verify_chain
+from projections.projection_runner import ProjectionRunner
 from projections.store import AnalyticsStore
 from projections.tables import AUDIT_LOG
 from schemas.codec import EventCodec

@@ -15,8 +15,11 @@ from consumers.backends import EmbeddedBackend, LogBackend
 from consumers.events import read_call
 from producers.events import CallRecorder, EventWriter, standalone_event
 from producers.synthetic import synthetic_call
+from projections.audit import AuditProjection
+from projections.caller_memory import MemoryProjection
+from projections.calls import CallsProjection
+from projections.projection_runner import ProjectionRunner
 from projections.recordings import RecordingsProjection, recording_path
-from projections.runner import AuditProjection, CallsProjection, MemoryProjection, ProjectionRunner
 from projections.store import AnalyticsStore
 from projections.tables import (
     AUDIT_LOG,

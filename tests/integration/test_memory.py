@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from consumers.events import read_call
-from projections.runner import MemoryProjection, ProjectionRunner
+from projections.caller_memory import MemoryProjection
+from projections.projection_runner import ProjectionRunner
 from projections.store import AnalyticsStore
 from schemas.events import CallSummarized, MemoryLoaded, TtsRequested
 from schemas.topics import CALLS

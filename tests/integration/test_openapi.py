@@ -28,8 +28,8 @@ from schemathesis.python.asgi import HOST, shutdown_lifespans
 
 from gateway.admission import RateLimits
 from gateway.app import create_app
-from gateway.twilio_webhooks import SIGNATURE_HEADER, compute_twilio_signature
 from projections.store import AnalyticsStore
+from streams.channels.twilio_webhook_protocol import SIGNATURE_HEADER, compute_twilio_signature
 from streams.config.tenants import Limits, Tenants
 from voxlog.serving import build_gateway
 from voxlog.settings import Settings

@@ -20,7 +20,6 @@ import yaml
 from websockets.exceptions import ConnectionClosed
 
 from consumers.events import read_call
-from gateway.twilio_webhooks import DIAL_ACTION_PATH, IDEMPOTENCY_HEADER
 from schemas.base import Event, EventPayload
 from schemas.events import (
     CallDialFailed,
@@ -34,6 +33,7 @@ from schemas.events import (
 )
 from schemas.topics import AUDIT
 from streams.call.replay import agent_for, verify_call
+from streams.channels.twilio_webhook_protocol import DIAL_ACTION_PATH, IDEMPOTENCY_HEADER
 from tests.conftest import kafka_bootstrap
 from tests.integration.test_call_e2e import agent_done_speaking, speech
 from voxlog.settings import DEFAULT_AGENTS_DIR, Settings

@@ -15,13 +15,15 @@ from typing import Any
 
 import pytest
 
-from consumers.backends import EmbeddedBackend, KafkaBackend, LogBackend
+from consumers.backends import EmbeddedBackend, LogBackend
 from producers.events import CallRecorder, EventWriter
 from producers.synthetic import synthetic_call
-from projections.audit import verify_chain
-from projections.runner import AuditProjection, CallsProjection, ProjectionRunner, default_projections
+from projections.audit import AuditProjection, verify_chain
+from projections.calls import CallsProjection
+from projections.default_projections import default_projections
+from projections.projection_runner import ProjectionRunner
 from projections.store import AnalyticsStore
-from projections.tables import ANALYST_TABLES, AUDIT_LOG, Table
+from projections.tables import ANALYST_TABLES, AUDIT_LOG
 from schemas.base import EventPayload
 from schemas.events import (
     AuditRecorded,
@@ -35,53 +37,10 @@ from schemas.events import (
     TurnTaken,
 )
 from schemas.topics import DEADLETTER
-from tests.conftest import kafka_bootstrap
+from tests.projection_runs import snapshot, write_calls
 from tests.unit.test_redaction import SEEDED
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(params=["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])
-def log(request: pytest.FixtureRequest, tmp_path: Path) -> LogBackend:
-    if request.param == "embedded":
-        return EmbeddedBackend(tmp_path / "log.db")
-    return KafkaBackend(kafka_bootstrap())
-
-
-async def write_calls(log: LogBackend, tenant: str, count: int, *, first: int = 0,
-                      pause_every: int = 0) -> list[str]:
-    """Synthetic calls written as a gateway would, their events interleaved; returns the call ids."""
-    ids = [f"call-{uuid.uuid4()}" for _ in range(count)]
-    async with log.producer() as producer:
-        writer = EventWriter(producer)
-        recorders = [CallRecorder(writer, tenant_id=tenant, call_id=cid, producer="test", producer_version="0")
-                     for cid in ids]
-        streams = [list(synthetic_call(first + i, turns=2, frames_per_utterance=5)) for i in range(count)]
-        written = 0
-        while any(streams):
-            for recorder, payloads in zip(recorders, streams, strict=True):
-                if payloads:
-                    await recorder.record(payloads.pop(0))
-                    written += 1
-                    if pause_every and written % pause_every == 0:
-                        await producer.flush()
-                        await asyncio.sleep(0.01)
-        await producer.flush()
-    return ids
-
-
-async def snapshot(store: AnalyticsStore, tables: tuple[Table, ...] = ANALYST_TABLES, *,
-                   versions: bool = False, tenant: str | None = None) -> dict[str, list[Any]]:
-    """Each table's rows (FINAL), without `_version` unless `versions`; only `tenant`'s if given."""
-    out = {}
-    for table in tables:
-        columns = [c for c in table.column_names if versions or c != "_version"]
-        where = "WHERE tenant_id = {tenant:String} " if tenant is not None else ""
-        result = await asyncio.to_thread(
-            store.query, f"SELECT {', '.join(columns)} FROM {table.name} FINAL {where}"
-            f"ORDER BY {', '.join(table.order_by)}", {"tenant": tenant} if tenant is not None else None)
-        out[table.name] = result.rows
-    return out
 
 
 async def project(log: LogBackend, store: AnalyticsStore) -> None:
@@ -89,10 +48,10 @@ async def project(log: LogBackend, store: AnalyticsStore) -> None:
         await ProjectionRunner(log, store, projection).run(asyncio.Event(), until_caught_up=True)
 
 
-async def test_the_tables_hold_what_the_log_says(log: LogBackend, store: AnalyticsStore) -> None:
+async def test_the_tables_hold_what_the_log_says(backend: LogBackend, store: AnalyticsStore) -> None:
     tenant = f"t{uuid.uuid4().hex[:8]}"
-    ids = await write_calls(log, tenant, 6)
-    await project(log, store)
+    ids = await write_calls(backend, tenant, 6)
+    await project(backend, store)
     tables = {name: [r for r in rows if r[0] == tenant] for name, rows in (await snapshot(store)).items()}
     calls = tables["calls"]
     assert sorted(r[1] for r in calls) == sorted(ids)
@@ -155,7 +114,7 @@ async def test_killing_the_projector_loses_and_doubles_nothing(tmp_path: Path, s
 
 
 async def test_projecting_as_calls_are_written_gives_the_rebuilds_rows_versions_included(
-    log: LogBackend, store: AnalyticsStore
+    backend: LogBackend, store: AnalyticsStore
 ) -> None:
     """The calls projection started again after every few events of each call (a restart from the
     stored offsets, calls picked up mid-way, voxlog.calls and voxlog.commands read apart) ends with
@@ -163,7 +122,7 @@ async def test_projecting_as_calls_are_written_gives_the_rebuilds_rows_versions_
     tenant = f"t{uuid.uuid4().hex[:8]}"
     streams = [list(synthetic_call(i, turns=2, frames_per_utterance=5)) for i in range(6)]
     runs = 0
-    async with log.producer() as producer:
+    async with backend.producer() as producer:
         writer = EventWriter(producer)
         recorders = [CallRecorder(writer, tenant_id=tenant, call_id=f"call-{uuid.uuid4()}", producer="test",
                                   producer_version="0") for _ in streams]
@@ -173,7 +132,7 @@ async def test_projecting_as_calls_are_written_gives_the_rebuilds_rows_versions_
                     if payloads:
                         await recorder.record(payloads.pop(0))
             await producer.flush()
-            await ProjectionRunner(log, store, CallsProjection(), batch_rows=50).run(asyncio.Event(),
+            await ProjectionRunner(backend, store, CallsProjection(), batch_rows=50).run(asyncio.Event(),
                                                                                     until_caught_up=True)
             runs += 1
     stepped = await snapshot(store, CallsProjection.tables, versions=True, tenant=tenant)
@@ -181,13 +140,13 @@ async def test_projecting_as_calls_are_written_gives_the_rebuilds_rows_versions_
     assert len(stepped["calls"]) == 6
     assert len(stepped["tool_calls"]) >= 6
 
-    await ProjectionRunner(log, store, CallsProjection()).rebuild()
+    await ProjectionRunner(backend, store, CallsProjection()).rebuild()
     assert await snapshot(store, CallsProjection.tables, versions=True, tenant=tenant) == stepped
 
 
-async def test_changing_or_removing_an_audit_record_is_detected(log: LogBackend, store: AnalyticsStore) -> None:
+async def test_changing_or_removing_an_audit_record_is_detected(backend: LogBackend, store: AnalyticsStore) -> None:
     tenant = f"t{uuid.uuid4().hex[:8]}"
-    async with log.producer() as producer:
+    async with backend.producer() as producer:
         writer = EventWriter(producer)
         for i in range(12):
             recorder = CallRecorder(writer, tenant_id=tenant, call_id="-", producer="test", producer_version="0")
@@ -195,7 +154,7 @@ async def test_changing_or_removing_an_audit_record_is_detected(log: LogBackend,
                                                   outcome="accepted", detail=f"query {i}", remote_addr="10.0.0.1")
             await recorder.record(payload)
         await producer.flush()
-    await ProjectionRunner(log, store, AuditProjection()).run(asyncio.Event(), until_caught_up=True)
+    await ProjectionRunner(backend, store, AuditProjection()).run(asyncio.Event(), until_caught_up=True)
 
     def rows() -> list[tuple[Any, ...]]:
         return store.query(f"SELECT * EXCEPT _version FROM {AUDIT_LOG.name} FINAL WHERE tenant_id = {{t:String}} "
@@ -217,11 +176,11 @@ async def test_changing_or_removing_an_audit_record_is_detected(log: LogBackend,
     assert "missing" in problem.problem
 
 
-async def test_no_seeded_pii_reaches_clickhouse(log: LogBackend, store: AnalyticsStore) -> None:
+async def test_no_seeded_pii_reaches_clickhouse(backend: LogBackend, store: AnalyticsStore) -> None:
     """Every corpus sentence is said by a caller, echoed by the agent, passed to a tool, returned by
     it, put in an error and in an audit record; no seeded value may be found in any table."""
     tenant = f"t{uuid.uuid4().hex[:8]}"
-    async with log.producer() as producer:
+    async with backend.producer() as producer:
         writer = EventWriter(producer)
         for index, item in enumerate(SEEDED):
             text = item["text"]
@@ -230,7 +189,7 @@ async def test_no_seeded_pii_reaches_clickhouse(log: LogBackend, store: Analytic
             for payload in pii_call(index, text):
                 await recorder.record(payload)
         await producer.flush()
-    await project(log, store)
+    await project(backend, store)
 
     found: list[str] = []
     for table in ANALYST_TABLES:

@@ -26,10 +26,11 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from consumers.backends import KafkaBackend
-from projections.runner import default_projections
+from projections.default_projections import default_projections
 from projections.store import AnalyticsStore
 from tests.conftest import kafka_bootstrap
-from tests.integration.test_projections import AUDIT_COLUMN, project, snapshot, write_calls
+from tests.integration.test_projections import AUDIT_COLUMN, project
+from tests.projection_runs import snapshot, write_calls
 
 pytestmark = [pytest.mark.slow, pytest.mark.kafka]
 
@@ -42,7 +43,7 @@ from pathlib import Path
 from projections.audit import verify_chain
 from projections.store import AnalyticsStore
 from projections.tables import AUDIT_LOG
-from tests.integration.test_projections import snapshot
+from tests.projection_runs import snapshot
 home, tenant = sys.argv[1], sys.argv[2]
 store = AnalyticsStore.open(None, Path(home))
 tables = asyncio.run(snapshot(store))

@@ -21,6 +21,7 @@ from moto.server import ThreadedMotoServer
 
 from consumers.backends import EmbeddedBackend
 from projections import recordings
+from projections.projection_runner import ProjectionRunner
 from projections.recording_store import (
     LocalRecordingStore,
     RangeNotSatisfiable,
@@ -31,7 +32,6 @@ from projections.recording_store import (
 )
 from projections.recording_store_s3 import S3RecordingStore
 from projections.recordings import RECORDINGS, RecordingsProjection
-from projections.runner import ProjectionRunner
 from projections.store import AnalyticsStore
 from schemas.events import CallerAudioChunk
 from streams.audio.codecs import mulaw_to_pcm16, resample_pcm16

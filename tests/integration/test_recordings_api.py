@@ -13,8 +13,8 @@ import httpx
 import numpy as np
 import pytest
 
+from projections.projection_runner import ProjectionRunner
 from projections.recordings import RecordingsProjection
-from projections.runner import ProjectionRunner
 from projections.store import AnalyticsStore
 from schemas.codec import EventCodec
 from schemas.events import AuditRecorded

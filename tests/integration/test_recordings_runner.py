@@ -5,9 +5,7 @@ the recordings come out as a run without crashes makes them."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import random
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -15,28 +13,17 @@ import pytest
 
 from consumers.backends import EmbeddedBackend, LogBackend
 from producers.base import LogRecord, TopicPartition
+from projections.projection import HoldsOffsets
+from projections.projection_runner import ProjectionRunner
 from projections.recordings import RecordingsProjection
-from projections.runner import HoldsOffsets, ProjectionRunner
 from projections.store import AnalyticsStore
-from projections.tables import OFFSETS, RECORDINGS, Output, Table, at
+from projections.tables import RECORDINGS, Output, Table, at
 from schemas.base import Event, EventPayload
 from schemas.events import CallEnded
 from schemas.topics import CALLS
-from tests.integration.test_projections import snapshot, write_calls
+from tests.projection_runs import another_store, files, snapshot, stored_offsets, write_calls
 
 pytestmark = pytest.mark.slow
-
-
-def another_store(store: AnalyticsStore) -> AnalyticsStore:
-    database = f"t_{uuid.uuid4().hex[:12]}"
-    store.command(f"CREATE DATABASE {database}")
-    return AnalyticsStore(store.dsn, database=database)
-
-
-def files(root: Path) -> dict[str, str]:
-    """Every file under the folder, by path, with a digest of its bytes."""
-    return {path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in root.rglob("*") if path.is_file()}
 
 
 async def test_killing_the_recordings_projector_loses_and_doubles_nothing(tmp_path: Path,
@@ -110,12 +97,6 @@ class HoldsForever(HoldsFirstCallsRecord):
     async def settle(self, backend: LogBackend, read: Mapping[TopicPartition, int] | None) -> Sequence[Output]:
         self.settled.append(None if read is None else {tp: offset for tp, offset in read.items() if offset})
         return []
-
-
-async def stored_offsets(store: AnalyticsStore, name: str) -> dict[TopicPartition, int]:
-    result = await asyncio.to_thread(store.query, f"SELECT topic, log_partition, next_offset FROM {OFFSETS.name} "
-                                     "FINAL WHERE projection_name = {name:String}", {"name": name})
-    return {TopicPartition(topic, int(partition)): int(offset) for topic, partition, offset in result.rows}
 
 
 async def test_the_runner_stores_no_offset_past_what_a_projection_holds(tmp_path: Path, store: AnalyticsStore) -> None:

@@ -1,7 +1,7 @@
 """The Twilio side of the gateway, end to end over real sockets.
 
-A FastAPI app with `gateway.twilio_webhooks.twilio_router` and a minimal media endpoint built on
-`gateway.twilio_media` runs under uvicorn on a free port; `voxlog.sim.twilio_caller.TwilioCaller` plays
+A FastAPI app with `gateway.twilio_webhook_routes.twilio_router` and a minimal media endpoint built on
+`gateway.twilio_media_transport` runs under uvicorn on a free port; `voxlog.sim.twilio_caller.TwilioCaller` plays
 Twilio (signed webhooks, the media WebSocket); `voxlog.sim.fake_twilio.FakeTwilio` plays Twilio's REST
 API for the real twilio SDK behind `TwilioMediaTransport.transfer` / `hangup`.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import math
 import socket
@@ -22,10 +21,14 @@ from email.utils import format_datetime
 
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import FastAPI, WebSocket
 
-from gateway.twilio_media import (
+from gateway.twilio_media_transport import TwilioMediaTransport, iterate_media, wait_for_start
+from gateway.twilio_webhook_routes import CallRejected, RejectedWebhook, twilio_router, validate_media_handshake
+from schemas.events import CallStatus
+from streams.audio.codecs import Resampler, mulaw_to_pcm16, pcm16_to_mulaw, resample_pcm16
+from streams.call.transport import TransportClosed
+from streams.channels.twilio_media_protocol import (
     Dtmf,
     Malformed,
     Mark,
@@ -36,23 +39,11 @@ from gateway.twilio_media import (
     OutboundMedia,
     Start,
     Stop,
-    TwilioMediaTransport,
-    iterate_media,
-    wait_for_start,
 )
-from gateway.twilio_webhooks import (
-    IDEMPOTENCY_HEADER,
-    CallRejected,
-    RejectedWebhook,
-    dial_twiml,
-    twilio_router,
-    validate_media_handshake,
-)
-from schemas.events import CallStatus
-from streams.audio.codecs import Resampler, mulaw_to_pcm16, pcm16_to_mulaw, resample_pcm16
-from streams.call.transport import TransportClosed
 from streams.channels.twilio_rest import TwilioRest, TwilioRestError
+from streams.channels.twilio_webhook_protocol import IDEMPOTENCY_HEADER, dial_twiml
 from voxlog.sim.fake_twilio import FakeTwilio, new_account_sid
+from voxlog.sim.stack import serve_app
 from voxlog.sim.twilio_caller import TwilioCaller, parse_stream_twiml
 
 AUTH_TOKEN = "f3c1d2e4b5a697887766554433221100"
@@ -138,28 +129,6 @@ def build_app(gateway: Gateway, rest: TwilioRest | None) -> FastAPI:
     return app
 
 
-@contextlib.asynccontextmanager
-async def serve(app: FastAPI) -> AsyncIterator[str]:
-    """uvicorn in this event loop on a free port; yields its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=2)
-    )
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
-
-
 @pytest.fixture
 def fake_twilio() -> Iterator[FakeTwilio]:
     with FakeTwilio(ACCOUNT_SID, AUTH_TOKEN) as fake:
@@ -170,7 +139,7 @@ def fake_twilio() -> Iterator[FakeTwilio]:
 async def gateway(fake_twilio: FakeTwilio) -> AsyncIterator[Gateway]:
     gw = Gateway()
     rest = TwilioRest(ACCOUNT_SID, AUTH_TOKEN, base_url=fake_twilio.base_url)
-    async with serve(build_app(gw, rest)) as base_url:
+    async with serve_app(build_app(gw, rest)) as base_url:
         gw.base_url = base_url
         yield gw
 
@@ -234,7 +203,7 @@ async def test_signed_voice_webhook_answers_connect_stream_twiml(gateway: Gatewa
 
 async def test_public_url_decides_signed_url_and_stream_url(fake_twilio: FakeTwilio) -> None:
     gw = Gateway(public_url="https://voice.example.com")
-    async with serve(build_app(gw, None)) as base_url:
+    async with serve_app(build_app(gw, None)) as base_url:
         gw.base_url = base_url
         caller = make_caller(gw, public_url="https://voice.example.com")
         instructions = await caller.dial()

@@ -11,7 +11,7 @@ from typing import Any
 
 from projections.audit import epoch_us
 from projections.calls import CallsFold
-from projections.runner import RowBatch
+from projections.projection_runner import RowBatch
 from projections.tables import PROMPT_VERSIONS, TOOL_CALLS, Output, at
 from schemas.base import Event, EventPayload
 from schemas.envelope import Envelope

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Literal
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,7 +34,7 @@ from schemas.events import (
     TtsRequested,
     TurnTaken,
 )
-from streams.call.core import RETURNED_FROM_HANDOFF, CallLlm, Hangup, RunTool, Speak, StopSpeaking, Transfer
+from streams.call.core import RETURNED_FROM_HANDOFF, CallLlm, Hangup, RunTool, Speak, StopSpeaking, Transfer, outcome
 from streams.call.replay import verify_call
 from streams.config.agents import AgentSpec, load_agents
 from tests.core_sim import CoreSim
@@ -76,6 +78,19 @@ def test_answering_gives_consent_notice_greeting_and_a_call_limit() -> None:
     assert greeting.text == f"{AGENT.consent.text} {AGENT.greeting}"
     assert isinstance(decisions[2].action, Speak)  # type: ignore[attr-defined]
     assert isinstance(decisions[0].payload, ConsentGiven)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("channel", "codec", "rate"),
+                         [("phone", "mulaw", 8000), ("sip", "mulaw", 8000), ("widget", "pcm_s16le", 16000)])
+def test_what_the_agent_says_is_recorded_in_the_format_its_channel_plays(
+    channel: Literal["phone", "sip", "widget"], codec: str, rate: int
+) -> None:
+    sim = CoreSim(AGENT)
+    sim.feed(CallStarted(channel=channel, direction="inbound", agent_id=AGENT.id, agent_version=AGENT.version,
+                         routed_by="number"))
+    greeting = sim.feed(CallAnswered(answered_by=None))[-1].payload
+    assert isinstance(greeting, TtsRequested)
+    assert (greeting.codec, greeting.sample_rate) == (codec, rate)
 
 
 def test_a_booking_turn_runs_the_tool_then_answers() -> None:
@@ -234,6 +249,50 @@ def test_the_llm_ending_the_call_says_goodbye_then_hangs_up() -> None:
     assert types(sim.feed(done(bye[0].payload.request_id)))[-1] == "call.hangup_requested"  # type: ignore[attr-defined]
 
 
+# -- the outcome ----------------------------------------------------------------------------------
+
+REFUNDS = AgentSpec.model_validate({
+    "id": "refunds", "tenant": "shop", "name": "Refunds", "prompt_id": "refunds/main", "greeting": "Hello.",
+    "prompts": {"persona": "You handle refunds.", "task": "Refund what the caller returns."},
+    "tools": [{"name": "issue_refund", "description": "Refund an order.", "kind": "webhook", "outcome": "refunded"},
+              {"name": "look_up_order", "description": "Find an order.", "kind": "webhook"}],
+})
+
+
+def refund_turn(sim: CoreSim, tool: str, call_id: str, n: int) -> None:
+    sim.feed(final("i want my money back", n))
+    sim.feed(decided(f"call-1/llm/{n}", calls=(ToolCallSpec(id=call_id, name=tool, arguments_json="{}"),)))
+
+
+def test_the_outcome_is_what_the_agent_file_declares_for_the_tool_that_succeeded() -> None:
+    sim = CoreSim(REFUNDS)
+    started(sim)
+    assert outcome(sim.state) == "abandoned"  # the caller has not said anything yet
+    refund_turn(sim, "issue_refund", "r1", 0)
+    assert outcome(sim.state) == "resolved", "asked for, not done"
+    sim.feed(ToolFailed(tool_call_id="r1", tool="issue_refund", error="declined", retryable=False, attempt=1,
+                        dead_lettered=True, latency_ms=1))
+    assert outcome(sim.state) == "resolved", "a refund that failed is no refund"
+    sim.feed(decided("call-1/llm/1", text="That did not work; let me try again."))
+    refund_turn(sim, "issue_refund", "r2", 2)
+    sim.feed(ToolSucceeded(tool_call_id="r2", tool="issue_refund", result_json="{}", attempt=1, latency_ms=1))
+    assert outcome(sim.state) == "refunded"
+    sim.feed(decided("call-1/llm/3", text="Done."))
+    refund_turn(sim, "look_up_order", "o1", 4)  # a tool that declares no outcome changes none
+    sim.feed(ToolSucceeded(tool_call_id="o1", tool="look_up_order", result_json="{}", attempt=1, latency_ms=1))
+    assert outcome(sim.state) == "refunded"
+
+
+def test_a_call_handed_to_a_human_has_that_outcome_until_the_transfer_fails() -> None:
+    sim = CoreSim(AGENT)
+    started(sim)
+    handoff = sim.feed(final("operator"))[1].payload
+    assert isinstance(handoff, HandoffRequested)
+    assert outcome(sim.state) == "handed_off"
+    sim.feed(HandoffCompleted(handoff_id=handoff.handoff_id, target="x", outcome="no_answer"))
+    assert outcome(sim.state) == "resolved"
+
+
 # -- replay ---------------------------------------------------------------------------------------
 
 def conversation() -> CoreSim:
@@ -279,6 +338,19 @@ def test_a_tampered_recording_diverges_where_it_was_changed() -> None:
     result = verify_call(events, AGENT)
     assert result.divergence is not None
     assert result.divergence.seq == turn.seq
+
+
+def test_replay_checks_the_outcome_the_call_ended_with() -> None:
+    sim = conversation()  # booked (the demo's book_appointment declares it), then goodbye
+    sim.feed(CallEnded(reason="caller_hangup", duration_ms=5000, outcome="booked"))
+    assert verify_call(sim.events, AGENT).identical
+    ended = sim.events[-1]
+    assert isinstance(ended.payload, CallEnded)
+    tampered = dataclasses.replace(ended, payload=dataclasses.replace(ended.payload, outcome="abandoned"))
+    result = verify_call([*sim.events[:-1], tampered], AGENT)
+    assert result.divergence is not None
+    assert (result.divergence.seq, result.divergence.event_type) == (ended.seq, "call.ended")
+    assert "booked" in result.divergence.reason
 
 
 def test_a_missing_decision_is_reported() -> None:

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from gateway.api import dial_time_ms, new_dial_id
 from gateway.calls import new_call_id
-from gateway.twilio_webhooks import dial_outcome_payload
 from streams.channels.twilio_outbound import (
     OutboundRoute,
     OutboundRouteError,
@@ -23,6 +22,7 @@ from streams.channels.twilio_outbound import (
     status_url,
     voice_url,
 )
+from streams.channels.twilio_webhook_protocol import dial_outcome_payload
 from streams.config.agents import AgentConfigError, load_agents
 from streams.config.tenants import Tenants, load_tenants
 from streams.rate_limit import TokenBucket

@@ -18,7 +18,7 @@ import pytest
 from consumers.backends import EmbeddedBackend
 from producers.base import LogRecord
 from producers.events import CallRecorder, EventWriter
-from projections import recordings
+from projections import recording_buffer, recordings
 from projections.recordings import RECORDINGS, RecordingsProjection, recording_path
 from projections.tables import Output, Row, Statement, at
 from schemas.base import Event, EventPayload
@@ -196,12 +196,13 @@ async def test_replaying_a_call_gives_the_same_wav_and_rows(
     assert wav.read_bytes() == first
 
 
-@pytest.mark.parametrize("spill_bytes", [0, recordings.SPILL_BYTES], ids=["every-chunk-to-files", "held-in-memory"])
+@pytest.mark.parametrize("spill_bytes", [0, recording_buffer.SPILL_BYTES],
+                         ids=["every-chunk-to-files", "held-in-memory"])
 @pytest.mark.parametrize(("crashed_after", "resumed_from"), [(90, 60), (150, 150), (250, 200), (272, 268)])
 async def test_a_projector_that_crashed_mid_call_goes_on_from_what_it_stored(
         tmp_path: Path, backend: EmbeddedBackend, call: tuple[int, list[Event[EventPayload]]],
         monkeypatch: pytest.MonkeyPatch, crashed_after: int, resumed_from: int, spill_bytes: int) -> None:
-    monkeypatch.setattr(recordings, "SPILL_BYTES", spill_bytes)
+    monkeypatch.setattr(recording_buffer, "SPILL_BYTES", spill_bytes)
     _, events = call
     assert len(events) == 272
     assert [e.seq for e in events] == list(range(272))  # a record's offset is its event's seq (`record_of`)

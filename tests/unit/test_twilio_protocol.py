@@ -20,7 +20,10 @@ from starlette.responses import Response
 from starlette.websockets import WebSocketState
 from twilio.request_validator import RequestValidator  # type: ignore[import-untyped]
 
-from gateway.twilio_media import (
+from gateway.twilio_media_transport import TwilioMediaTransport, iterate_media
+from gateway.twilio_webhook_routes import media_stream_url, public_request_url, validate_media_handshake
+from streams.call.transport import TransportClosed
+from streams.channels.twilio_media_protocol import (
     Connected,
     Dtmf,
     InboundEvent,
@@ -35,19 +38,18 @@ from gateway.twilio_media import (
     Start,
     Stop,
     StreamingPhoneCodec,
-    TwilioMediaTransport,
     TwilioProtocolError,
     clear_message,
     dump_inbound,
     dump_outbound,
     inbound_message,
-    iterate_media,
     mark_message,
     media_message,
     parse_inbound,
     parse_outbound,
 )
-from gateway.twilio_webhooks import (
+from streams.channels.twilio_rest import TwilioCall, TwilioRestError
+from streams.channels.twilio_webhook_protocol import (
     Replayed,
     ReplayGuard,
     WebhookAnswer,
@@ -55,15 +57,10 @@ from gateway.twilio_webhooks import (
     connect_stream_twiml,
     dial_twiml,
     hangup_twiml,
-    media_stream_url,
-    public_request_url,
     reject_twiml,
     status_callback_payload,
-    validate_media_handshake,
     validate_twilio_request,
 )
-from streams.call.transport import TransportClosed
-from streams.channels.twilio_rest import TwilioCall, TwilioRestError
 
 HEX = "0123456789abcdef"
 

@@ -10,9 +10,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import uvicorn
 from pydantic import SecretStr
+from starlette.types import ASGIApp
 
-from gateway.calls import Gateway
+from gateway.calls import GatewayRuntime
 from streams.call.session import Providers
 from streams.config.agents import AgentSpec
 from voxlog.serving import build_gateway, gateway_server
@@ -21,6 +23,8 @@ from voxlog.sim.fake_twilio import FakeTwilio, RecordedRequest, new_account_sid
 from voxlog.sim.twilio_caller import TwilioCaller
 
 AUTH_TOKEN = "voxlog-local-auth-token"
+WEBHOOK_SECRET = "voxlog-local-webhook-secret"
+"""The local stack's own: its tool webhooks go nowhere but to the caller's test servers."""
 
 
 def free_port() -> int:
@@ -33,7 +37,7 @@ def free_port() -> int:
 class LocalStack:
     base_url: str
     settings: Settings
-    gateway: Gateway
+    gateway: GatewayRuntime
     twilio: FakeTwilio
 
     @property
@@ -71,6 +75,34 @@ class LocalStack:
 
 
 @asynccontextmanager
+async def running(server: uvicorn.Server, sockets: list[socket.socket] | None = None) -> AsyncIterator[None]:
+    """`server` serving in this event loop until the block ends."""
+    serving = asyncio.create_task(server.serve(sockets))
+    while not server.started:
+        if serving.done():
+            serving.result()  # raises what stopped it
+        await asyncio.sleep(0.01)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        await serving
+
+
+@asynccontextmanager
+async def serve_app(app: ASGIApp) -> AsyncIterator[str]:
+    """`app` under uvicorn on a free port of 127.0.0.1, with the WebSocket implementation `voxlog
+    serve` uses and without its lifespan; yields its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
+                                           ws="websockets", timeout_graceful_shutdown=2))
+    async with running(server, [sock]):
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@asynccontextmanager
 async def local_stack(
     settings: Settings, providers_factory: Callable[[AgentSpec], Providers] | None = None, *,
     analytics: bool = False,
@@ -83,19 +115,11 @@ async def local_stack(
         base_url = f"http://127.0.0.1:{port}"
         settings = settings.model_copy(update={
             "twilio_account_sid": account_sid, "twilio_auth_token": SecretStr(AUTH_TOKEN),
-            "twilio_api_base": twilio.base_url, "public_url": base_url, "run_projections": analytics})
+            "twilio_api_base": twilio.base_url, "public_url": base_url, "run_projections": analytics,
+            "webhook_secret": SecretStr(WEBHOOK_SECRET)})
         gateway = build_gateway(settings)
         if providers_factory is not None:
             gateway.providers_factory = providers_factory
-        server = gateway_server(settings, "127.0.0.1", port, gateway=gateway, log_level="warning")
-        serving = asyncio.create_task(server.serve())
-        while not server.started:
-            if serving.done():
-                serving.result()  # raises what stopped it
-            await asyncio.sleep(0.05)
-        try:
+        async with running(gateway_server(settings, "127.0.0.1", port, gateway=gateway, log_level="warning")):
             yield LocalStack(base_url, settings, gateway, twilio)
-        finally:
-            server.should_exit = True
-            await serving
 

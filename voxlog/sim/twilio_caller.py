@@ -15,11 +15,9 @@ signed status callbacks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -28,11 +26,11 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
 
-from gateway.twilio_media import (
+from streams.audio.codecs import pcm16_to_mulaw, resample_pcm16
+from streams.channels.twilio_media_protocol import (
     MULAW_FRAME_BYTES,
+    TWILIO_RATE,
     Connected,
     Dtmf,
     InboundEvent,
@@ -48,8 +46,8 @@ from gateway.twilio_media import (
     dump_inbound,
     parse_outbound,
 )
-from gateway.twilio_webhooks import SIGNATURE_HEADER, compute_twilio_signature
-from streams.audio.codecs import pcm16_to_mulaw, resample_pcm16
+from streams.channels.twilio_webhook_protocol import SIGNATURE_HEADER, compute_twilio_signature
+from voxlog.sim.media_peer import MediaPeer
 
 MULAW_SILENCE = 0xFF
 FRAME_S = 0.020
@@ -96,7 +94,7 @@ class Received:
 
 
 @dataclass
-class TwilioCaller:
+class TwilioCaller(MediaPeer):
     """Plays one call against a gateway at `base_url` (http://127.0.0.1:PORT).
 
     `public_url` is the URL Twilio is configured with (what it signs); by default the gateway's own.
@@ -120,28 +118,13 @@ class TwilioCaller:
     http: httpx.AsyncClient | None = None
     """A client to post webhooks with (base URL `base_url`), shared by many callers; else one per post."""
 
-    agent_audio: bytearray = field(default_factory=bytearray)
     log: list[Received] = field(default_factory=list)
-    marks_echoed: list[str] = field(default_factory=list)
-    protocol_errors: list[str] = field(default_factory=list)
-    clears: int = 0
-    close_code: int | None = None
-    closed_by_agent: bool = False
 
     def __post_init__(self) -> None:
-        self._ws: ClientConnection | None = None
+        self._init_peer(realtime_playback=self.realtime_playback)
         self._sequence = 0
         self._chunk = 0
         self._send_lock = asyncio.Lock()
-        self._receiver: asyncio.Task[None] | None = None
-        self._player: asyncio.Task[None] | None = None
-        self._changed = asyncio.Condition()
-        self._opened_at = 0.0
-        self._playhead = 0.0  # monotonic time the agent audio queued so far finishes playing
-        self._pending_marks: deque[tuple[float, str]] = deque()
-        self._marks_changed = asyncio.Event()
-        self.closed = asyncio.Event()
-        self._closing = False
         self.start_event: Start | None = None
 
     # ------------------------------------------------------------------ webhooks
@@ -272,11 +255,7 @@ class TwilioCaller:
         headers = {"User-Agent": "Twilio.TmeWs/1.0"}
         if sign_handshake:
             headers[SIGNATURE_HEADER] = compute_twilio_signature(self.auth_token, instructions.url, {})
-        self._ws = await connect(target, additional_headers=headers, compression=None, max_size=2**20)
-        self._opened_at = time.monotonic()
-        self._playhead = self._opened_at
-        self._receiver = asyncio.create_task(self._receive_loop())
-        self._player = asyncio.create_task(self._mark_player())
+        await self._open(target, headers)
         await self.send_event(Connected())
         if send_start:
             self.start_event = Start(
@@ -302,19 +281,9 @@ class TwilioCaller:
         )
         return urlunsplit(("wss" if local.scheme == "https" else "ws", local.netloc, path, "", ""))
 
-    @property
-    def opened_at(self) -> float:
-        """`time.monotonic()` when the WebSocket opened: `Received.at` counts from here."""
-        return self._opened_at
-
     def _next_sequence(self) -> int:
         self._sequence += 1
         return self._sequence
-
-    async def _send_text(self, text: str | bytes) -> None:
-        if self._ws is None:
-            raise RuntimeError("not connected")
-        await self._ws.send(text)
 
     async def send_event(self, event: InboundEvent) -> None:
         """Sends an event as Twilio would (sequence numbers assigned here for all but connected)."""
@@ -369,54 +338,10 @@ class TwilioCaller:
         if close:
             await self.close()
 
-    async def close(self) -> None:
-        self._closing = True
-        if self._ws is not None:
-            await self._ws.close()
-        await self._finish()
-
-    async def abort(self) -> None:
-        """Drops the TCP connection without a closing handshake (network loss, Twilio crash)."""
-        self._closing = True
-        if self._ws is not None:
-            self._ws.transport.abort()
-        await self._finish()
-
-    async def _finish(self) -> None:
-        for task in (self._receiver, self._player):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self.closed.set()
-
-    async def __aenter__(self) -> TwilioCaller:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._finish()
-        if self._ws is not None:
-            self._ws.transport.abort()
-
     # ------------------------------------------------------------------ what the agent sends
 
-    async def _receive_loop(self) -> None:
-        assert self._ws is not None
-        try:
-            async for raw in self._ws:
-                await self._on_message(raw)
-        except ConnectionClosed:
-            pass
-        finally:
-            self.close_code = self._ws.close_code
-            self.closed_by_agent = not self._closing
-            self.closed.set()
-            async with self._changed:
-                self._changed.notify_all()
-
     async def _on_message(self, raw: str | bytes) -> None:
-        now = time.monotonic()
-        at = now - self._opened_at
+        at = time.monotonic() - self.opened_at
         if isinstance(raw, bytes):
             error = "binary frame; Twilio accepts JSON text only"
             self.protocol_errors.append(error)
@@ -434,77 +359,18 @@ class TwilioCaller:
                     self.log.append(Received(at, raw, message, error))
                 else:
                     self.log.append(Received(at, raw, message))
-                    self._play(message, now)
-        async with self._changed:
-            self._changed.notify_all()
+                    self._play(message)
 
-    def _play(self, message: OutboundMessage, now: float) -> None:
+    def _play(self, message: OutboundMessage) -> None:
         if isinstance(message, OutboundMedia):
-            self.agent_audio += message.payload
-            self._playhead = max(self._playhead, now) + len(message.payload) / 8000
+            self._hear(message.payload, len(message.payload) / TWILIO_RATE)
         elif isinstance(message, OutboundMark):
-            due = max(self._playhead, now) if self.realtime_playback else now
-            self._pending_marks.append((due, message.name))
-            self._marks_changed.set()
+            self.speaker.mark(message.name)
         elif isinstance(message, OutboundClear):
-            self.clears += 1
-            self._playhead = now
-            # Twilio answers the marks whose audio a clear dropped at once.
-            self._pending_marks = deque((now, name) for _, name in self._pending_marks)
-            self._marks_changed.set()
+            self._clear()
 
-    async def _mark_player(self) -> None:
-        while True:
-            if not self._pending_marks:
-                self._marks_changed.clear()
-                await self._marks_changed.wait()
-                continue
-            due, name = self._pending_marks[0]
-            delay = due - time.monotonic()
-            if delay > 0:
-                self._marks_changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._marks_changed.wait(), delay)
-                continue
-            self._pending_marks.popleft()
-            with contextlib.suppress(ConnectionClosed):
-                await self.send_event(Mark(stream_sid=self.stream_sid, name=name))
-                self.marks_echoed.append(name)
-            async with self._changed:
-                self._changed.notify_all()
-
-    # ------------------------------------------------------------------ waiting
-
-    async def wait_until(self, predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
-        """Waits until `predicate()` holds (checked whenever something arrives)."""
-
-        async def check() -> None:
-            async with self._changed:
-                await self._changed.wait_for(predicate)
-
-        await asyncio.wait_for(check(), timeout_s)
-
-    async def agent_quiet(self, quiet_s: float = 1.2, timeout_s: float = 30.0) -> bool:
-        """Waits until the agent has said something and then been silent for `quiet_s` (or the call
-        closed, or the timeout passed). Returns whether the agent has said anything at all."""
-        deadline = time.monotonic() + timeout_s
-        heard, since = len(self.agent_audio), time.monotonic()
-        while time.monotonic() < deadline and not self.closed.is_set():
-            await asyncio.sleep(0.05)
-            if len(self.agent_audio) != heard:
-                heard, since = len(self.agent_audio), time.monotonic()
-            elif heard and time.monotonic() - since >= quiet_s:
-                break
-        return bool(heard)
-
-    async def agent_speaks_beyond(self, heard: int, timeout_s: float = 30.0) -> bool:
-        """Waits for the agent's audio to grow past `heard` bytes (an answer that may be slow in
-        coming, a fallback's), the call's end or the timeout; returns whether it grew."""
-        for _ in range(int(timeout_s / 0.02)):
-            if len(self.agent_audio) != heard or self.closed.is_set():
-                break
-            await asyncio.sleep(0.02)
-        return len(self.agent_audio) > heard
+    async def _send_mark(self, name: str) -> None:
+        await self.send_event(Mark(stream_sid=self.stream_sid, name=name))
 
     def messages(self, kind: type[OutboundMessage] | None = None) -> list[OutboundMessage]:
         return [r.message for r in self.log if r.message is not None and (kind is None or isinstance(r.message, kind))]

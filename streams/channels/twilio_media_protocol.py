@@ -1,4 +1,4 @@
-"""Twilio Media Streams: the bidirectional WebSocket a `<Connect><Stream>` opens.
+"""Twilio Media Streams: the protocol of the bidirectional WebSocket a `<Connect><Stream>` opens.
 
 Twilio sends JSON text messages: `connected`, then `start` (stream and call SIDs, tracks, the
 `<Parameter>`s as customParameters, the media format: 8 kHz mono mu-law), then `media` every 20 ms
@@ -6,39 +6,28 @@ Twilio sends JSON text messages: `connected`, then `start` (stream and call SIDs
 `clear` dropped it), and `stop` before it closes. We send `media` (base64 8 kHz mu-law), `mark` and
 `clear`, each naming the streamSid. See https://www.twilio.com/docs/voice/media-streams/websocket-messages
 
-This module has the pure protocol (parse what Twilio sends, serialise both directions, precise
-`TwilioProtocolError`s), the reader `iterate_media` that turns a socket into typed events and never
-dies on a bad frame, and `TwilioMediaTransport`, the session's `MediaTransport` for a phone call.
+This module is the protocol alone, with no socket: parse what Twilio sends, serialise both
+directions, precise `TwilioProtocolError`s, `MediaStreamReader` (one stream's messages in order,
+never failing on a bad one) and the audio conversion. The socket and the session's `MediaTransport`
+over it are the gateway's (`gateway.twilio_media_transport`); the simulated caller speaks this too.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import contextlib
 import json
-import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
-
-from gateway.twilio_webhooks import dial_twiml
 from streams.audio.codecs import Resampler, mulaw_to_pcm16, pcm16_to_mulaw
-from streams.call.transport import MediaTransport, TransportClosed
-from streams.channels.twilio_rest import CallControl, TwilioRestError
-
-log = logging.getLogger(__name__)
 
 TWILIO_RATE = 8000
 SESSION_RATE = 16000
 FRAME_MS = 20
 MULAW_FRAME_BYTES = TWILIO_RATE * FRAME_MS // 1000
 """160: one 20 ms media payload from Twilio."""
-PCM_FRAME_BYTES = 2 * SESSION_RATE * FRAME_MS // 1000
-"""640: one 20 ms frame of session audio (16 kHz 16-bit)."""
 MAX_MESSAGE_CHARS = 64 * 1024
 """Twilio's messages are a few hundred bytes; this bounds the parser's work on garbage."""
 EXCERPT_CHARS = 120
@@ -96,7 +85,7 @@ class Start:
 @dataclass(frozen=True, slots=True)
 class Media:
     """One 20 ms chunk. `payload` is the 8 kHz mu-law as received (what `audio.caller_chunk` stores);
-    `pcm` is the same audio as 16 kHz 16-bit PCM, filled in by `iterate_media` for the inbound track."""
+    `pcm` is the same audio as 16 kHz 16-bit PCM, filled in by `MediaStreamReader` for the inbound track."""
 
     stream_sid: str
     track: str
@@ -134,7 +123,7 @@ class Stop:
 
 @dataclass(frozen=True, slots=True)
 class Malformed:
-    """A frame `iterate_media` skipped: why, and the start of it."""
+    """A message `MediaStreamReader` skipped: why, and the start of it."""
 
     reason: str
     excerpt: str
@@ -508,217 +497,46 @@ class StreamingPhoneCodec:
         self._down = Resampler(SESSION_RATE, TWILIO_RATE)
 
 
-# --------------------------------------------------------------------------- reading the socket
+# --------------------------------------------------------------------------- one stream, in order
 
 
-async def iterate_media(
-    websocket: WebSocket,
-    codec: PhoneAudioCodec | None = None,
-    *,
-    decode_audio: bool = True,
-) -> AsyncIterator[MediaEvent]:
-    """Reads an accepted Twilio media WebSocket until it closes, yielding typed events.
+class MediaStreamReader:
+    """Turns one stream's messages, in the order they came, into typed events.
 
     Inbound-track media carry `pcm` (16 kHz) unless `decode_audio` is False. Anything that breaks
-    the protocol (bad JSON, unknown event, missing field, bad payload, binary frame, a second start,
-    events before start or for another streamSid) is yielded as `Malformed` and skipped. The
-    iterator ends when the socket closes, cleanly or not; it never raises for the far end's doing.
+    the protocol (bad JSON, unknown event, missing field, bad payload, a binary frame, a second
+    start, events before start or for another streamSid) comes back as `Malformed`: one bad message
+    never ends the stream.
     """
-    stream_sid: str | None = None
-    decoder: PhoneAudioCodec | None = codec
-    while True:
+
+    def __init__(self, codec: PhoneAudioCodec | None = None, *, decode_audio: bool = True) -> None:
+        self._decoder = codec
+        self._decode_audio = decode_audio
+        self.stream_sid: str | None = None
+
+    def read(self, message: str | bytes) -> MediaEvent:
+        """One WebSocket message: text as Twilio sends it, bytes for a binary frame."""
+        if isinstance(message, bytes):
+            return Malformed("binary WebSocket frame; Twilio sends JSON text", excerpt(message))
         try:
-            message = await websocket.receive()
-        except (WebSocketDisconnect, RuntimeError, OSError):
-            return
-        kind = message.get("type")
-        if kind == "websocket.disconnect":
-            return
-        if kind != "websocket.receive":
-            continue
-        text = message.get("text")
-        if text is None:
-            data = message.get("bytes") or b""
-            yield Malformed("binary WebSocket frame; Twilio sends JSON text", excerpt(data))
-            continue
-        try:
-            event = parse_inbound(text)
+            event = parse_inbound(message)
         except TwilioProtocolError as exc:
-            yield Malformed(exc.reason, exc.excerpt)
-            continue
+            return Malformed(exc.reason, exc.excerpt)
         if isinstance(event, Connected):
-            yield event
-            continue
+            return event
         if isinstance(event, Start):
-            if stream_sid is not None:
-                yield Malformed(
-                    f"second start message (stream {event.stream_sid}) on stream {stream_sid}", excerpt(text)
-                )
-                continue
-            stream_sid = event.stream_sid
-            yield event
-            continue
-        if stream_sid is None:
-            yield Malformed(f"{type(event).__name__.lower()} message before start", excerpt(text))
-            continue
-        if event.stream_sid != stream_sid:
-            yield Malformed(f"message for stream {event.stream_sid}, this is stream {stream_sid}", excerpt(text))
-            continue
-        if isinstance(event, Media) and decode_audio and event.track == "inbound":
-            if decoder is None:
-                decoder = StreamingPhoneCodec()
-            event = replace(event, pcm=decoder.decode(event.payload))
-        yield event
-
-
-async def wait_for_start(events: AsyncIterator[MediaEvent], timeout_s: float = 10.0) -> Start | None:
-    """Consumes events up to the stream's `start`; None if the socket closes, stops or times out first.
-    What it skips (connected, malformed frames) is logged."""
-
-    async def first_start() -> Start | None:
-        async for event in events:
-            if isinstance(event, Start):
-                return event
-            if isinstance(event, Stop):
-                return None
-            if isinstance(event, Malformed):
-                log.warning("twilio media: malformed frame before start: %s (%s)", event.reason, event.excerpt)
-        return None
-
-    try:
-        return await asyncio.wait_for(first_start(), timeout_s)
-    except TimeoutError:
-        log.warning("twilio media: no start message within %.1f s", timeout_s)
-        return None
-
-
-# --------------------------------------------------------------------------- the transport
-
-
-class TwilioMediaTransport(MediaTransport):
-    """A phone call's media over a Twilio Media Streams socket: agent audio out as 8 kHz mu-law,
-    marks and clears; hang-up and transfer through Twilio's REST API (`rest`)."""
-
-    channel: Literal["phone", "sip", "widget"] = "phone"
-    speech_codec: Literal["pcm_s16le", "mulaw"] = "mulaw"
-    speech_rate: int = 8_000
-
-    def __init__(
-        self,
-        websocket: WebSocket,
-        stream_sid: str,
-        call_sid: str,
-        *,
-        rest: CallControl | None = None,
-        codec: PhoneAudioCodec | None = None,
-        transfer_twiml: Callable[[str], str] = dial_twiml,
-    ) -> None:
-        self.websocket = websocket
-        self.stream_sid = stream_sid
-        self.call_sid = call_sid
-        self.rest = rest
-        self.codec: PhoneAudioCodec = codec if codec is not None else StreamingPhoneCodec()
-        self.transfer_twiml = transfer_twiml
-        self._send_lock = asyncio.Lock()
-        self._closed = False
-        self._hung_up = False
-        self.frames_sent = 0
-
-    @classmethod
-    def from_start(
-        cls,
-        websocket: WebSocket,
-        start: Start,
-        *,
-        rest: CallControl | None = None,
-        codec: PhoneAudioCodec | None = None,
-        transfer_twiml: Callable[[str], str] = dial_twiml,
-    ) -> TwilioMediaTransport:
-        return cls(websocket, start.stream_sid, start.call_sid, rest=rest, codec=codec, transfer_twiml=transfer_twiml)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed or self.websocket.application_state == WebSocketState.DISCONNECTED
-
-    async def _send(self, text: str) -> None:
-        async with self._send_lock:
-            if self.closed:
-                raise TransportClosed(f"twilio stream {self.stream_sid} is closed")
-            try:
-                await self.websocket.send_text(text)
-            except (WebSocketDisconnect, RuntimeError, OSError) as exc:
-                self._closed = True
-                raise TransportClosed(f"twilio stream {self.stream_sid} closed: {exc!r}") from exc
-
-    async def play(self, frame: bytes) -> None:
-        """Sends 20 ms of 16 kHz 16-bit PCM as 8 kHz mu-law (any whole number of samples works)."""
-        if len(frame) % 2:
-            raise ValueError(f"16-bit PCM frame must have an even length, got {len(frame)} bytes")
-        if not frame:
-            return
-        mulaw = self.codec.encode(frame)
-        if mulaw:  # a resampler may hold back the first few samples
-            await self.play_mulaw(mulaw)
-
-    async def play_mulaw(self, mulaw: bytes) -> None:
-        """Sends audio already in Twilio's format (8 kHz mu-law)."""
-        await self._send(media_message(self.stream_sid, mulaw))
-        self.frames_sent += 1
-
-    async def play_speech(self, frame: bytes) -> None:
-        await self.play_mulaw(frame)
-
-    async def clear(self) -> None:
-        await self._send(clear_message(self.stream_sid))
-        reset = getattr(self.codec, "reset_encoder", None)
-        if callable(reset):
-            reset()
-
-    async def mark(self, name: str) -> None:
-        await self._send(mark_message(self.stream_sid, name))
-
-    async def transfer(self, target: str) -> tuple[str, str | None]:
-        """Redirects the live call to `<Dial>target</Dial>`. Twilio then ends this media stream
-        (stop, close) and bridges the caller; ('connected', None) means Twilio accepted the new
-        instructions, the dialled leg's own outcome comes later on the Dial action callback."""
-        try:
-            twiml = self.transfer_twiml(target)
-        except ValueError as exc:
-            return "failed", str(exc)
-        if self.rest is None:
-            return "failed", "no Twilio REST client configured"
-        try:
-            await self.rest.update_call_twiml(self.call_sid, twiml)
-        except (TwilioRestError, ValueError) as exc:
-            log.warning("twilio transfer of %s to %s failed: %s", self.call_sid, target, exc)
-            return "failed", str(exc)
-        return "connected", None
-
-    async def hangup(self) -> None:
-        """Completes the call through the REST API, then closes the socket. Closing a
-        `<Connect><Stream>` socket alone also ends the call (no TwiML follows it), so a REST failure
-        is logged, not raised."""
-        if self._hung_up:
-            return
-        self._hung_up = True
-        if self.rest is not None:
-            try:
-                await self.rest.complete_call(self.call_sid)
-            except (TwilioRestError, ValueError) as exc:
-                log.warning("twilio hangup of %s through REST failed (%s); closing the stream", self.call_sid, exc)
-        await self.close()
-
-    async def detach(self) -> None:
-        """After a transfer Twilio bridges the caller elsewhere and ends this stream itself; we only
-        close our side, never complete the call (that would hang up on the human)."""
-        self._hung_up = True
-        await self.close()
-
-    async def close(self, code: int = 1000) -> None:
-        async with self._send_lock:
-            if self.closed:
-                self._closed = True
-                return
-            self._closed = True
-            with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
-                await self.websocket.close(code)
+            if self.stream_sid is not None:
+                return Malformed(f"second start message (stream {event.stream_sid}) on stream {self.stream_sid}",
+                                 excerpt(message))
+            self.stream_sid = event.stream_sid
+            return event
+        if self.stream_sid is None:
+            return Malformed(f"{type(event).__name__.lower()} message before start", excerpt(message))
+        if event.stream_sid != self.stream_sid:
+            return Malformed(f"message for stream {event.stream_sid}, this is stream {self.stream_sid}",
+                             excerpt(message))
+        if isinstance(event, Media) and self._decode_audio and event.track == "inbound":
+            if self._decoder is None:
+                self._decoder = StreamingPhoneCodec()
+            return replace(event, pcm=self._decoder.decode(event.payload))
+        return event

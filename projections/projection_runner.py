@@ -1,4 +1,4 @@
-"""Runs projections: log in, rows out into ClickHouse, at-least-once and without doubles.
+"""The projection runner: log in, rows out into ClickHouse, at-least-once and without doubles.
 
 Each projection reads its topics alone (every partition), from the offsets it stored in
 `_projection_offsets`, and writes in batches (5,000 rows or once a second). A batch's rows are
@@ -22,172 +22,17 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from operator import itemgetter
-from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from consumers.backends import LogBackend, ensure_topics
-from consumers.events import ConsumedEvent, EventConsumer, dead_letter_headers, read_call
+from consumers.events import ConsumedEvent, EventConsumer, dead_letter_headers
 from producers.base import LogProducer, LogRecord, TopicPartition
-from projections.audit import AuditFold, epoch_us
-from projections.calls import CallsFold
-from projections.erasure import ErasedCallers
-from projections.erasure import parameters as erasure_parameters
-from projections.recording_store import RecordingStore
-from projections.recordings import RecordingsProjection
+from projections.projection import HoldsOffsets, Projection, log_admin
 from projections.store import AnalyticsStore
-from projections.tables import (
-    AUDIT_LOG,
-    CALLER_MEMORY,
-    ERASURES,
-    OFFSETS,
-    PROMPT_VERSIONS,
-    Output,
-    Row,
-    Statement,
-    Table,
-    at,
-    deletion,
-)
-from schemas.base import Event, EventPayload
-from schemas.events import CallerErased, CallStarted, CallSummarized
-from schemas.topics import AUDIT, CALLS, COMMANDS, DEADLETTER
-from streams.config.agents import AgentRouter
-from streams.redaction import default_redactor
+from projections.tables import OFFSETS, Output, Statement, Table
+from schemas.topics import DEADLETTER
 
 log = logging.getLogger(__name__)
-
-HISTORY_LOOKBACK_MS = 3 * 3600 * 1000
-"""How far back a call picked up in the middle is looked for in the log (longer than any call)."""
-
-
-class Projection(Protocol):
-    name: str
-    topics: tuple[str, ...]
-    tables: tuple[Table, ...]
-    event_types: frozenset[str] | None
-    """The event types it folds (others are not even decoded); None: all of its topics'."""
-
-    async def load(self, store: AnalyticsStore) -> None:
-        """Restores what the projection keeps across events from its own tables."""
-
-    def reset(self) -> None:
-        """Forgets everything (a rebuild)."""
-
-    async def rows(self, record: LogRecord, event: Event[EventPayload], backend: LogBackend) -> Sequence[Output]: ...
-
-
-@runtime_checkable
-class HoldsOffsets(Protocol):
-    """A projection some of whose events' effects are not durable when their batch is written."""
-
-    def held(self) -> Mapping[TopicPartition, int]:
-        """Per topic-partition, the offset of the earliest record read whose effects are not durable
-        yet: no offset past it is stored, so a crash replays it."""
-        ...
-
-    async def settle(self, backend: LogBackend, read: Mapping[TopicPartition, int] | None) -> Sequence[Output]:
-        """Finish what waits on more of the log: called when every record of the log at a moment when
-        the records below the offsets `read` were in it has been read (None: at the end of a batch,
-        with nothing known of the rest of the log)."""
-        ...
-
-
-class CallsProjection:
-    name = "calls"
-    topics: tuple[str, ...] = (CALLS, COMMANDS)
-    tables: tuple[Table, ...] = CallsFold.tables
-    event_types: frozenset[str] | None = CallsFold.event_types
-
-    def __init__(self, router: AgentRouter | None = None) -> None:
-        self.router = router
-        self.fold = CallsFold(default_redactor(), router)
-
-    def reset(self) -> None:
-        self.fold = CallsFold(default_redactor(), self.router)
-
-    async def load(self, store: AnalyticsStore) -> None:
-        result = await asyncio.to_thread(
-            store.query, "SELECT tenant_id, agent_id, prompt_id, prompt_hash, first_used, last_used "
-            f"FROM {PROMPT_VERSIONS.name} FINAL")
-        for tenant, agent, prompt_id, prompt_hash, first, last in result.rows:
-            self.fold.seed_prompt(tenant, agent, prompt_id, prompt_hash, epoch_us(first), epoch_us(last))
-        await asyncio.to_thread(self.fold.erasures.load, store)
-
-    async def rows(self, record: LogRecord, event: Event[EventPayload], backend: LogBackend) -> list[Output]:
-        out: list[Output] = []
-        if not self.fold.knows(event.call_id) and not isinstance(event.payload, CallStarted | CallerErased):
-            # Picked up mid-call (a restart, a late event): fold the call as the log has it first. All of
-            # it, not only what came before this event: its other topic may have been read further (a
-            # late `tool.requested` on voxlog.commands after the call's end on voxlog.calls), and rows
-            # folded from less would lose to the newer ones already written. Later seqs are then skipped.
-            admin = backend.admin()
-            try:
-                history = await read_call(admin, event.call_id, topics=self.topics,
-                                          since_ms=event.envelope.event_time_us // 1000 - HISTORY_LOOKBACK_MS)
-            finally:
-                await admin.close()
-            for earlier in history.events:
-                if earlier.type in CallsFold.event_types:
-                    out += self.fold.apply(earlier)
-        return out + self.fold.apply(event)
-
-
-class AuditProjection:
-    name = "audit"
-    topics: tuple[str, ...] = (AUDIT, CALLS, COMMANDS)
-    tables: tuple[Table, ...] = (AUDIT_LOG,)
-    event_types: frozenset[str] | None = AuditFold.event_types
-
-    def __init__(self) -> None:
-        self.fold = AuditFold(default_redactor())
-
-    def reset(self) -> None:
-        self.fold = AuditFold(default_redactor())
-
-    async def load(self, store: AnalyticsStore) -> None:
-        result = await asyncio.to_thread(
-            store.query, f"SELECT tenant_id, source, max(chain_index), argMax(hash, chain_index), max(log_offset) "
-            f"FROM {AUDIT_LOG.name} FINAL GROUP BY tenant_id, source")
-        for tenant, source, index, digest, offset in result.rows:
-            self.fold.seed_head(tenant, source, int(index), digest, int(offset))
-
-    async def rows(self, record: LogRecord, event: Event[EventPayload], backend: LogBackend) -> list[Row]:
-        return self.fold.apply(event, f"{record.topic}/{record.partition}", record.offset)
-
-
-class MemoryProjection:
-    """`caller_memory`: the summaries on the callers' memory streams (`call.summarized`), less what an
-    erasure removed (`caller.erased`: the caller's summaries made before it)."""
-
-    name = "memory"
-    topics: tuple[str, ...] = (CALLS,)
-    tables: tuple[Table, ...] = (CALLER_MEMORY, ERASURES)
-    event_types: frozenset[str] | None = frozenset({CallSummarized.EVENT_TYPE, CallerErased.EVENT_TYPE})
-
-    def __init__(self) -> None:
-        self.redactor = default_redactor()
-        self.erasures = ErasedCallers()
-
-    def reset(self) -> None:
-        self.erasures = ErasedCallers()
-
-    async def load(self, store: AnalyticsStore) -> None:
-        await asyncio.to_thread(self.erasures.load, store)
-
-    async def rows(self, record: LogRecord, event: Event[EventPayload], backend: LogBackend) -> list[Output]:
-        p = event.payload
-        if isinstance(p, CallerErased):
-            return [self.erasures.fold(event, self.redactor), deletion(
-                CALLER_MEMORY, "tenant_id = {tenant:String} AND caller_key = {caller:String} AND "
-                "at < fromUnixTimestamp64Micro({before:Int64})", erasure_parameters(event))]
-        if not isinstance(p, CallSummarized):
-            return []
-        made_us = event.envelope.event_time_us
-        if self.erasures.erased(event.tenant_id, event.call_id, made_us):
-            return []
-        return [(CALLER_MEMORY, (event.tenant_id, event.call_id, p.call_id, p.agent_id,
-                                 at(made_us), self.redactor.redact(p.summary), p.outcome or "",
-                                 p.source, event.seq))]
 
 
 class RowBatch:
@@ -239,16 +84,6 @@ def _key_of(table: Table) -> Callable[[tuple[Any, ...]], Any]:
     return key
 
 
-def default_projections(router: AgentRouter | None = None, recordings: Path | None = None,
-                        recording_store: RecordingStore | None = None) -> list[Projection]:
-    """Every projection; `recordings` is the folder call recordings are assembled in (none: no
-    recordings), `recording_store` where they are kept (default: that folder)."""
-    found: list[Projection] = [CallsProjection(router), AuditProjection(), MemoryProjection()]
-    if recordings is not None:
-        found.append(RecordingsProjection(recordings, recording_store))
-    return found
-
-
 class ProjectionRunner:
     def __init__(self, backend: LogBackend, store: AnalyticsStore, projection: Projection, *,
                  batch_rows: int = 5000, flush_s: float = 1.0) -> None:
@@ -259,18 +94,15 @@ class ProjectionRunner:
         self.flush_s = flush_s
         self.positions: dict[TopicPartition, int] = {}
         self.events = 0
+        """Records read (of the projection's event types or not)."""
         self.dead_lettered = 0
         """Events the projection could not fold, sent to the dead-letter topic with the reason."""
-        """Records read (of the projection's event types or not)."""
         self.rows_written = 0
 
     async def prepare(self) -> None:
         """Makes the topics and tables, reads the stored positions, loads the projection's state."""
-        admin = self.backend.admin()
-        try:
+        async with log_admin(self.backend) as admin:
             await ensure_topics(admin)
-        finally:
-            await admin.close()
         for table in (OFFSETS, *self.projection.tables):
             await asyncio.to_thread(self.store.create, table)
         result = await asyncio.to_thread(
@@ -280,12 +112,9 @@ class ProjectionRunner:
         await self.projection.load(self.store)
 
     async def _ends(self) -> dict[TopicPartition, int]:
-        admin = self.backend.admin()
-        try:
+        async with log_admin(self.backend) as admin:
             return {TopicPartition(topic, p): end for topic in self.projection.topics
                     for p, end in (await admin.end_offsets(topic)).items()}
-        finally:
-            await admin.close()
 
     async def run(self, stop: asyncio.Event, *, until_caught_up: bool = False) -> None:
         """Projects until `stop` is set (or, with `until_caught_up`, until it reached where the

@@ -1,0 +1,66 @@
+"""What a projection is to the runners that drive it (`projection_runner`, `faust_projections`), and
+what the projections share for reading the log beyond the records they are handed."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Protocol, runtime_checkable
+
+from consumers.backends import LogBackend
+from consumers.base import LogAdmin
+from producers.base import LogRecord, TopicPartition
+from projections.store import AnalyticsStore
+from projections.tables import Output, Table
+from schemas.base import Event, EventPayload
+
+CALL_LOOKBACK_MS = 3 * 3600 * 1000
+"""How far back a call picked up in the middle is looked for in the log (longer than any call)."""
+
+
+class Projection(Protocol):
+    name: str
+    topics: tuple[str, ...]
+    tables: tuple[Table, ...]
+    event_types: frozenset[str] | None
+    """The event types it folds (others are not even decoded); None: all of its topics'."""
+
+    async def load(self, store: AnalyticsStore) -> None:
+        """Restores what the projection keeps across events from its own tables."""
+
+    def reset(self) -> None:
+        """Forgets everything (a rebuild)."""
+
+    async def rows(self, record: LogRecord, event: Event[EventPayload], backend: LogBackend) -> Sequence[Output]: ...
+
+
+@runtime_checkable
+class HoldsOffsets(Protocol):
+    """A projection some of whose events' effects are not durable when their batch is written."""
+
+    def held(self) -> Mapping[TopicPartition, int]:
+        """Per topic-partition, the offset of the earliest record read whose effects are not durable
+        yet: no offset past it is stored, so a crash replays it."""
+        ...
+
+    async def settle(self, backend: LogBackend, read: Mapping[TopicPartition, int] | None) -> Sequence[Output]:
+        """Finish what waits on more of the log: called when every record of the log at a moment when
+        the records below the offsets `read` were in it has been read (None: at the end of a batch,
+        with nothing known of the rest of the log)."""
+        ...
+
+
+class HasAdmin(Protocol):
+    """A log that gives admins (both backends do): all a projection's point reads need."""
+
+    def admin(self) -> LogAdmin: ...
+
+
+@contextlib.asynccontextmanager
+async def log_admin(backend: HasAdmin) -> AsyncIterator[LogAdmin]:
+    """An admin of the log, closed after use."""
+    admin = backend.admin()
+    try:
+        yield admin
+    finally:
+        await admin.close()

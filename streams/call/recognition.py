@@ -1,0 +1,159 @@
+"""The caller's side of a call: audio in, voice activity, recognition.
+
+Each inbound frame is recorded as received; the VAD tells when the caller starts and stops speaking
+(inputs of the call), and only speech goes to the recogniser, with the 300 ms before the VAD's
+confirmation (pre-roll) so the start of a word is not lost. Interim transcripts are recorded and
+shown; an utterance's final transcript is an input of the call, with times in the call's audio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+
+from producers.events import CallRecorder
+from schemas.events import CallerAudioChunk, SpeechStarted, SpeechStopped, TranscriptFinal, TranscriptInterim, Word
+from streams.audio.vad import Vad
+from streams.call.inputs import CallInputs
+from streams.call.transport import FRAME_MS, MediaTransport
+from streams.providers.base import AsrProvider, AsrStream, ProviderError, Recognition
+
+PREROLL_FRAMES = 15  # 300 ms before the VAD's confirmation go to the recogniser with the speech
+QUEUED_FRAMES = 500
+"""10 s of caller audio waiting for the audio task; past that the channel waits (backpressure)."""
+
+
+class AudioRecognition:
+    """`run` is the call's audio task: it opens the recogniser, then takes the frames `hear` queues,
+    until `stop`. `speech_stopped_us` is when the VAD last heard the caller stop (the session's clock),
+    where a turn's voice-to-voice latency starts."""
+
+    def __init__(self, asr: AsrProvider, keywords: tuple[str, ...], transport: MediaTransport,
+                 recorder: CallRecorder, inputs: CallInputs, clock_us: Callable[[], int]) -> None:
+        self._asr = asr
+        self._keywords = keywords
+        self._transport = transport
+        self._recorder = recorder
+        self._inputs = inputs
+        self._clock_us = clock_us
+        self._frames: asyncio.Queue[tuple[bytes, bytes, str, int] | None] = asyncio.Queue(maxsize=QUEUED_FRAMES)
+        self._vad = Vad()
+        # The VAD confirms speech only after it has lasted a while; recognition needs that start too.
+        self._preroll: deque[bytes] = deque(maxlen=PREROLL_FRAMES)
+        self._stream: AsrStream | None = None
+        # The recogniser hears only speech, so its clock runs behind the call's; this maps one to the other.
+        self._fed_ms = 0
+        self._shift_ms = 0
+        self._chunks = 0
+        self._utterances = 0
+        self.speech_stopped_us = 0
+
+    @property
+    def offset_ms(self) -> int:
+        """How much caller audio the call has had: where in it something the channel reports happened."""
+        return self._chunks * FRAME_MS
+
+    async def hear(self, pcm16: bytes, raw: bytes, codec: str, sample_rate: int) -> None:
+        await self._frames.put((pcm16, raw, codec, sample_rate))
+
+    def stop(self) -> None:
+        """Drops what is queued and ends `run`; a channel blocked on a full queue (a dead audio task) goes on."""
+        while not self._frames.empty():
+            self._frames.get_nowait()
+        self._frames.put_nowait(None)
+
+    async def run(self, deaf: Callable[[str], None]) -> None:
+        """`deaf` ends the call when no recogniser of the chain can be opened: the call has no ears."""
+        try:
+            self._stream = await self._asr.open_stream(keywords=self._keywords)
+        except ProviderError as exc:
+            self._inputs.failed("asr", self._asr.name, exc)
+            deaf(f"speech recognition unavailable: {exc}"[:500])
+            return
+        try:
+            while (item := await self._frames.get()) is not None:
+                await self._frame(self._stream, *item)
+        finally:
+            await self._stream.close()
+
+    async def _frame(self, stream: AsrStream, pcm16: bytes, raw: bytes, codec: str, rate: int) -> None:
+        offset_ms = self.offset_ms
+        await self._recorder.record(
+            CallerAudioChunk(
+                codec="mulaw" if codec == "mulaw" else "pcm_s16le",
+                sample_rate=rate,
+                chunk_index=self._chunks,
+                offset_ms=offset_ms,
+                duration_ms=FRAME_MS,
+                audio=raw,
+            )
+        )
+        self._chunks += 1
+        self._preroll.append(pcm16)
+        for vad_event in self._vad.process(pcm16):
+            if vad_event.kind == "speech_started":
+                self._inputs.submit(SpeechStarted(offset_ms=vad_event.offset_ms))
+                earlier = list(self._preroll)[:-1]
+                self._shift_ms = offset_ms - len(earlier) * FRAME_MS - self._fed_ms
+                for frame in earlier:
+                    await self._feed(stream, frame)
+            else:
+                self.speech_stopped_us = self._clock_us()
+                self._inputs.submit(SpeechStopped(offset_ms=vad_event.offset_ms, duration_ms=vad_event.duration_ms))
+                await self._finish_utterance(stream)
+        if self._vad.in_speech:
+            interim = await self._feed(stream, pcm16)
+            if interim is not None and interim.text:
+                await self._recorder.record(
+                    TranscriptInterim(
+                        utterance_id=f"u{self._utterances}",
+                        text=interim.text,
+                        confidence=interim.confidence,
+                        provider=interim.provider or self._asr.name,
+                        model=interim.model or self._asr.model,
+                        start_ms=interim.start_ms + self._shift_ms,
+                        end_ms=interim.end_ms + self._shift_ms,
+                    )
+                )
+                await self._transport.show("caller", interim.text, final=False)
+
+    async def _feed(self, stream: AsrStream, pcm16: bytes) -> Recognition | None:
+        self._fed_ms += FRAME_MS
+        try:
+            return await stream.accept(pcm16)
+        except ProviderError as exc:
+            self._inputs.failed("asr", self._asr.name, exc)  # the utterance's end tries again (a chain: from its first)
+            return None
+
+    async def _finish_utterance(self, stream: AsrStream) -> None:
+        stopped = time.perf_counter()
+        try:
+            result = await stream.end_utterance()
+        except ProviderError as exc:
+            self._inputs.failed("asr", self._asr.name, exc)
+            return
+        self._inputs.attempts("asr", result.failures, result.fallbacks)
+        utterance_id = f"u{self._utterances}"
+        self._utterances += 1
+        shift = self._shift_ms
+        self._inputs.submit(
+            TranscriptFinal(
+                utterance_id=utterance_id,
+                text=result.text,
+                confidence=result.confidence,
+                words=tuple(
+                    Word(word=w.word, start_ms=w.start_ms + shift, end_ms=w.end_ms + shift, confidence=w.confidence)
+                    for w in result.words
+                ),
+                provider=result.provider or self._asr.name,
+                model=result.model or self._asr.model,
+                language="en-US",
+                start_ms=result.start_ms + shift,
+                end_ms=result.end_ms + shift,
+                latency_ms=int((time.perf_counter() - stopped) * 1000),
+            )
+        )
+        if result.text:
+            await self._transport.show("caller", result.text, final=True)

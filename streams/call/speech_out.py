@@ -1,0 +1,147 @@
+"""The agent's side of a call: speech synthesis, real-time pacing, playback, and its stop on a barge-in.
+
+Each reply is synthesised in the channel's own format (`MediaTransport.speech_codec`), played in
+20 ms frames paced in real time, each frame recorded as played; how it ended (`tts.completed`:
+which voice, how much was played, interrupted or not) is an input of the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from producers.events import CallRecorder
+from schemas.events import AgentAudioChunk, ErrorRaised, TtsCompleted
+from streams.call.core import Speak
+from streams.call.inputs import CallInputs
+from streams.call.transport import FRAME_MS, MediaTransport, TransportClosed
+from streams.providers.base import ProviderError, TtsProvider, close_chunks
+from streams.providers.resilience import ChainExhausted
+
+Spawn = Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]
+"""Starts one of the call's tasks (a task that dies of a bug ends the call)."""
+
+
+class SpeechOut:
+    """`played` is told of each frame sent (the session's voice-to-voice latency watches for the first)."""
+
+    def __init__(self, tts: TtsProvider, transport: MediaTransport, recorder: CallRecorder, inputs: CallInputs,
+                 spawn: Spawn, played: Callable[[], None]) -> None:
+        self._tts = tts
+        self._transport = transport
+        self._recorder = recorder
+        self._inputs = inputs
+        self._spawn = spawn
+        self._played = played
+        self._speech: asyncio.Task[None] | None = None
+        self._chunks = 0
+
+    def say(self, action: Speak, causation_id: str) -> None:
+        """After what is being said, not over it ("let me check that" and then the answer); `stop` ends both."""
+        before = self._speech if self._speech is not None and not self._speech.done() else None
+        self._speech = self._spawn(self._speak(action, causation_id, before), "speech")
+
+    async def stop(self) -> None:
+        """Barge-in: what is being said stops, and the far end drops what it has buffered."""
+        self._cancel()
+        with contextlib.suppress(TransportClosed):
+            await self._transport.clear()
+
+    async def close(self) -> None:
+        """The call is over: speech stops, and is done with when this returns."""
+        self._cancel()
+        if self._speech is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # a crash is reported by its spawner
+                await self._speech
+
+    def _cancel(self) -> None:
+        if self._speech is not None and not self._speech.done():
+            self._speech.cancel()
+
+    async def _speak(self, action: Speak, causation_id: str, before: asyncio.Task[None] | None) -> None:
+        """Says `action`'s text once `before` (the speech in progress) is over; cancelled, it cancels
+        `before` too, and records every speech it ends as interrupted."""
+        if before is not None:
+            try:
+                await asyncio.wait({before})  # not `await before`: a speech that ends interrupted returns
+            except asyncio.CancelledError:
+                before.cancel()
+                self._inputs.submit(TtsCompleted(request_id=action.request_id, provider=self._tts.name,
+                                                 voice=action.voice, time_to_first_byte_ms=0, audio_ms=0,
+                                                 audio_bytes=0, interrupted=True), causation_id=causation_id)
+                raise
+        codec, rate = self._transport.speech_codec, self._transport.speech_rate
+        speech = self._tts.speak(action.text, voice=action.voice, sample_rate=rate, codec=codec)
+        frame_bytes = rate * FRAME_MS // 1000 * (1 if codec == "mulaw" else 2)
+        silence = b"\xff" if codec == "mulaw" else b"\0"
+        requested = time.perf_counter()
+        first_byte_ms = 0
+        frames_sent = 0
+        interrupted = False
+        pending = b""
+        loop = asyncio.get_running_loop()
+        start = 0.0
+        await self._transport.show("agent", action.text, final=True)
+        try:
+            async for chunk in speech.chunks:
+                if not first_byte_ms:
+                    first_byte_ms = int((time.perf_counter() - requested) * 1000)
+                    start = loop.time()
+                pending += chunk
+                while len(pending) >= frame_bytes:
+                    frame, pending = pending[:frame_bytes], pending[frame_bytes:]
+                    await self._play(frame, action.request_id, start + frames_sent * FRAME_MS / 1000)
+                    frames_sent += 1
+            if pending:
+                await self._play(
+                    pending.ljust(frame_bytes, silence), action.request_id, start + frames_sent * FRAME_MS / 1000
+                )
+                frames_sent += 1
+            await self._transport.mark(action.request_id)
+        except asyncio.CancelledError:
+            interrupted = True
+        except ProviderError as exc:
+            if not isinstance(exc, ChainExhausted):  # a chain's failures are in its report, recorded below
+                self._inputs.failed("tts", speech.provider, exc, causation_id)
+        except TransportClosed as exc:
+            self._inputs.submit(ErrorRaised(component="transport", provider=self._transport.channel, kind="closed",
+                                            message=str(exc), retryable=False, fatal=False),
+                                causation_id=causation_id)
+        finally:
+            await close_chunks(speech.chunks)
+            self._inputs.attempts("tts", speech.report.failures, speech.report.fallbacks, causation_id)
+            self._inputs.submit(
+                TtsCompleted(
+                    request_id=action.request_id,
+                    provider=speech.provider,
+                    voice=speech.voice or action.voice,
+                    time_to_first_byte_ms=first_byte_ms,
+                    audio_ms=frames_sent * FRAME_MS,
+                    audio_bytes=frames_sent * frame_bytes,
+                    interrupted=interrupted,
+                ),
+                causation_id=causation_id,
+            )
+
+    async def _play(self, frame: bytes, request_id: str, due: float) -> None:
+        """Sends one frame when its time comes (real-time pacing) and records it."""
+        delay = due - asyncio.get_running_loop().time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await self._transport.play_speech(frame)
+        self._played()
+        await self._recorder.record(
+            AgentAudioChunk(
+                codec=self._transport.speech_codec,
+                sample_rate=self._transport.speech_rate,
+                chunk_index=self._chunks,
+                offset_ms=self._chunks * FRAME_MS,
+                duration_ms=FRAME_MS,
+                audio=frame,
+                tts_request_id=request_id,
+            )
+        )
+        self._chunks += 1
