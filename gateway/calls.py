@@ -288,7 +288,7 @@ class GatewayRuntime:
         refusal = self.admission.admit(call.call_id, call.tenant_id)
         if refusal is None:
             return None
-        log.warning("call %s (%s) refused: %s", call.call_id, call.tenant_id, refusal.detail)
+        log.info("call %s (%s) refused: %s", call.call_id, call.tenant_id, refusal.detail)  # counted in metrics
         payload = CallRefused(reason=refusal.reason, detail=refusal.detail, channel=call.channel,
                               direction=call.direction, agent_id=call.agent_id, live_calls=refusal.live_calls,
                               limit=refusal.limit, from_number=call.from_number, to_number=call.to_number,

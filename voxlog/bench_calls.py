@@ -11,6 +11,7 @@ is the time spent in voxlog itself: the gateway, the session's tasks, the log ap
 Pacing jitter is how far the gaps between the agent's audio frames, as the caller receives them,
 stray from 20 ms.
 
+`--ramp-s` spreads the callers' first rings over that many seconds (0: all in the same instant).
 Past the gateway's capacity (`--calls` above `VOXLOG_MAX_CALLS`) the calls it refuses are counted with
 how long their busy answer took; the latency and jitter figures are the admitted calls', which admission
 control exists to protect.
@@ -107,8 +108,9 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-async def _one_call(caller: TwilioCaller, budget_ms: float) -> CallFigures:
+async def _one_call(caller: TwilioCaller, budget_ms: float, delay_s: float = 0.0) -> CallFigures:
     figures = CallFigures()
+    await asyncio.sleep(delay_s)  # when this caller rings, within the run's ramp
     try:
         asked = time.perf_counter()
         answer = await caller.ring()
@@ -146,16 +148,18 @@ async def play_callers(plan: dict[str, Any]) -> list[CallFigures]:
     async with httpx.AsyncClient(base_url=plan["base_url"], timeout=30) as http:
         return await asyncio.gather(*(
             _one_call(TwilioCaller(plan["base_url"], plan["auth_token"], account_sid=plan["account_sid"],
-                                   call_sid=sid, from_=number, to=plan["to"], http=http), plan["budget_ms"])
-            for sid, number in plan["calls"]))
+                                   call_sid=sid, from_=number, to=plan["to"], http=http), plan["budget_ms"],
+                      index * plan["ramp_s"] / len(plan["calls"]))
+            for index, (sid, number) in enumerate(plan["calls"])))
 
 
-async def _callers_process(stack: LocalStack, calls: int, budget_ms: float) -> tuple[list[str], list[CallFigures]]:
+async def _callers_process(stack: LocalStack, calls: int, budget_ms: float,
+                           ramp_s: float) -> tuple[list[str], list[CallFigures]]:
     """Runs the callers in a process of their own, as Twilio is: only the gateway is measured here,
     and the callers' clocks are not held up by the gateway's event loop."""
     plan: dict[str, Any] = {"base_url": stack.base_url, "auth_token": stack.auth_token,
                             "account_sid": stack.settings.twilio_account_sid, "to": "+15550100",
-                            "budget_ms": budget_ms, "calls": []}
+                            "budget_ms": budget_ms, "ramp_s": ramp_s, "calls": []}
     for index in range(calls):
         number = f"+1555{index:07d}"
         plan["calls"].append((stack.twilio.add_call(number, plan["to"]), number))
@@ -231,7 +235,7 @@ def _latency(values: list[float]) -> dict[str, float | None]:
 
 
 async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
-                      fallback: FallbackProfile | None = None) -> dict[str, Any]:
+                      fallback: FallbackProfile | None = None, ramp_s: float = 0.0) -> dict[str, Any]:
     made = itertools.count()
 
     def providers(agent: AgentSpec) -> Providers:
@@ -243,7 +247,7 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
     async with local_stack(settings, providers_factory=providers) as stack:
         before = await _events_in_log(stack.gateway.backend)
         started, cpu_before = time.perf_counter(), time.process_time()
-        sids, results = await _callers_process(stack, calls, budget_ms)
+        sids, results = await _callers_process(stack, calls, budget_ms, ramp_s)
         await stack.gateway.wait_idle(60)
         elapsed, cpu_s = time.perf_counter() - started, time.process_time() - cpu_before
         events = await _events_in_log(stack.gateway.backend) - before
@@ -262,6 +266,7 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "calls": calls,
+        "ramp_s": ramp_s,
         "capacity": capacity,
         "admitted_calls": calls - len(refused),
         "refused_calls": len(refused),

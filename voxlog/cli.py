@@ -303,6 +303,8 @@ def bench_calls_command(
     max_calls: Annotated[int | None, typer.Option(
         min=1, help="The gateway's capacity (VOXLOG_MAX_CALLS); --calls beyond it measures admission control: "
         "the refused calls' busy answers, and the admitted calls' latency.")] = None,
+    ramp_s: Annotated[float, typer.Option(min=0, help="Spread the callers' rings over this many seconds "
+                                                      "(0: all at once).")] = 0.0,
 ) -> None:
     """Concurrent calls through the real gateway with scripted-timeline providers: what voxlog adds
     to voice-to-voice latency, how evenly the agent's audio is paced, and (with --fallback) what a
@@ -315,7 +317,7 @@ def bench_calls_command(
     timeline = Timeline(asr_final_ms=asr_ms, llm_ms=llm_ms, tts_first_byte_ms=tts_ms, speech_ms_per_word=60)
     profile = None if fallback is None else FallbackProfile(fallback.value, fallback_every, attempt_timeout_ms,
                                                             capability=fallback_capability.value)
-    result = asyncio.run(bench_calls(settings, calls=calls, timeline=timeline, fallback=profile))
+    result = asyncio.run(bench_calls(settings, calls=calls, timeline=timeline, fallback=profile, ramp_s=ramp_s))
     write_result(result, out)
     added, jitter = result["added_latency_ms"], result["pacing_jitter_ms"]
     console.print(f"{calls} calls on {result['log']}: added latency p50 {added['p50']} ms, p99 {added['p99']} ms; "

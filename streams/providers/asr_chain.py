@@ -48,8 +48,12 @@ class ChainAsr(AsrProvider):
         self.capabilities = chain.primary.provider.capabilities
 
     async def open_stream(self, *, keywords: Sequence[str] = (), language: str = "en-US") -> AsrStream:
+        """A stream, even when no recogniser answers yet (the machine busy starting many calls' recognisers,
+        the providers away): it keeps the audio, and the end of the first utterance tries the chain again;
+        what failed meanwhile comes with that utterance's result, or its ChainExhausted."""
         stream = ChainAsrStream(self.chain, tuple(keywords), language)
-        await stream.start()
+        with contextlib.suppress(ChainExhausted):
+            await stream.start()
         return stream
 
 
@@ -72,7 +76,7 @@ class ChainAsrStream(AsrStream):
         """The first provider's stream being opened again, after a fallback."""
 
     async def start(self) -> None:
-        """Opens the first provider that answers; ChainExhausted when none does (the call has no ears)."""
+        """Opens the first provider that answers; ChainExhausted when none does (yet)."""
         await self._take_over(start=0, failed=None)
 
     async def accept(self, pcm: bytes) -> Recognition | None:
@@ -187,8 +191,10 @@ class ChainAsrStream(AsrStream):
         try:
             stream, member, _ = await self.chain.run(open_and_replay, start=start, failed=failed, report=self._report)
         except ChainExhausted:
-            report, self._report = self._report, ChainReport()
             self._member = None
+            if start == 0 and not self._fed_ms:  # opening: the failures wait for the first utterance's end
+                raise
+            report, self._report = self._report, ChainReport()
             raise ChainExhausted(self.chain.capability, report) from None
         self._stream, self._member = stream, member
         self._origin_ms = self._fed_ms - sum(len(pcm) for pcm in replayed) // BYTES_PER_MS

@@ -254,3 +254,16 @@ def test_sentences_keep_every_word_in_order(words: list[str]) -> None:
     parts = sentences(text)
     assert " ".join(parts).split() == text.split()
     assert all(part == part.strip() and part for part in parts)
+
+
+async def test_a_call_whose_recognisers_cannot_open_yet_keeps_its_audio_for_when_one_can() -> None:
+    """A busy machine starting many calls' recognisers at once, or providers away: the call still has a
+    stream; the end of its first utterance tries again, with the audio, and says what failed before."""
+    primary, fallback = FakeAsr("deepgram", refuse_open=True), FakeAsr("whisper", refuse_open=True)
+    stream = await asr_chain(primary, fallback).open_stream()
+    assert [await stream.accept(FRAME) for _ in range(10)] == [None] * 10
+    fallback.refuse_open = False
+    final = await stream.end_utterance()
+    assert (final.provider, final.text) == ("whisper", "10 frames"), "the whole utterance, heard late"
+    assert [(f.provider, f.kind) for f in final.failures][:4] == [
+        ("deepgram", "connection"), ("deepgram", "connection"), ("whisper", "connection"), ("whisper", "connection")]
