@@ -20,6 +20,10 @@ from schemas.topics import TOPICS
 
 class LogBackend(ABC):
     name: str
+    stamps_in_append_order: bool
+    """Whether a record stamped later was appended later (the log stamps records itself, under one lock),
+    so that a partition read past a time holds everything stamped before it. Kafka's records carry
+    their producers' clocks: no."""
 
     @abstractmethod
     def producer(self, **options: Any) -> LogProducer: ...
@@ -36,6 +40,7 @@ class LogBackend(ABC):
 
 class EmbeddedBackend(LogBackend):
     name = "embedded"
+    stamps_in_append_order = True
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -55,6 +60,7 @@ class EmbeddedBackend(LogBackend):
 
 class KafkaBackend(LogBackend):
     name = "kafka"
+    stamps_in_append_order = False
 
     def __init__(self, bootstrap: str) -> None:
         self.bootstrap = bootstrap

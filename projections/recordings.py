@@ -77,9 +77,6 @@ AUDIO_SETTLE_MS = 1000
 """A call's audio is all read once its audio partition is read this far (log time) past its `call.ended`,
 on a log whose timestamps are the producers' (Kafka): slack for the producers' clocks and for sends to
 the two topics that land out of order."""
-STAMPED_ON_APPEND = frozenset({"embedded"})
-"""The logs (by `name`) that stamp records as they append them, under one lock: there a record stamped
-later was appended later, so a call's audio is all read once its partition is read past its end."""
 CALLS_FINISHED_TOGETHER = 8
 """Calls finished at once (each in a thread): one's disk waits overlap the others' work."""
 READY_CALLS_KEPT = 256
@@ -101,9 +98,10 @@ _CHUNKS = (CallerAudioChunk, AgentAudioChunk)
 
 class RecordingsLog(HasAdmin, Protocol):
     """The log as this projection reads it beyond the records it is handed (both backends are one):
-    point reads through its admin, and its `name`, which says how it stamps records (`STAMPED_ON_APPEND`)."""
+    point reads through its admin, and whether it stamps records in the order it appends them (then a
+    call's audio is all read once its partition is read past the call's end)."""
 
-    name: str
+    stamps_in_append_order: bool
 
 
 @dataclass(frozen=True)
@@ -316,7 +314,7 @@ class RecordingsProjection:
         partition = call.audio_partition
         if partition is None:
             partition = await self._audio_partition_of(event.call_id, backend)
-        complete_after = record.timestamp_ms + (0 if backend.name in STAMPED_ON_APPEND else AUDIO_SETTLE_MS)
+        complete_after = record.timestamp_ms + (0 if backend.stamps_in_append_order else AUDIO_SETTLE_MS)
         if partition is not None and self.audio_read.get(partition, -1) > complete_after:
             self._ready(call, catch_up=False)
         elif self.waiting_calls >= WAITING_CALLS_KEPT:

@@ -20,7 +20,7 @@ import pytest
 from projections.store import AnalyticsStore
 from projections.tables import CALLS, TRANSCRIPTS, Table
 from projections.tenant_sql import TENANT_SQL_LIMITS, ForbiddenQuery, QueryFailed, TenantSql
-from streams.tenants import Limits, Tenants
+from streams.config.tenants import Limits, Tenants
 from tests.conftest import CHDB_HOME, kafka_bootstrap
 from tests.integration.test_outbound_calls import agents_with_two_tenants, api
 from voxlog.settings import Settings
