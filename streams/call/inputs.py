@@ -5,13 +5,12 @@ reads, so the log holds one order of the call's inputs, the one the core decided
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from schemas.base import EventPayload
 from schemas.events import ErrorRaised, ProviderFallback
-from streams.providers.base import ProviderError, ProviderFailure, ProviderSwitch
-from streams.providers.resilience import ChainExhausted
+from streams.providers.base import ChainReport
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,22 +49,16 @@ class CallInputs:
     async def next(self) -> Input | Ending:
         return await self._queue.get()
 
-    def attempts(self, capability: str, failures: Sequence[ProviderFailure], fallbacks: Sequence[ProviderSwitch],
-                 causation_id: str | None = None) -> None:
-        """What a provider chain went through: an error per failed attempt, a fallback per switch."""
-        for failure in failures:
-            self.submit(ErrorRaised(component=capability, provider=failure.provider, kind=failure.kind,
+    def report(self, capability: str, report: ChainReport, causation_id: str | None = None) -> None:
+        """What a call to a provider went through, answered or not (the answer's report, or its
+        ProviderError's): an `error.raised` per failed attempt, then a `provider.fallback` per switch.
+        The one place where provider failures become inputs of the call."""
+        for failure in report.failures:
+            self.submit(ErrorRaised(component=capability, provider=failure.provider, kind=failure.kind.value,
                                     message=failure.message[:500], retryable=failure.retryable, fatal=False),
                         causation_id=causation_id)
-        for switch in fallbacks:
+        for switch in report.fallbacks:
             self.submit(ProviderFallback(capability=capability, from_provider=switch.from_provider,
-                                         to_provider=switch.to_provider, reason=switch.reason,
+                                         to_provider=switch.to_provider, reason=switch.reason.value,
                                          turn_index=self._turn_index()),
                         causation_id=causation_id)
-
-    def failed(self, capability: str, provider: str, exc: ProviderError, causation_id: str | None = None) -> None:
-        """A provider's error: what its chain went through (in the chain's report), or the one provider's."""
-        if isinstance(exc, ChainExhausted):
-            self.attempts(capability, exc.report.failures, exc.report.fallbacks, causation_id)
-        else:
-            self.attempts(capability, [ProviderFailure(provider, exc.kind, str(exc), exc.retryable)], (), causation_id)

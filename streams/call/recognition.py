@@ -69,7 +69,7 @@ class AudioRecognition:
         try:
             self._stream = await self._asr.open_stream(keywords=self._keywords)
         except ProviderError as exc:
-            self._inputs.failed("asr", self._asr.name, exc)
+            self._inputs.report("asr", exc.report)
             deaf(f"speech recognition unavailable: {exc}"[:500])
             return
         try:
@@ -124,7 +124,7 @@ class AudioRecognition:
         try:
             return await stream.accept(pcm16)
         except ProviderError as exc:
-            self._inputs.failed("asr", self._asr.name, exc)  # the utterance's end tries again (a chain: from its first)
+            self._inputs.report("asr", exc.report)  # the utterance's end tries again (a chain: from its first)
             return None
 
     async def _finish_utterance(self, stream: AsrStream) -> None:
@@ -132,9 +132,9 @@ class AudioRecognition:
         try:
             result = await stream.end_utterance()
         except ProviderError as exc:
-            self._inputs.failed("asr", self._asr.name, exc)
+            self._inputs.report("asr", exc.report)
             return
-        self._inputs.attempts("asr", result.failures, result.fallbacks)
+        self._inputs.report("asr", result.report)
         utterance_id = f"u{self._utterances}"
         self._utterances += 1
         shift = self._shift_ms

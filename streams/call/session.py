@@ -59,7 +59,7 @@ from streams.call.recognition import AudioRecognition
 from streams.call.speech_out import SpeechOut
 from streams.call.transport import InboundCall, MediaTransport, TransportClosed
 from streams.config.agents import AgentSpec
-from streams.providers.base import AsrProvider, LlmProvider, LlmRequest, ProviderError, ProviderFailure, TtsProvider
+from streams.providers.base import AsrProvider, LlmProvider, LlmRequest, ProviderError, TtsProvider
 
 log = logging.getLogger(__name__)
 
@@ -382,17 +382,12 @@ class CallSession:
         llm = self.providers.llm
         started = time.perf_counter()
         try:
-            result = await asyncio.wait_for(llm.complete(request), self.limits.llm_timeout_s)
-        except TimeoutError as exc:
-            failure = ProviderFailure(llm.name, "timeout", str(exc), True)
-            self._inputs.attempts("llm", (failure,), (), causation_id)
-            self._llm_failed(request, causation_id, started)
-            return
+            result = await llm.complete(request, timeout_s=self.limits.llm_timeout_s)
         except ProviderError as exc:
-            self._inputs.failed("llm", llm.name, exc, causation_id)
+            self._inputs.report("llm", exc.report, causation_id)
             self._llm_failed(request, causation_id, started)
             return
-        self._inputs.attempts("llm", result.failures, result.fallbacks, causation_id)
+        self._inputs.report("llm", result.report, causation_id)
         self._inputs.submit(
             LlmDecided(
                 request_id=request.request_id,

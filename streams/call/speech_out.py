@@ -19,7 +19,6 @@ from streams.call.core import Speak
 from streams.call.inputs import CallInputs
 from streams.call.transport import FRAME_MS, MediaTransport, TransportClosed
 from streams.providers.base import ProviderError, TtsProvider, close_chunks
-from streams.providers.resilience import ChainExhausted
 
 Spawn = Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]
 """Starts one of the call's tasks (a task that dies of a bug ends the call)."""
@@ -103,16 +102,15 @@ class SpeechOut:
             await self._transport.mark(action.request_id)
         except asyncio.CancelledError:
             interrupted = True
-        except ProviderError as exc:
-            if not isinstance(exc, ChainExhausted):  # a chain's failures are in its report, recorded below
-                self._inputs.failed("tts", speech.provider, exc, causation_id)
+        except ProviderError:
+            pass  # what failed is in the speech's report, recorded below
         except TransportClosed as exc:
             self._inputs.submit(ErrorRaised(component="transport", provider=self._transport.channel, kind="closed",
                                             message=str(exc), retryable=False, fatal=False),
                                 causation_id=causation_id)
         finally:
             await close_chunks(speech.chunks)
-            self._inputs.attempts("tts", speech.report.failures, speech.report.fallbacks, causation_id)
+            self._inputs.report("tts", speech.report, causation_id)
             self._inputs.submit(
                 TtsCompleted(
                     request_id=action.request_id,

@@ -10,10 +10,11 @@ request through (a socket that dropped once should not leave the rest of a long 
 recogniser), and moves to it at the next frame, with the audio heard since; until then the call
 stays with the one that took over.
 
-Every result says who recognised it and what failed since the previous one (`Recognition.provider`,
-`failures`, `fallbacks`), which the session records as events. Where every provider failed, the
-utterance's `end_utterance` raises `ChainExhausted`; the next utterance starts again from the top of
-the chain, whose circuits may have closed by then.
+Every final result says who recognised it and what failed since the previous one
+(`Recognition.provider`, `report`), which the session records as events. Where every provider failed,
+the utterance's `end_utterance` raises `ChainExhausted` with that report; the next utterance starts
+again from the top of the chain, whose circuits may have closed by then. So the session hears of
+failures only from `end_utterance`: opening and taking frames never raise.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import replace
 
 from streams.providers.base import (
@@ -29,11 +29,12 @@ from streams.providers.base import (
     AsrProvider,
     AsrStream,
     ChainReport,
+    ErrorKind,
     ProviderError,
     Recognition,
     RecognizedWord,
 )
-from streams.providers.resilience import ChainExhausted, FallbackReason, Guarded, ProviderChain
+from streams.providers.resilience import ChainExhausted, Guarded, Handover, ProviderChain
 
 MAX_REPLAYED_MS = 60_000
 """The most of an utterance a fallback hears again (an utterance is rarely longer)."""
@@ -47,11 +48,11 @@ class ChainAsr(AsrProvider):
         self.model = chain.primary.model or chain.primary.provider.model
         self.capabilities = chain.primary.provider.capabilities
 
-    async def open_stream(self, *, keywords: Sequence[str] = (), language: str = "en-US") -> AsrStream:
+    async def _open_stream(self, keywords: tuple[str, ...], language: str) -> AsrStream:
         """A stream, even when no recogniser answers yet (the machine busy starting many calls' recognisers,
         the providers away): it keeps the audio, and the end of the first utterance tries the chain again;
         what failed meanwhile comes with that utterance's result, or its ChainExhausted."""
-        stream = ChainAsrStream(self.chain, tuple(keywords), language)
+        stream = ChainAsrStream(self.chain, keywords, language)
         with contextlib.suppress(ChainExhausted):
             await stream.start()
         return stream
@@ -59,6 +60,7 @@ class ChainAsr(AsrProvider):
 
 class ChainAsrStream(AsrStream):
     def __init__(self, chain: ProviderChain[AsrProvider], keywords: tuple[str, ...], language: str) -> None:
+        super().__init__(chain.primary.name)
         self.chain = chain
         self.keywords = keywords
         self.language = language
@@ -67,7 +69,6 @@ class ChainAsrStream(AsrStream):
         self._utterance: deque[bytes] = deque()
         """The audio since the last final result, for a fallback to hear again."""
         self._utterance_bytes = 0
-        self._fed_ms = 0
         self._origin_ms = 0
         """Where the serving stream's audio began, in the chain stream's audio: its times are shifted by it."""
         self._report = ChainReport()
@@ -79,9 +80,8 @@ class ChainAsrStream(AsrStream):
         """Opens the first provider that answers; ChainExhausted when none does (yet)."""
         await self._take_over(start=0, failed=None)
 
-    async def accept(self, pcm: bytes) -> Recognition | None:
+    async def _accept(self, pcm: bytes) -> Recognition | None:
         self._keep(pcm)
-        self._fed_ms += len(pcm) // BYTES_PER_MS
         if self._returning is not None and self._returning.done():
             opening, self._returning = self._returning, None
             if await self._back_to_primary(opening):
@@ -98,7 +98,7 @@ class ChainAsrStream(AsrStream):
             return None
         return None if result is None else self._ours(result, self._member)
 
-    async def end_utterance(self) -> Recognition:
+    async def _end_utterance(self) -> Recognition:
         try:
             return await self._final()
         except ChainExhausted:
@@ -145,14 +145,14 @@ class ChainAsrStream(AsrStream):
         primary.breaker.succeeded()  # (a half-open circuit's probe, answered)
         await self._drop_stream()
         self._stream, self._member = stream, primary
-        self._origin_ms = self._fed_ms - self._utterance_bytes // BYTES_PER_MS
+        self._origin_ms = self.fed_ms - self._utterance_bytes // BYTES_PER_MS
         return True
 
     def _forget_utterance(self) -> None:
         self._utterance.clear()
         self._utterance_bytes = 0
 
-    async def close(self) -> None:
+    async def _close(self) -> None:
         if self._returning is not None:
             self._returning.cancel()
             with contextlib.suppress(BaseException):
@@ -171,7 +171,7 @@ class ChainAsrStream(AsrStream):
         await self._drop_stream()
         await self._take_over(start=self.chain.index(member) + 1, failed=failed)
 
-    async def _take_over(self, *, start: int, failed: tuple[str, FallbackReason] | None) -> None:
+    async def _take_over(self, *, start: int, failed: Handover | None) -> None:
         """Opens the first member from `start` that answers, and has it hear the utterance so far.
         Where none does, the stream has no provider until the utterance ends, and the report of what
         failed goes with ChainExhausted."""
@@ -192,12 +192,12 @@ class ChainAsrStream(AsrStream):
             stream, member, _ = await self.chain.run(open_and_replay, start=start, failed=failed, report=self._report)
         except ChainExhausted:
             self._member = None
-            if start == 0 and not self._fed_ms:  # opening: the failures wait for the first utterance's end
+            if start == 0 and not self.fed_ms:  # opening: the failures wait for the first utterance's end
                 raise
             report, self._report = self._report, ChainReport()
             raise ChainExhausted(self.chain.capability, report) from None
         self._stream, self._member = stream, member
-        self._origin_ms = self._fed_ms - sum(len(pcm) for pcm in replayed) // BYTES_PER_MS
+        self._origin_ms = self.fed_ms - sum(len(pcm) for pcm in replayed) // BYTES_PER_MS
 
     async def _drop_stream(self) -> None:
         stream, self._stream = self._stream, None
@@ -216,12 +216,12 @@ class ChainAsrStream(AsrStream):
                         for w in result.words),
             provider=result.provider or member.name,
             model=result.model or member.model or member.provider.model,
-            failures=tuple(self._report.failures) if final else (),
-            fallbacks=tuple(self._report.fallbacks) if final else (),
+            report=self._report if final else ChainReport(),
         )
 
 
 def _as_provider_error(member: Guarded[AsrProvider], exc: BaseException) -> ProviderError:
     if isinstance(exc, ProviderError):
         return exc
-    return ProviderError(member.name, "timeout", f"no answer within {member.attempt_timeout_s:g} s", retryable=True)
+    return ProviderError(member.name, ErrorKind.TIMEOUT, f"no answer within {member.attempt_timeout_s:g} s",
+                         retryable=True)

@@ -44,7 +44,7 @@ import asyncio
 import contextlib
 import logging
 import warnings
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,11 +52,12 @@ from streams.providers.base import (
     AsrCapabilities,
     AsrProvider,
     AsrStream,
+    ErrorKind,
     ProviderError,
     Recognition,
     RecognizedWord,
 )
-from streams.providers.llm_common import StreamTimeouts, redact, status_error
+from streams.providers.cloud import CloudProvider, StreamTimeouts, redact, status_error
 
 with warnings.catch_warnings():
     # The SDK's async socket is built on websockets' legacy client, deprecated since websockets 14.
@@ -79,8 +80,6 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, WebSocketE
 log = logging.getLogger(__name__)
 
 NAME = "deepgram"
-DEFAULT_MODEL = "nova-3"
-DEFAULT_BASE_URL = DeepgramClientEnvironment.PRODUCTION.production  # wss://api.deepgram.com
 SAMPLE_RATE = 16_000
 KEEPALIVE_S = 4.0  # Deepgram's guide: every 3-5 s; it closes a socket silent for 10 s
 SETTLE_S = 0.25  # how long an utterance already closed by the server waits for a late Finalize answer
@@ -93,35 +92,32 @@ _SERVER_CLOSE_CODES = {1011, 1012, 1013, 1014}  # internal error, restart, try a
 _BAD_REQUEST_CLOSE_CODES = {1002, 1003, 1007, 1008}  # protocol error, unsupported or invalid data, policy
 
 
-class DeepgramAsr(AsrProvider):
+class DeepgramAsr(CloudProvider, AsrProvider):
     """Deepgram's live transcription (Nova). `base_url` is the WebSocket origin (`ws://` or `wss://`,
     `wss://api.deepgram.com` when None); `timeouts`: see the module's documentation."""
 
     name = NAME
-    capabilities = AsrCapabilities(streaming=True, interim_results=True, word_timings=True)
+    default_base_url = DeepgramClientEnvironment.PRODUCTION.production
+    default_model = "nova-3"
+    capabilities = AsrCapabilities(interim_results=True)
 
     def __init__(
         self,
         api_key: str,
         base_url: str | None = None,
-        model: str = DEFAULT_MODEL,
+        model: str = "",
         timeouts: StreamTimeouts | None = None,
         endpointing_ms: int = 300,
         utterance_end_ms: int = 1000,
         *,
         keepalive_s: float = KEEPALIVE_S,
     ) -> None:
-        if not api_key:
-            raise ValueError("deepgram: an API key is required")
+        super().__init__(api_key, base_url, model, timeouts)
         if endpointing_ms <= 0 or utterance_end_ms <= 0 or keepalive_s <= 0:
             raise ValueError("deepgram: endpointing_ms, utterance_end_ms and keepalive_s must be positive")
-        self.model = model
-        self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
-        self.timeouts = timeouts or StreamTimeouts()
         self.endpointing_ms = endpointing_ms
         self.utterance_end_ms = utterance_end_ms
         self.keepalive_s = keepalive_s
-        self._api_key = api_key
         production = DeepgramClientEnvironment.PRODUCTION
         self._client = AsyncDeepgramClient(
             api_key=api_key,
@@ -131,11 +127,7 @@ class DeepgramAsr(AsrProvider):
             ),
         )
 
-    def __repr__(self) -> str:
-        return f"DeepgramAsr(model={self.model!r}, base_url={self.base_url!r})"
-
-    async def open_stream(self, *, keywords: Sequence[str] = (), language: str = "en-US") -> DeepgramStream:
-        terms = list(dict.fromkeys(k.strip() for k in keywords if k.strip()))
+    async def _open_stream(self, keywords: tuple[str, ...], language: str) -> DeepgramStream:
         options: dict[str, Any] = {
             "model": self.model,
             "language": language,
@@ -148,9 +140,9 @@ class DeepgramAsr(AsrProvider):
             "vad_events": True,
             "smart_format": True,
         }
-        if terms:
+        if keywords:
             # Nova-3 takes `keyterm` and refuses `keywords`; older models know only `keywords`.
-            options["keyterm" if self.model.startswith("nova-3") else "keywords"] = terms
+            options["keyterm" if self.model.startswith("nova-3") else "keywords"] = list(keywords)
         stream = DeepgramStream(api_key=self._api_key, timeouts=self.timeouts, keepalive_s=self.keepalive_s)
         await stream.connect(self._client.listen.v1, options)
         return stream
@@ -184,6 +176,7 @@ class DeepgramStream(AsrStream):
     """One call's recognition on one Deepgram WebSocket."""
 
     def __init__(self, *, api_key: str, timeouts: StreamTimeouts, keepalive_s: float) -> None:
+        super().__init__(NAME)
         self._api_key = api_key
         self._timeouts = timeouts
         self._keepalive_s = keepalive_s
@@ -193,32 +186,23 @@ class DeepgramStream(AsrStream):
         self._keepalive: asyncio.Task[None] | None = None
         self._send_lock = asyncio.Lock()
         self._changed = asyncio.Event()  # set by the reader on each message and when it stops
-        self._fed_bytes = 0
         self._utterance = _Utterance(start_ms=0)
         self._interim: Recognition | None = None  # the newest result, not yet returned by `accept`
         self._last_sent = 0.0
         self._last_message = 0.0
         self._finalizing = False  # a Finalize is out and `end_utterance` waits for its answer
-        self._failed: ProviderError | None = None
-        self._closing = False
-        self._closed = False
         self.request_id: str | None = None
 
     # -- AsrStream ------------------------------------------------------------------------------
-    async def accept(self, pcm: bytes) -> Recognition | None:
-        if len(pcm) % 2:
-            raise ValueError(f"16-bit PCM must have an even number of bytes, got {len(pcm)}")
-        self._check_open()
+    async def _accept(self, pcm: bytes) -> Recognition | None:
         if pcm:  # an empty binary message would tell Deepgram the audio has ended
             await self._send(lambda socket: socket.send_media(pcm), "audio")
-            self._fed_bytes += len(pcm)
         interim, self._interim = self._interim, None
         return interim
 
-    async def end_utterance(self) -> Recognition:
-        self._check_open()
+    async def _end_utterance(self) -> Recognition:
         utterance = self._utterance
-        if self._fed_ms() > utterance.start_ms or utterance.segments:
+        if self.fed_ms > utterance.start_ms or utterance.segments:
             self._finalizing = True
             try:
                 await self._send(lambda socket: socket.send_finalize(), "Finalize")
@@ -231,7 +215,7 @@ class DeepgramStream(AsrStream):
             confidence = sum(s.confidence * len(s.words) for s in segments) / len(words)
         else:
             confidence = sum(s.confidence for s in segments) / len(segments) if segments else 0.0
-        end_ms = self._fed_ms()
+        end_ms = self.fed_ms
         self._utterance = _Utterance(start_ms=end_ms)
         self._interim = None
         return Recognition(
@@ -243,11 +227,8 @@ class DeepgramStream(AsrStream):
             words=words,
         )
 
-    async def close(self) -> None:
-        """Sends CloseStream and lets go of the socket within `stall_s`; safe to call more than once."""
-        if self._closed:
-            return
-        self._closed = self._closing = True
+    async def _close(self) -> None:
+        """Sends CloseStream and lets go of the socket within `stall_s`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeouts.stall_s
         if self._keepalive is not None:
@@ -283,7 +264,7 @@ class DeepgramStream(AsrStream):
                 _in_background(self._abandon(opening))
         if timed_out:
             raise self._error(
-                "timeout", f"no WebSocket upgrade within {self._timeouts.connect_s:g} s", retryable=True
+                ErrorKind.TIMEOUT, f"no WebSocket upgrade within {self._timeouts.connect_s:g} s", retryable=True
             )
         try:
             self._socket = opening.result()
@@ -295,9 +276,9 @@ class DeepgramStream(AsrStream):
             body = exc.body if isinstance(exc.body, str) else "the WebSocket upgrade was refused"
             raise status_error(NAME, exc.status_code or 0, redact(body, self._api_key), headers) from None
         except InvalidHandshake as exc:
-            raise self._error("protocol", f"the WebSocket upgrade failed: {exc}", retryable=True) from None
+            raise self._error(ErrorKind.PROTOCOL, f"the WebSocket upgrade failed: {exc}", retryable=True) from None
         except (OSError, WebSocketException) as exc:
-            raise self._error("connection", f"could not connect: {exc}", retryable=True) from None
+            raise self._error(ErrorKind.CONNECTION, f"could not connect: {exc}", retryable=True) from None
         loop = asyncio.get_running_loop()
         self._last_sent = self._last_message = loop.time()
         self._reader = asyncio.create_task(self._read())
@@ -323,14 +304,14 @@ class DeepgramStream(AsrStream):
                 self._take(await socket.recv())
                 self._changed.set()
         except ConnectionClosed as exc:
-            if not self._closing:
+            if not self._closed:  # (not a close we asked for)
                 self._fail(self._closed_error(exc))
         except ProviderError as exc:
             self._fail(exc)
         except ValueError as exc:
-            self._fail(self._error("protocol", f"a message that is not JSON: {exc}", retryable=True))
+            self._fail(self._error(ErrorKind.PROTOCOL, f"a message that is not JSON: {exc}", retryable=True))
         except (OSError, WebSocketException) as exc:
-            self._fail(self._error("connection", f"the socket failed: {exc}", retryable=True))
+            self._fail(self._error(ErrorKind.CONNECTION, f"the socket failed: {exc}", retryable=True))
         finally:
             self._changed.set()
 
@@ -353,12 +334,13 @@ class DeepgramStream(AsrStream):
                 await send(self._socket)
         except TimeoutError:
             raise self._fail(self._error(
-                "timeout", f"sending {what} was blocked for {self._timeouts.stall_s:g} s", retryable=True
+                ErrorKind.TIMEOUT, f"sending {what} was blocked for {self._timeouts.stall_s:g} s", retryable=True
             )) from None
         except ConnectionClosed as exc:
             raise self._fail(self._closed_error(exc)) from None
         except (OSError, WebSocketException) as exc:
-            raise self._fail(self._error("connection", f"sending {what} failed: {exc}", retryable=True)) from None
+            error = self._error(ErrorKind.CONNECTION, f"sending {what} failed: {exc}", retryable=True)
+            raise self._fail(error) from None
         self._last_sent = asyncio.get_running_loop().time()
 
     async def _await_final(self, finalize_sent: float) -> None:
@@ -377,7 +359,7 @@ class DeepgramStream(AsrStream):
                 if utterance.closed:
                     return
                 raise self._fail(self._error(
-                    "timeout", f"no final result within {self._timeouts.first_token_s:g} s of Finalize",
+                    ErrorKind.TIMEOUT, f"no final result within {self._timeouts.first_token_s:g} s of Finalize",
                     retryable=True,
                 ))
             self._changed.clear()
@@ -398,8 +380,8 @@ class DeepgramStream(AsrStream):
             variant = message.variant or "Error"
             text = redact(f"{variant}: {message.description or message.message or ''}", self._api_key)
             if variant == "SchemaError":  # the server could not parse a message the client sent
-                raise ProviderError(NAME, "bad_request", f"error message: {text}")
-            raise ProviderError(NAME, "server", f"error message: {text}", retryable=True)
+                raise ProviderError(NAME, ErrorKind.BAD_REQUEST, f"error message: {text}")
+            raise ProviderError(NAME, ErrorKind.SERVER, f"error message: {text}", retryable=True)
         elif isinstance(message, ListenV1SpeechStarted):
             log.debug("deepgram: speech started at %s s", message.timestamp)
         else:  # a message type this SDK does not know, which the SDK hands over unparsed (or as None)
@@ -457,38 +439,27 @@ class DeepgramStream(AsrStream):
             end_ms = _ms(results.start + results.duration)
             return _Segment(best.transcript.strip(), _unit(best.confidence), words, end_ms)
         except (AttributeError, IndexError, TypeError, ValueError) as exc:
-            raise self._error("protocol", f"a Results message not as documented: {exc}", retryable=True) from None
+            raise self._error(ErrorKind.PROTOCOL, f"a Results message not as documented: {exc}",
+                              retryable=True) from None
 
     # -- failures -------------------------------------------------------------------------------
-    def _error(self, kind: str, message: str, *, retryable: bool) -> ProviderError:
+    def _error(self, kind: ErrorKind, message: str, *, retryable: bool) -> ProviderError:
         return ProviderError(NAME, kind, redact(message, self._api_key), retryable=retryable)
 
     def _fail(self, error: ProviderError) -> ProviderError:
-        """Fails the stream with its first error; every later call raises that one."""
-        if self._failed is None:
-            self._failed = error
-            self._changed.set()
-        return self._failed
+        self._changed.set()  # (an `end_utterance` waiting for its final learns of it at once)
+        return super()._fail(error)
 
     def _closed_error(self, exc: ConnectionClosed) -> ProviderError:
         frame = exc.rcvd
         if frame is None:
-            return self._error("connection", "the socket dropped without a close frame", retryable=True)
+            return self._error(ErrorKind.CONNECTION, "the socket dropped without a close frame", retryable=True)
         reason = f"close code {frame.code}" + (f" ({frame.reason})" if frame.reason else "")
         if frame.code in _SERVER_CLOSE_CODES:
-            return self._error("server", f"the server closed the stream: {reason}", retryable=True)
+            return self._error(ErrorKind.SERVER, f"the server closed the stream: {reason}", retryable=True)
         if frame.code in _BAD_REQUEST_CLOSE_CODES:
-            return self._error("bad_request", f"the server refused the stream: {reason}", retryable=False)
-        return self._error("connection", f"the server closed the stream unasked: {reason}", retryable=True)
-
-    def _check_open(self) -> None:
-        if self._failed is not None:
-            raise self._failed
-        if self._closed:
-            raise ProviderError(NAME, "closed", "the recognition stream is closed")
-
-    def _fed_ms(self) -> int:
-        return self._fed_bytes * 1000 // (SAMPLE_RATE * 2)
+            return self._error(ErrorKind.BAD_REQUEST, f"the server refused the stream: {reason}", retryable=False)
+        return self._error(ErrorKind.CONNECTION, f"the server closed the stream unasked: {reason}", retryable=True)
 
 
 def _in_background(work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:

@@ -62,6 +62,7 @@ from streams.providers.base import (
     AsrCapabilities,
     AsrProvider,
     AsrStream,
+    ErrorKind,
     ProviderError,
     Recognition,
     RecognizedWord,
@@ -108,7 +109,7 @@ class PocketsphinxAsr(AsrProvider):
     """
 
     name = PROVIDER
-    capabilities = AsrCapabilities(streaming=True, interim_results=True, word_timings=True)
+    capabilities = AsrCapabilities(interim_results=True, local=True)
 
     def __init__(
         self,
@@ -135,10 +136,10 @@ class PocketsphinxAsr(AsrProvider):
         self.start_timeout_s = start_timeout_s
         self.decoder_options = dict(decoder_options or {})
 
-    async def open_stream(self, *, keywords: Sequence[str] = (), language: str = "en-US") -> PocketsphinxStream:
+    async def _open_stream(self, keywords: tuple[str, ...], language: str) -> PocketsphinxStream:
         if language.lower() not in _LANGUAGES:
             raise ProviderError(
-                PROVIDER, "unsupported_language", f"model {self.model} recognises en-US, not {language}"
+                PROVIDER, ErrorKind.UNSUPPORTED_LANGUAGE, f"model {self.model} recognises en-US, not {language}"
             )
         config = {
             "keywords": normalize_keywords(keywords),
@@ -166,6 +167,7 @@ class PocketsphinxStream(AsrStream):
     """One call's recognition, decoded in a worker process of its own."""
 
     def __init__(self, *, chunk_ms: int, timeout_s: float) -> None:
+        super().__init__(PROVIDER)
         self._chunk_bytes = PCM_RATE * chunk_ms // 1000 * 2
         self._timeout_s = timeout_s
         self._buffer = bytearray()
@@ -173,18 +175,14 @@ class PocketsphinxStream(AsrStream):
         self._lock = asyncio.Lock()
         self._stderr: collections.deque[str] = collections.deque(maxlen=20)
         self._stderr_task: asyncio.Task[None] | None = None
-        self._closed = False
-        self._failed: ProviderError | None = None
         self.keywords: tuple[str, ...] = ()
         self.unknown_keywords: tuple[str, ...] = ()
         self.stats = StreamStats(0, 0)
 
     # -- AsrStream ------------------------------------------------------------------------------
-    async def accept(self, pcm: bytes) -> Recognition | None:
-        if len(pcm) % 2:
-            raise ValueError(f"16-bit PCM must have an even number of bytes, got {len(pcm)}")
+    async def _accept(self, pcm: bytes) -> Recognition | None:
         async with self._lock:
-            self._check_open()
+            self._check_open()  # again: the request before this one may have failed the stream
             self._buffer += pcm
             if len(self._buffer) < self._chunk_bytes:
                 return None
@@ -193,20 +191,17 @@ class PocketsphinxStream(AsrStream):
             op, payload = await self._request(b"A", chunk)
             return _recognition(payload) if op == b"I" else None
 
-    async def end_utterance(self) -> Recognition:
+    async def _end_utterance(self) -> Recognition:
         async with self._lock:
-            self._check_open()
+            self._check_open()  # (as in `_accept`)
             chunk = bytes(self._buffer)
             self._buffer.clear()
             _op, payload = await self._request(b"F", chunk)
             return _recognition(payload)
 
-    async def close(self) -> None:
-        """Stops the worker (politely, unless the stream failed); safe to call more than once."""
+    async def _close(self) -> None:
+        """Stops the worker (politely, unless the stream failed)."""
         async with self._lock:
-            if self._closed:
-                return
-            self._closed = True
             process = self._process
             if process is None:
                 return
@@ -249,7 +244,8 @@ class PocketsphinxStream(AsrStream):
                 env=env,
             )
         except OSError as exc:
-            raise ProviderError(PROVIDER, "worker_failed", f"cannot start the recognition worker: {exc}") from exc
+            raise ProviderError(PROVIDER, ErrorKind.WORKER_FAILED,
+                                f"cannot start the recognition worker: {exc}") from exc
         self._stderr_task = asyncio.create_task(self._drain_stderr())
         try:
             _op, payload = await self._request(b"C", json.dumps(config).encode(), timeout_s=timeout_s)
@@ -276,42 +272,31 @@ class PocketsphinxStream(AsrStream):
                 reply = await process.stdout.readexactly(size)
         except asyncio.CancelledError:
             # The reply may still come; nothing after it could tell which request it answers.
-            self._fail("cancelled", "a request to the recognition worker was cancelled", retryable=True)
+            self._fail(ProviderError(PROVIDER, ErrorKind.CANCELLED, "a request to the recognition worker was cancelled",
+                                     retryable=True))
             _kill(process)
             raise
         except TimeoutError as exc:
             _kill(process)
-            raise self._fail(
-                "timeout", f"no answer from the recognition worker in {timeout_s or self._timeout_s} s", retryable=True
-            ) from exc
+            waited = timeout_s or self._timeout_s
+            raise self._fail(ProviderError(PROVIDER, ErrorKind.TIMEOUT,
+                                           f"no answer from the recognition worker in {waited} s",
+                                           retryable=True)) from exc
         except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError) as exc:
             if self._stderr_task is not None:  # let its last words arrive
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(asyncio.shield(self._stderr_task), 0.5)
-            raise self._fail(
-                "worker_exited", f"the recognition worker stopped{self._stderr_tail()}", retryable=True
-            ) from exc
+            raise self._fail(ProviderError(PROVIDER, ErrorKind.WORKER_EXITED,
+                                           f"the recognition worker stopped{self._stderr_tail()}",
+                                           retryable=True)) from exc
         if reply_op == b"E":
             message = json.loads(reply)
-            kind = message.get("kind", "error")
-            error = ProviderError(PROVIDER, kind, message.get("message", ""), retryable=False)
-            if message.get("fatal"):
-                self._failed = error
-            raise error
+            error = ProviderError(PROVIDER, ErrorKind(message["kind"]), message["message"], retryable=False)
+            raise self._fail(error) if message["fatal"] else error
         stats = json.loads(reply).get("stats") if reply_op in (b"I", b"F", b"N") and reply else None
         if stats:
             self.stats = StreamStats(int(stats["audio_ms"]), int(stats["cpu_ms"]))
         return reply_op, reply
-
-    def _fail(self, kind: str, message: str, *, retryable: bool) -> ProviderError:
-        self._failed = ProviderError(PROVIDER, kind, message, retryable=retryable)
-        return self._failed
-
-    def _check_open(self) -> None:
-        if self._failed is not None:
-            raise self._failed
-        if self._closed:
-            raise ProviderError(PROVIDER, "closed", "the recognition stream is closed")
 
     async def _drain_stderr(self) -> None:
         assert self._process is not None
@@ -542,7 +527,7 @@ def _worker_main() -> None:  # pragma: no cover - runs in the child process; exe
         replies.write(_HEADER.pack(op, len(payload)) + payload)
         replies.flush()
 
-    def error(kind: str, message: str, *, fatal: bool) -> None:
+    def error(kind: ErrorKind, message: str, *, fatal: bool) -> None:
         reply(b"E", json.dumps({"kind": kind, "message": message, "fatal": fatal}).encode())
 
     recognizer: _Recognizer | None = None
@@ -560,7 +545,7 @@ def _worker_main() -> None:  # pragma: no cover - runs in the child process; exe
                 ready = {"keywords": recognizer.keywords, "unknown_keywords": recognizer.unknown_keywords}
                 reply(b"R", json.dumps(ready).encode())
             elif recognizer is None:
-                error("protocol", f"request {op!r} before the configuration", fatal=True)
+                error(ErrorKind.PROTOCOL, f"request {op!r} before the configuration", fatal=True)
             elif op == b"A":
                 interim = recognizer.feed(payload)
                 if interim is None:
@@ -571,10 +556,10 @@ def _worker_main() -> None:  # pragma: no cover - runs in the child process; exe
                 recognizer.feed(payload)
                 reply(b"F", json.dumps(recognizer.finish()).encode())
             else:
-                error("protocol", f"unknown request {op!r}", fatal=True)
+                error(ErrorKind.PROTOCOL, f"unknown request {op!r}", fatal=True)
         except Exception as exc:  # the C library reports failures as RuntimeError/ValueError
             error(
-                "decoder_failed" if recognizer is not None else "model_failed",
+                ErrorKind.DECODER_FAILED if recognizer is not None else ErrorKind.MODEL_FAILED,
                 f"{type(exc).__name__}: {exc}",
                 fatal=recognizer is None,
             )

@@ -14,7 +14,7 @@ Whisper does not give per word: a segment's is `exp(avg_logprob)` (the mean per-
 geometrically), clamped to 0..1; the utterance's is the mean over its segments weighted by their
 length, and a word takes the confidence of the segment it lies in.
 
-Failures, as `ProviderError` kinds, mapped as for the OpenAI LLM (`llm_openai.sdk_failure`), the
+Failures, as `ProviderError` kinds, mapped as for the OpenAI LLM (`llm_openai.OPENAI_ERRORS`), the
 SDK's own retries off (`max_retries=0`): timeout (no connection within `connect_s`, no answer within
 `first_token_s`: the whole transcription is its first token), connection, rate_limited (with the
 server's retry-after), server, auth, bad_request, and protocol for a body that is not the documented
@@ -28,9 +28,7 @@ import asyncio
 import io
 import math
 import wave
-from collections.abc import Sequence
 
-import httpx2
 import openai
 from openai.types.audio import TranscriptionVerbose
 
@@ -39,45 +37,33 @@ from streams.providers.base import (
     AsrCapabilities,
     AsrProvider,
     AsrStream,
+    ErrorKind,
     ProviderError,
     Recognition,
     RecognizedWord,
 )
-from streams.providers.llm_common import StreamTimeouts
-from streams.providers.llm_openai import sdk_failure
+from streams.providers.cloud import CloudProvider, StreamTimeouts
+from streams.providers.llm_openai import OPENAI_ERRORS, OpenAiLlm
 
 NAME = "whisper"
-DEFAULT_MODEL = "whisper-1"
 
 
-class WhisperAsr(AsrProvider):
+class WhisperAsr(CloudProvider, AsrProvider):
     """`base_url` includes the API's version path (`https://api.openai.com/v1` when None)."""
 
     name = NAME
-    capabilities = AsrCapabilities(streaming=False, interim_results=False, word_timings=True)
+    default_base_url = OpenAiLlm.default_base_url
+    default_model = "whisper-1"
+    capabilities = AsrCapabilities(interim_results=False)
 
-    def __init__(
-        self,
-        api_key: str,
-        base_url: str | None = None,
-        model: str = DEFAULT_MODEL,
-        timeouts: StreamTimeouts | None = None,
-    ) -> None:
-        if not api_key:
-            raise ValueError("whisper: an API key is required")
-        self.model = model
-        self.timeouts = timeouts or StreamTimeouts()
-        self._api_key = api_key
-        self._client = openai.AsyncOpenAI(
-            api_key=api_key, base_url=base_url, max_retries=0, timeout=self.timeouts.http()
-        )
+    def __init__(self, api_key: str, base_url: str | None = None, model: str = "",
+                 timeouts: StreamTimeouts | None = None) -> None:
+        super().__init__(api_key, base_url, model, timeouts)
+        self._client = openai.AsyncOpenAI(api_key=api_key, base_url=self.base_url, max_retries=0,
+                                          timeout=self.timeouts.http())
 
-    def __repr__(self) -> str:
-        return f"WhisperAsr(model={self.model!r}, base_url={str(self._client.base_url)!r})"
-
-    async def open_stream(self, *, keywords: Sequence[str] = (), language: str = "en-US") -> WhisperStream:
-        terms = list(dict.fromkeys(k.strip() for k in keywords if k.strip()))
-        return WhisperStream(self, prompt=", ".join(terms), language=language.split("-")[0].lower())
+    async def _open_stream(self, keywords: tuple[str, ...], language: str) -> WhisperStream:
+        return WhisperStream(self, prompt=", ".join(keywords), language=language.split("-")[0].lower())
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -95,15 +81,12 @@ class WhisperAsr(AsrProvider):
                     prompt=prompt or openai.omit,
                 )
         except TimeoutError:
-            raise ProviderError(
-                NAME, "timeout", f"no transcription within {self.timeouts.first_token_s:g} s", retryable=True
-            ) from None
-        except (openai.APIError, httpx2.HTTPError) as exc:
-            raise sdk_failure(NAME, self._api_key, exc, False) from exc
-        except ValueError as exc:  # the body is not JSON
-            raise ProviderError(NAME, "protocol", f"a response that is not JSON: {exc}", retryable=True) from None
+            raise ProviderError(NAME, ErrorKind.TIMEOUT, f"no transcription within {self.timeouts.first_token_s:g} s",
+                                retryable=True) from None
+        except OPENAI_ERRORS.caught as exc:
+            raise OPENAI_ERRORS.failure(NAME, self._api_key, exc, streaming=False) from exc
         if not isinstance(result, TranscriptionVerbose):  # a body of another content type, as text
-            raise ProviderError(NAME, "protocol", "a response that is not verbose_json", retryable=True)
+            raise ProviderError(NAME, ErrorKind.PROTOCOL, "a response that is not verbose_json", retryable=True)
         return result
 
 
@@ -111,43 +94,32 @@ class WhisperStream(AsrStream):
     """One call's recognition: an utterance's audio is kept until its end, then transcribed."""
 
     def __init__(self, provider: WhisperAsr, *, prompt: str, language: str) -> None:
+        super().__init__(NAME)
         self._provider = provider
         self._prompt = prompt
         self._language = language
         self._audio = bytearray()
-        self._start_bytes = 0  # where the open utterance began in the stream's audio
-        self._closed = False
 
-    async def accept(self, pcm: bytes) -> Recognition | None:
-        if len(pcm) % 2:
-            raise ValueError(f"16-bit PCM must have an even number of bytes, got {len(pcm)}")
-        self._check_open()
+    async def _accept(self, pcm: bytes) -> Recognition | None:
         self._audio += pcm
         return None
 
-    async def end_utterance(self) -> Recognition:
-        self._check_open()
+    async def _end_utterance(self) -> Recognition:
         pcm = bytes(self._audio)
-        start_ms = _ms_of(self._start_bytes)
         self._audio.clear()
-        self._start_bytes += len(pcm)
-        end_ms = _ms_of(self._start_bytes)
+        start_ms, end_ms = _ms_of(self._fed_bytes - len(pcm)), self.fed_ms
         if not pcm:
             return Recognition(text="", is_final=True, confidence=0.0, start_ms=start_ms, end_ms=end_ms)
         result = await self._provider.transcribe(_wav(pcm), prompt=self._prompt, language=self._language)
         try:
             return _recognition(result, start_ms, end_ms)
         except (AttributeError, TypeError, ValueError) as exc:  # the SDK builds its models unchecked
-            raise ProviderError(NAME, "protocol", f"a transcription not as documented: {exc}", retryable=True) from None
+            raise ProviderError(NAME, ErrorKind.PROTOCOL, f"a transcription not as documented: {exc}",
+                                retryable=True) from None
 
-    async def close(self) -> None:
+    async def _close(self) -> None:
         """Drops the audio of an unfinished utterance; the connections are the provider's."""
-        self._closed = True
         self._audio.clear()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ProviderError(NAME, "closed", "the recognition stream is closed")
 
 
 def _recognition(result: TranscriptionVerbose, start_ms: int, end_ms: int) -> Recognition:

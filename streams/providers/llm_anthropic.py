@@ -20,10 +20,9 @@ total), `message_stop` ends the answer. Stop reasons: end_turn and stop_sequence
 anything else -> error. Thinking and server-tool blocks are not part of a voice answer and are
 skipped.
 
-Failures, as `ProviderError` kinds. The SDK's own retries are off (`max_retries=0`): the resilience
-layer decides what to retry and where to fall back, and needs to know at once.
-- timeout: no connection within `connect_timeout_s`; no first token within `first_token_timeout_s`
-  of the request; a gap of more than `stall_timeout_s` between events after it. Retryable.
+Failures, as `ProviderError` kinds (`llm_common.SdkErrors`; the SDK's own retries are off):
+- timeout: no connection within `timeouts.connect_s`; no first token within `first_token_s` of the
+  request; a gap of more than `stall_s` between events after it. Retryable.
 - connection: the request could not be sent or no response came back. Retryable.
 - rate_limited (429, or a `rate_limit_error` event in the stream): retryable, with `retry-after`.
 - server (5xx, 529 overloaded, an `event: error` in the stream of type overloaded_error or
@@ -38,12 +37,10 @@ The API key is never logged, and is removed from any message that might echo it.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
-from typing import cast
+from typing import ClassVar, cast
 
 import anthropic
-import httpx2
 from anthropic.types import (
     AssistantMessageParam,
     ContentBlockParam,
@@ -55,31 +52,23 @@ from anthropic.types import (
 )
 from anthropic.types.tool_param import InputSchema
 
-from streams.providers.base import LlmProvider, LlmRequest, LlmResult, ProviderError, ToolCall, ToolSpec
+from streams.providers.base import ErrorKind, LlmRequest, LlmResult, ProviderError, ToolCall, ToolSpec
+from streams.providers.cloud import StreamTimeouts
 from streams.providers.llm_common import (
-    DEFAULT_CONNECT_TIMEOUT_S,
-    DEFAULT_FIRST_TOKEN_TIMEOUT_S,
-    DEFAULT_STALL_TIMEOUT_S,
-    ParameterReader,
+    CloudLlm,
+    EventStream,
+    Kinds,
+    Parameters,
+    SdkErrors,
     StreamClock,
-    StreamTimeouts,
     TextTurn,
     ToolCallsTurn,
     conversation,
-    error_detail,
-    read_stream,
-    redact,
-    status_error,
     tool_schema,
 )
 
-log = logging.getLogger(__name__)
-
 NAME = "anthropic"
-DEFAULT_MODEL = "claude-haiku-4-5"
 DEFAULT_MAX_TOKENS = 1024
-
-_PARAMETERS: dict[str, type[int] | type[float] | type[str]] = {"max_tokens": int, "stop": str}
 
 _STOP_REASONS = {
     "end_turn": "stop",
@@ -90,102 +79,56 @@ _STOP_REASONS = {
     "refusal": "content_filter",
 }
 
-# Error types an `event: error` in a stream may carry, and what they mean for a retry.
-_STREAM_ERRORS = {"overloaded_error": "server", "api_error": "server", "rate_limit_error": "rate_limited"}
 
+class AnthropicLlm(CloudLlm[RawMessageStreamEvent]):
+    """`max_tokens` is used where a request's parameters set none. `base_url` is the API's root
+    (`https://api.anthropic.com` when None)."""
 
-class AnthropicLlm(LlmProvider):
     name = NAME
+    default_base_url = "https://api.anthropic.com"
+    default_model = "claude-haiku-4-5"
+    errors = SdkErrors(api=anthropic.APIError, status=anthropic.APIStatusError,
+                       connection=anthropic.APIConnectionError, timeout=anthropic.APITimeoutError,
+                       stream_kinds={"overloaded_error": ErrorKind.SERVER, "api_error": ErrorKind.SERVER,
+                                     "rate_limit_error": ErrorKind.RATE_LIMITED})
+    parameters: ClassVar[Kinds] = {"max_tokens": int, "stop": str}
 
-    def __init__(
-        self,
-        *,
-        api_key: str,
-        base_url: str | None = None,
-        model: str = DEFAULT_MODEL,
-        max_tokens: int = DEFAULT_MAX_TOKENS,
-        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
-        first_token_timeout_s: float = DEFAULT_FIRST_TOKEN_TIMEOUT_S,
-        stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
-    ) -> None:
-        """`model` is used where a request names none; `max_tokens` where its parameters set none.
-        `base_url` is the API's root (`https://api.anthropic.com` when None)."""
-        if not api_key:
-            raise ValueError("anthropic: an API key is required")
+    def __init__(self, api_key: str, base_url: str | None = None, model: str = "",
+                 timeouts: StreamTimeouts | None = None, *, max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
+        super().__init__(api_key, base_url, model, timeouts)
         if max_tokens < 1:
             raise ValueError(f"anthropic: max_tokens must be at least 1, not {max_tokens}")
-        self.model = model
         self.max_tokens = max_tokens
-        self.timeouts = StreamTimeouts(connect_timeout_s, first_token_timeout_s, stall_timeout_s)
-        self._api_key = api_key
-        self._parameters = ParameterReader(NAME, _PARAMETERS)
-        self._client = anthropic.AsyncAnthropic(
-            api_key=api_key, base_url=base_url, max_retries=0, timeout=self.timeouts.http()
-        )
-
-    def __repr__(self) -> str:
-        return f"AnthropicLlm(model={self.model!r}, base_url={str(self._client.base_url)!r})"
+        self._client = anthropic.AsyncAnthropic(api_key=api_key, base_url=self.base_url, max_retries=0,
+                                                timeout=self.timeouts.http())
 
     async def aclose(self) -> None:
         await self._client.close()
 
-    async def complete(self, request: LlmRequest) -> LlmResult:
-        model = request.model or self.model
-        parameters = self._parameters.read(request.parameters)
-        max_tokens = parameters.integer("max_tokens") or self.max_tokens
+    async def _open(self, request: LlmRequest, model: str,
+                    parameters: Parameters) -> EventStream[RawMessageStreamEvent]:
         stop = parameters.text("stop")
         system, messages = _messages(request)
-        tools = [_tool(spec) for spec in request.tools]
-        answer = _Answer(model=model)
+        return await self._client.messages.create(
+            model=model,
+            max_tokens=parameters.integer("max_tokens") or self.max_tokens,
+            system=system or anthropic.omit,
+            messages=messages,
+            tools=[_tool(spec) for spec in request.tools] or anthropic.omit,
+            stop_sequences=[stop] if stop else anthropic.omit,
+            stream=True,
+        )
 
-        async def open_stream() -> anthropic.AsyncStream[RawMessageStreamEvent]:
-            return await self._client.messages.create(
-                model=model,
-                max_tokens=max_tokens,
-                system=system or anthropic.omit,
-                messages=messages,
-                tools=tools or anthropic.omit,
-                stop_sequences=[stop] if stop else anthropic.omit,
-                stream=True,
-            )
+    def _is_token(self, event: RawMessageStreamEvent) -> bool:
+        if event.type == "content_block_start":
+            return event.content_block.type == "tool_use"
+        if event.type == "content_block_delta":
+            delta = event.delta
+            return (delta.type == "text_delta" and bool(delta.text)) or delta.type == "input_json_delta"
+        return False
 
-        def take(event: RawMessageStreamEvent) -> bool:
-            answer.add(event)
-            return _is_token(event)
-
-        clock = await read_stream(NAME, self.timeouts, open_stream, is_token=_is_token, take=take,
-                                  sdk_errors=(anthropic.APIError,), failure=self._failure)
-        result = answer.result(clock)
-        log.debug("anthropic %s: %s, %d+%d tokens, first token %d ms", request.request_id, result.finish_reason,
-                  result.input_tokens, result.output_tokens, result.time_to_first_token_ms)
-        return result
-
-    def _failure(self, exc: Exception, streaming: bool) -> ProviderError:
-        if isinstance(exc, anthropic.APIStatusError):
-            kind, message = error_detail(exc.body)
-            text = redact(message or exc.message, self._api_key)
-            if exc.status_code < 400:  # an `event: error` in a stream that had started well
-                stream_kind = _STREAM_ERRORS.get(kind or "", "error")
-                return ProviderError(NAME, stream_kind, f"error in the stream ({kind}): {text}",
-                                     retryable=stream_kind != "error")
-            return status_error(NAME, exc.status_code, text, exc.response.headers)
-        if isinstance(exc, anthropic.APITimeoutError | httpx2.TimeoutException):
-            return ProviderError(NAME, "timeout", "the request timed out", retryable=True)
-        if isinstance(exc, anthropic.APIConnectionError | httpx2.HTTPError):
-            if streaming:
-                return ProviderError(NAME, "protocol", "the stream broke off before its end", retryable=True)
-            return ProviderError(NAME, "connection", redact(str(exc), self._api_key), retryable=True)
-        if isinstance(exc, anthropic.APIError):
-            return ProviderError(NAME, "error", redact(exc.message, self._api_key))
-        return ProviderError(NAME, "protocol", f"an event that is not JSON: {exc}", retryable=True)
-
-
-def _is_token(event: RawMessageStreamEvent) -> bool:
-    if event.type == "content_block_start":
-        return event.content_block.type == "tool_use"
-    if event.type == "content_block_delta":
-        return (event.delta.type == "text_delta" and bool(event.delta.text)) or event.delta.type == "input_json_delta"
-    return False
+    def _answer(self, model: str) -> _Answer:
+        return _Answer(model=model)
 
 
 def _tool(spec: ToolSpec) -> ToolParam:
@@ -300,7 +243,7 @@ class _Answer:
 
     def result(self, clock: StreamClock) -> LlmResult:
         if not self.stopped:
-            raise ProviderError(NAME, "protocol", "the stream ended before message_stop", retryable=True)
+            raise ProviderError(NAME, ErrorKind.PROTOCOL, "the stream ended before message_stop", retryable=True)
         calls = tuple(
             ToolCall(call.id, call.name, "".join(call.arguments) or "{}") for _, call in sorted(self.calls.items())
         )

@@ -1,6 +1,7 @@
-"""What the cloud LLM adapters (`llm_openai`, `llm_anthropic`) share: reading the core's conversation
-into tool calls and tool results, the timeouts of a streamed answer, and turning HTTP failures into
-`ProviderError` kinds.
+"""What the cloud LLM adapters (`llm_openai`, `llm_anthropic`) share: their skeleton (`CloudLlm`: the
+request's parameters, the streamed answer within its deadlines, the SDK's failures as `ProviderError`
+kinds), the failures of the SDKs they are built on (`SdkErrors`), and reading the core's conversation
+into tool calls and tool results.
 
 The conversation. The core records an assistant's tool calls as an assistant message whose content
 is the JSON list `[{"id", "name", "arguments"}, ...]`, followed by one `tool` message per result
@@ -12,59 +13,43 @@ result whose call fell out of the core's context window (`context_messages`) is 
 Tool-call ids are rewritten where a provider would refuse them (ids from another provider after a
 fallback, or the scripted LLM's `call/llm/0/0`), consistently within the request.
 
-Timeouts. A voice call cannot wait on a silent provider: `StreamTimeouts` bounds the connection
-(httpx), the first token (an asyncio deadline from the start of the request to the first streamed
-text or tool-call piece, covering the response headers too) and every gap between events after it
-(`stall_s`), so a stream that stops mid-answer fails within `stall_s`, not when the server gives up.
+Timeouts (`cloud.StreamTimeouts`): the connection (httpx), the first token (an asyncio deadline from
+the start of the request to the first streamed text or tool-call piece, covering the response headers
+too) and every gap between events after it (`stall_s`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import hashlib
 import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from abc import abstractmethod
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, Generic, Protocol, TypeVar
 
 import httpx2
 
-from streams.providers.base import ChatMessage, ProviderError, ToolCall, ToolSpec
+from streams.providers.base import (
+    ChatMessage,
+    ErrorKind,
+    LlmProvider,
+    LlmRequest,
+    LlmResult,
+    ProviderError,
+    ToolCall,
+    ToolSpec,
+)
+from streams.providers.cloud import CloudProvider, StreamTimeouts, redact, status_error, timed_events
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-T_co = TypeVar("T_co", covariant=True)
-
-DEFAULT_CONNECT_TIMEOUT_S = 2.0
-DEFAULT_FIRST_TOKEN_TIMEOUT_S = 3.0
-DEFAULT_STALL_TIMEOUT_S = 2.0
-
-
-@dataclass(frozen=True, slots=True)
-class StreamTimeouts:
-    connect_s: float = DEFAULT_CONNECT_TIMEOUT_S
-    first_token_s: float = DEFAULT_FIRST_TOKEN_TIMEOUT_S
-    stall_s: float = DEFAULT_STALL_TIMEOUT_S
-
-    def __post_init__(self) -> None:
-        for name in ("connect_s", "first_token_s", "stall_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be a positive number of seconds, not {getattr(self, name)!r}")
-
-    def http(self) -> httpx2.Timeout:
-        """The client's socket timeouts. The asyncio deadlines of `timed_events` are the precise ones;
-        the read timeout only backs them up, so it is the longest wait either of them allows."""
-        return httpx2.Timeout(
-            connect=self.connect_s,
-            read=max(self.first_token_s, self.stall_s),
-            write=self.connect_s,
-            pool=self.connect_s,
-        )
+E = TypeVar("E")
+E_contra = TypeVar("E_contra", contravariant=True)
+E_co = TypeVar("E_co", covariant=True)
 
 
 class StreamClock:
@@ -87,129 +72,152 @@ class StreamClock:
         return int((end - self.started) * 1000)
 
 
-async def timed_events(
-    provider: str,
-    events: AsyncIterator[T],
-    timeouts: StreamTimeouts,
-    first_token_deadline: float,
-    is_token: Callable[[T], bool],
-) -> AsyncIterator[T]:
-    """`events`, each awaited no longer than its deadline: until the first token (as `is_token` says),
-    `first_token_deadline` (loop time); after it, `timeouts.stall_s` per event. A missed deadline
-    raises `ProviderError(timeout)` at once, whatever the server does afterwards."""
-    loop = asyncio.get_running_loop()
-    waiting_for_first = True
-    while True:
-        deadline = first_token_deadline if waiting_for_first else loop.time() + timeouts.stall_s
-        try:
-            async with asyncio.timeout_at(deadline):
-                event = await anext(events)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            if waiting_for_first:
-                raise ProviderError(
-                    provider, "timeout", f"no first token within {timeouts.first_token_s:g} s", retryable=True
-                ) from None
-            raise ProviderError(
-                provider, "timeout", f"the stream stalled: nothing for {timeouts.stall_s:g} s", retryable=True
-            ) from None
-        if waiting_for_first and is_token(event):
-            waiting_for_first = False
-        yield event
-
-
-class EventStream(Protocol[T_co]):
+class EventStream(Protocol[E_co]):
     """An SDK's streamed response: its events, and a way to let go of the connection."""
 
-    def __aiter__(self) -> AsyncIterator[T_co]: ...
+    def __aiter__(self) -> AsyncIterator[E_co]: ...
 
-    async def __anext__(self) -> T_co: ...
+    async def __anext__(self) -> E_co: ...
 
     async def close(self) -> None: ...
 
 
-async def read_stream(
-    provider: str,
-    timeouts: StreamTimeouts,
-    open_stream: Callable[[], Awaitable[EventStream[T]]],
-    *,
-    is_token: Callable[[T], bool],
-    take: Callable[[T], bool],
-    sdk_errors: tuple[type[Exception], ...],
-    failure: Callable[[Exception, bool], ProviderError],
-) -> StreamClock:
-    """Opens a streamed answer within the first-token deadline and hands each event to `take` (which
-    folds it and says whether it carried a token) within `timed_events`' deadlines; an SDK's or the
-    HTTP client's error becomes `failure(exc, streaming)`. The stream is closed whatever happens.
-    Returns the clock of the answer."""
-    caught: tuple[type[Exception], ...] = (*sdk_errors, httpx2.HTTPError, ValueError)
-    clock = StreamClock()
-    first_token_deadline = asyncio.get_running_loop().time() + timeouts.first_token_s
-    stream: EventStream[T] | None = None
-    try:
+class Answer(Protocol[E_contra]):
+    """An answer as its events arrive."""
+
+    def add(self, event: E_contra) -> None: ...
+
+    def result(self, clock: StreamClock) -> LlmResult:
+        """The whole answer; ProviderError (protocol) where the stream ended before it did."""
+
+
+class SdkError(Protocol):
+    message: str
+    body: object | None
+
+
+class SdkStatusError(SdkError, Protocol):
+    status_code: int
+    response: httpx2.Response
+
+
+@dataclass(frozen=True)
+class SdkErrors:
+    """The errors of an SDK made as OpenAI's and Anthropic's are (one class tree, on httpx2), mapped to
+    `ProviderError` kinds one way for the adapters on either (the LLMs, and Whisper on OpenAI's):
+    - an HTTP error status: by its status (`cloud.status_error`), with the server's Retry-After;
+    - timeout (no connection or no response in time);
+    - connection (nothing came back), or protocol where the stream had begun and broke off;
+    - an error object sent in the stream: by its `type` (`stream_kinds`), else `error`;
+    - protocol: a message that is not JSON.
+    Retryable, all but auth, bad_request and error: the answer was lost, not refused."""
+
+    api: type[SdkError]
+    """What the SDK raises, an error object sent in a stream included."""
+    status: type[SdkStatusError]
+    connection: type[Exception]
+    timeout: type[Exception]
+    stream_kinds: Mapping[str, ErrorKind] = field(default_factory=dict)
+
+    @property
+    def caught(self) -> tuple[type[BaseException], ...]:
+        """What a call through the SDK may raise (a body that is not JSON: ValueError)."""
+        # (`api` is an exception class, which its protocol type cannot say)
+        return self.api, httpx2.HTTPError, ValueError  # type: ignore[return-value]
+
+    def failure(self, provider: str, secret: str, exc: BaseException, streaming: bool) -> ProviderError:
+        """`exc` (one of `caught`) as `provider`'s error, `secret` kept out; `streaming`: the answer had begun."""
+        if isinstance(exc, self.status) and exc.status_code >= 400:
+            _, message = error_detail(exc.body)
+            return status_error(provider, exc.status_code, redact(message or exc.message, secret),
+                                exc.response.headers)
+        if isinstance(exc, self.timeout | httpx2.TimeoutException):
+            return ProviderError(provider, ErrorKind.TIMEOUT, "the request timed out", retryable=True)
+        if isinstance(exc, self.connection | httpx2.HTTPError):
+            if streaming:
+                return ProviderError(provider, ErrorKind.PROTOCOL, "the stream broke off before its end",
+                                     retryable=True)
+            return ProviderError(provider, ErrorKind.CONNECTION, redact(str(exc), secret), retryable=True)
+        if isinstance(exc, self.api):
+            kind, message = error_detail(exc.body)
+            meaning = self.stream_kinds.get(kind or "", ErrorKind.ERROR)
+            said = f" ({kind})" if kind else ""
+            text = redact(message or exc.message, secret)
+            return ProviderError(provider, meaning, f"error in the stream{said}: {text}",
+                                 retryable=meaning != ErrorKind.ERROR)
+        return ProviderError(provider, ErrorKind.PROTOCOL, f"a message that is not JSON: {exc}", retryable=True)
+
+
+Kinds = Mapping[str, type[int] | type[float] | type[str]]
+
+
+class CloudLlm(CloudProvider, LlmProvider, Generic[E]):
+    """A cloud LLM adapter's skeleton: the request's parameters read as the provider takes them (`parameters`),
+    the answer streamed within the first-token and stall deadlines and folded event by event, any
+    failure of the SDK or its HTTP client as a `ProviderError` (`errors`). A vendor says how to open
+    its stream (`_open`), which events carry a token (`_is_token`) and how its answer is put together
+    (`_answer`)."""
+
+    errors: ClassVar[SdkErrors]
+    parameters: ClassVar[Kinds]
+
+    def __init__(self, api_key: str, base_url: str | None = None, model: str = "",
+                 timeouts: StreamTimeouts | None = None) -> None:
+        """`model` is used where a request names none."""
+        super().__init__(api_key, base_url, model, timeouts)
+        self._parameters = ParameterReader(self.name, self.parameters)
+
+    async def _complete(self, request: LlmRequest) -> LlmResult:
+        model = request.model or self.model
+        parameters = self._parameters.read(request.parameters)
+        answer = self._answer(model)
+        clock = StreamClock()
+        first_token_deadline = asyncio.get_running_loop().time() + self.timeouts.first_token_s
+        stream: EventStream[E] | None = None
         try:
-            async with asyncio.timeout_at(first_token_deadline):
-                stream = await open_stream()
-        except TimeoutError:
-            raise ProviderError(
-                provider, "timeout", f"no response within {timeouts.first_token_s:g} s", retryable=True
-            ) from None
-        async for event in timed_events(provider, stream, timeouts, first_token_deadline, is_token):
-            if take(event):
-                clock.token()
-    except ProviderError:
-        raise
-    except caught as exc:
-        raise failure(exc, stream is not None) from exc
-    finally:
-        if stream is not None:
-            await stream.close()
-    return clock
+            try:
+                async with asyncio.timeout_at(first_token_deadline):
+                    stream = await self._open(request, model, parameters)
+            except TimeoutError:
+                raise ProviderError(self.name, ErrorKind.TIMEOUT,
+                                    f"no response within {self.timeouts.first_token_s:g} s", retryable=True) from None
+            async for event in timed_events(self.name, stream, self.timeouts, first_token_deadline, self._is_token):
+                if self._is_token(event):
+                    clock.token()
+                answer.add(event)
+        except ProviderError:
+            raise
+        except self.errors.caught as exc:
+            raise self.errors.failure(self.name, self._api_key, exc, stream is not None) from exc
+        finally:
+            if stream is not None:
+                await stream.close()
+        result = answer.result(clock)
+        log.debug("%s %s: %s, %d+%d tokens, first token %d ms", self.name, request.request_id, result.finish_reason,
+                  result.input_tokens, result.output_tokens, result.time_to_first_token_ms)
+        return result
+
+    @abstractmethod
+    async def _open(self, request: LlmRequest, model: str, parameters: Parameters) -> EventStream[E]:
+        """Sends the request, streamed; returns its stream of events."""
+
+    @abstractmethod
+    def _is_token(self, event: E) -> bool:
+        """Whether `event` carries a piece of the answer (text, or a piece of a tool call)."""
+
+    @abstractmethod
+    def _answer(self, model: str) -> Answer[E]: ...
 
 
-def retry_after_s(headers: Mapping[str, str]) -> float | None:
-    """The server's wait, from `retry-after-ms` (OpenAI) or `retry-after` (seconds or an HTTP date)."""
-    millis = headers.get("retry-after-ms")
-    if millis is not None:
-        try:
-            return max(0.0, float(millis) / 1000)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def status_error(provider: str, status: int, message: str, headers: Mapping[str, str]) -> ProviderError:
-    """An HTTP error status as a `ProviderError`: what is worth retrying, and when."""
-    wait = retry_after_s(headers)
-    text = f"HTTP {status}: {message}"
-    if status == 429:
-        return ProviderError(provider, "rate_limited", text, retryable=True, retry_after_s=wait)
-    if status in (401, 403):
-        return ProviderError(provider, "auth", text)
-    if status == 408:
-        return ProviderError(provider, "timeout", text, retryable=True, retry_after_s=wait)
-    if status >= 500:  # 5xx, and Anthropic's 529 overloaded
-        return ProviderError(provider, "server", text, retryable=True, retry_after_s=wait)
-    if 400 <= status < 500:
-        return ProviderError(provider, "bad_request", text)
-    return ProviderError(provider, "error", text)
-
-
-def redact(text: str, secret: str) -> str:
-    """`text` without `secret`: an error message from a server or an SDK must not carry the key."""
-    return text.replace(secret, "[redacted]") if secret else text
+def error_detail(body: object) -> tuple[str | None, str | None]:
+    """The error's type and message from a provider's error body, `{"error": {"type", "message"}}`
+    (Anthropic, and OpenAI's errors in a stream) or the inner object alone (the OpenAI SDK's)."""
+    if isinstance(body, Mapping):
+        inner = body.get("error", body)
+        if isinstance(inner, Mapping):
+            kind, message = inner.get("type"), inner.get("message")
+            return (kind if isinstance(kind, str) else None, message if isinstance(message, str) else None)
+    return None, None
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,7 +343,7 @@ class ParameterReader:
     provider has no use for is left out with a warning, once per name: the core sets `temperature`
     for every request, and Anthropic's current API has no sampling parameters at all."""
 
-    def __init__(self, provider: str, kinds: Mapping[str, type[int] | type[float] | type[str]]) -> None:
+    def __init__(self, provider: str, kinds: Kinds) -> None:
         self.provider = provider
         self.kinds = dict(kinds)
         self._warned: set[str] = set()
@@ -354,20 +362,9 @@ class ParameterReader:
                 parsed[name] = kind(raw)
             except ValueError:
                 raise ProviderError(
-                    self.provider, "bad_request", f"parameter {name}={raw!r} is not a {kind.__name__}"
+                    self.provider, ErrorKind.BAD_REQUEST, f"parameter {name}={raw!r} is not a {kind.__name__}"
                 ) from None
         return Parameters(parsed)
-
-
-def error_detail(body: object) -> tuple[str | None, str | None]:
-    """The error's type and message from a provider's error body, `{"error": {"type", "message"}}`
-    (Anthropic, and OpenAI's errors in a stream) or the inner object alone (the OpenAI SDK's)."""
-    if isinstance(body, Mapping):
-        inner = body.get("error", body)
-        if isinstance(inner, Mapping):
-            kind, message = inner.get("type"), inner.get("message")
-            return (kind if isinstance(kind, str) else None, message if isinstance(message, str) else None)
-    return None, None
 
 
 def tool_schema(provider: str, spec: ToolSpec) -> dict[str, object]:
@@ -376,7 +373,9 @@ def tool_schema(provider: str, spec: ToolSpec) -> dict[str, object]:
     try:
         schema = json.loads(spec.parameters_json)
     except ValueError as exc:
-        raise ProviderError(provider, "bad_request", f"tool {spec.name}: its parameters are not JSON: {exc}") from None
+        raise ProviderError(provider, ErrorKind.BAD_REQUEST,
+                            f"tool {spec.name}: its parameters are not JSON: {exc}") from None
     if not isinstance(schema, dict):
-        raise ProviderError(provider, "bad_request", f"tool {spec.name}: its parameters are not a JSON schema object")
+        raise ProviderError(provider, ErrorKind.BAD_REQUEST,
+                            f"tool {spec.name}: its parameters are not a JSON schema object")
     return schema

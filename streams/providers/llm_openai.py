@@ -14,10 +14,9 @@ name come in the first piece, the arguments in many); `finish_reason` is normali
 tool_calls, content_filter; `function_call` counts as tool_calls); usage comes from the last chunk
 (the one with empty `choices` that `include_usage` asks for) and the model from the chunks.
 
-Failures, as `ProviderError` kinds. The SDK's own retries are off (`max_retries=0`): the resilience
-layer decides what to retry and where to fall back, and needs to know at once.
-- timeout: no connection within `connect_timeout_s`; no first token within `first_token_timeout_s`
-  of the request; a gap of more than `stall_timeout_s` between chunks after it. Retryable.
+Failures, as `ProviderError` kinds (`llm_common.SdkErrors`; the SDK's own retries are off):
+- timeout: no connection within `timeouts.connect_s`; no first token within `first_token_s` of the
+  request; a gap of more than `stall_s` between chunks after it. Retryable.
 - connection: the request could not be sent or no response came back. Retryable.
 - rate_limited (429): retryable, `retry_after_s` from `retry-after-ms` or `retry-after`.
 - server (5xx, or an `{"error": ...}` object in the stream of type server_error): retryable.
@@ -30,11 +29,9 @@ The API key is never logged, and is removed from any message that might echo it.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
-import httpx2
 import openai
 from openai.types.chat import (
     ChatCompletionChunk,
@@ -43,41 +40,29 @@ from openai.types.chat import (
     ChatCompletionMessageParam,
 )
 
-from streams.providers.base import LlmProvider, LlmRequest, LlmResult, ProviderError, ToolCall, ToolSpec
+from streams.providers.base import ErrorKind, LlmRequest, LlmResult, ProviderError, ToolCall, ToolSpec
+from streams.providers.cloud import StreamTimeouts
 from streams.providers.llm_common import (
-    DEFAULT_CONNECT_TIMEOUT_S,
-    DEFAULT_FIRST_TOKEN_TIMEOUT_S,
-    DEFAULT_STALL_TIMEOUT_S,
-    ParameterReader,
+    CloudLlm,
+    EventStream,
+    Kinds,
+    Parameters,
+    SdkErrors,
     StreamClock,
-    StreamTimeouts,
     TextTurn,
     ToolCallsTurn,
     ToolResultTurn,
     conversation,
-    error_detail,
-    read_stream,
-    redact,
-    status_error,
     tool_schema,
 )
-
-log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 NAME = "openai"
-DEFAULT_MODEL = "gpt-4o"
 
-_PARAMETERS: dict[str, type[int] | type[float] | type[str]] = {
-    "temperature": float,
-    "top_p": float,
-    "presence_penalty": float,
-    "frequency_penalty": float,
-    "seed": int,
-    "stop": str,
-    "max_tokens": int,
-}
+OPENAI_ERRORS = SdkErrors(api=openai.APIError, status=openai.APIStatusError, connection=openai.APIConnectionError,
+                          timeout=openai.APITimeoutError, stream_kinds={"server_error": ErrorKind.SERVER})
+"""The openai SDK's failures (shared with `asr_whisper`, on the same SDK)."""
 
 _FINISH_REASONS = {
     "stop": "stop",
@@ -88,95 +73,47 @@ _FINISH_REASONS = {
 }
 
 
-class OpenAiLlm(LlmProvider):
+class OpenAiLlm(CloudLlm[ChatCompletionChunk]):
+    """`base_url` includes the API's version path (`https://api.openai.com/v1` when None)."""
+
     name = NAME
+    default_base_url = "https://api.openai.com/v1"
+    default_model = "gpt-4o"
+    errors = OPENAI_ERRORS
+    parameters: ClassVar[Kinds] = {"temperature": float, "top_p": float, "presence_penalty": float,
+                                   "frequency_penalty": float, "seed": int, "stop": str, "max_tokens": int}
 
-    def __init__(
-        self,
-        *,
-        api_key: str,
-        base_url: str | None = None,
-        model: str = DEFAULT_MODEL,
-        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
-        first_token_timeout_s: float = DEFAULT_FIRST_TOKEN_TIMEOUT_S,
-        stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
-    ) -> None:
-        """`model` is used where a request names none. `base_url` includes the API's version path
-        (`https://api.openai.com/v1` when None)."""
-        if not api_key:
-            raise ValueError("openai: an API key is required")
-        self.model = model
-        self.timeouts = StreamTimeouts(connect_timeout_s, first_token_timeout_s, stall_timeout_s)
-        self._api_key = api_key
-        self._parameters = ParameterReader(NAME, _PARAMETERS)
-        self._client = openai.AsyncOpenAI(
-            api_key=api_key, base_url=base_url, max_retries=0, timeout=self.timeouts.http()
-        )
-
-    def __repr__(self) -> str:
-        return f"OpenAiLlm(model={self.model!r}, base_url={str(self._client.base_url)!r})"
+    def __init__(self, api_key: str, base_url: str | None = None, model: str = "",
+                 timeouts: StreamTimeouts | None = None) -> None:
+        super().__init__(api_key, base_url, model, timeouts)
+        self._client = openai.AsyncOpenAI(api_key=api_key, base_url=self.base_url, max_retries=0,
+                                          timeout=self.timeouts.http())
 
     async def aclose(self) -> None:
         await self._client.close()
 
-    async def complete(self, request: LlmRequest) -> LlmResult:
-        model = request.model or self.model
-        parameters = self._parameters.read(request.parameters)
-        messages = _messages(request)
+    async def _open(self, request: LlmRequest, model: str, parameters: Parameters) -> EventStream[ChatCompletionChunk]:
         tools = [_tool(spec) for spec in request.tools]
-        answer = _Answer(model=model)
+        return await self._client.chat.completions.create(
+            model=model,
+            messages=_messages(request),
+            tools=tools or openai.omit,
+            stream=True,
+            stream_options={"include_usage": True},
+            temperature=_given(parameters.number("temperature")),
+            top_p=_given(parameters.number("top_p")),
+            presence_penalty=_given(parameters.number("presence_penalty")),
+            frequency_penalty=_given(parameters.number("frequency_penalty")),
+            seed=_given(parameters.integer("seed")),
+            stop=_given(parameters.text("stop")),
+            max_completion_tokens=_given(parameters.integer("max_tokens")),
+        )
 
-        async def open_stream() -> openai.AsyncStream[ChatCompletionChunk]:
-            return await self._client.chat.completions.create(
-                model=model,
-                messages=messages,
-                tools=tools or openai.omit,
-                stream=True,
-                stream_options={"include_usage": True},
-                temperature=_given(parameters.number("temperature")),
-                top_p=_given(parameters.number("top_p")),
-                presence_penalty=_given(parameters.number("presence_penalty")),
-                frequency_penalty=_given(parameters.number("frequency_penalty")),
-                seed=_given(parameters.integer("seed")),
-                stop=_given(parameters.text("stop")),
-                max_completion_tokens=_given(parameters.integer("max_tokens")),
-            )
+    def _is_token(self, event: ChatCompletionChunk) -> bool:
+        return any(choice.delta.content or choice.delta.tool_calls for choice in event.choices)
 
-        clock = await read_stream(NAME, self.timeouts, open_stream, is_token=_has_token, take=answer.add,
-                                  sdk_errors=(openai.APIError,), failure=self._failure)
-        result = answer.result(clock)
-        log.debug("openai %s: %s, %d+%d tokens, first token %d ms", request.request_id, result.finish_reason,
-                  result.input_tokens, result.output_tokens, result.time_to_first_token_ms)
-        return result
-
-    def _failure(self, exc: Exception, streaming: bool) -> ProviderError:
-        return sdk_failure(NAME, self._api_key, exc, streaming)
-
-
-def sdk_failure(provider: str, api_key: str, exc: Exception, streaming: bool) -> ProviderError:
-    """An error of the openai SDK or its HTTP client as `provider`'s `ProviderError`, the key redacted
-    (`streaming`: whether the response had begun); shared with `asr_whisper`, on the same SDK."""
-    if isinstance(exc, openai.APIStatusError):
-        _, message = error_detail(exc.body)
-        text = redact(message or exc.message, api_key)
-        return status_error(provider, exc.status_code, text, exc.response.headers)
-    if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException):
-        return ProviderError(provider, "timeout", "the request timed out", retryable=True)
-    if isinstance(exc, openai.APIConnectionError | httpx2.HTTPError):
-        if streaming:
-            return ProviderError(provider, "protocol", "the stream broke off before its end", retryable=True)
-        return ProviderError(provider, "connection", redact(str(exc), api_key), retryable=True)
-    if isinstance(exc, openai.APIError):  # an error object sent in place of a chunk
-        kind, message = error_detail(exc.body)
-        text = redact(message or exc.message, api_key)
-        if kind == "server_error":
-            return ProviderError(provider, "server", f"error in the stream: {text}", retryable=True)
-        return ProviderError(provider, "error", f"error in the stream ({kind}): {text}")
-    return ProviderError(provider, "protocol", f"a chunk that is not JSON: {exc}", retryable=True)
-
-
-def _has_token(chunk: ChatCompletionChunk) -> bool:
-    return any(choice.delta.content or choice.delta.tool_calls for choice in chunk.choices)
+    def _answer(self, model: str) -> _Answer:
+        return _Answer(model=model)
 
 
 def _given(value: T | None) -> T | openai.Omit:
@@ -228,38 +165,33 @@ class _Answer:
     input_tokens: int = 0
     output_tokens: int = 0
 
-    def add(self, chunk: ChatCompletionChunk) -> bool:
-        """Takes in a chunk; True where it carried a token (text or a piece of a tool call)."""
+    def add(self, chunk: ChatCompletionChunk) -> None:
         if chunk.model:
             self.model = chunk.model
         if chunk.usage is not None:
             self.input_tokens = chunk.usage.prompt_tokens
             self.output_tokens = chunk.usage.completion_tokens
-        token = False
         for choice in chunk.choices:
             if choice.index != 0:
                 continue  # one answer is asked for (n=1)
             if choice.delta.content:
                 self.text.append(choice.delta.content)
-                token = True
             for piece in choice.delta.tool_calls or ():
                 call = self.calls.setdefault(piece.index, _PartialCall())
                 call.id = piece.id or call.id
                 if piece.function is not None:
                     call.name = piece.function.name or call.name
                     call.arguments.append(piece.function.arguments or "")
-                token = True
             if choice.finish_reason is not None:
                 self.finish_reason = choice.finish_reason
-        return token
 
     def result(self, clock: StreamClock) -> LlmResult:
         if self.finish_reason is None:
-            raise ProviderError(NAME, "protocol", "the stream ended before a finish_reason", retryable=True)
+            raise ProviderError(NAME, ErrorKind.PROTOCOL, "the stream ended before a finish_reason", retryable=True)
         calls = []
         for index, call in sorted(self.calls.items()):
             if not call.id or not call.name:
-                raise ProviderError(NAME, "protocol", f"tool call {index} came without an id or a name",
+                raise ProviderError(NAME, ErrorKind.PROTOCOL, f"tool call {index} came without an id or a name",
                                     retryable=True)
             calls.append(ToolCall(call.id, call.name, "".join(call.arguments) or "{}"))
         return LlmResult(

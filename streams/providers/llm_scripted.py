@@ -10,7 +10,7 @@ from typing import Any
 
 from streams.call.core import END_CALL_TOOL, says
 from streams.config.agents import AgentSpec, ScriptIntent
-from streams.providers.base import LlmProvider, LlmRequest, LlmResult, ToolCall
+from streams.providers.base import LlmCapabilities, LlmProvider, LlmRequest, LlmResult, ToolCall
 
 
 class _Missing(dict[str, Any]):
@@ -41,6 +41,7 @@ def _pick(said: str, values: tuple[str, ...]) -> str:
 
 class ScriptedLlm(LlmProvider):
     name = "offline-scripted"
+    capabilities = LlmCapabilities(prompted=False, local=True)
 
     def __init__(self, agent: AgentSpec) -> None:
         self.agent = agent
@@ -51,7 +52,7 @@ class ScriptedLlm(LlmProvider):
                 return intent
         return None
 
-    async def complete(self, request: LlmRequest) -> LlmResult:
+    async def _complete(self, request: LlmRequest) -> LlmResult:
         started = time.perf_counter()
         text, calls, finish = self._decide(request)
         elapsed = int((time.perf_counter() - started) * 1000)

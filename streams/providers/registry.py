@@ -1,16 +1,22 @@
 """Builds an agent's providers from its definition: each capability a chain of the agent's choice
 and its fallbacks (streams/providers/resilience.py), with the keys from `ProviderSettings`.
 
+The providers this installation has are three tables, one per capability, of factories by the name an
+agent file uses (`LLMS`, `RECOGNISERS`, `VOICES`): a new vendor is one entry. A factory's module is
+imported when an agent first uses it, so an installation pays for the SDKs it uses only.
+
 One registry lives as long as the gateway: circuit breakers (per provider, model and endpoint) and
 rate limits (per provider key) are shared by every call, which is what makes them worth having.
+What a provider declares of itself decides its guards: one that runs on this machine's CPU
+(`capabilities.local`) gets the longer attempt timeout, and its timeouts do not open its circuit.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Generic, TypeVar
 
 from pydantic import SecretStr
 
@@ -18,13 +24,13 @@ from streams.call.session import Providers
 from streams.config.agents import AgentSpec, Provider, Voice
 from streams.providers.asr_chain import ChainAsr
 from streams.providers.base import AsrProvider, LlmProvider, TtsProvider
+from streams.providers.base import Provider as AnyProvider
 from streams.providers.resilience import ChainLlm, CircuitBreaker, Guarded, ProviderChain
 from streams.providers.settings import ProviderSettings
 from streams.providers.tts_chain import ChainTts
 from streams.rate_limit import TokenBucket
 
-P = TypeVar("P")
-C = TypeVar("C")
+P = TypeVar("P", bound=AnyProvider)
 
 LLM_ATTEMPT_TIMEOUT_S = 8.0
 """One LLM attempt's limit where the agent sets none (the adapters' connect, first-token and stall
@@ -35,18 +41,121 @@ session, reports what failed."""
 SPEECH_ATTEMPT_TIMEOUT_S = 3.0
 """A cloud speech provider's limit, where the agent sets none: to open its stream or give its first
 audio (TTS), to take a frame or give an utterance's final result (ASR)."""
-OFFLINE_ATTEMPT_TIMEOUT_S = 10.0
-"""The offline providers' (pocketsphinx, espeak-ng): they run on this machine's CPU, which a busy
-machine slows down but which does not go away."""
+LOCAL_SPEECH_ATTEMPT_TIMEOUT_S = 10.0
+"""A speech provider's on this machine's CPU (pocketsphinx, espeak-ng), which a busy machine slows
+down but which does not go away."""
 SPEECH_CHAIN_DEADLINE_S = 10.0
-
-
-SCRIPTED_POLICY = "offline-scripted"
-OFFLINE_SPEECH = frozenset({"pocketsphinx", "espeak-ng"})
 
 
 class UnknownProvider(ValueError):
     """The agent names a provider this installation does not have, or one it has no key for."""
+
+
+@dataclass(frozen=True)
+class Local(Generic[P]):
+    """A provider that needs no key: made afresh for each chain."""
+
+    make: Callable[[AgentSpec], P]
+
+
+@dataclass(frozen=True)
+class Cloud(Generic[P]):
+    """A provider reached with credentials: one adapter per endpoint, credentials and model, shared by
+    every call (its connections stay open)."""
+
+    make: Callable[[Sequence[str], str | None, str], P]
+    """(credentials, endpoint or None for the provider's own, model or "" for the adapter's default)."""
+    credentials: tuple[str, ...]
+    """The `ProviderSettings` fields it needs: its API key first (its rate limit goes by it)."""
+    endpoint: str
+    """The `ProviderSettings` field of its endpoint."""
+    per_model: bool = True
+    """False: one adapter serves every model (the model is the request's)."""
+
+
+Factory = Local[P] | Cloud[P]
+
+
+@dataclass(frozen=True)
+class Capability(Generic[P]):
+    name: str
+    """As events say it: asr, llm, tts."""
+    factories: Mapping[str, Factory[P]]
+    attempt_timeout_s: float
+    local_attempt_timeout_s: float
+    deadline_s: float
+
+
+def _scripted(agent: AgentSpec) -> LlmProvider:
+    from streams.providers.llm_scripted import ScriptedLlm
+
+    return ScriptedLlm(agent)
+
+
+def _openai(credentials: Sequence[str], endpoint: str | None, model: str) -> LlmProvider:
+    from streams.providers.llm_openai import OpenAiLlm
+
+    return OpenAiLlm(credentials[0], endpoint, model)
+
+
+def _anthropic(credentials: Sequence[str], endpoint: str | None, model: str) -> LlmProvider:
+    from streams.providers.llm_anthropic import AnthropicLlm
+
+    return AnthropicLlm(credentials[0], endpoint, model)
+
+
+def _pocketsphinx(agent: AgentSpec) -> AsrProvider:
+    from streams.providers.asr_pocketsphinx import PocketsphinxAsr
+
+    return PocketsphinxAsr()
+
+
+def _deepgram(credentials: Sequence[str], endpoint: str | None, model: str) -> AsrProvider:
+    from streams.providers.asr_deepgram import DeepgramAsr
+
+    return DeepgramAsr(credentials[0], endpoint, model)
+
+
+def _whisper(credentials: Sequence[str], endpoint: str | None, model: str) -> AsrProvider:
+    from streams.providers.asr_whisper import WhisperAsr
+
+    return WhisperAsr(credentials[0], endpoint, model)
+
+
+def _espeak(agent: AgentSpec) -> TtsProvider:
+    from streams.providers.tts_espeak import EspeakTts
+
+    return EspeakTts()
+
+
+def _elevenlabs(credentials: Sequence[str], endpoint: str | None, model: str) -> TtsProvider:
+    from streams.providers.tts_elevenlabs import ElevenLabsTts
+
+    return ElevenLabsTts(credentials[0], endpoint, model)
+
+
+def _playht(credentials: Sequence[str], endpoint: str | None, model: str) -> TtsProvider:
+    from streams.providers.tts_playht import PlayHtTts
+
+    return PlayHtTts(credentials[0], credentials[1], endpoint, model)
+
+
+LLMS = Capability[LlmProvider]("llm", {
+    "offline-scripted": Local(_scripted),
+    # One client for all the models of a key: the model is the request's.
+    "openai": Cloud(_openai, ("openai_api_key",), "openai_base_url", per_model=False),
+    "anthropic": Cloud(_anthropic, ("anthropic_api_key",), "anthropic_base_url", per_model=False),
+}, LLM_ATTEMPT_TIMEOUT_S, LLM_ATTEMPT_TIMEOUT_S, LLM_CHAIN_DEADLINE_S)
+RECOGNISERS = Capability[AsrProvider]("asr", {
+    "pocketsphinx": Local(_pocketsphinx),
+    "deepgram": Cloud(_deepgram, ("deepgram_api_key",), "deepgram_base_url"),
+    "whisper": Cloud(_whisper, ("openai_api_key",), "openai_base_url"),
+}, SPEECH_ATTEMPT_TIMEOUT_S, LOCAL_SPEECH_ATTEMPT_TIMEOUT_S, SPEECH_CHAIN_DEADLINE_S)
+VOICES = Capability[TtsProvider]("tts", {
+    "espeak-ng": Local(_espeak),
+    "elevenlabs": Cloud(_elevenlabs, ("elevenlabs_api_key",), "elevenlabs_base_url"),
+    "playht": Cloud(_playht, ("playht_api_key", "playht_user_id"), "playht_base_url"),
+}, SPEECH_ATTEMPT_TIMEOUT_S, LOCAL_SPEECH_ATTEMPT_TIMEOUT_S, SPEECH_CHAIN_DEADLINE_S)
 
 
 @dataclass
@@ -55,8 +164,8 @@ class ProviderRegistry:
     breakers: dict[tuple[str, str, str], CircuitBreaker] = field(default_factory=dict)
     buckets: dict[tuple[str, str], TokenBucket] = field(default_factory=dict)
     clients: dict[tuple[str, ...], Any] = field(default_factory=dict)
-    """The cloud providers' adapters, one per provider, endpoint, key (and model or voice engine,
-    where the adapter is made for one), shared by every call: their connections stay open."""
+    """The cloud providers' adapters (of whichever capability: `Any`), one per provider, endpoint,
+    credentials (and model, where the adapter is made for one), shared by every call."""
 
     def providers_for(self, agent: AgentSpec) -> Providers:
         return Providers(asr=self.asr(agent), llm=self.llm(agent), tts=self.tts(agent))
@@ -73,124 +182,54 @@ class ProviderRegistry:
         return found
 
     def asr(self, agent: AgentSpec) -> AsrProvider:
-        members = [self._asr_member(agent, spec) for spec in (agent.asr, *agent.asr.fallbacks)]
-        return ChainAsr(ProviderChain("asr", members, deadline_s=SPEECH_CHAIN_DEADLINE_S))
+        return ChainAsr(self._chain(RECOGNISERS, agent, (agent.asr, *agent.asr.fallbacks)))
+
+    def llm(self, agent: AgentSpec) -> LlmProvider:
+        return ChainLlm(self._chain(LLMS, agent, (agent.llm, *agent.llm.fallbacks)))
 
     def tts(self, agent: AgentSpec) -> TtsProvider:
         specs = (agent.tts, *agent.tts.fallbacks)
-        members = [self._tts_member(agent, spec) for spec in specs]
-        return ChainTts(ProviderChain("tts", members, deadline_s=SPEECH_CHAIN_DEADLINE_S),
-                        voices=[spec.voice for spec in specs])
-
-    def llm(self, agent: AgentSpec) -> LlmProvider:
-        members = [self._llm_member(agent, spec) for spec in (agent.llm, *agent.llm.fallbacks)]
-        return ChainLlm(ProviderChain("llm", members, deadline_s=LLM_CHAIN_DEADLINE_S))
+        return ChainTts(self._chain(VOICES, agent, specs), voices=[spec.voice for spec in specs])
 
     def summary_llm(self, agent: AgentSpec) -> LlmProvider | None:
-        """The agent's LLM chain for summarising its calls: its language models only (the offline
-        scripted policy follows a script, it cannot summarise); None when it has none."""
-        specs = [spec for spec in (agent.llm, *agent.llm.fallbacks) if spec.provider != SCRIPTED_POLICY]
-        if not specs:
-            return None
-        members = [self._llm_member(agent, spec) for spec in specs]
-        return ChainLlm(ProviderChain("llm", members, deadline_s=LLM_CHAIN_DEADLINE_S))
+        """The agent's LLM chain for summarising its calls: the members that do what a prompt asks
+        (a scripted policy cannot); None when it has none."""
+        chain = self._chain(LLMS, agent, (agent.llm, *agent.llm.fallbacks))
+        members = [member for member in chain.members if member.provider.capabilities.prompted]
+        return ChainLlm(replace(chain, members=members)) if members else None
 
-    def _llm_member(self, agent: AgentSpec, spec: Provider) -> Guarded[LlmProvider]:
-        provider: LlmProvider
-        endpoint, key = "", None
-        if spec.provider == SCRIPTED_POLICY:
-            from streams.providers.llm_scripted import ScriptedLlm
+    def _chain(self, capability: Capability[P], agent: AgentSpec,
+               specs: Sequence[Provider | Voice]) -> ProviderChain[P]:
+        members = [self._member(capability, agent, spec) for spec in specs]
+        return ProviderChain(capability.name, members, deadline_s=capability.deadline_s)
 
-            provider = ScriptedLlm(agent)
-        elif spec.provider == "openai":
-            from streams.providers.llm_openai import OpenAiLlm
-
-            # One client for all the models of a key: the model is the request's.
-            provider, endpoint, key = self._cloud(agent, spec.provider, "OPENAI_API_KEY", self.settings.openai_base_url,
-                                                  "", lambda k, url: OpenAiLlm(api_key=k, base_url=url))
-        elif spec.provider == "anthropic":
-            from streams.providers.llm_anthropic import AnthropicLlm
-
-            provider, endpoint, key = self._cloud(
-                agent, spec.provider, "ANTHROPIC_API_KEY", self.settings.anthropic_base_url, "",
-                lambda k, url: AnthropicLlm(api_key=k, base_url=url))
+    def _member(self, capability: Capability[P], agent: AgentSpec, spec: Provider | Voice) -> Guarded[P]:
+        factory = capability.factories.get(spec.provider)
+        if factory is None:
+            raise UnknownProvider(f"agent {agent.tenant}/{agent.id}: no {capability.name.upper()} provider "
+                                  f"{spec.provider!r}")
+        if isinstance(factory, Local):
+            provider, endpoint, key = factory.make(agent), "", None
         else:
-            raise UnknownProvider(f"agent {agent.tenant}/{agent.id}: no LLM provider {spec.provider!r}")
-        return Guarded(provider, spec.provider, spec.model,
-                       self._breaker(spec.provider, spec.model, endpoint, local=spec.provider == SCRIPTED_POLICY),
-                       spec.timeout_s or LLM_ATTEMPT_TIMEOUT_S, self._bucket(spec.provider, key))
+            provider, endpoint, key = self._cloud(agent, spec, factory)
+        model = spec.model or provider.model
+        local = provider.capabilities.local
+        timeout_s = spec.timeout_s or (capability.local_attempt_timeout_s if local else capability.attempt_timeout_s)
+        return Guarded(provider, spec.provider, model, self._breaker(spec.provider, model, endpoint, local=local),
+                       timeout_s, self._bucket(spec.provider, key))
 
-    def _asr_member(self, agent: AgentSpec, spec: Provider) -> Guarded[AsrProvider]:
-        provider: AsrProvider
-        endpoint, key = "", None
-        if spec.provider == "pocketsphinx":
-            from streams.providers.asr_pocketsphinx import PocketsphinxAsr
-
-            provider = PocketsphinxAsr()
-        elif spec.provider == "deepgram":
-            from streams.providers.asr_deepgram import DeepgramAsr
-
-            model = spec.model or "nova-3"
-            provider, endpoint, key = self._cloud(
-                agent, spec.provider, "DEEPGRAM_API_KEY", self.settings.deepgram_base_url, model,
-                lambda k, url: DeepgramAsr(api_key=k, base_url=url, model=model))
-        elif spec.provider == "whisper":
-            from streams.providers.asr_whisper import WhisperAsr
-
-            model = spec.model or "whisper-1"
-            provider, endpoint, key = self._cloud(
-                agent, spec.provider, "OPENAI_API_KEY", self.settings.openai_base_url, model,
-                lambda k, url: WhisperAsr(api_key=k, base_url=url, model=model))
-        else:
-            raise UnknownProvider(f"agent {agent.tenant}/{agent.id}: no ASR provider {spec.provider!r}")
-        return self._speech_member(spec.provider, spec.model or provider.model, spec.timeout_s, provider, endpoint,
-                                   key)
-
-    def _tts_member(self, agent: AgentSpec, spec: Voice) -> Guarded[TtsProvider]:
-        provider: TtsProvider
-        endpoint, key = "", None
-        if spec.provider == "espeak-ng":
-            from streams.providers.tts_espeak import EspeakTts
-
-            provider = EspeakTts()
-        elif spec.provider == "elevenlabs":
-            from streams.providers.tts_elevenlabs import ElevenLabsTts
-
-            model = spec.model or "eleven_flash_v2_5"
-            provider, endpoint, key = self._cloud(
-                agent, spec.provider, "ELEVENLABS_API_KEY", self.settings.elevenlabs_base_url, model,
-                lambda k, url: ElevenLabsTts(api_key=k, base_url=url, model=model))
-        elif spec.provider == "playht":
-            from streams.providers.tts_playht import PlayHtTts
-
-            user = self._key(agent, spec.provider, self.settings.playht_user_id, "PLAYHT_USER_ID")
-            engine = spec.model or "Play3.0-mini"
-            provider, endpoint, key = self._cloud(
-                agent, spec.provider, "PLAYHT_API_KEY", self.settings.playht_base_url, engine,
-                lambda k, url: PlayHtTts(api_key=k, user_id=user.get_secret_value(), base_url=url,
-                                         voice_engine=engine))
-        else:
-            raise UnknownProvider(f"agent {agent.tenant}/{agent.id}: no TTS provider {spec.provider!r}")
-        return self._speech_member(spec.provider, spec.model, spec.timeout_s, provider, endpoint, key)
-
-    def _speech_member(self, name: str, model: str, timeout_s: float | None, provider: P, endpoint: str,
-                       key: SecretStr | None) -> Guarded[P]:
-        default = OFFLINE_ATTEMPT_TIMEOUT_S if name in OFFLINE_SPEECH else SPEECH_ATTEMPT_TIMEOUT_S
-        return Guarded(provider, name, model, self._breaker(name, model, endpoint, local=name in OFFLINE_SPEECH),
-                       timeout_s or default, self._bucket(name, key))
-
-    def _cloud(self, agent: AgentSpec, provider: str, variable: str, base_url: str | None, model: str,
-               make: Callable[[str, str | None], C]) -> tuple[C, str, SecretStr]:
-        """A cloud provider's adapter, `make(key, base_url)`: one per provider, endpoint, key and model,
-        shared by every call (`clients`: its connections stay open); with its endpoint and key, which
-        its breaker and rate limit go by. The key is the setting named like `variable`."""
-        secret = self._key(agent, provider, getattr(self.settings, variable.lower()), variable)
+    def _cloud(self, agent: AgentSpec, spec: Provider | Voice, factory: Cloud[P]) -> tuple[P, str, SecretStr]:
+        """The adapter `factory` makes for `spec`, shared by every call (`clients`: its connections stay
+        open); with its endpoint and key, which its breaker and rate limit go by."""
+        secrets = [self._secret(agent, spec.provider, name) for name in factory.credentials]
+        base_url: str | None = getattr(self.settings, factory.endpoint)
+        model = spec.model if factory.per_model else ""
         endpoint = base_url or ""
-        ident = (provider, endpoint, _key_id(secret), model)
+        ident = (spec.provider, endpoint, *map(_key_id, secrets), model)
         if ident not in self.clients:
-            self.clients[ident] = make(secret.get_secret_value(), base_url or None)
-        client: C = self.clients[ident]
-        return client, endpoint, secret
+            self.clients[ident] = factory.make([s.get_secret_value() for s in secrets], base_url or None, model)
+        client: P = self.clients[ident]
+        return client, endpoint, secrets[0]
 
     async def aclose(self) -> None:
         """Closes the cloud providers' clients (their connection pools)."""
@@ -198,7 +237,7 @@ class ProviderRegistry:
         for client in clients:
             await client.aclose()
 
-    def _breaker(self, provider: str, model: str, endpoint: str, *, local: bool = False) -> CircuitBreaker:
+    def _breaker(self, provider: str, model: str, endpoint: str, *, local: bool) -> CircuitBreaker:
         return self.breakers.setdefault((provider, model, endpoint), CircuitBreaker(counts_timeouts=not local))
 
     def _bucket(self, provider: str, key: SecretStr | None) -> TokenBucket | None:
@@ -211,10 +250,11 @@ class ProviderRegistry:
             self.buckets[(provider, key_id)] = TokenBucket(per_minute / 60.0, burst, 0.0)
         return self.buckets[(provider, key_id)]
 
-    def _key(self, agent: AgentSpec, provider: str, key: SecretStr | None, variable: str) -> SecretStr:
-        if key is None or not key.get_secret_value():
-            raise UnknownProvider(f"agent {agent.tenant}/{agent.id} uses {provider}, and {variable} is not set")
-        return key
+    def _secret(self, agent: AgentSpec, provider: str, name: str) -> SecretStr:
+        secret: SecretStr | None = getattr(self.settings, name)
+        if secret is None or not secret.get_secret_value():
+            raise UnknownProvider(f"agent {agent.tenant}/{agent.id} uses {provider}, and {name.upper()} is not set")
+        return secret
 
 
 def _key_id(key: SecretStr) -> str:

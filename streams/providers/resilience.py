@@ -14,9 +14,10 @@ by a chain of providers, the agent's choice first and its fallbacks after, each 
   provider of a chain, having nobody to hand over to, retries timeouts and rate limits too, within
   the chain's deadline.
 
-What happened on the way is returned with the answer (`ChainReport`), and recorded by the session
-as events: an `error.raised` per failure, a `provider.fallback` per switch. So a failed primary
-costs the turn its attempt timeout plus the switch, and the log says why.
+What happened on the way is returned with the answer (`ChainReport`), or with `ChainExhausted` when
+nobody answered, and recorded by the session as events: an `error.raised` per failure, a
+`provider.fallback` per switch. So a failed primary costs the turn its attempt timeout plus the
+switch, and the log says why.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Generic, Literal, TypeVar
 
 from streams.providers.base import (
     ChainReport,
+    ErrorKind,
     LlmProvider,
     LlmRequest,
     LlmResult,
@@ -42,8 +44,11 @@ from streams.rate_limit import TokenBucket
 P = TypeVar("P")
 T = TypeVar("T")
 
-FallbackReason = Literal["timeout", "error", "rate_limited", "circuit_open"]
-NOT_RETRIED_BEFORE_FALLBACK = frozenset({"timeout", "rate_limited", "auth", "bad_request"})
+NOT_RETRIED_BEFORE_FALLBACK = frozenset({ErrorKind.TIMEOUT, ErrorKind.RATE_LIMITED, ErrorKind.AUTH,
+                                         ErrorKind.BAD_REQUEST})
+
+Handover = tuple[str, ErrorKind]
+"""Who failed, and why the next member takes over (`ErrorKind.switch_reason`)."""
 
 
 @dataclass
@@ -76,8 +81,8 @@ class CircuitBreaker:
     def succeeded(self) -> None:
         self.failures, self.opened_at, self.probing = 0, None, False
 
-    def failed(self, now: float, kind: str = "error") -> None:
-        if kind == "timeout" and not self.counts_timeouts:
+    def failed(self, now: float, kind: ErrorKind = ErrorKind.ERROR) -> None:
+        if kind == ErrorKind.TIMEOUT and not self.counts_timeouts:
             self.probing = False
             return
         self.failures += 1
@@ -116,18 +121,12 @@ class Guarded(Generic[P]):
 
 
 class ChainExhausted(ProviderError):
-    """Every provider of the chain failed or was skipped."""
+    """Every provider of the chain failed or was skipped; `report` says what each did."""
 
     def __init__(self, capability: str, report: ChainReport) -> None:
-        last = report.failures[-1] if report.failures else None
-        kind = last.kind if last else "circuit_open"
+        kind = report.failures[-1].kind if report.failures else ErrorKind.CIRCUIT_OPEN
         tried = ", ".join(f"{f.provider} ({f.kind})" for f in report.failures) or "none could be tried"
-        super().__init__(capability, kind, f"every provider failed: {tried}", retryable=True)
-        self.report = report
-
-
-def fallback_reason(kind: str) -> FallbackReason:
-    return kind if kind in ("timeout", "rate_limited", "circuit_open") else "error"  # type: ignore[return-value]
+        super().__init__(capability, kind, f"every provider failed: {tried}", retryable=True, report=report)
 
 
 @dataclass
@@ -147,15 +146,15 @@ class ProviderChain(Generic[P]):
     def index(self, member: Guarded[P]) -> int:
         return next(i for i, m in enumerate(self.members) if m is member)
 
-    def failed(self, member: Guarded[P], error: ProviderError, report: ChainReport) -> tuple[str, FallbackReason]:
+    def failed(self, member: Guarded[P], error: ProviderError, report: ChainReport) -> Handover:
         """A member that had answered failed later (a stream, midway): its breaker and the report are
         told; returns what `run(failed=...)` needs to hand over to the next member."""
         member.breaker.failed(self.clock(), error.kind)
-        report.failures.append(ProviderFailure(member.name, error.kind, str(error), error.retryable))
-        return member.name, fallback_reason(error.kind)
+        report.failures.append(ProviderFailure.of(error, member.name))
+        return member.name, error.kind.switch_reason()
 
     async def run(self, call: Callable[[Guarded[P]], Awaitable[T]], *, start: int = 0,
-                  failed: tuple[str, FallbackReason] | None = None,
+                  failed: Handover | None = None,
                   report: ChainReport | None = None) -> tuple[T, Guarded[P], ChainReport]:
         """`call(member)` with the chain's guards: the first answer, who gave it and what failed before;
         ChainExhausted (with the report) when nobody answered. A stream that loses its provider midway
@@ -170,17 +169,17 @@ class ProviderChain(Generic[P]):
                 failed = None
             last = index == len(self.members) - 1
             if not member.breaker.allow(self.clock()):
-                failed = (member.name, "circuit_open")
+                failed = (member.name, ErrorKind.CIRCUIT_OPEN)
                 continue
             if not await self._take_token(member, deadline, last):
-                spent = ProviderFailure(member.name, "rate_limited", "the API key's rate limit is spent", True)
+                spent = ProviderFailure(member.name, ErrorKind.RATE_LIMITED, "the API key's rate limit is spent", True)
                 report.failures.append(spent)
-                failed = (member.name, "rate_limited")
+                failed = (member.name, ErrorKind.RATE_LIMITED)
                 continue
             outcome = await self._attempts(member, call, deadline, last, report)
             if not isinstance(outcome, _Failed):
                 return outcome, member, report
-            failed = (member.name, fallback_reason(outcome.error.kind))
+            failed = (member.name, outcome.error.kind.switch_reason())
         raise ChainExhausted(self.capability, report)
 
     async def _take_token(self, member: Guarded[P], deadline: float, last: bool) -> bool:
@@ -197,7 +196,7 @@ class ProviderChain(Generic[P]):
 
     async def _attempts(self, member: Guarded[P], call: Callable[[Guarded[P]], Awaitable[T]], deadline: float,
                         last: bool, report: ChainReport) -> T | _Failed:
-        error = ProviderError(member.name, "timeout", "no time left in the chain's deadline", retryable=True)
+        error = ProviderError(member.name, ErrorKind.TIMEOUT, "no time left in the chain's deadline", retryable=True)
         for attempt in range(1, self.retry.attempts + 1):
             remaining = deadline - self.clock()
             if remaining <= 0:
@@ -206,7 +205,8 @@ class ProviderChain(Generic[P]):
             try:
                 result = await asyncio.wait_for(call(member), timeout)
             except TimeoutError:
-                error = ProviderError(member.name, "timeout", f"no answer within {timeout:.2f} s", retryable=True)
+                error = ProviderError(member.name, ErrorKind.TIMEOUT, f"no answer within {timeout:.2f} s",
+                                      retryable=True)
             except ProviderError as exc:
                 error = exc
             else:
@@ -237,11 +237,11 @@ class ChainLlm(LlmProvider):
     def __init__(self, chain: ProviderChain[LlmProvider]) -> None:
         self.chain = chain
         self.name = chain.primary.name
+        self.capabilities = chain.primary.provider.capabilities
 
-    async def complete(self, request: LlmRequest) -> LlmResult:
+    async def _complete(self, request: LlmRequest) -> LlmResult:
         async def ask(member: Guarded[LlmProvider]) -> LlmResult:
             return await member.provider.complete(replace(request, model=member.model))
 
         result, member, report = await self.chain.run(ask)
-        return replace(result, provider=member.name, failures=tuple(report.failures),
-                       fallbacks=tuple(report.fallbacks))
+        return replace(result, provider=member.name, report=report)

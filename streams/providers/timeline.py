@@ -16,12 +16,13 @@ from streams.providers.base import (
     AsrCapabilities,
     AsrProvider,
     AsrStream,
+    ErrorKind,
+    LlmCapabilities,
     LlmProvider,
     LlmRequest,
     LlmResult,
     ProviderError,
     Recognition,
-    TtsCapabilities,
     TtsProvider,
 )
 from streams.providers.llm_scripted import ScriptedLlm
@@ -50,30 +51,27 @@ async def scripted_failure(provider: str, failure: ScriptedFailure | None) -> No
         await asyncio.Event().wait()
     if failure == "error":
         await asyncio.sleep(SCRIPTED_ERROR_AFTER_MS / 1000)
-        raise ProviderError(provider, "server", "scripted 500 Internal Server Error", retryable=True)
+        raise ProviderError(provider, ErrorKind.SERVER, "scripted 500 Internal Server Error", retryable=True)
 
 
 class TimelineAsrStream(AsrStream):
-    def __init__(self, provider: TimelineAsr) -> None:
-        self.provider = provider
-        self.timeline = provider.timeline
-        self.lines = provider.lines
-        self.heard_ms = 0
+    def __init__(self, asr: TimelineAsr) -> None:
+        super().__init__(asr.name)
+        self.asr = asr
         self.start_ms = 0
 
-    async def accept(self, pcm: bytes) -> Recognition | None:
-        self.heard_ms += len(pcm) // 32
+    async def _accept(self, pcm: bytes) -> Recognition | None:
         return None
 
-    async def end_utterance(self) -> Recognition:
-        await scripted_failure(self.provider.name, self.provider.failure)
-        await asyncio.sleep(self.timeline.asr_final_ms / 1000)
-        text = self.lines.popleft() if self.lines else ""
-        result = Recognition(text=text, is_final=True, confidence=1.0, start_ms=self.start_ms, end_ms=self.heard_ms)
-        self.start_ms = self.heard_ms
+    async def _end_utterance(self) -> Recognition:
+        await scripted_failure(self.asr.name, self.asr.failure)
+        await asyncio.sleep(self.asr.timeline.asr_final_ms / 1000)
+        text = self.asr.lines.popleft() if self.asr.lines else ""
+        result = Recognition(text=text, is_final=True, confidence=1.0, start_ms=self.start_ms, end_ms=self.fed_ms)
+        self.start_ms = self.fed_ms
         return result
 
-    async def close(self) -> None:
+    async def _close(self) -> None:
         pass
 
 
@@ -83,7 +81,7 @@ class TimelineAsr(AsrProvider):
     which a chain's members may share (`lines` a deque): an utterance is heard once, whoever hears it."""
 
     model = "scripted-lines"
-    capabilities = AsrCapabilities(streaming=True, interim_results=False, word_timings=False)
+    capabilities = AsrCapabilities(interim_results=False)
 
     def __init__(self, timeline: Timeline, lines: Sequence[str], *, name: str = "timeline-asr",
                  failure: ScriptedFailure | None = None) -> None:
@@ -92,13 +90,15 @@ class TimelineAsr(AsrProvider):
         self.name = name
         self.failure = failure
 
-    async def open_stream(self, *, keywords: Sequence[str] = (), language: str = "en-US") -> AsrStream:
+    async def _open_stream(self, keywords: tuple[str, ...], language: str) -> AsrStream:
         return TimelineAsrStream(self)
 
 
 class TimelineLlm(LlmProvider):
     """The agent's scripted policy, answering after the timeline's delay; or, with `failure`, never
     answering (`stall`: a provider that hangs) or failing at once (`error`: a 500)."""
+
+    capabilities = LlmCapabilities(prompted=False)
 
     def __init__(self, timeline: Timeline, agent: AgentSpec, *, name: str = "timeline-llm",
                  failure: ScriptedFailure | None = None) -> None:
@@ -107,7 +107,7 @@ class TimelineLlm(LlmProvider):
         self.name = name
         self.failure = failure
 
-    async def complete(self, request: LlmRequest) -> LlmResult:
+    async def _complete(self, request: LlmRequest) -> LlmResult:
         await scripted_failure(self.name, self.failure)
         await asyncio.sleep(self.timeline.llm_ms / 1000)
         return await self.policy.complete(request)
@@ -117,15 +117,13 @@ class TimelineTts(TtsProvider):
     """A 220 Hz tone as long as the text would take to say, after the first-byte delay; or, with
     `failure`, a stall or an error before the first byte."""
 
-    capabilities = TtsCapabilities(streaming=True, codecs=("pcm_s16le",))
-
     def __init__(self, timeline: Timeline, *, name: str = "timeline-tts",
                  failure: ScriptedFailure | None = None) -> None:
         self.timeline = timeline
         self.name = name
         self.failure = failure
 
-    async def synthesize(self, text: str, *, voice: str, sample_rate: int = 16_000) -> AsyncIterator[bytes]:
+    async def _synthesize(self, text: str, voice: str, sample_rate: int) -> AsyncIterator[bytes]:
         await scripted_failure(self.name, self.failure)
         await asyncio.sleep(self.timeline.tts_first_byte_ms / 1000)
         samples = sample_rate * self.timeline.speech_ms_per_word * max(1, len(text.split())) // 1000

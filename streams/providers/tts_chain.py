@@ -8,7 +8,8 @@ call. The next sentence's request is opened while one is playing, so sentences f
 without waiting for a first byte. The reply stays with the provider that took over.
 
 Who is speaking and what failed are on the `Speech` (`TtsProvider.speak`), which the session
-records as events once the speech is over. Every provider speaks with its own voice: the agent's
+records as events once the speech is over (where every voice failed, its chunks end with
+`ChainExhausted`, whose report is the speech's). Every provider speaks with its own voice: the agent's
 `tts.voice` for the first, each fallback's `voice` for it.
 """
 
@@ -21,8 +22,17 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from streams.providers.base import PCM_RATE, ProviderError, Speech, SpeechCodec, TtsProvider, close_chunks
-from streams.providers.resilience import ChainExhausted, FallbackReason, Guarded, ProviderChain
+from streams.providers.base import (
+    PCM_RATE,
+    ErrorKind,
+    ProviderError,
+    Speech,
+    SpeechCodec,
+    TtsCapabilities,
+    TtsProvider,
+    close_chunks,
+)
+from streams.providers.resilience import ChainExhausted, Guarded, Handover, ProviderChain
 
 STALL_TIMEOUT_S = 2.5
 """The longest wait for the next chunk once audio has begun (the cloud adapters' own stall timeouts
@@ -64,6 +74,9 @@ Opened = tuple[bytes, AsyncIterator[bytes]]
 
 
 class ChainTts(TtsProvider):
+    capabilities = TtsCapabilities(codecs=("pcm_s16le", "mulaw"))
+    """(Each member makes mu-law its own way.)"""
+
     def __init__(self, chain: ProviderChain[TtsProvider], voices: Sequence[str],
                  stall_s: float = STALL_TIMEOUT_S) -> None:
         """`voices[i]`: the voice of `chain.members[i]` where it is not the first (the first speaks
@@ -74,12 +87,11 @@ class ChainTts(TtsProvider):
         self.voices = tuple(voices)
         self.stall_s = stall_s
         self.name = chain.primary.name
-        self.capabilities = chain.primary.provider.capabilities
 
-    def synthesize(self, text: str, *, voice: str, sample_rate: int = PCM_RATE) -> AsyncIterator[bytes]:
+    def _synthesize(self, text: str, voice: str, sample_rate: int) -> AsyncIterator[bytes]:
         return self.speak(text, voice=voice, sample_rate=sample_rate).chunks
 
-    def synthesize_mulaw(self, text: str, *, voice: str) -> AsyncIterator[bytes]:
+    def _synthesize_mulaw(self, text: str, voice: str) -> AsyncIterator[bytes]:
         return self.speak(text, voice=voice, codec="mulaw").chunks
 
     def speak(self, text: str, *, voice: str, sample_rate: int = PCM_RATE, codec: SpeechCodec = "pcm_s16le") -> Speech:
@@ -95,7 +107,7 @@ class ChainTts(TtsProvider):
         ahead: asyncio.Task[tuple[Opened, Guarded[TtsProvider]]] | None = None
         try:
             for number, part in enumerate(parts):
-                failed: tuple[str, FallbackReason] | None = None
+                failed: Handover | None = None
                 while True:
                     if ahead is not None and failed is None:
                         opening, ahead = ahead, None
@@ -104,7 +116,7 @@ class ChainTts(TtsProvider):
                         (first, rest), member = await self._open(part, voice, fmt, speech, index, failed)
                     index = self.chain.index(member)
                     speech.provider = member.name
-                    speech.voice = self._voice(member, voice)
+                    speech.voice = self._voice_of(member, voice)
                     if number + 1 < len(parts) and ahead is None:
                         ahead = asyncio.create_task(
                             self._open(parts[number + 1], voice, fmt, speech, index, None))
@@ -117,7 +129,7 @@ class ChainTts(TtsProvider):
                             except StopAsyncIteration:
                                 break
                             except TimeoutError:
-                                raise ProviderError(member.name, "timeout",
+                                raise ProviderError(member.name, ErrorKind.TIMEOUT,
                                                     f"the audio stalled: nothing for {self.stall_s:g} s",
                                                     retryable=True) from None
                             yield chunk
@@ -134,16 +146,15 @@ class ChainTts(TtsProvider):
         finally:
             await _cancelled(ahead)
 
-    def _voice(self, member: Guarded[TtsProvider], asked: str) -> str:
+    def _voice_of(self, member: Guarded[TtsProvider], asked: str) -> str:
         return asked if member is self.chain.primary else self.voices[self.chain.index(member)]
 
     async def _open(self, text: str, voice: str, fmt: _Format, speech: Speech, start: int,
-                    failed: tuple[str, FallbackReason] | None) -> tuple[Opened, Guarded[TtsProvider]]:
+                    failed: Handover | None) -> tuple[Opened, Guarded[TtsProvider]]:
         """The first member from `start` whose speech of `text` begins (its first chunk in time)."""
         async def first_chunk(member: Guarded[TtsProvider]) -> Opened:
-            own_voice = self._voice(member, voice)
-            chunks = (member.provider.synthesize_mulaw(text, voice=own_voice) if fmt.codec == "mulaw"
-                      else member.provider.synthesize(text, voice=own_voice, sample_rate=fmt.rate))
+            chunks = member.provider.synthesize(text, voice=self._voice_of(member, voice), sample_rate=fmt.rate,
+                                                codec=fmt.codec)
             try:
                 return await anext(chunks), chunks
             except StopAsyncIteration:

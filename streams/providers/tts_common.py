@@ -1,11 +1,11 @@
-"""What the cloud speech-synthesis adapters (`tts_elevenlabs`, `tts_playht`) share: reading an audio body
-as it streams in, within the deadlines of `llm_common.StreamTimeouts`, with HTTP failures as
-`ProviderError` kinds; and turning the bytes of that body into whole 16-bit samples at the rate the
-caller asked for.
+"""What the cloud speech-synthesis adapters (`tts_elevenlabs`, `tts_playht`) share: their skeleton
+(`CloudTts`: an HTTP client with the distinct timeouts of `cloud.StreamTimeouts`), reading an audio
+body as it streams in, within those deadlines, with HTTP failures as `ProviderError` kinds; and
+turning the bytes of that body into whole 16-bit samples at the rate the caller asked for.
 
 Deadlines. The first byte of audio must come within `first_token_s` of the request (which covers the
 connection and the response headers too), each later piece within `stall_s` of the one before
-(`llm_common.timed_events`). A missed deadline raises `ProviderError(timeout)` at once, whatever the
+(`cloud.timed_events`). A missed deadline raises `ProviderError(timeout)` at once, whatever the
 server does afterwards, and the response is closed: a body read only in part cannot be reused, so
 the connection is dropped and the server sees the client go.
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from abc import abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -29,8 +30,8 @@ from typing import Protocol
 import httpx
 
 from streams.audio.codecs import Resampler
-from streams.providers.base import ProviderError
-from streams.providers.llm_common import StreamTimeouts, redact, timed_events
+from streams.providers.base import ErrorKind, ProviderError, TtsProvider
+from streams.providers.cloud import CloudProvider, StreamTimeouts, redact, timed_events
 
 _MESSAGE_BYTES = 4096
 """How much of a body that is a message, not audio, is read for the error: enough for any message."""
@@ -49,10 +50,34 @@ OpenResponse = Callable[[contextlib.AsyncExitStack], Awaitable[AudioResponse]]
 the response's closing on the stack; raises `ProviderError` for an error status."""
 
 
-def http_timeouts(timeouts: StreamTimeouts) -> httpx.Timeout:
-    """`StreamTimeouts.http()` for `httpx`, the HTTP client the speech adapters and the ElevenLabs SDK
-    use (the LLM SDKs use its fork `httpx2`)."""
-    return httpx.Timeout(**timeouts.http().as_dict())
+class CloudTts(CloudProvider, TtsProvider):
+    """A cloud voice's skeleton: an HTTP client that keeps its connections for the next request, and
+    the audio of a response read within the deadlines (`_audio`). A vendor sends its request
+    (`open_response` for `_audio`) and says what its error bodies say (`_describe`)."""
+
+    def __init__(self, api_key: str, base_url: str | None, model: str, timeouts: StreamTimeouts | None) -> None:
+        super().__init__(api_key, base_url, model, timeouts)
+        # `httpx`, which the ElevenLabs SDK uses too (the LLM SDKs use its fork `httpx2`).
+        timeout = httpx.Timeout(**self.timeouts.http().as_dict())
+
+        async def keep_timeouts(request: httpx.Request) -> None:
+            # An SDK on this client (ElevenLabs') passes one number, its read timeout, as every timeout.
+            request.extensions["timeout"] = timeout.as_dict()
+
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout,
+                                       event_hooks={"request": [keep_timeouts]})
+
+    async def aclose(self) -> None:
+        """Closes the connections kept open for the next request."""
+        await self._http.aclose()
+
+    def _audio(self, open_response: OpenResponse) -> AsyncGenerator[bytes, None]:
+        return read_audio(self.name, self.timeouts, open_response, secret=self._api_key, describe=self._describe)
+
+    @staticmethod
+    @abstractmethod
+    def _describe(body: object) -> str | None:
+        """The message of one of the provider's JSON error bodies, if it is one."""
 
 
 async def read_audio(
@@ -79,30 +104,31 @@ async def read_audio(
                     response = await open_response(stack)
             except TimeoutError:
                 raise ProviderError(
-                    provider, "timeout", f"no response within {timeouts.first_token_s:g} s", retryable=True
+                    provider, ErrorKind.TIMEOUT, f"no response within {timeouts.first_token_s:g} s", retryable=True
                 ) from None
             body = timed_events(provider, response.body, timeouts, first_byte_deadline, _is_audio_piece)
             content_type = response.headers.get("content-type", "")
             if "json" in content_type or content_type.startswith("text/"):
                 text = await _start_of(body)
                 message = redact(_message(text, describe), secret)
-                raise ProviderError(provider, "protocol", f"a {content_type} body where audio was expected: {message}")
+                raise ProviderError(provider, ErrorKind.PROTOCOL,
+                                    f"a {content_type} body where audio was expected: {message}")
             streaming = True
             async for piece in body:
                 received += len(piece)
                 yield piece
         except httpx.TimeoutException:
-            raise ProviderError(provider, "timeout", "the request timed out", retryable=True) from None
+            raise ProviderError(provider, ErrorKind.TIMEOUT, "the request timed out", retryable=True) from None
         except httpx.HTTPError as exc:
             if streaming:
                 raise ProviderError(
-                    provider, "protocol", "the audio stream broke off before its end", retryable=True
+                    provider, ErrorKind.PROTOCOL, "the audio stream broke off before its end", retryable=True
                 ) from exc
             raise ProviderError(
-                provider, "connection", redact(str(exc) or type(exc).__name__, secret), retryable=True
+                provider, ErrorKind.CONNECTION, redact(str(exc) or type(exc).__name__, secret), retryable=True
             ) from exc
     if not received:
-        raise ProviderError(provider, "protocol", "the response held no audio", retryable=True)
+        raise ProviderError(provider, ErrorKind.PROTOCOL, "the response held no audio", retryable=True)
 
 
 def _is_audio_piece(piece: bytes) -> bool:
@@ -148,7 +174,7 @@ async def decode(
                     yield chunk
             rest = decoder.end()
         except ValueError as exc:
-            raise ProviderError(provider, "protocol", str(exc), retryable=True) from None
+            raise ProviderError(provider, ErrorKind.PROTOCOL, str(exc), retryable=True) from None
     if rest:
         yield rest
 

@@ -5,7 +5,7 @@ What it sends. One `POST {base_url}/v1/text-to-speech/{voice_id}/stream` per tex
 the query's `output_format` matches what the caller asked for: `pcm_{rate}` (16-bit little-endian
 mono PCM) at the caller's rate where the API has it (8, 16, 22.05, 24, 32, 44.1 and 48 kHz: `pcm_16000`
 for the web widget), else at the next rate up, resampled here; `ulaw_8000` (G.711 mu-law, what a
-Twilio media stream carries) from `synthesize_mulaw`. The body holds the text, the adapter's `model_id`
+Twilio media stream carries) for mu-law. The body holds the text, the adapter's `model_id`
 (`eleven_flash_v2_5`, ElevenLabs' low-latency model, by default) and, where given, `voice_settings`
 (stability, similarity, speed ... for this request); `optimize_streaming_latency` (0-4) goes in the
 query where given.
@@ -23,7 +23,7 @@ Failures, as `ProviderError` kinds. The SDK's retries are off (its streaming cal
   empty or malformed voice id): not retryable.
 - protocol: the body broke off or ended mid-sample (retryable), or is a JSON message, not audio.
 The SDK speaks `httpx` and gives it one number for every timeout; a request hook puts back the
-distinct connect, read and pool timeouts of `StreamTimeouts`. The API key is never logged and is
+distinct connect, read and pool timeouts of `StreamTimeouts` (`tts_common.CloudTts`). The API key is never logged and is
 removed from any message that might echo it.
 """
 
@@ -33,21 +33,19 @@ import contextlib
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 
-import httpx
 from elevenlabs import VoiceSettings
 from elevenlabs.client import AsyncElevenLabs
 from elevenlabs.core import ApiError
 from elevenlabs.core.parse_error import ParsingError
 from elevenlabs.environment import ElevenLabsEnvironment
 
-from streams.providers.base import PCM_RATE, ProviderError, TtsCapabilities, TtsProvider
-from streams.providers.llm_common import StreamTimeouts, redact, status_error
-from streams.providers.tts_common import AudioResponse, PcmChunks, decode, http_timeouts, read_audio
+from streams.providers.base import ErrorKind, ProviderError, TtsCapabilities
+from streams.providers.cloud import StreamTimeouts
+from streams.providers.tts_common import AudioResponse, CloudTts, PcmChunks, decode
 
 __all__ = ["ElevenLabsTts"]
 
 NAME = "elevenlabs"
-DEFAULT_MODEL = "eleven_flash_v2_5"
 PCM_RATES = (8_000, 16_000, 22_050, 24_000, 32_000, 44_100, 48_000)
 """The rates of the API's `pcm_*` output formats (44.1 kHz needs a Pro plan)."""
 MULAW_FORMAT = "ulaw_8000"
@@ -55,9 +53,9 @@ MULAW_FORMAT = "ulaw_8000"
 _VOICE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
-class ElevenLabsTts(TtsProvider):
-    """ElevenLabs voices by id (`JBFqnCBsd6RMkjVDRZzb` ...): 16-bit mono PCM at any rate
-    (`synthesize`), or G.711 mu-law at 8 kHz straight from the API (`synthesize_mulaw`).
+class ElevenLabsTts(CloudTts):
+    """ElevenLabs voices by id (`JBFqnCBsd6RMkjVDRZzb` ...): 16-bit mono PCM at any rate, or G.711
+    mu-law at 8 kHz straight from the API.
 
     Args:
         api_key: the `xi-api-key`.
@@ -71,70 +69,44 @@ class ElevenLabsTts(TtsProvider):
     """
 
     name = NAME
-    capabilities = TtsCapabilities(streaming=True, codecs=("pcm_s16le", "mulaw"))
+    default_base_url = ElevenLabsEnvironment.PRODUCTION.value
+    default_model = "eleven_flash_v2_5"
+    capabilities = TtsCapabilities(codecs=("pcm_s16le", "mulaw"))
 
     def __init__(
         self,
         api_key: str,
         base_url: str | None = None,
-        model: str = DEFAULT_MODEL,
+        model: str = "",
         timeouts: StreamTimeouts | None = None,
         *,
         optimize_streaming_latency: int | None = None,
         voice_settings: VoiceSettings | None = None,
     ) -> None:
-        if not api_key:
-            raise ValueError("elevenlabs: an API key is required")
+        super().__init__(api_key, base_url, model, timeouts)
         if optimize_streaming_latency is not None and not 0 <= optimize_streaming_latency <= 4:
             raise ValueError(f"optimize_streaming_latency must be within 0..4, got {optimize_streaming_latency}")
-        self.model = model
-        self.timeouts = timeouts or StreamTimeouts()
         self.optimize_streaming_latency = optimize_streaming_latency
         self.voice_settings = voice_settings
-        self._api_key = api_key
-        self._base_url = base_url or ElevenLabsEnvironment.PRODUCTION.value
-        timeout = http_timeouts(self.timeouts)
+        self._client = AsyncElevenLabs(api_key=api_key, base_url=self.base_url, httpx_client=self._http)
 
-        async def keep_timeouts(request: httpx.Request) -> None:
-            # The SDK passes one number (the client's read timeout) as every timeout of a request.
-            request.extensions["timeout"] = timeout.as_dict()
+    def _voice(self, voice: str) -> str:
+        # The id goes into the request's path: only what an id can hold.
+        if not _VOICE_ID.match(voice):
+            raise ProviderError(NAME, ErrorKind.BAD_REQUEST, f"not an ElevenLabs voice id: {voice!r}")
+        return voice
 
-        self._http = httpx.AsyncClient(timeout=timeout, event_hooks={"request": [keep_timeouts]})
-        self._client = AsyncElevenLabs(api_key=api_key, base_url=base_url, httpx_client=self._http)
-
-    def __repr__(self) -> str:
-        return f"ElevenLabsTts(model={self.model!r}, base_url={self._base_url!r})"
-
-    async def aclose(self) -> None:
-        """Closes the connections kept open for the next request."""
-        await self._http.aclose()
-
-    async def synthesize(self, text: str, *, voice: str, sample_rate: int = PCM_RATE) -> AsyncIterator[bytes]:
-        """Speech for `text` as 16-bit mono PCM at `sample_rate`, in chunks as they arrive; nothing for
-        empty text. `voice` is an ElevenLabs voice id. Raises ProviderError (see the module)."""
-        if sample_rate <= 0:
-            raise ProviderError(NAME, "bad_request", f"sample rate must be positive, got {sample_rate}")
-        _check_voice(voice)
-        if not text.strip():
-            return
+    def _synthesize(self, text: str, voice: str, sample_rate: int) -> AsyncIterator[bytes]:
+        """Asks for the caller's rate where the API has it, else the next one up, resampled here."""
         wire_rate = _wire_rate(sample_rate)
-        pcm = decode(NAME, self._audio(text, voice, f"pcm_{wire_rate}"), PcmChunks(wire_rate, sample_rate))
-        async with contextlib.aclosing(pcm) as chunks:
-            async for chunk in chunks:
-                yield chunk
+        return decode(NAME, self._request(text, voice, f"pcm_{wire_rate}"), PcmChunks(wire_rate, sample_rate))
 
-    async def synthesize_mulaw(self, text: str, *, voice: str) -> AsyncIterator[bytes]:
-        """Speech for `text` as G.711 mu-law at 8 kHz (one byte a sample), as the API sends it
-        (`ulaw_8000`): for a caller on a Twilio line, whose media stream carries exactly that, with
-        nothing decoded and encoded again on the way. Nothing for empty text."""
-        _check_voice(voice)
-        if not text.strip():
-            return
-        async with contextlib.aclosing(self._audio(text, voice, MULAW_FORMAT)) as chunks:
-            async for chunk in chunks:
-                yield chunk
+    def _synthesize_mulaw(self, text: str, voice: str) -> AsyncIterator[bytes]:
+        """As the API sends it (`ulaw_8000`): what a Twilio media stream carries, with nothing decoded
+        and encoded again on the way."""
+        return self._request(text, voice, MULAW_FORMAT)
 
-    def _audio(self, text: str, voice: str, output_format: str) -> AsyncGenerator[bytes, None]:
+    def _request(self, text: str, voice: str, output_format: str) -> AsyncGenerator[bytes, None]:
         """The response body for `text` in `output_format`, as it arrives."""
 
         async def open_response(stack: contextlib.AsyncExitStack) -> AudioResponse:
@@ -151,41 +123,31 @@ class ElevenLabsTts(TtsProvider):
                     )
                 )
             except (ApiError, ParsingError) as exc:
-                raise self._status_failure(exc) from exc
+                message = self._describe(exc.body) or str(exc.body)[:300]
+                raise self._status_error(exc.status_code or 0, message, exc.headers or {}) from exc
             return AudioResponse(response.headers, response.data)
 
-        return read_audio(NAME, self.timeouts, open_response, secret=self._api_key, describe=_message)
+        return self._audio(open_response)
 
-    def _status_failure(self, exc: ApiError | ParsingError) -> ProviderError:
-        message = redact(_message(exc.body) or str(exc.body)[:300], self._api_key)
-        return status_error(NAME, exc.status_code or 0, message, exc.headers or {})
-
-
-def _check_voice(voice: str) -> None:
-    # The id goes into the request's path: only what an id can hold.
-    if not _VOICE_ID.match(voice):
-        raise ProviderError(NAME, "bad_request", f"not an ElevenLabs voice id: {voice!r}")
+    @staticmethod
+    def _describe(body: object) -> str | None:
+        """`{"detail": {"status", "message"}}`, or FastAPI's validation errors `{"detail": [{"loc", "msg"}, ...]}`."""
+        detail = body.get("detail") if isinstance(body, Mapping) else None
+        if isinstance(detail, str):
+            return detail
+        if isinstance(detail, Mapping):
+            status, message = detail.get("status"), detail.get("message")
+            return ": ".join(str(part) for part in (status, message) if part) or None
+        if isinstance(detail, Sequence):
+            problems = [
+                f"{'.'.join(str(p) for p in item.get('loc', ()))}: {item.get('msg', '')}"
+                for item in detail
+                if isinstance(item, Mapping)
+            ]
+            return "; ".join(problems) or None
+        return None
 
 
 def _wire_rate(sample_rate: int) -> int:
     """The rate asked of the API: the caller's where it has it, else the next one up (the highest at most)."""
     return next((rate for rate in PCM_RATES if rate >= sample_rate), PCM_RATES[-1])
-
-
-def _message(body: object) -> str | None:
-    """The message of an error body: `{"detail": {"status", "message"}}`, or FastAPI's validation
-    errors `{"detail": [{"loc", "msg"}, ...]}`."""
-    detail = body.get("detail") if isinstance(body, Mapping) else None
-    if isinstance(detail, str):
-        return detail
-    if isinstance(detail, Mapping):
-        status, message = detail.get("status"), detail.get("message")
-        return ": ".join(str(part) for part in (status, message) if part) or None
-    if isinstance(detail, Sequence):
-        problems = [
-            f"{'.'.join(str(p) for p in item.get('loc', ()))}: {item.get('msg', '')}"
-            for item in detail
-            if isinstance(item, Mapping)
-        ]
-        return "; ".join(problems) or None
-    return None

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 from streams.audio.codecs import WavChunks
-from streams.providers.base import PCM_RATE, ProviderError, TtsCapabilities, TtsProvider
+from streams.providers.base import ErrorKind, ProviderError, TtsCapabilities, TtsProvider
 
 __all__ = ["EspeakTts"]
 
@@ -40,7 +40,7 @@ class EspeakTts(TtsProvider):
     """
 
     name = PROVIDER
-    capabilities = TtsCapabilities(streaming=True, codecs=("pcm_s16le",))
+    capabilities = TtsCapabilities(local=True)
 
     def __init__(
         self,
@@ -61,20 +61,15 @@ class EspeakTts(TtsProvider):
         self.timeout_s = timeout_s
         self.default_voice = default_voice
 
-    async def synthesize(self, text: str, *, voice: str, sample_rate: int = PCM_RATE) -> AsyncIterator[bytes]:
-        """Speech for `text` as 16-bit mono PCM at `sample_rate`, in chunks as espeak-ng makes it.
-
-        Yields nothing for empty text. Raises ProviderError: `not_installed`, `bad_request` (voice
-        or rate), `failed` (espeak-ng exited with an error: an unknown voice, for one), `empty_output`,
-        `bad_output`, `timeout`.
-        """
+    def _voice(self, voice: str) -> str:
         voice = voice or self.default_voice
         if not _VOICE.match(voice):
-            raise ProviderError(PROVIDER, "bad_request", f"not a voice name: {voice!r}")
-        if sample_rate <= 0:
-            raise ProviderError(PROVIDER, "bad_request", f"sample rate must be positive, got {sample_rate}")
-        if not text.strip():
-            return
+            raise ProviderError(PROVIDER, ErrorKind.BAD_REQUEST, f"not a voice name: {voice!r}")
+        return voice
+
+    async def _synthesize(self, text: str, voice: str, sample_rate: int) -> AsyncIterator[bytes]:
+        """As espeak-ng makes it. ProviderError: `not_installed`, `failed` (espeak-ng exited with an
+        error: an unknown voice, for one), `empty_output`, `bad_output`, `timeout`."""
         # The time espeak-ng may take, not counting the time the consumer spends between chunks
         # (pacing playback, say): the deadline moves on by every pause at a `yield`.
         deadline = time.monotonic() + self.timeout_s
@@ -92,10 +87,10 @@ class EspeakTts(TtsProvider):
             )
         except FileNotFoundError as exc:
             raise ProviderError(
-                PROVIDER, "not_installed", f"{self.binary!r} not found; install it (apt-get install espeak-ng)"
+                PROVIDER, ErrorKind.NOT_INSTALLED, f"{self.binary!r} not found; install it (apt-get install espeak-ng)"
             ) from exc
         except OSError as exc:
-            raise ProviderError(PROVIDER, "failed", f"cannot run {self.binary!r}: {exc}") from exc
+            raise ProviderError(PROVIDER, ErrorKind.FAILED, f"cannot run {self.binary!r}: {exc}") from exc
         assert process.stdin is not None
         assert process.stdout is not None
         assert process.stderr is not None
@@ -124,17 +119,19 @@ class EspeakTts(TtsProvider):
             stderr = (await stderr_task).decode(errors="replace").strip()
             if returncode != 0:
                 detail = f": {stderr.splitlines()[-1]}" if stderr else ""
-                raise ProviderError(PROVIDER, "failed", f"espeak-ng exited with status {returncode}{detail}")
+                raise ProviderError(PROVIDER, ErrorKind.FAILED, f"espeak-ng exited with status {returncode}{detail}")
             if wav.header is None:
-                raise ProviderError(PROVIDER, "bad_output" if received else "empty_output", "espeak-ng wrote no WAV")
+                raise ProviderError(PROVIDER, ErrorKind.BAD_OUTPUT if received else ErrorKind.EMPTY_OUTPUT,
+                                    "espeak-ng wrote no WAV")
             out += wav.end()
             if produced + len(out) == 0:
-                raise ProviderError(PROVIDER, "empty_output", f"espeak-ng wrote no audio for {len(text)} characters")
+                raise ProviderError(PROVIDER, ErrorKind.EMPTY_OUTPUT,
+                                    f"espeak-ng wrote no audio for {len(text)} characters")
             if out:
                 yield bytes(out)
             finished = True
         except ValueError as exc:  # not a WAV, or one cut short
-            raise ProviderError(PROVIDER, "bad_output", str(exc)) from exc
+            raise ProviderError(PROVIDER, ErrorKind.BAD_OUTPUT, str(exc)) from exc
         finally:
             if not finished:
                 await _stop(process)
@@ -149,7 +146,7 @@ class EspeakTts(TtsProvider):
             return await asyncio.wait_for(awaitable, max(0.0, deadline - time.monotonic()))
         except TimeoutError as exc:
             raise ProviderError(
-                PROVIDER, "timeout", f"espeak-ng took more than {self.timeout_s} s", retryable=True
+                PROVIDER, ErrorKind.TIMEOUT, f"espeak-ng took more than {self.timeout_s} s", retryable=True
             ) from exc
 
 

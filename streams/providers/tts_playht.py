@@ -6,7 +6,7 @@ and the account's id in `X-USER-ID`, and a JSON body: `text`, `voice` (a PlayHT 
 `s3://voice-cloning-zero-shot/.../manifest.json`), `voice_engine` (`Play3.0-mini`, PlayHT's
 low-latency model, by default), `output_format` and `sample_rate`. For PCM it asks for `wav` (the
 documented default) at the caller's rate, kept within the API's 8-48 kHz, with `accept: audio/wav`;
-for `synthesize_mulaw`, headerless `mulaw` at 8 kHz with `accept: audio/basic`, what a Twilio media
+for mu-law, headerless `mulaw` at 8 kHz with `accept: audio/basic`, what a Twilio media
 stream carries.
 
 What it reads. The WAV header first (its sizes are placeholders in a stream; a declared data size is
@@ -32,96 +32,68 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 import httpx
 
 from streams.audio.codecs import WavChunks
-from streams.providers.base import PCM_RATE, ProviderError, TtsCapabilities, TtsProvider
-from streams.providers.llm_common import StreamTimeouts, redact, status_error
-from streams.providers.tts_common import AudioResponse, decode, http_timeouts, read_audio
+from streams.providers.base import MULAW_RATE, ErrorKind, ProviderError, TtsCapabilities
+from streams.providers.cloud import StreamTimeouts
+from streams.providers.tts_common import AudioResponse, CloudTts, decode
 
 __all__ = ["PlayHtTts"]
 
 NAME = "playht"
-DEFAULT_BASE_URL = "https://api.play.ht"
-DEFAULT_VOICE_ENGINE = "Play3.0-mini"
 STREAM_PATH = "/api/v2/tts/stream"
 MIN_RATE, MAX_RATE = 8_000, 48_000
-MULAW_RATE = 8_000
 
 
-class PlayHtTts(TtsProvider):
-    """PlayHT voices (`s3://.../manifest.json`): 16-bit mono PCM at any rate (`synthesize`), or G.711
-    mu-law at 8 kHz straight from the API (`synthesize_mulaw`).
+class PlayHtTts(CloudTts):
+    """PlayHT voices (`s3://.../manifest.json`): 16-bit mono PCM at any rate, or G.711 mu-law at 8 kHz
+    straight from the API.
 
     Args:
         api_key: the secret key, sent as `AUTHORIZATION`.
         user_id: the account's user id, sent as `X-USER-ID`.
         base_url: the API's host (`https://api.play.ht` when None).
-        voice_engine: the model (`Play3.0-mini`, `PlayDialog` ...).
+        model: the voice engine (`Play3.0-mini`, `PlayDialog` ...).
         timeouts: connect, first byte of audio, and the longest gap between pieces of it.
     """
 
     name = NAME
-    capabilities = TtsCapabilities(streaming=True, codecs=("pcm_s16le", "mulaw"))
+    default_base_url = "https://api.play.ht"
+    default_model = "Play3.0-mini"
+    capabilities = TtsCapabilities(codecs=("pcm_s16le", "mulaw"))
 
-    def __init__(
-        self,
-        api_key: str,
-        user_id: str,
-        base_url: str | None = None,
-        voice_engine: str = DEFAULT_VOICE_ENGINE,
-        timeouts: StreamTimeouts | None = None,
-    ) -> None:
-        if not api_key or not user_id:
-            raise ValueError("playht: an API key and a user id are required")
-        self.voice_engine = voice_engine
-        self.timeouts = timeouts or StreamTimeouts()
-        self.base_url = base_url or DEFAULT_BASE_URL
-        self._api_key = api_key
+    def __init__(self, api_key: str, user_id: str, base_url: str | None = None, model: str = "",
+                 timeouts: StreamTimeouts | None = None) -> None:
+        super().__init__(api_key, base_url, model, timeouts)
+        if not user_id:
+            raise ValueError("playht: a user id is required")
         self._user_id = user_id
-        self._client = httpx.AsyncClient(base_url=self.base_url, timeout=http_timeouts(self.timeouts))
 
-    def __repr__(self) -> str:
-        return f"PlayHtTts(voice_engine={self.voice_engine!r}, base_url={self.base_url!r})"
+    def _voice(self, voice: str) -> str:
+        if not voice.strip():
+            raise ProviderError(NAME, ErrorKind.BAD_REQUEST, "a PlayHT voice is required")
+        return voice
 
-    async def aclose(self) -> None:
-        """Closes the connections kept open for the next request."""
-        await self._client.aclose()
-
-    async def synthesize(self, text: str, *, voice: str, sample_rate: int = PCM_RATE) -> AsyncIterator[bytes]:
-        """Speech for `text` as 16-bit mono PCM at `sample_rate`, in chunks as they arrive; nothing for
-        empty text. Raises ProviderError (see the module)."""
-        if sample_rate <= 0:
-            raise ProviderError(NAME, "bad_request", f"sample rate must be positive, got {sample_rate}")
-        _check_voice(voice)
-        if not text.strip():
-            return
+    def _synthesize(self, text: str, voice: str, sample_rate: int) -> AsyncIterator[bytes]:
+        """A WAV at the caller's rate (within the API's), mixed down and resampled as its header says."""
         wire_rate = min(max(sample_rate, MIN_RATE), MAX_RATE)
-        wav = self._audio(text, voice, output_format="wav", sample_rate=wire_rate, accept="audio/wav")
-        async with contextlib.aclosing(decode(NAME, wav, WavChunks(sample_rate))) as chunks:
-            async for chunk in chunks:
-                yield chunk
+        wav = self._request(text, voice, output_format="wav", sample_rate=wire_rate, accept="audio/wav")
+        return decode(NAME, wav, WavChunks(sample_rate))
 
-    async def synthesize_mulaw(self, text: str, *, voice: str) -> AsyncIterator[bytes]:
-        """Speech for `text` as G.711 mu-law at 8 kHz (one byte a sample, no header), as the API sends
-        it: for a caller on a Twilio line, whose media stream carries exactly that, with nothing
-        decoded and encoded again on the way. Nothing for empty text."""
-        _check_voice(voice)
-        if not text.strip():
-            return
-        mulaw = self._audio(text, voice, output_format="mulaw", sample_rate=MULAW_RATE, accept="audio/basic")
-        async with contextlib.aclosing(mulaw) as chunks:
-            async for chunk in chunks:
-                yield chunk
+    def _synthesize_mulaw(self, text: str, voice: str) -> AsyncIterator[bytes]:
+        """Headerless mu-law, as the API sends it: what a Twilio media stream carries, with nothing
+        decoded and encoded again on the way."""
+        return self._request(text, voice, output_format="mulaw", sample_rate=MULAW_RATE, accept="audio/basic")
 
-    def _audio(
+    def _request(
         self, text: str, voice: str, *, output_format: str, sample_rate: int, accept: str
     ) -> AsyncGenerator[bytes, None]:
         """The response body for `text`, as it arrives."""
-        request = self._client.build_request(
+        request = self._http.build_request(
             "POST",
             STREAM_PATH,
             json={
                 "text": text,
                 "voice": voice,
-                "voice_engine": self.voice_engine,
+                "voice_engine": self.model,
                 "output_format": output_format,
                 "sample_rate": sample_rate,
             },
@@ -129,35 +101,30 @@ class PlayHtTts(TtsProvider):
         )
 
         async def open_response(stack: contextlib.AsyncExitStack) -> AudioResponse:
-            response = await self._client.send(request, stream=True)
+            response = await self._http.send(request, stream=True)
             stack.push_async_callback(response.aclose)
             if not response.is_success:
                 await response.aread()
                 raise self._status_failure(response)
             return AudioResponse(response.headers, response.aiter_bytes())
 
-        return read_audio(NAME, self.timeouts, open_response, secret=self._api_key, describe=_message)
+        return self._audio(open_response)
 
     def _status_failure(self, response: httpx.Response) -> ProviderError:
         try:
-            message = _message(response.json())
+            message = self._describe(response.json())
         except (ValueError, UnicodeDecodeError):
             message = None
-        text = redact(message or response.text.strip()[:300] or response.reason_phrase, self._api_key)
-        return status_error(NAME, response.status_code, text, response.headers)
+        text = message or response.text.strip()[:300] or response.reason_phrase
+        return self._status_error(response.status_code, text, response.headers)
 
-
-def _check_voice(voice: str) -> None:
-    if not voice.strip():
-        raise ProviderError(NAME, "bad_request", "a PlayHT voice is required")
-
-
-def _message(body: object) -> str | None:
-    """The message of an error body, `{"error_message", "error_id"}`."""
-    if not isinstance(body, Mapping):
-        return None
-    message = body.get("error_message") or body.get("message") or body.get("error")
-    if not isinstance(message, str):
-        return None
-    error_id = body.get("error_id")
-    return f"{error_id}: {message}" if isinstance(error_id, str) else message
+    @staticmethod
+    def _describe(body: object) -> str | None:
+        """`{"error_message", "error_id"}`."""
+        if not isinstance(body, Mapping):
+            return None
+        message = body.get("error_message") or body.get("message") or body.get("error")
+        if not isinstance(message, str):
+            return None
+        error_id = body.get("error_id")
+        return f"{error_id}: {message}" if isinstance(error_id, str) else message

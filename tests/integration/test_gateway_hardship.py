@@ -31,7 +31,7 @@ from schemas.codec import EventCodec
 from schemas.events import CallEnded, CallRefused, CallStarted
 from schemas.topics import AUDIT, CALL_TOPICS, CALLS
 from streams.call.session import Providers
-from streams.providers.base import TtsCapabilities, TtsProvider
+from streams.providers.base import TtsProvider
 from tests.conftest import kafka_bootstrap
 from voxlog.settings import Settings
 from voxlog.sim.fake_twilio import FakeTwilio, new_account_sid
@@ -282,9 +282,8 @@ class BuggyVoice(TtsProvider):
     exception nobody expected, in the middle of the call's speech task."""
 
     name = "buggy"
-    capabilities = TtsCapabilities(streaming=True, codecs=("pcm_s16le",))
 
-    def synthesize(self, text: str, *, voice: str, sample_rate: int = 16000) -> AsyncIterator[bytes]:
+    def _synthesize(self, text: str, voice: str, sample_rate: int) -> AsyncIterator[bytes]:
         raise ZeroDivisionError("a bug in the voice")
 
 

@@ -22,7 +22,7 @@ import pytest
 from streams.providers.asr_deepgram import DeepgramAsr, DeepgramStream
 from streams.providers.asr_whisper import WhisperAsr
 from streams.providers.base import AsrStream, ProviderError, Recognition
-from streams.providers.llm_common import StreamTimeouts
+from streams.providers.cloud import StreamTimeouts
 from tests.provider_server import Fault, ProviderServer
 from tests.provider_ws_server import ProviderWsServer, WsFault
 

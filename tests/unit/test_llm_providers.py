@@ -43,8 +43,8 @@ from streams.providers.base import (
     ProviderError,
     ToolSpec,
 )
+from streams.providers.cloud import StreamTimeouts, retry_after_s
 from streams.providers.llm_anthropic import AnthropicLlm
-from streams.providers.llm_common import retry_after_s
 from streams.providers.llm_openai import OpenAiLlm
 from tests.core_sim import CoreSim
 from tests.provider_server import Fault, ProviderServer, Reply
@@ -54,7 +54,7 @@ API_KEY = "sk-test-voxlog-7Hq2Lm9Xc4Vb8Nz1Pw6Rt3Ys2xQ9"
 TIMEOUT_S = 0.3  # a timeout under test: small, so that the file stays fast
 SLACK_S = 0.5  # how much later than its timeout a failure may surface
 # Where a test is not about timeouts: generous, as a loaded machine may be slow to answer.
-RELAXED = {"connect_timeout_s": 5.0, "first_token_timeout_s": 5.0, "stall_timeout_s": 5.0}
+RELAXED = StreamTimeouts(connect_s=5.0, first_token_s=5.0, stall_s=5.0)
 
 BOOK = ToolSpec(
     "book_appointment",
@@ -83,7 +83,7 @@ class Provider:
     """One provider's side of the tests every provider must pass."""
 
     name: str
-    make: Callable[..., LlmProvider]  # (base_url, **timeouts)
+    make: Callable[[str, StreamTimeouts], LlmProvider]  # (base_url, timeouts)
     text: str
     text_answer: str
     text_tokens: tuple[int, int]
@@ -99,12 +99,12 @@ class Provider:
     error_in_stream: str
 
 
-def make_openai(base_url: str, **timeouts: float) -> OpenAiLlm:
-    return OpenAiLlm(api_key=API_KEY, base_url=f"{base_url}/v1", **timeouts)
+def make_openai(base_url: str, timeouts: StreamTimeouts) -> OpenAiLlm:
+    return OpenAiLlm(API_KEY, base_url=f"{base_url}/v1", timeouts=timeouts)
 
 
-def make_anthropic(base_url: str, **timeouts: float) -> AnthropicLlm:
-    return AnthropicLlm(api_key=API_KEY, base_url=base_url, **timeouts)
+def make_anthropic(base_url: str, timeouts: StreamTimeouts) -> AnthropicLlm:
+    return AnthropicLlm(API_KEY, base_url=base_url, timeouts=timeouts)
 
 
 OPENAI = Provider(
@@ -151,7 +151,7 @@ def provider(request: pytest.FixtureRequest) -> Provider:
 
 @pytest.fixture
 async def llm(provider: Provider, server: ProviderServer) -> AsyncIterator[LlmProvider]:
-    adapter = provider.make(server.base_url, **RELAXED)
+    adapter = provider.make(server.base_url, RELAXED)
     yield adapter
     await adapter.aclose()  # type: ignore[attr-defined]
 
@@ -272,7 +272,7 @@ def decision(request_id: str, result: LlmResult) -> LlmDecided:
 
 
 async def test_openai_gets_chat_messages_function_tools_and_the_usage_flag(server: ProviderServer) -> None:
-    llm = make_openai(server.base_url)
+    llm = make_openai(server.base_url, StreamTimeouts())
     server.reply(OPENAI.text)
     await llm.complete(ask(GREETING, BOOKING, parameters={"temperature": "0.2", "max_tokens": "200", "seed": "7"}))
     await llm.aclose()
@@ -298,7 +298,7 @@ async def test_openai_gets_chat_messages_function_tools_and_the_usage_flag(serve
 async def test_anthropic_gets_a_separate_system_alternating_turns_and_max_tokens(
     server: ProviderServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    llm = make_anthropic(server.base_url)
+    llm = make_anthropic(server.base_url, StreamTimeouts())
     server.reply(ANTHROPIC.text)
     server.reply(ANTHROPIC.text)
     again = ChatMessage("user", "in the afternoon if possible")
@@ -434,7 +434,7 @@ async def test_a_stream_cut_off_before_its_end_is_a_retryable_protocol_error(
 
 
 async def test_no_first_byte_in_time_is_a_timeout(provider: Provider, server: ProviderServer) -> None:
-    llm = provider.make(server.base_url, first_token_timeout_s=TIMEOUT_S)
+    llm = provider.make(server.base_url, StreamTimeouts(first_token_s=TIMEOUT_S))
     server.reply(provider.text)  # the first request of a client pays for its setup: not the case under test
     await llm.complete(ask(BOOKING))
     server.reply(provider.text, Fault(headers_delay_s=5.0))
@@ -446,7 +446,7 @@ async def test_no_first_byte_in_time_is_a_timeout(provider: Provider, server: Pr
 
 
 async def test_a_stall_mid_stream_fails_within_the_stall_timeout(provider: Provider, server: ProviderServer) -> None:
-    llm = provider.make(server.base_url, first_token_timeout_s=5.0, stall_timeout_s=TIMEOUT_S)
+    llm = provider.make(server.base_url, StreamTimeouts(first_token_s=5.0, stall_s=TIMEOUT_S))
     server.reply(provider.text, Fault(stall_before_chunk=4, stall_s=5.0))
     error = await failure(llm, ask(BOOKING))
     stalled_for = time.perf_counter() - server.faulted_at[0]
@@ -458,7 +458,7 @@ async def test_a_stall_mid_stream_fails_within_the_stall_timeout(provider: Provi
 
 async def test_a_slow_but_steady_stream_is_not_a_stall(provider: Provider, server: ProviderServer) -> None:
     """The stall timeout bounds each gap, not the answer: a gap shorter than it passes."""
-    llm = provider.make(server.base_url, first_token_timeout_s=5.0, stall_timeout_s=1.0)
+    llm = provider.make(server.base_url, StreamTimeouts(first_token_s=5.0, stall_s=1.0))
     server.reply(provider.text, Fault(stall_before_chunk=5, stall_s=0.2))
     result = await llm.complete(ask(BOOKING))
     await llm.aclose()  # type: ignore[attr-defined]
@@ -470,7 +470,7 @@ async def test_nobody_listening_is_a_connection_error(provider: Provider) -> Non
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    llm = provider.make(f"http://127.0.0.1:{port}")
+    llm = provider.make(f"http://127.0.0.1:{port}", StreamTimeouts())
     error = await failure(llm, ask(BOOKING))
     await llm.aclose()  # type: ignore[attr-defined]
     assert (error.kind, error.retryable) == ("connection", True)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from streams.providers.base import LlmProvider, LlmRequest, LlmResult, ProviderError, ProviderSwitch
+from streams.providers.base import ErrorKind, LlmProvider, LlmRequest, LlmResult, ProviderError, ProviderSwitch
 from streams.providers.resilience import (
     ChainExhausted,
     ChainLlm,
@@ -43,7 +43,7 @@ class FakeLlm(LlmProvider):
         self.behaviours = list(behaviours)
         self.requests: list[LlmRequest] = []
 
-    async def complete(self, request: LlmRequest) -> LlmResult:
+    async def _complete(self, request: LlmRequest) -> LlmResult:
         self.requests.append(request)
         behaviour = self.behaviours.pop(0) if self.behaviours else "ok"
         match behaviour:
@@ -52,12 +52,12 @@ class FakeLlm(LlmProvider):
             case "stall":
                 await asyncio.sleep(3600)
             case "429":
-                raise ProviderError(self.name, "rate_limited", "429 Too Many Requests", retryable=True,
+                raise ProviderError(self.name, ErrorKind.RATE_LIMITED, "429 Too Many Requests", retryable=True,
                                     retry_after_s=20.0)
             case "500":
-                raise ProviderError(self.name, "server", "500 Internal Server Error", retryable=True)
+                raise ProviderError(self.name, ErrorKind.SERVER, "500 Internal Server Error", retryable=True)
             case "401":
-                raise ProviderError(self.name, "auth", "401 Unauthorized", retryable=False)
+                raise ProviderError(self.name, ErrorKind.AUTH, "401 Unauthorized", retryable=False)
         raise AssertionError(behaviour)
 
 
@@ -78,7 +78,7 @@ async def test_the_primary_answers_when_it_can() -> None:
     primary, backup = FakeLlm("openai"), FakeLlm("anthropic")
     result = await chain(primary, backup).complete(REQUEST)
     assert (result.provider, result.text, result.model) == ("openai", "hello from openai", "openai-model")
-    assert (result.failures, result.fallbacks) == ((), ())
+    assert (result.report.failures, result.report.fallbacks) == ([], [])
     assert backup.requests == []
 
 
@@ -88,8 +88,8 @@ async def test_a_server_error_is_retried_once_then_the_next_provider_answers() -
     result = await chain(primary, backup, clock=clock).complete(REQUEST)
     assert result.provider == "anthropic"
     assert backup.requests[0].model == "anthropic-model", "each provider is asked for its own model"
-    assert [f.kind for f in result.failures] == ["server", "server"]
-    assert result.fallbacks == (ProviderSwitch("openai", "anthropic", "error"),)
+    assert [f.kind for f in result.report.failures] == ["server", "server"]
+    assert result.report.fallbacks == [ProviderSwitch("openai", "anthropic", "error")]
     assert len(clock.slept) == 1
     assert 0.025 <= clock.slept[0] <= 0.05, "a jittered backoff, no longer than max_pause_s"
 
@@ -99,15 +99,15 @@ async def test_a_stalled_primary_costs_one_attempt_timeout_then_falls_back() -> 
     result = await chain(primary, backup, timeout_s=0.05).complete(REQUEST)
     assert result.provider == "anthropic"
     assert len(primary.requests) == 1, "a timeout is not retried while a fallback can answer"
-    assert [f.kind for f in result.failures] == ["timeout"]
-    assert result.fallbacks == (ProviderSwitch("openai", "anthropic", "timeout"),)
+    assert [f.kind for f in result.report.failures] == ["timeout"]
+    assert result.report.fallbacks == [ProviderSwitch("openai", "anthropic", "timeout")]
 
 
 async def test_a_rate_limited_primary_hands_over_at_once_rather_than_wait_its_retry_after() -> None:
     primary, backup = FakeLlm("openai", "429"), FakeLlm("anthropic")
     clock = Clock()
     result = await chain(primary, backup, clock=clock).complete(REQUEST)
-    assert result.fallbacks == (ProviderSwitch("openai", "anthropic", "rate_limited"),)
+    assert result.report.fallbacks == [ProviderSwitch("openai", "anthropic", "rate_limited")]
     assert clock.slept == []
 
 
@@ -123,14 +123,14 @@ async def test_the_last_provider_waits_out_a_short_retry_after_within_the_deadli
     short = FakeLlm("openai")
     short.behaviours = ["500", "ok"]
     result = await chain(short, clock=Clock()).complete(REQUEST)
-    assert (result.provider, [f.kind for f in result.failures]) == ("openai", ["server"])
+    assert (result.provider, [f.kind for f in result.report.failures]) == ("openai", ["server"])
 
 
 async def test_auth_errors_are_not_retried() -> None:
     primary, backup = FakeLlm("openai", "401"), FakeLlm("anthropic")
     result = await chain(primary, backup).complete(REQUEST)
     assert len(primary.requests) == 1
-    assert [(f.kind, f.retryable) for f in result.failures] == [("auth", False)]
+    assert [(f.kind, f.retryable) for f in result.report.failures] == [("auth", False)]
 
 
 async def test_an_open_circuit_skips_the_provider_until_a_probe_succeeds() -> None:
@@ -141,8 +141,8 @@ async def test_an_open_circuit_skips_the_provider_until_a_probe_succeeds() -> No
     assert breakers["openai"].state(clock.now) == "open"
     result = await chain(primary, backup, clock=clock, breakers=breakers).complete(REQUEST)
     assert len(primary.requests) == 3, "an open circuit costs the call nothing"
-    assert result.fallbacks == (ProviderSwitch("openai", "anthropic", "circuit_open"),)
-    assert result.failures == ()
+    assert result.report.fallbacks == [ProviderSwitch("openai", "anthropic", "circuit_open")]
+    assert result.report.failures == []
 
     clock.now += 30
     assert breakers["openai"].state(clock.now) == "half_open"
@@ -172,7 +172,7 @@ async def test_a_spent_rate_limit_sends_the_request_to_the_next_provider() -> No
     first = await chain(primary, backup, clock=clock, buckets=buckets).complete(REQUEST)
     second = await chain(primary, backup, clock=clock, buckets=buckets).complete(REQUEST)
     assert (first.provider, second.provider) == ("openai", "anthropic")
-    assert second.fallbacks == (ProviderSwitch("openai", "anthropic", "rate_limited"),)
+    assert second.report.fallbacks == [ProviderSwitch("openai", "anthropic", "rate_limited")]
     clock.now += 1.0
     assert (await chain(primary, backup, clock=clock, buckets=buckets).complete(REQUEST)).provider == "openai"
 

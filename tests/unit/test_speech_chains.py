@@ -15,11 +15,11 @@ from streams.providers.base import (
     AsrCapabilities,
     AsrProvider,
     AsrStream,
+    ErrorKind,
     ProviderError,
     ProviderSwitch,
     Recognition,
     RecognizedWord,
-    TtsCapabilities,
     TtsProvider,
     close_chunks,
 )
@@ -32,7 +32,7 @@ FRAME = b"\x01\x00" * 320  # 20 ms of 16 kHz PCM
 class FakeAsr(AsrProvider):
     """Recognises each utterance as the number of frames it heard; fails as told."""
 
-    capabilities = AsrCapabilities(streaming=True, interim_results=True, word_timings=True)
+    capabilities = AsrCapabilities(interim_results=True)
 
     def __init__(self, name: str, *, stall_final: int | None = None, fail_accept_at: int | None = None,
                  refuse_open: bool = False) -> None:
@@ -45,37 +45,38 @@ class FakeAsr(AsrProvider):
         self.refuse_open = refuse_open
         self.streams: list[FakeAsrStream] = []
 
-    async def open_stream(self, *, keywords: Sequence[str] = (), language: str = "en-US") -> AsrStream:
+    async def _open_stream(self, keywords: tuple[str, ...], language: str) -> AsrStream:
         if self.refuse_open:
-            raise ProviderError(self.name, "connection", "refused", retryable=True)
+            raise ProviderError(self.name, ErrorKind.CONNECTION, "refused", retryable=True)
         stream = FakeAsrStream(self)
         self.streams.append(stream)
         return stream
 
 
 class FakeAsrStream(AsrStream):
-    def __init__(self, provider: FakeAsr) -> None:
-        self.provider = provider
+    def __init__(self, asr: FakeAsr) -> None:
+        super().__init__(asr.name)
+        self.asr = asr
         self.frames = 0
         self.utterance_start = 0
         self.closed = False
 
-    async def accept(self, pcm: bytes) -> Recognition | None:
-        if self.provider.fail_accept_at is not None and self.frames >= self.provider.fail_accept_at:
-            raise ProviderError(self.provider.name, "connection", "the socket dropped", retryable=True)
+    async def _accept(self, pcm: bytes) -> Recognition | None:
+        if self.asr.fail_accept_at is not None and self.frames >= self.asr.fail_accept_at:
+            raise ProviderError(self.asr.name, ErrorKind.CONNECTION, "the socket dropped", retryable=True)
         self.frames += 1
         return Recognition("…", False, 0.5, self.utterance_start * 20, self.frames * 20)
 
-    async def end_utterance(self) -> Recognition:
-        self.provider.finals += 1
-        if self.provider.finals - 1 == self.provider.stall_final:
+    async def _end_utterance(self) -> Recognition:
+        self.asr.finals += 1
+        if self.asr.finals - 1 == self.asr.stall_final:
             await asyncio.sleep(3600)  # a stall: the chain's attempt timeout gives it up
         heard = self.frames - self.utterance_start
         start, self.utterance_start = self.utterance_start, self.frames
         word = RecognizedWord(f"{heard}frames", start * 20, self.frames * 20, 0.9)
         return Recognition(f"{heard} frames", True, 0.9, start * 20, self.frames * 20, (word,))
 
-    async def close(self) -> None:
+    async def _close(self) -> None:
         self.closed = True
 
 
@@ -90,7 +91,8 @@ async def test_a_stalled_final_is_given_by_the_next_recogniser_from_the_utteranc
     for _ in range(50):  # a first utterance, recognised by the primary
         await stream.accept(FRAME)
     first = await stream.end_utterance()
-    assert (first.provider, first.text, first.failures, first.fallbacks) == ("deepgram", "50 frames", (), ())
+    assert (first.provider, first.text) == ("deepgram", "50 frames")
+    assert (first.report.failures, first.report.fallbacks) == ([], [])
     for _ in range(30):  # the second: the primary stalls at its end
         await stream.accept(FRAME)
     second = await stream.end_utterance()
@@ -98,14 +100,14 @@ async def test_a_stalled_final_is_given_by_the_next_recogniser_from_the_utteranc
     assert (second.provider, second.model, second.text) == ("whisper", "whisper-model", "30 frames")
     assert (second.start_ms, second.end_ms) == (1000, 1600), "in the stream's time, not the fallback's"
     assert second.words[0].start_ms == 1000
-    assert [(f.provider, f.kind) for f in second.failures] == [("deepgram", "timeout")]
-    assert second.fallbacks == (ProviderSwitch("deepgram", "whisper", "timeout"),)
+    assert [(f.provider, f.kind) for f in second.report.failures] == [("deepgram", "timeout")]
+    assert second.report.fallbacks == [ProviderSwitch("deepgram", "whisper", "timeout")]
     assert primary.streams[0].closed
     for _ in range(10):  # between utterances, the call went back to the primary (its circuit is closed)
         await stream.accept(FRAME)
         await asyncio.sleep(0)  # frames come from the network, the loop turning between them
     third = await stream.end_utterance()
-    assert (third.provider, third.text, third.start_ms, third.failures) == ("deepgram", "10 frames", 1600, ())
+    assert (third.provider, third.text, third.start_ms, third.report.failures) == ("deepgram", "10 frames", 1600, [])
     assert fallback.streams[0].closed
     await stream.close()
     assert primary.streams[1].closed
@@ -132,7 +134,7 @@ async def test_a_socket_dropped_mid_utterance_hands_the_audio_so_far_to_the_next
     assert interims[13] is not None
     assert interims[13].provider == "whisper"
     assert (final.provider, final.text, final.start_ms, final.end_ms) == ("whisper", "20 frames", 0, 400)
-    assert final.fallbacks == (ProviderSwitch("deepgram", "whisper", "error"),)
+    assert final.report.fallbacks == [ProviderSwitch("deepgram", "whisper", "error")]
 
 
 async def test_when_every_recogniser_fails_the_utterance_is_reported_and_the_next_tries_again() -> None:
@@ -155,13 +157,11 @@ async def test_a_recogniser_that_cannot_connect_is_passed_over_at_the_start() ->
     await stream.accept(FRAME)
     final = await stream.end_utterance()
     assert final.provider == "whisper"
-    assert [f.kind for f in final.failures] == ["connection", "connection"], "retried once: it may be a blip"
+    assert [f.kind for f in final.report.failures] == ["connection", "connection"], "retried once: it may be a blip"
 
 
 class FakeTts(TtsProvider):
     """Speaks each text as its bytes, in 4-byte chunks; fails as told on its n-th request."""
-
-    capabilities = TtsCapabilities(streaming=True, codecs=("pcm_s16le",))
 
     def __init__(self, name: str, *, fail: dict[int, str] | None = None) -> None:
         self.name = name
@@ -169,19 +169,19 @@ class FakeTts(TtsProvider):
         self.requests: list[tuple[str, str]] = []
         self.closed = 0
 
-    async def synthesize(self, text: str, *, voice: str, sample_rate: int = 16000) -> AsyncIterator[bytes]:
+    async def _synthesize(self, text: str, voice: str, sample_rate: int) -> AsyncIterator[bytes]:
         number = len(self.requests)
         self.requests.append((text, voice))
         how = self.fail.get(number)
         audio = text.encode()
         try:
             if how == "before":
-                raise ProviderError(self.name, "server", "HTTP 500", retryable=True)
+                raise ProviderError(self.name, ErrorKind.SERVER, "HTTP 500", retryable=True)
             for index in range(0, len(audio), 4):
                 if index >= 8 and how == "stall":
                     await asyncio.sleep(3600)
                 if index >= 8 and how == "drop":
-                    raise ProviderError(self.name, "protocol", "the stream was cut off", retryable=True)
+                    raise ProviderError(self.name, ErrorKind.PROTOCOL, "the stream was cut off", retryable=True)
                 yield audio[index:index + 4]
         finally:
             self.closed += 1
@@ -265,5 +265,5 @@ async def test_a_call_whose_recognisers_cannot_open_yet_keeps_its_audio_for_when
     fallback.refuse_open = False
     final = await stream.end_utterance()
     assert (final.provider, final.text) == ("whisper", "10 frames"), "the whole utterance, heard late"
-    assert [(f.provider, f.kind) for f in final.failures][:4] == [
+    assert [(f.provider, f.kind) for f in final.report.failures][:4] == [
         ("deepgram", "connection"), ("deepgram", "connection"), ("whisper", "connection"), ("whisper", "connection")]

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from streams.audio.codecs import WavChunks, mulaw_to_pcm16, resample_pcm16
 from streams.providers.base import ProviderError
-from streams.providers.llm_common import StreamTimeouts
+from streams.providers.cloud import StreamTimeouts
 from streams.providers.tts_common import PcmChunks
 from streams.providers.tts_elevenlabs import ElevenLabsTts
 from streams.providers.tts_playht import PlayHtTts
@@ -188,7 +188,7 @@ async def test_mulaw_for_a_phone_line_comes_as_the_provider_sends_it_and_decodes
     provider: Provider, server: ProviderServer, tts: Tts
 ) -> None:
     server.reply(provider.mulaw)
-    chunks = [chunk async for chunk in tts.synthesize_mulaw(TEXT, voice=provider.voice)]
+    chunks = [chunk async for chunk in tts.synthesize(TEXT, voice=provider.voice, codec="mulaw")]
     mulaw = b"".join(chunks)
     assert mulaw == b"".join(Reply.load(provider.mulaw).chunks)
     assert len(chunks) > 1
@@ -199,7 +199,7 @@ async def test_mulaw_for_a_phone_line_comes_as_the_provider_sends_it_and_decodes
 
 async def test_empty_text_sends_nothing(provider: Provider, server: ProviderServer, tts: Tts) -> None:
     assert [chunk async for chunk in tts.synthesize("  ", voice=provider.voice)] == []
-    assert [chunk async for chunk in tts.synthesize_mulaw("", voice=provider.voice)] == []
+    assert [chunk async for chunk in tts.synthesize("", voice=provider.voice, codec="mulaw")] == []
     assert server.requests == []
 
 
@@ -215,7 +215,7 @@ async def test_elevenlabs_sends_the_voice_the_output_format_the_key_and_the_mode
     server.reply("elevenlabs/stream_ulaw_8000")
     server.reply("elevenlabs/stream_pcm_16000")
     await speech(tts, ELEVENLABS_VOICE)
-    [_ async for _ in tts.synthesize_mulaw(TEXT, voice=ELEVENLABS_VOICE)]
+    [_ async for _ in tts.synthesize(TEXT, voice=ELEVENLABS_VOICE, codec="mulaw")]
     await speech(tuned, ELEVENLABS_VOICE)
     await tts.aclose()
     await tuned.aclose()
@@ -251,7 +251,7 @@ async def test_playht_sends_its_two_credentials_and_a_json_body_for_wav_and_for_
     server.reply("playht/stream_wav_16000")
     server.reply("playht/stream_mulaw_8000")
     await speech(tts, PLAYHT_VOICE)
-    [_ async for _ in tts.synthesize_mulaw(TEXT, voice=PLAYHT_VOICE)]
+    [_ async for _ in tts.synthesize(TEXT, voice=PLAYHT_VOICE, codec="mulaw")]
     await tts.aclose()
     wav, mulaw = server.requests
     assert (wav.method, wav.path, wav.query) == ("POST", "/api/v2/tts/stream", "")
