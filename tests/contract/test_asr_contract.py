@@ -10,7 +10,6 @@ a deadline.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from streams.providers.timeline import Timeline, TimelineAsr
 from tests.provider_server import ProviderServer
 from tests.provider_ws_server import ProviderWsServer
 from tests.speech import require_espeak, synthesize_pcm16, with_silence
+from tests.unit.test_asr_providers import audio
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -33,13 +33,6 @@ FRAME_BYTES = 640  # 20 ms of 16 kHz PCM, as a session feeds it
 WAIT_S = 15.0
 """A bound on what must come (an interim result, a close), so that a recogniser that hangs fails."""
 RELAXED = StreamTimeouts(connect_s=10.0, first_token_s=10.0, stall_s=10.0)  # a loaded machine is slow
-
-
-def tone(ms: int, *, offset_ms: int = 0) -> bytes:
-    """`ms` of a 440 Hz tone, `offset_ms` into it: audio for the recognisers that replay a recording."""
-    first = offset_ms * 16
-    samples = (round(8000 * math.sin(2 * math.pi * 440 * (first + i) / 16000)) for i in range(ms * 16))
-    return b"".join(sample.to_bytes(2, "little", signed=True) for sample in samples)
 
 
 @dataclass
@@ -81,7 +74,7 @@ def deepgram(ws_server: ProviderWsServer) -> Recogniser:
         return DeepgramAsr("dg-contract-key", base_url=ws_server.url, timeouts=RELAXED)
 
     # Two utterances, 1.2 s and 1.4 s, an interim result in each; or a close (1011) mid-utterance.
-    return Recogniser((tone(1200), tone(1400, offset_ms=1200)), lambda: make("deepgram/finalize_driven"),
+    return Recogniser((audio(1200), audio(1400, offset_ms=1200)), lambda: make("deepgram/finalize_driven"),
                       lambda: make("deepgram/server_error_close"))
 
 
@@ -91,14 +84,14 @@ def whisper(server: ProviderServer) -> Recogniser:
             server.reply(reply)
         return WhisperAsr("sk-contract-key", base_url=f"{server.base_url}/v1", timeouts=RELAXED)
 
-    return Recogniser((tone(2800), tone(2800, offset_ms=2800)),
+    return Recogniser((audio(2800), audio(2800, offset_ms=2800)),
                       lambda: make("openai/transcription_ok", "openai/transcription_ok"),
                       lambda: make("openai/transcription_server_error_500"))
 
 
 def timeline() -> Recogniser:
     script = Timeline(asr_final_ms=0)
-    return Recogniser((tone(1000), tone(600)), lambda: TimelineAsr(script, ("hello there", "that is all")),
+    return Recogniser((audio(1000), audio(600)), lambda: TimelineAsr(script, ("hello there", "that is all")),
                       lambda: TimelineAsr(script, ("hello there",), failure="error"))
 
 
