@@ -9,12 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from consumers.base import LogAdmin, LogConsumer
-from consumers.embedded import EmbeddedAdmin, EmbeddedConsumer
-from consumers.kafka import KafkaAdmin, KafkaConsumer
-from producers.base import LogProducer
-from producers.embedded import EmbeddedProducer
-from producers.kafka import KafkaProducer
+from consumers.embedded_consumer import EmbeddedAdmin, EmbeddedConsumer
+from consumers.kafka_consumer import KafkaAdmin, KafkaConsumer
+from consumers.log_consumer import LogAdmin, LogConsumer
+from producers.embedded_producer import EmbeddedProducer
+from producers.kafka_producer import KafkaProducer
+from producers.log_producer import LogProducer
 from schemas.topics import TOPICS
 
 

@@ -15,10 +15,10 @@ from typing import Any
 import faust
 
 from consumers.backends import KafkaBackend
-from consumers.events import dead_letter_headers
+from consumers.event_reader import dead_letter_headers
 from consumers.faust_common import faust_app
 from consumers.processor_runner import restore
-from producers.base import LogRecord
+from producers.log_producer import LogRecord
 from schemas.codec import EventCodec, UndecodableMessage
 from schemas.topics import DEADLETTER, TOPICS
 from streams.processors.processor import EventProcessor

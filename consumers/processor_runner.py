@@ -7,9 +7,9 @@ import logging
 from collections.abc import Callable, Sequence
 
 from consumers.backends import LogBackend, ensure_topics
-from consumers.base import CommitFailed
-from consumers.events import EventConsumer
-from producers.base import LogRecord
+from consumers.event_reader import EventConsumer
+from consumers.log_consumer import CommitFailed
+from producers.log_producer import LogRecord
 from streams.processors.call_registry import CallRegistry
 from streams.processors.processor import EventProcessor
 

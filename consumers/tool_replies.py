@@ -11,7 +11,7 @@ import asyncio
 import logging
 
 from consumers.backends import LogBackend
-from consumers.events import EventConsumer
+from consumers.event_reader import EventConsumer
 from schemas.base import Event, EventPayload
 from schemas.codec import EventCodec
 from schemas.topics import TOOL_RESULTS

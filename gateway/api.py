@@ -24,10 +24,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.background import BackgroundTask
 
-from consumers.events import read_call
+from consumers.event_reader import read_call
 from gateway.admission import retry_after
-from gateway.calls import PRODUCER, GatewayRuntime, new_call_id
-from producers.events import CallRecorder, standalone_event
+from gateway.runtime import PRODUCER, GatewayRuntime, new_call_id
+from producers.event_writer import CallRecorder, standalone_event
 from projections.recording_store import RangeNotSatisfiable, RecordingStoreError
 from projections.store import AnalyticsError
 from projections.tenant_sql import ForbiddenQuery, QueryFailed

@@ -1,6 +1,6 @@
 """The FastAPI application: Twilio's calls, the web widget, the tenant API, health and metrics.
 
-`create_app(runtime)` puts the gateway runtime (`gateway.calls.GatewayRuntime`) behind the routes of
+`create_app(runtime)` puts the gateway runtime (`gateway.runtime.GatewayRuntime`) behind the routes of
 each channel and API; the runtime starts and stops with the app's lifespan. `voxlog serve` runs it
 with uvicorn (`GatewayServer`).
 """
@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.api import api_router
-from gateway.calls import GatewayRuntime
+from gateway.runtime import GatewayRuntime
 from gateway.twilio_call_flow import TwilioCallFlow
 from gateway.widget import widget_router
 

@@ -13,8 +13,8 @@ import logging
 
 from consumers.backends import LogBackend
 from consumers.processor_runner import read_to_end
-from producers.base import LogRecord
-from producers.events import EventWriter, standalone_event
+from producers.event_writer import EventWriter, standalone_event
+from producers.log_producer import LogRecord
 from schemas.events import AuditRecorded
 from schemas.topics import CONFIG
 from schemas.version import __version__

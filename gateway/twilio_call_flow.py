@@ -21,7 +21,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, WebSocket
 
 from gateway.caller_recall import recall
-from gateway.calls import PRODUCER, GatewayRuntime, new_call_id
+from gateway.runtime import PRODUCER, GatewayRuntime, new_call_id
 from gateway.twilio_media_transport import TwilioMediaTransport, iterate_media, wait_for_start
 from gateway.twilio_webhook_routes import (
     CallRejected,
@@ -30,7 +30,7 @@ from gateway.twilio_webhook_routes import (
     twilio_router,
     validate_media_handshake,
 )
-from producers.events import CallRecorder
+from producers.event_writer import CallRecorder
 from schemas.base import EventPayload
 from schemas.events import CallStatus
 from schemas.version import __version__

@@ -18,7 +18,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, HTMLResponse
 
 from gateway.caller_recall import recall
-from gateway.calls import GatewayRuntime, new_call_id
+from gateway.runtime import GatewayRuntime, new_call_id
 from streams.call.transport import Channel, InboundCall, MediaTransport, TransportClosed
 from streams.channels.widget_protocol import (
     BadFrame,

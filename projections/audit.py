@@ -39,7 +39,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from consumers.backends import LogBackend
-from producers.base import LogRecord
+from producers.log_producer import LogRecord
 from projections.store import AnalyticsStore
 from projections.tables import AUDIT_LOG, Row, Table, at
 from schemas.base import Event, EventPayload

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from consumers.backends import LogBackend
-from producers.base import LogRecord
+from producers.log_producer import LogRecord
 from projections.erasure import ErasedCallers
 from projections.erasure import parameters as erasure_parameters
 from projections.store import AnalyticsStore

@@ -36,8 +36,8 @@ from operator import itemgetter
 from typing import Any
 
 from consumers.backends import LogBackend
-from consumers.events import read_call
-from producers.base import LogRecord
+from consumers.event_reader import read_call
+from producers.log_producer import LogRecord
 from projections.audit import epoch_us
 from projections.erasure import ErasedCallers, erasure_of_calls
 from projections.projection import CALL_LOOKBACK_MS, log_admin

@@ -60,9 +60,9 @@ from faust.types import TP
 from mode.supervisors import CrashingSupervisor
 
 from consumers.backends import KafkaBackend
-from consumers.events import decode_records
+from consumers.event_reader import decode_records
 from consumers.faust_common import faust_app
-from producers.base import LogProducer, LogRecord, TopicPartition
+from producers.log_producer import LogProducer, LogRecord, TopicPartition
 from projections.projection import Projection
 from projections.projection_runner import ProjectionRunner
 from projections.store import AnalyticsStore

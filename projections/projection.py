@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from consumers.backends import LogBackend
-from consumers.base import LogAdmin
-from producers.base import LogRecord, TopicPartition
+from consumers.log_consumer import LogAdmin
+from producers.log_producer import LogRecord, TopicPartition
 from projections.store import AnalyticsStore
 from projections.tables import Output, Table
 from schemas.base import Event, EventPayload

@@ -25,8 +25,8 @@ from operator import itemgetter
 from typing import Any
 
 from consumers.backends import LogBackend, ensure_topics
-from consumers.events import ConsumedEvent, EventConsumer, dead_letter_headers
-from producers.base import LogProducer, LogRecord, TopicPartition
+from consumers.event_reader import ConsumedEvent, EventConsumer, dead_letter_headers
+from producers.log_producer import LogProducer, LogRecord, TopicPartition
 from projections.projection import HoldsOffsets, Projection, log_admin
 from projections.store import AnalyticsStore
 from projections.tables import OFFSETS, Output, Statement, Table

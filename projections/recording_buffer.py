@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-from producers.base import LogRecord, TopicPartition
+from producers.log_producer import LogRecord, TopicPartition
 from projections.recording_assembly import RATE, wav_from_files, wav_from_memory
 from projections.recording_store import recording_path
 from schemas.base import Event, EventPayload

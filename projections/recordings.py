@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from consumers.events import read_call
-from producers.base import LogRecord, TopicPartition
+from consumers.event_reader import read_call
+from producers.log_producer import LogRecord, TopicPartition
 from producers.partitioning import partition_for
 from projections import tables
 from projections.erasure import CALLS_ERASED, ERASED_CALL_IDS, ErasedCallers

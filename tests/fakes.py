@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from producers.base import Headers, LogProducer
+from producers.log_producer import Headers, LogProducer
 
 
 class MemoryProducer(LogProducer):

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from consumers.backends import LogBackend
-from producers.base import TopicPartition
-from producers.events import CallRecorder, EventWriter
+from producers.event_writer import CallRecorder, EventWriter
+from producers.log_producer import TopicPartition
 from producers.synthetic import synthetic_call
 from projections.store import AnalyticsStore
 from projections.tables import ANALYST_TABLES, OFFSETS, Table

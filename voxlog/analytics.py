@@ -8,10 +8,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from consumers.backends import LogBackend, ensure_topics
-from consumers.base import LogAdmin
+from consumers.log_consumer import LogAdmin
 from gateway.config_audit import NO_CALL
-from producers.base import LogRecord
-from producers.events import EventWriter, standalone_event
+from producers.event_writer import EventWriter, standalone_event
+from producers.log_producer import LogRecord
 from projections.audit import (
     ANCHOR_ACTION,
     AuditProjection,

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from consumers.backends import LogBackend, ensure_topics
-from consumers.events import EventConsumer
-from producers.base import TopicPartition
-from producers.events import CallRecorder, EventWriter
+from consumers.event_reader import EventConsumer
+from producers.event_writer import CallRecorder, EventWriter
+from producers.log_producer import TopicPartition
 from producers.synthetic import concurrent_calls
 from schemas.codec import EventCodec
 from schemas.topics import CALL_TOPICS

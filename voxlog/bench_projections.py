@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from consumers.backends import LogBackend, ensure_topics
-from producers.events import CallRecorder, EventWriter
+from producers.event_writer import CallRecorder, EventWriter
 from producers.synthetic import concurrent_calls
 from projections.default_projections import default_projections
 from projections.projection_runner import ProjectionRunner

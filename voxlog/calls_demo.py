@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import httpx
 from websockets.exceptions import ConnectionClosed
 
-from consumers.events import read_call
+from consumers.event_reader import read_call
 from projections.default_projections import default_projections
 from projections.projection_runner import catch_up
 from projections.store import QueryResult

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from consumers.backends import EmbeddedBackend, KafkaBackend, LogBackend, ensure_topics
-from consumers.events import EventConsumer, read_call
+from consumers.event_reader import EventConsumer, read_call
 from schemas.topics import CALL_TOPICS
 from schemas.version import __version__
 from streams.config.agents import AgentRouter, load_agents
@@ -513,7 +513,7 @@ def erase_caller(
 ) -> None:
     """Forget a caller: their memory, and their calls that started before now (rows in every table,
     recordings), as a caller.erased event that every projection folds, through restarts and rebuilds."""
-    from producers.events import EventWriter, standalone_event
+    from producers.event_writer import EventWriter, standalone_event
     from streams.memory import erasure, new_erasure_id
 
     operator = os.environ.get("USER") or "operator"

@@ -13,9 +13,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from consumers.backends import LogBackend, ensure_topics
-from consumers.events import EventConsumer, read_call
-from producers.base import TopicPartition
-from producers.events import CallRecorder, EventWriter
+from consumers.event_reader import EventConsumer, read_call
+from producers.event_writer import CallRecorder, EventWriter
+from producers.log_producer import TopicPartition
 from producers.synthetic import synthetic_call
 from schemas.codec import EventCodec
 from schemas.topics import CALL_TOPICS

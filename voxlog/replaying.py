@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from consumers.backends import LogBackend
-from consumers.events import read_call
+from consumers.event_reader import read_call
 from schemas.codec import EventCodec, UndecodableMessage
 from schemas.events import CallStarted
 from schemas.topics import CALLS

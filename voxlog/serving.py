@@ -8,7 +8,7 @@ import logging
 import uvicorn
 
 from gateway.app import GatewayServer, create_app
-from gateway.calls import GatewayRuntime
+from gateway.runtime import GatewayRuntime
 from projections.store import AnalyticsError, AnalyticsStore
 from streams.channels.twilio_rest import TwilioRest
 from streams.config.agents import AgentRouter, load_agents

@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from producers.events import CallRecorder
+from producers.event_writer import CallRecorder
 from schemas.events import CallerAudioChunk, SpeechStarted, SpeechStopped, TranscriptFinal, TranscriptInterim, Word
 from streams.audio.vad import Vad
 from streams.call.inputs import CallInputs

@@ -21,7 +21,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from producers.events import CallRecorder
+from producers.event_writer import CallRecorder
 from schemas.base import Event, EventPayload
 from schemas.events import (
     CallAnswered,

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from producers.events import CallRecorder
+from producers.event_writer import CallRecorder
 from schemas.events import AgentAudioChunk, ErrorRaised, TtsCompleted
 from streams.call.core import Speak
 from streams.call.inputs import CallInputs

@@ -15,8 +15,8 @@ from typing import TypeVar
 import pytest
 
 from consumers.backends import LogBackend
-from consumers.base import LogAdmin, LogConsumer
-from producers.base import LogRecord, TopicPartition
+from consumers.log_consumer import LogAdmin, LogConsumer
+from producers.log_producer import LogRecord, TopicPartition
 
 T = TypeVar("T")
 

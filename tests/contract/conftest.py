@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from consumers.backends import LogBackend
-from producers.base import LogProducer
+from producers.log_producer import LogProducer
 
 
 @pytest.fixture

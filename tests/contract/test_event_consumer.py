@@ -17,8 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from consumers.backends import LogBackend
-from consumers.base import LogAdmin, LogConsumer
-from consumers.events import (
+from consumers.event_reader import (
     DLQ_OFFSET,
     DLQ_PARTITION,
     DLQ_REASON,
@@ -27,8 +26,9 @@ from consumers.events import (
     EventConsumer,
     read_call,
 )
-from producers.base import MAX_MESSAGE_BYTES, LogProducer, TopicPartition
-from producers.events import CallRecorder, EventWriter
+from consumers.log_consumer import LogAdmin, LogConsumer
+from producers.event_writer import CallRecorder, EventWriter
+from producers.log_producer import MAX_MESSAGE_BYTES, LogProducer, TopicPartition
 from schemas.base import Event, EventPayload
 from schemas.codec import HEADER_LEN, EventCodec, SchemaViolation
 from schemas.envelope import Envelope

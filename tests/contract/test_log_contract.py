@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from consumers.backends import EmbeddedBackend, KafkaBackend, LogBackend
-from consumers.base import LogAdmin
-from producers.base import MAX_MESSAGE_BYTES, LogProducer, LogRecord, MessageTooLarge, TopicPartition
+from consumers.log_consumer import LogAdmin
+from producers.log_producer import MAX_MESSAGE_BYTES, LogProducer, LogRecord, MessageTooLarge, TopicPartition
 
 from . import (
     DEADLINE_S,
@@ -282,7 +282,7 @@ async def test_a_stopped_consumer_loses_nothing_and_uncommitted_records_come_aga
 CRASHING_MEMBER = """
 import asyncio, json, sys
 from pathlib import Path
-from producers.base import TopicPartition
+from producers.log_producer import TopicPartition
 from consumers.backends import EmbeddedBackend, KafkaBackend
 
 async def main(kind, where, topic, group, session_s, total, cut):

@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 
 from consumers.backends import LogBackend, ensure_topics
-from consumers.events import DLQ_OFFSET, DLQ_PARTITION, DLQ_REASON, DLQ_TOPIC
-from producers.base import LogRecord, TopicPartition
-from producers.events import CallRecorder, EventWriter
+from consumers.event_reader import DLQ_OFFSET, DLQ_PARTITION, DLQ_REASON, DLQ_TOPIC
+from producers.event_writer import CallRecorder, EventWriter
+from producers.log_producer import LogRecord, TopicPartition
 from producers.synthetic import synthetic_call
 from projections.default_projections import default_projections
 from projections.projection import HoldsOffsets, Projection, log_admin

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from consumers.backends import EmbeddedBackend, LogBackend, ensure_topics
-from producers.embedded_store import OFFSET_BITS
-from producers.events import CallRecorder, EventWriter, standalone_event
+from producers.embedded_log_file import OFFSET_BITS
+from producers.event_writer import CallRecorder, EventWriter, standalone_event
 from producers.partitioning import partition_for
 from projections.audit import (
     AuditFold,

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from consumers.events import read_call
+from consumers.event_reader import read_call
 from schemas.base import Event, EventPayload
 from schemas.codec import EventCodec
 from schemas.events import AuditRecorded, CallEnded, CallStatus, ErrorRaised, TtsRequested

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from consumers.backends import EmbeddedBackend
-from producers.events import CallRecorder, EventWriter
+from producers.event_writer import CallRecorder, EventWriter
 from producers.synthetic import synthetic_call
 from tests.conftest import kafka_bootstrap
 

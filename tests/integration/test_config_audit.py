@@ -14,7 +14,7 @@ import yaml
 
 from consumers.backends import LogBackend, ensure_topics
 from gateway.config_audit import record_config_changes, recorded_config
-from producers.events import EventWriter
+from producers.event_writer import EventWriter
 from projections.audit import AuditProjection, verify_chain
 from projections.projection_runner import ProjectionRunner
 from projections.store import AnalyticsStore

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from consumers.backends import LogBackend, ensure_topics
-from consumers.dialer import DialStore, DialWorker
-from consumers.events import read_call
+from consumers.event_reader import read_call
+from consumers.workers.dialer import DialStore, DialWorker
 from gateway.api import new_dial_id
-from gateway.calls import new_call_id
-from producers.events import CallRecorder, EventWriter
+from gateway.runtime import new_call_id
+from producers.event_writer import CallRecorder, EventWriter
 from schemas.base import Event, EventPayload
 from schemas.events import CallDialFailed, CallDialPlaced, CallDialRequested
 from streams.channels.twilio_rest import TwilioRest

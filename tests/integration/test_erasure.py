@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from consumers.backends import EmbeddedBackend, LogBackend
-from consumers.events import read_call
-from producers.events import CallRecorder, EventWriter, standalone_event
+from consumers.event_reader import read_call
+from producers.event_writer import CallRecorder, EventWriter, standalone_event
 from producers.synthetic import synthetic_call
 from projections.audit import AuditProjection
 from projections.caller_memory import MemoryProjection

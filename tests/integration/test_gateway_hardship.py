@@ -23,9 +23,9 @@ import pytest
 import websockets
 
 from consumers.backends import EmbeddedBackend, KafkaBackend, LogBackend
-from consumers.base import LogAdmin
-from consumers.events import read_call
-from producers.base import TopicPartition
+from consumers.event_reader import read_call
+from consumers.log_consumer import LogAdmin
+from producers.log_producer import TopicPartition
 from schemas.base import Event, EventPayload
 from schemas.codec import EventCodec
 from schemas.events import CallEnded, CallRefused, CallStarted

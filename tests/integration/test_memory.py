@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from consumers.events import read_call
+from consumers.event_reader import read_call
 from projections.caller_memory import MemoryProjection
 from projections.projection_runner import ProjectionRunner
 from projections.store import AnalyticsStore

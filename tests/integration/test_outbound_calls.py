@@ -19,7 +19,7 @@ import pytest
 import yaml
 from websockets.exceptions import ConnectionClosed
 
-from consumers.events import read_call
+from consumers.event_reader import read_call
 from schemas.base import Event, EventPayload
 from schemas.events import (
     CallDialFailed,

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from consumers.backends import EmbeddedBackend, LogBackend
-from producers.events import CallRecorder, EventWriter
+from producers.event_writer import CallRecorder, EventWriter
 from producers.synthetic import synthetic_call
 from projections.audit import AuditProjection, verify_chain
 from projections.calls import CallsProjection

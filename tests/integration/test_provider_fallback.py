@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from consumers.events import read_call
+from consumers.event_reader import read_call
 from schemas.events import CallSummarized, ErrorRaised, LlmDecided, ProviderFallback, TtsCompleted, TtsRequested
 from schemas.topics import CALLS
 from streams.call.replay import agent_for, verify_call

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from consumers.backends import EmbeddedBackend, LogBackend
-from producers.base import LogRecord, TopicPartition
+from producers.log_producer import LogRecord, TopicPartition
 from projections.projection import HoldsOffsets
 from projections.projection_runner import ProjectionRunner
 from projections.recordings import RecordingsProjection

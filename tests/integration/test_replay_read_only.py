@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from consumers.backends import EmbeddedBackend, ensure_topics
-from consumers.base import LogAdmin
-from producers.base import LogProducer
-from producers.events import EventWriter
+from consumers.log_consumer import LogAdmin
+from producers.event_writer import EventWriter
+from producers.log_producer import LogProducer
 from schemas.events import CallEnded
 from schemas.topics import CALLS
 from streams.config.agents import AgentRouter

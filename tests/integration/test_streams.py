@@ -16,7 +16,7 @@ import pytest
 
 from consumers.backends import KafkaBackend, LogBackend, ensure_topics
 from consumers.processor_runner import ProcessorRunner
-from producers.events import CallRecorder, EventWriter
+from producers.event_writer import CallRecorder, EventWriter
 from producers.synthetic import synthetic_call
 from schemas.base import Event, EventPayload
 from schemas.envelope import Envelope

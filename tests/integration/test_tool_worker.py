@@ -18,9 +18,9 @@ import httpx
 import pytest
 
 from consumers.backends import LogBackend, ensure_topics
-from consumers.events import DLQ_REASON, EventConsumer
-from consumers.tools import ToolRunner, ToolStore, ToolWorker, WebhookSigner
-from producers.events import CallRecorder, EventWriter
+from consumers.event_reader import DLQ_REASON, EventConsumer
+from consumers.workers.tools import ToolRunner, ToolStore, ToolWorker, WebhookSigner
+from producers.event_writer import CallRecorder, EventWriter
 from schemas.base import Event, EventPayload
 from schemas.events import ToolFailed, ToolRequested, ToolSucceeded
 from schemas.topics import DEADLETTER, TOOL_RESULTS

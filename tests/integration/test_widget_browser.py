@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from consumers.events import read_call
+from consumers.event_reader import read_call
 from schemas.base import Event, EventPayload
 from schemas.events import AgentAudioChunk, CallEnded, CallerAudioChunk, CallStarted, ToolRequested, TurnTaken
 from streams.audio.codecs import write_wav

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from consumers.call_leases import Lease, LeasedCall, LeaseWatch
+from consumers.workers.call_leases import Lease, LeasedCall, LeaseWatch
 
 CALL = LeasedCall("call-1", "acme", 1_000)
 

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.api import dial_time_ms, new_dial_id
-from gateway.calls import new_call_id
+from gateway.runtime import new_call_id
 from streams.channels.twilio_outbound import (
     OutboundRoute,
     OutboundRouteError,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from producers.embedded_store import LogFile
+from producers.embedded_log_file import LogFile
 
 
 def test_a_compacted_topic_keeps_the_latest_record_per_key_and_its_offsets(tmp_path: Path) -> None:

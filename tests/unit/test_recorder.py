@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from producers.events import CallRecorder, EventWriter, new_event_id
+from producers.event_writer import CallRecorder, EventWriter, new_event_id
 from producers.synthetic import synthetic_call
 from schemas.codec import EventCodec
 from schemas.topics import AUDIO, CALLS, COMMANDS, topic_for

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from consumers.backends import EmbeddedBackend
-from producers.base import LogRecord
-from producers.events import CallRecorder, EventWriter
+from producers.event_writer import CallRecorder, EventWriter
+from producers.log_producer import LogRecord
 from projections import recording_buffer, recordings
 from projections.recordings import RECORDINGS, RecordingsProjection, recording_path
 from projections.tables import Output, Row, Statement, at

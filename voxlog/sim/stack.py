@@ -14,7 +14,7 @@ import uvicorn
 from pydantic import SecretStr
 from starlette.types import ASGIApp
 
-from gateway.calls import GatewayRuntime
+from gateway.runtime import GatewayRuntime
 from streams.call.session import Providers
 from streams.config.agents import AgentSpec
 from voxlog.serving import build_gateway, gateway_server

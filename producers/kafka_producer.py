@@ -26,7 +26,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
-from producers.base import (
+from producers.log_producer import (
     DEAD_LETTER_HEADROOM,
     MAX_MESSAGE_BYTES,
     Headers,

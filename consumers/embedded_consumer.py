@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-from consumers.base import CommitFailed, LogAdmin, LogConsumer, TopicInfo
-from producers.base import LogRecord, TopicPartition
-from producers.embedded import open_log_file
-from producers.embedded_store import CommitRejected, LogFile
+from consumers.log_consumer import CommitFailed, LogAdmin, LogConsumer, TopicInfo
+from producers.embedded_log_file import CommitRejected, LogFile
+from producers.embedded_producer import open_log_file
+from producers.log_producer import LogRecord, TopicPartition
 from producers.notify import notifier_for
 
 

@@ -18,10 +18,10 @@ import logging
 from collections.abc import Callable
 
 from consumers.backends import LogBackend
-from consumers.events import ConsumedEvent, read_call
-from consumers.worker import run_in_group
-from producers.base import LogProducer
-from producers.events import CallRecorder, EventWriter
+from consumers.event_reader import ConsumedEvent, read_call
+from consumers.workers.group_loop import run_in_group
+from producers.event_writer import CallRecorder, EventWriter
+from producers.log_producer import LogProducer
 from schemas.base import Event, EventPayload
 from schemas.events import CallEnded, CallStarted, CallSummarized
 from schemas.topics import CALLS

@@ -10,9 +10,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from consumers.backends import LogBackend
-from consumers.base import CommitFailed
-from consumers.events import ConsumedEvent, EventConsumer
-from producers.base import LogProducer
+from consumers.event_reader import ConsumedEvent, EventConsumer
+from consumers.log_consumer import CommitFailed
+from producers.log_producer import LogProducer
 from schemas.codec import EventCodec
 
 log = logging.getLogger(__name__)

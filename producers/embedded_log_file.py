@@ -24,7 +24,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from producers.base import LogRecord
+from producers.log_producer import LogRecord
 from producers.partitioning import partition_for
 
 T = TypeVar("T")

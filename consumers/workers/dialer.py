@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from consumers.backends import LogBackend
-from consumers.events import ConsumedEvent
-from consumers.worker import open_state_db, run_in_group
-from producers.base import LogProducer
-from producers.events import CallRecorder, EventWriter
+from consumers.event_reader import ConsumedEvent
+from consumers.workers.group_loop import open_state_db, run_in_group
+from producers.event_writer import CallRecorder, EventWriter
+from producers.log_producer import LogProducer
 from schemas.base import EventPayload
 from schemas.envelope import Envelope
 from schemas.events import CallDialFailed, CallDialPlaced, CallDialRequested

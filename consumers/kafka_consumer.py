@@ -10,8 +10,8 @@ from aiokafka import TopicPartition as KafkaTopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import CommitFailedError, IllegalStateError, TopicAlreadyExistsError
 
-from consumers.base import CommitFailed, LogAdmin, LogConsumer, TopicInfo
-from producers.base import LogRecord, TopicPartition
+from consumers.log_consumer import CommitFailed, LogAdmin, LogConsumer, TopicInfo
+from producers.log_producer import LogRecord, TopicPartition
 from producers.partitioning import partition_for
 
 

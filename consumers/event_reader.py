@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from consumers.base import LogAdmin, LogConsumer
-from producers.base import LogProducer, LogRecord
+from consumers.log_consumer import LogAdmin, LogConsumer
+from producers.log_producer import LogProducer, LogRecord
 from schemas.base import Event, EventPayload
 from schemas.codec import EventCodec, UndecodableMessage
 from schemas.topics import CALL_TOPICS, DEADLETTER

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from producers.base import AsyncService, LogRecord, TopicPartition
+from producers.log_producer import AsyncService, LogRecord, TopicPartition
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 
-from producers.base import LogProducer
+from producers.log_producer import LogProducer
 from schemas.base import Event, EventPayload
 from schemas.codec import EventCodec
 from schemas.envelope import Envelope

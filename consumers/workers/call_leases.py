@@ -44,10 +44,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from consumers.base import LogAdmin, LogConsumer
-from consumers.events import read_call
-from producers.base import LogProducer
-from producers.events import CallRecorder, EventWriter
+from consumers.event_reader import read_call
+from consumers.log_consumer import LogAdmin, LogConsumer
+from producers.event_writer import CallRecorder, EventWriter
+from producers.log_producer import LogProducer
 from schemas.events import CallEnded, CallStarted
 from schemas.topics import GATEWAYS
 
@@ -58,7 +58,7 @@ LeaseState = Literal["serving", "stopped", "reaped"]
 RENEW_S = 2.0
 LEASE_S = 20.0
 """A lease not renewed for this long is lost. Longer than a gateway waits before it ends the calls it
-cannot record (`gateway.calls.LOG_OUTAGE_END_S`), so an owner cut off from the log ends its calls first."""
+cannot record (`gateway.runtime.LOG_OUTAGE_END_S`), so an owner cut off from the log ends its calls first."""
 REAPER_PRODUCER = "voxlog.reaper"
 _REAPED_IDS = uuid.UUID("5f1c0d0e-6a4b-4c2e-9a61-0c0ffee0a11e")
 

@@ -23,16 +23,16 @@ from typing import Any
 import httpx
 
 from consumers.backends import LogBackend, ensure_topics
-from consumers.base import LogConsumer
-from consumers.call_leases import CallReaper, LeasedCall, LeaseKeeper, new_instance_id
-from consumers.dialer import DialStore, DialWorker
-from consumers.summariser import Summariser
+from consumers.log_consumer import LogConsumer
 from consumers.tool_replies import ToolReplies
-from consumers.tools import ToolRunner, ToolStore, ToolWorker, WebhookSigner
+from consumers.workers.call_leases import CallReaper, LeasedCall, LeaseKeeper, new_instance_id
+from consumers.workers.dialer import DialStore, DialWorker
+from consumers.workers.summariser import Summariser
+from consumers.workers.tools import ToolRunner, ToolStore, ToolWorker, WebhookSigner
 from gateway.admission import Admission, RateLimits, Refusal
 from gateway.config_audit import record_config_changes
-from producers.base import LogProducer
-from producers.events import CallRecorder, EventWriter, standalone_event
+from producers.event_writer import CallRecorder, EventWriter, standalone_event
+from producers.log_producer import LogProducer
 from projections.default_projections import default_projections
 from projections.projection_runner import ProjectionRunner
 from projections.recording_store import LocalRecordingStore, RecordingStore

@@ -25,9 +25,9 @@ from typing import Any
 import httpx
 
 from consumers.backends import LogBackend
-from consumers.events import ConsumedEvent, dead_letter_headers
-from consumers.worker import open_state_db, run_in_group
-from producers.base import LogProducer
+from consumers.event_reader import ConsumedEvent, dead_letter_headers
+from consumers.workers.group_loop import open_state_db, run_in_group
+from producers.log_producer import LogProducer
 from schemas.base import Event, EventPayload
 from schemas.codec import EventCodec
 from schemas.envelope import Envelope

@@ -15,8 +15,8 @@ import time
 from collections import deque
 from pathlib import Path
 
-from producers.base import Headers, LogProducer, LogWriteError, check_message_size
-from producers.embedded_store import LogFile, Message
+from producers.embedded_log_file import LogFile, Message
+from producers.log_producer import Headers, LogProducer, LogWriteError, check_message_size
 from producers.notify import notifier_for
 from schemas.topics import TOPICS
 

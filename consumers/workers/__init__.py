@@ -1,0 +1,1 @@
+"""The side-effect workers: tools, the dialer, the summariser, the gateways' leases and reaper."""
