@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Self
 
 from producers.log_producer import AsyncService, LogRecord, TopicPartition
 
@@ -62,6 +63,12 @@ class LogAdmin(ABC):
 
     @abstractmethod
     async def close(self) -> None: ...
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
 
 class CommitFailed(RuntimeError):

@@ -30,11 +30,8 @@ async def restore(backend: LogBackend, processor: EventProcessor) -> int:
 
 async def read_to_end(backend: LogBackend, topic: str, handle: Callable[[LogRecord], None], *, what: str) -> int:
     """Hands every record of `topic`, start to end as of now, to `handle`; returns how many."""
-    admin = backend.admin()
-    try:
+    async with backend.admin() as admin:
         ends = await admin.end_offsets(topic)
-    finally:
-        await admin.close()
     remaining = {p: end for p, end in ends.items() if end > 0}
     count = 0
     async with backend.consumer([topic], auto_offset_reset="earliest") as consumer:
@@ -71,11 +68,8 @@ class ProcessorRunner:
         self.ready = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
-        admin = self.backend.admin()
-        try:
+        async with self.backend.admin() as admin:
             await ensure_topics(admin)
-        finally:
-            await admin.close()
         restored = await restore(self.backend, self.processor)
         log.info("%s restored %d entries", self.processor.name, restored)
         async with (

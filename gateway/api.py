@@ -331,12 +331,9 @@ def api_router(runtime: GatewayRuntime) -> APIRouter:
         tenant, _ = caller
         if not DIAL_ID.match(dial_id):
             raise HTTPException(404, "no such dial")
-        admin = runtime.backend.admin()
-        try:
+        async with runtime.backend.admin() as admin:
             history = await read_call(admin, dial_id, topics=(COMMANDS, CALLS),
                                       since_ms=dial_time_ms(dial_id) - DIAL_LOOKBACK_MS)
-        finally:
-            await admin.close()
         mine = [e for e in history.events if e.tenant_id == tenant.id]
         requested = next((e.payload for e in mine if isinstance(e.payload, CallDialRequested)), None)
         if requested is None:

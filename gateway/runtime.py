@@ -145,11 +145,8 @@ class GatewayRuntime:
         return None
 
     async def start(self) -> None:
-        admin = self.backend.admin()
-        try:
+        async with self.backend.admin() as admin:
             await ensure_topics(admin)
-        finally:
-            await admin.close()
         self._lease_producer = self.backend.producer()
         await self._lease_producer.start()
         self._leases = LeaseKeeper(self._lease_producer, self.instance_id)

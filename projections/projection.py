@@ -59,8 +59,5 @@ class HasAdmin(Protocol):
 @contextlib.asynccontextmanager
 async def log_admin(backend: HasAdmin) -> AsyncIterator[LogAdmin]:
     """An admin of the log, closed after use."""
-    admin = backend.admin()
-    try:
+    async with backend.admin() as admin:
         yield admin
-    finally:
-        await admin.close()

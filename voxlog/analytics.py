@@ -94,12 +94,9 @@ class Analytics:
 async def verify_audit_trail(backend: LogBackend, store: AnalyticsStore, tenant: str) -> AuditReport:
     """Brings `audit_log` up to the log, then checks the tenant's rows against the log's events and
     the anchors among them (`projections.audit.compare_with_log`)."""
-    admin = backend.admin()
-    try:
+    async with backend.admin() as admin:
         await ensure_topics(admin)
         projected = await _end_offsets(admin, AuditProjection.topics)
-    finally:
-        await admin.close()
     await ProjectionRunner(backend, store, AuditProjection()).run(asyncio.Event(), until_caught_up=True)
     rows = await asyncio.to_thread(_audit_rows, store, tenant)
     trail = await _log_trail(backend, tenant, rows)  # read after the rows: every row's event is in it
@@ -135,11 +132,8 @@ async def _log_trail(backend: LogBackend, tenant: str, table_rows: Sequence[Sequ
     projection = AuditProjection()
     codec = EventCodec()
     trail = LogTrail(tenant)
-    admin = backend.admin()
-    try:
+    async with backend.admin() as admin:
         ends = await _end_offsets(admin, projection.topics)
-    finally:
-        await admin.close()
     remaining = {tp for tp, end in ends.items() if end > 0}
     started: set[tuple[str, int]] = set()
     async with backend.consumer(list(projection.topics)) as consumer:

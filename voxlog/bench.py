@@ -78,11 +78,8 @@ class _Recorders:
 
 
 async def _end_offsets(backend: LogBackend) -> dict[TopicPartition, int]:
-    admin = backend.admin()
-    try:
+    async with backend.admin() as admin:
         return {TopicPartition(t, p): o for t in CALL_TOPICS for p, o in (await admin.end_offsets(t)).items()}
-    finally:
-        await admin.close()
 
 
 async def _consume(
@@ -134,11 +131,8 @@ async def bench_log(
     backend: LogBackend, *, events: int, rate: int = 5000, seconds: float = 10.0, concurrent: int = 100
 ) -> dict[str, Any]:
     codec = EventCodec()
-    admin = backend.admin()
-    try:
+    async with backend.admin() as admin:
         await ensure_topics(admin)
-    finally:
-        await admin.close()
 
     # Phase 1: throughput.
     run = uuid.uuid4().hex[:8]

@@ -172,11 +172,8 @@ async def _callers_process(stack: LocalStack, calls: int, budget_ms: float,
 
 
 async def _events_in_log(backend: LogBackend) -> int:
-    admin = backend.admin()
-    try:
+    async with backend.admin() as admin:
         return sum([sum((await admin.end_offsets(t)).values()) for t in TOPICS])
-    finally:
-        await admin.close()
 
 
 def _providers(timeline: Timeline, agent: AgentSpec, fallback: FallbackProfile | None, failing: bool) -> Providers:

@@ -88,11 +88,8 @@ async def bench_projections(backend: LogBackend, store: AnalyticsStore, recordin
         known = ", ".join(p.name for p in projections)
         raise ValueError(f"no projection {', '.join(sorted(unknown))}; there are {known}")
     chosen = {p.name for p in projections if not only or p.name in only}
-    admin = backend.admin()
-    try:
+    async with backend.admin() as admin:
         await ensure_topics(admin)
-    finally:
-        await admin.close()
     await _write(backend, uuid.uuid4().hex[:8], events, None)
     await asyncio.to_thread(_warm_up, store)
 

@@ -149,8 +149,7 @@ async def run_calls_demo(settings: Settings) -> tuple[list[DemoCall], QueryResul
         calls = await asyncio.gather(*(play_call(stack, script, tts) for script in SCRIPTS))
         await stack.gateway.wait_idle(30)
         reports = {r.call_id: r for r in stack.gateway.reports}
-        admin = stack.gateway.backend.admin()
-        try:
+        async with stack.gateway.backend.admin() as admin:
             for call in calls:
                 history = await read_call(admin, call.call_id)
                 report = reports.get(call.call_id)
@@ -170,8 +169,6 @@ async def run_calls_demo(settings: Settings) -> tuple[list[DemoCall], QueryResul
                         call.end_reason, call.outcome = p.reason, p.outcome or ""
                 if history.events:
                     call.replay = verify_call(history.events, agent_for(history.events, stack.gateway.router))
-        finally:
-            await admin.close()
         summary = None
         store = stack.gateway.analytics
         if store is not None:

@@ -143,11 +143,8 @@ def serve(
 
 
 async def _make_topics(backend: LogBackend) -> None:
-    admin = backend.admin()
-    try:
+    async with backend.admin() as admin:
         await ensure_topics(admin)  # faust ignores source topics that do not exist yet
-    finally:
-        await admin.close()
 
 
 @app.command()
@@ -181,11 +178,8 @@ def topics() -> None:
     backend = _backend()
 
     async def run() -> None:
-        admin = backend.admin()
-        try:
+        async with backend.admin() as admin:
             infos = await admin.topics()
-        finally:
-            await admin.close()
         table = Table("topic", "partitions", "messages", title=backend.describe())
         for info in infos:
             table.add_row(info.name, str(info.partitions), str(info.messages))
@@ -208,11 +202,8 @@ def events_tail(
     since_ms = None if since is None else int(since.replace(tzinfo=since.tzinfo or datetime.UTC).timestamp() * 1000)
 
     async def run() -> int:
-        admin = backend.admin()
-        try:
+        async with backend.admin() as admin:
             history = await read_call(admin, call, since_ms=since_ms)
-        finally:
-            await admin.close()
         for event in history.events:
             if audio or not event.type.startswith("audio."):
                 typer.echo(describe(event))

@@ -47,8 +47,7 @@ class DemoReport:
 
 async def run_demo(backend: LogBackend, *, calls: int = 3, tenant_id: str = "demo") -> DemoReport:
     codec = EventCodec()
-    admin = backend.admin()
-    try:
+    async with backend.admin() as admin:
         await ensure_topics(admin)
         began_ms = int(time.time() * 1000)
         # Where the log ends now: the demo's consumer group starts there, not at offset 0.
@@ -120,5 +119,3 @@ async def run_demo(backend: LogBackend, *, calls: int = 3, tenant_id: str = "dem
                 )
             )
         return report
-    finally:
-        await admin.close()

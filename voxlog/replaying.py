@@ -20,11 +20,8 @@ async def recorded_call_ids(backend: LogBackend) -> list[str]:
     """Calls with a `call.started` in the log, oldest first per partition, and those with a record
     that cannot be decoded (a call's records are keyed by its id)."""
     ids: dict[str, None] = {}
-    admin = backend.admin()
-    try:
+    async with backend.admin() as admin:
         ends = await admin.end_offsets(CALLS)
-    finally:
-        await admin.close()
     remaining = {p for p, end in ends.items() if end > 0}
     codec = EventCodec()
     async with backend.consumer([CALLS]) as consumer:
@@ -47,8 +44,7 @@ async def recorded_call_ids(backend: LogBackend) -> list[str]:
 async def verify_calls(backend: LogBackend, router: AgentRouter, call_ids: Sequence[str] | None) -> list[ReplayResult]:
     ids = list(call_ids) if call_ids is not None else await recorded_call_ids(backend)
     results = []
-    admin = backend.admin()
-    try:
+    async with backend.admin() as admin:
         for call_id in ids:
             history = await read_call(admin, call_id)
             if history.undecodable:
@@ -65,6 +61,4 @@ async def verify_calls(backend: LogBackend, router: AgentRouter, call_ids: Seque
                 results.append(ReplayResult(call_id, 0, Divergence(0, "call.started", str(exc))))
                 continue
             results.append(verify_call(history.events, agent))
-    finally:
-        await admin.close()
     return results

@@ -237,11 +237,8 @@ class CallReaper:
     async def reap_call(self, call: LeasedCall, instance: str) -> bool:
         """Writes the call's `call.ended` if the log has none; True if it wrote one. A function of the
         log alone, so reapers that race write the same event."""
-        admin = self.admin()
-        try:
+        async with self.admin() as admin:
             history = await read_call(admin, call.call_id, since_ms=call.started_ms - 60_000)
-        finally:
-            await admin.close()
         events = history.events
         if not events or any(isinstance(e.payload, CallEnded) for e in events):
             return False  # never started (the lease was written first), or ended

@@ -65,8 +65,7 @@ class Summariser:
 
     async def summarise(self, writer: EventWriter, ended: Event[EventPayload]) -> CallSummarized | None:
         since_ms = ended.envelope.event_time_us // 1000 - LOOKBACK_MS
-        admin = self.backend.admin()
-        try:
+        async with self.backend.admin() as admin:
             call = await read_call(admin, ended.call_id, since_ms=since_ms)
             started = next((e for e in call.events if isinstance(e.payload, CallStarted)), None)
             if started is None or not isinstance(started.payload, CallStarted):
@@ -76,8 +75,6 @@ class Summariser:
             if key is None or extractive is None:
                 return None
             memory = await read_call(admin, key, topics=(CALLS,))
-        finally:
-            await admin.close()
         if any(isinstance(e.payload, CallSummarized) and e.payload.call_id == ended.call_id for e in memory.events):
             return None  # summarised before (a redelivered call.ended)
         summary, source = await self._llm_summary(ended, started.payload, call.events) or (extractive, OFFLINE_SOURCE)

@@ -53,12 +53,9 @@ CODEC = EventCodec()
 
 @pytest.fixture
 async def admin(backend: LogBackend) -> AsyncIterator[LogAdmin]:
-    log_admin = backend.admin()
-    try:
+    async with backend.admin() as log_admin:
         await create_topics(log_admin, STANDARD_TOPICS)
         yield log_admin
-    finally:
-        await log_admin.close()
 
 
 def new_call_id() -> str:

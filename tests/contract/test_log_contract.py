@@ -57,11 +57,8 @@ SHORT_SESSION_S = {"embedded": 1.0, "kafka": 6.0}
 
 @pytest.fixture
 async def admin(backend: LogBackend) -> AsyncIterator[LogAdmin]:
-    log_admin = backend.admin()
-    try:
+    async with backend.admin() as log_admin:
         yield log_admin
-    finally:
-        await log_admin.close()
 
 
 def group_name() -> str:

@@ -61,12 +61,9 @@ async def write_trail(backend: LogBackend, tenant: str) -> dict[str, str]:
     """A tenant's trail in four chains: six audit records (the audit topic); a call's consent,
     handoff and its outcome (voxlog.calls); its tool call (voxlog.commands); another call's consent,
     alone on its partition (a one-record chain). Returns each chain's source by name."""
-    admin = backend.admin()
-    try:
+    async with backend.admin() as admin:
         await ensure_topics(admin)  # before the first write, which would have Kafka make them its own way
         partitions = {topic.name: topic.partitions for topic in await admin.topics()}
-    finally:
-        await admin.close()
     call, lone = _call_ids(partitions[CALLS])
     async with backend.producer() as producer:
         writer = EventWriter(producer)

@@ -49,11 +49,8 @@ async def agent_done_speaking(caller: TwilioCaller) -> None:
 
 async def events_of(stack: LocalStack, call_id: str) -> list[Event[EventPayload]]:
     await stack.gateway.wait_idle(30)
-    admin = stack.gateway.backend.admin()
-    try:
+    async with stack.gateway.backend.admin() as admin:
         return (await read_call(admin, call_id)).events
-    finally:
-        await admin.close()
 
 
 def types(events: list[Event[EventPayload]]) -> list[str]:
@@ -111,11 +108,8 @@ async def test_a_caller_books_an_appointment_and_says_goodbye(stack: LocalStack)
 
 
 async def call_events_in_log(stack: LocalStack) -> int:
-    admin = stack.gateway.backend.admin()
-    try:
+    async with stack.gateway.backend.admin() as admin:
         return sum([sum((await admin.end_offsets(topic)).values()) for topic in CALL_TOPICS])
-    finally:
-        await admin.close()
 
 
 async def test_a_bad_signature_is_refused_and_only_audited(stack: LocalStack) -> None:
@@ -124,11 +118,8 @@ async def test_a_bad_signature_is_refused_and_only_audited(stack: LocalStack) ->
     response = await caller.ring()
     assert response.status_code == 403
     assert await call_events_in_log(stack) == before, "nothing about a call was logged"
-    admin = stack.gateway.backend.admin()
-    try:
+    async with stack.gateway.backend.admin() as admin:
         records = [r async for r in admin.read_key([AUDIT], caller.call_sid.encode())]
-    finally:
-        await admin.close()
     assert records, "the rejection is audited"
     audit = EventCodec().decode(records[-1].value).payload
     assert isinstance(audit, AuditRecorded)

@@ -66,11 +66,8 @@ async def audit_records(log: LogBackend, tenant: str) -> list[AuditRecorded]:
 
 
 async def _ends(log: LogBackend) -> dict[int, int]:
-    admin = log.admin()
-    try:
+    async with log.admin() as admin:
         return await admin.end_offsets(AUDIT)
-    finally:
-        await admin.close()
 
 
 async def test_each_change_is_audited_once_and_chained(backend: LogBackend, store: AnalyticsStore,
@@ -79,11 +76,8 @@ async def test_each_change_is_audited_once_and_chained(backend: LogBackend, stor
     folder = tenant_agents(tmp_path / "agents", tenant)
     mine = lambda items: {k: v for k, v in items.items() if v.tenant_id == tenant}  # noqa: E731
 
-    admin = backend.admin()
-    try:
+    async with backend.admin() as admin:
         await ensure_topics(admin)  # as the gateway does before it audits its configuration
-    finally:
-        await admin.close()
     async with backend.producer() as producer:
         writer = EventWriter(producer)
         first = await record_config_changes(backend, writer, items_of(folder), actor="test")

@@ -37,11 +37,8 @@ def twilio() -> Iterator[FakeTwilio]:
 
 @pytest.fixture
 async def log(backend: LogBackend) -> LogBackend:
-    admin = backend.admin()
-    try:
+    async with backend.admin() as admin:
         await ensure_topics(admin)
-    finally:
-        await admin.close()
     return backend
 
 
@@ -63,11 +60,8 @@ async def ask(backend: LogBackend, dial_id: str, payload: CallDialRequested) -> 
 
 async def dial_events(backend: LogBackend, dial_id: str, count: int) -> list[Event[EventPayload]]:
     for _ in range(150):
-        admin = backend.admin()
-        try:
+        async with backend.admin() as admin:
             events = (await read_call(admin, dial_id)).events
-        finally:
-            await admin.close()
         if len(events) >= count:
             return events
         await asyncio.sleep(0.1)

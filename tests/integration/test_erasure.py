@@ -151,11 +151,8 @@ def test_an_operator_erases_a_caller_from_the_command_line(tmp_path: Path) -> No
     erasure_id = done.stdout.split(":")[0].strip()
 
     async def read() -> list[Any]:
-        admin = EmbeddedBackend(tmp_path / "log.db").admin()
-        try:
+        async with EmbeddedBackend(tmp_path / "log.db").admin() as admin:
             return (await read_call(admin, erasure_id)).events
-        finally:
-            await admin.close()
 
     (event,) = asyncio.run(read())
     assert isinstance(event.payload, CallerErased)

@@ -24,7 +24,6 @@ import websockets
 
 from consumers.backends import EmbeddedBackend, KafkaBackend, LogBackend
 from consumers.event_reader import read_call
-from consumers.log_consumer import LogAdmin
 from producers.log_producer import TopicPartition
 from schemas.base import Event, EventPayload
 from schemas.codec import EventCodec
@@ -55,19 +54,13 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float, wha
 
 
 async def call_events(backend: LogBackend, call_id: str) -> list[Event[EventPayload]]:
-    admin = backend.admin()
-    try:
+    async with backend.admin() as admin:
         return (await read_call(admin, call_id)).events
-    finally:
-        await admin.close()
 
 
 async def ends(backend: LogBackend) -> dict[TopicPartition, int]:
-    admin = backend.admin()
-    try:
+    async with backend.admin() as admin:
         return {TopicPartition(CALLS, p): end for p, end in (await admin.end_offsets(CALLS)).items()}
-    finally:
-        await admin.close()
 
 
 async def calls_topic_since(backend: LogBackend, start: dict[TopicPartition, int]) -> list[Event[EventPayload]]:
@@ -216,11 +209,8 @@ async def test_api_keys_are_rate_limited_and_strangers_cannot_make_the_audit_tra
         strangers = [(await client.get("/v1/calls/dials/dial-x", headers={"Authorization": f"Bearer guess-{i}"}))
                      for i in range(200)]
         assert Counter(r.status_code for r in strangers) == {401: 10, 429: 190}
-        admin = stack.gateway.backend.admin()
-        try:
+        async with stack.gateway.backend.admin() as admin:
             audited = [r async for r in admin.read_key([AUDIT], b"-")]
-        finally:
-            await admin.close()
         refused = [EventCodec().decode(r.value).payload for r in audited]
         assert sum(1 for p in refused if getattr(p, "action", "") == "api.unauthorized") == 10
         assert sum((await ends(stack.gateway.backend)).values()) == before, "nothing else was written"
@@ -268,11 +258,8 @@ async def test_a_media_stream_claiming_another_call_is_refused_and_the_real_one_
         await stack.gateway.wait_idle(30)
         call_id = instructions.parameters["call_id"]
         assert assert_whole(await call_events(stack.gateway.backend, call_id)).reason == "caller_hangup"
-        admin = stack.gateway.backend.admin()
-        try:
+        async with stack.gateway.backend.admin() as admin:
             audited = [EventCodec().decode(r.value).payload async for r in admin.read_key([AUDIT], call_id.encode())]
-        finally:
-            await admin.close()
         assert [(a.action, a.resource) for a in audited] == [  # type: ignore[attr-defined]
             ("media.call_mismatch", forger.call_sid)]
 
@@ -417,12 +404,9 @@ async def test_a_call_whose_gateway_is_killed_is_ended_once_by_the_gateways_that
     assert events[-1].envelope.event_time_us == events[-2].envelope.event_time_us, "when it was last heard of"
     assert took_s < 60, f"ended {took_s:.0f} s after the survivors started"
 
-    admin: LogAdmin = backend.admin()
-    try:
+    async with backend.admin() as admin:
         copies = [r.value async for r in admin.read_key(list(CALL_TOPICS), call_id.encode())
                   if EventCodec().decode(r.value).type == "call.ended"]
-    finally:
-        await admin.close()
     assert copies
     assert len(set(copies)) == 1, "any second reaper wrote the very same event (read once)"
 

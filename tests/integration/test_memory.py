@@ -54,11 +54,8 @@ async def test_a_caller_who_calls_again_is_greeted_with_what_the_agent_remembers
         key = caller_key("demo", number)
         assert key is not None
         for _ in range(600):  # the summariser works after the call (on a shared broker, after others' calls)
-            admin = stack.gateway.backend.admin()
-            try:
+            async with stack.gateway.backend.admin() as admin:
                 memory = (await read_call(admin, key, topics=(CALLS,))).events
-            finally:
-                await admin.close()
             if memory:
                 break
             await asyncio.sleep(0.1)

@@ -88,11 +88,8 @@ async def api(stack: LocalStack, method: str, path: str, key: str | None = DEMO_
 
 
 async def stream_of(stack: LocalStack, key: str) -> list[Event[EventPayload]]:
-    admin = stack.gateway.backend.admin()
-    try:
+    async with stack.gateway.backend.admin() as admin:
         return (await read_call(admin, key)).events
-    finally:
-        await admin.close()
 
 
 async def wait_for_stream(stack: LocalStack, key: str, predicate: Any, timeout_s: float = 15) -> list[Event[Any]]:
@@ -174,11 +171,8 @@ async def test_the_api_refuses_what_it_must(stack: LocalStack) -> None:
     assert (await api(stack, "GET", f"/v1/calls/dials/{mine}")).status_code == 200
     assert (await api(stack, "GET", f"/v1/calls/dials/{mine}", key=OTHER_KEY)).status_code == 404, "tenant-scoped"
 
-    admin = stack.gateway.backend.admin()
-    try:
+    async with stack.gateway.backend.admin() as admin:
         audit = [e async for e in admin.read_key([AUDIT], b"-")]
-    finally:
-        await admin.close()
     assert len(audit) >= 2, "refused keys are audited"
 
 

@@ -268,10 +268,7 @@ async def test_an_event_a_projection_cannot_take_is_dead_lettered_and_the_rest_p
     (started,) = store.query("SELECT started_at, duration_ms FROM calls FINAL WHERE call_id = 'call-future'").rows
     assert started[0].year == 2299, "a clock gone wrong is held within what ClickHouse stores"
     assert started[1] == 0, "so is a negative duration"
-    admin = log.admin()
-    try:
+    async with log.admin() as admin:
         dead = [r async for r in admin.read_key([DEADLETTER], b"call-future")]
-    finally:
-        await admin.close()
     assert len(dead) == 1
     assert b"cannot take this turn" in dict(dead[0].headers)["vx-dlq-reason"]

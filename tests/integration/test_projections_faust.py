@@ -149,12 +149,9 @@ class Worker:
 
 
 async def log_ends(log: KafkaBackend) -> dict[tuple[str, int], int]:
-    admin = log.admin()
-    try:
+    async with log.admin() as admin:
         topics = {topic for topics in PROJECTION_TOPICS.values() for topic in topics}
         return {(topic, p): end for topic in topics for p, end in (await admin.end_offsets(topic)).items()}
-    finally:
-        await admin.close()
 
 
 async def in_process_tables(log: KafkaBackend, store: AnalyticsStore, tenant: str) -> dict[str, list[Any]]:

@@ -96,12 +96,9 @@ async def _summary(backend: object, key: str | None) -> CallSummarized | None:
     """The call's summary on the caller's memory stream, once the summariser has written it."""
     assert key is not None
     for _ in range(150):
-        admin = backend.admin()  # type: ignore[attr-defined]
-        try:
+        async with backend.admin() as admin:  # type: ignore[attr-defined]
             found = [e.payload for e in (await read_call(admin, key, topics=(CALLS,))).events
                      if isinstance(e.payload, CallSummarized)]
-        finally:
-            await admin.close()
         if found:
             return found[-1]
         await asyncio.sleep(0.1)

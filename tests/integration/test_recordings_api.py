@@ -58,11 +58,9 @@ async def test_a_finished_call_has_a_stereo_recording_and_metrics(
         assert start.content == got.content[:44]  # the WAV header
         assert (await api(stack, "GET", f"/v1/calls/{call_id}/recording", key=OTHER_KEY)).status_code == 404
         assert (await api(stack, "GET", "/v1/calls/..%2F..%2Fetc/recording")).status_code == 404
-        admin = stack.gateway.backend.admin()
-        try:  # audit records are standalone events, not a call's seq-numbered stream: read them all
+        # audit records are standalone events, not a call's seq-numbered stream: read them all
+        async with stack.gateway.backend.admin() as admin:
             audited = [EventCodec().decode(r.value) async for r in admin.read_key((AUDIT,), call_id.encode())]
-        finally:
-            await admin.close()
 
         scraped = await api(stack, "GET", "/metrics", key=None)
     reads = [(e.tenant_id, e.payload.outcome) for e in audited

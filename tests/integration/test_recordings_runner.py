@@ -112,11 +112,8 @@ async def test_the_runner_stores_no_offset_past_what_a_projection_holds(tmp_path
     await running
 
     # Settled after an empty poll, with all the log read: every partition at its end.
-    admin = log.admin()
-    try:
+    async with log.admin() as admin:
         ends = {TopicPartition(CALLS, p): end for p, end in (await admin.end_offsets(CALLS)).items() if end}
-    finally:
-        await admin.close()
     assert projection.settled[0] == ends
     ended = await snapshot(store, (RECORDINGS,))
     assert len(ended["recordings"]) == len(ends)  # a row per partition's first record, given at settling

@@ -37,8 +37,7 @@ async def test_replay_verify_reads_the_log_and_writes_nothing_to_it(tmp_path: Pa
     writer = EmbeddedBackend(path)
     sim = conversation()
     sim.feed(CallEnded(reason="caller_hangup", duration_ms=5000, outcome="booked"))
-    admin = writer.admin()
-    try:
+    async with writer.admin() as admin:
         await ensure_topics(admin)
         async with writer.producer() as producer:
             events = EventWriter(producer)
@@ -50,8 +49,6 @@ async def test_replay_verify_reads_the_log_and_writes_nothing_to_it(tmp_path: Pa
         results = await verify_calls(ReadOnlyBackend(path), AgentRouter([AGENT]), None)
 
         assert await everything_in(admin) == before
-    finally:
-        await admin.close()
     assert {r.call_id: r.identical for r in results} == {sim.call_id: True, "call-unreadable": False}
     unreadable = next(r for r in results if r.call_id == "call-unreadable")
     assert unreadable.divergence is not None

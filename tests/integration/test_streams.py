@@ -26,11 +26,8 @@ from tests.conftest import kafka_bootstrap
 
 
 async def record_calls(backend: LogBackend, count: int, first_index: int = 0) -> dict[str, list[Event[EventPayload]]]:
-    admin = backend.admin()
-    try:
+    async with backend.admin() as admin:
         await ensure_topics(admin)
-    finally:
-        await admin.close()
     calls: dict[str, list[Event[EventPayload]]] = {}
     async with backend.producer() as producer:
         writer = EventWriter(producer)
@@ -116,13 +113,10 @@ async def test_runner_builds_the_registry_and_restores_it_after_a_restart(backen
     await task
 
     # What it published is what it holds: the latest registry message per call.
-    admin = backend.admin()
-    try:
+    async with backend.admin() as admin:
         for call_id, entry in expected.items():
             published = [r async for r in admin.read_key([CALL_REGISTRY], call_id.encode())]
             assert CallEntry.from_json(published[-1].value) == entry
-    finally:
-        await admin.close()
 
 
 @pytest.mark.kafka
@@ -151,10 +145,9 @@ async def test_faust_worker_runs_the_same_processor_on_kafka(tmp_path: Path) -> 
             cwd=tmp_path,
         )
         try:
-            admin = backend.admin()
             deadline = time.monotonic() + 120
             published: dict[str, CallEntry] = {}
-            try:
+            async with backend.admin() as admin:
                 while published != expected:
                     assert worker.returncode is None, log_path.read_text()[-3000:]
                     assert time.monotonic() < deadline, f"registry so far {published}\n{log_path.read_text()[-3000:]}"
@@ -163,8 +156,6 @@ async def test_faust_worker_runs_the_same_processor_on_kafka(tmp_path: Path) -> 
                         if records:
                             published[call_id] = CallEntry.from_json(records[-1].value)
                     await asyncio.sleep(1.0)
-            finally:
-                await admin.close()
         finally:
             worker.terminate()
             try:

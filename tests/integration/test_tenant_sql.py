@@ -109,11 +109,8 @@ async def test_the_sql_api_answers_each_tenant_with_its_own_rows_and_audits_it(
         assert broken.status_code == 400
         assert (await api(stack, "POST", "/v1/sql", key=None, json={"query": "SELECT 1"})).status_code == 401
 
-        admin = stack.gateway.backend.admin()
-        try:
+        async with stack.gateway.backend.admin() as admin:
             audit = [EventCodec().decode(r.value).payload async for r in admin.read_key([AUDIT], b"-")]
-        finally:
-            await admin.close()
         outcomes = [(a.actor, a.outcome) for a in audit if isinstance(a, AuditRecorded) and a.action == "sql.query"]
         assert outcomes == [("api-key:demo-key", "accepted"), ("api-key:other-key", "accepted"),
                             ("api-key:demo-key", "denied"), ("api-key:demo-key", "failed")]

@@ -68,11 +68,8 @@ async def worker(backend: LogBackend, tmp_path: Path, receiver: str) -> AsyncIte
     front = agents[0]
     crm = ToolDefinition(name="update_crm", description="CRM", kind="webhook", webhook_url=receiver)
     agents[0] = front.model_copy(update={"tools": (*front.tools, crm)})
-    admin = backend.admin()
-    try:
+    async with backend.admin() as admin:
         await ensure_topics(admin)
-    finally:
-        await admin.close()
     store = ToolStore(tmp_path / "tools.db")
     async with httpx.AsyncClient(timeout=5) as http:
         tool_worker = ToolWorker(backend, ToolRunner(store, AgentRouter(agents), WebhookSigner(SECRET), http),
@@ -159,11 +156,8 @@ async def test_a_tool_that_keeps_failing_is_dead_lettered_and_the_call_told(
     assert [(p.attempt, p.dead_lettered) for p in attempts] == [(1, False), (2, False), (3, True)]
     unknown = next(p for p in got if isinstance(p, ToolFailed) and p.tool == "no_such_tool")
     assert (unknown.retryable, unknown.dead_lettered, unknown.attempt) == (False, True, 1)
-    admin = backend.admin()
-    try:
+    async with backend.admin() as admin:
         letters = [r async for r in admin.read_key([DEADLETTER], call_id.encode())]
-    finally:
-        await admin.close()
     reasons = [dict(r.headers)[DLQ_REASON].decode() for r in letters]
     assert len(reasons) == 2
     assert any("no_such_tool" in r for r in reasons)

@@ -321,11 +321,8 @@ async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 
 async def call_events(stack: LocalStack, call_id: str) -> list[Event[EventPayload]]:
-    admin = stack.gateway.backend.admin()
-    try:
+    async with stack.gateway.backend.admin() as admin:
         history = await read_call(admin, call_id)
-    finally:
-        await admin.close()
     assert not history.undecodable, history.undecodable
     return history.events
 
