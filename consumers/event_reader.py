@@ -102,6 +102,15 @@ class CallHistory:
     undecodable: list[tuple[LogRecord, str]]
 
 
+CALL_LOOKBACK_MS = 3 * 3600 * 1000
+"""How far before one of its events a call's start is looked for in the log (longer than any call)."""
+
+
+def call_start_bound_ms(seen: Event[EventPayload]) -> int:
+    """The earliest a call that wrote `seen` can have started: `since_ms` for reading it back."""
+    return seen.envelope.event_time_us // 1000 - CALL_LOOKBACK_MS
+
+
 async def read_call(
     admin: LogAdmin,
     call_id: str,

@@ -36,11 +36,11 @@ from operator import itemgetter
 from typing import Any
 
 from consumers.backends import LogBackend
-from consumers.event_reader import read_call
+from consumers.event_reader import call_start_bound_ms, read_call
 from producers.log_producer import LogRecord
 from projections.audit import epoch_us
 from projections.erasure import ErasedCallers, erasure_of_calls
-from projections.projection import CALL_LOOKBACK_MS, log_admin
+from projections.projection import log_admin
 from projections.store import AnalyticsStore
 from projections.tables import (
     CALLS,
@@ -464,7 +464,7 @@ class CallsProjection:
             # folded from less would lose to the newer ones already written. Later seqs are then skipped.
             async with log_admin(backend) as admin:
                 history = await read_call(admin, event.call_id, topics=self.topics,
-                                          since_ms=event.envelope.event_time_us // 1000 - CALL_LOOKBACK_MS)
+                                          since_ms=call_start_bound_ms(event))
             for earlier in history.events:
                 if earlier.type in CallsFold.event_types:
                     out += self.fold.apply(earlier)

@@ -14,9 +14,6 @@ from projections.store import AnalyticsStore
 from projections.tables import Output, Table
 from schemas.base import Event, EventPayload
 
-CALL_LOOKBACK_MS = 3 * 3600 * 1000
-"""How far back a call picked up in the middle is looked for in the log (longer than any call)."""
-
 
 class Projection(Protocol):
     name: str

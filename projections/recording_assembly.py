@@ -1,5 +1,5 @@
 """Assembling a recording: a call's two sides, each 16-bit mono PCM at its own rate, resampled to
-`RATE` and interleaved into one stereo WAV (caller left, agent right) as long as the longer side (a
+`PCM_RATE` and interleaved into one stereo WAV (caller left, agent right) as long as the longer side (a
 missing side is silence).
 
 Each side is resampled once, as one stream: so chunk edges leave no trace (resampling each 20 ms
@@ -19,12 +19,11 @@ from typing import BinaryIO
 import numpy as np
 
 from streams.audio.codecs import Resampler, resample_pcm16
-from streams.providers.base import PCM_RATE
+from streams.audio.formats import PCM_RATE
 
-RATE = PCM_RATE
 """The recordings' sample rate."""
-FORMAT = f"wav/pcm_s16le/{RATE}/stereo"
-BLOCK_FRAMES = RATE * 10
+FORMAT = f"wav/pcm_s16le/{PCM_RATE}/stereo"
+BLOCK_FRAMES = PCM_RATE * 10
 """Frames interleaved at a time when the WAV is assembled from files (10 s: 640 KB)."""
 
 Runs = Iterable[tuple[int, bytes]]
@@ -33,12 +32,12 @@ earlier one where they overlap."""
 
 
 class _Direction:
-    """One side read back at RATE, in order, a block at a time (resampled as one stream)."""
+    """One side read back at PCM_RATE, in order, a block at a time (resampled as one stream)."""
 
     def __init__(self, source: BinaryIO, samples: int, rate: int) -> None:
         self.source = source
-        self.resampler = Resampler(rate, RATE, aligned=True) if rate not in (0, RATE) else None
-        self.frames = samples if self.resampler is None else -(-samples * RATE // rate)
+        self.resampler = Resampler(rate, PCM_RATE, aligned=True) if rate not in (0, PCM_RATE) else None
+        self.frames = samples if self.resampler is None else -(-samples * PCM_RATE // rate)
         self.held = np.zeros(0, dtype="<i2")
 
     def read(self, count: int) -> np.ndarray:
@@ -56,7 +55,7 @@ class _Direction:
 
 
 def _in_memory(side: Runs, rate: int) -> np.ndarray | None:
-    """The side at RATE: resampled in one go, which is what `_Direction` gives a block at a time."""
+    """The side at PCM_RATE: resampled in one go, which is what `_Direction` gives a block at a time."""
     runs = list(side)
     if not runs:
         return None
@@ -67,8 +66,8 @@ def _in_memory(side: Runs, rate: int) -> np.ndarray | None:
         for start, pcm in runs:
             buffer[2 * start : 2 * start + len(pcm)] = pcm
         data = bytes(buffer)
-    if rate not in (0, RATE):
-        data = resample_pcm16(data, rate, RATE)
+    if rate not in (0, PCM_RATE):
+        data = resample_pcm16(data, rate, PCM_RATE)
     return np.frombuffer(data, dtype="<i2")
 
 
@@ -77,7 +76,7 @@ def _stereo_wav(path: Path) -> Iterator[wave.Wave_write]:
     with wave.open(str(path), "wb") as wav:
         wav.setnchannels(2)
         wav.setsampwidth(2)
-        wav.setframerate(RATE)
+        wav.setframerate(PCM_RATE)
         yield wav
 
 

@@ -35,11 +35,12 @@ from pathlib import Path
 from typing import Self
 
 from producers.log_producer import LogRecord, TopicPartition
-from projections.recording_assembly import RATE, wav_from_files, wav_from_memory
+from projections.recording_assembly import wav_from_files, wav_from_memory
 from projections.recording_store import recording_path
 from schemas.base import Event, EventPayload
 from schemas.events import AgentAudioChunk, CallerAudioChunk
 from streams.audio.codecs import mulaw_to_pcm16, resample_pcm16
+from streams.audio.formats import PCM_RATE
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ class CallAudio:
         call.on_disk = True
         if len(data) == _META_16K.size:
             started, first, *tracks = _META_16K.unpack(data)
-            tracks = [*tracks[:4], RATE if tracks[0] >= 0 else 0, *tracks[4:], RATE if tracks[4] >= 0 else 0]
+            tracks = [*tracks[:4], PCM_RATE if tracks[0] >= 0 else 0, *tracks[4:], PCM_RATE if tracks[4] >= 0 else 0]
         elif len(data) == _META.size:
             started, first, *tracks = _META.unpack(data)
         else:
@@ -240,7 +241,7 @@ class AudioBuffer:
         if end_seq is not None and event.seq >= end_seq:
             return  # after the call's end
         audio = _audio(chunk)
-        rate = track.rate or (chunk.sample_rate if chunk.sample_rate in SAMPLE_RATES else RATE)
+        rate = track.rate or (chunk.sample_rate if chunk.sample_rate in SAMPLE_RATES else PCM_RATE)
         if agent:
             assert call.started_us is not None
             played = max(0, (event.envelope.event_time_us - call.started_us) * rate // 1_000_000)

@@ -38,14 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from consumers.event_reader import read_call
+from consumers.event_reader import call_start_bound_ms, read_call
 from producers.log_producer import LogRecord, TopicPartition
 from producers.partitioning import partition_for
 from projections import tables
 from projections.erasure import CALLS_ERASED, ERASED_CALL_IDS, ErasedCallers
 from projections.erasure import parameters as erasure_parameters
-from projections.projection import CALL_LOOKBACK_MS, HasAdmin, log_admin
-from projections.recording_assembly import FORMAT, RATE
+from projections.projection import HasAdmin, log_admin
+from projections.recording_assembly import FORMAT
 from projections.recording_buffer import AudioBuffer, CallAudio, WorkingFiles
 from projections.recording_store import (
     LocalRecordingStore,
@@ -59,6 +59,7 @@ from projections.tables import ERASED_CALLS, ERASURES, RECORDINGS, Output, Table
 from schemas.base import Event, EventPayload
 from schemas.events import AgentAudioChunk, CallEnded, CallerAudioChunk, CallerErased, CallStarted
 from schemas.topics import AUDIO, CALLS
+from streams.audio.formats import PCM_RATE
 from streams.memory import caller_key, person_number
 from streams.redaction import default_redactor
 
@@ -245,7 +246,7 @@ class RecordingsProjection:
             if call is not None and call.started_us is None:
                 call.started_us = event.envelope.event_time_us
                 self._place(call)
-            return [(RECORDINGS, (event.tenant_id, event.call_id, location, FORMAT, 2, RATE, 0, 0, 0, 0,
+            return [(RECORDINGS, (event.tenant_id, event.call_id, location, FORMAT, 2, PCM_RATE, 0, 0, 0, 0,
                                   at(event.envelope.event_time_us), None, 0, event.seq))]
         if isinstance(payload, CallEnded):
             try:
@@ -264,7 +265,7 @@ class RecordingsProjection:
 
     def _row(self, ended: Event[EventPayload], facts: RecordingFacts) -> list[Output]:
         location = self.store.location(ended.tenant_id, ended.call_id)
-        return [(RECORDINGS, (ended.tenant_id, ended.call_id, location, FORMAT, 2, RATE, facts.duration_ms,
+        return [(RECORDINGS, (ended.tenant_id, ended.call_id, location, FORMAT, 2, PCM_RATE, facts.duration_ms,
                               facts.bytes, facts.caller_audio_ms, facts.agent_audio_ms, at(facts.started_us),
                               at(ended.envelope.event_time_us), 1, ended.seq))]
 
@@ -426,7 +427,7 @@ class RecordingsProjection:
         """The call's start from the log: its call.started, or (none there) the earliest event seen."""
         async with log_admin(backend) as admin:
             history = await read_call(admin, call.call_id, topics=(CALLS,),
-                                      since_ms=event.envelope.event_time_us // 1000 - CALL_LOOKBACK_MS)
+                                      since_ms=call_start_bound_ms(event))
         starts = [e.envelope.event_time_us for e in history.events if isinstance(e.payload, CallStarted)]
         seen = [e.envelope.event_time_us for e in history.events]
         call.started_us = starts[0] if starts else min([*seen, call.first_seen_us])
@@ -500,8 +501,8 @@ class RecordingsProjection:
         """Assembles the call's WAV, stores it with its facts, then lets go of its working files (in a
         thread: one hop for all of it)."""
         frames = call.write_wav()
-        facts = RecordingFacts(started_us, frames * 1000 // RATE, call.files.wav.stat().st_size, call.caller.audio_ms,
-                               call.agent.audio_ms)
+        facts = RecordingFacts(started_us, frames * 1000 // PCM_RATE, call.files.wav.stat().st_size,
+                               call.caller.audio_ms, call.agent.audio_ms)
         self.store.put(call.tenant_id, call.call_id, call.files.wav, facts)
         call.clean_up()
         return facts

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable
 
 from consumers.backends import LogBackend
-from consumers.event_reader import ConsumedEvent, read_call
+from consumers.event_reader import ConsumedEvent, call_start_bound_ms, read_call
 from consumers.workers.group_loop import run_in_group
 from producers.event_writer import CallRecorder, EventWriter
 from producers.log_producer import LogProducer
@@ -33,8 +33,6 @@ log = logging.getLogger(__name__)
 
 WORKER = "voxlog.summariser"
 GROUP = "voxlog-summariser"
-LOOKBACK_MS = 3 * 3600 * 1000
-"""How far before its end a call's start is looked for."""
 LLM_SUMMARY_TIMEOUT_S = 30.0
 
 SummaryLlm = Callable[[str, str], LlmProvider | None]
@@ -64,7 +62,7 @@ class Summariser:
         await run_in_group(self.backend, [CALLS], GROUP, stop, handle, ready=self.ready, start=start)
 
     async def summarise(self, writer: EventWriter, ended: Event[EventPayload]) -> CallSummarized | None:
-        since_ms = ended.envelope.event_time_us // 1000 - LOOKBACK_MS
+        since_ms = call_start_bound_ms(ended)
         async with self.backend.admin() as admin:
             call = await read_call(admin, ended.call_id, since_ms=since_ms)
             started = next((e for e in call.events if isinstance(e.payload, CallStarted)), None)

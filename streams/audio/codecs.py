@@ -1,7 +1,7 @@
 """Audio plumbing on raw bytes: G.711 mu-law, resampling, 20 ms frames, levels and WAV files.
 
 Everything here works on signed 16-bit little-endian mono PCM ("pcm16") held in `bytes`, the
-format sessions use (16 kHz, `streams.providers.base.PCM_RATE`); Twilio delivers 8 kHz mu-law and
+format sessions use (16 kHz, `streams.audio.formats.PCM_RATE`); Twilio delivers 8 kHz mu-law and
 espeak-ng writes 22.05 kHz WAV, so channels convert at the edges with these functions. The
 functions are pure; `Resampler` keeps the little state a stream of 20 ms frames needs so that
 frame boundaries leave no trace in the output.

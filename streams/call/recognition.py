@@ -15,9 +15,10 @@ from collections.abc import Callable
 
 from producers.event_writer import CallRecorder
 from schemas.events import CallerAudioChunk, SpeechStarted, SpeechStopped, TranscriptFinal, TranscriptInterim, Word
+from streams.audio.formats import FRAME_MS
 from streams.audio.vad import Vad
 from streams.call.inputs import CallInputs
-from streams.call.transport import FRAME_MS, MediaTransport
+from streams.call.transport import MediaTransport
 from streams.providers.base import AsrProvider, AsrStream, ProviderError, Recognition
 
 PREROLL_FRAMES = 15  # 300 ms before the VAD's confirmation go to the recogniser with the speech

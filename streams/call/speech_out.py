@@ -15,9 +15,10 @@ from typing import Any
 
 from producers.event_writer import CallRecorder
 from schemas.events import AgentAudioChunk, ErrorRaised, TtsCompleted
+from streams.audio.formats import FRAME_MS
 from streams.call.core import Speak
 from streams.call.inputs import CallInputs
-from streams.call.transport import FRAME_MS, MediaTransport, TransportClosed
+from streams.call.transport import MediaTransport, TransportClosed
 from streams.providers.base import ProviderError, TtsProvider, close_chunks
 
 Spawn = Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]

@@ -8,12 +8,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Literal
 
-from streams.providers.base import MULAW_RATE, PCM_RATE, SpeechCodec
+from streams.audio.formats import MULAW_RATE, PCM_RATE
+from streams.providers.base import SpeechCodec
 
 Channel = Literal["phone", "sip", "widget"]
-
-FRAME_MS = 20
-FRAME_BYTES = PCM_RATE * 2 * FRAME_MS // 1000  # 640: 20 ms of 16 kHz 16-bit mono
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,12 +22,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn, Protocol
 
 from streams.audio.codecs import Resampler, mulaw_to_pcm16, pcm16_to_mulaw
+from streams.audio.formats import MULAW_FRAME_BYTES, MULAW_RATE, PCM_RATE
 
-TWILIO_RATE = 8000
-SESSION_RATE = 16000
-FRAME_MS = 20
-MULAW_FRAME_BYTES = TWILIO_RATE * FRAME_MS // 1000
-"""160: one 20 ms media payload from Twilio."""
 MAX_MESSAGE_CHARS = 64 * 1024
 """Twilio's messages are a few hundred bytes; this bounds the parser's work on garbage."""
 EXCERPT_CHARS = 120
@@ -61,7 +57,7 @@ def excerpt(raw: str | bytes, limit: int = EXCERPT_CHARS) -> str:
 @dataclass(frozen=True, slots=True)
 class MediaFormat:
     encoding: str = MULAW_ENCODING
-    sample_rate: int = TWILIO_RATE
+    sample_rate: int = MULAW_RATE
     channels: int = 1
 
 
@@ -329,9 +325,9 @@ def _parse_start(reader: _Reader) -> Start:
     encoding = reader.string(fmt, "encoding", "start.mediaFormat.encoding")
     rate = reader.counter(fmt, "sampleRate", "start.mediaFormat.sampleRate")
     channels = reader.counter(fmt, "channels", "start.mediaFormat.channels")
-    if (encoding, rate, channels) != (MULAW_ENCODING, TWILIO_RATE, 1):
+    if (encoding, rate, channels) != (MULAW_ENCODING, MULAW_RATE, 1):
         reader.fail(
-            f"unsupported media format {encoding} {rate} Hz x{channels}; expected {MULAW_ENCODING} {TWILIO_RATE} Hz x1"
+            f"unsupported media format {encoding} {rate} Hz x{channels}; expected {MULAW_ENCODING} {MULAW_RATE} Hz x1"
         )
     return Start(
         stream_sid=stream_sid,
@@ -339,7 +335,7 @@ def _parse_start(reader: _Reader) -> Start:
         call_sid=reader.string(start, "callSid", "start.callSid"),
         tracks=tuple(tracks_value),
         custom_parameters=dict(params_value),
-        media_format=MediaFormat(encoding, TWILIO_RATE, 1),
+        media_format=MediaFormat(encoding, MULAW_RATE, 1),
         sequence_number=reader.sequence(),
     )
 
@@ -483,8 +479,8 @@ class StreamingPhoneCodec:
     20 ms frame out (4 ms of filter delay), with no seams at frame boundaries."""
 
     def __init__(self) -> None:
-        self._up = Resampler(TWILIO_RATE, SESSION_RATE)
-        self._down = Resampler(SESSION_RATE, TWILIO_RATE)
+        self._up = Resampler(MULAW_RATE, PCM_RATE)
+        self._down = Resampler(PCM_RATE, MULAW_RATE)
 
     def decode(self, mulaw: bytes) -> bytes:
         return self._up.process(mulaw_to_pcm16(mulaw))
@@ -494,7 +490,7 @@ class StreamingPhoneCodec:
 
     def reset_encoder(self) -> None:
         """Forgets agent audio held in the filter (after a clear)."""
-        self._down = Resampler(SESSION_RATE, TWILIO_RATE)
+        self._down = Resampler(PCM_RATE, MULAW_RATE)
 
 
 # --------------------------------------------------------------------------- one stream, in order

@@ -15,9 +15,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from streams.call.transport import FRAME_BYTES
+from streams.audio.formats import PCM_FRAME_BYTES
 
-MAX_FRAME_BYTES = FRAME_BYTES * 10
+MAX_FRAME_BYTES = PCM_FRAME_BYTES * 10
 """200 ms: more in one message is not a live microphone."""
 PAGE_FIELD_CHARS = 500
 
@@ -75,9 +75,9 @@ class PageReader:
             return [BadFrame(f"audio frame of {len(message)} bytes")]
         self._pending += message
         frames: list[PageEvent] = []
-        while len(self._pending) >= FRAME_BYTES:
-            frames.append(PageAudio(self._pending[:FRAME_BYTES]))
-            self._pending = self._pending[FRAME_BYTES:]
+        while len(self._pending) >= PCM_FRAME_BYTES:
+            frames.append(PageAudio(self._pending[:PCM_FRAME_BYTES]))
+            self._pending = self._pending[PCM_FRAME_BYTES:]
         return frames
 
 

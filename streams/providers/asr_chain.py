@@ -24,8 +24,8 @@ import contextlib
 from collections import deque
 from dataclasses import replace
 
+from streams.audio.formats import PCM_RATE
 from streams.providers.base import (
-    PCM_RATE,
     AsrProvider,
     AsrStream,
     ChainReport,

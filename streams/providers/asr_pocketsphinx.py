@@ -57,8 +57,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from streams.audio.formats import PCM_RATE
 from streams.providers.base import (
-    PCM_RATE,
     AsrCapabilities,
     AsrProvider,
     AsrStream,

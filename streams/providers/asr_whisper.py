@@ -32,8 +32,8 @@ import wave
 import openai
 from openai.types.audio import TranscriptionVerbose
 
+from streams.audio.formats import PCM_RATE
 from streams.providers.base import (
-    PCM_RATE,
     AsrCapabilities,
     AsrProvider,
     AsrStream,

@@ -23,10 +23,7 @@ from enum import StrEnum
 from typing import Literal
 
 from streams.audio.codecs import pcm16_to_mulaw
-
-PCM_RATE = 16_000
-"""Sessions work in 16 kHz mono signed 16-bit little-endian PCM; channels convert at the edges."""
-MULAW_RATE = 8_000
+from streams.audio.formats import MULAW_RATE, PCM_RATE
 
 SpeechCodec = Literal["pcm_s16le", "mulaw"]
 """How speech comes out of a TTS provider: 16-bit PCM at the rate asked for, or G.711 mu-law at 8 kHz

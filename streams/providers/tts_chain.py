@@ -22,8 +22,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from streams.audio.formats import PCM_RATE
 from streams.providers.base import (
-    PCM_RATE,
     ErrorKind,
     ProviderError,
     Speech,

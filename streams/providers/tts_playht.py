@@ -32,7 +32,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 import httpx
 
 from streams.audio.codecs import WavChunks
-from streams.providers.base import MULAW_RATE, ErrorKind, ProviderError, TtsCapabilities
+from streams.audio.formats import MULAW_RATE
+from streams.providers.base import ErrorKind, ProviderError, TtsCapabilities
 from streams.providers.cloud import StreamTimeouts
 from streams.providers.tts_common import AudioResponse, CloudTts, decode
 

@@ -20,7 +20,8 @@ from fastapi import FastAPI, WebSocket
 from gateway.twilio_media_transport import TwilioMediaTransport, iterate_media, wait_for_start
 from gateway.widget import WidgetTransport, iterate_page
 from streams.audio.codecs import Resampler, pcm16_to_mulaw
-from streams.call.transport import FRAME_BYTES, FRAME_MS, MediaTransport, TransportClosed
+from streams.audio.formats import FRAME_MS, PCM_FRAME_BYTES
+from streams.call.transport import MediaTransport, TransportClosed
 from streams.channels.twilio_media_protocol import Mark
 from streams.channels.twilio_webhook_protocol import MEDIA_PATH
 from streams.channels.widget_protocol import MarkReached, parse_hello
@@ -169,9 +170,9 @@ async def link(request: pytest.FixtureRequest) -> AsyncIterator[Link]:
 
 def speech_frames(count: int) -> list[bytes]:
     """Agent audio, 20 ms frames of 16 kHz PCM, each unlike the others."""
-    samples = np.random.default_rng(20).integers(-12_000, 12_000, count * FRAME_BYTES // 2, dtype="<i2")
+    samples = np.random.default_rng(20).integers(-12_000, 12_000, count * PCM_FRAME_BYTES // 2, dtype="<i2")
     audio = samples.tobytes()
-    return [audio[i : i + FRAME_BYTES] for i in range(0, len(audio), FRAME_BYTES)]
+    return [audio[i : i + PCM_FRAME_BYTES] for i in range(0, len(audio), PCM_FRAME_BYTES)]
 
 
 def native_frames(transport: MediaTransport, count: int) -> list[bytes]:

@@ -28,9 +28,8 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from streams.audio.codecs import pcm16_to_mulaw, resample_pcm16
+from streams.audio.formats import MULAW_FRAME_BYTES, MULAW_RATE
 from streams.channels.twilio_media_protocol import (
-    MULAW_FRAME_BYTES,
-    TWILIO_RATE,
     Connected,
     Dtmf,
     InboundEvent,
@@ -363,7 +362,7 @@ class TwilioCaller(MediaPeer):
 
     def _play(self, message: OutboundMessage) -> None:
         if isinstance(message, OutboundMedia):
-            self._hear(message.payload, len(message.payload) / TWILIO_RATE)
+            self._hear(message.payload, len(message.payload) / MULAW_RATE)
         elif isinstance(message, OutboundMark):
             self.speaker.mark(message.name)
         elif isinstance(message, OutboundClear):
