@@ -9,6 +9,14 @@ from typing import Any
 
 import faust
 
+from producers.log_producer import LogRecord
+
+
+def faust_record(message: Any) -> LogRecord:
+    """A faust message as the log's record (its timestamp in milliseconds, as the log's)."""
+    return LogRecord(message.topic, message.partition, message.offset, message.key, bytes(message.value),
+                     tuple(message.headers or ()), round(message.timestamp * 1000))
+
 
 def faust_app(app_id: str, bootstrap: str, **settings: Any) -> faust.App:
     """A faust app with voxlog's shared settings; `settings` adds to them."""

@@ -4,7 +4,7 @@ worker`).
 Each processor becomes an agent over its topics. Faust consumes in the app's group, acks an event
 once the agent has handled it, and flushes its producer before committing acked offsets, so what a
 processor emits is durable before its input is marked done: the same at-least-once contract as
-`streams.runner`. A processor's state is restored from its output topic when the worker starts.
+`consumers.processor_runner`. A processor's state is restored from its output topic when the worker starts.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import faust
 
 from consumers.backends import KafkaBackend
 from consumers.event_reader import dead_letter_headers
-from consumers.faust_common import faust_app
+from consumers.faust_common import faust_app, faust_record
 from consumers.processor_runner import restore
-from producers.log_producer import LogRecord
 from schemas.codec import EventCodec, UndecodableMessage
 from schemas.topics import DEADLETTER, TOPICS
 from streams.processors.processor import EventProcessor
@@ -39,25 +38,12 @@ def build_app(bootstrap: str, processors: Sequence[EventProcessor]) -> faust.App
         async def agent(stream: Any) -> None:
             await restore(KafkaBackend(bootstrap), processor)
             async for event in stream.events():
-                message = event.message
-                value = bytes(message.value)
+                record = faust_record(event.message)
                 try:
-                    decoded = codec.decode(value)
+                    decoded = codec.decode(record.value)
                 except UndecodableMessage as exc:
-                    record = LogRecord(
-                        message.topic,
-                        message.partition,
-                        message.offset,
-                        message.key,
-                        value,
-                        tuple(message.headers or ()),
-                        message.timestamp,
-                    )
-                    await dead_letters.send(
-                        key=message.key or b"",
-                        value=value,
-                        headers=dead_letter_headers(record, str(exc), processor.name),
-                    )
+                    await dead_letters.send(key=record.key or b"", value=record.value,
+                                            headers=dead_letter_headers(record, str(exc), processor.name))
                     continue
                 for emit in processor.process(decoded):
                     await outputs[emit.topic].send(key=emit.key, value=emit.value)

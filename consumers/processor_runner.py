@@ -7,9 +7,9 @@ import logging
 from collections.abc import Callable, Sequence
 
 from consumers.backends import LogBackend, ensure_topics
-from consumers.event_reader import EventConsumer
-from consumers.log_consumer import CommitFailed
-from producers.log_producer import LogRecord
+from consumers.event_reader import ConsumedEvent
+from consumers.group_loop import run_in_group
+from producers.log_producer import LogProducer, LogRecord
 from streams.processors.call_registry import CallRegistry
 from streams.processors.processor import EventProcessor
 
@@ -72,24 +72,14 @@ class ProcessorRunner:
             await ensure_topics(admin)
         restored = await restore(self.backend, self.processor)
         log.info("%s restored %d entries", self.processor.name, restored)
-        async with (
-            self.backend.producer() as producer,
-            self.backend.consumer(self.processor.topics, group_id=self.processor.name) as consumer,
-        ):
-            events = EventConsumer(consumer, producer, name=self.processor.name)
-            self.ready.set()
-            while not stop.is_set():
-                batch = await events.poll(timeout_s=0.2, max_records=self.max_batch)
-                for item in batch:
-                    for emit in self.processor.process(item.event):
-                        await producer.send(emit.topic, emit.key, emit.value)
-                self.processed += len(batch)
-                if batch:
-                    await producer.flush()
-                    try:
-                        await events.commit()
-                    except CommitFailed as exc:  # rebalanced: the new owner replays from the last commit
-                        log.warning("%s: %s", self.processor.name, exc)
+
+        async def handle(producer: LogProducer, item: ConsumedEvent) -> None:
+            for emit in self.processor.process(item.event):
+                await producer.send(emit.topic, emit.key, emit.value)
+            self.processed += 1
+
+        await run_in_group(self.backend, self.processor.topics, self.processor.name, stop, handle, ready=self.ready,
+                           max_records=self.max_batch)
 
 
 async def run_processors(backend: LogBackend, processors: Sequence[EventProcessor], stop: asyncio.Event) -> None:

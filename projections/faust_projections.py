@@ -61,8 +61,8 @@ from mode.supervisors import CrashingSupervisor
 
 from consumers.backends import KafkaBackend
 from consumers.event_reader import decode_records
-from consumers.faust_common import faust_app
-from producers.log_producer import LogProducer, LogRecord, TopicPartition
+from consumers.faust_common import faust_app, faust_record
+from producers.log_producer import LogProducer, TopicPartition
 from projections.projection import Projection
 from projections.projection_runner import ProjectionRunner
 from projections.store import AnalyticsStore
@@ -74,11 +74,6 @@ BATCH_RECORDS = 2000
 BATCH_WITHIN_S = 1.0
 SESSION_TIMEOUT_S = 10.0
 """How long a silent worker keeps its partitions: also how long a restart after a crash waits."""
-
-
-def _record(message: Any) -> LogRecord:
-    return LogRecord(message.topic, message.partition, message.offset, message.key, bytes(message.value),
-                     tuple(message.headers or ()), round(message.timestamp * 1000))
 
 
 class ProjectionAgent:
@@ -121,7 +116,7 @@ class ProjectionAgent:
                     await self._project(events, dead_letters)
 
     async def _project(self, events: Sequence[Any], dead_letters: LogProducer) -> None:
-        records = [_record(e.message) for e in events if e.message.generation_id == self.generation]
+        records = [faust_record(e.message) for e in events if e.message.generation_id == self.generation]
         if not records:
             return  # fetched before this assignment's seek, which reads them again
         decoded, _ = await decode_records(records, self.codec, dead_letters, self.name, self.projection.event_types)

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from consumers.backends import LogBackend
 from consumers.event_reader import ConsumedEvent
-from consumers.workers.group_loop import open_state_db, run_in_group
+from consumers.group_loop import run_in_group
+from consumers.workers.state_file import open_state_db
 from producers.event_writer import CallRecorder, EventWriter
 from producers.log_producer import LogProducer
 from schemas.base import EventPayload

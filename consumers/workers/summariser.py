@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from consumers.backends import LogBackend
 from consumers.event_reader import ConsumedEvent, call_start_bound_ms, read_call
-from consumers.workers.group_loop import run_in_group
+from consumers.group_loop import run_in_group
 from producers.event_writer import CallRecorder, EventWriter
 from producers.log_producer import LogProducer
 from schemas.base import Event, EventPayload

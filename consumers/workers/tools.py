@@ -26,7 +26,8 @@ import httpx
 
 from consumers.backends import LogBackend
 from consumers.event_reader import ConsumedEvent, dead_letter_headers
-from consumers.workers.group_loop import open_state_db, run_in_group
+from consumers.group_loop import run_in_group
+from consumers.workers.state_file import open_state_db
 from producers.log_producer import LogProducer
 from schemas.base import Event, EventPayload
 from schemas.codec import EventCodec

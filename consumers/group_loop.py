@@ -1,13 +1,11 @@
-"""What the side-effect workers (tools, dialer, summariser) share: the consumer-group loop and their
-own SQLite state file."""
+"""The consumer-group loop the side-effect workers (tools, dialer, summariser) and the stream
+processors share."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 
 from consumers.backends import LogBackend
 from consumers.event_reader import ConsumedEvent, EventConsumer
@@ -31,6 +29,7 @@ async def run_in_group(
     start: Callable[[LogProducer], Awaitable[None]] | None = None,
     finish: Callable[[], Awaitable[None]] | None = None,
     codec: EventCodec | None = None,
+    max_records: int = 1000,
 ) -> None:
     """Consumes `topics` in consumer group `group` until `stop`: each event to `handle`, then what
     the handlers sent is flushed and the offsets committed (at-least-once: handlers are idempotent).
@@ -42,7 +41,7 @@ async def run_in_group(
                 await start(producer)
             ready.set()
             while not stop.is_set():
-                batch = await events.poll(timeout_s=0.2)
+                batch = await events.poll(timeout_s=0.2, max_records=max_records)
                 for item in batch:
                     await handle(producer, item)
                 if batch:
@@ -53,12 +52,3 @@ async def run_in_group(
         finally:
             if finish is not None:
                 await finish()
-
-
-def open_state_db(path: Path) -> sqlite3.Connection:
-    """A worker's own SQLite file: autocommit (transactions are explicit), WAL, shared by threads
-    under the caller's lock."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-    db.execute("PRAGMA journal_mode=WAL")
-    return db
