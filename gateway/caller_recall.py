@@ -24,7 +24,7 @@ async def recall(analytics: AnalyticsStore | None, call: InboundCall) -> MemoryL
     """What the tenant remembers of this caller (newest first); None when the caller has no key (no
     number) or there is no ClickHouse. Bounded in time: a slow lookup costs the caller a greeting
     without memory, not a wait."""
-    number = call.to_number if call.direction == "outbound" else call.from_number
+    number = call.started.to_number if call.started.direction == "outbound" else call.started.from_number
     key = caller_key(call.tenant_id, number)
     if key is None or analytics is None:
         return None

@@ -286,10 +286,11 @@ class GatewayRuntime:
         if refusal is None:
             return None
         log.info("call %s (%s) refused: %s", call.call_id, call.tenant_id, refusal.detail)  # counted in metrics
-        payload = CallRefused(reason=refusal.reason, detail=refusal.detail, channel=call.channel,
-                              direction=call.direction, agent_id=call.agent_id, live_calls=refusal.live_calls,
-                              limit=refusal.limit, from_number=call.from_number, to_number=call.to_number,
-                              provider_call_id=call.provider_call_id)
+        started = call.started
+        payload = CallRefused(reason=refusal.reason, detail=refusal.detail, channel=started.channel,
+                              direction=started.direction, agent_id=started.agent_id, live_calls=refusal.live_calls,
+                              limit=refusal.limit, from_number=started.from_number, to_number=started.to_number,
+                              provider_call_id=started.provider_call_id)
         recorder = CallRecorder(self.writer, tenant_id=call.tenant_id, call_id=call.call_id, producer=PRODUCER,
                                 producer_version=__version__)
         if self._producer is not None and self._producer.stalled_s() <= LOG_STALL_S:
@@ -321,7 +322,7 @@ class GatewayRuntime:
             try:
                 async with asyncio.timeout(LEASE_HOLD_TIMEOUT_S):
                     await self._leases.hold(LeasedCall(call.call_id, call.tenant_id, time.time_ns() // 1_000_000,
-                                                       call.provider_call_id))
+                                                       call.started.provider_call_id))
             except Exception as exc:  # the log is away: the call never starts (nothing of it is in the log)
                 log.error("call %s not started: its owner could not be put on record: %s", call.call_id, exc)
                 await session.refused("the gateway cannot record calls now")

@@ -32,7 +32,7 @@ from gateway.twilio_webhook_routes import (
 )
 from producers.event_writer import CallRecorder
 from schemas.base import EventPayload
-from schemas.events import CallStatus
+from schemas.events import CallStarted, CallStatus
 from schemas.version import __version__
 from streams.call.core import RETURNED_FROM_HANDOFF, handoff_id_of
 from streams.call.transport import InboundCall
@@ -84,11 +84,12 @@ class TwilioCallFlow:
             "outbound" if form.get("Direction", "inbound").startswith("outbound") else "inbound"
         )
         call = InboundCall(
-            call_id=outbound.call_id if outbound is not None else new_call_id(), channel="phone",
-            direction=direction, tenant_id=agent.tenant, agent_id=agent.id,
-            routed_by="outbound_request" if outbound is not None else "number",
-            from_number=form.get("From"), to_number=form.get("To"), provider_call_id=form.get("CallSid"),
-            parameters={**outbound.parameters, "dial_id": outbound.dial_id} if outbound is not None else {})
+            call_id=outbound.call_id if outbound is not None else new_call_id(), tenant_id=agent.tenant,
+            started=CallStarted(
+                channel="phone", direction=direction, agent_id=agent.id, agent_version=agent.version,
+                routed_by="outbound_request" if outbound is not None else "number",
+                from_number=form.get("From"), to_number=form.get("To"), provider_call_id=form.get("CallSid"),
+                parameters={**outbound.parameters, "dial_id": outbound.dial_id} if outbound is not None else {}))
         refusal = await self.runtime.admit(call)
         if refusal is not None:
             raise CallRejected(refusal.detail, busy=True)
@@ -137,10 +138,12 @@ class TwilioCallFlow:
             return None
         direction: Literal["inbound", "outbound"] = "outbound" if query.get("direction") == "outbound" else "inbound"
         back = InboundCall(
-            call_id=new_call_id(), channel="phone", direction=direction, tenant_id=tenant, agent_id=agent.id,
-            routed_by="handoff_return", from_number=form.get("From"), to_number=form.get("To"),
-            provider_call_id=call_sid or None,
-            parameters={RETURNED_FROM_HANDOFF: call_id, "handoff_outcome": outcome.outcome})
+            call_id=new_call_id(), tenant_id=tenant,
+            started=CallStarted(
+                channel="phone", direction=direction, agent_id=agent.id, agent_version=agent.version,
+                routed_by="handoff_return", from_number=form.get("From"), to_number=form.get("To"),
+                provider_call_id=call_sid or None,
+                parameters={RETURNED_FROM_HANDOFF: call_id, "handoff_outcome": outcome.outcome}))
         if await self.runtime.admit(back) is not None:
             return None  # no room to take the caller back: they are hung up (recorded as call.refused)
         return self._await_stream(back)
@@ -155,12 +158,12 @@ class TwilioCallFlow:
         self._pending[call.call_id] = call
         while len(self._pending) > PENDING_CALLS:
             self._pending.popitem(last=False)
-        return call.call_id, {"tenant": call.tenant_id, "agent": call.agent_id}
+        return call.call_id, {"tenant": call.tenant_id, "agent": call.started.agent_id}
 
     async def _record_late(self, call_sid: str, payload: EventPayload) -> bool:
         """Records what the carrier reports about a call into that call: live, or recently ended."""
         for session in self.runtime.sessions.values():
-            if session.call.provider_call_id == call_sid:
+            if session.call.started.provider_call_id == call_sid:
                 session.observe(payload)
                 return True
         recorder = self._ended.get(call_sid)
@@ -191,22 +194,23 @@ class TwilioCallFlow:
     async def _claim(self, start: Start) -> InboundCall | None:
         """The pending call a stream's `start` names, if the stream is that call's."""
         call = self._pending.pop(start.custom_parameters.get(CALL_ID_PARAMETER, ""), None)
-        if call is None or not call.provider_call_id or start.call_sid == call.provider_call_id:
+        if call is None or not call.started.provider_call_id or start.call_sid == call.started.provider_call_id:
             return call
         # Another call's stream (a replayed or forged start) gets nothing; the answered call keeps its place.
         self._pending[call.call_id] = call
         await self.runtime.audit(tenant_id=call.tenant_id, call_id=call.call_id, actor="twilio-media",
                                  action="media.call_mismatch", resource=start.call_sid, outcome="denied",
                                  detail=f"the stream's start names CallSid {start.call_sid}, the call is "
-                                        f"{call.provider_call_id}", remote_addr=None)
+                                        f"{call.started.provider_call_id}", remote_addr=None)
         return None
 
     async def _converse(self, call: InboundCall, start: Start, websocket: WebSocket,
                         events: AsyncIterator[MediaEvent]) -> None:
         runtime = self.runtime
-        agent = runtime.router.get(call.tenant_id, call.agent_id)
+        agent = runtime.router.get(call.tenant_id, call.started.agent_id)
         action = f"{public_base_url(websocket, runtime.public_url)}{DIAL_ACTION_PATH}?" + urlencode(
-            {"call_id": call.call_id, "tenant": call.tenant_id, "agent": call.agent_id, "direction": call.direction})
+            {"call_id": call.call_id, "tenant": call.tenant_id, "agent": call.started.agent_id,
+             "direction": call.started.direction})
         transport = TwilioMediaTransport.from_start(websocket, start, rest=runtime.rest,
                                                     transfer_twiml=partial(dial_twiml, action=action))
         session = runtime.open_session(call, agent, transport, memory=await recall(runtime.analytics, call))
@@ -228,8 +232,8 @@ class TwilioCallFlow:
             # No-op when the call already ended; uvicorn closes the sockets first when it shuts down.
             session.closed("shutdown" if runtime.draining else "socket_closed")
             await running
-            if call.provider_call_id:
-                self._ended[call.provider_call_id] = session.recorder
+            if call.started.provider_call_id:
+                self._ended[call.started.provider_call_id] = session.recorder
                 while len(self._ended) > LATE_STATUS_CALLS:
                     self._ended.popitem(last=False)
             await transport.close()

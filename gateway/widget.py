@@ -19,6 +19,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 
 from gateway.caller_recall import recall
 from gateway.runtime import GatewayRuntime, new_call_id
+from schemas.events import CallStarted
 from streams.call.transport import Channel, InboundCall, MediaTransport, TransportClosed
 from streams.channels.widget_protocol import (
     BadFrame,
@@ -133,8 +134,10 @@ def widget_router(gateway: GatewayRuntime) -> APIRouter:
                 await websocket.send_text(error_message(f"cannot start: {exc}"))
                 await websocket.close(code=1008)
             return
-        call = InboundCall(call_id=new_call_id(), channel="widget", direction="inbound", tenant_id=agent.tenant,
-                           agent_id=agent.id, routed_by="widget_key", parameters={"page": hello.page})
+        call = InboundCall(call_id=new_call_id(), tenant_id=agent.tenant,
+                           started=CallStarted(channel="widget", direction="inbound", agent_id=agent.id,
+                                               agent_version=agent.version, routed_by="widget_key",
+                                               parameters={"page": hello.page}))
         refusal = await gateway.admit(call)
         if refusal is not None:  # the page says so; 1013: try again later
             with contextlib.suppress(Exception):

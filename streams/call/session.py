@@ -26,7 +26,6 @@ from schemas.base import Event, EventPayload
 from schemas.events import (
     CallAnswered,
     CallEnded,
-    CallStarted,
     DtmfReceived,
     ErrorRaised,
     HandoffCompleted,
@@ -153,11 +152,7 @@ class CallSession:
         call's inputs, when the session is made: whatever the channel reports before `run` (the caller
         gone already) and whatever fails after (opening recognition can) comes after it in the log."""
         self._started_us = self.clock_us()
-        call = self.call
-        self._inputs.submit(CallStarted(channel=call.channel, direction=call.direction, agent_id=self.agent.id,
-                                        agent_version=self.agent.version, from_number=call.from_number,
-                                        to_number=call.to_number, provider_call_id=call.provider_call_id,
-                                        routed_by=call.routed_by, parameters=dict(call.parameters)))
+        self._inputs.submit(self.call.started)
         if self.memory is not None:
             self._inputs.submit(self.memory)
         self._inputs.submit(CallAnswered(answered_by=None))

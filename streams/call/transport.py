@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
+from schemas.events import CallStarted
 from streams.audio.formats import MULAW_RATE, PCM_RATE
 from streams.providers.base import SpeechCodec
 
@@ -98,15 +99,9 @@ class MediaTransport(ABC):
 
 @dataclass(frozen=True)
 class InboundCall:
-    """What a channel knows when a call connects, for routing and the `call.started` event."""
+    """A call that connected and was routed: whose it is, and its `call.started` (what the channel
+    knows and the router chose), the first event the session records."""
 
     call_id: str
-    channel: Channel
-    direction: Literal["inbound", "outbound"]
     tenant_id: str
-    agent_id: str
-    routed_by: str
-    from_number: str | None = None
-    to_number: str | None = None
-    provider_call_id: str | None = None
-    parameters: dict[str, str] = field(default_factory=dict)
+    started: CallStarted
