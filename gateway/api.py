@@ -27,7 +27,7 @@ from starlette.background import BackgroundTask
 from consumers.event_reader import read_call
 from gateway.admission import retry_after
 from gateway.runtime import PRODUCER, GatewayRuntime, new_call_id
-from producers.event_writer import CallRecorder, standalone_event
+from producers.event_writer import CallRecorder
 from projections.recording_store import RangeNotSatisfiable, RecordingStoreError
 from projections.store import AnalyticsError
 from projections.tenant_sql import ForbiddenQuery, QueryFailed
@@ -38,7 +38,7 @@ from schemas.version import __version__
 from streams.channels.twilio_outbound import DIAL_ID, check_parameters
 from streams.config.agents import RoutingError
 from streams.config.tenants import E164, TenantSpec
-from streams.memory import erasure, new_erasure_id
+from streams.memory import request_erasure
 
 _BYTE_RANGE = re.compile(r"bytes=(\d+-\d*|-\d+)")
 """One byte range (the store is asked for it as it is); several in one request get the whole file."""
@@ -237,13 +237,11 @@ def api_router(runtime: GatewayRuntime) -> APIRouter:
         """Forget a caller: their memory, and their calls that started before now, in every table and
         recording (the erasure is an event: restarts and rebuilds keep it)."""
         tenant, key_id = caller
-        now_us = time.time_ns() // 1000
-        payload = erasure(tenant.id, body.number, requested_by=f"api-key:{key_id}", reason=body.reason, now_us=now_us)
-        erasure_id = new_erasure_id()
-        await runtime.writer.append(standalone_event(payload, tenant_id=tenant.id, stream_id=erasure_id,
-                                                     producer=PRODUCER, producer_version=__version__))
-        await runtime.writer.flush()
-        return ErasureAccepted(erasure_id=erasure_id, caller_key=payload.caller_key, erased_before_us=now_us)
+        erasure_id, payload = await request_erasure(runtime.writer, tenant.id, body.number,
+                                                    requested_by=f"api-key:{key_id}", reason=body.reason,
+                                                    producer=PRODUCER, producer_version=__version__)
+        return ErasureAccepted(erasure_id=erasure_id, caller_key=payload.caller_key,
+                               erased_before_us=payload.erased_before_us)
 
     @router.post("/sql", response_model=SqlResult, responses={
         400: refusal("The query cannot run, and why: a syntax error and where, an unknown column, a limit it ran "

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -504,24 +503,21 @@ def erase_caller(
 ) -> None:
     """Forget a caller: their memory, and their calls that started before now (rows in every table,
     recordings), as a caller.erased event that every projection folds, through restarts and rebuilds."""
-    from producers.event_writer import EventWriter, standalone_event
-    from streams.memory import erasure, new_erasure_id
+    from producers.event_writer import EventWriter
+    from schemas.events import CallerErased
+    from streams.memory import request_erasure
 
     operator = os.environ.get("USER") or "operator"
+
+    async def write() -> tuple[str, CallerErased]:
+        async with _backend().producer() as producer:
+            return await request_erasure(EventWriter(producer), tenant, number, requested_by=f"cli:{operator}",
+                                         reason=reason, producer="voxlog.cli", producer_version=__version__)
+
     try:
-        payload = erasure(tenant, number, requested_by=f"cli:{operator}", reason=reason, now_us=time.time_ns() // 1000)
+        erasure_id, payload = asyncio.run(write())
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--number") from exc
-    erasure_id = new_erasure_id()
-
-    async def write() -> None:
-        async with _backend().producer() as producer:
-            writer = EventWriter(producer)
-            await writer.append(standalone_event(payload, tenant_id=tenant, stream_id=erasure_id,
-                                                 producer="voxlog.cli", producer_version=__version__))
-            await writer.flush()
-
-    asyncio.run(write())
     console.print(f"{erasure_id}: caller {payload.caller_key} of {tenant} erased (calls started before now); "
                   "the projections remove their rows and recordings as they reach it")
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from consumers.backends import EmbeddedBackend, LogBackend
 from consumers.event_reader import read_call
-from producers.event_writer import CallRecorder, EventWriter, standalone_event
+from producers.event_writer import CallRecorder, EventWriter
 from producers.synthetic import synthetic_call
 from projections.audit import AuditProjection
 from projections.caller_memory import MemoryProjection
@@ -33,7 +32,7 @@ from projections.tables import (
     TURNS,
 )
 from schemas.events import CallerErased, CallStarted, CallSummarized
-from streams.memory import caller_key, erasure, new_erasure_id
+from streams.memory import caller_key, request_erasure
 from tests.integration.test_cli import voxlog
 from tests.integration.test_outbound_calls import api, stream_of
 from voxlog.settings import Settings
@@ -91,13 +90,10 @@ async def test_an_erased_caller_is_gone_from_every_table_and_stays_gone(backend:
         assert set(erased_calls) <= before[table], table
     assert all(recording_path(recordings, tenant, c).exists() for c in erased_calls + kept_calls)
 
-    payload = erasure(tenant, ERASED, requested_by="cli:dpo", reason="data subject request",
-                      now_us=time.time_ns() // 1000)
     async with backend.producer() as producer:
         writer = EventWriter(producer)
-        await writer.append(standalone_event(payload, tenant_id=tenant, stream_id=new_erasure_id(),
-                                             producer="test", producer_version="0"))
-        await writer.flush()
+        _, payload = await request_erasure(writer, tenant, ERASED, requested_by="cli:dpo",
+                                           reason="data subject request", producer="test", producer_version="0")
         later = await write_call(writer, tenant, ERASED, 2)  # after the erasure: remembered anew
     await project(backend, store, recordings)
 
