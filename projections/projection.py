@@ -14,6 +14,10 @@ from projections.store import AnalyticsStore
 from projections.tables import Output, Table
 from schemas.base import Event, EventPayload
 
+PROJECTION_NAMES = ("calls", "audit", "memory", "recordings")
+"""The projections voxlog runs (`default_projections`), by name: here, where the command line can
+read them without importing the projections."""
+
 
 class Projection(Protocol):
     name: str

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from consumers.backends import EmbeddedBackend, KafkaBackend, LogBackend, ensure_topics
 from consumers.event_reader import EventConsumer, read_call
+from projections.projection import PROJECTION_NAMES
 from schemas.topics import CALL_TOPICS
 from schemas.version import __version__
 from streams.config.agents import AgentRouter, load_agents
@@ -444,7 +445,7 @@ def sql(
 
 
 @projections_app.command("rebuild")
-def projections_rebuild(name: Annotated[str, typer.Argument(help="calls or audit.")]) -> None:
+def projections_rebuild(name: Annotated[str, typer.Argument(help=f"One of {', '.join(PROJECTION_NAMES)}.")]) -> None:
     """Drop a projection's tables and build them again from offset zero."""
     analytics = _analytics()
     try:

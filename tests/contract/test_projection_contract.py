@@ -30,7 +30,7 @@ from producers.event_writer import CallRecorder, EventWriter
 from producers.log_producer import LogRecord, TopicPartition
 from producers.synthetic import synthetic_call
 from projections.default_projections import default_projections
-from projections.projection import HoldsOffsets, Projection, log_admin
+from projections.projection import PROJECTION_NAMES, HoldsOffsets, Projection, log_admin
 from projections.projection_runner import ProjectionRunner
 from projections.store import AnalyticsStore
 from projections.tables import OFFSETS, Output, Table
@@ -295,3 +295,8 @@ async def test_the_offsets_it_stores_cover_what_it_read(
     # Where the log ended, but at a record it holds back (on a shared broker, another's live call).
     held = projection.held() if isinstance(projection, HoldsOffsets) else {}
     assert {tp: offset for tp, offset in stored.items() if offset < ends[tp] and offset != held.get(tp)} == {}
+
+
+def test_the_command_line_names_every_projection_voxlog_runs() -> None:
+    """`voxlog projections rebuild NAME` offers the names without importing the projections."""
+    assert sorted(PROJECTIONS) == sorted(PROJECTION_NAMES)
