@@ -160,13 +160,13 @@ def workers() -> None:
 
     from consumers.processor_runner import default_processors, run_processors
 
-    console.print(f"stream processors on {backend.describe()}; Ctrl-C stops them")
     stop = asyncio.Event()
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        console.print(f"stream processors on {backend.describe()}; Ctrl-C stops them")  # true from here on
         await run_processors(backend, default_processors(), stop)
 
     asyncio.run(run())
