@@ -1,12 +1,14 @@
-"""Shared fixtures: the event-log backends every contract test runs against, and a ClickHouse database
-of the test's own in the process's one chDB engine."""
+"""Shared fixtures: the event-log backends (every contract test, and any test on both backends, runs
+against `backend`; `embedded_backend` and `kafka_backend` are each one alone; `log_bootstrap` is the
+backend as voxlog's settings name it), and a ClickHouse database of the test's own in the process's one
+chDB engine."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -28,11 +30,36 @@ def kafka_bootstrap() -> str:
 
 
 @pytest.fixture(params=["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LogBackend]:
-    if request.param == "embedded":
-        yield EmbeddedBackend(tmp_path / "log.db")
-    else:
-        yield KafkaBackend(kafka_bootstrap())
+def backend_name(request: pytest.FixtureRequest) -> str:
+    """The backend under test, by name: a test that asks for it, or for `backend` or `log_bootstrap`, runs
+    once on the embedded log and once on the broker (marked `kafka`). The one place the two are listed."""
+    return str(request.param)
+
+
+@pytest.fixture
+def embedded_backend(tmp_path: Path) -> EmbeddedBackend:
+    """The embedded log in `tmp_path`, where `Settings(home=tmp_path)` (a stack, a `voxlog` process) keeps it."""
+    return EmbeddedBackend(tmp_path / "log.db")
+
+
+@pytest.fixture
+def kafka_backend() -> KafkaBackend:
+    """The test broker; without one the test skips (fails under CI). Tests asking for it are marked `kafka`."""
+    return KafkaBackend(kafka_bootstrap())
+
+
+@pytest.fixture
+def backend(backend_name: str, request: pytest.FixtureRequest) -> LogBackend:
+    """The backend under test: `embedded_backend`, then `kafka_backend`."""
+    made: LogBackend = request.getfixturevalue(f"{backend_name}_backend")
+    return made
+
+
+@pytest.fixture
+def log_bootstrap(backend_name: str) -> str | None:
+    """The backend under test as the `kafka_bootstrap` setting, for tests that run voxlog itself (a stack, a
+    `voxlog` process): the broker's address, or None for the embedded log in the settings' home."""
+    return kafka_bootstrap() if backend_name == "kafka" else None
 
 
 CHDB_HOME = Path(tempfile.gettempdir()) / f"voxlog-test-chdb-{os.getpid()}"

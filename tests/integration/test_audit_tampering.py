@@ -215,8 +215,9 @@ def remove_from_log(path: Path, source: str, offsets: Iterable[int]) -> None:
         db.executemany("DELETE FROM records WHERE id = ?", [((tp << OFFSET_BITS) | offset,) for offset in offsets])
 
 
-async def test_an_anchor_shows_the_log_itself_cut_short(tmp_path: Path, store: AnalyticsStore) -> None:
-    backend = EmbeddedBackend(tmp_path / "log.db")
+async def test_an_anchor_shows_the_log_itself_cut_short(embedded_backend: EmbeddedBackend, tmp_path: Path,
+                                                        store: AnalyticsStore) -> None:
+    backend = embedded_backend
     tenant, sources = await projected_trail(backend, store)
     report = await verify_audit_trail(backend, store, tenant)
     await record_audit_anchor(backend, tenant, report.heads, actor="test")
@@ -229,8 +230,9 @@ async def test_an_anchor_shows_the_log_itself_cut_short(tmp_path: Path, store: A
     assert found(report) == [(sources["lone"], 0, "truncated")], report.problems
 
 
-async def test_anchors_pin_what_the_logs_retention_removed(tmp_path: Path, store: AnalyticsStore) -> None:
-    backend = EmbeddedBackend(tmp_path / "log.db")
+async def test_anchors_pin_what_the_logs_retention_removed(embedded_backend: EmbeddedBackend, tmp_path: Path,
+                                                           store: AnalyticsStore) -> None:
+    backend = embedded_backend
     tenant, sources = await projected_trail(backend, store)
     report = await verify_audit_trail(backend, store, tenant)
     await record_audit_anchor(backend, tenant, report.heads, actor="test")

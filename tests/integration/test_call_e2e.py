@@ -20,7 +20,6 @@ from schemas.topics import AUDIT, CALL_TOPICS
 from streams.audio.codecs import pcm16_to_mulaw
 from streams.call.replay import agent_for, verify_call
 from streams.channels.twilio_media_protocol import OutboundClear, OutboundMedia
-from tests.conftest import kafka_bootstrap
 from tests.speech import synthesize_pcm16
 from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
@@ -31,9 +30,9 @@ pytestmark = pytest.mark.slow
 AGENT_NUMBER = "+15550100"
 
 
-@pytest.fixture(params=["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])
-async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[LocalStack]:
-    settings = Settings(home=tmp_path, kafka_bootstrap=kafka_bootstrap() if request.param == "kafka" else None)
+@pytest.fixture
+async def stack(log_bootstrap: str | None, tmp_path: Path) -> AsyncIterator[LocalStack]:
+    settings = Settings(home=tmp_path, kafka_bootstrap=log_bootstrap)
     async with local_stack(settings) as running:
         yield running
 

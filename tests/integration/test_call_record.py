@@ -11,7 +11,6 @@ import pytest
 
 from schemas.events import AgentAudioChunk, CallEnded, TtsRequested
 from streams.call.replay import agent_for, verify_call
-from tests.conftest import kafka_bootstrap
 from tests.integration.test_call_e2e import AGENT_NUMBER, agent_done_speaking, events_of
 from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
@@ -19,9 +18,9 @@ from voxlog.sim.stack import LocalStack, local_stack
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(params=["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])
-async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[LocalStack]:
-    settings = Settings(home=tmp_path, kafka_bootstrap=kafka_bootstrap() if request.param == "kafka" else None)
+@pytest.fixture
+async def stack(log_bootstrap: str | None, tmp_path: Path) -> AsyncIterator[LocalStack]:
+    settings = Settings(home=tmp_path, kafka_bootstrap=log_bootstrap)
     async with local_stack(settings) as running:
         yield running
 

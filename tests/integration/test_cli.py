@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from consumers.backends import EmbeddedBackend
+from consumers.backends import EmbeddedBackend, KafkaBackend
 from producers.event_writer import CallRecorder, EventWriter
 from producers.synthetic import synthetic_call
-from tests.conftest import kafka_bootstrap
 
 
 def voxlog(*args: str, home: Path, kafka: str | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -54,10 +53,10 @@ def test_demo_runs_end_to_end_on_the_embedded_log(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("log", ["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])
-def test_the_main_job_plays_every_call_and_each_replays_identically(log: str, tmp_path: Path) -> None:
+def test_the_main_job_plays_every_call_and_each_replays_identically(log_bootstrap: str | None,
+                                                                    tmp_path: Path) -> None:
     """The README's `voxlog demo`: real speech through the gateway, inbound and outbound, then replay."""
-    kafka = kafka_bootstrap() if log == "kafka" else None
+    kafka = log_bootstrap
     result = voxlog("demo", home=tmp_path, kafka=kafka)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
@@ -82,19 +81,18 @@ def test_the_main_job_plays_every_call_and_each_replays_identically(log: str, tm
 
 @pytest.mark.kafka
 @pytest.mark.slow
-def test_demo_runs_end_to_end_on_kafka(tmp_path: Path) -> None:
-    result = voxlog("demo", "--synthetic", "--calls", "2", home=tmp_path, kafka=kafka_bootstrap())
+def test_demo_runs_end_to_end_on_kafka(kafka_backend: KafkaBackend, tmp_path: Path) -> None:
+    result = voxlog("demo", "--synthetic", "--calls", "2", home=tmp_path, kafka=kafka_backend.bootstrap)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "kafka" in result.stdout
     assert "2 identical" in result.stdout
 
 
-def test_events_tail_prints_a_call_in_seq_order(tmp_path: Path) -> None:
+def test_events_tail_prints_a_call_in_seq_order(embedded_backend: EmbeddedBackend, tmp_path: Path) -> None:
     call_id = f"tail-{uuid.uuid4().hex[:8]}"
 
     async def record() -> int:
-        backend = EmbeddedBackend(tmp_path / "log.db")
-        async with backend.producer() as producer:
+        async with embedded_backend.producer() as producer:
             recorder = CallRecorder(
                 EventWriter(producer), tenant_id="t", call_id=call_id, producer="test", producer_version="0"
             )
@@ -145,7 +143,8 @@ def test_bench_on_kafka_needs_a_bootstrap(tmp_path: Path) -> None:
     assert "VOXLOG_KAFKA_BOOTSTRAP" in result.stderr
 
 
-def test_replay_verify_reports_identical_calls_and_the_first_divergence(tmp_path: Path) -> None:
+def test_replay_verify_reports_identical_calls_and_the_first_divergence(embedded_backend: EmbeddedBackend,
+                                                                       tmp_path: Path) -> None:
     from dataclasses import replace
 
     from schemas.events import CallAnswered, CallStarted, TranscriptFinal, TtsRequested
@@ -170,7 +169,7 @@ def test_replay_verify_reports_identical_calls_and_the_first_divergence(tmp_path
     bad.events[greeting] = replace(bad.events[greeting], payload=replace(bad.events[greeting].payload, text="Hi."))
 
     async def write() -> None:
-        async with EmbeddedBackend(tmp_path / "log.db").producer() as producer:
+        async with embedded_backend.producer() as producer:
             writer = EventWriter(producer)
             for event in [*good.events, *bad.events]:
                 await writer.append(event)

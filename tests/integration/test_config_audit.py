@@ -25,7 +25,6 @@ from schemas.topics import AUDIT
 from streams.config.agents import load_agents
 from streams.config.config_changes import ConfigItem, config_items
 from streams.config.tenants import load_tenants
-from tests.conftest import kafka_bootstrap
 from voxlog.settings import DEFAULT_AGENTS_DIR, Settings
 from voxlog.sim.stack import local_stack
 
@@ -120,12 +119,11 @@ async def test_each_change_is_audited_once_and_chained(backend: LogBackend, stor
     assert verify_chain([(*r, 0) for r in rows]) == []
 
 
-@pytest.mark.parametrize("log", ["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])
-async def test_a_gateway_audits_the_configuration_it_starts_with(log: str, tmp_path: Path) -> None:
+async def test_a_gateway_audits_the_configuration_it_starts_with(log_bootstrap: str | None, tmp_path: Path) -> None:
     tenant = f"cfg{uuid.uuid4().hex[:8]}"
     folder = tenant_agents(tmp_path / "agents", tenant)
     settings = Settings(home=tmp_path / "home", agents_dir=folder,
-                        kafka_bootstrap=kafka_bootstrap() if log == "kafka" else None)
+                        kafka_bootstrap=log_bootstrap)
     async with local_stack(settings) as stack:
         backend = stack.gateway.backend
     records = await audit_records(backend, tenant)

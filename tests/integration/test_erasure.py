@@ -138,7 +138,7 @@ async def test_a_tenant_asks_for_an_erasure_through_the_api(tmp_path: Path) -> N
     assert event.payload.erased_before_us == body["erased_before_us"]
 
 
-def test_an_operator_erases_a_caller_from_the_command_line(tmp_path: Path) -> None:
+def test_an_operator_erases_a_caller_from_the_command_line(embedded_backend: EmbeddedBackend, tmp_path: Path) -> None:
     refused = voxlog("erase", "--tenant", "demo", "--number", "5550100", home=tmp_path)
     assert refused.returncode == 2
     assert "not an E.164 number" in refused.stderr
@@ -147,7 +147,7 @@ def test_an_operator_erases_a_caller_from_the_command_line(tmp_path: Path) -> No
     erasure_id = done.stdout.split(":")[0].strip()
 
     async def read() -> list[Any]:
-        async with EmbeddedBackend(tmp_path / "log.db").admin() as admin:
+        async with embedded_backend.admin() as admin:
             return (await read_call(admin, erasure_id)).events
 
     (event,) = asyncio.run(read())

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import websockets
 
-from consumers.backends import EmbeddedBackend, KafkaBackend, LogBackend
+from consumers.backends import LogBackend
 from consumers.event_reader import read_call
 from producers.log_producer import TopicPartition
 from schemas.base import Event, EventPayload
@@ -97,20 +97,14 @@ def assert_whole(events: list[Event[EventPayload]]) -> CallEnded:
     return ended[0]
 
 
-@pytest.fixture(params=["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])
-def backend_name(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 # --------------------------------------------------------------------------- a burst past capacity
 
 
 async def test_a_burst_of_80_callers_in_a_second_gets_capacity_served_and_the_rest_told_busy(
-    backend_name: str, tmp_path: Path
+    log_bootstrap: str | None, tmp_path: Path
 ) -> None:
     capacity = 20
-    settings = Settings(home=tmp_path, max_calls=capacity,
-                        kafka_bootstrap=kafka_bootstrap() if backend_name == "kafka" else None)
+    settings = Settings(home=tmp_path, max_calls=capacity, kafka_bootstrap=log_bootstrap)
     async with local_stack(settings) as stack:
         backend = stack.gateway.backend
         before = await ends(backend)
@@ -357,17 +351,11 @@ def gateways() -> Iterator[list[GatewayProcess]]:
         gateway.stop()
 
 
-def log_backend_for(name: str, home: Path) -> tuple[LogBackend, str | None]:
-    if name == "kafka":
-        bootstrap = kafka_bootstrap()
-        return KafkaBackend(bootstrap), bootstrap
-    return EmbeddedBackend(home / "log.db"), None
-
-
 async def test_a_call_whose_gateway_is_killed_is_ended_once_by_the_gateways_that_remain(
-    backend_name: str, tmp_path: Path, twilio: FakeTwilio, gateways: list[GatewayProcess]
+    backend: LogBackend, log_bootstrap: str | None, tmp_path: Path, twilio: FakeTwilio,
+    gateways: list[GatewayProcess]
 ) -> None:
-    backend, kafka = log_backend_for(backend_name, tmp_path)
+    kafka = log_bootstrap
     doomed = GatewayProcess.start(tmp_path, twilio, kafka=kafka)
     gateways.append(doomed)
     await doomed.ready()
@@ -422,9 +410,10 @@ async def test_a_call_whose_gateway_is_killed_is_ended_once_by_the_gateways_that
 
 
 async def test_sigterm_after_an_overload_ends_live_calls_with_a_reason_within_the_drain_time(
-    backend_name: str, tmp_path: Path, twilio: FakeTwilio, gateways: list[GatewayProcess]
+    backend: LogBackend, log_bootstrap: str | None, tmp_path: Path, twilio: FakeTwilio,
+    gateways: list[GatewayProcess]
 ) -> None:
-    backend, kafka = log_backend_for(backend_name, tmp_path)
+    kafka = log_bootstrap
     drain_s = 5
     gateway = GatewayProcess.start(tmp_path, twilio, kafka=kafka, VOXLOG_MAX_CALLS="4", VOXLOG_DRAIN_S=str(drain_s))
     gateways.append(gateway)

@@ -18,7 +18,6 @@ from schemas.events import CallSummarized, MemoryLoaded, TtsRequested
 from schemas.topics import CALLS
 from streams.call.replay import agent_for, verify_call
 from streams.memory import caller_key
-from tests.conftest import kafka_bootstrap
 from tests.integration.test_call_e2e import agent_done_speaking, events_of, speech
 from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
@@ -41,11 +40,10 @@ async def call_and_say(stack: LocalStack, *lines: str, number: str = "+155577700
     return instructions.parameters["call_id"]
 
 
-@pytest.mark.parametrize("log", ["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])
 async def test_a_caller_who_calls_again_is_greeted_with_what_the_agent_remembers(
-    log: str, store: AnalyticsStore, tmp_path: Path
+    log_bootstrap: str | None, store: AnalyticsStore, tmp_path: Path
 ) -> None:
-    settings = Settings(home=tmp_path, kafka_bootstrap=kafka_bootstrap() if log == "kafka" else None)
+    settings = Settings(home=tmp_path, kafka_bootstrap=log_bootstrap)
     number = fresh_number()
     async with local_stack(settings) as stack:
         stack.gateway.analytics = store  # this process's ClickHouse, the test's own database

@@ -34,7 +34,6 @@ from schemas.events import (
 from schemas.topics import AUDIT
 from streams.call.replay import agent_for, verify_call
 from streams.channels.twilio_webhook_protocol import DIAL_ACTION_PATH, IDEMPOTENCY_HEADER
-from tests.conftest import kafka_bootstrap
 from tests.integration.test_call_e2e import agent_done_speaking, speech
 from voxlog.settings import DEFAULT_AGENTS_DIR, Settings
 from voxlog.sim.stack import LocalStack, local_stack
@@ -65,9 +64,9 @@ def agents_with_two_tenants(folder: Path, **dialing: Any) -> Path:
     return folder
 
 
-@pytest.fixture(params=["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])
-async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[LocalStack]:
-    settings = Settings(home=tmp_path / "home", kafka_bootstrap=kafka_bootstrap() if request.param == "kafka" else None,
+@pytest.fixture
+async def stack(log_bootstrap: str | None, tmp_path: Path) -> AsyncIterator[LocalStack]:
+    settings = Settings(home=tmp_path / "home", kafka_bootstrap=log_bootstrap,
                         agents_dir=agents_with_two_tenants(tmp_path / "agents"))
     async with local_stack(settings) as running:
         yield running

@@ -81,8 +81,9 @@ TOOL_COLUMN = {name: i for i, name in enumerate(ANALYST_TABLES[3].column_names)}
 AUDIT_COLUMN = {name: i for i, name in enumerate(AUDIT_LOG.column_names)}
 
 
-async def test_killing_the_projector_loses_and_doubles_nothing(tmp_path: Path, store: AnalyticsStore) -> None:
-    log = EmbeddedBackend(tmp_path / "log.db")
+async def test_killing_the_projector_loses_and_doubles_nothing(embedded_backend: EmbeddedBackend,
+                                                               store: AnalyticsStore) -> None:
+    log = embedded_backend
     rng = random.Random(11)
     writing = asyncio.create_task(write_calls(log, "demo", 40, pause_every=50))
     kills = 0
@@ -252,9 +253,9 @@ class _Refuses(CallsProjection):
 
 
 async def test_an_event_a_projection_cannot_take_is_dead_lettered_and_the_rest_projected(
-    tmp_path: Path, store: AnalyticsStore
+    embedded_backend: EmbeddedBackend, store: AnalyticsStore
 ) -> None:
-    log = EmbeddedBackend(tmp_path / "log.db")
+    log = embedded_backend
     async with log.producer() as producer:
         far_future = CallRecorder(EventWriter(producer), tenant_id="demo", call_id="call-future", producer="test",
                                   producer_version="0", clock_us=lambda: 9 * 10**18)

@@ -28,7 +28,6 @@ from aiokafka.admin import AIOKafkaAdminClient
 from consumers.backends import KafkaBackend
 from projections.default_projections import default_projections
 from projections.store import AnalyticsStore
-from tests.conftest import kafka_bootstrap
 from tests.integration.test_projections import AUDIT_COLUMN, project
 from tests.projection_runs import snapshot, write_calls
 
@@ -162,9 +161,9 @@ async def in_process_tables(log: KafkaBackend, store: AnalyticsStore, tenant: st
     return loaded
 
 
-async def test_the_faust_worker_writes_what_the_in_process_runner_writes(tmp_path: Path,
+async def test_the_faust_worker_writes_what_the_in_process_runner_writes(kafka_backend: KafkaBackend, tmp_path: Path,
                                                                          store: AnalyticsStore) -> None:
-    log = KafkaBackend(kafka_bootstrap())
+    log = kafka_backend
     tenant = f"t{uuid.uuid4().hex[:8]}"
     ids = await write_calls(log, tenant, 6)
     worker = Worker(tmp_path, log.bootstrap)
@@ -182,8 +181,9 @@ async def test_the_faust_worker_writes_what_the_in_process_runner_writes(tmp_pat
     assert tables == await in_process_tables(log, store, tenant)
 
 
-async def test_killing_the_faust_worker_loses_and_doubles_nothing(tmp_path: Path, store: AnalyticsStore) -> None:
-    log = KafkaBackend(kafka_bootstrap())
+async def test_killing_the_faust_worker_loses_and_doubles_nothing(kafka_backend: KafkaBackend, tmp_path: Path,
+                                                                   store: AnalyticsStore) -> None:
+    log = kafka_backend
     tenant = f"t{uuid.uuid4().hex[:8]}"
     rng = random.Random(5)
     worker = Worker(tmp_path, log.bootstrap)

@@ -209,20 +209,16 @@ def test_an_s3_url_that_is_not_one_is_refused_at_start() -> None:
 # --- the projection on S3 ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def backend(tmp_path: Path) -> EmbeddedBackend:
-    return EmbeddedBackend(tmp_path / "log.db")
-
-
 async def test_calls_projected_with_s3_are_the_same_wavs_in_the_bucket(
-        s3_store: S3RecordingStore, moto_s3: MotoS3, bucket: str, backend: EmbeddedBackend, tmp_path: Path) -> None:
+        s3_store: S3RecordingStore, moto_s3: MotoS3, bucket: str, embedded_backend: EmbeddedBackend,
+        tmp_path: Path) -> None:
     start_us = past_us()
-    events = await record_call(backend, "call-1", call_payloads(), start_us)
-    events += await record_call(backend, "call-2", call_payloads(call_ms=1500, agent_replies=((100, 700),)),
+    events = await record_call(embedded_backend, "call-1", call_payloads(), start_us)
+    events += await record_call(embedded_backend, "call-2", call_payloads(call_ms=1500, agent_replies=((100, 700),)),
                                 start_us + 1000)
-    local_rows = await feed(RecordingsProjection(tmp_path / "local"), events, backend)
+    local_rows = await feed(RecordingsProjection(tmp_path / "local"), events, embedded_backend)
     root = tmp_path / "work"
-    rows = await feed(RecordingsProjection(root, s3_store), events, backend)
+    rows = await feed(RecordingsProjection(root, s3_store), events, embedded_backend)
 
     client = moto_s3.client()
     for call_id in ("call-1", "call-2"):
@@ -240,17 +236,18 @@ async def test_calls_projected_with_s3_are_the_same_wavs_in_the_bucket(
 
 
 async def test_a_replayed_call_ended_gives_the_same_row_and_object(
-        s3_store: S3RecordingStore, moto_s3: MotoS3, bucket: str, backend: EmbeddedBackend, tmp_path: Path) -> None:
-    events = await record_call(backend, "call-1", call_payloads(), past_us())
+        s3_store: S3RecordingStore, moto_s3: MotoS3, bucket: str, embedded_backend: EmbeddedBackend,
+        tmp_path: Path) -> None:
+    events = await record_call(embedded_backend, "call-1", call_payloads(), past_us())
     root = tmp_path / "work"
-    rows = await feed(RecordingsProjection(root, s3_store), events, backend)
+    rows = await feed(RecordingsProjection(root, s3_store), events, embedded_backend)
     key = f"calls/recordings/{TENANT}/call-1.wav"
     first = moto_s3.client().head_object(Bucket=bucket, Key=key)
 
     # A restart replays the call; a crash between the upload and the clean-up left a working file.
     (root / TENANT / ".partial" / "call-1.caller.pcm").write_bytes(b"\1\2")
-    assert await feed(RecordingsProjection(root, s3_store), events, backend) == rows
-    assert await feed(RecordingsProjection(root, s3_store), events[-1:], backend) == rows[-1:]
+    assert await feed(RecordingsProjection(root, s3_store), events, embedded_backend) == rows
+    assert await feed(RecordingsProjection(root, s3_store), events[-1:], embedded_backend) == rows[-1:]
 
     again = moto_s3.client().head_object(Bucket=bucket, Key=key)
     assert (again["ETag"], again["LastModified"]) == (first["ETag"], first["LastModified"])  # not written again
@@ -259,13 +256,13 @@ async def test_a_replayed_call_ended_gives_the_same_row_and_object(
 
 
 async def test_a_store_that_went_away_holds_the_recording_back_until_it_returns(
-        s3_store: S3RecordingStore, moto_s3: MotoS3, bucket: str, backend: EmbeddedBackend, tmp_path: Path,
+        s3_store: S3RecordingStore, moto_s3: MotoS3, bucket: str, embedded_backend: EmbeddedBackend, tmp_path: Path,
         store: AnalyticsStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(recordings, "STORE_RETRY_MAX_S", 1.0)
-    events = await record_call(backend, "call-1", call_payloads(), past_us())
-    await feed(RecordingsProjection(tmp_path / "local"), events, backend)
+    events = await record_call(embedded_backend, "call-1", call_payloads(), past_us())
+    await feed(RecordingsProjection(tmp_path / "local"), events, embedded_backend)
     projection = RecordingsProjection(tmp_path / "work", s3_store)
-    runner = ProjectionRunner(backend, store, projection)
+    runner = ProjectionRunner(embedded_backend, store, projection)
 
     moto_s3.stop()
     with caplog.at_level(logging.ERROR, logger="projections.recordings"):
@@ -297,12 +294,12 @@ async def test_a_store_that_went_away_holds_the_recording_back_until_it_returns(
 
 
 async def test_working_files_from_before_parts_kept_their_own_rate_are_continued(
-        backend: EmbeddedBackend, tmp_path: Path) -> None:
+        embedded_backend: EmbeddedBackend, tmp_path: Path) -> None:
     """A call live across the upgrade: its caller part is 16 kHz and its meta has no rates."""
     start_us = past_us()
     speech = ((200, 800), (1200, 1800))
-    events = await record_call(backend, "call-1", call_payloads(call_ms=2000, caller_speech=speech, agent_replies=()),
-                               start_us)
+    events = await record_call(embedded_backend, "call-1",
+                               call_payloads(call_ms=2000, caller_speech=speech, agent_replies=()), start_us)
     split = next(i for i, e in enumerate(events) if isinstance(e.payload, CallerAudioChunk)
                  and e.payload.offset_ms >= 1000)
     before = [e for e in events[:split] if isinstance(e.payload, CallerAudioChunk)]
@@ -313,7 +310,7 @@ async def test_working_files_from_before_parts_kept_their_own_rate_are_continued
     (partial / "call-1.meta").write_bytes(struct.pack(
         "<10q", start_us, start_us, before[-1].seq, before[-1].envelope.event_time_us, 16000, 1000, -1, 0, 0, 0))
 
-    rows = await feed(RecordingsProjection(tmp_path / "recordings"), events[split:], backend)
+    rows = await feed(RecordingsProjection(tmp_path / "recordings"), events[split:], embedded_backend)
 
     audio = stereo(tmp_path / "recordings" / TENANT / "call-1.wav")
     assert len(audio) == 2000 * 16

@@ -26,9 +26,9 @@ from tests.projection_runs import another_store, files, snapshot, stored_offsets
 pytestmark = pytest.mark.slow
 
 
-async def test_killing_the_recordings_projector_loses_and_doubles_nothing(tmp_path: Path,
-                                                                          store: AnalyticsStore) -> None:
-    log = EmbeddedBackend(tmp_path / "log.db")
+async def test_killing_the_recordings_projector_loses_and_doubles_nothing(
+        embedded_backend: EmbeddedBackend, tmp_path: Path, store: AnalyticsStore) -> None:
+    log = embedded_backend
     rng = random.Random(7)
     writing = asyncio.create_task(write_calls(log, "demo", 30, pause_every=40))
     killed = tmp_path / "killed"
@@ -99,8 +99,9 @@ class HoldsForever(HoldsFirstCallsRecord):
         return []
 
 
-async def test_the_runner_stores_no_offset_past_what_a_projection_holds(tmp_path: Path, store: AnalyticsStore) -> None:
-    log = EmbeddedBackend(tmp_path / "log.db")
+async def test_the_runner_stores_no_offset_past_what_a_projection_holds(embedded_backend: EmbeddedBackend,
+                                                                        tmp_path: Path, store: AnalyticsStore) -> None:
+    log = embedded_backend
     await write_calls(log, "demo", 6)
     projection = HoldsFirstCallsRecord()
     assert isinstance(projection, HoldsOffsets)

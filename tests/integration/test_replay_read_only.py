@@ -3,7 +3,6 @@ not even a dead letter for a record it cannot read (its call's replay reports th
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from consumers.backends import EmbeddedBackend, ensure_topics
@@ -30,11 +29,11 @@ async def everything_in(admin: LogAdmin) -> dict[tuple[str, int], int]:
             for partition, end in (await admin.end_offsets(topic.name)).items()}
 
 
-async def test_replay_verify_reads_the_log_and_writes_nothing_to_it(tmp_path: Path) -> None:
+async def test_replay_verify_reads_the_log_and_writes_nothing_to_it(embedded_backend: EmbeddedBackend) -> None:
     # The embedded log: listing the calls reads the whole calls topic, which on the shared test broker
     # holds every test's calls.
-    path = tmp_path / "log.db"
-    writer = EmbeddedBackend(path)
+    writer = embedded_backend
+    path = writer.path
     sim = conversation()
     sim.feed(CallEnded(reason="caller_hangup", duration_ms=5000, outcome="booked"))
     async with writer.admin() as admin:

@@ -22,7 +22,6 @@ from schemas.base import Event, EventPayload
 from schemas.envelope import Envelope
 from schemas.topics import CALL_REGISTRY
 from streams.processors.call_registry import CallEntry, CallRegistry, apply
-from tests.conftest import kafka_bootstrap
 
 
 async def record_calls(backend: LogBackend, count: int, first_index: int = 0) -> dict[str, list[Event[EventPayload]]]:
@@ -121,8 +120,8 @@ async def test_runner_builds_the_registry_and_restores_it_after_a_restart(backen
 
 @pytest.mark.kafka
 @pytest.mark.slow
-async def test_faust_worker_runs_the_same_processor_on_kafka(tmp_path: Path) -> None:
-    backend = KafkaBackend(kafka_bootstrap())
+async def test_faust_worker_runs_the_same_processor_on_kafka(kafka_backend: KafkaBackend, tmp_path: Path) -> None:
+    backend = kafka_backend
     calls = await record_calls(backend, 3)
     expected = {call_id: fold(events) for call_id, events in calls.items()}
     env = dict(os.environ, VOXLOG_KAFKA_BOOTSTRAP=backend.bootstrap)

@@ -21,7 +21,7 @@ from projections.store import AnalyticsStore
 from projections.tables import CALLS, TRANSCRIPTS, Table
 from projections.tenant_sql import TENANT_SQL_LIMITS, ForbiddenQuery, QueryFailed, TenantSql
 from streams.config.tenants import Limits, Tenants
-from tests.conftest import CHDB_HOME, kafka_bootstrap
+from tests.conftest import CHDB_HOME
 from tests.integration.test_outbound_calls import agents_with_two_tenants, api
 from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
@@ -330,9 +330,9 @@ def escapes(attempt: Attempt, scene: Scene, status: int, body: str) -> list[str]
     return found
 
 
-@pytest.fixture(params=["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])
-async def gateway(request: pytest.FixtureRequest, store: AnalyticsStore, tmp_path: Path) -> AsyncIterator[LocalStack]:
-    settings = Settings(home=tmp_path / "home", kafka_bootstrap=kafka_bootstrap() if request.param == "kafka" else None,
+@pytest.fixture
+async def gateway(log_bootstrap: str | None, store: AnalyticsStore, tmp_path: Path) -> AsyncIterator[LocalStack]:
+    settings = Settings(home=tmp_path / "home", kafka_bootstrap=log_bootstrap,
                         agents_dir=agents_with_two_tenants(tmp_path / "agents"))
     seed(store)
     async with local_stack(settings) as stack:

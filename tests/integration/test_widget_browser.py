@@ -35,7 +35,6 @@ from consumers.event_reader import read_call
 from schemas.base import Event, EventPayload
 from schemas.events import AgentAudioChunk, CallEnded, CallerAudioChunk, CallStarted, ToolRequested, TurnTaken
 from streams.audio.codecs import write_wav
-from tests.conftest import kafka_bootstrap
 from tests.needs import missing
 from tests.speech import require_espeak, silence, synthesize_pcm16
 from voxlog.settings import Settings
@@ -312,10 +311,9 @@ def answer_heard(cdp: Cdp) -> int | None:
 # -- the test ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])
-async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[LocalStack]:
-    kafka = kafka_bootstrap() if request.param == "kafka" else None
-    settings = Settings(home=tmp_path / "voxlog", kafka_bootstrap=kafka)
+@pytest.fixture
+async def stack(log_bootstrap: str | None, tmp_path: Path) -> AsyncIterator[LocalStack]:
+    settings = Settings(home=tmp_path / "voxlog", kafka_bootstrap=log_bootstrap)
     async with local_stack(settings) as running:
         yield running
 

@@ -135,21 +135,16 @@ def assert_heard(channel: np.ndarray, spans: Sequence[tuple[int, int]], *, total
 
 
 @pytest.fixture
-def backend(tmp_path: Path) -> EmbeddedBackend:
-    return EmbeddedBackend(tmp_path / "log.db")
-
-
-@pytest.fixture
-async def call(backend: EmbeddedBackend) -> tuple[int, list[Event[EventPayload]]]:
+async def call(embedded_backend: EmbeddedBackend) -> tuple[int, list[Event[EventPayload]]]:
     start_us = past_us()
-    return start_us, await record_call(backend, "call-1", call_payloads(), start_us)
+    return start_us, await record_call(embedded_backend, "call-1", call_payloads(), start_us)
 
 
 async def test_a_call_becomes_a_stereo_wav_with_each_side_where_it_was_heard(
-        tmp_path: Path, backend: EmbeddedBackend, call: tuple[int, list[Event[EventPayload]]]) -> None:
+        tmp_path: Path, embedded_backend: EmbeddedBackend, call: tuple[int, list[Event[EventPayload]]]) -> None:
     start_us, events = call
     projection = RecordingsProjection(tmp_path / "recordings")
-    rows = await feed(projection, events, backend)
+    rows = await feed(projection, events, embedded_backend)
 
     wav = recording_path(tmp_path / "recordings", TENANT, "call-1")
     audio = stereo(wav)
@@ -178,20 +173,20 @@ async def test_a_call_becomes_a_stereo_wav_with_each_side_where_it_was_heard(
 
 
 async def test_replaying_a_call_gives_the_same_wav_and_rows(
-        tmp_path: Path, backend: EmbeddedBackend, call: tuple[int, list[Event[EventPayload]]]) -> None:
+        tmp_path: Path, embedded_backend: EmbeddedBackend, call: tuple[int, list[Event[EventPayload]]]) -> None:
     _, events = call
     root = tmp_path / "recordings"
     projection = RecordingsProjection(root)
-    rows = await feed(projection, events, backend)
+    rows = await feed(projection, events, embedded_backend)
     wav = recording_path(root, TENANT, "call-1")
     first = wav.read_bytes()
 
-    assert await feed(projection, events, backend) == rows  # redelivered
+    assert await feed(projection, events, embedded_backend) == rows  # redelivered
     after_crash = RecordingsProjection(root)  # a restart: nothing in memory
-    assert await feed(after_crash, events, backend) == rows
+    assert await feed(after_crash, events, embedded_backend) == rows
     # A crash between the WAV's rename and the clean-up leaves working files: a replay removes them.
     (wav.parent / ".partial" / "call-1.caller.pcm").write_bytes(b"\1\2")
-    assert await feed(RecordingsProjection(root), events[-1:], backend) == rows[-1:]
+    assert await feed(RecordingsProjection(root), events[-1:], embedded_backend) == rows[-1:]
     assert list((wav.parent / ".partial").iterdir()) == []
     assert wav.read_bytes() == first
 
@@ -200,17 +195,17 @@ async def test_replaying_a_call_gives_the_same_wav_and_rows(
                          ids=["every-chunk-to-files", "held-in-memory"])
 @pytest.mark.parametrize(("crashed_after", "resumed_from"), [(90, 60), (150, 150), (250, 200), (272, 268)])
 async def test_a_projector_that_crashed_mid_call_goes_on_from_what_it_stored(
-        tmp_path: Path, backend: EmbeddedBackend, call: tuple[int, list[Event[EventPayload]]],
+        tmp_path: Path, embedded_backend: EmbeddedBackend, call: tuple[int, list[Event[EventPayload]]],
         monkeypatch: pytest.MonkeyPatch, crashed_after: int, resumed_from: int, spill_bytes: int) -> None:
     monkeypatch.setattr(recording_buffer, "SPILL_BYTES", spill_bytes)
     _, events = call
     assert len(events) == 272
     assert [e.seq for e in events] == list(range(272))  # a record's offset is its event's seq (`record_of`)
-    clean = await feed(RecordingsProjection(tmp_path / "clean"), events, backend)
+    clean = await feed(RecordingsProjection(tmp_path / "clean"), events, embedded_backend)
 
     root = tmp_path / "crashed"
     crashed = RecordingsProjection(root)
-    await feed(crashed, events[:resumed_from], backend)
+    await feed(crashed, events[:resumed_from], embedded_backend)
     # The runner stored offsets a little before the crash, no further than the projection held them
     # back: what came after them comes again.
     held = crashed.held()
@@ -218,9 +213,9 @@ async def test_a_projector_that_crashed_mid_call_goes_on_from_what_it_stored(
         assert not any(tp.topic == AUDIO for tp in held)  # every chunk's audio is in the working files
     stored = {topic: min([resumed_from, *(offset for tp, offset in held.items() if tp.topic == topic)])
               for topic in (AUDIO, CALLS)}
-    await feed(crashed, events[resumed_from:crashed_after], backend)
+    await feed(crashed, events[resumed_from:crashed_after], embedded_backend)
     replayed = [e for e in events if e.seq >= stored[topic_for(e.type)]]
-    rows = await feed(RecordingsProjection(root), replayed, backend)
+    rows = await feed(RecordingsProjection(root), replayed, embedded_backend)
 
     assert rows[-1] == clean[-1]
     expected = stereo(recording_path(tmp_path / "clean", TENANT, "call-1"))
@@ -230,11 +225,11 @@ async def test_a_projector_that_crashed_mid_call_goes_on_from_what_it_stored(
 
 
 async def test_a_call_picked_up_in_the_middle_still_places_audio_where_it_was_heard(
-        tmp_path: Path, backend: EmbeddedBackend, call: tuple[int, list[Event[EventPayload]]]) -> None:
+        tmp_path: Path, embedded_backend: EmbeddedBackend, call: tuple[int, list[Event[EventPayload]]]) -> None:
     start_us, events = call
     second_half = [e for e in events if e.envelope.event_time_us >= start_us + 2_000_000]
     projection = RecordingsProjection(tmp_path / "recordings")
-    rows = await feed(projection, second_half, backend)
+    rows = await feed(projection, second_half, embedded_backend)
 
     audio = stereo(recording_path(tmp_path / "recordings", TENANT, "call-1"))
     assert_heard(audio[:, 0], CALLER_SPEECH[1:])
@@ -244,10 +239,11 @@ async def test_a_call_picked_up_in_the_middle_still_places_audio_where_it_was_he
     assert value(final, "started_at") == at(start_us)
 
 
-async def test_without_a_call_started_the_earliest_event_is_time_zero(tmp_path: Path, backend: EmbeddedBackend) -> None:
+async def test_without_a_call_started_the_earliest_event_is_time_zero(
+        tmp_path: Path, embedded_backend: EmbeddedBackend) -> None:
     start_us = past_us()
-    events = await record_call(backend, "call-2", call_payloads()[1:], start_us)
-    rows = await feed(RecordingsProjection(tmp_path / "recordings"), events, backend)
+    events = await record_call(embedded_backend, "call-2", call_payloads()[1:], start_us)
+    rows = await feed(RecordingsProjection(tmp_path / "recordings"), events, embedded_backend)
 
     first_chunk_us = events[0].envelope.event_time_us  # the first caller chunk, 20 ms in
     audio = stereo(recording_path(tmp_path / "recordings", TENANT, "call-2"))
@@ -256,22 +252,22 @@ async def test_without_a_call_started_the_earliest_event_is_time_zero(tmp_path: 
 
 
 async def test_the_calls_topic_read_ahead_of_the_audio_topic_loses_no_audio(
-        tmp_path: Path, backend: EmbeddedBackend, call: tuple[int, list[Event[EventPayload]]]) -> None:
+        tmp_path: Path, embedded_backend: EmbeddedBackend, call: tuple[int, list[Event[EventPayload]]]) -> None:
     _, events = call
-    clean = await feed(RecordingsProjection(tmp_path / "clean"), events, backend)
+    clean = await feed(RecordingsProjection(tmp_path / "clean"), events, embedded_backend)
     projection = RecordingsProjection(tmp_path / "reordered")
-    rows = await feed(projection, [e for e in events if topic_for(e.type) == CALLS], backend)
+    rows = await feed(projection, [e for e in events if topic_for(e.type) == CALLS], embedded_backend)
     wav = recording_path(tmp_path / "reordered", TENANT, "call-1")
     assembled = wav.read_bytes()
     # The audio arrives after call.ended: the WAV took it from the log and is not touched again.
-    assert await feed(projection, [e for e in events if topic_for(e.type) == AUDIO], backend) == []
+    assert await feed(projection, [e for e in events if topic_for(e.type) == AUDIO], embedded_backend) == []
 
     assert rows == clean
     assert wav.read_bytes() == assembled == recording_path(tmp_path / "clean", TENANT, "call-1").read_bytes()
 
 
 async def test_malformed_chunks_are_skipped_and_counted(
-        tmp_path: Path, backend: EmbeddedBackend, call: tuple[int, list[Event[EventPayload]]]) -> None:
+        tmp_path: Path, embedded_backend: EmbeddedBackend, call: tuple[int, list[Event[EventPayload]]]) -> None:
     _, events = call
 
     def broken(event: Event[EventPayload]) -> Event[EventPayload]:
@@ -287,7 +283,7 @@ async def test_malformed_chunks_are_skipped_and_counted(
         return event
 
     projection = RecordingsProjection(tmp_path / "recordings")
-    rows = await feed(projection, [broken(e) for e in events], backend)
+    rows = await feed(projection, [broken(e) for e in events], embedded_backend)
 
     assert projection.skipped_chunks == 3
     audio = stereo(recording_path(tmp_path / "recordings", TENANT, "call-1"))
@@ -315,11 +311,12 @@ def crafted(call_id: str, seq: int, payload: EventPayload) -> Event[EventPayload
                           producer="test", producer_version="0"), payload)
 
 
-async def test_a_crafted_call_id_writes_nothing_outside_the_folder(tmp_path: Path, backend: EmbeddedBackend) -> None:
+async def test_a_crafted_call_id_writes_nothing_outside_the_folder(
+        tmp_path: Path, embedded_backend: EmbeddedBackend) -> None:
     root = tmp_path / "a" / "recordings"
     payloads = [payload for _, payload in call_payloads(call_ms=100, agent_replies=())]
     projection = RecordingsProjection(root)
-    rows = await feed(projection, [crafted("../../escape", seq, p) for seq, p in enumerate(payloads)], backend)
+    rows = await feed(projection, [crafted("../../escape", seq, p) for seq, p in enumerate(payloads)], embedded_backend)
 
     assert rows == []
     assert projection.rejected_events == len(payloads)
@@ -331,18 +328,18 @@ def named(folder: Path, part: str) -> list[Path]:
 
 
 async def test_state_stays_bounded_and_evicted_live_calls_resume_from_disk(
-        tmp_path: Path, backend: EmbeddedBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, embedded_backend: EmbeddedBackend, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(recordings, "ENDED_CALLS_KEPT", 2)
     monkeypatch.setattr(recordings, "LIVE_CALLS_KEPT", 2)
     start_us = past_us()
     speech, replies = ((200, 600),), ((700, 900),)
-    calls = [await record_call(backend, f"call-{n}", call_payloads(call_ms=1000, caller_speech=speech,
+    calls = [await record_call(embedded_backend, f"call-{n}", call_payloads(call_ms=1000, caller_speech=speech,
                                                                     agent_replies=replies), start_us + n)
              for n in range(4)]
     interleaved = sorted((e for events in calls for e in events), key=lambda e: (e.envelope.event_time_us, e.seq))
     root = tmp_path / "recordings"
     projection = RecordingsProjection(root)
-    await feed(projection, interleaved, backend)
+    await feed(projection, interleaved, embedded_backend)
 
     assert len(projection.live) == 0
     assert list(projection.ended) == ["call-2", "call-3"]
@@ -353,6 +350,7 @@ async def test_state_stays_bounded_and_evicted_live_calls_resume_from_disk(
     # call-0 is forgotten; its late audio still finds the WAV final and leaves it alone.
     wav = recording_path(root, TENANT, "call-0")
     before = wav.read_bytes()
-    assert await feed(projection, [e for e in calls[0] if isinstance(e.payload, CallerAudioChunk)][-3:], backend) == []
+    assert await feed(projection, [e for e in calls[0] if isinstance(e.payload, CallerAudioChunk)][-3:],
+                      embedded_backend) == []
     assert wav.read_bytes() == before
     assert list((root / TENANT / ".partial").iterdir()) == []
