@@ -3,7 +3,7 @@ became of it, `POST /v1/sql` queries the analyst tables. All take a tenant API k
 (`Authorization: Bearer KEY`) and only ever see that tenant's data; every SQL query is audited.
 
 A dial request is recorded as `call.dial_requested` (the dial's stream, seq 0) and answered 202 at
-once; the dialer (`consumers.dialer`) places it within the tenant's rate limit, and the answered
+once; the dialer (`consumers.workers.dialer`) places it within the tenant's rate limit, and the answered
 call joins the same media path as an inbound one.
 """
 

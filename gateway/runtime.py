@@ -2,7 +2,7 @@
 
 It keeps itself honest about what it can serve: calls are admitted against its capacity and the
 tenants' limits (`gateway.admission`); its lease lists the calls it owns and its reaper ends the
-calls of gateways that died (`consumers.call_leases`); while its log cannot be written it takes no
+calls of gateways that died (`consumers.workers.call_leases`); while its log cannot be written it takes no
 calls, and after `LOG_OUTAGE_END_S` it ends the ones it can no longer record; on shutdown it ends
 its calls with a reason and gives the log `drain_s` to take their last events.
 """

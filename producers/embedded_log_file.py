@@ -11,7 +11,7 @@ configuration) keep the latest record per key, as Kafka's log cleaner does: an a
 key's earlier records of that partition in the same transaction, so the topic's size follows its
 keys, not its age. Offsets keep their numbers (readers skip the gaps).
 
-This module is synchronous; `producers.embedded` and `consumers.embedded` run it off the event loop.
+This module is synchronous; `producers.embedded_producer` and `consumers.embedded_consumer` run it off the event loop.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Wakes consumers of an embedded log file in this process the moment a producer commits.
 
 Consumers in other processes cannot be woken this way; they notice new data by polling SQLite's
-`data_version` (see `consumers.embedded`).
+`data_version` (see `consumers.embedded_consumer`).
 """
 
 from __future__ import annotations

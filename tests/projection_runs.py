@@ -12,9 +12,9 @@ from typing import Any
 from consumers.backends import LogBackend
 from producers.event_writer import CallRecorder, EventWriter
 from producers.log_producer import TopicPartition
-from producers.synthetic import synthetic_call
 from projections.store import AnalyticsStore
 from projections.tables import ANALYST_TABLES, OFFSETS, Table
+from voxlog.sim.synthetic_calls import synthetic_call
 
 
 async def write_calls(log: LogBackend, tenant: str, count: int, *, first: int = 0,

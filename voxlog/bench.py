@@ -27,10 +27,10 @@ from consumers.backends import LogBackend, ensure_topics
 from consumers.event_reader import EventConsumer
 from producers.event_writer import CallRecorder, EventWriter
 from producers.log_producer import TopicPartition
-from producers.synthetic import concurrent_calls
 from schemas.codec import EventCodec
 from schemas.topics import CALL_TOPICS
 from schemas.version import __version__
+from voxlog.sim.synthetic_calls import concurrent_calls
 
 
 @dataclass

@@ -46,7 +46,6 @@ import httpx
 
 from consumers.backends import LogBackend
 from consumers.processor_runner import read_to_end
-from producers.synthetic import mulaw_tone
 from schemas.codec import EventCodec
 from schemas.events import CallStarted, ProviderFallback
 from schemas.topics import CALLS, TOPICS
@@ -63,6 +62,7 @@ from streams.providers.timeline import ScriptedFailure, Timeline, TimelineAsr, T
 from streams.providers.tts_chain import ChainTts
 from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
+from voxlog.sim.synthetic_calls import mulaw_tone
 from voxlog.sim.twilio_caller import TwilioCaller, parse_stream_twiml
 
 P = TypeVar("P")

@@ -25,13 +25,13 @@ from typing import Any
 
 from consumers.backends import LogBackend, ensure_topics
 from producers.event_writer import CallRecorder, EventWriter
-from producers.synthetic import concurrent_calls
 from projections.default_projections import default_projections
 from projections.projection_runner import ProjectionRunner
 from projections.store import AnalyticsStore
 from projections.tables import Column, Table
 from schemas.events import TurnTaken
 from schemas.version import __version__
+from voxlog.sim.synthetic_calls import concurrent_calls
 
 POLL_S = 0.05
 

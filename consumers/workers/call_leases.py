@@ -22,7 +22,7 @@ row stays open for ever and Twilio's final status callback finds nobody who know
   writes nothing.
 - **No false alarms after an outage.** While the log cannot be written nobody can renew; so a reaper
   judges others only while it sees its own renewals arrive, and after a gap it starts their clocks
-  again. A gateway that cannot write its log for long ends its own calls first (`gateway.calls`), so
+  again. A gateway that cannot write its log for long ends its own calls first (`gateway.runtime`), so
   by the time a reaper acts the owner has given them up.
 
 Known limit: a gateway cut off from the log but not from its callers for longer than `lease_s`, whose

@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 TENANT_FILES = ("tenant.yaml", "tenant.yml", "tenant.toml")
-"""A tenant's own settings (`streams.tenants`), beside its agents."""
+"""A tenant's own settings (`streams.config.tenants`), beside its agents."""
 
 
 

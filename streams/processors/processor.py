@@ -1,7 +1,7 @@
 """What a stream processor is, independent of where it runs.
 
 A processor folds the events of its topics into state and says what to emit. It does no I/O: its
-runner (`streams.runner` in-process, `streams.faust_app` on Kafka) reads, decodes, dead-letters,
+runner (`consumers.processor_runner` in-process, `consumers.faust_processors` on Kafka) reads, decodes, dead-letters,
 sends what it emits, and commits only after the emitted messages are durable (at-least-once). Its
 state survives restarts through its output topic, which is keyed and keeps the latest value per key:
 at start the runner feeds that topic back through `restore`, as a changelog.

@@ -1,4 +1,4 @@
-"""The log contract (`producers.base`, `consumers.base`), run unchanged against every backend.
+"""The log contract (`producers.log_producer`, `consumers.log_consumer`), run unchanged against every backend.
 
 Each test creates its own topics (the `topic_name` fixture) so tests never see each other's
 messages on a shared broker, and waits by polling with a deadline, never by sleeping.

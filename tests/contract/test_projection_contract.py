@@ -28,7 +28,6 @@ from consumers.backends import LogBackend, ensure_topics
 from consumers.event_reader import DLQ_OFFSET, DLQ_PARTITION, DLQ_REASON, DLQ_TOPIC
 from producers.event_writer import CallRecorder, EventWriter
 from producers.log_producer import LogRecord, TopicPartition
-from producers.synthetic import synthetic_call
 from projections.default_projections import default_projections
 from projections.projection import PROJECTION_NAMES, HoldsOffsets, Projection, log_admin
 from projections.projection_runner import ProjectionRunner
@@ -39,6 +38,7 @@ from schemas.events import CallStarted, CallSummarized
 from schemas.topics import DEADLETTER
 from streams.memory import caller_key
 from tests.projection_runs import another_store, files, snapshot, stored_offsets
+from voxlog.sim.synthetic_calls import synthetic_call
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ import pytest
 
 from consumers.backends import EmbeddedBackend, KafkaBackend
 from producers.event_writer import CallRecorder, EventWriter
-from producers.synthetic import synthetic_call
+from voxlog.sim.synthetic_calls import synthetic_call
 
 
 def voxlog(*args: str, home: Path, kafka: str | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:

@@ -13,7 +13,6 @@ from typing import Any
 from consumers.backends import EmbeddedBackend, LogBackend
 from consumers.event_reader import read_call
 from producers.event_writer import CallRecorder, EventWriter
-from producers.synthetic import synthetic_call
 from projections.audit import AuditProjection
 from projections.caller_memory import MemoryProjection
 from projections.calls import CallsProjection
@@ -37,6 +36,7 @@ from tests.integration.test_cli import voxlog
 from tests.integration.test_outbound_calls import api, stream_of
 from voxlog.settings import Settings
 from voxlog.sim.stack import local_stack
+from voxlog.sim.synthetic_calls import synthetic_call
 
 ERASED, KEPT = "+15557000001", "+15557000002"
 PER_CALL_TABLES = (CALLS, TURNS, TRANSCRIPTS, TOOL_CALLS, ERRORS, RECORDINGS)

@@ -1,7 +1,7 @@
 """Offline speech end to end: espeak-ng callers, through a phone line or straight, into Vad and PocketsphinxAsr.
 
 A caller says phrases an agent would hear, with silences between them. The audio reaches the
-recogniser the way a session hands it over (`streams.session`): 20 ms frames at 16 kHz into the
+recogniser the way a session hands it over (`streams.call.recognition`): 20 ms frames at 16 kHz into the
 VAD; from the VAD's speech_started (plus 300 ms of pre-roll) to its speech_stopped into the ASR
 stream, then `end_utterance`. Two lines: straight 16 kHz (the web widget) and Twilio's 8 kHz mu-law
 (synthesised at 8 kHz, G.711-encoded and decoded, resampled to 16 kHz frame by frame). Each line is
@@ -38,7 +38,7 @@ from tests.speech import caller_utterance_wav, require_espeak, synthesize_pcm16,
 pytestmark = pytest.mark.slow
 
 FRAME_MS = 20
-PREROLL_FRAMES = 15  # as streams.session: 300 ms before the VAD's confirmation go to the recogniser
+PREROLL_FRAMES = 15  # as streams.call.recognition: 300 ms before the VAD's confirmation go to the recogniser
 
 # The phrases the brief names, with the words that must come through for an agent to act on them.
 KEY_PHRASES: dict[str, tuple[str, ...]] = {
@@ -137,7 +137,7 @@ def caller_audio(line: str) -> tuple[bytes, list[tuple[int, int]]]:
 
 
 async def play_call(line: str, keywords: bool) -> Call:
-    """Plays the caller into a VAD and an ASR stream the way streams.session does."""
+    """Plays the caller into a VAD and an ASR stream the way streams.call.recognition does."""
     audio, spans = caller_audio(line)
     asr = PocketsphinxAsr()
     stream = await asr.open_stream(keywords=KEYWORDS if keywords else ())

@@ -17,7 +17,6 @@ import pytest
 
 from consumers.backends import EmbeddedBackend, LogBackend
 from producers.event_writer import CallRecorder, EventWriter
-from producers.synthetic import synthetic_call
 from projections.audit import AuditProjection, verify_chain
 from projections.calls import CallsProjection
 from projections.default_projections import default_projections
@@ -39,6 +38,7 @@ from schemas.events import (
 from schemas.topics import DEADLETTER
 from tests.projection_runs import snapshot, write_calls
 from tests.unit.test_redaction import SEEDED
+from voxlog.sim.synthetic_calls import synthetic_call
 
 pytestmark = pytest.mark.slow
 

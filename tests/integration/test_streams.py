@@ -17,11 +17,11 @@ import pytest
 from consumers.backends import KafkaBackend, LogBackend, ensure_topics
 from consumers.processor_runner import ProcessorRunner
 from producers.event_writer import CallRecorder, EventWriter
-from producers.synthetic import synthetic_call
 from schemas.base import Event, EventPayload
 from schemas.envelope import Envelope
 from schemas.topics import CALL_REGISTRY
 from streams.processors.call_registry import CallEntry, CallRegistry, apply
+from voxlog.sim.synthetic_calls import synthetic_call
 
 
 async def record_calls(backend: LogBackend, count: int, first_index: int = 0) -> dict[str, list[Event[EventPayload]]]:

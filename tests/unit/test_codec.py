@@ -13,13 +13,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from producers.synthetic import synthetic_call
 from schemas.base import Event, EventPayload
 from schemas.codec import HEADER_LEN, EventCodec, SchemaViolation, UndecodableMessage
 from schemas.envelope import Envelope
 from schemas.events import PAYLOAD_TYPES, CallStarted, TranscriptFinal, Word
 from schemas.registry import SINGLE_OBJECT_MAGIC, load_registry
 from tests.strategies import any_event, events
+from voxlog.sim.synthetic_calls import synthetic_call
 
 codec = EventCodec()
 

@@ -536,7 +536,7 @@ async def test_the_server_streams_chunked_binary_and_json_and_records_requests(
 
 @st.composite
 def core_histories(draw: st.DrawFn) -> tuple[ChatMessage, ...]:
-    """Histories as the core builds them (streams.core): caller and agent turns, tool-call messages
+    """Histories as the core builds them (streams.call.core): caller and agent turns, tool-call messages
     with their results (some calls answered, some not), cut anywhere by the context window."""
     words = st.text(alphabet="abc xyz.", max_size=12)
     ids = st.lists(st.sampled_from(["call_A1", "toolu_01B2", "call-1/llm/3/0", "x" * 50]), min_size=1, max_size=3,

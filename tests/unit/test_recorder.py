@@ -5,10 +5,10 @@ from __future__ import annotations
 import uuid
 
 from producers.event_writer import CallRecorder, EventWriter, new_event_id
-from producers.synthetic import synthetic_call
 from schemas.codec import EventCodec
 from schemas.topics import AUDIO, CALLS, COMMANDS, topic_for
 from tests.fakes import MemoryProducer
+from voxlog.sim.synthetic_calls import synthetic_call
 
 
 def test_event_ids_are_unique_version_4_uuids() -> None:

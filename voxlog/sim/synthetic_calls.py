@@ -7,9 +7,10 @@ the load generator of `voxlog bench`. Deterministic for a given seed.
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections.abc import Iterator
+
+import numpy as np
 
 from schemas.base import EventPayload
 from schemas.events import (
@@ -35,8 +36,8 @@ from schemas.events import (
     TurnTaken,
     Word,
 )
-
-FRAME_MS = 20
+from streams.audio.codecs import pcm16_to_mulaw
+from streams.audio.formats import FRAME_MS, MULAW_FRAME_BYTES, MULAW_RATE, PCM_FRAME_BYTES, PCM_RATE
 
 CALLER_LINES = [
     ("i would like to book an appointment for tomorrow at ten", "book_appointment"),
@@ -46,17 +47,10 @@ CALLER_LINES = [
 ]
 
 
-def mulaw_tone(n: int, phase: int, freq: float = 220.0, rate: int = 8000) -> bytes:
+def mulaw_tone(n: int, phase: int, freq: float = 220.0, rate: int = MULAW_RATE) -> bytes:
     """A 220 Hz tone in G.711 mu-law: audio-shaped bytes of the right size and codec."""
-    out = bytearray()
-    for i in range(n):
-        sample = int(8000 * math.sin(2 * math.pi * freq * (phase + i) / rate))
-        sign = 0x80 if sample < 0 else 0
-        magnitude = min(abs(sample) + 132, 32635)
-        exponent = max(0, magnitude.bit_length() - 8)
-        mantissa = (magnitude >> (exponent + 3)) & 0x0F
-        out.append(~(sign | (exponent << 4) | mantissa) & 0xFF)
-    return bytes(out)
+    samples = 8000 * np.sin(2 * np.pi * freq * np.arange(phase, phase + n) / rate)
+    return pcm16_to_mulaw(samples.astype("<i2").tobytes())
 
 
 def caller_chunk(index: int, wideband: bool) -> CallerAudioChunk:
@@ -64,15 +58,15 @@ def caller_chunk(index: int, wideband: bool) -> CallerAudioChunk:
     if wideband:
         return CallerAudioChunk(
             codec="pcm_s16le",
-            sample_rate=16000,
+            sample_rate=PCM_RATE,
             chunk_index=index,
             offset_ms=index * FRAME_MS,
             duration_ms=FRAME_MS,
-            audio=bytes(640),
+            audio=bytes(PCM_FRAME_BYTES),
         )
     return CallerAudioChunk(
         codec="mulaw",
-        sample_rate=8000,
+        sample_rate=MULAW_RATE,
         chunk_index=index,
         offset_ms=index * FRAME_MS,
         duration_ms=FRAME_MS,
@@ -80,7 +74,7 @@ def caller_chunk(index: int, wideband: bool) -> CallerAudioChunk:
     )
 
 
-_TONE_FRAMES = [mulaw_tone(160, k * 160) for k in range(20)]
+_TONE_FRAMES = [mulaw_tone(MULAW_FRAME_BYTES, k * MULAW_FRAME_BYTES) for k in range(20)]
 
 
 def synthetic_call(
@@ -192,7 +186,7 @@ def synthetic_call(
             provider="synthetic",
             voice="default",
             codec="pcm_s16le" if wideband else "mulaw",
-            sample_rate=16000 if wideband else 8000,
+            sample_rate=PCM_RATE if wideband else MULAW_RATE,
         )
         agent_frames = 25
         barge = turn == 0 and call_index % 4 == 1
@@ -200,7 +194,7 @@ def synthetic_call(
         for frame in range(agent_frames):
             yield AgentAudioChunk(
                 codec="mulaw",
-                sample_rate=8000,
+                sample_rate=MULAW_RATE,
                 chunk_index=agent_index,
                 offset_ms=agent_index * FRAME_MS,
                 duration_ms=FRAME_MS,
