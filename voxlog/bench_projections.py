@@ -96,11 +96,12 @@ async def bench_projections(backend: LogBackend, store: AnalyticsStore, recordin
     rebuild: dict[str, Any] = {}
     for projection in (p for p in projections if p.name in chosen):
         runner = ProjectionRunner(backend, store, projection)
-        started = time.perf_counter()
+        started, cpu_before = time.perf_counter(), time.process_time()
         await runner.rebuild()
-        elapsed = time.perf_counter() - started
+        elapsed, cpu_s = time.perf_counter() - started, time.process_time() - cpu_before
         rebuild[projection.name] = {"events": runner.events, "rows": runner.rows_written,
-                                    "seconds": round(elapsed, 2), "events_per_s": round(runner.events / elapsed)}
+                                    "seconds": round(elapsed, 2), "cpu_s": round(cpu_s, 2),
+                                    "events_per_s": round(runner.events / elapsed)}
     return {
         "benchmark": "projections",
         "log": backend.describe(),
@@ -115,7 +116,8 @@ async def bench_projections(backend: LogBackend, store: AnalyticsStore, recordin
 
 async def _lag(backend: LogBackend, store: AnalyticsStore, recordings: Path, chosen: Collection[str], rate: int,
                seconds: float) -> dict[str, Any]:
-    """Event-to-row lag of turns while calls flow at `rate` for `seconds`, the `chosen` projections running."""
+    """Event-to-row lag of turns while calls flow at `rate` for `seconds`, the `chosen` projections running;
+    the process's CPU time (writer, projections, chDB and the poller together) while they run."""
     run = uuid.uuid4().hex[:8]
     written: dict[tuple[str, int], float] = {}
     seen: dict[tuple[str, int], float] = {}
@@ -137,12 +139,14 @@ async def _lag(backend: LogBackend, store: AnalyticsStore, recordings: Path, cho
             await asyncio.sleep(POLL_S)
 
     stopped_at = 0.0
+    started, cpu_before = time.perf_counter(), time.process_time()
     polling = asyncio.create_task(poll())
     wrote_s = await _write(backend, run, int(rate * seconds), float(rate), written)
     await asyncio.sleep(3)  # the last batches
     stopped_at = time.time()
     stop.set()
     await asyncio.gather(*tasks)
+    elapsed, cpu_s = time.perf_counter() - started, time.process_time() - cpu_before
     await polling
     lags = [(seen[k] - t) * 1000 for k, t in written.items() if k in seen]
     return {
@@ -154,4 +158,6 @@ async def _lag(backend: LogBackend, store: AnalyticsStore, recordings: Path, cho
         "p99_ms": round(_percentile(lags, 0.99), 1) if lags else None,
         "max_ms": round(max(lags), 1) if lags else None,
         "poll_ms": POLL_S * 1000,
+        "cpu_s": round(cpu_s, 2),
+        "cpu_share": round(cpu_s / elapsed, 3),
     }
