@@ -76,6 +76,8 @@ class Analytics:
         return self.store.query(query, settings=SQL_LIMITS)
 
     def lag(self) -> QueryResult:
+        """Each projection's next offset per partition; none where no projection has run yet."""
+        self.store.create(OFFSETS)  # a fresh home has no tables yet: that is "nothing read", not an error
         return self.store.query(f"SELECT projection_name, topic, log_partition, next_offset FROM {OFFSETS.name} FINAL "
                                 "ORDER BY projection_name, topic, log_partition")
 

@@ -490,6 +490,9 @@ def projections_run(
 def projections_status() -> None:
     """How far each projection has read each partition."""
     result = _analytics().lag()
+    if not result.rows:
+        console.print("no projection has read the log yet (voxlog projections run, or voxlog serve, starts them)")
+        return
     table = Table(*result.columns)
     for row in result.rows:
         table.add_row(*(str(v) for v in row))

@@ -253,3 +253,10 @@ def test_analysts_query_the_tables_and_compliance_checks_the_trail(tmp_path: Pat
     unknown = voxlog("projections", "rebuild", "nothing", home=tmp_path)
     assert unknown.returncode != 0
     assert "no projection nothing" in unknown.stdout + unknown.stderr
+
+
+def test_projections_status_on_a_fresh_home_says_nothing_has_been_read(tmp_path: Path) -> None:
+    """It failed with ClickHouse's UNKNOWN_TABLE before any projection had run."""
+    done = voxlog("projections", "status", home=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no projection has read the log yet" in done.stdout
