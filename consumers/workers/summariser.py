@@ -20,6 +20,7 @@ from collections.abc import Callable
 from consumers.backends import LogBackend
 from consumers.event_reader import ConsumedEvent, call_start_bound_ms, read_call
 from consumers.group_loop import run_in_group
+from consumers.log_consumer import LogAdmin
 from producers.event_writer import CallRecorder, EventWriter
 from producers.log_producer import LogProducer
 from schemas.base import Event, EventPayload
@@ -52,29 +53,32 @@ class Summariser:
         async def start(producer: LogProducer) -> None:
             writers.append(EventWriter(producer))
 
-        async def handle(producer: LogProducer, item: ConsumedEvent) -> None:
-            if isinstance(item.event.payload, CallEnded):
-                try:
-                    await self.summarise(writers[0], item.event)
-                except Exception:  # one call's summary must not stop the others'
-                    log.exception("summariser: call %s", item.event.call_id)
-
-        await run_in_group(self.backend, [CALLS], GROUP, stop, handle, ready=self.ready, start=start)
-
-    async def summarise(self, writer: EventWriter, ended: Event[EventPayload]) -> CallSummarized | None:
-        since_ms = call_start_bound_ms(ended)
+        # One admin for the worker's life: opening one per call (a Kafka client's bootstrap) stalled the
+        # event loop, and with it every live call of the gateway, about 100 ms per ended call.
         async with self.backend.admin() as admin:
-            # what a summary reads is on the calls topic: the call's audio (most of its events) is not
-            # decoded, which cost every live call of the process a stall of about 100 ms per ended call
-            call = await read_call(admin, ended.call_id, topics=(CALLS,), since_ms=since_ms)
-            started = next((e for e in call.events if isinstance(e.payload, CallStarted)), None)
-            if started is None or not isinstance(started.payload, CallStarted):
-                return None
-            key = caller_key(ended.tenant_id, person_number(started.payload))
-            extractive = summarize(call.events)
-            if key is None or extractive is None:
-                return None
-            memory = await read_call(admin, key, topics=(CALLS,))
+
+            async def handle(producer: LogProducer, item: ConsumedEvent) -> None:
+                if isinstance(item.event.payload, CallEnded):
+                    try:
+                        await self.summarise(writers[0], admin, item.event)
+                    except Exception:  # one call's summary must not stop the others'
+                        log.exception("summariser: call %s", item.event.call_id)
+
+            await run_in_group(self.backend, [CALLS], GROUP, stop, handle, ready=self.ready, start=start)
+
+    async def summarise(self, writer: EventWriter, admin: LogAdmin,
+                        ended: Event[EventPayload]) -> CallSummarized | None:
+        # What a summary reads is on the calls topic: the call's audio (most of its events) is not
+        # decoded, which cost every live call of the process a stall of about 100 ms per ended call.
+        call = await read_call(admin, ended.call_id, topics=(CALLS,), since_ms=call_start_bound_ms(ended))
+        started = next((e for e in call.events if isinstance(e.payload, CallStarted)), None)
+        if started is None or not isinstance(started.payload, CallStarted):
+            return None
+        key = caller_key(ended.tenant_id, person_number(started.payload))
+        extractive = summarize(call.events)
+        if key is None or extractive is None:
+            return None
+        memory = await read_call(admin, key, topics=(CALLS,))
         if any(isinstance(e.payload, CallSummarized) and e.payload.call_id == ended.call_id for e in memory.events):
             return None  # summarised before (a redelivered call.ended)
         summary, source = await self._llm_summary(ended, started.payload, call.events) or (extractive, OFFLINE_SOURCE)

@@ -57,7 +57,8 @@ async def test_a_finished_call_is_summarised_from_the_calls_topic_without_its_au
                 ended = event
         await writer.flush()
         assert ended is not None
-        summary = await Summariser(backend).summarise(writer, ended)
+        async with backend.admin() as admin:
+            summary = await Summariser(backend).summarise(writer, admin, ended)
     assert summary is not None
     assert summary.call_id == call_id
     assert summary.summary
