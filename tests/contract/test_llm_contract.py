@@ -58,7 +58,8 @@ def turn(agent: AgentSpec) -> LlmRequest:
 @dataclass
 class Llm:
     """One implementation: LLMs made to answer (`answering`: the recording of an answer queued where it
-    replays one), to fail (`failing`) and never to answer (`silent`); None where it cannot fail."""
+    replays one), to fail (`failing`) and never to answer (`silent`); None where it cannot fail (the
+    scripted policy runs the agent's script in this process: the failure tests are not asked of it)."""
 
     make_answering: Callable[[], LlmProvider]
     make_failing: Callable[[], LlmProvider] | None
@@ -75,8 +76,7 @@ class Llm:
         return self._made(self.make_silent)
 
     def _made(self, make: Callable[[], LlmProvider] | None) -> LlmProvider:
-        if make is None:
-            pytest.skip("it cannot fail: it runs the agent's script in this process")
+        assert make is not None, "asked to fail an LLM that cannot: see `fallible_llm`"
         self.made.append(make())
         return self.made[-1]
 
@@ -96,8 +96,7 @@ def timeline() -> Llm:
                lambda: TimelineLlm(script, agent, failure="stall"))
 
 
-@pytest.fixture(params=["openai", "anthropic", "offline-scripted", "timeline"])
-async def llm(request: pytest.FixtureRequest, server: ProviderServer) -> AsyncIterator[Llm]:
+async def _llm(name: str, server: ProviderServer) -> AsyncIterator[Llm]:
     made = {
         "openai": lambda: cloud(server, lambda: OpenAiLlm("sk-contract", f"{server.base_url}/v1", timeouts=RELAXED),
                                 "openai", "chat_tool_call_stream"),
@@ -105,10 +104,23 @@ async def llm(request: pytest.FixtureRequest, server: ProviderServer) -> AsyncIt
                                    "anthropic", "messages_tool_use_stream"),
         "offline-scripted": lambda: Llm(lambda: ScriptedLlm(front_desk()), None, None),
         "timeline": timeline,
-    }[request.param]()
+    }[name]()
     yield made
     for provider in made.made:
         await provider.aclose()
+
+
+@pytest.fixture(params=["openai", "anthropic", "offline-scripted", "timeline"])
+async def llm(request: pytest.FixtureRequest, server: ProviderServer) -> AsyncIterator[Llm]:
+    async for made in _llm(request.param, server):
+        yield made
+
+
+@pytest.fixture(params=["openai", "anthropic", "timeline"])
+async def fallible_llm(request: pytest.FixtureRequest, server: ProviderServer) -> AsyncIterator[Llm]:
+    """Every LLM that can fail or fall silent: all but the offline scripted policy."""
+    async for made in _llm(request.param, server):
+        yield made
 
 
 async def test_an_answer_says_what_to_say_or_do_how_it_ended_and_what_it_took(llm: Llm) -> None:
@@ -127,8 +139,8 @@ async def test_an_answer_says_what_to_say_or_do_how_it_ended_and_what_it_took(ll
     assert (result.report.failures, result.report.fallbacks) == ([], [])
 
 
-async def test_an_llm_that_fails_raises_a_provider_error_of_a_known_kind(llm: Llm) -> None:
-    provider = llm.failing()
+async def test_an_llm_that_fails_raises_a_provider_error_of_a_known_kind(fallible_llm: Llm) -> None:
+    provider = fallible_llm.failing()
     with pytest.raises(ProviderError) as caught:
         await provider.complete(turn(front_desk()))
     error = caught.value
@@ -137,8 +149,8 @@ async def test_an_llm_that_fails_raises_a_provider_error_of_a_known_kind(llm: Ll
     assert error.report.failures == [ProviderFailure.of(error)], "what the session records of it"
 
 
-async def test_no_answer_within_the_callers_deadline_is_a_timeout(llm: Llm) -> None:
-    provider = llm.silent()
+async def test_no_answer_within_the_callers_deadline_is_a_timeout(fallible_llm: Llm) -> None:
+    provider = fallible_llm.silent()
     with pytest.raises(ProviderError) as caught:
         await provider.complete(turn(front_desk()), timeout_s=CALLERS_DEADLINE_S)
     assert (caught.value.kind, caught.value.retryable, caught.value.provider) == (ErrorKind.TIMEOUT, True,
