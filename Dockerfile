@@ -7,9 +7,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VOXLOG_HOME=/data
 
-# espeak-ng and sox: offline speech synthesis and audio conversion.
+# flite and espeak-ng: offline speech synthesis (flite the default voice); sox: audio conversion.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends espeak-ng sox \
+ && apt-get install -y --no-install-recommends flite espeak-ng sox \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app

@@ -188,8 +188,12 @@ class GatewayRuntime:
         self._tasks.append(asyncio.create_task(self._run_reaper(reaper_consumer), name="reaper"))
         self._tasks.append(asyncio.create_task(self._watch_log(), name="log-watch"))
         if self.analytics is not None and self.run_projections:
-            for projection in default_projections(self.router, recordings=self.recordings_path,
-                                                  recording_store=self.recordings):
+            projections = default_projections(self.router, recordings=self.recordings_path,
+                                              recording_store=self.recordings)
+            # Before the first call: a call's start reads caller memory from its table.
+            for table in {table.name: table for p in projections for table in p.tables}.values():
+                await asyncio.to_thread(self.analytics.create, table)
+            for projection in projections:
                 runner = ProjectionRunner(self.backend, self.analytics, projection)
                 self._tasks.append(asyncio.create_task(runner.run(self._stop), name=f"projection-{projection.name}"))
 

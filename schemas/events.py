@@ -1068,7 +1068,7 @@ class ProviderFallback(EventPayload):
     to_provider: str
     """Provider used instead."""
     reason: str
-    """timeout, error, rate_limited, circuit_open."""
+    """timeout, error, rate_limited, circuit_open, busy."""
     turn_index: int | None = None
     """Turn it happened in, if any."""
 

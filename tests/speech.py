@@ -1,9 +1,10 @@
-"""Test speech: real synthetic voices from espeak-ng (the Debian package), as 16-bit mono PCM.
+"""Test speech: real synthetic voices from espeak-ng and flite (the Debian packages), as 16-bit mono PCM.
 
 Tests that need a caller saying something use these instead of recorded fixtures:
 `synthesize_pcm16("i want to speak to a human")` is what a caller would say, at the sample rate
-asked for. Results are cached per text and voice, in memory and in a folder under the system's
-temporary directory, because espeak-ng takes a few tens of milliseconds per phrase.
+asked for, in espeak-ng's voice; `flite_pcm16(...)` the same in flite's. Results are cached per
+engine, text and voice, in memory and in a folder under the system's temporary directory, because
+each takes a few tens of milliseconds per phrase.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import io
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -37,26 +39,60 @@ def require_espeak() -> None:
         missing("espeak-ng", "tools/setup.sh installs it: apt-get install espeak-ng")
 
 
+def require_flite() -> None:
+    """`require_espeak`, for flite."""
+    if shutil.which("flite") is None:
+        missing("flite", "tools/setup.sh installs it: apt-get install flite")
+
+
 @lru_cache(maxsize=256)
 def _espeak_version() -> str:
     return subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True, check=True).stdout.strip()
 
 
+@lru_cache(maxsize=1)
+def _flite_version() -> str:
+    # flite says its version, then exits 1.
+    return subprocess.run(["flite", "--version"], capture_output=True, text=True).stdout.strip()
+
+
 @lru_cache(maxsize=256)
 def synthesize_pcm16(text: str, rate: int = 16_000, *, voice: str = DEFAULT_VOICE, speed: int = DEFAULT_SPEED) -> bytes:
     """`text` spoken by espeak-ng as 16-bit mono PCM at `rate` (espeak-ng speaks at 22.05 kHz)."""
-    key = hashlib.sha256(f"{_espeak_version()}|{voice}|{speed}|{rate}|{text}".encode()).hexdigest()[:32]
-    cached = CACHE_DIR / f"{key}.pcm"
+
+    def speak() -> bytes:
+        # espeak-ng writes placeholder sizes into a WAV on a pipe; the wave module reads to the end anyway.
+        return subprocess.run(
+            ["espeak-ng", "--stdout", "-v", voice, "-s", str(speed), "--", text],
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout
+
+    return _cached(f"{_espeak_version()}|{voice}|{speed}|{rate}|{text}", rate, speak)
+
+
+@lru_cache(maxsize=256)
+def flite_pcm16(text: str, rate: int = 16_000, *, voice: str = "slt") -> bytes:
+    """`text` spoken by flite as 16-bit mono PCM at `rate` (slt speaks at 16 kHz, kal at 8 kHz)."""
+
+    def speak() -> bytes:
+        # flite seeks back to fill in its WAV header, so it needs a file, not a pipe.
+        with tempfile.TemporaryDirectory() as folder:
+            wav = Path(folder) / "speech.wav"
+            subprocess.run(["flite", "-voice", voice, "-f", "/dev/stdin", "-o", str(wav)], input=text.encode(),
+                           capture_output=True, check=True, timeout=60)
+            return wav.read_bytes()
+
+    return _cached(f"{_flite_version()}|{voice}|{rate}|{text}", rate, speak)
+
+
+def _cached(key: str, rate: int, speak: Callable[[], bytes]) -> bytes:
+    """The WAV `speak` makes, as 16-bit mono PCM at `rate`; from the cache file for `key` if made before."""
+    cached = CACHE_DIR / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pcm"
     if cached.exists():
         return cached.read_bytes()
-    result = subprocess.run(
-        ["espeak-ng", "--stdout", "-v", voice, "-s", str(speed), "--", text],
-        capture_output=True,
-        check=True,
-        timeout=60,
-    )
-    # espeak-ng writes placeholder sizes into a WAV on a pipe; the wave module reads to the end anyway.
-    pcm, source_rate = read_wav(io.BytesIO(result.stdout))
+    pcm, source_rate = read_wav(io.BytesIO(speak()))
     pcm = resample_pcm16(pcm, source_rate, rate)
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     partial = cached.with_suffix(f".{hashlib.sha256(pcm).hexdigest()[:8]}.tmp")

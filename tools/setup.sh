@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Installs what voxlog needs on a Debian machine, idempotently: the system packages (espeak-ng for
-# offline speech; with --dev also a JDK, Maven, Chromium and docker-compose for the tests) and .venv with the
-# project (with --dev, its test and lint tools too).
+# Installs what voxlog needs on a Debian machine, idempotently: the system packages (flite and espeak-ng,
+# the offline voices; with --dev also a JDK, Maven, Chromium and docker-compose for the tests) and .venv with
+# the project (with --dev, its test and lint tools too).
 #
 #   bash tools/setup.sh          # to run voxlog
 #   bash tools/setup.sh --dev    # to run its tests (what .ci/run does)
@@ -14,6 +14,7 @@ dev=false
 
 missing=()
 command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
+command -v flite >/dev/null 2>&1 || missing+=(flite)
 if $dev; then
   command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
   command -v mvn >/dev/null 2>&1 || missing+=(maven)

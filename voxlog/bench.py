@@ -51,7 +51,8 @@ class Latency:
     max_ms: float
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
+    """The value at quantile `q` (0..1) of `values`: the nearest rank, no interpolation."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
@@ -198,7 +199,7 @@ async def bench_log(
                 seconds=round(produce_s, 2),
                 events=len(steady),
                 p50_ms=round(statistics.median(steady), 2),
-                p99_ms=round(_percentile(steady, 0.99), 2),
+                p99_ms=round(percentile(steady, 0.99), 2),
                 max_ms=round(max(steady), 2),
             )
         ),

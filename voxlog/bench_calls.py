@@ -60,6 +60,7 @@ from streams.providers.registry import LLM_CHAIN_DEADLINE_S, SPEECH_CHAIN_DEADLI
 from streams.providers.resilience import ChainLlm, CircuitBreaker, Guarded, ProviderChain
 from streams.providers.timeline import ScriptedFailure, Timeline, TimelineAsr, TimelineLlm, TimelineTts
 from streams.providers.tts_chain import ChainTts
+from voxlog.bench import percentile
 from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
 from voxlog.sim.synthetic_calls import mulaw_tone
@@ -101,11 +102,6 @@ class CallFigures:
     """Told busy by admission control (past the gateway's capacity)."""
     webhook_ms: float | None = None
     """How long the voice webhook took to answer."""
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 async def _one_call(caller: TwilioCaller, budget_ms: float, delay_s: float = 0.0) -> CallFigures:
@@ -227,7 +223,7 @@ async def _fallback_calls(backend: LogBackend, call_sids: set[str]) -> set[str]:
 
 def _latency(values: list[float]) -> dict[str, float | None]:
     return {"p50": round(statistics.median(values), 1) if values else None,
-            "p99": round(_percentile(values, 0.99), 1) if values else None,
+            "p99": round(percentile(values, 0.99), 1) if values else None,
             "max": round(max(values), 1) if values else None}
 
 
@@ -275,7 +271,7 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
                         "llm": timeline.llm_ms, "tts_first_byte": timeline.tts_first_byte_ms, "total": budget_ms},
         "added_latency_ms": _latency(added),
         "pacing_jitter_ms": {"p50": round(statistics.median(jitter), 2) if jitter else None,
-                             "p99": round(_percentile(jitter, 0.99), 2) if jitter else None,
+                             "p99": round(percentile(jitter, 0.99), 2) if jitter else None,
                              "frames": len(jitter)},
         "gateway_cpu_s": round(cpu_s, 2),
         "gateway_cpu_share": round(cpu_s / elapsed, 3),
@@ -291,7 +287,7 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
         # The target is about a primary that hangs: what it may cost beyond its timeout. A fast error's
         # cost (two tries and a jittered pause) is reported as measured.
         limit_ms = fallback.attempt_timeout_ms + fallback.fallback_target_ms if fallback.failure == "stall" else None
-        p99 = _percentile(costs, 0.99) if costs else None
+        p99 = percentile(costs, 0.99) if costs else None
         result["fallback"] = {
             "capability": fallback.capability, "failure": fallback.failure, "every": fallback.every,
             "attempt_timeout_ms": fallback.attempt_timeout_ms,

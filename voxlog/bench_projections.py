@@ -31,14 +31,10 @@ from projections.store import AnalyticsStore
 from projections.tables import Column, Table
 from schemas.events import TurnTaken
 from schemas.version import __version__
+from voxlog.bench import percentile
 from voxlog.sim.synthetic_calls import concurrent_calls
 
 POLL_S = 0.05
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def _write(backend: LogBackend, run: str, events: int, rate: float | None,
@@ -155,7 +151,7 @@ async def _lag(backend: LogBackend, store: AnalyticsStore, recordings: Path, cho
         "turns": len(written),
         "turns_seen": len(lags),
         "p50_ms": round(statistics.median(lags), 1) if lags else None,
-        "p99_ms": round(_percentile(lags, 0.99), 1) if lags else None,
+        "p99_ms": round(percentile(lags, 0.99), 1) if lags else None,
         "max_ms": round(max(lags), 1) if lags else None,
         "poll_ms": POLL_S * 1000,
         "cpu_s": round(cpu_s, 2),

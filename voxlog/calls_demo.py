@@ -1,12 +1,13 @@
 """`voxlog demo`: complete calls through the real gateway, offline.
 
 The gateway runs in-process on the configured log (embedded by default) with the offline providers
-(pocketsphinx, the scripted policy, espeak-ng). Callers are played exactly as Twilio plays them: a
-signed voice webhook, then the Media Streams WebSocket carrying espeak-ng speech as 8 kHz mu-law in
-20 ms frames, in real time. One call goes the other way: the agent calls a customer, asked for with
-`POST /v1/calls` and placed by the dialer. Twilio's REST API (placing calls, transfers, hang-ups) is
-a local stand-in. After the
-calls, each is read back from the log, shown with its per-turn latencies, and replay-verified.
+(Whisper tiny.en with pocketsphinx's interim results, the scripted policy, flite). Callers are played
+exactly as Twilio plays them: a signed voice webhook, then the Media Streams WebSocket carrying flite
+speech (another voice than the agent's) as 8 kHz mu-law in 20 ms frames, in real time; they say
+natural sentences, with a time and a phone number in them. One call goes the other way: the agent
+calls a customer, asked for with `POST /v1/calls` and placed by the dialer. Twilio's REST API
+(placing calls, transfers, hang-ups) is a local stand-in. After the calls, each is read back from
+the log, shown with its per-turn latencies, and replay-verified.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from schemas.events import (
 )
 from streams.audio.codecs import pcm16_to_mulaw
 from streams.call.replay import ReplayResult, agent_for, verify_call
-from streams.providers.tts_espeak import EspeakTts
+from streams.providers.tts_flite import FliteTts
 from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
 from voxlog.sim.twilio_caller import TwilioCaller
@@ -54,25 +55,28 @@ class Script:
     lines: tuple[Line, ...]
     outbound: bool = False
     """The agent calls the person (POST /v1/calls), instead of the person calling in."""
+    voice: str = "rms"
+    """The caller's flite voice (the agent speaks with slt)."""
 
 
 SCRIPTS = (
     Script("booking", "+15550001001", (
-        Line("i would like to book an appointment for tomorrow at ten"),
-        Line("no thank you goodbye"),
-    )),
+        Line("Hi, I'd like to schedule a technician visit for tomorrow at ten thirty in the morning."),
+        Line("No, that's everything. Thanks, bye."),
+    ), voice="rms"),
     Script("ticket, then a human", "+15550001002", (
-        Line("i have a problem with my internet"),
-        Line("operator"),
-    )),
+        Line("My internet keeps dropping out. You can call me back at four one five, five five five, "
+             "zero one three two."),
+        Line("Actually, can I speak to a real person?"),
+    ), voice="awb"),
     Script("barge-in", "+15550001003", (
-        Line("i have a problem with my internet", barge_in=True),
-        Line("that is all goodbye"),
-    )),
+        Line("Sorry to interrupt, but my internet is down again.", barge_in=True),
+        Line("That's all, goodbye."),
+    ), voice="rms"),
     Script("outbound: the agent calls a customer", "+15550001004", (
-        Line("i would like to book an appointment for tomorrow at ten"),
-        Line("no thank you goodbye"),
-    ), outbound=True),
+        Line("Yes, please book a visit for Friday at two pm."),
+        Line("No, thank you. Goodbye."),
+    ), outbound=True, voice="kal16"),
 )
 DEMO_API_KEY = "demo-api-key"
 """The demo tenant's published API key (voxlog/agents/demo/tenant.yaml)."""
@@ -91,9 +95,9 @@ class DemoCall:
     replay: ReplayResult | None = None
 
 
-async def _speech(tts: EspeakTts, text: str) -> bytes:
+async def _speech(tts: FliteTts, text: str, voice: str) -> bytes:
     """The caller's words as Twilio carries them: 8 kHz mu-law."""
-    pcm = b"".join([chunk async for chunk in tts.synthesize(text, voice="en-us", sample_rate=8000)])
+    pcm = b"".join([chunk async for chunk in tts.synthesize(text, voice=voice, sample_rate=8000)])
     return pcm16_to_mulaw(pcm)
 
 
@@ -107,7 +111,7 @@ async def place_call(stack: LocalStack, number: str) -> TwilioCaller:
     return stack.callee(placed)
 
 
-async def play_call(stack: LocalStack, script: Script, tts: EspeakTts) -> DemoCall:
+async def play_call(stack: LocalStack, script: Script, tts: FliteTts) -> DemoCall:
     result = DemoCall(script)
     caller = await place_call(stack, script.caller) if script.outbound else stack.caller(from_=script.caller,
                                                                                           to=AGENT_NUMBER)
@@ -116,7 +120,7 @@ async def play_call(stack: LocalStack, script: Script, tts: EspeakTts) -> DemoCa
     async with caller:
         await caller.connect(instructions)
         for index, line in enumerate(script.lines):
-            speech = await _speech(tts, line.text)
+            speech = await _speech(tts, line.text, script.voice)
             if line.barge_in and index == 0:
                 await asyncio.sleep(2.5)  # into the greeting, then talk over it
             else:
@@ -142,7 +146,7 @@ ANALYTICS_QUERY = ("SELECT outcome, count() AS calls, sum(turns) AS turns, sum(t
 
 async def run_calls_demo(settings: Settings) -> tuple[list[DemoCall], QueryResult | None]:
     """The calls, and what the analytics tables say of them (None when ClickHouse is not at hand)."""
-    tts = EspeakTts()
+    tts = FliteTts()
     # On the embedded log the demo's own ClickHouse shows what it did; a Kafka log may hold far more
     # than the demo's calls, and its projections run as workers of their own.
     async with local_stack(settings, analytics=settings.kafka_bootstrap is None) as stack:

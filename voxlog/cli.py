@@ -75,8 +75,8 @@ def demo(
 
     settings = Settings()
     console.print(f"[bold]voxlog demo[/]: {len(SCRIPTS)} calls through the gateway on "
-                  f"{log_backend(settings).describe()}, offline speech (pocketsphinx, espeak-ng), "
-                  "the offline scripted policy")
+                  f"{log_backend(settings).describe()}, offline speech (Whisper tiny.en and pocketsphinx hear, "
+                  "flite speaks), the offline scripted policy")
     results, summary = asyncio.run(run_calls_demo(settings))
     diverged = 0
     for call in results:
@@ -326,6 +326,36 @@ def bench_calls_command(
                       f"p99 {fb['cost_ms']['p99']} ms; " + (
                           "no target for a fast error" if fb["met"] is None else
                           f"target {fb['target_ms']} ms: {'met' if fb['met'] else 'missed'}"))
+
+
+@bench_app.command("asr")
+def bench_asr_command(
+    out: Annotated[Path, typer.Option(help="JSON file the results are written to.")],
+    voices: Annotated[list[str] | None, typer.Option(
+        "--voice", help="A caller's voice, espeak-ng:VOICE or flite:VOICE (repeat for several).")] = None,
+    capacity_calls: Annotated[list[int] | None, typer.Option(
+        "--capacity-calls", min=1, help="Concurrent calls for the capacity runs (repeat for several).")] = None,
+    capacity_s: Annotated[float, typer.Option(min=1, help="How long each capacity run lasts.")] = 30.0,
+) -> None:
+    """The offline recognisers (faster-whisper with its pocketsphinx interims, and pocketsphinx alone)
+    on synthetic callers at 16 kHz and through the phone path: word accuracy, CPU per audio second,
+    delay to the final text, and how many concurrent calls one Whisper worker serves."""
+    from streams.providers.settings import ProviderSettings
+    from voxlog.bench import write_result
+    from voxlog.bench_asr import VOICES, bench_asr
+
+    result = asyncio.run(bench_asr(voices=voices or VOICES, capacity_calls=capacity_calls or (1, 2, 4, 8, 16),
+                                   capacity_s=capacity_s, model_dir=ProviderSettings().whisper_model_dir))
+    write_result(result, out)
+    for name, figures in result["recognisers"].items():
+        delay = figures["final_delay_ms"]
+        console.print(f"{name}: accuracy {figures['accuracy_16k']:.2f} at 16 kHz, {figures['accuracy_phone']:.2f} "
+                      f"on the phone path; {figures['cpu_s_per_audio_s']} CPU s per audio s; final text "
+                      f"p50 {delay['p50']} ms after the utterance ends")
+    for run in result["capacity"]:
+        console.print(f"{run['calls']} calls: Whisper gave {run['by_whisper']} of {run['finals']} finals; "
+                      f"final p50 {run['final_delay_ms']['p50']} ms, p99 {run['final_delay_ms']['p99']} ms")
+    console.print(f"-> {out}")
 
 
 @bench_app.command("projections")

@@ -3,7 +3,9 @@
 Each inbound frame is recorded as received; the VAD tells when the caller starts and stops speaking
 (inputs of the call), and only speech goes to the recogniser, with the 300 ms before the VAD's
 confirmation (pre-roll) so the start of a word is not lost. Interim transcripts are recorded and
-shown; an utterance's final transcript is an input of the call, with times in the call's audio.
+shown; an utterance's final transcript, written in the canonical form whoever recognised it
+(streams/providers/asr_text.py: numbers, times and emails as the core and redaction read them), is
+an input of the call, with times in the call's audio.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from streams.audio.formats import FRAME_MS
 from streams.audio.vad import Vad
 from streams.call.inputs import CallInputs
 from streams.call.transport import MediaTransport
+from streams.providers.asr_text import normalize_transcript
 from streams.providers.base import AsrProvider, AsrStream, ProviderError, Recognition
 
 PREROLL_FRAMES = 15  # 300 ms before the VAD's confirmation go to the recogniser with the speech
@@ -139,10 +142,11 @@ class AudioRecognition:
         utterance_id = f"u{self._utterances}"
         self._utterances += 1
         shift = self._shift_ms
+        text = normalize_transcript(result.text)
         self._inputs.submit(
             TranscriptFinal(
                 utterance_id=utterance_id,
-                text=result.text,
+                text=text,
                 confidence=result.confidence,
                 words=tuple(
                     Word(word=w.word, start_ms=w.start_ms + shift, end_ms=w.end_ms + shift, confidence=w.confidence)
@@ -156,5 +160,5 @@ class AudioRecognition:
                 latency_ms=int((time.perf_counter() - stopped) * 1000),
             )
         )
-        if result.text:
-            await self._transport.show("caller", result.text, final=True)
+        if text:
+            await self._transport.show("caller", text, final=True)

@@ -71,9 +71,9 @@ class Provider(_Spec):
 
 
 class Voice(_Spec):
-    provider: str = "espeak-ng"
-    voice: str = "en-us"
-    """The provider's own voice id (an ElevenLabs voice id, a PlayHT voice manifest URL, an espeak-ng voice)."""
+    provider: str = "flite"
+    voice: str = "slt"
+    """The provider's own voice id (an ElevenLabs voice id, a PlayHT voice manifest URL, a flite or espeak-ng voice)."""
     model: str = ""
     """The provider's model (ElevenLabs' `model_id`, PlayHT's voice engine); unset: the adapter's default."""
     timeout_s: float | None = Field(None, gt=0, le=60)
@@ -127,7 +127,8 @@ class ScriptIntent(_Spec):
     """Tool arguments; `{text}` is the caller's words, `{turn}` the turn number, `{SLOT}` a slot's value."""
     slots: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     """Named values to pick out of the caller's words: the first of the listed words that was said,
-    else the slot's first entry (its default)."""
+    else the slot's first entry (its default). `<time>` stands for a time of day, whatever it is
+    ("10:30", "2 pm", "at 10": transcripts write times in digits)."""
     after_tool: str = ""
     """What to say once the tool answered; `{result.FIELD}` reads the tool's JSON result."""
     end_call: bool = False
@@ -156,9 +157,9 @@ class AgentSpec(_Spec):
     reprompt: str = "Are you still there?"
     fallback: str = "Sorry, I didn't catch that. Could you say it again?"
     routing: Routing = Routing()
-    asr: Provider = Provider(provider="pocketsphinx", model="en-us")
+    asr: Provider = Provider(provider="faster-whisper", fallbacks=(Provider(provider="pocketsphinx", model="en-us"),))
     llm: Provider = Provider(provider="offline-scripted", model="scripted-policy")
-    tts: Voice = Voice()
+    tts: Voice = Voice(fallbacks=(Voice(provider="espeak-ng", voice="en-us"),))
     tools: tuple[ToolDefinition, ...] = ()
     guardrails: Guardrails = Guardrails()
     handoff: Handoff | None = None

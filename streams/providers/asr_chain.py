@@ -122,9 +122,13 @@ class ChainAsrStream(AsrStream):
         self._report = ChainReport()
         primary = self.chain.primary
         if member is not primary and self._returning is None and primary.breaker.allow(self.chain.clock()):
-            opening = primary.provider.open_stream(keywords=self.keywords, language=self.language)
-            self._returning = asyncio.create_task(asyncio.wait_for(opening, primary.attempt_timeout_s))
+            self._returning = asyncio.create_task(self._reopen(primary))
         return recognition
+
+    async def _reopen(self, primary: Guarded[AsrProvider]) -> AsrStream:
+        # (the opening made here, not before the task: a task cancelled before it runs never awaits it)
+        opening = primary.provider.open_stream(keywords=self.keywords, language=self.language)
+        return await asyncio.wait_for(opening, primary.attempt_timeout_s)
 
     async def _back_to_primary(self, opening: asyncio.Task[AsrStream]) -> bool:
         """Whether the first provider's stream, opened again, took over (with the audio since the last

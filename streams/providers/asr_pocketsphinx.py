@@ -44,18 +44,14 @@ for quiet callers.
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import json
-import os
 import re
 import struct
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from streams.audio.formats import PCM_RATE
 from streams.providers.base import (
@@ -67,6 +63,7 @@ from streams.providers.base import (
     Recognition,
     RecognizedWord,
 )
+from streams.providers.worker_process import WorkerProcess, child_pipes
 
 __all__ = ["PocketsphinxAsr", "PocketsphinxStream", "StreamStats"]
 
@@ -77,7 +74,6 @@ _LANGUAGES = {"en", "en-us"}
 _KEYWORD_SUFFIX = "@kw"  # alias entries look like "speak_to_a_human@kw"
 _FRAME_MS = 10  # PocketSphinx's frame rate is 100 per second
 _NOISE_SECONDS = 10
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding the `streams` package
 
 DecoderOption = str | int | float | bool
 
@@ -171,10 +167,8 @@ class PocketsphinxStream(AsrStream):
         self._chunk_bytes = PCM_RATE * chunk_ms // 1000 * 2
         self._timeout_s = timeout_s
         self._buffer = bytearray()
-        self._process: asyncio.subprocess.Process | None = None
+        self._worker: WorkerProcess | None = None
         self._lock = asyncio.Lock()
-        self._stderr: collections.deque[str] = collections.deque(maxlen=20)
-        self._stderr_task: asyncio.Task[None] | None = None
         self.keywords: tuple[str, ...] = ()
         self.unknown_keywords: tuple[str, ...] = ()
         self.stats = StreamStats(0, 0)
@@ -202,23 +196,8 @@ class PocketsphinxStream(AsrStream):
     async def _close(self) -> None:
         """Stops the worker (politely, unless the stream failed)."""
         async with self._lock:
-            process = self._process
-            if process is None:
-                return
-            if process.returncode is None and self._failed is None:
-                with contextlib.suppress(Exception):
-                    assert process.stdin is not None
-                    process.stdin.write(_HEADER.pack(b"Q", 0))
-                    await process.stdin.drain()
-                    process.stdin.close()
-                if not await _reap(process, 5.0):
-                    _kill(process)
-            else:
-                _kill(process)
-            await _reap(process, 5.0)
-            if self._stderr_task is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._stderr_task, 1.0)
+            if self._worker is not None:
+                await self._worker.close(_HEADER.pack(b"Q", 0) if self._failed is None else None)
 
     # -- the worker -----------------------------------------------------------------------------
     @classmethod
@@ -231,63 +210,46 @@ class PocketsphinxStream(AsrStream):
         return stream
 
     async def _spawn(self, config: Mapping[str, Any], timeout_s: float) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
         try:
-            self._process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                _MODULE,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=env,
-            )
+            self._worker = await WorkerProcess.spawn(_MODULE)
         except OSError as exc:
             raise ProviderError(PROVIDER, ErrorKind.WORKER_FAILED,
                                 f"cannot start the recognition worker: {exc}") from exc
-        self._stderr_task = asyncio.create_task(self._drain_stderr())
         try:
             _op, payload = await self._request(b"C", json.dumps(config).encode(), timeout_s=timeout_s)
         except BaseException:
             self._closed = True
-            _kill(self._process)
-            await _reap(self._process, 5.0)
+            await self._worker.close(None)
             raise
         ready = json.loads(payload)
         self.keywords = tuple(ready["keywords"])
         self.unknown_keywords = tuple(ready["unknown_keywords"])
 
     async def _request(self, op: bytes, payload: bytes, *, timeout_s: float | None = None) -> tuple[bytes, bytes]:
-        process = self._process
-        assert process is not None
-        assert process.stdin is not None
-        assert process.stdout is not None
+        worker = self._worker
+        assert worker is not None
         try:
             async with asyncio.timeout(timeout_s or self._timeout_s):
-                process.stdin.write(_HEADER.pack(op, len(payload)) + payload)
-                await process.stdin.drain()
-                header = await process.stdout.readexactly(_HEADER.size)
+                worker.stdin.write(_HEADER.pack(op, len(payload)) + payload)
+                await worker.stdin.drain()
+                header = await worker.stdout.readexactly(_HEADER.size)
                 reply_op, size = _HEADER.unpack(header)
-                reply = await process.stdout.readexactly(size)
+                reply = await worker.stdout.readexactly(size)
         except asyncio.CancelledError:
             # The reply may still come; nothing after it could tell which request it answers.
             self._fail(ProviderError(PROVIDER, ErrorKind.CANCELLED, "a request to the recognition worker was cancelled",
                                      retryable=True))
-            _kill(process)
+            worker.kill()
             raise
         except TimeoutError as exc:
-            _kill(process)
+            worker.kill()
             waited = timeout_s or self._timeout_s
             raise self._fail(ProviderError(PROVIDER, ErrorKind.TIMEOUT,
                                            f"no answer from the recognition worker in {waited} s",
                                            retryable=True)) from exc
         except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError) as exc:
-            if self._stderr_task is not None:  # let its last words arrive
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(self._stderr_task), 0.5)
             raise self._fail(ProviderError(PROVIDER, ErrorKind.WORKER_EXITED,
-                                           f"the recognition worker stopped{self._stderr_tail()}",
+                                           f"the recognition worker stopped{await worker.last_words()}",
                                            retryable=True)) from exc
         if reply_op == b"E":
             message = json.loads(reply)
@@ -297,38 +259,6 @@ class PocketsphinxStream(AsrStream):
         if stats:
             self.stats = StreamStats(int(stats["audio_ms"]), int(stats["cpu_ms"]))
         return reply_op, reply
-
-    async def _drain_stderr(self) -> None:
-        assert self._process is not None
-        assert self._process.stderr is not None
-        async for line in self._process.stderr:
-            text = line.decode(errors="replace").rstrip()
-            if text:
-                self._stderr.append(text)
-
-    def _stderr_tail(self) -> str:
-        return (": " + " | ".join(list(self._stderr)[-5:])) if self._stderr else ""
-
-
-def _kill(process: asyncio.subprocess.Process) -> None:
-    if process.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-
-
-async def _reap(process: asyncio.subprocess.Process, timeout_s: float) -> bool:
-    """Waits for the worker to exit, reading and dropping what it still writes (asyncio stops
-    reading a pipe whose buffer is full, and `wait` would then never return); False on timeout."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            if process.stdout is not None:
-                while await process.stdout.read(65536):
-                    pass
-            await process.wait()
-        return True
-    except TimeoutError:
-        return False
-
 
 def _recognition(payload: bytes) -> Recognition:
     data = json.loads(payload)
@@ -519,9 +449,7 @@ def _worker_main() -> None:  # pragma: no cover - runs in the child process; exe
     C (config JSON) -> R (keywords used) | E;  A (PCM) -> I (interim JSON) | N (stats JSON) | E;
     F (the last PCM) -> F (final JSON) | E;  Q -> exits. An error reply carries kind and message.
     """
-    requests: BinaryIO = sys.stdin.buffer
-    replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints from C code go to stderr
+    requests, replies = child_pipes()
 
     def reply(op: bytes, payload: bytes) -> None:
         replies.write(_HEADER.pack(op, len(payload)) + payload)

@@ -66,11 +66,14 @@ class ErrorKind(StrEnum):
     """A request to the worker was cancelled with its reply on the way."""
     MODEL_FAILED = "model_failed"
     DECODER_FAILED = "decoder_failed"
+    BUSY = "busy"
+    """A local worker had more queued than it could do in time, and refused at once."""
 
     def switch_reason(self) -> ErrorKind:
         """Why a chain moved to its next provider after this failure (`provider.fallback.reason`):
-        timeout, rate_limited, circuit_open, or error for every other kind."""
-        return self if self in (ErrorKind.TIMEOUT, ErrorKind.RATE_LIMITED, ErrorKind.CIRCUIT_OPEN) else ErrorKind.ERROR
+        timeout, rate_limited, circuit_open, busy, or error for every other kind."""
+        passed_on = (ErrorKind.TIMEOUT, ErrorKind.RATE_LIMITED, ErrorKind.CIRCUIT_OPEN, ErrorKind.BUSY)
+        return self if self in passed_on else ErrorKind.ERROR
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +92,7 @@ class ProviderFailure:
 
 @dataclass(frozen=True, slots=True)
 class ProviderSwitch:
-    """The next provider of a chain took over; `reason`: timeout, error, rate_limited, circuit_open."""
+    """The next provider of a chain took over; `reason`: timeout, error, rate_limited, circuit_open, busy."""
 
     from_provider: str
     to_provider: str

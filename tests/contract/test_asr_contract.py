@@ -1,7 +1,8 @@
 """What every speech recogniser (`AsrProvider`, streams/providers/base.py) must do, whatever its vendor.
 
-Each runs for real: pocketsphinx decodes espeak-ng's speech in its worker process; Deepgram's SDK
-and OpenAI's (Whisper) talk to local servers replaying their recorded wire protocols
+Each runs for real: faster-whisper decodes espeak-ng's speech with Whisper tiny.en in its worker
+process (pocketsphinx beside it for interims); pocketsphinx decodes it in its own worker process;
+Deepgram's SDK and OpenAI's (Whisper) talk to local servers replaying their recorded wire protocols
 (tests/provider_ws_server.py, tests/provider_server.py); the benchmarks' timeline recogniser answers
 from its script. Nothing here waits for time to pass: a wait polls for what must come and fails at
 a deadline.
@@ -13,10 +14,12 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 from streams.providers.asr_deepgram import DeepgramAsr
+from streams.providers.asr_faster_whisper import FasterWhisperAsr
 from streams.providers.asr_pocketsphinx import PocketsphinxAsr
 from streams.providers.asr_whisper import WhisperAsr
 from streams.providers.base import AsrProvider, AsrStream, ErrorKind, ProviderError, ProviderFailure, Recognition
@@ -68,6 +71,13 @@ def pocketsphinx() -> Recogniser:
                       lambda: PocketsphinxAsr(decoder_options={"no_such_option": 1}))  # its model fails to load
 
 
+def faster_whisper() -> Recogniser:
+    """As the registry makes it: pocketsphinx beside it for interim results."""
+    first, second = pocketsphinx().utterances
+    return Recogniser((first, second), lambda: FasterWhisperAsr(interim=PocketsphinxAsr()),
+                      lambda: FasterWhisperAsr(model_dir=Path("/nonexistent/whisper-model")))
+
+
 def deepgram(ws_server: ProviderWsServer) -> Recogniser:
     def make(exchange: str) -> AsrProvider:
         ws_server.expect(exchange)
@@ -95,10 +105,10 @@ def timeline() -> Recogniser:
                       lambda: TimelineAsr(script, ("hello there",), failure="error"))
 
 
-@pytest.fixture(params=["pocketsphinx", "deepgram", "whisper", "timeline"])
+@pytest.fixture(params=["faster-whisper", "pocketsphinx", "deepgram", "whisper", "timeline"])
 async def recogniser(request: pytest.FixtureRequest, server: ProviderServer,
                      ws_server: ProviderWsServer) -> AsyncIterator[Recogniser]:
-    made = {"pocketsphinx": pocketsphinx, "deepgram": lambda: deepgram(ws_server),
+    made = {"faster-whisper": faster_whisper, "pocketsphinx": pocketsphinx, "deepgram": lambda: deepgram(ws_server),
             "whisper": lambda: whisper(server), "timeline": timeline}[request.param]()
     yield made
     for asr in made.made:

@@ -1,8 +1,8 @@
 """What every voice (`TtsProvider`, streams/providers/base.py) must do, whatever its vendor.
 
-Each runs for real: espeak-ng speaks in its own process; ElevenLabs' SDK and PlayHT's HTTP API talk
-to a local server replaying their recorded wire protocols (tests/provider_server.py); the
-benchmarks' timeline voice plays its tone. The wire details of the cloud voices (what each sends,
+Each runs for real: espeak-ng and flite speak in their own processes; ElevenLabs' SDK and PlayHT's
+HTTP API talk to a local server replaying their recorded wire protocols (tests/provider_server.py);
+the benchmarks' timeline voice plays its tone. The wire details of the cloud voices (what each sends,
 every way each fails) are in tests/unit/test_tts_providers.py.
 """
 
@@ -19,9 +19,10 @@ from streams.providers.cloud import StreamTimeouts
 from streams.providers.timeline import Timeline, TimelineTts
 from streams.providers.tts_elevenlabs import ElevenLabsTts
 from streams.providers.tts_espeak import EspeakTts
+from streams.providers.tts_flite import FliteTts
 from streams.providers.tts_playht import PlayHtTts
 from tests.provider_server import ProviderServer
-from tests.speech import require_espeak
+from tests.speech import require_espeak, require_flite
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -76,15 +77,20 @@ def espeak() -> Voice:
     return Voice("en-us", lambda codec: EspeakTts(), lambda: EspeakTts(binary="/nonexistent/espeak-ng"))
 
 
+def flite() -> Voice:
+    require_flite()
+    return Voice("slt", lambda codec: FliteTts(), lambda: FliteTts(binary="/nonexistent/flite"))
+
+
 def timeline() -> Voice:
     script = Timeline(tts_first_byte_ms=0)
     return Voice("", lambda codec: TimelineTts(script), lambda: TimelineTts(script, failure="error"))
 
 
-@pytest.fixture(params=["elevenlabs", "playht", "espeak-ng", "timeline"])
+@pytest.fixture(params=["elevenlabs", "playht", "espeak-ng", "flite", "timeline"])
 async def voice(request: pytest.FixtureRequest, server: ProviderServer) -> AsyncIterator[Voice]:
     made = {"elevenlabs": lambda: elevenlabs(server), "playht": lambda: playht(server), "espeak-ng": espeak,
-            "timeline": timeline}[request.param]()
+            "flite": flite, "timeline": timeline}[request.param]()
     yield made
     for tts in made.made:
         await tts.aclose()

@@ -398,9 +398,9 @@ async def test_unsupported_language_and_model() -> None:
 async def test_a_dead_worker_is_a_retryable_provider_error() -> None:
     stream = await PocketsphinxAsr().open_stream()
     try:
-        assert stream._process is not None
-        stream._process.kill()
-        await stream._process.wait()
+        assert stream._worker is not None
+        stream._worker.kill()
+        await stream._worker.process.wait()
         await stream.accept(b"\x00\x00" * 1000)  # buffered: less than a chunk
         with pytest.raises(ProviderError) as error:
             await stream.accept(b"\x00\x00" * 1000)
