@@ -33,6 +33,7 @@ from schemas.events import (
 )
 from streams.audio.codecs import pcm16_to_mulaw
 from streams.call.replay import ReplayResult, agent_for, verify_call
+from streams.providers.settings import ProviderSettings
 from streams.providers.tts_flite import FliteTts
 from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
@@ -78,6 +79,7 @@ SCRIPTS = (
         Line("No, thank you. Goodbye."),
     ), outbound=True, voice="kal16"),
 )
+DEMO_WHISPER_WAIT_S = 6.0
 DEMO_API_KEY = "demo-api-key"
 """The demo tenant's published API key (voxlog/agents/demo/tenant.yaml)."""
 
@@ -149,7 +151,10 @@ async def run_calls_demo(settings: Settings) -> tuple[list[DemoCall], QueryResul
     tts = FliteTts()
     # On the embedded log the demo's own ClickHouse shows what it did; a Kafka log may hold far more
     # than the demo's calls, and its projections run as workers of their own.
-    async with local_stack(settings, analytics=settings.kafka_bootstrap is None) as stack:
+    # The demo shows what Whisper hears: its four callers' turns end together, so it waits for it
+    # rather than give the later ones pocketsphinx's result (a gateway's default, 1.5 s, does that).
+    hearing = ProviderSettings().model_copy(update={"whisper_max_wait_s": DEMO_WHISPER_WAIT_S})
+    async with local_stack(settings, analytics=settings.kafka_bootstrap is None, provider_settings=hearing) as stack:
         calls = await asyncio.gather(*(play_call(stack, script, tts) for script in SCRIPTS))
         await stack.gateway.wait_idle(30)
         reports = {r.call_id: r for r in stack.gateway.reports}

@@ -19,7 +19,7 @@ on (without it a tone or a hum decodes for seconds into "beep beep beep" or "You
 
 **When Whisper cannot answer in time, the caller is still heard.** A request is refused at once
 (`busy`) when the utterances queued ahead would take longer than `max_wait_s` by the decode times
-measured so far, and given up after `timeout_s`; a worker that dies fails what it had queued
+measured so far, and given up after `timeout_s` (that wait and 2.5 s); a worker that dies fails what it had queued
 (`worker_exited`, logged with its last words) and is started again for the next utterance, at most
 once per `restart_backoff_s`. Each time, the utterance's result is pocketsphinx's final (which is
 otherwise asked for only after Whisper answered, so that it does not take the CPU Whisper needs),
@@ -75,6 +75,8 @@ _LANGUAGES = {"en", "en-us", "en-gb"}
 MAX_UTTERANCE_MS = 60_000
 """The most of one utterance Whisper is given (its start is dropped past that)."""
 _BYTES_PER_MS = PCM_RATE * 2 // 1000
+DECODE_ALLOWANCE_S = 2.5
+"""What an utterance's own decode may take past its wait in the queue, on a busy machine."""
 
 log = logging.getLogger(__name__)
 
@@ -270,17 +272,18 @@ class FasterWhisperAsr(AsrProvider):
 
     Args:
         model_dir: a CTranslate2 Whisper model; None: the packaged tiny.en.
-        timeout_s: the longest an utterance may wait for Whisper (queue and decode) before
-            pocketsphinx's result is taken.
         max_wait_s: refuse at once (`busy`) when the queue ahead would take longer than this.
+        timeout_s: the longest an utterance may wait for Whisper (queue and decode) before
+            pocketsphinx's result is taken; None: `max_wait_s` and `DECODE_ALLOWANCE_S`.
     """
 
     name = PROVIDER
     capabilities = AsrCapabilities(interim_results=True, local=True)
 
     def __init__(self, *, model_dir: Path | None = None, interim: AsrProvider | None = None, cpu_threads: int = 2,
-                 workers: int = 1, beam_size: int = 5, timeout_s: float = 4.0, max_wait_s: float = 1.5,
+                 workers: int = 1, beam_size: int = 5, max_wait_s: float = 1.5, timeout_s: float | None = None,
                  start_timeout_s: float = 60.0, restart_backoff_s: float = 5.0) -> None:
+        timeout_s = max_wait_s + DECODE_ALLOWANCE_S if timeout_s is None else timeout_s
         if cpu_threads < 1 or workers < 1 or beam_size < 1 or timeout_s <= 0 or max_wait_s < 0:
             raise ValueError("cpu_threads, workers, beam_size and timeout_s must be positive, max_wait_s not negative")
         found = model_dir or packaged_model_dir()

@@ -123,7 +123,8 @@ def _faster_whisper(settings: ProviderSettings) -> AsrProvider:
     from streams.providers.asr_pocketsphinx import PocketsphinxAsr
 
     return FasterWhisperAsr(model_dir=settings.whisper_model_dir, interim=PocketsphinxAsr(),
-                            cpu_threads=settings.whisper_cpu_threads, workers=settings.whisper_workers)
+                            cpu_threads=settings.whisper_cpu_threads, workers=settings.whisper_workers,
+                            max_wait_s=settings.whisper_max_wait_s)
 
 
 def _deepgram(credentials: Sequence[str], endpoint: str | None, model: str) -> AsrProvider:

@@ -61,6 +61,10 @@ class ProviderSettings(BaseSettings):
     whisper_workers: int = Field(
         1, ge=1, le=64, validation_alias=AliasChoices("VOXLOG_WHISPER_WORKERS"),
         description="Utterances Whisper decodes at once (each with VOXLOG_WHISPER_CPU_THREADS threads).")
+    whisper_max_wait_s: float = Field(
+        1.5, ge=0, le=8, validation_alias=AliasChoices("VOXLOG_WHISPER_MAX_WAIT_S"),
+        description="The longest an utterance may queue for Whisper; past it, pocketsphinx's result is taken "
+        "at once (the caller is heard sooner, less well).")
     requests_per_minute: dict[str, int] = Field(
         default_factory=dict, validation_alias=AliasChoices("VOXLOG_PROVIDER_REQUESTS_PER_MINUTE"),
         description='Rate limit per provider key, e.g. {"openai": 500}: a request over it goes to the next '

@@ -64,6 +64,14 @@ def test_the_main_job_plays_every_call_and_each_replays_identically(log_bootstra
     for expected in ("book_appointment: ok", "create_ticket: ok", "handoff to +15550199", "barge-in clears: 1",
                      "calling about your recent request"):
         assert expected in out, f"{expected!r} missing from the demo's output:\n{out}"
+    # What Whisper heard of the callers' natural sentences, as the session writes it (a time, a phone
+    # number); the agent's answers show the scripted policy read the time from it.
+    for expected in ("caller: Hi, I'd like to schedule a technician visit for tomorrow at 10:30 in the morning.",
+                     "caller: My internet keeps dropping out. You can call me back at 415 555 0132.",
+                     "caller: Sorry to interrupt, but my internet is down again.",
+                     "caller: Yes, please book a visit for Friday at 2 pm.",
+                     "agent: You're booked for tomorrow at 10:30.", "agent: You're booked for friday at 2 pm."):
+        assert expected in out, f"{expected!r} missing from the demo's output:\n{out}"
     # Replay is the log's, not the demo's: the command finds the calls on its own (on the shared
     # broker, which holds other tests' calls too, each of the demo's by its id).
     if kafka is None:

@@ -222,7 +222,7 @@ async def transferred_call(stack: LocalStack) -> tuple[TwilioCaller, str, str]:
         await caller.connect(instructions)
         await agent_done_speaking(caller)
         with contextlib.suppress(ConnectionClosed):  # the transfer may end the stream while we still send
-            await caller.send_mulaw(speech("operator"))
+            await caller.send_mulaw(speech("i want to talk to a person"))
         await asyncio.wait_for(caller.closed.wait(), 30)
     await stack.gateway.wait_idle(30)
     (transfer,) = stack.twilio.requests_for("update_call", caller.call_sid)

@@ -17,6 +17,8 @@ from starlette.types import ASGIApp
 from gateway.runtime import GatewayRuntime
 from streams.call.session import Providers
 from streams.config.agents import AgentSpec
+from streams.providers.registry import ProviderRegistry
+from streams.providers.settings import ProviderSettings
 from voxlog.serving import build_gateway, gateway_server
 from voxlog.settings import Settings
 from voxlog.sim.fake_twilio import FakeTwilio, RecordedRequest, new_account_sid
@@ -105,10 +107,11 @@ async def serve_app(app: ASGIApp) -> AsyncIterator[str]:
 @asynccontextmanager
 async def local_stack(
     settings: Settings, providers_factory: Callable[[AgentSpec], Providers] | None = None, *,
-    analytics: bool = False,
+    analytics: bool = False, provider_settings: ProviderSettings | None = None,
 ) -> AsyncIterator[LocalStack]:
     """`analytics`: open ClickHouse and run the projections in the gateway too (the embedded engine
-    takes one data folder per process, so only one stack in a process may)."""
+    takes one data folder per process, so only one stack in a process may). `provider_settings`:
+    the providers' own (else from the environment)."""
     account_sid = new_account_sid()
     with FakeTwilio(account_sid, AUTH_TOKEN) as twilio:
         port = free_port()
@@ -118,6 +121,8 @@ async def local_stack(
             "twilio_api_base": twilio.base_url, "public_url": base_url, "run_projections": analytics,
             "webhook_secret": SecretStr(WEBHOOK_SECRET)})
         gateway = build_gateway(settings)
+        if provider_settings is not None:
+            gateway.provider_registry = ProviderRegistry(provider_settings)
         if providers_factory is not None:
             gateway.providers_factory = providers_factory
         async with running(gateway_server(settings, "127.0.0.1", port, gateway=gateway, log_level="warning")):
