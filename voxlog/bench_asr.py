@@ -181,7 +181,7 @@ def _line(pcm16k: bytes, *, rng: np.random.Generator) -> bytes:
     return bytes(np.clip(np.rint(speech), -32768, 32767).astype("<i2").tobytes())
 
 
-async def _utterances(voices: Sequence[str], sentences: Sequence[str]) -> list[tuple[str, str, str, bytes]]:
+async def caller_utterances(voices: Sequence[str], sentences: Sequence[str]) -> list[tuple[str, str, str, bytes]]:
     """(voice, line, sentence, 16 kHz PCM as the recogniser gets it) for each voice, sentence and line."""
     rng = np.random.default_rng(0)
     out = []
@@ -227,7 +227,7 @@ def _worker_pids() -> set[int]:
     return found
 
 
-async def _accuracy(make: Callable[[], AsrProvider], utterances: list[tuple[str, str, str, bytes]]) -> Tally:
+async def hear_all(make: Callable[[], AsrProvider], utterances: list[tuple[str, str, str, bytes]]) -> Tally:
     tally = Tally()
     provider = make()
     before = {pid: _process_cpu_s(pid) for pid in _worker_pids()}
@@ -279,7 +279,7 @@ async def _capacity(calls: int, utterances: list[bytes], seconds: float) -> dict
 async def bench_asr(*, voices: Sequence[str] = VOICES, sentences: Sequence[str] = SENTENCES,
                     capacity_calls: Sequence[int] = (1, 2, 4, 8, 16), capacity_s: float = 30.0,
                     model_dir: Path | None = None) -> dict[str, Any]:
-    utterances = await _utterances(voices, sentences)
+    utterances = await caller_utterances(voices, sentences)
     recognisers: dict[str, Callable[[], AsrProvider]] = {
         "faster-whisper": lambda: FasterWhisperAsr(model_dir=model_dir, interim=PocketsphinxAsr()),
         "pocketsphinx": PocketsphinxAsr,
@@ -287,7 +287,7 @@ async def bench_asr(*, voices: Sequence[str] = VOICES, sentences: Sequence[str] 
     results: dict[str, Any] = {}
     transcripts: dict[str, list[dict[str, Any]]] = {}
     for name, make in recognisers.items():
-        tally = await _accuracy(make, utterances)
+        tally = await hear_all(make, utterances)
         results[name] = tally.summary()
         transcripts[name] = [{"voice": h.voice, "line": h.line, "said": h.sentence, "heard": h.text,
                               "by": h.provider, "errors": h.errors} for h in tally.heard]
