@@ -21,7 +21,8 @@ on (without it a tone or a hum decodes for seconds into "beep beep beep" or "You
 (`busy`) when the utterances queued ahead would take longer than `max_wait_s` by the decode times
 measured so far, and given up after `timeout_s` (that wait and 2.5 s); a worker that dies fails what it had queued
 (`worker_exited`, logged with its last words) and is started again for the next utterance, at most
-once per `restart_backoff_s`. Each time, the utterance's result is pocketsphinx's final (which is
+once per `restart_backoff_s`; so is one that answered nothing while a request waited its timeout
+(hung, not busy). Each time, the utterance's result is pocketsphinx's final (which is
 otherwise asked for only after Whisper answered, so that it does not take the CPU Whisper needs),
 reported as a switch from faster-whisper to pocketsphinx with the failure; so a machine past its
 Whisper capacity serves every caller with the faster recogniser instead of making anyone wait. A
@@ -119,8 +120,12 @@ class WhisperWorker:
         self._starting = asyncio.Lock()
         self._started_at = -float("inf")
         self._last_failure: ProviderError | None = None
-        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._waiting: dict[int, tuple[WorkerProcess, asyncio.Future[dict[str, Any]]]] = {}
+        """Requests sent and not yet answered, with the worker each went to (a new worker may be
+        serving while an old one's end is still being noticed)."""
         self._ids = itertools.count(1)
+        self._replied_at = 0.0
+        """When the worker last answered anything."""
         self._decode_s = 0.5
         """Moving average of one utterance's decode time, for the queue's wait (`busy`)."""
         self.decoded = 0
@@ -189,7 +194,7 @@ class WhisperWorker:
         assert worker is not None
         request_id = next(self._ids)
         waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = waiter
+        self._waiting[request_id] = (worker, waiter)
         header = json.dumps({"prompt": prompt}).encode()
         started = time.monotonic()
         try:
@@ -198,7 +203,16 @@ class WhisperWorker:
                 await worker.stdin.drain()
                 result = await asyncio.shield(waiter)
         except TimeoutError as exc:
-            self._cancel(worker, request_id)
+            if self._replied_at < started:
+                # Not a long queue: nothing at all came back while this request waited. A worker that
+                # hangs would cost every later utterance this wait; a new one serves the next.
+                log.error("faster-whisper: the worker answered nothing in %g s; it is stopped and the next "
+                          "utterance starts a new one", timeout_s)
+                worker.kill()
+                if self._worker is worker:
+                    self._worker = None
+            else:
+                self._cancel(worker, request_id)
             raise ProviderError(PROVIDER, ErrorKind.TIMEOUT, f"no transcript from Whisper within {timeout_s:g} s",
                                 retryable=True) from exc
         except (ConnectionError, BrokenPipeError) as exc:
@@ -224,9 +238,11 @@ class WhisperWorker:
         try:
             while True:
                 op, request_id, payload = await _read(worker)
-                waiter = self._waiting.get(request_id)
-                if waiter is None or waiter.done():
+                self._replied_at = time.monotonic()
+                sent = self._waiting.get(request_id)
+                if sent is None or sent[1].done():
                     continue  # a request given up on, answered anyway
+                waiter = sent[1]
                 data = json.loads(payload)
                 if op == b"F":
                     waiter.set_result(data)
@@ -234,14 +250,14 @@ class WhisperWorker:
                     waiter.set_exception(ProviderError(PROVIDER, ErrorKind(data["kind"]), data["message"]))
         except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
             words = await worker.last_words()
+            lost = [waiter for to, waiter in self._waiting.values() if to is worker and not waiter.done()]
             error = ProviderError(PROVIDER, ErrorKind.WORKER_EXITED, f"the Whisper worker stopped{words}",
                                   retryable=True)
             self._last_failure = error
             log.error("faster-whisper: the worker stopped (%s)%s; its %d queued utterance(s) fall back, and the "
-                      "next utterance starts it again", type(exc).__name__, words, len(self._waiting))
-            for waiter in self._waiting.values():
-                if not waiter.done():
-                    waiter.set_exception(error)
+                      "next utterance starts it again", type(exc).__name__, words, len(lost))
+            for waiter in lost:
+                waiter.set_exception(error)
             await worker.close(None)
 
     async def aclose(self) -> None:

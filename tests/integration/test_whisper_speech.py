@@ -126,6 +126,27 @@ async def test_a_worker_that_dies_leaves_its_utterance_to_pocketsphinx_and_is_st
     assert "appointment" in again.text, "a new worker serves the call"
 
 
+async def test_a_worker_that_hangs_is_replaced_and_its_utterance_goes_to_pocketsphinx(
+        caplog: pytest.LogCaptureFixture) -> None:
+    require_espeak()
+    asr = FasterWhisperAsr(interim=PocketsphinxAsr(), timeout_s=1.0, restart_backoff_s=0.0)
+    try:
+        stream = await asr.open_stream(keywords=["human"])
+        hung = worker_pid(asr)
+        os.kill(hung, signal.SIGSTOP)  # alive, and answering nothing
+        with caplog.at_level(logging.ERROR, logger="streams.providers.asr_faster_whisper"):
+            rescued = await hear(stream, HUMAN)
+        assert rescued.provider == "pocketsphinx"
+        assert [f.kind for f in rescued.report.failures] == [ErrorKind.TIMEOUT]
+        assert "the worker answered nothing in 1 s" in caplog.text
+        again = await hear(stream, BOOKING)
+        assert again.provider == "faster-whisper", "a new worker serves the next utterance"
+        assert worker_pid(asr) != hung
+        await stream.close()
+    finally:
+        await asr.aclose()
+
+
 async def test_past_its_capacity_the_caller_gets_pocketsphinx_at_once(whisper: FasterWhisperAsr) -> None:
     busy = FasterWhisperAsr(interim=PocketsphinxAsr(), max_wait_s=0.0)
     streams = [await busy.open_stream() for _ in range(3)]
