@@ -279,10 +279,13 @@ launch() {
   log "starting kafka $VERSION on $BOOTSTRAP (controller $HOST:$CONTROLLER_PORT, dir $DATA_DIR)"
   nohup java "${jvm[@]}" -cp "$cp" kafka.Kafka "$DATA_DIR/server.properties" \
     >>"$STDOUT_LOG" 2>&1 </dev/null &
-  echo $! >"$PID_FILE"
+  local pid=$!
+  echo "$pid" >"$PID_FILE"
 
   while ((SECONDS - started < START_TIMEOUT)); do
-    if ! pid_alive; then
+    # The pid itself, not `pid_alive`: until the fork has exec'd java (a while, on a busy machine),
+    # its command line is still this script's, and the broker would be taken for dead while it starts.
+    if ! kill -0 "$pid" 2>/dev/null; then
       log "broker process exited during startup"
       show_log 80 >&2
       exit 1
