@@ -29,6 +29,7 @@ import platform
 import re
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from streams.audio.codecs import mulaw_to_pcm16, pcm16_to_mulaw, resample_pcm16
-from streams.audio.formats import PCM_RATE
+from streams.audio.formats import PCM_FRAME_BYTES, PCM_RATE
 from streams.providers.asr_faster_whisper import FasterWhisperAsr
 from streams.providers.asr_pocketsphinx import PocketsphinxAsr
 from streams.providers.asr_text import normalize_transcript
@@ -86,7 +87,6 @@ VOICES = ("espeak-ng:en-us", "flite:rms")
 LINE_MS = 300
 """The line before and after the speech: the session's pre-roll, and the VAD's hangover."""
 HISS_DBFS = -55.0
-FRAME_BYTES = PCM_RATE * 2 * 20 // 1000
 _DIGIT_WORDS = {w: str(i) for i, w in enumerate(
     ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))}
 
@@ -131,8 +131,7 @@ class Tally:
                                "max": round(max(delays))} if delays else None,
             "final_delay_ms_3s_utterances": {"n": len(three_s), "p50": round(statistics.median(three_s))}
             if three_s else None,
-            "answered_by": dict(sorted({p: sum(1 for h in self.heard if h.provider == p)
-                                        for p in {h.provider for h in self.heard}}.items())),
+            "answered_by": dict(sorted(Counter(h.provider for h in self.heard).items())),
         }
 
 
@@ -198,8 +197,8 @@ async def caller_utterances(voices: Sequence[str], sentences: Sequence[str]) -> 
 
 async def _hear(stream: AsrStream, pcm: bytes, *, realtime: bool = False) -> tuple[Recognition, float]:
     started = time.monotonic()
-    for index, at in enumerate(range(0, len(pcm), FRAME_BYTES)):
-        await stream.accept(pcm[at : at + FRAME_BYTES])
+    for index, at in enumerate(range(0, len(pcm), PCM_FRAME_BYTES)):
+        await stream.accept(pcm[at : at + PCM_FRAME_BYTES])
         if realtime:
             await asyncio.sleep(max(0.0, started + (index + 1) * 0.02 - time.monotonic()))
     ended = time.perf_counter()

@@ -24,7 +24,7 @@ import contextlib
 from collections import deque
 from dataclasses import replace
 
-from streams.audio.formats import PCM_RATE
+from streams.audio.formats import PCM_BYTES_PER_MS
 from streams.providers.base import (
     AsrProvider,
     AsrStream,
@@ -38,7 +38,6 @@ from streams.providers.resilience import ChainExhausted, Guarded, Handover, Prov
 
 MAX_REPLAYED_MS = 60_000
 """The most of an utterance a fallback hears again (an utterance is rarely longer)."""
-BYTES_PER_MS = PCM_RATE * 2 // 1000
 
 
 class ChainAsr(AsrProvider):
@@ -149,7 +148,7 @@ class ChainAsrStream(AsrStream):
         primary.breaker.succeeded()  # (a half-open circuit's probe, answered)
         await self._drop_stream()
         self._stream, self._member = stream, primary
-        self._origin_ms = self.fed_ms - self._utterance_bytes // BYTES_PER_MS
+        self._origin_ms = self.fed_ms - self._utterance_bytes // PCM_BYTES_PER_MS
         return True
 
     def _forget_utterance(self) -> None:
@@ -166,7 +165,7 @@ class ChainAsrStream(AsrStream):
     def _keep(self, pcm: bytes) -> None:
         self._utterance.append(pcm)
         self._utterance_bytes += len(pcm)
-        while self._utterance_bytes > MAX_REPLAYED_MS * BYTES_PER_MS and len(self._utterance) > 1:
+        while self._utterance_bytes > MAX_REPLAYED_MS * PCM_BYTES_PER_MS and len(self._utterance) > 1:
             self._utterance_bytes -= len(self._utterance.popleft())
 
     async def _hand_over(self, member: Guarded[AsrProvider], error: ProviderError) -> None:
@@ -201,7 +200,7 @@ class ChainAsrStream(AsrStream):
             report, self._report = self._report, ChainReport()
             raise ChainExhausted(self.chain.capability, report) from None
         self._stream, self._member = stream, member
-        self._origin_ms = self.fed_ms - sum(len(pcm) for pcm in replayed) // BYTES_PER_MS
+        self._origin_ms = self.fed_ms - sum(len(pcm) for pcm in replayed) // PCM_BYTES_PER_MS
 
     async def _drop_stream(self) -> None:
         stream, self._stream = self._stream, None

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import json
 import logging
@@ -47,12 +46,12 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from threading import Lock
 from typing import Any, BinaryIO
 
-from streams.audio.formats import PCM_RATE
+from streams.audio.formats import PCM_BYTES_PER_MS, PCM_RATE
 from streams.providers.base import (
     AsrCapabilities,
     AsrProvider,
@@ -75,7 +74,6 @@ _HEADER = struct.Struct("!cII")  # op, request id, payload length
 _LANGUAGES = {"en", "en-us", "en-gb"}
 MAX_UTTERANCE_MS = 60_000
 """The most of one utterance Whisper is given (its start is dropped past that)."""
-_BYTES_PER_MS = PCM_RATE * 2 // 1000
 DECODE_ALLOWANCE_S = 2.5
 """What an utterance's own decode may take past its wait in the queue, on a busy machine."""
 
@@ -158,7 +156,7 @@ class WhisperWorker:
             worker = await WorkerProcess.spawn(_MODULE)
         except OSError as exc:
             raise ProviderError(PROVIDER, ErrorKind.WORKER_FAILED, f"cannot start the Whisper worker: {exc}") from exc
-        config = json.dumps(dataclasses.asdict(self.options))
+        config = json.dumps(asdict(self.options))
         try:
             async with asyncio.timeout(self.start_timeout_s):
                 _write(worker, b"C", 0, config.encode())
@@ -225,7 +223,7 @@ class WhisperWorker:
             self._waiting.pop(request_id, None)
         self._decode_s = 0.8 * self._decode_s + 0.2 * float(result["decode_s"])
         self.decoded += 1
-        log.debug("faster-whisper: %d ms of audio in %.0f ms (%.0f ms queued)", len(pcm) // _BYTES_PER_MS,
+        log.debug("faster-whisper: %d ms of audio in %.0f ms (%.0f ms queued)", len(pcm) // PCM_BYTES_PER_MS,
                   result["decode_s"] * 1000, (time.monotonic() - started - result["decode_s"]) * 1000)
         return result
 
@@ -352,10 +350,10 @@ class FasterWhisperStream(AsrStream):
 
     async def _accept(self, pcm: bytes) -> Recognition | None:
         if self._start_ms is None:
-            self._start_ms = self.fed_ms - len(pcm) // _BYTES_PER_MS
+            self._start_ms = self.fed_ms - len(pcm) // PCM_BYTES_PER_MS
         self._audio += pcm
-        if len(self._audio) > MAX_UTTERANCE_MS * _BYTES_PER_MS:
-            del self._audio[: len(self._audio) - MAX_UTTERANCE_MS * _BYTES_PER_MS]
+        if len(self._audio) > MAX_UTTERANCE_MS * PCM_BYTES_PER_MS:
+            del self._audio[: len(self._audio) - MAX_UTTERANCE_MS * PCM_BYTES_PER_MS]
         if self._interim is None:
             return None
         try:
@@ -413,8 +411,7 @@ def _consume(task: asyncio.Task[Recognition]) -> None:
 
 
 def _named(result: Recognition, provider: str, report: ChainReport | None = None) -> Recognition:
-    return Recognition(result.text, result.is_final, result.confidence, result.start_ms, result.end_ms,
-                       result.words, result.provider or provider, result.model, report or result.report)
+    return replace(result, provider=result.provider or provider, report=report or result.report)
 
 
 def _whisper_recognition(result: dict[str, Any], start_ms: int, end_ms: int, model: str) -> Recognition:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from streams.audio.formats import PCM_FRAME_BYTES
 from streams.providers.asr_chain import ChainAsr
 from streams.providers.asr_faster_whisper import FasterWhisperAsr, packaged_model_dir
 from streams.providers.asr_pocketsphinx import PocketsphinxAsr
@@ -25,7 +26,6 @@ from voxlog.bench_asr import SENTENCES, caller_utterances, hear_all
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
-FRAME_BYTES = 640
 BOOKING = "i would like to book an appointment for tomorrow"
 HUMAN = "can i talk to a human please"
 PHONE_FLOOR = 0.8
@@ -45,10 +45,15 @@ def said(text: str) -> bytes:
     return with_silence(synthesize_pcm16(text), 300, 300)
 
 
-async def hear(stream: AsrStream, text: str) -> Recognition:
+async def feed(stream: AsrStream, text: str) -> None:
+    """The caller says `text`, in 20 ms frames as a session feeds them, the utterance not yet ended."""
     pcm = said(text)
-    for at in range(0, len(pcm), FRAME_BYTES):
-        await stream.accept(pcm[at:at + FRAME_BYTES])
+    for at in range(0, len(pcm), PCM_FRAME_BYTES):
+        await stream.accept(pcm[at:at + PCM_FRAME_BYTES])
+
+
+async def hear(stream: AsrStream, text: str) -> Recognition:
+    await feed(stream, text)
     return await stream.end_utterance()
 
 
@@ -63,8 +68,8 @@ async def test_whisper_hears_the_caller_and_pocketsphinx_gives_the_interims(whis
     stream = await whisper.open_stream(keywords=["appointment"])
     try:
         pcm = said(BOOKING)
-        interims = [r for at in range(0, len(pcm), FRAME_BYTES)
-                    if (r := await stream.accept(pcm[at:at + FRAME_BYTES])) is not None]
+        interims = [r for at in range(0, len(pcm), PCM_FRAME_BYTES)
+                    if (r := await stream.accept(pcm[at:at + PCM_FRAME_BYTES])) is not None]
         final = await stream.end_utterance()
     finally:
         await stream.close()
@@ -84,7 +89,7 @@ async def test_a_tone_is_not_words(whisper: FasterWhisperAsr) -> None:
 
     stream = await whisper.open_stream()
     try:
-        for at in range(0, 32000 * 2, FRAME_BYTES):
+        for at in range(0, 32000 * 2, PCM_FRAME_BYTES):
             await stream.accept(audio(20, offset_ms=at // 32))
         final = await stream.end_utterance()
     finally:
@@ -101,9 +106,7 @@ async def test_a_worker_that_dies_leaves_its_utterance_to_pocketsphinx_and_is_st
         assert after_idle_death.provider == "faster-whisper"
         assert "appointment" in after_idle_death.text
 
-        pcm = said(HUMAN)
-        for at in range(0, len(pcm), FRAME_BYTES):
-            await stream.accept(pcm[at:at + FRAME_BYTES])
+        await feed(stream, HUMAN)
         with caplog.at_level(logging.ERROR, logger="streams.providers.asr_faster_whisper"):
             ending = asyncio.create_task(stream.end_utterance())
             while whisper.worker.queued == 0:  # the utterance is on its way to Whisper (a decode takes 100s of ms)
@@ -147,14 +150,13 @@ async def test_a_worker_that_hangs_is_replaced_and_its_utterance_goes_to_pockets
         await asr.aclose()
 
 
-async def test_past_its_capacity_the_caller_gets_pocketsphinx_at_once(whisper: FasterWhisperAsr) -> None:
+async def test_past_its_capacity_the_caller_gets_pocketsphinx_at_once() -> None:
+    require_espeak()
     busy = FasterWhisperAsr(interim=PocketsphinxAsr(), max_wait_s=0.0)
     streams = [await busy.open_stream() for _ in range(3)]
     try:
         for stream in streams:
-            pcm = said(HUMAN)
-            for at in range(0, len(pcm), FRAME_BYTES):
-                await stream.accept(pcm[at:at + FRAME_BYTES])
+            await feed(stream, HUMAN)
         finals = await asyncio.gather(*(stream.end_utterance() for stream in streams))
     finally:
         for stream in streams:
