@@ -49,3 +49,8 @@ class Event(Generic[P]):
     @property
     def seq(self) -> int:
         return self.envelope.seq
+
+    @property
+    def pii_withheld(self) -> bool:
+        """Its personal fields are blank because their key was destroyed (erasure, retention)."""
+        return self.envelope.pii_sealed is not None

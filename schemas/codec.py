@@ -3,6 +3,11 @@
 Every message starts with the marker C3 01 and the 8-byte fingerprint of the schema that wrote it,
 so a reader always knows which event type and version it holds. Reading resolves older versions
 into the newest one (Avro resolution, then upcasters).
+
+A codec given the keystore (`keys`) seals every event's personal fields as it encodes them and
+opens them as it decodes (`schemas.sealing`); an event whose key was destroyed decodes with them
+blank (`Event.pii_withheld`). A codec without keys writes them in the clear, and refuses to read a
+sealed event (`KeyUnavailable`) rather than pass it on blank.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from schemas.base import Event, EventPayload
 from schemas.envelope import Envelope
 from schemas.events import PAYLOAD_TYPES
 from schemas.registry import SINGLE_OBJECT_MAGIC, SchemaRegistry, load_registry
+from schemas.sealing import DataKeys, KeyUnavailable, PiiPlan, SealedBlobRejected, plan_for, restore, seal, unseal
 from schemas.upcasters import upcast
 
 HEADER_LEN = len(SINGLE_OBJECT_MAGIC) + 8
@@ -60,10 +66,12 @@ def _field_and_problem(error: ValidationError, record_name: str) -> tuple[str, s
 
 
 class EventCodec:
-    def __init__(self, registry: SchemaRegistry | None = None) -> None:
+    def __init__(self, registry: SchemaRegistry | None = None, keys: DataKeys | None = None) -> None:
         self.registry = registry or load_registry()
+        self.keys = keys
         self._latest = self.registry.latest
         self._by_fingerprint = self.registry.by_fingerprint
+        self._plans: dict[str, PiiPlan | None] = {t: plan_for(t, sv.schema) for t, sv in self._latest.items()}
 
     def encode(self, event: Event[EventPayload]) -> bytes:
         payload = event.payload
@@ -80,6 +88,9 @@ class EventCodec:
             )
         record = payload.to_avro()
         record["envelope"] = envelope.to_avro()
+        plan = self._plans[event_type]
+        if plan is not None and self.keys is not None and envelope.pii_sealed is None:
+            self._seal(event, plan, record, self.keys)
         out = io.BytesIO()
         out.write(sv.header)
         try:
@@ -87,6 +98,35 @@ class EventCodec:
         except Exception as exc:  # fastavro raises TypeError/ValueError/OverflowError/...: explain
             raise self._violation(event_type, sv.parsed, record, exc) from exc
         return out.getvalue()
+
+    @staticmethod
+    def _seal(event: Event[EventPayload], plan: PiiPlan, record: dict[str, Any], keys: DataKeys) -> None:
+        values = plan.take(record)
+        if not values:
+            return
+        key = keys.sealing_key(event, plan.kind)
+        envelope = record["envelope"]
+        envelope["pii_key_id"] = key.key_id
+        # A destroyed key (the subject erased while the call went on): the fields stay blank and nothing
+        # of them is kept; the empty blob marks the event as one whose personal data is withheld.
+        envelope["pii_sealed"] = b"" if key.cipher is None else seal(key.cipher, values, envelope)
+
+    def _open(self, record: dict[str, Any]) -> None:
+        envelope = record["envelope"]
+        key_id = envelope["pii_key_id"]
+        if self.keys is None:
+            raise KeyUnavailable(
+                f"{envelope['type']} seq {envelope['seq']} of {envelope['call_id']} is sealed with key {key_id}, "
+                "and this reader was given no keystore"
+            )
+        cipher = self.keys.opening_cipher(envelope["tenant_id"], key_id)
+        if cipher is None or not envelope["pii_sealed"]:
+            return  # erased: the payload keeps its blanks, the envelope says so
+        try:
+            restore(record, unseal(cipher, envelope["pii_sealed"], envelope))
+        except (SealedBlobRejected, KeyError, IndexError, TypeError, ValueError) as exc:
+            raise UndecodableMessage(str(exc)) from exc
+        envelope["pii_sealed"] = None
 
     @staticmethod
     def _violation(event_type: str, schema: Any, record: dict[str, Any], exc: Exception) -> SchemaViolation:
@@ -130,6 +170,8 @@ class EventCodec:
                 f"{len(data) - HEADER_LEN - body.tell()} trailing bytes"
             )
         assert isinstance(record, dict)
+        if record["envelope"]["pii_sealed"] is not None:
+            self._open(record)
         if writer.version != latest.version:
             record = upcast(writer.event_type, writer.version, latest.version, record)
         try:

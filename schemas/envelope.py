@@ -33,6 +33,10 @@ class Envelope:
     """event_id of the event that caused this one."""
     correlation_id: str | None = None
     """Groups events of one exchange (e.g. an LLM request id)."""
+    pii_key_id: str | None = None
+    """The data key that sealed this event's personal fields (the schemas' pii attribute): one key per call (stream) and kind of data, wrapped by the tenant's key; destroying it erases them from every copy of the log."""
+    pii_sealed: bytes | None = None
+    """The personal fields, encrypted with AES-SIV under pii_key_id, the envelope's identity as associated data; in the payload they are blank. Null when nothing is sealed."""
 
     def to_avro(self) -> dict[str, Any]:
         return {
@@ -47,6 +51,8 @@ class Envelope:
             "correlation_id": self.correlation_id,
             "producer": self.producer,
             "producer_version": self.producer_version,
+            "pii_key_id": self.pii_key_id,
+            "pii_sealed": self.pii_sealed,
         }
 
     @classmethod
@@ -63,4 +69,6 @@ class Envelope:
             correlation_id=record["correlation_id"],
             producer=record["producer"],
             producer_version=record["producer_version"],
+            pii_key_id=record["pii_key_id"],
+            pii_sealed=record["pii_sealed"],
         )

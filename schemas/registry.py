@@ -3,7 +3,9 @@
 Each event type lives in `avsc/<type>/v<N>.avsc`; the highest N is what this code writes, and every
 older version stays in the repository so that data it wrote can still be read (Avro schema
 resolution into the newest version, then the upcasters in `schemas.upcasters`). The envelope is
-defined once, in `avsc/envelope.avsc`, and referenced by name from every event schema.
+defined once, in `avsc/envelope/v<N>.avsc`, and referenced by name from every event schema; it evolves
+on its own: every event version is written with the newest envelope, and its forms with the older
+envelopes are kept (`legacy`) so that what they wrote is still read.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class SchemaVersion:
 
     event_type: str
     version: int
+    envelope_version: int
     path: Path
     schema: dict[str, Any]  # the full schema, envelope inlined
     parsed: Any  # fastavro's parsed form of `schema`
@@ -64,8 +67,9 @@ class SchemaVersion:
 
 @dataclass(frozen=True)
 class SchemaRegistry:
-    envelope: dict[str, Any]
+    envelope: dict[str, Any]  # the newest, which every version in `versions` inlines
     versions: dict[str, tuple[SchemaVersion, ...]]  # oldest first
+    legacy: tuple[SchemaVersion, ...]  # every event version with each older envelope: read, never written
 
     @cached_property
     def latest(self) -> dict[str, SchemaVersion]:
@@ -73,7 +77,7 @@ class SchemaRegistry:
 
     @cached_property
     def by_fingerprint(self) -> dict[bytes, SchemaVersion]:
-        return {sv.fingerprint: sv for vs in self.versions.values() for sv in vs}
+        return {sv.fingerprint: sv for sv in (*self.legacy, *(sv for vs in self.versions.values() for sv in vs))}
 
 
 def _inline_envelope(schema: dict[str, Any], envelope: dict[str, Any]) -> dict[str, Any]:
@@ -84,7 +88,7 @@ def _inline_envelope(schema: dict[str, Any], envelope: dict[str, Any]) -> dict[s
     return full
 
 
-def load_schema_version(path: Path, envelope: dict[str, Any]) -> SchemaVersion:
+def load_schema_version(path: Path, envelope: dict[str, Any], envelope_version: int) -> SchemaVersion:
     raw = json.loads(path.read_text())
     event_type = raw.get("event_type")
     version = raw.get("event_version")
@@ -96,15 +100,21 @@ def load_schema_version(path: Path, envelope: dict[str, Any]) -> SchemaVersion:
     # A fresh name table per schema: the same enum names recur in unrelated event types.
     parsed = fastavro.parse_schema(full, named_schemas={})
     fingerprint = crc64_avro(to_parsing_canonical_form(parsed).encode()).to_bytes(8, "little")
-    return SchemaVersion(event_type, version, path, full, parsed, fingerprint)
+    return SchemaVersion(event_type, version, envelope_version, path, full, parsed, fingerprint)
 
 
 @cache
 def load_registry(directory: Path = SCHEMA_DIR) -> SchemaRegistry:
-    envelope = json.loads((directory / "envelope.avsc").read_text())
+    envelopes = [json.loads((directory / "envelope" / f"v{n}.avsc").read_text())
+                 for n in range(1, len(list((directory / "envelope").glob("v*.avsc"))) + 1)]
     versions: dict[str, list[SchemaVersion]] = {}
+    legacy: list[SchemaVersion] = []
     for path in sorted(directory.glob("*/v*.avsc")):
-        sv = load_schema_version(path, envelope)
+        if path.parent.name == "envelope":
+            continue
+        for number, envelope in enumerate(envelopes[:-1], start=1):
+            legacy.append(load_schema_version(path, envelope, number))
+        sv = load_schema_version(path, envelopes[-1], len(envelopes))
         versions.setdefault(sv.event_type, []).append(sv)
     ordered: dict[str, tuple[SchemaVersion, ...]] = {}
     for event_type, vs in sorted(versions.items()):
@@ -113,7 +123,7 @@ def load_registry(directory: Path = SCHEMA_DIR) -> SchemaRegistry:
         if numbers != list(range(1, len(vs) + 1)):
             raise ValueError(f"{event_type}: versions must run 1..N without gaps, found {numbers}")
         ordered[event_type] = tuple(vs)
-    fingerprints = [sv.fingerprint for vs in ordered.values() for sv in vs]
+    fingerprints = [sv.fingerprint for vs in ordered.values() for sv in vs] + [sv.fingerprint for sv in legacy]
     if len(set(fingerprints)) != len(fingerprints):
         raise ValueError("two schema versions share a fingerprint: they are identical")
-    return SchemaRegistry(envelope=envelope, versions=ordered)
+    return SchemaRegistry(envelope=envelopes[-1], versions=ordered, legacy=tuple(legacy))

@@ -1,0 +1,199 @@
+"""Personal data sealed inside the event: what makes erasure by crypto-shredding possible.
+
+The fields a schema marks `pii` (phone, text, voice, json, dtmf) are taken out of the payload, left
+blank there, and written into the envelope's `pii_sealed` encrypted under a data key of the call
+(`pii_key_id`): AES-SIV, a deterministic AEAD, with the envelope's identity as associated data, so a
+sealed blob moved to another event, tenant or position does not open, and encoding the same event
+twice gives the same bytes (replays and redeliveries compare equal). Destroying the data key makes
+those fields unreadable in every copy of the log while the rest of the event stays readable.
+
+This module is the pure part: which fields, blanking and restoring, sealing and opening given a
+cipher. The keys themselves come from a `DataKeys` (the keystore, `streams.data_keys`).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import fastavro
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+
+from schemas.base import Event, EventPayload
+
+AUDIO_DATA = "audio"
+"""The kind of data key that seals voice (audio chunks): retention can shred it apart from the rest."""
+PERSONAL_DATA = "personal"
+"""The kind of data key that seals every other personal field: numbers, words, tool arguments."""
+
+UNSEALED_TYPES = frozenset({"audit.recorded"})
+"""The audit trail is hash-chained and must stay verifiable after any erasure, so it is never sealed;
+what it records about people is an actor, an action and a resource id, never a caller's data."""
+
+Leaf = str | bytes | dict[str, str]
+_PLAINTEXT = fastavro.parse_schema({"type": "map", "values": ["string", "bytes", {"type": "map", "values": "string"}]})
+
+
+class KeyUnavailable(RuntimeError):
+    """A sealed event whose key the keystore does not know: the keystore was lost, replaced, or not
+    given to this reader. Raised, never read as erased: nothing is dropped on a missing key."""
+
+
+class SealedBlobRejected(ValueError):
+    """The sealed fields did not authenticate under their key and envelope: altered or moved."""
+
+
+@dataclass(frozen=True, slots=True)
+class SealingKey:
+    key_id: str
+    cipher: AESSIV | None
+    """None when the key was destroyed (the call's subject erased): later personal data is not kept."""
+
+
+class DataKeys(Protocol):
+    """What the codec asks of the keystore."""
+
+    def sealing_key(self, event: Event[EventPayload], kind: str) -> SealingKey:
+        """The data key for this event's stream and kind of data, created on first use."""
+        ...
+
+    def opening_cipher(self, tenant_id: str, key_id: str) -> AESSIV | None:
+        """The key's cipher; None when it was destroyed (erased). Raises `KeyUnavailable` when unknown."""
+        ...
+
+
+_EACH = None  # a step into every item of an array (or value of a map)
+Step = str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _LeafSpec:
+    steps: tuple[Step, ...]
+    blank: Leaf | None
+
+
+@dataclass(frozen=True, slots=True)
+class PiiPlan:
+    """Where one schema keeps personal data, and which kind of key seals it."""
+
+    leaves: tuple[_LeafSpec, ...]
+    kind: str
+
+    def take(self, record: dict[str, Any]) -> dict[str, Leaf]:
+        """Blanks the personal fields of `record` in place; returns their values by path (blank ones
+        are left out: nothing to seal)."""
+        taken: dict[str, Leaf] = {}
+        for leaf in self.leaves:
+            for path, parent, name in _walk(record, leaf.steps, ""):
+                value = parent[name]
+                if value is None or value == leaf.blank or (isinstance(value, str | bytes | dict) and not value):
+                    continue
+                taken[path] = value
+                parent[name] = leaf.blank
+        return taken
+
+
+def _walk(node: Any, steps: tuple[Step, ...], prefix: str) -> Iterator[tuple[str, dict[str, Any], str]]:
+    """(path, the dict holding the leaf, its key) for every instance of the leaf in `node`."""
+    step, rest = steps[0], steps[1:]
+    if step is _EACH:
+        items = enumerate(node) if isinstance(node, list) else node.items()
+        for index, item in items:
+            if item is not None:
+                yield from _walk(item, rest, f"{prefix}{index}/")
+        return
+    if not rest:
+        yield f"{prefix}{step}", node, step
+        return
+    child = node.get(step)
+    if child is not None:
+        yield from _walk(child, rest, f"{prefix}{step}/")
+
+
+def restore(record: dict[str, Any], values: Mapping[str, Leaf]) -> None:
+    """Puts sealed values back at their paths (the reader's shape may have more fields, never fewer)."""
+    for path, value in values.items():
+        *parents, name = path.split("/")
+        node: Any = record
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node[name] = value
+
+
+def _blank(avro_type: Any, pii: str) -> Leaf | None:
+    if isinstance(avro_type, list):
+        return None  # [null, T]: absent
+    kind = avro_type if isinstance(avro_type, str) else avro_type["type"]
+    if kind == "bytes":
+        return b""
+    if kind == "map":
+        return {}
+    return "{}" if pii == "json" else ""
+
+
+def _leaves(avro_type: Any, steps: tuple[Step, ...], named: dict[str, Any]) -> Iterator[_LeafSpec]:
+    if isinstance(avro_type, list):
+        for branch in avro_type:
+            yield from _leaves(branch, steps, named)
+        return
+    if isinstance(avro_type, str):
+        avro_type = named.get(avro_type, avro_type)
+        if isinstance(avro_type, str):
+            return
+    kind = avro_type["type"]
+    if kind == "record":
+        named[avro_type["name"]] = avro_type
+        if "namespace" in avro_type:
+            named[f"{avro_type['namespace']}.{avro_type['name']}"] = avro_type
+        for field in avro_type["fields"]:
+            if field["name"] == "envelope" and not steps:
+                continue
+            if "pii" in field:
+                yield _LeafSpec((*steps, field["name"]), _blank(field["type"], field["pii"]))
+            else:
+                yield from _leaves(field["type"], (*steps, field["name"]), named)
+    elif kind == "array":
+        yield from _leaves(avro_type["items"], (*steps, _EACH), named)
+    elif kind == "map":
+        yield from _leaves(avro_type["values"], (*steps, _EACH), named)
+
+
+def plan_for(event_type: str, schema: Mapping[str, Any]) -> PiiPlan | None:
+    """The plan for an event type's schema (envelope inlined); None when it holds nothing to seal."""
+    if event_type in UNSEALED_TYPES:
+        return None
+    leaves = tuple(_leaves(dict(schema), (), {}))
+    if not leaves:
+        return None
+    voice_only = all(isinstance(leaf.blank, bytes) for leaf in leaves)
+    return PiiPlan(leaves, AUDIO_DATA if voice_only else PERSONAL_DATA)
+
+
+def associated_data(envelope: Mapping[str, Any]) -> bytes:
+    """What a sealed blob is bound to: the event's identity, position, time and key."""
+    return "\x1f".join(
+        str(envelope[name])
+        for name in ("tenant_id", "call_id", "seq", "event_id", "type", "schema_version", "event_time_us", "pii_key_id")
+    ).encode()
+
+
+def seal(cipher: AESSIV, values: Mapping[str, Leaf], envelope: Mapping[str, Any]) -> bytes:
+    out = io.BytesIO()
+    fastavro.schemaless_writer(out, _PLAINTEXT, dict(values))
+    return cipher.encrypt(out.getvalue(), [associated_data(envelope)])
+
+
+def unseal(cipher: AESSIV, sealed: bytes, envelope: Mapping[str, Any]) -> dict[str, Leaf]:
+    try:
+        plaintext = cipher.decrypt(sealed, [associated_data(envelope)])
+    except InvalidTag as exc:
+        raise SealedBlobRejected(
+            f"{envelope['type']} seq {envelope['seq']} of {envelope['call_id']}: its sealed personal data does not "
+            f"authenticate under key {envelope['pii_key_id']} (altered, or moved from another event)"
+        ) from exc
+    values = fastavro.schemaless_reader(io.BytesIO(plaintext), _PLAINTEXT, None)
+    assert isinstance(values, dict)
+    return values

@@ -1,0 +1,250 @@
+"""Data keys: one per call (stream) and kind of data, bound to the person it concerns.
+
+A data key seals the personal fields of its stream's events (`schemas.sealing`). It is created when
+the stream first writes personal data, wrapped by the tenant's current key-encryption key, and kept
+in a SQLite file (mode 0600) beside the KEKs. The person (the data subject: the caller's key,
+`streams.memory.caller_key`) is learnt from the event that starts the stream. Destroying a key
+(erasure of its subject, or retention) deletes the key material and keeps a tombstone: who, when,
+why, so that readers can tell erased data (withheld) from a lost keystore (`KeyUnavailable`).
+
+Keys are cached, bounded, for `CACHE_TTL_S`: a process that held a key before another process
+destroyed it can read with it for at most that long.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+
+from schemas.base import Event, EventPayload
+from schemas.events import CallDialRequested, CallRefused, CallStarted
+from schemas.sealing import KeyUnavailable, SealingKey
+from streams.keystore.key_encryption import KeyEncryptionKeys
+from streams.keystore.local_key_encryption import private_sqlite
+from streams.memory import caller_key, person_number
+
+CACHE_TTL_S = 5.0
+CACHE_ENTRIES = 4096
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS data_keys (
+    key_id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    stream_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    subject TEXT,
+    created_ms INTEGER NOT NULL,
+    kek_id TEXT,
+    wrapped BLOB,
+    destroyed_ms INTEGER,
+    destroyed_by TEXT,
+    UNIQUE (tenant_id, stream_id, kind, generation)
+);
+CREATE INDEX IF NOT EXISTS data_keys_by_subject ON data_keys (tenant_id, subject);
+CREATE INDEX IF NOT EXISTS data_keys_by_age ON data_keys (tenant_id, kind, created_ms);
+"""
+
+
+def subject_of(event: Event[EventPayload]) -> str | None:
+    """The person a stream's personal data is about, from the event that starts the stream."""
+    p, tenant = event.payload, event.tenant_id
+    match p:
+        case CallStarted():
+            return caller_key(tenant, person_number(p))
+        case CallDialRequested():
+            return caller_key(tenant, p.to_number)
+        case CallRefused():
+            return caller_key(tenant, p.to_number if p.direction == "outbound" else p.from_number)
+    # A caller's memory stream is keyed by the caller's key itself.
+    return event.call_id if event.call_id.startswith("caller-") else None
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """A data key as the keystore lists it (never its material)."""
+
+    key_id: str
+    tenant_id: str
+    stream_id: str
+    kind: str
+    subject: str | None
+    created_ms: int
+    destroyed_ms: int | None
+    destroyed_by: str | None
+
+
+class _Cache:
+    """Bounded, expiring: least recently used out first."""
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[object, tuple[float, object]] = OrderedDict()
+
+    def get(self, key: object) -> tuple[bool, object]:
+        entry = self._entries.get(key)
+        if entry is None or entry[0] < time.monotonic():
+            return False, None
+        self._entries.move_to_end(key)
+        return True, entry[1]
+
+    def put(self, key: object, value: object) -> None:
+        self._entries[key] = (time.monotonic() + CACHE_TTL_S, value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > CACHE_ENTRIES:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+class DataKeyStore:
+    """The keystore the codec seals and opens with (`schemas.sealing.DataKeys`), and what erasure,
+    retention and rotation act on."""
+
+    def __init__(self, path: Path, keks: KeyEncryptionKeys) -> None:
+        self.path = path
+        self.keks = keks
+        self._db = private_sqlite(path)
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.RLock()
+        self._sealing = _Cache()
+        self._opening = _Cache()
+
+    def close(self) -> None:
+        self._db.close()
+        self.keks.close()
+
+    @staticmethod
+    def _context(tenant_id: str, key_id: str) -> bytes:
+        return f"voxlog-data-key\x1f{tenant_id}\x1f{key_id}".encode()
+
+    def _cipher(self, tenant_id: str, key_id: str, kek_id: str, wrapped: bytes) -> AESSIV:
+        return AESSIV(self.keks.unwrap(tenant_id, kek_id, wrapped, self._context(tenant_id, key_id)))
+
+    def sealing_key(self, event: Event[EventPayload], kind: str) -> SealingKey:
+        tenant, stream = event.tenant_id, event.call_id
+        hit, cached = self._sealing.get((tenant, stream, kind))
+        if hit and isinstance(cached, SealingKey):
+            return cached
+        subject = subject_of(event)
+        with self._lock:
+            row = self._db.execute(
+                "SELECT key_id, kek_id, wrapped, generation, subject FROM data_keys "
+                "WHERE tenant_id = ? AND stream_id = ? AND kind = ? ORDER BY generation DESC LIMIT 1",
+                (tenant, stream, kind),
+            ).fetchone()
+            # A subject's own stream (its memory) outlives an erasure: later calls start a new key.
+            # Any other stream whose key was destroyed keeps nothing more of its personal data.
+            if row is None or (row[2] is None and stream == subject):
+                row = self._create(tenant, stream, kind, subject, 0 if row is None else row[3] + 1)
+            elif row[4] is None and subject is not None:
+                self._db.execute("UPDATE data_keys SET subject = ? WHERE key_id = ?", (subject, row[0]))
+        key_id, kek_id, wrapped = str(row[0]), row[1], row[2]
+        key = SealingKey(key_id, None if wrapped is None else self._cipher(tenant, key_id, kek_id, bytes(wrapped)))
+        self._sealing.put((tenant, stream, kind), key)
+        return key
+
+    def _create(self, tenant: str, stream: str, kind: str, subject: str | None, generation: int) -> tuple[object, ...]:
+        key_id, key = f"dk-{secrets.token_hex(12)}", AESSIV.generate_key(512)
+        kek_id = self.keks.current(tenant)
+        wrapped = self.keks.wrap(tenant, kek_id, key, self._context(tenant, key_id))
+        # Another process may create the stream's key at the same moment: the first insert wins.
+        self._db.execute(
+            "INSERT OR IGNORE INTO data_keys (key_id, tenant_id, stream_id, kind, generation, subject, created_ms, "
+            "kek_id, wrapped) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (key_id, tenant, stream, kind, generation, subject, time.time_ns() // 1_000_000, kek_id, wrapped),
+        )
+        row = self._db.execute(
+            "SELECT key_id, kek_id, wrapped, generation, subject FROM data_keys "
+            "WHERE tenant_id = ? AND stream_id = ? AND kind = ? AND generation = ?",
+            (tenant, stream, kind, generation),
+        ).fetchone()
+        assert row is not None
+        if row[0] != key_id:
+            return tuple(row)
+        try:
+            self.keks.unwrap(tenant, kek_id, wrapped, self._context(tenant, key_id))
+        except KeyUnavailable:
+            # A rotation retired the KEK between our reading it and our insert: wrap with the new one.
+            kek_id = self.keks.current(tenant)
+            wrapped = self.keks.wrap(tenant, kek_id, key, self._context(tenant, key_id))
+            self._db.execute("UPDATE data_keys SET kek_id = ?, wrapped = ? WHERE key_id = ?", (kek_id, wrapped, key_id))
+            return (row[0], kek_id, wrapped, row[3], row[4])
+        return tuple(row)
+
+    def opening_cipher(self, tenant_id: str, key_id: str) -> AESSIV | None:
+        hit, cached = self._opening.get(key_id)
+        if hit:
+            return cached if isinstance(cached, AESSIV) else None
+        with self._lock:
+            row = self._db.execute(
+                "SELECT tenant_id, kek_id, wrapped FROM data_keys WHERE key_id = ?", (key_id,)
+            ).fetchone()
+        if row is None or row[0] != tenant_id:
+            raise KeyUnavailable(
+                f"data key {key_id} of tenant {tenant_id} is not in the keystore {self.path}: the keystore was lost "
+                "or replaced (erased keys leave a tombstone, this one left none); nothing was read as erased"
+            )
+        cipher = None if row[2] is None else self._cipher(tenant_id, key_id, row[1], bytes(row[2]))
+        self._opening.put(key_id, cipher)
+        return cipher
+
+    def destroy_subject(self, tenant_id: str, subject: str, *, created_before_ms: int, by: str) -> int:
+        """Destroys every key of the person created before that time; how many."""
+        return self._destroy("subject = ? AND created_ms < ?", (subject, created_before_ms), tenant_id, by)
+
+    def destroy_older(self, tenant_id: str, kind: str, *, created_before_ms: int, by: str) -> int:
+        """Destroys the tenant's keys of that kind created before that time (retention); how many."""
+        return self._destroy("kind = ? AND created_ms < ?", (kind, created_before_ms), tenant_id, by)
+
+    def _destroy(self, where: str, args: tuple[object, ...], tenant_id: str, by: str) -> int:
+        with self._lock:
+            cursor = self._db.execute(
+                f"UPDATE data_keys SET wrapped = NULL, kek_id = NULL, destroyed_ms = ?, destroyed_by = ? "
+                f"WHERE tenant_id = ? AND wrapped IS NOT NULL AND {where}",
+                (time.time_ns() // 1_000_000, by, tenant_id, *args),
+            )
+            self._sealing.clear()
+            self._opening.clear()
+        return cursor.rowcount
+
+    def rotate(self, tenant_id: str) -> tuple[str, int]:
+        """A new KEK for the tenant; every live data key re-wrapped with it, the old KEKs retired.
+        The log is not touched: events name data keys, and data keys stay the same."""
+        new = self.keks.rotate(tenant_id)
+        rewrapped = 0
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key_id, kek_id, wrapped FROM data_keys WHERE tenant_id = ? AND wrapped IS NOT NULL "
+                "AND kek_id != ?",
+                (tenant_id, new),
+            ).fetchall()
+            old = {str(r[1]) for r in rows}
+            for key_id, kek_id, wrapped in rows:
+                context = self._context(tenant_id, key_id)
+                key = self.keks.unwrap(tenant_id, kek_id, bytes(wrapped), context)
+                self._db.execute(
+                    "UPDATE data_keys SET kek_id = ?, wrapped = ? WHERE key_id = ?",
+                    (new, self.keks.wrap(tenant_id, new, key, context), key_id),
+                )
+                rewrapped += 1
+            still_used = {str(r[0]) for r in self._db.execute(
+                "SELECT DISTINCT kek_id FROM data_keys WHERE tenant_id = ? AND kek_id IS NOT NULL", (tenant_id,))}
+            for kek_id in old - still_used:
+                self.keks.retire(tenant_id, kek_id)
+        return new, rewrapped
+
+    def keys(self, tenant_id: str) -> list[KeyRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key_id, tenant_id, stream_id, kind, subject, created_ms, destroyed_ms, destroyed_by "
+                "FROM data_keys WHERE tenant_id = ? ORDER BY created_ms, key_id",
+                (tenant_id,),
+            ).fetchall()
+        return [KeyRecord(*row) for row in rows]

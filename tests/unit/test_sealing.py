@@ -1,0 +1,158 @@
+"""Personal data sealed in events (crypto-shredding): round trips of every event type, erasure,
+tampering, a lost keystore, key rotation. What the first envelope wrote still reads:
+tests/unit/test_schema_evolution.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from pathlib import Path
+from typing import Any
+
+import fastavro
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from schemas.base import Event, EventPayload
+from schemas.codec import EventCodec, UndecodableMessage
+from schemas.envelope import Envelope
+from schemas.events import CallStarted, TranscriptFinal
+from schemas.registry import load_registry
+from schemas.sealing import KeyUnavailable, plan_for
+from streams.keystore.data_keys import DataKeyStore
+from streams.keystore.local_key_encryption import LocalKeyEncryptionKeys
+from streams.memory import caller_key
+from tests.strategies import any_event
+
+REGISTRY = load_registry()
+NUMBER = "+14155550132"
+
+
+def keystore(folder: Path) -> DataKeyStore:
+    return DataKeyStore(folder / "keys.db", LocalKeyEncryptionKeys(folder / "kek.db"))
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> DataKeyStore:
+    return keystore(tmp_path)
+
+
+def envelope(event_type: str, seq: int, call_id: str = "call-1", tenant: str = "acme") -> Envelope:
+    return Envelope(event_id=f"e-{call_id}-{seq}", tenant_id=tenant, call_id=call_id, seq=seq, type=event_type,
+                    schema_version=REGISTRY.latest[event_type].version, event_time_us=1_700_000_000_000_000 + seq,
+                    producer="test", producer_version="0")
+
+
+def started(call_id: str = "call-1", number: str = NUMBER) -> Event[EventPayload]:
+    payload = CallStarted(channel="phone", direction="inbound", from_number=number, to_number="+15550100",
+                          agent_id="a", agent_version="1", routed_by="number", provider_call_id="CA1")
+    return Event(envelope("call.started", 0, call_id), payload)
+
+
+def heard(text: str, call_id: str = "call-1", seq: int = 1) -> Event[EventPayload]:
+    payload = TranscriptFinal(utterance_id="u1", text=text, confidence=0.9, words=(), provider="p", model="m",
+                              language=None, start_ms=0, end_ms=10, latency_ms=5)
+    return Event(envelope("transcript.final", seq, call_id), payload)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(event=any_event)
+def test_every_event_type_round_trips_sealed(tmp_path_factory: pytest.TempPathFactory, event: Event[Any]) -> None:
+    codec = EventCodec(keys=keystore(tmp_path_factory.mktemp("keys")))
+    data = codec.encode(event)
+    back = codec.decode(data)
+    plan = plan_for(event.type, REGISTRY.latest[event.type].schema)
+    assert back.payload == event.payload
+    assert not back.pii_withheld
+    assert back.envelope == dataclasses.replace(event.envelope, pii_key_id=back.envelope.pii_key_id)
+    assert codec.encode(event) == data, "sealing is deterministic: the same event encodes to the same bytes"
+    if plan is None:
+        assert back.envelope.pii_key_id is None
+
+
+def test_personal_fields_are_not_in_the_bytes(keys: DataKeyStore) -> None:
+    codec = EventCodec(keys=keys)
+    data = codec.encode(started()) + codec.encode(heard("my card is 4111 1111 1111 1111 thanks"))
+    assert NUMBER.encode() not in data
+    assert b"4111" not in data
+    clear = EventCodec().encode(started())
+    assert NUMBER.encode() in clear  # a codec without a keystore writes in the clear, as before
+
+
+def test_an_erased_subject_reads_as_withheld_and_the_rest_stays(keys: DataKeyStore) -> None:
+    codec = EventCodec(keys=keys)
+    first, said = codec.encode(started()), codec.encode(heard("call me at 415 555 0132"))
+    other = codec.encode(started("call-2", "+14155550199"))
+    destroyed = keys.destroy_subject("acme", caller_key("acme", NUMBER) or "", created_before_ms=2**62, by="erasure-1")
+    assert destroyed == 1
+    call_started = codec.decode(first)
+    assert call_started.pii_withheld
+    assert isinstance(call_started.payload, CallStarted)
+    assert call_started.payload.from_number is None
+    assert call_started.payload.agent_id == "a"
+    transcript = codec.decode(said)
+    assert transcript.pii_withheld
+    assert isinstance(transcript.payload, TranscriptFinal)
+    assert transcript.payload.text == ""
+    assert transcript.payload.confidence == 0.9
+    assert not codec.decode(other).pii_withheld
+    # Personal data the call writes after its subject was erased is not kept either.
+    later = codec.decode(codec.encode(heard("still talking", seq=2)))
+    assert later.pii_withheld
+    assert isinstance(later.payload, TranscriptFinal)
+    assert later.payload.text == ""
+
+
+def test_a_lost_keystore_is_a_clear_error_never_a_silent_blank(tmp_path: Path) -> None:
+    data = EventCodec(keys=keystore(tmp_path / "a")).encode(started())
+    with pytest.raises(KeyUnavailable, match="lost or replaced"):
+        EventCodec(keys=keystore(tmp_path / "b")).decode(data)
+    with pytest.raises(KeyUnavailable, match="no keystore"):
+        EventCodec().decode(data)
+    (tmp_path / "a" / "kek.db").unlink()
+    with pytest.raises(KeyUnavailable, match="key-encryption key"):
+        EventCodec(keys=keystore(tmp_path / "a")).decode(data)
+
+
+def test_an_altered_or_moved_sealed_blob_is_undecodable(keys: DataKeyStore) -> None:
+    codec = EventCodec(keys=keys)
+    data = bytearray(codec.encode(heard("hello there")))
+    data[-40] ^= 1  # inside the sealed blob
+    with pytest.raises(UndecodableMessage):
+        codec.decode(bytes(data))
+    a, b = codec.decode(codec.encode(heard("one"))), heard("two", seq=2)
+    raw = codec.encode(b)
+    sv = REGISTRY.latest["transcript.final"]
+    record = fastavro.schemaless_reader(io.BytesIO(raw[10:]), sv.parsed, None)
+    assert isinstance(record, dict)
+    sealed_one = EventCodec(keys=keys)
+    original = sealed_one.encode(a)
+    moved = fastavro.schemaless_reader(io.BytesIO(original[10:]), sv.parsed, None)
+    assert isinstance(moved, dict)
+    record["envelope"]["pii_sealed"] = moved["envelope"]["pii_sealed"]
+    out = io.BytesIO()
+    fastavro.schemaless_writer(out, sv.parsed, record)
+    with pytest.raises(UndecodableMessage, match="does not authenticate"):
+        codec.decode(sv.header + out.getvalue())
+
+
+def test_rotation_rewraps_keys_without_touching_the_log(tmp_path: Path) -> None:
+    keys = keystore(tmp_path)
+    codec = EventCodec(keys=keys)
+    log = [codec.encode(started(f"call-{i}", f"+1415555{i:04d}")) for i in range(5)]
+    kek, rewrapped = keys.rotate("acme")
+    assert rewrapped == 5
+    fresh = EventCodec(keys=keystore(tmp_path))  # another process, nothing cached
+    assert [fresh.decode(d).payload for d in log] == [codec.decode(d).payload for d in log]
+    assert keys.keks.current("acme") == kek
+    assert len(keys.keks._db.execute("SELECT * FROM keks").fetchall()) == 1  # the old KEK retired
+
+
+def test_a_subjects_memory_gets_a_new_key_after_erasure(keys: DataKeyStore) -> None:
+    codec = EventCodec(keys=keys)
+    subject = caller_key("acme", NUMBER) or ""
+    before = codec.encode(heard("remember me", call_id=subject))
+    keys.destroy_subject("acme", subject, created_before_ms=2**62, by="erasure-1")
+    after = codec.encode(heard("a later call", call_id=subject, seq=2))
+    assert codec.decode(before).pii_withheld
+    assert codec.decode(after).payload == heard("a later call", call_id=subject, seq=2).payload
