@@ -15,7 +15,9 @@ from consumers.log_consumer import LogAdmin, LogConsumer
 from producers.embedded_producer import EmbeddedProducer
 from producers.kafka_producer import KafkaProducer
 from producers.log_producer import LogProducer
+from schemas.codec import EventCodec
 from schemas.topics import TOPICS
+from streams.keystore.data_keys import DataKeyStore
 
 
 class LogBackend(ABC):
@@ -24,6 +26,12 @@ class LogBackend(ABC):
     """Whether a record stamped later was appended later (the log stamps records itself, under one lock),
     so that a partition read past a time holds everything stamped before it. Kafka's records carry
     their producers' clocks: no."""
+
+    def __init__(self, keys: DataKeyStore | None = None) -> None:
+        self.keys = keys
+        """The keystore its events' personal data is sealed with (None: written in the clear)."""
+        self.codec = EventCodec(keys=keys)
+        """What its producers, consumers and admins encode and decode events with."""
 
     @abstractmethod
     def producer(self, **options: Any) -> LogProducer: ...
@@ -42,17 +50,18 @@ class EmbeddedBackend(LogBackend):
     name = "embedded"
     stamps_in_append_order = True
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, keys: DataKeyStore | None = None) -> None:
+        super().__init__(keys)
         self.path = path
 
     def producer(self, **options: Any) -> LogProducer:
-        return EmbeddedProducer(self.path, **options)
+        return EmbeddedProducer(self.path, **options).using_codec(self.codec)
 
     def consumer(self, topics: Sequence[str], *, group_id: str | None = None, **options: Any) -> LogConsumer:
-        return EmbeddedConsumer(self.path, topics, group_id=group_id, **options)
+        return EmbeddedConsumer(self.path, topics, group_id=group_id, **options).using_codec(self.codec)
 
     def admin(self) -> LogAdmin:
-        return EmbeddedAdmin(self.path)
+        return EmbeddedAdmin(self.path).using_codec(self.codec)
 
     def describe(self) -> str:
         return f"embedded log {self.path}"
@@ -62,17 +71,18 @@ class KafkaBackend(LogBackend):
     name = "kafka"
     stamps_in_append_order = False
 
-    def __init__(self, bootstrap: str) -> None:
+    def __init__(self, bootstrap: str, keys: DataKeyStore | None = None) -> None:
+        super().__init__(keys)
         self.bootstrap = bootstrap
 
     def producer(self, **options: Any) -> LogProducer:
-        return KafkaProducer(self.bootstrap, **options)
+        return KafkaProducer(self.bootstrap, **options).using_codec(self.codec)
 
     def consumer(self, topics: Sequence[str], *, group_id: str | None = None, **options: Any) -> LogConsumer:
-        return KafkaConsumer(self.bootstrap, topics, group_id=group_id, **options)
+        return KafkaConsumer(self.bootstrap, topics, group_id=group_id, **options).using_codec(self.codec)
 
     def admin(self) -> LogAdmin:
-        return KafkaAdmin(self.bootstrap)
+        return KafkaAdmin(self.bootstrap).using_codec(self.codec)
 
     def describe(self) -> str:
         return f"kafka {self.bootstrap}"

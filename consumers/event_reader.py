@@ -73,7 +73,7 @@ class EventConsumer:
         self.consumer = consumer
         self.dead_letters = dead_letters
         self.name = name
-        self.codec = codec or EventCodec()
+        self.codec = codec or consumer.event_codec
         self.dead_lettered = 0
         self.polled: list[LogRecord] = []
         """Every record of the last poll, decoded or not."""
@@ -119,7 +119,7 @@ async def read_call(
     since_ms: int | None = None,
 ) -> CallHistory:
     """One call from the log; `since_ms` (no later than the call's start) bounds Kafka's scan."""
-    codec = codec or EventCodec()
+    codec = codec or admin.event_codec
     events: list[Event[EventPayload]] = []
     bad: list[tuple[LogRecord, str]] = []
     if since_ms is not None:

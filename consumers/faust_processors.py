@@ -18,16 +18,16 @@ from consumers.backends import KafkaBackend
 from consumers.event_reader import dead_letter_headers
 from consumers.faust_common import faust_app, faust_record
 from consumers.processor_runner import restore
-from schemas.codec import EventCodec, UndecodableMessage
+from schemas.codec import UndecodableMessage
 from schemas.topics import DEADLETTER, TOPICS
 from streams.processors.processor import EventProcessor
 
 APP_ID = "voxlog-streams"
 
 
-def build_app(bootstrap: str, processors: Sequence[EventProcessor]) -> faust.App:
-    app = faust_app(APP_ID, bootstrap, producer_acks=-1)
-    codec = EventCodec()
+def build_app(backend: KafkaBackend, processors: Sequence[EventProcessor]) -> faust.App:
+    app = faust_app(APP_ID, backend.bootstrap, producer_acks=-1)
+    codec = backend.codec
     dead_letters = app.topic(DEADLETTER, key_type=bytes, value_type=bytes, partitions=TOPICS[DEADLETTER].partitions)
     outputs = {
         name: app.topic(name, key_type=bytes, value_type=bytes, partitions=spec.partitions)
@@ -36,7 +36,7 @@ def build_app(bootstrap: str, processors: Sequence[EventProcessor]) -> faust.App
 
     def make_agent(processor: EventProcessor) -> Any:
         async def agent(stream: Any) -> None:
-            await restore(KafkaBackend(bootstrap), processor)
+            await restore(backend, processor)
             async for event in stream.events():
                 record = faust_record(event.message)
                 try:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Self
 
-from producers.log_producer import AsyncService, LogRecord, TopicPartition
+from producers.log_producer import AsyncService, CarriesEventCodec, LogRecord, TopicPartition
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,7 +17,7 @@ class TopicInfo:
     messages: int
 
 
-class LogConsumer(AsyncService):
+class LogConsumer(CarriesEventCodec, AsyncService):
     """Reads records from topics.
 
     With a `group_id` the consumer joins that consumer group: the topics' partitions are shared
@@ -42,7 +42,7 @@ class LogConsumer(AsyncService):
     def assignment(self) -> set[TopicPartition]: ...
 
 
-class LogAdmin(ABC):
+class LogAdmin(CarriesEventCodec, ABC):
     """Topic management and the point reads replay needs."""
 
     @abstractmethod

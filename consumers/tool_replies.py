@@ -13,7 +13,6 @@ import logging
 from consumers.backends import LogBackend
 from consumers.event_reader import EventConsumer
 from schemas.base import Event, EventPayload
-from schemas.codec import EventCodec
 from schemas.topics import TOOL_RESULTS
 
 log = logging.getLogger(__name__)
@@ -38,7 +37,7 @@ class ToolReplies:
             self.backend.producer() as dead_letters,
             self.backend.consumer([TOOL_RESULTS], auto_offset_reset="latest") as consumer,
         ):
-            events = EventConsumer(consumer, dead_letters, name="voxlog-tool-replies", codec=EventCodec())
+            events = EventConsumer(consumer, dead_letters, name="voxlog-tool-replies")
             self.ready.set()
             while not stop.is_set():
                 for item in await events.poll(timeout_s=0.2):

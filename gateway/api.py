@@ -38,7 +38,7 @@ from schemas.version import __version__
 from streams.channels.twilio_outbound import DIAL_ID, check_parameters
 from streams.config.agents import RoutingError
 from streams.config.tenants import E164, TenantSpec
-from streams.memory import request_erasure
+from streams.keystore.shredding import request_erasure
 
 _BYTE_RANGE = re.compile(r"bytes=(\d+-\d*|-\d+)")
 """One byte range (the store is asked for it as it is); several in one request get the whole file."""
@@ -237,7 +237,7 @@ def api_router(runtime: GatewayRuntime) -> APIRouter:
         """Forget a caller: their memory, and their calls that started before now, in every table and
         recording (the erasure is an event: restarts and rebuilds keep it)."""
         tenant, key_id = caller
-        erasure_id, payload = await request_erasure(runtime.writer, tenant.id, body.number,
+        erasure_id, payload = await request_erasure(runtime.writer, runtime.backend.keys, tenant.id, body.number,
                                                     requested_by=f"api-key:{key_id}", reason=body.reason,
                                                     producer=PRODUCER, producer_version=__version__)
         return ErasureAccepted(erasure_id=erasure_id, caller_key=payload.caller_key,

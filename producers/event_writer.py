@@ -23,7 +23,7 @@ class EventWriter:
         observers: Sequence[Callable[[Event[EventPayload]], None]] = (),
     ) -> None:
         self.producer = producer
-        self.codec = codec or EventCodec()
+        self.codec = codec or producer.event_codec
         self.observers = tuple(observers)
 
     async def append(self, event: Event[EventPayload]) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import NamedTuple, Self
 
+from schemas.codec import EventCodec
 from schemas.topics import DEADLETTER
 
 Headers = Sequence[tuple[str, bytes]]
@@ -58,6 +59,23 @@ def check_message_size(topic: str, key: bytes, value: bytes, headers: Headers) -
         raise MessageTooLarge(f"message of {size} bytes (key, value and headers) exceeds the {limit}-byte limit")
 
 
+class CarriesEventCodec:
+    """The codec this log's events are written and read with. A backend hands its clients its own,
+    which seals personal data with the keystore; a client made alone has one without keys."""
+
+    _event_codec: EventCodec | None = None
+
+    @property
+    def event_codec(self) -> EventCodec:
+        if self._event_codec is None:
+            self._event_codec = EventCodec()
+        return self._event_codec
+
+    def using_codec(self, codec: EventCodec) -> Self:
+        self._event_codec = codec
+        return self
+
+
 class AsyncService(ABC):
     """Something with `start` and `stop`, usable as `async with`."""
 
@@ -77,7 +95,7 @@ class AsyncService(ABC):
         await self.stop()
 
 
-class LogProducer(AsyncService):
+class LogProducer(CarriesEventCodec, AsyncService):
     """Appends messages to topics, batched and asynchronously.
 
     `send` returns once the message is buffered; it waits only when the bounded buffer is full

@@ -66,7 +66,6 @@ from producers.log_producer import LogProducer, TopicPartition
 from projections.projection import Projection
 from projections.projection_runner import ProjectionRunner
 from projections.store import AnalyticsStore
-from schemas.codec import EventCodec
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +82,7 @@ class ProjectionAgent:
         self.app = app
         self.projection = projection
         self.runner = ProjectionRunner(backend, store, projection)
-        self.codec = EventCodec()
+        self.codec = backend.codec
         self.name = f"voxlog-projection-{projection.name}"
         self.lock = asyncio.Lock()
         self.generation: int | None = None
@@ -132,17 +131,16 @@ class ProjectionAgent:
         return bool(await consumer._commit(offsets))  # noqa: SLF001
 
 
-def build_apps(bootstrap: str, store: AnalyticsStore, projections: Sequence[Projection], *,
+def build_apps(backend: KafkaBackend, store: AnalyticsStore, projections: Sequence[Projection], *,
                app_id_prefix: str, datadir: Path) -> list[faust.App]:
     """A faust app per projection, with the id `<app_id_prefix>-<name>` (`datadir` holds faust's folders)."""
-    backend = KafkaBackend(bootstrap)
     apps = []
     for projection in projections:
         app_id = f"{app_id_prefix}-{projection.name}"
         (datadir / app_id).mkdir(parents=True, exist_ok=True)
         app = faust_app(
             app_id,
-            bootstrap,
+            backend.bootstrap,
             broker_session_timeout=SESSION_TIMEOUT_S,
             # A stop or a rebalance need not wait for the events faust has handed out to be folded
             # (catching up, that can be minutes): the offsets in ClickHouse say where to go on.
@@ -158,8 +156,8 @@ def build_apps(bootstrap: str, store: AnalyticsStore, projections: Sequence[Proj
     return apps
 
 
-def run_worker(bootstrap: str, store: AnalyticsStore, projections: Sequence[Projection], *,
+def run_worker(backend: KafkaBackend, store: AnalyticsStore, projections: Sequence[Projection], *,
                app_id_prefix: str, datadir: Path, loglevel: str = "info") -> NoReturn:
     """Runs every projection's app in one faust worker until it is stopped (SIGINT, SIGTERM)."""
-    apps = build_apps(bootstrap, store, projections, app_id_prefix=app_id_prefix, datadir=datadir)
+    apps = build_apps(backend, store, projections, app_id_prefix=app_id_prefix, datadir=datadir)
     faust.Worker(*apps, loglevel=loglevel).execute_from_commandline()

@@ -549,7 +549,7 @@ class CallerErased(EventPayload):
     """A caller's data is to be erased from every projection: their memory, and the calls, turns, transcripts, tool calls, errors and recordings of their calls that started before `erased_before_us`. A stream of its own (call_id erasure-...). The raw events stay in the log until its retention removes them."""
 
     EVENT_TYPE: ClassVar[str] = 'caller.erased'
-    EVENT_VERSION: ClassVar[int] = 1
+    EVENT_VERSION: ClassVar[int] = 2
 
     caller_key: str
     """The caller, as a key (a hash of the tenant and the number), never the number."""
@@ -559,6 +559,8 @@ class CallerErased(EventPayload):
     """Who asked: an API key id (api-key:ID) or an operator (cli:USER)."""
     reason: str = ''
     """Why, as given (a data subject's request, a retention rule)."""
+    keys_destroyed: int = 0
+    """How many of the caller's data keys were destroyed (crypto-shredding): their calls' personal data in the log, every copy of it, can no longer be read. 0 before sealing existed."""
 
     def to_avro(self) -> dict[str, Any]:
         return {
@@ -566,6 +568,7 @@ class CallerErased(EventPayload):
             "erased_before_us": self.erased_before_us,
             "requested_by": self.requested_by,
             "reason": self.reason,
+            "keys_destroyed": self.keys_destroyed,
         }
 
     @classmethod
@@ -575,6 +578,7 @@ class CallerErased(EventPayload):
             erased_before_us=record["erased_before_us"],
             requested_by=record["requested_by"],
             reason=record["reason"],
+            keys_destroyed=record["keys_destroyed"],
         )
 
 

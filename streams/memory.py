@@ -9,15 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-import time
-import uuid
 from collections.abc import Sequence
 
-from producers.event_writer import EventWriter, standalone_event
 from schemas.base import Event, EventPayload
-from schemas.events import CallerErased, CallStarted, HandoffRequested, ToolSucceeded, TtsRequested, TurnTaken
-from streams.config.tenants import E164
+from schemas.events import CallStarted, HandoffRequested, ToolSucceeded, TtsRequested, TurnTaken
 from streams.providers.base import ChatMessage, LlmRequest
 
 OFFLINE_SOURCE = "offline-extractive"
@@ -114,27 +109,3 @@ def clean_summary(text: str) -> str | None:
         line = line[len("last time"):].lstrip(" ,:")
     line = line.rstrip(".")
     return line[:SUMMARY_MAX_CHARS] or None
-
-
-def _erasure(tenant_id: str, number: str, *, requested_by: str, reason: str, now_us: int) -> CallerErased:
-    """The request to forget a caller: everything of their calls that started before now.
-
-    Raises ValueError for a number that is not E.164, as calls record them (it would match nobody)."""
-    key = caller_key(tenant_id, number)
-    if key is None or not re.fullmatch(E164, number):
-        raise ValueError(f"{number!r} is not an E.164 number (+ and up to 15 digits), as calls record them")
-    return CallerErased(caller_key=key, erased_before_us=now_us, requested_by=requested_by, reason=reason)
-
-
-async def request_erasure(writer: EventWriter, tenant_id: str, number: str, *, requested_by: str, reason: str,
-                          producer: str, producer_version: str) -> tuple[str, CallerErased]:
-    """Forgets a caller (the command line's and the API's way): their `caller.erased` event, durable,
-    on a stream of its own (`erasure-` and a random UUID); returns that id and the event.
-
-    Raises ValueError for a number that is not E.164, before anything is written."""
-    payload = _erasure(tenant_id, number, requested_by=requested_by, reason=reason, now_us=time.time_ns() // 1000)
-    erasure_id = f"erasure-{uuid.uuid4()}"
-    await writer.append(standalone_event(payload, tenant_id=tenant_id, stream_id=erasure_id, producer=producer,
-                                         producer_version=producer_version))
-    await writer.flush()
-    return erasure_id, payload

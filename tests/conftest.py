@@ -17,8 +17,13 @@ from consumers.backends import EmbeddedBackend, KafkaBackend, LogBackend
 from projections.store import AnalyticsStore
 from tests.needs import missing
 from tests.provider_server import ProviderServer
+from voxlog.backends import keystore_at
 
 KAFKA_ENV = "VOXLOG_TEST_KAFKA_BOOTSTRAP"
+KEYSTORE = Path(tempfile.mkdtemp(prefix="voxlog-test-keystore-"))
+"""The keystore of the whole run: every process a test starts shares it (VOXLOG_KEYSTORE), as every process
+of a deployment does, since the test broker's topics are shared by every test of the run."""
+os.environ["VOXLOG_KEYSTORE"] = str(KEYSTORE)
 
 
 def kafka_bootstrap() -> str:
@@ -39,13 +44,13 @@ def backend_name(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def embedded_backend(tmp_path: Path) -> EmbeddedBackend:
     """The embedded log in `tmp_path`, where `Settings(home=tmp_path)` (a stack, a `voxlog` process) keeps it."""
-    return EmbeddedBackend(tmp_path / "log.db")
+    return EmbeddedBackend(tmp_path / "log.db", keystore_at(KEYSTORE))
 
 
 @pytest.fixture
 def kafka_backend() -> KafkaBackend:
     """The test broker; without one the test skips (fails under CI). Tests asking for it are marked `kafka`."""
-    return KafkaBackend(kafka_bootstrap())
+    return KafkaBackend(kafka_bootstrap(), keystore_at(KEYSTORE))
 
 
 @pytest.fixture

@@ -132,7 +132,7 @@ async def _log_trail(backend: LogBackend, tenant: str, table_rows: Sequence[Sequ
     audit projection's topics read, the events of the types it folds (and only those) decoded, and
     the tenant's folded by the projection itself, as it folded them into the table."""
     projection = AuditProjection()
-    codec = EventCodec()
+    codec = backend.codec
     trail = LogTrail(tenant)
     async with backend.admin() as admin:
         ends = await _end_offsets(admin, projection.topics)

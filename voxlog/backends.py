@@ -1,17 +1,30 @@
-"""The backends the settings name: the event log (Kafka when a bootstrap is set, else embedded) and where
-recordings are kept (S3 when a bucket is set, else the recordings folder)."""
+"""The backends the settings name: the event log (Kafka when a bootstrap is set, else embedded) with the
+keystore its personal data is sealed with, and where recordings are kept (S3 when a bucket is set, else
+the recordings folder)."""
 
 from __future__ import annotations
 
+from functools import cache
+from pathlib import Path
+
 from consumers.backends import EmbeddedBackend, KafkaBackend, LogBackend
 from projections.recording_store import LocalRecordingStore, RecordingStore
+from streams.keystore.data_keys import DataKeyStore
+from streams.keystore.local_key_encryption import LocalKeyEncryptionKeys
 from voxlog.settings import Settings
 
 
+@cache
+def keystore_at(folder: Path) -> DataKeyStore:
+    """One keystore per folder in a process, so that every log client shares its cache of keys."""
+    return DataKeyStore(folder / "data_keys.db", LocalKeyEncryptionKeys(folder / "kek.db"))
+
+
 def log_backend(settings: Settings) -> LogBackend:
+    keys = keystore_at(settings.keystore_path.resolve())
     if settings.kafka_bootstrap:
-        return KafkaBackend(settings.kafka_bootstrap)
-    return EmbeddedBackend(settings.log_path)
+        return KafkaBackend(settings.kafka_bootstrap, keys)
+    return EmbeddedBackend(settings.log_path, keys)
 
 
 def recording_store(settings: Settings) -> RecordingStore:

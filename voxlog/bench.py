@@ -131,7 +131,7 @@ async def _consume(
 async def bench_log(
     backend: LogBackend, *, events: int, rate: int = 5000, seconds: float = 10.0, concurrent: int = 100
 ) -> dict[str, Any]:
-    codec = EventCodec()
+    codec = backend.codec
     async with backend.admin() as admin:
         await ensure_topics(admin)
 

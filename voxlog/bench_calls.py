@@ -46,7 +46,6 @@ import httpx
 
 from consumers.backends import LogBackend
 from consumers.processor_runner import read_to_end
-from schemas.codec import EventCodec
 from schemas.events import CallStarted, ProviderFallback
 from schemas.topics import CALLS, TOPICS
 from schemas.version import __version__
@@ -208,7 +207,7 @@ def _providers(timeline: Timeline, agent: AgentSpec, fallback: FallbackProfile |
 
 async def _fallback_calls(backend: LogBackend, call_sids: set[str]) -> set[str]:
     """The Twilio call sids (of `call_sids`) whose call recorded a provider fallback."""
-    codec, sid_of, fell_back = EventCodec(), {}, set()
+    codec, sid_of, fell_back = backend.codec, {}, set()
 
     def take(record: Any) -> None:
         event = codec.decode(record.value)

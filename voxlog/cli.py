@@ -24,7 +24,7 @@ from projections.projection import PROJECTION_NAMES
 from schemas.topics import CALL_TOPICS
 from schemas.version import __version__
 from streams.config.agents import AgentRouter, load_agents
-from voxlog.backends import log_backend
+from voxlog.backends import keystore_at, log_backend
 from voxlog.describe import describe
 from voxlog.settings import DEFAULT_AGENTS_DIR, Settings
 
@@ -378,7 +378,8 @@ def bench_projections_command(
     known = [p.name for p in default_projections(recordings=bench_home / "recordings")]
     if set(only or ()) - set(known):
         raise typer.BadParameter(f"the projections are {', '.join(known)}", param_hint="--only")
-    backend = log_backend(settings) if settings.kafka_bootstrap else EmbeddedBackend(bench_home / "log.db")
+    backend = log_backend(settings) if settings.kafka_bootstrap else EmbeddedBackend(
+        bench_home / "log.db", keystore_at(bench_home.resolve() / "keystore"))
     store = AnalyticsStore.open(settings.clickhouse_dsn, bench_home)
     result = asyncio.run(bench_projections(backend, store, bench_home / "recordings", events=events, rate=rate,
                                            seconds=seconds, only=only or ()))
@@ -408,12 +409,13 @@ def bench_log_command(
     from voxlog.bench import bench_log, write_result
 
     settings = Settings()
+    keys = keystore_at(settings.home.resolve() / "bench" / "keystore")
     if backend is BenchBackend.kafka:
         if not settings.kafka_bootstrap:
             raise typer.BadParameter("set VOXLOG_KAFKA_BOOTSTRAP to benchmark Kafka", param_hint="--backend")
-        target: LogBackend = KafkaBackend(settings.kafka_bootstrap)
+        target: LogBackend = KafkaBackend(settings.kafka_bootstrap, keys)
     else:
-        target = EmbeddedBackend(settings.home / "bench" / "log.db")
+        target = EmbeddedBackend(settings.home / "bench" / "log.db", keys)
     result = asyncio.run(bench_log(target, events=events, rate=rate, seconds=seconds))
     write_result(result, out)
     a, c, lat = result["append"], result["consume"], result["latency"]
@@ -501,7 +503,7 @@ def projections_run(
         asyncio.run(_make_topics(analytics.backend))
         console.print(f"projections as faust agents on {analytics.backend.describe()} into "
                       f"{analytics.store.describe()}; Ctrl-C stops")
-        run_worker(analytics.backend.bootstrap, analytics.store, analytics.projections(), app_id_prefix=app_id,
+        run_worker(analytics.backend, analytics.store, analytics.projections(), app_id_prefix=app_id,
                    datadir=analytics.settings.home / "faust")
     console.print(f"projections from {analytics.backend.describe()} into {analytics.store.describe()}; Ctrl-C stops")
 
@@ -535,24 +537,29 @@ def erase_caller(
     number: Annotated[str, typer.Option(help="The caller's (or called person's) number, E.164.")],
     reason: Annotated[str, typer.Option(help="Why, for the audit trail.")] = "",
 ) -> None:
-    """Forget a caller: their memory, and their calls that started before now (rows in every table,
-    recordings), as a caller.erased event that every projection folds, through restarts and rebuilds."""
+    """Forget a caller: their data keys destroyed, so their calls' personal data in the log (every copy)
+    no longer opens, and their memory and their calls that started before now (rows in every table,
+    recordings) removed, as a caller.erased event that every projection folds, through restarts and rebuilds."""
     from producers.event_writer import EventWriter
     from schemas.events import CallerErased
-    from streams.memory import request_erasure
+    from streams.keystore.shredding import request_erasure
 
     operator = os.environ.get("USER") or "operator"
 
+    backend = _backend()
+
     async def write() -> tuple[str, CallerErased]:
-        async with _backend().producer() as producer:
-            return await request_erasure(EventWriter(producer), tenant, number, requested_by=f"cli:{operator}",
-                                         reason=reason, producer="voxlog.cli", producer_version=__version__)
+        async with backend.producer() as producer:
+            return await request_erasure(EventWriter(producer), backend.keys, tenant, number,
+                                         requested_by=f"cli:{operator}", reason=reason, producer="voxlog.cli",
+                                         producer_version=__version__)
 
     try:
         erasure_id, payload = asyncio.run(write())
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--number") from exc
-    console.print(f"{erasure_id}: caller {payload.caller_key} of {tenant} erased (calls started before now); "
+    console.print(f"{erasure_id}: caller {payload.caller_key} of {tenant} erased (calls started before now): "
+                  f"{payload.keys_destroyed} data keys destroyed, so their personal data in the log no longer opens; "
                   "the projections remove their rows and recordings as they reach it")
 
 

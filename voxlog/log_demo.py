@@ -16,7 +16,6 @@ from consumers.backends import LogBackend, ensure_topics
 from consumers.event_reader import EventConsumer, read_call
 from producers.event_writer import CallRecorder, EventWriter
 from producers.log_producer import TopicPartition
-from schemas.codec import EventCodec
 from schemas.topics import CALL_TOPICS
 from schemas.version import __version__
 from voxlog.sim.synthetic_calls import synthetic_call
@@ -46,7 +45,7 @@ class DemoReport:
 
 
 async def run_demo(backend: LogBackend, *, calls: int = 3, tenant_id: str = "demo") -> DemoReport:
-    codec = EventCodec()
+    codec = backend.codec
     async with backend.admin() as admin:
         await ensure_topics(admin)
         began_ms = int(time.time() * 1000)

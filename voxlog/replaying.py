@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from consumers.backends import LogBackend
 from consumers.event_reader import read_call
-from schemas.codec import EventCodec, UndecodableMessage
+from schemas.codec import UndecodableMessage
 from schemas.events import CallStarted
 from schemas.topics import CALLS
 from streams.call.replay import Divergence, ReplayResult, agent_for, verify_call
@@ -23,7 +23,7 @@ async def recorded_call_ids(backend: LogBackend) -> list[str]:
     async with backend.admin() as admin:
         ends = await admin.end_offsets(CALLS)
     remaining = {p for p, end in ends.items() if end > 0}
-    codec = EventCodec()
+    codec = backend.codec
     async with backend.consumer([CALLS]) as consumer:
         while remaining:
             records = await consumer.poll(timeout_s=2.0, max_records=5000)

@@ -56,6 +56,12 @@ class Settings(BaseSettings):
         True, description="Run the ClickHouse projections inside `voxlog serve` (the embedded ClickHouse can be "
         "open in one process only; with a ClickHouse server run `voxlog projections run` apart instead).")
 
+    keystore: Path | None = Field(
+        None, description="Folder of the keystore that seals callers' personal data in the log (data keys per "
+        "call, wrapped by per-tenant key-encryption keys; docs/compliance.md). Every process that reads or writes "
+        "the log must share it, and losing it loses every caller's data: back it up apart from the log. Unset: "
+        "`keystore` under `home`.")
+
     recordings_s3_url: str | None = Field(
         None, description="s3://bucket/prefix where finished call recordings are kept (AWS S3 or any S3-compatible "
         "store); unset: the recordings folder under `home`. Recordings are assembled under `home` either way.")
@@ -82,6 +88,10 @@ class Settings(BaseSettings):
     def recordings_path(self) -> Path:
         """Where call recordings (stereo WAV) are assembled."""
         return self.home / "recordings"
+
+    @property
+    def keystore_path(self) -> Path:
+        return self.keystore or self.home / "keystore"
 
     @property
     def log_path(self) -> Path:

@@ -30,7 +30,6 @@ from consumers.group_loop import run_in_group
 from consumers.workers.state_file import open_state_db
 from producers.log_producer import LogProducer
 from schemas.base import Event, EventPayload
-from schemas.codec import EventCodec
 from schemas.envelope import Envelope
 from schemas.events import ToolFailed, ToolRequested, ToolSucceeded
 from schemas.topics import COMMANDS, DEADLETTER, TOOL_RESULTS
@@ -248,7 +247,7 @@ class ToolWorker:
         self.attempts = attempts
         self.backoff_s = backoff_s
         self.sleep = sleep
-        self.codec = EventCodec()
+        self.codec = backend.codec
         self.ready = asyncio.Event()
         self.handled = 0
 

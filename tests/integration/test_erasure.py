@@ -31,7 +31,8 @@ from projections.tables import (
     TURNS,
 )
 from schemas.events import CallerErased, CallStarted, CallSummarized
-from streams.memory import caller_key, request_erasure
+from streams.keystore.shredding import request_erasure
+from streams.memory import caller_key
 from tests.integration.test_cli import voxlog
 from tests.integration.test_outbound_calls import api, stream_of
 from voxlog.settings import Settings
