@@ -85,7 +85,7 @@ from schemas.events import (
 from schemas.topics import CALLS as CALLS_TOPIC  # the topic, beside the table of the same name
 from schemas.topics import COMMANDS
 from streams.config.agents import AgentRouter
-from streams.memory import caller_key, person_number
+from streams.memory import key_of_call
 from streams.metrics import voice_to_voice_ms
 from streams.redaction import Redactor, default_redactor, names_in_json, redact_field
 
@@ -287,7 +287,7 @@ class CallsFold:
         turn: _Turn | None
         match p:
             case CallStarted():
-                call.caller_key, call.started_us = caller_key(call.tenant_id, person_number(p)), now
+                call.caller_key, call.started_us = key_of_call(call.tenant_id, p), now
                 call.names |= frozenset(names_in_json(json.dumps(p.parameters)))
                 erasure = self.erasures.erasure_of(call.tenant_id, call.caller_key, now)
                 if erasure is not None:  # read after its erasure: listed as erased, for the other projections

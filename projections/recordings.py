@@ -60,7 +60,7 @@ from schemas.base import Event, EventPayload
 from schemas.events import AgentAudioChunk, CallEnded, CallerAudioChunk, CallerErased, CallStarted
 from schemas.topics import AUDIO, CALLS
 from streams.audio.formats import PCM_RATE
-from streams.memory import caller_key, person_number
+from streams.memory import key_of_call
 from streams.redaction import default_redactor
 
 __all__ = ["RECORDINGS", "RecordingsProjection", "recording_path"]
@@ -234,7 +234,7 @@ class RecordingsProjection:
         if event.call_id in self.erased:
             return []
         if isinstance(payload, CallStarted) and self.erasures.erased(
-                event.tenant_id, caller_key(event.tenant_id, person_number(payload)), event.envelope.event_time_us):
+                event.tenant_id, key_of_call(event.tenant_id, payload), event.envelope.event_time_us):
             await self._forget(event.tenant_id, event.call_id)  # its audio may have come first
             return []
         if isinstance(payload, CallStarted):

@@ -419,7 +419,7 @@ class CallStarted(EventPayload):
     """A call began on a channel and was routed to an agent."""
 
     EVENT_TYPE: ClassVar[str] = 'call.started'
-    EVENT_VERSION: ClassVar[int] = 1
+    EVENT_VERSION: ClassVar[int] = 2
 
     channel: Channel
     """How the caller reached us."""
@@ -439,6 +439,8 @@ class CallStarted(EventPayload):
     """Telephony provider's id (Twilio CallSid)."""
     parameters: dict[str, str] = field(default_factory=dict)
     """Custom parameters passed by the channel."""
+    caller_key: str | None = None
+    """The person's key within the tenant (a digest, never the number; streams.memory.caller_key): whose call it is, still readable after their numbers were erased with their data key, so that erasure and the projections find the call. Null for a widget visitor, and before v2 (derive it from the numbers)."""
 
     def to_avro(self) -> dict[str, Any]:
         return {
@@ -451,6 +453,7 @@ class CallStarted(EventPayload):
             "provider_call_id": self.provider_call_id,
             "routed_by": self.routed_by,
             "parameters": dict(self.parameters),
+            "caller_key": self.caller_key,
         }
 
     @classmethod
@@ -465,6 +468,7 @@ class CallStarted(EventPayload):
             provider_call_id=record["provider_call_id"],
             routed_by=record["routed_by"],
             parameters=dict(record["parameters"]),
+            caller_key=record["caller_key"],
         )
 
 

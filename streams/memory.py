@@ -44,6 +44,12 @@ def person_number(started: CallStarted) -> str | None:
     return started.to_number if started.direction == "outbound" else started.from_number
 
 
+def key_of_call(tenant_id: str, started: CallStarted) -> str | None:
+    """Whose call it is: recorded since call.started v2 (readable after the numbers were erased),
+    derived from the numbers before."""
+    return started.caller_key or caller_key(tenant_id, person_number(started))
+
+
 def _tool_clause(tool: str, result_json: str) -> str:
     try:
         result = json.loads(result_json)

@@ -20,9 +20,9 @@ from tests.provider_server import ProviderServer
 from voxlog.backends import keystore_at
 
 KAFKA_ENV = "VOXLOG_TEST_KAFKA_BOOTSTRAP"
-KEYSTORE = Path(tempfile.mkdtemp(prefix="voxlog-test-keystore-"))
-"""The keystore of the whole run: every process a test starts shares it (VOXLOG_KEYSTORE), as every process
-of a deployment does, since the test broker's topics are shared by every test of the run."""
+KEYSTORE = Path(tempfile.gettempdir()) / f"voxlog-test-keystore-{os.getuid()}"
+"""The tests' one keystore: every process a test starts shares it (VOXLOG_KEYSTORE), as every process of a
+deployment does, since the test broker's topics are shared by every test, and outlive a run."""
 os.environ["VOXLOG_KEYSTORE"] = str(KEYSTORE)
 
 

@@ -252,16 +252,19 @@ def replay_verify(
     settings = Settings()
     ids = [call] if call is not None else None
     results = asyncio.run(verify_calls(log_backend(settings), agents_router(settings), ids))
-    diverged = 0
+    diverged = erased = 0
     for result in results:
         if result.identical:
             typer.echo(f"{result.call_id}: identical ({result.decisions} decisions)")
+        elif result.erased:
+            erased += 1
+            typer.echo(f"{result.call_id}: erased (its caller's personal data was destroyed; nothing to replay)")
         else:
             diverged += 1
             d = result.divergence
             assert d is not None
             typer.echo(f"{result.call_id}: diverged at seq {d.seq} ({d.event_type}): {d.reason}")
-    typer.echo(f"verified {len(results)} calls, {diverged} diverged")
+    typer.echo(f"verified {len(results)} calls, {diverged} diverged" + (f", {erased} erased" if erased else ""))
     if diverged:
         raise typer.Exit(1)
 

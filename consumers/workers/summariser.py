@@ -27,7 +27,7 @@ from schemas.base import Event, EventPayload
 from schemas.events import CallEnded, CallStarted, CallSummarized
 from schemas.topics import CALLS
 from schemas.version import __version__
-from streams.memory import OFFLINE_SOURCE, caller_key, clean_summary, person_number, summarize, summary_request
+from streams.memory import OFFLINE_SOURCE, clean_summary, key_of_call, summarize, summary_request
 from streams.providers.base import LlmProvider, ProviderError
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class Summariser:
         started = next((e for e in call.events if isinstance(e.payload, CallStarted)), None)
         if started is None or not isinstance(started.payload, CallStarted):
             return None
-        key = caller_key(ended.tenant_id, person_number(started.payload))
+        key = key_of_call(ended.tenant_id, started.payload)
         extractive = summarize(call.events)
         if key is None or extractive is None:
             return None

@@ -31,10 +31,12 @@ class ReplayResult:
     call_id: str
     decisions: int
     divergence: Divergence | None
+    erased: bool = False
+    """Its personal data was destroyed (erasure, retention): there is nothing to replay it from."""
 
     @property
     def identical(self) -> bool:
-        return self.divergence is None
+        return self.divergence is None and not self.erased
 
 
 def _describe(payload: EventPayload) -> str:
@@ -44,6 +46,8 @@ def _describe(payload: EventPayload) -> str:
 def verify_call(events: Sequence[Event[EventPayload]], agent: AgentSpec) -> ReplayResult:
     """`events`: one call's events in seq order. `agent`: the definition to replay with."""
     call_id = events[0].call_id if events else ""
+    if any(event.pii_withheld for event in events):
+        return ReplayResult(call_id, 0, None, erased=True)
     state = new_state(agent)
     expected: deque[Decision] = deque()
     checked = 0

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from schemas.events import CallStarted
 from streams.audio.formats import MULAW_RATE, PCM_RATE
+from streams.memory import key_of_call
 from streams.providers.base import SpeechCodec
 
 Channel = Literal["phone", "sip", "widget"]
@@ -105,3 +106,9 @@ class InboundCall:
     call_id: str
     tenant_id: str
     started: CallStarted
+
+    def __post_init__(self) -> None:
+        # Whose call it is, recorded in the clear beside the sealed numbers: erasure finds it by that.
+        if self.started.caller_key is None:
+            key = key_of_call(self.tenant_id, self.started)
+            object.__setattr__(self, "started", replace(self.started, caller_key=key))

@@ -27,7 +27,7 @@ from schemas.events import CallDialRequested, CallRefused, CallStarted
 from schemas.sealing import KeyUnavailable, SealingKey
 from streams.keystore.key_encryption import KeyEncryptionKeys
 from streams.keystore.local_key_encryption import private_sqlite
-from streams.memory import caller_key, person_number
+from streams.memory import caller_key, key_of_call
 
 CACHE_TTL_S = 5.0
 CACHE_ENTRIES = 4096
@@ -57,7 +57,7 @@ def subject_of(event: Event[EventPayload]) -> str | None:
     p, tenant = event.payload, event.tenant_id
     match p:
         case CallStarted():
-            return caller_key(tenant, person_number(p))
+            return key_of_call(tenant, p)
         case CallDialRequested():
             return caller_key(tenant, p.to_number)
         case CallRefused():
@@ -134,6 +134,11 @@ class DataKeyStore:
             return cached
         subject = subject_of(event)
         with self._lock:
+            if subject is None:  # the stream's other kind of key may know it (call.started came first)
+                known = self._db.execute(
+                    "SELECT subject FROM data_keys WHERE tenant_id = ? AND stream_id = ? AND subject IS NOT NULL "
+                    "LIMIT 1", (tenant, stream)).fetchone()
+                subject = None if known is None else known[0]
             row = self._db.execute(
                 "SELECT key_id, kek_id, wrapped, generation, subject FROM data_keys "
                 "WHERE tenant_id = ? AND stream_id = ? AND kind = ? ORDER BY generation DESC LIMIT 1",
@@ -144,7 +149,8 @@ class DataKeyStore:
             if row is None or (row[2] is None and stream == subject):
                 row = self._create(tenant, stream, kind, subject, 0 if row is None else row[3] + 1)
             elif row[4] is None and subject is not None:
-                self._db.execute("UPDATE data_keys SET subject = ? WHERE key_id = ?", (subject, row[0]))
+                self._db.execute("UPDATE data_keys SET subject = ? WHERE tenant_id = ? AND stream_id = ? AND "
+                                 "subject IS NULL", (subject, tenant, stream))
         key_id, kek_id, wrapped = str(row[0]), row[1], row[2]
         key = SealingKey(key_id, None if wrapped is None else self._cipher(tenant, key_id, kek_id, bytes(wrapped)))
         self._sealing.put((tenant, stream, kind), key)

@@ -1,11 +1,14 @@
-"""A caller's erasure, on both logs into real chDB: their memory and their earlier calls' rows leave
-every table, another caller's stay, a later call of theirs stays, the erasure is audited, and a
-restart or a rebuild from offset zero keeps them erased."""
+"""A caller's erasure, on both logs into real chDB: their data keys are destroyed, so nothing of theirs
+can be read from the log's bytes any more; their memory and their earlier calls' rows leave every
+table, another caller's stay, a later call of theirs stays, the erasure is audited, and a restart or a
+rebuild from offset zero keeps them erased."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
+import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ from typing import Any
 from consumers.backends import EmbeddedBackend, LogBackend
 from consumers.event_reader import read_call
 from producers.event_writer import CallRecorder, EventWriter
+from producers.log_producer import LogRecord, TopicPartition
 from projections.audit import AuditProjection
 from projections.caller_memory import MemoryProjection
 from projections.calls import CallsProjection
@@ -30,12 +34,23 @@ from projections.tables import (
     TRANSCRIPTS,
     TURNS,
 )
-from schemas.events import CallerErased, CallStarted, CallSummarized
+from schemas.codec import UndecodableMessage
+from schemas.events import (
+    CallerAudioChunk,
+    CallerErased,
+    CallStarted,
+    CallSummarized,
+    TranscriptFinal,
+    TurnTaken,
+)
+from schemas.topics import TOPICS
+from streams.call.replay import verify_call
+from streams.config.agents import load_agents
 from streams.keystore.shredding import request_erasure
 from streams.memory import caller_key
 from tests.integration.test_cli import voxlog
 from tests.integration.test_outbound_calls import api, stream_of
-from voxlog.settings import Settings
+from voxlog.settings import DEFAULT_AGENTS_DIR, Settings
 from voxlog.sim.stack import local_stack
 from voxlog.sim.synthetic_calls import synthetic_call
 
@@ -43,13 +58,22 @@ ERASED, KEPT = "+15557000001", "+15557000002"
 PER_CALL_TABLES = (CALLS, TURNS, TRANSCRIPTS, TOOL_CALLS, ERRORS, RECORDINGS)
 
 
-async def write_call(writer: EventWriter, tenant: str, number: str, index: int) -> str:
-    """A synthetic call of `number` (with tool calls, transcripts, turns), and its summary."""
+async def write_call(writer: EventWriter, tenant: str, number: str, index: int, *, said: str = "",
+                     voice: bytes = b"") -> str:
+    """A synthetic call of `number` (with tool calls, transcripts, turns), and its summary; the caller
+    says `said` in every transcript, and speaks `voice` as their audio, where given."""
     call_id = f"call-{uuid.uuid4()}"
     recorder = CallRecorder(writer, tenant_id=tenant, call_id=call_id, producer="test", producer_version="0")
     for payload in synthetic_call(index * 3, turns=2, frames_per_utterance=2):  # index * 3: a phone call
-        if isinstance(payload, CallStarted):
-            payload = dataclasses.replace(payload, from_number=number)
+        match payload:
+            case CallStarted():
+                payload = dataclasses.replace(payload, from_number=number, caller_key=caller_key(tenant, number))
+            case TranscriptFinal() if said:
+                payload = dataclasses.replace(payload, text=f"{payload.text} {said}")
+            case TurnTaken() if said:
+                payload = dataclasses.replace(payload, caller_text=f"{payload.caller_text} {said}")
+            case CallerAudioChunk() if voice:
+                payload = dataclasses.replace(payload, audio=voice)
         await recorder.record(payload)
     key = caller_key(tenant, number)
     assert key is not None
@@ -93,7 +117,7 @@ async def test_an_erased_caller_is_gone_from_every_table_and_stays_gone(backend:
 
     async with backend.producer() as producer:
         writer = EventWriter(producer)
-        _, payload = await request_erasure(writer, tenant, ERASED, requested_by="cli:dpo",
+        _, payload = await request_erasure(writer, backend.keys, tenant, ERASED, requested_by="cli:dpo",
                                            reason="data subject request", producer="test", producer_version="0")
         later = await write_call(writer, tenant, ERASED, 2)  # after the erasure: remembered anew
     await project(backend, store, recordings)
@@ -155,3 +179,94 @@ def test_an_operator_erases_a_caller_from_the_command_line(embedded_backend: Emb
     assert isinstance(event.payload, CallerErased)
     assert event.payload.caller_key == caller_key("demo", ERASED)
     assert event.payload.requested_by.startswith("cli:")
+
+
+async def every_record(backend: LogBackend) -> list[LogRecord]:
+    """Every record of every topic, as any reader of the log (a replica, a backup) can have it."""
+    records: list[LogRecord] = []
+    async with backend.admin() as admin:
+        ends = {TopicPartition(t, p): end for t in TOPICS for p, end in (await admin.end_offsets(t)).items() if end}
+    async with backend.consumer(list(TOPICS)) as consumer:
+        while ends:
+            for record in await consumer.poll(timeout_s=2.0, max_records=5000):
+                records.append(record)
+                if record.offset + 1 >= ends.get(record.tp, 0):
+                    ends.pop(record.tp, None)
+    return records
+
+
+def readable(backend: LogBackend, records: list[LogRecord], tenant: str) -> bytes:
+    """What a reader with the keystore gets out of the tenant's records: each event's fields, as bytes
+    (the test broker holds other tests' tenants, some with the same numbers)."""
+    out = io.BytesIO()
+    for record in records:
+        try:
+            event = backend.codec.decode(record.value)
+        except UndecodableMessage:
+            continue  # other tests' deliberately broken messages (dead letters)
+        if event.tenant_id != tenant:
+            continue
+        out.write(repr(event).encode())
+        for value in event.payload.to_avro().values():
+            out.write(value if isinstance(value, bytes) else repr(value).encode())
+    return out.getvalue()
+
+
+def tables_text(store: AnalyticsStore, tenant: str) -> str:
+    """Every row of every table of the tenant, as text."""
+    text = []
+    for (table,) in store.query("SELECT name FROM system.tables WHERE database = currentDatabase()").rows:
+        columns = {c for (c,) in store.query(f"SELECT name FROM system.columns WHERE table = '{table}' "
+                                             "AND database = currentDatabase()").rows}
+        where = " WHERE tenant_id = {t:String}" if "tenant_id" in columns else ""
+        text.append(repr(store.query(f"SELECT * FROM {table}{where}", {"t": tenant}).rows))
+    return "\n".join(text)
+
+
+async def test_after_an_erasure_nothing_of_the_caller_can_be_read_from_any_copy(
+        backend: LogBackend, store: AnalyticsStore, tmp_path: Path) -> None:
+    """The caller's number, words and voice: never in the log's bytes (sealed), readable with the keystore
+    before the erasure and by nobody after it, in no table, no recording; another caller's stay readable."""
+    tenant, recordings = f"t{uuid.uuid4().hex[:8]}", tmp_path / "recordings"
+    erased_words, kept_words = f"zebra{uuid.uuid4().hex[:12]}", f"okapi{uuid.uuid4().hex[:12]}"
+    erased_voice, kept_voice = os.urandom(160), os.urandom(160)
+    async with backend.producer() as producer:
+        writer = EventWriter(producer)
+        erased_calls = [await write_call(writer, tenant, ERASED, i, said=erased_words, voice=erased_voice)
+                        for i in range(2)]
+        kept_calls = [await write_call(writer, tenant, KEPT, i, said=kept_words, voice=kept_voice) for i in range(2)]
+    await project(backend, store, recordings)
+    secrets = (ERASED.encode(), erased_words.encode(), erased_voice)
+
+    raw = b"".join(r.value + (r.key or b"") + b"".join(v for _, v in r.headers) for r in await every_record(backend))
+    for secret in (*secrets, KEPT.encode(), kept_words.encode(), kept_voice):
+        assert secret not in raw, "personal data in the clear in the log's bytes"
+    before = readable(backend, await every_record(backend), tenant)
+    assert all(secret in before for secret in secrets), "the keystore opens the caller's data before the erasure"
+    assert erased_words in tables_text(store, tenant)
+
+    async with backend.producer() as producer:
+        _, erasure = await request_erasure(EventWriter(producer), backend.keys, tenant, ERASED, requested_by="cli:dpo",
+                                           reason="data subject request", producer="test", producer_version="0")
+    assert erasure.keys_destroyed == 2 * 2 + 1  # each call's personal and audio keys, and their memory's
+    await project(backend, store, recordings)
+
+    after = readable(backend, await every_record(backend), tenant)
+    for secret in secrets:
+        assert secret not in after, "the erased caller's data is still readable from the log"
+    for kept in (KEPT.encode(), kept_words.encode(), kept_voice):
+        assert kept in after, "another caller's data was lost"
+    async with backend.admin() as admin:
+        for call_id in erased_calls:
+            events = (await read_call(admin, call_id)).events
+            assert events, "the erased calls' events stay in the log, in order"
+            assert [e.seq for e in events] == list(range(len(events)))
+            assert verify_call(events, load_agents(DEFAULT_AGENTS_DIR)[0]).erased
+    for _ in range(2):  # as projected, then rebuilt from offset zero
+        text = tables_text(store, tenant)
+        assert ERASED not in text
+        assert erased_words not in text
+        assert kept_words in text
+        assert not any(recording_path(recordings, tenant, c).exists() for c in erased_calls)
+        assert all(recording_path(recordings, tenant, c).exists() for c in kept_calls)
+        await project(backend, store, recordings, rebuild=True)
