@@ -47,6 +47,8 @@ from streams.channels.twilio_rest import TwilioRest
 from streams.config.agents import AgentRouter, AgentSpec
 from streams.config.config_changes import config_items
 from streams.config.tenants import Tenants
+from streams.keystore.data_keys import DataKeyStore
+from streams.keystore.retention import RETENTION_INTERVAL_S, enforce_retention
 from streams.metrics import CallMetrics
 from streams.providers.base import LlmProvider
 from streams.providers.registry import ProviderRegistry
@@ -179,6 +181,8 @@ class GatewayRuntime:
                 await asyncio.wait_for(self.dialer.ready.wait(), 60)
             else:
                 log.info("no dialer: outbound calls need a Twilio account and VOXLOG_PUBLIC_URL")
+            if self.backend.keys is not None:
+                self._tasks.append(asyncio.create_task(self._run_retention(self.backend.keys), name="retention"))
             summariser = Summariser(self.backend, llm_for=self._summary_llm)
             self._tasks.append(asyncio.create_task(summariser.run(self._stop), name="summariser"))
             await asyncio.wait_for(summariser.ready.wait(), 60)
@@ -196,6 +200,20 @@ class GatewayRuntime:
             for projection in projections:
                 runner = ProjectionRunner(self.backend, self.analytics, projection)
                 self._tasks.append(asyncio.create_task(runner.run(self._stop), name=f"projection-{projection.name}"))
+
+    async def _run_retention(self, keys: DataKeyStore) -> None:
+        """The tenants' retention, now and every hour (docs/compliance.md)."""
+        while not self._stop.is_set():
+            try:
+                for done in await enforce_retention(keys, self.tenants.tenants.values(), self.writer,
+                                                    now_ms=time.time_ns() // 1_000_000, producer=PRODUCER,
+                                                    producer_version=__version__):
+                    log.info("retention: %d %s keys of %s shredded (older than %d days)", done.keys, done.kind,
+                             done.tenant_id, done.days)
+            except Exception:  # a keystore or log hiccup: logged, tried again next time
+                log.exception("the retention run failed; it runs again in %.0f s", RETENTION_INTERVAL_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), RETENTION_INTERVAL_S)
 
     async def _run_reaper(self, consumer: LogConsumer) -> None:
         assert self.reaper is not None

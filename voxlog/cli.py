@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -24,6 +25,8 @@ from projections.projection import PROJECTION_NAMES
 from schemas.topics import CALL_TOPICS
 from schemas.version import __version__
 from streams.config.agents import AgentRouter, load_agents
+from streams.config.tenants import Tenants, TenantSpec, load_tenants
+from streams.keystore.data_keys import DataKeyStore
 from voxlog.backends import keystore_at, log_backend
 from voxlog.describe import describe
 from voxlog.settings import DEFAULT_AGENTS_DIR, Settings
@@ -37,11 +40,14 @@ bench_app = typer.Typer(help="Benchmarks; results go to a JSON file.", no_args_i
 replay_app = typer.Typer(help="Replay recorded calls through the core.", no_args_is_help=True)
 projections_app = typer.Typer(help="The ClickHouse tables built from the log.", no_args_is_help=True)
 audit_app = typer.Typer(help="The audit trail.", no_args_is_help=True)
+compliance_app = typer.Typer(help="Callers' personal data: its keys, retention, erasures (docs/compliance.md).",
+                             no_args_is_help=True)
 app.add_typer(events_app, name="events")
 app.add_typer(bench_app, name="bench")
 app.add_typer(replay_app, name="replay")
 app.add_typer(projections_app, name="projections")
 app.add_typer(audit_app, name="audit")
+app.add_typer(compliance_app, name="compliance")
 console = Console(soft_wrap=True)
 
 
@@ -602,6 +608,82 @@ def audit_export(call: Annotated[str, typer.Option("--call", help="The call whos
     result = analytics.export_audit(call)
     for row in result.rows:
         print(json.dumps(dict(zip(result.columns, row, strict=True)), default=str))
+
+
+
+def _keyed_backend(settings: Settings) -> tuple[LogBackend, DataKeyStore]:
+    backend = log_backend(settings)
+    assert backend.keys is not None  # voxlog's own backends always seal
+    return backend, backend.keys
+
+
+def _tenant(settings: Settings, tenant_id: str) -> TenantSpec:
+    return Tenants(load_tenants(settings.agents_dir or DEFAULT_AGENTS_DIR)).get(tenant_id)
+
+
+@compliance_app.command("report")
+def compliance_report_command(
+    tenant: Annotated[str, typer.Option(help="The tenant to report on.")],
+    as_json: Annotated[bool, typer.Option("--json", help="The report as one JSON document.")] = False,
+) -> None:
+    """What is kept of the tenant's callers and for how long, and what was erased (when, by whom, why) or
+    shredded by retention."""
+    from voxlog.compliance import compliance_report, describe_retention
+
+    settings = Settings()
+    backend, keys = _keyed_backend(settings)
+    report = asyncio.run(compliance_report(backend, keys, _tenant(settings, tenant)))
+    if as_json:
+        print(json.dumps(report.as_json(), indent=2))
+        return
+    console.print(f"[bold]{tenant}[/]: callers' personal data is sealed in the log per call (AES-SIV); its keys are "
+                  f"in {report.keystore}, wrapped by the tenant's key-encryption key")
+    for line in describe_retention(report):
+        console.print(f"  {line}")
+    console.print(f"  the log's own events (without personal data) stay until the topics' retention removes them "
+                  f"({backend.describe()})")
+    console.print(f"erasures: {len(report.erasures)}")
+    for erasure in report.erasures:
+        console.print(f"  {erasure['at']} {erasure['erasure_id']}: caller {erasure['caller_key']}, "
+                      f"{erasure['keys_destroyed']} keys destroyed, asked by {erasure['requested_by']}: "
+                      f"{erasure['reason'] or '(no reason given)'}")
+    console.print(f"retention runs: {len(report.retention_runs)}")
+    for run in report.retention_runs:
+        console.print(f"  {run['first']} .. {run['last']} {run['by']}: {run['keys_destroyed']} keys shredded")
+
+
+@compliance_app.command("retention")
+def compliance_retention_command(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant (default: every tenant with a file).")] = None,
+) -> None:
+    """Enforce the tenants' retention now (the gateway's workers do it every hour): the data keys of calls
+    older than it destroyed, each run an audit record."""
+    from producers.event_writer import EventWriter
+    from streams.keystore.retention import Shredded, enforce_retention
+
+    settings = Settings()
+    backend, keys = _keyed_backend(settings)
+    tenants = load_tenants(settings.agents_dir or DEFAULT_AGENTS_DIR)
+    chosen = [_tenant(settings, tenant)] if tenant else list(tenants.values())
+
+    async def run() -> list[Shredded]:
+        async with backend.producer() as producer:
+            return await enforce_retention(keys, chosen, EventWriter(producer), now_ms=time.time_ns() // 1_000_000,
+                                           producer="voxlog.cli", producer_version=__version__)
+
+    done = asyncio.run(run())
+    for item in done:
+        console.print(f"{item.tenant_id}: {item.keys} {item.kind} keys shredded (calls older than {item.days} days)")
+    console.print(f"retention enforced for {len(chosen)} tenants; {sum(d.keys for d in done)} keys shredded")
+
+
+@compliance_app.command("rotate-key")
+def compliance_rotate_key_command(tenant: Annotated[str, typer.Option(help="The tenant whose key to rotate.")]) -> None:
+    """A new key-encryption key for the tenant: every live data key re-wrapped with it, the old one destroyed.
+    The log is not rewritten (events name data keys, which do not change)."""
+    _, keys = _keyed_backend(Settings())
+    kek, rewrapped = keys.rotate(tenant)
+    console.print(f"{tenant}: key-encryption key {kek} now wraps its {rewrapped} live data keys; the old one is gone")
 
 
 if __name__ == "__main__":

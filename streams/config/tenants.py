@@ -52,12 +52,24 @@ class Limits(_Spec):
     api_burst: int = Field(60, ge=1)
 
 
+class Retention(_Spec):
+    """How long callers' personal data in the log stays readable; past it the retention job destroys the
+    data keys (crypto-shredding): the events stay, their personal fields no longer open."""
+
+    audio_days: int | None = Field(None, ge=1)
+    """Callers' voice (and the agent's, in their calls): the audio chunks. Unset: as long as `personal_days`."""
+    personal_days: int | None = Field(None, ge=1)
+    """Everything personal: numbers, words, tool arguments and results, memory, and the audio too.
+    Unset: until the caller is erased."""
+
+
 class TenantSpec(_Spec):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")
     name: str = ""
     api_keys: tuple[ApiKey, ...] = ()
     dialing: Dialing = Dialing()
     limits: Limits = Limits()
+    retention: Retention = Retention()
 
     def key_id(self, key: str) -> str | None:
         """The id of the API key `key`, if it is one of this tenant's."""

@@ -19,7 +19,7 @@ from voxlog.sim.synthetic_calls import synthetic_call
 
 
 def voxlog(*args: str, home: Path, kafka: str | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VOXLOG_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VOXLOG_") or k == "VOXLOG_KEYSTORE"}
     env.update(VOXLOG_HOME=str(home), COLUMNS="200")
     if kafka:
         env["VOXLOG_KAFKA_BOOTSTRAP"] = kafka

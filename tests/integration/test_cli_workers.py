@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def test_workers_on_the_embedded_log_run_in_process_without_faust(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VOXLOG_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VOXLOG_") or k == "VOXLOG_KEYSTORE"}
     env.update(VOXLOG_HOME=str(tmp_path), COLUMNS="200", PYTHONUNBUFFERED="1")
     # -X importtime lists every module the process imports, on stderr
     worker = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "voxlog.cli", "workers"], env=env,
