@@ -27,6 +27,7 @@ from consumers.backends import LogBackend, ensure_topics
 from consumers.event_reader import EventConsumer
 from producers.event_writer import CallRecorder, EventWriter
 from producers.log_producer import TopicPartition
+from schemas.base import Event, EventPayload
 from schemas.codec import EventCodec
 from schemas.topics import CALL_TOPICS
 from schemas.version import __version__
@@ -76,6 +77,39 @@ class _Recorders:
                 producer_version=__version__,
             )
         return found
+
+
+CODEC_SAMPLE = 20_000
+"""Events of the mix whose encoding and decoding are timed alone (the cost of sealing)."""
+
+
+def codec_costs(keyed: EventCodec, events: list[Event[EventPayload]], passes: int = 5) -> dict[str, Any]:
+    """Microseconds per event to encode and to decode, sealing personal data (the backend's codec, with
+    its keystore) and in the clear, for the audio chunks alone and for the whole mix; medians of
+    `passes`, CPU time (the process's), so another process on the machine does not count."""
+    clear = EventCodec()
+    out: dict[str, Any] = {}
+    audio = [e for e in events if e.type.startswith("audio.")]
+    for label, subset in (("audio_chunk", audio), ("mix", events)):
+        row: dict[str, Any] = {"events": len(subset)}
+        for name, codec in (("sealed", keyed), ("clear", clear)):
+            data = [codec.encode(e) for e in subset]  # also warms the keys' cache
+            for step in ("encode", "decode"):
+                times = []
+                for _ in range(passes):
+                    began = time.process_time()
+                    if step == "encode":
+                        for event in subset:
+                            codec.encode(event)
+                    else:
+                        for message in data:
+                            codec.decode(message)
+                    times.append((time.process_time() - began) / len(subset) * 1e6)
+                row[f"{name}_{step}_us"] = round(statistics.median(times), 2)
+        for step in ("encode", "decode"):
+            row[f"{step}_ratio"] = round(row[f"sealed_{step}_us"] / row[f"clear_{step}_us"], 2)
+        out[label] = row
+    return out
 
 
 async def _end_offsets(backend: LogBackend) -> dict[TopicPartition, int]:
@@ -154,6 +188,8 @@ async def bench_log(
             await recorders[index].record(payload)
         await writer.flush()
         append_s = time.perf_counter() - start
+        sample = _Recorders(writer, f"{run}-codec")
+        codec_events = [sample[index].make(payload) for index, payload in payloads[:CODEC_SAMPLE]]
     consumed, consume_s = await _consume(backend, codec, run, events, start=log_end)
 
     # Phase 2: produce-to-consume latency at a steady rate, consumer running alongside.
@@ -190,6 +226,8 @@ async def bench_log(
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "mix": dict(mix.most_common()),
+        "sealing": backend.keys is not None,
+        "codec": codec_costs(codec, codec_events),
         "append": asdict(Phase(events, round(append_s, 3), round(events / append_s))),
         "consume": asdict(Phase(consumed, round(consume_s, 3), round(consumed / consume_s))),
         "latency": asdict(

@@ -21,4 +21,5 @@ def describe(event: Event[EventPayload]) -> str:
     env = event.envelope
     when = dt.datetime.fromtimestamp(env.event_time_us / 1e6, dt.UTC).strftime("%H:%M:%S.%f")[:-3]
     fields = " ".join(f"{k}={_short(v)}" for k, v in event.payload.to_avro().items() if v not in (None, "", {}, []))
-    return f"{env.seq:>6} {when} {env.type:<20} {fields}"
+    erased = " [personal data erased]" if event.pii_withheld else ""
+    return f"{env.seq:>6} {when} {env.type:<20} {fields}{erased}"

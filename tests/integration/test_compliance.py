@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from consumers.backends import LogBackend
+from consumers.backends import LogBackend, ensure_topics
 from consumers.event_reader import read_call
 from producers.event_writer import EventWriter
 from schemas.events import AuditRecorded, CallerAudioChunk, TranscriptFinal
@@ -41,6 +41,8 @@ async def shred(backend: LogBackend, tenant: TenantSpec, days_later: int) -> lis
 
 async def test_retention_shreds_the_audio_then_everything(backend: LogBackend) -> None:
     tenant = TenantSpec(id=f"t{uuid.uuid4().hex[:8]}", retention=Retention(audio_days=1, personal_days=3))
+    async with backend.admin() as admin:
+        await ensure_topics(admin)
     async with backend.producer() as producer:
         call_id = await write_call(EventWriter(producer), tenant.id, KEPT, 0, said="retained words")
 

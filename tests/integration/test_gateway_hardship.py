@@ -66,7 +66,7 @@ async def ends(backend: LogBackend) -> dict[TopicPartition, int]:
 async def calls_topic_since(backend: LogBackend, start: dict[TopicPartition, int]) -> list[Event[EventPayload]]:
     """The events written to voxlog.calls after `start` (end offsets taken earlier), up to its end now."""
     stop = await ends(backend)
-    codec, out = EventCodec(), []
+    codec, out = backend.codec, []
     async with backend.consumer([CALLS], auto_offset_reset="earliest") as consumer:
         async def assigned() -> bool:
             return len(consumer.assignment()) == len(stop)
@@ -394,7 +394,7 @@ async def test_a_call_whose_gateway_is_killed_is_ended_once_by_the_gateways_that
 
     async with backend.admin() as admin:
         copies = [r.value async for r in admin.read_key(list(CALL_TOPICS), call_id.encode())
-                  if EventCodec().decode(r.value).type == "call.ended"]
+                  if backend.codec.schema_of(r.value)[0] == "call.ended"]
     assert copies
     assert len(set(copies)) == 1, "any second reaper wrote the very same event (read once)"
 

@@ -45,7 +45,7 @@ async def test_replay_verify_reads_the_log_and_writes_nothing_to_it(embedded_bac
             await producer.send(CALLS, b"call-unreadable", b"not an event")
         before = await everything_in(admin)
 
-        results = await verify_calls(ReadOnlyBackend(path), AgentRouter([AGENT]), None)
+        results = await verify_calls(ReadOnlyBackend(path, writer.keys), AgentRouter([AGENT]), None)
 
         assert await everything_in(admin) == before
     assert {r.call_id: r.identical for r in results} == {sim.call_id: True, "call-unreadable": False}
