@@ -56,6 +56,11 @@ class Settings(BaseSettings):
         True, description="Run the ClickHouse projections inside `voxlog serve` (the embedded ClickHouse can be "
         "open in one process only; with a ClickHouse server run `voxlog projections run` apart instead).")
 
+    audit_signing_key: Path | None = Field(
+        None, description="The Ed25519 private key (PEM, mode 0600) `voxlog audit export --signed` signs with, made "
+        "there on first use; unset: audit-signing-key.pem in `home`. Hand its public half (`voxlog audit "
+        "public-key`) to whoever verifies exports, and keep it apart from here.")
+
     recordings_s3_url: str | None = Field(
         None, description="s3://bucket/prefix where finished call recordings are kept (AWS S3 or any S3-compatible "
         "store); unset: the recordings folder under `home`. Recordings are assembled under `home` either way.")
@@ -82,6 +87,10 @@ class Settings(BaseSettings):
     def recordings_path(self) -> Path:
         """Where call recordings (stereo WAV) are assembled."""
         return self.home / "recordings"
+
+    @property
+    def audit_signing_key_path(self) -> Path:
+        return self.audit_signing_key or self.home / "audit-signing-key.pem"
 
     @property
     def log_path(self) -> Path:
