@@ -606,6 +606,10 @@ def _print_tampering(tenant: str, report: AuditReport) -> None:
                   f"chains ({report.records} records checked against the log, and {report.anchors} anchors)")
 
 
+_SHOWN = 20
+"""Problems printed: an export mangled throughout would otherwise print one per line."""
+
+
 def _verify_export_file(file: Path, signature: Path | None, public_key: Path | None) -> None:
     from projections.audit_export import AuditKeyError, format_time, load_public_key, verify_export
 
@@ -631,16 +635,11 @@ def _verify_export_file(file: Path, signature: Path | None, public_key: Path | N
         count = len(verdict.problems)
         console.print(f"[red]{escape(str(file))}: not intact[/]: {count} problem{'s' if count != 1 else ''}")
         raise typer.Exit(1)
-    period = _period(*(None if t is None else format_time(t) for t in (statement.since, statement.until)))
     console.print(f"{escape(str(file))}: intact: {statement.records} records of tenant {escape(statement.tenant_id)} "
-                  f"{period} in {len(statement.chains)} chains; signed by key {statement.key_id} at "
-                  f"{format_time(statement.signed_at)}")
+                  f"{_period(statement.since, statement.until)} in {len(statement.chains)} chains; signed by key "
+                  f"{statement.key_id} at {format_time(statement.signed_at)}")
     for chain in statement.chains:
         console.print(f"  {escape(chain.describe())}, head {chain.hash}")
-
-
-_SHOWN = 20
-"""Problems printed: an export mangled throughout would otherwise print one per line."""
 
 
 def _read_or_exit(path: Path, what: str, hint: str = "") -> bytes:
@@ -652,10 +651,14 @@ def _read_or_exit(path: Path, what: str, hint: str = "") -> bytes:
         raise typer.Exit(1) from exc
 
 
-def _period(since: str | None, until: str | None) -> str:
+def _period(since: datetime.datetime | None, until: datetime.datetime | None) -> str:
+    from projections.audit_export import format_time
+
     if since is None:
-        return "(the whole trail)" if until is None else f"(before {until})"
-    return f"(from {since} on)" if until is None else f"(from {since}, before {until})"
+        return "(the whole trail)" if until is None else f"(before {format_time(until)})"
+    if until is None:
+        return f"(from {format_time(since)} on)"
+    return f"(from {format_time(since)}, before {format_time(until)})"
 
 
 def _signing_key(settings: Settings) -> tuple[Ed25519PrivateKey, bool]:
@@ -689,7 +692,6 @@ def audit_export(
     offline with `voxlog audit verify --file`) or a call's."""
     from projections.audit_export import (
         export_bytes,
-        format_time,
         key_id,
         parse_time_bound,
         records_in_range,
@@ -727,7 +729,7 @@ def audit_export(
         console.print(f"[red]not exported[/]: an export vouches for the trail; see `voxlog audit verify --tenant "
                       f"{escape(tenant)}`")
         raise typer.Exit(1)
-    period = _period(*(None if t is None else format_time(t) for t in bounds))
+    period = _period(start, end)
     selected = records_in_range(rows, start, end)
     if not selected:
         console.print(f"[red]nothing exported[/]: no audit records of {escape(tenant)} {period}")
