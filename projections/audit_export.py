@@ -152,7 +152,7 @@ def read_export(data: bytes, tenant: str | None) -> ExportContents:
     chains: dict[str, ChainSpan] = {}
     line_of: dict[tuple[str, int], int] = {}
     for number, raw in enumerate(lines, 1):
-        record = _record(raw)
+        record = _line_record(raw)
         if isinstance(record, str):
             problems.append(ExportProblem(number, record))
             continue
@@ -186,7 +186,7 @@ def read_export(data: bytes, tenant: str | None) -> ExportContents:
     return ExportContents(records, chains, problems)
 
 
-def _record(raw: bytes) -> dict[str, Any] | str:
+def _line_record(raw: bytes) -> dict[str, Any] | str:
     """A line's record, its time as a datetime; or what is wrong with it."""
     try:
         value = json.loads(raw)
@@ -247,7 +247,7 @@ def _canonical(fields: dict[str, Any]) -> bytes:
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def key_id(public_key: Ed25519PublicKey) -> str:
+def signing_key_id(public_key: Ed25519PublicKey) -> str:
     """The key's fingerprint: SHA-256 of its 32 raw bytes, in hex."""
     return hashlib.sha256(public_key.public_bytes(serialization.Encoding.Raw,
                                                   serialization.PublicFormat.Raw)).hexdigest()
@@ -261,7 +261,7 @@ def sign_export(data: bytes, *, tenant: str, since: datetime | None, until: date
     if contents.problems:
         raise ValueError(f"the export does not verify, so it is not signed: "
                          f"{'; '.join(p.describe() for p in contents.problems)}")
-    statement = ExportStatement(key_id(key.public_key()), tenant, since, until, signed_at,
+    statement = ExportStatement(signing_key_id(key.public_key()), tenant, since, until, signed_at,
                                 hashlib.sha256(data).hexdigest(), contents.records, tuple(contents.chains.values()))
     fields = statement.fields()
     signature = base64.b64encode(key.sign(_canonical(fields))).decode()
@@ -289,7 +289,7 @@ def verify_export(data: bytes, signature_file: bytes, public_key: Ed25519PublicK
         return ExportVerdict(None, contents, [ExportProblem(None, signed), *contents.problems])
     statement = signed.statement
     problems: list[ExportProblem] = []
-    given = key_id(public_key)
+    given = signing_key_id(public_key)
     if statement.key_id != given:
         problems.append(ExportProblem(None, f"signed by key {statement.key_id}, not by the public key given "
                                             f"({given})"))
@@ -335,54 +335,55 @@ def _read_signature_file(raw: bytes) -> _SignatureFile | str:
                 f"voxlog reads {SIGNATURE_FORMAT!r}, {ALGORITHM}")
     try:
         statement = ExportStatement(
-            key_id=_text(fields, "key_id"), tenant_id=_text(fields, "tenant_id"),
-            since=_time_or_none(fields, "since"), until=_time_or_none(fields, "until"),
-            signed_at=_time(fields, "signed_at"), file_sha256=_text(fields, "file_sha256"),
-            records=_number(fields, "records"), chains=tuple(_span(chain) for chain in _list(fields, "chains")))
-        signature = base64.b64decode(_text(fields, "signature"), validate=True)
+            key_id=_field_text(fields, "key_id"), tenant_id=_field_text(fields, "tenant_id"),
+            since=_field_time_or_none(fields, "since"), until=_field_time_or_none(fields, "until"),
+            signed_at=_field_time(fields, "signed_at"), file_sha256=_field_text(fields, "file_sha256"),
+            records=_field_number(fields, "records"),
+            chains=tuple(_chain_span(chain) for chain in _field_list(fields, "chains")))
+        signature = base64.b64decode(_field_text(fields, "signature"), validate=True)
     except (TypeError, ValueError) as exc:  # binascii.Error is a ValueError
         return f"the signature file is malformed: {exc}"
     del fields["signature"]
     return _SignatureFile(statement, signature, _canonical(fields))
 
 
-def _text(fields: dict[str, Any], name: str) -> str:
+def _field_text(fields: dict[str, Any], name: str) -> str:
     value = fields[name]
     if not isinstance(value, str):
         raise TypeError(f"its {name} is not text")
     return value
 
 
-def _number(fields: dict[str, Any], name: str) -> int:
+def _field_number(fields: dict[str, Any], name: str) -> int:
     value = fields[name]
     if type(value) is not int or value < 0:  # bool is an int to Python, never a count to us
         raise TypeError(f"its {name} is not a number")
     return value
 
 
-def _list(fields: dict[str, Any], name: str) -> list[Any]:
+def _field_list(fields: dict[str, Any], name: str) -> list[Any]:
     value = fields[name]
     if not isinstance(value, list):
         raise TypeError(f"its {name} is not a list")
     return value
 
 
-def _time(fields: dict[str, Any], name: str) -> datetime:
-    at = datetime.fromisoformat(_text(fields, name))
+def _field_time(fields: dict[str, Any], name: str) -> datetime:
+    at = datetime.fromisoformat(_field_text(fields, name))
     if at.tzinfo is None:
         raise ValueError(f"its {name} names no zone")
     return at
 
 
-def _time_or_none(fields: dict[str, Any], name: str) -> datetime | None:
-    return None if fields[name] is None else _time(fields, name)
+def _field_time_or_none(fields: dict[str, Any], name: str) -> datetime | None:
+    return None if fields[name] is None else _field_time(fields, name)
 
 
-def _span(value: object) -> ChainSpan:
+def _chain_span(value: object) -> ChainSpan:
     if not isinstance(value, dict) or set(value) != _SPAN_FIELDS:
         raise TypeError("a chain is not source, first_index, prev_hash, last_index, hash")
-    return ChainSpan(_text(value, "source"), _number(value, "first_index"), _text(value, "prev_hash"),
-                     _number(value, "last_index"), _text(value, "hash"))
+    return ChainSpan(_field_text(value, "source"), _field_number(value, "first_index"),
+                     _field_text(value, "prev_hash"), _field_number(value, "last_index"), _field_text(value, "hash"))
 
 
 def _against_statement(contents: ExportContents, statement: ExportStatement) -> list[ExportProblem]:

@@ -84,7 +84,7 @@ class Analytics:
     async def verify_audit(self, tenant: str) -> AuditReport:
         return await verify_audit_trail(self.backend, self.store, tenant)
 
-    async def verified_audit_rows(self, tenant: str) -> tuple[AuditReport, list[tuple[Any, ...]]]:
+    async def checked_audit_rows(self, tenant: str) -> tuple[AuditReport, list[tuple[Any, ...]]]:
         return await verified_audit_rows(self.backend, self.store, tenant)
 
     async def anchor_audit(self, tenant: str, heads: Mapping[str, ChainHead], *, actor: str) -> None:

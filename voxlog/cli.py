@@ -692,10 +692,10 @@ def audit_export(
     offline with `voxlog audit verify --file`) or a call's."""
     from projections.audit_export import (
         export_bytes,
-        key_id,
         parse_time_bound,
         records_in_range,
         sign_export,
+        signing_key_id,
     )
     from projections.tables import AUDIT_LOG
 
@@ -723,7 +723,7 @@ def audit_export(
         raise typer.BadParameter("--since must come before --until", param_hint="--since")
     analytics = _analytics()
     key = _signing_key(analytics.settings) if signed else None  # before the long part: a bad key fails at once
-    report, rows = asyncio.run(analytics.verified_audit_rows(tenant))
+    report, rows = asyncio.run(analytics.checked_audit_rows(tenant))
     if report.problems:
         _print_tampering(tenant, report)
         console.print(f"[red]not exported[/]: an export vouches for the trail; see `voxlog audit verify --tenant "
@@ -756,7 +756,7 @@ def audit_export(
         if made:
             console.print(f"made the audit signing key {escape(str(analytics.settings.audit_signing_key_path))}: "
                           "give its public half (`voxlog audit public-key`) to whoever verifies exports")
-        console.print(f"signed with key {key_id(private.public_key())}: {escape(str(signature_path))}")
+        console.print(f"signed with key {signing_key_id(private.public_key())}: {escape(str(signature_path))}")
 
 
 def _write_or_exit(path: Path | None, data: bytes) -> None:
@@ -778,14 +778,14 @@ def audit_public_key(
 ) -> None:
     """The audit signing key's public half (PEM), the key made on first use: give it to whoever
     verifies exports (`voxlog audit verify --file`), and let them keep it apart from voxlog."""
-    from projections.audit_export import key_id, public_key_pem
+    from projections.audit_export import public_key_pem, signing_key_id
 
     settings = Settings()
     key, made = _signing_key(settings)
     _write_or_exit(out, public_key_pem(key).encode())
     note = Console(stderr=True, soft_wrap=True)  # standard output is the PEM alone
     note.print(f"{'made the' if made else 'the'} audit signing key {escape(str(settings.audit_signing_key_path))}: "
-               f"key id {key_id(key.public_key())}")
+               f"key id {signing_key_id(key.public_key())}")
 
 
 if __name__ == "__main__":

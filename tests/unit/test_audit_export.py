@@ -27,7 +27,6 @@ from projections.audit_export import (
     AuditKeyError,
     ExportVerdict,
     export_bytes,
-    key_id,
     load_public_key,
     open_signing_key,
     parse_time_bound,
@@ -35,6 +34,7 @@ from projections.audit_export import (
     read_export,
     records_in_range,
     sign_export,
+    signing_key_id,
     verify_export,
 )
 from projections.tables import AUDIT_LOG
@@ -103,7 +103,7 @@ def test_an_intact_signed_export_verifies_and_says_what_it_covers() -> None:
     assert found.intact, problems(found)
     statement = found.statement
     assert statement is not None
-    assert (statement.tenant_id, statement.records, statement.key_id) == (TENANT, 9, key_id(KEY.public_key()))
+    assert (statement.tenant_id, statement.records, statement.key_id) == (TENANT, 9, signing_key_id(KEY.public_key()))
     assert [(c.source, c.first_index, c.last_index) for c in statement.chains] == [(AUDIT, 0, 5), (CALLS, 0, 2)]
     assert statement.chains[0].prev_hash == "0" * 64
     assert statement.chains[0].hash == record(lines()[5])["hash"], "the head is the chain's last record"
@@ -209,7 +209,8 @@ def test_a_record_of_another_tenant_is_named() -> None:
 
 def test_another_key_is_refused_by_its_id() -> None:
     assert problems(verdict(key=OTHER_KEY)) == [
-        f"signed by key {key_id(KEY.public_key())}, not by the public key given ({key_id(OTHER_KEY.public_key())})"]
+        f"signed by key {signing_key_id(KEY.public_key())}, not by the public key given "
+        f"({signing_key_id(OTHER_KEY.public_key())})"]
 
 
 def test_a_truncated_export_with_its_statement_altered_to_match_fails_the_signature() -> None:
@@ -233,7 +234,7 @@ def test_any_field_of_the_signature_file_altered_fails_the_signature(field: str,
 
 
 def test_a_key_id_changed_to_the_verifiers_does_not_pass() -> None:
-    forged = {**json.loads(SIGNATURE), "key_id": key_id(OTHER_KEY.public_key())}
+    forged = {**json.loads(SIGNATURE), "key_id": signing_key_id(OTHER_KEY.public_key())}
     assert problems(verdict(signature=json.dumps(forged).encode(), key=OTHER_KEY)) == [
         "the signature does not match the signature file's statement: the signature file was altered"]
 
@@ -375,7 +376,7 @@ def test_the_signing_key_is_made_once_private_to_its_owner(tmp_path: Path) -> No
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     again, made_again = open_signing_key(path)
     assert not made_again
-    assert key_id(again.public_key()) == key_id(key.public_key())
+    assert signing_key_id(again.public_key()) == signing_key_id(key.public_key())
     assert os.listdir(path.parent) == [path.name], "no temporary file left beside it"
     assert load_public_key(public_key_pem(key).encode()).public_bytes_raw() == key.public_key().public_bytes_raw()
 
