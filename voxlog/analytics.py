@@ -84,6 +84,9 @@ class Analytics:
     async def verify_audit(self, tenant: str) -> AuditReport:
         return await verify_audit_trail(self.backend, self.store, tenant)
 
+    async def checked_audit_rows(self, tenant: str) -> tuple[AuditReport, list[tuple[Any, ...]]]:
+        return await verified_audit_rows(self.backend, self.store, tenant)
+
     async def anchor_audit(self, tenant: str, heads: Mapping[str, ChainHead], *, actor: str) -> None:
         await record_audit_anchor(self.backend, tenant, heads, actor=actor)
 
@@ -96,13 +99,21 @@ class Analytics:
 async def verify_audit_trail(backend: LogBackend, store: AnalyticsStore, tenant: str) -> AuditReport:
     """Brings `audit_log` up to the log, then checks the tenant's rows against the log's events and
     the anchors among them (`projections.audit.compare_with_log`)."""
+    report, _ = await verified_audit_rows(backend, store, tenant)
+    return report
+
+
+async def verified_audit_rows(backend: LogBackend, store: AnalyticsStore,
+                              tenant: str) -> tuple[AuditReport, list[tuple[Any, ...]]]:
+    """`verify_audit_trail`'s report, and the rows it checked (all columns, by source and chain_index):
+    what an export may vouch for, not rows read again after the check."""
     async with backend.admin() as admin:
         await ensure_topics(admin)
         projected = await _end_offsets(admin, AuditProjection.topics)
     await ProjectionRunner(backend, store, AuditProjection()).run(asyncio.Event(), until_caught_up=True)
     rows = await asyncio.to_thread(_audit_rows, store, tenant)
     trail = await _log_trail(backend, tenant, rows)  # read after the rows: every row's event is in it
-    return compare_with_log(rows, trail, {audit_source(*tp): end for tp, end in projected.items()})
+    return compare_with_log(rows, trail, {audit_source(*tp): end for tp, end in projected.items()}), rows
 
 
 async def record_audit_anchor(backend: LogBackend, tenant: str, heads: Mapping[str, ChainHead], *,

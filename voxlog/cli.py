@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from consumers.backends import EmbeddedBackend, KafkaBackend, LogBackend, ensure_topics
@@ -32,6 +33,9 @@ from voxlog.describe import describe
 from voxlog.settings import DEFAULT_AGENTS_DIR, Settings
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from projections.audit import AuditReport
     from voxlog.analytics import Analytics
 
 app = typer.Typer(help="voxlog: an AI voice agent whose system of record is an event log.", no_args_is_help=True)
@@ -574,21 +578,31 @@ def erase_caller(
 
 @audit_app.command("verify")
 def audit_verify(
-    tenant: Annotated[str, typer.Option(help="The tenant whose trail to check.")],
+    tenant: Annotated[str | None, typer.Option(help="The tenant whose trail to check against the log.")] = None,
+    file: Annotated[Path | None, typer.Option(
+        "--file", help="Instead: an export (`voxlog audit export --signed`) to check offline, by its chains, its "
+                       "signature file and the signer's public key; no log, no ClickHouse.")] = None,
+    signature: Annotated[Path | None, typer.Option(help="With --file: its signature file; unset: FILE.sig.")] = None,
+    public_key: Annotated[Path | None, typer.Option(
+        help="With --file: the signer's public key, PEM (`voxlog audit public-key` printed it).")] = None,
     anchor: Annotated[bool, typer.Option(
         help="When the trail is intact, record its chain heads in the log (an audit.verified record), so that "
              "later checks show the log itself cut short, or the table rewritten beyond the log's retention.")] = True,
 ) -> None:
-    """Check a tenant's audit trail against the log it came from: each chain's first record changed,
-    deleted or added in ClickHouse, and any chain cut short since an earlier check."""
+    """Check a tenant's audit trail against the log it came from (each chain's first record changed,
+    deleted or added in ClickHouse, and any chain cut short since an earlier check); or, with --file,
+    a signed export offline (any record edited, added, removed or reordered, the file cut short, the
+    wrong key)."""
+    if file is not None and tenant is None:
+        _verify_export_file(file, signature, public_key)
+        return
+    if tenant is None or file is not None:
+        raise typer.BadParameter("give --tenant T (its trail against the log) or --file EXPORT (a signed export, "
+                                 "offline)", param_hint="--tenant / --file")
     analytics = _analytics()
     report = asyncio.run(analytics.verify_audit(tenant))
-    for problem in report.problems:
-        console.print(f"[red]tampered[/]: {problem.source} record {problem.chain_index}: {problem.kind}: "
-                      f"{problem.problem}")
     if report.problems:
-        console.print(f"[red]audit trail of {tenant} tampered[/]: {len(report.problems)} of {report.chains} chains "
-                      f"({report.records} records checked against the log, and {report.anchors} anchors)")
+        _print_tampering(tenant, report)
         raise typer.Exit(1)
     checks = f"{report.anchors} earlier check{'s' if report.anchors != 1 else ''}"
     anchors = f"the chain heads {checks} anchored are all there" if report.anchors else "no earlier check anchored it"
@@ -600,14 +614,194 @@ def audit_verify(
         console.print(f"anchored the heads of its {len(report.heads)} chains in the log")
 
 
+def _print_tampering(tenant: str, report: AuditReport) -> None:
+    for problem in report.problems:
+        console.print(f"[red]tampered[/]: {escape(problem.source)} record {problem.chain_index}: {problem.kind}: "
+                      f"{escape(problem.problem)}")
+    console.print(f"[red]audit trail of {escape(tenant)} tampered[/]: {len(report.problems)} of {report.chains} "
+                  f"chains ({report.records} records checked against the log, and {report.anchors} anchors)")
+
+
+_SHOWN = 20
+"""Problems printed: an export mangled throughout would otherwise print one per line."""
+
+
+def _verify_export_file(file: Path, signature: Path | None, public_key: Path | None) -> None:
+    from projections.audit_export import AuditKeyError, format_time, load_public_key, verify_export
+
+    if public_key is None:
+        raise typer.BadParameter("an export is verified with the signer's public key (`voxlog audit public-key` on "
+                                 "the signing side prints it)", param_hint="--public-key")
+    signature = signature or file.with_name(f"{file.name}.sig")
+    data = _read_or_exit(file, "the export")
+    signed = _read_or_exit(signature, "its signature file", "`voxlog audit export --signed` writes it beside the "
+                                                            "export; name another with --signature")
+    try:
+        key = load_public_key(_read_or_exit(public_key, "the public key"))
+    except AuditKeyError as exc:
+        console.print(f"[red]{escape(str(public_key))}[/]: {escape(str(exc))}")
+        raise typer.Exit(1) from exc
+    verdict = verify_export(data, signed, key)
+    statement = verdict.statement
+    if not verdict.intact or statement is None:
+        for problem in verdict.problems[:_SHOWN]:
+            console.print(f"[red]{escape(problem.describe())}[/]")
+        if len(verdict.problems) > _SHOWN:
+            console.print(f"... and {len(verdict.problems) - _SHOWN} more")
+        count = len(verdict.problems)
+        console.print(f"[red]{escape(str(file))}: not intact[/]: {count} problem{'s' if count != 1 else ''}")
+        raise typer.Exit(1)
+    console.print(f"{escape(str(file))}: intact: {statement.records} records of tenant {escape(statement.tenant_id)} "
+                  f"{_period(statement.since, statement.until)} in {len(statement.chains)} chains; signed by key "
+                  f"{statement.key_id} at {format_time(statement.signed_at)}")
+    for chain in statement.chains:
+        console.print(f"  {escape(chain.describe())}, head {chain.hash}")
+
+
+def _read_or_exit(path: Path, what: str, hint: str = "") -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:  # missing, a folder, unreadable: said plainly, not a traceback
+        console.print(f"[red]{what} {escape(str(path))} cannot be read[/]: {escape(exc.strerror or str(exc))}"
+                      f"{'; ' + hint if hint else ''}")
+        raise typer.Exit(1) from exc
+
+
+def _period(since: datetime.datetime | None, until: datetime.datetime | None) -> str:
+    from projections.audit_export import format_time
+
+    if since is None:
+        return "(the whole trail)" if until is None else f"(before {format_time(until)})"
+    if until is None:
+        return f"(from {format_time(since)} on)"
+    return f"(from {format_time(since)}, before {format_time(until)})"
+
+
+def _signing_key(settings: Settings) -> tuple[Ed25519PrivateKey, bool]:
+    """The audit signing key, made on first use; a clear error and exit 1 when it cannot be used."""
+    from projections.audit_export import AuditKeyError, open_signing_key
+
+    try:
+        return open_signing_key(settings.audit_signing_key_path)
+    except (AuditKeyError, OSError) as exc:
+        console.print(f"[red]{escape(str(exc))}[/]")
+        raise typer.Exit(1) from exc
+
+
 @audit_app.command("export")
-def audit_export(call: Annotated[str, typer.Option("--call", help="The call whose trail to export.")]) -> None:
-    """A call's whole audit trail, one JSON object per line."""
+def audit_export(
+    tenant: Annotated[str | None, typer.Option(
+        help="The tenant whose trail to export, each chain whole from its first record in the period to its last; "
+             "checked against the log first, and refused if tampered.")] = None,
+    call: Annotated[str | None, typer.Option(
+        "--call", help="Instead: one call's records (a view: scattered through their chains, they cannot be "
+                       "verified offline).")] = None,
+    since: Annotated[str | None, typer.Option(
+        help="With --tenant: records from this date or ISO 8601 time on (UTC unless it names a zone).")] = None,
+    until: Annotated[str | None, typer.Option(help="With --tenant: records before this date or time.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="The file to write; unset: standard output.")] = None,
+    signed: Annotated[bool, typer.Option(
+        "--signed", help="With --tenant and --out: sign it with the audit signing key (VOXLOG_AUDIT_SIGNING_KEY, "
+                         "made on first use) into FILE.sig; see docs/compliance.md.")] = False,
+) -> None:
+    """An audit trail, one JSON object per line with its chain fields: a tenant's (to sign, and verify
+    offline with `voxlog audit verify --file`) or a call's."""
+    from projections.audit_export import (
+        export_bytes,
+        parse_time_bound,
+        records_in_range,
+        sign_export,
+        signing_key_id,
+    )
+    from projections.tables import AUDIT_LOG
+
+    if call is not None and tenant is None:
+        if since or until or signed:
+            raise typer.BadParameter("--since, --until and --signed go with --tenant: a call's records are scattered "
+                                     "through its tenant's chains, so they cannot be verified offline",
+                                     param_hint="--call")
+        analytics = _analytics()
+        asyncio.run(analytics.catch_up())
+        _write_or_exit(out, export_bytes(analytics.export_audit(call).rows))
+        return
+    if tenant is None or call is not None:
+        raise typer.BadParameter("give --tenant T or --call ID", param_hint="--tenant / --call")
+    if signed and out is None:
+        raise typer.BadParameter("--signed writes FILE.sig beside the export: name the file", param_hint="--out")
+    bounds: list[datetime.datetime | None] = []
+    for text, hint in ((since, "--since"), (until, "--until")):
+        try:
+            bounds.append(None if text is None else parse_time_bound(text))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint=hint) from exc
+    start, end = bounds
+    if start is not None and end is not None and start >= end:
+        raise typer.BadParameter("--since must come before --until", param_hint="--since")
     analytics = _analytics()
-    asyncio.run(analytics.catch_up())
-    result = analytics.export_audit(call)
-    for row in result.rows:
-        print(json.dumps(dict(zip(result.columns, row, strict=True)), default=str))
+    key = _signing_key(analytics.settings) if signed else None  # before the long part: a bad key fails at once
+    report, rows = asyncio.run(analytics.checked_audit_rows(tenant))
+    if report.problems:
+        _print_tampering(tenant, report)
+        console.print(f"[red]not exported[/]: an export vouches for the trail; see `voxlog audit verify --tenant "
+                      f"{escape(tenant)}`")
+        raise typer.Exit(1)
+    period = _period(start, end)
+    selected = records_in_range(rows, start, end)
+    if not selected:
+        console.print(f"[red]nothing exported[/]: no audit records of {escape(tenant)} {period}")
+        raise typer.Exit(1)
+    data = export_bytes(selected)
+    signature = None
+    if key is not None:
+        try:
+            signature = sign_export(data, tenant=tenant, since=start, until=end, key=key[0],
+                                    signed_at=datetime.datetime.now(datetime.UTC))
+        except ValueError as exc:  # the rows do not chain as the table gave them: nothing is written
+            console.print(f"[red]not exported[/]: {escape(str(exc))}")
+            raise typer.Exit(1) from exc
+    _write_or_exit(out, data)
+    if out is None:
+        return
+    chains = len({row[AUDIT_LOG.column_names.index("source")] for row in selected})
+    console.print(f"exported {len(selected)} records of {escape(tenant)} {period} in {chains} chains, checked against "
+                  f"the log, to {escape(str(out))}")
+    if key is not None and signature is not None:
+        private, made = key
+        signature_path = out.with_name(f"{out.name}.sig")
+        _write_or_exit(signature_path, signature)
+        if made:
+            console.print(f"made the audit signing key {escape(str(analytics.settings.audit_signing_key_path))}: "
+                          "give its public half (`voxlog audit public-key`) to whoever verifies exports")
+        console.print(f"signed with key {signing_key_id(private.public_key())}: {escape(str(signature_path))}")
+
+
+def _write_or_exit(path: Path | None, data: bytes) -> None:
+    """`data` into `path`, or to standard output when there is none."""
+    if path is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        console.print(f"[red]{escape(str(path))} cannot be written[/]: {escape(exc.strerror or str(exc))}")
+        raise typer.Exit(1) from exc
+
+
+@audit_app.command("public-key")
+def audit_public_key(
+    out: Annotated[Path | None, typer.Option("--out", help="The file to write; unset: standard output.")] = None,
+) -> None:
+    """The audit signing key's public half (PEM), the key made on first use: give it to whoever
+    verifies exports (`voxlog audit verify --file`), and let them keep it apart from voxlog."""
+    from projections.audit_export import public_key_pem, signing_key_id
+
+    settings = Settings()
+    key, made = _signing_key(settings)
+    _write_or_exit(out, public_key_pem(key).encode())
+    note = Console(stderr=True, soft_wrap=True)  # standard output is the PEM alone
+    note.print(f"{'made the' if made else 'the'} audit signing key {escape(str(settings.audit_signing_key_path))}: "
+               f"key id {signing_key_id(key.public_key())}")
 
 
 

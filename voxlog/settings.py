@@ -61,6 +61,10 @@ class Settings(BaseSettings):
         "call, wrapped by per-tenant key-encryption keys; docs/compliance.md). Every process that reads or writes "
         "the log must share it, and losing it loses every caller's data: back it up apart from the log. Unset: "
         "`keystore` under `home`.")
+    audit_signing_key: Path | None = Field(
+        None, description="The Ed25519 private key (PEM, mode 0600) `voxlog audit export --signed` signs with, made "
+        "there on first use; unset: audit-signing-key.pem in `home`. Hand its public half (`voxlog audit "
+        "public-key`) to whoever verifies exports, and keep it apart from here.")
 
     recordings_s3_url: str | None = Field(
         None, description="s3://bucket/prefix where finished call recordings are kept (AWS S3 or any S3-compatible "
@@ -92,6 +96,10 @@ class Settings(BaseSettings):
     @property
     def keystore_path(self) -> Path:
         return self.keystore or self.home / "keystore"
+
+    @property
+    def audit_signing_key_path(self) -> Path:
+        return self.audit_signing_key or self.home / "audit-signing-key.pem"
 
     @property
     def log_path(self) -> Path:
