@@ -550,7 +550,7 @@ class CallSummarized(EventPayload):
 
 @dataclass(frozen=True, slots=True)
 class CallerErased(EventPayload):
-    """A caller's data is to be erased from every projection: their memory, and the calls, turns, transcripts, tool calls, errors and recordings of their calls that started before `erased_before_us`. A stream of its own (call_id erasure-...). The raw events stay in the log until its retention removes them."""
+    """A caller's data is to be erased from every projection: their memory, and the calls, turns, transcripts, tool calls, errors and recordings of their calls that started before `erased_before_us`. A stream of its own (call_id erasure-...). Their data keys are destroyed first (keys_destroyed), so the personal data of those calls no longer opens in any copy of the log; the events themselves stay, in order."""
 
     EVENT_TYPE: ClassVar[str] = 'caller.erased'
     EVENT_VERSION: ClassVar[int] = 2
