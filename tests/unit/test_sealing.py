@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from schemas.envelope import Envelope
 from schemas.events import CallStarted, TranscriptFinal
 from schemas.registry import load_registry
 from schemas.sealing import KeyUnavailable, plan_for
-from streams.keystore.data_keys import DataKeyStore
+from streams.keystore.data_keys import CACHE_TTL_S, DataKeyStore
 from streams.keystore.local_key_encryption import LocalKeyEncryptionKeys
 from streams.memory import caller_key
 from tests.strategies import any_event
@@ -156,3 +157,26 @@ def test_a_subjects_memory_gets_a_new_key_after_erasure(keys: DataKeyStore) -> N
     after = codec.encode(heard("a later call", call_id=subject, seq=2))
     assert codec.decode(before).pii_withheld
     assert codec.decode(after).payload == heard("a later call", call_id=subject, seq=2).payload
+
+
+def test_two_processes_share_one_key_per_call(tmp_path: Path) -> None:
+    """Two gateways, workers or projectors with the same keystore agree on a call's key, whoever is first."""
+    one, two = keystore(tmp_path), keystore(tmp_path)
+    first = EventCodec(keys=one).encode(started())
+    second = EventCodec(keys=two).encode(heard("hello"))
+    assert EventCodec(keys=two).decode(first).payload == started().payload
+    assert EventCodec(keys=one).decode(second).payload == heard("hello").payload
+    assert len(one.keys("acme")) == 1
+
+
+def test_a_key_destroyed_elsewhere_stops_opening_once_the_cache_expires(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    reader, eraser = keystore(tmp_path), keystore(tmp_path)
+    codec = EventCodec(keys=reader)
+    data = codec.encode(started())
+    assert not codec.decode(data).pii_withheld
+    eraser.destroy_subject("acme", caller_key("acme", NUMBER) or "", created_before_ms=2**62, by="erasure-1")
+    assert not codec.decode(data).pii_withheld, "cached in this process for CACHE_TTL_S"
+    now = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: now + CACHE_TTL_S + 1)
+    assert codec.decode(data).pii_withheld
