@@ -47,7 +47,7 @@ from schemas.events import (
 )
 from streams.call.transport import DEFAULT_SPEECH, SPEECH_FORMATS, SpeechFormat
 from streams.config.agents import AgentSpec, Consent, Handoff
-from streams.config.consent import ConsentMode, answer_of, recorded_mode
+from streams.config.consent import ConsentMode, answer_of, recorded_mode, request_after
 from streams.providers.base import ChatMessage, LlmRequest, ToolSpec
 
 RETURNED_FROM_HANDOFF = "returned_from"
@@ -360,22 +360,30 @@ def _awaiting_answer(state: CallState) -> bool:
 
 
 def _consent_answer(state: CallState, text: str, ids: tuple[str, ...], now: int) -> tuple[CallState, list[Decision]]:
-    """The caller's first words (or a key that is not a consent key) while consent is pending."""
+    """The caller's first words (or a key that is not a consent key) while consent is pending. An answer
+    that goes on to ask for something ("yes, please book a visit") is also their first turn."""
     consent = state.agent.consent
     answer = answer_of(text, consent.accept_words, consent.refuse_words)
+    asks = answer is not None and request_after(text, consent.accept_words, consent.refuse_words)
     if answer == "no":
-        return _refuse(state, "speech")
+        state, refused = _refuse(state, "speech", greet=not asks)
+        return _and_heard(state, refused, text, ids, now) if asks else (state, refused)
     if state.consent_mode == "opt_out":
         # Whatever else the caller says goes on with the call: continuing is consent, and it is a turn.
         state, given = _give(state, "implied_by_continuing")
-        state, heard = _heard_text(state, text, ids, now)
-        return state, given + heard
+        return _and_heard(state, given, text, ids, now)
     if answer == "yes":
-        return _give(state, "speech")
+        state, given = _give(state, "speech", greet=not asks)
+        return _and_heard(state, given, text, ids, now) if asks else (state, given)
     # opt_in, and no yes: nothing is kept. The caller asked for something else: they are served.
     state, refused = _refuse(state, "unclear", greet=False)
+    return _and_heard(state, refused, text, ids, now)
+
+
+def _and_heard(state: CallState, decisions: list[Decision], text: str, ids: tuple[str, ...],
+               now: int) -> tuple[CallState, list[Decision]]:
     state, heard = _heard_text(state, text, ids, now)
-    return state, refused + heard
+    return state, decisions + heard
 
 
 def _pressed(state: CallState, digit: str, now: int) -> tuple[CallState, list[Decision]]:
@@ -392,14 +400,14 @@ def _pressed(state: CallState, digit: str, now: int) -> tuple[CallState, list[De
     return _heard_text(state, f"pressed {digit}", (), now)
 
 
-def _give(state: CallState, method: str) -> tuple[CallState, list[Decision]]:
+def _give(state: CallState, method: str, *, greet: bool = True) -> tuple[CallState, list[Decision]]:
     consent = state.agent.consent
     state, decisions = _cancel_timer(state, "consent")
     state = replace(state, consent="given")
     decisions.append(Decision(ConsentGiven(kind=consent.kind, method=method, prompt_text=state.consent_prompt)))
     if method == "implied_by_continuing":
         return state, decisions
-    state, said = _reply(state, consent.accepted, greet=True)
+    state, said = _reply(state, consent.accepted, greet=greet)
     return state, decisions + said
 
 

@@ -74,6 +74,20 @@ def answer_of(text: str, yes: tuple[str, ...], no: tuple[str, ...]) -> Literal["
     return None
 
 
+def request_after(text: str, yes: tuple[str, ...], no: tuple[str, ...]) -> bool:
+    """Whether an answer goes on to ask for something ("yes, please book a visit for Friday", "no, I'd like to
+    report an outage"): after the phrase it opens with, three words or more that say nothing more of
+    consent (no phrase, no "record..."). Then the answer is also the caller's first turn."""
+    said = words(text)
+    opening = max((p for p in map(words, (*yes, *no)) if p and said[: len(p)] == p), key=len, default=None)
+    if opening is None:
+        return False
+    rest = said[len(opening) :]
+    if len(rest) < 3 or any(word.startswith("record") for word in rest):
+        return False
+    return not _answers(rest, yes) and not _answers(rest, no)
+
+
 def _answers(said: list[str], phrases: tuple[str, ...]) -> bool:
     for phrase in map(words, phrases):
         if phrase and said[: len(phrase)] == phrase:

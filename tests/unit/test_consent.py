@@ -35,6 +35,7 @@ from streams.config.consent import (
     answer_of,
     consent_parameters,
     effective_mode,
+    request_after,
 )
 from streams.config.tenants import TenantSpec
 from tests.core_sim import CoreSim
@@ -107,6 +108,16 @@ def test_an_answer_opens_with_its_words_or_holds_a_phrase_and_a_no_wins(
         words: str, answer: Literal["yes", "no"] | None) -> None:
     consent = Consent()
     assert answer_of(words, consent.accept_words, consent.refuse_words) == answer
+
+
+@pytest.mark.parametrize(("words", "asks"), [
+    ("Yes, please book a visit for Friday at two pm.", True), ("no, I'd like to report an outage", True),
+    ("yes that's fine", False), ("No, thank you. Goodbye.", False), ("no please do not record this call", False),
+    ("no I don't want to be recorded", False), ("yes please", False), ("I want to book a visit", False),
+])
+def test_an_answer_that_goes_on_to_ask_for_something_is_also_a_turn(words: str, asks: bool) -> None:
+    consent = Consent()
+    assert request_after(words, consent.accept_words, consent.refuse_words) is asks
 
 
 def test_agent_and_tenant_files_say_consent_in_words_an_operator_can_check() -> None:
@@ -200,6 +211,22 @@ def test_opt_out_refused_in_the_callers_first_words() -> None:
     sim.feed(done("call-1/tts/1"))
     assert types(sim.feed(final("my internet is down", 1))) == ["turn.taken", "llm.requested"]
     replays(sim)
+
+
+def test_an_answer_with_a_request_answers_and_is_served() -> None:
+    sim = opt_in_asked()
+    agreed = sim.feed(final("yes please book a visit for friday at two pm"))
+    assert types(agreed) == ["timer.cancelled", "consent.given", "tts.requested", "turn.taken", "llm.requested"]
+    assert said(agreed) == AGENT.consent.accepted  # not the greeting: the caller has asked already
+    assert keeps(sim)
+    refusing = CoreSim(agent("opt_out"))
+    start(refusing)
+    refused = refusing.feed(final("no, i would like to book an appointment"))
+    assert types(refused) == ["consent.refused", "tts.requested", "turn.taken", "llm.requested"]
+    assert of_type(refused, TurnTaken)[0].caller_text == "no, i would like to book an appointment"
+    assert not keeps(refusing)
+    replays(sim)
+    replays(refusing)
 
 
 def test_opt_out_continuing_is_consent_and_a_later_no_is_just_words_but_a_key_still_refuses() -> None:
@@ -337,7 +364,8 @@ def test_an_outbound_call_asks_the_same_once_answered_then_opens_with_its_own_gr
 def _consent_inputs() -> st.SearchStrategy[EventPayload]:
     timer_ids = st.integers(0, 6).map(lambda i: f"call-1/timer/{i}")
     return st.one_of(
-        st.sampled_from(["yes", "no", "i want to book an appointment", "", "no thank you", "okay"]).map(final),
+        st.sampled_from(["yes", "no", "i want to book an appointment", "", "no thank you", "okay",
+                         "yes please book a visit for friday", "no i would like to report an outage"]).map(final),
         st.builds(DtmfReceived, digit=st.sampled_from(["1", "2", "5", "#"]), offset_ms=st.integers(0, 10**5)),
         st.builds(SpeechStarted, offset_ms=st.integers(0, 10**5)),
         st.builds(SpeechStopped, offset_ms=st.integers(0, 10**5), duration_ms=st.integers(0, 10**4)),
