@@ -530,7 +530,8 @@ class RecordingsProjection:
                                       since_ms=call_start_bound_ms(event))
         starts = [e for e in history.events if isinstance(e.payload, CallStarted)]
         seen = [e.envelope.event_time_us for e in history.events]
-        call.started_us = starts[0].envelope.event_time_us if starts else min([*seen, call.first_seen_us])
+        if call.started_us is None:
+            call.started_us = starts[0].envelope.event_time_us if starts else min([*seen, call.first_seen_us])
         if call.consent_mode is None:
             started = starts[0].payload if starts else None
             call.consent_mode = (recorded_mode(started.parameters) if isinstance(started, CallStarted) else None) or ""
