@@ -438,7 +438,7 @@ class CallStarted(EventPayload):
     provider_call_id: str | None = None
     """Telephony provider's id (Twilio CallSid)."""
     parameters: dict[str, str] = field(default_factory=dict)
-    """Custom parameters passed by the channel."""
+    """Custom parameters passed by the channel or the API, and voxlog's own: dial_id, returned_from, handoff_outcome, consent_rule and consent_mode (the consent the call runs under, docs/compliance.md)."""
 
     def to_avro(self) -> dict[str, Any]:
         return {
