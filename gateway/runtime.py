@@ -16,7 +16,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from streams.call.transport import InboundCall, MediaTransport
 from streams.channels.twilio_rest import TwilioRest
 from streams.config.agents import AgentRouter, AgentSpec
 from streams.config.config_changes import config_items
+from streams.config.consent import consent_parameters
 from streams.config.tenants import Tenants
 from streams.keystore.data_keys import DataKeyStore
 from streams.keystore.retention import RETENTION_INTERVAL_S, enforce_retention
@@ -324,6 +325,12 @@ class GatewayRuntime:
     def open_session(self, call: InboundCall, agent: AgentSpec, transport: MediaTransport,
                      providers: Providers | None = None, memory: MemoryLoaded | None = None) -> CallSession:
         assert self._replies is not None
+        # The consent the call runs under, the tenant's rule applied, is a fact of its start (docs/compliance.md),
+        # over whatever a channel or an API client passed under those names.
+        rule = self.tenants.get(call.tenant_id).consent.rule
+        started = call.started
+        call = replace(call, started=replace(started, parameters={
+            **started.parameters, **consent_parameters(agent.consent.mode, rule)}))
         recorder = CallRecorder(self.writer, tenant_id=call.tenant_id, call_id=call.call_id, producer=PRODUCER,
                                 producer_version=__version__)
         session = CallSession(call, agent, transport, recorder, providers or self._providers(agent),

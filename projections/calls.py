@@ -85,6 +85,7 @@ from schemas.events import (
 from schemas.topics import CALLS as CALLS_TOPIC  # the topic, beside the table of the same name
 from schemas.topics import COMMANDS
 from streams.config.agents import AgentRouter
+from streams.config.consent import recorded_mode
 from streams.memory import key_of_call
 from streams.metrics import voice_to_voice_ms
 from streams.redaction import Redactor, default_redactor, names_in_json, redact_field
@@ -222,7 +223,8 @@ class CallsFold:
             "tenant_id": call.tenant_id, "call_id": call.call_id, "agent_id": "", "agent_version": "",
             "channel": "", "direction": "", "routed_by": "", "from_number": "", "to_number": "", "caller_key": "",
             "provider_call_id": "", "dial_id": "", "started_at": at(0), "ended_at": None, "duration_ms": None,
-            "outcome": "", "end_reason": "", "handoff": 0, "handoff_outcome": "", "consent": "", "turns": 0,
+            "outcome": "", "end_reason": "", "handoff": 0, "handoff_outcome": "", "consent": "", "consent_mode": "",
+            "consent_method": "", "recording_withheld": "", "turns": 0,
             "tool_calls": 0, "barge_ins": 0, "errors": 0}
 
     def _call_row(self, call: _Call, seq: int) -> Row:
@@ -297,10 +299,19 @@ class CallsFold:
                            channel=p.channel, direction=p.direction, routed_by=p.routed_by, started_at=at(now),
                            from_number=redact_field("phone", p.from_number, self.redactor) or "",
                            to_number=redact_field("phone", p.to_number, self.redactor) or "",
-                           provider_call_id=p.provider_call_id or "", dial_id=p.parameters.get("dial_id", ""))
+                           provider_call_id=p.provider_call_id or "", dial_id=p.parameters.get("dial_id", ""),
+                           consent_mode=recorded_mode(p.parameters) or "")
+                if row["consent_mode"] == "opt_in" and not row["consent"]:
+                    row["recording_withheld"] = "consent_not_given"  # until the caller's yes
                 return [self._call_row(call, event.seq)]
             case ConsentGiven() | ConsentRefused():
-                row["consent"] = "given" if isinstance(p, ConsentGiven) else "refused"
+                if row["consent"] != "refused":  # a refusal stands for the rest of the call
+                    refused = isinstance(p, ConsentRefused)
+                    row.update(consent="refused" if refused else "given", consent_method=p.method)
+                    if refused:
+                        row["recording_withheld"] = "consent_refused"
+                    elif row["recording_withheld"] == "consent_not_given":
+                        row["recording_withheld"] = ""
                 return [self._call_row(call, event.seq)]
             case SpeechStopped():
                 call.speech_stopped_us = now

@@ -23,6 +23,12 @@ arrives before the call's last chunks; in a rebuild, long before). So:
   the store has is final, and the row of a replayed `call.ended` is the same row. The working files
   go only after that. A store that cannot be reached is retried (with backoff, each failure logged)
   until it can: the projection waits on that call rather than lose its recording.
+- A call whose caller refused consent (`consent.refused`), or under opt_in never agreed, has no
+  recording at all, not even the agent's side (docs/compliance.md, "Consent"): at the refusal what is
+  held of its audio goes, from memory and the working files, and its live row is deleted; an empty
+  marker (`<tenant>/.withheld/<call>`, kept `WITHHELD_MARKERS_KEPT_S`) makes its later events, read
+  again after a restart too, start nothing. Whether an opt_in call agreed is known at its end, from
+  what was read of it, or from the log for a call whose start was read before a restart.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,11 +62,20 @@ from projections.recording_store import (
     recording_path,
 )
 from projections.store import AnalyticsStore
-from projections.tables import ERASED_CALLS, ERASURES, RECORDINGS, Output, Table, at, deletion
+from projections.tables import ERASED_CALLS, ERASURES, RECORDINGS, Output, Row, Table, at, deletion
 from schemas.base import Event, EventPayload
-from schemas.events import AgentAudioChunk, CallEnded, CallerAudioChunk, CallerErased, CallStarted
+from schemas.events import (
+    AgentAudioChunk,
+    CallEnded,
+    CallerAudioChunk,
+    CallerErased,
+    CallStarted,
+    ConsentGiven,
+    ConsentRefused,
+)
 from schemas.topics import AUDIO, CALLS
 from streams.audio.formats import PCM_RATE
+from streams.config.consent import recorded_mode
 from streams.memory import key_of_call
 from streams.redaction import default_redactor
 
@@ -88,6 +104,9 @@ UNPLACED_CHUNKS_KEPT = 500
 AUDIO_CATCH_UP_SLACK_MS = 10_000
 """Read the log's audio from this long before the last chunk written (the log's own timestamps
 are append times, a little after the events')."""
+WITHHELD_MARKERS_KEPT_S = 7 * 24 * 3600
+"""How long a withheld call's marker is kept (pruned when the projection starts): far longer than any of
+its audio can be read again after a restart."""
 STORE_RETRY_FIRST_S = 0.5
 STORE_RETRY_MAX_S = 30.0
 """Backoff between attempts at a store that failed: doubling from the first to the most."""
@@ -126,6 +145,17 @@ class _Call(CallAudio):
     """Ended, waiting for its audio partition to be read past its end."""
     unplaced: list[tuple[Event[EventPayload], AgentAudioChunk, LogRecord]] = field(default_factory=list)
     """Agent chunks read before the call's start was known (where they go depends on it)."""
+    consent_mode: str | None = None
+    """The consent mode its `call.started` recorded ("" none); None while its start has not been read here
+    (picked up mid-call, or after a restart): its end reads it from the log."""
+    consent_given: bool = False
+    refused: bool = False
+    """A refusal found in the log at its end (one read here withholds the recording at once)."""
+
+
+def withheld_marker(root: Path, tenant_id: str, call_id: str) -> Path:
+    """The empty file that says a call has no recording by consent (ValueError for ids that cannot name one)."""
+    return recording_path(root, tenant_id, call_id).parent / ".withheld" / call_id
 
 
 class RecordingsProjection:
@@ -133,7 +163,8 @@ class RecordingsProjection:
     topics: tuple[str, ...] = (AUDIO, CALLS)
     tables: tuple[Table, ...] = (RECORDINGS, ERASURES)
     event_types: frozenset[str] | None = frozenset(
-        t.EVENT_TYPE for t in (CallerAudioChunk, AgentAudioChunk, CallStarted, CallEnded, CallerErased))
+        t.EVENT_TYPE for t in (CallerAudioChunk, AgentAudioChunk, CallStarted, CallEnded, CallerErased, ConsentGiven,
+                               ConsentRefused))
 
     def __init__(self, root: Path, store: RecordingStore | None = None) -> None:
         """`root`: the working folder; `store`: where finished recordings go (default: `root` itself)."""
@@ -160,6 +191,8 @@ class RecordingsProjection:
         self.erasures = ErasedCallers()
         self.erased: OrderedDict[str, None] = OrderedDict()
         """Calls of erased callers seen lately: their audio is not recorded."""
+        self.withheld: OrderedDict[str, None] = OrderedDict()
+        """Calls seen lately whose recording is withheld by consent (older ones: their marker says)."""
         self.analytics: AnalyticsStore | None = None
 
     def reset(self) -> None:
@@ -169,6 +202,7 @@ class RecordingsProjection:
         self.ended.clear()
         self.waiting.clear()
         self.audio_read.clear()
+        self.withheld.clear()  # their markers stay
         self.waiting_calls = 0
         self.buffer.reset()
 
@@ -183,6 +217,13 @@ class RecordingsProjection:
         for table in (tables.CALLS, ERASED_CALLS):  # where an erasure's calls are found (the calls projection's)
             await asyncio.to_thread(store.create, table)
         await asyncio.to_thread(self.erasures.load, store)
+        await asyncio.to_thread(self._prune_markers, time.time() - WITHHELD_MARKERS_KEPT_S)
+
+    def _prune_markers(self, before_s: float) -> None:
+        for marker in self.root.glob("*/.withheld/*"):
+            with contextlib.suppress(OSError):
+                if marker.stat().st_mtime < before_s:
+                    marker.unlink()
 
     def held(self) -> Mapping[TopicPartition, int]:
         """The offsets the runner must not store past: each live call's first record whose effects are
@@ -231,23 +272,36 @@ class RecordingsProjection:
         payload = event.payload
         if isinstance(payload, CallerErased):
             return await self._erase(event)
-        if event.call_id in self.erased:
+        if event.call_id in self.erased or event.call_id in self.withheld:
             return []
+        if isinstance(payload, ConsentRefused):
+            try:
+                return self._withhold(event.tenant_id, event.call_id)
+            except ValueError as exc:
+                return self._reject(event, exc)
+        if isinstance(payload, ConsentGiven):
+            return await self._consent_given(event)
         if isinstance(payload, CallStarted) and self.erasures.erased(
                 event.tenant_id, key_of_call(event.tenant_id, payload), event.envelope.event_time_us):
             await self._forget(event.tenant_id, event.call_id)  # its audio may have come first
             return []
         if isinstance(payload, CallStarted):
             try:
-                location = self.store.location(event.tenant_id, event.call_id)
+                self.store.location(event.tenant_id, event.call_id)
             except ValueError as exc:
                 return self._reject(event, exc)
             call = await self._call(event)
-            if call is not None and call.started_us is None:
-                call.started_us = event.envelope.event_time_us
-                self._place(call)
-            return [(RECORDINGS, (event.tenant_id, event.call_id, location, FORMAT, 2, PCM_RATE, 0, 0, 0, 0,
-                                  at(event.envelope.event_time_us), None, 0, event.seq))]
+            if event.call_id in self.withheld:
+                return []
+            mode = recorded_mode(payload.parameters)
+            if call is not None:
+                call.consent_mode = mode or ""
+                if call.started_us is None:
+                    call.started_us = event.envelope.event_time_us
+                    self._place(call)
+            if mode == "opt_in":
+                return []  # nothing is recorded before the caller's yes: its row comes with it
+            return [self._live_row(event.tenant_id, event.call_id, event.envelope.event_time_us, event.seq)]
         if isinstance(payload, CallEnded):
             try:
                 self.store.location(event.tenant_id, event.call_id)
@@ -255,6 +309,8 @@ class RecordingsProjection:
                 return self._reject(event, exc)
             call = await self._call(event)
             if call is None:
+                if event.call_id in self.withheld:
+                    return []
                 # What a crash between storing the recording and the clean-up left.
                 WorkingFiles.of(self.root, event.tenant_id, event.call_id).remove()
                 return self._row(event, self.ended[event.call_id])
@@ -262,6 +318,43 @@ class RecordingsProjection:
                 return []  # a redelivery of the call.ended it waits with
             await self._ending(call, record, event, backend)
         return []
+
+    def _live_row(self, tenant_id: str, call_id: str, started_us: int, seq: int) -> Row:
+        location = self.store.location(tenant_id, call_id)
+        return (RECORDINGS, (tenant_id, call_id, location, FORMAT, 2, PCM_RATE, 0, 0, 0, 0, at(started_us), None, 0,
+                             seq))
+
+    async def _consent_given(self, event: Event[EventPayload]) -> list[Output]:
+        """An opt_in call is recorded from the caller's yes: its live row comes now."""
+        try:
+            self.store.location(event.tenant_id, event.call_id)
+        except ValueError as exc:
+            return self._reject(event, exc)
+        call = await self._call(event)
+        if call is None:
+            return []
+        call.consent_given = True
+        if call.consent_mode != "opt_in" or call.started_us is None:
+            return []
+        return [self._live_row(event.tenant_id, event.call_id, call.started_us, event.seq)]
+
+    def _withhold(self, tenant_id: str, call_id: str) -> list[Output]:
+        """No recording of this call: what is held of its audio goes (memory, working files), its marker
+        makes its later events start nothing, and its live row goes. ValueError for ids that cannot name
+        one."""
+        marker = withheld_marker(self.root, tenant_id, call_id)
+        self.withheld[call_id] = None
+        while len(self.withheld) > ENDED_CALLS_KEPT:
+            self.withheld.popitem(last=False)
+        self.ready.pop(call_id, None)
+        call = self.live.pop(call_id, None)
+        if call is not None:
+            self._drop(call)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        WorkingFiles.of(self.root, tenant_id, call_id).remove()
+        return [deletion(RECORDINGS, "tenant_id = {tenant:String} AND call_id = {call:String}",
+                         (("tenant", tenant_id), ("call", call_id)))]
 
     def _row(self, ended: Event[EventPayload], facts: RecordingFacts) -> list[Output]:
         location = self.store.location(ended.tenant_id, ended.call_id)
@@ -271,7 +364,7 @@ class RecordingsProjection:
 
     async def _chunk(self, record: LogRecord, event: Event[EventPayload], chunk: CallerAudioChunk | AgentAudioChunk,
                      backend: RecordingsLog) -> None:
-        if event.call_id in self.erased:
+        if event.call_id in self.erased or event.call_id in self.withheld:
             return
         call = self.live.get(event.call_id)
         if call is None:
@@ -344,12 +437,18 @@ class RecordingsProjection:
         if call_id in self.ended:
             self.ended.move_to_end(call_id)
             return None
+        if call_id in self.withheld:
+            return None
         call = self.live.get(call_id)
         if call is None:
             try:
                 files = WorkingFiles.of(self.root, event.tenant_id, call_id)
+                marker = withheld_marker(self.root, event.tenant_id, call_id)
             except ValueError as exc:
                 self._reject(event, exc)
+                return None
+            if marker.exists():  # withheld before a restart: its events, read again, start nothing
+                self.withheld[call_id] = None
                 return None
             facts = await self._stored(f"looking up call {call_id}'s recording", self.store.finished,
                                        event.tenant_id, call_id)
@@ -424,13 +523,20 @@ class RecordingsProjection:
             self.ended.popitem(last=False)
 
     async def _find_start(self, call: _Call, event: Event[EventPayload], backend: RecordingsLog) -> int:
-        """The call's start from the log: its call.started, or (none there) the earliest event seen."""
+        """The call's start from the log: its call.started, or (none there) the earliest event seen; and its
+        consent, where its start was not read here."""
         async with log_admin(backend) as admin:
             history = await read_call(admin, call.call_id, topics=(CALLS,),
                                       since_ms=call_start_bound_ms(event))
-        starts = [e.envelope.event_time_us for e in history.events if isinstance(e.payload, CallStarted)]
+        starts = [e for e in history.events if isinstance(e.payload, CallStarted)]
         seen = [e.envelope.event_time_us for e in history.events]
-        call.started_us = starts[0] if starts else min([*seen, call.first_seen_us])
+        if call.started_us is None:
+            call.started_us = starts[0].envelope.event_time_us if starts else min([*seen, call.first_seen_us])
+        if call.consent_mode is None:
+            started = starts[0].payload if starts else None
+            call.consent_mode = (recorded_mode(started.parameters) if isinstance(started, CallStarted) else None) or ""
+            call.consent_given = any(isinstance(e.payload, ConsentGiven) for e in history.events)
+            call.refused = any(isinstance(e.payload, ConsentRefused) for e in history.events)
         return call.started_us
 
     def _write(self, call: _Call, event: Event[EventPayload], chunk: CallerAudioChunk | AgentAudioChunk,
@@ -458,6 +564,9 @@ class RecordingsProjection:
             for (call, _), facts in zip(together, finished, strict=True):
                 ending = call.ending
                 assert ending is not None
+                if facts is None:  # no consent to record it
+                    out += self._withhold(call.tenant_id, call.call_id)
+                    continue
                 if isinstance(facts, BaseException):
                     if not isinstance(facts, Exception):
                         raise facts
@@ -473,14 +582,16 @@ class RecordingsProjection:
                 out += self._row(ending.event, facts)
         return out
 
-    async def _finish(self, call: _Call, backend: RecordingsLog, *, catch_up: bool) -> RecordingFacts:
+    async def _finish(self, call: _Call, backend: RecordingsLog, *, catch_up: bool) -> RecordingFacts | None:
         """Stores the call's recording (with `catch_up`, its audio after the last chunk held read from
-        the log first), then lets go of its working files."""
+        the log first), then lets go of its working files; None when there is no consent to record it."""
         assert call.ending is not None
         event = call.ending.event
         started_us = call.started_us
-        if started_us is None:
+        if started_us is None or call.consent_mode is None:
             started_us = await self._find_start(call, event, backend)
+        if call.refused or (call.consent_mode == "opt_in" and not call.consent_given):
+            return None
         self._place(call)
         if catch_up:
             # The audio topic may be behind the calls topic: take the rest of the call's audio from the log.

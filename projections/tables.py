@@ -123,7 +123,19 @@ CALLS = Table(
         _c("handoff", "UInt8", "1 when the call was handed to a human."),
         _c("handoff_outcome", "LowCardinality(String)",
            "What became of the handoff: connected, busy, no_answer, failed, canceled."),
-        _c("consent", "LowCardinality(String)", "Recording consent: given, refused, or empty when not asked."),
+        _c("consent", "LowCardinality(String)",
+           "Recording consent: given, refused (a refusal stands, even after consent was given), or empty when "
+           "not asked or not answered."),
+        _c("consent_mode", "LowCardinality(String)",
+           "How the caller was asked (docs/compliance.md): notice, opt_out or opt_in, the agent's own mode or "
+           "the least the tenant's jurisdiction rule asks; empty for calls recorded before consent modes."),
+        _c("consent_method", "LowCardinality(String)",
+           "How consent was given or refused: implied_by_continuing, speech, dtmf; a refusal also silence "
+           "(opt_in: no answer in time) or unclear (opt_in: an answer that was no yes)."),
+        _c("recording_withheld", "LowCardinality(String)",
+           "Why the call has no recording, when consent is why: consent_refused, or consent_not_given (opt_in "
+           "and no yes); empty otherwise. Its caller audio after the refusal (opt_in: before the yes) is not in "
+           "the log either."),
         _c("turns", "UInt32", "Caller turns taken."),
         _c("tool_calls", "UInt32", "Tool calls requested."),
         _c("barge_ins", "UInt32", "Times the caller spoke over the agent."),
@@ -352,7 +364,9 @@ REFUSED_CALLS = Table(
 
 RECORDINGS = Table(
     "recordings",
-    "One row per call recording: a stereo WAV, the caller on the left, the agent on the right.",
+    "One row per call recording: a stereo WAV, the caller on the left, the agent on the right. A call whose "
+    "caller refused consent, or under opt_in never agreed, has none (`calls.recording_withheld` says why; "
+    "its row while live is removed).",
     (
         TENANT, CALL,
         _c("path", "String", "Where the WAV is: <tenant_id>/<call_id>.wav under the recordings folder, or "

@@ -596,7 +596,7 @@ class ConsentGiven(EventPayload):
     kind: str
     """What for: recording, ai_disclosure, data_processing."""
     method: str
-    """How: speech, dtmf, widget_click, implied_by_continuing."""
+    """How: implied_by_continuing (after the notice), speech (a yes), dtmf (an agreement key), widget_click."""
     prompt_text: str
     """The consent text the caller was given."""
 
@@ -626,7 +626,7 @@ class ConsentRefused(EventPayload):
     kind: str
     """What for: recording, ai_disclosure, data_processing."""
     method: str
-    """How: speech, dtmf, widget_click, implied_by_continuing."""
+    """How: speech (a no), dtmf (a refusal key), silence (opt_in: no answer in time), unclear (opt_in: an answer that was no yes), widget_click."""
     prompt_text: str
     """The consent text the caller was given."""
 

@@ -24,6 +24,7 @@ from schemas.events import (
     CallHangupRequested,
     CallStarted,
     ConsentGiven,
+    ConsentRefused,
     DtmfReceived,
     GuardrailTriggered,
     HandoffCompleted,
@@ -45,7 +46,8 @@ from schemas.events import (
     TurnTaken,
 )
 from streams.call.transport import DEFAULT_SPEECH, SPEECH_FORMATS, SpeechFormat
-from streams.config.agents import AgentSpec, Handoff
+from streams.config.agents import AgentSpec, Consent, Handoff
+from streams.config.consent import ConsentMode, answer_of, recorded_mode, request_after
 from streams.providers.base import ChatMessage, LlmRequest, ToolSpec
 
 RETURNED_FROM_HANDOFF = "returned_from"
@@ -125,6 +127,7 @@ class Decision:
 
 
 Phase = Literal["new", "listening", "thinking", "ended"]
+ConsentState = Literal["not_asked", "pending", "given", "refused"]
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,16 @@ class CallState:
     """The platform placed this call (the agent speaks first to someone it called)."""
     speech: SpeechFormat = DEFAULT_SPEECH
     """What the channel plays, from `call.started`: what each `tts.requested` records."""
+    channel: str = "unknown"
+    consent_mode: ConsentMode = "notice"
+    """The mode the call runs under: what its `call.started` recorded, else the agent's own."""
+    consent: ConsentState = "not_asked"
+    """`pending` from the notice (opt_out) or the question (opt_in) until the caller's answer; a refusal
+    stands for the rest of the call."""
+    consent_prompt: str = ""
+    """What the caller was told about recording: each consent event's `prompt_text`."""
+    opening: str | None = None
+    """opt_in: the greeting, said once the caller has answered the question."""
     ended: bool = False
 
 
@@ -173,8 +186,25 @@ def handoff_id_of(call_id: str) -> str:
     return f"{call_id}/handoff"
 
 
-def new_state(agent: AgentSpec) -> CallState:
-    return CallState(agent=agent)
+def new_state(agent: AgentSpec, started: CallStarted | None = None) -> CallState:
+    """A call's state before its first event; with its `call.started` at hand, already under its consent
+    mode (what the session keeps of the caller's audio before the core has decided anything)."""
+    state = CallState(agent=agent, consent_mode=agent.consent.mode)
+    return state if started is None else replace(state, consent_mode=consent_mode_of(agent, started))
+
+
+def consent_mode_of(agent: AgentSpec, started: CallStarted) -> ConsentMode:
+    """The mode a call runs under: as its start recorded it (the gateway applies the tenant's rule), else
+    the agent's own (calls recorded before consent modes, sessions made outside a gateway)."""
+    return recorded_mode(started.parameters) or agent.consent.mode
+
+
+def keeps_caller_audio(state: CallState) -> bool:
+    """Whether the caller's audio may be kept (recorded as `audio.caller_chunk`) now: never after a
+    refusal, and under opt_in only once the caller agreed. What the session does with each frame."""
+    if state.consent == "refused":
+        return False
+    return state.consent_mode != "opt_in" or state.consent == "given"
 
 
 def outcome(state: CallState) -> str:
@@ -197,7 +227,8 @@ def decide(state: CallState, event: Event[EventPayload]) -> tuple[CallState, lis
         case CallStarted():
             returned = RETURNED_FROM_HANDOFF in p.parameters
             return replace(state, call_id=event.call_id, started_us=now, returned_from_handoff=returned,
-                           outbound=p.direction == "outbound", speech=SPEECH_FORMATS.get(p.channel, DEFAULT_SPEECH)), []
+                           outbound=p.direction == "outbound", speech=SPEECH_FORMATS.get(p.channel, DEFAULT_SPEECH),
+                           channel=p.channel, consent_mode=consent_mode_of(state.agent, p)), []
         case MemoryLoaded():
             return replace(state, memory=tuple(s.summary for s in p.summaries)), []
         case CallAnswered():
@@ -205,7 +236,7 @@ def decide(state: CallState, event: Event[EventPayload]) -> tuple[CallState, lis
         case SpeechStarted():
             return _caller_started(state, p.offset_ms)
         case SpeechStopped():
-            return replace(state, caller_speaking=False), []
+            return _caller_stopped(replace(state, caller_speaking=False), now)
         case TranscriptFinal():
             return _heard(state, p, now)
         case LlmDecided():
@@ -217,7 +248,7 @@ def decide(state: CallState, event: Event[EventPayload]) -> tuple[CallState, lis
         case TimerFired():
             return _timer_fired(state, p, now)
         case DtmfReceived():
-            return _heard_text(state, f"pressed {p.digit}", (), now)
+            return _pressed(state, p.digit, now)
         case HandoffCompleted():
             if p.outcome == "connected":
                 return _hangup(state, "handoff")
@@ -295,22 +326,118 @@ def _greet(state: CallState, now: int) -> tuple[CallState, list[Decision]]:
         opening = agent.returning_greeting.replace("{last_call}", state.memory[0])
     else:
         opening = agent.greeting
-    state, greeting = _say(state, f"{agent.consent.text} {opening}" if agent.consent.text else opening)
+    consent = agent.consent
+    widget = state.channel == "widget"  # the widget has no keys: its prompts speak of words only
+    if state.consent_mode == "opt_in":
+        # The question first; the greeting once the caller has answered it.
+        question = consent.widget_question if widget else consent.question
+        state = replace(state, consent="pending", consent_prompt=question, opening=opening)
+        state, asked = _say(state, question)
+        return state, [*limit, *asked]
+    notice = consent.text
+    if state.consent_mode == "opt_out":
+        # A notice is never left out where the caller must be able to refuse (a tenant's all-party rule).
+        how = consent.widget_refuse_prompt if widget else consent.refuse_prompt
+        notice = " ".join(part for part in (notice or Consent.model_fields["text"].default, how) if part)
+    state, greeting = _say(state, f"{notice} {opening}" if notice else opening)
     decisions = [*limit, *greeting]
-    if agent.consent.text:
-        # Continuing after the notice is consent to it; refusing means hanging up.
-        decisions.insert(
-            0,
-            Decision(
-                ConsentGiven(kind=agent.consent.kind, method="implied_by_continuing", prompt_text=agent.consent.text)
-            ),
-        )
-    return state, decisions
+    if not notice:
+        return state, decisions
+    state = replace(state, consent_prompt=notice)
+    if state.consent_mode == "opt_out":
+        return replace(state, consent="pending"), decisions  # until the caller's first words or key
+    # Continuing after the notice is consent to it; refusing means hanging up.
+    given = ConsentGiven(kind=consent.kind, method="implied_by_continuing", prompt_text=notice)
+    return replace(state, consent="given"), [Decision(given), *decisions]
+
+
+# -- consent: the caller's answer, by words or keys, and what the call keeps after it -------------
+
+
+def _awaiting_answer(state: CallState) -> bool:
+    """opt_in: the question is asked and not answered yet (silence is a refusal)."""
+    return state.consent == "pending" and state.consent_mode == "opt_in"
+
+
+def _consent_answer(state: CallState, text: str, ids: tuple[str, ...], now: int) -> tuple[CallState, list[Decision]]:
+    """The caller's first words (or a key that is not a consent key) while consent is pending. An answer
+    that goes on to ask for something ("yes, please book a visit") is also their first turn."""
+    consent = state.agent.consent
+    answer = answer_of(text, consent.accept_words, consent.refuse_words)
+    asks = answer is not None and request_after(text, consent.accept_words, consent.refuse_words)
+    if answer == "no":
+        state, refused = _refuse(state, "speech", greet=not asks)
+        return _and_heard(state, refused, text, ids, now) if asks else (state, refused)
+    if state.consent_mode == "opt_out":
+        # Whatever else the caller says goes on with the call: continuing is consent, and it is a turn.
+        state, given = _give(state, "implied_by_continuing")
+        return _and_heard(state, given, text, ids, now)
+    if answer == "yes":
+        state, given = _give(state, "speech", greet=not asks)
+        return _and_heard(state, given, text, ids, now) if asks else (state, given)
+    # opt_in, and no yes: nothing is kept. The caller asked for something else: they are served.
+    state, refused = _refuse(state, "unclear", greet=False)
+    return _and_heard(state, refused, text, ids, now)
+
+
+def _and_heard(state: CallState, decisions: list[Decision], text: str, ids: tuple[str, ...],
+               now: int) -> tuple[CallState, list[Decision]]:
+    state, heard = _heard_text(state, text, ids, now)
+    return state, decisions + heard
+
+
+def _pressed(state: CallState, digit: str, now: int) -> tuple[CallState, list[Decision]]:
+    """A key: a refusal key refuses at any time where the caller may refuse; under opt_in an agreement
+    key agrees while the question is open. Both are kept for consent (pressed again, they do nothing);
+    other keys are heard as words."""
+    consent = state.agent.consent
+    if state.consent_mode != "notice" and digit in consent.refuse_digits:
+        return (state, []) if state.consent == "refused" else _refuse(state, "dtmf")
+    if state.consent_mode == "opt_in" and digit in consent.accept_digits:
+        return _give(state, "dtmf") if state.consent == "pending" else (state, [])
+    if state.consent == "pending":
+        return _consent_answer(state, f"pressed {digit}", (), now)
+    return _heard_text(state, f"pressed {digit}", (), now)
+
+
+def _give(state: CallState, method: str, *, greet: bool = True) -> tuple[CallState, list[Decision]]:
+    consent = state.agent.consent
+    state, decisions = _cancel_timer(state, "consent")
+    state = replace(state, consent="given")
+    decisions.append(Decision(ConsentGiven(kind=consent.kind, method=method, prompt_text=state.consent_prompt)))
+    if method == "implied_by_continuing":
+        return state, decisions
+    state, said = _reply(state, consent.accepted, greet=greet)
+    return state, decisions + said
+
+
+def _refuse(state: CallState, method: str, *, greet: bool = True) -> tuple[CallState, list[Decision]]:
+    """A refusal (by `method`: speech, dtmf, silence, unclear): from now on nothing of the caller's audio
+    is kept, and the call goes on."""
+    consent = state.agent.consent
+    state, decisions = _cancel_timer(state, "consent")
+    state = replace(state, consent="refused")
+    decisions.append(Decision(ConsentRefused(kind=consent.kind, method=method, prompt_text=state.consent_prompt)))
+    state, said = _reply(state, consent.refused, greet=greet)
+    return state, decisions + said
+
+
+def _reply(state: CallState, reply: str, *, greet: bool) -> tuple[CallState, list[Decision]]:
+    """What the agent says to a consent answer: the reply, then the greeting the question held back
+    (opt_in); nothing while the call is ending or being handed over."""
+    opening = state.opening if greet else None
+    state = replace(state, opening=None)
+    text = " ".join(part for part in (reply, opening) if part)
+    if not text or state.phase != "listening" or state.hangup_after_speech is not None or state.handoff_id:
+        return state, []
+    return _say(state, text)
 
 
 def _caller_started(state: CallState, offset_ms: int) -> tuple[CallState, list[Decision]]:
     state = replace(state, caller_speaking=True, silence_reprompted=False)
     state, decisions = _cancel_timer(state, "silence")
+    state, answering = _cancel_timer(state, "consent")  # the caller is answering: their words will say
+    decisions += answering
     if state.speaking is not None and state.hangup_after_speech is None:
         interrupted = state.speaking
         # How much had played is the session's to know: its tts.completed says (interrupted, audio_ms).
@@ -323,10 +450,20 @@ def _caller_started(state: CallState, offset_ms: int) -> tuple[CallState, list[D
     return state, decisions
 
 
+def _caller_stopped(state: CallState, now: int) -> tuple[CallState, list[Decision]]:
+    """opt_in: the caller stopped speaking with the question still open (their words may be no words,
+    noise): the time to answer runs again."""
+    if _awaiting_answer(state) and state.speaking is None and "consent" not in state.timers:
+        return _set_timer(state, "consent", now + state.agent.consent.answer_timeout_s * 1_000_000)
+    return state, []
+
+
 def _heard(state: CallState, p: TranscriptFinal, now: int) -> tuple[CallState, list[Decision]]:
     text = p.text.strip()
     if not text:
         return state, []
+    if state.consent == "pending":
+        return _consent_answer(state, text, (p.utterance_id,), now)
     return _heard_text(state, text, (p.utterance_id,), now)
 
 
@@ -527,6 +664,8 @@ def _finished_speaking(state: CallState, p: TtsCompleted, now: int) -> tuple[Cal
     if state.heard and state.pending_llm is None and not state.pending_tools:
         return _take_turn(state, now)  # the caller spoke while we talked: answer that now
     if not state.caller_speaking and state.pending_llm is None and not state.pending_tools:
+        if _awaiting_answer(state):  # the question is said: the caller has this long to answer it
+            return _set_timer(state, "consent", now + state.agent.consent.answer_timeout_s * 1_000_000)
         # (While tools run after "let me check", the silence is the agent's, not the caller's.)
         state, decisions = _set_timer(state, "silence", now + state.agent.guardrails.silence_reprompt_s * 1_000_000)
     return state, decisions
@@ -551,6 +690,8 @@ def _timer_fired(state: CallState, p: TimerFired, now: int) -> tuple[CallState, 
             ),
             *said,
         ]
+    if p.name == "consent":
+        return _refuse(state, "silence") if _awaiting_answer(state) else (state, [])
     if p.name == "silence":
         if state.silence_reprompted:
             state, said = _say(state, agent.goodbye)

@@ -1,6 +1,8 @@
 """The caller's side of a call: audio in, voice activity, recognition.
 
-Each inbound frame is recorded as received; the VAD tells when the caller starts and stops speaking
+Each inbound frame is recorded as received, while the caller's consent lets the call keep their audio
+(`keep_audio`, which the session sets from the core: not after a refusal, nor under opt-in before a
+yes; the frame is heard all the same); the VAD tells when the caller starts and stops speaking
 (inputs of the call), and only speech goes to the recogniser, with the 300 ms before the VAD's
 confirmation (pre-roll) so the start of a word is not lost. Interim transcripts are recorded and
 shown; an utterance's final transcript, written in the canonical form whoever recognised it
@@ -53,6 +55,8 @@ class AudioRecognition:
         self._chunks = 0
         self._utterances = 0
         self.speech_stopped_us = 0
+        self.keep_audio = True
+        """Whether each frame is recorded (`audio.caller_chunk`); recognition hears every frame, kept or not."""
 
     @property
     def offset_ms(self) -> int:
@@ -84,17 +88,18 @@ class AudioRecognition:
 
     async def _frame(self, stream: AsrStream, pcm16: bytes, raw: bytes, codec: str, rate: int) -> None:
         offset_ms = self.offset_ms
-        await self._recorder.record(
-            CallerAudioChunk(
-                codec="mulaw" if codec == "mulaw" else "pcm_s16le",
-                sample_rate=rate,
-                chunk_index=self._chunks,
-                offset_ms=offset_ms,
-                duration_ms=FRAME_MS,
-                audio=raw,
+        if self.keep_audio:  # read and recorded in one step: the chunk's seq is after any refusal read here
+            await self._recorder.record(
+                CallerAudioChunk(
+                    codec="mulaw" if codec == "mulaw" else "pcm_s16le",
+                    sample_rate=rate,
+                    chunk_index=self._chunks,
+                    offset_ms=offset_ms,
+                    duration_ms=FRAME_MS,
+                    audio=raw,
+                )
             )
-        )
-        self._chunks += 1
+        self._chunks += 1  # counted kept or not: positions in the caller's stream stay those of the call
         self._preroll.append(pcm16)
         for vad_event in self._vad.process(pcm16):
             if vad_event.kind == "speech_started":

@@ -7,8 +7,9 @@ VAD, ASR) and speech out (`speech_out.SpeechOut`: TTS, pacing, playback) to the 
 tasks and its own run side by side, so no step waits on another's I/O; everything they observe
 arrives as an input of the call (`inputs.CallInputs`), which the core task records, puts to
 `core.decide`, records the decisions of, and acts on: ask the LLM, speak, stop speaking, run a tool
-(with a deadline), transfer, hang up, set and cancel timers. Every step is an event, appended
-without waiting on the log (the producer only blocks when its bounded buffer is full).
+(with a deadline), transfer, hang up, set and cancel timers; and it keeps the caller's audio only
+while their consent allows (`core.keeps_caller_audio`). Every step is an event, appended without
+waiting on the log (the producer only blocks when its bounded buffer is full).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from streams.call.core import (
     StopSpeaking,
     Transfer,
     decide,
+    keeps_caller_audio,
     new_state,
     outcome,
 )
@@ -131,10 +133,11 @@ class CallSession:
         self.providers = providers
         self.limits = limits
         self.clock_us = clock_us
-        self.state: CallState = new_state(agent)
+        self.state: CallState = new_state(agent, call.started)
         self.report = SessionReport(call.call_id)
         self._inputs = CallInputs(lambda: self.state.turn_index)
         self._recognition = AudioRecognition(providers.asr, agent.keywords, transport, recorder, self._inputs, clock_us)
+        self._recognition.keep_audio = keeps_caller_audio(self.state)  # opt_in: nothing before a yes
         self._speech = SpeechOut(providers.tts, transport, recorder, self._inputs, self._spawn, self._agent_audio)
         self._tool_replies = tool_replies
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -284,6 +287,8 @@ class CallSession:
             )
             self._observe(event)
             self.state, decisions = decide(self.state, event)
+            # Before the decisions are recorded (no await between): no caller chunk follows a refusal in the log.
+            self._recognition.keep_audio = keeps_caller_audio(self.state)
             for decision in decisions:
                 recorded = await self.recorder.record(
                     decision.payload, causation_id=event.envelope.event_id, producer=CORE_PRODUCER

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
 from streams.channels.twilio_webhook_protocol import STATUS_PATH, VOICE_PATH
+from streams.config.consent import RESERVED_PARAMETERS
 
 DIAL_ID = re.compile(r"^dial-[0-9a-f]{32}$")
 CALL_ID = re.compile(r"^call-[0-9a-f-]{36}$")
@@ -49,6 +50,8 @@ def check_parameters(parameters: Mapping[str, str]) -> None:
     for name in parameters:
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,63}", name):
             raise ValueError(f"parameter name {name!r} must be a letter then letters, digits or _ (64 at most)")
+        if name in RESERVED_PARAMETERS:
+            raise ValueError(f"parameter {name!r} is voxlog's own (the consent a call runs under)")
     if sum(len(k) + len(v) for k, v in parameters.items()) > MAX_PARAMETERS_CHARS:
         raise ValueError(f"parameters add up to more than {MAX_PARAMETERS_CHARS} characters")
 

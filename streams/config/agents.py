@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from streams.config.consent import ConsentMode, words
 
 TENANT_FILES = ("tenant.yaml", "tenant.yml", "tenant.toml")
 """A tenant's own settings (`streams.config.tenants`), beside its agents."""
@@ -111,9 +113,72 @@ class Handoff(_Spec):
     caller comes back to the agent because nobody answered."""
 
 
+DTMF_DIGIT = r"^[0-9*#A-D]$"
+
+
 class Consent(_Spec):
+    """How the agent asks for consent to record the call (docs/compliance.md, "Consent"). The tenant's
+    jurisdiction rule may ask for more: a call runs under the stricter of the two."""
+
+    mode: ConsentMode = "notice"
+    """`notice`: the notice, and continuing is consent. `opt_out`: the notice and how to refuse
+    (`refuse_prompt`); a refusal key, or a no as the caller's first words, is a refusal. `opt_in`: the
+    question; nothing of the caller's audio is kept until they agree, and silence or anything but a yes
+    is a refusal."""
     text: str = "This call is recorded to help us serve you."
+    """The notice (`notice` and `opt_out`). Empty: none, where the tenant's rule allows it (`one_party`)."""
     kind: str = "recording"
+    refuse_prompt: str = "To continue without recording, press 2 or say no."
+    """`opt_out`: said after the notice, on the phone."""
+    question: str = ("We would like to record this call to help us serve you. Is that all right? "
+                     "Say yes or press 1, or say no or press 2.")
+    """`opt_in`: said instead of the notice, on the phone; the greeting follows the answer."""
+    widget_refuse_prompt: str = "To continue without recording, say no."
+    """`opt_out` in the web widget, which has no keys."""
+    widget_question: str = ("We would like to record this conversation to help us serve you. Is that all right? "
+                            "Please say yes or no.")
+    """`opt_in` in the web widget."""
+    accept_digits: tuple[str, ...] = ("1",)
+    """`opt_in`: keys that agree (DTMF digits: 0-9, *, #, A-D)."""
+    refuse_digits: tuple[str, ...] = ("2",)
+    """`opt_out` and `opt_in`: keys that refuse, at any time in the call (after an agreement too)."""
+    accept_words: tuple[str, ...] = ("yes", "yeah", "yep", "sure", "okay", "ok", "of course", "go ahead",
+                                     "that's fine", "that is fine", "i agree", "i consent")
+    """`opt_in`: an answer that opens with one of these, or holds one of more than one word, agrees."""
+    refuse_words: tuple[str, ...] = ("no", "nope", "no thanks", "no thank you", "do not record", "don't record",
+                                     "rather not", "not be recorded", "not recorded", "no recording",
+                                     "stop recording", "opt out")
+    """An answer that opens with one of these, or holds one of more than one word, refuses (a no wins
+    over a yes). `opt_out`: only the caller's first words are an answer."""
+    answer_timeout_s: int = Field(8, ge=1, le=60)
+    """`opt_in`: how long the caller has to answer once the question is said; silence is a refusal."""
+    accepted: str = "Thank you."
+    """Said when the caller agrees (`opt_in`), before the greeting."""
+    refused: str = "Understood: this call will not be recorded."
+    """Said when the caller refuses (before the greeting, under `opt_in`)."""
+
+    @field_validator("accept_digits", "refuse_digits")
+    @classmethod
+    def _digits(cls, digits: tuple[str, ...]) -> tuple[str, ...]:
+        for digit in digits:
+            if not re.fullmatch(DTMF_DIGIT, digit):
+                raise ValueError(f"{digit!r} is not a telephone key (0-9, *, #, A-D)")
+        return digits
+
+    @field_validator("accept_words", "refuse_words")
+    @classmethod
+    def _phrases(cls, phrases: tuple[str, ...]) -> tuple[str, ...]:
+        if not phrases or any(not words(p) for p in phrases):
+            raise ValueError("list at least one phrase, each with a word in it")
+        return phrases
+
+    @model_validator(mode="after")
+    def _apart(self) -> Consent:
+        if set(self.accept_digits) & set(self.refuse_digits):
+            raise ValueError("a key cannot both agree and refuse")
+        if {tuple(words(p)) for p in self.accept_words} & {tuple(words(p)) for p in self.refuse_words}:
+            raise ValueError("a phrase cannot both agree and refuse")
+        return self
 
 
 class ScriptIntent(_Spec):

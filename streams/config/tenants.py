@@ -2,7 +2,8 @@
 
 A tenant file holds what is the tenant's rather than one agent's: the API keys that act for it (as
 SHA-256 digests; the keys themselves are never stored), its outbound dialling policy (caller
-ids it may present, how fast calls may be placed) and its limits (calls at once, API requests).
+ids it may present, how fast calls may be placed), its limits (calls at once, API requests) and
+the consent law its calls fall under (`consent.rule`: docs/compliance.md).
 A tenant with no file has no API access.
 """
 
@@ -17,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from streams.config.agents import TENANT_FILES, AgentConfigError
+from streams.config.consent import ConsentRule
 
 E164 = r"^\+[1-9][0-9]{6,14}$"
 
@@ -63,6 +65,13 @@ class Retention(_Spec):
     Unset: until the caller is erased."""
 
 
+class TenantConsent(_Spec):
+    rule: ConsentRule = "one_party"
+    """The consent law the tenant's calls fall under, and so the least every agent of it asks
+    (`streams.config.consent.RULE_MINIMUM`): `one_party` (the agent's own mode), `all_party` (every
+    party consents: at least `opt_out`, the caller can refuse), `explicit` (consent is an act: `opt_in`)."""
+
+
 class TenantSpec(_Spec):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")
     name: str = ""
@@ -70,6 +79,7 @@ class TenantSpec(_Spec):
     dialing: Dialing = Dialing()
     limits: Limits = Limits()
     retention: Retention = Retention()
+    consent: TenantConsent = TenantConsent()
 
     def key_id(self, key: str) -> str | None:
         """The id of the API key `key`, if it is one of this tenant's."""

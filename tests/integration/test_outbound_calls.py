@@ -140,7 +140,8 @@ async def test_a_requested_call_is_placed_answered_and_talks_with_the_agent(stac
     started = call[0].payload
     assert isinstance(started, CallStarted)
     assert (started.direction, started.routed_by) == ("outbound", "outbound_request")
-    assert started.parameters == {"customer": "Ada", "reason": "follow_up", "dial_id": dial_id}
+    assert started.parameters == {"customer": "Ada", "reason": "follow_up", "dial_id": dial_id,
+                                  "consent_rule": "one_party", "consent_mode": "notice"}  # asked once answered
     assert any(isinstance(e.payload, CallEnded) for e in call)
     assert verify_call(call, agent_for(call, stack.gateway.router)).identical
 

@@ -12,6 +12,7 @@ from typing import Any
 from projections.audit import epoch_us
 from projections.calls import CallsFold
 from projections.projection_runner import RowBatch
+from projections.tables import CALLS as CALLS_TABLE
 from projections.tables import PROMPT_VERSIONS, TOOL_CALLS, Output, at
 from schemas.base import Event, EventPayload
 from schemas.envelope import Envelope
@@ -20,6 +21,7 @@ from schemas.events import (
     CallRefused,
     CallStarted,
     ConsentGiven,
+    ConsentRefused,
     ErrorRaised,
     HandoffOutcome,
     HandoffRequested,
@@ -263,3 +265,39 @@ def test_a_refused_call_is_a_row_of_refused_calls_and_nothing_else() -> None:
     (row,) = written["refused_calls"]
     assert row[1:] == ("call-9", at(5_000_000), "front-desk", "phone", "inbound", "gateway_at_capacity",
                        "this gateway serves 20 calls at once", 20, 20, 0)
+
+
+# --- Consent: how the caller was asked, and why a call has no recording --------------------------
+
+
+def consent_row(*payloads: EventPayload) -> dict[str, Any]:
+    """The `calls` row's consent columns after the call's events."""
+    events = [Event(Envelope(event_id=f"c/{seq}", tenant_id="demo", call_id="call-c", seq=seq, type=p.EVENT_TYPE,
+                             schema_version=p.EVENT_VERSION, event_time_us=1_000_000 * (seq + 1), producer="t",
+                             producer_version="0"), p) for seq, p in enumerate(payloads)]
+    (row,) = tables(fold(events))["calls"]
+    return {name: row[CALLS_TABLE.column_names.index(name)]
+            for name in ("consent", "consent_mode", "consent_method", "recording_withheld")}
+
+
+def started_under(mode: str | None) -> CallStarted:
+    parameters = {} if mode is None else {"consent_rule": "all_party", "consent_mode": mode}
+    return CallStarted(channel="phone", direction="inbound", agent_id="front-desk", agent_version="sha256:x",
+                       routed_by="number", parameters=parameters)
+
+
+def test_the_calls_row_says_how_consent_was_asked_answered_and_why_there_is_no_recording() -> None:
+    given = ConsentGiven(kind="recording", method="speech", prompt_text="May we record?")
+    refused = ConsentRefused(kind="recording", method="dtmf", prompt_text="May we record?")
+    assert consent_row(started_under(None)) == {
+        "consent": "", "consent_mode": "", "consent_method": "", "recording_withheld": ""}
+    assert consent_row(started_under("opt_in")) == {
+        "consent": "", "consent_mode": "opt_in", "consent_method": "", "recording_withheld": "consent_not_given"}
+    assert consent_row(started_under("opt_in"), given) == {
+        "consent": "given", "consent_mode": "opt_in", "consent_method": "speech", "recording_withheld": ""}
+    assert consent_row(started_under("opt_out"), refused) == {
+        "consent": "refused", "consent_mode": "opt_out", "consent_method": "dtmf",
+        "recording_withheld": "consent_refused"}
+    # A refusal after consent was given (a key later in the call) stands.
+    assert consent_row(started_under("opt_in"), given, refused)["recording_withheld"] == "consent_refused"
+    assert consent_row(started_under("opt_in"), refused, given)["consent"] == "refused"

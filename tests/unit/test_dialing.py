@@ -79,7 +79,8 @@ def test_routes_that_do_not_say_enough_are_refused() -> None:
 def test_parameters_that_cannot_travel_are_refused() -> None:
     check_parameters({"customer": "Ada"})
     for bad, why in (({"1st": "x"}, "must be a letter"), ({f"p{i}": "" for i in range(17)}, "at most 16"),
-                     ({"note": "x" * 3000}, "more than 2048")):
+                     ({"note": "x" * 3000}, "more than 2048"),
+                     ({"consent_mode": "notice"}, "voxlog's own"), ({"consent_rule": "one_party"}, "voxlog's own")):
         with pytest.raises(ValueError, match=why):
             check_parameters(bad)
 

@@ -23,7 +23,14 @@ from projections.recordings import RECORDINGS, RecordingsProjection, recording_p
 from projections.tables import Output, Row, Statement, at
 from schemas.base import Event, EventPayload
 from schemas.envelope import Envelope
-from schemas.events import AgentAudioChunk, CallEnded, CallerAudioChunk, CallStarted
+from schemas.events import (
+    AgentAudioChunk,
+    CallEnded,
+    CallerAudioChunk,
+    CallStarted,
+    ConsentGiven,
+    ConsentRefused,
+)
 from schemas.topics import AUDIO, CALLS, topic_for
 from streams.audio.codecs import pcm16_to_mulaw, rms_dbfs
 
@@ -354,3 +361,119 @@ async def test_state_stays_bounded_and_evicted_live_calls_resume_from_disk(
                       embedded_backend) == []
     assert wav.read_bytes() == before
     assert list((root / TENANT / ".partial").iterdir()) == []
+
+
+# --- Consent: a call whose caller refused, or under opt_in never agreed, has no recording at all ----
+
+
+def consent_call(mode: str, *, refused_at_ms: int | None = None,
+                 given_at_ms: int | None = None) -> list[tuple[int, EventPayload]]:
+    """`call_payloads()` under a consent mode, as a session records it: the refusal (or the yes) at its
+    time, and no caller chunk after the refusal (opt_in: before the yes)."""
+    out: list[tuple[int, EventPayload]] = []
+    for us, payload in call_payloads():
+        if isinstance(payload, CallStarted):
+            payload = dataclasses.replace(payload, parameters={"consent_rule": "all_party", "consent_mode": mode})
+        if refused_at_ms is not None and isinstance(payload, CallerAudioChunk) and us > refused_at_ms * 1000:
+            continue
+        if mode == "opt_in" and isinstance(payload, CallerAudioChunk) and (given_at_ms is None
+                                                                          or us <= given_at_ms * 1000):
+            continue
+        out.append((us, payload))
+    consent: list[tuple[int, EventPayload]] = []
+    if refused_at_ms is not None:
+        consent.append((refused_at_ms * 1000 + 1, ConsentRefused(kind="recording", method="dtmf", prompt_text="p")))
+    if given_at_ms is not None:
+        consent.append((given_at_ms * 1000 + 1, ConsentGiven(kind="recording", method="speech", prompt_text="p")))
+    return sorted([*out, *consent], key=lambda item: item[0])
+
+
+async def feed_all(projection: RecordingsProjection, events: Sequence[Event[EventPayload]],
+                   backend: EmbeddedBackend) -> list[Output]:
+    """Rows and statements, as `feed` gives rows."""
+    out: list[Output] = []
+    for event in events:
+        out += await projection.rows(record_of(event), event, backend)
+    return [*out, *await projection.settle(backend, None)]
+
+
+def nothing_recorded(root: Path, call_id: str) -> None:
+    """No WAV, no facts, no working files of the call anywhere under the folder."""
+    left = [p.relative_to(root).as_posix() for p in root.rglob("*")
+            if call_id in p.name and p.parent.name != ".withheld"]
+    assert left == [], left
+    assert (root / TENANT / ".withheld" / call_id).exists()
+
+
+def withheld_row_deleted(outputs: Sequence[Output], call_id: str) -> None:
+    (statement,) = [o for o in outputs if isinstance(o, Statement)]
+    assert statement.sql.startswith("DELETE FROM recordings WHERE")
+    assert dict(statement.parameters) == {"tenant": TENANT, "call": call_id}
+
+
+@pytest.mark.parametrize("spill_bytes", [0, recording_buffer.SPILL_BYTES], ids=["on-disk", "in-memory"])
+async def test_a_refusal_mid_call_leaves_no_recording_no_working_files_and_no_row(
+        tmp_path: Path, embedded_backend: EmbeddedBackend, monkeypatch: pytest.MonkeyPatch, spill_bytes: int) -> None:
+    monkeypatch.setattr(recording_buffer, "SPILL_BYTES", spill_bytes)
+    events = await record_call(embedded_backend, "call-r", consent_call("opt_out", refused_at_ms=1200), past_us())
+    root = tmp_path / "recordings"
+    projection = RecordingsProjection(root)
+    outputs = await feed_all(projection, events, embedded_backend)
+
+    rows = [o for o in outputs if not isinstance(o, Statement)]
+    assert [value(r, "complete") for r in rows] == [0]  # the live row of its start, deleted at the refusal
+    withheld_row_deleted(outputs, "call-r")
+    nothing_recorded(root, "call-r")
+    assert not projection.live
+    assert not projection.held()
+    # Read again after a restart (nothing in memory), the marker keeps it so: no row, no file.
+    again = await feed_all(RecordingsProjection(root), events, embedded_backend)
+    assert again == []
+    nothing_recorded(root, "call-r")
+
+
+async def test_opt_in_without_a_yes_has_no_recording_not_even_the_agents_side(
+        tmp_path: Path, embedded_backend: EmbeddedBackend) -> None:
+    events = await record_call(embedded_backend, "call-n", consent_call("opt_in"), past_us())
+    assert any(isinstance(e.payload, AgentAudioChunk) for e in events)
+    root = tmp_path / "recordings"
+    outputs = await feed_all(RecordingsProjection(root), events, embedded_backend)
+    assert [o for o in outputs if not isinstance(o, Statement)] == []  # not even a live row
+    withheld_row_deleted(outputs, "call-n")
+    nothing_recorded(root, "call-n")
+
+
+async def test_opt_in_after_a_yes_is_recorded_from_the_yes(tmp_path: Path, embedded_backend: EmbeddedBackend) -> None:
+    start_us = past_us()
+    events = await record_call(embedded_backend, "call-y", consent_call("opt_in", given_at_ms=2000), start_us)
+    root = tmp_path / "recordings"
+    rows = await feed(RecordingsProjection(root), events, embedded_backend)
+    given = next(e for e in events if isinstance(e.payload, ConsentGiven))
+    assert [(value(r, "complete"), value(r, "_version")) for r in rows] == [(0, given.seq), (1, events[-1].seq)]
+    assert value(rows[0], "started_at") == at(start_us)
+    audio = stereo(recording_path(root, TENANT, "call-y"))
+    assert_heard(audio[:, 0], CALLER_SPEECH[1:])  # the caller from their yes on
+    assert_heard(audio[:, 1], AGENT_REPLIES)
+
+
+async def test_a_call_whose_start_was_read_before_a_restart_learns_its_consent_from_the_log(
+        tmp_path: Path, embedded_backend: EmbeddedBackend) -> None:
+    """Nothing of its start or its consent is read after the restart: its end reads them from the log."""
+    events = await record_call(embedded_backend, "call-l", consent_call("opt_in"), past_us())
+    root = tmp_path / "recordings"
+    await feed_all(RecordingsProjection(root), events[:40], embedded_backend)
+    outputs = await feed_all(RecordingsProjection(root), events[40:], embedded_backend)
+    assert [o for o in outputs if not isinstance(o, Statement)] == []
+    withheld_row_deleted(outputs, "call-l")
+    nothing_recorded(root, "call-l")
+
+
+async def test_a_refusal_read_before_the_calls_audio_records_none_of_it(
+        tmp_path: Path, embedded_backend: EmbeddedBackend) -> None:
+    events = await record_call(embedded_backend, "call-a", consent_call("opt_out", refused_at_ms=1200), past_us())
+    root = tmp_path / "recordings"
+    projection = RecordingsProjection(root)
+    await feed_all(projection, [e for e in events if topic_for(e.type) == CALLS], embedded_backend)
+    assert await feed_all(projection, [e for e in events if topic_for(e.type) == AUDIO], embedded_backend) == []
+    nothing_recorded(root, "call-a")
+    assert not projection.live

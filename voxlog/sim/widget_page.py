@@ -1,13 +1,15 @@
 """A test page that behaves as the widget's script (`gateway/static/voxlog-widget.js`) does towards a
 running gateway: it opens `/widget/ws` with its key, plays the agent's 16 kHz PCM as it arrives,
 answers each mark when the audio before it has played (at once for the marks a clear dropped),
-keeps the transcript, and can close or drop the connection."""
+keeps the transcript, speaks into the microphone (`send_pcm16`), and can close or drop the connection."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 
+from streams.audio.formats import FRAME_MS, PCM_FRAME_BYTES
 from streams.channels.widget_protocol import mark_message
 from voxlog.sim.media_peer import MediaPeer
 
@@ -59,3 +61,16 @@ class WidgetPage(MediaPeer):
 
     async def _send_mark(self, name: str) -> None:
         await self._send_text(mark_message(name))
+
+    async def send_pcm16(self, pcm: bytes, *, realtime: bool = True) -> int:
+        """The microphone: 16 kHz PCM in 20 ms frames (the last padded with silence), paced in real time
+        unless `realtime` is False, as the script sends it; returns the number of frames."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        step = PCM_FRAME_BYTES
+        frames = [pcm[i : i + step].ljust(step, b"\0") for i in range(0, len(pcm), step)]
+        for index, frame in enumerate(frames):
+            if realtime:
+                await asyncio.sleep(max(0.0, started + index * FRAME_MS / 1000 - loop.time()))
+            await self._send_text(frame)
+        return len(frames)
