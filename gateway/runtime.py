@@ -38,7 +38,9 @@ from projections.projection_runner import ProjectionRunner
 from projections.recording_store import LocalRecordingStore, RecordingStore
 from projections.store import AnalyticsError, AnalyticsStore
 from projections.tenant_sql import TenantSql
-from schemas.events import AuditRecorded, CallRefused, MemoryLoaded
+from schemas.base import Event, EventPayload
+from schemas.events import AuditRecorded, CallRefused, ConsentRefused, MemoryLoaded
+from schemas.sealing import AUDIO_DATA
 from schemas.topics import GATEWAYS
 from schemas.version import __version__
 from streams.call.session import CallSession, Providers, SessionReport
@@ -161,7 +163,7 @@ class GatewayRuntime:
                     log.error("%s: its calls will fail until this is mended", problem)
         self._producer = self.backend.producer()
         await self._producer.start()
-        self._writer = EventWriter(self._producer, observers=(self.metrics.observe,))
+        self._writer = EventWriter(self._producer, observers=(self.metrics.observe, self._on_consent_refused))
         await record_config_changes(self.backend, self._writer,
                                     config_items(self.router.agents.values(), self.tenants.tenants.values()),
                                     actor=f"config-files@{socket.gethostname()}")
@@ -201,6 +203,12 @@ class GatewayRuntime:
             for projection in projections:
                 runner = ProjectionRunner(self.backend, self.analytics, projection)
                 self._tasks.append(asyncio.create_task(runner.run(self._stop), name=f"projection-{projection.name}"))
+
+    def _on_consent_refused(self, event: Event[EventPayload]) -> None:
+        """A caller who refused to be recorded: the call's audio key destroyed, so that what they said
+        before refusing (already on the log, sealed) is unreadable too, in every copy of it."""
+        if isinstance(event.payload, ConsentRefused) and self.backend.keys is not None:
+            self.backend.keys.destroy_call(event.tenant_id, event.call_id, AUDIO_DATA, by="consent.refused")
 
     async def _run_retention(self, keys: DataKeyStore) -> None:
         """The tenants' retention, now and every hour (docs/compliance.md)."""

@@ -256,6 +256,8 @@ class RecordingsProjection:
                 waiting = self.waiting.get(partition)
                 if waiting and waiting[0][0] < stamped:
                     self._audio_read(partition, stamped)
+            if event.pii_withheld:  # its key destroyed (refused consent, retention, erasure): no audio to keep
+                return []
             call = self.live.get(event.call_id)
             if call is None or call.started_us is None:
                 await self._chunk(record, event, payload, backend)

@@ -205,6 +205,10 @@ class DataKeyStore:
         """Destroys every key of the person created before that time; how many."""
         return self._destroy("subject = ? AND created_ms < ?", (subject, created_before_ms), tenant_id, by)
 
+    def destroy_call(self, tenant_id: str, stream_id: str, kind: str, *, by: str) -> int:
+        """Destroys one call's key of one kind (a caller who refused to be recorded: its audio); how many."""
+        return self._destroy("stream_id = ? AND kind = ?", (stream_id, kind), tenant_id, by)
+
     def destroy_older(self, tenant_id: str, kind: str, *, created_before_ms: int, by: str) -> int:
         """Destroys the tenant's keys of that kind created before that time (retention); how many."""
         return self._destroy("kind = ? AND created_ms < ?", (kind, created_before_ms), tenant_id, by)

@@ -112,8 +112,10 @@ def assert_refused_and_served(events: list[Event[EventPayload]], method: str, mo
     assert not [e for e in events if isinstance(e.payload, ConsentGiven)]
     chunks = [e.seq for e in events if isinstance(e.payload, CallerAudioChunk)]
     assert all(seq < refusal.seq for seq in chunks), "no caller audio after the refusal"
-    if method == "speech":  # the refusal itself was heard: kept until then (the limitation docs/compliance.md names)
+    if method == "speech":  # the refusal itself was heard: on the log until then, sealed
         assert chunks
+    before = [e for e in events if isinstance(e.payload, CallerAudioChunk)]
+    assert all(e.pii_withheld and e.payload.audio == b"" for e in before), "the call's audio key was destroyed"
     heard_after = [e.payload.text for e in events if isinstance(e.payload, TranscriptFinal) and e.seq > refusal.seq]
     assert any("internet" in text for text in heard_after), heard_after  # what they said is kept as words
     tool = one(events, ToolSucceeded)

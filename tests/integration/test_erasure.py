@@ -238,9 +238,18 @@ async def test_after_an_erasure_nothing_of_the_caller_can_be_read_from_any_copy(
     await project(backend, store, recordings)
     secrets = (ERASED.encode(), erased_words.encode(), erased_voice)
 
-    raw = b"".join(r.value + (r.key or b"") + b"".join(v for _, v in r.headers) for r in await every_record(backend))
-    for secret in (*secrets, KEPT.encode(), kept_words.encode(), kept_voice):
-        assert secret not in raw, "personal data in the clear in the log's bytes"
+    records = await every_record(backend)
+    ours = {c.encode() for c in erased_calls + kept_calls}
+    ours |= {(caller_key(tenant, n) or "").encode() for n in (ERASED, KEPT)}
+
+    def raw(of: list[LogRecord]) -> bytes:
+        return b"".join(r.value + (r.key or b"") + b"".join(v for _, v in r.headers) for r in of)
+
+    everything, this_test = raw(records), raw([r for r in records if r.key in ours])
+    for secret in (erased_words.encode(), erased_voice, kept_words.encode(), kept_voice):
+        assert secret not in everything, "personal data in the clear in the log's bytes"
+    for number in (ERASED, KEPT):  # other tests' callers may have these numbers (the test broker is shared)
+        assert number.encode() not in this_test, "a number in the clear in the log's bytes"
     before = readable(backend, await every_record(backend), tenant)
     assert all(secret in before for secret in secrets), "the keystore opens the caller's data before the erasure"
     assert erased_words in tables_text(store, tenant)
