@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from consumers.backends import LogBackend
 from consumers.log_consumer import LogAdmin, LogConsumer
-from producers.log_producer import LogProducer, LogRecord
+from producers.log_producer import LogProducer, LogRecord, TopicPartition
 from schemas.base import Event, EventPayload
 from schemas.codec import EventCodec, UndecodableMessage
 from schemas.topics import CALL_TOPICS, DEADLETTER
@@ -134,3 +135,21 @@ async def read_call(
     # after a crash): the first copy stands.
     unique = [e for i, e in enumerate(events) if i == 0 or e.seq != events[i - 1].seq]
     return CallHistory(call_id, unique, bad)
+
+
+
+async def records_until_now(backend: LogBackend, topics: Sequence[str]) -> AsyncIterator[LogRecord]:
+    """Every record of the topics (every partition), from the start to where each ended when asked."""
+    async with backend.admin() as admin:
+        ends = {TopicPartition(t, p): end for t in topics for p, end in (await admin.end_offsets(t)).items() if end}
+    remaining = set(ends)
+    async with backend.consumer(list(topics)) as consumer:
+        while remaining:
+            records = await consumer.poll(timeout_s=2.0, max_records=5000)
+            if not records:
+                return
+            for record in records:
+                if record.offset < ends.get(record.tp, 0):
+                    yield record
+                if record.offset + 1 >= ends.get(record.tp, 0):
+                    remaining.discard(record.tp)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from consumers.backends import LogBackend
-from producers.log_producer import TopicPartition
+from consumers.event_reader import records_until_now
 from schemas.codec import UndecodableMessage
 from schemas.events import CallerErased
 from schemas.sealing import AUDIO_DATA, PERSONAL_DATA
@@ -43,27 +43,18 @@ class ComplianceReport:
 async def _erasures(backend: LogBackend, tenant_id: str) -> list[dict[str, Any]]:
     """The tenant's `caller.erased` events, as far as the calls topic goes now, oldest first."""
     found = []
-    async with backend.admin() as admin:
-        ends = {TopicPartition(CALLS, p): end for p, end in (await admin.end_offsets(CALLS)).items() if end}
-    async with backend.consumer([CALLS]) as consumer:
-        while ends:
-            records = await consumer.poll(timeout_s=2.0, max_records=5000)
-            if not records:
-                break
-            for record in records:
-                if record.offset + 1 >= ends.get(record.tp, 0):
-                    ends.pop(record.tp, None)
-                try:
-                    if backend.codec.schema_of(record.value)[0] != CallerErased.EVENT_TYPE:
-                        continue
-                    event = backend.codec.decode(record.value)
-                except UndecodableMessage:
-                    continue  # dead-lettered by the projections; nothing of an erasure to report
-                p = event.payload
-                if event.tenant_id == tenant_id and isinstance(p, CallerErased):
-                    found.append({"erasure_id": event.call_id, "at": _when(p.erased_before_us // 1000),
-                                  "caller_key": p.caller_key, "keys_destroyed": p.keys_destroyed,
-                                  "requested_by": p.requested_by, "reason": p.reason})
+    async for record in records_until_now(backend, [CALLS]):
+        try:
+            if backend.codec.schema_of(record.value)[0] != CallerErased.EVENT_TYPE:
+                continue
+            event = backend.codec.decode(record.value)
+        except UndecodableMessage:
+            continue  # dead-lettered by the projections; nothing of an erasure to report
+        p = event.payload
+        if event.tenant_id == tenant_id and isinstance(p, CallerErased):
+            found.append({"erasure_id": event.call_id, "at": _when(p.erased_before_us // 1000),
+                          "caller_key": p.caller_key, "keys_destroyed": p.keys_destroyed,
+                          "requested_by": p.requested_by, "reason": p.reason})
     return sorted(found, key=lambda e: str(e["at"]))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from consumers.backends import LogBackend
-from consumers.event_reader import read_call
+from consumers.event_reader import read_call, records_until_now
 from schemas.codec import UndecodableMessage
 from schemas.events import CallStarted
 from schemas.topics import CALLS
@@ -20,24 +20,14 @@ async def recorded_call_ids(backend: LogBackend) -> list[str]:
     """Calls with a `call.started` in the log, oldest first per partition, and those with a record
     that cannot be decoded (a call's records are keyed by its id)."""
     ids: dict[str, None] = {}
-    async with backend.admin() as admin:
-        ends = await admin.end_offsets(CALLS)
-    remaining = {p for p, end in ends.items() if end > 0}
     codec = backend.codec
-    async with backend.consumer([CALLS]) as consumer:
-        while remaining:
-            records = await consumer.poll(timeout_s=2.0, max_records=5000)
-            if not records:
-                break
-            for record in records:
-                try:
-                    if codec.schema_of(record.value)[0] == CallStarted.EVENT_TYPE:
-                        ids[codec.decode(record.value).call_id] = None
-                except UndecodableMessage:
-                    if record.key:
-                        ids[record.key.decode(errors="replace")] = None
-                if record.offset + 1 >= ends[record.partition]:
-                    remaining.discard(record.partition)
+    async for record in records_until_now(backend, [CALLS]):
+        try:
+            if codec.schema_of(record.value)[0] == CallStarted.EVENT_TYPE:
+                ids[codec.decode(record.value).call_id] = None
+        except UndecodableMessage:
+            if record.key:
+                ids[record.key.decode(errors="replace")] = None
     return list(ids)
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from consumers.backends import EmbeddedBackend, LogBackend
-from consumers.event_reader import read_call
+from consumers.event_reader import read_call, records_until_now
 from producers.event_writer import CallRecorder, EventWriter
-from producers.log_producer import LogRecord, TopicPartition
+from producers.log_producer import LogRecord
 from projections.audit import AuditProjection
 from projections.caller_memory import MemoryProjection
 from projections.calls import CallsProjection
@@ -183,16 +183,7 @@ def test_an_operator_erases_a_caller_from_the_command_line(embedded_backend: Emb
 
 async def every_record(backend: LogBackend) -> list[LogRecord]:
     """Every record of every topic, as any reader of the log (a replica, a backup) can have it."""
-    records: list[LogRecord] = []
-    async with backend.admin() as admin:
-        ends = {TopicPartition(t, p): end for t in TOPICS for p, end in (await admin.end_offsets(t)).items() if end}
-    async with backend.consumer(list(TOPICS)) as consumer:
-        while ends:
-            for record in await consumer.poll(timeout_s=2.0, max_records=5000):
-                records.append(record)
-                if record.offset + 1 >= ends.get(record.tp, 0):
-                    ends.pop(record.tp, None)
-    return records
+    return [record async for record in records_until_now(backend, list(TOPICS))]
 
 
 def readable(backend: LogBackend, records: list[LogRecord], tenant: str) -> bytes:
