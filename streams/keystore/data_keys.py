@@ -24,11 +24,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
 from schemas.base import Event, EventPayload
 from schemas.events import CallDialRequested, CallRefused, CallStarted
-from schemas.sealing import KeyUnavailable, SealingKey
+from schemas.sealing import AUDIO_DATA, PERSONAL_DATA, KeyUnavailable, SealingKey
 from streams.keystore.key_encryption import KeyEncryptionKeys
 from streams.keystore.local_key_encryption import private_sqlite
 from streams.memory import caller_key, key_of_call
 
+KINDS = (PERSONAL_DATA, AUDIO_DATA)
 CACHE_TTL_S = 5.0
 CACHE_ENTRIES = 4096
 
@@ -147,7 +148,9 @@ class DataKeyStore:
             # A subject's own stream (its memory) outlives an erasure: later calls start a new key.
             # Any other stream whose key was destroyed keeps nothing more of its personal data.
             if row is None or (row[2] is None and stream == subject):
-                row = self._create(tenant, stream, kind, subject, 0 if row is None else row[3] + 1)
+                # A call's keys of both kinds are made together, when it starts: one durable write per call.
+                kinds = (kind, *(k for k in KINDS if k != kind)) if isinstance(event.payload, CallStarted) else (kind,)
+                row = self._create(tenant, stream, kinds, subject, 0 if row is None else row[3] + 1)
             elif row[4] is None and subject is not None:
                 self._db.execute("UPDATE data_keys SET subject = ? WHERE tenant_id = ? AND stream_id = ? AND "
                                  "subject IS NULL", (subject, tenant, stream))
@@ -156,16 +159,27 @@ class DataKeyStore:
         self._sealing.put((tenant, stream, kind), key)
         return key
 
-    def _create(self, tenant: str, stream: str, kind: str, subject: str | None, generation: int) -> tuple[object, ...]:
-        key_id, key = f"dk-{secrets.token_hex(12)}", AESSIV.generate_key(512)
+    def _create(self, tenant: str, stream: str, kinds: tuple[str, ...], subject: str | None,
+                generation: int) -> tuple[object, ...]:
+        """The stream's keys of these kinds (the first is the one asked for, and its row is returned)."""
         kek_id = self.keks.current(tenant)
-        wrapped = self.keks.wrap(tenant, kek_id, key, self._context(tenant, key_id))
-        # Another process may create the stream's key at the same moment: the first insert wins.
-        self._db.execute(
-            "INSERT OR IGNORE INTO data_keys (key_id, tenant_id, stream_id, kind, generation, subject, created_ms, "
-            "kek_id, wrapped) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (key_id, tenant, stream, kind, generation, subject, time.time_ns() // 1_000_000, kek_id, wrapped),
-        )
+        made = []
+        for each in kinds:
+            key_id, key = f"dk-{secrets.token_hex(12)}", AESSIV.generate_key(512)
+            made.append((each, key_id, key, self.keks.wrap(tenant, kek_id, key, self._context(tenant, key_id))))
+        # Another process may create the stream's keys at the same moment: the first insert wins.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany(
+                "INSERT OR IGNORE INTO data_keys (key_id, tenant_id, stream_id, kind, generation, subject, created_ms, "
+                "kek_id, wrapped) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(key_id, tenant, stream, each, generation, subject, time.time_ns() // 1_000_000, kek_id, wrapped)
+                 for each, key_id, _, wrapped in made])
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        kind, key_id, key, wrapped = made[0]
         row = self._db.execute(
             "SELECT key_id, kek_id, wrapped, generation, subject FROM data_keys "
             "WHERE tenant_id = ? AND stream_id = ? AND kind = ? AND generation = ?",
@@ -179,9 +193,13 @@ class DataKeyStore:
         except KeyUnavailable:
             # A rotation retired the KEK between our reading it and our insert: wrap with the new one.
             kek_id = self.keks.current(tenant)
-            wrapped = self.keks.wrap(tenant, kek_id, key, self._context(tenant, key_id))
-            self._db.execute("UPDATE data_keys SET kek_id = ?, wrapped = ? WHERE key_id = ?", (kek_id, wrapped, key_id))
-            return (row[0], kek_id, wrapped, row[3], row[4])
+            for _, made_id, made_key, _ in made:
+                rewrapped = self.keks.wrap(tenant, kek_id, made_key, self._context(tenant, made_id))
+                self._db.execute("UPDATE data_keys SET kek_id = ?, wrapped = ? WHERE key_id = ?",
+                                 (kek_id, rewrapped, made_id))
+            rewritten = self._db.execute("SELECT key_id, kek_id, wrapped, generation, subject FROM data_keys "
+                                         "WHERE key_id = ?", (key_id,)).fetchone()
+            return tuple(rewritten)
         return tuple(row)
 
     def opening_cipher(self, tenant_id: str, key_id: str) -> AESSIV | None:
