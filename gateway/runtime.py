@@ -364,6 +364,9 @@ class GatewayRuntime:
                 log.error("call %s not started: its owner could not be put on record: %s", call.call_id, exc)
                 await session.refused("the gateway cannot record calls now")
                 return session.report
+            if self.backend.keys is not None:
+                await asyncio.to_thread(self.backend.keys.prepare_call, call.tenant_id, call.call_id,
+                                        call.started.caller_key)
             report = await session.run()
             self._leases.release(call.call_id)  # its call.ended is durable (else the lease keeps it for a reaper)
             self.reports.append(report)

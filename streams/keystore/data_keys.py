@@ -129,11 +129,23 @@ class DataKeyStore:
         return AESSIV(self.keks.unwrap(tenant_id, kek_id, wrapped, self._context(tenant_id, key_id)))
 
     def sealing_key(self, event: Event[EventPayload], kind: str) -> SealingKey:
-        tenant, stream = event.tenant_id, event.call_id
+        # A call's keys of both kinds are made together, when it starts: one durable write per call.
+        kinds = (kind, *(k for k in KINDS if k != kind)) if isinstance(event.payload, CallStarted) else (kind,)
+        return self._stream_key(event.tenant_id, event.call_id, kinds, subject_of(event))
+
+    def prepare_call(self, tenant_id: str, call_id: str, subject: str | None) -> None:
+        """A call's keys, made (a durable commit) and cached before its first event needs them. The
+        gateway calls this in a thread, so that sealing a call's events never waits for the disk on the
+        event loop every call shares."""
+        self._stream_key(tenant_id, call_id, KINDS, subject)
+        self._stream_key(tenant_id, call_id, KINDS[1:], subject)
+
+    def _stream_key(self, tenant: str, stream: str, kinds: tuple[str, ...], subject: str | None) -> SealingKey:
+        """The stream's key of `kinds[0]`, made (with the others of `kinds`) where it has none."""
+        kind = kinds[0]
         hit, cached = self._sealing.get((tenant, stream, kind))
         if hit and isinstance(cached, SealingKey):
             return cached
-        subject = subject_of(event)
         with self._lock:
             if subject is None:  # the stream's other kind of key may know it (call.started came first)
                 known = self._db.execute(
@@ -148,8 +160,6 @@ class DataKeyStore:
             # A subject's own stream (its memory) outlives an erasure: later calls start a new key.
             # Any other stream whose key was destroyed keeps nothing more of its personal data.
             if row is None or (row[2] is None and stream == subject):
-                # A call's keys of both kinds are made together, when it starts: one durable write per call.
-                kinds = (kind, *(k for k in KINDS if k != kind)) if isinstance(event.payload, CallStarted) else (kind,)
                 row = self._create(tenant, stream, kinds, subject, 0 if row is None else row[3] + 1)
             elif row[4] is None and subject is not None:
                 self._db.execute("UPDATE data_keys SET subject = ? WHERE tenant_id = ? AND stream_id = ? AND "

@@ -180,3 +180,15 @@ def test_a_key_destroyed_elsewhere_stops_opening_once_the_cache_expires(tmp_path
     now = time.monotonic()
     monkeypatch.setattr(time, "monotonic", lambda: now + CACHE_TTL_S + 1)
     assert codec.decode(data).pii_withheld
+
+
+def test_a_call_prepared_ahead_writes_nothing_to_the_keystore_when_it_starts(keys: DataKeyStore) -> None:
+    keys.prepare_call("acme", "call-1", caller_key("acme", NUMBER))
+    before = [(k.key_id, k.kind, k.subject) for k in keys.keys("acme")]
+    assert sorted(kind for _, kind, _ in before) == ["audio", "personal"]
+    assert {subject for _, _, subject in before} == {caller_key("acme", NUMBER)}
+    codec = EventCodec(keys=keys)
+    data = [codec.encode(started()), codec.encode(heard("hi"))]
+    assert [(k.key_id, k.kind, k.subject) for k in keys.keys("acme")] == before
+    personal = next(key_id for key_id, kind, _ in before if kind == "personal")
+    assert [codec.decode(d).envelope.pii_key_id for d in data] == [personal, personal]
