@@ -345,16 +345,9 @@ class RecordingsProjection:
         makes its later events start nothing, and its live row goes. ValueError for ids that cannot name
         one."""
         marker = withheld_marker(self.root, tenant_id, call_id)
-        self.withheld[call_id] = None
-        while len(self.withheld) > ENDED_CALLS_KEPT:
-            self.withheld.popitem(last=False)
-        self.ready.pop(call_id, None)
-        call = self.live.pop(call_id, None)
-        if call is not None:
-            self._drop(call)
+        self._let_go(self.withheld, tenant_id, call_id)
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
-        WorkingFiles.of(self.root, tenant_id, call_id).remove()
         return [deletion(RECORDINGS, "tenant_id = {tenant:String} AND call_id = {call:String}",
                          (("tenant", tenant_id), ("call", call_id)))]
 
@@ -500,16 +493,21 @@ class RecordingsProjection:
 
     async def _forget(self, tenant_id: str, call_id: str) -> None:
         """No recording of this call, anywhere: not in the store, not in the working files, not in memory."""
-        self.erased[call_id] = None
-        while len(self.erased) > ENDED_CALLS_KEPT:
-            self.erased.popitem(last=False)
+        self._let_go(self.erased, tenant_id, call_id)
+        self.ended.pop(call_id, None)
+        await self._stored(f"erasing call {call_id}'s recording", self.store.erase, tenant_id, call_id)
+
+    def _let_go(self, calls: OrderedDict[str, None], tenant_id: str, call_id: str) -> None:
+        """The call joins `calls` (erased or withheld; the latest few kept), and what is held of its audio
+        goes: in memory and in its working files."""
+        calls[call_id] = None
+        while len(calls) > ENDED_CALLS_KEPT:
+            calls.popitem(last=False)
         self.ready.pop(call_id, None)
         call = self.live.pop(call_id, None)
         if call is not None:
             self._drop(call)
-        self.ended.pop(call_id, None)
         WorkingFiles.of(self.root, tenant_id, call_id).remove()
-        await self._stored(f"erasing call {call_id}'s recording", self.store.erase, tenant_id, call_id)
 
     def _drop(self, call: _Call) -> None:
         """Lets go of what a call that leaves `live` holds (its holds go with it)."""
