@@ -8,7 +8,7 @@ twice gives the same bytes (replays and redeliveries compare equal). Destroying 
 those fields unreadable in every copy of the log while the rest of the event stays readable.
 
 This module is the pure part: which fields, blanking and restoring, sealing and opening given a
-cipher. The keys themselves come from a `DataKeys` (the keystore, `streams.data_keys`).
+cipher. The keys themselves come from a `DataKeys` (the keystore, `streams.keystore.data_keys`).
 """
 
 from __future__ import annotations
