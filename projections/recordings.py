@@ -281,17 +281,18 @@ class RecordingsProjection:
                 return self._withhold(event.tenant_id, event.call_id)
             except ValueError as exc:
                 return self._reject(event, exc)
-        if isinstance(payload, ConsentGiven):
-            return await self._consent_given(event)
         if isinstance(payload, CallStarted) and self.erasures.erased(
                 event.tenant_id, key_of_call(event.tenant_id, payload), event.envelope.event_time_us):
             await self._forget(event.tenant_id, event.call_id)  # its audio may have come first
             return []
-        if isinstance(payload, CallStarted):
-            try:
+        if isinstance(payload, CallStarted | CallEnded | ConsentGiven):
+            try:  # ids that cannot name a recording: refused once, here, for every event that would make one
                 self.store.location(event.tenant_id, event.call_id)
             except ValueError as exc:
                 return self._reject(event, exc)
+        if isinstance(payload, ConsentGiven):
+            return await self._consent_given(event)
+        if isinstance(payload, CallStarted):
             call = await self._call(event)
             if event.call_id in self.withheld:
                 return []
@@ -305,10 +306,6 @@ class RecordingsProjection:
                 return []  # nothing is recorded before the caller's yes: its row comes with it
             return [self._live_row(event.tenant_id, event.call_id, event.envelope.event_time_us, event.seq)]
         if isinstance(payload, CallEnded):
-            try:
-                self.store.location(event.tenant_id, event.call_id)
-            except ValueError as exc:
-                return self._reject(event, exc)
             call = await self._call(event)
             if call is None:
                 if event.call_id in self.withheld:
@@ -328,10 +325,6 @@ class RecordingsProjection:
 
     async def _consent_given(self, event: Event[EventPayload]) -> list[Output]:
         """An opt_in call is recorded from the caller's yes: its live row comes now."""
-        try:
-            self.store.location(event.tenant_id, event.call_id)
-        except ValueError as exc:
-            return self._reject(event, exc)
         call = await self._call(event)
         if call is None:
             return []
