@@ -1,8 +1,9 @@
 """The web voice widget in a real browser: headless Chromium opens `/widget` on the local stack, its
 microphone is a WAV file (Chromium's fake capture device) of a caller saying "i have a problem with
-my internet", and the test drives the page over the Chrome DevTools Protocol (plain `websockets`,
-no Playwright or Selenium): click "Start call", watch the transcript for the greeting and the ticket
-the agent opens, let the answer's audio all come, close the page, then check the call in the log.
+my internet", and the test drives the page over the Chrome DevTools Protocol (`tests/chromium.py`:
+plain `websockets`, no Playwright or Selenium): click "Start call", watch the transcript for the
+greeting and the ticket the agent opens, let the answer's audio all come, close the page, then check
+the call in the log.
 
 What runs for real: getUserMedia, the AudioWorklet capture and its resampling to 16 kHz PCM, the
 widget's WebSocket protocol, the agent's audio received and scheduled on Web Audio, the gateway's
@@ -15,13 +16,8 @@ except under CI=true where it fails.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import json
-import os
 import re
-import signal
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -29,20 +25,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
 
 from consumers.event_reader import read_call
 from schemas.base import Event, EventPayload
 from schemas.events import AgentAudioChunk, CallEnded, CallerAudioChunk, CallStarted, ToolRequested, TurnTaken
 from streams.audio.codecs import write_wav
-from tests.needs import missing
+from tests.chromium import STARTUP_TIMEOUT_S, Browser, devtools, open_page, start_chromium
 from tests.speech import require_espeak, silence, synthesize_pcm16
 from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-CHROMIUM = Path("/usr/bin/chromium")
 WIDGET_KEY = "demo-widget-key"
 CALLER_SAYS = "i have a problem with my internet"
 GREETING = "Thanks for calling Acme"  # voxlog/agents/demo/front-desk.yaml
@@ -56,14 +50,7 @@ LEAD_SILENCE_MS = 8_000
 # The agent answers meanwhile. The file is played once (`%noloop`, then silence); were it looped, the
 # caller would repeat itself only after this.
 TAIL_SILENCE_MS = 12_000
-STARTUP_TIMEOUT_S = 60  # Chromium's first start on a loaded 2-core machine
 CALL_TIMEOUT_S = 90  # from the click to the agent's ticket answer in the transcript
-CDP_TIMEOUT_S = 30  # any single DevTools command
-
-
-def require_chromium() -> None:
-    if not CHROMIUM.exists():
-        missing(str(CHROMIUM), "tools/setup.sh installs it: apt-get install chromium")
 
 
 # -- the caller's microphone -------------------------------------------------------------------
@@ -82,181 +69,38 @@ def caller_wav(tmp_path: Path) -> Path:
 # -- Chromium ----------------------------------------------------------------------------------
 
 
-@dataclass
-class Browser:
-    process: subprocess.Popen[bytes]
-    devtools_url: str  # the browser's DevTools WebSocket
-    log_path: Path
-
-    def log_tail(self, chars: int = 4000) -> str:
-        with contextlib.suppress(OSError):
-            return self.log_path.read_text(errors="replace")[-chars:]
-        return ""
-
-
-def chromium_args(user_data_dir: Path, wav: Path) -> list[str]:
+def fake_microphone(wav: Path) -> list[str]:
     return [
-        str(CHROMIUM),
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={user_data_dir}",
         "--use-fake-ui-for-media-stream",
         "--use-fake-device-for-media-stream",
         # `%noloop`: the file is played once, then silence, so the caller does not repeat itself.
         f"--use-file-for-fake-audio-capture={wav}%noloop",
-        "--autoplay-policy=no-user-gesture-required",
-        "--remote-debugging-port=0",
-        "about:blank",
     ]
-
-
-def devtools_url(user_data_dir: Path, process: subprocess.Popen[bytes], log_path: Path) -> str:
-    """With --remote-debugging-port=0 Chromium picks a free port and writes it, and the browser
-    target's path, to `DevToolsActivePort` in the profile (written whole once listening)."""
-    active_port = user_data_dir / "DevToolsActivePort"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"Chromium exited ({process.returncode}) at start:\n{log_path.read_text()[-4000:]}")
-        with contextlib.suppress(OSError):
-            lines = active_port.read_text().splitlines()
-            if len(lines) >= 2 and lines[0].strip().isdigit() and lines[1].startswith("/devtools/browser/"):
-                return f"ws://127.0.0.1:{int(lines[0])}{lines[1].strip()}"
-        time.sleep(0.1)
-    raise AssertionError(f"Chromium wrote no DevToolsActivePort in {STARTUP_TIMEOUT_S} s:\n"
-                         f"{log_path.read_text()[-4000:]}")
-
-
-def kill_process_group(process: subprocess.Popen[bytes]) -> None:
-    """Chromium (the Debian launcher script, the browser, its zygote, renderers, utility processes)
-    runs in a process group of its own: end all of it, politely and then not."""
-    for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(wait_s)
-            if sig == signal.SIGTERM:
-                # the leader is gone; its children may linger a moment: make sure
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-            return
 
 
 @pytest.fixture
 def browser(tmp_path: Path, caller_wav: Path) -> Iterator[Browser]:
-    require_chromium()
-    user_data_dir = tmp_path / "chromium-profile"
-    user_data_dir.mkdir()
-    log_path = tmp_path / "chromium.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(chromium_args(user_data_dir, caller_wav), stdin=subprocess.DEVNULL,
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield Browser(process, devtools_url(user_data_dir, process, log_path), log_path)
-    finally:
-        kill_process_group(process)
-
-
-# -- the DevTools Protocol ----------------------------------------------------------------------
+    with start_chromium(tmp_path, fake_microphone(caller_wav)) as running:
+        yield running
 
 
 @dataclass
-class Cdp:
-    """A DevTools connection to the browser target, with flattened sessions for pages."""
+class SocketTraffic:
+    """The page's WebSocket traffic (Network domain): JSON messages received, each with how many audio
+    (binary) frames had been received before it, and counts of audio frames each way."""
 
-    ws: ClientConnection
-    ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-    waiting: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
-    exceptions: list[str] = field(default_factory=list)
-    console_errors: list[str] = field(default_factory=list)
-    log_entries: list[str] = field(default_factory=list)
-    # The page's WebSocket traffic (Network domain): JSON messages received, each with how many audio
-    # (binary) frames had been received before it, and counts of audio frames each way.
     received: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     audio_received: int = 0
     audio_sent: int = 0
 
-    async def read(self) -> None:
-        try:
-            async for raw in self.ws:
-                message = json.loads(raw)
-                if "id" in message:
-                    future = self.waiting.pop(message["id"], None)
-                    if future is not None and not future.done():
-                        future.set_result(message)
-                else:
-                    self.on_event(message["method"], message.get("params", {}))
-        finally:
-            for future in self.waiting.values():
-                if not future.done():
-                    future.set_exception(ConnectionError("the DevTools connection closed"))
-
-    def on_event(self, method: str, params: dict[str, Any]) -> None:
-        if method == "Runtime.exceptionThrown":
-            details = params["exceptionDetails"]
-            description = details.get("exception", {}).get("description") or details.get("text", "")
-            self.exceptions.append(f"{description} at {details.get('url', '?')}:{details.get('lineNumber', '?')}")
-        elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-            text = " ".join(str(arg.get("value", arg.get("description", ""))) for arg in params.get("args", []))
-            self.console_errors.append(text)
-        elif method == "Network.webSocketFrameReceived":
+    def __call__(self, method: str, params: dict[str, Any]) -> None:
+        if method == "Network.webSocketFrameReceived":
             if params["response"]["opcode"] == 2:
                 self.audio_received += 1
             elif params["response"]["opcode"] == 1:
                 self.received.append((self.audio_received, json.loads(params["response"]["payloadData"])))
         elif method == "Network.webSocketFrameSent" and params["response"]["opcode"] == 2:
             self.audio_sent += 1
-        elif method == "Log.entryAdded" and params["entry"].get("level") == "error":
-            entry = params["entry"]
-            self.log_entries.append(f"{entry.get('source')}: {entry.get('text')} {entry.get('url', '')}".strip())
-
-    async def send(self, method: str, params: dict[str, Any] | None = None, *, session: str | None = None) -> Any:
-        message_id = next(self.ids)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.waiting[message_id] = future
-        message: dict[str, Any] = {"id": message_id, "method": method, "params": params or {}}
-        if session is not None:
-            message["sessionId"] = session
-        await self.ws.send(json.dumps(message))
-        try:
-            reply = await asyncio.wait_for(future, CDP_TIMEOUT_S)
-        finally:
-            self.waiting.pop(message_id, None)
-        if "error" in reply:
-            raise AssertionError(f"DevTools {method} failed: {reply['error']}")
-        return reply.get("result", {})
-
-    async def evaluate(self, expression: str, *, session: str, user_gesture: bool = False) -> Any:
-        result = await self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True,
-                                                      "awaitPromise": True, "userGesture": user_gesture},
-                                 session=session)
-        if "exceptionDetails" in result:
-            raise AssertionError(f"evaluating {expression[:80]!r} threw: {result['exceptionDetails']}\n"
-                                 f"{self.diagnostics()}")
-        return result["result"].get("value")
-
-    def diagnostics(self) -> str:
-        return (f"JS exceptions: {self.exceptions}\nconsole errors: {self.console_errors}\n"
-                f"browser log errors: {self.log_entries}")
-
-
-@contextlib.asynccontextmanager
-async def devtools(url: str) -> AsyncIterator[Cdp]:
-    async with connect(url, max_size=None, ping_interval=None, open_timeout=CDP_TIMEOUT_S) as ws:
-        cdp = Cdp(ws)
-        reader = asyncio.create_task(cdp.read())
-        try:
-            yield cdp
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
 
 
 # What the page shows, read in one go; statuses come from a MutationObserver so none is missed.
@@ -297,15 +141,15 @@ def answered_ticket(state: dict[str, Any]) -> bool:
     return any(TICKET_ANSWER.search(text) for text in agent_lines(state))
 
 
-def answer_heard(cdp: Cdp) -> int | None:
+def answer_heard(traffic: SocketTraffic) -> int | None:
     """Audio frames the page received for the ticket answer, once all of it has come: the server shows
     an agent line as it starts speaking it and sends a `mark` after the last frame."""
-    answer = next((i for i, (_, m) in enumerate(cdp.received)
+    answer = next((i for i, (_, m) in enumerate(traffic.received)
                    if m.get("type") == "transcript" and TICKET_ANSWER.search(m.get("text", ""))), None)
     if answer is None:
         return None
-    mark = next((frames for frames, m in cdp.received[answer + 1:] if m.get("type") == "mark"), None)
-    return None if mark is None else mark - cdp.received[answer][0]
+    mark = next((frames for frames, m in traffic.received[answer + 1:] if m.get("type") == "mark"), None)
+    return None if mark is None else mark - traffic.received[answer][0]
 
 
 # -- the test ------------------------------------------------------------------------------------
@@ -327,29 +171,21 @@ async def call_events(stack: LocalStack, call_id: str) -> list[Event[EventPayloa
 
 async def test_a_caller_reports_a_problem_through_the_widget_in_chromium(stack: LocalStack, browser: Browser) -> None:
     started = time.monotonic()
+    traffic = SocketTraffic()
     async with devtools(browser.devtools_url) as cdp:
-        target = (await cdp.send("Target.createTarget", {"url": "about:blank"}))["targetId"]
-        page = (await cdp.send("Target.attachToTarget", {"targetId": target, "flatten": True}))["sessionId"]
-        for domain in ("Runtime", "Log", "Network", "Page"):
-            await cdp.send(f"{domain}.enable", session=page)
-        navigated = await cdp.send("Page.navigate", {"url": f"{stack.base_url}/widget?key={WIDGET_KEY}"},
-                                   session=page)
-        assert "errorText" not in navigated, navigated
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        cdp.listeners.append(traffic)
+        page = await open_page(cdp)
+        await page.navigate(f"{stack.base_url}/widget?key={WIDGET_KEY}")
         mounted = "document.readyState === 'complete' && !!document.querySelector('#voxlog-widget .vx-start')"
-        while await cdp.evaluate(mounted, session=page) is not True:
-            assert not cdp.exceptions, f"JavaScript exceptions on the page\n{cdp.diagnostics()}"
-            assert time.monotonic() < deadline, f"the widget did not mount\n{cdp.diagnostics()}"
-            await asyncio.sleep(0.1)
-        await cdp.evaluate(WATCH_STATUS, session=page)
-        await cdp.evaluate("document.querySelector('#voxlog-widget .vx-start').click()", session=page,
-                           user_gesture=True)
+        await page.wait_for(mounted, timeout_s=STARTUP_TIMEOUT_S, what="the widget mounted")
+        await page.evaluate(WATCH_STATUS)
+        await page.click("#voxlog-widget .vx-start")
         clicked = time.monotonic()
 
         state: dict[str, Any] = {}
         deadline = clicked + CALL_TIMEOUT_S
         while True:
-            state = await cdp.evaluate(PAGE_STATE, session=page)
+            state = await page.evaluate(PAGE_STATE)
             problem = next((s for s in state["statuses"] if s.startswith(("error", "call ended", "disconnected"))),
                            None)
             assert problem is None, f"the widget stopped: {problem!r}\n{state}\n{cdp.diagnostics()}"
@@ -364,13 +200,13 @@ async def test_a_caller_reports_a_problem_through_the_widget_in_chromium(stack: 
 
         # The caller listens to the whole answer before closing the page.
         deadline = time.monotonic() + CALL_TIMEOUT_S
-        while (answer_frames := answer_heard(cdp)) is None:
-            assert time.monotonic() < deadline, f"the ticket answer's audio did not all come\n{cdp.received}"
+        while (answer_frames := answer_heard(traffic)) is None:
+            assert time.monotonic() < deadline, f"the ticket answer's audio did not all come\n{traffic.received}"
             assert not cdp.exceptions, f"JavaScript exceptions on the page\n{cdp.diagnostics()}"
             await asyncio.sleep(0.25)
         heard = time.monotonic()
         assert answer_frames > 50, f"{answer_frames} audio frames came for the ticket answer"
-        assert cdp.audio_sent > 250, f"the page sent {cdp.audio_sent} audio frames"  # 20 ms each
+        assert traffic.audio_sent > 250, f"the page sent {traffic.audio_sent} audio frames"  # 20 ms each
 
         assert "connected" in state["statuses"], state["statuses"]
         call_id = state["callId"]
@@ -379,7 +215,7 @@ async def test_a_caller_reports_a_problem_through_the_widget_in_chromium(stack: 
         assert caller_lines(state), f"no caller line in the transcript: {state['lines']}"
         assert all(line["speaker"] in ("caller", "agent") for line in state["lines"]), state["lines"]
 
-        await cdp.send("Target.closeTarget", {"targetId": target})  # the caller closes the tab: the socket closes
+        await page.close()  # the caller closes the tab: the socket closes
         assert not cdp.exceptions, cdp.diagnostics()
 
     try:
