@@ -190,13 +190,17 @@ async def tenant_of(
 Caller = Annotated[tuple[TenantSpec, str], Depends(tenant_of)]
 
 
+TENANT_API_REFUSALS: dict[int | str, dict[str, Any]] = {
+    401: refusal("No API key, or not one of a tenant's."),
+    503: {**refusal("The gateway cannot record requests now (its log is away, or it is shutting down)."),
+          "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}},
+    429: {**refusal("Over the key's request rate (or this address sent too many invalid keys)."),
+          "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}}}
+"""What every route of the tenant API may answer before it does anything (`tenant_of`)."""
+
+
 def api_router(runtime: GatewayRuntime) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["tenant API"], responses={
-        401: refusal("No API key, or not one of a tenant's."),
-        503: {**refusal("The gateway cannot record requests now (its log is away, or it is shutting down)."),
-              "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}},
-        429: {**refusal("Over the key's request rate (or this address sent too many invalid keys)."),
-              "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}}})
+    router = APIRouter(prefix="/v1", tags=["tenant API"], responses=TENANT_API_REFUSALS)
 
     @router.post("/calls", status_code=202, response_model=DialAccepted,
                  responses={400: UNREADABLE_BODY, 404: refusal("The tenant has no such agent."),

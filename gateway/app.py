@@ -1,4 +1,5 @@
-"""The FastAPI application: Twilio's calls, the web widget, the tenant API, health and metrics.
+"""The FastAPI application: Twilio's calls, the web widget, the tenant API, the QA console, health and
+metrics.
 
 `create_app(runtime)` puts the gateway runtime (`gateway.runtime.GatewayRuntime`) behind the routes of
 each channel and API; the runtime starts and stops with the app's lifespan. `voxlog serve` runs it
@@ -17,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.api import api_router
+from gateway.console import call_views_router, console_router
 from gateway.runtime import GatewayRuntime
 from gateway.twilio_call_flow import TwilioCallFlow
 from gateway.widget import widget_router
@@ -77,4 +79,6 @@ def create_app(runtime: GatewayRuntime) -> FastAPI:
     app.include_router(TwilioCallFlow(runtime).router())
     app.include_router(widget_router(runtime))
     app.include_router(api_router(runtime))
+    app.include_router(call_views_router(runtime))
+    app.include_router(console_router())
     return app

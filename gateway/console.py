@@ -1,0 +1,456 @@
+"""The QA console: a page in the browser (`GET /console`, its script and style from `static/`, nothing
+from elsewhere) over the tenant API's call views: `GET /v1/calls` lists a tenant's calls (filtered,
+paged), `GET /v1/calls/{id}` gives one call (its turns and latencies, transcript aligned to the
+recording, tool calls, errors and fallbacks, the event timeline, and the replay check), and the
+recording comes from `GET /v1/calls/{id}/recording` (gateway.api).
+
+The page is public and shows nothing without a tenant API key, which it keeps in the tab's
+sessionStorage and sends as `Authorization: Bearer KEY`; every route filters by the key's tenant,
+and another tenant's call is answered as an unknown one (404). Text comes from the redacted
+analyst tables (`projections.call_views`); the timeline names each event's type, position and time
+with a few fields that are never personal; the replay's divergence shows its payloads redacted.
+The page builds its DOM from text nodes only and is served under a Content-Security-Policy without
+inline script, so nothing a caller said can become markup or script.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, Response
+from pydantic import BaseModel, Field
+
+from consumers.event_reader import read_call
+from gateway.api import TENANT_API_REFUSALS, Caller, refusal
+from gateway.runtime import GatewayRuntime
+from gateway.widget import JAVASCRIPT, STATIC
+from projections.audit import epoch_us
+from projections.call_views import CallFilter, CallViews
+from projections.store import AnalyticsError
+from projections.tables import EARLIEST_US, LATEST_US
+from schemas.base import Event, EventPayload
+from schemas.topics import CALLS, COMMANDS
+from streams.call.replay import agent_for, verify_call
+from streams.config.agents import RoutingError
+from streams.redaction import default_redactor, redact_field
+
+log = logging.getLogger(__name__)
+
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; media-src blob:; "
+    "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+"""The console's: its own script and style only (no inline script, no other origin), fetches to this
+gateway only, the recording from the blob the page made of it."""
+PAGE_HEADERS = {"Content-Security-Policy": CONTENT_SECURITY_POLICY, "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+PAGE_SIZE_MAX = 200
+LOOKBACK_MS = 60_000
+"""A call's events start at its `call.started`; reading the log from a minute before its start time bounds
+Kafka's scan."""
+
+# Fields of each event type the timeline shows: never a personal one (no text, number, digit, JSON
+# argument or result, free-form error message); all else is the event's type, seq and time.
+TIMELINE_FIELDS: dict[str, tuple[str, ...]] = {
+    "call.started": ("channel", "direction", "agent_id", "routed_by"),
+    "call.answered": ("answered_by",),
+    "call.ended": ("reason", "outcome", "duration_ms"),
+    "call.hangup_requested": ("reason",),
+    "call.status": ("status",),
+    "consent.given": ("kind", "method"),
+    "consent.refused": ("kind", "method"),
+    "speech.started": ("offset_ms",),
+    "speech.stopped": ("offset_ms", "duration_ms"),
+    "transcript.interim": ("provider",),
+    "transcript.final": ("provider", "model", "confidence", "latency_ms", "start_ms", "end_ms"),
+    "turn.taken": ("turn_index", "end_of_turn_ms"),
+    "turn.barge_in": ("offset_ms", "played_ms"),
+    "llm.requested": ("turn_index", "provider", "model", "message_count"),
+    "llm.decided": ("provider", "model", "finish_reason", "time_to_first_token_ms", "total_ms"),
+    "tool.requested": ("tool", "tool_call_id"),
+    "tool.succeeded": ("tool", "attempt", "latency_ms"),
+    "tool.failed": ("tool", "attempt", "retryable", "dead_lettered", "latency_ms"),
+    "tts.requested": ("provider", "voice"),
+    "tts.completed": ("provider", "voice", "time_to_first_byte_ms", "audio_ms", "interrupted"),
+    "handoff.completed": ("outcome",),
+    "handoff.outcome": ("outcome", "duration_s"),
+    "guardrail.triggered": ("stage", "rule", "action", "turn_index"),
+    "provider.fallback": ("capability", "from_provider", "to_provider", "turn_index"),
+    "error.raised": ("component", "provider", "kind", "retryable", "fatal"),
+    "timer.set": ("name",),
+    "timer.fired": ("name",),
+    "timer.cancelled": ("name",),
+    "memory.loaded": ("source",),
+    "dtmf.received": ("offset_ms",),
+}
+
+
+class CallSummary(BaseModel):
+    """One call in the list. Times are microseconds since the epoch (UTC)."""
+
+    call_id: str
+    agent_id: str
+    agent_version: str
+    channel: str
+    direction: str
+    started_at: int
+    ended_at: int | None = Field(description="None while the call is live.")
+    duration_ms: int | None
+    outcome: str
+    end_reason: str
+    turns: int
+    tool_calls: int
+    barge_ins: int
+    errors: int
+    fallbacks: int = Field(description="Times a provider fell back to another.")
+    handoff: int
+    consent: str
+    recording_withheld: str
+    recording: bool = Field(description="Whether its recording is complete (GET /v1/calls/{id}/recording).")
+
+
+class CallChoices(BaseModel):
+    """The values the filters can take, from the tenant's calls."""
+
+    agents: list[str]
+    agent_versions: list[str]
+    outcomes: list[str]
+
+
+class CallList(BaseModel):
+    calls: list[CallSummary]
+    total: int = Field(description="Calls that pass the filters, in all.")
+    limit: int
+    offset: int
+    choices: CallChoices
+
+
+class CallRow(CallSummary):
+    fallbacks: int = 0
+    recording: bool = False
+    routed_by: str
+    from_number: str = Field(description="Masked but for its last 2 digits.")
+    to_number: str = Field(description="Masked but for its last 2 digits.")
+    handoff_outcome: str
+    consent_mode: str
+    consent_method: str
+
+
+class TurnView(BaseModel):
+    """A caller turn, what was said (redacted) and what each step cost, in milliseconds."""
+
+    turn_index: int
+    at: int
+    caller_text: str
+    agent_text: str
+    asr_provider: str
+    asr_model: str
+    asr_confidence: float
+    asr_latency_ms: int
+    llm_provider: str
+    llm_model: str
+    llm_calls: int
+    input_tokens: int
+    output_tokens: int
+    llm_first_token_ms: int
+    llm_total_ms: int
+    tts_provider: str
+    tts_voice: str
+    tts_first_byte_ms: int
+    voice_to_voice_ms: float | None
+    barge_in: int
+    guardrail: str
+
+
+class TranscriptLine(BaseModel):
+    seq: int
+    at: int
+    speaker: str
+    text: str = Field(description="What was said, PII redacted.")
+    start_ms: int | None
+    end_ms: int | None
+    confidence: float | None
+    position_ms: int | None = Field(description="Where the line is in the recording.")
+
+
+class ToolCallView(BaseModel):
+    tool_call_id: str
+    tool: str
+    requested_at: int | None
+    arguments: str = Field(description="JSON, PII redacted.")
+    result: str = Field(description="JSON, PII redacted; empty unless it succeeded.")
+    outcome: str
+    error: str
+    attempts: int
+    latency_ms: int
+
+
+class ErrorView(BaseModel):
+    """An error, or a provider's fallback (kind `fallback`)."""
+
+    seq: int
+    at: int
+    component: str
+    provider: str
+    kind: str
+    message: str = Field(description="PII redacted.")
+    retryable: int
+    fatal: int
+    fallback_to: str
+
+
+class RecordingView(BaseModel):
+    complete: int
+    duration_ms: int
+    started_at: int = Field(description="The recording's time zero.")
+    channels: int
+    sample_rate: int
+
+
+class TimelineEvent(BaseModel):
+    seq: int
+    type: str
+    at: int = Field(description="Event time, microseconds since the epoch.")
+    producer: str
+    fields: dict[str, str | int | float | bool | None] = Field(
+        description="A few fields that are never personal (providers, tools, reasons, timings).")
+    pii_withheld: bool = Field(description="Its personal fields no longer open (erased, or past retention).")
+
+
+class Divergence(BaseModel):
+    seq: int
+    event_type: str
+    reason: str = Field(description="What was recorded and what the core decides now; payloads PII redacted.")
+
+
+class ReplayView(BaseModel):
+    """The call's inputs run through the core again (streams.call.replay)."""
+
+    status: Literal["identical", "diverged", "erased", "unavailable"]
+    decisions: int = Field(description="Decisions checked.")
+    divergence: Divergence | None
+    detail: str
+
+
+class CallDetail(BaseModel):
+    call_id: str
+    call: CallRow | None = Field(description="Its row of `calls`; None when the tables hold none (erased, or "
+                                             "not projected yet) though the log does.")
+    turns: list[TurnView]
+    transcript: list[TranscriptLine]
+    tool_calls: list[ToolCallView]
+    errors: list[ErrorView]
+    recording: RecordingView | None
+    timeline: list[TimelineEvent] = Field(description="The call's events but its audio (voxlog.calls and "
+                                                      "voxlog.commands), in seq order.")
+    replay: ReplayView
+
+
+def _epoch_us(value: datetime | None) -> int | None:
+    """A filter's time (naive: UTC), held within what ClickHouse's DateTime64 can hold."""
+    return None if value is None else min(max(epoch_us(value), EARLIEST_US), LATEST_US)
+
+
+def timeline(events: Sequence[Event[EventPayload]]) -> list[TimelineEvent]:
+    out = []
+    for event in events:
+        payload = event.payload
+        shown: dict[str, str | int | float | bool | None] = {}
+        for name in TIMELINE_FIELDS.get(event.type, ()):
+            value = getattr(payload, name, None)
+            if value is None or isinstance(value, str | int | float | bool):
+                shown[name] = value
+        out.append(TimelineEvent(seq=event.seq, type=event.type, at=event.envelope.event_time_us,
+                                 producer=event.envelope.producer, fields=shown, pii_withheld=event.pii_withheld))
+    return out
+
+
+def redact_payloads(reason: str) -> str:
+    """A replay's reason with each payload in it (`type {...}`, a Python dict's text) redacted as the
+    projections redact JSON (text, numbers, names in name fields); one that cannot be read becomes `{…}`."""
+    out: list[str] = []
+    i = 0
+    while i < len(reason):
+        if reason[i] != "{":
+            out.append(reason[i])
+            i += 1
+            continue
+        end = _closing_brace(reason, i)
+        if end is None:
+            out.append("{…}")
+            break
+        try:
+            document = ast.literal_eval(reason[i:end + 1])
+            text = json.dumps(document, default=lambda v: v.hex() if isinstance(v, bytes) else str(v))
+            out.append(redact_field("json", text, default_redactor()) or "{}")
+        except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
+            out.append("{…}")
+        i = end + 1
+    return "".join(out)
+
+
+def _closing_brace(text: str, start: int) -> int | None:
+    """Where the `{` at `start` closes, skipping Python string literals; None if it never does."""
+    depth, i, quote = 0, start, ""
+    while i < len(text):
+        c = text[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = ""
+        elif c in "'\"":
+            quote = c
+        elif c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return None
+
+
+def replay_view(events: Sequence[Event[EventPayload]], runtime: GatewayRuntime) -> ReplayView:
+    if not events:
+        return ReplayView(status="unavailable", decisions=0, divergence=None, detail="the log holds no events of it")
+    try:
+        agent = agent_for(events, runtime.router)
+    except RoutingError as exc:
+        return ReplayView(status="unavailable", decisions=0, divergence=None, detail=str(exc))
+    result = verify_call(events, agent)
+    if result.erased:
+        return ReplayView(status="erased", decisions=0, divergence=None,
+                          detail="its personal data was destroyed (erasure or retention): nothing to replay it from")
+    if result.divergence is None:
+        return ReplayView(status="identical", decisions=result.decisions, divergence=None,
+                          detail=f"the core decides the same {result.decisions} decisions again")
+    d = result.divergence
+    return ReplayView(status="diverged", decisions=result.decisions,
+                      divergence=Divergence(seq=d.seq, event_type=d.event_type, reason=redact_payloads(d.reason)),
+                      detail=f"first divergence at seq {d.seq} ({d.event_type}), after {result.decisions} "
+                             "identical decisions")
+
+
+def console_router() -> APIRouter:
+    """`GET /console` and its files."""
+    router = APIRouter(tags=["QA console"])
+
+    @router.get("/console", response_class=HTMLResponse,
+                responses={200: {"description": "The QA console: give it a tenant API key."}})
+    async def console() -> Response:
+        """The QA console, for a browser: a tenant's calls, each with its recording, transcript,
+        latencies, tool calls, errors, event timeline, replay check and what-if."""
+        return FileResponse(STATIC / "console.html", media_type="text/html", headers=PAGE_HEADERS)
+
+    @router.get("/console/console.js", response_class=FileResponse, responses={200: {
+        "description": "The console's script.", "content": {JAVASCRIPT: {"schema": {"type": "string"}}}}})
+    async def script() -> FileResponse:
+        return FileResponse(STATIC / "console.js", media_type=JAVASCRIPT, headers=PAGE_HEADERS)
+
+    @router.get("/console/console.css", response_class=FileResponse, responses={200: {
+        "description": "The console's style sheet.", "content": {"text/css": {"schema": {"type": "string"}}}}})
+    async def style() -> FileResponse:
+        return FileResponse(STATIC / "console.css", media_type="text/css", headers=PAGE_HEADERS)
+
+    return router
+
+
+def call_views_router(runtime: GatewayRuntime) -> APIRouter:
+    """`GET /v1/calls` and `GET /v1/calls/{call_id}`, in the tenant API."""
+    router = APIRouter(prefix="/v1", tags=["tenant API"], responses=TENANT_API_REFUSALS)
+    held: list[CallViews] = []
+
+    def views() -> CallViews:
+        store = runtime.analytics
+        if store is None:
+            raise AnalyticsError(f"analytics unavailable: {runtime.analytics_error}")
+        if not held or held[0].store is not store:
+            held[:] = [CallViews(store)]
+        return held[0]
+
+    async def audit(request: Request, caller: tuple[Any, str], call_id: str, action: str, outcome: str,
+                    detail: str) -> None:
+        tenant, key_id = caller
+        await runtime.audit(tenant_id=tenant.id, call_id=call_id, actor=f"api-key:{key_id}", action=action,
+                            resource=call_id if call_id != "-" else "calls", outcome=outcome, detail=detail[:2000],
+                            remote_addr=request.client.host if request.client else None)
+
+    unavailable = refusal("Analytics is unavailable; try again shortly.")
+
+    @router.get("/calls", response_model=CallList, responses={503: unavailable})
+    async def list_calls(
+        caller: Caller, request: Request,
+        agent: Annotated[str | None, Query(max_length=64, description="Only this agent's calls.")] = None,
+        agent_version: Annotated[str | None, Query(max_length=100,
+                                                   description="Only calls under this version of the agent.")] = None,
+        outcome: Annotated[str | None, Query(max_length=64, description="booked, ticket_created, ...")] = None,
+        since: Annotated[datetime | None, Query(description="Started at or after (ISO 8601; UTC if no zone).")] = None,
+        until: Annotated[datetime | None, Query(description="Started before (ISO 8601; UTC if no zone).")] = None,
+        errors: Annotated[bool | None, Query(description="true: only calls with errors; false: only without.")] = None,
+        fallbacks: Annotated[bool | None, Query(
+            description="true: only calls where a provider fell back to another; false: only without.")] = None,
+        limit: Annotated[int, Query(ge=1, le=PAGE_SIZE_MAX)] = 25,
+        offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+    ) -> CallList:
+        """The tenant's calls, newest first, a page at a time (`limit` from `offset`; `total` says how many
+        pass the filters), with what the filters can be. Every listing is audited (`calls.listed`)."""
+        tenant, _ = caller
+        filters = CallFilter(agent=agent or None, agent_version=agent_version or None, outcome=outcome or None,
+                             since_us=_epoch_us(since), until_us=_epoch_us(until), errors=errors, fallbacks=fallbacks)
+        try:
+            page = await asyncio.to_thread(views().list_calls, tenant.id, filters, limit=limit, offset=offset)
+        except AnalyticsError as exc:
+            log.warning("the call list is unavailable: %s", exc)
+            await audit(request, caller, "-", "calls.listed", "failed", "analytics unavailable")
+            raise HTTPException(503, "analytics is unavailable right now; try again shortly") from exc
+        await audit(request, caller, "-", "calls.listed", "accepted",
+                    f"{len(page.calls)} of {page.total}: {request.url.query}")
+        return CallList(calls=[CallSummary.model_validate(c) for c in page.calls], total=page.total, limit=limit,
+                        offset=offset, choices=CallChoices.model_validate(page.choices))
+
+    @router.get("/calls/{call_id}", response_model=CallDetail, responses={
+        404: refusal("No such call for this tenant (unknown, or another's)."), 503: unavailable})
+    async def call_detail(call_id: str, caller: Caller, request: Request) -> CallDetail:
+        """One call: its row, turns with their latencies, transcript (aligned to the recording), tool
+        calls, errors and fallbacks from the redacted tables; its event timeline from the log; and the
+        replay check (identical, the first divergence, or erased). Audited (`call.read`)."""
+        tenant, _ = caller
+        try:
+            rows = await asyncio.to_thread(views().call, tenant.id, call_id)
+        except AnalyticsError as exc:
+            log.warning("call %s is unavailable: %s", call_id, exc)
+            raise HTTPException(503, "analytics is unavailable right now; try again shortly") from exc
+        started = rows.call["started_at"] if rows.call else None
+        async with runtime.backend.admin() as admin:
+            history = await read_call(admin, call_id, topics=(CALLS, COMMANDS),
+                                      since_ms=started // 1000 - LOOKBACK_MS if started is not None else None)
+        events = history.events
+        if events and events[0].tenant_id != tenant.id:
+            events = []  # another tenant's call: as unknown as none
+        if rows.call is None and not events:
+            await audit(request, caller, call_id, "call.read", "failed", "no such call")
+            raise HTTPException(404, "no such call")
+        await audit(request, caller, call_id, "call.read", "accepted", "")
+        replay = await asyncio.to_thread(replay_view, events, runtime)
+        if history.undecodable and replay.status != "unavailable":
+            replay = ReplayView(status="unavailable", decisions=0, divergence=None,
+                                detail=f"{len(history.undecodable)} of its records cannot be decoded")
+        return CallDetail(
+            call_id=call_id,
+            call=CallRow.model_validate(rows.call) if rows.call else None,
+            turns=[TurnView.model_validate(t) for t in rows.turns],
+            transcript=[TranscriptLine.model_validate(t) for t in rows.transcript],
+            tool_calls=[ToolCallView.model_validate(t) for t in rows.tool_calls],
+            errors=[ErrorView.model_validate(e) for e in rows.errors],
+            recording=RecordingView.model_validate(rows.recording) if rows.recording else None,
+            timeline=timeline(events), replay=replay)
+
+    return router
+
