@@ -2,12 +2,47 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 from schemas.base import Event, EventPayload
 from schemas.envelope import Envelope
-from streams.call.core import CORE_PRODUCER, CallState, Decision, decide, new_state
+from schemas.events import (
+    CallAnswered,
+    CallEnded,
+    CallStarted,
+    DtmfReceived,
+    HandoffCompleted,
+    SpeechStarted,
+    SpeechStopped,
+    TimerFired,
+    ToolFailed,
+    ToolSucceeded,
+    TranscriptFinal,
+    TtsCompleted,
+)
+from streams.call.core import (
+    CORE_PRODUCER,
+    CallLlm,
+    CallState,
+    CancelTimer,
+    Decision,
+    Hangup,
+    RunTool,
+    Speak,
+    StartTimer,
+    StopSpeaking,
+    Transfer,
+    decide,
+    new_state,
+    outcome,
+)
+from streams.call.session import llm_decided
 from streams.config.agents import AgentSpec
+from streams.providers.llm_scripted import ScriptedLlm
 
 
 class CoreSim:
@@ -39,3 +74,106 @@ class CoreSim:
         for payload in payloads:
             out += self.feed(payload)
         return out
+
+
+# -- a whole call played against the core, the world answering as a gateway's would -------------------------
+
+
+@dataclass(frozen=True)
+class CallerStep:
+    """What the caller does next: `say` words after the agent has finished speaking, `barge` words over it,
+    `press` a key, or stay silent for `silence_s` (the core's timers fire meanwhile)."""
+
+    kind: Literal["say", "barge", "press", "silence"]
+    text: str = ""
+    silence_s: float = 0.0
+
+
+async def play_call(agent: AgentSpec, steps: Sequence[CallerStep], *, call_id: str = "call-1",
+                    failing_tools: frozenset[str] = frozenset(), handoff_outcome: str = "connected") -> CoreSim:
+    """A recorded call: the caller's steps, the core's decisions, and the world's answers as a session
+    records them (the offline scripted policy for the LLM, tools that succeed unless named in
+    `failing_tools`, speech that ends before the caller's next words unless they barge in, timers that
+    fire in silences, transfers with `handoff_outcome`), ended by the caller if the agent did not hang up."""
+    sim = CoreSim(agent, call_id=call_id)
+    llm = ScriptedLlm(agent)
+    speaking: list[str] = []
+    timers: dict[str, tuple[str, int]] = {}
+    hung_up = False
+
+    async def answer(decisions: list[Decision]) -> None:
+        nonlocal hung_up
+        queue = deque(decisions)
+        while queue:
+            action = queue.popleft().action
+            match action:
+                case CallLlm(request=request):
+                    result = await llm.complete(request, timeout_s=5)
+                    queue.extend(sim.feed(llm_decided(request, result, llm.name)))
+                case RunTool(tool_call_id=tool_call_id, name=name):
+                    if name in failing_tools:
+                        queue.extend(sim.feed(ToolFailed(tool_call_id=tool_call_id, tool=name, error="unreachable",
+                                                         retryable=True, attempt=3, dead_lettered=True, latency_ms=5)))
+                    else:
+                        result_json = json.dumps({"when": "tomorrow at 10 am", "confirmation": "C123",
+                                                  "ticket_id": "T42"})
+                        queue.extend(sim.feed(ToolSucceeded(tool_call_id=tool_call_id, tool=name,
+                                                            result_json=result_json, attempt=1, latency_ms=5)))
+                case Speak(request_id=request_id):
+                    speaking.append(request_id)
+                case StopSpeaking(request_id=request_id) if request_id in speaking:
+                    speaking.remove(request_id)
+                    queue.extend(sim.feed(TtsCompleted(request_id=request_id, provider="flite", voice="slt",
+                                                       time_to_first_byte_ms=30, audio_ms=400, audio_bytes=3200,
+                                                       interrupted=True)))
+                case StartTimer(timer_id=timer_id, name=name, due_us=due_us):
+                    timers[timer_id] = (name, due_us)
+                case CancelTimer(timer_id=timer_id):
+                    timers.pop(timer_id, None)
+                case Transfer(handoff_id=handoff_id, target=target):
+                    queue.extend(sim.feed(HandoffCompleted(handoff_id=handoff_id, target=target,
+                                                           outcome=handoff_outcome, detail=None)))
+                case Hangup():
+                    hung_up = True
+
+    async def finish_speaking() -> None:
+        while speaking and not hung_up:
+            request_id = speaking.pop(0)
+            await answer(sim.feed(TtsCompleted(request_id=request_id, provider="flite", voice="slt",
+                                               time_to_first_byte_ms=30, audio_ms=1500, audio_bytes=12000,
+                                               interrupted=False), after_ms=1500))
+
+    await answer(sim.feed(CallStarted(channel="phone", direction="inbound", agent_id=agent.id,
+                                      agent_version=agent.version, routed_by="number")))
+    await answer(sim.feed(CallAnswered(answered_by=None)))
+    for n, step in enumerate(steps):
+        if hung_up:
+            break
+        if step.kind != "barge":
+            await finish_speaking()
+        if step.kind == "silence":
+            until = sim.now_us + int(step.silence_s * 1_000_000)
+            while not hung_up:
+                due = sorted((due_us, timer_id, name) for timer_id, (name, due_us) in timers.items() if due_us <= until)
+                if not due:
+                    break
+                due_us, timer_id, name = due[0]
+                del timers[timer_id]
+                sim.now_us = max(sim.now_us, due_us)
+                await answer(sim.feed(TimerFired(timer_id=timer_id, name=name, set_by_seq=0, due_us=due_us),
+                                      after_ms=0))
+                await finish_speaking()
+            sim.now_us = max(sim.now_us, until)
+            continue
+        if step.kind == "press":
+            await answer(sim.feed(DtmfReceived(digit=step.text, offset_ms=0)))
+            continue
+        await answer(sim.feed(SpeechStarted(offset_ms=0)))
+        await answer(sim.feed(SpeechStopped(offset_ms=900, duration_ms=900), after_ms=900))
+        await answer(sim.feed(TranscriptFinal(utterance_id=f"u{n}", text=step.text, confidence=0.9, provider="p",
+                                              model="m", start_ms=0, end_ms=900, latency_ms=120)))
+    await finish_speaking()
+    reason = "agent_hangup" if hung_up else "caller_hangup"
+    sim.feed(CallEnded(reason=reason, duration_ms=(sim.now_us - sim.events[0].envelope.event_time_us) // 1000,
+                       outcome=outcome(sim.state)))
+    return sim
