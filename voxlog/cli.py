@@ -443,6 +443,29 @@ def bench_asr_command(
     console.print(f"-> {out}")
 
 
+@bench_app.command("replay")
+def bench_replay_command(
+    out: Annotated[Path, typer.Option(help="JSON file the results are written to.")],
+    calls: Annotated[int, typer.Option(min=1, help="Calls written and replayed.")] = 1000,
+    passes: Annotated[int, typer.Option(min=1, help="Timed passes of each phase (medians).")] = 3,
+) -> None:
+    """Reading, replay verify and replay whatif (same agent; a reworded greeting) over the same calls."""
+    from voxlog.bench import write_result
+    from voxlog.bench_replay import bench_replay
+
+    settings = Settings()
+    bench_home = settings.home / "bench-replay"
+    backend = log_backend(settings) if settings.kafka_bootstrap else EmbeddedBackend(
+        bench_home / "log.db", keystore_at(bench_home.resolve() / "keystore"))
+    router = agents_router(settings)
+    agent = router.get("demo", "front-desk")
+    result = asyncio.run(bench_replay(backend, router, agent, calls=calls, passes=passes))
+    write_result(result, out)
+    for name, phase in result["phases"].items():
+        typer.echo(f"{name}: {phase['calls_per_s']} calls/s, {phase['events_per_s']} events/s, "
+                   f"{phase['wall_s']} s wall, {phase['cpu_s']} s CPU, x{phase['wall_ratio_to_reading']} of reading")
+
+
 @bench_app.command("projections")
 def bench_projections_command(
     out: Annotated[Path, typer.Option(help="JSON file the results are written to.")],

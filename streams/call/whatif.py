@@ -319,7 +319,9 @@ class _WhatIf:
         self.llm = llm
         self.llm_label = llm_label
         self.llm_timeout_s = llm_timeout_s
-        self.recorded_requests = llm_requests_of(events, recorded_agent) if recorded_agent is not None else None
+        # The same definition makes the same requests until something differs (`diverged`): none to rebuild.
+        rebuild = recorded_agent is not None and recorded_agent.version != agent.version
+        self.recorded_requests = llm_requests_of(events, recorded_agent) if rebuild and recorded_agent else None
         self.same_model = _same_model(agent, recorded_agent)
         self.state: CallState = new_state(agent)
         self.turns = _TurnLog()
@@ -421,7 +423,7 @@ class _WhatIf:
     def _identical(self, request: LlmRequest) -> bool:
         if self.recorded_requests is not None:
             return self.recorded_requests.get(request.request_id) == request
-        # Without the recorded agent's definition: its request's summary, and nothing different before it.
+        # The same definition, or the recorded one unknown: its request's summary, and nothing different before.
         return not self.diverged
 
     def _act(self, decisions: list[Decision]) -> None:
@@ -532,7 +534,9 @@ async def whatif_call(events: Sequence[Event[EventPayload]], agent: AgentSpec, l
         return WhatIfResult(call_id, then_ref, now_ref, (), llm_label, problem="the call has not ended")
     if recorded_agent is not None and recorded_agent.version != started.agent_version:
         recorded_agent = None
-    run = _WhatIf(events, agent, llm, llm_label, recorded_agent, llm_timeout_s)
+    # Audio is no input of the core's (nor an answer of the world's): left out, the passes below are short.
+    inputs = [event for event in events if not event.type.startswith("audio.")]
+    run = _WhatIf(inputs, agent, llm, llm_label, recorded_agent, llm_timeout_s)
     await run.run()
     return run.compare(then_ref, now_ref)
 

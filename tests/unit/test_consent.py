@@ -38,7 +38,7 @@ from streams.config.consent import (
     request_after,
 )
 from streams.config.tenants import TenantSpec
-from tests.core_sim import CoreSim
+from voxlog.sim.core_calls import CoreSim
 from tests.unit.test_core import AGENT, done, final
 
 NOTICE = AGENT.consent.text

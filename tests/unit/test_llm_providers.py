@@ -46,7 +46,7 @@ from streams.providers.base import (
 from streams.providers.cloud import StreamTimeouts, retry_after_s
 from streams.providers.llm_anthropic import AnthropicLlm
 from streams.providers.llm_openai import OpenAiLlm
-from tests.core_sim import CoreSim
+from voxlog.sim.core_calls import CoreSim
 from tests.provider_server import Fault, ProviderServer, Reply
 from voxlog.settings import DEFAULT_AGENTS_DIR
 

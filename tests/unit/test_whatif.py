@@ -14,7 +14,7 @@ from schemas.base import Event, EventPayload
 from streams.call.whatif import WhatIfResult, report_lines, whatif_call
 from streams.config.agents import AgentSpec, load_agents
 from streams.providers.llm_scripted import ScriptedLlm
-from tests.core_sim import CallerStep, play_call
+from voxlog.sim.core_calls import CallerStep, play_call
 from voxlog.settings import DEFAULT_AGENTS_DIR
 
 AGENT = next(a for a in load_agents(DEFAULT_AGENTS_DIR) if a.id == "front-desk")

@@ -1,4 +1,6 @@
-"""Plays input events through the core the way a session does, producing a recorded call."""
+"""Recorded calls made without a gateway: input events played through the core the way a session does
+(`CoreSim`), and whole calls whose world answers as a gateway's would (`play_call`). For the tests of the
+core and of replay, and the replay benchmark."""
 
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ from typing import Literal
 from schemas.base import Event, EventPayload
 from schemas.envelope import Envelope
 from schemas.events import (
+    AgentAudioChunk,
     CallAnswered,
     CallEnded,
+    CallerAudioChunk,
     CallStarted,
     DtmfReceived,
     HandoffCompleted,
@@ -43,6 +47,9 @@ from streams.call.core import (
 from streams.call.session import llm_decided
 from streams.config.agents import AgentSpec
 from streams.providers.llm_scripted import ScriptedLlm
+
+FRAME_MS = 20
+SILENT_FRAME = b"\xff" * 160  # 20 ms of mu-law silence at 8 kHz
 
 
 class CoreSim:
@@ -90,12 +97,28 @@ class CallerStep:
 
 
 async def play_call(agent: AgentSpec, steps: Sequence[CallerStep], *, call_id: str = "call-1",
-                    failing_tools: frozenset[str] = frozenset(), handoff_outcome: str = "connected") -> CoreSim:
+                    failing_tools: frozenset[str] = frozenset(), handoff_outcome: str = "connected",
+                    audio: bool = False) -> CoreSim:
     """A recorded call: the caller's steps, the core's decisions, and the world's answers as a session
     records them (the offline scripted policy for the LLM, tools that succeed unless named in
     `failing_tools`, speech that ends before the caller's next words unless they barge in, timers that
-    fire in silences, transfers with `handoff_outcome`), ended by the caller if the agent did not hang up."""
+    fire in silences, transfers with `handoff_outcome`), ended by the caller if the agent did not hang up.
+    `audio`: with both sides' audio chunks, a 20 ms frame of mu-law each, while each side speaks."""
     sim = CoreSim(agent, call_id=call_id)
+    frames = {"caller": 0, "agent": 0}
+
+    def speech(side: Literal["caller", "agent"], duration_ms: int, tts_request_id: str | None = None) -> None:
+        if not audio:
+            return
+        for _ in range(duration_ms // FRAME_MS):
+            index = frames[side]
+            frames[side] += 1
+            offset_ms = index * FRAME_MS
+            sim.feed(CallerAudioChunk(codec="mulaw", sample_rate=8000, chunk_index=index, offset_ms=offset_ms,
+                                      duration_ms=FRAME_MS, audio=SILENT_FRAME) if side == "caller"
+                     else AgentAudioChunk(codec="mulaw", sample_rate=8000, chunk_index=index, offset_ms=offset_ms,
+                                          duration_ms=FRAME_MS, audio=SILENT_FRAME, tts_request_id=tts_request_id),
+                     after_ms=0)
     llm = ScriptedLlm(agent)
     speaking: list[str] = []
     timers: dict[str, tuple[str, int]] = {}
@@ -139,6 +162,7 @@ async def play_call(agent: AgentSpec, steps: Sequence[CallerStep], *, call_id: s
     async def finish_speaking() -> None:
         while speaking and not hung_up:
             request_id = speaking.pop(0)
+            speech("agent", 1500, request_id)
             await answer(sim.feed(TtsCompleted(request_id=request_id, provider="flite", voice="slt",
                                                time_to_first_byte_ms=30, audio_ms=1500, audio_bytes=12000,
                                                interrupted=False), after_ms=1500))
@@ -169,6 +193,7 @@ async def play_call(agent: AgentSpec, steps: Sequence[CallerStep], *, call_id: s
             await answer(sim.feed(DtmfReceived(digit=step.text, offset_ms=0)))
             continue
         await answer(sim.feed(SpeechStarted(offset_ms=0)))
+        speech("caller", 900)
         await answer(sim.feed(SpeechStopped(offset_ms=900, duration_ms=900), after_ms=900))
         await answer(sim.feed(TranscriptFinal(utterance_id=f"u{n}", text=step.text, confidence=0.9, provider="p",
                                               model="m", start_ms=0, end_ms=900, latency_ms=120)))
