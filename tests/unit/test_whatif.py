@@ -11,11 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas.base import Event, EventPayload
-from streams.call.whatif import WhatIfResult, report_lines, whatif_call
+from streams.call.whatif import Act, WhatIfResult, report_lines, whatif_call
 from streams.config.agents import AgentSpec, load_agents
 from streams.providers.llm_scripted import ScriptedLlm
-from voxlog.sim.core_calls import CallerStep, play_call
+from streams.providers.registry import ProviderRegistry
+from streams.providers.settings import ProviderSettings
+from tests.provider_server import ProviderServer
 from voxlog.settings import DEFAULT_AGENTS_DIR
+from voxlog.sim.core_calls import CallerStep, play_call
 
 AGENT = next(a for a in load_agents(DEFAULT_AGENTS_DIR) if a.id == "front-desk")
 OFFLINE = "offline scripted policy"
@@ -158,3 +161,43 @@ def test_the_report_is_redacted_on_request() -> None:
     assert "555 0147" not in redacted
     assert "0147" not in redacted
     assert result.as_dict(redact=True)["changed"] is True
+
+
+def test_a_model_switch_answers_every_new_request_with_that_model() -> None:
+    """`--provider openai --model gpt-4o-mini` on a call the offline policy answered: the requests are not the
+    recorded ones (another model), so OpenAI's real SDK answers each, here from recorded fixtures."""
+    switched = agent_with(llm={"provider": "openai", "model": "gpt-4o-mini"})
+    events = recorded(BOOKING)
+
+    async def run() -> tuple[WhatIfResult, str, list[dict[str, object]]]:
+        async with ProviderServer() as server:
+            for name in ("chat_tool_call_stream", "chat_text_stream", "chat_text_stream", "chat_text_stream"):
+                server.reply(f"openai/{name}")
+            registry = ProviderRegistry(ProviderSettings(openai_api_key="sk-test-whatif",
+                                                         openai_base_url=f"{server.base_url}/v1"))
+            try:
+                llm, label = registry.whatif_llm(switched)
+                result = await whatif_call(events, switched, llm, label, recorded_agent=AGENT)
+            finally:
+                await registry.aclose()
+            return result, label, [request.json() for request in server.requests]
+
+    result, label, requests = asyncio.run(run())
+    assert label == "live openai/gpt-4o-mini"
+    assert [request["model"] for request in requests] == ["gpt-4o-mini"] * 3
+    booking = result.turns[1]
+    assert booking.answered_by == label
+    assert Act("tool", tool="book_appointment", arguments='{"day":"Tuesday","time":"after 2 pm"}') in booking.now
+    # Other arguments than the recorded booking's: the tool is not run, the model hears so and answers.
+    assert any("would have called book_appointment" in note for note in booking.notes)
+    assert Act("say", text="Sure, I can book a technician for Tuesday.") in booking.now
+    assert result.first_difference == 1
+
+
+def test_without_the_models_key_the_offline_policy_answers_and_the_report_says_why() -> None:
+    switched = agent_with(llm={"provider": "anthropic", "model": "claude-sonnet-4"})
+    llm, label = ProviderRegistry(ProviderSettings(anthropic_api_key=None)).whatif_llm(switched)
+    assert label.startswith("offline scripted policy (not anthropic/claude-sonnet-4:")
+    result = asyncio.run(whatif_call(recorded(BOOKING), switched, llm, label, recorded_agent=AGENT))
+    assert not result.changed  # the same script decides; only who answered differs
+    assert result.turns[1].answered_by == label
