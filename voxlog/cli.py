@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from projections.audit import AuditReport
+    from streams.call.whatif import WhatIfResult
     from voxlog.analytics import Analytics
 
 app = typer.Typer(help="voxlog: an AI voice agent whose system of record is an event log.", no_args_is_help=True)
@@ -279,6 +280,77 @@ def replay_verify(
         raise typer.Exit(1)
 
 
+@replay_app.command("whatif")
+def replay_whatif(
+    agent_file: Annotated[Path, typer.Option("--agent", exists=True, dir_okay=False,
+                                             help="The agent definition to try (YAML or TOML).")],
+    call: Annotated[str | None, typer.Argument(help="Call id to re-run.")] = None,
+    all_calls: Annotated[bool, typer.Option("--all", help="Every recorded call of the agent's tenant taken by "
+                                            "--agent-id (default: the file's agent id).")] = False,
+    agent_id: Annotated[str | None, typer.Option(help="With --all: the calls this agent took.")] = None,
+    since: Annotated[datetime.datetime | None, typer.Option(help="With --all: calls started since (UTC unless "
+                                                                 "the time says).")] = None,
+    model: Annotated[str | None, typer.Option(help="Another LLM model for the agent.")] = None,
+    provider: Annotated[str | None, typer.Option(help="Another LLM provider for the agent (openai, anthropic, "
+                                                      "offline-scripted).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Also write the report: .json or .html.")] = None,
+    fail_on_change: Annotated[bool, typer.Option("--fail-on-change",
+                                                 help="Exit 1 when any call changed (a CI gate).")] = False,
+    redact: Annotated[bool, typer.Option(help="PII-redact what is printed and written, as ClickHouse holds "
+                                              "it.")] = True,
+) -> None:
+    """Re-run recorded calls through another agent definition: turn by turn, what the agent decided then and
+    what it decides now, the first difference marked. Tools are never run; an LLM answer is reused only for
+    an identical request, else the new model answers (its key set) or the offline policy does."""
+    from streams.call.whatif import report_json, report_lines
+    from streams.config.agents import AgentConfigError, Provider, load_agent_file
+    from streams.providers.registry import ProviderRegistry
+    from voxlog.replaying import whatif_calls
+    from voxlog.whatif_report import report_html
+
+    if (call is None) == (not all_calls):
+        raise typer.BadParameter("give a CALL_ID or --all")
+    if out is not None and out.suffix not in (".json", ".html"):
+        raise typer.BadParameter("--out must end in .json or .html")
+    try:
+        agent = load_agent_file(agent_file)
+    except AgentConfigError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if model is not None or provider is not None:
+        llm = Provider(provider=provider or agent.llm.provider, model=model or agent.llm.model)
+        agent = agent.model_copy(update={"llm": llm})
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=datetime.UTC)
+    since_us = int(since.timestamp() * 1_000_000) if since is not None else None
+    settings = Settings()
+
+    async def run() -> list[WhatIfResult]:
+        registry = ProviderRegistry()
+        try:
+            return await whatif_calls(log_backend(settings), agents_router(settings), agent, registry,
+                                      [call] if call is not None else None, agent_id=agent_id, since_us=since_us)
+        finally:
+            await registry.aclose()
+
+    results = asyncio.run(run())
+    if redact:
+        results = [result.redacted() for result in results]
+    for result in results:
+        if call is not None or result.changed:
+            for line in report_lines(result):
+                typer.echo(line)
+        else:
+            typer.echo(f"{result.call_id}: {result.summary}")
+    if out is not None:
+        out.write_text(report_json(results) if out.suffix == ".json" else report_html(results))
+    compared = [result for result in results if result.problem is None]
+    changed = sum(1 for result in compared if result.changed)
+    skipped = len(results) - len(compared)
+    typer.echo(f"compared {len(compared)} calls, {changed} changed" + (f", {skipped} not compared" if skipped else ""))
+    if fail_on_change and changed:
+        raise typer.Exit(1)
+
+
 class ScriptedFailureChoice(enum.StrEnum):
     stall = "stall"
     error = "error"
@@ -369,6 +441,29 @@ def bench_asr_command(
         console.print(f"{run['calls']} calls: Whisper gave {run['by_whisper']} of {run['finals']} finals; "
                       f"final p50 {run['final_delay_ms']['p50']} ms, p99 {run['final_delay_ms']['p99']} ms")
     console.print(f"-> {out}")
+
+
+@bench_app.command("replay")
+def bench_replay_command(
+    out: Annotated[Path, typer.Option(help="JSON file the results are written to.")],
+    calls: Annotated[int, typer.Option(min=1, help="Calls written and replayed.")] = 1000,
+    passes: Annotated[int, typer.Option(min=1, help="Timed passes of each phase (medians).")] = 3,
+) -> None:
+    """Reading, replay verify and replay whatif (same agent; a reworded greeting) over the same calls."""
+    from voxlog.bench import write_result
+    from voxlog.bench_replay import bench_replay
+
+    settings = Settings()
+    bench_home = settings.home / "bench-replay"
+    backend = log_backend(settings) if settings.kafka_bootstrap else EmbeddedBackend(
+        bench_home / "log.db", keystore_at(bench_home.resolve() / "keystore"))
+    router = agents_router(settings)
+    agent = router.get("demo", "front-desk")
+    result = asyncio.run(bench_replay(backend, router, agent, calls=calls, passes=passes))
+    write_result(result, out)
+    for name, phase in result["phases"].items():
+        typer.echo(f"{name}: {phase['calls_per_s']} calls/s, {phase['events_per_s']} events/s, "
+                   f"{phase['wall_s']} s wall, {phase['cpu_s']} s CPU, x{phase['wall_ratio_to_reading']} of reading")
 
 
 @bench_app.command("projections")

@@ -60,7 +60,7 @@ from streams.call.recognition import AudioRecognition
 from streams.call.speech_out import SpeechOut
 from streams.call.transport import InboundCall, MediaTransport, TransportClosed
 from streams.config.agents import AgentSpec
-from streams.providers.base import AsrProvider, LlmProvider, LlmRequest, ProviderError, TtsProvider
+from streams.providers.base import AsrProvider, LlmProvider, LlmRequest, LlmResult, ProviderError, TtsProvider
 
 log = logging.getLogger(__name__)
 
@@ -388,44 +388,13 @@ class CallSession:
             self._llm_failed(request, causation_id, started)
             return
         self._inputs.report("llm", result.report, causation_id)
-        self._inputs.submit(
-            LlmDecided(
-                request_id=request.request_id,
-                provider=result.provider or llm.name,
-                model=result.model,
-                text=result.text,
-                tool_calls=tuple(
-                    ToolCallSpec(id=c.id, name=c.name, arguments_json=c.arguments_json) for c in result.tool_calls
-                ),
-                finish_reason=result.finish_reason,
-                input_tokens=result.input_tokens,
-                output_tokens=result.output_tokens,
-                time_to_first_token_ms=result.time_to_first_token_ms,
-                total_ms=result.total_ms,
-            ),
-            causation_id=causation_id,
-            correlation_id=request.request_id,
-        )
+        self._inputs.submit(llm_decided(request, result, llm.name), causation_id=causation_id,
+                            correlation_id=request.request_id)
 
     def _llm_failed(self, request: LlmRequest, causation_id: str, started: float) -> None:
-        """No provider answered: an empty decision (`error`), on which the core says the agent's fallback line."""
         elapsed = int((time.perf_counter() - started) * 1000)
-        self._inputs.submit(
-            LlmDecided(
-                request_id=request.request_id,
-                provider=self.providers.llm.name,
-                model=request.model,
-                text="",
-                tool_calls=(),
-                finish_reason="error",
-                input_tokens=0,
-                output_tokens=0,
-                time_to_first_token_ms=elapsed,
-                total_ms=elapsed,
-            ),
-            causation_id=causation_id,
-            correlation_id=request.request_id,
-        )
+        self._inputs.submit(llm_failed(request, self.providers.llm.name, elapsed), causation_id=causation_id,
+                            correlation_id=request.request_id)
 
     async def _transfer(self, action: Transfer, causation_id: str) -> None:
         try:
@@ -445,3 +414,28 @@ class CallSession:
             else:
                 await self.transport.hangup()
         self._inputs.end("handoff" if handoff else "agent_hangup", action.reason, self.clock_us())
+
+
+def llm_decided(request: LlmRequest, result: LlmResult, llm_name: str) -> LlmDecided:
+    """The LLM's answer as the core hears it."""
+    return LlmDecided(
+        request_id=request.request_id,
+        provider=result.provider or llm_name,
+        model=result.model,
+        text=result.text,
+        tool_calls=tuple(
+            ToolCallSpec(id=c.id, name=c.name, arguments_json=c.arguments_json) for c in result.tool_calls
+        ),
+        finish_reason=result.finish_reason,
+        input_tokens=result.input_tokens,
+        output_tokens=result.output_tokens,
+        time_to_first_token_ms=result.time_to_first_token_ms,
+        total_ms=result.total_ms,
+    )
+
+
+def llm_failed(request: LlmRequest, llm_name: str, elapsed_ms: int) -> LlmDecided:
+    """No provider answered: an empty decision (`error`), on which the core says the agent's fallback line."""
+    return LlmDecided(request_id=request.request_id, provider=llm_name, model=request.model, text="", tool_calls=(),
+                      finish_reason="error", input_tokens=0, output_tokens=0, time_to_first_token_ms=elapsed_ms,
+                      total_ms=elapsed_ms)

@@ -217,6 +217,17 @@ class ProviderRegistry:
         specs = (agent.tts, *agent.tts.fallbacks)
         return ChainTts(self._chain(VOICES, agent, specs), voices=[spec.voice for spec in specs])
 
+    def whatif_llm(self, agent: AgentSpec) -> tuple[LlmProvider, str]:
+        """What answers a what-if's new LLM requests, and what to call it: the agent's own LLM where this
+        registry can reach it (its key set), else the offline scripted policy, saying why."""
+        try:
+            llm = self.llm(agent)
+        except UnknownProvider as exc:
+            return _scripted(agent), f"offline scripted policy (not {agent.llm.provider}/{agent.llm.model}: {exc})"
+        if agent.llm.provider == "offline-scripted":
+            return llm, "offline scripted policy"
+        return llm, f"live {agent.llm.provider}/{agent.llm.model}"
+
     def summary_llm(self, agent: AgentSpec) -> LlmProvider | None:
         """The agent's LLM chain for summarising its calls: the members that do what a prompt asks
         (a scripted policy cannot); None when it has none."""

@@ -157,8 +157,8 @@ def test_replay_verify_reports_identical_calls_and_the_first_divergence(embedded
 
     from schemas.events import CallAnswered, CallStarted, TranscriptFinal, TtsRequested
     from streams.config.agents import load_agents
-    from tests.core_sim import CoreSim
     from voxlog.settings import DEFAULT_AGENTS_DIR
+    from voxlog.sim.core_calls import CoreSim
 
     agent = load_agents(DEFAULT_AGENTS_DIR)[0]
 

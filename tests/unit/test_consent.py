@@ -38,8 +38,8 @@ from streams.config.consent import (
     request_after,
 )
 from streams.config.tenants import TenantSpec
-from tests.core_sim import CoreSim
 from tests.unit.test_core import AGENT, done, final
+from voxlog.sim.core_calls import CoreSim
 
 NOTICE = AGENT.consent.text
 OPT_OUT_NOTICE = f"{NOTICE} {AGENT.consent.refuse_prompt}"

@@ -37,8 +37,8 @@ from schemas.events import (
 from streams.call.core import RETURNED_FROM_HANDOFF, CallLlm, Hangup, RunTool, Speak, StopSpeaking, Transfer, outcome
 from streams.call.replay import verify_call
 from streams.config.agents import AgentSpec, load_agents
-from tests.core_sim import CoreSim
 from voxlog.settings import DEFAULT_AGENTS_DIR
+from voxlog.sim.core_calls import CoreSim
 
 AGENT = next(a for a in load_agents(DEFAULT_AGENTS_DIR) if a.id == "front-desk")
 

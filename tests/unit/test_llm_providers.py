@@ -46,9 +46,9 @@ from streams.providers.base import (
 from streams.providers.cloud import StreamTimeouts, retry_after_s
 from streams.providers.llm_anthropic import AnthropicLlm
 from streams.providers.llm_openai import OpenAiLlm
-from tests.core_sim import CoreSim
 from tests.provider_server import Fault, ProviderServer, Reply
 from voxlog.settings import DEFAULT_AGENTS_DIR
+from voxlog.sim.core_calls import CoreSim
 
 API_KEY = "sk-test-voxlog-7Hq2Lm9Xc4Vb8Nz1Pw6Rt3Ys2xQ9"
 TIMEOUT_S = 0.3  # a timeout under test: small, so that the file stays fast

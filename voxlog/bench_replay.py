@@ -1,0 +1,111 @@
+"""`voxlog bench replay`: QA's replays over many recorded calls, beside merely reading them.
+
+Writes `calls` calls played through the core (`voxlog.sim.core_calls.play_call`: the demo agent, a mix of
+bookings, tickets, transfers, silences and barge-ins, both sides' audio as 20 ms frames) to a fresh log,
+then times, each over every call: reading and decoding them (`read_call`), `replay verify`, `replay whatif`
+with the same agent (every answer reused), and with a reworded greeting (every LLM request after it new,
+answered by the offline policy), with and without the report's PII redaction. Wall and CPU seconds, calls
+and events a second, and each as a ratio to reading; medians of `passes`."""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from consumers.backends import LogBackend
+from consumers.event_reader import read_call
+from producers.event_writer import EventWriter
+from schemas.version import __version__
+from streams.config.agents import AgentRouter, AgentSpec
+from streams.providers.registry import ProviderRegistry
+from voxlog.replaying import recorded_call_ids, verify_calls, whatif_calls
+from voxlog.sim.core_calls import CallerStep, play_call
+
+SCENARIOS: tuple[tuple[CallerStep, ...], ...] = (
+    (CallerStep("say", "i would like to book an appointment for tomorrow at 10 am"), CallerStep("say", "no thank you")),
+    (CallerStep("say", "my internet is down again"), CallerStep("say", "goodbye")),
+    (CallerStep("say", "can i talk to a person"),),
+    (CallerStep("barge", "sorry my router is broken"), CallerStep("silence", silence_s=10), CallerStep("say", "bye")),
+    (CallerStep("say", "hello"), CallerStep("say", "book a visit for friday at 2 pm"), CallerStep("say", "that's all")),
+)
+
+
+async def write_calls(backend: LogBackend, agent: AgentSpec, calls: int, seed: int) -> int:
+    """Writes the calls; returns how many events."""
+    chooser = random.Random(seed)
+    events = 0
+    async with backend.producer() as producer:
+        writer = EventWriter(producer)
+        for index in range(calls):
+            call = await play_call(agent, chooser.choice(SCENARIOS), call_id=f"bench-replay-{seed}-{index}", audio=True)
+            for event in call.events:
+                await writer.append(event)
+            events += len(call.events)
+        await writer.flush()
+    return events
+
+
+async def _timed(passes: int, work: Callable[[], Awaitable[Any]]) -> tuple[dict[str, float], Any]:
+    walls, cpus, result = [], [], None
+    for _ in range(passes):
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = await work()
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return {"wall_s": round(statistics.median(walls), 3), "cpu_s": round(statistics.median(cpus), 3)}, result
+
+
+async def bench_replay(backend: LogBackend, router: AgentRouter, agent: AgentSpec, *, calls: int, seed: int = 7,
+                       passes: int = 3) -> dict[str, Any]:
+    events = await write_calls(backend, agent, calls, seed)
+    ids = [call_id for call_id in await recorded_call_ids(backend) if call_id.startswith(f"bench-replay-{seed}-")]
+    reworded = agent.model_copy(update={"greeting": "Acme here. What can we fix for you today?"})
+    registry = ProviderRegistry()
+
+    async def read_all() -> int:
+        read = 0
+        async with backend.admin() as admin:
+            for call_id in ids:
+                read += len((await read_call(admin, call_id)).events)
+        return read
+
+    async def whatif_redacted(tried: AgentSpec) -> list[Any]:
+        return [result.redacted() for result in await whatif_calls(backend, router, tried, registry, ids)]
+
+    phases: dict[str, dict[str, Any]] = {}
+    reading, read = await _timed(passes, read_all)
+    phases["read_and_decode"] = reading
+    verifying, verified = await _timed(passes, lambda: verify_calls(backend, router, ids))
+    phases["replay_verify"] = {**verifying, "identical": sum(1 for r in verified if r.identical)}
+    for name, tried, redact in (("whatif_same_agent", agent, False), ("whatif_reworded_greeting", reworded, False),
+                                ("whatif_reworded_greeting_redacted", reworded, True)):
+        async def run(tried: AgentSpec = tried, redact: bool = redact) -> list[Any]:
+            if redact:
+                return await whatif_redacted(tried)
+            return await whatif_calls(backend, router, tried, registry, ids)
+
+        timing, results = await _timed(passes, run)
+        phases[name] = {**timing, "changed": sum(1 for r in results if r.changed)}
+    await registry.aclose()
+    for phase in phases.values():
+        phase["calls_per_s"] = round(len(ids) / phase["wall_s"])
+        phase["events_per_s"] = round(read / phase["wall_s"])
+        phase["wall_ratio_to_reading"] = round(phase["wall_s"] / reading["wall_s"], 2)
+    return {
+        "benchmark": "replay",
+        "backend": backend.name,
+        "target": backend.describe(),
+        "version": __version__,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "calls": len(ids),
+        "events_written": events,
+        "events_read": read,
+        "passes": passes,
+        "phases": phases,
+    }
