@@ -1,8 +1,9 @@
 """The QA console: a page in the browser (`GET /console`, its script and style from `static/`, nothing
-from elsewhere) over the tenant API's call views: `GET /v1/calls` lists a tenant's calls (filtered,
-paged), `GET /v1/calls/{id}` gives one call (its turns and latencies, transcript aligned to the
-recording, tool calls, errors and fallbacks, the event timeline, and the replay check), and the
-recording comes from `GET /v1/calls/{id}/recording` (gateway.api).
+from elsewhere) over the tenant API's call views: `GET /v1/console/calls` lists a tenant's calls
+(filtered, paged), `GET /v1/console/calls/{id}` gives one call (its turns and latencies, transcript aligned to the
+recording, tool calls, errors and fallbacks, the event timeline, and the replay check), `POST
+/v1/calls/{id}/whatif` runs the call through another agent file (`streams.call.whatif`) and compares
+turn by turn, and the recording comes from `GET /v1/calls/{id}/recording` (gateway.api).
 
 The page is public and shows nothing without a tenant API key, which it keeps in the tab's
 sessionStorage and sends as `Authorization: Bearer KEY`; every route filters by the key's tenant,
@@ -19,16 +20,18 @@ import ast
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+import yaml
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from consumers.event_reader import read_call
-from gateway.api import TENANT_API_REFUSALS, Caller, refusal
+from gateway.api import TENANT_API_REFUSALS, UNREADABLE_BODY, Caller, Unprocessable, refusal
 from gateway.runtime import GatewayRuntime
 from gateway.widget import JAVASCRIPT, STATIC
 from projections.audit import epoch_us
@@ -36,9 +39,11 @@ from projections.call_views import CallFilter, CallViews
 from projections.store import AnalyticsError
 from projections.tables import EARLIEST_US, LATEST_US
 from schemas.base import Event, EventPayload
+from schemas.events import CallStarted
 from schemas.topics import CALLS, COMMANDS
 from streams.call.replay import agent_for, verify_call
-from streams.config.agents import RoutingError
+from streams.call.whatif import whatif_call
+from streams.config.agents import AgentConfigError, AgentSpec, RoutingError
 from streams.redaction import default_redactor, redact_field
 
 log = logging.getLogger(__name__)
@@ -51,6 +56,8 @@ gateway only, the recording from the blob the page made of it."""
 PAGE_HEADERS = {"Content-Security-Policy": CONTENT_SECURITY_POLICY, "X-Content-Type-Options": "nosniff",
                 "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 PAGE_SIZE_MAX = 200
+AGENT_FILE_MAX = 200_000
+"""Characters of an agent file a what-if takes (the demo's is about 3,000)."""
 LOOKBACK_MS = 60_000
 """A call's events start at its `call.started`; reading the log from a minute before its start time bounds
 Kafka's scan."""
@@ -252,6 +259,94 @@ class CallDetail(BaseModel):
     replay: ReplayView
 
 
+class WhatIfRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    agent: str = Field(min_length=1, max_length=AGENT_FILE_MAX,
+                       description="An agent file (YAML, as in the agents folder) of the key's tenant.")
+
+
+class WhatIfAct(BaseModel):
+    """What the agent did that a caller or a system would notice (text and arguments PII redacted)."""
+
+    kind: Literal["say", "tool", "handoff", "hangup", "guardrail"]
+    text: str
+    tool: str
+    arguments: str
+    target: str
+    reason: str
+
+
+class WhatIfTurn(BaseModel):
+    index: int = Field(description="0 is the opening; turn k follows the caller's k-th turn.")
+    caller: str = Field(description="What the caller said to open the turn (redacted).")
+    then: list[WhatIfAct] = Field(description="What the recorded agent did.")
+    now: list[WhatIfAct] = Field(description="What the agent file does.")
+    same: bool
+    after_difference: bool = Field(description="After the first difference: counterfactual, since the caller "
+                                               "spoke to the old agent.")
+    answered_by: str = Field(description="Who answered the new agent's LLM requests in this turn.")
+    notes: list[str]
+
+
+class AgentVersion(BaseModel):
+    id: str
+    version: str
+
+
+class WhatIfView(BaseModel):
+    call_id: str
+    agent_then: AgentVersion
+    agent_now: AgentVersion
+    changed: bool
+    first_difference: int | None
+    summary: str
+    llm: str = Field(description="What answered the requests that were not the recorded ones.")
+    problem: str | None = Field(description="Why the call could not be compared (erased, not ended), if so.")
+    turns: list[WhatIfTurn]
+
+
+class _NoAliases(yaml.SafeLoader):
+    """YAML without anchors and aliases: an agent file has no use for them, and a few nested aliases make a
+    document that is small to send and enormous to walk."""
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not accepted in an agent file",
+                                              self.peek_event().start_mark)  # type: ignore[no-untyped-call]  # untyped in types-PyYAML
+        return super().compose_node(parent, index)
+
+
+def parse_agent(text: str) -> AgentSpec:
+    """The agent an agent file's text defines; AgentConfigError saying what is wrong with it."""
+    try:
+        raw = yaml.load(text, Loader=_NoAliases)  # a SafeLoader that also refuses aliases
+    except yaml.YAMLError as exc:
+        raise AgentConfigError(f"the agent file is not YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise AgentConfigError("the agent file is not a mapping of fields (id, tenant, prompts, greeting, ...)")
+    try:
+        return AgentSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(file)'}: {e['msg']}"
+                             for e in exc.errors()[:10])
+        raise AgentConfigError(f"the agent file is not a valid agent: {problems}") from exc
+
+
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def _rfc3339(value: object) -> object:
+    """Only a date-time as RFC 3339 writes it, offset and all (not a number of seconds, nor a date alone,
+    which pydantic would take too): what the OpenAPI document's `date-time` says."""
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+        raise ValueError("a date and time as RFC 3339 writes it, e.g. 2025-01-31T00:00:00Z")
+    return value
+
+
+Rfc3339 = Annotated[datetime, BeforeValidator(_rfc3339)]
+
+
 def _epoch_us(value: datetime | None) -> int | None:
     """A filter's time (naive: UTC), held within what ClickHouse's DateTime64 can hold."""
     return None if value is None else min(max(epoch_us(value), EARLIEST_US), LATEST_US)
@@ -363,7 +458,9 @@ def console_router() -> APIRouter:
 
 
 def call_views_router(runtime: GatewayRuntime) -> APIRouter:
-    """`GET /v1/calls` and `GET /v1/calls/{call_id}`, in the tenant API."""
+    """`GET /v1/console/calls`, `GET /v1/console/calls/{call_id}` and `POST /v1/calls/{call_id}/whatif`, in
+    the tenant API. (The call views sit apart from `/v1/calls`, whose POST asks for a dial: a dial's call
+    is no call of the tables until it is answered.)"""
     router = APIRouter(prefix="/v1", tags=["tenant API"], responses=TENANT_API_REFUSALS)
     held: list[CallViews] = []
 
@@ -384,15 +481,16 @@ def call_views_router(runtime: GatewayRuntime) -> APIRouter:
 
     unavailable = refusal("Analytics is unavailable; try again shortly.")
 
-    @router.get("/calls", response_model=CallList, responses={503: unavailable})
+    @router.get("/console/calls", response_model=CallList, responses={503: unavailable})
     async def list_calls(
         caller: Caller, request: Request,
         agent: Annotated[str | None, Query(max_length=64, description="Only this agent's calls.")] = None,
         agent_version: Annotated[str | None, Query(max_length=100,
                                                    description="Only calls under this version of the agent.")] = None,
         outcome: Annotated[str | None, Query(max_length=64, description="booked, ticket_created, ...")] = None,
-        since: Annotated[datetime | None, Query(description="Started at or after (ISO 8601; UTC if no zone).")] = None,
-        until: Annotated[datetime | None, Query(description="Started before (ISO 8601; UTC if no zone).")] = None,
+        since: Annotated[Rfc3339 | None, Query(
+            description="Started at or after (RFC 3339: 2025-01-31T08:00:00Z).")] = None,
+        until: Annotated[Rfc3339 | None, Query(description="Started before (RFC 3339).")] = None,
         errors: Annotated[bool | None, Query(description="true: only calls with errors; false: only without.")] = None,
         fallbacks: Annotated[bool | None, Query(
             description="true: only calls where a provider fell back to another; false: only without.")] = None,
@@ -415,7 +513,7 @@ def call_views_router(runtime: GatewayRuntime) -> APIRouter:
         return CallList(calls=[CallSummary.model_validate(c) for c in page.calls], total=page.total, limit=limit,
                         offset=offset, choices=CallChoices.model_validate(page.choices))
 
-    @router.get("/calls/{call_id}", response_model=CallDetail, responses={
+    @router.get("/console/calls/{call_id}", response_model=CallDetail, responses={
         404: refusal("No such call for this tenant (unknown, or another's)."), 503: unavailable})
     async def call_detail(call_id: str, caller: Caller, request: Request) -> CallDetail:
         """One call: its row, turns with their latencies, transcript (aligned to the recording), tool
@@ -451,6 +549,44 @@ def call_views_router(runtime: GatewayRuntime) -> APIRouter:
             errors=[ErrorView.model_validate(e) for e in rows.errors],
             recording=RecordingView.model_validate(rows.recording) if rows.recording else None,
             timeline=timeline(events), replay=replay)
+
+    @router.post("/calls/{call_id}/whatif", response_model=WhatIfView, responses={
+        400: UNREADABLE_BODY, 404: refusal("No such call for this tenant (unknown, or another's)."),
+        422: {"model": Unprocessable, "description": "The request does not match its schema (a list of errors), or "
+                                                     "the agent file is not a valid agent of the key's tenant (a "
+                                                     "sentence saying why)."}})
+    async def whatif(call_id: str, body: WhatIfRequest, caller: Caller, request: Request) -> WhatIfView:
+        """The call's caller turns run through another agent file (its tenant's), compared turn by turn with
+        what happened: the first difference marked, the turns after it counterfactual (the caller spoke
+        to the old agent), and who answered each turn's LLM requests (the recorded answer where the
+        request is the same, else the file's LLM where its key is set, else the offline policy). No tool
+        runs and nothing is written to the call. Audited (`call.whatif`)."""
+        tenant, _ = caller
+        async with runtime.backend.admin() as admin:
+            history = await read_call(admin, call_id, topics=(CALLS, COMMANDS))
+        events = history.events
+        if not events or events[0].tenant_id != tenant.id or not any(
+                isinstance(e.payload, CallStarted) for e in events):
+            await audit(request, caller, call_id, "call.whatif", "failed", "no such call")
+            raise HTTPException(404, "no such call")
+        try:
+            agent = parse_agent(body.agent)
+        except AgentConfigError as exc:
+            await audit(request, caller, call_id, "call.whatif", "failed", "not a valid agent file")
+            raise HTTPException(422, str(exc)) from exc
+        if agent.tenant != tenant.id:
+            await audit(request, caller, call_id, "call.whatif", "failed", f"an agent of tenant {agent.tenant}")
+            raise HTTPException(422, f"the agent file is tenant {agent.tenant!r}'s; this key is tenant "
+                                     f"{tenant.id!r}'s")
+        llm, label = runtime.provider_registry.whatif_llm(agent)
+        try:
+            recorded: AgentSpec | None = agent_for(events, runtime.router)
+        except RoutingError:
+            recorded = None  # changed since, or gone: requests are compared by their recorded summary
+        result = await whatif_call(events, agent, llm, label, recorded_agent=recorded)
+        await audit(request, caller, call_id, "call.whatif", "accepted",
+                    f"agent {agent.id} {agent.version}: {result.summary}")
+        return WhatIfView.model_validate(result.as_dict(redact=True))
 
     return router
 

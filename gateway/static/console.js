@@ -159,7 +159,7 @@
     status("Loading calls…");
     let page;
     try {
-      page = await (await api(`/v1/calls?${query}`)).json();
+      page = await (await api(`/v1/console/calls?${query}`)).json();
     } catch (e) {
       if (e.status !== 401) status(`Cannot list calls: ${e.message}`, true);
       return;
@@ -360,7 +360,7 @@
     status("Loading the call…");
     let detail;
     try {
-      detail = await (await api(`/v1/calls/${encodeURIComponent(id)}`)).json();
+      detail = await (await api(`/v1/console/calls/${encodeURIComponent(id)}`)).json();
     } catch (e) {
       if (e.status !== 401) status(e.status === 404 ? "No such call." : `Cannot load the call: ${e.message}`, true);
       return;
@@ -395,10 +395,13 @@
     box.dataset.changed = String(result.changed);
     const then = `${result.agent_then.id} ${short(result.agent_then.version, 20)}`;
     const now = `${result.agent_now.id} ${short(result.agent_now.version, 20)}`;
-    box.append(el("p", { class: "vx-summary" }, el("strong", { text: result.changed ? "Changed. " : "No change. " }),
-      result.summary),
-    el("p", { class: "vx-note", text: `then: ${then} · now: ${now}` +
-      (result.first_difference === null ? "" : ` · first difference at turn ${result.first_difference}`) }));
+    const verdict = result.problem ? "Not compared. " : result.changed ? "Changed. " : "No change. ";
+    box.append(el("h3", { text: "What-if result" }),
+      el("p", { class: "vx-summary" }, el("strong", { text: verdict }), result.summary),
+      el("p", { class: "vx-note", text: `then: ${then} · now: ${now}` +
+        (result.first_difference === null ? "" : ` · first difference at turn ${result.first_difference}`) +
+        ` · new requests answered by: ${result.llm}` }));
+    if (!result.turns.length) return;
     const rows = result.turns.map((t) => {
       const first = t.index === result.first_difference;
       const mark = first ? "first difference" : t.after_difference ? "counterfactual" : t.same ? "same" : "differs";

@@ -1,5 +1,5 @@
-"""The QA console's API: `GET /v1/calls` lists a tenant's calls (filtered by agent, version, outcome,
-dates, errors and fallbacks; paged) and `GET /v1/calls/{id}` gives one call (rows of the redacted
+"""The QA console's API: `GET /v1/console/calls` lists a tenant's calls (filtered by agent, version, outcome,
+dates, errors and fallbacks; paged) and `GET /v1/console/calls/{id}` gives one call (rows of the redacted
 tables, the event timeline from the log, the replay check), each for the key's tenant only, audited;
 `GET /console` is served with a strict Content-Security-Policy. Against the local stack on the
 embedded log and this process's chDB, with calls written into the log as a gateway writes them, and
@@ -47,6 +47,8 @@ from voxlog.sim.twilio_caller import MULAW_SILENCE, TwilioCaller
 pytestmark = pytest.mark.slow
 
 DAY_US = 86_400_000_000
+GREETING = "Thanks for calling Acme. How can I help you today?"  # voxlog/agents/demo/front-desk.yaml
+REWORDED = "Hello from Acme Home Services, what can we do for you?"
 
 
 def seeded_call(*, agent_id: str = "front-desk", agent_version: str = "sha256:demo", outcome: str = "resolved",
@@ -147,7 +149,7 @@ async def audited(stack: LocalStack, key: str) -> list[tuple[str, str, str, str]
 
 
 async def listed(stack: LocalStack, key: str = DEMO_KEY, **query: Any) -> dict[str, Any]:
-    got = await api(stack, "GET", "/v1/calls", key=key, params=query)
+    got = await api(stack, "GET", "/v1/console/calls", key=key, params=query)
     assert got.status_code == 200, got.text
     body: dict[str, Any] = got.json()
     return body
@@ -200,7 +202,7 @@ async def test_a_tenant_lists_filters_and_pages_its_own_calls_only(stack: LocalS
         return datetime.fromtimestamp(us / 1e6, UTC).isoformat()
 
     assert await ids(since=iso(day(3) - 60_000_000), until=iso(day(1) - 60_000_000)) == booked[1:]
-    assert await ids(since=(datetime.now(UTC) + timedelta(days=1)).date().isoformat()) == []
+    assert await ids(since=(datetime.now(UTC) + timedelta(days=1)).isoformat()) == []
     assert await ids(agent="nobody") == []
     fallbacks = (await listed(stack, fallbacks="true"))["calls"][0]
     assert fallbacks["fallbacks"] == 1
@@ -209,23 +211,24 @@ async def test_a_tenant_lists_filters_and_pages_its_own_calls_only(stack: LocalS
     assert [c["call_id"] for c in other["calls"]] == theirs
     assert other["choices"]["agents"] == ["front-desk"]
     for call_id in ours:  # another tenant's call is as unknown as none, whatever the route
-        for path in (f"/v1/calls/{call_id}", f"/v1/calls/{call_id}/recording"):
+        for path in (f"/v1/console/calls/{call_id}", f"/v1/calls/{call_id}/recording"):
             assert (await api(stack, "GET", path, key=OTHER_KEY)).status_code == 404, path
-    assert (await api(stack, "GET", f"/v1/calls/{theirs[0]}")).status_code == 404
-    assert (await api(stack, "GET", "/v1/calls/call-nobody")).status_code == 404
-    for path in ("/v1/calls", f"/v1/calls/{ours[0]}"):
+    assert (await api(stack, "GET", f"/v1/console/calls/{theirs[0]}")).status_code == 404
+    assert (await api(stack, "GET", "/v1/console/calls/call-nobody")).status_code == 404
+    for path in ("/v1/console/calls", f"/v1/console/calls/{ours[0]}"):
         refused = await api(stack, "GET", path, key=None)
         assert refused.status_code == 401, path
         assert (await api(stack, "GET", path, key="not-a-key")).status_code == 401
-    for query in ({"limit": 0}, {"limit": 201}, {"offset": -1}, {"since": "yesterday"}, {"errors": "maybe"}):
-        assert (await api(stack, "GET", "/v1/calls", params=query)).status_code == 422, query
+    for query in ({"limit": 0}, {"limit": 201}, {"offset": -1}, {"since": "yesterday"}, {"errors": "maybe"},
+                  {"until": "0.5"}, {"since": "2025-01-31"}, {"since": "2025-01-31T00:00:00"}):
+        assert (await api(stack, "GET", "/v1/console/calls", params=query)).status_code == 422, query
 
-    detail = (await api(stack, "GET", f"/v1/calls/{errored}")).json()
+    detail = (await api(stack, "GET", f"/v1/console/calls/{errored}")).json()
     assert detail["call"]["outcome"] == "ticket_created"
     assert [e["kind"] for e in detail["errors"]] == ["timeout"]
     assert detail["replay"]["status"] == "unavailable"  # its agent version is not the demo agent's as it is now
     assert "has changed since the call" in detail["replay"]["detail"]
-    fell = (await api(stack, "GET", f"/v1/calls/{fell_back}")).json()
+    fell = (await api(stack, "GET", f"/v1/console/calls/{fell_back}")).json()
     assert [(e["kind"], e["provider"], e["fallback_to"]) for e in fell["errors"]] == [
         ("fallback", "flite", "espeak-ng")]
 
@@ -245,7 +248,7 @@ async def test_a_played_call_in_detail(stack: LocalStack, store: AnalyticsStore)
     await stack.gateway.wait_idle(30)
     await project(stack, store)
 
-    got = await api(stack, "GET", f"/v1/calls/{call_id}")
+    got = await api(stack, "GET", f"/v1/console/calls/{call_id}")
     assert got.status_code == 200, got.text
     detail = got.json()
     call = detail["call"]
@@ -288,11 +291,46 @@ async def test_a_played_call_in_detail(stack: LocalStack, store: AnalyticsStore)
     for personal in ("internet", "+1555", "7770177"):
         assert personal not in shown, "nothing personal in the timeline"
 
+    # What if the agent greeted otherwise: the opening differs, and what follows is counterfactual.
+    assert stack.settings.agents_dir is not None
+    agent_file = (stack.settings.agents_dir / "demo" / "front-desk.yaml").read_text()
+    unchanged = await api(stack, "POST", f"/v1/calls/{call_id}/whatif", json={"agent": agent_file})
+    assert unchanged.status_code == 200, unchanged.text
+    assert (unchanged.json()["changed"], unchanged.json()["first_difference"]) == (False, None)
+    reworded = agent_file.replace(GREETING, REWORDED)
+    assert reworded != agent_file
+    got = await api(stack, "POST", f"/v1/calls/{call_id}/whatif", json={"agent": reworded})
+    assert got.status_code == 200, got.text
+    whatif = got.json()
+    assert whatif["changed"] is True
+    assert whatif["first_difference"] == 0
+    assert whatif["agent_then"]["version"] == call["agent_version"]
+    assert whatif["agent_now"]["version"] != call["agent_version"]
+    opening = whatif["turns"][0]
+    assert any(GREETING in act["text"] for act in opening["then"] if act["kind"] == "say"), opening
+    assert any(REWORDED in act["text"] for act in opening["now"] if act["kind"] == "say"), opening
+    assert all(turn["after_difference"] for turn in whatif["turns"][1:])
+    assert "internet" in whatif["turns"][1]["caller"]
+    refusals = {
+        "not YAML": ("greeting: [unclosed", 422),
+        "not an agent": ("id: front-desk\n", 422),
+        "another tenant's agent": (reworded.replace("tenant: demo", "tenant: other"), 422),
+        "aliases": ("a: &x [1]\nb: *x\n", 422),
+    }
+    for what, (text, status) in refusals.items():
+        refused = await api(stack, "POST", f"/v1/calls/{call_id}/whatif", json={"agent": text})
+        assert refused.status_code == status, (what, refused.text)
+        assert isinstance(refused.json()["detail"], str), what
+    theirs = await api(stack, "POST", f"/v1/calls/{call_id}/whatif", key=OTHER_KEY,
+                       json={"agent": reworded.replace("tenant: demo", "tenant: other")})
+    assert theirs.status_code == 404
+    assert (await api(stack, "POST", "/v1/calls/call-nobody/whatif", json={"agent": reworded})).status_code == 404
+
     # The recording the page plays is the one the API serves.
     wav = await api(stack, "GET", f"/v1/calls/{call_id}/recording")
     assert wav.status_code == 200
     assert wav.headers["content-type"] == "audio/wav"
-    assert (await api(stack, "GET", f"/v1/calls/{call_id}", key=OTHER_KEY)).status_code == 404
+    assert (await api(stack, "GET", f"/v1/console/calls/{call_id}", key=OTHER_KEY)).status_code == 404
 
 
 async def test_the_console_page_is_served_with_a_strict_policy(stack: LocalStack) -> None:

@@ -48,7 +48,8 @@ POSITIVE_DATA_ACCEPTED = ["2xx", "3xx", "401", "403", "404", "409", "429", "5xx"
 
 ANSWERED = {
     "POST /twilio/voice", "POST /twilio/status", "POST /twilio/dial-action", "POST /v1/calls", "POST /v1/erasures",
-    "GET /healthz", "GET /metrics", "GET /widget", "GET /widget/voxlog-widget.js", "GET /widget/capture-worklet.js"}
+    "GET /healthz", "GET /metrics", "GET /widget", "GET /widget/voxlog-widget.js", "GET /widget/capture-worklet.js",
+    "GET /console", "GET /console/console.js", "GET /console/console.css", "GET /v1/console/calls"}
 """Operations the run must get a 2xx from: else the signatures or the key were wrong and every request was
 refused, which the document allows too. (No SQL table and no finished call exist here.)"""
 CURL_SHOWN = 600
