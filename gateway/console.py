@@ -1,7 +1,8 @@
 """The QA console: a page in the browser (`GET /console`, its script and style from `static/`, nothing
 from elsewhere) over the tenant API's call views: `GET /v1/console/calls` lists a tenant's calls
 (filtered, paged), `GET /v1/console/calls/{id}` gives one call (its turns and latencies, transcript aligned to the
-recording, tool calls, errors and fallbacks, the event timeline, and the replay check), `POST
+recording, tool calls, errors and fallbacks, the event timeline, and the replay check: identical, the
+first divergence, or erased, for a call whose keys retention destroyed), `POST
 /v1/calls/{id}/whatif` runs the call through another agent file (`streams.call.whatif`) and compares
 turn by turn, and the recording comes from `GET /v1/calls/{id}/recording` (gateway.api).
 
@@ -247,8 +248,7 @@ class ReplayView(BaseModel):
 
 class CallDetail(BaseModel):
     call_id: str
-    call: CallRow | None = Field(description="Its row of `calls`; None when the tables hold none (erased, or "
-                                             "not projected yet) though the log does.")
+    call: CallRow = Field(description="Its row of `calls`.")
     turns: list[TurnView]
     transcript: list[TranscriptLine]
     tool_calls: list[ToolCallView]
@@ -481,6 +481,17 @@ def call_views_router(runtime: GatewayRuntime) -> APIRouter:
 
     unavailable = refusal("Analytics is unavailable; try again shortly.")
 
+    async def call_events(tenant_id: str, call_id: str, started_us: int | None) -> tuple[list[Event[EventPayload]],
+                                                                                         int]:
+        """The call's events but its audio, if it is the tenant's (else none), and how many of its records
+        cannot be decoded. `started_us` (its start) bounds Kafka's scan of the call's partitions."""
+        since_ms = started_us // 1000 - LOOKBACK_MS if started_us is not None else None
+        async with runtime.backend.admin() as admin:
+            history = await read_call(admin, call_id, topics=(CALLS, COMMANDS), since_ms=since_ms)
+        if history.events and history.events[0].tenant_id != tenant_id:
+            return [], 0  # another tenant's call: as unknown as none
+        return history.events, len(history.undecodable)
+
     @router.get("/console/calls", response_model=CallList, responses={503: unavailable})
     async def list_calls(
         caller: Caller, request: Request,
@@ -525,24 +536,18 @@ def call_views_router(runtime: GatewayRuntime) -> APIRouter:
         except AnalyticsError as exc:
             log.warning("call %s is unavailable: %s", call_id, exc)
             raise HTTPException(503, "analytics is unavailable right now; try again shortly") from exc
-        started = rows.call["started_at"] if rows.call else None
-        async with runtime.backend.admin() as admin:
-            history = await read_call(admin, call_id, topics=(CALLS, COMMANDS),
-                                      since_ms=started // 1000 - LOOKBACK_MS if started is not None else None)
-        events = history.events
-        if events and events[0].tenant_id != tenant.id:
-            events = []  # another tenant's call: as unknown as none
-        if rows.call is None and not events:
+        if rows.call is None:  # unknown, another tenant's, or erased (its rows deleted)
             await audit(request, caller, call_id, "call.read", "failed", "no such call")
             raise HTTPException(404, "no such call")
+        events, undecodable = await call_events(tenant.id, call_id, rows.call["started_at"])
         await audit(request, caller, call_id, "call.read", "accepted", "")
         replay = await asyncio.to_thread(replay_view, events, runtime)
-        if history.undecodable and replay.status != "unavailable":
+        if undecodable and replay.status != "unavailable":
             replay = ReplayView(status="unavailable", decisions=0, divergence=None,
-                                detail=f"{len(history.undecodable)} of its records cannot be decoded")
+                                detail=f"{undecodable} of its records cannot be decoded")
         return CallDetail(
             call_id=call_id,
-            call=CallRow.model_validate(rows.call) if rows.call else None,
+            call=CallRow.model_validate(rows.call),
             turns=[TurnView.model_validate(t) for t in rows.turns],
             transcript=[TranscriptLine.model_validate(t) for t in rows.transcript],
             tool_calls=[ToolCallView.model_validate(t) for t in rows.tool_calls],
@@ -562,11 +567,13 @@ def call_views_router(runtime: GatewayRuntime) -> APIRouter:
         request is the same, else the file's LLM where its key is set, else the offline policy). No tool
         runs and nothing is written to the call. Audited (`call.whatif`)."""
         tenant, _ = caller
-        async with runtime.backend.admin() as admin:
-            history = await read_call(admin, call_id, topics=(CALLS, COMMANDS))
-        events = history.events
-        if not events or events[0].tenant_id != tenant.id or not any(
-                isinstance(e.payload, CallStarted) for e in events):
+        try:
+            started_us = await asyncio.to_thread(views().started_at, tenant.id, call_id)
+            known = started_us is not None
+        except AnalyticsError:  # the log is the record: the call is read from it alone, unbounded
+            started_us, known = None, True
+        events = (await call_events(tenant.id, call_id, started_us))[0] if known else []
+        if not any(isinstance(e.payload, CallStarted) for e in events):
             await audit(request, caller, call_id, "call.whatif", "failed", "no such call")
             raise HTTPException(404, "no such call")
         try:

@@ -93,7 +93,8 @@ class CallPage:
 @dataclass(frozen=True)
 class CallRows:
     call: dict[str, Any] | None
-    """Its `calls` row; None when the tables have none (not projected yet, erased, or not the tenant's)."""
+    """Its `calls` row; None when the tables have none (not projected yet, erased, or not the tenant's):
+    then the other rows are none either."""
     turns: list[dict[str, Any]]
     transcript: list[dict[str, Any]]
     """Each line with `position_ms`: where it is in the recording."""
@@ -162,6 +163,12 @@ class CallViews:
             found[name] = sorted(str(r[0]) for r in rows)
         return found
 
+    def started_at(self, tenant_id: str, call_id: str) -> int | None:
+        """When the tenant's call started (microseconds since the epoch); None: no such call of the tenant's."""
+        rows = self._query(f"SELECT started_at FROM {CALLS.name} FINAL WHERE tenant_id = {{tenant:String}} "
+                           "AND call_id = {call:String}", {"tenant": tenant_id, "call": call_id})
+        return _value(rows[0][0]) if rows else None
+
     def call(self, tenant_id: str, call_id: str) -> CallRows:
         """One call's rows, the tenant's only."""
         scope = {"tenant": tenant_id, "call": call_id}
@@ -172,11 +179,13 @@ class CallViews:
                 f"SELECT {', '.join(columns)} FROM {table.name} FINAL {where} ORDER BY {order}", scope))
 
         found = rows(CALLS, CALL_COLUMNS, "call_id")
-        call = found[0] if found else None
+        if not found:
+            return CallRows(call=None, turns=[], transcript=[], tool_calls=[], errors=[], recording=None)
+        call = found[0]
         recordings = rows(RECORDINGS, RECORDING_COLUMNS, "call_id")
         recording = recordings[0] if recordings else None
         transcript = rows(TRANSCRIPTS, TRANSCRIPT_COLUMNS, "seq")
-        zero_us = (recording or {}).get("started_at") or (call or {}).get("started_at")
+        zero_us = (recording or call).get("started_at")
         for line in transcript:
             line["position_ms"] = position_ms(line, zero_us)
         return CallRows(call=call, turns=rows(TURNS, TURN_COLUMNS, "turn_index"), transcript=transcript,

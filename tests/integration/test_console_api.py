@@ -36,6 +36,7 @@ from schemas.events import (
     TranscriptFinal,
     TurnTaken,
 )
+from schemas.sealing import PERSONAL_DATA
 from schemas.topics import AUDIT
 from tests.integration.test_call_e2e import agent_done_speaking, speech
 from tests.integration.test_outbound_calls import DEMO_KEY, OTHER_KEY, agents_with_two_tenants, api
@@ -331,6 +332,16 @@ async def test_a_played_call_in_detail(stack: LocalStack, store: AnalyticsStore)
     assert wav.status_code == 200
     assert wav.headers["content-type"] == "audio/wav"
     assert (await api(stack, "GET", f"/v1/console/calls/{call_id}", key=OTHER_KEY)).status_code == 404
+
+    # Past its retention (its personal data key destroyed) the call is still listed, its rows redacted as
+    # ever, but there is nothing to replay it from.
+    keys = stack.gateway.backend.keys
+    assert keys is not None
+    assert keys.destroy_call("demo", call_id, PERSONAL_DATA, by="test") == 1
+    shredded = (await api(stack, "GET", f"/v1/console/calls/{call_id}")).json()
+    assert shredded["replay"]["status"] == "erased", shredded["replay"]
+    assert any(e["pii_withheld"] for e in shredded["timeline"])
+    assert shredded["turns"] == detail["turns"]
 
 
 async def test_the_console_page_is_served_with_a_strict_policy(stack: LocalStack) -> None:
