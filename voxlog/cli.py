@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from projections.audit import AuditReport
+    from streams.call.replay import ReplayResult
     from streams.call.whatif import WhatIfResult
     from voxlog.analytics import Analytics
 
@@ -256,13 +257,21 @@ def replay_verify(
     all_calls: Annotated[bool, typer.Option("--all", help="Verify every call in the log.")] = False,
 ) -> None:
     """Rebuild each call's decisions from its recorded events; print identical or the first divergence."""
-    from voxlog.replaying import verify_calls
+    from voxlog.progress import progress
+    from voxlog.replaying import recorded_call_ids, verify_calls
 
     if (call is None) == (not all_calls):
         raise typer.BadParameter("give a CALL_ID or --all")
     settings = Settings()
-    ids = [call] if call is not None else None
-    results = asyncio.run(verify_calls(log_backend(settings), agents_router(settings), ids))
+    backend, router = log_backend(settings), agents_router(settings)
+
+    async def verify_all() -> list[ReplayResult]:  # progress on standard error; the results stay on standard output
+        with progress("replay verify: finding calls", unit="records") as read:
+            ids = await recorded_call_ids(backend, read.update)
+        with progress("replay verify", total=len(ids), unit="calls") as verified:
+            return await verify_calls(backend, router, ids, verified)
+
+    results = asyncio.run(verify_calls(backend, router, [call]) if call is not None else verify_all())
     diverged = erased = 0
     for result in results:
         if result.identical:
@@ -305,7 +314,8 @@ def replay_whatif(
     from streams.call.whatif import report_json, report_lines
     from streams.config.agents import AgentConfigError, Provider, load_agent_file
     from streams.providers.registry import ProviderRegistry
-    from voxlog.replaying import whatif_calls
+    from voxlog.progress import progress
+    from voxlog.replaying import calls_taken_by, whatif_calls
     from voxlog.whatif_report import report_html
 
     if (call is None) == (not all_calls):
@@ -324,11 +334,17 @@ def replay_whatif(
     since_us = int(since.timestamp() * 1_000_000) if since is not None else None
     settings = Settings()
 
-    async def run() -> list[WhatIfResult]:
+    backend, router = log_backend(settings), agents_router(settings)
+
+    async def run() -> list[WhatIfResult]:  # progress on standard error; the report stays on standard output
         registry = ProviderRegistry()
         try:
-            return await whatif_calls(log_backend(settings), agents_router(settings), agent, registry,
-                                      [call] if call is not None else None, agent_id=agent_id, since_us=since_us)
+            if call is not None:
+                return await whatif_calls(backend, router, agent, registry, [call])
+            with progress("replay whatif: finding calls", unit="records") as read:
+                ids = await calls_taken_by(backend, agent.tenant, agent_id or agent.id, since_us, read.update)
+            with progress("replay whatif", total=len(ids), unit="calls") as compared:
+                return await whatif_calls(backend, router, agent, registry, ids, compared)
         finally:
             await registry.aclose()
 
@@ -587,11 +603,14 @@ def sql(
 @projections_app.command("rebuild")
 def projections_rebuild(name: Annotated[str, typer.Argument(help=f"One of {', '.join(PROJECTION_NAMES)}.")]) -> None:
     """Drop a projection's tables and build them again from offset zero."""
+    from voxlog.progress import progress
+
     analytics = _analytics()
-    try:
-        runner = asyncio.run(analytics.rebuild(name))
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="NAME") from exc
+    if name not in PROJECTION_NAMES:
+        raise typer.BadParameter(f"no projection {name}; there are {', '.join(PROJECTION_NAMES)}", param_hint="NAME")
+    with progress(f"projections rebuild {name}", unit="events") as read:
+        runner = asyncio.run(analytics.rebuild(name, read.update))
+        read.update(runner.events, runner.events)  # all there was: what retention trimmed was in the estimate
     console.print(f"rebuilt {name}: {runner.events:,} events, {runner.rows_written:,} rows")
 
 
