@@ -205,10 +205,13 @@ def test_personal_data_is_redacted_as_in_clickhouse_and_nowhere_raw(key: RSAPriv
 
 
 def test_the_signature_verifies_and_a_changed_vcon_does_not(key: RSAPrivateKey) -> None:
+    from vcon import Vcon
+
     data = export_vcon(a_call(), key, created_at=NOW)
     verdict = verify_vcon(data, key.public_key())
     assert verdict.intact, verdict.problems
     assert verdict.key_id == signing_key_id(key.public_key())
+    assert Vcon.build_from_json(data.decode()).verify(key.public_key()), "the library's own verification agrees"
 
     def changed(edit: Any) -> bytes:
         document = json.loads(data)
@@ -221,8 +224,13 @@ def test_the_signature_verifies_and_a_changed_vcon_does_not(key: RSAPrivateKey) 
     payload = changed(lambda d: d.update(payload=d["payload"][:40] + ("A" if d["payload"][40] != "A" else "B")
                                          + d["payload"][41:]))
     assert any("does not verify" in p for p in verify_vcon(payload, key.public_key()).problems)
+    assert not Vcon.build_from_json(payload.decode()).verify(key.public_key())
     other = generate_private_key(public_exponent=65537, key_size=2048)
     assert "not by the public key given" in verify_vcon(data, other.public_key()).problems[0]
+    wrong_hash = build_vcon(a_call(), created_at=NOW)
+    wrong_hash.vcon_dict["dialog"][0]["signature"] = "A" * 43  # signed as made: a hash that does not fit its body
+    assert verify_vcon(sign_vcon(wrong_hash, key), key.public_key()).problems == [
+        "dialog 0: its recording is not the one its hash names: changed"]
     resigned = export_vcon(a_call(), other, created_at=NOW)  # another key, its own kid
     assert not verify_vcon(resigned, key.public_key()).intact
     unsigned = changed(lambda d: [d.pop("signatures"), d.pop("payload")])
@@ -264,6 +272,16 @@ _SIGNED: dict[str, bytes] = {}
 def _signed_once(key: RSAPrivateKey) -> bytes:
     small = a_call(events=events_of(payloads())[:4], summary=None, recording=Recording(WAV[:64], FACTS))
     return _SIGNED.setdefault(signing_key_id(key.public_key()), export_vcon(small, key, created_at=NOW))
+
+
+def test_a_vcon_with_a_long_recording_embedded_verifies(key: RSAPrivateKey) -> None:
+    """Past what authlib (the library's JWS) reads: 256,000 characters."""
+    long = stereo_wav(seconds=3)
+    data = export_vcon(a_call(recording=Recording(long, FACTS)), key, created_at=NOW)
+    assert len(data) > 500_000
+    assert verify_vcon(data, key.public_key()).intact
+    tampered = data.replace(b'"role": "agent"', b'"role": "human"', 1)
+    assert not verify_vcon(tampered, key.public_key()).intact
 
 
 def test_a_linked_recording_names_its_url_and_hash(key: RSAPrivateKey) -> None:
