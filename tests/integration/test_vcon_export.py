@@ -16,7 +16,7 @@ import pytest
 from projections.projection_runner import ProjectionRunner
 from projections.recordings import RecordingsProjection
 from projections.store import AnalyticsStore
-from projections.vcon_export import EXPORT_ATTACHMENT, MEDIA_TYPE, load_public_key, verify_vcon
+from projections.vcon_export import EXPORT_ATTACHMENT, MEDIA_TYPE, load_public_key, read_call_material, verify_vcon
 from schemas.codec import EventCodec
 from schemas.events import AuditRecorded
 from schemas.topics import AUDIT
@@ -46,6 +46,12 @@ async def test_a_tenant_exports_its_call_as_a_signed_vcon_and_the_cli_writes_one
         await stack.gateway.wait_idle(30)
         projection = RecordingsProjection(stack.gateway.recordings_path, stack.gateway.recordings)
         await ProjectionRunner(stack.gateway.backend, store, projection).run(asyncio.Event(), until_caught_up=True)
+        for _ in range(300):  # the summariser works after the call, on the caller's memory stream
+            async with stack.gateway.backend.admin() as admin:
+                found = await read_call_material(admin, stack.gateway.recordings, call_id, tenant_id="demo")
+            if found is not None and found.summary is not None:
+                break
+            await asyncio.sleep(0.1)
 
         linked = await api(stack, "GET", f"/v1/calls/{call_id}/vcon")
         embedded = await api(stack, "GET", f"/v1/calls/{call_id}/vcon", params={"recording": "embed"})
@@ -86,6 +92,9 @@ async def test_a_tenant_exports_its_call_as_a_signed_vcon_and_the_cli_writes_one
     transcript = json.loads(next(a for a in document["analysis"] if a["type"] == "transcript")["body"])
     assert {line["speaker"] for line in transcript} == {"caller", "agent"}
     assert "internet" in " ".join(line["text"] for line in transcript)
+    summary = next(a for a in document["analysis"] if a["type"] == "summary")
+    assert summary["body"].startswith("we opened ticket "), summary
+    assert summary["product"] == "offline-extractive"
 
     # The command line, with the stack gone: the same call from the same home, to a file, checked offline.
     out = tmp_path / "call.vcon.json"
