@@ -15,10 +15,12 @@ import random
 import re
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Security
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Security
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -31,6 +33,9 @@ from producers.event_writer import CallRecorder
 from projections.recording_store import RangeNotSatisfiable, RecordingStoreError
 from projections.store import AnalyticsError
 from projections.tenant_sql import ForbiddenQuery, QueryFailed
+from projections.vcon_export import KEY_FILE as VCON_KEY_FILE
+from projections.vcon_export import MEDIA_TYPE as VCON_MEDIA_TYPE
+from projections.vcon_export import RecordingMode, VconKeyError, export_vcon, open_signing_key, read_call_material
 from schemas.base import Event, EventPayload
 from schemas.events import CallDialFailed, CallDialPlaced, CallDialRequested, CallStatus
 from schemas.topics import CALLS, COMMANDS
@@ -326,6 +331,52 @@ def api_router(runtime: GatewayRuntime) -> APIRouter:
             headers["Content-Range"] = found.content_range
         return StreamingResponse(found.chunks, status_code=206 if found.content_range else 200,
                                  media_type="audio/wav", headers=headers, background=BackgroundTask(found.close))
+
+    @router.get("/calls/{call_id}/vcon", response_class=Response, responses={
+        200: {"description": "The call as a signed vCon (docs/compliance.md, \"vCon export\").",
+              "content": {VCON_MEDIA_TYPE: {"schema": {"type": "object"}}}},
+        404: refusal("No such call for this tenant (unknown, or another's call)."),
+        503: refusal("The recording store cannot be reached, or the signing key cannot be used; try again shortly.")})
+    async def vcon(call_id: str, caller: Caller, request: Request, recording: Annotated[RecordingMode, Query(
+            description="`link` (default): the recording dialog names `GET /v1/calls/{call_id}/recording` and the "
+                        "WAV's hash; `embed`: the WAV itself, base64url (a signed vCon holds it twice: about three "
+                        "times the WAV's size).")] = "link") -> Response:
+        """The call as a vCon (IETF draft-ietf-vcon-vcon-container): its parties, its recording, its transcript
+        and summary (PII redacted as in the analyst tables) and its events (redacted), signed (JWS RS256).
+
+        A call without a recording yet (live, not assembled, consent refused, erased) is exported without one,
+        and the vCon's `voxlog.export` attachment says why. Each read is audited.
+        """
+        tenant, key_id = caller
+
+        async def audit(outcome: str, detail: str) -> None:
+            await runtime.audit(tenant_id=tenant.id, call_id=call_id, actor=f"api-key:{key_id}", action="vcon.read",
+                                resource=call_id, outcome=outcome, detail=detail,
+                                remote_addr=request.client.host if request.client else None)
+
+        try:
+            async with runtime.backend.admin() as admin:
+                call = await read_call_material(admin, runtime.recordings, call_id, tenant_id=tenant.id)
+        except RecordingStoreError as exc:
+            await audit("failed", f"the recording store failed: {exc}")
+            raise HTTPException(503, "the recording store cannot be reached; try again shortly") from exc
+        if call is None:  # another tenant's call, or none: the same answer
+            await audit("failed", "no such call")
+            raise HTTPException(404, "no such call")
+        try:
+            key, _ = await asyncio.to_thread(open_signing_key,
+                                             runtime.vcon_signing_key or runtime.home / VCON_KEY_FILE)
+        except (VconKeyError, OSError) as exc:
+            logging.getLogger(__name__).error("vCon export: %s", exc)  # a path of ours: in our log, not the answer
+            await audit("failed", "the vCon signing key cannot be used")
+            raise HTTPException(503, "the vCon signing key cannot be used; see the gateway's log") from exc
+        base = (runtime.public_url or str(request.base_url)).rstrip("/")
+        url = f"{base}/v1/calls/{quote(call_id, safe='')}/recording"
+        data = await asyncio.to_thread(export_vcon, call, key, created_at=datetime.now(UTC), recording=recording,
+                                       recording_url=url)
+        await audit("accepted", f"recording {recording}" if call.recording else "no recording")
+        return Response(data, media_type=VCON_MEDIA_TYPE,
+                        headers={"Content-Disposition": f'attachment; filename="{call_id}.vcon.json"'})
 
     @router.get("/calls/dials/{dial_id}", response_model=DialView, name="dial_status",
                 responses={404: refusal("No such dial for this tenant.")})

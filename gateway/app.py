@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.api import api_router
+from gateway.api_docs import add_api_docs
 from gateway.console import call_views_router, console_router
 from gateway.runtime import GatewayRuntime
 from gateway.twilio_call_flow import TwilioCallFlow
@@ -73,7 +74,8 @@ def create_app(runtime: GatewayRuntime) -> FastAPI:
         finally:
             await runtime.stop()
 
-    app = FastAPI(title="voxlog gateway", lifespan=lifespan)
+    app = FastAPI(title="voxlog gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    add_api_docs(app)  # /docs and /redoc with their assets served here: no CDN (gateway/api_docs.py)
     app.state.gateway = runtime
     app.include_router(operations_router(runtime))
     app.include_router(TwilioCallFlow(runtime).router())

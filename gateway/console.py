@@ -1,10 +1,11 @@
 """The QA console: a page in the browser (`GET /console`, its script and style from `static/`, nothing
-from elsewhere) over the tenant API's call views: `GET /v1/console/calls` lists a tenant's calls
-(filtered, paged), `GET /v1/console/calls/{id}` gives one call (its turns and latencies, transcript aligned to the
-recording, tool calls, errors and fallbacks, the event timeline, and the replay check: identical, the
-first divergence, or erased, for a call whose keys retention destroyed), `POST
-/v1/calls/{id}/whatif` runs the call through another agent file (`streams.call.whatif`) and compares
-turn by turn, and the recording comes from `GET /v1/calls/{id}/recording` (gateway.api).
+from elsewhere) over the tenant API's call views. `GET /v1/console/calls` lists a tenant's calls
+(filtered, paged); `GET /v1/console/calls/{id}` gives one call: its turns and latencies, transcript
+aligned to the recording, tool calls, errors and fallbacks, the event timeline, and the replay check
+(identical, the first divergence, or erased for a call whose keys retention destroyed); `POST
+/v1/calls/{id}/whatif` runs the call through another agent file (`streams.call.whatif`, in a child
+process killed at its deadline: `gateway.whatif_isolation`) and compares turn by turn. The recording
+comes from `GET /v1/calls/{id}/recording` (gateway.api).
 
 The page is public and shows nothing without a tenant API key, which it keeps in the tab's
 sessionStorage and sends as `Authorization: Bearer KEY`; every route filters by the key's tenant,
@@ -34,6 +35,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from consumers.event_reader import read_call
 from gateway.api import TENANT_API_REFUSALS, UNREADABLE_BODY, Caller, Unprocessable, refusal
 from gateway.runtime import GatewayRuntime
+from gateway.whatif_isolation import WhatIfFailed, whatif_isolated
 from gateway.widget import JAVASCRIPT, STATIC
 from projections.audit import epoch_us
 from projections.call_views import CallFilter, CallViews
@@ -43,7 +45,6 @@ from schemas.base import Event, EventPayload
 from schemas.events import CallStarted
 from schemas.topics import CALLS, COMMANDS
 from streams.call.replay import agent_for, verify_call
-from streams.call.whatif import whatif_call
 from streams.config.agents import AgentConfigError, AgentSpec, RoutingError
 from streams.redaction import default_redactor, redact_field
 
@@ -558,8 +559,8 @@ def call_views_router(runtime: GatewayRuntime) -> APIRouter:
     @router.post("/calls/{call_id}/whatif", response_model=WhatIfView, responses={
         400: UNREADABLE_BODY, 404: refusal("No such call for this tenant (unknown, or another's)."),
         422: {"model": Unprocessable, "description": "The request does not match its schema (a list of errors), or "
-                                                     "the agent file is not a valid agent of the key's tenant (a "
-                                                     "sentence saying why)."}})
+                                                     "the agent file is not a valid agent of the key's tenant, or "
+                                                     "its what-if did not finish in time (a sentence saying why)."}})
     async def whatif(call_id: str, body: WhatIfRequest, caller: Caller, request: Request) -> WhatIfView:
         """The call's caller turns run through another agent file (its tenant's), compared turn by turn with
         what happened: the first difference marked, the turns after it counterfactual (the caller spoke
@@ -585,12 +586,15 @@ def call_views_router(runtime: GatewayRuntime) -> APIRouter:
             await audit(request, caller, call_id, "call.whatif", "failed", f"an agent of tenant {agent.tenant}")
             raise HTTPException(422, f"the agent file is tenant {agent.tenant!r}'s; this key is tenant "
                                      f"{tenant.id!r}'s")
-        llm, label = runtime.provider_registry.whatif_llm(agent)
         try:
             recorded: AgentSpec | None = agent_for(events, runtime.router)
         except RoutingError:
             recorded = None  # changed since, or gone: requests are compared by their recorded summary
-        result = await whatif_call(events, agent, llm, label, recorded_agent=recorded)
+        try:  # in a child process, killed at its deadline: the tenant's patterns cannot stall this gateway
+            result = await whatif_isolated(events, agent, recorded, runtime.provider_registry.settings)
+        except WhatIfFailed as exc:
+            await audit(request, caller, call_id, "call.whatif", "failed", str(exc))
+            raise HTTPException(422, str(exc)) from exc
         await audit(request, caller, call_id, "call.whatif", "accepted",
                     f"agent {agent.id} {agent.version}: {result.summary}")
         return WhatIfView.model_validate(result.as_dict(redact=True))

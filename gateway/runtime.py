@@ -95,6 +95,8 @@ class GatewayRuntime:
     metrics: CallMetrics = field(default_factory=CallMetrics)
     recording_store: RecordingStore | None = None
     """Where finished call recordings are kept; None: the folder `recordings_path`."""
+    vcon_signing_key: Path | None = None
+    """The key file vCon exports are signed with (`VOXLOG_VCON_SIGNING_KEY`); None: vcon-signing-key.pem in `home`."""
     provider_registry: ProviderRegistry = field(default_factory=ProviderRegistry)
     """One per gateway, so that circuit breakers and rate limits span its calls."""
     providers_factory: Callable[[AgentSpec], Providers] | None = None

@@ -84,14 +84,20 @@ def _key_of(table: Table) -> Callable[[tuple[Any, ...]], Any]:
     return key
 
 
+ReadProgress = Callable[[int, int | None], None]
+"""Told, as a runner reads, the records it has read in this run and, when it reads up to where the log
+ended as it began (a rebuild, a catch-up), how many that is in all; else None."""
+
+
 class ProjectionRunner:
     def __init__(self, backend: LogBackend, store: AnalyticsStore, projection: Projection, *,
-                 batch_rows: int = 5000, flush_s: float = 1.0) -> None:
+                 batch_rows: int = 5000, flush_s: float = 1.0, on_progress: ReadProgress | None = None) -> None:
         self.backend = backend
         self.store = store
         self.projection = projection
         self.batch_rows = batch_rows
         self.flush_s = flush_s
+        self.on_progress = on_progress
         self.positions: dict[TopicPartition, int] = {}
         self.events = 0
         """Records read (of the projection's event types or not)."""
@@ -121,6 +127,8 @@ class ProjectionRunner:
         log ended when it began)."""
         await self.prepare()
         ends = await self._ends() if until_caught_up else {}
+        read_before = self.events
+        to_read = sum(max(0, end - self.positions.get(tp, 0)) for tp, end in ends.items()) if until_caught_up else None
         pending = RowBatch()
         last_flush, unwritten = time.monotonic(), False
         flushing: asyncio.Task[None] | None = None
@@ -152,6 +160,8 @@ class ProjectionRunner:
                     if not polled:  # the log read to its end: all it held when the poll began is read
                         unwritten |= await self._settle(pending, self.positions)
                     self.events += len(polled)
+                    if self.on_progress is not None and polled:
+                        self.on_progress(self.events - read_before, to_read)
                     for record in _last_per_partition(polled):
                         self.positions[record.tp] = record.offset + 1
                         unwritten = True

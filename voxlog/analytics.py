@@ -24,7 +24,7 @@ from projections.audit import (
 )
 from projections.default_projections import default_projections
 from projections.projection import Projection
-from projections.projection_runner import ProjectionRunner, catch_up
+from projections.projection_runner import ProjectionRunner, ReadProgress, catch_up
 from projections.store import AnalyticsStore, QueryResult
 from projections.tables import AUDIT_LOG, OFFSETS
 from schemas.base import Event, EventPayload
@@ -66,9 +66,9 @@ class Analytics:
     async def catch_up(self) -> None:
         await catch_up(self.backend, self.store, self.projections())
 
-    async def rebuild(self, name: str) -> ProjectionRunner:
+    async def rebuild(self, name: str, on_progress: ReadProgress | None = None) -> ProjectionRunner:
         (projection,) = self.projections([name])
-        runner = ProjectionRunner(self.backend, self.store, projection)
+        runner = ProjectionRunner(self.backend, self.store, projection, on_progress=on_progress)
         await runner.rebuild()
         return runner
 

@@ -19,6 +19,7 @@ import statistics
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from schemas.base import Event, EventPayload
 from schemas.codec import EventCodec
 from schemas.topics import CALL_TOPICS
 from schemas.version import __version__
+from voxlog.progress import progress
 from voxlog.sim.synthetic_calls import concurrent_calls
 
 
@@ -79,6 +81,8 @@ class _Recorders:
         return found
 
 
+PROGRESS_EVERY = 1000
+"""Events appended between two reports of progress: a report is no cost next to a thousand appends."""
 CODEC_SAMPLE = 20_000
 """Events of the mix whose encoding and decoding are timed alone (the cost of sealing)."""
 
@@ -127,6 +131,7 @@ async def _consume(
     latencies: list[float] | None = None,
     ready: asyncio.Event | None = None,
     timeout_s: float = 30.0,
+    on_progress: Callable[[int], None] | None = None,
 ) -> tuple[int, float]:
     """Reads this run's events until `until` of them arrived; returns (count, seconds).
 
@@ -149,11 +154,14 @@ async def _consume(
         while seen < until:
             batch = await events.poll(timeout_s=0.5, max_records=5000)
             now_us = time.time_ns() // 1000
+            before = seen
             for item in batch:
                 if item.event.call_id.startswith(prefix):
                     seen += 1
                     if latencies is not None:
                         latencies.append((now_us - item.event.envelope.event_time_us) / 1000)
+            if on_progress is not None and seen > before:
+                on_progress(seen - before)
             if batch:
                 last_progress = time.monotonic()
             elif time.monotonic() - last_progress > timeout_s:
@@ -183,14 +191,19 @@ async def bench_log(
     async with backend.producer() as producer:
         writer = EventWriter(producer, codec)
         recorders = _Recorders(writer, run)
-        start = time.perf_counter()
-        for index, payload in payloads:
-            await recorders[index].record(payload)
-        await writer.flush()
-        append_s = time.perf_counter() - start
+        with progress("bench log: append", total=events, unit="events") as appended:
+            start = time.perf_counter()
+            for count, (index, payload) in enumerate(payloads, 1):
+                await recorders[index].record(payload)
+                if count % PROGRESS_EVERY == 0:
+                    appended(PROGRESS_EVERY)
+            await writer.flush()
+            append_s = time.perf_counter() - start
+            appended.update(events)
         sample = _Recorders(writer, f"{run}-codec")
         codec_events = [sample[index].make(payload) for index, payload in payloads[:CODEC_SAMPLE]]
-    consumed, consume_s = await _consume(backend, codec, run, events, start=log_end)
+    with progress("bench log: consume", total=events, unit="events") as read:
+        consumed, consume_s = await _consume(backend, codec, run, events, start=log_end, on_progress=read)
 
     # Phase 2: produce-to-consume latency at a steady rate, consumer running alongside.
     run2 = uuid.uuid4().hex[:8]
@@ -204,17 +217,19 @@ async def bench_log(
         recorders = _Recorders(writer, run2)
         source = concurrent_calls(concurrent)
         tick_s = 0.002
-        start = time.perf_counter()
-        sent = 0
-        while sent < total:
-            due = min(total, int((time.perf_counter() - start) * rate) + 1)
-            while sent < due:
-                index, payload = next(source)
-                await recorders[index].record(payload)
-                sent += 1
-            await asyncio.sleep(tick_s)
-        produce_s = time.perf_counter() - start
-        await writer.flush()
+        with progress(f"bench log: latency at {rate} events/s", total=total, unit="events") as produced:
+            start = time.perf_counter()
+            sent = 0
+            while sent < total:
+                due = min(total, int((time.perf_counter() - start) * rate) + 1)
+                produced(due - sent)
+                while sent < due:
+                    index, payload = next(source)
+                    await recorders[index].record(payload)
+                    sent += 1
+                await asyncio.sleep(tick_s)
+            produce_s = time.perf_counter() - start
+            await writer.flush()
     await consumer_task
     steady = latencies[len(latencies) // 20 :]  # the first 5% include connection and fetch warm-up
 

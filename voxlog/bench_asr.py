@@ -46,6 +46,7 @@ from streams.providers.base import AsrProvider, AsrStream, Recognition, TtsProvi
 from streams.providers.tts_espeak import EspeakTts
 from streams.providers.tts_flite import FliteTts
 from voxlog.bench import percentile
+from voxlog.progress import progress
 
 SENTENCES = (
     "Hi, I'd like to book a technician for tomorrow morning.",
@@ -180,8 +181,10 @@ def _line(pcm16k: bytes, *, rng: np.random.Generator) -> bytes:
     return bytes(np.clip(np.rint(speech), -32768, 32767).astype("<i2").tobytes())
 
 
-async def caller_utterances(voices: Sequence[str], sentences: Sequence[str]) -> list[tuple[str, str, str, bytes]]:
-    """(voice, line, sentence, 16 kHz PCM as the recogniser gets it) for each voice, sentence and line."""
+async def caller_utterances(voices: Sequence[str], sentences: Sequence[str],
+                            on_progress: Callable[[int], None] | None = None) -> list[tuple[str, str, str, bytes]]:
+    """(voice, line, sentence, 16 kHz PCM as the recogniser gets it) for each voice, sentence and line;
+    `on_progress` advanced by each sentence spoken."""
     rng = np.random.default_rng(0)
     out = []
     for name in voices:
@@ -192,6 +195,8 @@ async def caller_utterances(voices: Sequence[str], sentences: Sequence[str]) -> 
             phone = resample_pcm16(mulaw_to_pcm16(pcm16_to_mulaw(narrow)), 8000, PCM_RATE)
             out.append((name, "16k", sentence, _line(wide, rng=rng)))
             out.append((name, "phone", sentence, _line(phone, rng=rng)))
+            if on_progress is not None:
+                on_progress(1)
     return out
 
 
@@ -226,7 +231,9 @@ def _worker_pids() -> set[int]:
     return found
 
 
-async def hear_all(make: Callable[[], AsrProvider], utterances: list[tuple[str, str, str, bytes]]) -> Tally:
+async def hear_all(make: Callable[[], AsrProvider], utterances: list[tuple[str, str, str, bytes]],
+                   on_progress: Callable[[int], None] | None = None) -> Tally:
+    """Every utterance heard by a recogniser `make` makes; `on_progress` advanced by each."""
     tally = Tally()
     provider = make()
     before = {pid: _process_cpu_s(pid) for pid in _worker_pids()}
@@ -238,6 +245,8 @@ async def hear_all(make: Callable[[], AsrProvider], utterances: list[tuple[str, 
             tally.heard.append(Heard(voice, line, sentence, result.text, result.provider or provider.name,
                                      len(pcm) / (2 * PCM_RATE), delay_ms, word_errors(reference, hypothesis),
                                      len(reference)))
+            if on_progress is not None:
+                on_progress(1)
         tally.cpu_s = sum(_process_cpu_s(pid) - before.get(pid, 0.0) for pid in _worker_pids())
     finally:
         await stream.close()
@@ -245,8 +254,10 @@ async def hear_all(make: Callable[[], AsrProvider], utterances: list[tuple[str, 
     return tally
 
 
-async def _capacity(calls: int, utterances: list[bytes], seconds: float) -> dict[str, Any]:
-    """`calls` streams, each saying its utterances in real time with 2 s between them, for `seconds`."""
+async def _capacity(calls: int, utterances: list[bytes], seconds: float,
+                    on_progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """`calls` streams, each saying its utterances in real time with 2 s between them, for `seconds`;
+    `on_progress` advanced by each final text."""
     provider = FasterWhisperAsr(interim=PocketsphinxAsr())
     streams = await asyncio.gather(*(provider.open_stream(keywords=KEYWORDS) for _ in range(calls)))
     delays: list[float] = []
@@ -260,6 +271,8 @@ async def _capacity(calls: int, utterances: list[bytes], seconds: float) -> dict
             result, delay_ms = await _hear(stream, utterances[turn % len(utterances)], realtime=True)
             delays.append(delay_ms)
             answered[result.provider] = answered.get(result.provider, 0) + 1
+            if on_progress is not None:
+                on_progress(1)
             turn += 1
             await asyncio.sleep(2.0)
 
@@ -278,7 +291,8 @@ async def _capacity(calls: int, utterances: list[bytes], seconds: float) -> dict
 async def bench_asr(*, voices: Sequence[str] = VOICES, sentences: Sequence[str] = SENTENCES,
                     capacity_calls: Sequence[int] = (1, 2, 4, 8, 16), capacity_s: float = 30.0,
                     model_dir: Path | None = None) -> dict[str, Any]:
-    utterances = await caller_utterances(voices, sentences)
+    with progress("bench asr: speaking the callers", total=len(voices) * len(sentences), unit="sentences") as spoke:
+        utterances = await caller_utterances(voices, sentences, spoke)
     recognisers: dict[str, Callable[[], AsrProvider]] = {
         "faster-whisper": lambda: FasterWhisperAsr(model_dir=model_dir, interim=PocketsphinxAsr()),
         "pocketsphinx": PocketsphinxAsr,
@@ -286,12 +300,16 @@ async def bench_asr(*, voices: Sequence[str] = VOICES, sentences: Sequence[str] 
     results: dict[str, Any] = {}
     transcripts: dict[str, list[dict[str, Any]]] = {}
     for name, make in recognisers.items():
-        tally = await hear_all(make, utterances)
+        with progress(f"bench asr: {name} hears", total=len(utterances), unit="utterances") as heard:
+            tally = await hear_all(make, utterances, heard)
         results[name] = tally.summary()
         transcripts[name] = [{"voice": h.voice, "line": h.line, "said": h.sentence, "heard": h.text,
                               "by": h.provider, "errors": h.errors} for h in tally.heard]
     phone = [pcm for _voice, line, _s, pcm in utterances if line == "phone"]
-    capacity = [await _capacity(n, phone, capacity_s) for n in capacity_calls]
+    capacity = []
+    for n in capacity_calls:
+        with progress(f"bench asr: capacity, {n} calls for {capacity_s:.0f} s", unit="finals") as finals:
+            capacity.append(await _capacity(n, phone, capacity_s, finals))
     return {
         "benchmark": "asr",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},

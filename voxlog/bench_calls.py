@@ -39,6 +39,7 @@ import statistics
 import sys
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -60,6 +61,7 @@ from streams.providers.resilience import ChainLlm, CircuitBreaker, Guarded, Prov
 from streams.providers.timeline import ScriptedFailure, Timeline, TimelineAsr, TimelineLlm, TimelineTts
 from streams.providers.tts_chain import ChainTts
 from voxlog.bench import percentile
+from voxlog.progress import progress
 from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
 from voxlog.sim.synthetic_calls import mulaw_tone
@@ -139,13 +141,21 @@ async def _one_call(caller: TwilioCaller, budget_ms: float, delay_s: float = 0.0
 
 async def play_callers(plan: dict[str, Any]) -> list[CallFigures]:
     """All the callers of a run, at once (in the callers' own process), sharing one HTTP client: a
-    client (and its SSL context) per webhook would cost the callers more CPU than the gateway spends."""
+    client (and its SSL context) per webhook would cost the callers more CPU than the gateway spends.
+    Their progress goes to this process's standard error, the benchmark's own."""
+
+    async def counted(call: Awaitable[CallFigures], done: Callable[[int], None]) -> CallFigures:
+        figures = await call
+        done(1)
+        return figures
+
     async with httpx.AsyncClient(base_url=plan["base_url"], timeout=30) as http:
-        return await asyncio.gather(*(
-            _one_call(TwilioCaller(plan["base_url"], plan["auth_token"], account_sid=plan["account_sid"],
-                                   call_sid=sid, from_=number, to=plan["to"], http=http), plan["budget_ms"],
-                      index * plan["ramp_s"] / len(plan["calls"]))
-            for index, (sid, number) in enumerate(plan["calls"])))
+        with progress("bench calls: callers", total=len(plan["calls"]), unit="calls") as ended:
+            return await asyncio.gather(*(
+                counted(_one_call(TwilioCaller(plan["base_url"], plan["auth_token"], account_sid=plan["account_sid"],
+                                               call_sid=sid, from_=number, to=plan["to"], http=http),
+                                  plan["budget_ms"], index * plan["ramp_s"] / len(plan["calls"])), ended)
+                for index, (sid, number) in enumerate(plan["calls"])))
 
 
 async def _callers_process(stack: LocalStack, calls: int, budget_ms: float,

@@ -19,7 +19,7 @@ import platform
 import statistics
 import time
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +31,18 @@ from projections.store import AnalyticsStore
 from projections.tables import Column, Table
 from schemas.events import TurnTaken
 from schemas.version import __version__
-from voxlog.bench import percentile
+from voxlog.bench import PROGRESS_EVERY, percentile
+from voxlog.progress import progress
 from voxlog.sim.synthetic_calls import concurrent_calls
 
 POLL_S = 0.05
 
 
 async def _write(backend: LogBackend, run: str, events: int, rate: float | None,
-                 written: dict[tuple[str, int], float] | None = None) -> float:
+                 written: dict[tuple[str, int], float] | None = None,
+                 on_progress: Callable[[int], None] | None = None) -> float:
     """Appends `events` events of concurrent synthetic calls (at `rate` a second, or flat out);
-    records when each turn was written. Returns the seconds taken."""
+    records when each turn was written; advances `on_progress` as it goes. Returns the seconds taken."""
     started = time.perf_counter()
     async with backend.producer() as producer:
         writer = EventWriter(producer)
@@ -55,6 +57,8 @@ async def _write(backend: LogBackend, run: str, events: int, rate: float | None,
             await recorder.record(payload)
             if written is not None and isinstance(payload, TurnTaken):
                 written[(recorder.call_id, payload.turn_index)] = time.time()
+            if on_progress is not None and count % PROGRESS_EVERY == PROGRESS_EVERY - 1:
+                on_progress(PROGRESS_EVERY)
             if rate is not None and count % 100 == 99:
                 await producer.flush()
                 ahead = started + (count + 1) / rate - time.perf_counter()
@@ -86,15 +90,18 @@ async def bench_projections(backend: LogBackend, store: AnalyticsStore, recordin
     chosen = {p.name for p in projections if not only or p.name in only}
     async with backend.admin() as admin:
         await ensure_topics(admin)
-    await _write(backend, uuid.uuid4().hex[:8], events, None)
+    with progress("bench projections: writing the log", total=events, unit="events") as wrote:
+        await _write(backend, uuid.uuid4().hex[:8], events, None, on_progress=wrote)
+        wrote.update(events)
     await asyncio.to_thread(_warm_up, store)
 
     rebuild: dict[str, Any] = {}
     for projection in (p for p in projections if p.name in chosen):
-        runner = ProjectionRunner(backend, store, projection)
-        started, cpu_before = time.perf_counter(), time.process_time()
-        await runner.rebuild()
-        elapsed, cpu_s = time.perf_counter() - started, time.process_time() - cpu_before
+        with progress(f"bench projections: rebuild {projection.name}", unit="events") as read:
+            runner = ProjectionRunner(backend, store, projection, on_progress=read.update)
+            started, cpu_before = time.perf_counter(), time.process_time()
+            await runner.rebuild()
+            elapsed, cpu_s = time.perf_counter() - started, time.process_time() - cpu_before
         rebuild[projection.name] = {"events": runner.events, "rows": runner.rows_written,
                                     "seconds": round(elapsed, 2), "cpu_s": round(cpu_s, 2),
                                     "events_per_s": round(runner.events / elapsed)}
@@ -137,7 +144,9 @@ async def _lag(backend: LogBackend, store: AnalyticsStore, recordings: Path, cho
     stopped_at = 0.0
     started, cpu_before = time.perf_counter(), time.process_time()
     polling = asyncio.create_task(poll())
-    wrote_s = await _write(backend, run, int(rate * seconds), float(rate), written)
+    with progress(f"bench projections: lag at {rate} events/s", total=int(rate * seconds), unit="events") as wrote:
+        wrote_s = await _write(backend, run, int(rate * seconds), float(rate), written, on_progress=wrote)
+        wrote.update(int(rate * seconds))
     await asyncio.sleep(3)  # the last batches
     stopped_at = time.time()
     stop.set()

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
+from urllib.parse import quote
 
 import typer
 from rich.console import Console
@@ -28,14 +29,17 @@ from schemas.version import __version__
 from streams.config.agents import AgentRouter, load_agents
 from streams.config.tenants import Tenants, TenantSpec, load_tenants
 from streams.keystore.data_keys import DataKeyStore
-from voxlog.backends import keystore_at, log_backend
+from voxlog.backends import keystore_at, log_backend, recording_store
 from voxlog.describe import describe
 from voxlog.settings import DEFAULT_AGENTS_DIR, Settings
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
     from projections.audit import AuditReport
+    from projections.vcon_export import CallMaterial
+    from streams.call.replay import ReplayResult
     from streams.call.whatif import WhatIfResult
     from voxlog.analytics import Analytics
 
@@ -53,6 +57,8 @@ app.add_typer(replay_app, name="replay")
 app.add_typer(projections_app, name="projections")
 app.add_typer(audit_app, name="audit")
 app.add_typer(compliance_app, name="compliance")
+export_app = typer.Typer(help="A call out of voxlog, as a standard container.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
 console = Console(soft_wrap=True)
 
 
@@ -256,13 +262,21 @@ def replay_verify(
     all_calls: Annotated[bool, typer.Option("--all", help="Verify every call in the log.")] = False,
 ) -> None:
     """Rebuild each call's decisions from its recorded events; print identical or the first divergence."""
-    from voxlog.replaying import verify_calls
+    from voxlog.progress import progress
+    from voxlog.replaying import recorded_call_ids, verify_calls
 
     if (call is None) == (not all_calls):
         raise typer.BadParameter("give a CALL_ID or --all")
     settings = Settings()
-    ids = [call] if call is not None else None
-    results = asyncio.run(verify_calls(log_backend(settings), agents_router(settings), ids))
+    backend, router = log_backend(settings), agents_router(settings)
+
+    async def verify_all() -> list[ReplayResult]:  # progress on standard error; the results stay on standard output
+        with progress("replay verify: finding calls", unit="records") as read:
+            ids = await recorded_call_ids(backend, read.update)
+        with progress("replay verify", total=len(ids), unit="calls") as verified:
+            return await verify_calls(backend, router, ids, verified)
+
+    results = asyncio.run(verify_calls(backend, router, [call]) if call is not None else verify_all())
     diverged = erased = 0
     for result in results:
         if result.identical:
@@ -305,7 +319,8 @@ def replay_whatif(
     from streams.call.whatif import report_json, report_lines
     from streams.config.agents import AgentConfigError, Provider, load_agent_file
     from streams.providers.registry import ProviderRegistry
-    from voxlog.replaying import whatif_calls
+    from voxlog.progress import progress
+    from voxlog.replaying import calls_taken_by, whatif_calls
     from voxlog.whatif_report import report_html
 
     if (call is None) == (not all_calls):
@@ -324,11 +339,17 @@ def replay_whatif(
     since_us = int(since.timestamp() * 1_000_000) if since is not None else None
     settings = Settings()
 
-    async def run() -> list[WhatIfResult]:
+    backend, router = log_backend(settings), agents_router(settings)
+
+    async def run() -> list[WhatIfResult]:  # progress on standard error; the report stays on standard output
         registry = ProviderRegistry()
         try:
-            return await whatif_calls(log_backend(settings), agents_router(settings), agent, registry,
-                                      [call] if call is not None else None, agent_id=agent_id, since_us=since_us)
+            if call is not None:
+                return await whatif_calls(backend, router, agent, registry, [call])
+            with progress("replay whatif: finding calls", unit="records") as read:
+                ids = await calls_taken_by(backend, agent.tenant, agent_id or agent.id, since_us, read.update)
+            with progress("replay whatif", total=len(ids), unit="calls") as compared:
+                return await whatif_calls(backend, router, agent, registry, ids, compared)
         finally:
             await registry.aclose()
 
@@ -587,11 +608,14 @@ def sql(
 @projections_app.command("rebuild")
 def projections_rebuild(name: Annotated[str, typer.Argument(help=f"One of {', '.join(PROJECTION_NAMES)}.")]) -> None:
     """Drop a projection's tables and build them again from offset zero."""
+    from voxlog.progress import progress
+
     analytics = _analytics()
-    try:
-        runner = asyncio.run(analytics.rebuild(name))
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="NAME") from exc
+    if name not in PROJECTION_NAMES:
+        raise typer.BadParameter(f"no projection {name}; there are {', '.join(PROJECTION_NAMES)}", param_hint="NAME")
+    with progress(f"projections rebuild {name}", unit="events") as read:
+        runner = asyncio.run(analytics.rebuild(name, read.update))
+        read.update(runner.events, runner.events)  # all there was: what retention trimmed was in the estimate
     console.print(f"rebuilt {name}: {runner.events:,} events, {runner.rows_written:,} rows")
 
 
@@ -974,6 +998,127 @@ def compliance_rotate_key_command(tenant: Annotated[str, typer.Option(help="The 
     _, keys = _keyed_backend(Settings())
     kek, rewrapped = keys.rotate(tenant)
     console.print(f"{tenant}: key-encryption key {kek} now wraps its {rewrapped} live data keys; the old one is gone")
+
+
+class VconRecording(enum.StrEnum):
+    embed = "embed"
+    link = "link"
+
+
+def _vcon_signing_key(settings: Settings) -> tuple[RSAPrivateKey, bool]:
+    """The vCon signing key, made on first use; a clear error and exit 1 when it cannot be used."""
+    from projections.vcon_export import VconKeyError, open_signing_key
+
+    try:
+        return open_signing_key(settings.vcon_signing_key_path)
+    except (VconKeyError, OSError) as exc:
+        console.print(f"[red]{escape(str(exc))}[/]")
+        raise typer.Exit(1) from exc
+
+
+@export_app.command("vcon")
+def export_vcon_command(
+    call_id: Annotated[str | None, typer.Argument(help="The call to export (any tenant's).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="The file to write; unset: standard output.")] = None,
+    recording: Annotated[VconRecording, typer.Option(
+        help="embed: the recording in the vCon (base64url; the file stands alone); link: its URL on the tenant API "
+             "(VOXLOG_PUBLIC_URL/v1/calls/ID/recording) and its hash.")] = VconRecording.embed,
+    verify: Annotated[Path | None, typer.Option(
+        "--verify", help="Instead: check a signed vCon file offline: its signature, that nothing changed since, and "
+                         "the vcon library's validation.")] = None,
+    public_key: Annotated[Path | None, typer.Option(
+        help="With --verify: the signer's public key, PEM (`voxlog export public-key`); unset: this voxlog's own "
+             "signing key's.")] = None,
+) -> None:
+    """A call as a signed vCon (IETF draft-ietf-vcon-vcon-container, JSON): the caller and the agent, the
+    recording, the transcript and summary (PII redacted as in the analyst tables), the call's events
+    (redacted); see docs/compliance.md. With --verify FILE, check one offline."""
+    from projections.recording_store import RecordingStoreError
+    from projections.vcon_export import export_vcon, read_call_material
+
+    if verify is not None:
+        if call_id is not None:
+            raise typer.BadParameter("give a CALL_ID to export, or --verify FILE to check", param_hint="--verify")
+        _verify_vcon_file(verify, public_key)
+        return
+    if call_id is None:
+        raise typer.BadParameter("which call? give its id (or --verify FILE)", param_hint="CALL_ID")
+    settings = Settings()
+    recording_url = None
+    if recording is VconRecording.link:
+        if not settings.public_url:
+            raise typer.BadParameter("a linked recording needs the gateway's public URL: set VOXLOG_PUBLIC_URL, or "
+                                     "embed it", param_hint="--recording")
+        recording_url = f"{settings.public_url.rstrip('/')}/v1/calls/{quote(call_id, safe='')}/recording"
+    key, made = _vcon_signing_key(settings)
+    backend = log_backend(settings)
+    store = recording_store(settings)
+
+    async def read() -> CallMaterial | None:
+        async with backend.admin() as admin:
+            return await read_call_material(admin, store, call_id, tenant_id=None)
+
+    try:
+        call = asyncio.run(read())
+    except RecordingStoreError as exc:
+        console.print(f"[red]the recording store cannot be reached[/]: {escape(str(exc))}")
+        raise typer.Exit(1) from exc
+    if call is None:
+        Console(stderr=True).print(f"[red]no call {escape(call_id)}[/] in {escape(backend.describe())}")
+        raise typer.Exit(1)
+    data = export_vcon(call, key, created_at=datetime.datetime.now(datetime.UTC), recording=recording.value,
+                       recording_url=recording_url)
+    _write_or_exit(out, data)
+    note = Console(stderr=True, soft_wrap=True)  # standard output may be the vCon itself
+    if made:
+        note.print(f"made the vCon signing key {escape(str(settings.vcon_signing_key_path))}: give its public half "
+                   "(`voxlog export public-key`) to whoever verifies exports")
+    where = "" if out is None else f" to {escape(str(out))}"
+    recorded = "with its recording" if call.recording else "without a recording (see its voxlog.export attachment)"
+    withheld = sum(e.pii_withheld for e in call.events)
+    erased = f"; {withheld} events' personal data erased, left out" if withheld else ""
+    note.print(f"exported call {escape(call_id)} of {escape(call.tenant_id)} as a signed vCon{where}: "
+               f"{len(call.events)} events, {recorded}{erased}")
+
+
+def _verify_vcon_file(file: Path, public_key: Path | None) -> None:
+    from projections.vcon_export import VconKeyError, load_public_key, signing_key_id, verify_vcon
+
+    data = _read_or_exit(file, "the vCon")
+    if public_key is None:
+        key = _vcon_signing_key(Settings())[0].public_key()
+    else:
+        try:
+            key = load_public_key(_read_or_exit(public_key, "the public key"))
+        except VconKeyError as exc:
+            console.print(f"[red]{escape(str(public_key))}[/]: {escape(str(exc))}")
+            raise typer.Exit(1) from exc
+    verdict = verify_vcon(data, key)
+    if not verdict.intact:
+        for problem in verdict.problems:
+            console.print(f"[red]{escape(problem)}[/]")
+        console.print(f"[red]{escape(str(file))}: not intact[/]")
+        raise typer.Exit(1)
+    document = verdict.document or {}
+    console.print(f"{escape(str(file))}: intact: vCon {escape(str(document.get('uuid')))}, "
+                  f"{escape(str(document.get('subject')))}; signed by key {signing_key_id(key)}, valid by the vcon "
+                  "library")
+
+
+@export_app.command("public-key")
+def export_public_key(
+    out: Annotated[Path | None, typer.Option("--out", help="The file to write; unset: standard output.")] = None,
+) -> None:
+    """The vCon signing key's public half (PEM), the key made on first use: give it to whoever verifies
+    exported vCons (`voxlog export vcon --verify FILE --public-key P`)."""
+    from projections.vcon_export import public_key_pem, signing_key_id
+
+    settings = Settings()
+    key, made = _vcon_signing_key(settings)
+    _write_or_exit(out, public_key_pem(key).encode())
+    note = Console(stderr=True, soft_wrap=True)
+    note.print(f"{'made the' if made else 'the'} vCon signing key {escape(str(settings.vcon_signing_key_path))}: "
+               f"key id {signing_key_id(key.public_key())}")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ def build_gateway(settings: Settings) -> GatewayRuntime:
                    webhook_secret=settings.webhook_secret.get_secret_value().encode(), rest=twilio_rest(settings),
                    public_url=settings.public_url, analytics=analytics, analytics_error=analytics_error,
                    run_projections=settings.run_projections and analytics is not None,
-                   recording_store=recording_store(settings), capacity=settings.call_capacity,
+                   recording_store=recording_store(settings), vcon_signing_key=settings.vcon_signing_key_path,
+                   capacity=settings.call_capacity,
                    drain_s=settings.drain_s, twilio_auth_token=token)
 
 

@@ -65,6 +65,10 @@ class Settings(BaseSettings):
         None, description="The Ed25519 private key (PEM, mode 0600) `voxlog audit export --signed` signs with, made "
         "there on first use; unset: audit-signing-key.pem in `home`. Hand its public half (`voxlog audit "
         "public-key`) to whoever verifies exports, and keep it apart from here.")
+    vcon_signing_key: Path | None = Field(
+        None, description="The RSA private key (PEM, mode 0600) vCon exports of calls are signed with (JWS RS256, "
+        "what the vcon library signs with), made there on first use; unset: vcon-signing-key.pem in `home`. Hand "
+        "its public half (`voxlog export public-key`) to whoever verifies them.")
 
     recordings_s3_url: str | None = Field(
         None, description="s3://bucket/prefix where finished call recordings are kept (AWS S3 or any S3-compatible "
@@ -100,6 +104,10 @@ class Settings(BaseSettings):
     @property
     def audit_signing_key_path(self) -> Path:
         return self.audit_signing_key or self.home / "audit-signing-key.pem"
+
+    @property
+    def vcon_signing_key_path(self) -> Path:
+        return self.vcon_signing_key or self.home / "vcon-signing-key.pem"
 
     @property
     def log_path(self) -> Path:

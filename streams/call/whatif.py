@@ -313,16 +313,14 @@ def llm_requests_of(events: Sequence[Event[EventPayload]], agent: AgentSpec) -> 
 
 class _WhatIf:
     def __init__(self, events: Sequence[Event[EventPayload]], agent: AgentSpec, llm: LlmProvider, llm_label: str,
-                 recorded_agent: AgentSpec | None, llm_timeout_s: float) -> None:
+                 recorded_agent: AgentSpec | None, llm_timeout_s: float, *, same_model: bool) -> None:
         self.events = events
         self.recording = _Recording(events)
         self.llm = llm
         self.llm_label = llm_label
         self.llm_timeout_s = llm_timeout_s
-        # The same definition makes the same requests until something differs (`diverged`): none to rebuild.
-        rebuild = recorded_agent is not None and recorded_agent.version != agent.version
-        self.recorded_requests = llm_requests_of(events, recorded_agent) if rebuild and recorded_agent else None
-        self.same_model = _same_model(agent, recorded_agent)
+        self.recorded_requests = llm_requests_of(events, recorded_agent) if recorded_agent is not None else None
+        self.same_model = same_model
         self.state: CallState = new_state(agent)
         self.turns = _TurnLog()
         self.answered_by: dict[int, list[str]] = {}
@@ -331,6 +329,7 @@ class _WhatIf:
         self.diverged = False  # a decision differs from the recorded one, or an answer is not the recorded one
         self.position = -1
         self.envelope = events[0].envelope
+        self.recorded_event = events[0]
         self.pending_llm: LlmRequest | None = None
         self.tools_waiting: dict[str, str] = {}  # recorded tool_call_id -> the new core's
         self.tools_used: set[str] = set()
@@ -353,8 +352,10 @@ class _WhatIf:
             self.position = position
             if event.envelope.producer == CORE_PRODUCER:
                 continue
-            await self._fire_timers(event.envelope)
+            if self.virtual_timers:
+                await self._fire_timers(event.envelope)
             self.envelope = event.envelope
+            self.recorded_event = event
             payload = self._as_answer(event.payload)
             if payload is not None:
                 await self._feed(payload)
@@ -400,7 +401,9 @@ class _WhatIf:
             pending = self.pending_llm
             if isinstance(p, LlmDecided) and pending is not None and p.request_id == pending.request_id:
                 p = await self._llm_answer(p)
-            event = Event(replace(self.envelope, type=p.EVENT_TYPE, schema_version=p.EVENT_VERSION), p)
+            event = self.recorded_event
+            if p is not event.payload:  # an answer of the world's own, or a recorded one for another id
+                event = Event(replace(self.envelope, type=p.EVENT_TYPE, schema_version=p.EVENT_VERSION), p)
             self.state, decisions = decide(self.state, event)
             self._act(decisions)
 
@@ -522,21 +525,25 @@ async def whatif_call(events: Sequence[Event[EventPayload]], agent: AgentSpec, l
     that are not the recorded ones, `llm_label` says what it is. `recorded_agent`: the definition that took
     the call, where still at hand, so that requests are compared whole (else by their recorded summary)."""
     call_id = events[0].call_id if events else ""
-    started = next((e.payload for e in events if isinstance(e.payload, CallStarted)), None)
-    now_ref = AgentRef(agent.id, agent.version)
+    # Audio is no input of the core's (nor an answer of the world's): left out, the passes below are short.
+    inputs = [event for event in events if not event.type.startswith("audio.")]
+    started = next((e.payload for e in inputs if isinstance(e.payload, CallStarted)), None)
+    version = agent.version
+    now_ref = AgentRef(agent.id, version)
     if started is None:
         return WhatIfResult(call_id, AgentRef("", ""), now_ref, (), llm_label, problem="no call.started event")
     then_ref = AgentRef(started.agent_id, started.agent_version)
-    if any(event.pii_withheld and not event.type.startswith("audio.") for event in events):
+    if any(event.pii_withheld for event in inputs):
         return WhatIfResult(call_id, then_ref, now_ref, (), llm_label,
                             problem="its personal data was erased: there is nothing to replay it from")
-    if not any(isinstance(e.payload, CallEnded) for e in events):
+    if not any(isinstance(e.payload, CallEnded) for e in inputs):
         return WhatIfResult(call_id, then_ref, now_ref, (), llm_label, problem="the call has not ended")
     if recorded_agent is not None and recorded_agent.version != started.agent_version:
         recorded_agent = None
-    # Audio is no input of the core's (nor an answer of the world's): left out, the passes below are short.
-    inputs = [event for event in events if not event.type.startswith("audio.")]
-    run = _WhatIf(inputs, agent, llm, llm_label, recorded_agent, llm_timeout_s)
+    # The same definition makes the same requests until something differs: none to rebuild.
+    rebuild = recorded_agent is not None and started.agent_version != version
+    run = _WhatIf(inputs, agent, llm, llm_label, recorded_agent if rebuild else None, llm_timeout_s,
+                  same_model=_same_model(agent, recorded_agent))
     await run.run()
     return run.compare(then_ref, now_ref)
 

@@ -192,6 +192,14 @@ def test_replay_verify_reports_identical_calls_and_the_first_divergence(embedded
     assert everything.returncode == 1
     assert f"call-bad: diverged at seq {greeting} (tts.requested)" in everything.stdout
     assert everything.stdout.strip().endswith("verified 2 calls, 1 diverged")
+    # Piped, its progress is plain lines on standard error (voxlog.progress), its result alone on standard output.
+    progress = everything.stderr.splitlines()
+    assert any(re.fullmatch(r"replay verify: finding calls: (\d+)/\1 records \(100%\) in [\d.]+ s(, [\d.]+ records/s)?",
+                            line) for line in progress), everything.stderr
+    assert any(re.fullmatch(r"replay verify: 2/2 calls \(100%\) in [\d.]+ s(, [\d.]+ calls/s)?", line)
+               for line in progress), everything.stderr
+    assert "replay verify:" not in everything.stdout
+    assert "replay verify:" not in one.stderr  # one call: nothing to wait for
 
 
 @pytest.mark.slow

@@ -108,9 +108,12 @@ async def test_killing_the_projector_loses_and_doubles_nothing(embedded_backend:
     keys = [(r[0], r[1], r[2]) for r in after_kills["transcripts"]]
     assert len(keys) == len(set(keys)), "no row twice"
 
-    runner = ProjectionRunner(log, store, CallsProjection())
+    told: list[tuple[int, int | None]] = []  # what `voxlog projections rebuild` shows as progress
+    runner = ProjectionRunner(log, store, CallsProjection(), on_progress=lambda read, total: told.append((read, total)))
     await runner.rebuild()
     assert await snapshot(store, CallsProjection.tables) == after_kills, "a rebuild from offset zero gives the same"
+    assert [read for read, _ in told] == sorted(read for read, _ in told), "told after each batch read"
+    assert told[-1] == (runner.events, runner.events), "at the end, all the records the log held"
     assert await snapshot(store, CallsProjection.tables, versions=True) == versions_after_kills, "versions too"
 
 
