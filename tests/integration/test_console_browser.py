@@ -210,3 +210,48 @@ async def test_qa_reviews_a_call_in_the_console(stack: LocalStack, store: Analyt
     elsewhere = [url for url in requests.urls if not url.startswith((stack.base_url, "blob:", "data:"))]
     assert not elsewhere, f"the page reached beyond the gateway: {elsewhere}"
     print(f"console session {time.monotonic() - started:.1f} s; screenshots in {ARTIFACTS}")
+
+
+async def test_the_api_docs_render_with_no_network_but_the_gateways(stack: LocalStack, browser: Browser) -> None:
+    """`/docs` (Swagger UI) and `/redoc` in a browser that reaches the gateway and nothing else: both draw
+    the API from assets voxlog serves, and nothing leaves for another host (ReDoc's script asks for its
+    CDN's logo: the pages' Content-Security-Policy refuses it in the browser)."""
+    requests = SentRequests()
+    async with devtools(browser.devtools_url) as cdp:
+        cdp.listeners.append(requests)
+        page = await open_page(cdp, width=1200, height=900)
+        await page.navigate(f"{stack.base_url}/docs")
+        title = await page.wait_for("(() => { const t = document.querySelector('.swagger-ui .info .title');"
+                                    "return t ? t.textContent : null; })()", timeout_s=STARTUP_TIMEOUT_S,
+                                    what="Swagger UI's title")
+        assert "voxlog gateway" in title
+        await page.wait_for("document.querySelectorAll('.swagger-ui .opblock').length > 10", timeout_s=STEP_TIMEOUT_S,
+                            what="the operations listed")
+        await shot(page, "06-api-docs")
+        await page.navigate(f"{stack.base_url}/redoc")
+        await page.wait_for("document.body.textContent.includes('/v1/console/calls')", timeout_s=STARTUP_TIMEOUT_S,
+                            what="ReDoc's operations")
+        await shot(page, "07-redoc")
+        await page.close()
+    outside = [url for url in requests.sent() if not url.startswith((stack.base_url, "data:", "blob:"))]
+    assert not outside, f"the API docs asked other hosts: {outside}"
+    assert requests.urls, "no request was seen at all"
+
+
+class SentRequests(Requests):
+    """The URLs the page asked for, less those its Content-Security-Policy refused (never sent)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_id: dict[str, str] = {}
+        self.refused: set[str] = set()
+
+    def __call__(self, method: str, params: dict[str, Any]) -> None:
+        super().__call__(method, params)
+        if method == "Network.requestWillBeSent":
+            self.by_id[params["requestId"]] = params["request"]["url"]
+        elif method == "Network.loadingFailed" and params.get("blockedReason") == "csp":
+            self.refused.add(params["requestId"])
+
+    def sent(self) -> list[str]:
+        return [url for request_id, url in self.by_id.items() if request_id not in self.refused]
