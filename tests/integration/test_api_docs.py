@@ -41,7 +41,7 @@ async def test_the_docs_pages_load_only_what_the_gateway_serves(client: httpx.As
     response = await client.get(page)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
-    # What a viewer's script would fetch elsewhere is refused by the browser (tests/integration/test_console_browser.py).
+    # What a viewer's script would fetch elsewhere, the browser refuses (test_console_browser.py).
     assert response.headers["content-security-policy"].startswith("default-src 'self';")
     html = response.text
     outside = [url for url in re.findall(r"https?://[^\s\"'<>)]+", html) if not url.startswith(BASE)]
