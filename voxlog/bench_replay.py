@@ -5,10 +5,11 @@ bookings, tickets, transfers, silences and barge-ins, both sides' audio as 20 ms
 then times, each over every call: reading and decoding them (`read_call`), `replay verify`, `replay whatif`
 with the same agent (every answer reused), and with a reworded greeting (every LLM request after it new,
 answered by the offline policy), with and without the report's PII redaction. Wall and CPU seconds, calls
-and events a second, and each as a ratio to reading; medians of `passes`."""
+and events a second, and each as a ratio to reading; medians of `passes`, the phases taken in turn in each."""
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import random
@@ -50,16 +51,6 @@ async def write_calls(backend: LogBackend, agent: AgentSpec, calls: int, seed: i
     return events
 
 
-async def _timed(passes: int, work: Callable[[], Awaitable[Any]]) -> tuple[dict[str, float], Any]:
-    walls, cpus, result = [], [], None
-    for _ in range(passes):
-        wall, cpu = time.perf_counter(), time.process_time()
-        result = await work()
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
-    return {"wall_s": round(statistics.median(walls), 3), "cpu_s": round(statistics.median(cpus), 3)}, result
-
-
 async def bench_replay(backend: LogBackend, router: AgentRouter, agent: AgentSpec, *, calls: int, seed: int = 7,
                        passes: int = 3) -> dict[str, Any]:
     events = await write_calls(backend, agent, calls, seed)
@@ -77,20 +68,41 @@ async def bench_replay(backend: LogBackend, router: AgentRouter, agent: AgentSpe
     async def whatif_redacted(tried: AgentSpec) -> list[Any]:
         return [result.redacted() for result in await whatif_calls(backend, router, tried, registry, ids)]
 
-    phases: dict[str, dict[str, Any]] = {}
-    reading, read = await _timed(passes, read_all)
-    phases["read_and_decode"] = reading
-    verifying, verified = await _timed(passes, lambda: verify_calls(backend, router, ids))
-    phases["replay_verify"] = {**verifying, "identical": sum(1 for r in verified if r.identical)}
-    for name, tried, redact in (("whatif_same_agent", agent, False), ("whatif_reworded_greeting", reworded, False),
-                                ("whatif_reworded_greeting_redacted", reworded, True)):
-        async def run(tried: AgentSpec = tried, redact: bool = redact) -> list[Any]:
-            if redact:
-                return await whatif_redacted(tried)
-            return await whatif_calls(backend, router, tried, registry, ids)
+    async def read_count() -> list[int]:
+        return [await read_all()]
 
-        timing, results = await _timed(passes, run)
-        phases[name] = {**timing, "changed": sum(1 for r in results if r.changed)}
+    async def verify() -> list[Any]:
+        return await verify_calls(backend, router, ids)
+
+    async def whatif(tried: AgentSpec) -> list[Any]:
+        return await whatif_calls(backend, router, tried, registry, ids)
+
+    work: dict[str, Callable[[], Awaitable[list[Any]]]] = {
+        "read_and_decode": read_count,
+        "replay_verify": verify,
+        "whatif_same_agent": lambda: whatif(agent),
+        "whatif_reworded_greeting": lambda: whatif(reworded),
+        "whatif_reworded_greeting_redacted": lambda: whatif_redacted(reworded),
+    }
+    # Round-robin, a collection before each: a phase's garbage is not the next one's cost, nor is its place.
+    walls: dict[str, list[float]] = {name: [] for name in work}
+    cpus: dict[str, list[float]] = {name: [] for name in work}
+    results: dict[str, list[Any]] = {}
+    for _ in range(passes):
+        for name, run in work.items():
+            gc.collect()
+            wall, cpu = time.perf_counter(), time.process_time()
+            results[name] = await run()
+            walls[name].append(time.perf_counter() - wall)
+            cpus[name].append(time.process_time() - cpu)
+    read = results["read_and_decode"][0]
+    phases: dict[str, dict[str, Any]] = {
+        name: {"wall_s": round(statistics.median(walls[name]), 3), "cpu_s": round(statistics.median(cpus[name]), 3)}
+        for name in work}
+    phases["replay_verify"]["identical"] = sum(1 for r in results["replay_verify"] if r.identical)
+    for name in ("whatif_same_agent", "whatif_reworded_greeting", "whatif_reworded_greeting_redacted"):
+        phases[name]["changed"] = sum(1 for r in results[name] if r.changed)
+    reading = phases["read_and_decode"]
     await registry.aclose()
     for phase in phases.values():
         phase["calls_per_s"] = round(len(ids) / phase["wall_s"])

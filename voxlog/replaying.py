@@ -123,13 +123,12 @@ async def whatif_calls(backend: LogBackend, router: AgentRouter, agent: AgentSpe
 async def _whatif_one(admin: LogAdmin, router: AgentRouter, agent: AgentSpec, llm: LlmProvider, label: str,
                       call_id: str) -> WhatIfResult:
     history = await read_call(admin, call_id)
-    now = AgentRef(agent.id, agent.version)
     if history.undecodable:
         record, reason = history.undecodable[0]
         problem = f"{record.topic}/{record.partition}@{record.offset} cannot be decoded: {reason}"
-        return WhatIfResult(call_id, AgentRef("", ""), now, (), label, problem=problem)
+        return WhatIfResult(call_id, AgentRef("", ""), AgentRef(agent.id, agent.version), (), label, problem=problem)
     if history.events and history.events[0].tenant_id != agent.tenant:
-        return WhatIfResult(call_id, AgentRef("", ""), now, (), label,
+        return WhatIfResult(call_id, AgentRef("", ""), AgentRef(agent.id, agent.version), (), label,
                             problem=f"another tenant's call (the agent file is {agent.tenant}'s)")
     try:
         recorded: AgentSpec | None = agent_for(history.events, router)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 from schemas.base import Event, EventPayload
 from schemas.events import (
@@ -176,6 +176,20 @@ class CallState:
     ended: bool = False
 
 
+STATE_FIELDS = frozenset(f.name for f in fields(CallState))
+
+
+def evolve(state: CallState, **changes: Any) -> CallState:
+    """`state` with `changes`: `dataclasses.replace` without its generic path (every field through
+    `__init__` again), which was most of the core's time. The state has no `__post_init__` to skip."""
+    unknown = changes.keys() - STATE_FIELDS
+    if unknown:
+        raise TypeError(f"CallState has no field {', '.join(sorted(unknown))}")
+    new = object.__new__(CallState)
+    new.__dict__.update(state.__dict__, **changes)
+    return new
+
+
 def says(text: str, phrase: str) -> bool:
     """Whether the caller's words contain the phrase, as whole words (a plural 's' allowed)."""
     return re.search(rf"\b{re.escape(phrase.lower())}s?\b", text.lower()) is not None
@@ -190,7 +204,7 @@ def new_state(agent: AgentSpec, started: CallStarted | None = None) -> CallState
     """A call's state before its first event; with its `call.started` at hand, already under its consent
     mode (what the session keeps of the caller's audio before the core has decided anything)."""
     state = CallState(agent=agent, consent_mode=agent.consent.mode)
-    return state if started is None else replace(state, consent_mode=consent_mode_of(agent, started))
+    return state if started is None else evolve(state, consent_mode=consent_mode_of(agent, started))
 
 
 def consent_mode_of(agent: AgentSpec, started: CallStarted) -> ConsentMode:
@@ -226,17 +240,17 @@ def decide(state: CallState, event: Event[EventPayload]) -> tuple[CallState, lis
     match p:
         case CallStarted():
             returned = RETURNED_FROM_HANDOFF in p.parameters
-            return replace(state, call_id=event.call_id, started_us=now, returned_from_handoff=returned,
+            return evolve(state, call_id=event.call_id, started_us=now, returned_from_handoff=returned,
                            outbound=p.direction == "outbound", speech=SPEECH_FORMATS.get(p.channel, DEFAULT_SPEECH),
                            channel=p.channel, consent_mode=consent_mode_of(state.agent, p)), []
         case MemoryLoaded():
-            return replace(state, memory=tuple(s.summary for s in p.summaries)), []
+            return evolve(state, memory=tuple(s.summary for s in p.summaries)), []
         case CallAnswered():
-            return _greet(replace(state, phase="listening"), now)
+            return _greet(evolve(state, phase="listening"), now)
         case SpeechStarted():
             return _caller_started(state, p.offset_ms)
         case SpeechStopped():
-            return _caller_stopped(replace(state, caller_speaking=False), now)
+            return _caller_stopped(evolve(state, caller_speaking=False), now)
         case TranscriptFinal():
             return _heard(state, p, now)
         case LlmDecided():
@@ -252,9 +266,9 @@ def decide(state: CallState, event: Event[EventPayload]) -> tuple[CallState, lis
         case HandoffCompleted():
             if p.outcome == "connected":
                 return _hangup(state, "handoff")
-            return _say(replace(state, handoff_id=None), _unavailable(state.agent))
+            return _say(evolve(state, handoff_id=None), _unavailable(state.agent))
         case CallEnded():
-            return replace(state, ended=True, phase="ended"), []
+            return evolve(state, ended=True, phase="ended"), []
     return state, []
 
 
@@ -272,7 +286,7 @@ def _say(state: CallState, text: str) -> tuple[CallState, list[Decision]]:
         codec=state.speech.codec,
         sample_rate=state.speech.sample_rate,
     )
-    state = replace(
+    state = evolve(
         state,
         tts_count=state.tts_count + 1,
         speaking=request_id,
@@ -284,7 +298,7 @@ def _say(state: CallState, text: str) -> tuple[CallState, list[Decision]]:
 def _set_timer(state: CallState, name: str, due_us: int) -> tuple[CallState, list[Decision]]:
     state, decisions = _cancel_timer(state, name)
     timer_id = f"{state.call_id}/timer/{state.timer_count}"
-    state = replace(state, timer_count=state.timer_count + 1, timers={**state.timers, name: timer_id})
+    state = evolve(state, timer_count=state.timer_count + 1, timers={**state.timers, name: timer_id})
     return state, [
         *decisions,
         Decision(TimerSet(timer_id=timer_id, name=name, due_us=due_us), StartTimer(timer_id, name, due_us)),
@@ -296,7 +310,7 @@ def _cancel_timer(state: CallState, name: str) -> tuple[CallState, list[Decision
     if timer_id is None:
         return state, []
     timers = {k: v for k, v in state.timers.items() if k != name}
-    return replace(state, timers=timers), [
+    return evolve(state, timers=timers), [
         Decision(TimerCancelled(timer_id=timer_id, name=name), CancelTimer(timer_id))
     ]
 
@@ -306,7 +320,7 @@ def _hangup(state: CallState, reason: str) -> tuple[CallState, list[Decision]]:
     for name in list(state.timers):
         state, cancelled = _cancel_timer(state, name)
         decisions += cancelled
-    state = replace(state, phase="ended")
+    state = evolve(state, phase="ended")
     return state, [*decisions, Decision(CallHangupRequested(reason=reason), Hangup(reason))]
 
 
@@ -331,7 +345,7 @@ def _greet(state: CallState, now: int) -> tuple[CallState, list[Decision]]:
     if state.consent_mode == "opt_in":
         # The question first; the greeting once the caller has answered it.
         question = consent.widget_question if widget else consent.question
-        state = replace(state, consent="pending", consent_prompt=question, opening=opening)
+        state = evolve(state, consent="pending", consent_prompt=question, opening=opening)
         state, asked = _say(state, question)
         return state, [*limit, *asked]
     notice = consent.text
@@ -343,12 +357,12 @@ def _greet(state: CallState, now: int) -> tuple[CallState, list[Decision]]:
     decisions = [*limit, *greeting]
     if not notice:
         return state, decisions
-    state = replace(state, consent_prompt=notice)
+    state = evolve(state, consent_prompt=notice)
     if state.consent_mode == "opt_out":
-        return replace(state, consent="pending"), decisions  # until the caller's first words or key
+        return evolve(state, consent="pending"), decisions  # until the caller's first words or key
     # Continuing after the notice is consent to it; refusing means hanging up.
     given = ConsentGiven(kind=consent.kind, method="implied_by_continuing", prompt_text=notice)
-    return replace(state, consent="given"), [Decision(given), *decisions]
+    return evolve(state, consent="given"), [Decision(given), *decisions]
 
 
 # -- consent: the caller's answer, by words or keys, and what the call keeps after it -------------
@@ -403,7 +417,7 @@ def _pressed(state: CallState, digit: str, now: int) -> tuple[CallState, list[De
 def _give(state: CallState, method: str, *, greet: bool = True) -> tuple[CallState, list[Decision]]:
     consent = state.agent.consent
     state, decisions = _cancel_timer(state, "consent")
-    state = replace(state, consent="given")
+    state = evolve(state, consent="given")
     decisions.append(Decision(ConsentGiven(kind=consent.kind, method=method, prompt_text=state.consent_prompt)))
     if method == "implied_by_continuing":
         return state, decisions
@@ -416,7 +430,7 @@ def _refuse(state: CallState, method: str, *, greet: bool = True) -> tuple[CallS
     is kept, and the call goes on."""
     consent = state.agent.consent
     state, decisions = _cancel_timer(state, "consent")
-    state = replace(state, consent="refused")
+    state = evolve(state, consent="refused")
     decisions.append(Decision(ConsentRefused(kind=consent.kind, method=method, prompt_text=state.consent_prompt)))
     state, said = _reply(state, consent.refused, greet=greet)
     return state, decisions + said
@@ -426,7 +440,7 @@ def _reply(state: CallState, reply: str, *, greet: bool) -> tuple[CallState, lis
     """What the agent says to a consent answer: the reply, then the greeting the question held back
     (opt_in); nothing while the call is ending or being handed over."""
     opening = state.opening if greet else None
-    state = replace(state, opening=None)
+    state = evolve(state, opening=None)
     text = " ".join(part for part in (reply, opening) if part)
     if not text or state.phase != "listening" or state.hangup_after_speech is not None or state.handoff_id:
         return state, []
@@ -434,7 +448,7 @@ def _reply(state: CallState, reply: str, *, greet: bool) -> tuple[CallState, lis
 
 
 def _caller_started(state: CallState, offset_ms: int) -> tuple[CallState, list[Decision]]:
-    state = replace(state, caller_speaking=True, silence_reprompted=False)
+    state = evolve(state, caller_speaking=True, silence_reprompted=False)
     state, decisions = _cancel_timer(state, "silence")
     state, answering = _cancel_timer(state, "consent")  # the caller is answering: their words will say
     decisions += answering
@@ -468,7 +482,7 @@ def _heard(state: CallState, p: TranscriptFinal, now: int) -> tuple[CallState, l
 
 
 def _heard_text(state: CallState, text: str, ids: tuple[str, ...], now: int) -> tuple[CallState, list[Decision]]:
-    state = replace(state, heard=(*state.heard, text), heard_ids=state.heard_ids + ids)
+    state = evolve(state, heard=(*state.heard, text), heard_ids=state.heard_ids + ids)
     if state.pending_llm is not None or state.pending_tools or state.phase != "listening":
         return state, []  # the caller added to a turn already being answered; it joins the next one
     return _take_turn(state, now)
@@ -480,7 +494,7 @@ def _take_turn(state: CallState, now: int) -> tuple[CallState, list[Decision]]:
     turn = TurnTaken(
         turn_index=state.turn_index, caller_text=caller_text, utterance_ids=state.heard_ids, end_of_turn_ms=0
     )
-    state = replace(
+    state = evolve(
         state,
         heard=(),
         heard_ids=(),
@@ -501,7 +515,7 @@ def _take_turn(state: CallState, now: int) -> tuple[CallState, list[Decision]]:
             )
         )
         state, said = _say(state, agent.goodbye)
-        return replace(state, hangup_after_speech="max_turns"), decisions + said
+        return evolve(state, hangup_after_speech="max_turns"), decisions + said
     for pattern in agent.guardrails.blocked_input:
         if re.search(pattern, caller_text):
             decisions.append(
@@ -526,7 +540,7 @@ def _hand_off(state: CallState, reason: str) -> tuple[CallState, list[Decision]]
         return _say(state, agent.fallback)
     handoff_id = handoff_id_of(state.call_id)
     summary = " | ".join(m.content for m in state.history if m.role == "user")[-500:]
-    state, said = _say(replace(state, handoff_id=handoff_id), agent.handoff.message)
+    state, said = _say(evolve(state, handoff_id=handoff_id), agent.handoff.message)
     return state, [
         Decision(
             HandoffRequested(handoff_id=handoff_id, reason=reason, target=agent.handoff.target, summary=summary),
@@ -568,7 +582,7 @@ def _ask_llm(state: CallState) -> tuple[CallState, list[Decision]]:
         message_count=len(messages),
         tools=tuple(t.name for t in tools),
     )
-    state = replace(state, pending_llm=request_id, llm_count=state.llm_count + 1)
+    state = evolve(state, pending_llm=request_id, llm_count=state.llm_count + 1)
     return state, [Decision(payload, CallLlm(request))]
 
 
@@ -576,21 +590,21 @@ def _llm_decided(state: CallState, p: LlmDecided, now: int) -> tuple[CallState, 
     if p.request_id != state.pending_llm:
         return state, []  # an answer to a request the core no longer waits for
     agent = state.agent
-    state = replace(state, pending_llm=None)
+    state = evolve(state, pending_llm=None)
     decisions: list[Decision] = []
     for call in p.tool_calls:
         if call.name == TRANSFER_TOOL.name:
             return _hand_off(state, "llm_decided")
         if call.name == END_CALL_TOOL.name:
             state, said = _say(state, p.text or agent.goodbye)
-            return replace(state, hangup_after_speech="goodbye"), said
+            return evolve(state, hangup_after_speech="goodbye"), said
     known = [c for c in p.tool_calls if agent.tool(c.name) is not None]
     if known:
         if p.text.strip():  # what the model says while its tools run ("Let me check that for you.")
             text, decisions = _guarded_output(state, p.text.strip())
             state, said = _say(state, text)
             decisions += said
-        state = replace(
+        state = evolve(
             state,
             history=(
                 *state.history,
@@ -612,7 +626,7 @@ def _llm_decided(state: CallState, p: LlmDecided, now: int) -> tuple[CallState, 
                     RunTool(call.id, call.name, call.arguments_json, f"{state.call_id}/{call.id}"),
                 )
             )
-        state = replace(
+        state = evolve(
             state,
             pending_tools=tuple(c.id for c in known),
             tool_names={**state.tool_names, **{c.id: c.name for c in known}},
@@ -643,10 +657,10 @@ def _tool_result(state: CallState, p: ToolSucceeded | ToolFailed, now: int) -> t
     result = p.result_json if isinstance(p, ToolSucceeded) else json.dumps({"error": p.error})
     history = (*state.history, ChatMessage("tool", result, name=p.tool, tool_call_id=p.tool_call_id))
     pending = tuple(t for t in state.pending_tools if t != p.tool_call_id)
-    state = replace(state, history=history, pending_tools=pending)
+    state = evolve(state, history=history, pending_tools=pending)
     tool = state.agent.tool(state.tool_names[p.tool_call_id])
     if isinstance(p, ToolSucceeded) and tool is not None and tool.outcome is not None:
-        state = replace(state, achieved=tool.outcome)
+        state = evolve(state, achieved=tool.outcome)
     if pending:
         return state, []
     return _ask_llm(state)
@@ -655,7 +669,7 @@ def _tool_result(state: CallState, p: ToolSucceeded | ToolFailed, now: int) -> t
 def _finished_speaking(state: CallState, p: TtsCompleted, now: int) -> tuple[CallState, list[Decision]]:
     if p.request_id != state.speaking:
         return state, []
-    state = replace(state, speaking=None)
+    state = evolve(state, speaking=None)
     if state.hangup_after_speech is not None:
         return _hangup(state, state.hangup_after_speech)
     if state.handoff_id is not None or state.phase != "listening":
@@ -674,11 +688,11 @@ def _finished_speaking(state: CallState, p: TtsCompleted, now: int) -> tuple[Cal
 def _timer_fired(state: CallState, p: TimerFired, now: int) -> tuple[CallState, list[Decision]]:
     if state.timers.get(p.name) != p.timer_id:
         return state, []  # cancelled or replaced before it fired
-    state = replace(state, timers={k: v for k, v in state.timers.items() if k != p.name})
+    state = evolve(state, timers={k: v for k, v in state.timers.items() if k != p.name})
     agent = state.agent
     if p.name == "max_duration":
         state, said = _say(state, agent.goodbye)
-        return replace(state, hangup_after_speech="max_duration"), [
+        return evolve(state, hangup_after_speech="max_duration"), [
             Decision(
                 GuardrailTriggered(
                     stage="input",
@@ -695,7 +709,7 @@ def _timer_fired(state: CallState, p: TimerFired, now: int) -> tuple[CallState, 
     if p.name == "silence":
         if state.silence_reprompted:
             state, said = _say(state, agent.goodbye)
-            return replace(state, hangup_after_speech="silence"), said
-        state, said = _say(replace(state, silence_reprompted=True), agent.reprompt)
+            return evolve(state, hangup_after_speech="silence"), said
+        state, said = _say(evolve(state, silence_reprompted=True), agent.reprompt)
         return state, said
     return state, []

@@ -526,7 +526,7 @@ async def whatif_call(events: Sequence[Event[EventPayload]], agent: AgentSpec, l
     the call, where still at hand, so that requests are compared whole (else by their recorded summary)."""
     call_id = events[0].call_id if events else ""
     # Audio is no input of the core's (nor an answer of the world's): left out, the passes below are short.
-    inputs = [event for event in events if not event.type.startswith("audio.")]
+    inputs = [event for event in events if not event.envelope.type.startswith("audio.")]
     started = next((e.payload for e in inputs if isinstance(e.payload, CallStarted)), None)
     version = agent.version
     now_ref = AgentRef(agent.id, version)

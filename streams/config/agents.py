@@ -237,8 +237,17 @@ class AgentSpec(_Spec):
 
     @property
     def version(self) -> str:
-        """Content hash of the whole definition: recorded with each call, checked by replay."""
-        return content_hash(self.model_dump(mode="json"))
+        """Content hash of the whole definition: recorded with each call, checked by replay. Hashed once
+        per object (a definition is frozen; `model_copy` makes another object), as replaying many calls
+        asks it of the same definition for each."""
+        known = _VERSIONS.get(id(self))
+        if known is not None and known[0] is self:
+            return known[1]
+        version = content_hash(self.model_dump(mode="json"))
+        if len(_VERSIONS) >= VERSIONS_KEPT:
+            _VERSIONS.pop(next(iter(_VERSIONS)))
+        _VERSIONS[id(self)] = (self, version)
+        return version
 
     @property
     def prompt_text(self) -> str:
@@ -251,6 +260,12 @@ class AgentSpec(_Spec):
 
     def tool(self, name: str) -> ToolDefinition | None:
         return next((t for t in self.tools if t.name == name), None)
+
+
+VERSIONS_KEPT = 256
+_VERSIONS: dict[int, tuple[AgentSpec, str]] = {}
+"""Definitions' versions by object, each held with its object so that its id cannot be another's meanwhile;
+the oldest let go first."""
 
 
 class AgentConfigError(ValueError):
