@@ -5,7 +5,8 @@ bookings, tickets, transfers, silences and barge-ins, both sides' audio as 20 ms
 then times, each over every call: reading and decoding them (`read_call`), `replay verify`, `replay whatif`
 with the same agent (every answer reused), and with a reworded greeting (every LLM request after it new,
 answered by the offline policy), with and without the report's PII redaction. Wall and CPU seconds, calls
-and events a second, and each as a ratio to reading; medians of `passes`, the phases taken in turn in each."""
+and events a second, and each as a ratio to reading; medians of `passes`, the phases taken in turn in each, each
+first in one of them (a phase's place changes its time by as much as a tenth)."""
 
 from __future__ import annotations
 
@@ -88,8 +89,10 @@ async def bench_replay(backend: LogBackend, router: AgentRouter, agent: AgentSpe
     walls: dict[str, list[float]] = {name: [] for name in work}
     cpus: dict[str, list[float]] = {name: [] for name in work}
     results: dict[str, list[Any]] = {}
-    for _ in range(passes):
-        for name, run in work.items():
+    names = list(work)
+    for turn in range(passes):
+        for name in names[turn % len(names):] + names[:turn % len(names)]:  # each phase first in its turn
+            run = work[name]
             gc.collect()
             wall, cpu = time.perf_counter(), time.process_time()
             results[name] = await run()

@@ -468,7 +468,8 @@ def bench_asr_command(
 def bench_replay_command(
     out: Annotated[Path, typer.Option(help="JSON file the results are written to.")],
     calls: Annotated[int, typer.Option(min=1, help="Calls written and replayed.")] = 1000,
-    passes: Annotated[int, typer.Option(min=1, help="Timed passes of each phase (medians).")] = 3,
+    passes: Annotated[int, typer.Option(min=1, help="Timed passes of each phase (medians); the phases take turns "
+                                                    "going first.")] = 5,
 ) -> None:
     """Reading, replay verify and replay whatif (same agent; a reworded greeting) over the same calls."""
     from voxlog.bench import write_result
