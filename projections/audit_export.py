@@ -25,9 +25,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
-import stat
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -39,6 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from projections.audit import epoch_us, record_hash
+from projections.signing_keys import open_key_file
 from projections.tables import AUDIT_LOG
 
 SIGNATURE_FORMAT = "voxlog.audit-export-signature/1"
@@ -425,42 +423,8 @@ def _against_statement(contents: ExportContents, statement: ExportStatement) -> 
 def open_signing_key(path: Path) -> tuple[Ed25519PrivateKey, bool]:
     """The audit signing key in `path` (PEM, PKCS#8, unencrypted, mode 0600), made there the first
     time; and whether it was just made."""
-    try:
-        return _load_signing_key(path), False
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    # Written whole under another name, then linked into place: never a half-written key at `path`,
-    # never readable by others for a moment, and of two processes making it at once one key wins.
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(pem)
-            out.flush()
-            os.fsync(out.fileno())
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            return _load_signing_key(path), False
-    finally:
-        os.unlink(temporary)
-    return key, True
-
-
-def _load_signing_key(path: Path) -> Ed25519PrivateKey:
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise AuditKeyError(f"the audit signing key {path} is open to others (mode {mode:04o}): chmod 600 it")
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # TypeError: it is encrypted
-        raise AuditKeyError(f"the audit signing key {path} is not an unencrypted PEM private key: {exc}") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise AuditKeyError(f"the audit signing key {path} is not an Ed25519 key")
-    return key
+    return open_key_file(path, Ed25519PrivateKey.generate, AuditKeyError, what="audit signing key",
+                         unusable=lambda key: None if isinstance(key, Ed25519PrivateKey) else "is not an Ed25519 key")
 
 
 def public_key_pem(key: Ed25519PrivateKey) -> str:

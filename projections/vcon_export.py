@@ -39,10 +39,7 @@ import asyncio
 import base64
 import hashlib
 import json
-import os
 import re
-import stat
-import tempfile
 import uuid
 import warnings
 from collections.abc import Collection, Iterable, Sequence
@@ -62,6 +59,7 @@ from consumers.log_consumer import LogAdmin
 from projections.calls import CallsFold
 from projections.recording_assembly import FORMAT
 from projections.recording_store import RecordingFacts, RecordingStore
+from projections.signing_keys import open_key_file
 from projections.tables import CALLS, TOOL_CALLS, TRANSCRIPTS, Output
 from schemas.base import Event, EventPayload
 from schemas.events import CallStarted, CallSummarized, ErrorRaised, ProviderFallback, ToolFailed
@@ -647,44 +645,14 @@ def verify_vcon(data: bytes, public_key: RSAPublicKey) -> VconVerdict:
 def open_signing_key(path: Path) -> tuple[RSAPrivateKey, bool]:
     """The vCon signing key in `path` (PEM, PKCS#8, unencrypted, mode 0600), made there the first
     time (RSA, 3072 bits); and whether it was just made."""
-    try:
-        return _load_signing_key(path), False
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = generate_private_key(public_exponent=65537, key_size=RSA_BITS)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    # As the audit signing key is made: written whole under another name (mode 0600), then linked into
-    # place, so there is never a half-written key at `path`, and of two processes one key wins.
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(pem)
-            out.flush()
-            os.fsync(out.fileno())
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            return _load_signing_key(path), False
-    finally:
-        os.unlink(temporary)
-    return key, True
+    return open_key_file(path, lambda: generate_private_key(public_exponent=65537, key_size=RSA_BITS),
+                         VconKeyError, what="vCon signing key", unusable=_not_for_rs256)
 
 
-def _load_signing_key(path: Path) -> RSAPrivateKey:
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise VconKeyError(f"the vCon signing key {path} is open to others (mode {mode:04o}): chmod 600 it")
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # TypeError: it is encrypted
-        raise VconKeyError(f"the vCon signing key {path} is not an unencrypted PEM private key: {exc}") from None
+def _not_for_rs256(key: object) -> str | None:
     if not isinstance(key, RSAPrivateKey):
-        raise VconKeyError(f"the vCon signing key {path} is not an RSA key (the vcon library signs with RS256)")
-    if key.key_size < 2048:
-        raise VconKeyError(f"the vCon signing key {path} has {key.key_size} bits: RS256 wants 2048 at least")
-    return key
+        return "is not an RSA key (the vcon library signs with RS256)"
+    return f"has {key.key_size} bits: RS256 wants 2048 at least" if key.key_size < 2048 else None
 
 
 def public_key_pem(key: RSAPrivateKey) -> str:
