@@ -42,7 +42,7 @@ import json
 import re
 import uuid
 import warnings
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -64,6 +64,7 @@ from projections.tables import CALLS, TOOL_CALLS, TRANSCRIPTS, Output
 from schemas.base import Event, EventPayload
 from schemas.events import CallStarted, CallSummarized, ErrorRaised, ProviderFallback, ToolFailed
 from schemas.registry import load_registry
+from schemas.sealing import EACH, Step, pii_leaves
 from schemas.topics import CALLS as CALLS_TOPIC
 from schemas.topics import COMMANDS
 from schemas.version import __version__
@@ -154,9 +155,6 @@ def vcon_uuid(tenant_id: str, call_id: str, started_us: int) -> str:
 
 # --- Events, redacted --------------------------------------------------------------------------------
 
-_EACH = None
-Step = str | None
-
 _ALSO_REDACTED: dict[str, tuple[tuple[tuple[Step, ...], str], ...]] = {
     # Not marked personal in their schemas, yet free text or a caller's parameters: the tables redact
     # these too (errors.message, tool_calls.error), and a dial's parameters name the person.
@@ -165,37 +163,11 @@ _ALSO_REDACTED: dict[str, tuple[tuple[tuple[Step, ...], str], ...]] = {
     ToolFailed.EVENT_TYPE: ((("error",), "text"),),
     ProviderFallback.EVENT_TYPE: ((("reason",), "text"),),
 }
-_WORDS_TEXT = (("words", _EACH, "word"),)
+_WORDS_TEXT = (("words", EACH, "word"),)
 """A transcript's words one by one, where no rule can see a number read out across them: their text
 is not exported (the tables keep none either); their times and confidences are."""
 _LEFT_OUT = frozenset({"voice", "words"})
 """Kinds of field blanked whole rather than redacted: audio, and the words above."""
-
-
-def _leaves(avro_type: Any, steps: tuple[Step, ...], named: dict[str, Any]) -> Iterable[tuple[tuple[Step, ...], str]]:
-    """(path, pii kind) of every field an Avro schema marks `pii`."""
-    if isinstance(avro_type, list):
-        for branch in avro_type:
-            yield from _leaves(branch, steps, named)
-        return
-    if isinstance(avro_type, str):
-        avro_type = named.get(avro_type, avro_type)
-        if isinstance(avro_type, str):
-            return
-    kind = avro_type["type"]
-    if kind == "record":
-        named[avro_type["name"]] = avro_type
-        for item in avro_type["fields"]:
-            if item["name"] == "envelope" and not steps:
-                continue
-            if "pii" in item:
-                yield (*steps, item["name"]), item["pii"]
-            else:
-                yield from _leaves(item["type"], (*steps, item["name"]), named)
-    elif kind == "array":
-        yield from _leaves(avro_type["items"], (*steps, _EACH), named)
-    elif kind == "map":
-        yield from _leaves(avro_type["values"], (*steps, _EACH), named)
 
 
 @cache
@@ -203,7 +175,7 @@ def personal_fields(event_type: str) -> tuple[tuple[tuple[Step, ...], str], ...]
     """Where an event type's newest schema (what events are read as) keeps personal data, and of which
     kind; with the fields the tables redact besides."""
     schema = load_registry().latest[event_type].schema
-    return (*_leaves(schema, (), {}), *_ALSO_REDACTED.get(event_type, ()))
+    return (*((leaf.steps, leaf.pii) for leaf in pii_leaves(schema)), *_ALSO_REDACTED.get(event_type, ()))
 
 
 def _redact_value(kind: str, value: Any, redactor: Redactor, names: Collection[str]) -> Any:
@@ -219,7 +191,7 @@ def _redact_value(kind: str, value: Any, redactor: Redactor, names: Collection[s
 
 def _redact_at(node: Any, steps: tuple[Step, ...], kind: str, redactor: Redactor, names: Collection[str]) -> None:
     step, rest = steps[0], steps[1:]
-    if step is _EACH:
+    if step is EACH:
         items = enumerate(node) if isinstance(node, list) else node.items()
         for _, item in list(items):
             if item is not None:

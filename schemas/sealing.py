@@ -64,13 +64,17 @@ class DataKeys(Protocol):
         ...
 
 
-_EACH = None  # a step into every item of an array (or value of a map)
+EACH = None  # a step into every item of an array (or value of a map)
 Step = str | None
 
 
 @dataclass(frozen=True, slots=True)
-class _LeafSpec:
+class PiiLeaf:
+    """A field a schema marks `pii`: the steps to it (`EACH`: every item of an array or value of a map),
+    its kind (text, phone, json, voice, ...) and its blank value."""
+
     steps: tuple[Step, ...]
+    pii: str
     blank: Leaf | None
 
 
@@ -78,7 +82,7 @@ class _LeafSpec:
 class PiiPlan:
     """Where one schema keeps personal data, and which kind of key seals it."""
 
-    leaves: tuple[_LeafSpec, ...]
+    leaves: tuple[PiiLeaf, ...]
     kind: str
 
     def take(self, record: dict[str, Any]) -> dict[str, Leaf]:
@@ -98,7 +102,7 @@ class PiiPlan:
 def _walk(node: Any, steps: tuple[Step, ...], prefix: str) -> Iterator[tuple[str, dict[str, Any], str]]:
     """(path, the dict holding the leaf, its key) for every instance of the leaf in `node`."""
     step, rest = steps[0], steps[1:]
-    if step is _EACH:
+    if step is EACH:
         items = enumerate(node) if isinstance(node, list) else node.items()
         for index, item in items:
             if item is not None:
@@ -136,10 +140,13 @@ def _blank(avro_type: Any, pii: str) -> Leaf | None:
     return "{}" if pii == "json" else ""
 
 
-def _leaves(avro_type: Any, steps: tuple[Step, ...], named: dict[str, Any]) -> Iterator[_LeafSpec]:
+def pii_leaves(avro_type: Any, steps: tuple[Step, ...] = (), named: dict[str, Any] | None = None,
+               ) -> Iterator[PiiLeaf]:
+    """Every field an Avro schema (an event's, the envelope inlined or not) marks `pii`."""
+    named = {} if named is None else named
     if isinstance(avro_type, list):
         for branch in avro_type:
-            yield from _leaves(branch, steps, named)
+            yield from pii_leaves(branch, steps, named)
         return
     if isinstance(avro_type, str):
         avro_type = named.get(avro_type, avro_type)
@@ -154,20 +161,20 @@ def _leaves(avro_type: Any, steps: tuple[Step, ...], named: dict[str, Any]) -> I
             if field["name"] == "envelope" and not steps:
                 continue
             if "pii" in field:
-                yield _LeafSpec((*steps, field["name"]), _blank(field["type"], field["pii"]))
+                yield PiiLeaf((*steps, field["name"]), field["pii"], _blank(field["type"], field["pii"]))
             else:
-                yield from _leaves(field["type"], (*steps, field["name"]), named)
+                yield from pii_leaves(field["type"], (*steps, field["name"]), named)
     elif kind == "array":
-        yield from _leaves(avro_type["items"], (*steps, _EACH), named)
+        yield from pii_leaves(avro_type["items"], (*steps, EACH), named)
     elif kind == "map":
-        yield from _leaves(avro_type["values"], (*steps, _EACH), named)
+        yield from pii_leaves(avro_type["values"], (*steps, EACH), named)
 
 
 def plan_for(event_type: str, schema: Mapping[str, Any]) -> PiiPlan | None:
     """The plan for an event type's schema (envelope inlined); None when it holds nothing to seal."""
     if event_type in UNSEALED_TYPES:
         return None
-    leaves = tuple(_leaves(dict(schema), (), {}))
+    leaves = tuple(pii_leaves(dict(schema)))
     if not leaves:
         return None
     voice_only = all(isinstance(leaf.blank, bytes) for leaf in leaves)
