@@ -234,12 +234,9 @@ async def bench_log(
     steady = latencies[len(latencies) // 20 :]  # the first 5% include connection and fetch warm-up
 
     return {
-        "benchmark": "log",
+        **run_facts("log"),
         "backend": backend.name,
         "target": backend.describe(),
-        "version": __version__,
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "mix": dict(mix.most_common()),
         "sealing": backend.keys is not None,
         "codec": codec_costs(codec, codec_events),
@@ -257,6 +254,12 @@ async def bench_log(
             )
         ),
     }
+
+
+def run_facts(benchmark: str) -> dict[str, Any]:
+    """What every benchmark's result starts with: which one, voxlog's version, when, on what machine."""
+    return {"benchmark": benchmark, "version": __version__, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}}
 
 
 def write_result(result: dict[str, Any], out: Path) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import platform
 import re
 import statistics
 import time
@@ -45,7 +44,7 @@ from streams.providers.asr_text import normalize_transcript
 from streams.providers.base import AsrProvider, AsrStream, Recognition, TtsProvider
 from streams.providers.tts_espeak import EspeakTts
 from streams.providers.tts_flite import FliteTts
-from voxlog.bench import percentile
+from voxlog.bench import percentile, run_facts
 from voxlog.progress import progress
 
 SENTENCES = (
@@ -311,8 +310,7 @@ async def bench_asr(*, voices: Sequence[str] = VOICES, sentences: Sequence[str] 
         with progress(f"bench asr: capacity, {n} calls for {capacity_s:.0f} s", unit="finals") as finals:
             capacity.append(await _capacity(n, phone, capacity_s, finals))
     return {
-        "benchmark": "asr",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        **run_facts("asr"),
         "voices": list(voices),
         "sentences": len(sentences),
         "keywords": list(KEYWORDS),

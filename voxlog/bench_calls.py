@@ -33,8 +33,6 @@ import asyncio
 import dataclasses
 import itertools
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -49,7 +47,6 @@ from consumers.backends import LogBackend
 from consumers.processor_runner import read_to_end
 from schemas.events import CallStarted, ProviderFallback
 from schemas.topics import CALLS, TOPICS
-from schemas.version import __version__
 from streams.audio.vad import Vad
 from streams.call.session import Providers
 from streams.channels.twilio_media_protocol import OutboundMedia
@@ -60,7 +57,7 @@ from streams.providers.registry import LLM_CHAIN_DEADLINE_S, SPEECH_CHAIN_DEADLI
 from streams.providers.resilience import ChainLlm, CircuitBreaker, Guarded, ProviderChain
 from streams.providers.timeline import ScriptedFailure, Timeline, TimelineAsr, TimelineLlm, TimelineTts
 from streams.providers.tts_chain import ChainTts
-from voxlog.bench import percentile
+from voxlog.bench import percentile, run_facts
 from voxlog.progress import progress
 from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
@@ -262,11 +259,8 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
     refused = [r for r in results if r.refused]
     admitted_webhooks = [r.webhook_ms for r in results if not r.refused and r.webhook_ms is not None]
     result: dict[str, Any] = {
-        "benchmark": "calls",
+        **run_facts("calls"),
         "log": backend,
-        "version": __version__,
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "calls": calls,
         "ramp_s": ramp_s,
         "capacity": capacity,

@@ -14,8 +14,6 @@ Two phases, on the configured log and a ClickHouse of the benchmark's own (embed
 from __future__ import annotations
 
 import asyncio
-import os
-import platform
 import statistics
 import time
 import uuid
@@ -31,7 +29,7 @@ from projections.store import AnalyticsStore
 from projections.tables import Column, Table
 from schemas.events import TurnTaken
 from schemas.version import __version__
-from voxlog.bench import PROGRESS_EVERY, percentile
+from voxlog.bench import PROGRESS_EVERY, percentile, run_facts
 from voxlog.progress import progress
 from voxlog.sim.synthetic_calls import concurrent_calls
 
@@ -106,12 +104,9 @@ async def bench_projections(backend: LogBackend, store: AnalyticsStore, recordin
                                     "seconds": round(elapsed, 2), "cpu_s": round(cpu_s, 2),
                                     "events_per_s": round(runner.events / elapsed)}
     return {
-        "benchmark": "projections",
+        **run_facts("projections"),
         "log": backend.describe(),
         "store": store.describe(),
-        "version": __version__,
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "rebuild": rebuild,
         "lag": await _lag(backend, store, recordings, chosen, rate, seconds) if "calls" in chosen else None,
     }

@@ -11,8 +11,6 @@ first in one of them (a phase's place changes its time by as much as a tenth).""
 from __future__ import annotations
 
 import gc
-import os
-import platform
 import random
 import statistics
 import time
@@ -22,9 +20,9 @@ from typing import Any
 from consumers.backends import LogBackend
 from consumers.event_reader import read_call
 from producers.event_writer import EventWriter
-from schemas.version import __version__
 from streams.config.agents import AgentRouter, AgentSpec
 from streams.providers.registry import ProviderRegistry
+from voxlog.bench import run_facts
 from voxlog.replaying import recorded_call_ids, verify_calls, whatif_calls
 from voxlog.sim.core_calls import CallerStep, play_call
 
@@ -112,12 +110,9 @@ async def bench_replay(backend: LogBackend, router: AgentRouter, agent: AgentSpe
         phase["events_per_s"] = round(read / phase["wall_s"])
         phase["wall_ratio_to_reading"] = round(phase["wall_s"] / reading["wall_s"], 2)
     return {
-        "benchmark": "replay",
+        **run_facts("replay"),
         "backend": backend.name,
         "target": backend.describe(),
-        "version": __version__,
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "calls": len(ids),
         "events_written": events,
         "events_read": read,
