@@ -31,12 +31,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from projections.audit import epoch_us, record_hash
-from projections.signing_keys import open_key_file
+from projections.signing_keys import open_key_file, read_public_key
 from projections.tables import AUDIT_LOG
 
 SIGNATURE_FORMAT = "voxlog.audit-export-signature/1"
@@ -427,19 +427,8 @@ def open_signing_key(path: Path) -> tuple[Ed25519PrivateKey, bool]:
                          unusable=lambda key: None if isinstance(key, Ed25519PrivateKey) else "is not an Ed25519 key")
 
 
-def public_key_pem(key: Ed25519PrivateKey) -> str:
-    return key.public_key().public_bytes(serialization.Encoding.PEM,
-                                         serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-
-
 def load_public_key(pem: bytes) -> Ed25519PublicKey:
-    if b"PRIVATE KEY" in pem:
-        raise AuditKeyError("that is a private key: verify with its public key (voxlog audit public-key), and keep "
-                            "the private one where it was")
-    try:
-        key = serialization.load_pem_public_key(pem)
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise AuditKeyError(f"not a PEM public key: {exc}") from None
+    key = read_public_key(pem, AuditKeyError, command="voxlog audit public-key")
     if not isinstance(key, Ed25519PublicKey):
         raise AuditKeyError("not an Ed25519 public key")
     return key

@@ -60,3 +60,21 @@ def _read(path: Path, error: type[Exception], what: str, unusable: Callable[[obj
     if problem is not None:
         raise error(f"the {what} {path} {problem}")
     return key
+
+
+def public_key_pem(key: Ed25519PrivateKey | RSAPrivateKey) -> str:
+    """The signing key's public half, PEM (SubjectPublicKeyInfo): what verifies its exports, to keep apart."""
+    return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def read_public_key(pem: bytes, error: type[Exception], *, command: str) -> object:
+    """The public key in `pem`; `error` for a private key (with `command`, which prints its public half)
+    or what is not a PEM public key. Its kind is the caller's to check."""
+    if b"PRIVATE KEY" in pem:
+        raise error(f"that is a private key: verify with its public key ({command}), and keep the private one "
+                    "where it was")
+    try:
+        return serialization.load_pem_public_key(pem)
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise error(f"not a PEM public key: {exc}") from None

@@ -49,7 +49,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey, generate_private_key
@@ -59,7 +59,7 @@ from consumers.log_consumer import LogAdmin
 from projections.calls import CallsFold
 from projections.recording_assembly import FORMAT
 from projections.recording_store import RecordingFacts, RecordingStore
-from projections.signing_keys import open_key_file
+from projections.signing_keys import open_key_file, read_public_key
 from projections.tables import CALLS, TOOL_CALLS, TRANSCRIPTS, Output
 from schemas.base import Event, EventPayload
 from schemas.events import CallStarted, CallSummarized, ErrorRaised, ProviderFallback, ToolFailed
@@ -627,19 +627,8 @@ def _not_for_rs256(key: object) -> str | None:
     return f"has {key.key_size} bits: RS256 wants 2048 at least" if key.key_size < 2048 else None
 
 
-def public_key_pem(key: RSAPrivateKey) -> str:
-    return key.public_key().public_bytes(serialization.Encoding.PEM,
-                                         serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-
-
 def load_public_key(pem: bytes) -> RSAPublicKey:
-    if b"PRIVATE KEY" in pem:
-        raise VconKeyError("that is a private key: verify with its public key (voxlog export public-key), and keep "
-                           "the private one where it was")
-    try:
-        key = serialization.load_pem_public_key(pem)
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise VconKeyError(f"not a PEM public key: {exc}") from None
+    key = read_public_key(pem, VconKeyError, command="voxlog export public-key")
     if not isinstance(key, RSAPublicKey):
         raise VconKeyError("not an RSA public key")
     return key

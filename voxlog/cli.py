@@ -914,7 +914,8 @@ def audit_public_key(
 ) -> None:
     """The audit signing key's public half (PEM), the key made on first use: give it to whoever
     verifies exports (`voxlog audit verify --file`), and let them keep it apart from voxlog."""
-    from projections.audit_export import public_key_pem, signing_key_id
+    from projections.audit_export import signing_key_id
+    from projections.signing_keys import public_key_pem
 
     settings = Settings()
     key, made = _signing_key(settings)
@@ -1112,7 +1113,8 @@ def export_public_key(
 ) -> None:
     """The vCon signing key's public half (PEM), the key made on first use: give it to whoever verifies
     exported vCons (`voxlog export vcon --verify FILE --public-key P`)."""
-    from projections.vcon_export import public_key_pem, signing_key_id
+    from projections.signing_keys import public_key_pem
+    from projections.vcon_export import signing_key_id
 
     settings = Settings()
     key, made = _vcon_signing_key(settings)

@@ -30,13 +30,13 @@ from projections.audit_export import (
     load_public_key,
     open_signing_key,
     parse_time_bound,
-    public_key_pem,
     read_export,
     records_in_range,
     sign_export,
     signing_key_id,
     verify_export,
 )
+from projections.signing_keys import public_key_pem
 from projections.tables import AUDIT_LOG
 from schemas.base import Event
 from schemas.events import AuditRecorded

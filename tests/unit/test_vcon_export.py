@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from projections.calls import CallsFold
 from projections.recording_store import RecordingFacts
+from projections.signing_keys import public_key_pem
 from projections.tables import TRANSCRIPTS
 from projections.vcon_export import (
     CALL_ATTACHMENT,
@@ -32,7 +33,6 @@ from projections.vcon_export import (
     export_vcon,
     load_public_key,
     open_signing_key,
-    public_key_pem,
     sign_vcon,
     signing_key_id,
     verify_vcon,
