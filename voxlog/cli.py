@@ -34,10 +34,13 @@ from voxlog.describe import describe
 from voxlog.settings import DEFAULT_AGENTS_DIR, Settings
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
     from projections.audit import AuditReport
+    from projections.signing_keys import SigningKey
     from projections.vcon_export import CallMaterial
     from streams.call.replay import ReplayResult
     from streams.call.whatif import WhatIfResult
@@ -801,9 +804,14 @@ def _signing_key(settings: Settings) -> tuple[Ed25519PrivateKey, bool]:
     """The audit signing key, made on first use; a clear error and exit 1 when it cannot be used."""
     from projections.audit_export import AuditKeyError, open_signing_key
 
+    return _key_or_exit(lambda: open_signing_key(settings.audit_signing_key_path), AuditKeyError)
+
+
+def _key_or_exit(open_key: Callable[[], tuple[SigningKey, bool]],
+                 error: type[Exception]) -> tuple[SigningKey, bool]:
     try:
-        return open_signing_key(settings.audit_signing_key_path)
-    except (AuditKeyError, OSError) as exc:
+        return open_key()
+    except (error, OSError) as exc:
         console.print(f"[red]{escape(str(exc))}[/]")
         raise typer.Exit(1) from exc
 
@@ -1011,11 +1019,7 @@ def _vcon_signing_key(settings: Settings) -> tuple[RSAPrivateKey, bool]:
     """The vCon signing key, made on first use; a clear error and exit 1 when it cannot be used."""
     from projections.vcon_export import VconKeyError, open_signing_key
 
-    try:
-        return open_signing_key(settings.vcon_signing_key_path)
-    except (VconKeyError, OSError) as exc:
-        console.print(f"[red]{escape(str(exc))}[/]")
-        raise typer.Exit(1) from exc
+    return _key_or_exit(lambda: open_signing_key(settings.vcon_signing_key_path), VconKeyError)
 
 
 @export_app.command("vcon")
