@@ -15,6 +15,7 @@ import pytest
 
 from consumers.backends import EmbeddedBackend, KafkaBackend
 from producers.event_writer import CallRecorder, EventWriter
+from voxlog.settings import DEFAULT_AGENTS_DIR
 from voxlog.sim.synthetic_calls import synthetic_call
 
 
@@ -78,6 +79,11 @@ def test_the_main_job_plays_every_call_and_each_replays_identically(log_bootstra
         replay = voxlog("replay", "verify", "--all", home=tmp_path)
         assert replay.returncode == 0, replay.stdout + replay.stderr
         assert "verified 4 calls, 0 diverged" in replay.stdout, replay.stdout
+        # Under the agent file that took them, QA's what-if changes none of the demo's calls.
+        agent_file = DEFAULT_AGENTS_DIR / "demo" / "front-desk.yaml"
+        whatif = voxlog("replay", "whatif", "--all", "--agent", str(agent_file), "--fail-on-change", home=tmp_path)
+        assert whatif.returncode == 0, whatif.stdout + whatif.stderr
+        assert whatif.stdout.strip().endswith("compared 4 calls, 0 changed"), whatif.stdout
     else:
         call_ids = re.findall(r"\b(call-[0-9a-f-]{36})\b", out)
         assert len(set(call_ids)) == 4, out
@@ -157,7 +163,6 @@ def test_replay_verify_reports_identical_calls_and_the_first_divergence(embedded
 
     from schemas.events import CallAnswered, CallStarted, TranscriptFinal, TtsRequested
     from streams.config.agents import load_agents
-    from voxlog.settings import DEFAULT_AGENTS_DIR
     from voxlog.sim.core_calls import CoreSim
 
     agent = load_agents(DEFAULT_AGENTS_DIR)[0]
