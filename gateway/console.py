@@ -35,7 +35,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from consumers.event_reader import read_call
 from gateway.api import TENANT_API_REFUSALS, UNREADABLE_BODY, Caller, Unprocessable, refusal
 from gateway.runtime import GatewayRuntime
-from gateway.whatif_isolation import WhatIfFailed, whatif_isolated
+from gateway.whatif_isolation import WhatIfBusy, WhatIfFailed
 from gateway.widget import JAVASCRIPT, STATIC
 from projections.audit import epoch_us
 from projections.call_views import CallFilter, CallViews
@@ -560,7 +560,9 @@ def call_views_router(runtime: GatewayRuntime) -> APIRouter:
         400: UNREADABLE_BODY, 404: refusal("No such call for this tenant (unknown, or another's)."),
         422: {"model": Unprocessable, "description": "The request does not match its schema (a list of errors), or "
                                                      "the agent file is not a valid agent of the key's tenant, or "
-                                                     "its what-if did not finish in time (a sentence saying why)."}})
+                                                     "its what-if did not finish in time (a sentence saying why)."},
+        503: {**refusal("The gateway cannot record requests now, or runs as many what-ifs as it runs at once."),
+              "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}}})
     async def whatif(call_id: str, body: WhatIfRequest, caller: Caller, request: Request) -> WhatIfView:
         """The call's caller turns run through another agent file (its tenant's), compared turn by turn with
         what happened: the first difference marked, the turns after it counterfactual (the caller spoke
@@ -591,7 +593,10 @@ def call_views_router(runtime: GatewayRuntime) -> APIRouter:
         except RoutingError:
             recorded = None  # changed since, or gone: requests are compared by their recorded summary
         try:  # in a child process, killed at its deadline: the tenant's patterns cannot stall this gateway
-            result = await whatif_isolated(events, agent, recorded, runtime.provider_registry.settings)
+            result = await runtime.whatif_children.run(events, agent, recorded, runtime.provider_registry.settings)
+        except WhatIfBusy as exc:
+            await audit(request, caller, call_id, "call.whatif", "failed", str(exc))
+            raise HTTPException(503, str(exc), headers={"Retry-After": "5"}) from exc
         except WhatIfFailed as exc:
             await audit(request, caller, call_id, "call.whatif", "failed", str(exc))
             raise HTTPException(422, str(exc)) from exc

@@ -31,6 +31,7 @@ from consumers.workers.summariser import Summariser
 from consumers.workers.tools import ToolRunner, ToolStore, ToolWorker, WebhookSigner
 from gateway.admission import Admission, RateLimits, Refusal
 from gateway.config_audit import record_config_changes
+from gateway.whatif_isolation import WhatIfChildren
 from producers.event_writer import CallRecorder, EventWriter, standalone_event
 from producers.log_producer import LogProducer
 from projections.default_projections import default_projections
@@ -98,6 +99,8 @@ class GatewayRuntime:
     vcon_signing_key: Path | None = None
     """The key file vCon exports are signed with (`VOXLOG_VCON_SIGNING_KEY`); None: vcon-signing-key.pem in `home`."""
     provider_registry: ProviderRegistry = field(default_factory=ProviderRegistry)
+    whatif_children: WhatIfChildren = field(default_factory=WhatIfChildren)
+    """The what-ifs the tenant API asks for, each in a child process, a few at once."""
     """One per gateway, so that circuit breakers and rate limits span its calls."""
     providers_factory: Callable[[AgentSpec], Providers] | None = None
     """An agent's providers, where not the registry's (benchmarks' scripted timelines)."""

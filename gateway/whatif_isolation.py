@@ -27,9 +27,39 @@ DEADLINE_S = 30.0
 with the offline policy, room for a live model's answers."""
 
 
+CHILDREN_AT_ONCE = 2
+"""What-ifs one gateway runs at once: each child is an interpreter with voxlog loaded (about 100 MB, a
+second of CPU to start), and the calls this gateway serves come first. A key's request rate alone would
+let one tenant start sixty."""
+
+
 class WhatIfFailed(RuntimeError):
     """The child did not answer: past the deadline (a pattern that backtracks, a model that stalls), or it
     failed; the reason is for the asker."""
+
+
+class WhatIfBusy(RuntimeError):
+    """As many what-ifs as a gateway runs at once are running: the asker may try again shortly."""
+
+
+@dataclass
+class WhatIfChildren:
+    """The what-ifs a gateway runs, each in its child (`whatif_isolated`), at most `limit` at once: one more
+    is refused at once (`WhatIfBusy`) rather than queued behind work that may run to its deadline."""
+
+    limit: int = CHILDREN_AT_ONCE
+    running: int = 0
+
+    async def run(self, events: Sequence[Event[EventPayload]], agent: AgentSpec, recorded_agent: AgentSpec | None,
+                  providers: ProviderSettings, *, deadline_s: float = DEADLINE_S) -> WhatIfResult:
+        if self.running >= self.limit:
+            raise WhatIfBusy(f"{self.running} what-ifs are running on this gateway, as many as it runs at once; "
+                             "try again shortly")
+        self.running += 1
+        try:
+            return await whatif_isolated(events, agent, recorded_agent, providers, deadline_s=deadline_s)
+        finally:
+            self.running -= 1
 
 
 @dataclass(frozen=True)

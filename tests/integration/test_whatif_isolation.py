@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from gateway.whatif_isolation import WhatIfFailed, whatif_isolated
+from gateway.whatif_isolation import WhatIfBusy, WhatIfChildren, WhatIfFailed, whatif_isolated
 from streams.config.agents import AgentSpec, load_agents
 from streams.providers.settings import ProviderSettings
 from voxlog.settings import DEFAULT_AGENTS_DIR
@@ -51,3 +51,23 @@ def test_a_pattern_that_backtracks_for_ever_is_stopped_and_the_loop_keeps_runnin
     elapsed, ticks = asyncio.run(run())
     assert elapsed < 20  # stopped at its deadline, not when the pattern gives up (never, for 60 a's)
     assert ticks >= 10  # the event loop ran all along
+
+
+def test_a_gateway_runs_a_few_whatifs_at_once_and_refuses_more_at_once() -> None:
+    events = asyncio.run(play_call(AGENT, STEPS)).events
+    evil = AgentSpec.model_validate({**AGENT.model_dump(mode="json"), "guardrails": {
+        **AGENT.guardrails.model_dump(mode="json"), "blocked_input": ["^(a+)+$"]}})
+    children = WhatIfChildren(limit=1)
+
+    async def run() -> None:
+        slow = asyncio.create_task(children.run(events, evil, AGENT, ProviderSettings(), deadline_s=3))
+        await asyncio.sleep(0)  # the task takes its slot before its first wait (starting the child)
+        assert children.running == 1
+        with pytest.raises(WhatIfBusy, match="1 what-ifs are running on this gateway"):
+            await children.run(events, AGENT, AGENT, ProviderSettings())
+        with pytest.raises(WhatIfFailed):
+            await slow
+        assert children.running == 0  # its slot is free again, whatever became of it
+        assert not (await children.run(events, AGENT, AGENT, ProviderSettings())).changed
+
+    asyncio.run(run())
