@@ -35,7 +35,14 @@ from projections.store import AnalyticsError
 from projections.tenant_sql import ForbiddenQuery, QueryFailed
 from projections.vcon_export import KEY_FILE as VCON_KEY_FILE
 from projections.vcon_export import MEDIA_TYPE as VCON_MEDIA_TYPE
-from projections.vcon_export import RecordingMode, VconKeyError, export_vcon, open_signing_key, read_call_material
+from projections.vcon_export import (
+    RecordingMode,
+    VconKeyError,
+    export_vcon,
+    open_signing_key,
+    read_call_material,
+    recording_started,
+)
 from schemas.base import Event, EventPayload
 from schemas.events import CallDialFailed, CallDialPlaced, CallDialRequested, CallStatus
 from schemas.topics import CALLS, COMMANDS
@@ -355,8 +362,20 @@ def api_router(runtime: GatewayRuntime) -> APIRouter:
                                 remote_addr=request.client.host if request.client else None)
 
         try:
+            # Where the call started bounds the log's scan (on Kafka, its partition from 0 else): the tables
+            # say, else its recording; an id that is neither is no call of the tenant's, and nothing is read.
+            try:
+                started_us = await asyncio.to_thread(runtime.call_views().started_at, tenant.id, call_id)
+                if started_us is None:
+                    started_us = await asyncio.to_thread(recording_started, runtime.recordings, tenant.id, call_id)
+                    if started_us is None:
+                        await audit("failed", "no such call")
+                        raise HTTPException(404, "no such call")
+            except AnalyticsError:  # the log is the record: the call is read from it alone
+                started_us = None
             async with runtime.backend.admin() as admin:
-                call = await read_call_material(admin, runtime.recordings, call_id, tenant_id=tenant.id)
+                call = await read_call_material(admin, runtime.recordings, call_id, tenant_id=tenant.id,
+                                                started_us=started_us)
         except RecordingStoreError as exc:
             await audit("failed", f"the recording store failed: {exc}")
             raise HTTPException(503, "the recording store cannot be reached; try again shortly") from exc

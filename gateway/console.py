@@ -38,7 +38,7 @@ from gateway.runtime import GatewayRuntime
 from gateway.whatif_isolation import WhatIfBusy, WhatIfFailed
 from gateway.widget import JAVASCRIPT, STATIC
 from projections.audit import epoch_us
-from projections.call_views import CallFilter, CallViews
+from projections.call_views import CallFilter
 from projections.store import AnalyticsError
 from projections.tables import EARLIEST_US, LATEST_US
 from schemas.base import Event, EventPayload
@@ -463,15 +463,6 @@ def call_views_router(runtime: GatewayRuntime) -> APIRouter:
     the tenant API. (The call views sit apart from `/v1/calls`, whose POST asks for a dial: a dial's call
     is no call of the tables until it is answered.)"""
     router = APIRouter(prefix="/v1", tags=["tenant API"], responses=TENANT_API_REFUSALS)
-    held: list[CallViews] = []
-
-    def views() -> CallViews:
-        store = runtime.analytics
-        if store is None:
-            raise AnalyticsError(f"analytics unavailable: {runtime.analytics_error}")
-        if not held or held[0].store is not store:
-            held[:] = [CallViews(store)]
-        return held[0]
 
     async def audit(request: Request, caller: tuple[Any, str], call_id: str, action: str, outcome: str,
                     detail: str) -> None:
@@ -515,7 +506,8 @@ def call_views_router(runtime: GatewayRuntime) -> APIRouter:
         filters = CallFilter(agent=agent or None, agent_version=agent_version or None, outcome=outcome or None,
                              since_us=_epoch_us(since), until_us=_epoch_us(until), errors=errors, fallbacks=fallbacks)
         try:
-            page = await asyncio.to_thread(views().list_calls, tenant.id, filters, limit=limit, offset=offset)
+            page = await asyncio.to_thread(runtime.call_views().list_calls, tenant.id, filters, limit=limit,
+                                           offset=offset)
         except AnalyticsError as exc:
             log.warning("the call list is unavailable: %s", exc)
             await audit(request, caller, "-", "calls.listed", "failed", "analytics unavailable")
@@ -533,7 +525,7 @@ def call_views_router(runtime: GatewayRuntime) -> APIRouter:
         replay check (identical, the first divergence, or erased). Audited (`call.read`)."""
         tenant, _ = caller
         try:
-            rows = await asyncio.to_thread(views().call, tenant.id, call_id)
+            rows = await asyncio.to_thread(runtime.call_views().call, tenant.id, call_id)
         except AnalyticsError as exc:
             log.warning("call %s is unavailable: %s", call_id, exc)
             raise HTTPException(503, "analytics is unavailable right now; try again shortly") from exc
@@ -571,7 +563,7 @@ def call_views_router(runtime: GatewayRuntime) -> APIRouter:
         runs and nothing is written to the call. Audited (`call.whatif`)."""
         tenant, _ = caller
         try:
-            started_us = await asyncio.to_thread(views().started_at, tenant.id, call_id)
+            started_us = await asyncio.to_thread(runtime.call_views().started_at, tenant.id, call_id)
             known = started_us is not None
         except AnalyticsError:  # the log is the record: the call is read from it alone, unbounded
             started_us, known = None, True

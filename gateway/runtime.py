@@ -34,6 +34,7 @@ from gateway.config_audit import record_config_changes
 from gateway.whatif_isolation import WhatIfChildren
 from producers.event_writer import CallRecorder, EventWriter, standalone_event
 from producers.log_producer import LogProducer
+from projections.call_views import CallViews
 from projections.default_projections import default_projections
 from projections.projection_runner import ProjectionRunner
 from projections.recording_store import LocalRecordingStore, RecordingStore
@@ -93,6 +94,7 @@ class GatewayRuntime:
     """Why there is no `analytics` (it could not be opened), for the API to say."""
     run_projections: bool = False
     _tenant_sql: TenantSql | None = None
+    _call_views: CallViews | None = None
     metrics: CallMetrics = field(default_factory=CallMetrics)
     recording_store: RecordingStore | None = None
     """Where finished call recordings are kept; None: the folder `recordings_path`."""
@@ -315,6 +317,14 @@ class GatewayRuntime:
         if self._tenant_sql is None or self._tenant_sql.store is not self.analytics:
             self._tenant_sql = TenantSql(self.analytics)
         return self._tenant_sql
+
+    def call_views(self) -> CallViews:
+        """The call views (the console's, the vCon's bounds) over `analytics`; AnalyticsError when there is none."""
+        if self.analytics is None:
+            raise AnalyticsError(f"analytics unavailable: {self.analytics_error}")
+        if self._call_views is None or self._call_views.store is not self.analytics:
+            self._call_views = CallViews(self.analytics)
+        return self._call_views
 
     async def admit(self, call: InboundCall) -> Refusal | None:
         """Takes the call on, or refuses it (recorded as `call.refused`) and says why."""

@@ -422,6 +422,13 @@ def _started_payload(call: CallMaterial) -> CallStarted:
 # --- Reading a call -------------------------------------------------------------------------------------
 
 
+def recording_started(store: RecordingStore, tenant_id: str, call_id: str) -> int | None:
+    """When the call's finished recording starts (microseconds since the epoch); None while there is none.
+    RecordingStoreError when the store cannot be reached."""
+    facts = _finished(store, tenant_id, call_id)
+    return None if facts is None else facts.started_us
+
+
 def _finished(store: RecordingStore, tenant_id: str, call_id: str) -> RecordingFacts | None:
     try:
         return store.finished(tenant_id, call_id)
@@ -450,16 +457,16 @@ def _read_recording(store: RecordingStore, tenant_id: str, call_id: str) -> Reco
 
 
 async def read_call_material(admin: LogAdmin, store: RecordingStore, call_id: str, *,
-                             tenant_id: str | None) -> CallMaterial | None:
+                             tenant_id: str | None, started_us: int | None = None) -> CallMaterial | None:
     """A call as the log and the recording store have it; None for an unknown call, or one of another
-    tenant than `tenant_id` (None: any tenant, as an operator reads). RecordingStoreError when the
-    store cannot be reached."""
+    tenant than `tenant_id` (None: any tenant, as an operator reads). `started_us`, its start where the
+    tables know it, bounds the log's scan (on Kafka, the call's partition from 0 else); so does its
+    recording's. RecordingStoreError when the store cannot be reached."""
     if not CALL_ID.fullmatch(call_id):
         return None
-    since_ms = None
-    if tenant_id is not None:  # a recording's start bounds the log's scan (on Kafka, a partition from 0 else)
-        facts = await asyncio.to_thread(_finished, store, tenant_id, call_id)
-        since_ms = None if facts is None else facts.started_us // 1000 - CALL_LOOKBACK_MS
+    if started_us is None and tenant_id is not None:
+        started_us = await asyncio.to_thread(recording_started, store, tenant_id, call_id)
+    since_ms = None if started_us is None else started_us // 1000 - CALL_LOOKBACK_MS
     history = await read_call(admin, call_id, topics=EXPORT_TOPICS, since_ms=since_ms)
     started = next((e for e in history.events if isinstance(e.payload, CallStarted)
                     and (tenant_id is None or e.tenant_id == tenant_id)), None)

@@ -21,6 +21,7 @@ from schemas.codec import EventCodec
 from schemas.events import AuditRecorded
 from schemas.topics import AUDIT
 from tests.integration.test_cli import voxlog
+from tests.integration.test_console_api import project
 from tests.integration.test_memory import call_and_say
 from tests.integration.test_outbound_calls import OTHER_KEY, agents_with_two_tenants, api
 from voxlog.settings import Settings
@@ -60,6 +61,12 @@ async def test_a_tenant_exports_its_call_as_a_signed_vcon_and_the_cli_writes_one
         unknown = await api(stack, "GET", "/v1/calls/call-00000000-0000-0000-0000-000000000000/vcon")
         strange = await api(stack, "GET", "/v1/calls/..%2F..%2Fetc/vcon")
         anonymous = await api(stack, "GET", f"/v1/calls/{call_id}/vcon", key=None)
+        # With the tables at hand, they bound the log's read: an id that is no call of theirs reads nothing.
+        stack.gateway.analytics = store
+        await project(stack, store)
+        bounded = await api(stack, "GET", f"/v1/calls/{call_id}/vcon")
+        unknown_bounded = await api(stack, "GET", "/v1/calls/call-11111111-1111-1111-1111-111111111111/vcon")
+        others_bounded = await api(stack, "GET", f"/v1/calls/{call_id}/vcon", key=OTHER_KEY)
         async with stack.gateway.backend.admin() as admin:
             audited = [EventCodec().decode(r.value) async for r in admin.read_key((AUDIT,), call_id.encode())]
     assert linked.status_code == 200, linked.text
@@ -70,7 +77,12 @@ async def test_a_tenant_exports_its_call_as_a_signed_vcon_and_the_cli_writes_one
     reads = [(e.tenant_id, e.payload.outcome, e.payload.detail) for e in audited
              if isinstance(e.payload, AuditRecorded) and e.payload.action == "vcon.read"]
     assert reads == [("demo", "accepted", "recording link"), ("demo", "accepted", "recording embed"),
+                     ("other", "failed", "no such call"), ("demo", "accepted", "recording link"),
                      ("other", "failed", "no such call")]
+    assert bounded.status_code == 200, bounded.text
+    assert json.loads(bounded.content)["dialog"] == json.loads(linked.content)["dialog"]
+    assert (unknown_bounded.status_code, others_bounded.status_code) == (404, 404)
+    assert unknown_bounded.json() == others_bounded.json() == {"detail": "no such call"}
 
     public_key = load_public_key((await asyncio.to_thread(
         voxlog, "export", "public-key", home=home)).stdout.encode())
