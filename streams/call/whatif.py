@@ -253,7 +253,6 @@ class _Recording:
         self.decisions: list[EventPayload] = []
         self.turns = _TurnLog()
         # What the core asked, by id, with where the world's answer was recorded (-1: never).
-        self.llm_requests: dict[str, LlmRequested] = {}
         self.llm_answers: dict[str, int] = {}
         self.speech: dict[str, int] = {}
         self.timers_set: dict[str, tuple[str, int]] = {}
@@ -268,7 +267,6 @@ class _Recording:
                     case ToolRequested():
                         self.tools[p.tool_call_id] = _RecordedTool(p.tool_call_id, p.tool, p.arguments_json)
                     case LlmRequested():
-                        self.llm_requests[p.request_id] = p
                         self.llm_answers[p.request_id] = -1
                     case TtsRequested():
                         self.speech[p.request_id] = -1
@@ -441,9 +439,6 @@ class _WhatIf:
             match decision.action:
                 case CallLlm(request=request):
                     self.pending_llm = request
-                    recorded_summary = recording.llm_requests.get(request.request_id)
-                    if recorded_summary is not None and recorded_summary != payload:
-                        self.diverged = True
                     if not _answers_later(recording.llm_answers.get(request.request_id), self.position):
                         self.now.append(_ask(request))  # not asked in the recording: answered now
                 case RunTool(tool_call_id=new_id, name=name, arguments_json=arguments):
