@@ -228,8 +228,21 @@ class Page:
         return await self.cdp.evaluate(expression, session=self.session, user_gesture=user_gesture)
 
     async def navigate(self, url: str) -> None:
-        navigated = await self.cdp.send("Page.navigate", {"url": url}, session=self.session)
-        assert "errorText" not in navigated, navigated
+        """Opens `url` and returns once its document has loaded: what is read next is the new page's, never
+        the one being left (whose body may be gone by then)."""
+        loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def on_load(method: str, params: dict[str, Any]) -> None:
+            if method == "Page.loadEventFired" and not loaded.done():
+                loaded.set_result(None)
+
+        self.cdp.listeners.append(on_load)
+        try:
+            navigated = await self.cdp.send("Page.navigate", {"url": url}, session=self.session)
+            assert "errorText" not in navigated, navigated
+            await asyncio.wait_for(loaded, STARTUP_TIMEOUT_S)
+        finally:
+            self.cdp.listeners.remove(on_load)
 
     async def wait_for(self, expression: str, *, timeout_s: float, what: str, poll_s: float = 0.1,
                        context: Callable[[], str] = lambda: "") -> Any:
