@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -59,6 +59,7 @@ from streams.providers.base import LlmProvider
 from streams.providers.registry import ProviderRegistry
 
 log = logging.getLogger(__name__)
+AnalyticsReader = TypeVar("AnalyticsReader", TenantSql, CallViews)
 
 PRODUCER = "voxlog.gateway"
 LOG_STALL_S = 3.0
@@ -312,19 +313,20 @@ class GatewayRuntime:
 
     def tenant_sql(self) -> TenantSql:
         """Tenant-scoped SQL over `analytics`; AnalyticsError when there is none."""
-        if self.analytics is None:
-            raise AnalyticsError(f"analytics unavailable: {self.analytics_error}")
-        if self._tenant_sql is None or self._tenant_sql.store is not self.analytics:
-            self._tenant_sql = TenantSql(self.analytics)
+        self._tenant_sql = self._over_analytics(self._tenant_sql, TenantSql)
         return self._tenant_sql
 
     def call_views(self) -> CallViews:
         """The call views (the console's, the vCon's bounds) over `analytics`; AnalyticsError when there is none."""
+        self._call_views = self._over_analytics(self._call_views, CallViews)
+        return self._call_views
+
+    def _over_analytics(self, held: AnalyticsReader | None,
+                        make: Callable[[AnalyticsStore], AnalyticsReader]) -> AnalyticsReader:
+        """`held` while it reads the `analytics` store of now (which may have been opened again), else a new one."""
         if self.analytics is None:
             raise AnalyticsError(f"analytics unavailable: {self.analytics_error}")
-        if self._call_views is None or self._call_views.store is not self.analytics:
-            self._call_views = CallViews(self.analytics)
-        return self._call_views
+        return held if held is not None and held.store is self.analytics else make(self.analytics)
 
     async def admit(self, call: InboundCall) -> Refusal | None:
         """Takes the call on, or refuses it (recorded as `call.refused`) and says why."""
