@@ -18,7 +18,6 @@ inline script, so nothing a caller said can become markup or script.
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import json
 import logging
@@ -41,12 +40,13 @@ from projections.audit import epoch_us
 from projections.call_views import CallFilter
 from projections.store import AnalyticsError
 from projections.tables import EARLIEST_US, LATEST_US
+from projections.vcon_export import redacted_payload
 from schemas.base import Event, EventPayload
 from schemas.events import CallStarted
 from schemas.topics import CALLS, COMMANDS
 from streams.call.replay import agent_for, verify_call
 from streams.config.agents import AgentConfigError, AgentSpec, RoutingError
-from streams.redaction import default_redactor, redact_field
+from streams.redaction import default_redactor
 
 log = logging.getLogger(__name__)
 
@@ -367,50 +367,11 @@ def timeline(events: Sequence[Event[EventPayload]]) -> list[TimelineEvent]:
     return out
 
 
-def redact_payloads(reason: str) -> str:
-    """A replay's reason with each payload in it (`type {...}`, a Python dict's text) redacted as the
-    projections redact JSON (text, numbers, names in name fields); one that cannot be read becomes `{…}`."""
-    out: list[str] = []
-    i = 0
-    while i < len(reason):
-        if reason[i] != "{":
-            out.append(reason[i])
-            i += 1
-            continue
-        end = _closing_brace(reason, i)
-        if end is None:
-            out.append("{…}")
-            break
-        try:
-            document = ast.literal_eval(reason[i:end + 1])
-            text = json.dumps(document, default=lambda v: v.hex() if isinstance(v, bytes) else str(v))
-            out.append(redact_field("json", text, default_redactor()) or "{}")
-        except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
-            out.append("{…}")
-        i = end + 1
-    return "".join(out)
-
-
-def _closing_brace(text: str, start: int) -> int | None:
-    """Where the `{` at `start` closes, skipping Python string literals; None if it never does."""
-    depth, i, quote = 0, start, ""
-    while i < len(text):
-        c = text[i]
-        if quote:
-            if c == "\\":
-                i += 1
-            elif c == quote:
-                quote = ""
-        elif c in "'\"":
-            quote = c
-        elif c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return None
+def payload_told(payload: EventPayload) -> str:
+    """An event payload as a replay's reason names it (`type {...}`), every personal field redacted by the
+    kind its schema marks, as the vCon export redacts events."""
+    record = redacted_payload(payload, default_redactor())
+    return f"{payload.EVENT_TYPE} {json.dumps(record, default=lambda v: v.hex() if isinstance(v, bytes) else str(v))}"
 
 
 def replay_view(events: Sequence[Event[EventPayload]], runtime: GatewayRuntime) -> ReplayView:
@@ -429,7 +390,7 @@ def replay_view(events: Sequence[Event[EventPayload]], runtime: GatewayRuntime) 
                           detail=f"the core decides the same {result.decisions} decisions again")
     d = result.divergence
     return ReplayView(status="diverged", decisions=result.decisions,
-                      divergence=Divergence(seq=d.seq, event_type=d.event_type, reason=redact_payloads(d.reason)),
+                      divergence=Divergence(seq=d.seq, event_type=d.event_type, reason=d.told(payload_told)),
                       detail=f"first divergence at seq {d.seq} ({d.event_type}), after {result.decisions} "
                              "identical decisions")
 

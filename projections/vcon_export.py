@@ -220,6 +220,16 @@ def _names_told(payload: EventPayload) -> list[str]:
     return [name for text in texts for name in names_in_json(text)]
 
 
+def redacted_payload(payload: EventPayload, redactor: Redactor, names: Collection[str] = ()) -> dict[str, Any]:
+    """The payload as a JSON object, every personal field redacted by the kind its schema marks, and the
+    people's names in `names` (else the ones it tells itself) wherever they are said."""
+    record = payload.to_avro()
+    known = names or _names_told(payload)
+    for steps, kind in personal_fields(payload.EVENT_TYPE):
+        _redact_at(record, steps, "words" if steps in _WORDS_TEXT else kind, redactor, known)
+    return record
+
+
 def redacted_events(events: Sequence[Event[EventPayload]], redactor: Redactor) -> list[dict[str, Any]]:
     """The events as JSON objects: envelope fields, the payload with every personal field redacted
     by its kind (`streams.redaction.redact_field`), people's names the call was told redacted wherever
@@ -228,9 +238,7 @@ def redacted_events(events: Sequence[Event[EventPayload]], redactor: Redactor) -
     out: list[dict[str, Any]] = []
     for event in events:
         names.update(_names_told(event.payload))
-        payload = event.payload.to_avro()
-        for steps, kind in personal_fields(event.type):
-            _redact_at(payload, steps, "words" if steps in _WORDS_TEXT else kind, redactor, names)
+        payload = redacted_payload(event.payload, redactor, names)
         envelope = event.envelope
         out.append({
             "seq": envelope.seq, "type": envelope.type, "schema_version": envelope.schema_version,

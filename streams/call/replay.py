@@ -10,8 +10,8 @@ core's (`core.outcome`): replay checks that too.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 from schemas.base import Event, EventPayload
 from schemas.events import CallEnded, CallStarted
@@ -24,6 +24,17 @@ class Divergence:
     seq: int
     event_type: str
     reason: str
+    recorded: EventPayload | None = None
+    decided: EventPayload | None = None
+    wording: str = ""
+    """`reason` with `{recorded}` and `{decided}` where the payloads go: to tell them another way (`told`)."""
+
+    def told(self, describe: Callable[[EventPayload], str]) -> str:
+        """The reason with each payload as `describe` tells it (e.g. PII redacted)."""
+        if not self.wording:
+            return self.reason
+        return self.wording.format(recorded=describe(self.recorded) if self.recorded is not None else "",
+                                   decided=describe(self.decided) if self.decided is not None else "")
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,12 @@ def _describe(payload: EventPayload) -> str:
     return f"{payload.EVENT_TYPE} {payload.to_avro()}"
 
 
+def _diverged(seq: int, event_type: str, wording: str, *, recorded: EventPayload | None = None,
+              decided: EventPayload | None = None) -> Divergence:
+    divergence = Divergence(seq, event_type, "", recorded, decided, wording)
+    return replace(divergence, reason=divergence.told(_describe))
+
+
 def verify_call(events: Sequence[Event[EventPayload]], agent: AgentSpec) -> ReplayResult:
     """`events`: one call's events in seq order. `agent`: the definition to replay with."""
     call_id = events[0].call_id if events else ""
@@ -60,20 +77,16 @@ def verify_call(events: Sequence[Event[EventPayload]], agent: AgentSpec) -> Repl
                 return ReplayResult(
                     call_id,
                     checked,
-                    Divergence(
-                        event.seq, event.type, f"recorded {_describe(event.payload)}; the core now decides nothing here"
-                    ),
+                    _diverged(event.seq, event.type, "recorded {recorded}; the core now decides nothing here",
+                              recorded=event.payload),
                 )
             decision = expected.popleft()
             if decision.payload != event.payload:
                 return ReplayResult(
                     call_id,
                     checked,
-                    Divergence(
-                        event.seq,
-                        event.type,
-                        f"recorded {_describe(event.payload)}; the core now decides {_describe(decision.payload)}",
-                    ),
+                    _diverged(event.seq, event.type, "recorded {recorded}; the core now decides {decided}",
+                              recorded=event.payload, decided=decision.payload),
                 )
             checked += 1
             continue
@@ -82,9 +95,8 @@ def verify_call(events: Sequence[Event[EventPayload]], agent: AgentSpec) -> Repl
             return ReplayResult(
                 call_id,
                 checked,
-                Divergence(
-                    event.seq, event.type, f"the core now decides {_describe(missing)} before this event; not recorded"
-                ),
+                _diverged(event.seq, event.type, "the core now decides {decided} before this event; not recorded",
+                          decided=missing),
             )
         if isinstance(event.payload, CallEnded) and event.payload.outcome != outcome(state):
             return ReplayResult(
@@ -103,8 +115,8 @@ def verify_call(events: Sequence[Event[EventPayload]], agent: AgentSpec) -> Repl
         return ReplayResult(
             call_id,
             checked,
-            Divergence(
-                last.seq + 1, "(end)", f"the core now decides {_describe(expected[0].payload)} after the last event"
+            _diverged(last.seq + 1, "(end)", "the core now decides {decided} after the last event",
+                      decided=expected[0].payload
             ),
         )
     return ReplayResult(call_id, checked, None)

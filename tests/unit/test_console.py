@@ -3,30 +3,35 @@ files as the what-if takes them, the call list's filters as SQL, transcript line
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from gateway.console import parse_agent, redact_payloads
+from gateway.console import parse_agent, payload_told
 from projections.call_views import CallFilter, position_ms
+from schemas.events import ToolRequested, TtsRequested
+from streams.call.replay import Divergence
 from streams.config.agents import AgentConfigError
 from voxlog.settings import DEFAULT_AGENTS_DIR
 
 
 def test_a_divergence_keeps_its_shape_and_loses_what_is_personal() -> None:
-    reason = ("recorded tts.requested {'request_id': 'tts-1', 'text': 'I will call you at 415 555 0132, Ada', "
-              "'voice': 'slt'}; the core now decides tts.requested {'request_id': 'tts-1', 'text': 'Goodbye {now}', "
-              "'voice': 'slt'}")
-    shown = redact_payloads(reason)
+    said = TtsRequested(request_id="tts-1", text="I will call you at 415 555 0132, Ada", provider="flite",
+                        voice="slt", codec="mulaw", sample_rate=8000)
+    wording = "recorded {recorded}; the core now decides {decided}"
+    plain = Divergence(4, "tts.requested", wording.format(recorded=said, decided=said), said,
+                       replace(said, text="Goodbye {now}"), wording)
+    shown = plain.told(payload_told)
     assert shown.startswith("recorded tts.requested {")
     assert "; the core now decides tts.requested {" in shown
     assert "0132" not in shown
     assert "<PHONE>" in shown
     assert "Goodbye {now}" in shown, "braces inside a string are the string's"
-    assert redact_payloads("recorded outcome booked; the core now decides resolved") == (
-        "recorded outcome booked; the core now decides resolved")
-    names = redact_payloads("the core now decides tool.requested {'arguments_json': '{}', 'customer': 'Ada'}")
+    outcome = Divergence(9, "call.ended", "recorded outcome booked; the core now decides resolved")
+    assert outcome.told(payload_told) == "recorded outcome booked; the core now decides resolved"
+    asked = ToolRequested(tool_call_id="t1", tool="book", arguments_json='{"customer": "Ada"}', idempotency_key="k")
+    names = Divergence(5, "tool.requested", "", None, asked, "the core now decides {decided}").told(payload_told)
     assert "Ada" not in names
-    assert redact_payloads("broken {'text': 'never closed") == "broken {…}"
-    assert redact_payloads("odd {not python}") == "odd {…}"
 
 
 def test_agent_files_are_checked_before_a_what_if() -> None:
