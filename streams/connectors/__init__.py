@@ -1,0 +1,1 @@
+"""Connectors: the customer's own systems (CRM, ticketing, calendars, webhooks), one module per vendor."""
