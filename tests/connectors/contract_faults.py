@@ -82,7 +82,8 @@ def check_auth(harness: WireFaults, operation: Callable[[], object]) -> None:
 def check_health(harness: WireFaults, check: Callable[[], list[Any]]) -> None:
     """`check()` passes on a healthy server, and names the problem on a refused token or scope."""
     results = check()
-    assert results and all(r.ok for r in results), results
+    assert results
+    assert all(r.ok for r in results), results
     for status, word in ((401, "401"), (403, "403")):
         # Once (twice for a 401 to a connector that refreshes its token): the first thing check() tries fails.
         harness.fail_next(status, times=2 if status == 401 and harness.refreshes_tokens else 1)

@@ -21,8 +21,9 @@ def desk(request: pytest.FixtureRequest) -> Iterator[Any]:
     yield from harness_of(request.param)
 
 
-REQUEST = TicketRequest(subject="Internet down since Tuesday",
-                        description='Router blinks red; caller said "it\'s dead"', requester_phone="+15551230010", requester_name="Ada Lovelace", priority="high")
+REQUEST = TicketRequest(
+    subject="Internet down since Tuesday", description="Router blinks red; caller said \"it's dead\"",
+    requester_phone="+15551230010", requester_name="Ada Lovelace", priority="high")
 
 
 def test_is_a_desk(desk: Any) -> None:
