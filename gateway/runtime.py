@@ -18,17 +18,18 @@ import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-import httpx
+from pydantic import SecretStr
 
 from consumers.backends import LogBackend, ensure_topics
 from consumers.log_consumer import LogConsumer
 from consumers.tool_replies import ToolReplies
+from consumers.workers.after_call import AfterCallStore, AfterCallWorker
 from consumers.workers.call_leases import CallReaper, LeasedCall, LeaseKeeper, new_instance_id
 from consumers.workers.dialer import DialStore, DialWorker
 from consumers.workers.summariser import Summariser
-from consumers.workers.tools import ToolRunner, ToolStore, ToolWorker, WebhookSigner
+from consumers.workers.tools import ToolRunner, ToolStore, ToolWorker
 from gateway.admission import Admission, RateLimits, Refusal
 from gateway.config_audit import record_config_changes
 from gateway.whatif_isolation import WhatIfChildren
@@ -52,6 +53,8 @@ from streams.config.agents import AgentRouter, AgentSpec
 from streams.config.config_changes import config_items
 from streams.config.consent import consent_parameters
 from streams.config.tenants import Tenants
+from streams.connectors.integrations import TenantConnectors
+from streams.connectors.secrets import Secrets
 from streams.keystore.data_keys import DataKeyStore
 from streams.keystore.retention import RETENTION_INTERVAL_S, enforce_retention
 from streams.metrics import CallMetrics
@@ -73,6 +76,14 @@ LEASE_HOLD_TIMEOUT_S = 5.0
 
 def new_call_id() -> str:
     return f"call-{uuid.uuid4()}"
+
+
+class LocalService(Protocol):
+    """A server the gateway's process runs beside it (started before the gateway, stopped after)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 @dataclass
@@ -105,6 +116,10 @@ class GatewayRuntime:
     whatif_children: WhatIfChildren = field(default_factory=WhatIfChildren)
     """The what-ifs the tenant API asks for, each in a child process, a few at once."""
     """One per gateway, so that circuit breakers and rate limits span its calls."""
+    secrets: Secrets = field(default_factory=Secrets)
+    """What the tool worker resolves the tenants' integration secrets against (the environment, VOXLOG_SECRETS_DIR)."""
+    local_services: list[LocalService] = field(default_factory=list)
+    """Servers this process runs for its tenants and stops with them (the demo's CalDAV calendar)."""
     providers_factory: Callable[[AgentSpec], Providers] | None = None
     """An agent's providers, where not the registry's (benchmarks' scripted timelines)."""
     sessions: dict[str, CallSession] = field(default_factory=dict)
@@ -126,8 +141,8 @@ class GatewayRuntime:
     _replies: ToolReplies | None = None
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _http: httpx.AsyncClient | None = None
     _store: ToolStore | None = None
+    _after_calls: AfterCallStore | None = None
     _dials: DialStore | None = None
     dialer: DialWorker | None = None
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -158,6 +173,8 @@ class GatewayRuntime:
         return None
 
     async def start(self) -> None:
+        for service in self.local_services:
+            await asyncio.to_thread(service.start)
         async with self.backend.admin() as admin:
             await ensure_topics(admin)
         self._lease_producer = self.backend.producer()
@@ -179,10 +196,10 @@ class GatewayRuntime:
         self._tasks.append(asyncio.create_task(self._replies.run(self._stop), name="tool-replies"))
         await asyncio.wait_for(self._replies.ready.wait(), 60)
         if self.run_workers:
-            self._http = httpx.AsyncClient(timeout=10)
             self._store = ToolStore(self.home / "tools.db")
-            worker = ToolWorker(self.backend, ToolRunner(self._store, self.router, WebhookSigner(self.webhook_secret),
-                                                         self._http))
+            connectors = TenantConnectors(lambda tenant: self.tenants.get(tenant).integrations, self.secrets, self.home)
+            worker = ToolWorker(self.backend, ToolRunner(self._store, self.router, connectors,
+                                                         SecretStr(self.webhook_secret.decode())))
             self._tasks.append(asyncio.create_task(worker.run(self._stop), name="tool-worker"))
             await asyncio.wait_for(worker.ready.wait(), 60)
             if self.rest is not None and self.public_url:
@@ -194,6 +211,10 @@ class GatewayRuntime:
                 log.info("no dialer: outbound calls need a Twilio account and VOXLOG_PUBLIC_URL")
             if self.backend.keys is not None:
                 self._tasks.append(asyncio.create_task(self._run_retention(self.backend.keys), name="retention"))
+            self._after_calls = AfterCallStore(self.home / "after_call.db")
+            after_call = AfterCallWorker(self.backend, self.router, self._after_calls, self._recording_url)
+            self._tasks.append(asyncio.create_task(after_call.run(self._stop), name="after-call"))
+            await asyncio.wait_for(after_call.ready.wait(), 60)
             summariser = Summariser(self.backend, llm_for=self._summary_llm)
             self._tasks.append(asyncio.create_task(summariser.run(self._stop), name="summariser"))
             await asyncio.wait_for(summariser.ready.wait(), 60)
@@ -281,10 +302,12 @@ class GatewayRuntime:
             await self._stop_bounded("the last lease", self._leases.close(), deadline)
         await asyncio.gather(*(self._stop_bounded("the log's producer", producer.stop(), deadline)
                                for producer in (self._producer, self._lease_producer) if producer is not None))
-        if self._http is not None:
-            await self._http.aclose()
         if self._store is not None:
             self._store.close()
+        if self._after_calls is not None:
+            self._after_calls.close()
+        for service in self.local_services:
+            await asyncio.to_thread(service.stop)
         if self._dials is not None:
             self._dials.close()
 
@@ -310,6 +333,10 @@ class GatewayRuntime:
     def _summary_llm(self, tenant_id: str, agent_id: str) -> LlmProvider | None:
         agent = self.router.agents.get((tenant_id, agent_id))
         return self.provider_registry.summary_llm(agent) if agent is not None else None
+
+    def _recording_url(self, call_id: str) -> str:
+        """Where the tenant API serves a call's recording (to its API keys), for the CRM's call record."""
+        return f"{self.public_url.rstrip('/')}/v1/calls/{call_id}/recording" if self.public_url else ""
 
     def tenant_sql(self) -> TenantSql:
         """Tenant-scoped SQL over `analytics`; AnalyticsError when there is none."""

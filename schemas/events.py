@@ -1243,7 +1243,7 @@ class ToolFailed(EventPayload):
     """A tool attempt failed."""
 
     EVENT_TYPE: ClassVar[str] = 'tool.failed'
-    EVENT_VERSION: ClassVar[int] = 1
+    EVENT_VERSION: ClassVar[int] = 2
 
     tool_call_id: str
     """Tool call id."""
@@ -1259,6 +1259,10 @@ class ToolFailed(EventPayload):
     """No more attempts: the command went to the dead-letter topic."""
     latency_ms: int
     """Time the attempt took."""
+    connector: str = ''
+    """The vendor that failed (hubspot, caldav...); empty where no connector was reached."""
+    failure: str = ''
+    """How it failed: auth, scope, not_found, conflict, invalid, rate_limited, unavailable, bad_response, configuration, deadline; empty: recorded before kinds."""
 
     def to_avro(self) -> dict[str, Any]:
         return {
@@ -1269,6 +1273,8 @@ class ToolFailed(EventPayload):
             "attempt": self.attempt,
             "dead_lettered": self.dead_lettered,
             "latency_ms": self.latency_ms,
+            "connector": self.connector,
+            "failure": self.failure,
         }
 
     @classmethod
@@ -1281,6 +1287,8 @@ class ToolFailed(EventPayload):
             attempt=record["attempt"],
             dead_lettered=record["dead_lettered"],
             latency_ms=record["latency_ms"],
+            connector=record["connector"],
+            failure=record["failure"],
         )
 
 
@@ -1289,7 +1297,7 @@ class ToolRequested(EventPayload):
     """The core asked a worker to run a tool (a command)."""
 
     EVENT_TYPE: ClassVar[str] = 'tool.requested'
-    EVENT_VERSION: ClassVar[int] = 1
+    EVENT_VERSION: ClassVar[int] = 2
 
     tool_call_id: str
     """Tool call id."""
@@ -1299,6 +1307,12 @@ class ToolRequested(EventPayload):
     """Arguments as a JSON object. PII: json."""
     idempotency_key: str
     """Key the worker uses so a retry never acts twice."""
+    operation: str = ''
+    """The connector operation the tool runs (calendar.book, crm.log_call...); empty: recorded before operations."""
+    caller_number: str = ''
+    """The other party's number (the caller; the callee of a placed call), for the CRM, the desk and the calendar's attendee. PII: phone."""
+    deadline_us: int = 0
+    """When the call stops waiting for the result, microseconds since the epoch: the worker neither starts nor retries after it. 0: none recorded."""
 
     def to_avro(self) -> dict[str, Any]:
         return {
@@ -1306,6 +1320,9 @@ class ToolRequested(EventPayload):
             "tool": self.tool,
             "arguments_json": self.arguments_json,
             "idempotency_key": self.idempotency_key,
+            "operation": self.operation,
+            "caller_number": self.caller_number,
+            "deadline_us": self.deadline_us,
         }
 
     @classmethod
@@ -1315,6 +1332,9 @@ class ToolRequested(EventPayload):
             tool=record["tool"],
             arguments_json=record["arguments_json"],
             idempotency_key=record["idempotency_key"],
+            operation=record["operation"],
+            caller_number=record["caller_number"],
+            deadline_us=record["deadline_us"],
         )
 
 
@@ -1323,7 +1343,7 @@ class ToolSucceeded(EventPayload):
     """A tool ran and returned a result."""
 
     EVENT_TYPE: ClassVar[str] = 'tool.succeeded'
-    EVENT_VERSION: ClassVar[int] = 1
+    EVENT_VERSION: ClassVar[int] = 2
 
     tool_call_id: str
     """Tool call id."""
@@ -1335,6 +1355,10 @@ class ToolSucceeded(EventPayload):
     """Attempt that succeeded, from 1."""
     latency_ms: int
     """Time the tool took."""
+    connector: str = ''
+    """Who did it: the vendor (hubspot, caldav, zendesk, webhook...); empty where voxlog itself answered."""
+    remote_id: str = ''
+    """The id of the object the operation made or changed in that system (a contact, a booking's UID, a ticket)."""
 
     def to_avro(self) -> dict[str, Any]:
         return {
@@ -1343,6 +1367,8 @@ class ToolSucceeded(EventPayload):
             "result_json": self.result_json,
             "attempt": self.attempt,
             "latency_ms": self.latency_ms,
+            "connector": self.connector,
+            "remote_id": self.remote_id,
         }
 
     @classmethod
@@ -1353,6 +1379,8 @@ class ToolSucceeded(EventPayload):
             result_json=record["result_json"],
             attempt=record["attempt"],
             latency_ms=record["latency_ms"],
+            connector=record["connector"],
+            remote_id=record["remote_id"],
         )
 
 

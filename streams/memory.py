@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from schemas.base import Event, EventPayload
 from schemas.events import CallStarted, HandoffRequested, ToolSucceeded, TtsRequested, TurnTaken
+from streams.config.agents import LOOKUP_ID
 from streams.providers.base import ChatMessage, LlmRequest
 
 OFFLINE_SOURCE = "offline-extractive"
@@ -71,7 +72,7 @@ def summarize(events: Sequence[Event[EventPayload]]) -> str | None:
     first_words: str | None = None
     for event in events:
         p = event.payload
-        if isinstance(p, ToolSucceeded):
+        if isinstance(p, ToolSucceeded) and p.tool_call_id != LOOKUP_ID:  # who called is no deed of the call's
             clauses.append(_tool_clause(p.tool, p.result_json))
         elif isinstance(p, HandoffRequested):
             clauses.append("you asked to speak with a person")

@@ -171,7 +171,8 @@ async def run_calls_demo(settings: Settings) -> tuple[list[DemoCall], QueryResul
                     elif isinstance(p, TtsRequested):
                         call.transcript.append(("agent", p.text))
                     elif isinstance(p, ToolSucceeded | ToolFailed):
-                        call.tools.append(f"{p.tool}: {'ok' if isinstance(p, ToolSucceeded) else p.error}")
+                        call.tools.append(f"{p.tool}: " + (f"ok, {p.connector} {p.remote_id}".rstrip()
+                                                           if isinstance(p, ToolSucceeded) else p.error))
                     elif isinstance(p, HandoffRequested):
                         call.tools.append(f"handoff to {p.target}")
                     elif isinstance(p, CallEnded):

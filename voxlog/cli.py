@@ -62,6 +62,9 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(compliance_app, name="compliance")
 export_app = typer.Typer(help="A call out of voxlog, as a standard container.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
+integrations_app = typer.Typer(help="The tenants' own systems: CRM, ticket desk, calendar, webhooks "
+                               "(docs/integrations.md).", no_args_is_help=True)
+app.add_typer(integrations_app, name="integrations")
 console = Console(soft_wrap=True)
 
 
@@ -96,7 +99,8 @@ def demo(
     settings = Settings()
     console.print(f"[bold]voxlog demo[/]: {len(SCRIPTS)} calls through the gateway on "
                   f"{log_backend(settings).describe()}, offline speech (Whisper tiny.en and pocketsphinx hear, "
-                  "flite speaks), the offline scripted policy")
+                  "flite speaks), the offline scripted policy; visits booked into a CalDAV calendar on a Radicale "
+                  f"server voxlog runs ({settings.home / 'caldav'}), tickets into voxlog's own desk")
     results, summary = asyncio.run(run_calls_demo(settings))
     diverged = 0
     for call in results:
@@ -1130,3 +1134,40 @@ def export_public_key(
 
 if __name__ == "__main__":
     app()
+
+
+@integrations_app.command("check")
+def integrations_check_command(
+    tenant: Annotated[str, typer.Option(help="The tenant whose connections to try.")],
+) -> None:
+    """Try each connection the tenant's `integrations` configure (the secret is set, the vendor answers,
+    the credentials and their scopes are accepted) and say plainly what is wrong. Exits 1 if anything is."""
+    from streams.connectors.integrations import TenantIntegrations, check_integrations
+    from streams.connectors.secrets import Secrets
+    from voxlog.demo_calendar import DEMO_TENANT, demo_calendar
+
+    settings = Settings()
+    tenants = load_tenants(settings.agents_dir or DEFAULT_AGENTS_DIR)
+    if tenant not in tenants:
+        console.print(f"[red]no tenant {escape(tenant)}[/] in {settings.agents_dir or DEFAULT_AGENTS_DIR}")
+        raise typer.Exit(2)
+    spec, secrets = tenants[tenant], Secrets()
+    calendar = demo_calendar(settings.home, tenants) if settings.agents_dir is None and tenant == DEMO_TENANT else None
+    with contextlib.ExitStack() as stack:
+        if calendar is not None:  # the demo's calendar is voxlog's own server: tried as the gateway runs it
+            calendar.start()
+            stack.callback(calendar.stop)
+            spec, secrets = calendar.tenant(spec), Secrets(calendar.environ)
+        if spec.integrations == TenantIntegrations():
+            console.print(f"{escape(tenant)} configures no integrations")
+            return
+        results = check_integrations(tenant, spec.integrations, secrets, settings.home)
+    failed = False
+    for what, checks in results.items():
+        console.print(f"[bold]{escape(what)}[/]")
+        for check in checks:
+            failed |= not check.ok
+            mark = "[green]ok[/]" if check.ok else "[red]FAILED[/]"
+            console.print(f"  {mark} {escape(check.what)}: {escape(check.detail)}")
+    if failed:
+        raise typer.Exit(1)

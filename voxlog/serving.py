@@ -13,7 +13,9 @@ from projections.store import AnalyticsError, AnalyticsStore
 from streams.channels.twilio_rest import TwilioRest
 from streams.config.agents import AgentRouter, load_agents
 from streams.config.tenants import Tenants, load_tenants
+from streams.connectors.secrets import Secrets
 from voxlog.backends import log_backend, recording_store
+from voxlog.demo_calendar import DEMO_TENANT, demo_calendar
 from voxlog.settings import DEFAULT_AGENTS_DIR, DEMO_WEBHOOK_SECRET, InsecureSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -43,8 +45,14 @@ def build_gateway(settings: Settings) -> GatewayRuntime:
     else:
         analytics_error = "this gateway runs without analytics (VOXLOG_RUN_PROJECTIONS=false, no VOXLOG_CLICKHOUSE_DSN)"
     token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else ""
+    tenants = load_tenants(agents_dir)
+    calendar = demo_calendar(settings.home, tenants) if settings.agents_dir is None else None
+    if calendar is not None:
+        tenants[DEMO_TENANT] = calendar.tenant(tenants[DEMO_TENANT])
     return GatewayRuntime(backend=log_backend(settings), router=AgentRouter(load_agents(agents_dir)),
-                   tenants=Tenants(load_tenants(agents_dir)), home=settings.home, run_workers=settings.run_workers,
+                   tenants=Tenants(tenants), home=settings.home,
+                   secrets=Secrets(calendar.environ) if calendar is not None else Secrets(),
+                   local_services=[calendar] if calendar is not None else [], run_workers=settings.run_workers,
                    webhook_secret=settings.webhook_secret.get_secret_value().encode(), rest=twilio_rest(settings),
                    public_url=settings.public_url, analytics=analytics, analytics_error=analytics_error,
                    run_projections=settings.run_projections and analytics is not None,

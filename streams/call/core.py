@@ -46,7 +46,7 @@ from schemas.events import (
     TurnTaken,
 )
 from streams.call.transport import DEFAULT_SPEECH, SPEECH_FORMATS, SpeechFormat
-from streams.config.agents import AgentSpec, Consent, Handoff
+from streams.config.agents import LOOKUP_ID, AgentSpec, Consent, Handoff
 from streams.config.consent import ConsentMode, answer_of, recorded_mode, request_after
 from streams.providers.base import ChatMessage, LlmRequest, ToolSpec
 
@@ -92,6 +92,8 @@ class RunTool:
     name: str
     arguments_json: str
     idempotency_key: str
+    deadline_us: int
+    """When the call stops waiting for the worker's reply (the tool's `timeout_s` after it was asked)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +128,8 @@ class Decision:
     action: Action | None = None
 
 
-Phase = Literal["new", "listening", "thinking", "ended"]
+Phase = Literal["new", "looking_up", "listening", "thinking", "ended"]
+"""`looking_up`: answered, the caller being looked up in the CRM before the greeting (words heard wait)."""
 ConsentState = Literal["not_asked", "pending", "given", "refused"]
 
 
@@ -161,6 +164,13 @@ class CallState:
     """The caller came back to the agent because the human could not be reached."""
     outbound: bool = False
     """The platform placed this call (the agent speaks first to someone it called)."""
+    party_number: str = ""
+    """The other party's number: the caller's, or the callee's of a placed call (for the tools' CRM, desk
+    and calendar)."""
+    contact_first_name: str = ""
+    contact_name: str = ""
+    contact_context: str = ""
+    """Who the CRM says is calling (the caller lookup's result), for the greeting and the LLM."""
     speech: SpeechFormat = DEFAULT_SPEECH
     """What the channel plays, from `call.started`: what each `tts.requested` records."""
     channel: str = "unknown"
@@ -241,11 +251,16 @@ def decide(state: CallState, event: Event[EventPayload]) -> tuple[CallState, lis
         case CallStarted():
             returned = RETURNED_FROM_HANDOFF in p.parameters
             return evolve(state, call_id=event.call_id, started_us=now, returned_from_handoff=returned,
-                           outbound=p.direction == "outbound", speech=SPEECH_FORMATS.get(p.channel, DEFAULT_SPEECH),
+                           outbound=p.direction == "outbound",
+                           party_number=(p.to_number if p.direction == "outbound" else p.from_number) or "",
+                           speech=SPEECH_FORMATS.get(p.channel, DEFAULT_SPEECH),
                            channel=p.channel, consent_mode=consent_mode_of(state.agent, p)), []
         case MemoryLoaded():
             return evolve(state, memory=tuple(s.summary for s in p.summaries)), []
         case CallAnswered():
+            lookup = state.agent.caller_lookup
+            if lookup is not None and state.party_number and not state.returned_from_handoff:
+                return _look_up_caller(state, lookup.tool, now)
             return _greet(evolve(state, phase="listening"), now)
         case SpeechStarted():
             return _caller_started(state, p.offset_ms)
@@ -255,6 +270,10 @@ def decide(state: CallState, event: Event[EventPayload]) -> tuple[CallState, lis
             return _heard(state, p, now)
         case LlmDecided():
             return _llm_decided(state, p, now)
+        case ToolSucceeded() | ToolFailed() if state.phase == "looking_up" and p.tool_call_id == LOOKUP_ID:
+            if isinstance(p, ToolFailed) and not p.dead_lettered:
+                return state, []  # the worker tries again; the greeting waits for its last word (or the deadline)
+            return _greet(_looked_up(evolve(state, phase="listening"), p), now)
         case ToolSucceeded() | ToolFailed():
             return _tool_result(state, p, now)
         case TtsCompleted():
@@ -328,6 +347,36 @@ def _unavailable(agent: AgentSpec) -> str:
     return agent.handoff.unavailable if agent.handoff else Handoff.model_fields["unavailable"].default
 
 
+def _look_up_caller(state: CallState, tool_name: str, now: int) -> tuple[CallState, list[Decision]]:
+    tool = state.agent.tool(tool_name)
+    assert tool is not None  # the agent file's validation holds it
+    arguments = json.dumps({"phone": state.party_number})
+    key, deadline = f"{state.call_id}/{LOOKUP_ID}", now + int(tool.timeout_s * 1_000_000)
+    request = ToolRequested(tool_call_id=LOOKUP_ID, tool=tool.name, arguments_json=arguments, idempotency_key=key,
+                            operation=tool.operation, caller_number=state.party_number, deadline_us=deadline)
+    state = evolve(state, phase="looking_up", tool_names={**state.tool_names, LOOKUP_ID: tool.name})
+    return state, [Decision(request, RunTool(LOOKUP_ID, tool.name, arguments, key, deadline))]
+
+
+def _looked_up(state: CallState, p: ToolSucceeded | ToolFailed) -> CallState:
+    """What the lookup found: a known contact's names and context, or nothing (not found, failed, late)."""
+    if isinstance(p, ToolFailed):
+        return state
+    try:
+        found = json.loads(p.result_json)
+    except ValueError:
+        return state
+    if not isinstance(found, dict) or not found.get("found"):
+        return state
+    facts = {k: found.get(k) for k in ("name", "company", "email")}
+    details = found.get("details")
+    if isinstance(details, dict):
+        facts.update({str(k): v for k, v in details.items()})
+    context = "; ".join(f"{k}: {v}" for k, v in facts.items() if isinstance(v, str | int | float) and str(v).strip())
+    return evolve(state, contact_first_name=str(found.get("first_name") or ""),
+                  contact_name=str(found.get("name") or ""), contact_context=context[:1000])
+
+
 def _greet(state: CallState, now: int) -> tuple[CallState, list[Decision]]:
     agent = state.agent
     state, limit = _set_timer(state, "max_duration", now + agent.guardrails.max_duration_s * 1_000_000)
@@ -336,6 +385,9 @@ def _greet(state: CallState, now: int) -> tuple[CallState, list[Decision]]:
         opening = _unavailable(agent)
     elif state.outbound and agent.outbound_greeting:
         opening = agent.outbound_greeting
+    elif state.contact_first_name and agent.caller_lookup is not None and agent.caller_lookup.greeting:
+        opening = agent.caller_lookup.greeting.replace("{first_name}", state.contact_first_name).replace(
+            "{name}", state.contact_name or state.contact_first_name)
     elif state.memory and agent.returning_greeting:
         opening = agent.returning_greeting.replace("{last_call}", state.memory[0])
     else:
@@ -474,8 +526,8 @@ def _caller_stopped(state: CallState, now: int) -> tuple[CallState, list[Decisio
 
 def _heard(state: CallState, p: TranscriptFinal, now: int) -> tuple[CallState, list[Decision]]:
     text = p.text.strip()
-    if not text:
-        return state, []
+    if not text or state.phase == "looking_up":
+        return state, []  # ("hello?" into the silence before the greeting is no request)
     if state.consent == "pending":
         return _consent_answer(state, text, (p.utterance_id,), now)
     return _heard_text(state, text, (p.utterance_id,), now)
@@ -560,6 +612,8 @@ def _ask_llm(state: CallState) -> tuple[CallState, list[Decision]]:
     ]
     if state.memory:
         system.append(ChatMessage("system", "What we know from this caller's earlier calls: " + " ".join(state.memory)))
+    if state.contact_context:
+        system.append(ChatMessage("system", "Who is calling, from the CRM: " + state.contact_context))
     messages = (*system, *state.history[-agent.context_messages :])
     tools = (
         *(ToolSpec(t.name, t.description, t.parameters_json) for t in agent.tools),
@@ -615,15 +669,15 @@ def _llm_decided(state: CallState, p: LlmDecided, now: int) -> tuple[CallState, 
             ),
         )
         for call in known:
+            tool = agent.tool(call.name)
+            assert tool is not None
+            key, deadline = f"{state.call_id}/{call.id}", now + int(tool.timeout_s * 1_000_000)
             decisions.append(
                 Decision(
-                    ToolRequested(
-                        tool_call_id=call.id,
-                        tool=call.name,
-                        arguments_json=call.arguments_json,
-                        idempotency_key=f"{state.call_id}/{call.id}",
-                    ),
-                    RunTool(call.id, call.name, call.arguments_json, f"{state.call_id}/{call.id}"),
+                    ToolRequested(tool_call_id=call.id, tool=call.name, arguments_json=call.arguments_json,
+                                  idempotency_key=key, operation=tool.operation, caller_number=state.party_number,
+                                  deadline_us=deadline),
+                    RunTool(call.id, call.name, call.arguments_json, key, deadline),
                 )
             )
         state = evolve(

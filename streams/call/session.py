@@ -80,7 +80,6 @@ class Providers:
 @dataclass(frozen=True)
 class SessionLimits:
     llm_timeout_s: float = 20.0
-    tool_timeout_s: float = 30.0
 
 
 @dataclass
@@ -328,7 +327,8 @@ class CallSession:
                 # the replies queue. A deadline keeps a silent worker from stalling the call.
                 loop = asyncio.get_running_loop()
                 self._tool_deadlines[action.tool_call_id] = loop.call_later(
-                    self.limits.tool_timeout_s, self._tool_timed_out, action
+                    max(0.0, (action.deadline_us - self.clock_us()) / 1e6), self._tool_timed_out, action,
+                    self.clock_us()
                 )
             case Transfer():
                 self._background(self._transfer(action, recorded.envelope.event_id), "transfer")
@@ -349,17 +349,18 @@ class CallSession:
         self._inputs.submit(TimerFired(timer_id=timer.timer_id, name=timer.name, set_by_seq=set_by_seq,
                                        due_us=timer.due_us))
 
-    def _tool_timed_out(self, action: RunTool) -> None:
+    def _tool_timed_out(self, action: RunTool, asked_us: int) -> None:
         self._tool_deadlines.pop(action.tool_call_id, None)
         self._inputs.submit(
             ToolFailed(
                 tool_call_id=action.tool_call_id,
                 tool=action.name,
-                error="no reply from the tool worker",
+                error="no reply from the tool worker by the tool's deadline",
                 retryable=False,
                 attempt=0,
                 dead_lettered=True,
-                latency_ms=int(self.limits.tool_timeout_s * 1000),
+                latency_ms=(self.clock_us() - asked_us) // 1000,
+                failure="deadline",
             )
         )
 

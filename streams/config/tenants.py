@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from streams.config.agents import TENANT_FILES, AgentConfigError
 from streams.config.consent import ConsentRule
+from streams.connectors.integrations import TenantIntegrations
 
 E164 = r"^\+[1-9][0-9]{6,14}$"
 
@@ -80,6 +81,8 @@ class TenantSpec(_Spec):
     limits: Limits = Limits()
     retention: Retention = Retention()
     consent: TenantConsent = TenantConsent()
+    integrations: TenantIntegrations = TenantIntegrations()
+    """The tenant's own CRM, ticket desk, calendar and webhooks, which its agents' tools act in."""
 
     def key_id(self, key: str) -> str | None:
         """The id of the API key `key`, if it is one of this tenant's."""

@@ -71,7 +71,9 @@ class ConnectorError(Exception):
 
 @dataclass(frozen=True)
 class RateLimit:
-    """A vendor's published request rate for one account: `requests` per `per_s` seconds."""
+    """How fast the worker may run a connector's operations for one account: `requests` per `per_s`
+    seconds, one per operation attempt. Derived from the vendor's published limit; a connector whose
+    operations make several requests declares the operation rate that keeps within it."""
 
     requests: int
     per_s: float

@@ -41,6 +41,15 @@ _TIME_OF_DAY = re.compile(
 """A time of day as transcripts write it (streams/providers/asr_text.py): 10:30, 2 pm, 10 o'clock, at 10."""
 PATTERNS = {"<time>": _TIME_OF_DAY}
 """Slot values that stand for a kind of value rather than words of their own."""
+TOOL_FAILED = ("I'm sorry, I couldn't do that just now. I can open a ticket so someone calls you back, "
+               "or connect you with a colleague.")
+"""What the script says when a tool failed and its step says nothing of its own: never silence, and another way."""
+
+
+def _spoken_error(error: str) -> str:
+    """A tool's error as a caller may hear it: the connector's reason without its kind and status."""
+    reason = re.sub(r"^[a-z_]+(?: \(HTTP \d+\))?: ", "", error.strip())
+    return reason.rstrip(".")
 
 
 def _pick(said: str, values: tuple[str, ...]) -> str:
@@ -86,7 +95,8 @@ class ScriptedLlm(LlmProvider):
             except ValueError:
                 result = {}
             if isinstance(result, dict) and "error" in result:
-                return "I'm sorry, that didn't work. Let me connect you with a colleague.", (), "stop"
+                template = intent.after_failure if intent and intent.after_failure else TOOL_FAILED
+                return _fill(template, error=_spoken_error(str(result["error"]))), (), "stop"
             template = intent.after_tool if intent and intent.after_tool else "Done. Anything else?"
             return _fill(template, result=result if isinstance(result, dict) else {}), (), "stop"
         said = last.content if last is not None and last.role == "user" else ""

@@ -13,7 +13,7 @@ from tests.connectors.contract_faults import check_auth, check_faults, check_hea
 
 pytestmark = pytest.mark.timeout(120)
 
-VENDORS = ("zendesk", "freshdesk")
+VENDORS = ("zendesk", "freshdesk", "builtin")
 
 
 @pytest.fixture(params=VENDORS)

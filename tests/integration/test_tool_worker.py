@@ -1,5 +1,6 @@
 """The tool worker on both log backends: commands in, replies out, once per idempotency key,
-retries with a dead letter at the end, and webhooks signed for their receiver."""
+retries with a dead letter at the end, nothing past a call's deadline, an audit record per side effect,
+and webhooks signed for their receiver."""
 
 from __future__ import annotations
 
@@ -14,17 +15,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
-import httpx
 import pytest
+from pydantic import SecretStr
 
 from consumers.backends import LogBackend, ensure_topics
 from consumers.event_reader import DLQ_REASON, EventConsumer
-from consumers.workers.tools import ToolRunner, ToolStore, ToolWorker, WebhookSigner
+from consumers.workers.tools import ToolRunner, ToolStore, ToolWorker
 from producers.event_writer import CallRecorder, EventWriter
 from schemas.base import Event, EventPayload
-from schemas.events import ToolFailed, ToolRequested, ToolSucceeded
-from schemas.topics import DEADLETTER, TOOL_RESULTS
+from schemas.events import AuditRecorded, ToolFailed, ToolRequested, ToolSucceeded
+from schemas.topics import AUDIT, DEADLETTER, TOOL_RESULTS
 from streams.config.agents import AgentRouter, ToolDefinition, load_agents
+from streams.connectors.operations import Connectors
+from streams.connectors.tickets_builtin import BuiltinDesk
 from voxlog.settings import DEFAULT_AGENTS_DIR
 
 SECRET = b"webhook-secret"
@@ -63,24 +66,26 @@ def receiver() -> Iterator[str]:
 
 
 @pytest.fixture
-async def worker(backend: LogBackend, tmp_path: Path, receiver: str) -> AsyncIterator[tuple[ToolWorker, ToolStore]]:
+async def worker(backend: LogBackend, tmp_path: Path, receiver: str) -> AsyncIterator[tuple[ToolWorker, BuiltinDesk]]:
     agents = load_agents(DEFAULT_AGENTS_DIR)
     front = agents[0]
-    crm = ToolDefinition(name="update_crm", description="CRM", kind="webhook", webhook_url=receiver)
+    crm = ToolDefinition(name="update_crm", description="CRM", operation="webhook.post", webhook_url=receiver)
     agents[0] = front.model_copy(update={"tools": (*front.tools, crm)})
     async with backend.admin() as admin:
         await ensure_topics(admin)
     store = ToolStore(tmp_path / "tools.db")
-    async with httpx.AsyncClient(timeout=5) as http:
-        tool_worker = ToolWorker(backend, ToolRunner(store, AgentRouter(agents), WebhookSigner(SECRET), http),
-                                 backoff_s=0.05)
-        stop = asyncio.Event()
-        task = asyncio.create_task(tool_worker.run(stop))
-        await asyncio.wait_for(tool_worker.ready.wait(), 30)
-        yield tool_worker, store
-        stop.set()
-        await task
+    desk = BuiltinDesk(tmp_path / "desk.db", "demo")
+    connectors = Connectors(tickets=desk)  # voxlog's own desk; no calendar: a booking finds none configured
+    tool_worker = ToolWorker(backend, ToolRunner(store, AgentRouter(agents), lambda tenant: connectors,
+                                                 SecretStr(SECRET.decode())), backoff_s=0.05)
+    stop = asyncio.Event()
+    task = asyncio.create_task(tool_worker.run(stop))
+    await asyncio.wait_for(tool_worker.ready.wait(), 30)
+    yield tool_worker, desk
+    stop.set()
+    await task
     store.close()
+    desk.close()
 
 
 async def request_tools(backend: LogBackend, call_id: str, requests: list[ToolRequested]) -> None:
@@ -102,34 +107,62 @@ async def replies(backend: LogBackend, call_id: str, count: int, timeout_s: floa
     return out
 
 
-def booking(call_id: str, n: int = 0) -> ToolRequested:
-    return ToolRequested(tool_call_id=f"tc{n}", tool="book_appointment", arguments_json='{"day": "tomorrow", '
-                         '"time": "ten"}', idempotency_key=f"{call_id}/tc{n}")
+def ticket(call_id: str, n: int = 0, *, deadline_us: int = 0) -> ToolRequested:
+    return ToolRequested(tool_call_id=f"tc{n}", tool="create_ticket", arguments_json='{"summary": "internet down"}',
+                         idempotency_key=f"{call_id}/tc{n}", operation="tickets.create",
+                         caller_number="+15550001111", deadline_us=deadline_us)
 
 
-async def test_a_booking_happens_once_however_often_it_is_requested(
-        backend: LogBackend, worker: tuple[ToolWorker, ToolStore]) -> None:
-    _, store = worker
+async def audit_records(backend: LogBackend, call_id: str) -> list[AuditRecorded]:
+    async with backend.admin() as admin:
+        records = [r async for r in admin.read_key([AUDIT], call_id.encode())]
+    events = [backend.codec.decode(r.value) for r in records]
+    return [e.payload for e in events if isinstance(e.payload, AuditRecorded)]
+
+
+async def test_a_ticket_is_opened_once_however_often_it_is_requested(
+        backend: LogBackend, worker: tuple[ToolWorker, BuiltinDesk]) -> None:
+    _, desk = worker
     call_id = f"call-{time.time_ns()}"
-    # The same command twice (a redelivery), then a ticket.
-    await request_tools(backend, call_id, [booking(call_id), booking(call_id), ToolRequested(
-        tool_call_id="tc9", tool="create_ticket", arguments_json='{"summary": "internet down"}',
-        idempotency_key=f"{call_id}/tc9")])
-    got = await replies(backend, call_id, 3)
-    assert all(isinstance(r.payload, ToolSucceeded) for r in got)
-    first, second, ticket = (r.payload for r in got)
+    await request_tools(backend, call_id, [ticket(call_id), ticket(call_id)])  # the same command twice: a redelivery
+    got = await replies(backend, call_id, 2)
+    first, second = (r.payload for r in got)
     assert isinstance(first, ToolSucceeded)
     assert isinstance(second, ToolSucceeded)
     assert first.result_json == second.result_json
-    assert json.loads(first.result_json)["when"] == "tomorrow at ten"
-    assert [b["call_id"] for b in store.bookings("demo")].count(call_id) == 1
-    assert isinstance(ticket, ToolSucceeded)
-    assert json.loads(ticket.result_json)["ticket_id"].startswith("T")
+    assert (first.connector, first.remote_id) == ("voxlog", json.loads(first.result_json)["ticket_id"])
+    assert [t["subject"] for t in desk.tickets()] == ["internet down"]
     assert all(r.envelope.producer == "voxlog.tool_worker" and r.envelope.causation_id for r in got)
+    audits = await audit_records(backend, call_id)
+    assert [(a.action, a.resource) for a in audits] == [("tickets.create", f"voxlog:{first.remote_id}")]
+
+
+async def test_nothing_runs_after_the_call_stopped_waiting(
+        backend: LogBackend, worker: tuple[ToolWorker, BuiltinDesk]) -> None:
+    _, desk = worker
+    call_id = f"call-{time.time_ns()}"
+    await request_tools(backend, call_id, [ticket(call_id, deadline_us=time.time_ns() // 1000 - 1_000_000)])
+    (failed,) = (r.payload for r in await replies(backend, call_id, 1))
+    assert isinstance(failed, ToolFailed)
+    assert (failed.failure, failed.dead_lettered) == ("unavailable", True)
+    assert "deadline" in failed.error
+    assert desk.tickets() == []
+
+
+async def test_an_operation_without_its_connector_says_so(
+        backend: LogBackend, worker: tuple[ToolWorker, BuiltinDesk]) -> None:
+    call_id = f"call-{time.time_ns()}"
+    await request_tools(backend, call_id, [ToolRequested(
+        tool_call_id="b1", tool="book_appointment", arguments_json='{"day": "tomorrow", "time": "10 am"}',
+        idempotency_key=f"{call_id}/b1", operation="calendar.book")])
+    (failed,) = (r.payload for r in await replies(backend, call_id, 1))
+    assert isinstance(failed, ToolFailed)
+    assert (failed.failure, failed.retryable, failed.attempt) == ("configuration", False, 1)
+    assert "no calendar configured" in failed.error
 
 
 async def test_a_webhook_is_signed_retried_and_answered(
-        backend: LogBackend, worker: tuple[ToolWorker, ToolStore], receiver: str) -> None:
+        backend: LogBackend, worker: tuple[ToolWorker, BuiltinDesk], receiver: str) -> None:
     call_id = f"call-{time.time_ns()}"
     Receiver.script = [503]  # first attempt fails, the retry succeeds
     await request_tools(backend, call_id, [ToolRequested(
@@ -145,7 +178,7 @@ async def test_a_webhook_is_signed_retried_and_answered(
 
 
 async def test_a_tool_that_keeps_failing_is_dead_lettered_and_the_call_told(
-        backend: LogBackend, worker: tuple[ToolWorker, ToolStore], receiver: str) -> None:
+        backend: LogBackend, worker: tuple[ToolWorker, BuiltinDesk], receiver: str) -> None:
     call_id = f"call-{time.time_ns()}"
     Receiver.script = [500, 500, 500]
     await request_tools(backend, call_id, [ToolRequested(

@@ -254,8 +254,10 @@ def test_the_llm_ending_the_call_says_goodbye_then_hangs_up() -> None:
 REFUNDS = AgentSpec.model_validate({
     "id": "refunds", "tenant": "shop", "name": "Refunds", "prompt_id": "refunds/main", "greeting": "Hello.",
     "prompts": {"persona": "You handle refunds.", "task": "Refund what the caller returns."},
-    "tools": [{"name": "issue_refund", "description": "Refund an order.", "kind": "webhook", "outcome": "refunded"},
-              {"name": "look_up_order", "description": "Find an order.", "kind": "webhook"}],
+    "tools": [{"name": "issue_refund", "description": "Refund an order.", "operation": "webhook.post",
+               "webhook_url": "https://shop.example/refunds", "outcome": "refunded"},
+              {"name": "look_up_order", "description": "Find an order.", "kind": "webhook",
+               "webhook_url": "https://shop.example/orders"}],
 })
 
 
@@ -422,3 +424,77 @@ def test_another_policy_is_caught_wherever_it_first_differs(inputs: list[EventPa
         first = next((a[0] for a, b in zip(mine, theirs, strict=False) if a != b), min(len(mine), len(theirs)))
         assert result.divergence is not None
         assert result.divergence.seq == first, (result.divergence, json.dumps(str(mine[first:first + 2])))
+
+
+# -- the caller looked up in the CRM before the greeting -----------------------------------------------------
+
+LOOKUP_AGENT = AgentSpec.model_validate({
+    **AGENT.model_dump(mode="json"),
+    "tools": [*(t.model_dump(mode="json") for t in AGENT.tools),
+              {"name": "find_caller", "description": "Who is calling.", "operation": "crm.find_contact",
+               "timeout_s": 1.5}],
+    "caller_lookup": {"tool": "find_caller", "greeting": "Hi {first_name}, welcome back to Acme. How can I help?"},
+})
+
+
+def answered_with_lookup(sim: CoreSim, number: str | None = "+12125550123") -> list[object]:
+    sim.feed(CallStarted(channel="phone", direction="inbound", agent_id=LOOKUP_AGENT.id,
+                         agent_version=LOOKUP_AGENT.version, routed_by="number", from_number=number))
+    return sim.feed(CallAnswered(answered_by=None))  # type: ignore[return-value]
+
+
+def looked_up(result: dict[str, object]) -> ToolSucceeded:
+    return ToolSucceeded(tool_call_id="lookup", tool="find_caller", result_json=json.dumps(result), attempt=1,
+                         latency_ms=80, connector="hubspot", remote_id=str(result.get("contact_id", "")))
+
+
+def test_a_known_caller_is_looked_up_before_the_greeting_and_greeted_by_name() -> None:
+    sim = CoreSim(LOOKUP_AGENT)
+    (asked,) = answered_with_lookup(sim)
+    request = asked.payload  # type: ignore[attr-defined]
+    assert request.EVENT_TYPE == "tool.requested"
+    assert (request.operation, request.caller_number) == ("crm.find_contact", "+12125550123")
+    assert json.loads(request.arguments_json) == {"phone": "+12125550123"}
+    assert request.deadline_us == sim.now_us + 1_500_000  # the tool's own timeout bounds the silence
+    assert isinstance(asked.action, RunTool)  # type: ignore[attr-defined]
+    assert sim.feed(final("hello?")) == []  # words into the silence before the greeting are no turn
+    decisions = sim.feed(looked_up({"found": True, "contact_id": "501", "first_name": "Ada", "name": "Ada Lovelace",
+                                    "company": "Analytical Engines", "details": {"lifecyclestage": "customer"}}))
+    greeting = next(d.payload for d in decisions if isinstance(d.payload, TtsRequested))
+    assert greeting.text.endswith("Hi Ada, welcome back to Acme. How can I help?")
+    sim.feed(done(greeting.request_id))
+    turn = sim.feed(final("my internet is down", 1))
+    llm = next(d.action for d in turn if isinstance(d.action, CallLlm))  # type: ignore[attr-defined]
+    told = " ".join(m.content for m in llm.request.messages if m.role == "system")
+    assert "Ada Lovelace" in told
+    assert "Analytical Engines" in told
+    assert verify_call(sim.events, LOOKUP_AGENT).divergence is None
+
+
+@pytest.mark.parametrize("outcome_of_lookup", ["not_found", "failed", "late"])
+def test_an_unknown_or_unreachable_caller_hears_the_usual_greeting(outcome_of_lookup: str) -> None:
+    sim = CoreSim(LOOKUP_AGENT)
+    answered_with_lookup(sim)
+    if outcome_of_lookup == "not_found":
+        decisions = sim.feed(looked_up({"found": False}))
+    else:
+        # A retry first (ignored: only the worker's last word counts), then the last failure or the deadline.
+        assert sim.feed(ToolFailed(tool_call_id="lookup", tool="find_caller", error="503", retryable=True, attempt=1,
+                                   dead_lettered=False, latency_ms=5)) == []
+        error = "unavailable (HTTP 503)" if outcome_of_lookup == "failed" else "no reply by the tool's deadline"
+        decisions = sim.feed(ToolFailed(tool_call_id="lookup", tool="find_caller", error=error, retryable=False,
+                                        attempt=2, dead_lettered=True, latency_ms=1500))
+    greeting = next(d.payload for d in decisions if isinstance(d.payload, TtsRequested))
+    assert greeting.text.endswith(LOOKUP_AGENT.greeting)
+    assert verify_call(sim.events, LOOKUP_AGENT).divergence is None
+
+
+def test_a_caller_without_a_number_is_not_looked_up() -> None:
+    decisions = answered_with_lookup(CoreSim(LOOKUP_AGENT), number=None)
+    assert "tool.requested" not in types(decisions)
+    assert "tts.requested" in types(decisions)
+
+
+def test_a_lookup_must_name_a_crm_tool() -> None:
+    with pytest.raises(ValueError, match=r"crm\.find_contact"):
+        AgentSpec.model_validate({**LOOKUP_AGENT.model_dump(mode="json"), "caller_lookup": {"tool": "create_ticket"}})

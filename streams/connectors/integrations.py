@@ -1,0 +1,134 @@
+"""A tenant's integrations, as its `tenant.yaml` declares them, and the connectors built from them.
+
+    integrations:
+      crm: {kind: hubspot, token: {env: ACME_HUBSPOT_TOKEN}}
+      tickets: {kind: zendesk, subdomain: acme, email: ops@acme.example, token: {file: zendesk-token}}
+      calendar: {kind: caldav, url: https://dav.acme.example/cal/visits/, username: bot,
+                 password: {env: ACME_CALDAV_PASSWORD}, hours: {timezone: Europe/Berlin}}
+      webhooks:
+        orders: {url: https://acme.example/voxlog, secret: {env: ACME_WEBHOOK_SECRET}}
+
+Secrets are named, never written (streams/connectors/secrets.py); only the tool worker resolves them,
+when it first runs a tool of the tenant's."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from streams.connectors import (
+    calendar_calcom,
+    calendar_caldav,
+    calendar_google,
+    crm_hubspot,
+    crm_salesforce,
+    tickets_freshdesk,
+    tickets_zendesk,
+    webhook_http,
+)
+from streams.connectors.base import CheckResult, ConnectorError
+from streams.connectors.operations import Connectors
+from streams.connectors.secrets import Secrets
+from streams.connectors.tickets_builtin import BuiltinDesk, BuiltinDeskSettings
+
+CrmSettings = Annotated[crm_hubspot.HubSpotSettings | crm_salesforce.SalesforceSettings, Field(discriminator="kind")]
+DeskSettings = Annotated[tickets_zendesk.ZendeskSettings | tickets_freshdesk.FreshdeskSettings | BuiltinDeskSettings,
+                         Field(discriminator="kind")]
+CalendarSettings = Annotated[calendar_caldav.CalDavSettings | calendar_google.GoogleCalendarSettings
+                             | calendar_calcom.CalComSettings, Field(discriminator="kind")]
+
+
+class TenantIntegrations(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    crm: CrmSettings | None = None
+    tickets: DeskSettings | None = None
+    calendar: CalendarSettings | None = None
+    webhooks: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,63}$")], webhook_http.WebhookSettings] = Field(
+        default_factory=dict)
+    request_timeout_s: float = Field(5.0, gt=0, le=30)
+    """How long one request to a vendor may take (a tool's own deadline bounds its retries)."""
+    booking_minutes: int = Field(60, ge=5, le=480)
+    """How long a visit booked by `calendar.book` is, unless the tool's arguments say."""
+
+
+def calendar_zone(settings: CalendarSettings | None) -> str:
+    if settings is None:
+        return "UTC"
+    if isinstance(settings, calendar_calcom.CalComSettings):
+        return settings.timezone
+    return settings.hours.timezone
+
+
+def build_connectors(tenant_id: str, integrations: TenantIntegrations, secrets: Secrets, state_dir: Path) -> Connectors:
+    """The tenant's connectors; raises a CONFIGURATION `ConnectorError` naming what cannot be built."""
+    timeout_s = integrations.request_timeout_s
+    crm = integrations.crm
+    tickets = integrations.tickets
+    calendar = integrations.calendar
+    built = Connectors(calendar_zone=calendar_zone(calendar), booking_minutes=integrations.booking_minutes)
+    if isinstance(crm, crm_hubspot.HubSpotSettings):
+        built.crm = crm_hubspot.connect(crm, secrets, timeout_s)
+    elif isinstance(crm, crm_salesforce.SalesforceSettings):
+        built.crm = crm_salesforce.connect(crm, secrets, timeout_s)
+    if isinstance(tickets, tickets_zendesk.ZendeskSettings):
+        built.tickets = tickets_zendesk.connect(tickets, secrets, timeout_s)
+    elif isinstance(tickets, tickets_freshdesk.FreshdeskSettings):
+        built.tickets = tickets_freshdesk.connect(tickets, secrets, timeout_s)
+    elif isinstance(tickets, BuiltinDeskSettings):
+        built.tickets = BuiltinDesk(state_dir / "desk.db", tenant_id)
+    if isinstance(calendar, calendar_caldav.CalDavSettings):
+        built.calendar = calendar_caldav.connect(calendar, secrets, timeout_s)
+    elif isinstance(calendar, calendar_google.GoogleCalendarSettings):
+        built.calendar = calendar_google.connect(calendar, secrets, timeout_s)
+    elif isinstance(calendar, calendar_calcom.CalComSettings):
+        built.calendar = calendar_calcom.connect(calendar, secrets, timeout_s)
+    built.webhooks = {name: webhook_http.connect(hook, secrets, name) for name, hook in integrations.webhooks.items()}
+    return built
+
+
+def check_integrations(tenant_id: str, integrations: TenantIntegrations, secrets: Secrets,
+                       state_dir: Path) -> Mapping[str, list[CheckResult]]:
+    """Each configured connection tried (`voxlog integrations check`): what works and what is wrong."""
+    try:
+        connectors = build_connectors(tenant_id, integrations, secrets, state_dir)
+    except ConnectorError as exc:
+        return {"configuration": [CheckResult("build the connectors", False, str(exc))]}
+    results: dict[str, list[CheckResult]] = {}
+    for family, connector in (("crm", connectors.crm), ("tickets", connectors.tickets),
+                              ("calendar", connectors.calendar)):
+        if connector is None:
+            continue
+        try:
+            results[f"{family} ({connector.vendor})"] = connector.check()
+        except ConnectorError as exc:
+            results[f"{family} ({connector.vendor})"] = [CheckResult("check", False, str(exc))]
+    for name, target in connectors.webhooks.items():
+        results[f"webhook {name}"] = target.check()
+    return results
+
+
+class TenantConnectors:
+    """Each tenant's connectors, built when first needed and kept (their clients, and OAuth tokens, are
+    reused). A tenant whose configuration cannot be built is tried again next time: a secret may be set
+    meanwhile."""
+
+    def __init__(self, integrations_of: Callable[[str], TenantIntegrations], secrets: Secrets,
+                 state_dir: Path) -> None:
+        self._integrations_of = integrations_of
+        self._secrets = secrets
+        self._state_dir = state_dir
+        self._built: dict[str, Connectors] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, tenant_id: str) -> Connectors:
+        with self._lock:
+            built = self._built.get(tenant_id)
+            if built is None:
+                built = build_connectors(tenant_id, self._integrations_of(tenant_id), self._secrets, self._state_dir)
+                self._built[tenant_id] = built
+            return built
