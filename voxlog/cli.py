@@ -1132,10 +1132,6 @@ def export_public_key(
                f"key id {signing_key_id(key.public_key())}")
 
 
-if __name__ == "__main__":
-    app()
-
-
 @integrations_app.command("check")
 def integrations_check_command(
     tenant: Annotated[str, typer.Option(help="The tenant whose connections to try.")],
@@ -1168,6 +1164,10 @@ def integrations_check_command(
         for check in checks:
             failed |= not check.ok
             mark = "[green]ok[/]" if check.ok else "[red]FAILED[/]"
-            console.print(f"  {mark} {escape(check.what)}: {escape(check.detail)}")
+            console.print(f"  {mark} {escape(check.what)}" + (f": {escape(check.detail)}" if check.detail else ""))
     if failed:
         raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

@@ -14,10 +14,9 @@ import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from streams.config.tenants import TenantSpec
 from streams.connectors.calendar_caldav import CalDavSettings
 from streams.connectors.radicale_server import RadicaleServer
-
-from streams.config.tenants import TenantSpec
 
 DEMO_TENANT = "demo"
 PASSWORD_ENV = "VOXLOG_DEMO_CALDAV_PASSWORD"
