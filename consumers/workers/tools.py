@@ -191,8 +191,11 @@ class ToolWorker:
         attempts: int = 3,
         backoff_s: float = 0.2,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        concurrency: int = 32,
     ) -> None:
         self.backend = backend
+        self.concurrency = concurrency
+        """Tool calls run at once (a call's own in order): one slow vendor holds up no other call's tools."""
         self.runner = runner
         self.attempts = attempts
         self.backoff_s = backoff_s
@@ -206,7 +209,8 @@ class ToolWorker:
             if isinstance(item.event.payload, ToolRequested):
                 await self._handle(producer, item.event.envelope, item.event.payload, item.record)
 
-        await run_in_group(self.backend, [COMMANDS], GROUP, stop, handle, ready=self.ready, codec=self.codec)
+        await run_in_group(self.backend, [COMMANDS], GROUP, stop, handle, ready=self.ready, codec=self.codec,
+                           concurrency=self.concurrency)
 
     async def _reply(self, producer: LogProducer, request_envelope: Envelope, payload: EventPayload) -> None:
         envelope = Envelope(

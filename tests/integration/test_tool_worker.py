@@ -34,13 +34,17 @@ SECRET = b"webhook-secret"
 
 
 class Receiver(BaseHTTPRequestHandler):
-    """A webhook endpoint: answers by script, records what arrived and whether the signature held."""
+    """A webhook endpoint: answers by script, records what arrived and whether the signature held; a
+    request with `hold` in its body waits until the test lets it go (a slow vendor)."""
 
     script: ClassVar[list[int]] = []
     received: ClassVar[list[dict[str, Any]]] = []
+    held: ClassVar[threading.Event] = threading.Event()
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
+        if b'"hold"' in body:
+            self.held.wait(60)
         stamp = self.headers["X-Voxlog-Timestamp"]
         expected = "v1=" + hmac.new(SECRET, f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
         self.received.append({"body": json.loads(body), "signed": hmac.compare_digest(
@@ -57,7 +61,7 @@ class Receiver(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def receiver() -> Iterator[str]:
-    Receiver.script, Receiver.received = [], []
+    Receiver.script, Receiver.received, Receiver.held = [], [], threading.Event()
     server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -194,3 +198,18 @@ async def test_a_tool_that_keeps_failing_is_dead_lettered_and_the_call_told(
     reasons = [dict(r.headers)[DLQ_REASON].decode() for r in letters]
     assert len(reasons) == 2
     assert any("no_such_tool" in r for r in reasons)
+
+
+async def test_a_slow_vendor_holds_up_no_other_calls_tools(
+        backend: LogBackend, worker: tuple[ToolWorker, BuiltinDesk], receiver: str) -> None:
+    slow_call, quick_call = f"call-{time.time_ns()}-slow", f"call-{time.time_ns()}-quick"
+    await request_tools(backend, slow_call, [ToolRequested(
+        tool_call_id="w9", tool="update_crm", arguments_json='{"hold": true}', idempotency_key=f"{slow_call}/w9")])
+    await request_tools(backend, quick_call, [ticket(quick_call)])
+    # The ticket is answered while the webhook asked first is still waiting for its vendor.
+    (opened,) = (r.payload for r in await replies(backend, quick_call, 1))
+    assert isinstance(opened, ToolSucceeded)
+    assert not Receiver.held.is_set()
+    Receiver.held.set()
+    (posted,) = (r.payload for r in await replies(backend, slow_call, 1))
+    assert isinstance(posted, ToolSucceeded)
