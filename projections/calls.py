@@ -259,7 +259,8 @@ class CallsFold:
         if tool is None:
             tool = call.tools[tool_call_id] = {
                 "tool_call_id": tool_call_id, "tool": name, "requested_at": None, "arguments": "", "result": "",
-                "outcome": "pending", "error": "", "attempts": 0, "latency_ms": 0, "_version": 0}
+                "outcome": "pending", "error": "", "attempts": 0, "latency_ms": 0, "connector": "",
+                "remote_id": "", "failure": "", "_version": 0}
             decided = call.decided.get(tool_call_id)
             if decided is not None:
                 self._asked(tool, *decided)
@@ -401,13 +402,15 @@ class CallsFold:
             case ToolSucceeded():
                 tool = self._tool(call, p.tool_call_id, p.tool)
                 tool.update(outcome="succeeded", result=self._json(call, p.result_json),
-                            attempts=p.attempt, latency_ms=p.latency_ms, error="")
+                            attempts=p.attempt, latency_ms=p.latency_ms, error="", connector=p.connector,
+                            remote_id=p.remote_id, failure="")
                 return self._tool_rows(call, tool, event.seq)
             case ToolFailed():
                 tool = self._tool(call, p.tool_call_id, p.tool)
                 if tool["outcome"] != "succeeded":
                     tool.update(outcome="failed" if p.dead_lettered or not p.retryable else "pending",
-                                error=self._text(call, p.error), attempts=p.attempt, latency_ms=p.latency_ms)
+                                error=self._text(call, p.error), attempts=p.attempt, latency_ms=p.latency_ms,
+                                connector=p.connector, failure=p.failure)
                 return self._tool_rows(call, tool, event.seq)
             case ErrorRaised():
                 row["errors"] += 1

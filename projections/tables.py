@@ -215,6 +215,11 @@ TOOL_CALLS = Table(
         _c("error", "String", "Why it failed."),
         _c("attempts", "UInt32", "Attempts the worker made."),
         _c("latency_ms", "UInt32", "The worker's time on the successful or last attempt."),
+        _c("connector", "LowCardinality(String)", "The system that did it or failed: hubspot, salesforce, zendesk, "
+           "freshdesk, caldav, google, calcom, webhook, voxlog (its own desk)."),
+        _c("remote_id", "String", "The id of what it made or changed there (a contact, a ticket, a booking's UID)."),
+        _c("failure", "LowCardinality(String)", "How it failed: auth, scope, not_found, conflict, invalid, "
+           "rate_limited, unavailable, bad_response, configuration, deadline; empty unless it failed."),
         VERSION,
     ),
     ("tenant_id", "call_id", "tool_call_id"),

@@ -373,8 +373,9 @@ def _looked_up(state: CallState, p: ToolSucceeded | ToolFailed) -> CallState:
     if isinstance(details, dict):
         facts.update({str(k): v for k, v in details.items()})
     context = "; ".join(f"{k}: {v}" for k, v in facts.items() if isinstance(v, str | int | float) and str(v).strip())
-    return evolve(state, contact_first_name=str(found.get("first_name") or ""),
-                  contact_name=str(found.get("name") or ""), contact_context=context[:1000])
+    # Bounded: what a CRM holds is anybody's typing, and the greeting speaks it.
+    return evolve(state, contact_first_name=str(found.get("first_name") or "").strip()[:40],
+                  contact_name=str(found.get("name") or "").strip()[:80], contact_context=context[:1000])
 
 
 def _greet(state: CallState, now: int) -> tuple[CallState, list[Decision]]:

@@ -89,6 +89,22 @@ def test_the_tool_row_says_when_the_model_asked_and_with_what_redacted() -> None
     assert any(str(value).startswith("1970-01-01 00:00:02.001") for value in tool), "the llm.decided's time"
 
 
+def test_the_tool_row_names_the_system_that_acted_and_what_it_made() -> None:
+    done = ToolSucceeded(tool_call_id="tc1", tool="book_appointment", result_json='{"confirmation": "A1"}',
+                         attempt=1, latency_ms=12, connector="caldav", remote_id="bc701bd7-3e40")
+    events = [e if e.type != "tool.succeeded" else Event(e.envelope, done) for e in EVENTS]
+    (tool,) = tables(fold(events))["tool_calls"]
+    row = dict(zip(TOOL_CALLS.column_names, tool, strict=True))
+    assert (row["connector"], row["remote_id"], row["failure"], row["outcome"]) == (
+        "caldav", "bc701bd7-3e40", "", "succeeded")
+    refused = ToolFailed(tool_call_id="tc1", tool="book_appointment", error="conflict: taken", retryable=False,
+                         attempt=1, dead_lettered=True, latency_ms=30, connector="caldav", failure="conflict")
+    events = [e if e.type != "tool.succeeded" else Event(e.envelope, refused) for e in EVENTS]
+    (tool,) = tables(fold(events))["tool_calls"]
+    row = dict(zip(TOOL_CALLS.column_names, tool, strict=True))
+    assert (row["connector"], row["failure"], row["outcome"]) == ("caldav", "conflict", "failed")
+
+
 # --- Versions: a function of the events, not of the order the two topics were read in -------------
 
 
