@@ -121,19 +121,21 @@ async def play_call(stack: LocalStack, script: Script, tts: FliteTts) -> DemoCal
     result.call_id = instructions.parameters.get("call_id", "")
     async with caller:
         await caller.connect(instructions)
+        answered_from = 0  # what the agent had said when the caller last spoke: its answer is beyond that
         for index, line in enumerate(script.lines):
             speech = await _speech(tts, line.text, script.voice)
             if line.barge_in and index == 0:
                 await asyncio.sleep(2.5)  # into the greeting, then talk over it
             else:
-                await caller.agent_quiet(1.2, 30)
+                await caller.agent_quiet(1.2, 30, beyond=answered_from)
             if caller.closed.is_set():
                 break
+            answered_from = len(caller.agent_audio)
             try:
                 await caller.send_mulaw(speech + bytes([0xFF]) * 8000)  # the words, then a second of silence
             except ConnectionClosed:
                 break  # the agent ended the stream (hang-up, or transfer to a human) while we spoke
-        await caller.agent_quiet(1.5, 30)
+        await caller.agent_quiet(1.5, 30, beyond=answered_from)
         if not caller.closed.is_set():
             with contextlib.suppress(ConnectionClosed):
                 await caller.stop()

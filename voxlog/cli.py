@@ -1148,7 +1148,7 @@ def integrations_check_command(
         console.print(f"[red]no tenant {escape(tenant)}[/] in {settings.agents_dir or DEFAULT_AGENTS_DIR}")
         raise typer.Exit(2)
     spec, secrets = tenants[tenant], Secrets()
-    calendar = demo_calendar(settings.home, tenants) if settings.agents_dir is None and tenant == DEMO_TENANT else None
+    calendar = demo_calendar(settings.home, tenants) if tenant == DEMO_TENANT else None
     with contextlib.ExitStack() as stack:
         if calendar is not None:  # the demo's calendar is voxlog's own server: tried as the gateway runs it
             calendar.start()

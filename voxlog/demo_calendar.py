@@ -77,7 +77,8 @@ class DemoCalendar:
 
 
 def demo_calendar(home: Path, tenants: dict[str, TenantSpec]) -> DemoCalendar | None:
-    """The demo calendar, where the demo tenant books into a CalDAV calendar on this machine."""
+    """The demo calendar, where the tenant `demo` books into a CalDAV calendar on this machine (its URL on
+    127.0.0.1 or localhost): voxlog serves that calendar itself, wherever the agents' folder is."""
     tenant = tenants.get(DEMO_TENANT)
     calendar = tenant.integrations.calendar if tenant is not None else None
     if not isinstance(calendar, CalDavSettings) or urlsplit(calendar.url).hostname not in ("127.0.0.1", "localhost"):

@@ -46,7 +46,7 @@ def build_gateway(settings: Settings) -> GatewayRuntime:
         analytics_error = "this gateway runs without analytics (VOXLOG_RUN_PROJECTIONS=false, no VOXLOG_CLICKHOUSE_DSN)"
     token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else ""
     tenants = load_tenants(agents_dir)
-    calendar = demo_calendar(settings.home, tenants) if settings.agents_dir is None else None
+    calendar = demo_calendar(settings.home, tenants)
     if calendar is not None:
         tenants[DEMO_TENANT] = calendar.tenant(tenants[DEMO_TENANT])
     return GatewayRuntime(backend=log_backend(settings), router=AgentRouter(load_agents(agents_dir)),

@@ -42,8 +42,17 @@ def speech(text: str) -> bytes:
     return pcm16_to_mulaw(synthesize_pcm16(text, rate=8000)) + bytes([0xFF]) * 8000
 
 
-async def agent_done_speaking(caller: TwilioCaller) -> None:
-    assert await caller.agent_quiet() or caller.closed.is_set(), "the agent never spoke"
+async def agent_done_speaking(caller: TwilioCaller, *, beyond: int = 0) -> None:
+    """Until the agent has answered (said more than `beyond` bytes: what it had said when the caller
+    spoke, however long its answer takes to begin) and fallen silent."""
+    assert await caller.agent_quiet(beyond=beyond) or caller.closed.is_set(), "the agent never spoke"
+
+
+async def say(caller: TwilioCaller, text: str) -> None:
+    """The caller says `text`, and waits for the agent's whole answer."""
+    before = len(caller.agent_audio)
+    await caller.send_mulaw(speech(text))
+    await agent_done_speaking(caller, beyond=before)
 
 
 async def events_of(stack: LocalStack, call_id: str) -> list[Event[EventPayload]]:
@@ -70,8 +79,7 @@ async def test_a_caller_books_an_appointment_and_says_goodbye(stack: LocalStack)
         await agent_done_speaking(caller)
         greeting_bytes = len(caller.agent_audio)
         assert loud(bytes(caller.agent_audio)), "the greeting should be speech, not silence"
-        await caller.send_mulaw(speech("i would like to book an appointment for tomorrow at ten"))
-        await agent_done_speaking(caller)
+        await say(caller, "i would like to book an appointment for tomorrow at ten")
         assert len(caller.agent_audio) > greeting_bytes, "the agent answered the booking"
         await caller.send_mulaw(speech("no thank you goodbye"))
         await asyncio.wait_for(caller.closed.wait(), 30)  # the agent says goodbye and hangs up

@@ -71,8 +71,13 @@ def test_the_main_job_plays_every_call_and_each_replays_identically(log_bootstra
                      "caller: My internet keeps dropping out. You can call me back at 415 555 0132.",
                      "caller: Sorry to interrupt, but my internet is down again.",
                      "caller: Yes, please book a visit for Friday at 2 pm.",
-                     "agent: You're booked for tomorrow at 10:30.", "agent: You're booked for friday at 2 pm."):
+                     "at 10:30 AM. Your confirmation is", "agent: You're booked for Friday, ",
+                     "at 2:00 PM. Your confirmation is"):
         assert expected in out, f"{expected!r} missing from the demo's output:\n{out}"
+    # The two visits are in the demo's CalDAV calendar: Radicale's own files, one event each.
+    visits = sorted((tmp_path / "caldav" / "collections" / "collection-root" / "demo" / "visits").glob("*.ics"))
+    assert len(visits) == 2, visits
+    assert all("SUMMARY:Visit booked by phone" in visit.read_text() for visit in visits)
     # Replay is the log's, not the demo's: the command finds the calls on its own (on the shared
     # broker, which holds other tests' calls too, each of the demo's by its id).
     if kafka is None:

@@ -117,11 +117,13 @@ async def call_continuously(stack: LocalStack, *lines: str, number: str) -> str:
     instructions = await caller.dial()
     async with caller:
         await caller.connect(instructions)
+        before = 0
         for line in lines:
             async with quiet_line(caller):
-                await agent_done_speaking(caller)
+                await agent_done_speaking(caller, beyond=before)
             if caller.closed.is_set():
                 break
+            before = len(caller.agent_audio)
             await caller.send_mulaw(speech(line))
         async with quiet_line(caller):
             await asyncio.wait_for(caller.closed.wait(), 30)

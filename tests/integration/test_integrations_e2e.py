@@ -27,7 +27,7 @@ from streams.call.replay import agent_for, verify_call
 from streams.connectors.radicale_server import RadicaleServer
 from tests.connectors.fake_hubspot import FakeHubSpot
 from tests.connectors.fake_zendesk import FakeZendesk
-from tests.integration.test_call_e2e import agent_done_speaking, events_of, speech
+from tests.integration.test_call_e2e import agent_done_speaking, events_of, say, speech
 from voxlog.settings import DEFAULT_AGENTS_DIR, Settings
 from voxlog.sim.stack import LocalStack, local_stack
 
@@ -124,10 +124,8 @@ async def test_a_known_caller_books_reports_and_is_logged_in_the_crm(stack: Loca
     async with caller:
         await caller.connect(instructions)
         await agent_done_speaking(caller)
-        await caller.send_mulaw(speech("i would like to book an appointment for tomorrow at ten"))
-        await agent_done_speaking(caller)
-        await caller.send_mulaw(speech("also my internet is down"))
-        await agent_done_speaking(caller)
+        await say(caller, "i would like to book an appointment for tomorrow at ten")
+        await say(caller, "also my internet is down")
         await caller.send_mulaw(speech("no thank you goodbye"))
         await asyncio.wait_for(caller.closed.wait(), 30)
 

@@ -126,8 +126,9 @@ async def test_what_claude_says_with_its_tool_call_is_spoken_whole_before_the_an
             async with caller:
                 await caller.connect(instructions)
                 await agent_done_speaking(caller)
+                heard = len(caller.agent_audio)
                 await caller.send_mulaw(speech("i would like to book an appointment on tuesday"))
-                assert await caller.agent_quiet(1.5, 60)
+                assert await caller.agent_quiet(1.5, 60, beyond=heard)
                 await caller.stop()
             events = await events_of(stack, instructions.parameters["call_id"])
 

@@ -140,18 +140,19 @@ class MediaPeer(ABC):
 
         await asyncio.wait_for(check(), timeout_s)
 
-    async def agent_quiet(self, quiet_s: float = 1.2, timeout_s: float = 30.0) -> bool:
-        """Waits until the agent has said something and then been silent for `quiet_s` (or the call
-        closed, or the timeout passed). Returns whether the agent has said anything at all."""
+    async def agent_quiet(self, quiet_s: float = 1.2, timeout_s: float = 30.0, *, beyond: int = 0) -> bool:
+        """Waits until the agent has said more than `beyond` bytes in all (its answer to what the caller
+        said when it had said `beyond`: however long the answer takes to begin) and then been silent for
+        `quiet_s` (or the call closed, or the timeout passed). Returns whether it said that much."""
         deadline = time.monotonic() + timeout_s
         heard, since = len(self.agent_audio), time.monotonic()
         while time.monotonic() < deadline and not self.closed.is_set():
             await asyncio.sleep(0.05)
             if len(self.agent_audio) != heard:
                 heard, since = len(self.agent_audio), time.monotonic()
-            elif heard and time.monotonic() - since >= quiet_s:
+            elif heard > beyond and time.monotonic() - since >= quiet_s:
                 break
-        return bool(heard)
+        return heard > beyond
 
     async def agent_speaks_beyond(self, heard: int, timeout_s: float = 30.0) -> bool:
         """Waits for the agent's audio to grow past `heard` bytes (an answer that may be slow in
