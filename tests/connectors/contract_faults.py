@@ -42,6 +42,14 @@ def failure(operation: Callable[[], object]) -> ConnectorError:
     return caught.value
 
 
+def fails(kind: FailureKind, call: object) -> ConnectorError:
+    """The `ConnectorError` that `call` raises, which must be of `kind`."""
+    assert callable(call)
+    error = failure(call)
+    assert error.kind is kind, str(error)
+    return error
+
+
 def check_faults(harness: WireFaults, operation: Callable[[], object]) -> None:
     on_the_wire(harness)
     """Every fault in turn, on `operation`, each answered by the right kind of error."""

@@ -23,15 +23,13 @@ from __future__ import annotations
 import json
 import math
 import secrets
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from tests.connectors.vendor_server import Answer, Fault, SeenRequest, VendorServer
 
 VERSIONS = {"slots": "2024-09-04", "bookings": "2024-08-13", "event-types": "2024-06-14"}
 SLOT_TAKEN = "User either already has booking at this time or is not available"
@@ -51,24 +49,6 @@ def calcom_error(status: int, message: str | None = None, path: str = "/v2") -> 
     text = message or DEFAULT_MESSAGES.get(status, code.removesuffix("Exception"))
     return json.dumps({"status": "error", "timestamp": _ms(datetime.now(UTC)), "path": path,
                        "error": {"code": code, "message": text, "details": {"message": text, "statusCode": status}}})
-
-
-@dataclass(frozen=True)
-class SeenRequest:
-    method: str
-    path: str
-    """Without the query string, percent-decoded."""
-    query: Mapping[str, list[str]]
-    headers: Mapping[str, str]
-    """Names lower-cased."""
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    def param(self, name: str) -> str | None:
-        values = self.query.get(name)
-        return values[0] if values else None
 
 
 @dataclass
@@ -109,59 +89,20 @@ class StoredBooking:
         return out
 
 
-@dataclass
-class _Answer:
-    status: int
-    body: str = ""
-    headers: Mapping[str, str] = field(default_factory=dict)
+def _answer(status: int, body: str = "", headers: Mapping[str, str] | None = None) -> Answer:
+    return Answer(status, body, {"Content-Type": "application/json; charset=utf-8", **(headers or {})})
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, fake: FakeCalCom) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.fake = fake
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _Server
-
-    def _serve(self) -> None:
-        parts = urlsplit(self.path)
-        length = int(self.headers.get("Content-Length") or 0)
-        seen = SeenRequest(method=self.command, path=unquote(parts.path), query=parse_qs(parts.query),
-                           headers={k.lower(): v for k, v in self.headers.items()}, body=self.rfile.read(length))
-        answer = self.server.fake.answer(seen)
-        if answer is None:
-            self.close_connection = True  # the server is shutting down during a stall
-            return
-        payload = answer.body.encode()
-        try:
-            self.send_response(answer.status)
-            self.send_header("Content-Type", answer.headers.get("Content-Type", "application/json; charset=utf-8"))
-            for name, value in answer.headers.items():
-                if name != "Content-Type":
-                    self.send_header(name, value)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-        except OSError:
-            self.close_connection = True  # the client gave up (a stall longer than its timeout)
-
-    do_GET = do_POST = do_PATCH = do_DELETE = _serve
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # quiet: tests read `requests`, not stderr
-
-
-class FakeCalCom:
+class FakeCalCom(VendorServer):
     """One host (`HOST`) with one event type of `slot_minutes`, bookable daily from `opens` to `closes`."""
+
+    methods = ("GET", "POST", "PATCH", "DELETE")
+    keep_blank_query_values = False
 
     def __init__(self, *, api_key: str, event_type_id: int = 4242, timezone: str = "Europe/Berlin",
                  opens: time = time(8, 0), closes: time = time(18, 0), slot_minutes: int = 60,
                  event_type_title: str = "Service visit") -> None:
+        super().__init__()
         self.api_key = api_key
         self.event_type_id = event_type_id
         self.timezone = timezone
@@ -170,35 +111,13 @@ class FakeCalCom:
         self.length = timedelta(minutes=slot_minutes)
         self.event_type_title = event_type_title
         self.event_type_slug = "service-visit"
-        self.requests: list[SeenRequest] = []
         self._stored: dict[str, StoredBooking] = {}
         self._next_id = 1000
-        self._failures: list[_Answer | None] = []
-        """What the next requests answer; None: as usual."""
-        self._stall_s: float | None = None
-        self._malformed = False
-        self._lock = threading.Lock()
-        self._closing = threading.Event()
-        self._server = _Server(self)
-        # A short poll: shutdown waits for it, once per test.
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
-                                        name="fake-calcom", daemon=True)
-
-    def __enter__(self) -> FakeCalCom:
-        self._thread.start()
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        self._closing.set()
-        self._server.shutdown()
-        self._server.server_close()
 
     @property
     def base_url(self) -> str:
         """What the connector's `base_url` is set to (Cal.com's is `https://api.cal.com/v2`)."""
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}/v2"
+        return f"{self.origin}/v2"
 
     # -- the test's side ----------------------------------------------------------------------------
 
@@ -219,26 +138,6 @@ class FakeCalCom:
         with self._lock:
             return self._stored[uid]
 
-    def fail_next(self, status: int, *, times: int = 1, body: str | None = None,
-                  headers: Mapping[str, str] | None = None, after: int = 0) -> None:
-        """The harness protocol's, plus `after`: that many requests are answered as usual first."""
-        with self._lock:
-            failure = _Answer(status, calcom_error(status) if body is None else body, dict(headers or {}))
-            self._failures.extend([None] * after + [failure] * times)
-
-    def stall_next(self, seconds: float) -> None:
-        with self._lock:
-            self._stall_s = seconds
-
-    def malformed_next(self) -> None:
-        with self._lock:
-            self._malformed = True
-
-    @property
-    def requests_seen(self) -> int:
-        with self._lock:
-            return len(self.requests)
-
     def seen(self, method: str, path: str) -> list[SeenRequest]:
         """The requests of this method to this path (`/v2/bookings`)."""
         with self._lock:
@@ -246,32 +145,26 @@ class FakeCalCom:
 
     # -- the wire -----------------------------------------------------------------------------------
 
-    def answer(self, request: SeenRequest) -> _Answer | None:
-        with self._lock:
-            self.requests.append(request)
-            stall, self._stall_s = self._stall_s, None
-            failure = self._failures.pop(0) if self._failures else None
-            if failure is not None:
-                return failure
-            if self._malformed:
-                self._malformed = False
-                return _Answer(200, "<!DOCTYPE html><html><body>502 Bad Gateway</body></html>",
-                               {"Content-Type": "text/html"})
-        if stall is not None and self._closing.wait(stall):
-            return None
+    def error_body(self, status: int) -> str:
+        return calcom_error(status)
+
+    def malformed_answer(self, fault: Fault) -> Answer:
+        return _answer(200, "<!DOCTYPE html><html><body>502 Bad Gateway</body></html>", {"Content-Type": "text/html"})
+
+    def respond(self, request: SeenRequest) -> Answer:
         with self._lock:
             try:
                 return self._api(request)
             except (KeyError, TypeError, ValueError, ZoneInfoNotFoundError) as exc:
-                return _Answer(400, calcom_error(400, f"Invalid request: {exc}", request.path))
+                return _answer(400, calcom_error(400, f"Invalid request: {exc}", request.path))
 
-    def _api(self, request: SeenRequest) -> _Answer:
+    def _api(self, request: SeenRequest) -> Answer:
         if request.headers.get("authorization") != f"Bearer {self.api_key}":
-            return _Answer(401, calcom_error(401, path=request.path))
+            return _answer(401, calcom_error(401, path=request.path))
         route = request.path.removeprefix("/v2/").split("/")
         required = VERSIONS.get(route[0])
         if required is not None and request.headers.get("cal-api-version") != required:
-            return _Answer(400, calcom_error(400, f"cal-api-version must be {required} (older versions answer in "
+            return _answer(400, calcom_error(400, f"cal-api-version must be {required} (older versions answer in "
                                                   "other shapes)", request.path))
         match request.method, route:
             case "GET", ["me"]:
@@ -279,7 +172,7 @@ class FakeCalCom:
                                       "timeFormat": 24, "defaultScheduleId": 77, "locale": "en"})
             case "GET", ["event-types", event_type_id]:
                 if int(event_type_id) != self.event_type_id:
-                    return _Answer(404, calcom_error(404, f"Event type with id={event_type_id} not found",
+                    return _answer(404, calcom_error(404, f"Event type with id={event_type_id} not found",
                                                      request.path))
                 return self._success({"id": self.event_type_id, "title": self.event_type_title,
                                       "slug": self.event_type_slug, "lengthInMinutes": int(self.length.seconds // 60),
@@ -293,16 +186,16 @@ class FakeCalCom:
                 return self._book(request)
             case "GET", ["bookings", uid]:
                 if uid not in self._stored:
-                    return _Answer(404, calcom_error(404, f"Booking with uid={uid} not found", request.path))
+                    return _answer(404, calcom_error(404, f"Booking with uid={uid} not found", request.path))
                 return self._success(self._out(self._stored[uid]))
             case "POST", ["bookings", uid, "reschedule"]:
                 return self._reschedule(uid, request)
             case "POST", ["bookings", uid, "cancel"]:
                 return self._cancel(uid, request)
-        return _Answer(404, calcom_error(404, f"Cannot {request.method} {request.path}", request.path))
+        return _answer(404, calcom_error(404, f"Cannot {request.method} {request.path}", request.path))
 
-    def _success(self, data: Any, status: int = 200, **extra: Any) -> _Answer:
-        return _Answer(status, json.dumps({"status": "success", "data": data, **extra}))
+    def _success(self, data: Any, status: int = 200, **extra: Any) -> Answer:
+        return _answer(status, json.dumps({"status": "success", "data": data, **extra}))
 
     def _out(self, booking: StoredBooking) -> dict[str, Any]:
         return booking.output(self.event_type_slug, self.timezone)
@@ -323,9 +216,9 @@ class FakeCalCom:
             day += timedelta(days=1)
         return starts
 
-    def _slots(self, request: SeenRequest) -> _Answer:
+    def _slots(self, request: SeenRequest) -> Answer:
         if int(request.param("eventTypeId") or 0) != self.event_type_id:
-            return _Answer(404, calcom_error(404, f"Event Type with id={request.param('eventTypeId')} not found",
+            return _answer(404, calcom_error(404, f"Event Type with id={request.param('eventTypeId')} not found",
                                              request.path))
         start, end = _query_time(request.param("start"), end_of_day=False), _query_time(request.param("end"), True)
         zone = ZoneInfo(request.param("timeZone") or "UTC")
@@ -338,10 +231,10 @@ class FakeCalCom:
             grouped.setdefault(local.date().isoformat(), []).append(slot)
         return self._success(grouped)
 
-    def _list(self, request: SeenRequest) -> _Answer:
+    def _list(self, request: SeenRequest) -> Answer:
         take, skip = int(request.param("take") or 100), int(request.param("skip") or 0)
         if not 1 <= take <= 250 or skip < 0:
-            return _Answer(400, calcom_error(400, "take must be between 1 and 250, skip at least 0", request.path))
+            return _answer(400, calcom_error(400, "take must be between 1 and 250, skip at least 0", request.path))
         after = _query_time(request.param("afterStart"), False) if request.param("afterStart") else None
         before = _query_time(request.param("beforeEnd"), True) if request.param("beforeEnd") else None
         statuses = set((request.param("status") or "").split(",")) - {""}
@@ -359,27 +252,27 @@ class FakeCalCom:
                       "hasPreviousPage": skip > 0}
         return self._success([self._out(b) for b in page], pagination=pagination)
 
-    def _book(self, request: SeenRequest) -> _Answer:
+    def _book(self, request: SeenRequest) -> Answer:
         body = request.json()
         if body.get("eventTypeId") != self.event_type_id:
-            return _Answer(404, calcom_error(404, f"Event type with id {body.get('eventTypeId')} not found.",
+            return _answer(404, calcom_error(404, f"Event type with id {body.get('eventTypeId')} not found.",
                                              request.path))
         if "lengthInMinutes" in body:
-            return _Answer(400, calcom_error(400, "Can't specify 'lengthInMinutes' because event type does not have "
+            return _answer(400, calcom_error(400, "Can't specify 'lengthInMinutes' because event type does not have "
                                                   "multiple possible lengths. Please, remove the 'lengthInMinutes' "
                                                   "field from the request.", request.path))
         attendee = body["attendee"]
         ZoneInfo(attendee["timeZone"])
         if not attendee.get("name") or not (attendee.get("email") or attendee.get("phoneNumber")):
-            return _Answer(400, calcom_error(400, "Attendee must have at least one contact method (email or phone "
+            return _answer(400, calcom_error(400, "Attendee must have at least one contact method (email or phone "
                                                   "number)", request.path))
         metadata = body.get("metadata") or {}
         if len(metadata) > 50 or any(len(k) > 40 or len(str(v)) > 500 for k, v in metadata.items()):
-            return _Answer(400, calcom_error(400, "Metadata must have at most 50 keys, each key up to 40 characters, "
+            return _answer(400, calcom_error(400, "Metadata must have at most 50 keys, each key up to 40 characters, "
                                                   "and string values up to 500 characters.", request.path))
         start = _query_time(body["start"], False)
         if start not in self._offered(start, start):
-            return _Answer(400, calcom_error(400, SLOT_TAKEN, request.path))
+            return _answer(400, calcom_error(400, SLOT_TAKEN, request.path))
         title = f"{self.event_type_title} between {HOST['name']} and {attendee['name']}"
         responses = {**body.get("bookingFieldsResponses", {}), "name": attendee["name"],
                      "email": attendee.get("email", "")}
@@ -387,27 +280,27 @@ class FakeCalCom:
                                metadata, responses)
         return self._success(self._out(booking), status=201)
 
-    def _reschedule(self, uid: str, request: SeenRequest) -> _Answer:
+    def _reschedule(self, uid: str, request: SeenRequest) -> Answer:
         old = self._stored.get(uid)
         if old is None:
-            return _Answer(404, calcom_error(404, f"Booking with uid={uid} not found", request.path))
+            return _answer(404, calcom_error(404, f"Booking with uid={uid} not found", request.path))
         if old.status == "cancelled":
-            return _Answer(400, calcom_error(400, "Cannot reschedule a cancelled booking", request.path))
+            return _answer(400, calcom_error(400, "Cannot reschedule a cancelled booking", request.path))
         start = _query_time(request.json()["start"], False)
         if start not in self._offered(start, start, ignoring=uid):
-            return _Answer(400, calcom_error(400, SLOT_TAKEN, request.path))
+            return _answer(400, calcom_error(400, SLOT_TAKEN, request.path))
         new = self._create(old.event_type_id, old.title, start, start + (old.end - old.start), old.attendees,
                            old.metadata, old.responses)
         new.rescheduled_from_uid = uid
         old.status, old.rescheduled_to_uid = "cancelled", new.uid
         return self._success(self._out(new), status=201)
 
-    def _cancel(self, uid: str, request: SeenRequest) -> _Answer:
+    def _cancel(self, uid: str, request: SeenRequest) -> Answer:
         booking = self._stored.get(uid)
         if booking is None:
-            return _Answer(404, calcom_error(404, f"Booking with uid={uid} not found", request.path))
+            return _answer(404, calcom_error(404, f"Booking with uid={uid} not found", request.path))
         if booking.status == "cancelled":
-            return _Answer(400, calcom_error(400, "This booking has already been cancelled.", request.path))
+            return _answer(400, calcom_error(400, "This booking has already been cancelled.", request.path))
         booking.status = "cancelled"
         booking.cancellation_reason = str(request.json().get("cancellationReason", "")) if request.body else None
         return self._success(self._out(booking))

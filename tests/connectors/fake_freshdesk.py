@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
-from tests.connectors.fake_desk_base import Answer, FakeDeskServer, SeenRequest
+from tests.connectors.vendor_server import Answer, SeenRequest, VendorServer
 
 SEARCH_PAGE_SIZE = 30
 SEARCH_MAX_PAGE = 10
@@ -67,7 +67,7 @@ def html_text(body: str) -> str:
     return html.unescape(re.sub(r"<[^>]*>", "", text)).strip()
 
 
-class FakeFreshdesk(FakeDeskServer):
+class FakeFreshdesk(VendorServer):
     """One Freshdesk account whose agent's API key is `api_key`."""
 
     def __init__(self, domain: str = "acme.freshdesk.com", api_key: str = "fd-key") -> None:

@@ -20,17 +20,16 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs
 from zoneinfo import ZoneInfo
 
 import jwt
+
+from tests.connectors.vendor_server import Answer, Fault, SeenRequest, VendorServer
 
 GOOGLE_TOKEN_AUDIENCE = "https://oauth2.googleapis.com/token"
 JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -53,24 +52,6 @@ def google_error(status: int, reason: str | None = None, message: str | None = N
     domain = "usageLimits" if "Limit" in reason or reason == "quotaExceeded" else "global"
     return json.dumps({"error": {"code": status, "message": message,
                                  "errors": [{"domain": domain, "reason": reason, "message": message}]}})
-
-
-@dataclass(frozen=True)
-class SeenRequest:
-    method: str
-    path: str
-    """Without the query string, percent-decoded."""
-    query: Mapping[str, list[str]]
-    headers: Mapping[str, str]
-    """Names lower-cased."""
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    def param(self, name: str) -> str | None:
-        values = self.query.get(name)
-        return values[0] if values else None
 
 
 @dataclass
@@ -103,60 +84,20 @@ class StoredEvent:
         }
 
 
-@dataclass
-class _Answer:
-    status: int
-    body: str = ""
-    headers: Mapping[str, str] = field(default_factory=dict)
+def _answer(status: int, body: str = "", headers: Mapping[str, str] | None = None) -> Answer:
+    return Answer(status, body, {"Content-Type": "application/json; charset=UTF-8", **(headers or {})})
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, fake: FakeGoogleCalendar) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.fake = fake
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _Server
-
-    def _serve(self) -> None:
-        parts = urlsplit(self.path)
-        length = int(self.headers.get("Content-Length") or 0)
-        seen = SeenRequest(method=self.command, path=unquote(parts.path), query=parse_qs(parts.query),
-                           headers={k.lower(): v for k, v in self.headers.items()}, body=self.rfile.read(length))
-        answer = self.server.fake.answer(seen)
-        if answer is None:
-            self.close_connection = True  # the server is shutting down during a stall
-            return
-        payload = answer.body.encode()
-        try:
-            self.send_response(answer.status)
-            content_type = answer.headers.get("Content-Type", "application/json; charset=UTF-8")
-            self.send_header("Content-Type", content_type)
-            for name, value in answer.headers.items():
-                if name != "Content-Type":
-                    self.send_header(name, value)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-        except OSError:
-            self.close_connection = True  # the client gave up (a stall longer than its timeout)
-
-    do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _serve
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # quiet: tests read `requests`, not stderr
-
-
-class FakeGoogleCalendar:
+class FakeGoogleCalendar(VendorServer):
     """One calendar (`calendar_id`, in `time_zone`) that one service account may use."""
+
+    methods = ("GET", "POST", "PATCH", "PUT", "DELETE")
+    keep_blank_query_values = False
 
     def __init__(self, *, calendar_id: str, time_zone: str, client_email: str, key_id: str, public_key_pem: bytes,
                  delegated_users: frozenset[str] = frozenset(), access_role: str = "owner", page_size: int = 250,
                  token_lifetime_s: int = 3600) -> None:
+        super().__init__()
         self.calendar_id = calendar_id
         self.time_zone = time_zone
         self.client_email = client_email
@@ -166,40 +107,17 @@ class FakeGoogleCalendar:
         self.access_role = access_role
         self.page_size = page_size
         self.token_lifetime_s = token_lifetime_s
-        self.requests: list[SeenRequest] = []
-        """API requests, in order (token requests are in `token_grants`)."""
         self.token_grants: list[dict[str, Any]] = []
         """The verified claims of every assertion a token was issued for."""
         self.issued_tokens: list[str] = []
         self._stored: dict[str, StoredEvent] = {}
         self._live_tokens: dict[str, list[str]] = {}
         """Access tokens that work, with the scopes each was granted."""
-        self._failures: list[_Answer | None] = []
-        """What the next requests answer; None: as usual."""
-        self._stall_s: float | None = None
-        self._malformed = False
-        self._lock = threading.Lock()
-        self._closing = threading.Event()
-        self._server = _Server(self)
-        # A short poll: shutdown waits for it, once per test.
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
-                                        name="fake-google-calendar", daemon=True)
-
-    def __enter__(self) -> FakeGoogleCalendar:
-        self._thread.start()
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        self._closing.set()
-        self._server.shutdown()
-        self._server.server_close()
 
     @property
     def base_url(self) -> str:
         """What the connector's `base_url` is set to (Google's is `https://www.googleapis.com/`)."""
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}/"
+        return f"{self.origin}/"
 
     @property
     def token_uri(self) -> str:
@@ -229,26 +147,6 @@ class FakeGoogleCalendar:
         with self._lock:
             self._live_tokens.clear()
 
-    def fail_next(self, status: int, *, times: int = 1, body: str | None = None,
-                  headers: Mapping[str, str] | None = None, after: int = 0) -> None:
-        """The harness protocol's, plus `after`: that many requests are answered as usual first."""
-        with self._lock:
-            failure = _Answer(status, google_error(status) if body is None else body, dict(headers or {}))
-            self._failures.extend([None] * after + [failure] * times)
-
-    def stall_next(self, seconds: float) -> None:
-        with self._lock:
-            self._stall_s = seconds
-
-    def malformed_next(self) -> None:
-        with self._lock:
-            self._malformed = True
-
-    @property
-    def requests_seen(self) -> int:
-        with self._lock:
-            return len(self.requests)
-
     def api_requests(self, method: str, path_suffix: str) -> list[SeenRequest]:
         """The API requests of this method whose path ends with `path_suffix` (`/events`, `freeBusy`)."""
         with self._lock:
@@ -256,29 +154,27 @@ class FakeGoogleCalendar:
 
     # -- the wire -----------------------------------------------------------------------------------
 
-    def answer(self, request: SeenRequest) -> _Answer | None:
+    def unfaulted(self, request: SeenRequest) -> Answer | None:
+        """Token requests: never faulted, never in `requests` (they are in `token_grants`)."""
         if request.path == "/token" and request.method == "POST":
             with self._lock:
                 return self._token(request)
-        with self._lock:
-            self.requests.append(request)
-            stall, self._stall_s = self._stall_s, None
-            failure = self._failures.pop(0) if self._failures else None
-            if failure is not None:
-                return failure
-            if self._malformed:
-                self._malformed = False
-                return _Answer(200, "<html><body>Service temporarily overloaded</body></html>",
-                               {"Content-Type": "text/html"})
-        if stall is not None and self._closing.wait(stall):
-            return None
+        return None
+
+    def error_body(self, status: int) -> str:
+        return google_error(status)
+
+    def malformed_answer(self, fault: Fault) -> Answer:
+        return _answer(200, "<html><body>Service temporarily overloaded</body></html>", {"Content-Type": "text/html"})
+
+    def respond(self, request: SeenRequest) -> Answer:
         with self._lock:
             return self._api(request)
 
-    def _token(self, request: SeenRequest) -> _Answer:
+    def _token(self, request: SeenRequest) -> Answer:
         form = parse_qs(request.body.decode())
         if form.get("grant_type", [""])[0] != JWT_BEARER_GRANT:
-            return _Answer(400, json.dumps({"error": "unsupported_grant_type",
+            return _answer(400, json.dumps({"error": "unsupported_grant_type",
                                             "error_description": "Invalid grant_type"}))
         assertion = form.get("assertion", [""])[0]
         try:
@@ -287,9 +183,9 @@ class FakeGoogleCalendar:
             claims = jwt.decode(assertion, self.public_key_pem, algorithms=["RS256"], audience=GOOGLE_TOKEN_AUDIENCE,
                                 issuer=self.client_email, options={"require": ["iat", "exp", "iss", "aud", "scope"]})
         except jwt.InvalidTokenError:
-            return _Answer(400, json.dumps({"error": "invalid_grant", "error_description": "Invalid JWT Signature."}))
+            return _answer(400, json.dumps({"error": "invalid_grant", "error_description": "Invalid JWT Signature."}))
         if "sub" in claims and claims["sub"] not in self.delegated_users:
-            return _Answer(401, json.dumps({
+            return _answer(401, json.dumps({
                 "error": "unauthorized_client",
                 "error_description": "Client is unauthorized to retrieve access tokens using this method, or client "
                                      "not authorized for any of the scopes requested."}))
@@ -297,57 +193,57 @@ class FakeGoogleCalendar:
         self.token_grants.append(claims)
         self.issued_tokens.append(token)
         self._live_tokens[token] = str(claims["scope"]).split()
-        return _Answer(200, json.dumps({"access_token": token, "expires_in": self.token_lifetime_s,
+        return _answer(200, json.dumps({"access_token": token, "expires_in": self.token_lifetime_s,
                                         "token_type": "Bearer"}))
 
-    def _api(self, request: SeenRequest) -> _Answer:
+    def _api(self, request: SeenRequest) -> Answer:
         authorization = request.headers.get("authorization", "")
         if not authorization.startswith("Bearer ") or authorization[7:] not in self._live_tokens:
-            return _Answer(401, google_error(401, "authError", "Request had invalid authentication credentials. "
+            return _answer(401, google_error(401, "authError", "Request had invalid authentication credentials. "
                                              "Expected OAuth 2 access token, login cookie or other valid "
                                              "authentication credential."), {"WWW-Authenticate": 'Bearer realm="x"'})
         if CALENDAR_SCOPE not in self._live_tokens[authorization[7:]]:
-            return _Answer(403, google_error(403, "insufficientPermissions",
+            return _answer(403, google_error(403, "insufficientPermissions",
                                              "Request had insufficient authentication scopes."))
         if not request.path.startswith(API_PREFIX):
-            return _Answer(404, google_error(404))
+            return _answer(404, google_error(404))
         route = request.path[len(API_PREFIX):].split("/")
         match request.method, route:
             case "POST", ["freeBusy"]:
                 return self._free_busy(request.json())
             case "GET", ["users", "me", "calendarList", calendar_id]:
                 if calendar_id != self.calendar_id:
-                    return _Answer(404, google_error(404))
-                return _Answer(200, json.dumps({"kind": "calendar#calendarListEntry", "id": calendar_id,
+                    return _answer(404, google_error(404))
+                return _answer(200, json.dumps({"kind": "calendar#calendarListEntry", "id": calendar_id,
                                                 "summary": "Front desk", "timeZone": self.time_zone,
                                                 "accessRole": self.access_role}))
             case "GET", ["calendars", calendar_id]:
                 if calendar_id != self.calendar_id:
-                    return _Answer(404, google_error(404))
-                return _Answer(200, json.dumps({"kind": "calendar#calendar", "id": calendar_id,
+                    return _answer(404, google_error(404))
+                return _answer(200, json.dumps({"kind": "calendar#calendar", "id": calendar_id,
                                                 "summary": "Front desk", "timeZone": self.time_zone}))
             case _, ["calendars", calendar_id, "events", *_] if calendar_id != self.calendar_id:
-                return _Answer(404, google_error(404))
+                return _answer(404, google_error(404))
             case "POST", ["calendars", _, "events"]:
                 return self._insert(request.json())
             case "GET", ["calendars", _, "events"]:
                 return self._list(request)
             case "GET", ["calendars", _, "events", event_id]:
                 event = self._stored.get(event_id)
-                return _Answer(200, self._resource(event)) if event else _Answer(404, google_error(404))
+                return _answer(200, self._resource(event)) if event else _answer(404, google_error(404))
             case "PATCH", ["calendars", _, "events", event_id]:
                 return self._patch(event_id, request)
             case "DELETE", ["calendars", _, "events", event_id]:
                 return self._delete(event_id)
-        return _Answer(404, google_error(404))
+        return _answer(404, google_error(404))
 
     def _resource(self, event: StoredEvent) -> str:
         return json.dumps(event.resource(self.calendar_id))
 
-    def _free_busy(self, body: dict[str, Any]) -> _Answer:
+    def _free_busy(self, body: dict[str, Any]) -> Answer:
         time_min, time_max = _moment(body["timeMin"]), _moment(body["timeMax"])
         if time_max <= time_min:
-            return _Answer(400, google_error(400, "timeRangeEmpty", "The specified time range is empty."))
+            return _answer(400, google_error(400, "timeRangeEmpty", "The specified time range is empty."))
         calendars: dict[str, Any] = {}
         for item in body.get("items", []):
             if item["id"] != self.calendar_id:
@@ -362,29 +258,29 @@ class FakeGoogleCalendar:
                 else:
                     merged.append((start, end))
             calendars[item["id"]] = {"busy": [{"start": _z(s), "end": _z(e)} for s, e in merged]}
-        return _Answer(200, json.dumps({"kind": "calendar#freeBusy", "timeMin": _z(time_min), "timeMax": _z(time_max),
+        return _answer(200, json.dumps({"kind": "calendar#freeBusy", "timeMin": _z(time_min), "timeMax": _z(time_max),
                                         "calendars": calendars}))
 
-    def _insert(self, body: dict[str, Any]) -> _Answer:
+    def _insert(self, body: dict[str, Any]) -> Answer:
         event_id = body.get("id") or secrets.token_hex(13)
         if not EVENT_ID.match(event_id):
-            return _Answer(400, google_error(400, "invalid", "Invalid resource id value."))
+            return _answer(400, google_error(400, "invalid", "Invalid resource id value."))
         if event_id in self._stored:
-            return _Answer(409, google_error(409, "duplicate", "The requested identifier already exists."))
+            return _answer(409, google_error(409, "duplicate", "The requested identifier already exists."))
         try:
             start, end = _moment(body["start"]["dateTime"]), _moment(body["end"]["dateTime"])
         except (KeyError, TypeError, ValueError):
-            return _Answer(400, google_error(400, "required", "Missing end time."))
+            return _answer(400, google_error(400, "required", "Missing end time."))
         if end <= start:
-            return _Answer(400, google_error(400, "timeRangeEmpty", "The specified time range is empty."))
+            return _answer(400, google_error(400, "timeRangeEmpty", "The specified time range is empty."))
         event = StoredEvent(id=event_id, summary=str(body.get("summary", "")),
                             description=str(body.get("description", "")), start=start, end=end,
                             time_zone=str(body["start"].get("timeZone") or self.time_zone), etag_version=1,
                             transparency=str(body.get("transparency", "opaque")))
         self._stored[event_id] = event
-        return _Answer(200, self._resource(event))
+        return _answer(200, self._resource(event))
 
-    def _list(self, request: SeenRequest) -> _Answer:
+    def _list(self, request: SeenRequest) -> Answer:
         time_min = _moment(request.param("timeMin")) if request.param("timeMin") else None
         time_max = _moment(request.param("timeMax")) if request.param("timeMax") else None
         matching = sorted((e for e in self._stored.values()
@@ -398,15 +294,15 @@ class FakeGoogleCalendar:
                                 "items": [e.resource(self.calendar_id) for e in matching[offset:offset + size]]}
         if offset + size < len(matching):
             page["nextPageToken"] = f"page-{offset + size}"
-        return _Answer(200, json.dumps(page))
+        return _answer(200, json.dumps(page))
 
-    def _patch(self, event_id: str, request: SeenRequest) -> _Answer:
+    def _patch(self, event_id: str, request: SeenRequest) -> Answer:
         event = self._stored.get(event_id)
         if event is None:
-            return _Answer(404, google_error(404))
+            return _answer(404, google_error(404))
         if_match = request.headers.get("if-match")
         if if_match is not None and if_match != f'"{event.etag_version}"':
-            return _Answer(412, google_error(412))
+            return _answer(412, google_error(412))
         body = request.json()
         if "start" in body:
             event.start = _moment(body["start"]["dateTime"])
@@ -416,17 +312,17 @@ class FakeGoogleCalendar:
             if name in body:
                 setattr(event, name, str(body[name]))
         event.etag_version += 1
-        return _Answer(200, self._resource(event))
+        return _answer(200, self._resource(event))
 
-    def _delete(self, event_id: str) -> _Answer:
+    def _delete(self, event_id: str) -> Answer:
         event = self._stored.get(event_id)
         if event is None:
-            return _Answer(404, google_error(404))
+            return _answer(404, google_error(404))
         if event.status == "cancelled":
-            return _Answer(410, google_error(410))
+            return _answer(410, google_error(410))
         event.status = "cancelled"
         event.etag_version += 1
-        return _Answer(204)
+        return _answer(204)
 
 
 def _moment(text: str | None) -> datetime:

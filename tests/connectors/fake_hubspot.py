@@ -28,17 +28,15 @@ contact's country or the account's default).
 from __future__ import annotations
 
 import json
-import threading
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import phonenumbers
+
+from tests.connectors.vendor_server import Answer, Fault, SeenRequest, VendorServer
 
 CONTACTS_READ = "crm.objects.contacts.read"
 CONTACTS_WRITE = "crm.objects.contacts.write"
@@ -84,20 +82,6 @@ MALFORMED = b'{"total": 1, "results": [{"id": "'
 """A 200 body cut off mid-JSON, as a proxy that drops the connection leaves it."""
 
 
-@dataclass(frozen=True)
-class SeenRequest:
-    """One request as it reached the server."""
-
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    headers: dict[str, str]  # names lower-cased
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
 @dataclass
 class Record:
     """A contact or a call as HubSpot keeps it."""
@@ -114,14 +98,6 @@ class Record:
         properties = dict(self.properties) if names is None else {name: self.properties.get(name) for name in names}
         return {"id": self.id, "properties": properties, "createdAt": _iso(self.created_at),
                 "updatedAt": _iso(self.updated_at), "archived": False}
-
-
-@dataclass
-class _Failure:
-    status: int
-    times: int
-    body: str | None
-    headers: dict[str, str]
 
 
 class HubSpotError(Exception):
@@ -171,62 +147,20 @@ def calculated_phone(number: str) -> str | None:
     return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
 
 
-class FakeHubSpot:
+class FakeHubSpot(VendorServer):
     """`with FakeHubSpot(token) as hubspot:` serves on `hubspot.base_url` until the block ends; state
     (records, faults, `requests`) in memory. `granted_scopes` are the private app's scopes."""
 
+    methods = ("GET", "POST", "PATCH", "DELETE")
+    keep_blank_query_values = False
+
     def __init__(self, token: str, scopes: Iterable[str] = ALL_SCOPES) -> None:
+        super().__init__()
         self.token = token
         self.granted_scopes = set(scopes)
         self.records: dict[str, dict[str, Record]] = {kind: {} for kind in OBJECT_TYPES}
-        self.requests: list[SeenRequest] = []
-        self._lock = threading.Lock()
         self._next_id = 1001
         self._clock = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
-        self._failures: list[_Failure] = []
-        self._stall_s: float | None = None
-        self._malformed = False
-        self._closing = threading.Event()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="fake-hubspot", daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def __enter__(self) -> FakeHubSpot:
-        self._thread.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self._closing.set()  # a stalled answer stops waiting
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
-
-    # -- what a test does to the wire -----------------------------------------------------------------
-
-    def fail_next(self, status: int, *, times: int = 1, body: str | None = None,
-                  headers: Mapping[str, str] | None = None) -> None:
-        with self._lock:
-            self._failures.append(_Failure(status, times, body, dict(headers or {})))
-
-    def stall_next(self, seconds: float) -> None:
-        with self._lock:
-            self._stall_s = seconds
-
-    def malformed_next(self) -> None:
-        with self._lock:
-            self._malformed = True
-
-    @property
-    def requests_seen(self) -> int:
-        with self._lock:
-            return len(self.requests)
 
     # -- what a test puts in or reads out -------------------------------------------------------------
 
@@ -251,39 +185,24 @@ class FakeHubSpot:
 
     # -- serving --------------------------------------------------------------------------------------
 
-    def answer(self, request: SeenRequest) -> tuple[int, dict[str, str], bytes]:
-        """Status, headers and body for one request; faults first, as they happen on the wire."""
-        with self._lock:
-            self.requests.append(request)
-            stall, self._stall_s = self._stall_s, None
-            failure = self._failures[0] if self._failures else None
-            if failure is not None:
-                failure.times -= 1
-                if failure.times <= 0:
-                    self._failures.pop(0)
-            malformed = self._malformed and failure is None
-            if malformed:
-                self._malformed = False
-        if stall is not None:
-            self._closing.wait(stall)
-        if failure is not None:
-            return self._failure_answer(failure, request)
-        if malformed:
-            return 200, {}, MALFORMED
+    def failure_answer(self, fault: Fault, request: SeenRequest) -> Answer:
+        assert fault.status is not None
+        error = error_for(fault.status, scope=_scope_of(request.method, request.path))
+        body = fault.body.encode() if fault.body is not None else json.dumps(error.body).encode()
+        return _answer(fault.status, body, {**error.headers, **fault.headers})
+
+    def malformed_answer(self, fault: Fault) -> Answer:
+        return _answer(200, MALFORMED)
+
+    def respond(self, request: SeenRequest) -> Answer:
         try:
             status, body = self._route(request)
         except HubSpotError as error:
-            return error.status, error.headers, json.dumps(error.body).encode()
+            return _answer(error.status, json.dumps(error.body).encode(), error.headers)
         except (TypeError, ValueError, AttributeError) as error:  # a body this fake cannot read
             failed = HubSpotError(400, f"Invalid input: {error}", category="VALIDATION_ERROR")
-            return 400, {}, json.dumps(failed.body).encode()
-        return status, {}, json.dumps(body).encode()
-
-    def _failure_answer(self, failure: _Failure, request: SeenRequest) -> tuple[int, dict[str, str], bytes]:
-        error = error_for(failure.status, scope=_scope_of(request.method, request.path))
-        headers = {**error.headers, **failure.headers}
-        body = failure.body.encode() if failure.body is not None else json.dumps(error.body).encode()
-        return failure.status, headers, body
+            return _answer(400, json.dumps(failed.body).encode())
+        return _answer(status, json.dumps(body).encode())
 
     def _route(self, request: SeenRequest) -> tuple[int, Any]:
         if request.headers.get("authorization") != f"Bearer {self.token}":
@@ -487,32 +406,6 @@ def _bounded(value: Any, most: int) -> int:
     return limit
 
 
-def _handler_for(hubspot: FakeHubSpot) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, as HubSpot's edge and urllib3's pool use it
-
-        def _serve(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length) if length else b""
-            url = urlsplit(self.path)
-            request = SeenRequest(self.command, url.path, parse_qs(url.query),
-                                  {k.lower(): v for k, v in self.headers.items()}, body)
-            status, headers, payload = hubspot.answer(request)
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json;charset=utf-8")
-                self.send_header("Content-Length", str(len(payload)))
-                self.send_header("X-HubSpot-Correlation-Id", str(uuid.uuid4()))
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(payload)
-            except (BrokenPipeError, ConnectionResetError):
-                self.close_connection = True  # the client gave up (a stalled answer it timed out on)
-
-        do_GET = do_POST = do_PATCH = do_DELETE = _serve
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    return Handler
+def _answer(status: int, body: bytes, headers: Mapping[str, str] | None = None) -> Answer:
+    return Answer(status, body, {"Content-Type": "application/json;charset=utf-8",
+                                 "X-HubSpot-Correlation-Id": str(uuid.uuid4()), **(headers or {})})

@@ -36,23 +36,22 @@ import itertools
 import json
 import re
 import secrets
-import socket
 import ssl
 import tempfile
-import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+
+from tests.connectors.vendor_server import Answer, Fault, SeenRequest, VendorServer
 
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 _EPOCH = dt.datetime(2026, 1, 5, 9, 0, tzinfo=dt.UTC)
@@ -362,16 +361,8 @@ def signing_key_pair() -> tuple[str, str]:
 # -- the server ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RecordedRequest:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    headers: dict[str, str]  # names lower-cased
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
+RecordedRequest = SeenRequest
+"""An API request as the org logged it (token requests are in `token_requests`)."""
 
 
 @dataclass(frozen=True)
@@ -381,18 +372,12 @@ class TokenRequest:
     claims: dict[str, Any] | None  # the JWT assertion's, where one came and its signature held
 
 
-@dataclass
-class _Fault:
-    status: int | None = None
-    body: str | None = None
-    headers: Mapping[str, str] = field(default_factory=dict)
-    stall_s: float = 0.0
-    malformed: str | None = None
-
-
-class FakeSalesforce:
+class FakeSalesforce(VendorServer):
     """`with FakeSalesforce(client_id=..., client_secret=...) as org:`; `org.url` is both the login URL
     and the instance URL."""
+
+    methods = ("GET", "POST", "PATCH", "DELETE")
+    keep_blank_query_values = False
 
     def __init__(self, *, client_id: str, client_secret: str | None = None, username: str | None = None,
                  public_key: str | None = None, api_version: str = "62.0", page_size: int = 2000) -> None:
@@ -407,74 +392,41 @@ class FakeSalesforce:
         self.duplicate_rule_on_email = False  # a Contact's create with a taken Email: DUPLICATES_DETECTED
         self.createable: dict[str, bool] = {name: True for name in FIELDS}
         self.uncreateable_fields: set[tuple[str, str]] = set()
-        self.requests: list[RecordedRequest] = []
         self.token_requests: list[TokenRequest] = []
         self.records: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in FIELDS}
         self._tokens: set[str] = set()
-        self._faults: list[_Fault] = []
         self._cursors: dict[str, tuple[str, list[dict[str, Any]]]] = {}
         self._ids = itertools.count(1)
         self._clock = itertools.count(1)
-        self._lock = threading.RLock()
-        self._stopping = threading.Event()
-        self._connections: set[socket.socket] = set()
         self._folder = tempfile.TemporaryDirectory(prefix="fake-salesforce-")
         certificate, key = _tls_certificate()
         self.ca_file = Path(self._folder.name) / "ca.pem"
         self.ca_file.write_bytes(certificate)
         key_file = Path(self._folder.name) / "key.pem"
         key_file.write_bytes(key)
-        self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self._tls.load_cert_chain(self.ca_file, key_file)
-        self._server = _Server(self)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="fake-salesforce", daemon=True)
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(self.ca_file, key_file)
+        super().__init__(tls=tls)
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"https://{host!s}:{port}"
-
-    def __enter__(self) -> FakeSalesforce:
-        self._thread.start()
-        return self
+        return self.origin
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self._stopping.set()
-        self._server.shutdown()
-        self._server.server_close()
-        with self._lock:
-            for connection in list(self._connections):
-                with contextlib.suppress(OSError):
-                    connection.shutdown(socket.SHUT_RDWR)
-        self._thread.join(timeout=5)
+        super().__exit__(exc_type, exc, tb)
         self._folder.cleanup()
 
     # -- what tests do -----------------------------------------------------------------------------
 
-    def fail_next(self, status: int, *, times: int = 1, body: str | None = None,
-                  headers: Mapping[str, str] | None = None) -> None:
-        with self._lock:
-            self._faults.extend(_Fault(status=status, body=body, headers=dict(headers or {})) for _ in range(times))
-
-    def stall_next(self, seconds: float) -> None:
-        with self._lock:
-            self._faults.append(_Fault(stall_s=seconds))
-
     def malformed_next(self, body: str = "<html><body>Down for maintenance</body></html>") -> None:
         with self._lock:
-            self._faults.append(_Fault(malformed=body))
+            self._faults.append(Fault(malformed=True, body=body))
 
     def expire_tokens(self) -> None:
         """Every token issued so far is refused from now on (a session timed out or was revoked)."""
         with self._lock:
             self._tokens.clear()
-
-    @property
-    def requests_seen(self) -> int:
-        with self._lock:
-            return len(self.requests)
 
     def add(self, sobject: str, **values: Any) -> str:
         """Puts a record straight into the org (no checks): its Id."""
@@ -502,10 +454,6 @@ class FakeSalesforce:
     def _stamp(self) -> str:
         moment = _EPOCH + dt.timedelta(seconds=next(self._clock))
         return moment.strftime("%Y-%m-%dT%H:%M:%S.000+0000")
-
-    def _take_fault(self) -> _Fault | None:
-        with self._lock:
-            return self._faults.pop(0) if self._faults else None
 
     def _value(self, sobject: str, record: Mapping[str, Any], path: str) -> Any:
         if (sobject, path) in COMPUTED:
@@ -735,141 +683,75 @@ class FakeSalesforce:
         with self._lock:
             return header.startswith("Bearer ") and header[7:] in self._tokens
 
+    # -- the wire ----------------------------------------------------------------------------------
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+    def unfaulted(self, request: SeenRequest) -> Answer | None:
+        """Token requests: never faulted, never in `requests` (they are in `token_requests`)."""
+        if request.path != "/services/oauth2/token" or request.method != "POST":
+            return None
+        form = {name: values[0] for name, values in parse_qs(request.body.decode(), keep_blank_values=True).items()}
+        status, answer = self.issue_token(form, dict(request.headers))
+        return self._answer(status, json.dumps(answer).encode())
 
-    def __init__(self, org: FakeSalesforce) -> None:
-        self.org = org
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def failure_answer(self, fault: Fault, request: SeenRequest) -> Answer:
+        assert fault.status is not None
+        code, message = DEFAULT_ERRORS.get(fault.status, ("UNKNOWN_EXCEPTION", "(injected) error"))
+        default = json.dumps([{"message": message, "errorCode": code}])
+        return self._answer(fault.status, (fault.body if fault.body is not None else default).encode(), fault.headers)
 
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        # The TLS handshake runs here, in the connection's own thread, so a slow client holds up no other.
-        request.settimeout(_Handler.timeout)
+    def malformed_answer(self, fault: Fault) -> Answer:
+        return self._answer(200, (fault.body or "").encode())
+
+    def respond(self, request: SeenRequest) -> Answer:
         try:
-            connection = self.org._tls.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError):
-            return
-        with self.org._lock:
-            self.org._connections.add(connection)
-        try:
-            super().finish_request(connection, client_address)
-        except (ssl.SSLError, OSError):
-            pass  # the client hung up (as one that times out does)
-        finally:
-            with self.org._lock:
-                self.org._connections.discard(connection)
-            with contextlib.suppress(OSError):
-                connection.close()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # a client that timed out and hung up mid-answer is expected here
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _Server
-    timeout = 30
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        self._serve()
-
-    def do_POST(self) -> None:
-        self._serve()
-
-    def do_PATCH(self) -> None:
-        self._serve()
-
-    def do_DELETE(self) -> None:
-        self._serve()
-
-    def _serve(self) -> None:
-        org = self.server.org
-        split = urlsplit(self.path)
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        headers = {name.lower(): value for name, value in self.headers.items()}
-        if split.path == "/services/oauth2/token" and self.command == "POST":
-            form = {name: values[0] for name, values in parse_qs(body.decode(), keep_blank_values=True).items()}
-            status, answer = org.issue_token(form, headers)
-            self._send(status, json.dumps(answer).encode())
-            return
-        with org._lock:
-            org.requests.append(RecordedRequest(self.command, split.path, parse_qs(split.query), headers, body))
-        fault = org._take_fault()
-        if fault is not None and fault.stall_s:
-            if org._stopping.wait(fault.stall_s):
-                return
-        elif fault is not None and fault.malformed is not None:
-            self._send(200, fault.malformed.encode())
-            return
-        elif fault is not None and fault.status is not None:
-            code, message = DEFAULT_ERRORS.get(fault.status, ("UNKNOWN_EXCEPTION", "(injected) error"))
-            default = json.dumps([{"message": message, "errorCode": code}])
-            self._send(fault.status, (fault.body if fault.body is not None else default).encode(), fault.headers)
-            return
-        try:
-            status, answer = self._route(org, split.path, split.query, headers, body)
+            status, answer = self._route(request)
         except SalesforceFault as refused:
-            self._send(refused.status, json.dumps(refused.body).encode())
-            return
-        self._send(status, b"" if answer is None else json.dumps(answer).encode())
+            return self._answer(refused.status, json.dumps(refused.body).encode())
+        return self._answer(status, b"" if answer is None else json.dumps(answer).encode())
 
-    def _route(self, org: FakeSalesforce, path: str, query: str, headers: Mapping[str, str],
-               body: bytes) -> tuple[int, Any]:
-        if not org.authorized(headers.get("authorization", "")):
+    def _answer(self, status: int, body: bytes, headers: Mapping[str, str] | None = None) -> Answer:
+        sent = {} if status == 204 else {"Content-Type": "application/json;charset=UTF-8"}
+        return Answer(status, body, {**sent, "Sforce-Limit-Info": f"api-usage={len(self.requests)}/100000",
+                                     **(headers or {})})
+
+    def _route(self, request: SeenRequest) -> tuple[int, Any]:
+        path = request.path
+        if not self.authorized(request.headers.get("authorization", "")):
             raise SalesforceFault(401, "INVALID_SESSION_ID", "Session expired or invalid")
-        prefix = f"/services/data/v{org.api_version}/"
+        prefix = f"/services/data/v{self.api_version}/"
         if not path.startswith(prefix):
             raise SalesforceFault(404, "NOT_FOUND", "The requested resource does not exist")
         parts = [part for part in path[len(prefix):].split("/") if part]
-        if parts == ["query"] and self.command == "GET":
-            soql = parse_qs(query).get("q")
+        if parts == ["query"] and request.method == "GET":
+            soql = parse_qs(request.raw_query).get("q")
             if not soql:
                 raise _malformed("no query (q) given")
-            return 200, org.run_query(soql[0])
-        if len(parts) == 2 and parts[0] == "query" and self.command == "GET":
+            return 200, self.run_query(soql[0])
+        if len(parts) == 2 and parts[0] == "query" and request.method == "GET":
             locator, _, offset = parts[1].rpartition("-")
             if not offset.isdigit():
                 raise SalesforceFault(400, "INVALID_QUERY_LOCATOR", "invalid query locator")
-            return 200, org._page(locator, int(offset))
+            return 200, self._page(locator, int(offset))
         if len(parts) >= 2 and parts[0] == "sobjects":
             sobject = parts[1]
             if sobject not in FIELDS:
                 raise SalesforceFault(404, "NOT_FOUND", "The requested resource does not exist")
-            if parts[2:] == ["describe"] and self.command == "GET":
-                return 200, org.describe(sobject)
-            data = self._json(body) if self.command in ("POST", "PATCH") else {}
-            if len(parts) == 2 and self.command == "POST":
-                return 201, {"id": org.create(sobject, data), "success": True, "errors": []}
-            if len(parts) == 3 and self.command == "PATCH":
-                org.update(sobject, parts[2], data)
+            if parts[2:] == ["describe"] and request.method == "GET":
+                return 200, self.describe(sobject)
+            data = _json(request.body) if request.method in ("POST", "PATCH") else {}
+            if len(parts) == 2 and request.method == "POST":
+                return 201, {"id": self.create(sobject, data), "success": True, "errors": []}
+            if len(parts) == 3 and request.method == "PATCH":
+                self.update(sobject, parts[2], data)
                 return 204, None
         raise SalesforceFault(404, "NOT_FOUND", "The requested resource does not exist")
 
-    @staticmethod
-    def _json(body: bytes) -> dict[str, Any]:
-        try:
-            data = json.loads(body)
-        except ValueError:
-            raise SalesforceFault(400, "JSON_PARSER_ERROR", "Unexpected character: was expecting JSON") from None
-        if not isinstance(data, dict):
-            raise SalesforceFault(400, "JSON_PARSER_ERROR", "Cannot deserialize instance of object from array")
-        return data
 
-    def _send(self, status: int, body: bytes, headers: Mapping[str, str] | None = None) -> None:
-        with contextlib.suppress(OSError, ssl.SSLError):
-            self.send_response(status)
-            if status != 204:
-                self.send_header("Content-Type", "application/json;charset=UTF-8")
-                self.send_header("Content-Length", str(len(body)))
-            self.send_header("Sforce-Limit-Info", f"api-usage={len(self.server.org.requests)}/100000")
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            if status != 204:
-                self.wfile.write(body)
-
+def _json(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise SalesforceFault(400, "JSON_PARSER_ERROR", "Unexpected character: was expecting JSON") from None
+    if not isinstance(data, dict):
+        raise SalesforceFault(400, "JSON_PARSER_ERROR", "Cannot deserialize instance of object from array")
+    return data

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
-from tests.connectors.fake_desk_base import Answer, FakeDeskServer, SeenRequest
+from tests.connectors.vendor_server import Answer, SeenRequest, VendorServer
 
 PRIORITIES = ("low", "normal", "high", "urgent")
 STATUSES = ("new", "open", "pending", "hold", "solved", "closed")
@@ -50,7 +50,7 @@ def _record_invalid(field: str, description: str) -> Answer:
                                 "details": {field: [{"description": description, "error": "InvalidValue"}]}})
 
 
-class FakeZendesk(FakeDeskServer):
+class FakeZendesk(VendorServer):
     """One Zendesk account whose API user (`email`, an admin) signs in with `token`."""
 
     def __init__(self, subdomain: str = "acme", email: str = "agent@acme.example", token: str = "zd-token") -> None:

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Protocol
 
 from streams.connectors.base import CalendarConnector, CrmConnector, TicketDesk
+from tests.connectors.vendor_server import VendorServer
 
 
 class WireFaults(Protocol):
@@ -37,6 +38,26 @@ class WireFaults(Protocol):
 
     secret_values: tuple[str, ...]
     """The secrets the connector was given: none may appear in an error message."""
+
+
+class FaultsOnServer:
+    """A harness's `WireFaults`, put on its `server`: the vendor's local server (vendor_server.py)."""
+
+    server: VendorServer
+
+    def fail_next(self, status: int, *, times: int = 1, body: str | None = None,
+                  headers: Mapping[str, str] | None = None) -> None:
+        self.server.fail_next(status, times=times, body=body, headers=headers)
+
+    def stall_next(self, seconds: float) -> None:
+        self.server.stall_next(seconds)
+
+    def malformed_next(self) -> None:
+        self.server.malformed_next()
+
+    @property
+    def requests_seen(self) -> int:
+        return self.server.requests_seen
 
 
 class CrmHarness(WireFaults, Protocol):

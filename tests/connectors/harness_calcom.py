@@ -3,7 +3,7 @@ API v2, an event type of 60 minutes bookable all seven days 08:00-18:00 Europe/B
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, time
@@ -12,6 +12,7 @@ from streams.connectors.calendar_calcom import CalComConnector, CalComSettings, 
 from streams.connectors.secrets import SecretRef, Secrets
 from streams.connectors.slots import WEEKDAYS, OpeningHours
 from tests.connectors.fake_calcom import FakeCalCom
+from tests.connectors.harness import FaultsOnServer
 
 TIMEZONE = "Europe/Berlin"
 HOURS = OpeningHours(timezone=TIMEZONE, days=WEEKDAYS, opens=time(8, 0), closes=time(18, 0), slot_minutes=60)
@@ -22,26 +23,12 @@ EVENT_TYPE_ID = 4242
 
 
 @dataclass
-class CalComHarness:
+class CalComHarness(FaultsOnServer):
     server: FakeCalCom
     connector: CalComConnector
     secret_values: tuple[str, ...] = (API_KEY,)
     timezone: str = TIMEZONE
     refreshes_tokens: bool = False
-
-    def fail_next(self, status: int, *, times: int = 1, body: str | None = None,
-                  headers: Mapping[str, str] | None = None) -> None:
-        self.server.fail_next(status, times=times, body=body, headers=headers)
-
-    def stall_next(self, seconds: float) -> None:
-        self.server.stall_next(seconds)
-
-    def malformed_next(self) -> None:
-        self.server.malformed_next()
-
-    @property
-    def requests_seen(self) -> int:
-        return self.server.requests_seen
 
     def add_busy(self, start: datetime, end: datetime, title: str = "busy") -> None:
         self.server.add_booking(start, end, title)

@@ -157,7 +157,7 @@ def harness(*, users: Mapping[str, str] | None = None, rights: str | None = None
     with tempfile.TemporaryDirectory(prefix="voxlog-radicale-") as folder, \
             RadicaleServer(Path(folder), users={USER: PASSWORD, **(users or {})}, rights=rights) as server:
         calendar_url = server.make_calendar(USER, CALENDAR_ID, "Appointments")
-        with FaultProxy(server.url, error_body=RADICALE_ERROR_BODIES, error_headers=RADICALE_ERROR_HEADERS) as proxy:
+        with FaultProxy(server.url, error_bodies=RADICALE_ERROR_BODIES, error_headers=RADICALE_ERROR_HEADERS) as proxy:
             connector = CalDavCalendar(proxy.url_for(calendar_url), USER, SecretStr(PASSWORD), HOURS,
                                        timeout_s=TIMEOUT_S)
             yield CaldavHarness(connector, server, proxy, calendar_url)

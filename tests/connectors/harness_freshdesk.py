@@ -10,33 +10,21 @@ from streams.connectors.base import TicketDesk
 from streams.connectors.secrets import SecretRef, Secrets
 from streams.connectors.tickets_freshdesk import FreshdeskDesk, FreshdeskSettings, connect
 from tests.connectors.fake_freshdesk import FakeFreshdesk
+from tests.connectors.harness import FaultsOnServer
 
 DOMAIN = "acme.freshdesk.com"
 API_KEY = "fd-Xq81mZr0aP2kLw7s"
 
 
-class FreshdeskHarness:
+class FreshdeskHarness(FaultsOnServer):
     refreshes_tokens: bool = False
     secret_values: tuple[str, ...] = (API_KEY,)
     connector: TicketDesk
+    server: FakeFreshdesk
 
     def __init__(self, server: FakeFreshdesk, connector: FreshdeskDesk) -> None:
         self.server = server
         self.connector = connector
-
-    def fail_next(self, status: int, *, times: int = 1, body: str | None = None,
-                  headers: Mapping[str, str] | None = None) -> None:
-        self.server.fail_next(status, times=times, body=body, headers=headers)
-
-    def stall_next(self, seconds: float) -> None:
-        self.server.stall_next(seconds)
-
-    def malformed_next(self) -> None:
-        self.server.malformed_next()
-
-    @property
-    def requests_seen(self) -> int:
-        return self.server.requests_seen
 
     def tickets(self) -> list[Mapping[str, str]]:
         with self.server._lock:

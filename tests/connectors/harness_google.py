@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, time
@@ -18,6 +18,7 @@ from streams.connectors.calendar_google import GoogleCalendarConnector, GoogleCa
 from streams.connectors.secrets import SecretRef, Secrets
 from streams.connectors.slots import WEEKDAYS, OpeningHours
 from tests.connectors.fake_google_calendar import FakeGoogleCalendar
+from tests.connectors.harness import FaultsOnServer
 
 TIMEZONE = "Europe/Berlin"
 HOURS = OpeningHours(timezone=TIMEZONE, days=WEEKDAYS, opens=time(8, 0), closes=time(18, 0), slot_minutes=60)
@@ -54,26 +55,12 @@ def service_account_key(token_uri: str) -> str:
 
 
 @dataclass
-class GoogleCalendarHarness:
+class GoogleCalendarHarness(FaultsOnServer):
     server: FakeGoogleCalendar
     connector: GoogleCalendarConnector
     secret_values: tuple[str, ...]
     timezone: str = TIMEZONE
     refreshes_tokens: bool = True
-
-    def fail_next(self, status: int, *, times: int = 1, body: str | None = None,
-                  headers: Mapping[str, str] | None = None) -> None:
-        self.server.fail_next(status, times=times, body=body, headers=headers)
-
-    def stall_next(self, seconds: float) -> None:
-        self.server.stall_next(seconds)
-
-    def malformed_next(self) -> None:
-        self.server.malformed_next()
-
-    @property
-    def requests_seen(self) -> int:
-        return self.server.requests_seen
 
     def add_busy(self, start: datetime, end: datetime, title: str = "busy") -> None:
         self.server.add_event(start, end, title)

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from streams.connectors.crm_hubspot import HubSpotCrm, HubSpotSettings, connect
 from streams.connectors.secrets import SecretRef, Secrets
 from tests.connectors.fake_hubspot import FakeHubSpot, Record
+from tests.connectors.harness import FaultsOnServer
 
 TIMEOUT_S = 1.0
 TOKEN_ENV = "HUBSPOT_TOKEN"
 
 
 @dataclass
-class HubSpotHarness:
+class HubSpotHarness(FaultsOnServer):
     """A `CrmHarness` (tests/connectors/harness.py) over a running `FakeHubSpot`."""
 
     server: FakeHubSpot
@@ -29,20 +30,6 @@ class HubSpotHarness:
     @property
     def secret_values(self) -> tuple[str, ...]:
         return (self.server.token,)
-
-    @property
-    def requests_seen(self) -> int:
-        return self.server.requests_seen
-
-    def fail_next(self, status: int, *, times: int = 1, body: str | None = None,
-                  headers: Mapping[str, str] | None = None) -> None:
-        self.server.fail_next(status, times=times, body=body, headers=headers)
-
-    def stall_next(self, seconds: float) -> None:
-        self.server.stall_next(seconds)
-
-    def malformed_next(self) -> None:
-        self.server.malformed_next()
 
     def seed_contact(self, phone: str, first_name: str, last_name: str, email: str = "") -> str:
         properties = {"phone": phone, "firstname": first_name, "lastname": last_name}

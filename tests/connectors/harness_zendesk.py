@@ -10,34 +10,22 @@ from streams.connectors.base import TicketDesk
 from streams.connectors.secrets import SecretRef, Secrets
 from streams.connectors.tickets_zendesk import ZendeskDesk, ZendeskSettings, connect
 from tests.connectors.fake_zendesk import FakeZendesk
+from tests.connectors.harness import FaultsOnServer
 
 SUBDOMAIN = "acme"
 EMAIL = "voxlog@acme.example"
 TOKEN = "zd-6wH0k3Yq-api-token"
 
 
-class ZendeskHarness:
+class ZendeskHarness(FaultsOnServer):
     refreshes_tokens: bool = False
     secret_values: tuple[str, ...] = (TOKEN,)
     connector: TicketDesk
+    server: FakeZendesk
 
     def __init__(self, server: FakeZendesk, connector: ZendeskDesk) -> None:
         self.server = server
         self.connector = connector
-
-    def fail_next(self, status: int, *, times: int = 1, body: str | None = None,
-                  headers: Mapping[str, str] | None = None) -> None:
-        self.server.fail_next(status, times=times, body=body, headers=headers)
-
-    def stall_next(self, seconds: float) -> None:
-        self.server.stall_next(seconds)
-
-    def malformed_next(self) -> None:
-        self.server.malformed_next()
-
-    @property
-    def requests_seen(self) -> int:
-        return self.server.requests_seen
 
     def tickets(self) -> list[Mapping[str, str]]:
         with self.server._lock:

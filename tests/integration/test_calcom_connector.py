@@ -18,6 +18,7 @@ from pydantic import SecretStr
 
 from streams.connectors.base import BookingRequest, CalendarConnector, ConnectorError, FailureKind, Slot
 from streams.connectors.calendar_calcom import CalComConnector, slots_from
+from tests.connectors.contract_faults import fails
 from tests.connectors.fake_calcom import SLOT_TAKEN, calcom_error
 from tests.connectors.harness_calcom import API_KEY, EVENT_TYPE_ID, harness
 
@@ -35,14 +36,6 @@ def visit(start: datetime, end: datetime | None = None, **overrides: str) -> Boo
               **overrides}
     return BookingRequest(start=start, end=end or start + timedelta(hours=1), title="Boiler service",
                           description="Side entrance.", **fields)
-
-
-def fails(kind: FailureKind, call: object) -> ConnectorError:
-    assert callable(call)
-    with pytest.raises(ConnectorError) as caught:
-        call()
-    assert caught.value.kind is kind, str(caught.value)
-    return caught.value
 
 
 def test_the_connector_is_a_calendar_connector() -> None:

@@ -25,11 +25,11 @@ from pydantic import SecretStr
 from streams.connectors.base import BookingRequest, CalendarConnector, ConnectorError, FailureKind
 from streams.connectors.calendar_google import GoogleCalendarConnector, event_id_for, event_time
 from streams.connectors.slots import OpeningHours
+from tests.connectors.contract_faults import fails
 from tests.connectors.fake_google_calendar import (
     CALENDAR_SCOPE,
     GOOGLE_TOKEN_AUDIENCE,
     JWT_BEARER_GRANT,
-    SeenRequest,
     google_error,
 )
 from tests.connectors.harness_google import (
@@ -42,6 +42,7 @@ from tests.connectors.harness_google import (
     public_key_pem,
     service_account_key,
 )
+from tests.connectors.vendor_server import SeenRequest
 
 BERLIN = ZoneInfo("Europe/Berlin")
 NEW_YORK = ZoneInfo("America/New_York")
@@ -57,14 +58,6 @@ def visit(start: datetime, end: datetime | None = None, **caller: str) -> Bookin
     return BookingRequest(start=start, end=end or start + timedelta(hours=1), title="Boiler service",
                           description="Annual service, side entrance.", attendee_name="Ann Lee",
                           attendee_phone="+4915112345678", **caller)
-
-
-def fails(kind: FailureKind, call: object) -> ConnectorError:
-    assert callable(call)
-    with pytest.raises(ConnectorError) as caught:
-        call()
-    assert caught.value.kind is kind, str(caught.value)
-    return caught.value
 
 
 def test_the_connector_is_a_calendar_connector() -> None:

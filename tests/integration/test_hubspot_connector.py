@@ -19,8 +19,9 @@ from pydantic import SecretStr
 from streams.connectors.base import CallNote, ConnectorError, ContactFields, CrmConnector, FailureKind
 from streams.connectors.crm_hubspot import HubSpotCrm, HubSpotSettings, connect
 from streams.connectors.secrets import Secrets
-from tests.connectors.fake_hubspot import CONTACTS_READ, SeenRequest
+from tests.connectors.fake_hubspot import CONTACTS_READ
 from tests.connectors.harness_hubspot import TIMEOUT_S, HubSpotHarness, harness
+from tests.connectors.vendor_server import SeenRequest
 
 NUMBER = "+14155550100"
 CONTACT_PROPERTIES = ["firstname", "lastname", "email", "phone", "company", "lastmodifieddate",
