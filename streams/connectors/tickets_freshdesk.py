@@ -35,7 +35,6 @@ calls a minute, Pro 400, Enterprise 700, a trial 50; within them ticket creates 
 
 from __future__ import annotations
 
-import hashlib
 import html
 import json
 from collections.abc import Iterator, Mapping
@@ -47,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from streams.connectors.base import CheckResult, ConnectorError, FailureKind, RateLimit, Ticket, TicketRequest
 from streams.connectors.http_status import failure_for_status
 from streams.connectors.secrets import SecretRef, Secrets
+from streams.connectors.ticket_ids import key_token, not_the_api, numeric_id, ticket_number
 
 VENDOR = "freshdesk"
 FreshdeskPlan = Literal["trial", "growth", "pro", "enterprise"]
@@ -76,9 +76,6 @@ class FreshdeskSettings(BaseModel):
     """The account's plan, for its published rate limit; Growth (the lowest with API access) unless named."""
 
 
-def key_tag(idempotency_key: str) -> str:
-    """The tag that carries the key: `voxlog-key-` and 96 bits of its hash, lowercase hex."""
-    return "voxlog-key-" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:24]
 
 
 def tag_query(tag: str) -> str:
@@ -145,7 +142,7 @@ class FreshdeskDesk:
                                                       f"{', '.join(PRIORITIES)}")
         if not request.requester_phone and not request.requester_email:
             raise ConnectorError(FailureKind.INVALID, f"{VENDOR}: a ticket needs the caller's phone number or email")
-        tag = key_tag(idempotency_key)
+        tag = key_token(idempotency_key)
         existing = self._ticket_tagged(tag)
         if existing is not None:
             return existing
@@ -163,20 +160,20 @@ class FreshdeskDesk:
         return self._ticket(created, "creating the ticket")
 
     def comment(self, ticket_id: str, body: str, idempotency_key: str) -> str:
-        number = _ticket_number(ticket_id)
-        token = key_tag(idempotency_key)
+        number = ticket_number(ticket_id, VENDOR, "Freshdesk")
+        token = key_token(idempotency_key)
         for conversation in self._conversations(number):
             if token in str(conversation.get("body_text") or "") or token in str(conversation.get("body") or ""):
-                return _id_of(conversation.get("id"), "a conversation")
+                return numeric_id(conversation.get("id"), "a conversation", VENDOR)
         note = self._json(self._call("POST", f"api/v2/tickets/{number}/notes", "adding the note",
                                      json={"body": as_html(f"{body}\n\n[{token}]"), "private": False}),
                           "adding the note")
         if not isinstance(note, dict):
-            raise _bad_response("adding the note", "no note in the answer")
-        return _id_of(note.get("id"), "a note")
+            raise not_the_api(VENDOR, "Freshdesk", "adding the note", "no note in the answer")
+        return numeric_id(note.get("id"), "a note", VENDOR)
 
     def status(self, ticket_id: str) -> Ticket:
-        number = _ticket_number(ticket_id)
+        number = ticket_number(ticket_id, VENDOR, "Freshdesk")
         found = self._json(self._call("GET", f"api/v2/tickets/{number}", "reading the ticket"), "reading the ticket")
         return self._ticket(found, "reading the ticket")
 
@@ -185,7 +182,7 @@ class FreshdeskDesk:
             me = self._json(self._call("GET", "api/v2/agents/me", "reading the key's agent"), "reading the key's agent")
             contact = me.get("contact") if isinstance(me, dict) else None
             if not isinstance(contact, dict):
-                raise _bad_response("reading the key's agent", "no agent in the answer")
+                raise not_the_api(VENDOR, "Freshdesk", "reading the key's agent", "no agent in the answer")
         except ConnectorError as exc:
             return [CheckResult("sign in", False, _check_detail(exc))]
         who = contact.get("email") or contact.get("name") or "an agent"
@@ -194,7 +191,7 @@ class FreshdeskDesk:
             listed = self._json(self._call("GET", "api/v2/tickets", "listing tickets", params={"per_page": 1}),
                                 "listing tickets")
             if not isinstance(listed, list):
-                raise _bad_response("listing tickets", "no list in the answer")
+                raise not_the_api(VENDOR, "Freshdesk", "listing tickets", "no list in the answer")
         except ConnectorError as exc:
             results.append(CheckResult("read tickets", False, _check_detail(exc)))
         else:
@@ -213,13 +210,13 @@ class FreshdeskDesk:
         found = self._json(self._call("GET", "api/v2/search/tickets", what, params={"query": tag_query(tag)}), what)
         results = found.get("results") if isinstance(found, dict) else None
         if not isinstance(results, list):
-            raise _bad_response(what, "no results in the answer")
+            raise not_the_api(VENDOR, "Freshdesk", what, "no results in the answer")
         if not results:
             what = "reading the newest tickets"
             newest = self._json(self._call("GET", "api/v2/tickets", what, params={
                 "order_by": "created_at", "order_type": "desc", "per_page": PAGE_SIZE}), what)
             if not isinstance(newest, list):
-                raise _bad_response(what, "no list in the answer")
+                raise not_the_api(VENDOR, "Freshdesk", what, "no list in the answer")
             results = [t for t in newest if isinstance(t, dict) and tag in _tags(t)]
         tickets = [self._ticket(found_ticket, what) for found_ticket in results]
         return min(tickets, key=lambda ticket: int(ticket.id)) if tickets else None
@@ -235,18 +232,18 @@ class FreshdeskDesk:
             response = self._call("GET", path, what)
             page = self._json(response, what)
             if not isinstance(page, list):
-                raise _bad_response(what, "no list in the answer")
+                raise not_the_api(VENDOR, "Freshdesk", what, "no list in the answer")
             for conversation in page:
                 if not isinstance(conversation, dict):
-                    raise _bad_response(what, "a conversation that is not an object")
+                    raise not_the_api(VENDOR, "Freshdesk", what, "a conversation that is not an object")
                 yield conversation
             link = response.links.get("next", {}).get("url")
             try:
                 path = httpx.URL(link).raw_path.decode("ascii").lstrip("/") if link else None
             except httpx.InvalidURL:
-                raise _bad_response(what, "a next page link that is not a URL") from None
+                raise not_the_api(VENDOR, "Freshdesk", what, "a next page link that is not a URL") from None
             if path in seen:
-                raise _bad_response(what, "a next page that was already read")
+                raise not_the_api(VENDOR, "Freshdesk", what, "a next page that was already read")
 
     def _call(self, method: str, path: str, what: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -262,22 +259,22 @@ class FreshdeskDesk:
             raise failure_for_status(response.status_code, detail, vendor=VENDOR,
                                      retry_after=response.headers.get("Retry-After"))
         if not 200 <= response.status_code < 300:
-            raise _bad_response(what, f"HTTP {response.status_code}")
+            raise not_the_api(VENDOR, "Freshdesk", what, f"HTTP {response.status_code}")
         return response
 
     def _json(self, response: httpx.Response, what: str) -> Any:
         try:
             return response.json()
         except ValueError:
-            raise _bad_response(what, "a body that is not JSON") from None
+            raise not_the_api(VENDOR, "Freshdesk", what, "a body that is not JSON") from None
 
     def _ticket(self, found: Any, what: str) -> Ticket:
         if not isinstance(found, dict):
-            raise _bad_response(what, "no ticket in the answer")
-        number = _id_of(found.get("id"), "a ticket")
+            raise not_the_api(VENDOR, "Freshdesk", what, "no ticket in the answer")
+        number = numeric_id(found.get("id"), "a ticket", VENDOR)
         status = found.get("status")
         if isinstance(status, bool) or not isinstance(status, int):
-            raise _bad_response(what, "a ticket without a status")
+            raise not_the_api(VENDOR, "Freshdesk", what, "a ticket without a status")
         return Ticket(id=number, status=STATUS_WORDS.get(status, f"status {status}"),
                       subject=str(found.get("subject") or ""), url=f"https://{self._domain}/a/tickets/{number}")
 
@@ -287,21 +284,10 @@ def _tags(ticket: Mapping[str, Any]) -> list[Any]:
     return tags if isinstance(tags, list) else []
 
 
-def _ticket_number(ticket_id: str) -> int:
-    if not ticket_id.isascii() or not ticket_id.isdigit():
-        raise ConnectorError(FailureKind.INVALID, f"{VENDOR}: {ticket_id[:40]!r} is not a Freshdesk ticket id")
-    return int(ticket_id)
 
 
-def _id_of(value: object, what: str) -> str:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConnectorError(FailureKind.BAD_RESPONSE, f"{VENDOR}: {what} without a numeric id")
-    return str(value)
 
 
-def _bad_response(what: str, detail: str) -> ConnectorError:
-    return ConnectorError(FailureKind.BAD_RESPONSE,
-                          f"{VENDOR}: an answer that is not Freshdesk's API while {what} ({detail})")
 
 
 def _check_detail(exc: ConnectorError) -> str:

@@ -38,7 +38,6 @@ worker does its own waiting, so a 429 is raised at once (a response hook) with i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from collections.abc import Iterator, Mapping
@@ -58,6 +57,7 @@ from zenpy.lib.generator import BaseResultGenerator
 from streams.connectors.base import CheckResult, ConnectorError, FailureKind, RateLimit, Ticket, TicketRequest
 from streams.connectors.http_status import failure_for_status
 from streams.connectors.secrets import SecretRef, Secrets
+from streams.connectors.ticket_ids import key_token, not_the_api, numeric_id, ticket_number
 
 VENDOR = "zendesk"
 PRIORITIES = ("low", "normal", "high", "urgent")
@@ -88,9 +88,6 @@ class ZendeskSettings(BaseModel):
     """The end user a ticket is requested by where the caller gave no email (else the API user)."""
 
 
-def key_token(idempotency_key: str) -> str:
-    """The key as a token any header, tag or text carries intact: `voxlog-key-` and 96 bits of its hash."""
-    return "voxlog-key-" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:24]
 
 
 def comment_marker(idempotency_key: str) -> str:
@@ -231,17 +228,17 @@ class ZendeskDesk:
                 self._calling("creating the ticket"):
             created = self._client.tickets.create(ticket)
         if not isinstance(created, TicketAudit) or not isinstance(created.ticket, ZenpyTicket):
-            raise _bad_response("creating the ticket", "no ticket in the answer")
+            raise not_the_api(VENDOR, "Zendesk", "creating the ticket", "no ticket in the answer")
         return self._ticket(created.ticket)
 
     def comment(self, ticket_id: str, body: str, idempotency_key: str) -> str:
-        number = _ticket_number(ticket_id)
+        number = ticket_number(ticket_id, VENDOR, "Zendesk")
         marker = comment_marker(idempotency_key)
         what = "reading the ticket's comments"
         with self._calling(what):
             for existing in self._all(self._client.tickets.comments(number), Comment, what):
                 if marker in str(existing.body or ""):
-                    return _id_of(existing.id, "a comment")
+                    return numeric_id(existing.id, "a comment", VENDOR)
         with self._calling("adding the comment"):
             update = self._client.tickets.update(
                 ZenpyTicket(id=number, comment=Comment(body=f"{body}\n\n{marker}", public=True)))
@@ -249,15 +246,15 @@ class ZendeskDesk:
         events = audit.events if isinstance(audit, Audit) else None
         comments = [event for event in events or [] if isinstance(event, Mapping) and event.get("type") == "Comment"]
         if not comments:
-            raise _bad_response("adding the comment", "no Comment event in the ticket's audit")
-        return _id_of(comments[0].get("id"), "a comment")
+            raise not_the_api(VENDOR, "Zendesk", "adding the comment", "no Comment event in the ticket's audit")
+        return numeric_id(comments[0].get("id"), "a comment", VENDOR)
 
     def status(self, ticket_id: str) -> Ticket:
-        number = _ticket_number(ticket_id)
+        number = ticket_number(ticket_id, VENDOR, "Zendesk")
         with self._calling("reading the ticket"):
             found = self._client.tickets(id=number)
         if not isinstance(found, ZenpyTicket):
-            raise _bad_response("reading the ticket", "no ticket in the answer")
+            raise not_the_api(VENDOR, "Zendesk", "reading the ticket", "no ticket in the answer")
         return self._ticket(found)
 
     def check(self) -> list[CheckResult]:
@@ -265,7 +262,7 @@ class ZendeskDesk:
             with self._calling("reading the signed-in user"):
                 me = self._client.users.me()
             if not isinstance(me, User):
-                raise _bad_response("reading the signed-in user", "no user in the answer")
+                raise not_the_api(VENDOR, "Zendesk", "reading the signed-in user", "no user in the answer")
         except ConnectorError as exc:
             return [CheckResult("sign in", False, _check_detail(exc, self._email))]
         if me.id is None:
@@ -294,19 +291,19 @@ class ZendeskDesk:
     # -- zenpy -------------------------------------------------------------------------------------
 
     def _ticket(self, ticket: ZenpyTicket) -> Ticket:
-        number = _id_of(ticket.id, "a ticket")
+        number = numeric_id(ticket.id, "a ticket", VENDOR)
         if not isinstance(ticket.status, str):
-            raise _bad_response("reading a ticket", "a ticket without a status")
+            raise not_the_api(VENDOR, "Zendesk", "reading a ticket", "a ticket without a status")
         return Ticket(id=number, status=ticket.status, subject=str(ticket.subject or ""),
                       url=f"{self._origin}/agent/tickets/{number}")
 
     def _all(self, result: Any, kind: type[Any], what: str) -> Iterator[Any]:
         """The objects of a listing, across its pages (zenpy fetches each next page as it is reached)."""
         if not isinstance(result, BaseResultGenerator):
-            raise _bad_response(what, "no list in the answer")
+            raise not_the_api(VENDOR, "Zendesk", what, "no list in the answer")
         for item in result:
             if not isinstance(item, kind):
-                raise _bad_response(what, f"an item that is not a {kind.__name__}")
+                raise not_the_api(VENDOR, "Zendesk", what, f"an item that is not a {kind.__name__}")
             yield item
 
     @contextmanager
@@ -318,19 +315,19 @@ class ZendeskDesk:
             raise self._failure(exc.response) from None
         except (APIException, requests.HTTPError) as exc:
             if exc.response is None:
-                raise _bad_response(what, type(exc).__name__) from None
+                raise not_the_api(VENDOR, "Zendesk", what, type(exc).__name__) from None
             raise self._failure(exc.response) from None
         except requests.Timeout:
             raise ConnectorError(FailureKind.UNAVAILABLE,
                                  f"{VENDOR}: no answer within {self._timeout_s:g} s while {what}") from None
         except requests.RequestException as exc:
             if isinstance(exc, ValueError):  # a body that is not JSON, a next-page link that is not a URL
-                raise _bad_response(what, type(exc).__name__) from None
+                raise not_the_api(VENDOR, "Zendesk", what, type(exc).__name__) from None
             raise ConnectorError(FailureKind.UNAVAILABLE,
                                  f"{VENDOR}: the connection failed while {what} ({type(exc).__name__})") from None
         except (ZenpyException, ValueError, KeyError, TypeError, AttributeError) as exc:
             # zenpy reads a body of an unexpected shape by indexing into it
-            raise _bad_response(what, type(exc).__name__) from None
+            raise not_the_api(VENDOR, "Zendesk", what, type(exc).__name__) from None
 
     def _failure(self, response: requests.Response) -> ConnectorError:
         detail = error_text(response.text).replace(self._token.get_secret_value(), "***")
@@ -343,21 +340,10 @@ def _description(request: TicketRequest) -> str:
     return f"{request.description}\n\nCaller: {caller}" if caller else request.description
 
 
-def _ticket_number(ticket_id: str) -> int:
-    if not ticket_id.isascii() or not ticket_id.isdigit():
-        raise ConnectorError(FailureKind.INVALID, f"{VENDOR}: {ticket_id[:40]!r} is not a Zendesk ticket id")
-    return int(ticket_id)
 
 
-def _id_of(value: object, what: str) -> str:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConnectorError(FailureKind.BAD_RESPONSE, f"{VENDOR}: {what} without a numeric id")
-    return str(value)
 
 
-def _bad_response(what: str, detail: str) -> ConnectorError:
-    return ConnectorError(FailureKind.BAD_RESPONSE,
-                          f"{VENDOR}: an answer that is not Zendesk's API while {what} ({detail})")
 
 
 def _check_detail(exc: ConnectorError, email: str) -> str:

@@ -19,12 +19,12 @@ from pydantic import ValidationError
 
 from streams.connectors.base import ConnectorError, FailureKind, TicketDesk, TicketRequest
 from streams.connectors.secrets import SecretRef, Secrets
+from streams.connectors.ticket_ids import key_token
 from streams.connectors.tickets_freshdesk import (
     FreshdeskSettings,
     as_html,
     connect,
     error_text,
-    key_tag,
     tag_query,
 )
 from tests.connectors.fake_freshdesk import _matcher, html_text
@@ -50,7 +50,7 @@ def test_a_ticket_is_created_as_freshdesk_documents_it(freshdesk: FreshdeskHarne
     ticket = freshdesk.connector.create(REQUEST, "call-7/tc1")
 
     search, newest, post = freshdesk.server.requests
-    tag = key_tag("call-7/tc1")
+    tag = key_token("call-7/tc1")
     assert (search.method, search.path) == ("GET", "/api/v2/search/tickets")
     assert search.raw_query == f"query=%22tag%3A%27{tag}%27%22"
     assert search.param("query") == f"\"tag:'{tag}'\""
@@ -135,7 +135,7 @@ def test_a_note_carries_the_keys_token_and_is_written_once(freshdesk: FreshdeskH
     note_id = freshdesk.connector.comment(ticket.id, "We called back: <ok> \u00fc", "call-3/tc2")
     again = freshdesk.connector.comment(ticket.id, "We called back: <ok> \u00fc", "call-3/tc2")
 
-    token = key_tag("call-3/tc2")
+    token = key_token("call-3/tc2")
     assert again == note_id
     assert freshdesk.comments(ticket.id) == [f"We called back: <ok> \u00fc\n\n[{token}]"]
     [post] = [r for r in freshdesk.server.requests if r.path.endswith("/notes")]
@@ -148,7 +148,7 @@ def test_conversations_are_read_page_after_page_through_the_link_header(freshdes
     ticket_id = freshdesk.server.seed_ticket("Long thread")
     for n in range(230):
         freshdesk.server.add_note(ticket_id, f"<div>note {n}</div>")
-    marker = f"[{key_tag('call-4/tc9')}]"
+    marker = f"[{key_token('call-4/tc9')}]"
     earlier = freshdesk.server.add_note(ticket_id, f"<div>written before a crash<br><br>{marker}</div>")
     freshdesk.server.requests.clear()
 
@@ -200,7 +200,7 @@ def test_hostile_text_reaches_freshdesk_whole(freshdesk: FreshdeskHarness) -> No
 @given(key=st.text(max_size=200))
 @settings(max_examples=300, deadline=None)
 def test_any_key_makes_a_tag_whose_query_finds_it_and_only_it(key: str) -> None:
-    tag = key_tag(key)
+    tag = key_token(key)
     query = tag_query(tag)
 
     assert re.fullmatch(r"voxlog-key-[0-9a-f]{24}", tag)
@@ -210,7 +210,7 @@ def test_any_key_makes_a_tag_whose_query_finds_it_and_only_it(key: str) -> None:
     matches = _matcher(query[1:-1])
     assert matches is not None
     assert matches({"tags": ["voxlog", tag]})
-    assert not matches({"tags": ["voxlog", key_tag(key + "'")]})
+    assert not matches({"tags": ["voxlog", key_token(key + "'")]})
 
 
 @given(value=st.text(max_size=40))

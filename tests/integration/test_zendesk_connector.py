@@ -19,13 +19,13 @@ from pydantic import SecretStr, ValidationError
 
 from streams.connectors.base import ConnectorError, FailureKind, TicketDesk, TicketRequest
 from streams.connectors.secrets import SecretRef, Secrets
+from streams.connectors.ticket_ids import key_token
 from streams.connectors.tickets_zendesk import (
     ZendeskDesk,
     ZendeskSettings,
     comment_marker,
     connect,
     error_text,
-    key_token,
 )
 from tests.connectors.fake_zendesk import FakeZendesk
 from tests.connectors.harness_zendesk import EMAIL, SUBDOMAIN, TOKEN, ZendeskHarness, harness
