@@ -33,6 +33,7 @@ from schemas.events import (
     ToolSucceeded,
     TranscriptFinal,
 )
+from streams.audio.formats import PCM_RATE
 from streams.call.replay import agent_for, verify_call
 from streams.config.agents import Consent
 from tests.integration.test_call_e2e import AGENT_NUMBER, agent_done_speaking, speech
@@ -231,7 +232,11 @@ async def test_opt_in_records_the_caller_only_from_their_yes(store: AnalyticsSto
             frames = np.frombuffer(recording.readframes(recording.getnframes()), dtype="<i2").reshape(-1, 2)
     assert row == (1, 20 * len(chunks))
     caller = np.abs(frames[:, 0]).astype(np.int64)
-    assert not caller[: first.offset_ms * 16].any(), "silence where the caller's audio was not kept"
+    # Silence where the caller's audio was not kept, up to the resampler's reach: its linear-phase filter
+    # spreads the first kept sample over half its length (4.4 ms at 8 to 16 kHz) on either side, so what
+    # the first kept chunk starts with rings, faintly, in the 5 ms before it (none of it audio not kept).
+    reach = PCM_RATE * 5 // 1000
+    assert not caller[: first.offset_ms * 16 - reach].any(), "silence where the caller's audio was not kept"
     assert caller[first.offset_ms * 16 :].mean() > 50, "the caller after the yes is on the left"
     assert np.abs(frames[:, 1]).mean() > 50, "the agent, question included, on the right"
     assert calls_row(store, call_id) == {"consent": "given", "consent_mode": "opt_in", "consent_method": "speech",
