@@ -37,19 +37,20 @@ Errors: Cal.com's body is `{"status": "error", "error": {"code", "message"}}`; s
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
-from pydantic import BaseModel, ConfigDict, SecretStr, field_validator
+from pydantic import SecretStr
 
 from streams.connectors.base import Booking, BookingRequest, CheckResult, ConnectorError, FailureKind, RateLimit, Slot
 from streams.connectors.http_status import failure_for_status
-from streams.connectors.secrets import SecretRef, Secrets
+from streams.connectors.secrets import Secrets
 from streams.connectors.slots import overlaps
+from streams.connectors.vendor_settings import CALCOM_API
+from streams.connectors.vendor_settings import CalComSettings as CalComSettings
 
 VENDOR = "Cal.com"
-CALCOM_API = "https://api.cal.com/v2"
 SLOTS_VERSION = "2024-09-04"
 BOOKINGS_VERSION = "2024-08-13"
 EVENT_TYPES_VERSION = "2024-06-14"
@@ -63,25 +64,6 @@ SEARCH_MARGIN = timedelta(days=1)
 """How far either side of a booking's time the search before a create looks (bookings overlapping it)."""
 MAX_RESCHEDULES = 20
 """How many `rescheduledToUid` links are followed before giving up on a booking's chain."""
-
-
-class CalComSettings(BaseModel):
-    """A tenant's Cal.com event type, as its configuration names it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["calcom"] = "calcom"
-    api_key: SecretRef
-    event_type_id: int
-    base_url: str = CALCOM_API
-    timezone: str
-    """The zone slots are asked in and bookings answered in (the host's, `Europe/Berlin`)."""
-
-    @field_validator("timezone")
-    @classmethod
-    def _known_zone(cls, value: str) -> str:
-        ZoneInfo(value)  # raises for an unknown zone
-        return value
 
 
 def utc_text(moment: datetime) -> str:

@@ -49,7 +49,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote, urljoin, urlsplit
 from zoneinfo import ZoneInfo
 
@@ -59,12 +59,13 @@ from caldav.collection import Calendar
 from caldav.davclient import DAVClient
 from caldav.lib import error as caldav_error
 from caldav.response import DAVResponse
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import SecretStr
 
 from streams.connectors.base import Booking, BookingRequest, CheckResult, ConnectorError, FailureKind, RateLimit, Slot
 from streams.connectors.http_status import failure_for_status
-from streams.connectors.secrets import SecretRef, Secrets
+from streams.connectors.secrets import Secrets
 from streams.connectors.slots import OpeningHours, free_slots, overlaps
+from streams.connectors.vendor_settings import CalDavSettings as CalDavSettings
 
 VENDOR = "caldav"
 PRODID = "-//voxlog//CalDAV connector//EN"
@@ -89,28 +90,6 @@ WRITE_PRIVILEGES = ({f"{DAV}all"}, {f"{DAV}write"}, {f"{DAV}write-content", f"{D
 """Any of these sets lets a user create and change events (RFC 3744 3.1, 3.3, 3.9)."""
 
 T = TypeVar("T")
-
-
-class CalDavSettings(BaseModel):
-    """A tenant's CalDAV calendar: `url` is the calendar collection's URL, or the server's root with
-    `calendar` naming the calendar (its display name, or its path under the root)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["caldav"] = "caldav"
-    url: str = Field(pattern=r"^https?://[^\s/?#@]+(/[^\s?#]*)?$")
-    """No user or password in it: those are `username` and `password`."""
-    username: str = Field(min_length=1)
-    password: SecretRef
-    calendar: str | None = None
-    hours: OpeningHours = OpeningHours()
-
-    @field_validator("calendar")
-    @classmethod
-    def _named(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
-            raise ValueError("calendar is a display name or a path; leave it out where url is the calendar")
-        return value
 
 
 def connect(settings: CalDavSettings, secrets: Secrets, timeout_s: float) -> CalDavCalendar:

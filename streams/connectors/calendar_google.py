@@ -42,7 +42,7 @@ import http.client
 import json
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time
-from typing import Any, Literal
+from typing import Any
 
 import google_auth_httplib2
 import httplib2
@@ -50,36 +50,20 @@ from google.auth.exceptions import RefreshError, TransportError
 from google.oauth2 import service_account
 from googleapiclient.discovery import build
 from googleapiclient.errors import HttpError
-from pydantic import BaseModel, ConfigDict, SecretStr
+from pydantic import SecretStr
 
 from streams.connectors.base import Booking, BookingRequest, CheckResult, ConnectorError, FailureKind, RateLimit, Slot
 from streams.connectors.http_status import failure_for_status, retry_after_s
-from streams.connectors.secrets import SecretRef, Secrets
+from streams.connectors.secrets import Secrets
 from streams.connectors.slots import OpeningHours, free_slots, overlaps
+from streams.connectors.vendor_settings import GOOGLE_APIS
+from streams.connectors.vendor_settings import GoogleCalendarSettings as GoogleCalendarSettings
 
 VENDOR = "Google Calendar"
-GOOGLE_APIS = "https://www.googleapis.com/"
 CALENDAR_SCOPE = "https://www.googleapis.com/auth/calendar"
 RATE_LIMIT_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded", "quotaExceeded"})
 """403 reasons that mean "too many requests" (Google's "Handle API errors" page), not a missing scope."""
 WRITE_ROLES = frozenset({"writer", "owner"})
-
-
-class GoogleCalendarSettings(BaseModel):
-    """A tenant's Google calendar, as its configuration names it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["google"] = "google"
-    calendar_id: str
-    """`primary` (the delegated user's own), or a calendar's id (`...@group.calendar.google.com`)."""
-    service_account: SecretRef
-    """The service account's JSON key, as Google Cloud's console downloads it."""
-    delegated_user: str | None = None
-    """The Workspace user the account acts as (domain-wide delegation of the calendar scope); None: the
-    account itself, with the calendar shared to it ("Make changes to events")."""
-    base_url: str = GOOGLE_APIS
-    hours: OpeningHours
 
 
 def event_id_for(idempotency_key: str) -> str:

@@ -48,13 +48,13 @@ import html
 import json
 from collections.abc import Callable, Mapping
 from datetime import UTC
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import urllib3
 from hubspot import HubSpot
 from hubspot.crm import contacts as hs_contacts
 from hubspot.crm.objects import calls as hs_calls
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import SecretStr
 
 from streams.connectors.base import (
     CallNote,
@@ -66,12 +66,13 @@ from streams.connectors.base import (
     RateLimit,
 )
 from streams.connectors.http_status import failure_for_status
-from streams.connectors.secrets import SecretRef, Secrets
+from streams.connectors.secrets import Secrets
+from streams.connectors.vendor_settings import HUBSPOT_API
+from streams.connectors.vendor_settings import HubSpotSettings as HubSpotSettings
 
 T = TypeVar("T")
 
 VENDOR = "hubspot"
-DEFAULT_BASE_URL = "https://api.hubapi.com"
 
 RATE_LIMIT = RateLimit(
     requests=5, per_s=1.0,
@@ -105,24 +106,13 @@ NEVER_AN_ID = "0"
 """An object id HubSpot never gives: `check()` writes to it to learn the write scope, changing nothing."""
 
 
-class HubSpotSettings(BaseModel):
-    """A tenant's HubSpot: the private app's access token (by reference) and the API's URL."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["hubspot"]
-    token: SecretRef
-    """The private app's access token (Settings > Integrations > Private Apps; `pat-...`)."""
-    base_url: str = Field(DEFAULT_BASE_URL, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
-
-
 class HubSpotCrm:
     """A `CrmConnector` over one HubSpot account."""
 
     vendor = VENDOR
     rate_limit = RATE_LIMIT
 
-    def __init__(self, token: SecretStr, *, timeout_s: float, base_url: str = DEFAULT_BASE_URL) -> None:
+    def __init__(self, token: SecretStr, *, timeout_s: float, base_url: str = HUBSPOT_API) -> None:
         self._token = token
         self._timeout_s = timeout_s
         self._base_url = base_url.rstrip("/")

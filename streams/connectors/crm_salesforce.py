@@ -56,12 +56,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import jwt
 import requests
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, model_validator
+from pydantic import SecretStr
 from requests.adapters import HTTPAdapter
 from simple_salesforce.api import Salesforce, SFType
 from simple_salesforce.exceptions import SalesforceError
@@ -77,40 +77,22 @@ from streams.connectors.base import (
     RateLimit,
 )
 from streams.connectors.http_status import failure_for_status, retry_after_s
-from streams.connectors.secrets import SecretRef, Secrets
+from streams.connectors.secrets import Secrets
+from streams.connectors.vendor_settings import DEFAULT_DETAIL_FIELDS, ENTERPRISE_DAILY_API_REQUESTS, FIELD_PATH
+from streams.connectors.vendor_settings import Flow as Flow
+from streams.connectors.vendor_settings import SalesforceSettings as SalesforceSettings
 
 T = TypeVar("T")
 
-Flow = Literal["client_credentials", "jwt_bearer"]
-
 VENDOR = "Salesforce"
-
-ENTERPRISE_DAILY_API_REQUESTS = 100_000
-"""Salesforce, "API Request Limits and Allocations": an Enterprise Edition org's base allocation of
-API requests per rolling 24 hours (plus 1,000 per Salesforce license, and any purchased add-ons;
-Unlimited and Performance add 5,000 per license). Calls that last 20 s or longer are limited apart
-from it, to 25 at once in a production org or sandbox (5 in a Developer Edition or trial org),
-beyond which Salesforce answers REQUEST_LIMIT_EXCEEDED; the connector's calls are short reads and
-single-record writes, so they count only against the daily allocation."""
 
 RATE_LIMIT_SOURCE = ("Salesforce Developer Limits and Allocations Quick Reference, \"API Request Limits and "
                      "Allocations\" (Enterprise Edition: 100,000 requests per 24 hours, plus 1,000 per license)")
-
-DEFAULT_DETAIL_FIELDS = ("Title", "Account.Type")
-"""Fields every org has (the contact's job title, the account's type such as "Customer - Direct"),
-read into `Contact.details`. An org's own tier field (`Account.Tier__c`) can be added in settings;
-a field the integration user cannot see makes the query fail with INVALID_FIELD, so the default
-stays with standard fields."""
-
-FIELD_PATH = r"^[A-Za-z][A-Za-z0-9_]{0,79}(\.[A-Za-z][A-Za-z0-9_]{0,79})?$"
-"""A field, or one relationship and its field (`Account.Type`): what may be named in a SELECT. The
-names go into SOQL as they are, so nothing else is accepted."""
 
 _FIELD_PATH = re.compile(FIELD_PATH)
 _TOKEN_PATH = "/services/oauth2/token"
 _JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 _JWT_LIFETIME_S = 180  # Salesforce: the assertion's exp within 3 minutes of now
-_SANDBOX_AND_PRODUCTION_LOGIN = frozenset({"login.salesforce.com", "test.salesforce.com"})
 
 # Task field limits (Salesforce Object Reference, Task).
 _SUBJECT_MAX = 255
@@ -137,54 +119,6 @@ _KIND_BY_ERROR_CODE: Mapping[str, FailureKind] = {
     "MALFORMED_QUERY": FailureKind.INVALID,
     "INVALID_FIELD": FailureKind.INVALID,
 }
-
-
-class SalesforceSettings(BaseModel):
-    """A tenant's Salesforce org, as its configuration names it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["salesforce"] = "salesforce"
-    login_url: str = Field("https://login.salesforce.com", pattern=r"^https://[^\s/?#]+(/[^\s?#]*)?$")
-    """Where the token is asked for (`{login_url}/services/oauth2/token`): login.salesforce.com,
-    test.salesforce.com for a sandbox, or the org's My Domain URL (`https://acme.my.salesforce.com`),
-    which the client credentials flow requires. It is also the JWT assertion's audience, and Salesforce
-    takes login.salesforce.com or test.salesforce.com there (or an Experience Cloud site's URL): the JWT
-    bearer flow keeps to those."""
-    flow: Flow
-    client_id: str = Field(min_length=1)
-    """The connected app's consumer key."""
-    client_secret: SecretRef | None = None
-    """The consumer secret: the client credentials flow."""
-    username: str | None = Field(None, min_length=1)
-    """The integration user the JWT bearer flow signs in as (pre-authorized for the app)."""
-    private_key: SecretRef | None = None
-    """The PEM RSA private key whose certificate is uploaded to the app: the JWT bearer flow."""
-    api_version: str = Field("62.0", pattern=r"^[1-9][0-9]{1,2}\.0$")
-    detail_fields: tuple[Annotated[str, StringConstraints(pattern=FIELD_PATH)], ...] = DEFAULT_DETAIL_FIELDS
-    daily_api_requests: int = Field(ENTERPRISE_DAILY_API_REQUESTS, gt=0)
-    """The org's allocation per 24 hours (Setup, Company Information, "API Requests, Last 24 Hours"),
-    which the worker paces the connector at."""
-    ca_file: Path | None = None
-    """A PEM file of certificate authorities to trust instead of the system's (a TLS-inspecting proxy)."""
-
-    @model_validator(mode="after")
-    def _flow_has_its_fields(self) -> SalesforceSettings:
-        if self.flow == "client_credentials":
-            if self.client_secret is None:
-                raise ValueError("the client_credentials flow needs client_secret")
-            if self.username is not None or self.private_key is not None:
-                raise ValueError("username and private_key belong to the jwt_bearer flow, not client_credentials")
-            if urlsplit(self.login_url).hostname in _SANDBOX_AND_PRODUCTION_LOGIN:
-                raise ValueError("the client_credentials flow needs the org's My Domain URL as login_url "
-                                 "(https://<domain>.my.salesforce.com): Salesforce refuses it at "
-                                 f"{urlsplit(self.login_url).hostname}")
-        else:
-            if self.username is None or self.private_key is None:
-                raise ValueError("the jwt_bearer flow needs username and private_key")
-            if self.client_secret is not None:
-                raise ValueError("client_secret belongs to the client_credentials flow, not jwt_bearer")
-        return self
 
 
 class _BoundedAdapter(HTTPAdapter):

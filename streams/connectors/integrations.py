@@ -20,26 +20,24 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from streams.connectors import (
-    calendar_calcom,
-    calendar_caldav,
-    calendar_google,
-    crm_hubspot,
-    crm_salesforce,
-    tickets_freshdesk,
-    tickets_zendesk,
-    webhook_http,
-)
 from streams.connectors.base import CheckResult, ConnectorError
 from streams.connectors.operations import Connectors
 from streams.connectors.secrets import Secrets
-from streams.connectors.tickets_builtin import BuiltinDesk, BuiltinDeskSettings
+from streams.connectors.vendor_settings import (
+    BuiltinDeskSettings,
+    CalComSettings,
+    CalDavSettings,
+    FreshdeskSettings,
+    GoogleCalendarSettings,
+    HubSpotSettings,
+    SalesforceSettings,
+    WebhookSettings,
+    ZendeskSettings,
+)
 
-CrmSettings = Annotated[crm_hubspot.HubSpotSettings | crm_salesforce.SalesforceSettings, Field(discriminator="kind")]
-DeskSettings = Annotated[tickets_zendesk.ZendeskSettings | tickets_freshdesk.FreshdeskSettings | BuiltinDeskSettings,
-                         Field(discriminator="kind")]
-CalendarSettings = Annotated[calendar_caldav.CalDavSettings | calendar_google.GoogleCalendarSettings
-                             | calendar_calcom.CalComSettings, Field(discriminator="kind")]
+CrmSettings = Annotated[HubSpotSettings | SalesforceSettings, Field(discriminator="kind")]
+DeskSettings = Annotated[ZendeskSettings | FreshdeskSettings | BuiltinDeskSettings, Field(discriminator="kind")]
+CalendarSettings = Annotated[CalDavSettings | GoogleCalendarSettings | CalComSettings, Field(discriminator="kind")]
 
 
 class TenantIntegrations(BaseModel):
@@ -48,7 +46,7 @@ class TenantIntegrations(BaseModel):
     crm: CrmSettings | None = None
     tickets: DeskSettings | None = None
     calendar: CalendarSettings | None = None
-    webhooks: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,63}$")], webhook_http.WebhookSettings] = Field(
+    webhooks: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,63}$")], WebhookSettings] = Field(
         default_factory=dict)
     request_timeout_s: float = Field(5.0, gt=0, le=30)
     """How long one request to a vendor may take (a tool's own deadline bounds its retries)."""
@@ -59,7 +57,7 @@ class TenantIntegrations(BaseModel):
 def calendar_zone(settings: CalendarSettings | None) -> str:
     if settings is None:
         return "UTC"
-    if isinstance(settings, calendar_calcom.CalComSettings):
+    if isinstance(settings, CalComSettings):
         return settings.timezone
     return settings.hours.timezone
 
@@ -71,23 +69,36 @@ def build_connectors(tenant_id: str, integrations: TenantIntegrations, secrets: 
     tickets = integrations.tickets
     calendar = integrations.calendar
     built = Connectors(calendar_zone=calendar_zone(calendar), booking_minutes=integrations.booking_minutes)
-    if isinstance(crm, crm_hubspot.HubSpotSettings):
+    # Each vendor's module is imported here, where its connector is built, and only for a tenant that has
+    # that vendor: the modules import their SDKs, which loading tenants (every process) does not need.
+    if isinstance(crm, HubSpotSettings):
+        from streams.connectors import crm_hubspot
         built.crm = crm_hubspot.connect(crm, secrets, timeout_s)
-    elif isinstance(crm, crm_salesforce.SalesforceSettings):
+    elif isinstance(crm, SalesforceSettings):
+        from streams.connectors import crm_salesforce
         built.crm = crm_salesforce.connect(crm, secrets, timeout_s)
-    if isinstance(tickets, tickets_zendesk.ZendeskSettings):
+    if isinstance(tickets, ZendeskSettings):
+        from streams.connectors import tickets_zendesk
         built.tickets = tickets_zendesk.connect(tickets, secrets, timeout_s)
-    elif isinstance(tickets, tickets_freshdesk.FreshdeskSettings):
+    elif isinstance(tickets, FreshdeskSettings):
+        from streams.connectors import tickets_freshdesk
         built.tickets = tickets_freshdesk.connect(tickets, secrets, timeout_s)
     elif isinstance(tickets, BuiltinDeskSettings):
+        from streams.connectors.tickets_builtin import BuiltinDesk
         built.tickets = BuiltinDesk(state_dir / "desk.db", tenant_id)
-    if isinstance(calendar, calendar_caldav.CalDavSettings):
+    if isinstance(calendar, CalDavSettings):
+        from streams.connectors import calendar_caldav
         built.calendar = calendar_caldav.connect(calendar, secrets, timeout_s)
-    elif isinstance(calendar, calendar_google.GoogleCalendarSettings):
+    elif isinstance(calendar, GoogleCalendarSettings):
+        from streams.connectors import calendar_google
         built.calendar = calendar_google.connect(calendar, secrets, timeout_s)
-    elif isinstance(calendar, calendar_calcom.CalComSettings):
+    elif isinstance(calendar, CalComSettings):
+        from streams.connectors import calendar_calcom
         built.calendar = calendar_calcom.connect(calendar, secrets, timeout_s)
-    built.webhooks = {name: webhook_http.connect(hook, secrets, name) for name, hook in integrations.webhooks.items()}
+    if integrations.webhooks:
+        from streams.connectors import webhook_http
+        built.webhooks = {name: webhook_http.connect(hook, secrets, name)
+                          for name, hook in integrations.webhooks.items()}
     return built
 
 

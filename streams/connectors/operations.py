@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from streams.connectors.base import (
@@ -27,7 +27,10 @@ from streams.connectors.base import (
     TicketRequest,
 )
 from streams.connectors.spoken_time import caller_zone, resolve_start, say_when
-from streams.connectors.webhook_http import WebhookTarget
+
+if TYPE_CHECKING:
+    # Only named in annotations: webhook_http imports httpx, which loading tenants does not need.
+    from streams.connectors.webhook_http import WebhookTarget
 
 SLOTS_SAID = 5
 """How many free slots a `calendar.free_slots` result offers: more than a caller can hold in mind is noise."""

@@ -38,18 +38,19 @@ from __future__ import annotations
 import html
 import json
 from collections.abc import Iterator, Mapping
-from typing import Any, Literal
+from typing import Any
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import SecretStr
 
 from streams.connectors.base import CheckResult, ConnectorError, FailureKind, RateLimit, Ticket, TicketRequest
 from streams.connectors.http_status import failure_for_status
-from streams.connectors.secrets import SecretRef, Secrets
+from streams.connectors.secrets import Secrets
 from streams.connectors.ticket_ids import key_token, not_the_api, numeric_id, ticket_number
+from streams.connectors.vendor_settings import FreshdeskPlan
+from streams.connectors.vendor_settings import FreshdeskSettings as FreshdeskSettings
 
 VENDOR = "freshdesk"
-FreshdeskPlan = Literal["trial", "growth", "pro", "enterprise"]
 REQUESTS_PER_MINUTE: Mapping[FreshdeskPlan, int] = {"trial": 50, "growth": 200, "pro": 400, "enterprise": 700}
 PRIORITIES: Mapping[str, int] = {"low": 1, "normal": 2, "high": 3, "urgent": 4}
 STATUS_WORDS: Mapping[int, str] = {2: "open", 3: "pending", 4: "resolved", 5: "closed"}
@@ -59,23 +60,6 @@ TAG = "voxlog"
 PAGE_SIZE = 100
 """Freshdesk's largest `per_page`."""
 MAX_QUERY_CHARS = 512
-
-
-class FreshdeskSettings(BaseModel):
-    """A tenant's Freshdesk account."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["freshdesk"] = "freshdesk"
-    domain: str = Field(pattern=r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+$")
-    """`acme.freshdesk.com` (or the account's own help desk domain)."""
-    api_key: SecretRef
-    base_url: str | None = Field(None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
-    """Where requests go instead of https://{domain} (a test server, an egress proxy)."""
-    plan: FreshdeskPlan = "growth"
-    """The account's plan, for its published rate limit; Growth (the lowest with API access) unless named."""
-
-
 
 
 def tag_query(tag: str) -> str:
@@ -282,12 +266,6 @@ class FreshdeskDesk:
 def _tags(ticket: Mapping[str, Any]) -> list[Any]:
     tags = ticket.get("tags")
     return tags if isinstance(tags, list) else []
-
-
-
-
-
-
 
 
 def _check_detail(exc: ConnectorError) -> str:

@@ -42,11 +42,11 @@ import json
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import quote
 
 import requests
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import SecretStr
 from requests.adapters import HTTPAdapter
 from zenpy import Zenpy
 from zenpy.lib.api_objects import Audit, Comment, TicketAudit, User
@@ -56,38 +56,18 @@ from zenpy.lib.generator import BaseResultGenerator
 
 from streams.connectors.base import CheckResult, ConnectorError, FailureKind, RateLimit, Ticket, TicketRequest
 from streams.connectors.http_status import failure_for_status
-from streams.connectors.secrets import SecretRef, Secrets
+from streams.connectors.secrets import Secrets
 from streams.connectors.ticket_ids import key_token, not_the_api, numeric_id, ticket_number
+from streams.connectors.vendor_settings import ZendeskPlan
+from streams.connectors.vendor_settings import ZendeskSettings as ZendeskSettings
 
 VENDOR = "zendesk"
 PRIORITIES = ("low", "normal", "high", "urgent")
-ZendeskPlan = Literal["team", "growth", "professional", "enterprise", "enterprise_plus", "high_volume"]
 REQUESTS_PER_MINUTE: Mapping[ZendeskPlan, int] = {
     "team": 200, "growth": 400, "professional": 400, "enterprise": 700, "enterprise_plus": 2500, "high_volume": 2500,
 }
 TAG = "voxlog"
 AGENT_ROLES = ("agent", "admin")
-
-
-class ZendeskSettings(BaseModel):
-    """A tenant's Zendesk account."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["zendesk"] = "zendesk"
-    subdomain: str = Field(pattern=r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
-    """`acme` for acme.zendesk.com."""
-    email: str = Field(pattern=r"^[^@\s]+@[^@\s]+$")
-    """The agent the API token signs in as."""
-    token: SecretRef
-    base_url: str | None = Field(None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
-    """Where requests for https://{subdomain}.zendesk.com go instead (a test server, an egress proxy)."""
-    plan: ZendeskPlan = "team"
-    """The account's plan, for its published rate limit; the lowest (Team) unless named."""
-    default_requester_email: str | None = Field(None, pattern=r"^[^@\s]+@[^@\s]+$")
-    """The end user a ticket is requested by where the caller gave no email (else the API user)."""
-
-
 
 
 def comment_marker(idempotency_key: str) -> str:
@@ -338,12 +318,6 @@ class ZendeskDesk:
 def _description(request: TicketRequest) -> str:
     caller = ", ".join(part for part in (request.requester_name, request.requester_phone) if part)
     return f"{request.description}\n\nCaller: {caller}" if caller else request.description
-
-
-
-
-
-
 
 
 def _check_detail(exc: ConnectorError, email: str) -> str:

@@ -29,32 +29,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import SecretStr
 
 from streams.connectors.base import CheckResult, ConnectorError, FailureKind, RateLimit
 from streams.connectors.http_status import failure_for_status
-from streams.connectors.secrets import SecretRef, Secrets
+from streams.connectors.secrets import Secrets
+from streams.connectors.vendor_settings import WebhookSettings as WebhookSettings
 
 SIGNATURE_HEADER = "X-Voxlog-Signature"
 TIMESTAMP_HEADER = "X-Voxlog-Timestamp"
 SIGNATURE_TOLERANCE_S = 300
 MAX_RESULT_BYTES = 64 * 1024
 """A result bigger than this is refused: it would be recorded in the call's log and read to the LLM."""
-
-
-class WebhookSettings(BaseModel):
-    """One of a tenant's webhooks, named in its `integrations.webhooks`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    url: str = Field(pattern=r"^https?://[^\s]+$")
-    secret: SecretRef
-    timeout_s: float = Field(5.0, gt=0, le=30)
-    """How long one attempt may take."""
-    retries: int = Field(2, ge=0, le=5)
-    """How many times a failure that is safe to retry (429, 5xx, no answer) is tried again."""
-    requests_per_s: float = Field(10.0, gt=0)
-    """How fast voxlog may call it: the receiver's own limit, which only its owner knows."""
 
 
 @dataclass(frozen=True)
