@@ -15,8 +15,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from streams.config.tenants import TenantSpec
-from streams.connectors.calendar_caldav import CalDavSettings
 from streams.connectors.radicale_server import RadicaleServer
+from streams.connectors.vendor_settings import CalDavSettings
 
 DEMO_TENANT = "demo"
 PASSWORD_ENV = "VOXLOG_DEMO_CALDAV_PASSWORD"

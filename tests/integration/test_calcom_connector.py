@@ -288,7 +288,8 @@ def test_slots_grouped_by_day_read_back_in_order(starts: list[datetime], zone: Z
         local = start.astimezone(zone)
         grouped.setdefault(local.date().isoformat(), []).append(
             {"start": local.isoformat(timespec="milliseconds"),
-             "end": (local + timedelta(hours=1)).isoformat(timespec="milliseconds")})
+             # an hour later in elapsed time (wall-clock arithmetic is not, across a change of the clocks)
+             "end": (local.astimezone(UTC) + timedelta(hours=1)).astimezone(zone).isoformat(timespec="milliseconds")})
     slots = slots_from(grouped)
     # In UTC: a time in a repeated hour is never equal to one in another zone (PEP 495), the same moment or not.
     truncated = (s.replace(microsecond=s.microsecond // 1000 * 1000) for s in starts)  # Cal.com sends milliseconds
