@@ -14,7 +14,8 @@ RUN apt-get update \
 
 WORKDIR /app
 COPY . .
-RUN pip install . \
+# urllib3-future (caldav's niquests) built apart from urllib3, which its wheel would replace (tools/setup.sh).
+RUN URLLIB3_NO_OVERRIDE=1 PIP_NO_BINARY=urllib3-future pip install . \
  && useradd --create-home --uid 10001 voxlog \
  && mkdir -p /data \
  && chown voxlog:voxlog /data

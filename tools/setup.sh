@@ -39,6 +39,16 @@ if [[ ! -x .venv/bin/python ]]; then
   echo "==> creating .venv with $("$python" --version 2>&1)"
   "$python" -m venv .venv
 fi
+# caldav's HTTP client (niquests) brings urllib3-future, whose wheel replaces urllib3 itself at every
+# interpreter start (a .pth file), and requests' users then break (schemathesis did). Built from its
+# source with URLLIB3_NO_OVERRIDE it stays apart, as its authors document; a .venv where it took over
+# gets urllib3 back first.
+export URLLIB3_NO_OVERRIDE=1 PIP_NO_BINARY=urllib3-future
+if .venv/bin/python -c 'import sys, urllib3; sys.exit(int(urllib3.__version__.split(".")[2]) < 900)' 2>/dev/null; then
+  echo "==> urllib3-future had replaced urllib3 in .venv: putting urllib3 back"
+  .venv/bin/pip uninstall -y -q urllib3-future urllib3
+  rm -rf .venv/lib/python3*/site-packages/urllib3
+fi
 if $dev; then
   .venv/bin/pip install -q -e '.[dev]'
 else

@@ -151,6 +151,9 @@ class ToolRunner:
     def _webhook(self, tool: ToolDefinition, connectors: Connectors) -> WebhookTarget:
         if tool.webhook is not None:
             target = connectors.webhooks.get(tool.webhook)
+            problem = connectors.problems.get(f"webhook {tool.webhook}")
+            if target is None and problem is not None:
+                raise problem
             if target is None:
                 raise ConnectorError(FailureKind.CONFIGURATION, f"tool {tool.name} names webhook {tool.webhook!r}, "
                                      "which the tenant's integrations do not declare")

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -63,53 +64,60 @@ def calendar_zone(settings: CalendarSettings | None) -> str:
 
 
 def build_connectors(tenant_id: str, integrations: TenantIntegrations, secrets: Secrets, state_dir: Path) -> Connectors:
-    """The tenant's connectors; raises a CONFIGURATION `ConnectorError` naming what cannot be built."""
+    """The tenant's connectors. Each is built on its own: one that cannot be (a secret not set) is left out,
+    its reason kept in `problems`, and the others work."""
     timeout_s = integrations.request_timeout_s
-    crm = integrations.crm
-    tickets = integrations.tickets
-    calendar = integrations.calendar
+    crm, tickets, calendar = integrations.crm, integrations.tickets, integrations.calendar
     built = Connectors(calendar_zone=calendar_zone(calendar), booking_minutes=integrations.booking_minutes)
+
+    def attempt(family: str, make: Callable[[], Any]) -> Any:
+        try:
+            return make()
+        except ConnectorError as exc:
+            built.problems[family] = exc
+            return None
+
     # Each vendor's module is imported here, where its connector is built, and only for a tenant that has
     # that vendor: the modules import their SDKs, which loading tenants (every process) does not need.
     if isinstance(crm, HubSpotSettings):
         from streams.connectors import crm_hubspot
-        built.crm = crm_hubspot.connect(crm, secrets, timeout_s)
+        built.crm = attempt("crm", lambda: crm_hubspot.connect(crm, secrets, timeout_s))
     elif isinstance(crm, SalesforceSettings):
         from streams.connectors import crm_salesforce
-        built.crm = crm_salesforce.connect(crm, secrets, timeout_s)
+        built.crm = attempt("crm", lambda: crm_salesforce.connect(crm, secrets, timeout_s))
     if isinstance(tickets, ZendeskSettings):
         from streams.connectors import tickets_zendesk
-        built.tickets = tickets_zendesk.connect(tickets, secrets, timeout_s)
+        built.tickets = attempt("tickets", lambda: tickets_zendesk.connect(tickets, secrets, timeout_s))
     elif isinstance(tickets, FreshdeskSettings):
         from streams.connectors import tickets_freshdesk
-        built.tickets = tickets_freshdesk.connect(tickets, secrets, timeout_s)
+        built.tickets = attempt("tickets", lambda: tickets_freshdesk.connect(tickets, secrets, timeout_s))
     elif isinstance(tickets, BuiltinDeskSettings):
         from streams.connectors.tickets_builtin import BuiltinDesk
         built.tickets = BuiltinDesk(state_dir / "desk.db", tenant_id)
     if isinstance(calendar, CalDavSettings):
         from streams.connectors import calendar_caldav
-        built.calendar = calendar_caldav.connect(calendar, secrets, timeout_s)
+        built.calendar = attempt("calendar", lambda: calendar_caldav.connect(calendar, secrets, timeout_s))
     elif isinstance(calendar, GoogleCalendarSettings):
         from streams.connectors import calendar_google
-        built.calendar = calendar_google.connect(calendar, secrets, timeout_s)
+        built.calendar = attempt("calendar", lambda: calendar_google.connect(calendar, secrets, timeout_s))
     elif isinstance(calendar, CalComSettings):
         from streams.connectors import calendar_calcom
-        built.calendar = calendar_calcom.connect(calendar, secrets, timeout_s)
+        built.calendar = attempt("calendar", lambda: calendar_calcom.connect(calendar, secrets, timeout_s))
     if integrations.webhooks:
         from streams.connectors import webhook_http
-        built.webhooks = {name: webhook_http.connect(hook, secrets, name)
-                          for name, hook in integrations.webhooks.items()}
+        for name, hook in integrations.webhooks.items():
+            target = attempt(f"webhook {name}", partial(webhook_http.connect, hook, secrets, name))
+            if target is not None:
+                built.webhooks[name] = target
     return built
 
 
 def check_integrations(tenant_id: str, integrations: TenantIntegrations, secrets: Secrets,
                        state_dir: Path) -> Mapping[str, list[CheckResult]]:
     """Each configured connection tried (`voxlog integrations check`): what works and what is wrong."""
-    try:
-        connectors = build_connectors(tenant_id, integrations, secrets, state_dir)
-    except ConnectorError as exc:
-        return {"configuration": [CheckResult("build the connectors", False, str(exc))]}
-    results: dict[str, list[CheckResult]] = {}
+    connectors = build_connectors(tenant_id, integrations, secrets, state_dir)
+    results: dict[str, list[CheckResult]] = {
+        what: [CheckResult("configuration", False, str(problem))] for what, problem in connectors.problems.items()}
     for family, connector in (("crm", connectors.crm), ("tickets", connectors.tickets),
                               ("calendar", connectors.calendar)):
         if connector is None:
@@ -141,5 +149,6 @@ class TenantConnectors:
             built = self._built.get(tenant_id)
             if built is None:
                 built = build_connectors(tenant_id, self._integrations_of(tenant_id), self._secrets, self._state_dir)
-                self._built[tenant_id] = built
+                if not built.problems:  # else built again next time: a secret may be set meanwhile
+                    self._built[tenant_id] = built
             return built

@@ -67,7 +67,9 @@ class Connectors:
     crm: CrmConnector | None = None
     tickets: TicketDesk | None = None
     calendar: CalendarConnector | None = None
-    webhooks: Mapping[str, WebhookTarget] = field(default_factory=dict)
+    webhooks: dict[str, WebhookTarget] = field(default_factory=dict)
+    problems: dict[str, ConnectorError] = field(default_factory=dict)
+    """Why a configured connector could not be built (`crm`, `tickets`, `calendar`, `webhook NAME`)."""
     calendar_zone: str = "UTC"
     """The calendar's own zone: where a caller's zone cannot be told from the number."""
     booking_minutes: int = 60
@@ -92,10 +94,14 @@ def _number(arguments: Mapping[str, Any], name: str, default: int) -> int:
         raise ConnectorError(FailureKind.INVALID, f"argument {name!r} must be a number, not {text[:40]!r}") from None
 
 
-def _need(connector: Any, what: str, tenant_id: str) -> Any:
+def _need(connectors: Connectors, family: str, tenant_id: str) -> Any:
+    connector = getattr(connectors, family)
     if connector is None:
+        problem = connectors.problems.get(family)
+        if problem is not None:
+            raise problem
         raise ConnectorError(FailureKind.CONFIGURATION,
-                             f"tenant {tenant_id} has no {what} configured (integrations.{what})")
+                             f"tenant {tenant_id} has no {family} configured (integrations.{family})")
     return connector
 
 
@@ -106,7 +112,7 @@ def confirmation_code(booking_id: str) -> str:
 
 
 def _crm_find(call: ToolCall, c: Connectors) -> OperationResult:
-    crm: CrmConnector = _need(c.crm, "crm", call.tenant_id)
+    crm: CrmConnector = _need(c, "crm", call.tenant_id)
     phone = _text(call.arguments, "phone", default=call.caller_number)
     if not phone:
         raise ConnectorError(FailureKind.INVALID, "no phone number to look up")
@@ -119,7 +125,7 @@ def _crm_find(call: ToolCall, c: Connectors) -> OperationResult:
 
 
 def _crm_upsert(call: ToolCall, c: Connectors) -> OperationResult:
-    crm: CrmConnector = _need(c.crm, "crm", call.tenant_id)
+    crm: CrmConnector = _need(c, "crm", call.tenant_id)
     a = call.arguments
     fields = ContactFields(phone=_text(a, "phone", default=call.caller_number), first_name=_text(a, "first_name"),
                            last_name=_text(a, "last_name"), email=_text(a, "email"), company=_text(a, "company"))
@@ -130,7 +136,7 @@ def _crm_upsert(call: ToolCall, c: Connectors) -> OperationResult:
 
 
 def _crm_log_call(call: ToolCall, c: Connectors) -> OperationResult:
-    crm: CrmConnector = _need(c.crm, "crm", call.tenant_id)
+    crm: CrmConnector = _need(c, "crm", call.tenant_id)
     a = call.arguments
     contact_id = _text(a, "contact_id")
     if not contact_id:
@@ -150,7 +156,7 @@ def _crm_log_call(call: ToolCall, c: Connectors) -> OperationResult:
 
 
 def _ticket_create(call: ToolCall, c: Connectors) -> OperationResult:
-    desk: TicketDesk = _need(c.tickets, "tickets", call.tenant_id)
+    desk: TicketDesk = _need(c, "tickets", call.tenant_id)
     a = call.arguments
     summary = _text(a, "summary") or _text(a, "description", required=True)
     subject = _text(a, "subject") or (summary if len(summary) <= 80 else summary[:77].rstrip() + "...")
@@ -165,14 +171,14 @@ def _ticket_create(call: ToolCall, c: Connectors) -> OperationResult:
 
 
 def _ticket_comment(call: ToolCall, c: Connectors) -> OperationResult:
-    desk: TicketDesk = _need(c.tickets, "tickets", call.tenant_id)
+    desk: TicketDesk = _need(c, "tickets", call.tenant_id)
     ticket_id = _text(call.arguments, "ticket_id", required=True)
     comment = desk.comment(ticket_id, _text(call.arguments, "body", required=True), call.idempotency_key)
     return OperationResult({"ticket_id": ticket_id, "comment_id": comment}, desk.vendor, ticket_id)
 
 
 def _ticket_status(call: ToolCall, c: Connectors) -> OperationResult:
-    desk: TicketDesk = _need(c.tickets, "tickets", call.tenant_id)
+    desk: TicketDesk = _need(c, "tickets", call.tenant_id)
     ticket = desk.status(_text(call.arguments, "ticket_id", required=True))
     return OperationResult({"ticket_id": ticket.id, "status": ticket.status, "subject": ticket.subject},
                            desk.vendor, ticket.id)
@@ -209,7 +215,7 @@ def _booked(booking_id: str, start: datetime, zone: ZoneInfo, vendor: str) -> Op
 
 
 def _free_slots(call: ToolCall, c: Connectors) -> OperationResult:
-    calendar: CalendarConnector = _need(c.calendar, "calendar", call.tenant_id)
+    calendar: CalendarConnector = _need(c, "calendar", call.tenant_id)
     zone = _zone(call, c)
     day = _text(call.arguments, "day")
     begin = resolve_start(start=None, day=day, at="00:00", zone=zone, now=call.now) if day else call.now
@@ -221,7 +227,7 @@ def _free_slots(call: ToolCall, c: Connectors) -> OperationResult:
 
 
 def _book(call: ToolCall, c: Connectors) -> OperationResult:
-    calendar: CalendarConnector = _need(c.calendar, "calendar", call.tenant_id)
+    calendar: CalendarConnector = _need(c, "calendar", call.tenant_id)
     zone = _zone(call, c)
     start = _start(call, zone)
     a = call.arguments
@@ -256,7 +262,7 @@ def _taken(calendar: CalendarConnector, request: BookingRequest, zone: ZoneInfo,
 
 
 def _reschedule(call: ToolCall, c: Connectors) -> OperationResult:
-    calendar: CalendarConnector = _need(c.calendar, "calendar", call.tenant_id)
+    calendar: CalendarConnector = _need(c, "calendar", call.tenant_id)
     zone = _zone(call, c)
     start = _start(call, zone)
     booking = calendar.reschedule(_text(call.arguments, "booking_id", required=True), start,
@@ -265,7 +271,7 @@ def _reschedule(call: ToolCall, c: Connectors) -> OperationResult:
 
 
 def _cancel(call: ToolCall, c: Connectors) -> OperationResult:
-    calendar: CalendarConnector = _need(c.calendar, "calendar", call.tenant_id)
+    calendar: CalendarConnector = _need(c, "calendar", call.tenant_id)
     booking_id = _text(call.arguments, "booking_id", required=True)
     calendar.cancel(booking_id, call.idempotency_key)
     return OperationResult({"booking_id": booking_id, "cancelled": True}, calendar.vendor, booking_id)

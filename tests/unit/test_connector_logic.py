@@ -232,3 +232,29 @@ def test_a_date_beyond_the_dst_change_keeps_its_wall_time() -> None:
     start = resolve_start(start=None, day="2027-03-15", at="10 am", zone=NEW_YORK, now=NOW)
     assert start.astimezone(BERLIN) == datetime(2027, 3, 15, 15, tzinfo=BERLIN)
     assert date(2027, 3, 15) == start.date()
+
+
+def test_urllib3_is_urllib3() -> None:
+    """caldav's niquests brings urllib3-future, whose wheel replaces urllib3 for every library using it unless
+    it is built apart (tools/setup.sh, the Dockerfile): requests' users broke when it did."""
+    import urllib3
+
+    assert int(urllib3.__version__.split(".")[2]) < 900, f"urllib3-future {urllib3.__version__} replaced urllib3"
+
+
+def test_a_connector_that_cannot_be_built_leaves_the_others_working(tmp_path: Path) -> None:
+    from streams.connectors.integrations import TenantIntegrations, build_connectors, check_integrations
+
+    integrations = TenantIntegrations.model_validate({
+        "tickets": {"kind": "voxlog"},
+        "calendar": {"kind": "caldav", "url": "http://127.0.0.1:9/cal/", "username": "bot",
+                     "password": {"env": "ACME_CALDAV_PASSWORD"}}})
+    connectors = build_connectors("acme", integrations, Secrets(environ={}), tmp_path)
+    made = run_operation(call("tickets.create", {"summary": "router down"}), connectors)
+    assert made.connector == "voxlog"
+    with pytest.raises(ConnectorError, match="ACME_CALDAV_PASSWORD is not set") as caught:
+        run_operation(call("calendar.book", {"day": "tomorrow", "time": "10 am"}), connectors)
+    assert caught.value.kind == FailureKind.CONFIGURATION
+    checked = check_integrations("acme", integrations, Secrets(environ={}), tmp_path)
+    assert [r.ok for r in checked["calendar"]] == [False]
+    assert all(r.ok for r in checked["tickets (voxlog)"])
