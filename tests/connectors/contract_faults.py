@@ -30,12 +30,6 @@ def harness_of(vendor: str) -> Iterator[Any]:
         yield running
 
 
-def on_the_wire(harness: object) -> None:
-    """Skips a test of faults on the wire for an implementation that has none (voxlog's own desk)."""
-    if not getattr(harness, "on_the_wire", True):
-        pytest.skip("no wire: a local store")
-
-
 def failure(operation: Callable[[], object]) -> ConnectorError:
     with pytest.raises(ConnectorError) as caught:
         operation()
@@ -51,7 +45,6 @@ def fails(kind: FailureKind, call: object) -> ConnectorError:
 
 
 def check_faults(harness: WireFaults, operation: Callable[[], object]) -> None:
-    on_the_wire(harness)
     """Every fault in turn, on `operation`, each answered by the right kind of error."""
     for status, kind in ((403, FailureKind.SCOPE), (404, FailureKind.NOT_FOUND), (400, FailureKind.INVALID),
                          (422, FailureKind.INVALID), (500, FailureKind.UNAVAILABLE), (502, FailureKind.UNAVAILABLE),
@@ -71,7 +64,6 @@ def check_faults(harness: WireFaults, operation: Callable[[], object]) -> None:
 
 
 def check_stall(harness: WireFaults, operation: Callable[[], object]) -> None:
-    on_the_wire(harness)
     harness.stall_next(TIMEOUT_S + STALL_SLACK_S + 5.0)
     began = time.monotonic()
     error = failure(operation)
@@ -81,7 +73,6 @@ def check_stall(harness: WireFaults, operation: Callable[[], object]) -> None:
 
 
 def check_auth(harness: WireFaults, operation: Callable[[], object]) -> None:
-    on_the_wire(harness)
     """401: an OAuth connector refreshes its token once and goes on; a second 401 (or any 401 for a
     static token) is an AUTH error that names no secret."""
     if harness.refreshes_tokens:
@@ -101,8 +92,6 @@ def check_health(harness: WireFaults, check: Callable[[], list[Any]]) -> None:
     results = check()
     assert results
     assert all(r.ok for r in results), results
-    if not getattr(harness, "on_the_wire", True):
-        return
     for status, word in ((401, "401"), (403, "403")):
         # Once (twice for a 401 to a connector that refreshes its token): the first thing check() tries fails.
         harness.fail_next(status, times=2 if status == 401 and harness.refreshes_tokens else 1)

@@ -1,5 +1,5 @@
-"""voxlog's own desk for the desk contract suite: a SQLite file in a temporary folder. It has no wire, so
-the suite's faults on the wire do not apply to it (`on_the_wire`)."""
+"""voxlog's own desk for the desk contract suite: a SQLite file in a temporary folder. It has no wire: the
+suite runs its faults on the wire against the desks that have one (`WIRED` there)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,6 @@ from streams.connectors.tickets_builtin import BuiltinDesk
 @dataclass
 class BuiltinDeskHarness:
     connector: BuiltinDesk
-    on_the_wire = False
-    refreshes_tokens = False
-    secret_values: tuple[str, ...] = ()
 
     def tickets(self) -> list[Mapping[str, str]]:
         return self.connector.tickets()
