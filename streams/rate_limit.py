@@ -1,6 +1,10 @@
-"""Rate limits as token buckets: the dialer's per tenant, the providers' per API key."""
+"""Rate limits as token buckets: the dialer's per tenant, the providers' per API key; and what a server's
+Retry-After asks for."""
 
 from __future__ import annotations
+
+import email.utils
+import time
 
 
 class TokenBucket:
@@ -24,3 +28,19 @@ class TokenBucket:
     def take(self, now: float) -> None:
         self._refill(now)
         self.tokens -= 1.0
+
+
+def retry_after_wait(value: str | None, now: float | None = None) -> float | None:
+    """A Retry-After header's wait in seconds (delta-seconds or an HTTP-date, RFC 9110 10.2.3), never
+    negative; None when absent or unreadable."""
+    if value is None or not value.strip():
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value.strip())
+        except (TypeError, ValueError, IndexError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    return None if seconds != seconds else max(0.0, seconds)  # NaN: unreadable

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -23,12 +22,6 @@ PASSWORD_ENV = "VOXLOG_DEMO_CALDAV_PASSWORD"
 """The environment variable the demo tenant's calendar password is named by (set for its tool worker only)."""
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 class DemoCalendar:
     def __init__(self, home: Path, calendar: CalDavSettings) -> None:
         self.folder = home / "caldav"
@@ -36,7 +29,7 @@ class DemoCalendar:
         self.path = urlsplit(calendar.url).path  # /demo/visits/
         self.username = calendar.username
         self.password = self._password()
-        self.server = RadicaleServer(self.folder, port=_free_port(), users={self.username: self.password})
+        self.server = RadicaleServer(self.folder, users={self.username: self.password})
 
     def _password(self) -> str:
         kept = self.folder / "password"

@@ -3,32 +3,17 @@ whichever SDK raised it (the SDKs wrap the same status codes in their own except
 
 from __future__ import annotations
 
-import email.utils
-import time
-
 from streams.connectors.base import ConnectorError, FailureKind
+from streams.rate_limit import retry_after_wait
 
 MAX_RETRY_AFTER_S = 3600.0
 """A Retry-After beyond this is read as this: a vendor's typo must not park a worker for days."""
 
 
 def retry_after_s(value: str | None, now: float | None = None) -> float | None:
-    """A Retry-After header (delta-seconds or an HTTP-date, RFC 9110 10.2.3) in seconds, or None when
-    absent or unreadable."""
-    if value is None or not value.strip():
-        return None
-    text = value.strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(text)
-        except (TypeError, ValueError, IndexError):
-            return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    if seconds != seconds:  # NaN
-        return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+    """A Retry-After header in seconds, at most `MAX_RETRY_AFTER_S`; None when absent or unreadable."""
+    wait = retry_after_wait(value, now)
+    return None if wait is None else min(wait, MAX_RETRY_AFTER_S)
 
 
 def failure_for_status(status: int, detail: str, *, vendor: str, retry_after: str | None = None) -> ConnectorError:

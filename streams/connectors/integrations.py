@@ -13,6 +13,7 @@ when it first runs a tool of the tenant's."""
 
 from __future__ import annotations
 
+import importlib
 import threading
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -63,6 +64,21 @@ def calendar_zone(settings: CalendarSettings | None) -> str:
     return settings.hours.timezone
 
 
+VENDOR_MODULES: dict[type[BaseModel], str] = {
+    HubSpotSettings: "crm_hubspot", SalesforceSettings: "crm_salesforce", ZendeskSettings: "tickets_zendesk",
+    FreshdeskSettings: "tickets_freshdesk", CalDavSettings: "calendar_caldav",
+    GoogleCalendarSettings: "calendar_google", CalComSettings: "calendar_calcom",
+}
+"""Each vendor's settings, and the module whose `connect(settings, secrets, timeout_s)` builds its connector."""
+
+
+def _connect(settings: BaseModel, secrets: Secrets, timeout_s: float) -> Any:
+    # The vendor's module is imported here, where its connector is built, and only for a tenant that has
+    # that vendor: the modules import their SDKs, which loading tenants (every process) does not need.
+    module = importlib.import_module(f"streams.connectors.{VENDOR_MODULES[type(settings)]}")
+    return module.connect(settings, secrets, timeout_s)
+
+
 def build_connectors(tenant_id: str, integrations: TenantIntegrations, secrets: Secrets, state_dir: Path) -> Connectors:
     """The tenant's connectors. Each is built on its own: one that cannot be (a secret not set) is left out,
     its reason kept in `problems`, and the others work."""
@@ -77,32 +93,12 @@ def build_connectors(tenant_id: str, integrations: TenantIntegrations, secrets: 
             built.problems[family] = exc
             return None
 
-    # Each vendor's module is imported here, where its connector is built, and only for a tenant that has
-    # that vendor: the modules import their SDKs, which loading tenants (every process) does not need.
-    if isinstance(crm, HubSpotSettings):
-        from streams.connectors import crm_hubspot
-        built.crm = attempt("crm", lambda: crm_hubspot.connect(crm, secrets, timeout_s))
-    elif isinstance(crm, SalesforceSettings):
-        from streams.connectors import crm_salesforce
-        built.crm = attempt("crm", lambda: crm_salesforce.connect(crm, secrets, timeout_s))
-    if isinstance(tickets, ZendeskSettings):
-        from streams.connectors import tickets_zendesk
-        built.tickets = attempt("tickets", lambda: tickets_zendesk.connect(tickets, secrets, timeout_s))
-    elif isinstance(tickets, FreshdeskSettings):
-        from streams.connectors import tickets_freshdesk
-        built.tickets = attempt("tickets", lambda: tickets_freshdesk.connect(tickets, secrets, timeout_s))
-    elif isinstance(tickets, BuiltinDeskSettings):
-        from streams.connectors.tickets_builtin import BuiltinDesk
-        built.tickets = BuiltinDesk(state_dir / "desk.db", tenant_id)
-    if isinstance(calendar, CalDavSettings):
-        from streams.connectors import calendar_caldav
-        built.calendar = attempt("calendar", lambda: calendar_caldav.connect(calendar, secrets, timeout_s))
-    elif isinstance(calendar, GoogleCalendarSettings):
-        from streams.connectors import calendar_google
-        built.calendar = attempt("calendar", lambda: calendar_google.connect(calendar, secrets, timeout_s))
-    elif isinstance(calendar, CalComSettings):
-        from streams.connectors import calendar_calcom
-        built.calendar = attempt("calendar", lambda: calendar_calcom.connect(calendar, secrets, timeout_s))
+    for family, settings in (("crm", crm), ("tickets", tickets), ("calendar", calendar)):
+        if isinstance(settings, BuiltinDeskSettings):
+            from streams.connectors.tickets_builtin import BuiltinDesk
+            built.tickets = BuiltinDesk(state_dir / "desk.db", tenant_id)
+        elif settings is not None:
+            setattr(built, family, attempt(family, partial(_connect, settings, secrets, timeout_s)))
     if integrations.webhooks:
         from streams.connectors import webhook_http
         for name, hook in integrations.webhooks.items():

@@ -50,7 +50,8 @@ class RadicaleServer:
             raise ValueError(f"user names cannot be empty or hold ':', '/' or outer spaces: {bad}")
         self.folder = folder
         self.host = host
-        self.port = port
+        self.port = port or _free_port(host)
+        """Chosen when the server is made (0: a free one), so that its URL is known before it starts."""
         self.users = dict(users)
         self.rights = rights
         self._process: subprocess.Popen[bytes] | None = None
@@ -73,9 +74,7 @@ class RadicaleServer:
         with the tail of its log where it exits first (a port in use, a bad configuration)."""
         if self._process is not None:
             raise RadicaleError("the server is already started")
-        if self.port == 0:
-            self.port = _free_port(self.host)
-        elif not _port_free(self.host, self.port):
+        if not _port_free(self.host, self.port):
             # Polling would connect to whoever holds the port and take it for Radicale.
             raise RadicaleError(f"{self.host}:{self.port} is in use by another process")
         config = self._write_config()

@@ -11,8 +11,6 @@ layer (resilience.py) decides what to retry and where to fall back, and needs to
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar
@@ -20,6 +18,7 @@ from typing import ClassVar, TypeVar
 import httpx2
 
 from streams.providers.base import ErrorKind, ProviderError
+from streams.rate_limit import retry_after_wait
 
 T = TypeVar("T")
 
@@ -119,18 +118,7 @@ def retry_after_s(headers: Mapping[str, str]) -> float | None:
             return max(0.0, float(millis) / 1000)
         except ValueError:
             pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+    return retry_after_wait(headers.get("retry-after"))
 
 
 def status_error(provider: str, status: int, message: str, headers: Mapping[str, str]) -> ProviderError:

@@ -258,3 +258,17 @@ def test_a_connector_that_cannot_be_built_leaves_the_others_working(tmp_path: Pa
     checked = check_integrations("acme", integrations, Secrets(environ={}), tmp_path)
     assert [r.ok for r in checked["calendar"]] == [False]
     assert all(r.ok for r in checked["tickets (voxlog)"])
+
+
+def test_every_vendor_a_tenant_can_name_has_a_module_that_connects_it() -> None:
+    import importlib
+    import typing
+
+    from streams.connectors.integrations import VENDOR_MODULES, CalendarSettings, CrmSettings, DeskSettings
+
+    named = {kind for union in (CrmSettings, DeskSettings, CalendarSettings) for kind in typing.get_args(
+        typing.get_args(union)[0])}
+    named = {kind for kind in named if kind.__name__ != "BuiltinDeskSettings"}  # voxlog's own: no vendor
+    assert named == set(VENDOR_MODULES)
+    for module in VENDOR_MODULES.values():
+        assert callable(importlib.import_module(f"streams.connectors.{module}").connect)
