@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
+from functools import partial
 
 import httpx
 from websockets.exceptions import ConnectionClosed
@@ -113,6 +114,11 @@ async def place_call(stack: LocalStack, number: str) -> TwilioCaller:
     return stack.callee(placed)
 
 
+def _stopped_since(caller: TwilioCaller, clears: int) -> bool:
+    """The agent has stopped its speech (a `clear`) since it had sent `clears`, or the call is over."""
+    return caller.clears > clears or caller.closed.is_set()
+
+
 async def play_call(stack: LocalStack, script: Script, tts: FliteTts) -> DemoCall:
     result = DemoCall(script)
     caller = await place_call(stack, script.caller) if script.outbound else stack.caller(from_=script.caller,
@@ -130,11 +136,17 @@ async def play_call(stack: LocalStack, script: Script, tts: FliteTts) -> DemoCal
                 await caller.agent_quiet(1.2, 30, beyond=answered_from)
             if caller.closed.is_set():
                 break
-            answered_from = len(caller.agent_audio)
+            answered_from, clears = len(caller.agent_audio), caller.clears
             try:
                 await caller.send_mulaw(speech + bytes([0xFF]) * 8000)  # the words, then a second of silence
             except ConnectionClosed:
                 break  # the agent ended the stream (hang-up, or transfer to a human) while we spoke
+            if line.barge_in:
+                # The greeting went on a moment over the words, until the agent stopped it: its answer is
+                # what comes after that stop, not after the greeting's tail.
+                with contextlib.suppress(TimeoutError):
+                    await caller.wait_until(partial(_stopped_since, caller, clears), 30)
+                answered_from = max(answered_from, caller.heard_at_clear)
         await caller.agent_quiet(1.5, 30, beyond=answered_from)
         if not caller.closed.is_set():
             with contextlib.suppress(ConnectionClosed):

@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from streams.config.tenants import TenantSpec
-from streams.connectors.radicale_server import RadicaleServer
+from streams.connectors.radicale_server import RadicaleError, RadicaleServer
 from streams.connectors.vendor_settings import CalDavSettings
 
 DEMO_TENANT = "demo"
@@ -32,14 +32,21 @@ class DemoCalendar:
         self.server = RadicaleServer(self.folder, users={self.username: self.password})
 
     def _password(self) -> str:
+        """The kept password, or a new one kept whole: gateways starting together on one home agree on
+        whichever was linked into place first, and none reads a half-written file."""
         kept = self.folder / "password"
-        if kept.exists():
-            return kept.read_text().strip()
-        password = secrets.token_urlsafe(18)
-        descriptor = os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as out:
-            out.write(password)
-        return password
+        if not kept.exists():
+            draft = self.folder / f"password.{os.getpid()}.{secrets.token_hex(4)}"
+            descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as out:
+                out.write(secrets.token_urlsafe(18))
+            try:
+                os.link(draft, kept)
+            except FileExistsError:
+                pass  # another gateway's, linked first
+            finally:
+                draft.unlink()
+        return kept.read_text().strip()
 
     @property
     def url(self) -> str:
@@ -62,8 +69,14 @@ class DemoCalendar:
     def start(self) -> None:
         self.server.start()
         calendar_id = self.path.strip("/").split("/")[-1]
-        if not (self.folder / "collections" / "collection-root" / self.username / calendar_id).exists():
-            self.server.make_calendar(self.username, calendar_id, "Acme technician visits")
+        made = self.folder / "collections" / "collection-root" / self.username / calendar_id
+        if not made.exists():
+            try:
+                self.server.make_calendar(self.username, calendar_id, "Acme technician visits")
+            except RadicaleError:
+                if not made.exists():  # else another gateway on this home made it first
+                    self.server.stop()
+                    raise
 
     def stop(self) -> None:
         self.server.stop()

@@ -148,6 +148,9 @@ class CallState:
     heard_ids: tuple[str, ...] = ()
     caller_speaking: bool = False
     speaking: str | None = None  # TTS request being played
+    barged_in_on: str | None = None
+    """The speech a barge-in has stopped, until its `tts.completed` arrives: the caller speaking again in
+    between (a pause, a breath) is no second barge-in, so the far end is told to drop its audio once."""
     pending_llm: str | None = None
     pending_tools: tuple[str, ...] = ()
     tool_names: dict[str, str] = field(default_factory=dict)
@@ -505,8 +508,9 @@ def _caller_started(state: CallState, offset_ms: int) -> tuple[CallState, list[D
     state, decisions = _cancel_timer(state, "silence")
     state, answering = _cancel_timer(state, "consent")  # the caller is answering: their words will say
     decisions += answering
-    if state.speaking is not None and state.hangup_after_speech is None:
+    if state.speaking is not None and state.speaking != state.barged_in_on and state.hangup_after_speech is None:
         interrupted = state.speaking
+        state = evolve(state, barged_in_on=interrupted)
         # How much had played is the session's to know: its tts.completed says (interrupted, audio_ms).
         decisions.append(
             Decision(
@@ -724,7 +728,7 @@ def _tool_result(state: CallState, p: ToolSucceeded | ToolFailed, now: int) -> t
 def _finished_speaking(state: CallState, p: TtsCompleted, now: int) -> tuple[CallState, list[Decision]]:
     if p.request_id != state.speaking:
         return state, []
-    state = evolve(state, speaking=None)
+    state = evolve(state, speaking=None, barged_in_on=None)
     if state.hangup_after_speech is not None:
         return _hangup(state, state.hangup_after_speech)
     if state.handoff_id is not None or state.phase != "listening":

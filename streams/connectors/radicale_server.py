@@ -3,7 +3,9 @@ tests run against, and the calendar the demo books into.
 
 `RadicaleServer(folder, users={"alice": "secret"})` writes a Radicale configuration, a plain-text
 htpasswd file and a storage folder under `folder`, and `start()` runs `python -m radicale` with that
-configuration alone (`--config`, so no /etc/radicale or ~/.config/radicale is read). Each user owns
+configuration alone (`--config`, so no /etc/radicale or ~/.config/radicale is read). The configuration
+and users are the server's own (named by its port), so several servers may share one storage folder
+(gateways on one home; Radicale locks its storage): none rewrites another's port. Each user owns
 the collections under `/<user>/` (Radicale's `owner_only` rights) unless a rights file is given.
 `make_calendar` creates a calendar collection the documented CalDAV way, a MKCALENDAR request (RFC
 4791 5.3.1) sent by the `caldav` client as that user, so the server writes its own storage layout.
@@ -88,6 +90,7 @@ class RadicaleServer:
             if self._process.poll() is not None:
                 code = self._process.returncode
                 self._process = None
+                self._remove_config()
                 raise RadicaleError(f"radicale exited with status {code} before answering on "
                                     f"{self.host}:{self.port}:\n{self.log_tail()}")
             if time.monotonic() > deadline:
@@ -108,6 +111,7 @@ class RadicaleServer:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        self._remove_config()
 
     def log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
         try:
@@ -139,16 +143,16 @@ class RadicaleServer:
 
     def _write_config(self) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
-        users_file = self.folder / "users"
+        users_file = self.folder / f"users.{self.port}"
         users_file.touch(mode=0o600)
         users_file.write_text("".join(f"{name}:{password}\n" for name, password in self.users.items()),
                               encoding="utf-8")
         rights = ""
         if self.rights is not None:
-            rights_file = self.folder / "rights"
+            rights_file = self.folder / f"rights.{self.port}"
             rights_file.write_text(self.rights, encoding="utf-8")
             rights = f"[rights]\ntype = from_file\nfile = {rights_file}\n"
-        config = self.folder / "config"
+        config = self.folder / f"config.{self.port}"
         config.write_text(
             "[server]\n"
             f"hosts = {self.host}:{self.port}\n"
@@ -167,6 +171,11 @@ class RadicaleServer:
             "level = warning\n",
             encoding="utf-8")
         return config
+
+    def _remove_config(self) -> None:
+        """This server's files (the users' passwords among them) go with it; the storage stays."""
+        for name in ("config", "users", "rights"):
+            (self.folder / f"{name}.{self.port}").unlink(missing_ok=True)
 
     def _answers(self) -> bool:
         with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), timeout=0.5):

@@ -162,6 +162,22 @@ def test_caller_speaking_over_the_agent_is_a_barge_in() -> None:
     assert types(sim.feed(final("my internet is down"))) == ["turn.taken", "llm.requested"]
 
 
+def test_a_caller_who_pauses_before_the_cut_speech_reports_back_barges_in_once() -> None:
+    """Speaking, a breath, speaking again, all before the stopped speech's `tts.completed` (a busy
+    gateway): one barge-in, one `clear` to the far end, not one per stretch of speech."""
+    sim = CoreSim(AGENT)
+    started(sim)
+    assert types(sim.feed(SpeechStarted(offset_ms=300))) == ["turn.barge_in"]
+    assert sim.feed(SpeechStopped(offset_ms=900, duration_ms=600)) == []
+    assert sim.feed(SpeechStarted(offset_ms=1100)) == []
+    assert types(sim.feed(done("call-1/tts/0", interrupted=True))) == []
+    assert types(sim.feed(final("sorry to interrupt, my internet is down"))) == ["turn.taken", "llm.requested"]
+    # The next speech can be barged in on as the first was.
+    sim.feed(SpeechStopped(offset_ms=3000, duration_ms=1900))
+    sim.feed(decided("call-1/llm/0", text="I can help with that."))
+    assert types(sim.feed(SpeechStarted(offset_ms=3500))) == ["turn.barge_in"]
+
+
 def test_asking_for_a_human_hands_off_without_the_llm() -> None:
     sim = CoreSim(AGENT)
     started(sim)

@@ -27,6 +27,8 @@ class MediaPeer(ABC):
         self.protocol_errors: list[str] = []
         """What the agent sent that the channel's protocol does not allow."""
         self.clears = 0
+        self.heard_at_clear = 0
+        """How much of the agent's audio had arrived at its last `clear`: what follows is newer speech."""
         self.close_code: int | None = None
         self.closed_by_agent = False
         self.closed = asyncio.Event()
@@ -117,6 +119,7 @@ class MediaPeer(ABC):
 
     def _clear(self) -> None:
         self.clears += 1
+        self.heard_at_clear = len(self.agent_audio)
         self.speaker.clear()
 
     async def _acknowledge_mark(self, name: str) -> None:
