@@ -28,7 +28,7 @@ from consumers.tool_replies import ToolReplies
 from consumers.workers.after_call import AfterCallStore, AfterCallWorker
 from consumers.workers.call_leases import CallReaper, LeasedCall, LeaseKeeper, new_instance_id
 from consumers.workers.dialer import DialStore, DialWorker
-from consumers.workers.summariser import Summariser
+from consumers.workers.summariser import Summariser, SummaryStore
 from consumers.workers.tools import ToolRunner, ToolStore, ToolWorker
 from gateway.admission import Admission, RateLimits, Refusal
 from gateway.config_audit import record_config_changes
@@ -143,6 +143,7 @@ class GatewayRuntime:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _store: ToolStore | None = None
     _after_calls: AfterCallStore | None = None
+    _summaries: SummaryStore | None = None
     _dials: DialStore | None = None
     dialer: DialWorker | None = None
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -215,7 +216,8 @@ class GatewayRuntime:
             after_call = AfterCallWorker(self.backend, self.router, self._after_calls, self._recording_url)
             self._tasks.append(asyncio.create_task(after_call.run(self._stop), name="after-call"))
             await asyncio.wait_for(after_call.ready.wait(), 60)
-            summariser = Summariser(self.backend, llm_for=self._summary_llm)
+            self._summaries = SummaryStore(self.home / "summaries.db")
+            summariser = Summariser(self.backend, self._summaries, llm_for=self._summary_llm)
             self._tasks.append(asyncio.create_task(summariser.run(self._stop), name="summariser"))
             await asyncio.wait_for(summariser.ready.wait(), 60)
         reaper_consumer = self.backend.consumer([GATEWAYS], auto_offset_reset="earliest")
@@ -306,6 +308,8 @@ class GatewayRuntime:
             self._store.close()
         if self._after_calls is not None:
             self._after_calls.close()
+        if self._summaries is not None:
+            self._summaries.close()
         for service in self.local_services:
             await asyncio.to_thread(service.stop)
         if self._dials is not None:

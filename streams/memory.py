@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 from schemas.base import Event, EventPayload
 from schemas.events import CallStarted, HandoffRequested, ToolSucceeded, TtsRequested, TurnTaken
@@ -65,19 +67,51 @@ def _tool_clause(tool: str, result_json: str) -> str:
     return f"we ran {tool.replace('_', ' ')} for you"
 
 
-def summarize(events: Sequence[Event[EventPayload]]) -> str | None:
+NoteKind = Literal["caller", "agent", "tool", "lookup", "handoff"]
+
+
+@dataclass(frozen=True)
+class CallNote:
+    """What a summary reads of one event: the caller's words (`turn.taken`), the agent's (`tts.requested`),
+    a tool's result (`tool.succeeded`; `lookup` for the caller lookup's, which is no deed of the call's),
+    a handoff. A call's notes are small beside its events, and a worker folds them as the events pass."""
+
+    kind: NoteKind
+    text: str = ""
+    tool: str = ""
+
+
+def note_of(payload: EventPayload) -> CallNote | None:
+    """The note a summary takes of this event, or None: it reads nothing of it."""
+    match payload:
+        case TurnTaken() if payload.caller_text.strip():
+            return CallNote("caller", payload.caller_text.strip())
+        case TtsRequested() if payload.text.strip():
+            return CallNote("agent", payload.text.strip())
+        case ToolSucceeded():
+            return CallNote("lookup" if payload.tool_call_id == LOOKUP_ID else "tool", payload.result_json,
+                            payload.tool)
+        case HandoffRequested():
+            return CallNote("handoff")
+    return None
+
+
+def notes_of(events: Iterable[Event[EventPayload]]) -> list[CallNote]:
+    return [note for event in events if (note := note_of(event.payload)) is not None]
+
+
+def summarize(notes: Sequence[CallNote]) -> str | None:
     """What the call did, as clauses the agent can say back ("you booked a visit for tomorrow at ten
     (confirmation A1001)"); None for a call where nothing was said."""
     clauses: list[str] = []
     first_words: str | None = None
-    for event in events:
-        p = event.payload
-        if isinstance(p, ToolSucceeded) and p.tool_call_id != LOOKUP_ID:  # who called is no deed of the call's
-            clauses.append(_tool_clause(p.tool, p.result_json))
-        elif isinstance(p, HandoffRequested):
+    for note in notes:
+        if note.kind == "tool":
+            clauses.append(_tool_clause(note.tool, note.text))
+        elif note.kind == "handoff":
             clauses.append("you asked to speak with a person")
-        elif isinstance(p, TurnTaken) and first_words is None and p.caller_text.strip():
-            first_words = p.caller_text.strip()
+        elif note.kind == "caller" and first_words is None:
+            first_words = note.text
     if not clauses and first_words is None:
         return None
     if not clauses:
@@ -85,23 +119,22 @@ def summarize(events: Sequence[Event[EventPayload]]) -> str | None:
     return " and ".join(dict.fromkeys(clauses))
 
 
-def transcript(events: Sequence[Event[EventPayload]]) -> str:
+def transcript(notes: Sequence[CallNote]) -> str:
     """The call as lines (`Caller: ...`, `Agent: ...`, `Tool ...: result`), for an LLM to summarise."""
     lines: list[str] = []
-    for event in events:
-        p = event.payload
-        if isinstance(p, TurnTaken) and p.caller_text.strip():
-            lines.append(f"Caller: {p.caller_text.strip()}")
-        elif isinstance(p, TtsRequested) and p.text.strip():
-            lines.append(f"Agent: {p.text.strip()}")
-        elif isinstance(p, ToolSucceeded):
-            lines.append(f"Tool {p.tool} result: {p.result_json}")
+    for note in notes:
+        if note.kind == "caller":
+            lines.append(f"Caller: {note.text}")
+        elif note.kind == "agent":
+            lines.append(f"Agent: {note.text}")
+        elif note.kind in ("tool", "lookup"):
+            lines.append(f"Tool {note.tool} result: {note.text}")
     return "\n".join(lines)[-TRANSCRIPT_MAX_CHARS:]
 
 
-def summary_request(events: Sequence[Event[EventPayload]], *, request_id: str, model: str) -> LlmRequest | None:
+def summary_request(notes: Sequence[CallNote], *, request_id: str, model: str) -> LlmRequest | None:
     """What to ask an LLM for the call's summary; None for a call where nothing was said."""
-    text = transcript(events)
+    text = transcript(notes)
     if not text:
         return None
     return LlmRequest(request_id=request_id, model=model,

@@ -11,6 +11,10 @@ is the time spent in voxlog itself: the gateway, the session's tasks, the log ap
 Pacing jitter is how far the gaps between the agent's audio frames, as the caller receives them,
 stray from 20 ms.
 
+`--history-events N` first writes N events of earlier calls to the log (synthetic, audio and all) and
+puts the in-process workers' consumer groups at its end, as on a broker that has served for a while:
+the same run on a fresh log and on one with history shows whether a call's cost grows with history.
+
 `--ramp-s` spreads the callers' first rings over that many seconds (0: all in the same instant).
 Past the gateway's capacity (`--calls` above `VOXLOG_MAX_CALLS`) the calls it refuses are counted with
 how long their busy answer took; the latency and jitter figures are the admitted calls', which admission
@@ -36,6 +40,7 @@ import json
 import statistics
 import sys
 import time
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -43,10 +48,15 @@ from typing import Any, Literal, TypeVar
 
 import httpx
 
-from consumers.backends import LogBackend
+from consumers.backends import LogBackend, ensure_topics
 from consumers.processor_runner import read_to_end
+from consumers.workers.after_call import GROUP as AFTER_CALL_GROUP
+from consumers.workers.dialer import GROUP as DIALER_GROUP
+from consumers.workers.summariser import GROUP as SUMMARISER_GROUP
+from consumers.workers.tools import GROUP as TOOLS_GROUP
+from producers.log_producer import TopicPartition
 from schemas.events import CallStarted, ProviderFallback
-from schemas.topics import CALLS, TOPICS
+from schemas.topics import CALLS, COMMANDS, TOPICS
 from streams.audio.vad import Vad
 from streams.call.session import Providers
 from streams.channels.twilio_media_protocol import OutboundMedia
@@ -57,7 +67,9 @@ from streams.providers.registry import LLM_CHAIN_DEADLINE_S, SPEECH_CHAIN_DEADLI
 from streams.providers.resilience import ChainLlm, CircuitBreaker, Guarded, ProviderChain
 from streams.providers.timeline import ScriptedFailure, Timeline, TimelineAsr, TimelineLlm, TimelineTts
 from streams.providers.tts_chain import ChainTts
+from voxlog.backends import log_backend
 from voxlog.bench import percentile, run_facts
+from voxlog.bench_projections import write_synthetic_calls
 from voxlog.progress import progress
 from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
@@ -173,6 +185,33 @@ async def _callers_process(stack: LocalStack, calls: int, budget_ms: float,
     return [sid for sid, _ in plan["calls"]], [CallFigures(**figures) for figures in json.loads(out)]
 
 
+WORKER_GROUPS = ((TOOLS_GROUP, COMMANDS), (DIALER_GROUP, COMMANDS), (AFTER_CALL_GROUP, CALLS),
+                 (SUMMARISER_GROUP, CALLS))
+"""The consumer groups of the workers a gateway runs in-process, with what each consumes."""
+GROUP_JOIN_S = 60.0
+
+
+async def write_history(settings: Settings, events: int) -> None:
+    """`events` events of earlier calls (synthetic, audio and all) on the log the gateway will use, as a
+    broker that has served for a while holds them, and each worker group's offsets at their end: those
+    calls were handled long ago, and what the run measures is what each new call costs beside them."""
+    backend = log_backend(settings)
+    async with backend.admin() as admin:
+        await ensure_topics(admin)
+    with progress("history", total=events, unit="events") as wrote:
+        await write_synthetic_calls(backend, f"history-{uuid.uuid4().hex[:8]}", events, None, on_progress=wrote)
+    async with backend.admin() as admin:
+        ends = {topic: await admin.end_offsets(topic) for topic in (COMMANDS, CALLS)}
+    for group, topic in WORKER_GROUPS:
+        async with backend.consumer([topic], group_id=group) as consumer:
+            deadline = time.monotonic() + GROUP_JOIN_S
+            while len(consumer.assignment()) < len(ends[topic]):  # the group's one member: all partitions
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{group} was not given {topic}'s partitions in {GROUP_JOIN_S:.0f} s")
+                await consumer.poll(timeout_s=0.5, max_records=1)
+            await consumer.commit({TopicPartition(topic, p): end for p, end in ends[topic].items()})
+
+
 async def _events_in_log(backend: LogBackend) -> int:
     async with backend.admin() as admin:
         return sum([sum((await admin.end_offsets(t)).values()) for t in TOPICS])
@@ -234,8 +273,11 @@ def _latency(values: list[float]) -> dict[str, float | None]:
 
 
 async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
-                      fallback: FallbackProfile | None = None, ramp_s: float = 0.0) -> dict[str, Any]:
+                      fallback: FallbackProfile | None = None, ramp_s: float = 0.0,
+                      history_events: int = 0) -> dict[str, Any]:
     made = itertools.count()
+    if history_events:
+        await write_history(settings, history_events)
 
     def providers(agent: AgentSpec) -> Providers:
         failing = fallback is not None and next(made) % fallback.every == 0
@@ -262,6 +304,7 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
         **run_facts("calls"),
         "log": backend,
         "calls": calls,
+        "history_events": history_events,
         "ramp_s": ramp_s,
         "capacity": capacity,
         "admitted_calls": calls - len(refused),

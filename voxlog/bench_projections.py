@@ -36,9 +36,9 @@ from voxlog.sim.synthetic_calls import concurrent_calls
 POLL_S = 0.05
 
 
-async def _write(backend: LogBackend, run: str, events: int, rate: float | None,
-                 written: dict[tuple[str, int], float] | None = None,
-                 on_progress: Callable[[int], None] | None = None) -> float:
+async def write_synthetic_calls(backend: LogBackend, run: str, events: int, rate: float | None,
+                                written: dict[tuple[str, int], float] | None = None,
+                                on_progress: Callable[[int], None] | None = None) -> float:
     """Appends `events` events of concurrent synthetic calls (at `rate` a second, or flat out);
     records when each turn was written; advances `on_progress` as it goes. Returns the seconds taken."""
     started = time.perf_counter()
@@ -89,7 +89,7 @@ async def bench_projections(backend: LogBackend, store: AnalyticsStore, recordin
     async with backend.admin() as admin:
         await ensure_topics(admin)
     with progress("bench projections: writing the log", total=events, unit="events") as wrote:
-        await _write(backend, uuid.uuid4().hex[:8], events, None, on_progress=wrote)
+        await write_synthetic_calls(backend, uuid.uuid4().hex[:8], events, None, on_progress=wrote)
         wrote.update(events)
     await asyncio.to_thread(_warm_up, store)
 
@@ -140,7 +140,8 @@ async def _lag(backend: LogBackend, store: AnalyticsStore, recordings: Path, cho
     started, cpu_before = time.perf_counter(), time.process_time()
     polling = asyncio.create_task(poll())
     with progress(f"bench projections: lag at {rate} events/s", total=int(rate * seconds), unit="events") as wrote:
-        wrote_s = await _write(backend, run, int(rate * seconds), float(rate), written, on_progress=wrote)
+        wrote_s = await write_synthetic_calls(backend, run, int(rate * seconds), float(rate), written,
+                                              on_progress=wrote)
         wrote.update(int(rate * seconds))
     await asyncio.sleep(3)  # the last batches
     stopped_at = time.time()

@@ -409,6 +409,9 @@ def bench_calls_command(
         "the refused calls' busy answers, and the admitted calls' latency.")] = None,
     ramp_s: Annotated[float, typer.Option(min=0, help="Spread the callers' rings over this many seconds "
                                                       "(0: all at once).")] = 0.0,
+    history_events: Annotated[int, typer.Option(
+        min=0, help="First write this many events of earlier calls to the log, handled long ago (the workers' "
+        "groups at their end): a call's cost must not grow with the log's history.")] = 0,
 ) -> None:
     """Concurrent calls through the real gateway with scripted-timeline providers: what voxlog adds
     to voice-to-voice latency, how evenly the agent's audio is paced, and (with --fallback) what a
@@ -421,7 +424,8 @@ def bench_calls_command(
     timeline = Timeline(asr_final_ms=asr_ms, llm_ms=llm_ms, tts_first_byte_ms=tts_ms, speech_ms_per_word=60)
     profile = None if fallback is None else FallbackProfile(fallback.value, fallback_every, attempt_timeout_ms,
                                                             capability=fallback_capability.value)
-    result = asyncio.run(bench_calls(settings, calls=calls, timeline=timeline, fallback=profile, ramp_s=ramp_s))
+    result = asyncio.run(bench_calls(settings, calls=calls, timeline=timeline, fallback=profile, ramp_s=ramp_s,
+                                      history_events=history_events))
     write_result(result, out)
     added, jitter = result["added_latency_ms"], result["pacing_jitter_ms"]
     console.print(f"{calls} calls on {result['log']}: added latency p50 {added['p50']} ms, p99 {added['p99']} ms; "

@@ -10,6 +10,7 @@ from streams.memory import (
     TRANSCRIPT_MAX_CHARS,
     caller_key,
     clean_summary,
+    notes_of,
     person_number,
     summarize,
     summary_request,
@@ -32,16 +33,16 @@ def test_a_summary_says_what_was_done_in_order_once_each() -> None:
     ticket = ToolSucceeded(tool_call_id="t2", tool="create_ticket", attempt=1, latency_ms=1,
                            result_json='{"ticket_id": "T1002"}')
     handoff = HandoffRequested(handoff_id="h", reason="caller_asked", target="+15550199", summary="")
-    assert summarize(events(turn("book please"), booked, ticket, handoff, handoff)) == (
+    assert summarize(notes_of(events(turn("book please"), booked, ticket, handoff, handoff))) == (
         "you booked a visit for tomorrow at ten (confirmation A1001) and we opened ticket T1002 for you "
         "and you asked to speak with a person")
     odd = ToolSucceeded(tool_call_id="t3", tool="send_sms", attempt=1, latency_ms=1, result_json="not json")
-    assert summarize(events(odd)) == "we ran send sms for you"
+    assert summarize(notes_of(events(odd))) == "we ran send sms for you"
 
 
 def test_a_call_with_words_but_no_action_remembers_the_words_and_a_silent_one_nothing() -> None:
-    assert summarize(events(turn("  what are your hours "))) == 'you told us "what are your hours"'
-    assert summarize(events(turn("  "))) is None
+    assert summarize(notes_of(events(turn("  what are your hours ")))) == 'you told us "what are your hours"'
+    assert summarize(notes_of(events(turn("  ")))) is None
     assert summarize([]) is None
 
 
@@ -65,8 +66,8 @@ def test_an_llm_is_asked_for_the_summary_with_the_whole_transcript() -> None:
                            result_json='{"confirmation": "A1001", "when": "tomorrow at ten"}')
     said = TtsRequested(request_id="r1", text="Booked for tomorrow at ten.", provider="espeak-ng", voice="en-us",
                         codec="pcm_s16le", sample_rate=16000)
-    request = summary_request(events(turn("book me for tomorrow at ten"), booked, said), request_id="c/summary",
-                              model="gpt-4o")
+    request = summary_request(notes_of(events(turn("book me for tomorrow at ten"), booked, said)),
+                              request_id="c/summary", model="gpt-4o")
     assert request is not None
     assert (request.request_id, request.model, request.tools) == ("c/summary", "gpt-4o", ())
     system, user = request.messages
@@ -75,11 +76,12 @@ def test_an_llm_is_asked_for_the_summary_with_the_whole_transcript() -> None:
     assert user.content == ("Caller: book me for tomorrow at ten\n"
                             'Tool book_appointment result: {"confirmation": "A1001", "when": "tomorrow at ten"}\n'
                             "Agent: Booked for tomorrow at ten.")
-    assert summary_request(events(turn(" ")), request_id="x", model="m") is None
+    assert summary_request(notes_of(events(turn(" "))), request_id="x", model="m") is None
 
 
 def test_a_very_long_call_sends_its_newest_part() -> None:
-    request = summary_request(events(*(turn(f"line {i} " + "x" * 100) for i in range(500))), request_id="x", model="m")
+    lines = events(*(turn(f"line {i} " + "x" * 100) for i in range(500)))
+    request = summary_request(notes_of(lines), request_id="x", model="m")
     assert request is not None
     assert len(request.messages[1].content) == TRANSCRIPT_MAX_CHARS
     assert request.messages[1].content.endswith("line 499 " + "x" * 100)
