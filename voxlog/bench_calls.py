@@ -37,6 +37,7 @@ import asyncio
 import dataclasses
 import itertools
 import json
+import resource
 import statistics
 import sys
 import time
@@ -78,7 +79,14 @@ from voxlog.sim.twilio_caller import TwilioCaller, parse_stream_twiml
 
 P = TypeVar("P")
 
-LINES = ("hello there", "that is all goodbye")
+GREETING_LINE, LAST_LINE = "hello there", "that is all goodbye"
+DEFAULT_TURNS = 20
+"""Per call: 50 calls give 1,000 turns, enough for a p99 that is not the few slowest turns of a run."""
+
+
+def caller_lines(turns: int) -> tuple[str, ...]:
+    """What each caller says, as the timeline recogniser hears it: `turns` turns, the last a goodbye."""
+    return (GREETING_LINE,) * (turns - 1) + (LAST_LINE,)
 SPEECH_S = 1.0
 MULAW_SILENCE = 0xFF
 
@@ -114,7 +122,7 @@ class CallFigures:
     """How long the voice webhook took to answer."""
 
 
-async def _one_call(caller: TwilioCaller, budget_ms: float, delay_s: float = 0.0) -> CallFigures:
+async def _one_call(caller: TwilioCaller, budget_ms: float, turns: int, delay_s: float = 0.0) -> CallFigures:
     figures = CallFigures()
     await asyncio.sleep(delay_s)  # when this caller rings, within the run's ramp
     try:
@@ -130,7 +138,7 @@ async def _one_call(caller: TwilioCaller, budget_ms: float, delay_s: float = 0.0
         async with caller:
             await caller.connect(instructions)
             await caller.agent_quiet(0.5, 30)  # the greeting
-            for _ in LINES:
+            for _ in range(turns):
                 await caller.send_mulaw(_tone_mulaw(SPEECH_S))
                 spoke_until, heard = time.monotonic() - caller.opened_at, len(caller.agent_audio)
                 await caller.send_mulaw(bytes([MULAW_SILENCE]) * int(8000 * 1.5))
@@ -163,26 +171,31 @@ async def play_callers(plan: dict[str, Any]) -> list[CallFigures]:
             return await asyncio.gather(*(
                 counted(_one_call(TwilioCaller(plan["base_url"], plan["auth_token"], account_sid=plan["account_sid"],
                                                call_sid=sid, from_=number, to=plan["to"], http=http),
-                                  plan["budget_ms"], index * plan["ramp_s"] / len(plan["calls"])), ended)
+                                  plan["budget_ms"], plan["turns"], index * plan["ramp_s"] / len(plan["calls"])),
+                        ended)
                 for index, (sid, number) in enumerate(plan["calls"])))
 
 
-async def _callers_process(stack: LocalStack, calls: int, budget_ms: float,
-                           ramp_s: float) -> tuple[list[str], list[CallFigures]]:
+async def _callers_process(stack: LocalStack, calls: int, budget_ms: float, ramp_s: float,
+                           turns: int) -> tuple[list[str], list[CallFigures], float]:
     """Runs the callers in a process of their own, as Twilio is: only the gateway is measured here,
-    and the callers' clocks are not held up by the gateway's event loop."""
+    and the callers' clocks are not held up by the gateway's event loop. Returns the callers' CPU
+    seconds too: a load generator that takes the machine's cores measures itself."""
     plan: dict[str, Any] = {"base_url": stack.base_url, "auth_token": stack.auth_token,
                             "account_sid": stack.settings.twilio_account_sid, "to": "+15550100",
-                            "budget_ms": budget_ms, "ramp_s": ramp_s, "calls": []}
+                            "budget_ms": budget_ms, "ramp_s": ramp_s, "turns": turns, "calls": []}
     for index in range(calls):
         number = f"+1555{index:07d}"
         plan["calls"].append((stack.twilio.add_call(number, plan["to"]), number))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "voxlog.bench_calls", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
     out, _ = await child.communicate(json.dumps(plan).encode())
     if child.returncode != 0:
         raise RuntimeError(f"the callers' process failed (exit {child.returncode})")
-    return [sid for sid, _ in plan["calls"]], [CallFigures(**figures) for figures in json.loads(out)]
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the callers' process, reaped by now
+    cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return [sid for sid, _ in plan["calls"]], [CallFigures(**figures) for figures in json.loads(out)], cpu_s
 
 
 WORKER_GROUPS = ((TOOLS_GROUP, COMMANDS), (DIALER_GROUP, COMMANDS), (AFTER_CALL_GROUP, CALLS),
@@ -217,10 +230,11 @@ async def _events_in_log(backend: LogBackend) -> int:
         return sum([sum((await admin.end_offsets(t)).values()) for t in TOPICS])
 
 
-def _providers(timeline: Timeline, agent: AgentSpec, fallback: FallbackProfile | None, failing: bool) -> Providers:
-    """The timeline providers; with a fallback profile, its capability a chain of a primary (failing
-    as scripted in a failing call) and a backup."""
-    asr: AsrProvider = TimelineAsr(timeline, LINES)
+def _providers(timeline: Timeline, agent: AgentSpec, fallback: FallbackProfile | None, failing: bool,
+               lines: tuple[str, ...]) -> Providers:
+    """The timeline providers, hearing `lines`; with a fallback profile, its capability a chain of a
+    primary (failing as scripted in a failing call) and a backup."""
+    asr: AsrProvider = TimelineAsr(timeline, lines)
     llm: LlmProvider = TimelineLlm(timeline, agent)
     tts: TtsProvider = TimelineTts(timeline)
     if fallback is None:
@@ -240,9 +254,9 @@ def _providers(timeline: Timeline, agent: AgentSpec, fallback: FallbackProfile |
                                  TimelineLlm(timeline, agent, name="timeline-backup"),
                                  LLM_CHAIN_DEADLINE_S, LLM_CHAIN_DEADLINE_S))
         case "asr":
-            lines = deque(LINES)  # one call's lines, whichever recogniser hears them
-            asr = ChainAsr(chain(TimelineAsr(timeline, lines, name="timeline-primary", failure=failure),
-                                 TimelineAsr(timeline, lines, name="timeline-backup"),
+            heard = deque(lines)  # one call's lines, whichever recogniser hears them
+            asr = ChainAsr(chain(TimelineAsr(timeline, heard, name="timeline-primary", failure=failure),
+                                 TimelineAsr(timeline, heard, name="timeline-backup"),
                                  SPEECH_CHAIN_DEADLINE_S, SPEECH_CHAIN_DEADLINE_S))
         case "tts":
             tts = ChainTts(chain(TimelineTts(timeline, name="timeline-primary", failure=failure),
@@ -274,21 +288,21 @@ def _latency(values: list[float]) -> dict[str, float | None]:
 
 async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
                       fallback: FallbackProfile | None = None, ramp_s: float = 0.0,
-                      history_events: int = 0) -> dict[str, Any]:
+                      history_events: int = 0, turns: int = DEFAULT_TURNS) -> dict[str, Any]:
     made = itertools.count()
     if history_events:
         await write_history(settings, history_events)
 
     def providers(agent: AgentSpec) -> Providers:
         failing = fallback is not None and next(made) % fallback.every == 0
-        return _providers(timeline, agent, fallback, failing)
+        return _providers(timeline, agent, fallback, failing, caller_lines(turns))
 
     end_of_turn_ms = Vad().end_of_turn_silence_ms
     budget_ms = end_of_turn_ms + timeline.asr_final_ms + timeline.llm_ms + timeline.tts_first_byte_ms
     async with local_stack(settings, providers_factory=providers) as stack:
         before = await _events_in_log(stack.gateway.backend)
         started, cpu_before = time.perf_counter(), time.process_time()
-        sids, results = await _callers_process(stack, calls, budget_ms, ramp_s)
+        sids, results, callers_cpu_s = await _callers_process(stack, calls, budget_ms, ramp_s, turns)
         await stack.gateway.wait_idle(60)
         elapsed, cpu_s = time.perf_counter() - started, time.process_time() - cpu_before
         events = await _events_in_log(stack.gateway.backend) - before
@@ -304,6 +318,7 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
         **run_facts("calls"),
         "log": backend,
         "calls": calls,
+        "turns_per_call": turns,
         "history_events": history_events,
         "ramp_s": ramp_s,
         "capacity": capacity,
@@ -321,6 +336,8 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
                              "frames": len(jitter)},
         "gateway_cpu_s": round(cpu_s, 2),
         "gateway_cpu_share": round(cpu_s / elapsed, 3),
+        "callers_cpu_s": round(callers_cpu_s, 2),
+        "callers_cpu_share": round(callers_cpu_s / elapsed, 3),
         "events": events,
         "seconds": round(elapsed, 1),
         "events_per_s": round(events / elapsed),

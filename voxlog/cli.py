@@ -394,6 +394,7 @@ class CapabilityChoice(enum.StrEnum):
 def bench_calls_command(
     out: Annotated[Path, typer.Option(help="JSON file the results are written to.")],
     calls: Annotated[int, typer.Option(min=1, help="Concurrent calls.")] = 50,
+    turns: Annotated[int, typer.Option(min=1, help="Turns per call (the last a goodbye).")] = 20,
     asr_ms: Annotated[int, typer.Option(help="Scripted ASR final-result delay.")] = 150,
     llm_ms: Annotated[int, typer.Option(help="Scripted LLM delay.")] = 300,
     tts_ms: Annotated[int, typer.Option(help="Scripted TTS first-byte delay.")] = 120,
@@ -425,12 +426,12 @@ def bench_calls_command(
     profile = None if fallback is None else FallbackProfile(fallback.value, fallback_every, attempt_timeout_ms,
                                                             capability=fallback_capability.value)
     result = asyncio.run(bench_calls(settings, calls=calls, timeline=timeline, fallback=profile, ramp_s=ramp_s,
-                                      history_events=history_events))
+                                      history_events=history_events, turns=turns))
     write_result(result, out)
     added, jitter = result["added_latency_ms"], result["pacing_jitter_ms"]
     console.print(f"{calls} calls on {result['log']}: added latency p50 {added['p50']} ms, p99 {added['p99']} ms; "
                   f"pacing jitter p99 {jitter['p99']} ms; {result['events_per_s']:,} events/s; "
-                  f"gateway CPU {result['gateway_cpu_share']:.0%}; "
+                  f"gateway CPU {result['gateway_cpu_share']:.0%}, callers' {result['callers_cpu_share']:.0%}; "
                   f"failed calls: {len(result['failed_calls'])} -> {out}")
     if result["refused_calls"]:
         refusal = result["refusal_ms"]

@@ -788,5 +788,7 @@ def test_radicale_checks_its_users(tmp_path: Path) -> None:
             RadicaleServer(tmp_path, users={bad: "pw"})
     with RadicaleServer(tmp_path, users={"bob": "pw"}) as server:
         assert server.running
-        assert (tmp_path / "users").stat().st_mode & 0o077 == 0  # the passwords' file is the owner's alone
+        users = tmp_path / f"users.{server.port}"  # the server's own: servers may share a storage folder
+        assert users.stat().st_mode & 0o077 == 0  # the passwords' file is the owner's alone
     assert not server.running
+    assert not users.exists()  # and it goes with the server

@@ -215,11 +215,14 @@ def test_replay_verify_reports_identical_calls_and_the_first_divergence(embedded
 @pytest.mark.slow
 def test_bench_calls_measures_what_voxlog_adds(tmp_path: Path) -> None:
     out = tmp_path / "calls.json"
-    result = voxlog("bench", "calls", "--calls", "3", "--out", str(out), home=tmp_path)
+    result = voxlog("bench", "calls", "--calls", "3", "--turns", "2", "--history-events", "2000", "--out", str(out),
+                    home=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     figures = json.loads(out.read_text())
     assert figures["failed_calls"] == []
     assert figures["turns_measured"] == 6  # two turns per call
+    assert figures["history_events"] == 2000
+    assert figures["callers_cpu_s"] > 0  # the load generator's own cost, reported beside the gateway's
     assert figures["scripted_ms"]["total"] == 700 + 150 + 300 + 120
     # What voxlog adds cannot be negative beyond a frame's worth of measuring granularity.
     assert -25 < figures["added_latency_ms"]["p50"] <= figures["added_latency_ms"]["p99"]
@@ -230,7 +233,8 @@ def test_bench_calls_measures_what_voxlog_adds(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_bench_calls_past_capacity_measures_the_refusals_and_the_admitted_calls(tmp_path: Path) -> None:
     out = tmp_path / "calls.json"
-    result = voxlog("bench", "calls", "--calls", "6", "--max-calls", "3", "--out", str(out), home=tmp_path)
+    result = voxlog("bench", "calls", "--calls", "6", "--max-calls", "3", "--turns", "2", "--out", str(out),
+                    home=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     figures = json.loads(out.read_text())
     assert (figures["capacity"], figures["admitted_calls"], figures["refused_calls"]) == (3, 3, 3)
