@@ -2,7 +2,8 @@
 
 Writes `calls` calls played through the core (`voxlog.sim.core_calls.play_call`: the demo agent, a mix of
 bookings, tickets, transfers, silences and barge-ins, both sides' audio as 20 ms frames) to a fresh log,
-then times, each over every call: reading and decoding them (`read_call`), `replay verify`, `replay whatif`
+then times, each over every call: reading and decoding them (`read_call`, all of each call, and what a replay
+reads of it: `voxlog.replaying.REPLAY_TOPICS`, no audio), `replay verify`, `replay whatif`
 with the same agent (every answer reused), and with a reworded greeting (every LLM request after it new,
 answered by the offline policy), with and without the report's PII redaction. Wall and CPU seconds, calls
 and events a second, and each as a ratio to reading; medians of `passes`, the phases taken in turn in each, each
@@ -20,10 +21,11 @@ from typing import Any
 from consumers.backends import LogBackend
 from consumers.event_reader import read_call
 from producers.event_writer import EventWriter
+from schemas.topics import CALL_TOPICS
 from streams.config.agents import AgentRouter, AgentSpec
 from streams.providers.registry import ProviderRegistry
 from voxlog.bench import run_facts
-from voxlog.replaying import recorded_call_ids, verify_calls, whatif_calls
+from voxlog.replaying import REPLAY_TOPICS, recorded_call_ids, verify_calls, whatif_calls
 from voxlog.sim.core_calls import CallerStep, play_call
 
 SCENARIOS: tuple[tuple[CallerStep, ...], ...] = (
@@ -57,18 +59,21 @@ async def bench_replay(backend: LogBackend, router: AgentRouter, agent: AgentSpe
     reworded = agent.model_copy(update={"greeting": "Acme here. What can we fix for you today?"})
     registry = ProviderRegistry()
 
-    async def read_all() -> int:
+    async def read_all(topics: tuple[str, ...]) -> int:
         read = 0
         async with backend.admin() as admin:
             for call_id in ids:
-                read += len((await read_call(admin, call_id)).events)
+                read += len((await read_call(admin, call_id, topics=topics)).events)
         return read
 
     async def whatif_redacted(tried: AgentSpec) -> list[Any]:
         return [result.redacted() for result in await whatif_calls(backend, router, tried, registry, ids)]
 
     async def read_count() -> list[int]:
-        return [await read_all()]
+        return [await read_all(CALL_TOPICS)]
+
+    async def read_replayed_count() -> list[int]:
+        return [await read_all(REPLAY_TOPICS)]
 
     async def verify() -> list[Any]:
         return await verify_calls(backend, router, ids)
@@ -78,6 +83,7 @@ async def bench_replay(backend: LogBackend, router: AgentRouter, agent: AgentSpe
 
     work: dict[str, Callable[[], Awaitable[list[Any]]]] = {
         "read_and_decode": read_count,
+        "read_and_decode_replayed_topics": read_replayed_count,
         "replay_verify": verify,
         "whatif_same_agent": lambda: whatif(agent),
         "whatif_reworded_greeting": lambda: whatif(reworded),
@@ -96,19 +102,20 @@ async def bench_replay(backend: LogBackend, router: AgentRouter, agent: AgentSpe
             results[name] = await run()
             walls[name].append(time.perf_counter() - wall)
             cpus[name].append(time.process_time() - cpu)
-    read = results["read_and_decode"][0]
+    read, replayed = results["read_and_decode"][0], results["read_and_decode_replayed_topics"][0]
     phases: dict[str, dict[str, Any]] = {
         name: {"wall_s": round(statistics.median(walls[name]), 3), "cpu_s": round(statistics.median(cpus[name]), 3)}
         for name in work}
     phases["replay_verify"]["identical"] = sum(1 for r in results["replay_verify"] if r.identical)
     for name in ("whatif_same_agent", "whatif_reworded_greeting", "whatif_reworded_greeting_redacted"):
         phases[name]["changed"] = sum(1 for r in results[name] if r.changed)
-    reading = phases["read_and_decode"]
+    reading, reading_replayed = phases["read_and_decode"], phases["read_and_decode_replayed_topics"]
     await registry.aclose()
     for phase in phases.values():
         phase["calls_per_s"] = round(len(ids) / phase["wall_s"])
         phase["events_per_s"] = round(read / phase["wall_s"])
         phase["wall_ratio_to_reading"] = round(phase["wall_s"] / reading["wall_s"], 2)
+        phase["wall_ratio_to_reading_replayed_topics"] = round(phase["wall_s"] / reading_replayed["wall_s"], 2)
     return {
         **run_facts("replay"),
         "backend": backend.name,
@@ -116,6 +123,7 @@ async def bench_replay(backend: LogBackend, router: AgentRouter, agent: AgentSpe
         "calls": len(ids),
         "events_written": events,
         "events_read": read,
+        "events_read_by_replay": replayed,
         "passes": passes,
         "phases": phases,
     }

@@ -15,7 +15,7 @@ from consumers.log_consumer import LogAdmin
 from schemas.base import Event
 from schemas.codec import UndecodableMessage
 from schemas.events import CallStarted
-from schemas.topics import CALLS
+from schemas.topics import CALLS, COMMANDS
 from streams.call.replay import Divergence, ReplayResult, agent_for, verify_call
 from streams.call.whatif import AgentRef, WhatIfResult, whatif_call
 from streams.config.agents import AgentRouter, AgentSpec, RoutingError
@@ -24,6 +24,9 @@ from streams.providers.registry import ProviderRegistry
 
 PROGRESS_EVERY = 1000
 """Records read between two reports of `recorded_calls`."""
+REPLAY_TOPICS = (CALLS, COMMANDS)
+"""What a replay reads of a call: its inputs and the core's decisions. Its audio, nine tenths of its
+events, is no input of the core's, and reading it (opening its sealed fields) was most of a replay's time."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ async def verify_calls(backend: LogBackend, router: AgentRouter, call_ids: Seque
 
 
 async def _verify_one(admin: LogAdmin, router: AgentRouter, call_id: str) -> ReplayResult:
-    history = await read_call(admin, call_id)
+    history = await read_call(admin, call_id, topics=REPLAY_TOPICS)
     if history.undecodable:
         record, reason = history.undecodable[0]
         return ReplayResult(call_id, 0, Divergence(
@@ -122,7 +125,7 @@ async def whatif_calls(backend: LogBackend, router: AgentRouter, agent: AgentSpe
 
 async def _whatif_one(admin: LogAdmin, router: AgentRouter, agent: AgentSpec, llm: LlmProvider, label: str,
                       call_id: str) -> WhatIfResult:
-    history = await read_call(admin, call_id)
+    history = await read_call(admin, call_id, topics=REPLAY_TOPICS)
     if history.undecodable:
         record, reason = history.undecodable[0]
         problem = f"{record.topic}/{record.partition}@{record.offset} cannot be decoded: {reason}"
