@@ -31,11 +31,13 @@ async def run_in_group(
     codec: EventCodec | None = None,
     max_records: int = 1000,
     concurrency: int = 1,
+    types: frozenset[str] | None = None,
 ) -> None:
     """Consumes `topics` in consumer group `group` until `stop`: each event to `handle`, then what
     the handlers sent is flushed and the offsets committed (at-least-once: handlers are idempotent).
     `start` runs before `ready` is set, `finish` before the producer closes. With `concurrency` > 1, up
-    to that many events are handled at once (`_Pipeline`)."""
+    to that many events are handled at once (`_Pipeline`). With `types`, only events of those types are
+    decoded and handled (the others are passed over undecoded, their offsets committed all the same)."""
     async with backend.producer() as producer, backend.consumer(list(topics), group_id=group) as consumer:
         events = EventConsumer(consumer, producer, name=group, codec=codec)
         try:
@@ -43,10 +45,10 @@ async def run_in_group(
                 await start(producer)
             ready.set()
             if concurrency > 1:
-                await _Pipeline(events, producer, handle, group, concurrency).run(stop)
+                await _Pipeline(events, producer, handle, group, concurrency, types).run(stop)
                 return
             while not stop.is_set():
-                batch = await events.poll(timeout_s=0.2, max_records=max_records)
+                batch = await events.poll(timeout_s=0.2, max_records=max_records, types=types)
                 for item in batch:
                     await handle(producer, item)
                 if batch:
@@ -66,12 +68,13 @@ class _Pipeline:
     a crash redelivers only what was not finished (at-least-once, as one at a time)."""
 
     def __init__(self, events: EventConsumer, producer: LogProducer, handle: Handler, group: str,
-                 limit: int) -> None:
+                 limit: int, types: frozenset[str] | None = None) -> None:
         self.events = events
         self.producer = producer
         self.handle = handle
         self.group = group
         self.limit = limit
+        self.types = types
         self.pending: dict[TopicPartition, dict[int, bool]] = {}
         """Per partition, the offsets polled and not yet committed: whether each is handled."""
         self.last_of_key: dict[bytes | None, asyncio.Task[None]] = {}
@@ -83,9 +86,10 @@ class _Pipeline:
             while not stop.is_set():
                 if len(self.in_flight) >= self.limit:
                     await asyncio.wait(self.in_flight, return_when=asyncio.FIRST_COMPLETED)
-                batch = await self.events.poll(timeout_s=0.2, max_records=self.limit - len(self.in_flight))
+                batch = await self.events.poll(timeout_s=0.2, max_records=self.limit - len(self.in_flight),
+                                               types=self.types)
                 handled = {(item.record.tp, item.record.offset) for item in batch}
-                for record in self.events.polled:  # undecodable ones were dead-lettered: handled
+                for record in self.events.polled:  # undecodable (dead-lettered) or not of `types`: handled
                     self.pending.setdefault(record.tp, {})[record.offset] = (record.tp, record.offset) not in handled
                 for item in batch:
                     self._start(item)

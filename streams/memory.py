@@ -81,6 +81,10 @@ class CallNote:
     tool: str = ""
 
 
+NOTED_TYPES = frozenset(t.EVENT_TYPE for t in (TurnTaken, TtsRequested, ToolSucceeded, HandoffRequested))
+"""The event types `note_of` reads."""
+
+
 def note_of(payload: EventPayload) -> CallNote | None:
     """The note a summary takes of this event, or None: it reads nothing of it."""
     match payload:

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 WORKER = "voxlog.after_call"
 GROUP = "voxlog-after-call"
 FORGET_AFTER_S = 24 * 3600
+FOLDED_TYPES = frozenset(t.EVENT_TYPE for t in (CallStarted, ToolSucceeded, CallEnded, CallSummarized))
+"""What the worker decodes of the calls topic (the rest is passed over undecoded)."""
 
 
 class AfterCallStore:
@@ -114,7 +116,8 @@ class AfterCallWorker:
             except Exception:  # one call's record must not stop the others'
                 log.exception("after-call: call %s", item.event.call_id)
 
-        await run_in_group(self.backend, [CALLS], GROUP, stop, handle, ready=self.ready, start=start)
+        await run_in_group(self.backend, [CALLS], GROUP, stop, handle, ready=self.ready, start=start,
+                           types=FOLDED_TYPES)
 
     async def fold(self, writer: EventWriter, event: Event[EventPayload]) -> None:
         p = event.payload

@@ -44,6 +44,7 @@ from schemas.events import CallEnded, CallStarted, CallSummarized
 from schemas.topics import CALLS
 from schemas.version import __version__
 from streams.memory import (
+    NOTED_TYPES,
     OFFLINE_SOURCE,
     CallNote,
     clean_summary,
@@ -61,6 +62,10 @@ WORKER = "voxlog.summariser"
 GROUP = "voxlog-summariser"
 LLM_SUMMARY_TIMEOUT_S = 30.0
 FORGET_AFTER_S = 24 * 3600
+
+FOLDED_TYPES = NOTED_TYPES | {CallStarted.EVENT_TYPE, CallEnded.EVENT_TYPE}
+"""What the worker decodes of the calls topic: the rest (a call's interim transcripts, LLM requests, speech
+reports...) is passed over undecoded."""
 
 SummaryLlm = Callable[[str, str], LlmProvider | None]
 """(tenant, agent id) -> the LLM that summarises that agent's calls, or None: extractive."""
@@ -161,7 +166,8 @@ class Summariser:
                 except Exception:  # one call's summary must not stop the others'
                     log.exception("summariser: call %s", item.event.call_id)
 
-            await run_in_group(self.backend, [CALLS], GROUP, stop, handle, ready=self.ready, start=start)
+            await run_in_group(self.backend, [CALLS], GROUP, stop, handle, ready=self.ready, start=start,
+                               types=FOLDED_TYPES)
 
     async def fold(self, writer: EventWriter, admin: LogAdmin, event: Event[EventPayload]) -> None:
         p = event.payload

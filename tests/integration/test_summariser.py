@@ -5,6 +5,7 @@ audio, most of its events, is never decoded for it)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -14,7 +15,8 @@ from consumers.backends import EmbeddedBackend
 from consumers.embedded_consumer import EmbeddedAdmin
 from consumers.event_reader import read_call
 from consumers.log_consumer import LogAdmin
-from consumers.workers.summariser import Summariser, SummaryStore
+from consumers.workers.summariser import FOLDED_TYPES, GROUP, Summariser, SummaryStore
+from producers.embedded_producer import open_log_file
 from producers.event_writer import CallRecorder, EventWriter
 from producers.log_producer import LogRecord
 from schemas.base import Event, EventPayload
@@ -135,3 +137,37 @@ async def test_a_call_with_no_number_to_remember_keeps_no_words(tmp_path: Path) 
     assert isinstance(events[-1].payload, CallEnded)
     assert backend.seen == []
     store.close()
+
+
+async def test_the_worker_in_its_group_decodes_only_what_it_folds_and_commits_every_record(tmp_path: Path) -> None:
+    """Its group passes the calls topic's other events (interim transcripts, LLM requests...) over
+    undecoded; their offsets are committed with the rest, so a restart reads none of them again."""
+    backend = NotedBackend(tmp_path / "log.db")
+    store = SummaryStore(tmp_path / "summaries.db")
+    summariser = Summariser(backend, store)
+    stop = asyncio.Event()
+    worker = asyncio.create_task(summariser.run(stop))
+    try:
+        await asyncio.wait_for(summariser.ready.wait(), 30)
+        async with backend.producer() as producer:
+            events = await record_call(EventWriter(producer))
+        assert {e.type for e in on_calls_topic(events)} - FOLDED_TYPES, "the call has events the worker passes over"
+        async with backend.admin() as admin:
+            ends = await admin.end_offsets(CALLS)
+        log = open_log_file(backend.path)
+        try:
+            tps = [(CALLS, p) for p in ends]
+            everything = {(CALLS, p): end for p, end in ends.items() if end}
+            for _ in range(600):
+                if summariser.summarised and log.committed(GROUP, tps) == everything:
+                    break
+                await asyncio.sleep(0.05)  # the worker's poll's interval, not a guess at how long it takes
+            assert summariser.summarised == 1
+            assert log.committed(GROUP, tps) == everything
+        finally:
+            log.close()
+    finally:
+        stop.set()
+        await worker
+        store.close()
+    assert backend.seen == []
