@@ -17,13 +17,16 @@ at once (Radicale's brute-force delays are turned off).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 
@@ -84,7 +87,8 @@ class RadicaleServer:
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "radicale", "--config", str(config)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                preexec_fn=partial(_die_with_parent, os.getpid()) if sys.platform == "linux" else None)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self._answers():
             if self._process.poll() is not None:
@@ -181,6 +185,20 @@ class RadicaleServer:
         with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), timeout=0.5):
             return True
         return False
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the server's process before it runs Radicale: the kernel ends it (SIGTERM) when `parent`, who
+    started it, dies. A gateway killed outright (SIGKILL, the OOM killer) runs no `stop()`, and its
+    Radicale lived on, holding its port, one more for each crash."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # it died before the signal was asked for
+        os._exit(1)
 
 
 def _free_port(host: str) -> int:

@@ -8,8 +8,12 @@ across the weeks where the US and the EU change their clocks on different days, 
 from __future__ import annotations
 
 import itertools
+import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -780,6 +784,44 @@ def test_radicale_that_exits_raises_with_its_log(tmp_path: Path) -> None:
     assert "exited" in str(exited.value)
     assert "No servers started" in str(exited.value)
     assert not server.running
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead and not yet reaped by whoever adopted it, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_radicale_ends_when_whoever_started_it_is_killed(tmp_path: Path) -> None:
+    """A gateway killed outright (SIGKILL) runs no stop(): its Radicale must not live on, holding its port."""
+    starter = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from pathlib import Path\n"
+         "from streams.connectors.radicale_server import RadicaleServer\n"
+         "server = RadicaleServer(Path(sys.argv[1]), users={'bob': 'pw'})\n"
+         "server.start()\n"
+         "assert server._process is not None\n"
+         "print(server._process.pid, server.port, flush=True)\n"
+         "time.sleep(600)\n", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+    try:
+        assert starter.stdout is not None
+        pid, port = (int(word) for word in starter.stdout.readline().split())
+    finally:
+        starter.kill()
+        starter.wait()
+    for _ in range(200):  # a poll of the process table, not a guess at how long it takes
+        if not running(pid):
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("Radicale outlived the process that started it")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))  # its port is free again
 
 
 def test_radicale_checks_its_users(tmp_path: Path) -> None:
