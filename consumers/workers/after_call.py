@@ -59,6 +59,8 @@ class AfterCallStore:
                 ticket_id TEXT NOT NULL DEFAULT '', ended_seq INTEGER, outcome TEXT NOT NULL DEFAULT '',
                 duration_ms INTEGER NOT NULL DEFAULT 0, written INTEGER NOT NULL DEFAULT 0,
                 seen_at REAL NOT NULL)""")
+            # Each call's start forgets what is a day old: by index, not a scan of a day of calls.
+            self._db.execute("CREATE INDEX IF NOT EXISTS after_calls_by_age ON after_calls (seen_at)")
 
     def started(self, call_id: str, tenant_id: str, agent_id: str, direction: str, party: str,
                 started_us: int) -> None:

@@ -95,6 +95,8 @@ class SummaryStore:
             self._db.execute("""CREATE TABLE IF NOT EXISTS summary_notes (
                 call_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, tool TEXT NOT NULL,
                 text TEXT NOT NULL, PRIMARY KEY (call_id, seq)) WITHOUT ROWID""")
+            # Each call's start forgets what is a day old: by index, not a scan of a day of calls.
+            self._db.execute("CREATE INDEX IF NOT EXISTS summary_calls_by_age ON summary_calls (seen_at)")
 
     def started(self, call_id: str, tenant_id: str, agent_id: str, caller_key: str) -> None:
         with self._lock:
