@@ -17,16 +17,13 @@ at once (Radicale's brute-force delays are turned off).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from functools import partial
 from pathlib import Path
 from types import TracebackType
 
@@ -34,6 +31,20 @@ from caldav.collection import Calendar, CalendarSet
 from caldav.davclient import DAVClient
 from caldav.lib.error import DAVError
 
+RADICALE_WITH_ITS_PARENT = """
+import os, runpy, sys, threading, time
+parent = int(sys.argv.pop(1))
+def watch():
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+threading.Thread(target=watch, daemon=True).start()
+runpy.run_module("radicale", run_name="__main__", alter_sys=True)
+"""
+"""Radicale, ended when the process that started it is gone (it is adopted by another): a gateway killed
+outright (SIGKILL, the OOM killer) runs no `stop()`, and its Radicale lived on, holding its port, one
+more for each crash. (Not PR_SET_PDEATHSIG: that follows the starting thread, and a server started from
+a pool's thread would die with the thread.)"""
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 LOG_TAIL_CHARS = 2000
@@ -86,9 +97,8 @@ class RadicaleServer:
         env = {k: v for k, v in os.environ.items() if k != "RADICALE_CONFIG"}
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "radicale", "--config", str(config)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                preexec_fn=partial(_die_with_parent, os.getpid()) if sys.platform == "linux" else None)
+                [sys.executable, "-c", RADICALE_WITH_ITS_PARENT, str(os.getpid()), "--config", str(config)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self._answers():
             if self._process.poll() is not None:
@@ -185,20 +195,6 @@ class RadicaleServer:
         with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), timeout=0.5):
             return True
         return False
-
-
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent: int) -> None:
-    """In the server's process before it runs Radicale: the kernel ends it (SIGTERM) when `parent`, who
-    started it, dies. A gateway killed outright (SIGKILL, the OOM killer) runs no `stop()`, and its
-    Radicale lived on, holding its port, one more for each crash."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != parent:  # it died before the signal was asked for
-        os._exit(1)
 
 
 def _free_port(host: str) -> int:
