@@ -28,7 +28,7 @@ from pathlib import Path
 from consumers.backends import LogBackend
 from consumers.event_reader import ConsumedEvent
 from consumers.group_loop import run_in_group
-from consumers.workers.state_file import open_state_db
+from consumers.workers.state_file import FORGET_UNFINISHED_AFTER_S, open_state_db
 from producers.event_writer import CallRecorder, EventWriter
 from producers.log_producer import LogProducer
 from schemas.base import Event, EventPayload
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 
 WORKER = "voxlog.after_call"
 GROUP = "voxlog-after-call"
-FORGET_AFTER_S = 24 * 3600
 FOLDED_TYPES = frozenset(t.EVENT_TYPE for t in (CallStarted, ToolSucceeded, CallEnded, CallSummarized))
 """What the worker decodes of the calls topic (the rest is passed over undecoded)."""
 
@@ -65,7 +64,7 @@ class AfterCallStore:
     def started(self, call_id: str, tenant_id: str, agent_id: str, direction: str, party: str,
                 started_us: int) -> None:
         with self._lock:
-            self._db.execute("DELETE FROM after_calls WHERE seen_at < ?", (time.time() - FORGET_AFTER_S,))
+            self._db.execute("DELETE FROM after_calls WHERE seen_at < ?", (time.time() - FORGET_UNFINISHED_AFTER_S,))
             self._db.execute(
                 "INSERT OR IGNORE INTO after_calls (call_id, tenant_id, agent_id, direction, party, started_us, "
                 "seen_at) VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -36,7 +36,7 @@ from consumers.backends import LogBackend
 from consumers.event_reader import ConsumedEvent, call_start_bound_ms, read_call
 from consumers.group_loop import run_in_group
 from consumers.log_consumer import LogAdmin
-from consumers.workers.state_file import open_state_db
+from consumers.workers.state_file import FORGET_UNFINISHED_AFTER_S, open_state_db
 from producers.event_writer import CallRecorder, EventWriter
 from producers.log_producer import LogProducer
 from schemas.base import Event, EventPayload
@@ -61,7 +61,6 @@ log = logging.getLogger(__name__)
 WORKER = "voxlog.summariser"
 GROUP = "voxlog-summariser"
 LLM_SUMMARY_TIMEOUT_S = 30.0
-FORGET_AFTER_S = 24 * 3600
 
 FOLDED_TYPES = NOTED_TYPES | {CallStarted.EVENT_TYPE, CallEnded.EVENT_TYPE}
 """What the worker decodes of the calls topic: the rest (a call's interim transcripts, LLM requests, speech
@@ -100,7 +99,7 @@ class SummaryStore:
 
     def started(self, call_id: str, tenant_id: str, agent_id: str, caller_key: str) -> None:
         with self._lock:
-            forgotten = time.time() - FORGET_AFTER_S
+            forgotten = time.time() - FORGET_UNFINISHED_AFTER_S
             self._db.execute("BEGIN")
             self._db.execute("DELETE FROM summary_notes WHERE call_id IN "
                              "(SELECT call_id FROM summary_calls WHERE seen_at < ?)", (forgotten,))

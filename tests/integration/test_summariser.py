@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+
+import pytest
 
 from consumers.backends import EmbeddedBackend
 from consumers.embedded_consumer import EmbeddedAdmin
@@ -49,6 +51,14 @@ class NotedBackend(EmbeddedBackend):
         return ReadsSeen(self.path, self.seen)
 
 
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SummaryStore]:
+    """The worker's own file, closed after the test whatever its end."""
+    opened = SummaryStore(tmp_path / "summaries.db")
+    yield opened
+    opened.close()
+
+
 async def record_call(writer: EventWriter, index: int = 0, number: str | None = NUMBER) -> list[Event[EventPayload]]:
     """A phone call with audio, on the log: its events as recorded."""
     recorder = CallRecorder(writer, tenant_id="demo", call_id=f"call-{uuid.uuid4()}", producer="test",
@@ -72,9 +82,9 @@ async def memory_of(backend: EmbeddedBackend) -> list[Event[EventPayload]]:
         return (await read_call(admin, caller_key("demo", NUMBER) or "", topics=(CALLS,))).events
 
 
-async def test_a_call_folded_as_it_passed_is_summarised_without_reading_the_log(tmp_path: Path) -> None:
+async def test_a_call_folded_as_it_passed_is_summarised_without_reading_the_log(
+        tmp_path: Path, store: SummaryStore) -> None:
     backend = NotedBackend(tmp_path / "log.db")
-    store = SummaryStore(tmp_path / "summaries.db")
     summariser = Summariser(backend, store)
     async with backend.producer() as producer, backend.admin() as admin:
         writer = EventWriter(producer)
@@ -94,14 +104,13 @@ async def test_a_call_folded_as_it_passed_is_summarised_without_reading_the_log(
     assert summariser.summarised == 2
     assert summariser.read_back == 0
     assert store.notes(calls[0][0].call_id) == []  # the call's words go once its summary is written
-    store.close()
 
 
-async def test_a_call_whose_start_passed_elsewhere_is_read_back_from_the_calls_topic_alone(tmp_path: Path) -> None:
+async def test_a_call_whose_start_passed_elsewhere_is_read_back_from_the_calls_topic_alone(
+        tmp_path: Path, store: SummaryStore) -> None:
     """Its partition was another gateway's until a rebalance: its notes are not here."""
     backend = NotedBackend(tmp_path / "log.db")
-    store = SummaryStore(tmp_path / "summaries.db")
-    folded_here = Summariser(backend, SummaryStore(tmp_path / "here.db"))
+    folded_here = Summariser(backend, SummaryStore(tmp_path / "here.db"))  # another gateway's worker
     async with backend.producer() as producer, backend.admin() as admin:
         writer = EventWriter(producer)
         events = await record_call(writer)
@@ -119,12 +128,11 @@ async def test_a_call_whose_start_passed_elsewhere_is_read_back_from_the_calls_t
     memory = [e for e in await memory_of(backend) if isinstance(e.payload, CallSummarized)]
     assert len(memory) == 1  # written twice, one seq: read once
     assert memory[0].payload == here  # the same summary either way
-    store.close()
 
 
-async def test_a_call_with_no_number_to_remember_keeps_no_words(tmp_path: Path) -> None:
+async def test_a_call_with_no_number_to_remember_keeps_no_words(
+        tmp_path: Path, store: SummaryStore) -> None:
     backend = NotedBackend(tmp_path / "log.db")
-    store = SummaryStore(tmp_path / "summaries.db")
     summariser = Summariser(backend, store)
     async with backend.producer() as producer, backend.admin() as admin:
         writer = EventWriter(producer)
@@ -136,14 +144,13 @@ async def test_a_call_with_no_number_to_remember_keeps_no_words(tmp_path: Path) 
     assert ended is None
     assert isinstance(events[-1].payload, CallEnded)
     assert backend.seen == []
-    store.close()
 
 
-async def test_the_worker_in_its_group_decodes_only_what_it_folds_and_commits_every_record(tmp_path: Path) -> None:
+async def test_the_worker_in_its_group_decodes_only_what_it_folds_and_commits_every_record(
+        tmp_path: Path, store: SummaryStore) -> None:
     """Its group passes the calls topic's other events (interim transcripts, LLM requests...) over
     undecoded; their offsets are committed with the rest, so a restart reads none of them again."""
     backend = NotedBackend(tmp_path / "log.db")
-    store = SummaryStore(tmp_path / "summaries.db")
     summariser = Summariser(backend, store)
     stop = asyncio.Event()
     worker = asyncio.create_task(summariser.run(stop))
@@ -169,5 +176,4 @@ async def test_the_worker_in_its_group_decodes_only_what_it_folds_and_commits_ev
     finally:
         stop.set()
         await worker
-        store.close()
-    assert backend.seen == []
+        assert backend.seen == []
