@@ -48,13 +48,13 @@ class AgentAudioChunk(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> AgentAudioChunk:
         return cls(
-            codec=record["codec"],
-            sample_rate=record["sample_rate"],
-            chunk_index=record["chunk_index"],
-            offset_ms=record["offset_ms"],
-            duration_ms=record["duration_ms"],
-            audio=record["audio"],
-            tts_request_id=record["tts_request_id"],
+            record["codec"],
+            record["sample_rate"],
+            record["chunk_index"],
+            record["offset_ms"],
+            record["duration_ms"],
+            record["audio"],
+            record["tts_request_id"],
         )
 
 
@@ -91,12 +91,12 @@ class CallerAudioChunk(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> CallerAudioChunk:
         return cls(
-            codec=record["codec"],
-            sample_rate=record["sample_rate"],
-            chunk_index=record["chunk_index"],
-            offset_ms=record["offset_ms"],
-            duration_ms=record["duration_ms"],
-            audio=record["audio"],
+            record["codec"],
+            record["sample_rate"],
+            record["chunk_index"],
+            record["offset_ms"],
+            record["duration_ms"],
+            record["audio"],
         )
 
 
@@ -133,12 +133,12 @@ class AuditRecorded(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> AuditRecorded:
         return cls(
-            actor=record["actor"],
-            action=record["action"],
-            resource=record["resource"],
-            outcome=record["outcome"],
-            detail=record["detail"],
-            remote_addr=record["remote_addr"],
+            record["actor"],
+            record["action"],
+            record["resource"],
+            record["outcome"],
+            record["detail"],
+            record["remote_addr"],
         )
 
 
@@ -160,7 +160,7 @@ class CallAnswered(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> CallAnswered:
         return cls(
-            answered_by=record["answered_by"],
+            record["answered_by"],
         )
 
 
@@ -197,12 +197,12 @@ class CallDialFailed(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> CallDialFailed:
         return cls(
-            provider=record["provider"],
-            error=record["error"],
-            code=record["code"],
-            attempt=record["attempt"],
-            retryable=record["retryable"],
-            final=record["final"],
+            record["provider"],
+            record["error"],
+            record["attempt"],
+            record["retryable"],
+            record["final"],
+            record["code"],
         )
 
 
@@ -236,11 +236,11 @@ class CallDialPlaced(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> CallDialPlaced:
         return cls(
-            provider=record["provider"],
-            provider_call_id=record["provider_call_id"],
-            attempt=record["attempt"],
-            queued_ms=record["queued_ms"],
-            latency_ms=record["latency_ms"],
+            record["provider"],
+            record["provider_call_id"],
+            record["attempt"],
+            record["queued_ms"],
+            record["latency_ms"],
         )
 
 
@@ -283,14 +283,14 @@ class CallDialRequested(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> CallDialRequested:
         return cls(
-            agent_id=record["agent_id"],
-            to_number=record["to_number"],
-            from_number=record["from_number"],
-            call_id=record["call_id"],
-            parameters=dict(record["parameters"]),
-            requested_by=record["requested_by"],
-            expires_at_us=record["expires_at_us"],
-            ring_timeout_s=record["ring_timeout_s"],
+            record["agent_id"],
+            record["to_number"],
+            record["from_number"],
+            record["call_id"],
+            record["requested_by"],
+            record["expires_at_us"],
+            dict(record["parameters"]),
+            record["ring_timeout_s"],
         )
 
 
@@ -321,10 +321,10 @@ class CallEnded(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> CallEnded:
         return cls(
-            reason=record["reason"],
-            duration_ms=record["duration_ms"],
-            outcome=record["outcome"],
-            detail=record["detail"],
+            record["reason"],
+            record["duration_ms"],
+            record["outcome"],
+            record["detail"],
         )
 
 
@@ -346,7 +346,7 @@ class CallHangupRequested(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> CallHangupRequested:
         return cls(
-            reason=record["reason"],
+            record["reason"],
         )
 
 
@@ -395,16 +395,16 @@ class CallRefused(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> CallRefused:
         return cls(
-            reason=record["reason"],
-            detail=record["detail"],
-            channel=record["channel"],
-            direction=record["direction"],
-            agent_id=record["agent_id"],
-            live_calls=record["live_calls"],
-            limit=record["limit"],
-            from_number=record["from_number"],
-            to_number=record["to_number"],
-            provider_call_id=record["provider_call_id"],
+            record["reason"],
+            record["detail"],
+            record["channel"],
+            record["direction"],
+            record["agent_id"],
+            record["live_calls"],
+            record["limit"],
+            record["from_number"],
+            record["to_number"],
+            record["provider_call_id"],
         )
 
 
@@ -459,16 +459,16 @@ class CallStarted(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> CallStarted:
         return cls(
-            channel=record["channel"],
-            direction=record["direction"],
-            agent_id=record["agent_id"],
-            agent_version=record["agent_version"],
-            from_number=record["from_number"],
-            to_number=record["to_number"],
-            provider_call_id=record["provider_call_id"],
-            routed_by=record["routed_by"],
-            parameters=dict(record["parameters"]),
-            caller_key=record["caller_key"],
+            record["channel"],
+            record["direction"],
+            record["agent_id"],
+            record["agent_version"],
+            record["routed_by"],
+            record["from_number"],
+            record["to_number"],
+            record["provider_call_id"],
+            dict(record["parameters"]),
+            record["caller_key"],
         )
 
 
@@ -502,11 +502,11 @@ class CallStatus(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> CallStatus:
         return cls(
-            status=record["status"],
-            provider=record["provider"],
-            sip_response_code=record["sip_response_code"],
-            duration_s=record["duration_s"],
-            raw=dict(record["raw"]),
+            record["status"],
+            record["provider"],
+            record["sip_response_code"],
+            record["duration_s"],
+            dict(record["raw"]),
         )
 
 
@@ -540,11 +540,11 @@ class CallSummarized(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> CallSummarized:
         return cls(
-            call_id=record["call_id"],
-            agent_id=record["agent_id"],
-            summary=record["summary"],
-            outcome=record["outcome"],
-            source=record["source"],
+            record["call_id"],
+            record["agent_id"],
+            record["summary"],
+            record["source"],
+            record["outcome"],
         )
 
 
@@ -578,11 +578,11 @@ class CallerErased(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> CallerErased:
         return cls(
-            caller_key=record["caller_key"],
-            erased_before_us=record["erased_before_us"],
-            requested_by=record["requested_by"],
-            reason=record["reason"],
-            keys_destroyed=record["keys_destroyed"],
+            record["caller_key"],
+            record["erased_before_us"],
+            record["requested_by"],
+            record["reason"],
+            record["keys_destroyed"],
         )
 
 
@@ -610,9 +610,9 @@ class ConsentGiven(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> ConsentGiven:
         return cls(
-            kind=record["kind"],
-            method=record["method"],
-            prompt_text=record["prompt_text"],
+            record["kind"],
+            record["method"],
+            record["prompt_text"],
         )
 
 
@@ -640,9 +640,9 @@ class ConsentRefused(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> ConsentRefused:
         return cls(
-            kind=record["kind"],
-            method=record["method"],
-            prompt_text=record["prompt_text"],
+            record["kind"],
+            record["method"],
+            record["prompt_text"],
         )
 
 
@@ -667,8 +667,8 @@ class DtmfReceived(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> DtmfReceived:
         return cls(
-            digit=record["digit"],
-            offset_ms=record["offset_ms"],
+            record["digit"],
+            record["offset_ms"],
         )
 
 
@@ -705,12 +705,12 @@ class ErrorRaised(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> ErrorRaised:
         return cls(
-            component=record["component"],
-            provider=record["provider"],
-            kind=record["kind"],
-            message=record["message"],
-            retryable=record["retryable"],
-            fatal=record["fatal"],
+            record["component"],
+            record["kind"],
+            record["message"],
+            record["retryable"],
+            record["fatal"],
+            record["provider"],
         )
 
 
@@ -744,11 +744,11 @@ class GuardrailTriggered(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> GuardrailTriggered:
         return cls(
-            stage=record["stage"],
-            rule=record["rule"],
-            action=record["action"],
-            detail=record["detail"],
-            turn_index=record["turn_index"],
+            record["stage"],
+            record["rule"],
+            record["action"],
+            record["detail"],
+            record["turn_index"],
         )
 
 
@@ -779,10 +779,10 @@ class HandoffCompleted(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> HandoffCompleted:
         return cls(
-            handoff_id=record["handoff_id"],
-            target=record["target"],
-            outcome=record["outcome"],
-            detail=record["detail"],
+            record["handoff_id"],
+            record["target"],
+            record["outcome"],
+            record["detail"],
         )
 
 
@@ -819,12 +819,12 @@ class HandoffOutcome(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> HandoffOutcome:
         return cls(
-            handoff_id=record["handoff_id"],
-            outcome=record["outcome"],
-            provider_status=record["provider_status"],
-            dialed_call_id=record["dialed_call_id"],
-            duration_s=record["duration_s"],
-            raw=dict(record["raw"]),
+            record["handoff_id"],
+            record["outcome"],
+            record["provider_status"],
+            record["dialed_call_id"],
+            record["duration_s"],
+            dict(record["raw"]),
         )
 
 
@@ -855,10 +855,10 @@ class HandoffRequested(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> HandoffRequested:
         return cls(
-            handoff_id=record["handoff_id"],
-            reason=record["reason"],
-            target=record["target"],
-            summary=record["summary"],
+            record["handoff_id"],
+            record["reason"],
+            record["target"],
+            record["summary"],
         )
 
 
@@ -883,9 +883,9 @@ class ToolCallSpec:
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> ToolCallSpec:
         return cls(
-            id=record["id"],
-            name=record["name"],
-            arguments_json=record["arguments_json"],
+            record["id"],
+            record["name"],
+            record["arguments_json"],
         )
 
 
@@ -934,16 +934,16 @@ class LlmDecided(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> LlmDecided:
         return cls(
-            request_id=record["request_id"],
-            provider=record["provider"],
-            model=record["model"],
-            text=record["text"],
-            tool_calls=tuple(ToolCallSpec.from_avro(i) for i in record["tool_calls"]),
-            finish_reason=record["finish_reason"],
-            input_tokens=record["input_tokens"],
-            output_tokens=record["output_tokens"],
-            time_to_first_token_ms=record["time_to_first_token_ms"],
-            total_ms=record["total_ms"],
+            record["request_id"],
+            record["provider"],
+            record["model"],
+            record["text"],
+            record["finish_reason"],
+            record["input_tokens"],
+            record["output_tokens"],
+            record["time_to_first_token_ms"],
+            record["total_ms"],
+            tuple(ToolCallSpec.from_avro(i) for i in record["tool_calls"]),
         )
 
 
@@ -992,16 +992,16 @@ class LlmRequested(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> LlmRequested:
         return cls(
-            request_id=record["request_id"],
-            turn_index=record["turn_index"],
-            agent_id=record["agent_id"],
-            prompt_id=record["prompt_id"],
-            prompt_hash=record["prompt_hash"],
-            provider=record["provider"],
-            model=record["model"],
-            parameters=dict(record["parameters"]),
-            message_count=record["message_count"],
-            tools=tuple(record["tools"]),
+            record["request_id"],
+            record["turn_index"],
+            record["agent_id"],
+            record["prompt_id"],
+            record["prompt_hash"],
+            record["provider"],
+            record["model"],
+            record["message_count"],
+            dict(record["parameters"]),
+            tuple(record["tools"]),
         )
 
 
@@ -1026,9 +1026,9 @@ class MemorySummary:
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> MemorySummary:
         return cls(
-            call_id=record["call_id"],
-            summary=record["summary"],
-            created_us=record["created_us"],
+            record["call_id"],
+            record["summary"],
+            record["created_us"],
         )
 
 
@@ -1056,9 +1056,9 @@ class MemoryLoaded(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> MemoryLoaded:
         return cls(
-            caller_key=record["caller_key"],
-            summaries=tuple(MemorySummary.from_avro(i) for i in record["summaries"]),
-            source=record["source"],
+            record["caller_key"],
+            record["source"],
+            tuple(MemorySummary.from_avro(i) for i in record["summaries"]),
         )
 
 
@@ -1092,11 +1092,11 @@ class ProviderFallback(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> ProviderFallback:
         return cls(
-            capability=record["capability"],
-            from_provider=record["from_provider"],
-            to_provider=record["to_provider"],
-            reason=record["reason"],
-            turn_index=record["turn_index"],
+            record["capability"],
+            record["from_provider"],
+            record["to_provider"],
+            record["reason"],
+            record["turn_index"],
         )
 
 
@@ -1118,7 +1118,7 @@ class SpeechStarted(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> SpeechStarted:
         return cls(
-            offset_ms=record["offset_ms"],
+            record["offset_ms"],
         )
 
 
@@ -1143,8 +1143,8 @@ class SpeechStopped(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> SpeechStopped:
         return cls(
-            offset_ms=record["offset_ms"],
-            duration_ms=record["duration_ms"],
+            record["offset_ms"],
+            record["duration_ms"],
         )
 
 
@@ -1169,8 +1169,8 @@ class TimerCancelled(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> TimerCancelled:
         return cls(
-            timer_id=record["timer_id"],
-            name=record["name"],
+            record["timer_id"],
+            record["name"],
         )
 
 
@@ -1201,10 +1201,10 @@ class TimerFired(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> TimerFired:
         return cls(
-            timer_id=record["timer_id"],
-            name=record["name"],
-            set_by_seq=record["set_by_seq"],
-            due_us=record["due_us"],
+            record["timer_id"],
+            record["name"],
+            record["set_by_seq"],
+            record["due_us"],
         )
 
 
@@ -1232,9 +1232,9 @@ class TimerSet(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> TimerSet:
         return cls(
-            timer_id=record["timer_id"],
-            name=record["name"],
-            due_us=record["due_us"],
+            record["timer_id"],
+            record["name"],
+            record["due_us"],
         )
 
 
@@ -1280,15 +1280,15 @@ class ToolFailed(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> ToolFailed:
         return cls(
-            tool_call_id=record["tool_call_id"],
-            tool=record["tool"],
-            error=record["error"],
-            retryable=record["retryable"],
-            attempt=record["attempt"],
-            dead_lettered=record["dead_lettered"],
-            latency_ms=record["latency_ms"],
-            connector=record["connector"],
-            failure=record["failure"],
+            record["tool_call_id"],
+            record["tool"],
+            record["error"],
+            record["retryable"],
+            record["attempt"],
+            record["dead_lettered"],
+            record["latency_ms"],
+            record["connector"],
+            record["failure"],
         )
 
 
@@ -1328,13 +1328,13 @@ class ToolRequested(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> ToolRequested:
         return cls(
-            tool_call_id=record["tool_call_id"],
-            tool=record["tool"],
-            arguments_json=record["arguments_json"],
-            idempotency_key=record["idempotency_key"],
-            operation=record["operation"],
-            caller_number=record["caller_number"],
-            deadline_us=record["deadline_us"],
+            record["tool_call_id"],
+            record["tool"],
+            record["arguments_json"],
+            record["idempotency_key"],
+            record["operation"],
+            record["caller_number"],
+            record["deadline_us"],
         )
 
 
@@ -1374,13 +1374,13 @@ class ToolSucceeded(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> ToolSucceeded:
         return cls(
-            tool_call_id=record["tool_call_id"],
-            tool=record["tool"],
-            result_json=record["result_json"],
-            attempt=record["attempt"],
-            latency_ms=record["latency_ms"],
-            connector=record["connector"],
-            remote_id=record["remote_id"],
+            record["tool_call_id"],
+            record["tool"],
+            record["result_json"],
+            record["attempt"],
+            record["latency_ms"],
+            record["connector"],
+            record["remote_id"],
         )
 
 
@@ -1408,10 +1408,10 @@ class Word:
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> Word:
         return cls(
-            word=record["word"],
-            start_ms=record["start_ms"],
-            end_ms=record["end_ms"],
-            confidence=record["confidence"],
+            record["word"],
+            record["start_ms"],
+            record["end_ms"],
+            record["confidence"],
         )
 
 
@@ -1460,16 +1460,16 @@ class TranscriptFinal(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> TranscriptFinal:
         return cls(
-            utterance_id=record["utterance_id"],
-            text=record["text"],
-            confidence=record["confidence"],
-            words=tuple(Word.from_avro(i) for i in record["words"]),
-            provider=record["provider"],
-            model=record["model"],
-            language=record["language"],
-            start_ms=record["start_ms"],
-            end_ms=record["end_ms"],
-            latency_ms=record["latency_ms"],
+            record["utterance_id"],
+            record["text"],
+            record["confidence"],
+            record["provider"],
+            record["model"],
+            record["start_ms"],
+            record["end_ms"],
+            record["latency_ms"],
+            tuple(Word.from_avro(i) for i in record["words"]),
+            record["language"],
         )
 
 
@@ -1509,13 +1509,13 @@ class TranscriptInterim(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> TranscriptInterim:
         return cls(
-            utterance_id=record["utterance_id"],
-            text=record["text"],
-            confidence=record["confidence"],
-            provider=record["provider"],
-            model=record["model"],
-            start_ms=record["start_ms"],
-            end_ms=record["end_ms"],
+            record["utterance_id"],
+            record["text"],
+            record["confidence"],
+            record["provider"],
+            record["model"],
+            record["start_ms"],
+            record["end_ms"],
         )
 
 
@@ -1555,13 +1555,13 @@ class TtsCompleted(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> TtsCompleted:
         return cls(
-            request_id=record["request_id"],
-            provider=record["provider"],
-            voice=record["voice"],
-            time_to_first_byte_ms=record["time_to_first_byte_ms"],
-            audio_ms=record["audio_ms"],
-            audio_bytes=record["audio_bytes"],
-            interrupted=record["interrupted"],
+            record["request_id"],
+            record["provider"],
+            record["voice"],
+            record["time_to_first_byte_ms"],
+            record["audio_ms"],
+            record["audio_bytes"],
+            record["interrupted"],
         )
 
 
@@ -1598,12 +1598,12 @@ class TtsRequested(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> TtsRequested:
         return cls(
-            request_id=record["request_id"],
-            text=record["text"],
-            provider=record["provider"],
-            voice=record["voice"],
-            codec=record["codec"],
-            sample_rate=record["sample_rate"],
+            record["request_id"],
+            record["text"],
+            record["provider"],
+            record["voice"],
+            record["codec"],
+            record["sample_rate"],
         )
 
 
@@ -1631,9 +1631,9 @@ class BargeIn(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> BargeIn:
         return cls(
-            offset_ms=record["offset_ms"],
-            interrupted_tts_request_id=record["interrupted_tts_request_id"],
-            played_ms=record["played_ms"],
+            record["offset_ms"],
+            record["played_ms"],
+            record["interrupted_tts_request_id"],
         )
 
 
@@ -1664,10 +1664,10 @@ class TurnTaken(EventPayload):
     @classmethod
     def from_avro(cls, record: Mapping[str, Any]) -> TurnTaken:
         return cls(
-            turn_index=record["turn_index"],
-            caller_text=record["caller_text"],
-            utterance_ids=tuple(record["utterance_ids"]),
-            end_of_turn_ms=record["end_of_turn_ms"],
+            record["turn_index"],
+            record["caller_text"],
+            record["end_of_turn_ms"],
+            tuple(record["utterance_ids"]),
         )
 
 
