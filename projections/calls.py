@@ -24,20 +24,33 @@ the request says (and where the request was a row's newest change, the row writt
 the higher version). Not so for a request no `llm.decided` asked for: the tool's row and the
 call's count of tool calls lose it, unless such a call is folded from the log first, which
 `CallsProjection` does only for a call it first sees mid-way.
+
+A call's events on voxlog.commands read before its `call.started` (the two topics are read apart:
+in a rebuild the small commands topic runs far ahead) wait for it rather than read the call back
+from the log, which would cost a read by key per call and grow with the log: they are folded right
+after the start when it comes. A call's start is known not to come once its voxlog.calls partition
+has been read past the waiting event's log time (`START_SETTLE_MS` past it on Kafka, whose timestamps
+are the producers'), or the runner has read the whole log (`settle`), or too many calls wait
+(`WAITING_CALLS_KEPT`): only then is the call folded from the log, as a call picked up mid-way. An
+event of voxlog.calls for a call not known is such a call at once: its start is on the same
+partition, before it. What waits holds its offset back (`held`), so a crash replays it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
 
 from consumers.backends import LogBackend
 from consumers.event_reader import call_start_bound_ms, read_call
-from producers.log_producer import LogRecord
+from producers.log_producer import LogRecord, TopicPartition
+from producers.partitioning import partition_for
 from projections.audit import epoch_us
 from projections.erasure import ErasedCallers, erasure_of_calls
 from projections.projection import log_admin
@@ -92,6 +105,12 @@ from streams.redaction import Redactor, default_redactor, names_in_json, redact_
 
 ENDED_CALLS_KEPT = 1000
 """Ended calls whose state is kept for late events (a transfer's outcome, a carrier's last status)."""
+WAITING_CALLS_KEPT = 5000
+"""Calls whose voxlog.commands events wait for their `call.started`; beyond, the one waiting longest is
+folded from the log."""
+START_SETTLE_MS = 1000
+"""A call's start is read, if it is to be, once its voxlog.calls partition is read this far (log time)
+past an event of the call, on a log whose timestamps are the producers' (Kafka): slack for their clocks."""
 
 _CALL_VALUES = itemgetter(*CALLS.column_names[:-1])
 """A call's row values from its state, in column order (all but the version)."""
@@ -457,9 +476,22 @@ class CallsProjection:
     def __init__(self, router: AgentRouter | None = None) -> None:
         self.router = router
         self.fold = CallsFold(default_redactor(), router)
+        self._calls_partitions: int | None = None
+        self.read_back = 0
+        """Calls folded from the log (picked up mid-way, or their start waited for in vain)."""
+        self._forget_waiting()
+
+    def _forget_waiting(self) -> None:
+        self.waiting: OrderedDict[str, list[tuple[LogRecord, Event[EventPayload]]]] = OrderedDict()
+        """Per call, its events read before its start, oldest first; the call waiting longest first."""
+        self.waits_on: dict[int, list[tuple[int, str]]] = {}
+        """Per voxlog.calls partition, a heap of (log time past which the start will not come, call)."""
+        self.calls_read: dict[int, int] = {}
+        """Per voxlog.calls partition, the newest log time read."""
 
     def reset(self) -> None:
         self.fold = CallsFold(default_redactor(), self.router)
+        self._forget_waiting()
 
     async def load(self, store: AnalyticsStore) -> None:
         result = await asyncio.to_thread(
@@ -469,17 +501,85 @@ class CallsProjection:
             self.fold.seed_prompt(tenant, agent, prompt_id, prompt_hash, epoch_us(first), epoch_us(last))
         await asyncio.to_thread(self.fold.erasures.load, store)
 
+    def held(self) -> Mapping[TopicPartition, int]:
+        """The offsets of the events waiting for their call's start: none past them is stored."""
+        out: dict[TopicPartition, int] = {}
+        for waited in self.waiting.values():
+            for record, _ in waited:
+                if record.offset < out.get(record.tp, record.offset + 1):
+                    out[record.tp] = record.offset
+        return out
+
+    async def settle(self, backend: LogBackend, read: Mapping[TopicPartition, int] | None) -> list[Output]:
+        """The whole log read (or a batch's end, for a runner that cannot tell): a start not read by now
+        is not coming, and the calls still waiting are folded from the log."""
+        out: list[Output] = []
+        while self.waiting:
+            out += await self._from_log(self.waiting.popitem(last=False)[1], backend)
+        self.waits_on.clear()
+        return out
+
     async def rows(self, record: LogRecord, event: Event[EventPayload], backend: LogBackend) -> list[Output]:
         out: list[Output] = []
-        if not self.fold.knows(event.call_id) and not isinstance(event.payload, CallStarted | CallerErased):
-            # Picked up mid-call (a restart, a late event): fold the call as the log has it first. All of
-            # it, not only what came before this event: its other topic may have been read further (a
-            # late `tool.requested` on voxlog.commands after the call's end on voxlog.calls), and rows
-            # folded from less would lose to the newer ones already written. Later seqs are then skipped.
+        if record.topic == CALLS_TOPIC:
+            out += await self._calls_read(record.partition, record.timestamp_ms, backend)
+        waited = self.waiting.get(event.call_id)
+        if waited is not None:
+            if not isinstance(event.payload, CallStarted):
+                waited.append((record, event))
+                return out
+            del self.waiting[event.call_id]
+            out += self.fold.apply(event)
+            for _, early in waited:
+                out += self.fold.apply(early)
+            return out
+        if self.fold.knows(event.call_id) or isinstance(event.payload, CallStarted | CallerErased | CallRefused):
+            return out + self.fold.apply(event)
+        if record.topic == CALLS_TOPIC:  # its start is on this partition, before it: picked up mid-call
+            return out + await self._from_log([(record, event)], backend)
+        partition = await self._calls_partition_of(event.call_id, backend)
+        give_up_after = record.timestamp_ms + (0 if backend.stamps_in_append_order else START_SETTLE_MS)
+        if self.calls_read.get(partition, -1) > give_up_after:
+            return out + await self._from_log([(record, event)], backend)
+        self.waiting[event.call_id] = [(record, event)]
+        heapq.heappush(self.waits_on.setdefault(partition, []), (give_up_after, event.call_id))
+        while len(self.waiting) > WAITING_CALLS_KEPT:
+            out += await self._from_log(self.waiting.popitem(last=False)[1], backend)
+        return out
+
+    async def _calls_read(self, partition: int, stamped: int, backend: LogBackend) -> list[Output]:
+        """Folds from the log the calls whose start has not come by this point of their partition."""
+        out: list[Output] = []
+        if stamped <= self.calls_read.get(partition, -1):
+            return out
+        self.calls_read[partition] = stamped
+        heap = self.waits_on.get(partition)
+        while heap and heap[0][0] < stamped:
+            waited = self.waiting.pop(heapq.heappop(heap)[1], None)
+            if waited is not None:  # else its start came, or it was folded from the log already
+                out += await self._from_log(waited, backend)
+        return out
+
+    async def _calls_partition_of(self, call_id: str, backend: LogBackend) -> int:
+        if self._calls_partitions is None:
             async with log_admin(backend) as admin:
-                history = await read_call(admin, event.call_id, topics=self.topics,
-                                          since_ms=call_start_bound_ms(event))
-            for earlier in history.events:
-                if earlier.type in CallsFold.event_types:
-                    out += self.fold.apply(earlier)
-        return out + self.fold.apply(event)
+                self._calls_partitions = len(await admin.end_offsets(CALLS_TOPIC))
+        return partition_for(call_id.encode(), self._calls_partitions) if self._calls_partitions else -1
+
+    async def _from_log(self, waited: list[tuple[LogRecord, Event[EventPayload]]],
+                        backend: LogBackend) -> list[Output]:
+        """A call picked up mid-way, folded as the log has it first: all of it, not only what came
+        before these events, for its other topic may have been read further (a late `tool.requested`
+        on voxlog.commands after the call's end on voxlog.calls), and rows folded from less would lose
+        to the newer ones already written. Then these events (those the log gave are skipped, by seq)."""
+        first = waited[0][1]
+        self.read_back += 1
+        async with log_admin(backend) as admin:
+            history = await read_call(admin, first.call_id, topics=self.topics, since_ms=call_start_bound_ms(first))
+        out: list[Output] = []
+        for earlier in history.events:
+            if earlier.type in CallsFold.event_types:
+                out += self.fold.apply(earlier)
+        for _, event in waited:
+            out += self.fold.apply(event)
+        return out

@@ -5,6 +5,7 @@ nothing; a rebuild gives identical tables, `_version` included; the audit chain 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import re
@@ -17,13 +18,14 @@ import pytest
 
 from consumers.backends import EmbeddedBackend, LogBackend
 from producers.event_writer import CallRecorder, EventWriter
+from producers.log_producer import LogRecord, TopicPartition
 from projections.audit import AuditProjection, verify_chain
-from projections.calls import CallsProjection
+from projections.calls import CallsFold, CallsProjection
 from projections.default_projections import default_projections
-from projections.projection_runner import ProjectionRunner
+from projections.projection_runner import ProjectionRunner, RowBatch
 from projections.store import AnalyticsStore
 from projections.tables import ANALYST_TABLES, AUDIT_LOG
-from schemas.base import EventPayload
+from schemas.base import Event, EventPayload
 from schemas.events import (
     AuditRecorded,
     CallEnded,
@@ -35,7 +37,8 @@ from schemas.events import (
     TtsRequested,
     TurnTaken,
 )
-from schemas.topics import DEADLETTER
+from schemas.topics import CALLS as CALLS_TOPIC
+from schemas.topics import COMMANDS, DEADLETTER
 from tests.projection_runs import snapshot, write_calls
 from tests.unit.test_redaction import SEEDED
 from voxlog.sim.synthetic_calls import synthetic_call
@@ -276,3 +279,80 @@ async def test_an_event_a_projection_cannot_take_is_dead_lettered_and_the_rest_p
         dead = [r async for r in admin.read_key([DEADLETTER], b"call-future")]
     assert len(dead) == 1
     assert b"cannot take this turn" in dict(dead[0].headers)["vx-dlq-reason"]
+
+
+async def _calls_and_commands(log: EmbeddedBackend) -> tuple[list[tuple[LogRecord, Event[EventPayload]]],
+                                                             list[tuple[LogRecord, Event[EventPayload]]]]:
+    """Every record of voxlog.calls and of voxlog.commands in the log, decoded, apart."""
+    async with log.admin() as admin:
+        ends = {TopicPartition(topic, p): end for topic in CallsProjection.topics
+                for p, end in (await admin.end_offsets(topic)).items()}
+    read: dict[str, list[tuple[LogRecord, Event[EventPayload]]]] = {topic: [] for topic in CallsProjection.topics}
+    async with log.consumer(list(CallsProjection.topics)) as consumer:
+        while sum(len(records) for records in read.values()) < sum(ends.values()):
+            for record in await consumer.poll(timeout_s=0.5):
+                read[record.topic].append((record, log.codec.decode(record.value)))
+    return read[CALLS_TOPIC], read[COMMANDS]
+
+
+async def _fold(projection: CallsProjection, log: EmbeddedBackend, records: list[tuple[LogRecord, Event[EventPayload]]],
+                into: RowBatch) -> None:
+    for record, event in records:
+        if event.type in CallsFold.event_types:
+            into.add(await projection.rows(record, event, log))
+
+
+def _tables(batch: RowBatch) -> dict[str, list[tuple[Any, ...]]]:
+    """The rows a batch would write (the newest of each key), by table, in a stable order."""
+    return {table.name: sorted(rows, key=repr) for table, rows in batch.per_table()}
+
+
+async def test_commands_read_ahead_of_their_calls_wait_for_the_start_not_for_the_log(
+        embedded_backend: EmbeddedBackend) -> None:
+    """A rebuild's commands topic runs ahead of voxlog.calls: each call's `tool.requested` waits for its
+    `call.started` (its offset held back meanwhile) instead of reading the call back from the log, and
+    the rows are those of the log read in order."""
+    log = embedded_backend
+    await write_calls(log, "demo", 6)
+    calls, commands = await _calls_and_commands(log)
+    assert commands, "the synthetic calls ask for tools"
+
+    in_order, ahead = RowBatch(), RowBatch()
+    await _fold(CallsProjection(), log, calls + commands, in_order)
+    projection = CallsProjection()
+    await _fold(projection, log, commands, ahead)
+    assert len(projection.waiting) == len({event.call_id for _, event in commands})
+    assert projection.held() == {TopicPartition(COMMANDS, p): min(r.offset for r, _ in commands if r.partition == p)
+                                 for p in {r.partition for r, _ in commands}}
+    await _fold(projection, log, calls, ahead)
+    ahead.add(await projection.settle(log, None))
+
+    assert projection.read_back == 0, "no call read back from the log"
+    assert not projection.waiting
+    assert not projection.held()
+    assert _tables(ahead) == _tables(in_order)
+
+
+async def test_a_call_whose_start_is_not_coming_is_folded_from_the_log_once(embedded_backend: EmbeddedBackend) -> None:
+    """A `tool.requested` of a call whose start was read before a restart: once the call's voxlog.calls
+    partition is read past it, or the whole log is read, the call is folded from the log, once."""
+    log = embedded_backend
+    [call_id] = await write_calls(log, "demo", 1)
+    calls, commands = await _calls_and_commands(log)
+    rows = RowBatch()
+    projection = CallsProjection()
+    await _fold(projection, log, commands[:1], rows)
+    assert list(projection.waiting) == [call_id]
+    rows.add(await projection.settle(log, None))
+    assert projection.read_back == 1
+    assert not projection.waiting
+    [(_, [call_row])] = [(t, r) for t, r in rows.per_table() if t.name == "calls"]
+    assert call_row[1] == call_id
+    assert call_row[CALL_COLUMN["turns"]] == 2, "the whole call, from the log"
+
+    projection = CallsProjection()  # the call's partition read past the request: no need to wait for the end
+    ended, ended_event = calls[-1]
+    read_later = dataclasses.replace(ended, timestamp_ms=commands[0][0].timestamp_ms + 1)
+    await _fold(projection, log, [commands[0], (read_later, ended_event)], RowBatch())
+    assert projection.read_back == 1
+    assert not projection.waiting
