@@ -90,7 +90,11 @@ class PiiPlan:
         are left out: nothing to seal)."""
         taken: dict[str, Leaf] = {}
         for leaf in self.leaves:
-            for path, parent, name in _walk(record, leaf.steps, ""):
+            steps = leaf.steps
+            # A top-level field (every audio chunk's audio, most others) is its own path: no walk.
+            found = ((steps[0], record, steps[0]),) if len(steps) == 1 and steps[0] is not EACH else \
+                _walk(record, steps, "")
+            for path, parent, name in found:
                 value = parent[name]
                 if value is None or value == leaf.blank or (isinstance(value, str | bytes | dict) and not value):
                     continue

@@ -129,6 +129,9 @@ class DataKeyStore:
         return AESSIV(self.keks.unwrap(tenant_id, kek_id, wrapped, self._context(tenant_id, key_id)))
 
     def sealing_key(self, event: Event[EventPayload], kind: str) -> SealingKey:
+        hit, cached = self._sealing.get((event.tenant_id, event.call_id, kind))
+        if hit and isinstance(cached, SealingKey):  # every event but a stream's first: nothing more to work out
+            return cached
         # A call's keys of both kinds are made together, when it starts: one durable write per call.
         kinds = (kind, *(k for k in KINDS if k != kind)) if isinstance(event.payload, CallStarted) else (kind,)
         return self._stream_key(event.tenant_id, event.call_id, kinds, subject_of(event))
