@@ -2,7 +2,8 @@
 
 Two phases on one backend:
 1. throughput: append N events as fast as the writer takes them (encoding included, as the hot path
-   pays it), flush, then consume them all (decoding included);
+   pays it), flush, then consume them all (decoding included); beside it, the same messages, already
+   encoded, written with the store's own API and nothing of ours (`voxlog.bench_raw`), as a ratio;
 2. latency: append at a steady rate (default 5,000 events/s: 100 calls' worth of caller audio plus
    their transcripts and decisions) while a consumer in the same process reads them, and measure
    produce-to-consume latency from each event's own timestamp.
@@ -24,14 +25,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from consumers.backends import LogBackend, ensure_topics
+from consumers.backends import EmbeddedBackend, KafkaBackend, LogBackend, ensure_topics
 from consumers.event_reader import EventConsumer
 from producers.event_writer import CallRecorder, EventWriter
 from producers.log_producer import TopicPartition
 from schemas.base import Event, EventPayload
 from schemas.codec import EventCodec
-from schemas.topics import CALL_TOPICS
+from schemas.topics import CALL_TOPICS, CALLS
 from schemas.version import __version__
+from voxlog.bench_raw import RawMessage, raw_aiokafka_append, raw_sqlite_append
 from voxlog.progress import progress
 from voxlog.sim.synthetic_calls import concurrent_calls
 
@@ -202,8 +204,13 @@ async def bench_log(
             appended.update(events)
         sample = _Recorders(writer, f"{run}-codec")
         codec_events = [sample[index].make(payload) for index, payload in payloads[:CODEC_SAMPLE]]
+        raw = _Recorders(writer, f"{run}-raw")
+        raw_messages = [(raw[index].call_id.encode(), codec.encode(raw[index].make(payload)))
+                        for index, payload in payloads]
     with progress("bench log: consume", total=events, unit="events") as read:
         consumed, consume_s = await _consume(backend, codec, run, events, start=log_end, on_progress=read)
+    raw_s = await _raw_append(backend, raw_messages, run)
+    del raw_messages
 
     # Phase 2: produce-to-consume latency at a steady rate, consumer running alongside.
     run2 = uuid.uuid4().hex[:8]
@@ -241,6 +248,8 @@ async def bench_log(
         "sealing": backend.keys is not None,
         "codec": codec_costs(codec, codec_events),
         "append": asdict(Phase(events, round(append_s, 3), round(events / append_s))),
+        "raw_append": {**asdict(Phase(events, round(raw_s, 3), round(events / raw_s))),
+                       "with": RAW_REFERENCE[backend.name], "ours_over_raw": round(raw_s / append_s, 3)},
         "consume": asdict(Phase(consumed, round(consume_s, 3), round(consumed / consume_s))),
         "latency": asdict(
             Latency(
@@ -254,6 +263,26 @@ async def bench_log(
             )
         ),
     }
+
+
+RAW_REFERENCE = {"embedded": "plain SQLite inserts (voxlog.bench_raw)",
+                 "kafka": "aiokafka's batch API (voxlog.bench_raw)"}
+
+
+async def _raw_append(backend: LogBackend, messages: list[RawMessage], run: str) -> float:
+    """Seconds to write `messages` with the store's own API: a scratch SQLite file beside the log, or a
+    scratch topic (deleted after) with as many partitions as voxlog.calls."""
+    with progress("bench log: raw reference", unit="events") as wrote:
+        if isinstance(backend, EmbeddedBackend):
+            seconds = await asyncio.to_thread(raw_sqlite_append, backend.path.with_name(f"raw-{run}.db"), messages)
+        elif isinstance(backend, KafkaBackend):
+            async with backend.admin() as admin:
+                partitions = len(await admin.end_offsets(CALLS))
+            seconds = await raw_aiokafka_append(backend.bootstrap, f"voxlog.bench.raw-{run}", partitions, messages)
+        else:
+            raise ValueError(f"no raw reference for the {backend.name} log")
+        wrote.update(len(messages))
+    return seconds
 
 
 def run_facts(benchmark: str) -> dict[str, Any]:

@@ -154,6 +154,11 @@ def test_bench_log_writes_its_figures(tmp_path: Path) -> None:
     assert figures["latency"]["events"] > 1000
     assert 0 < figures["latency"]["p50_ms"] <= figures["latency"]["p99_ms"] <= figures["latency"]["max_ms"]
     assert figures["mix"]["audio.caller_chunk"] > figures["mix"]["call.started"] > 0
+    raw = figures["raw_append"]
+    assert raw["events"] == 3000
+    assert raw["with"].startswith("plain SQLite inserts")
+    assert raw["ours_over_raw"] == pytest.approx(figures["append"]["events_per_s"] / raw["events_per_s"], rel=0.05)
+    assert not list((tmp_path / "bench").glob("raw-*")), "the scratch file is gone"
 
 
 def test_bench_on_kafka_needs_a_bootstrap(tmp_path: Path) -> None:
