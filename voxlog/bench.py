@@ -33,7 +33,14 @@ from schemas.base import Event, EventPayload
 from schemas.codec import EventCodec
 from schemas.topics import CALL_TOPICS, CALLS
 from schemas.version import __version__
-from voxlog.bench_raw import RawMessage, raw_aiokafka_append, raw_sqlite_append
+from voxlog.bench_raw import (
+    PRODUCER_PERFORMANCE,
+    RawMessage,
+    java_producer_performance,
+    kafka_tools_classpath,
+    raw_aiokafka_append,
+    raw_sqlite_append,
+)
 from voxlog.progress import progress
 from voxlog.sim.synthetic_calls import concurrent_calls
 
@@ -210,6 +217,8 @@ async def bench_log(
     with progress("bench log: consume", total=events, unit="events") as read:
         consumed, consume_s = await _consume(backend, codec, run, events, start=log_end, on_progress=read)
     raw_s = await _raw_append(backend, raw_messages, run)
+    java = await _java_reference(backend, raw_messages, run, events / append_s) \
+        if isinstance(backend, KafkaBackend) else None
     del raw_messages
 
     # Phase 2: produce-to-consume latency at a steady rate, consumer running alongside.
@@ -250,6 +259,7 @@ async def bench_log(
         "append": asdict(Phase(events, round(append_s, 3), round(events / append_s))),
         "raw_append": {**asdict(Phase(events, round(raw_s, 3), round(events / raw_s))),
                        "with": RAW_REFERENCE[backend.name], "ours_over_raw": round(raw_s / append_s, 3)},
+        "java_producer": java,
         "consume": asdict(Phase(consumed, round(consume_s, 3), round(consumed / consume_s))),
         "latency": asdict(
             Latency(
@@ -283,6 +293,28 @@ async def _raw_append(backend: LogBackend, messages: list[RawMessage], run: str)
             raise ValueError(f"no raw reference for the {backend.name} log")
         wrote.update(len(messages))
     return seconds
+
+
+async def _java_reference(backend: KafkaBackend, messages: list[RawMessage], run: str,
+                          ours_per_s: float) -> dict[str, Any]:
+    """Kafka's own Java producer benchmark, as many records of the messages' mean size, beside ours; or
+    why it could not run (no kafka-tools jar, no java)."""
+    classpath = kafka_tools_classpath()
+    if classpath is None:
+        return {"skipped": "no kafka-tools jar: run tools/kafka/broker.sh classpath, or set "
+                           "VOXLOG_KAFKA_TOOLS_CLASSPATH"}
+    async with backend.admin() as admin:
+        partitions = len(await admin.end_offsets(CALLS))
+    size = round(sum(len(value) for _, value in messages) / len(messages))
+    with progress(f"bench log: {PRODUCER_PERFORMANCE}", unit="events") as wrote:
+        try:
+            per_s = await java_producer_performance(backend.bootstrap, f"voxlog.bench.java-{run}", partitions,
+                                                    len(messages), size, classpath)
+        except RuntimeError as exc:
+            return {"skipped": str(exc)}
+        wrote.update(len(messages))
+    return {"with": PRODUCER_PERFORMANCE, "records": len(messages), "record_size": size,
+            "events_per_s": round(per_s), "ours_over_java": round(ours_per_s / per_s, 3)}
 
 
 def run_facts(benchmark: str) -> dict[str, Any]:

@@ -5,7 +5,10 @@ so neither pays for encoding) written with nothing of ours around the store's ow
   key index), WAL, `synchronous=NORMAL`, one transaction per 5,000 rows (the producer's largest
   batch), from one thread, no event loop;
 - Kafka: aiokafka's batch API (`create_batch`, `append`, `send_batch` per partition, the partition
-  ours, `partition_for`), into a scratch topic with as many partitions as voxlog.calls.
+  ours, `partition_for`), into a scratch topic with as many partitions as voxlog.calls; and Kafka's
+  own Java producer benchmark, `org.apache.kafka.tools.ProducerPerformance` (the `kafka-tools` jar,
+  which `tools/kafka/broker.sh classpath` fetches beside the broker's), as many records of the
+  messages' mean size, acks=all, the producer's 2 ms linger and 256 KiB batches, as ours has.
 
 The ratio, ours over raw, says what the layers above the store cost: recorder, codec and sealing,
 the producer's buffering and threads.
@@ -14,9 +17,13 @@ the producer's buffering and threads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import re
+import shutil
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,17 +68,61 @@ def raw_sqlite_append(path: Path, messages: Sequence[RawMessage]) -> float:
             Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
-async def raw_aiokafka_append(bootstrap: str, topic: str, partitions: int, messages: Sequence[RawMessage]) -> float:
-    """Sends `messages` to a new topic (deleted after) with aiokafka's batch API and waits for every
-    batch's ack (acks=all, as our producer); returns the seconds from the first append to the last ack."""
+@contextlib.asynccontextmanager
+async def _scratch_topic(bootstrap: str, topic: str, partitions: int) -> AsyncIterator[None]:
+    """A new topic for the time of the block, deleted after."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         await admin.create_topics([NewTopic(topic, partitions, 1)])
-        return await _send_batches(bootstrap, topic, partitions, messages)
+        try:
+            yield
+        finally:
+            await admin.delete_topics([topic])
     finally:
-        await admin.delete_topics([topic])
         await admin.close()
+
+
+async def raw_aiokafka_append(bootstrap: str, topic: str, partitions: int, messages: Sequence[RawMessage]) -> float:
+    """Sends `messages` to a new topic (deleted after) with aiokafka's batch API and waits for every
+    batch's ack (acks=all, as our producer); returns the seconds from the first append to the last ack."""
+    async with _scratch_topic(bootstrap, topic, partitions):
+        return await _send_batches(bootstrap, topic, partitions, messages)
+
+
+PRODUCER_PERFORMANCE = "org.apache.kafka.tools.ProducerPerformance"
+_PERFORMANCE_LINE = re.compile(r"(\d+) records sent, ([\d.]+) records/sec")
+
+
+def kafka_tools_classpath() -> str | None:
+    """Where the `kafka-tools` jar and its dependencies are: `VOXLOG_KAFKA_TOOLS_CLASSPATH`, else the
+    broker's jar cache (`tools/kafka/broker.sh classpath`); None when neither has it."""
+    given = os.environ.get("VOXLOG_KAFKA_TOOLS_CLASSPATH")
+    if given:
+        return given
+    cache = Path(os.environ.get("VOXLOG_KAFKA_CACHE", Path.home() / ".cache" / "voxlog-kafka"))
+    jars = sorted(cache.glob("*/kafka-tools-[0-9]*.jar"))
+    return f"{jars[-1].parent}/*" if jars else None
+
+
+async def java_producer_performance(bootstrap: str, topic: str, partitions: int, records: int,
+                                    record_size: int, classpath: str) -> float:
+    """Kafka's own Java producer benchmark on a new topic (deleted after); returns its records/s."""
+    java = shutil.which("java")
+    if java is None:
+        raise RuntimeError("no java on PATH")
+    async with _scratch_topic(bootstrap, topic, partitions):
+        process = await asyncio.create_subprocess_exec(
+            java, "-cp", classpath, PRODUCER_PERFORMANCE, "--topic", topic, "--num-records", str(records),
+            "--record-size", str(record_size), "--throughput", "-1", "--producer-props",
+            f"bootstrap.servers={bootstrap}", "acks=all", "linger.ms=2", "batch.size=262144",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        output, _ = await process.communicate()
+    found = _PERFORMANCE_LINE.findall(output.decode(errors="replace"))
+    if process.returncode != 0 or not found or int(found[-1][0]) != records:
+        raise RuntimeError(f"{PRODUCER_PERFORMANCE} failed (exit {process.returncode}): "
+                           f"{output.decode(errors='replace')[-500:]}")
+    return float(found[-1][1])
 
 
 async def _send_batches(bootstrap: str, topic: str, partitions: int, messages: Sequence[RawMessage]) -> float:

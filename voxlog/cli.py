@@ -563,7 +563,10 @@ def bench_log_command(
     a, raw, c, lat = result["append"], result["raw_append"], result["consume"], result["latency"]
     console.print(
         f"{target.describe()}: append {a['events_per_s']:,} events/s ({raw['ours_over_raw']:.2f} of "
-        f"{raw['with']}: {raw['events_per_s']:,}), consume {c['events_per_s']:,} events/s; "
+        f"{raw['with']}: {raw['events_per_s']:,}"
+        + (f"; {java['ours_over_java']:.2f} of Kafka's Java producer: {java['events_per_s']:,}"
+           if (java := result["java_producer"]) and "skipped" not in java else "")
+        + f"), consume {c['events_per_s']:,} events/s; "
         f"at {lat['achieved_rate']:,} events/s produce-to-consume p50 {lat['p50_ms']} ms, "
         f"p99 {lat['p99_ms']} ms -> {out}"
     )

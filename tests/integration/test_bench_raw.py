@@ -14,7 +14,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from consumers.backends import KafkaBackend
 from producers.partitioning import partition_for
 from voxlog import bench_raw
-from voxlog.bench_raw import raw_aiokafka_append, raw_sqlite_append
+from voxlog.bench_raw import java_producer_performance, kafka_tools_classpath, raw_aiokafka_append, raw_sqlite_append
 
 MESSAGES = [(f"call-{i % 7}".encode(), bytes([i % 256]) * (100 + i % 300)) for i in range(12_000)]
 
@@ -68,3 +68,26 @@ async def test_aiokafka_batches_reach_our_partitions_and_the_topic_is_deleted(ka
         assert topic not in await admin.list_topics()
     finally:
         await admin.close()
+
+
+@pytest.mark.slow
+@pytest.mark.kafka
+async def test_kafkas_own_java_producer_benchmark_runs_on_a_scratch_topic(kafka_backend: KafkaBackend) -> None:
+    classpath = kafka_tools_classpath()
+    assert classpath is not None, "tools/kafka/broker.sh fetches the kafka-tools jar with the broker's"
+    topic = f"voxlog.test.java-{uuid.uuid4().hex[:8]}"
+    per_s = await java_producer_performance(kafka_backend.bootstrap, topic, 3, 5000, 200, classpath)
+    assert per_s > 0
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_backend.bootstrap)
+    await admin.start()
+    try:
+        assert topic not in await admin.list_topics()
+    finally:
+        await admin.close()
+
+
+@pytest.mark.kafka
+async def test_a_failing_java_benchmark_says_why(kafka_backend: KafkaBackend, tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="ProducerPerformance failed"):
+        await java_producer_performance(kafka_backend.bootstrap, f"voxlog.test.java-{uuid.uuid4().hex[:8]}", 1,
+                                        10, 10, str(tmp_path / "no-jars-here" / "*"))

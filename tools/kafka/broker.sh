@@ -344,13 +344,14 @@ status() {
 
 case "${1:-}" in
   fetch) fetch ;;
+  classpath) fetch && echo "$LIBS/*" ;;
   start) start ;;
   resume) resume ;;
   stop) stop ;;
   log) show_log 200 ;;
   status) status ;;
   *)
-    echo "usage: $0 {fetch|start|resume|stop|log|status}" >&2
+    echo "usage: $0 {fetch|classpath|start|resume|stop|log|status}" >&2
     exit 2
     ;;
 esac
