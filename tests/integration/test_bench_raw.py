@@ -16,6 +16,16 @@ from producers.partitioning import partition_for
 from voxlog import bench_raw
 from voxlog.bench_raw import java_producer_performance, kafka_tools_classpath, raw_aiokafka_append, raw_sqlite_append
 
+
+async def _topic_exists(bootstrap: str, topic: str) -> bool:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return topic in await admin.list_topics()
+    finally:
+        await admin.close()
+
+
 MESSAGES = [(f"call-{i % 7}".encode(), bytes([i % 256]) * (100 + i % 300)) for i in range(12_000)]
 
 
@@ -62,12 +72,7 @@ async def test_aiokafka_batches_reach_our_partitions_and_the_topic_is_deleted(ka
 
     assert seconds > 0
     assert sum(landed.values()) == len(MESSAGES)
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_backend.bootstrap)
-    await admin.start()
-    try:
-        assert topic not in await admin.list_topics()
-    finally:
-        await admin.close()
+    assert not await _topic_exists(kafka_backend.bootstrap, topic), "the scratch topic is deleted"
 
 
 @pytest.mark.slow
@@ -78,12 +83,7 @@ async def test_kafkas_own_java_producer_benchmark_runs_on_a_scratch_topic(kafka_
     topic = f"voxlog.test.java-{uuid.uuid4().hex[:8]}"
     per_s = await java_producer_performance(kafka_backend.bootstrap, topic, 3, 5000, 200, classpath)
     assert per_s > 0
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_backend.bootstrap)
-    await admin.start()
-    try:
-        assert topic not in await admin.list_topics()
-    finally:
-        await admin.close()
+    assert not await _topic_exists(kafka_backend.bootstrap, topic), "the scratch topic is deleted"
 
 
 @pytest.mark.kafka
