@@ -50,10 +50,9 @@ from typing import Any
 from consumers.backends import LogBackend
 from consumers.event_reader import call_start_bound_ms, read_call
 from producers.log_producer import LogRecord, TopicPartition
-from producers.partitioning import partition_for
 from projections.audit import epoch_us
 from projections.erasure import ErasedCallers, erasure_of_calls
-from projections.projection import log_admin
+from projections.projection import CallPartition, log_admin
 from projections.store import AnalyticsStore
 from projections.tables import (
     CALLS,
@@ -476,7 +475,7 @@ class CallsProjection:
     def __init__(self, router: AgentRouter | None = None) -> None:
         self.router = router
         self.fold = CallsFold(default_redactor(), router)
-        self._calls_partitions: int | None = None
+        self._calls_partition = CallPartition(CALLS_TOPIC)
         self.read_back = 0
         """Calls folded from the log (picked up mid-way, or their start waited for in vain)."""
         self._forget_waiting()
@@ -537,7 +536,8 @@ class CallsProjection:
             return out + self.fold.apply(event)
         if record.topic == CALLS_TOPIC:  # its start is on this partition, before it: picked up mid-call
             return out + await self._from_log([(record, event)], backend)
-        partition = await self._calls_partition_of(event.call_id, backend)
+        found = await self._calls_partition.of(event.call_id, backend)
+        partition = -1 if found is None else found  # no voxlog.calls yet: waits for the runner to settle
         give_up_after = record.timestamp_ms + (0 if backend.stamps_in_append_order else START_SETTLE_MS)
         if self.calls_read.get(partition, -1) > give_up_after:
             return out + await self._from_log([(record, event)], backend)
@@ -559,12 +559,6 @@ class CallsProjection:
             if waited is not None:  # else its start came, or it was folded from the log already
                 out += await self._from_log(waited, backend)
         return out
-
-    async def _calls_partition_of(self, call_id: str, backend: LogBackend) -> int:
-        if self._calls_partitions is None:
-            async with log_admin(backend) as admin:
-                self._calls_partitions = len(await admin.end_offsets(CALLS_TOPIC))
-        return partition_for(call_id.encode(), self._calls_partitions) if self._calls_partitions else -1
 
     async def _from_log(self, waited: list[tuple[LogRecord, Event[EventPayload]]],
                         backend: LogBackend) -> list[Output]:

@@ -10,6 +10,7 @@ from typing import Protocol, runtime_checkable
 from consumers.backends import LogBackend
 from consumers.log_consumer import LogAdmin
 from producers.log_producer import LogRecord, TopicPartition
+from producers.partitioning import partition_for
 from projections.store import AnalyticsStore
 from projections.tables import Output, Table
 from schemas.base import Event, EventPayload
@@ -62,3 +63,19 @@ async def log_admin(backend: HasAdmin) -> AsyncIterator[LogAdmin]:
     """An admin of the log, closed after use."""
     async with backend.admin() as admin:
         yield admin
+
+
+class CallPartition:
+    """Which partition of one topic holds a call's events: the topic's partition count asked of the
+    log once, then the producers' own partitioner (a call's id is its events' key)."""
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self._partitions: int | None = None
+
+    async def of(self, call_id: str, backend: HasAdmin) -> int | None:
+        """The call's partition; None while the topic does not exist."""
+        if self._partitions is None:
+            async with log_admin(backend) as admin:
+                self._partitions = len(await admin.end_offsets(self.topic))
+        return partition_for(call_id.encode(), self._partitions) if self._partitions else None

@@ -47,11 +47,10 @@ from typing import Protocol, TypeVar
 
 from consumers.event_reader import call_start_bound_ms, read_call
 from producers.log_producer import LogRecord, TopicPartition
-from producers.partitioning import partition_for
 from projections import tables
 from projections.erasure import CALLS_ERASED, ERASED_CALL_IDS, ErasedCallers
 from projections.erasure import parameters as erasure_parameters
-from projections.projection import HasAdmin, log_admin
+from projections.projection import CallPartition, HasAdmin, log_admin
 from projections.recording_assembly import FORMAT
 from projections.recording_buffer import AudioBuffer, CallAudio, WorkingFiles
 from projections.recording_store import (
@@ -183,7 +182,7 @@ class RecordingsProjection:
         self.ready: OrderedDict[str, tuple[_Call, bool]] = OrderedDict()
         """Ended calls to finish (with whether their audio is to be read from the log first), a few at once."""
         self._order = itertools.count()
-        self._audio_partitions: int | None = None
+        self._audio_partition = CallPartition(AUDIO)
         self.rejected_events = 0
         """Events whose tenant or call id cannot name a file."""
         self.store_failures = 0
@@ -395,7 +394,7 @@ class RecordingsProjection:
         call.ending = _Ending(event, record.tp, record.offset)
         partition = call.audio_partition
         if partition is None:
-            partition = await self._audio_partition_of(event.call_id, backend)
+            partition = await self._audio_partition.of(event.call_id, backend)
         complete_after = record.timestamp_ms + (0 if backend.stamps_in_append_order else AUDIO_SETTLE_MS)
         if partition is not None and self.audio_read.get(partition, -1) > complete_after:
             self._ready(call, catch_up=False)
@@ -406,12 +405,6 @@ class RecordingsProjection:
                            (complete_after, next(self._order), call))
             call.waiting = True
             self.waiting_calls += 1
-
-    async def _audio_partition_of(self, call_id: str, backend: RecordingsLog) -> int | None:
-        if self._audio_partitions is None:
-            async with log_admin(backend) as admin:
-                self._audio_partitions = len(await admin.end_offsets(AUDIO))
-        return partition_for(call_id.encode(), self._audio_partitions) if self._audio_partitions else None
 
     def _reject(self, event: Event[EventPayload], exc: ValueError) -> list[Output]:
         self.rejected_events += 1

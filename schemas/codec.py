@@ -25,7 +25,7 @@ from fastavro.validation import ValidationError, validate
 from schemas.base import Event, EventPayload
 from schemas.envelope import Envelope
 from schemas.events import PAYLOAD_TYPES
-from schemas.registry import SINGLE_OBJECT_MAGIC, SchemaRegistry, load_registry
+from schemas.registry import SINGLE_OBJECT_MAGIC, SchemaRegistry, SchemaVersion, load_registry
 from schemas.sealing import DataKeys, KeyUnavailable, PiiPlan, SealedBlobRejected, plan_for, restore, seal, unseal
 from schemas.upcasters import upcast
 
@@ -155,7 +155,7 @@ class EventCodec:
         sv = self._writer(data)
         return sv.event_type, sv.version
 
-    def _writer(self, data: bytes) -> Any:
+    def _writer(self, data: bytes) -> SchemaVersion:
         if len(data) < HEADER_LEN or data[:2] != SINGLE_OBJECT_MAGIC:
             raise UndecodableMessage("not an Avro single-object encoded message (bad marker)")
         sv = self._by_fingerprint.get(bytes(data[2:HEADER_LEN]))
@@ -166,7 +166,8 @@ class EventCodec:
             )
         return sv
 
-    def _reader(self, writer: Any) -> Any:
+    def _reader(self, writer: SchemaVersion) -> Any:
+        """The compiled reader of what `writer` wrote, into the newest version of its type."""
         reader = self._readers.get(writer.fingerprint)
         if reader is None:
             written_by = cavro.Schema(writer.schema, options=CAVRO_OPTIONS)

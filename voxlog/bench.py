@@ -216,8 +216,10 @@ async def bench_log(
                         for index, payload in payloads]
     with progress("bench log: consume", total=events, unit="events") as read:
         consumed, consume_s = await _consume(backend, codec, run, events, start=log_end, on_progress=read)
-    raw_s = await _raw_append(backend, raw_messages, run)
-    java = await _java_reference(backend, raw_messages, run, events / append_s) \
+    async with backend.admin() as admin:
+        partitions = len(await admin.end_offsets(CALLS))  # the scratch topics': as many as voxlog.calls
+    raw_s = await _raw_append(backend, raw_messages, run, partitions)
+    java = await _java_reference(backend, raw_messages, run, partitions, events / append_s) \
         if isinstance(backend, KafkaBackend) else None
     del raw_messages
 
@@ -279,15 +281,13 @@ RAW_REFERENCE = {"embedded": "plain SQLite inserts (voxlog.bench_raw)",
                  "kafka": "aiokafka's batch API (voxlog.bench_raw)"}
 
 
-async def _raw_append(backend: LogBackend, messages: list[RawMessage], run: str) -> float:
+async def _raw_append(backend: LogBackend, messages: list[RawMessage], run: str, partitions: int) -> float:
     """Seconds to write `messages` with the store's own API: a scratch SQLite file beside the log, or a
-    scratch topic (deleted after) with as many partitions as voxlog.calls."""
+    scratch topic (deleted after) of `partitions`."""
     with progress("bench log: raw reference", unit="events") as wrote:
         if isinstance(backend, EmbeddedBackend):
             seconds = await asyncio.to_thread(raw_sqlite_append, backend.path.with_name(f"raw-{run}.db"), messages)
         elif isinstance(backend, KafkaBackend):
-            async with backend.admin() as admin:
-                partitions = len(await admin.end_offsets(CALLS))
             seconds = await raw_aiokafka_append(backend.bootstrap, f"voxlog.bench.raw-{run}", partitions, messages)
         else:
             raise ValueError(f"no raw reference for the {backend.name} log")
@@ -295,7 +295,7 @@ async def _raw_append(backend: LogBackend, messages: list[RawMessage], run: str)
     return seconds
 
 
-async def _java_reference(backend: KafkaBackend, messages: list[RawMessage], run: str,
+async def _java_reference(backend: KafkaBackend, messages: list[RawMessage], run: str, partitions: int,
                           ours_per_s: float) -> dict[str, Any]:
     """Kafka's own Java producer benchmark, as many records of the messages' mean size, beside ours; or
     why it could not run (no kafka-tools jar, no java)."""
@@ -303,8 +303,6 @@ async def _java_reference(backend: KafkaBackend, messages: list[RawMessage], run
     if classpath is None:
         return {"skipped": "no kafka-tools jar: run tools/kafka/broker.sh classpath, or set "
                            "VOXLOG_KAFKA_TOOLS_CLASSPATH"}
-    async with backend.admin() as admin:
-        partitions = len(await admin.end_offsets(CALLS))
     size = round(sum(len(value) for _, value in messages) / len(messages))
     with progress(f"bench log: {PRODUCER_PERFORMANCE}", unit="events") as wrote:
         try:

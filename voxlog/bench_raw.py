@@ -1,9 +1,10 @@
 """The raw references `voxlog bench log` measures beside the log: the same messages (already encoded,
 so neither pays for encoding) written with nothing of ours around the store's own API.
 
-- embedded: plain SQLite inserts into a scratch file of the same schema (the records table and its
-  key index), WAL, `synchronous=NORMAL`, one transaction per 5,000 rows (the producer's largest
-  batch), from one thread, no event loop;
+- embedded: plain SQLite inserts into a scratch file of the log's own schema
+  (`producers.embedded_log_file.SCHEMA`: the records table and its key index), WAL,
+  `synchronous=NORMAL`, one transaction per 5,000 rows (the producer's largest batch), from one
+  thread, no event loop;
 - Kafka: aiokafka's batch API (`create_batch`, `append`, `send_batch` per partition, the partition
   ours, `partition_for`), into a scratch topic with as many partitions as voxlog.calls; and Kafka's
   own Java producer benchmark, `org.apache.kafka.tools.ProducerPerformance` (the `kafka-tools` jar,
@@ -30,6 +31,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from producers.embedded_log_file import SCHEMA
 from producers.partitioning import partition_for
 
 RawMessage = tuple[bytes, bytes]
@@ -38,11 +40,6 @@ RawMessage = tuple[bytes, bytes]
 SQLITE_BATCH = 5_000
 """Rows a transaction: `producers.embedded_producer`'s largest batch."""
 
-_SQLITE_SCHEMA = """
-CREATE TABLE records (id INTEGER PRIMARY KEY, key BLOB, value BLOB NOT NULL, headers BLOB,
-                      timestamp_ms INTEGER NOT NULL);
-CREATE INDEX records_by_key ON records (key);
-"""
 
 
 def raw_sqlite_append(path: Path, messages: Sequence[RawMessage]) -> float:
@@ -52,7 +49,7 @@ def raw_sqlite_append(path: Path, messages: Sequence[RawMessage]) -> float:
     try:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(_SQLITE_SCHEMA)
+        db.executescript(SCHEMA)
         started = time.perf_counter()
         for first in range(0, len(messages), SQLITE_BATCH):
             now_ms = int(time.time() * 1000)
