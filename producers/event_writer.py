@@ -88,7 +88,8 @@ class CallRecorder:
         self.producer = producer
         self.producer_version = producer_version
         self.next_seq = next_seq
-        self._clock_us = clock_us
+        self.clock_us = clock_us
+        """The clock of the events' `event_time_us`."""
         self._new_id = new_id
 
     def make(
@@ -107,7 +108,7 @@ class CallRecorder:
             seq=self.next_seq,
             type=payload.EVENT_TYPE,
             schema_version=payload.EVENT_VERSION,
-            event_time_us=self._clock_us() if event_time_us is None else event_time_us,
+            event_time_us=self.clock_us() if event_time_us is None else event_time_us,
             causation_id=causation_id,
             correlation_id=correlation_id,
             producer=self.producer if producer is None else producer,

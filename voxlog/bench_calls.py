@@ -15,6 +15,10 @@ stray from 20 ms.
 puts the in-process workers' consumer groups at its end, as on a broker that has served for a while:
 the same run on a fresh log and on one with history shows whether a call's cost grows with history.
 
+The demo tenant may have 50 calls at once (`limits.max_concurrent_calls`); when `VOXLOG_AGENTS_DIR` is
+not set the benchmark runs on a copy of the demo agents whose tenant may have all `--calls`, so that
+what is measured is the gateway's capacity, not a tenant's policy.
+
 `--ramp-s` spreads the callers' first rings over that many seconds (0: all in the same instant).
 Past the gateway's capacity (`--calls` above `VOXLOG_MAX_CALLS`) the calls it refuses are counted with
 how long their busy answer took; the latency and jitter figures are the admitted calls', which admission
@@ -73,6 +77,7 @@ from voxlog.bench import percentile, run_facts
 from voxlog.bench_projections import write_synthetic_calls
 from voxlog.progress import progress
 from voxlog.settings import Settings
+from voxlog.sim.demo_agents import demo_agents_with
 from voxlog.sim.stack import LocalStack, local_stack
 from voxlog.sim.synthetic_calls import mulaw_tone
 from voxlog.sim.twilio_caller import TwilioCaller, parse_stream_twiml
@@ -290,6 +295,9 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
                       fallback: FallbackProfile | None = None, ramp_s: float = 0.0,
                       history_events: int = 0, turns: int = DEFAULT_TURNS) -> dict[str, Any]:
     made = itertools.count()
+    if settings.agents_dir is None:  # the demo tenant's own limit (50 calls) must not cap what is measured
+        settings = settings.model_copy(update={"agents_dir": demo_agents_with(
+            settings.home / "bench-agents", tenant={"limits": {"max_concurrent_calls": calls}})})
     if history_events:
         await write_history(settings, history_events)
 

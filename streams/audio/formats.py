@@ -1,7 +1,8 @@
 """The audio formats voxlog works in, defined once: what sessions, channels and audio chunk events carry."""
 
 FRAME_MS = 20
-"""One media frame: what a channel delivers at a time, and one audio chunk event in the log."""
+"""One media frame: what a channel delivers at a time (an audio chunk event gathers several:
+`streams.audio.chunking`)."""
 PCM_RATE = 16_000
 """Sessions work in 16 kHz mono signed 16-bit little-endian PCM; channels convert at the edges."""
 MULAW_RATE = 8_000

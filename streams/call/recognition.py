@@ -1,13 +1,13 @@
 """The caller's side of a call: audio in, voice activity, recognition.
 
-Each inbound frame is recorded as received, while the caller's consent lets the call keep their audio
-(`keep_audio`, which the session sets from the core: not after a refusal, nor under opt-in before a
-yes; the frame is heard all the same); the VAD tells when the caller starts and stops speaking
-(inputs of the call), and only speech goes to the recogniser, with the 300 ms before the VAD's
-confirmation (pre-roll) so the start of a word is not lost. Interim transcripts are recorded and
-shown; an utterance's final transcript, written in the canonical form whoever recognised it
-(streams/providers/asr_text.py: numbers, times and emails as the core and redaction read them), is
-an input of the call, with times in the call's audio.
+Each inbound frame is recorded as received, gathered into chunks of 100 ms (`streams.audio.chunking`),
+while the caller's consent lets the call keep their audio (`keep_audio`, which the session sets from
+the core: not after a refusal, nor under opt-in before a yes; the frame is heard all the same). The
+VAD tells when the caller starts and stops speaking (inputs of the call), and only speech goes to the
+recogniser, with the 300 ms before the VAD's confirmation (pre-roll) so the start of a word is not
+lost. Interim transcripts are recorded and shown; an utterance's final transcript, written in the
+canonical form whoever recognised it (streams/providers/asr_text.py: numbers, times and emails as the
+core and redaction read them), is an input of the call, with times in the call's audio.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from producers.event_writer import CallRecorder
 from schemas.events import CallerAudioChunk, SpeechStarted, SpeechStopped, TranscriptFinal, TranscriptInterim, Word
+from streams.audio.chunking import FrameChunker, GatheredChunk
 from streams.audio.formats import FRAME_MS
 from streams.audio.vad import Vad
 from streams.call.inputs import CallInputs
@@ -52,16 +53,27 @@ class AudioRecognition:
         # The recogniser hears only speech, so its clock runs behind the call's; this maps one to the other.
         self._fed_ms = 0
         self._shift_ms = 0
-        self._chunks = 0
+        self._frames_heard = 0
+        self._kept = FrameChunker()
+        self._keep_audio = True
         self._utterances = 0
         self.speech_stopped_us = 0
-        self.keep_audio = True
+
+    @property
+    def keep_audio(self) -> bool:
         """Whether each frame is recorded (`audio.caller_chunk`); recognition hears every frame, kept or not."""
+        return self._keep_audio
+
+    @keep_audio.setter
+    def keep_audio(self, keep: bool) -> None:
+        if not keep:  # frames gathered before a refusal are not written after it
+            self._kept.drop()
+        self._keep_audio = keep
 
     @property
     def offset_ms(self) -> int:
         """How much caller audio the call has had: where in it something the channel reports happened."""
-        return self._chunks * FRAME_MS
+        return self._frames_heard * FRAME_MS
 
     async def hear(self, pcm16: bytes, raw: bytes, codec: str, sample_rate: int) -> None:
         await self._frames.put((pcm16, raw, codec, sample_rate))
@@ -86,20 +98,23 @@ class AudioRecognition:
         finally:
             await self._stream.close()
 
+    async def write_kept(self) -> None:
+        """Writes the kept frames gathered so far (the call is ending: its audio goes before its end)."""
+        await self._write(self._kept.take())
+
+    async def _write(self, chunk: GatheredChunk | None) -> None:
+        if chunk is not None:
+            await self._recorder.record(
+                CallerAudioChunk(codec="mulaw" if chunk.codec == "mulaw" else "pcm_s16le",
+                                 sample_rate=chunk.sample_rate, chunk_index=chunk.index, offset_ms=chunk.offset_ms,
+                                 duration_ms=chunk.duration_ms, audio=chunk.audio),
+                event_time_us=chunk.first_at_us)
+
     async def _frame(self, stream: AsrStream, pcm16: bytes, raw: bytes, codec: str, rate: int) -> None:
         offset_ms = self.offset_ms
-        if self.keep_audio:  # read and recorded in one step: the chunk's seq is after any refusal read here
-            await self._recorder.record(
-                CallerAudioChunk(
-                    codec="mulaw" if codec == "mulaw" else "pcm_s16le",
-                    sample_rate=rate,
-                    chunk_index=self._chunks,
-                    offset_ms=offset_ms,
-                    duration_ms=FRAME_MS,
-                    audio=raw,
-                )
-            )
-        self._chunks += 1  # counted kept or not: positions in the caller's stream stay those of the call
+        if self._keep_audio:  # read and gathered in one step: a refusal drops what is gathered (the setter)
+            await self._write(self._kept.add(raw, codec, rate, offset_ms, self._recorder.clock_us()))
+        self._frames_heard += 1  # counted kept or not: positions in the caller's stream stay those of the call
         self._preroll.append(pcm16)
         for vad_event in self._vad.process(pcm16):
             if vad_event.kind == "speech_started":

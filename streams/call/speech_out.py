@@ -1,7 +1,8 @@
 """The agent's side of a call: speech synthesis, real-time pacing, playback, and its stop on a barge-in.
 
 Each reply is synthesised in the channel's own format (`MediaTransport.speech_codec`), played in
-20 ms frames paced in real time, each frame recorded as played; how it ended (`tts.completed`:
+20 ms frames paced in real time, each frame recorded as played (gathered into chunks of 100 ms that
+never span two replies: `streams.audio.chunking`); how it ended (`tts.completed`:
 which voice, how much was played, interrupted or not) is an input of the call.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 
 from producers.event_writer import CallRecorder
 from schemas.events import AgentAudioChunk, ErrorRaised, TtsCompleted
+from streams.audio.chunking import FrameChunker, GatheredChunk
 from streams.audio.formats import FRAME_MS
 from streams.call.core import Speak
 from streams.call.inputs import CallInputs
@@ -37,7 +39,10 @@ class SpeechOut:
         self._spawn = spawn
         self._played = played
         self._speech: asyncio.Task[None] | None = None
-        self._chunks = 0
+        self._played_frames = FrameChunker()
+        self._frames_played = 0
+        self._request_id: str | None = None
+        """The speech whose frames `_played_frames` holds."""
 
     def say(self, action: Speak, causation_id: str) -> None:
         """After what is being said, not over it ("let me check that" and then the answer); `stop` ends both."""
@@ -110,6 +115,8 @@ class SpeechOut:
                                             message=str(exc), retryable=False, fatal=False),
                                 causation_id=causation_id)
         finally:
+            # Taken now and shielded: a second cancel (the call's close) loses no played frame.
+            await asyncio.shield(self._write(self._played_frames.take()))
             await close_chunks(speech.chunks)
             self._inputs.report("tts", speech.report, causation_id)
             self._inputs.submit(
@@ -132,15 +139,22 @@ class SpeechOut:
             await asyncio.sleep(delay)
         await self._transport.play_speech(frame)
         self._played()
-        await self._recorder.record(
-            AgentAudioChunk(
-                codec=self._transport.speech_codec,
-                sample_rate=self._transport.speech_rate,
-                chunk_index=self._chunks,
-                offset_ms=self._chunks * FRAME_MS,
-                duration_ms=FRAME_MS,
-                audio=frame,
-                tts_request_id=request_id,
-            )
-        )
-        self._chunks += 1
+        if request_id != self._request_id:
+            await self.write_played()
+            self._request_id = request_id
+        offset_ms = self._frames_played * FRAME_MS
+        self._frames_played += 1
+        await self._write(self._played_frames.add(frame, self._transport.speech_codec, self._transport.speech_rate,
+                                                  offset_ms, self._recorder.clock_us()))
+
+    async def write_played(self) -> None:
+        """Writes the played frames gathered so far (a speech ended, or the call is ending)."""
+        await self._write(self._played_frames.take())
+
+    async def _write(self, chunk: GatheredChunk | None) -> None:
+        if chunk is not None:
+            await self._recorder.record(
+                AgentAudioChunk(codec="mulaw" if chunk.codec == "mulaw" else "pcm_s16le",
+                                sample_rate=chunk.sample_rate, chunk_index=chunk.index, offset_ms=chunk.offset_ms,
+                                duration_ms=chunk.duration_ms, audio=chunk.audio, tts_request_id=self._request_id),
+                event_time_us=chunk.first_at_us)

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import io
-import shutil
 import wave
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 
 from consumers.event_reader import read_call
 from projections.calls import CallsProjection
@@ -38,7 +36,8 @@ from streams.call.replay import agent_for, verify_call
 from streams.config.agents import Consent
 from tests.integration.test_call_e2e import AGENT_NUMBER, agent_done_speaking, speech
 from tests.speech import synthesize_pcm16
-from voxlog.settings import DEFAULT_AGENTS_DIR, Settings
+from voxlog.settings import Settings
+from voxlog.sim.demo_agents import demo_agents_with
 from voxlog.sim.media_peer import MediaPeer
 from voxlog.sim.stack import LocalStack, local_stack
 from voxlog.sim.widget_page import WidgetPage
@@ -51,16 +50,8 @@ LINE_SILENCE = bytes([0xFF]) * 8000
 
 def agents(folder: Path, *, rule: str | None = None, mode: str | None = None) -> Path:
     """The demo agents, the tenant under `rule` and the front desk asking in `mode`."""
-    shutil.copytree(DEFAULT_AGENTS_DIR, folder)
-    for name, key, section, value in (("tenant.yaml", "rule", "consent", rule),
-                                      ("front-desk.yaml", "mode", "consent", mode)):
-        if value is None:
-            continue
-        path = folder / "demo" / name
-        document: dict[str, Any] = yaml.safe_load(path.read_text())
-        document.setdefault(section, {})[key] = value
-        path.write_text(yaml.safe_dump(document))
-    return folder
+    return demo_agents_with(folder, tenant={"consent": {"rule": rule}} if rule else None,
+                            front_desk={"consent": {"mode": mode}} if mode else None)
 
 
 async def answered(peer: MediaPeer, heard: int) -> None:
@@ -230,7 +221,7 @@ async def test_opt_in_records_the_caller_only_from_their_yes(store: AnalyticsSto
         wav = stack.gateway.recordings_path / "demo" / f"{call_id}.wav"
         with wave.open(io.BytesIO(wav.read_bytes())) as recording:
             frames = np.frombuffer(recording.readframes(recording.getnframes()), dtype="<i2").reshape(-1, 2)
-    assert row == (1, 20 * len(chunks))
+    assert row == (1, sum(c.payload.duration_ms for c in chunks))  # type: ignore[attr-defined]
     caller = np.abs(frames[:, 0]).astype(np.int64)
     # Silence where the caller's audio was not kept, up to the resampler's reach: its linear-phase filter
     # spreads the first kept sample over half its length (4.4 ms at 8 to 16 kHz) on either side, so what

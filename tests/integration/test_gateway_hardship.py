@@ -6,9 +6,9 @@ long enough: every wait polls for what it expects, with a deadline."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -27,12 +27,13 @@ from consumers.event_reader import read_call
 from producers.log_producer import TopicPartition
 from schemas.base import Event, EventPayload
 from schemas.codec import EventCodec
-from schemas.events import CallEnded, CallRefused, CallStarted
+from schemas.events import CallEnded, CallerAudioChunk, CallRefused, CallStarted
 from schemas.topics import AUDIT, CALL_TOPICS, CALLS
 from streams.call.session import Providers
 from streams.providers.base import TtsProvider
 from tests.conftest import kafka_bootstrap
 from voxlog.settings import Settings
+from voxlog.sim.demo_agents import demo_agents_with
 from voxlog.sim.fake_twilio import FakeTwilio, new_account_sid
 from voxlog.sim.stack import LocalStack, free_port, local_stack
 from voxlog.sim.twilio_caller import TwilioCaller, parse_stream_twiml
@@ -145,21 +146,8 @@ async def test_a_burst_of_80_callers_in_a_second_gets_capacity_served_and_the_re
         assert assert_whole(await call_events(backend, call_id)).reason == "caller_hangup"
 
 
-def demo_agents_with(tmp_path: Path, **limits: int) -> Path:
-    """The demo tenant's files, with other limits."""
-    agents = tmp_path / "agents"
-    (agents / "demo").mkdir(parents=True)
-    demo = REPO / "voxlog" / "agents" / "demo"
-    (agents / "demo" / "front-desk.yaml").write_text((demo / "front-desk.yaml").read_text())
-    tenant = (demo / "tenant.yaml").read_text()
-    for name, value in limits.items():
-        tenant = re.sub(rf"{name}: \d+", f"{name}: {value}", tenant)
-    (agents / "demo" / "tenant.yaml").write_text(tenant)
-    return agents
-
-
 async def test_one_tenant_over_its_limit_is_told_busy_and_the_others_are_served(tmp_path: Path) -> None:
-    agents = demo_agents_with(tmp_path, max_concurrent_calls=2)
+    agents = demo_agents_with(tmp_path / "agents", tenant={"limits": {"max_concurrent_calls": 2}})
     async with local_stack(Settings(home=tmp_path / "home", agents_dir=agents)) as stack:
         callers = [stack.caller(from_=f"+1555710{i:04d}", to=AGENT_NUMBER) for i in range(4)]
         answers = [await c.ring() for c in callers]
@@ -189,7 +177,8 @@ async def test_a_widget_caller_past_capacity_is_told_busy(tmp_path: Path) -> Non
 async def test_api_keys_are_rate_limited_and_strangers_cannot_make_the_audit_trail_grow_without_end(
     tmp_path: Path
 ) -> None:
-    agents = demo_agents_with(tmp_path, api_requests_per_minute=60, api_burst=3)
+    agents = demo_agents_with(tmp_path / "agents",
+                              tenant={"limits": {"api_requests_per_minute": 60, "api_burst": 3}})
     async with local_stack(Settings(home=tmp_path / "home", agents_dir=agents)) as stack, \
             httpx.AsyncClient(base_url=stack.base_url, timeout=10) as client:
         key = {"Authorization": "Bearer demo-api-key"}
@@ -528,9 +517,11 @@ async def test_the_broker_away_longer_than_the_producers_timeouts_and_back(
         events = await call_events(backend, call_id)
         end = assert_whole(events)
         assert end.reason == "log_unavailable"
-        heard = [e.payload.chunk_index for e in events if e.type == "audio.caller_chunk"]  # type: ignore[attr-defined]
-        assert heard == list(range(len(heard))), "every frame heard is in the log"
-        assert len(heard) > 50 * 15
+        heard = [e.payload for e in events if isinstance(e.payload, CallerAudioChunk)]
+        assert [c.chunk_index for c in heard] == list(range(len(heard))), "no chunk is missing"
+        assert [c.offset_ms for c in heard] == list(itertools.accumulate([0] + [c.duration_ms for c in heard[:-1]])), \
+            "every frame heard is in the log"
+        assert sum(c.duration_ms for c in heard) > 15_000
 
         after = stack.caller(from_="+15557400003", to=AGENT_NUMBER)
         async with after:

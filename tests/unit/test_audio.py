@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from streams.audio.chunking import CHUNK_FRAMES, FrameChunker, GatheredChunk
 from streams.audio.codecs import (
     SILENCE_DBFS,
     Resampler,
@@ -29,6 +30,7 @@ from streams.audio.codecs import (
     wav_bytes,
     write_wav,
 )
+from streams.audio.formats import FRAME_MS
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -360,3 +362,56 @@ def test_the_integer_ratio_resampling_path_matches_the_general_one(
     fast = audio._apply(poly, padded, first_output, count, poly.half)
     reference = audio._apply_any_ratio(poly, padded, first_output, count, poly.half)
     assert np.allclose(fast, reference)
+
+
+# -- chunking: what one audio event is ---------------------------------------------------------------
+
+frame_runs = st.lists(st.tuples(st.binary(min_size=1, max_size=8), st.sampled_from(["mulaw", "pcm_s16le"]),
+                                st.sampled_from([8000, 16000]), st.booleans()), max_size=60)
+
+
+@given(frame_runs, st.integers(min_value=1, max_value=7))
+def test_chunks_keep_every_frame_in_order_and_place_each_exactly(run: list[tuple[bytes, str, int, bool]],
+                                                                 per_chunk: int) -> None:
+    """Whatever the frames (formats changing, gaps where audio was not kept), the chunks hold each
+    frame once, in order, at its own offset, and none is longer than its limit or mixes formats."""
+    chunker = FrameChunker(per_chunk)
+    chunks: list[GatheredChunk] = []
+    sent: list[tuple[bytes, str, int, int]] = []
+    offset = 0
+    for at, (frame, codec, rate, gap) in enumerate(run):
+        offset += FRAME_MS * (3 if gap else 0)
+        sent.append((frame, codec, rate, offset))
+        ready = chunker.add(frame, codec, rate, offset, at_us=at)
+        chunks += [ready] if ready else []
+        offset += FRAME_MS
+    last = chunker.take()
+    chunks += [last] if last else []
+    assert chunker.take() is None
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    assert b"".join(c.audio for c in chunks) == b"".join(f for f, *_ in sent)
+    position = 0
+    for chunk in chunks:
+        frames_in = sent[position:position + chunk.duration_ms // FRAME_MS]
+        assert 1 <= len(frames_in) <= per_chunk
+        assert chunk.audio == b"".join(f for f, *_ in frames_in)
+        assert {(c, r) for _, c, r, _ in frames_in} == {(chunk.codec, chunk.sample_rate)}
+        assert [o for *_, o in frames_in] == [chunk.offset_ms + i * FRAME_MS for i in range(len(frames_in))]
+        assert chunk.first_at_us == position
+        position += len(frames_in)
+    assert position == len(sent)
+
+
+def test_a_chunk_is_answered_when_full_and_what_is_dropped_is_never_written() -> None:
+    chunker = FrameChunker()
+    answered = [chunker.add(bytes([i]), "mulaw", 8000, i * FRAME_MS, at_us=i) for i in range(CHUNK_FRAMES)]
+    assert answered[:-1] == [None] * (CHUNK_FRAMES - 1)
+    assert answered[-1] == GatheredChunk(index=0, offset_ms=0, duration_ms=CHUNK_FRAMES * FRAME_MS,
+                                         audio=bytes(range(CHUNK_FRAMES)), codec="mulaw", sample_rate=8000,
+                                         first_at_us=0)
+    chunker.add(b"x", "mulaw", 8000, CHUNK_FRAMES * FRAME_MS, at_us=9)
+    chunker.drop()
+    assert chunker.take() is None
+    assert chunker.add(b"y", "mulaw", 8000, 0, at_us=10) is None
+    assert chunker.take() == GatheredChunk(index=1, offset_ms=0, duration_ms=FRAME_MS, audio=b"y", codec="mulaw",
+                                           sample_rate=8000, first_at_us=10)

@@ -91,13 +91,19 @@ async def running(server: uvicorn.Server, sockets: list[socket.socket] | None = 
         await serving
 
 
+def _listening_socket() -> socket.socket:
+    """A socket bound to a free port of 127.0.0.1, for uvicorn to serve on."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
 @asynccontextmanager
 async def serve_app(app: ASGIApp) -> AsyncIterator[str]:
     """`app` under uvicorn on a free port of 127.0.0.1, with the WebSocket implementation `voxlog
     serve` uses and without its lifespan; yields its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock = _listening_socket()
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
                                            ws="websockets", timeout_graceful_shutdown=2))
     async with running(server, [sock]):
@@ -113,8 +119,9 @@ async def local_stack(
     takes one data folder per process, so only one stack in a process may). `provider_settings`:
     the providers' own (else from the environment)."""
     account_sid = new_account_sid()
-    with FakeTwilio(account_sid, AUTH_TOKEN) as twilio:
-        port = free_port()
+    # Bound here and handed to uvicorn: a port only looked up would be free for anyone until it binds.
+    with FakeTwilio(account_sid, AUTH_TOKEN) as twilio, _listening_socket() as sock:
+        port = int(sock.getsockname()[1])
         base_url = f"http://127.0.0.1:{port}"
         settings = settings.model_copy(update={
             "twilio_account_sid": account_sid, "twilio_auth_token": SecretStr(AUTH_TOKEN),
@@ -125,6 +132,7 @@ async def local_stack(
             gateway.provider_registry = ProviderRegistry(provider_settings)
         if providers_factory is not None:
             gateway.providers_factory = providers_factory
-        async with running(gateway_server(settings, "127.0.0.1", port, gateway=gateway, log_level="warning")):
+        async with running(gateway_server(settings, "127.0.0.1", port, gateway=gateway, log_level="warning"),
+                           [sock]):
             yield LocalStack(base_url, settings, gateway, twilio)
 
