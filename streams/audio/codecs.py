@@ -43,19 +43,21 @@ __all__ = [
 _Int16Array = npt.NDArray[np.int16]
 _FloatArray = npt.NDArray[np.float64]
 
+_PCM16 = np.dtype("<i2")
+"""16-bit PCM as it is on the wire and in the log: little-endian."""
 SILENCE_DBFS = -120.0
 """What `rms_dbfs` says for digital silence (and for no samples at all), instead of minus infinity."""
 
 
 def _as_int16(pcm: bytes | bytearray | memoryview) -> _Int16Array:
-    data = bytes(pcm)
-    if len(data) % 2:
-        raise ValueError(f"16-bit PCM must have an even number of bytes, got {len(data)}")
-    return np.frombuffer(data, dtype="<i2").astype(np.int16)
+    """A read-only view of the samples, not a copy (this runs for every frame of every call)."""
+    if len(pcm) % 2:
+        raise ValueError(f"16-bit PCM must have an even number of bytes, got {len(pcm)}")
+    return np.frombuffer(pcm, dtype=_PCM16)
 
 
 def _to_bytes(samples: _Int16Array) -> bytes:
-    return samples.astype("<i2").tobytes()
+    return samples.astype(_PCM16, copy=False).tobytes()
 
 
 # --- G.711 mu-law ---------------------------------------------------------------------------------
@@ -98,7 +100,7 @@ def _ulaw_expand_reference(codes: npt.NDArray[np.int32]) -> npt.NDArray[np.int16
     return result
 
 
-_ULAW_DECODE: _Int16Array = _ulaw_expand_reference(np.arange(256, dtype=np.int32))
+_ULAW_DECODE: _Int16Array = _ulaw_expand_reference(np.arange(256, dtype=np.int32)).astype(_PCM16)
 # Indexed by the sample's 16 bits read as unsigned (value & 0xFFFF).
 _ULAW_ENCODE: npt.NDArray[np.uint8] = _ulaw_compress_reference(
     np.arange(65536, dtype=np.int32).astype(np.uint16).view(np.int16).astype(np.int32)
@@ -107,8 +109,7 @@ _ULAW_ENCODE: npt.NDArray[np.uint8] = _ulaw_compress_reference(
 
 def mulaw_to_pcm16(data: bytes) -> bytes:
     """G.711 mu-law bytes (one sample each) to 16-bit PCM, as the ITU reference decoder does."""
-    codes = np.frombuffer(bytes(data), dtype=np.uint8)
-    return _to_bytes(_ULAW_DECODE[codes])
+    return _ULAW_DECODE[np.frombuffer(data, dtype=np.uint8)].tobytes()
 
 
 def pcm16_to_mulaw(pcm: bytes) -> bytes:
@@ -207,7 +208,12 @@ def _apply_any_ratio(poly: _Polyphase, padded: _FloatArray, first_output: int, c
 
 
 def _round_to_int16(values: _FloatArray) -> _Int16Array:
-    return np.clip(np.rint(values), -32768, 32767).astype(np.int16)
+    """Rounds and clips `values` in place (a scratch array); ufuncs, not np.clip: a 20 ms frame is
+    too short for np.clip's Python-level checks not to dominate."""
+    np.rint(values, out=values)
+    np.maximum(values, -32768.0, out=values)
+    np.minimum(values, 32767.0, out=values)
+    return values.astype(np.int16)
 
 
 def resample_pcm16(pcm: bytes, from_rate: int, to_rate: int) -> bytes:
@@ -341,7 +347,8 @@ def rms_dbfs(pcm: bytes) -> float:
     samples = _as_int16(pcm)
     if samples.size == 0:
         return SILENCE_DBFS
-    mean_square = float(np.mean(np.square(samples.astype(np.float64))))
+    values = samples.astype(np.float64)
+    mean_square = float(np.dot(values, values)) / values.size
     if mean_square <= 0.0:
         return SILENCE_DBFS
     return max(SILENCE_DBFS, 10.0 * math.log10(mean_square / (32768.0 * 32768.0)))
