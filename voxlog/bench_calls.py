@@ -285,6 +285,12 @@ async def _fallback_calls(backend: LogBackend, call_sids: set[str]) -> set[str]:
     return {sid for call_id, sid in sid_of.items() if call_id in fell_back}
 
 
+def _rss_mb() -> float:
+    """This process's resident memory now (Linux)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
 def _latency(values: list[float]) -> dict[str, float | None]:
     return {"p50": round(statistics.median(values), 1) if values else None,
             "p99": round(percentile(values, 0.99), 1) if values else None,
@@ -309,10 +315,12 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
     budget_ms = end_of_turn_ms + timeline.asr_final_ms + timeline.llm_ms + timeline.tts_first_byte_ms
     async with local_stack(settings, providers_factory=providers) as stack:
         before = await _events_in_log(stack.gateway.backend)
+        rss_before_mb = _rss_mb()
         started, cpu_before = time.perf_counter(), time.process_time()
         sids, results, callers_cpu_s = await _callers_process(stack, calls, budget_ms, ramp_s, turns)
         await stack.gateway.wait_idle(60)
         elapsed, cpu_s = time.perf_counter() - started, time.process_time() - cpu_before
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         events = await _events_in_log(stack.gateway.backend) - before
         fell_back = await _fallback_calls(stack.gateway.backend, set(sids)) if fallback else set()
         backend = stack.gateway.backend.describe()
@@ -344,6 +352,9 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
                              "frames": len(jitter)},
         "gateway_cpu_s": round(cpu_s, 2),
         "gateway_cpu_share": round(cpu_s / elapsed, 3),
+        "gateway_cpu_s_per_call_minute": round(cpu_s / max(1, calls - len(refused)) / (elapsed / 60), 3),
+        "gateway_peak_rss_mb": round(peak_mb, 1),
+        "gateway_peak_rss_mb_per_call": round((peak_mb - rss_before_mb) / max(1, calls - len(refused)), 3),
         "callers_cpu_s": round(callers_cpu_s, 2),
         "callers_cpu_share": round(callers_cpu_s / elapsed, 3),
         "events": events,

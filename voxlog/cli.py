@@ -431,7 +431,9 @@ def bench_calls_command(
     added, jitter = result["added_latency_ms"], result["pacing_jitter_ms"]
     console.print(f"{calls} calls on {result['log']}: added latency p50 {added['p50']} ms, p99 {added['p99']} ms; "
                   f"pacing jitter p99 {jitter['p99']} ms; {result['events_per_s']:,} events/s; "
-                  f"gateway CPU {result['gateway_cpu_share']:.0%}, callers' {result['callers_cpu_share']:.0%}; "
+                  f"gateway CPU {result['gateway_cpu_share']:.0%} ({result['gateway_cpu_s_per_call_minute']} s a "
+                  f"call-minute), callers' {result['callers_cpu_share']:.0%}; peak memory "
+                  f"{result['gateway_peak_rss_mb']} MB ({result['gateway_peak_rss_mb_per_call']} MB a call); "
                   f"failed calls: {len(result['failed_calls'])} -> {out}")
     if result["refused_calls"]:
         refusal = result["refusal_ms"]

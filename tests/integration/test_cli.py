@@ -228,6 +228,8 @@ def test_bench_calls_measures_what_voxlog_adds(tmp_path: Path) -> None:
     assert figures["turns_measured"] == 6  # two turns per call
     assert figures["history_events"] == 2000
     assert figures["callers_cpu_s"] > 0  # the load generator's own cost, reported beside the gateway's
+    assert figures["gateway_cpu_s_per_call_minute"] > 0
+    assert figures["gateway_peak_rss_mb"] > 50  # the interpreter and its libraries at least
     assert figures["scripted_ms"]["total"] == 700 + 150 + 300 + 120
     # What voxlog adds cannot be negative beyond a frame's worth of measuring granularity.
     assert -25 < figures["added_latency_ms"]["p50"] <= figures["added_latency_ms"]["p99"]
