@@ -76,6 +76,7 @@ from voxlog.backends import log_backend
 from voxlog.bench import percentile, run_facts
 from voxlog.bench_projections import write_synthetic_calls
 from voxlog.progress import progress
+from voxlog.serving import run_on_serving_loop
 from voxlog.settings import Settings
 from voxlog.sim.demo_agents import demo_agents_with
 from voxlog.sim.stack import LocalStack, local_stack
@@ -383,5 +384,5 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
 
 
 if __name__ == "__main__":  # the callers' process: a plan on stdin, their figures on stdout
-    figures = asyncio.run(play_callers(json.loads(sys.stdin.read())))
+    figures = run_on_serving_loop(play_callers(json.loads(sys.stdin.read())))
     print(json.dumps([dataclasses.asdict(f) for f in figures]))

@@ -420,13 +420,14 @@ def bench_calls_command(
     from streams.providers.timeline import Timeline
     from voxlog.bench import write_result
     from voxlog.bench_calls import FallbackProfile, bench_calls
+    from voxlog.serving import run_on_serving_loop
 
     settings = Settings() if max_calls is None else Settings(max_calls=max_calls)
     timeline = Timeline(asr_final_ms=asr_ms, llm_ms=llm_ms, tts_first_byte_ms=tts_ms, speech_ms_per_word=60)
     profile = None if fallback is None else FallbackProfile(fallback.value, fallback_every, attempt_timeout_ms,
                                                             capability=fallback_capability.value)
-    result = asyncio.run(bench_calls(settings, calls=calls, timeline=timeline, fallback=profile, ramp_s=ramp_s,
-                                      history_events=history_events, turns=turns))
+    result = run_on_serving_loop(bench_calls(settings, calls=calls, timeline=timeline, fallback=profile,
+                                             ramp_s=ramp_s, history_events=history_events, turns=turns))
     write_result(result, out)
     added, jitter = result["added_latency_ms"], result["pacing_jitter_ms"]
     console.print(f"{calls} calls on {result['log']}: added latency p50 {added['p50']} ms, p99 {added['p99']} ms; "

@@ -3,9 +3,13 @@ recordings, limits) and its uvicorn server (`voxlog serve`, the local stack)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import uvicorn
+import uvloop
 
 from gateway.app import GatewayServer, create_app
 from gateway.runtime import GatewayRuntime
@@ -19,6 +23,15 @@ from voxlog.demo_calendar import DEMO_TENANT, demo_calendar
 from voxlog.settings import DEFAULT_AGENTS_DIR, DEMO_WEBHOOK_SECRET, InsecureSettings, Settings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def run_on_serving_loop(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Runs `coroutine` on the event loop `voxlog serve` serves on (uvloop, which uvicorn picks when it
+    is installed), so that a benchmark measures the gateway as it runs in production."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coroutine)
 
 
 def twilio_rest(settings: Settings) -> TwilioRest | None:
