@@ -78,5 +78,6 @@ def gateway_server(settings: Settings, host: str, port: int, *, gateway: Gateway
                    log_level: str = "info") -> GatewayServer:
     runtime = gateway or build_gateway(settings)
     config = uvicorn.Config(create_app(runtime), host=host, port=port, log_level=log_level,
-                            ws="websockets", lifespan="on", timeout_graceful_shutdown=max(1, int(settings.drain_s)))
+                            ws="websockets-sansio", lifespan="on",
+                            timeout_graceful_shutdown=max(1, int(settings.drain_s)))
     return GatewayServer(config, runtime)

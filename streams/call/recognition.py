@@ -56,6 +56,7 @@ class AudioRecognition:
         self._frames_heard = 0
         self._kept = FrameChunker()
         self._keep_audio = True
+        self._recording_ended = False
         self._utterances = 0
         self.speech_stopped_us = 0
 
@@ -98,8 +99,9 @@ class AudioRecognition:
         finally:
             await self._stream.close()
 
-    async def write_kept(self) -> None:
-        """Writes the kept frames gathered so far (the call is ending: its audio goes before its end)."""
+    async def end_recording(self) -> None:
+        """The call is ending: the kept frames gathered so far are written (before its end), none after."""
+        self._recording_ended = True
         await self._write(self._kept.take())
 
     async def _write(self, chunk: GatheredChunk | None) -> None:
@@ -112,7 +114,8 @@ class AudioRecognition:
 
     async def _frame(self, stream: AsrStream, pcm16: bytes, raw: bytes, codec: str, rate: int) -> None:
         offset_ms = self.offset_ms
-        if self._keep_audio:  # read and gathered in one step: a refusal drops what is gathered (the setter)
+        # Read and gathered in one step: a refusal drops what is gathered (the setter).
+        if self._keep_audio and not self._recording_ended:
             await self._write(self._kept.add(raw, codec, rate, offset_ms, self._recorder.clock_us()))
         self._frames_heard += 1  # counted kept or not: positions in the caller's stream stay those of the call
         self._preroll.append(pcm16)

@@ -280,8 +280,8 @@ class CallSession:
         while True:
             item = await self._inputs.next()
             if isinstance(item, Ending):  # the audio gathered so far goes before the end
-                await self._recognition.write_kept()
-                await self._speech.write_played()
+                await self._recognition.end_recording()
+                await self._speech.end_recording()
                 item = Input(self._call_ended(item))
             event = await self.recorder.record(
                 item.payload, causation_id=item.causation_id, correlation_id=item.correlation_id

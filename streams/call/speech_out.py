@@ -41,6 +41,7 @@ class SpeechOut:
         self._speech: asyncio.Task[None] | None = None
         self._played_frames = FrameChunker()
         self._frames_played = 0
+        self._recording_ended = False
         self._request_id: str | None = None
         """The speech whose frames `_played_frames` holds."""
 
@@ -63,8 +64,8 @@ class SpeechOut:
                 await self._speech
 
     def _cancel(self) -> None:
-        if self._speech is not None and not self._speech.done():
-            self._speech.cancel()
+        if self._speech is not None:
+            _cancel_once(self._speech)
 
     async def _speak(self, action: Speak, causation_id: str, before: asyncio.Task[None] | None) -> None:
         """Says `action`'s text once `before` (the speech in progress) is over; cancelled, it cancels
@@ -73,7 +74,7 @@ class SpeechOut:
             try:
                 await asyncio.wait({before})  # not `await before`: a speech that ends interrupted returns
             except asyncio.CancelledError:
-                before.cancel()
+                _cancel_once(before)
                 self._inputs.submit(TtsCompleted(request_id=action.request_id, provider=self._tts.name,
                                                  voice=action.voice, time_to_first_byte_ms=0, audio_ms=0,
                                                  audio_bytes=0, interrupted=True), causation_id=causation_id)
@@ -115,8 +116,9 @@ class SpeechOut:
                                             message=str(exc), retryable=False, fatal=False),
                                 causation_id=causation_id)
         finally:
-            # Taken now and shielded: a second cancel (the call's close) loses no played frame.
-            await asyncio.shield(self._write(self._played_frames.take()))
+            # Numbered before any other event can be (no shield: it would number it later, maybe after
+            # the call's end); a speech is cancelled once (`_cancel_once`), so this await is not cut short.
+            await self._write(self._played_frames.take())
             await close_chunks(speech.chunks)
             self._inputs.report("tts", speech.report, causation_id)
             self._inputs.submit(
@@ -139,16 +141,19 @@ class SpeechOut:
             await asyncio.sleep(delay)
         await self._transport.play_speech(frame)
         self._played()
+        if self._recording_ended:
+            return  # played after the call's end: not the call's
         if request_id != self._request_id:
-            await self.write_played()
+            await self._write(self._played_frames.take())
             self._request_id = request_id
         offset_ms = self._frames_played * FRAME_MS
         self._frames_played += 1
         await self._write(self._played_frames.add(frame, self._transport.speech_codec, self._transport.speech_rate,
                                                   offset_ms, self._recorder.clock_us()))
 
-    async def write_played(self) -> None:
-        """Writes the played frames gathered so far (a speech ended, or the call is ending)."""
+    async def end_recording(self) -> None:
+        """The call is ending: the played frames gathered so far are written (before its end), none after."""
+        self._recording_ended = True
         await self._write(self._played_frames.take())
 
     async def _write(self, chunk: GatheredChunk | None) -> None:
@@ -158,3 +163,10 @@ class SpeechOut:
                                 sample_rate=chunk.sample_rate, chunk_index=chunk.index, offset_ms=chunk.offset_ms,
                                 duration_ms=chunk.duration_ms, audio=chunk.audio, tts_request_id=self._request_id),
                 event_time_us=chunk.first_at_us)
+
+
+def _cancel_once(task: asyncio.Task[None]) -> None:
+    """Cancels a speech that is not already being cancelled: a second cancel would cut short the
+    `finally` that records what it played."""
+    if not task.done() and not task.cancelling():
+        task.cancel()

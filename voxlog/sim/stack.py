@@ -105,7 +105,7 @@ async def serve_app(app: ASGIApp) -> AsyncIterator[str]:
     serve` uses and without its lifespan; yields its base URL."""
     sock = _listening_socket()
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
-                                           ws="websockets", timeout_graceful_shutdown=2))
+                                           ws="websockets-sansio", timeout_graceful_shutdown=2))
     async with running(server, [sock]):
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
