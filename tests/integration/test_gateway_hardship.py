@@ -91,7 +91,7 @@ def assert_whole(events: list[Event[EventPayload]]) -> CallEnded:
     """A call in the log from its call.started to one call.ended, every seq once, in order."""
     assert events, "the call is not in the log at all"
     assert isinstance(events[0].payload, CallStarted), f"it starts with {events[0].type}"
-    assert [e.seq for e in events] == list(range(len(events))), "seq is gap-free"
+    assert [e.seq for e in events] == list(range(len(events))), [(e.seq, e.type) for e in events]
     ended = [e.payload for e in events if isinstance(e.payload, CallEnded)]
     assert len(ended) == 1, [e.type for e in events[-3:]]
     assert events[-1].type == "call.ended", [e.type for e in events[-3:]]
