@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -137,7 +136,5 @@ class CallRecorder:
         data = self.writer.codec.encode(event)  # raises before seq advances if the payload is invalid
         # The seq is taken before the first await: concurrent records (audio beside decisions) never share one.
         self.next_seq += 1
-        # And a seq taken is a seq written: the send goes on if this task is cancelled while it waits (for
-        # a topic's metadata, for room in the producer's buffer), or the call's seq would have a gap.
-        await asyncio.shield(self.writer.send_encoded(event, data))
+        await self.writer.send_encoded(event, data)
         return event

@@ -68,6 +68,8 @@ BAD_INPUT_RECORDED = 10
 """Malformed frames recorded one by one; after these they are counted, so a broken peer cannot fill the log."""
 BAD_INPUT_LIMIT = 1000
 """Malformed frames after which the call is ended (`protocol_error`): nothing sensible is arriving."""
+AUDIO_STOP_S = 2.0
+"""How long a call's audio task has to finish what it is doing once the call is over."""
 
 
 @dataclass(frozen=True)
@@ -236,6 +238,10 @@ class CallSession:
         finally:
             self._ended.set()
             self._recognition.stop()
+            # The audio task ends at the stop it was just given: waited for, not cancelled, so that a chunk
+            # it is writing (its seq taken, its send waiting for the topic's metadata) is not lost, leaving
+            # a gap in the call's seq. Cancelled only if a recogniser holds it up.
+            await asyncio.wait({audio}, timeout=AUDIO_STOP_S)
             tasks = [task for task in (audio, replies, *self._tasks) if task is not None]
             for task in tasks:
                 task.cancel()
