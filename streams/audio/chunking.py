@@ -15,6 +15,7 @@ and the caller the moment it arrives; only the writing to the log is gathered.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from streams.audio.formats import FRAME_MS
@@ -44,7 +45,9 @@ class FrameChunker:
     frame of another format, or not next to the last, starts a new one); `take` answers what is
     held (the end of a speech, of the kept audio, or of the call)."""
 
-    def __init__(self, frames: int = CHUNK_FRAMES) -> None:
+    def __init__(self, clock_us: Callable[[], int], frames: int = CHUNK_FRAMES) -> None:
+        self._clock_us = clock_us
+        """Read once a chunk, for its first frame (`first_at_us`), not once a frame."""
         self._limit = frames
         self._frames: list[bytes] = []
         self._format = ("", 0)
@@ -53,12 +56,12 @@ class FrameChunker:
         self.written = 0
         """Chunks answered so far: the next chunk's index."""
 
-    def add(self, frame: bytes, codec: str, sample_rate: int, offset_ms: int, at_us: int) -> GatheredChunk | None:
+    def add(self, frame: bytes, codec: str, sample_rate: int, offset_ms: int) -> GatheredChunk | None:
         broken = self._frames and ((codec, sample_rate) != self._format
                                    or offset_ms != self._offset_ms + len(self._frames) * FRAME_MS)
         ready = self.take() if broken else None
         if not self._frames:
-            self._format, self._offset_ms, self._first_at_us = (codec, sample_rate), offset_ms, at_us
+            self._format, self._offset_ms, self._first_at_us = (codec, sample_rate), offset_ms, self._clock_us()
         self._frames.append(frame)
         if ready is None and len(self._frames) >= self._limit:
             ready = self.take()

@@ -54,7 +54,7 @@ class AudioRecognition:
         self._fed_ms = 0
         self._shift_ms = 0
         self._frames_heard = 0
-        self._kept = FrameChunker()
+        self._kept = FrameChunker(recorder.clock_us)
         self._keep_audio = True
         self._recording_ended = False
         self._utterances = 0
@@ -116,7 +116,7 @@ class AudioRecognition:
         offset_ms = self.offset_ms
         # Read and gathered in one step: a refusal drops what is gathered (the setter).
         if self._keep_audio and not self._recording_ended:
-            await self._write(self._kept.add(raw, codec, rate, offset_ms, self._recorder.clock_us()))
+            await self._write(self._kept.add(raw, codec, rate, offset_ms))
         self._frames_heard += 1  # counted kept or not: positions in the caller's stream stay those of the call
         self._preroll.append(pcm16)
         for vad_event in self._vad.process(pcm16):

@@ -39,7 +39,7 @@ class SpeechOut:
         self._spawn = spawn
         self._played = played
         self._speech: asyncio.Task[None] | None = None
-        self._played_frames = FrameChunker()
+        self._played_frames = FrameChunker(recorder.clock_us)
         self._frames_played = 0
         self._recording_ended = False
         self._request_id: str | None = None
@@ -149,7 +149,7 @@ class SpeechOut:
         offset_ms = self._frames_played * FRAME_MS
         self._frames_played += 1
         await self._write(self._played_frames.add(frame, self._transport.speech_codec, self._transport.speech_rate,
-                                                  offset_ms, self._recorder.clock_us()))
+                                                  offset_ms))
 
     async def end_recording(self) -> None:
         """The call is ending: the played frames gathered so far are written (before its end), none after."""

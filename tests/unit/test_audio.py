@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import struct
 import warnings
@@ -375,14 +376,15 @@ def test_chunks_keep_every_frame_in_order_and_place_each_exactly(run: list[tuple
                                                                  per_chunk: int) -> None:
     """Whatever the frames (formats changing, gaps where audio was not kept), the chunks hold each
     frame once, in order, at its own offset, and none is longer than its limit or mixes formats."""
-    chunker = FrameChunker(per_chunk)
+    clock = itertools.count()
+    chunker = FrameChunker(lambda: next(clock), per_chunk)
     chunks: list[GatheredChunk] = []
     sent: list[tuple[bytes, str, int, int]] = []
     offset = 0
-    for at, (frame, codec, rate, gap) in enumerate(run):
+    for frame, codec, rate, gap in run:
         offset += FRAME_MS * (3 if gap else 0)
         sent.append((frame, codec, rate, offset))
-        ready = chunker.add(frame, codec, rate, offset, at_us=at)
+        ready = chunker.add(frame, codec, rate, offset)
         chunks += [ready] if ready else []
         offset += FRAME_MS
     last = chunker.take()
@@ -397,21 +399,27 @@ def test_chunks_keep_every_frame_in_order_and_place_each_exactly(run: list[tuple
         assert chunk.audio == b"".join(f for f, *_ in frames_in)
         assert {(c, r) for _, c, r, _ in frames_in} == {(chunk.codec, chunk.sample_rate)}
         assert [o for *_, o in frames_in] == [chunk.offset_ms + i * FRAME_MS for i in range(len(frames_in))]
-        assert chunk.first_at_us == position
+        assert chunk.first_at_us == chunk.index, "the clock read once a chunk, at its first frame"
         position += len(frames_in)
     assert position == len(sent)
 
 
 def test_a_chunk_is_answered_when_full_and_what_is_dropped_is_never_written() -> None:
-    chunker = FrameChunker()
-    answered = [chunker.add(bytes([i]), "mulaw", 8000, i * FRAME_MS, at_us=i) for i in range(CHUNK_FRAMES)]
+    now = [0]
+    chunker = FrameChunker(lambda: now[0])
+    answered = []
+    for i in range(CHUNK_FRAMES):
+        now[0] = i
+        answered.append(chunker.add(bytes([i]), "mulaw", 8000, i * FRAME_MS))
     assert answered[:-1] == [None] * (CHUNK_FRAMES - 1)
     assert answered[-1] == GatheredChunk(index=0, offset_ms=0, duration_ms=CHUNK_FRAMES * FRAME_MS,
                                          audio=bytes(range(CHUNK_FRAMES)), codec="mulaw", sample_rate=8000,
                                          first_at_us=0)
-    chunker.add(b"x", "mulaw", 8000, CHUNK_FRAMES * FRAME_MS, at_us=9)
+    now[0] = 9
+    chunker.add(b"x", "mulaw", 8000, CHUNK_FRAMES * FRAME_MS)
     chunker.drop()
     assert chunker.take() is None
-    assert chunker.add(b"y", "mulaw", 8000, 0, at_us=10) is None
+    now[0] = 10
+    assert chunker.add(b"y", "mulaw", 8000, 0) is None
     assert chunker.take() == GatheredChunk(index=1, offset_ms=0, duration_ms=FRAME_MS, audio=b"y", codec="mulaw",
                                            sample_rate=8000, first_at_us=10)
