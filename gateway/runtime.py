@@ -46,6 +46,7 @@ from schemas.events import AuditRecorded, CallRefused, ConsentRefused, MemoryLoa
 from schemas.sealing import AUDIO_DATA
 from schemas.topics import GATEWAYS
 from schemas.version import __version__
+from streams.audio.vad import make_judge
 from streams.call.session import CallSession, Providers, SessionReport
 from streams.call.transport import InboundCall, MediaTransport
 from streams.channels.twilio_rest import TwilioRest
@@ -187,6 +188,9 @@ class GatewayRuntime:
             for agent in self.router.agents.values():
                 for problem in self.provider_registry.problems(agent):
                     log.error("%s: its calls will fail until this is mended", problem)
+        for vad in sorted({agent.vad for agent in self.router.agents.values()}):
+            # Its library (and Silero's model) loaded now, off the loop, not in the first call's frames.
+            await asyncio.to_thread(make_judge, vad)
         self._producer = self.backend.producer()
         await self._producer.start()
         self._writer = EventWriter(self._producer, observers=(self.metrics.observe, self._on_consent_refused))

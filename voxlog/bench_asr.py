@@ -159,7 +159,7 @@ def word_errors(reference: Sequence[str], hypothesis: Sequence[str]) -> int:
     return previous[-1]
 
 
-def _voice(name: str) -> tuple[TtsProvider, str]:
+def synthetic_voice(name: str) -> tuple[TtsProvider, str]:
     engine, _, voice = name.partition(":")
     if engine == "espeak-ng":
         return EspeakTts(words_per_minute=150), voice
@@ -168,7 +168,7 @@ def _voice(name: str) -> tuple[TtsProvider, str]:
     raise ValueError(f"unknown voice {name!r}: espeak-ng:VOICE or flite:VOICE")
 
 
-async def _speak(tts: TtsProvider, voice: str, text: str, rate: int) -> bytes:
+async def speak(tts: TtsProvider, voice: str, text: str, rate: int) -> bytes:
     return b"".join([chunk async for chunk in tts.synthesize(text, voice=voice, sample_rate=rate)])
 
 
@@ -187,10 +187,10 @@ async def caller_utterances(voices: Sequence[str], sentences: Sequence[str],
     rng = np.random.default_rng(0)
     out = []
     for name in voices:
-        tts, voice = _voice(name)
+        tts, voice = synthetic_voice(name)
         for sentence in sentences:
-            wide = await _speak(tts, voice, sentence, PCM_RATE)
-            narrow = await _speak(tts, voice, sentence, 8000)
+            wide = await speak(tts, voice, sentence, PCM_RATE)
+            narrow = await speak(tts, voice, sentence, 8000)
             phone = resample_pcm16(mulaw_to_pcm16(pcm16_to_mulaw(narrow)), 8000, PCM_RATE)
             out.append((name, "16k", sentence, _line(wide, rng=rng)))
             out.append((name, "phone", sentence, _line(phone, rng=rng)))

@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import httpx
+import numpy as np
 
 from consumers.backends import LogBackend, ensure_topics
 from consumers.processor_runner import read_to_end
@@ -62,6 +63,7 @@ from consumers.workers.tools import GROUP as TOOLS_GROUP
 from producers.log_producer import TopicPartition
 from schemas.events import CallStarted, ProviderFallback
 from schemas.topics import CALLS, COMMANDS, TOPICS
+from streams.audio.codecs import pcm16_to_mulaw
 from streams.audio.vad import Vad
 from streams.call.session import Providers
 from streams.channels.twilio_media_protocol import OutboundMedia
@@ -72,6 +74,7 @@ from streams.providers.registry import LLM_CHAIN_DEADLINE_S, SPEECH_CHAIN_DEADLI
 from streams.providers.resilience import ChainLlm, CircuitBreaker, Guarded, ProviderChain
 from streams.providers.timeline import ScriptedFailure, Timeline, TimelineAsr, TimelineLlm, TimelineTts
 from streams.providers.tts_chain import ChainTts
+from streams.providers.tts_espeak import EspeakTts
 from voxlog.backends import log_backend
 from voxlog.bench import percentile, run_facts
 from voxlog.bench_projections import write_synthetic_calls
@@ -80,7 +83,6 @@ from voxlog.serving import run_on_serving_loop
 from voxlog.settings import Settings
 from voxlog.sim.demo_agents import demo_agents_with
 from voxlog.sim.stack import LocalStack, local_stack
-from voxlog.sim.synthetic_calls import mulaw_tone
 from voxlog.sim.twilio_caller import TwilioCaller, parse_stream_twiml
 
 P = TypeVar("P")
@@ -93,13 +95,19 @@ DEFAULT_TURNS = 20
 def caller_lines(turns: int) -> tuple[str, ...]:
     """What each caller says, as the timeline recogniser hears it: `turns` turns, the last a goodbye."""
     return (GREETING_LINE,) * (turns - 1) + (LAST_LINE,)
-SPEECH_S = 1.0
+CALLER_SAYS = "book me a visit tomorrow"
+"""What each caller's turn sounds like (espeak-ng, about 1.2 s): speech, for the VAD (Silero hears no tone
+as speech); what the timeline recogniser answers is its script's, not this."""
 MULAW_SILENCE = 0xFF
 
 
-def _tone_mulaw(seconds: float) -> bytes:
-    """Loud enough for the VAD: the timeline ASR does not listen to what is said."""
-    return mulaw_tone(int(8000 * seconds), 0, freq=300.0)
+async def caller_speech() -> bytes:
+    """`CALLER_SAYS` as Twilio carries it (8 kHz mu-law), from its first sound to its last."""
+    pcm = b"".join([chunk async for chunk in EspeakTts(words_per_minute=170).synthesize(
+        CALLER_SAYS, voice="en-us", sample_rate=8000)])
+    samples = np.frombuffer(pcm, dtype="<i2")
+    loud = np.nonzero(np.abs(samples.astype(np.int32)) > 300)[0]
+    return pcm16_to_mulaw(samples[loud[0]:loud[-1] + 1].tobytes())
 
 
 Capability = Literal["llm", "asr", "tts"]
@@ -128,7 +136,8 @@ class CallFigures:
     """How long the voice webhook took to answer."""
 
 
-async def _one_call(caller: TwilioCaller, budget_ms: float, turns: int, delay_s: float = 0.0) -> CallFigures:
+async def _one_call(caller: TwilioCaller, speech: bytes, budget_ms: float, turns: int,
+                    delay_s: float = 0.0) -> CallFigures:
     figures = CallFigures()
     await asyncio.sleep(delay_s)  # when this caller rings, within the run's ramp
     try:
@@ -145,7 +154,7 @@ async def _one_call(caller: TwilioCaller, budget_ms: float, turns: int, delay_s:
             await caller.connect(instructions)
             await caller.agent_quiet(0.5, 30)  # the greeting
             for _ in range(turns):
-                await caller.send_mulaw(_tone_mulaw(SPEECH_S))
+                await caller.send_mulaw(speech)
                 spoke_until, heard = time.monotonic() - caller.opened_at, len(caller.agent_audio)
                 await caller.send_mulaw(bytes([MULAW_SILENCE]) * int(8000 * 1.5))
                 await caller.agent_speaks_beyond(heard, 30)  # a slow answer (a fallback) outlasts the silence
@@ -172,12 +181,14 @@ async def play_callers(plan: dict[str, Any]) -> list[CallFigures]:
         done(1)
         return figures
 
+    speech = await caller_speech()
     async with httpx.AsyncClient(base_url=plan["base_url"], timeout=30) as http:
         with progress("bench calls: callers", total=len(plan["calls"]), unit="calls") as ended:
             return await asyncio.gather(*(
                 counted(_one_call(TwilioCaller(plan["base_url"], plan["auth_token"], account_sid=plan["account_sid"],
                                                call_sid=sid, from_=number, to=plan["to"], http=http),
-                                  plan["budget_ms"], plan["turns"], index * plan["ramp_s"] / len(plan["calls"])),
+                                  speech, plan["budget_ms"], plan["turns"],
+                                  index * plan["ramp_s"] / len(plan["calls"])),
                         ended)
                 for index, (sid, number) in enumerate(plan["calls"])))
 

@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 from urllib.parse import quote
 
 import typer
@@ -476,6 +476,33 @@ def bench_asr_command(
     for run in result["capacity"]:
         console.print(f"{run['calls']} calls: Whisper gave {run['by_whisper']} of {run['finals']} finals; "
                       f"final p50 {run['final_delay_ms']['p50']} ms, p99 {run['final_delay_ms']['p99']} ms")
+    console.print(f"-> {out}")
+
+
+@bench_app.command("vad")
+def bench_vad_command(
+    out: Annotated[Path, typer.Option(help="JSON file the results are written to.")],
+    judges: Annotated[list[str] | None, typer.Option(
+        "--judge", help="A speech judge: energy, webrtc or silero (repeat for several; default all).")] = None,
+) -> None:
+    """The VAD's speech judges on a phone line with six kinds of noise at three levels: false starts
+    (false barge-ins) per minute, missed and stuck turns, onset and end-of-turn delay, CPU a frame."""
+    from streams.audio.vad import VAD_KINDS, VadKind
+    from voxlog.bench import write_result
+    from voxlog.bench_vad import bench_vad
+
+    unknown = [j for j in judges or () if j not in VAD_KINDS]
+    if unknown:
+        raise typer.BadParameter(f"no judge {unknown[0]}; there are {', '.join(VAD_KINDS)}", param_hint="--judge")
+    kinds = [cast(VadKind, j) for j in judges] if judges else list(VAD_KINDS)
+    result = asyncio.run(bench_vad(kinds=kinds))
+    write_result(result, out)
+    for kind, figures in result["judges"].items():
+        noisy, clean = figures["noisy"], figures["lines"]["clean"]
+        console.print(f"{kind}: noisy lines {noisy['false_starts_per_min']} false starts a minute, "
+                      f"{noisy['missed']} missed, {noisy['stuck']} stuck of {noisy['utterances']}; clean line "
+                      f"{clean['missed']} missed, onset p50 {clean['onset_ms']['p50']} ms, end p50 "
+                      f"{clean['end_ms']['p50']} ms; {figures['all']['cpu_us_per_frame']} us a frame")
     console.print(f"-> {out}")
 
 

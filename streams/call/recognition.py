@@ -4,8 +4,8 @@ Each inbound frame is recorded as received, gathered into chunks of 100 ms (`str
 while the caller's consent lets the call keep their audio (`keep_audio`, which the session sets from
 the core: not after a refusal, nor under opt-in before a yes; the frame is heard all the same). The
 VAD tells when the caller starts and stops speaking (inputs of the call), and only speech goes to the
-recogniser, with the 300 ms before the VAD's confirmation (pre-roll) so the start of a word is not
-lost. Interim transcripts are recorded and shown; an utterance's final transcript, written in the
+recogniser, with the 300 ms of line before where the VAD says it began (pre-roll) so the start of a
+word is not lost. Interim transcripts are recorded and shown; an utterance's final transcript, written in the
 canonical form whoever recognised it (streams/providers/asr_text.py: numbers, times and emails as the
 core and redaction read them), is an input of the call, with times in the call's audio.
 """
@@ -21,13 +21,17 @@ from producers.event_writer import CallRecorder
 from schemas.events import CallerAudioChunk, SpeechStarted, SpeechStopped, TranscriptFinal, TranscriptInterim, Word
 from streams.audio.chunking import FrameChunker, GatheredChunk
 from streams.audio.formats import FRAME_MS
-from streams.audio.vad import Vad
+from streams.audio.vad import Vad, VadKind, make_judge
 from streams.call.inputs import CallInputs
 from streams.call.transport import MediaTransport
 from streams.providers.asr_text import normalize_transcript
 from streams.providers.base import AsrProvider, AsrStream, ProviderError, Recognition
 
-PREROLL_FRAMES = 15  # 300 ms before the VAD's confirmation go to the recogniser with the speech
+PREROLL_MS = 300
+"""The line before where the VAD says speech began goes to the recogniser with it, so the start of a word
+is not lost (the VAD confirms speech only after it has lasted a while, and a model judges a little late)."""
+HEARD_FRAMES = 50
+"""The last second of frames, kept for the pre-roll: speech is confirmed well within it."""
 QUEUED_FRAMES = 500
 """10 s of caller audio waiting for the audio task; past that the channel waits (backpressure)."""
 
@@ -38,7 +42,8 @@ class AudioRecognition:
     where a turn's voice-to-voice latency starts."""
 
     def __init__(self, asr: AsrProvider, keywords: tuple[str, ...], transport: MediaTransport,
-                 recorder: CallRecorder, inputs: CallInputs, clock_us: Callable[[], int]) -> None:
+                 recorder: CallRecorder, inputs: CallInputs, clock_us: Callable[[], int],
+                 vad: VadKind = "energy") -> None:
         self._asr = asr
         self._keywords = keywords
         self._transport = transport
@@ -46,9 +51,8 @@ class AudioRecognition:
         self._inputs = inputs
         self._clock_us = clock_us
         self._frames: asyncio.Queue[tuple[bytes, bytes, str, int] | None] = asyncio.Queue(maxsize=QUEUED_FRAMES)
-        self._vad = Vad()
-        # The VAD confirms speech only after it has lasted a while; recognition needs that start too.
-        self._preroll: deque[bytes] = deque(maxlen=PREROLL_FRAMES)
+        self._vad = Vad(make_judge(vad))
+        self._heard: deque[bytes] = deque(maxlen=HEARD_FRAMES)
         self._stream: AsrStream | None = None
         # The recogniser hears only speech, so its clock runs behind the call's; this maps one to the other.
         self._fed_ms = 0
@@ -118,11 +122,12 @@ class AudioRecognition:
         if self._keep_audio and not self._recording_ended:
             await self._write(self._kept.add(raw, codec, rate, offset_ms))
         self._frames_heard += 1  # counted kept or not: positions in the caller's stream stay those of the call
-        self._preroll.append(pcm16)
+        self._heard.append(pcm16)
         for vad_event in self._vad.process(pcm16):
             if vad_event.kind == "speech_started":
                 self._inputs.submit(SpeechStarted(offset_ms=vad_event.offset_ms))
-                earlier = list(self._preroll)[:-1]
+                before = min(len(self._heard) - 1, (offset_ms - vad_event.offset_ms + PREROLL_MS) // FRAME_MS)
+                earlier = list(self._heard)[-1 - before:-1] if before > 0 else []
                 self._shift_ms = offset_ms - len(earlier) * FRAME_MS - self._fed_ms
                 for frame in earlier:
                     await self._feed(stream, frame)

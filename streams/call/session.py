@@ -137,7 +137,8 @@ class CallSession:
         self.state: CallState = new_state(agent, call.started)
         self.report = SessionReport(call.call_id)
         self._inputs = CallInputs(lambda: self.state.turn_index)
-        self._recognition = AudioRecognition(providers.asr, agent.keywords, transport, recorder, self._inputs, clock_us)
+        self._recognition = AudioRecognition(providers.asr, agent.keywords, transport, recorder, self._inputs, clock_us,
+                                             vad=agent.vad)
         self._recognition.keep_audio = keeps_caller_audio(self.state)  # opt_in: nothing before a yes
         self._speech = SpeechOut(providers.tts, transport, recorder, self._inputs, self._spawn, self._agent_audio)
         self._tool_replies = tool_replies

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from streams.audio.vad import VadKind
 from streams.config.consent import ConsentMode, words
 
 TENANT_FILES = ("tenant.yaml", "tenant.yml", "tenant.toml")
@@ -33,6 +34,13 @@ def canonical_json(value: Any) -> str:
 def content_hash(document: Any) -> str:
     """`sha256:` and 16 hex digits of a JSON document's canonical form (an agent's version)."""
     return "sha256:" + hashlib.sha256(canonical_json(document).encode()).hexdigest()[:16]
+
+UNVERSIONED_DEFAULTS: dict[str, Any] = {"vad": "energy"}
+"""Fields added to agents after calls were recorded with their versions, left out of the version while
+they have the value the agents behaved by before the field existed: an agent that sets it so keeps the
+version its recorded calls carry (and `replay verify` still takes them); any other value (the default
+included, where it is not that old behaviour) gives the agent a version of its own."""
+
 
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -302,6 +310,14 @@ class AgentSpec(_Spec):
     """Short-term memory: how many recent messages go to the LLM with the prompts."""
     caller_lookup: CallerLookup | None = None
     after_call: AfterCall = AfterCall()
+    vad: VadKind = "silero"
+    """What tells the caller's speech from the line's noise (`streams.audio.vad`): `silero` (a neural model:
+    takes turns on lines with hiss, hum, road rumble or a keyboard, where the others hold the turn open
+    and the agent never answers; about 100 us of CPU a 20 ms frame of sound, none for a quiet one),
+    `webrtc` (WebRTC's detector: steady moderate noise is not speech, clicks and voices are), or `energy`
+    (a level over the noise floor: about 5 us a frame, and any sound is speech to it; what voxlog used
+    before, and what keeps the versions of agents recorded then). `voxlog bench vad` and
+    docs/performance.md compare them."""
 
     @model_validator(mode="after")
     def _integration_tools(self) -> AgentSpec:
@@ -317,6 +333,14 @@ class AgentSpec(_Spec):
                                  f"{operation}")
         return self
 
+    def versioned_document(self) -> dict[str, Any]:
+        """The definition as its version hashes it (and the configuration audit compares it)."""
+        document = self.model_dump(mode="json")
+        for name, default in UNVERSIONED_DEFAULTS.items():
+            if document.get(name) == default:
+                del document[name]
+        return document
+
     @property
     def version(self) -> str:
         """Content hash of the whole definition: recorded with each call, checked by replay. Hashed once
@@ -325,7 +349,7 @@ class AgentSpec(_Spec):
         known = _VERSIONS.get(id(self))
         if known is not None and known[0] is self:
             return known[1]
-        version = content_hash(self.model_dump(mode="json"))
+        version = content_hash(self.versioned_document())
         if len(_VERSIONS) >= VERSIONS_KEPT:
             _VERSIONS.pop(next(iter(_VERSIONS)))
         _VERSIONS[id(self)] = (self, version)

@@ -67,7 +67,7 @@ class ConfigChange:
 
 
 def config_items(agents: Iterable[AgentSpec], tenants: Iterable[TenantSpec]) -> dict[str, ConfigItem]:
-    items = [ConfigItem(f"agent:{a.tenant}/{a.id}", a.tenant, a.model_dump(mode="json")) for a in agents]
+    items = [ConfigItem(f"agent:{a.tenant}/{a.id}", a.tenant, a.versioned_document()) for a in agents]
     items += [ConfigItem(f"tenant:{t.id}", t.id, t.model_dump(mode="json")) for t in tenants]
     return {item.key: item for item in items}
 

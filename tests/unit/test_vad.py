@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from streams.audio.codecs import frames
-from streams.audio.vad import Vad, VadEvent
+from streams.audio.vad import EnergyJudge, Vad, VadEvent
 from tests.speech import noise, require_espeak, silence, synthesize_pcm16, with_noise, with_silence
 
 RATE = 16_000
@@ -94,27 +94,27 @@ def test_a_pause_longer_than_the_end_of_turn_silence_ends_the_turn() -> None:
 def test_hysteresis_between_the_start_and_stop_thresholds() -> None:
     vad_args = {"start_threshold_dbfs": -40.0, "stop_threshold_dbfs": -50.0}
     # Between the thresholds: not loud enough to start ...
-    assert run(Vad(**vad_args), silence(300) + tone(2000, -45) + silence(1000)) == []
+    assert run(Vad(EnergyJudge(**vad_args)), silence(300) + tone(2000, -45) + silence(1000)) == []
     # ... but loud enough to carry on an utterance that started above -40 dBFS.
     audio = silence(300) + tone(300, -30) + tone(2000, -45) + tone(300, -55) + silence(1000)
-    assert utterances(run(Vad(**vad_args), audio)) == [(300, 300 + 300 + 2000)]
+    assert utterances(run(Vad(EnergyJudge(**vad_args)), audio)) == [(300, 300 + 300 + 2000)]
 
 
 def test_thresholds_rise_above_the_noise_floor() -> None:
-    vad = Vad(noise_window_ms=3000)
-    run(vad, noise(4000, -45), finish=False)
-    start, stop = vad.thresholds()
-    assert vad.noise_floor_dbfs == pytest.approx(-45.5, abs=1.0)
-    assert start == pytest.approx(vad.noise_floor_dbfs + 15)
-    assert stop == pytest.approx(vad.noise_floor_dbfs + 9)
-    assert Vad().thresholds() == (-40.0, -50.0)
+    judge = EnergyJudge(noise_window_ms=3000)
+    run(Vad(judge), noise(4000, -45), finish=False)
+    start, stop = judge.thresholds()
+    assert judge.noise_floor_dbfs == pytest.approx(-45.5, abs=1.0)
+    assert start == pytest.approx(judge.noise_floor_dbfs + 15)
+    assert stop == pytest.approx(judge.noise_floor_dbfs + 9)
+    assert EnergyJudge().thresholds() == (-40.0, -50.0)
 
 
 def test_loud_steady_noise_is_taken_for_speech_only_until_the_floor_catches_up() -> None:
     """A fan at -35 dBFS switched on: louder than the start threshold, so at first it is 'speech';
     once the noise window no longer holds the quiet before it, the floor rises and that utterance
     ends (its end is where the floor rose). Speech over the noise is then found."""
-    vad = Vad(noise_window_ms=3000)
+    vad = Vad(EnergyJudge(noise_window_ms=3000))
     audio = silence(500) + with_noise(silence(4500) + tone(1000, -15) + silence(1500), -35, seed=2)
     pairs = utterances(run(vad, audio))
     assert len(pairs) == 2
@@ -134,7 +134,7 @@ def test_finish_closes_an_open_utterance() -> None:
 
 def test_works_at_8khz_and_with_other_frame_sizes() -> None:
     audio8 = tone(800, -20, rate=8000)
-    vad = Vad(sample_rate=8000)
+    vad = Vad(EnergyJudge(sample_rate=8000), sample_rate=8000)
     events = run(vad, b"\x00\x00" * 4000 + audio8 + b"\x00\x00" * 8000)
     assert utterances(events) == [(500, 1300)]
     assert utterances(run(Vad(), silence(500) + tone(800, -20) + silence(1000), frame_ms=10)) == [(500, 1300)]
@@ -147,7 +147,7 @@ def test_is_deterministic() -> None:
 
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="stop threshold"):
-        Vad(start_threshold_dbfs=-50, stop_threshold_dbfs=-40)
+        EnergyJudge(start_threshold_dbfs=-50, stop_threshold_dbfs=-40)
     with pytest.raises(ValueError, match="positive"):
         Vad(end_of_turn_silence_ms=0)
     with pytest.raises(ValueError, match="even"):
@@ -195,7 +195,8 @@ def test_espeak_phrases_are_one_utterance_each(noise_dbfs: float | None) -> None
 
 def test_the_noise_floor_is_the_quietest_frame_of_the_window() -> None:
     rng = np.random.default_rng(7)
-    vad = Vad(noise_window_ms=200)
+    judge = EnergyJudge(noise_window_ms=200)
+    vad = Vad(judge)
     levels: list[tuple[int, float]] = []
     for index in range(300):
         amplitude = float(rng.choice([0.0, 30.0, 300.0, 3000.0])) * (1 + rng.random())
@@ -207,4 +208,4 @@ def test_the_noise_floor_is_the_quietest_frame_of_the_window() -> None:
         horizon = (index + 1) * 320 - 200 * 16
         window = [level for end, level in levels if end > horizon]
         if index >= 10:  # once the window holds only this stream's frames
-            assert vad.noise_floor_dbfs == min(window)
+            assert judge.noise_floor_dbfs == min(window)

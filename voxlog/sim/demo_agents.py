@@ -12,10 +12,11 @@ import yaml
 from voxlog.settings import DEFAULT_AGENTS_DIR
 
 
-def demo_agents_with(folder: Path, *, tenant: dict[str, dict[str, Any]] | None = None,
-                     front_desk: dict[str, dict[str, Any]] | None = None) -> Path:
+def demo_agents_with(folder: Path, *, tenant: dict[str, Any] | None = None,
+                     front_desk: dict[str, Any] | None = None) -> Path:
     """The demo agents in `folder` (replaced), with the tenant's and the front desk's sections updated
-    key by key (`{"limits": {"max_concurrent_calls": 200}}`); answers `folder`, a VOXLOG_AGENTS_DIR."""
+    key by key (`{"limits": {"max_concurrent_calls": 200}}`) and their other fields set (`{"vad": "silero"}`);
+    answers `folder`, a VOXLOG_AGENTS_DIR."""
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(DEFAULT_AGENTS_DIR, folder)
     for name, changes in (("tenant.yaml", tenant), ("front-desk.yaml", front_desk)):
@@ -24,6 +25,9 @@ def demo_agents_with(folder: Path, *, tenant: dict[str, dict[str, Any]] | None =
         path = folder / "demo" / name
         document: dict[str, Any] = yaml.safe_load(path.read_text())
         for section, values in changes.items():
-            document.setdefault(section, {}).update(values)
+            if isinstance(values, dict):
+                document.setdefault(section, {}).update(values)
+            else:
+                document[section] = values
         path.write_text(yaml.safe_dump(document))
     return folder
