@@ -12,7 +12,8 @@ Judges, one module each, chosen per agent (`AgentSpec.vad`), measured by `voxlog
 - `EnergyJudge` (here): each frame's level against two thresholds that follow the line's noise floor
   (the quietest frame of the last few seconds); no model, hears any sound as speech;
 - `streams.audio.vad_webrtc.WebRtcJudge`: WebRTC's GMM voice detector (C, about 2.5 us a frame);
-- `streams.audio.vad_silero.SileroJudge`: Silero's neural VAD on onnxruntime (about 70 us a frame).
+- `streams.audio.vad_silero.SileroJudge`: Silero's neural VAD on onnxruntime (about 100 us a frame of
+  sound, none for a quiet one): the agents' default, the one that keeps taking turns on a noisy line.
 
 The same frames always give the same events: nothing depends on time or randomness.
 """
@@ -123,7 +124,8 @@ class EnergyJudge:
 
 
 class Vad:
-    """Turn-taking over a `SpeechJudge` (by default an `EnergyJudge`); feed it frames in order with `process`.
+    """Turn-taking over a `SpeechJudge` (an `EnergyJudge` where none is given; a call's is `make_judge(agent.vad)`);
+    feed it frames in order with `process`.
 
     Args:
         judge: says of each frame whether it may start speech and whether it keeps it going.

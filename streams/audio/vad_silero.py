@@ -4,8 +4,8 @@ The model is the ONNX file faster-whisper ships in its wheel (`faster_whisper/as
 MIT), so it costs no download: a small LSTM that reads 32 ms windows (512 samples at 16 kHz, with the
 64 before them as context) and carries its state from one to the next. A frame is judged by the newest
 window that ended in it or before it (up to 32 ms behind), as speech from `threshold` and kept going
-from `threshold - 0.15`, Silero's own hysteresis. About 110 us of CPU a window, 70 us a 20 ms frame
-(docs/performance.md, `voxlog bench vad`): the most accurate judge here, and the dearest by far.
+from `threshold - 0.15`, Silero's own hysteresis. About 110 us of CPU a window, 100 us a 20 ms frame
+of sound (docs/performance.md, `voxlog bench vad`): the most accurate judge here, and the dearest by far.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import pytest
 
 from consumers.backends import EmbeddedBackend, KafkaBackend
 from producers.event_writer import CallRecorder, EventWriter
+from tests.speech import require_espeak
 from voxlog.settings import DEFAULT_AGENTS_DIR
 from voxlog.sim.synthetic_calls import synthetic_call
 
@@ -159,6 +160,25 @@ def test_bench_log_writes_its_figures(tmp_path: Path) -> None:
     assert raw["with"].startswith("plain SQLite inserts")
     assert raw["ours_over_raw"] == pytest.approx(figures["append"]["events_per_s"] / raw["events_per_s"], rel=0.05)
     assert not list((tmp_path / "bench").glob("raw-*")), "the scratch file is gone"
+
+
+def test_bench_vad_compares_the_judges_on_the_noisy_line(tmp_path: Path) -> None:
+    require_espeak()
+    out = tmp_path / "vad.json"
+    result = voxlog("bench", "vad", "--judge", "energy", "--judge", "silero", "--out", str(out), home=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(out.read_text())
+    assert list(figures["judges"]) == ["energy", "silero"]
+    for judge in figures["judges"].values():
+        clean = judge["lines"]["clean"]
+        assert (clean["utterances"], clean["missed"], clean["stuck"], clean["false_starts"]) == (24, 0, 0, 0)
+        assert len(judge["lines"]) == 1 + 6 * 3
+        assert judge["all"]["cpu_us_per_frame"] > 0
+    energy, silero = (figures["judges"][k]["noisy"] for k in ("energy", "silero"))
+    assert silero["missed"] + silero["stuck"] < (energy["missed"] + energy["stuck"]) / 4  # why Silero is the default
+    refused = voxlog("bench", "vad", "--judge", "loud", "--out", str(out), home=tmp_path)
+    assert refused.returncode == 2
+    assert "no judge loud; there are energy, webrtc, silero" in refused.stderr
 
 
 def test_bench_on_kafka_needs_a_bootstrap(tmp_path: Path) -> None:
