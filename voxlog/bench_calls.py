@@ -64,7 +64,7 @@ from producers.log_producer import TopicPartition
 from schemas.events import CallStarted, ProviderFallback
 from schemas.topics import CALLS, COMMANDS, TOPICS
 from streams.audio.codecs import pcm16_to_mulaw
-from streams.audio.vad import Vad
+from streams.audio.vad import Vad, VadKind
 from streams.call.session import Providers
 from streams.channels.twilio_media_protocol import OutboundMedia
 from streams.config.agents import AgentSpec
@@ -311,11 +311,14 @@ def _latency(values: list[float]) -> dict[str, float | None]:
 
 async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
                       fallback: FallbackProfile | None = None, ramp_s: float = 0.0,
-                      history_events: int = 0, turns: int = DEFAULT_TURNS) -> dict[str, Any]:
+                      history_events: int = 0, turns: int = DEFAULT_TURNS,
+                      vad: VadKind | None = None) -> dict[str, Any]:
+    """`vad`: the demo agent's judge for this run (with `settings.agents_dir` unset)."""
     made = itertools.count()
     if settings.agents_dir is None:  # the demo tenant's own limit (50 calls) must not cap what is measured
         settings = settings.model_copy(update={"agents_dir": demo_agents_with(
-            settings.home / "bench-agents", tenant={"limits": {"max_concurrent_calls": calls}})})
+            settings.home / "bench-agents", tenant={"limits": {"max_concurrent_calls": calls}},
+            front_desk={"vad": vad} if vad is not None else None)})
     if history_events:
         await write_history(settings, history_events)
 
@@ -337,6 +340,7 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
         fell_back = await _fallback_calls(stack.gateway.backend, set(sids)) if fallback else set()
         backend = stack.gateway.backend.describe()
         capacity = stack.gateway.capacity
+        judges = sorted({agent.vad for agent in stack.gateway.router.agents.values()})
     normal = [r for sid, r in zip(sids, results, strict=True) if sid not in fell_back and not r.refused]
     added = [ms for r in normal for ms in r.added_ms]
     jitter = [ms for r in results for ms in r.jitter_ms]
@@ -348,6 +352,7 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
         "calls": calls,
         "turns_per_call": turns,
         "history_events": history_events,
+        "vad": judges,
         "ramp_s": ramp_s,
         "capacity": capacity,
         "admitted_calls": calls - len(refused),

@@ -390,6 +390,12 @@ class CapabilityChoice(enum.StrEnum):
     tts = "tts"
 
 
+class VadChoice(enum.StrEnum):
+    silero = "silero"
+    webrtc = "webrtc"
+    energy = "energy"
+
+
 @bench_app.command("calls")
 def bench_calls_command(
     out: Annotated[Path, typer.Option(help="JSON file the results are written to.")],
@@ -413,6 +419,9 @@ def bench_calls_command(
     history_events: Annotated[int, typer.Option(
         min=0, help="First write this many events of earlier calls to the log, handled long ago (the workers' "
         "groups at their end): a call's cost must not grow with the log's history.")] = 0,
+    vad: Annotated[VadChoice | None, typer.Option(
+        help="The demo agent's VAD judge for this run (default: its file's, silero); not with VOXLOG_AGENTS_DIR.")
+    ] = None,
 ) -> None:
     """Concurrent calls through the real gateway with scripted-timeline providers: what voxlog adds
     to voice-to-voice latency, how evenly the agent's audio is paced, and (with --fallback) what a
@@ -423,11 +432,15 @@ def bench_calls_command(
     from voxlog.serving import run_on_serving_loop
 
     settings = Settings() if max_calls is None else Settings(max_calls=max_calls)
+    if vad is not None and settings.agents_dir is not None:
+        raise typer.BadParameter("--vad sets the demo agent's judge; with VOXLOG_AGENTS_DIR, set `vad:` in your "
+                                 "agent's file", param_hint="--vad")
     timeline = Timeline(asr_final_ms=asr_ms, llm_ms=llm_ms, tts_first_byte_ms=tts_ms, speech_ms_per_word=60)
     profile = None if fallback is None else FallbackProfile(fallback.value, fallback_every, attempt_timeout_ms,
                                                             capability=fallback_capability.value)
     result = run_on_serving_loop(bench_calls(settings, calls=calls, timeline=timeline, fallback=profile,
-                                             ramp_s=ramp_s, history_events=history_events, turns=turns))
+                                             ramp_s=ramp_s, history_events=history_events, turns=turns,
+                                             vad=None if vad is None else vad.value))
     write_result(result, out)
     added, jitter = result["added_latency_ms"], result["pacing_jitter_ms"]
     console.print(f"{calls} calls on {result['log']}: added latency p50 {added['p50']} ms, p99 {added['p99']} ms; "

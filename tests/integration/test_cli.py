@@ -240,10 +240,11 @@ def test_replay_verify_reports_identical_calls_and_the_first_divergence(embedded
 @pytest.mark.slow
 def test_bench_calls_measures_what_voxlog_adds(tmp_path: Path) -> None:
     out = tmp_path / "calls.json"
-    result = voxlog("bench", "calls", "--calls", "3", "--turns", "2", "--history-events", "2000", "--out", str(out),
-                    home=tmp_path)
+    result = voxlog("bench", "calls", "--calls", "3", "--turns", "2", "--history-events", "2000", "--vad", "energy",
+                    "--out", str(out), home=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     figures = json.loads(out.read_text())
+    assert figures["vad"] == ["energy"]
     assert figures["failed_calls"] == []
     assert figures["turns_measured"] == 6  # two turns per call
     assert figures["history_events"] == 2000
