@@ -64,7 +64,7 @@ from producers.log_producer import TopicPartition
 from schemas.events import CallStarted, ProviderFallback
 from schemas.topics import CALLS, COMMANDS, TOPICS
 from streams.audio.codecs import pcm16_to_mulaw
-from streams.audio.vad import Vad, VadKind
+from streams.audio.vad import END_OF_TURN_SILENCE_MS, VadKind
 from streams.call.session import Providers
 from streams.channels.twilio_media_protocol import OutboundMedia
 from streams.config.agents import AgentSpec
@@ -326,7 +326,7 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
         failing = fallback is not None and next(made) % fallback.every == 0
         return _providers(timeline, agent, fallback, failing, caller_lines(turns))
 
-    end_of_turn_ms = Vad().end_of_turn_silence_ms
+    end_of_turn_ms = END_OF_TURN_SILENCE_MS
     budget_ms = end_of_turn_ms + timeline.asr_final_ms + timeline.llm_ms + timeline.tts_first_byte_ms
     async with local_stack(settings, providers_factory=providers) as stack:
         before = await _events_in_log(stack.gateway.backend)

@@ -34,13 +34,11 @@ import numpy as np
 import numpy.typing as npt
 
 from streams.audio.codecs import frames, mulaw_to_pcm16, pcm16_to_mulaw, resample_pcm16
-from streams.audio.formats import PCM_RATE
+from streams.audio.formats import FRAME_MS, MULAW_RATE, PCM_RATE
 from streams.audio.vad import VAD_KINDS, Vad, VadKind, make_judge
 from voxlog.bench import percentile, run_facts
-from voxlog.bench_asr import SENTENCES, speak, synthetic_voice
+from voxlog.bench_asr import SENTENCES, VOICES, speak, synthetic_voice
 
-PHONE_RATE = 8000
-VOICES = ("espeak-ng:en-us", "flite:rms")
 BABBLE_VOICE = "espeak-ng:en-gb"
 NOISES = ("hiss", "pink", "rumble", "hum", "clicks", "babble")
 NOISE_LEVELS_DBFS = (-45.0, -35.0, -25.0)
@@ -49,7 +47,6 @@ GAP_MS = 3000
 MATCH_MS = 250
 """A start this near an utterance is that utterance's."""
 STUCK_MS = 3000
-FRAME_MS = 20
 _Float = npt.NDArray[np.float64]
 
 
@@ -96,9 +93,14 @@ class Tally:
         }
 
 
-def _at_level(signal: _Float, dbfs: float) -> _Float:
+def _gain(signal: _Float, dbfs: float) -> float:
+    """What `signal` is multiplied by for its RMS to be `dbfs`."""
     rms = float(np.sqrt(np.mean(signal * signal))) or 1.0
-    return signal * (32768.0 * 10 ** (dbfs / 20) / rms)
+    return 32768.0 * 10 ** (dbfs / 20) / rms
+
+
+def _at_level(signal: _Float, dbfs: float) -> _Float:
+    return signal * _gain(signal, dbfs)
 
 
 def _speech_span(pcm: _Float) -> tuple[int, int]:
@@ -107,11 +109,10 @@ def _speech_span(pcm: _Float) -> tuple[int, int]:
     return int(loud[0]), int(loud[-1]) + 1
 
 
-def _active_level(pcm: _Float, dbfs: float) -> _Float:
+def active_level(pcm: _Float, dbfs: float) -> _Float:
     """`pcm` scaled so that its audible part is at `dbfs`."""
     first, last = _speech_span(pcm)
-    rms = float(np.sqrt(np.mean(pcm[first:last] ** 2))) or 1.0
-    return pcm * (32768.0 * 10 ** (dbfs / 20) / rms)
+    return pcm * _gain(pcm[first:last], dbfs)
 
 
 def noise(kind: str, samples: int, dbfs: float, rng: np.random.Generator, babble: Sequence[_Float]) -> _Float:
@@ -120,18 +121,18 @@ def noise(kind: str, samples: int, dbfs: float, rng: np.random.Generator, babble
         return _at_level(rng.normal(size=samples), dbfs)
     if kind in ("pink", "rumble"):  # white noise shaped in frequency: 1/f (pink) or 1/f^2 (brown)
         spectrum = np.fft.rfft(rng.normal(size=samples))
-        freqs = np.maximum(np.fft.rfftfreq(samples, 1 / PHONE_RATE), 20.0)
+        freqs = np.maximum(np.fft.rfftfreq(samples, 1 / MULAW_RATE), 20.0)
         spectrum /= np.sqrt(freqs) if kind == "pink" else freqs
         return _at_level(np.fft.irfft(spectrum, samples), dbfs)
     if kind == "hum":
-        t = np.arange(samples) / PHONE_RATE
+        t = np.arange(samples) / MULAW_RATE
         return _at_level(sum((np.sin(2 * np.pi * 60 * h * t + h) / h for h in range(1, 8)), np.zeros(samples)), dbfs)
     if kind == "clicks":
         out = np.zeros(samples)
-        burst = PHONE_RATE * 3 // 1000
+        burst = MULAW_RATE * 3 // 1000
         shape = rng.normal(size=burst) * np.exp(-np.arange(burst) / (burst / 4))
         shape = _at_level(shape, dbfs)
-        for at in np.cumsum(rng.integers(PHONE_RATE // 8, PHONE_RATE // 2, size=samples // (PHONE_RATE // 8))):
+        for at in np.cumsum(rng.integers(MULAW_RATE // 8, MULAW_RATE // 2, size=samples // (MULAW_RATE // 8))):
             if at + burst > samples:
                 break
             out[at:at + burst] += shape
@@ -149,32 +150,32 @@ def phone_line(speech: Sequence[_Float], noise_kind: str | None, noise_dbfs: flo
                babble: Sequence[_Float]) -> tuple[bytes, list[tuple[int, int]]]:
     """The utterances with `GAP_MS` of line around each, the noise under all, through mu-law to 16 kHz;
     with where each utterance is audible (ms)."""
-    gap = np.zeros(PHONE_RATE * GAP_MS // 1000)
+    gap = np.zeros(MULAW_RATE * GAP_MS // 1000)
     pieces, spans, at = [gap], [], gap.size
     for utterance in speech:
         first, last = _speech_span(utterance)
-        spans.append(((at + first) * 1000 // PHONE_RATE, (at + last) * 1000 // PHONE_RATE))
+        spans.append(((at + first) * 1000 // MULAW_RATE, (at + last) * 1000 // MULAW_RATE))
         pieces += [utterance, gap]
         at += utterance.size + gap.size
     line = np.concatenate(pieces)
     if noise_kind is not None:
         line += noise(noise_kind, line.size, noise_dbfs, np.random.default_rng(seed), babble)
     narrow = np.clip(np.rint(line), -32768, 32767).astype("<i2").tobytes()
-    return resample_pcm16(mulaw_to_pcm16(pcm16_to_mulaw(narrow)), PHONE_RATE, PCM_RATE), spans
+    return resample_pcm16(mulaw_to_pcm16(pcm16_to_mulaw(narrow)), MULAW_RATE, PCM_RATE), spans
 
 
 async def speech_at_level(sentence: str, voice: str = VOICES[0]) -> _Float:
     """`sentence` spoken by `voice` at 8 kHz, its audible part at `SPEECH_DBFS`."""
     tts, name = synthetic_voice(voice)
-    pcm = await speak(tts, name, sentence, PHONE_RATE)
-    return _active_level(np.frombuffer(pcm, dtype="<i2").astype(np.float64), SPEECH_DBFS)
+    pcm = await speak(tts, name, sentence, MULAW_RATE)
+    return active_level(np.frombuffer(pcm, dtype="<i2").astype(np.float64), SPEECH_DBFS)
 
 
 async def conditions(voices: Sequence[str], sentences: Sequence[str]) -> list[Condition]:
     """The clean line, then every noise at every level, over the same speech."""
     speech = [await speech_at_level(sentence, voice) for voice in voices for sentence in sentences]
     tts, voice = synthetic_voice(BABBLE_VOICE)
-    babble = [np.frombuffer(await speak(tts, voice, s, PHONE_RATE), dtype="<i2").astype(np.float64)
+    babble = [np.frombuffer(await speak(tts, voice, s, MULAW_RATE), dtype="<i2").astype(np.float64)
               for s in SENTENCES[-6:]]
     out = [Condition("clean", *phone_line(speech, None, 0.0, 0, babble))]
     for seed, kind in enumerate(NOISES, start=1):

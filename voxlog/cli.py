@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, cast
+from typing import TYPE_CHECKING, Annotated
 from urllib.parse import quote
 
 import typer
@@ -26,6 +26,7 @@ from consumers.event_reader import EventConsumer, read_call
 from projections.projection import PROJECTION_NAMES
 from schemas.topics import CALL_TOPICS
 from schemas.version import __version__
+from streams.audio.vad import VAD_KINDS, VadKind
 from streams.config.agents import AgentRouter, load_agents
 from streams.config.tenants import Tenants, TenantSpec, load_tenants
 from streams.keystore.data_keys import DataKeyStore
@@ -390,10 +391,12 @@ class CapabilityChoice(enum.StrEnum):
     tts = "tts"
 
 
-class VadChoice(enum.StrEnum):
-    silero = "silero"
-    webrtc = "webrtc"
-    energy = "energy"
+def _vad_kind(value: str, param_hint: str) -> VadKind:
+    """`value` as one of the VAD's judges (`--judge`, `--vad`), or a usage error that names them."""
+    kind = next((k for k in VAD_KINDS if k == value), None)
+    if kind is None:
+        raise typer.BadParameter(f"no judge {value}; there are {', '.join(VAD_KINDS)}", param_hint=param_hint)
+    return kind
 
 
 @bench_app.command("calls")
@@ -419,9 +422,9 @@ def bench_calls_command(
     history_events: Annotated[int, typer.Option(
         min=0, help="First write this many events of earlier calls to the log, handled long ago (the workers' "
         "groups at their end): a call's cost must not grow with the log's history.")] = 0,
-    vad: Annotated[VadChoice | None, typer.Option(
-        help="The demo agent's VAD judge for this run (default: its file's, silero); not with VOXLOG_AGENTS_DIR.")
-    ] = None,
+    vad: Annotated[str | None, typer.Option(
+        help="The demo agent's VAD judge for this run: energy, webrtc or silero (default: its file's, silero); "
+        "not with VOXLOG_AGENTS_DIR.")] = None,
 ) -> None:
     """Concurrent calls through the real gateway with scripted-timeline providers: what voxlog adds
     to voice-to-voice latency, how evenly the agent's audio is paced, and (with --fallback) what a
@@ -440,7 +443,7 @@ def bench_calls_command(
                                                             capability=fallback_capability.value)
     result = run_on_serving_loop(bench_calls(settings, calls=calls, timeline=timeline, fallback=profile,
                                              ramp_s=ramp_s, history_events=history_events, turns=turns,
-                                             vad=None if vad is None else vad.value))
+                                             vad=None if vad is None else _vad_kind(vad, "--vad")))
     write_result(result, out)
     added, jitter = result["added_latency_ms"], result["pacing_jitter_ms"]
     console.print(f"{calls} calls on {result['log']}: added latency p50 {added['p50']} ms, p99 {added['p99']} ms; "
@@ -500,14 +503,10 @@ def bench_vad_command(
 ) -> None:
     """The VAD's speech judges on a phone line with six kinds of noise at three levels: false starts
     (false barge-ins) per minute, missed and stuck turns, onset and end-of-turn delay, CPU a frame."""
-    from streams.audio.vad import VAD_KINDS, VadKind
     from voxlog.bench import write_result
     from voxlog.bench_vad import bench_vad
 
-    unknown = [j for j in judges or () if j not in VAD_KINDS]
-    if unknown:
-        raise typer.BadParameter(f"no judge {unknown[0]}; there are {', '.join(VAD_KINDS)}", param_hint="--judge")
-    kinds = [cast(VadKind, j) for j in judges] if judges else list(VAD_KINDS)
+    kinds = [_vad_kind(j, "--judge") for j in judges] if judges else list(VAD_KINDS)
     result = asyncio.run(bench_vad(kinds=kinds))
     write_result(result, out)
     for kind, figures in result["judges"].items():

@@ -27,7 +27,8 @@ from typing import Literal, Protocol
 
 from streams.audio.codecs import SILENCE_DBFS, rms_dbfs
 
-__all__ = ["VAD_KINDS", "EnergyJudge", "SpeechJudge", "Vad", "VadEvent", "VadKind", "make_judge"]
+__all__ = ["END_OF_TURN_SILENCE_MS", "MIN_SPEECH_MS", "VAD_KINDS", "EnergyJudge", "SpeechJudge", "Vad", "VadEvent",
+           "VadKind", "make_judge"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +124,10 @@ class EnergyJudge:
             self._levels.popleft()
 
 
+MIN_SPEECH_MS = 120
+END_OF_TURN_SILENCE_MS = 700
+
+
 class Vad:
     """Turn-taking over a `SpeechJudge` (an `EnergyJudge` where none is given; a call's is `make_judge(agent.vad)`);
     feed it frames in order with `process`.
@@ -139,8 +144,8 @@ class Vad:
         self,
         judge: SpeechJudge | None = None,
         *,
-        min_speech_ms: int = 120,
-        end_of_turn_silence_ms: int = 700,
+        min_speech_ms: int = MIN_SPEECH_MS,
+        end_of_turn_silence_ms: int = END_OF_TURN_SILENCE_MS,
         sample_rate: int = 16_000,
     ) -> None:
         if min_speech_ms < 0 or end_of_turn_silence_ms <= 0 or sample_rate <= 0:

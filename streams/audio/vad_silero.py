@@ -21,6 +21,8 @@ RATE = 16_000
 WINDOW = 512
 CONTEXT = 64
 STATE_SHAPE = (1, 1, 128)
+KEEP_MARGIN = 0.15
+"""Speech goes on while the probability stays above the threshold less this (Silero's own hysteresis)."""
 QUIET = 10 ** (-50 / 20)
 """A frame whose every sample is below -50 dBFS of full scale is judged silence without the model."""
 
@@ -28,7 +30,7 @@ _session: onnxruntime.InferenceSession | None = None
 _session_lock = threading.Lock()
 
 
-def model_path() -> Path:
+def _model_path() -> Path:
     """Where faster-whisper's wheel put the model (found without importing faster-whisper and CTranslate2)."""
     spec = importlib.util.find_spec("faster_whisper")
     if spec is None or not spec.submodule_search_locations:
@@ -48,7 +50,7 @@ def _shared_session() -> onnxruntime.InferenceSession:
             options.inter_op_num_threads = 1  # a call's frames are small: threads would cost more than they save
             options.intra_op_num_threads = 1
             options.log_severity_level = 3
-            _session = onnxruntime.InferenceSession(str(model_path()), sess_options=options,
+            _session = onnxruntime.InferenceSession(str(_model_path()), sess_options=options,
                                                     providers=["CPUExecutionProvider"])
         return _session
 
@@ -57,19 +59,14 @@ class SileroJudge:
     def __init__(self, *, threshold: float = 0.5, sample_rate: int = RATE) -> None:
         if sample_rate != RATE:
             raise ValueError(f"Silero's VAD (this model) takes {RATE} Hz, not {sample_rate}")
-        if not 0.15 < threshold < 1.0:
-            raise ValueError("the threshold is a probability above 0.15 and below 1")
+        if not KEEP_MARGIN < threshold < 1.0:
+            raise ValueError(f"the threshold is a probability above {KEEP_MARGIN} and below 1")
         self._session = _shared_session()
         self._threshold = threshold
         self._h = np.zeros(STATE_SHAPE, dtype=np.float32)
         self._c = np.zeros(STATE_SHAPE, dtype=np.float32)
         self._pending = np.zeros(CONTEXT, dtype=np.float32)  # the context, then samples not yet in a window
         self._probability = 0.0
-
-    @property
-    def probability(self) -> float:
-        """The newest window's speech probability."""
-        return self._probability
 
     def judge(self, frame: bytes) -> tuple[bool, bool]:
         samples = np.frombuffer(frame, dtype="<i2").astype(np.float32) / 32768.0
@@ -86,4 +83,4 @@ class SileroJudge:
             probabilities, self._h, self._c = self._session.run(None, {"input": window, "h": self._h, "c": self._c})
             self._probability = float(probabilities[0])
         self._pending = pending[windows * WINDOW:]
-        return self._probability >= self._threshold, self._probability >= self._threshold - 0.15
+        return self._probability >= self._threshold, self._probability >= self._threshold - KEEP_MARGIN

@@ -36,8 +36,12 @@ class WebRtcJudge:
             pieces = [frame[i:i + self._piece] for i in range(0, len(frame) - self._piece + 1, self._piece)]
             if not pieces:
                 return self._last
-        starts = sum(self._starter.is_speech(piece, self._rate) for piece in pieces) * 2 >= len(pieces)
-        keeps = starts if self._keeper is self._starter else (
-            sum(self._keeper.is_speech(piece, self._rate) for piece in pieces) * 2 >= len(pieces))
+        starts = self._hears(self._starter, pieces)
+        # Each detector hears every piece: its noise model adapts to the line as it goes.
+        keeps = starts if self._keeper is self._starter else self._hears(self._keeper, pieces)
         self._last = (starts, keeps or starts)
         return self._last
+
+    def _hears(self, detector: webrtcvad.Vad, pieces: list[bytes]) -> bool:
+        """Whether `detector` hears speech in half the pieces or more."""
+        return sum(bool(detector.is_speech(piece, self._rate)) for piece in pieces) * 2 >= len(pieces)

@@ -42,8 +42,8 @@ class AudioRecognition:
     where a turn's voice-to-voice latency starts."""
 
     def __init__(self, asr: AsrProvider, keywords: tuple[str, ...], transport: MediaTransport,
-                 recorder: CallRecorder, inputs: CallInputs, clock_us: Callable[[], int],
-                 vad: VadKind = "energy") -> None:
+                 recorder: CallRecorder, inputs: CallInputs, clock_us: Callable[[], int], *,
+                 vad: VadKind) -> None:
         self._asr = asr
         self._keywords = keywords
         self._transport = transport

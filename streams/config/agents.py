@@ -35,7 +35,7 @@ def content_hash(document: Any) -> str:
     """`sha256:` and 16 hex digits of a JSON document's canonical form (an agent's version)."""
     return "sha256:" + hashlib.sha256(canonical_json(document).encode()).hexdigest()[:16]
 
-UNVERSIONED_DEFAULTS: dict[str, Any] = {"vad": "energy"}
+UNVERSIONED_VALUES: dict[str, Any] = {"vad": "energy"}
 """Fields added to agents after calls were recorded with their versions, left out of the version while
 they have the value the agents behaved by before the field existed: an agent that sets it so keeps the
 version its recorded calls carry (and `replay verify` still takes them); any other value (the default
@@ -336,8 +336,8 @@ class AgentSpec(_Spec):
     def versioned_document(self) -> dict[str, Any]:
         """The definition as its version hashes it (and the configuration audit compares it)."""
         document = self.model_dump(mode="json")
-        for name, default in UNVERSIONED_DEFAULTS.items():
-            if document.get(name) == default:
+        for name, value in UNVERSIONED_VALUES.items():
+            if document.get(name) == value:
                 del document[name]
         return document
 

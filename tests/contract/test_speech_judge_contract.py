@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from streams.audio.codecs import frames
 from streams.audio.vad import VAD_KINDS, Vad, VadEvent, VadKind, make_judge
 from tests.speech import require_espeak, silence, synthesize_pcm16, with_noise, with_silence
+from voxlog.bench_vad import Condition, judge_line, phone_line, speech_at_level
 
 RATE = 16_000
 PHRASES = ("i would like to book an appointment for tomorrow at ten", "my internet is down", "yes")
@@ -99,8 +100,6 @@ async def test_silero_takes_turns_on_a_noisy_phone_line(noise: str, level: float
     """Why `vad: silero` exists: on these lines the energy judge holds the turn open from the first
     noise on, so the agent never answers (docs/performance.md, `voxlog bench vad`)."""
     require_espeak()
-    from voxlog.bench_vad import Condition, judge_line, phone_line, speech_at_level
-
     speech = [await speech_at_level(text) for text in PHRASES]
     pcm, spans = phone_line(speech, noise, level, seed=5, babble=speech)
     tally = judge_line("silero", Condition(f"{noise} {level}", pcm, spans))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
@@ -22,7 +22,7 @@ from streams.audio.codecs import pcm16_to_mulaw
 from streams.call.replay import agent_for, verify_call
 from streams.channels.twilio_media_protocol import OutboundClear, OutboundMedia
 from tests.speech import synthesize_pcm16
-from voxlog.bench_vad import noise
+from voxlog.bench_vad import SPEECH_DBFS, active_level, noise
 from voxlog.settings import Settings
 from voxlog.sim.demo_agents import demo_agents_with
 from voxlog.sim.stack import LocalStack, local_stack
@@ -51,10 +51,10 @@ async def agent_done_speaking(caller: TwilioCaller, *, beyond: int = 0) -> None:
     assert await caller.agent_quiet(beyond=beyond) or caller.closed.is_set(), "the agent never spoke"
 
 
-async def say(caller: TwilioCaller, text: str) -> None:
-    """The caller says `text`, and waits for the agent's whole answer."""
+async def say(caller: TwilioCaller, text: str, line: Callable[[str], bytes] = speech) -> None:
+    """The caller says `text` (as `line` carries it), and waits for the agent's whole answer."""
     before = len(caller.agent_audio)
-    await caller.send_mulaw(speech(text))
+    await caller.send_mulaw(line(text))
     await agent_done_speaking(caller, beyond=before)
 
 
@@ -117,12 +117,11 @@ async def test_a_caller_books_an_appointment_and_says_goodbye(stack: LocalStack)
     assert verify_call(events, agent).identical
 
 
-def on_a_rumbling_line(text: str, seed: int) -> bytes:
+def on_a_rumbling_line(text: str) -> bytes:
     """`text` from a car: road rumble 13 dB under the voice, through the speech and the 1.5 s after it."""
-    pcm = np.frombuffer(synthesize_pcm16(text, rate=8000), dtype="<i2").astype(np.float64)
-    pcm *= 32768 * 10 ** (-22 / 20) / float(np.sqrt(np.mean(pcm[np.abs(pcm) > 300] ** 2)))
+    pcm = active_level(np.frombuffer(synthesize_pcm16(text, rate=8000), dtype="<i2").astype(np.float64), SPEECH_DBFS)
     line = np.concatenate([pcm, np.zeros(12_000)])
-    line += noise("rumble", line.size, -35.0, np.random.default_rng(seed), ())
+    line += noise("rumble", line.size, -35.0, np.random.default_rng(len(text)), ())
     return pcm16_to_mulaw(np.clip(np.rint(line), -32768, 32767).astype("<i2").tobytes())
 
 
@@ -140,10 +139,8 @@ async def test_on_a_rumbling_line_an_agent_with_silero_takes_each_turn(log_boots
         async with caller:
             await caller.connect(instructions)
             await agent_done_speaking(caller)
-            before = len(caller.agent_audio)
-            await caller.send_mulaw(on_a_rumbling_line("i would like to book an appointment for tomorrow at ten", 1))
-            await agent_done_speaking(caller, beyond=before)
-            await caller.send_mulaw(on_a_rumbling_line("no thank you goodbye", 2))
+            await say(caller, "i would like to book an appointment for tomorrow at ten", on_a_rumbling_line)
+            await caller.send_mulaw(on_a_rumbling_line("no thank you goodbye"))
             await asyncio.wait_for(caller.closed.wait(), 30)
         events = await events_of(stack, call_id)
     assert caller.closed_by_agent
