@@ -7,7 +7,7 @@ import asyncio
 import logging
 
 from projections.audit import epoch_us
-from projections.store import AnalyticsError, AnalyticsStore
+from projections.store import Analytics, AnalyticsError
 from projections.tables import CALLER_MEMORY
 from schemas.events import MemoryLoaded, MemorySummary
 from streams.call.transport import InboundCall
@@ -20,7 +20,7 @@ MEMORY_TIMEOUT_S = 0.5
 MEMORY_SOURCE = "clickhouse:caller_memory"
 
 
-async def recall(analytics: AnalyticsStore | None, call: InboundCall) -> MemoryLoaded | None:
+async def recall(analytics: Analytics | None, call: InboundCall) -> MemoryLoaded | None:
     """What the tenant remembers of this caller (newest first); None when the caller has no key (no
     number) or there is no ClickHouse. Bounded in time: a slow lookup costs the caller a greeting
     without memory, not a wait."""

@@ -28,18 +28,17 @@ from consumers.tool_replies import ToolReplies
 from consumers.workers.after_call import AfterCallStore, AfterCallWorker
 from consumers.workers.call_leases import CallReaper, LeasedCall, LeaseKeeper, new_instance_id
 from consumers.workers.dialer import DialStore, DialWorker
-from consumers.workers.summariser import Summariser, SummaryStore
 from consumers.workers.tools import ToolRunner, ToolStore, ToolWorker
 from gateway.admission import Admission, RateLimits, Refusal
+from gateway.background_process import BackgroundFailed, BackgroundProcess
 from gateway.config_audit import record_config_changes
+from gateway.log_readers import LogReaders, ProjectionsTarget, start_log_readers
 from gateway.whatif_isolation import WhatIfChildren
 from producers.event_writer import CallRecorder, EventWriter, standalone_event
 from producers.log_producer import LogProducer
 from projections.call_views import CallViews
-from projections.default_projections import default_projections
-from projections.projection_runner import ProjectionRunner
 from projections.recording_store import LocalRecordingStore, RecordingStore
-from projections.store import AnalyticsError, AnalyticsStore
+from projections.store import Analytics, AnalyticsError, AnalyticsStore
 from projections.tenant_sql import TenantSql
 from schemas.base import Event, EventPayload
 from schemas.events import AuditRecorded, CallRefused, ConsentRefused, MemoryLoaded
@@ -59,7 +58,6 @@ from streams.connectors.secrets import Secrets
 from streams.keystore.data_keys import DataKeyStore
 from streams.keystore.retention import RETENTION_INTERVAL_S, enforce_retention
 from streams.metrics import CallMetrics
-from streams.providers.base import LlmProvider
 from streams.providers.registry import ProviderRegistry
 
 log = logging.getLogger(__name__)
@@ -94,18 +92,24 @@ class GatewayRuntime:
     home: Path
     tenants: Tenants = field(default_factory=lambda: Tenants({}))
     run_workers: bool = True
-    """Run the tool worker and the dialer in this process too (one machine); with Kafka they usually run apart."""
+    """Run the tool worker, the dialer, the after-call worker and the summariser for this gateway (one
+    machine); with Kafka they usually run apart."""
     webhook_secret: bytes = b""
     twilio_auth_token: str = ""
     """Checks Twilio's signatures on webhooks and media streams; empty: none are checked (no Twilio account)."""
     rest: TwilioRest | None = None
     """Twilio's REST API, when an account is configured: transfers, hang-ups, outbound calls."""
     public_url: str | None = None
-    analytics: AnalyticsStore | None = None
-    """ClickHouse, for the tenant SQL API (and the projections, with `run_projections`)."""
+    analytics: Analytics | None = None
+    """ClickHouse, for the tenant SQL API, the console and caller memory (and the projections, with
+    `run_projections`): a `HostedStore` where the background process holds the embedded engine."""
     analytics_error: str | None = None
     """Why there is no `analytics` (it could not be opened), for the API to say."""
     run_projections: bool = False
+    """Run the projections on this gateway's event loop, into `analytics` (an `AnalyticsStore`)."""
+    background: BackgroundProcess | None = None
+    """Where the summariser and the projections run instead, when given: a process of their own, which
+    the gateway starts with itself and again whenever it dies."""
     _tenant_sql: TenantSql | None = None
     _call_views: CallViews | None = None
     metrics: CallMetrics = field(default_factory=CallMetrics)
@@ -144,7 +148,7 @@ class GatewayRuntime:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _store: ToolStore | None = None
     _after_calls: AfterCallStore | None = None
-    _summaries: SummaryStore | None = None
+    _readers: LogReaders | None = None
     _dials: DialStore | None = None
     dialer: DialWorker | None = None
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -220,24 +224,27 @@ class GatewayRuntime:
             after_call = AfterCallWorker(self.backend, self.router, self._after_calls, self._recording_url)
             self._tasks.append(asyncio.create_task(after_call.run(self._stop), name="after-call"))
             await asyncio.wait_for(after_call.ready.wait(), 60)
-            self._summaries = SummaryStore(self.home / "summaries.db")
-            summariser = Summariser(self.backend, self._summaries, llm_for=self._summary_llm)
-            self._tasks.append(asyncio.create_task(summariser.run(self._stop), name="summariser"))
-            await asyncio.wait_for(summariser.ready.wait(), 60)
         reaper_consumer = self.backend.consumer([GATEWAYS], auto_offset_reset="earliest")
         await reaper_consumer.start()
         self.reaper = CallReaper(reaper_consumer, self.backend.admin, self.writer, self.instance_id, __version__)
         self._tasks.append(asyncio.create_task(self._run_reaper(reaper_consumer), name="reaper"))
         self._tasks.append(asyncio.create_task(self._watch_log(), name="log-watch"))
-        if self.analytics is not None and self.run_projections:
-            projections = default_projections(self.router, recordings=self.recordings_path,
-                                              recording_store=self.recordings)
-            # Before the first call: a call's start reads caller memory from its table.
-            for table in {table.name: table for p in projections for table in p.tables}.values():
-                await asyncio.to_thread(self.analytics.create, table)
-            for projection in projections:
-                runner = ProjectionRunner(self.backend, self.analytics, projection)
-                self._tasks.append(asyncio.create_task(runner.run(self._stop), name=f"projection-{projection.name}"))
+        if self.background is not None:
+            try:  # before the first call: a call's start reads caller memory from its tables
+                await self.background.start()
+            except BackgroundFailed as exc:  # calls come first: they are taken without it meanwhile
+                log.error("%s; the gateway takes calls without it, and starts it again", exc)
+            self._tasks.append(asyncio.create_task(self.background.run(self._stop), name="background"))
+        else:
+            target = None
+            if self.run_projections and self.analytics is not None:
+                if not isinstance(self.analytics, AnalyticsStore):
+                    raise TypeError("projections run in this process write to a store it holds (AnalyticsStore)")
+                target = ProjectionsTarget(self.analytics, self.recordings_path, self.recordings)
+            self._readers = await start_log_readers(
+                self.backend, self.router, self.provider_registry, self._stop, projections=target,
+                summaries_path=self.home / "summaries.db" if self.run_workers else None)
+            self._tasks.extend(self._readers.tasks)
 
     def _on_consent_refused(self, event: Event[EventPayload]) -> None:
         """A caller who refused to be recorded: the call's audio key destroyed, so that what they said
@@ -312,8 +319,10 @@ class GatewayRuntime:
             self._store.close()
         if self._after_calls is not None:
             self._after_calls.close()
-        if self._summaries is not None:
-            self._summaries.close()
+        if self._readers is not None:
+            self._readers.close()
+        if self.background is not None:
+            await self.background.stop(max(1.0, deadline - loop.time()))
         for service in self.local_services:
             await asyncio.to_thread(service.stop)
         if self._dials is not None:
@@ -338,10 +347,6 @@ class GatewayRuntime:
     def _providers(self, agent: AgentSpec) -> Providers:
         return (self.providers_factory or self.provider_registry.providers_for)(agent)
 
-    def _summary_llm(self, tenant_id: str, agent_id: str) -> LlmProvider | None:
-        agent = self.router.agents.get((tenant_id, agent_id))
-        return self.provider_registry.summary_llm(agent) if agent is not None else None
-
     def _recording_url(self, call_id: str) -> str:
         """Where the tenant API serves a call's recording (to its API keys), for the CRM's call record."""
         return f"{self.public_url.rstrip('/')}/v1/calls/{call_id}/recording" if self.public_url else ""
@@ -357,7 +362,7 @@ class GatewayRuntime:
         return self._call_views
 
     def _over_analytics(self, held: AnalyticsReader | None,
-                        make: Callable[[AnalyticsStore], AnalyticsReader]) -> AnalyticsReader:
+                        make: Callable[[Analytics], AnalyticsReader]) -> AnalyticsReader:
         """`held` while it reads the `analytics` store of now (which may have been opened again), else a new one."""
         if self.analytics is None:
             raise AnalyticsError(f"analytics unavailable: {self.analytics_error}")

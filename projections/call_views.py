@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from projections.audit import epoch_us
-from projections.store import AnalyticsStore
+from projections.store import Analytics
 from projections.tables import CALLS, ERRORS, RECORDINGS, TOOL_CALLS, TRANSCRIPTS, TURNS, Table
 
 TABLES: tuple[Table, ...] = (CALLS, TURNS, TRANSCRIPTS, TOOL_CALLS, ERRORS, RECORDINGS)
@@ -115,7 +115,7 @@ def _dicts(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[dict[s
 class CallViews:
     """The views over `store`'s tables (made there on first use if missing)."""
 
-    def __init__(self, store: AnalyticsStore) -> None:
+    def __init__(self, store: Analytics) -> None:
         self.store = store
         self._ready = False
         self._making = threading.Lock()

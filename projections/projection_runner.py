@@ -28,7 +28,7 @@ from consumers.backends import LogBackend, ensure_topics
 from consumers.event_reader import ConsumedEvent, EventConsumer, dead_letter_headers
 from producers.log_producer import LogProducer, LogRecord, TopicPartition
 from projections.projection import HoldsOffsets, Projection, log_admin
-from projections.store import AnalyticsStore
+from projections.store import Analytics, AnalyticsStore
 from projections.tables import OFFSETS, Output, Statement, Table
 from schemas.topics import DEADLETTER
 
@@ -295,3 +295,25 @@ async def catch_up(backend: LogBackend, store: AnalyticsStore, projections: Sequ
     """Brings every projection up to where the log is now."""
     for projection in projections:
         await ProjectionRunner(backend, store, projection).run(asyncio.Event(), until_caught_up=True)
+
+
+async def projected(backend: LogBackend, store: Analytics, projections: Sequence[Projection], *,
+                    timeout_s: float) -> None:
+    """Waits until the runners of `projections` that run elsewhere (a background process, workers of
+    their own) have stored offsets up to where the log ends now: their rows of it are in the tables.
+    TimeoutError, naming what is behind, after `timeout_s`."""
+    async with log_admin(backend) as admin:
+        ends = {(p.name, topic, partition): end for p in projections for topic in p.topics
+                for partition, end in (await admin.end_offsets(topic)).items() if end > 0}
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        stored = await asyncio.to_thread(store.query, f"SELECT projection_name, topic, log_partition, next_offset "
+                                                      f"FROM {OFFSETS.name} FINAL")
+        at = {(str(name), str(topic), int(partition)): int(offset) for name, topic, partition, offset in stored.rows}
+        behind = sorted(key for key, end in ends.items() if at.get(key, 0) < end)
+        if not behind:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"after {timeout_s:.0f} s the projections are behind the log in {len(behind)} "
+                               f"partitions, e.g. {behind[:3]}")
+        await asyncio.sleep(0.1)

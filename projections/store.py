@@ -12,7 +12,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError
@@ -40,17 +40,55 @@ def _lock_for(dsn: str) -> threading.Lock:
         return _locks.setdefault(dsn, threading.Lock())
 
 
+def setting_value(value: int | str) -> str:
+    """A setting's value as SQL: ours, constant (no quote to escape)."""
+    return str(value) if isinstance(value, int) else f"'{value}'"
+
+
 def embedded_dsn(home: Path) -> str:
     path = (home / "clickhouse").resolve()
     path.mkdir(parents=True, exist_ok=True)
     return f"chdb://{path}"
 
 
-class AnalyticsStore:
-    """`database`: where the tables are (default: the DSN's own); tests give each a database of its own."""
+class Analytics(Protocol):
+    """What reads the analyst tables (the tenant SQL API, the console's call views, caller memory)
+    needs of a connection: an `AnalyticsStore` in this process, or a `HostedStore` of the engine
+    another process holds (`projections.hosted_store`)."""
 
-    def __init__(self, dsn: str, *, database: str | None = None) -> None:
+    @property
+    def dsn(self) -> str: ...
+
+    @property
+    def embedded(self) -> bool:
+        """chDB, whose connections carry their own settings, rather than a server with users."""
+        ...
+
+    def describe(self) -> str: ...
+
+    def connect(self, *, database: str, settings: Mapping[str, int | str] | None = None) -> Analytics:
+        """Another connection to the same engine, whose current database is `database` and whose
+        `settings` hold for its life (`readonly` set last, after which none can change)."""
+        ...
+
+    def command(self, sql: str, parameters: Mapping[str, Any] | None = None) -> None: ...
+
+    def create(self, table: Table) -> None: ...
+
+    def query(self, sql: str, parameters: Mapping[str, Any] | None = None,
+              settings: Mapping[str, Any] | None = None) -> QueryResult: ...
+
+
+class AnalyticsStore:
+    """`database`: where the tables are (default: the DSN's own); tests give each a database of its own.
+    `settings`: the connection's own, for its life (chDB only: a server's users have settings profiles)."""
+
+    def __init__(self, dsn: str, *, database: str | None = None,
+                 settings: Mapping[str, int | str] | None = None) -> None:
         self.dsn = dsn
+        if settings and not self.embedded:
+            raise ValueError("a connection's own settings are for the embedded engine; a server's come from "
+                             "its user's settings profile")
         self._lock = _lock_for(dsn)
         with self._lock:
             try:
@@ -63,15 +101,29 @@ class AnalyticsStore:
                 raise AnalyticsError(f"cannot open {self.describe()}: {_first_line(exc)}") from exc
             if database is not None:
                 self._client.command(f"USE {database}")
+            # `readonly` last: from it on, no setting of this connection changes.
+            for name, value in sorted((settings or {}).items(), key=lambda item: item[0] == "readonly"):
+                self._client.command(f"SET {name} = {setting_value(value)}")
 
     @classmethod
     def open(cls, dsn: str | None, home: Path) -> AnalyticsStore:
         return cls(dsn or embedded_dsn(home))
 
+    @property
+    def embedded(self) -> bool:
+        return self.dsn.startswith("chdb://")
+
     def describe(self) -> str:
-        if self.dsn.startswith("chdb://"):
+        if self.embedded:
             return f"embedded ClickHouse (chDB) {self.dsn[len('chdb://'):]}"
         return f"ClickHouse {self.dsn.split('@')[-1]}"  # never the password
+
+    def connect(self, *, database: str, settings: Mapping[str, int | str] | None = None) -> AnalyticsStore:
+        return AnalyticsStore(self.dsn, database=database, settings=settings)
+
+    def close(self) -> None:
+        with self._lock:
+            self._client.close()
 
     def command(self, sql: str, parameters: Mapping[str, Any] | None = None) -> None:
         with self._lock:

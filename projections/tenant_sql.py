@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from projections.store import AnalyticsError, AnalyticsStore, QueryResult
+from projections.store import Analytics, AnalyticsError, AnalyticsStore, QueryResult, setting_value
 from projections.tables import ANALYST_TABLES
 
 TENANT_SQL_LIMITS: Mapping[str, int | str] = {
@@ -224,10 +224,6 @@ def tenant_database(tenant_id: str) -> str:
     return _TENANT_PREFIX + tenant_id.replace("-", "_")  # tenant ids have no '_', so this is one-to-one
 
 
-def _setting_value(value: int | str) -> str:
-    return str(value) if isinstance(value, int) else f"'{value}'"  # ours, constant: no quote to escape
-
-
 def tenant_access_statements(
     tenant_id: str, *, main_database: str, password_sha256_hex: str,
     tables: Sequence[str] = _ANALYST_TABLE_NAMES,
@@ -240,7 +236,7 @@ def tenant_access_statements(
     name = tenant_database(tenant_id)
     if not _WORD.fullmatch(main_database) or not re.fullmatch(r"[0-9a-f]{64}", password_sha256_hex):
         raise ValueError("not a database name or a SHA-256 hex digest")
-    settings = ", ".join(f"{key} = {_setting_value(value)}" for key, value in limits.items())
+    settings = ", ".join(f"{key} = {setting_value(value)}" for key, value in limits.items())
     maxima = ", ".join(f"{key} = {value}" for key, value in quota.items())
     statements = [
         f"CREATE SETTINGS PROFILE OR REPLACE {name} SETTINGS {settings}",
@@ -466,17 +462,13 @@ def _internal(text: str, internals: Sequence[str]) -> bool:
 class TenantSql:
     """Runs tenants' queries against `store` (whose current database holds the analyst tables)."""
 
-    def __init__(self, store: AnalyticsStore, *, limits: Mapping[str, int | str] = TENANT_SQL_LIMITS) -> None:
+    def __init__(self, store: Analytics, *, limits: Mapping[str, int | str] = TENANT_SQL_LIMITS) -> None:
         self.store = store
         self.limits = limits
-        self._views: dict[str, AnalyticsStore] = {}
+        self._views: dict[str, Analytics] = {}
         self._creating = threading.Lock()  # queries arrive on worker threads: one connection per tenant
         self._main: str | None = None
         self._functions: FunctionNames | None = None
-
-    @property
-    def embedded(self) -> bool:
-        return self.store.dsn.startswith("chdb://")
 
     def _main_database(self) -> str:
         if self._main is None:
@@ -490,14 +482,14 @@ class TenantSql:
                                             frozenset(str(n) for n, ci in rows if ci))
         return self._functions
 
-    def _tenant_store(self, tenant_id: str) -> AnalyticsStore:
+    def _tenant_store(self, tenant_id: str) -> Analytics:
         with self._creating:
             found = self._views.get(tenant_id)
             if found is None:
                 found = self._views[tenant_id] = self._open_tenant(tenant_id)
             return found
 
-    def _open_tenant(self, tenant_id: str) -> AnalyticsStore:
+    def _open_tenant(self, tenant_id: str) -> Analytics:
         database = tenant_database(tenant_id)
         main = self._main_database()
         self.store.command(f"CREATE DATABASE IF NOT EXISTS {database}")
@@ -507,12 +499,8 @@ class TenantSql:
             self.store.command(
                 f"CREATE OR REPLACE VIEW {database}.{table.name} SQL SECURITY INVOKER AS "
                 f"SELECT * FROM {main}.{table.name} FINAL WHERE tenant_id = '{tenant_id}'")
-        if self.embedded:
-            found = AnalyticsStore(self.store.dsn, database=database)
-            for name, value in self.limits.items():
-                if name != "readonly":
-                    found.command(f"SET {name} = {_setting_value(value)}")
-            found.command("SET readonly = 1")  # last: from here on no setting of this connection changes
+        if self.store.embedded:
+            found = self.store.connect(database=database, settings=self.limits)
         else:
             dsn, password = tenant_login(self.store.dsn, tenant_id)
             for statement in tenant_access_statements(tenant_id, main_database=main, limits=self.limits,

@@ -1,19 +1,22 @@
 """Shared fixtures: the event-log backends (every contract test, and any test on both backends, runs
 against `backend`; `embedded_backend` and `kafka_backend` are each one alone; `log_bootstrap` is the
 backend as voxlog's settings name it), and a ClickHouse database of the test's own in the process's one
-chDB engine."""
+chDB engine (`store`), also as a gateway reads it through a store host (`hosted`)."""
 
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from consumers.backends import EmbeddedBackend, KafkaBackend, LogBackend
+from projections.hosted_store import HostedStore, StoreHost
 from projections.store import AnalyticsStore
 from tests.needs import missing
 from tests.provider_server import ProviderServer
@@ -77,6 +80,23 @@ def store() -> AnalyticsStore:
     admin = AnalyticsStore.open(None, CHDB_HOME)
     admin.command(f"CREATE DATABASE {database}")
     return AnalyticsStore(admin.dsn, database=database)
+
+
+@pytest.fixture(scope="session")
+def store_host() -> Iterator[StoreHost]:
+    """This process's chDB engine served as `voxlog serve`'s background process serves its own."""
+    folder = Path(tempfile.mkdtemp(prefix="voxlog-test-host-"))
+    host = StoreHost(AnalyticsStore.open(None, CHDB_HOME).dsn, folder / "clickhouse.sock", secrets.token_bytes(32))
+    yield host
+    host.close()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def hosted(store: AnalyticsStore, store_host: StoreHost) -> HostedStore:
+    """`store`'s database read through `store_host`, as a gateway reads the engine its background process holds."""
+    database = str(store.query("SELECT currentDatabase()").rows[0][0])
+    return HostedStore(store_host.address, store_host.authkey, store.dsn, database=database)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed
 
 from consumers.event_reader import read_call
 from projections.default_projections import default_projections
-from projections.projection_runner import catch_up
+from projections.projection_runner import projected
 from projections.store import QueryResult
 from schemas.events import (
     CallEnded,
@@ -195,9 +195,9 @@ async def run_calls_demo(settings: Settings) -> tuple[list[DemoCall], QueryResul
                     call.replay = verify_call(history.events, agent_for(history.events, stack.gateway.router))
         summary = None
         store = stack.gateway.analytics
-        if store is not None:
-            await catch_up(stack.gateway.backend, store,
-                           default_projections(stack.gateway.router, recordings=stack.gateway.recordings_path,
-                                               recording_store=stack.gateway.recordings))
+        if store is not None:  # the gateway's background process projects the calls; their rows once it has
+            await projected(stack.gateway.backend, store,
+                            default_projections(stack.gateway.router, recordings=stack.gateway.recordings_path,
+                                                recording_store=stack.gateway.recordings), timeout_s=60)
             summary = await asyncio.to_thread(store.query, ANALYTICS_QUERY)
     return calls, summary

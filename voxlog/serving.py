@@ -4,21 +4,30 @@ recordings, limits) and its uvicorn server (`voxlog serve`, the local stack)."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
+import secrets
+import shutil
+import sys
+import tempfile
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import uvicorn
 import uvloop
 
 from gateway.app import GatewayServer, create_app
+from gateway.background_process import BackgroundProcess
 from gateway.runtime import GatewayRuntime
-from projections.store import AnalyticsError, AnalyticsStore
+from projections.hosted_store import HostedStore
+from projections.store import Analytics, AnalyticsError, AnalyticsStore, embedded_dsn
 from streams.channels.twilio_rest import TwilioRest
 from streams.config.agents import AgentRouter, load_agents
 from streams.config.tenants import Tenants, load_tenants
 from streams.connectors.secrets import Secrets
 from voxlog.backends import log_backend, recording_store
+from voxlog.background import BackgroundConfig
 from voxlog.demo_calendar import DEMO_TENANT, demo_calendar
 from voxlog.settings import DEFAULT_AGENTS_DIR, DEMO_WEBHOOK_SECRET, InsecureSettings, Settings
 
@@ -48,8 +57,14 @@ def build_gateway(settings: Settings) -> GatewayRuntime:
             f"VOXLOG_WEBHOOK_SECRET is not set, and its default is the demo's, published: set a secret of your own "
             f"to serve the agents in {settings.agents_dir} (their tool webhooks are signed with it)")
     agents_dir = settings.agents_dir or DEFAULT_AGENTS_DIR
-    analytics, analytics_error = None, None
-    if settings.run_projections or settings.clickhouse_dsn:
+    background, hosted = None, None
+    if settings.background_process and (settings.run_projections or settings.run_workers):
+        background, hosted = background_process(settings)
+    analytics: Analytics | None = None
+    analytics_error = None
+    if hosted is not None:
+        analytics = hosted
+    elif settings.run_projections or settings.clickhouse_dsn:
         try:
             analytics = AnalyticsStore.open(settings.clickhouse_dsn, settings.home)
         except AnalyticsError as exc:
@@ -68,10 +83,26 @@ def build_gateway(settings: Settings) -> GatewayRuntime:
                    local_services=[calendar] if calendar is not None else [], run_workers=settings.run_workers,
                    webhook_secret=settings.webhook_secret.get_secret_value().encode(), rest=twilio_rest(settings),
                    public_url=settings.public_url, analytics=analytics, analytics_error=analytics_error,
-                   run_projections=settings.run_projections and analytics is not None,
-                   recording_store=recording_store(settings), vcon_signing_key=settings.vcon_signing_key_path,
-                   capacity=settings.call_capacity,
+                   run_projections=background is None and settings.run_projections and analytics is not None,
+                   background=background, recording_store=recording_store(settings),
+                   vcon_signing_key=settings.vcon_signing_key_path, capacity=settings.call_capacity,
                    drain_s=settings.drain_s, twilio_auth_token=token)
+
+
+def background_process(settings: Settings) -> tuple[BackgroundProcess, HostedStore | None]:
+    """The process that runs the settings' projections and summariser beside the gateway, and the
+    gateway's connection to the embedded ClickHouse it then holds (None with a ClickHouse server,
+    which the gateway reaches itself)."""
+    address, hosted, authkey = None, None, secrets.token_bytes(32)
+    if settings.run_projections and not settings.clickhouse_dsn:
+        # A folder only this user can open (a Unix socket's path must be short: not under `home`).
+        folder = Path(tempfile.mkdtemp(prefix="voxlog-analytics-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        address = folder / "clickhouse.sock"
+        hosted = HostedStore(address, authkey, embedded_dsn(settings.home))
+    config = BackgroundConfig(settings=settings, projections=settings.run_projections,
+                              summariser=settings.run_workers, host_address=address, authkey=authkey)
+    return BackgroundProcess([sys.executable, "-m", "voxlog.background"], config.encoded()), hosted
 
 
 def gateway_server(settings: Settings, host: str, port: int, *, gateway: GatewayRuntime | None = None,

@@ -53,8 +53,12 @@ class Settings(BaseSettings):
         15.0, gt=0, description="On SIGTERM, how long live calls get to end (they are told the gateway is shutting "
         "down) and the log to take their last events, before the process exits anyway.")
     run_projections: bool = Field(
-        True, description="Run the ClickHouse projections inside `voxlog serve` (the embedded ClickHouse can be "
-        "open in one process only; with a ClickHouse server run `voxlog projections run` apart instead).")
+        True, description="Run the ClickHouse projections with `voxlog serve` (the embedded ClickHouse can be "
+        "open in one process only; with a ClickHouse server they may run apart instead: `voxlog projections run`).")
+    background_process: bool = Field(
+        True, description="Run the projections and the summariser in a process of their own beside `voxlog "
+        "serve`'s, which holds the embedded ClickHouse and answers the gateway's queries of it: their work is "
+        "then not on the calls' event loop. False: all in one process.")
 
     keystore: Path | None = Field(
         None, description="Folder of the keystore that seals callers' personal data in the log (data keys per "

@@ -6,6 +6,7 @@ long enough: every wait polls for what it expects, with a deadline."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -547,3 +548,80 @@ async def test_the_broker_away_longer_than_the_producers_timeouts_and_back(
     assert time.monotonic() - stopping < settings.drain_s + 10
     await last.abort()
 
+
+
+# --------------------------------------------------------------------------- its background process
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started that still run (Linux: every thread's list)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found.extend(int(child) for child in (task / "children").read_text().split())
+    return found
+
+
+def background_of(gateway: GatewayProcess) -> int | None:
+    for pid in children(gateway.process.pid):
+        with contextlib.suppress(OSError):
+            if b"voxlog.background" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+    return None
+
+
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+async def test_the_background_process_projects_the_calls_comes_back_when_killed_and_dies_with_its_gateway(
+    tmp_path: Path, twilio: FakeTwilio, gateways: list[GatewayProcess]
+) -> None:
+    gateway = GatewayProcess.start(tmp_path, twilio, kafka=None, VOXLOG_RUN_PROJECTIONS="true")
+    gateways.append(gateway)
+    await gateway.ready()
+    background = background_of(gateway)
+    assert background is not None, "voxlog serve runs the projections in a process of their own"
+
+    caller = gateway.caller(twilio, "+15557400001")
+    instructions = await caller.dial()
+    await caller.connect(instructions)
+    await caller.send_mulaw(SILENCE_1S)
+    await caller.stop()
+    call_id = instructions.parameters["call_id"]
+
+    async def sql(query: str) -> httpx.Response:
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await client.post(f"{gateway.base_url}/v1/sql", json={"query": query},
+                                     headers={"Authorization": "Bearer demo-api-key"})
+
+    async def projected() -> bool:
+        answer = await sql("SELECT call_id FROM calls")
+        return answer.status_code == 200 and [call_id] in answer.json()["rows"]
+
+    # Projected there, read here: the gateway's tenant SQL goes through the process that holds chDB.
+    await eventually(projected, 60, "the call's row, projected by the background process")
+    assert (await sql("SELECT * FROM system.tables")).status_code == 403
+
+    os.kill(background, signal.SIGKILL)
+
+    async def replaced() -> bool:
+        now = background_of(gateway)
+        return now is not None and now != background and await projected()
+
+    await eventually(replaced, 90, "a new background process, serving the same tables")
+    second = background_of(gateway)
+    assert second is not None
+
+    gateway.process.send_signal(signal.SIGKILL)
+    gateway.process.wait(30)
+
+    async def gone() -> bool:
+        return not running(second)
+
+    await eventually(gone, 30, "the background process ended with its gateway")

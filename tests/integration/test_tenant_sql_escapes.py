@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from projections.store import AnalyticsStore
+from projections.store import Analytics, AnalyticsStore
 from projections.tables import CALLS, TRANSCRIPTS, Table
 from projections.tenant_sql import TENANT_SQL_LIMITS, ForbiddenQuery, QueryFailed, TenantSql
 from streams.config.tenants import Limits, Tenants
@@ -330,14 +330,18 @@ def escapes(attempt: Attempt, scene: Scene, status: int, body: str) -> list[str]
     return found
 
 
-@pytest.fixture
-async def gateway(log_bootstrap: str | None, store: AnalyticsStore, tmp_path: Path) -> AsyncIterator[LocalStack]:
+@pytest.fixture(params=["in-process", "hosted"])
+async def gateway(request: pytest.FixtureRequest, log_bootstrap: str | None, store: AnalyticsStore,
+                  tmp_path: Path) -> AsyncIterator[LocalStack]:
+    """A gateway reading the test's own database in this process's ClickHouse, there or (as `voxlog
+    serve`'s does) through a store host."""
     settings = Settings(home=tmp_path / "home", kafka_bootstrap=log_bootstrap,
                         agents_dir=agents_with_two_tenants(tmp_path / "agents"))
     seed(store)
+    analytics: Analytics = store if request.param == "in-process" else request.getfixturevalue("hosted")
     async with local_stack(settings) as stack:
-        stack.gateway.analytics = store  # the test's own database in this process's ClickHouse
-        stack.gateway._tenant_sql = TenantSql(store, limits=LIMITS)
+        stack.gateway.analytics = analytics
+        stack.gateway._tenant_sql = TenantSql(analytics, limits=LIMITS)
         # Hundreds of attempts in seconds from one key: the key's rate limit would answer 429 before the
         # SQL checks were reached (the limit has tests of its own).
         stack.gateway.tenants = Tenants({t.id: t.model_copy(update={"limits": Limits(api_burst=1_000_000)})
@@ -356,7 +360,7 @@ def seeded() -> TenantSql:
     return TenantSql(store, limits=LIMITS)
 
 
-def new_scene(store: AnalyticsStore, folder: Path) -> Scene:
+def new_scene(store: Analytics, folder: Path) -> Scene:
     found = Scene(str(store.query("SELECT currentDatabase()").rows[0][0]), folder)
     found.folder.mkdir()
     found.existing.write_text("untouched\n")

@@ -115,9 +115,11 @@ async def local_stack(
     settings: Settings, providers_factory: Callable[[AgentSpec], Providers] | None = None, *,
     analytics: bool = False, provider_settings: ProviderSettings | None = None,
 ) -> AsyncIterator[LocalStack]:
-    """`analytics`: open ClickHouse and run the projections in the gateway too (the embedded engine
-    takes one data folder per process, so only one stack in a process may). `provider_settings`:
-    the providers' own (else from the environment)."""
+    """`analytics`: run the projections and the summariser as `voxlog serve` does, in the gateway's
+    background process, which holds the embedded ClickHouse (`stack.gateway.analytics` reads it);
+    without, the summariser runs on the gateway's own loop and nothing projects (tests hand the gateway
+    a store of this process's own). `provider_settings`: the providers' own (else from the
+    environment; the background process's always are)."""
     account_sid = new_account_sid()
     # Bound here and handed to uvicorn: a port only looked up would be free for anyone until it binds.
     with FakeTwilio(account_sid, AUTH_TOKEN) as twilio, _listening_socket() as sock:
@@ -126,6 +128,7 @@ async def local_stack(
         settings = settings.model_copy(update={
             "twilio_account_sid": account_sid, "twilio_auth_token": SecretStr(AUTH_TOKEN),
             "twilio_api_base": twilio.base_url, "public_url": base_url, "run_projections": analytics,
+            "background_process": analytics,
             "webhook_secret": SecretStr(WEBHOOK_SECRET)})
         gateway = build_gateway(settings)
         if provider_settings is not None:

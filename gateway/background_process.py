@@ -1,0 +1,141 @@
+"""A process the gateway runs beside itself, for the work that reads the whole log (the projections,
+the summariser): its CPU is not the calls' event loop's, and with the embedded ClickHouse it holds the
+engine the gateway then asks (`projections.hosted_store`).
+
+The gateway starts it, waits until it says it is ready, starts it again when it dies (after 1 s, then
+twice as long each time it dies without having been ready for a minute, at most 30 s), and stops it
+last. Its standard input is its lifeline: it stops when that closes, so a gateway killed outright
+takes it along. What it is to do reaches it there too, first (`config`): never on its command line
+or in its environment, which other processes can read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+READY = b"ready"
+"""The line the process writes on its standard output once it serves (before: `failed: <why>`)."""
+READY_TIMEOUT_S = 60.0
+RESTART_FIRST_S = 1.0
+RESTART_MAX_S = 30.0
+EXIT_GRACE_S = 5.0
+STABLE_S = 60.0
+"""Up this long, a process that dies is started again after RESTART_FIRST_S, not after a longer wait."""
+
+
+class BackgroundFailed(Exception):
+    """The background process did not get ready (its own reason, or that it exited or took too long)."""
+
+
+@dataclass
+class BackgroundProcess:
+    command: Sequence[str]
+    config: bytes
+    """What the process reads first on its standard input."""
+    name: str = "background process"
+    problem: str | None = "not started"
+    """Why it does not serve now, or None while it does."""
+    restarts: int = 0
+    _process: asyncio.subprocess.Process | None = None
+    _ready_at: float = 0.0
+    _stopping: bool = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None and self._process.returncode is None else None
+
+    async def start(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Starts it and waits until it is ready; BackgroundFailed when it is not (it is then stopped)."""
+        process = self._process = await asyncio.create_subprocess_exec(
+            *self.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        assert process.stdin is not None
+        assert process.stdout is not None
+        try:
+            process.stdin.write(self.config)
+            await process.stdin.drain()
+            line = await asyncio.wait_for(process.stdout.readline(), timeout_s)
+        except (TimeoutError, OSError) as exc:
+            await self._kill(process)
+            self.problem = f"the {self.name} did not get ready within {timeout_s:.0f} s" if isinstance(
+                exc, TimeoutError) else f"the {self.name} could not be told what to do: {exc}"
+            raise BackgroundFailed(self.problem) from exc
+        if line.strip() != READY:
+            await self._kill(process, grace_s=EXIT_GRACE_S)  # it exits of itself once it has said why
+            said = line.decode(errors="replace").strip().removeprefix("failed: ")
+            self.problem = f"the {self.name} failed: {said or f'it exited ({process.returncode})'}"
+            raise BackgroundFailed(self.problem)
+        self.problem, self._ready_at = None, time.monotonic()
+        log.info("the %s (pid %d) is ready", self.name, process.pid)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Keeps it running until `stop`: each time it exits, it is started again."""
+        delay = RESTART_FIRST_S
+        while not stop.is_set():
+            if self._process is not None and self._process.returncode is None:
+                exited = asyncio.create_task(self._process.wait())
+                stopped = asyncio.create_task(stop.wait())
+                await asyncio.wait((exited, stopped), return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
+                if stop.is_set() or self._stopping:
+                    exited.cancel()
+                    return
+                self.problem = f"the {self.name} exited ({self._process.returncode}); starting it again"
+                log.error("%s in %.0f s", self.problem, delay)
+                if time.monotonic() - self._ready_at >= STABLE_S:
+                    delay = RESTART_FIRST_S
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set():
+                return
+            try:
+                await self.start()
+                self.restarts += 1
+            except (BackgroundFailed, OSError) as exc:
+                log.error("%s; trying again in %.0f s", exc, min(delay * 2, RESTART_MAX_S))
+            delay = min(delay * 2, RESTART_MAX_S)
+
+    async def stop(self, timeout_s: float) -> None:
+        """Asks it to stop (its standard input closed) and waits `timeout_s` before killing it."""
+        self._stopping = True
+        process = self._process
+        if process is None or process.returncode is not None:
+            return
+        assert process.stdin is not None
+        process.stdin.close()
+        try:
+            await asyncio.wait_for(process.wait(), timeout_s)
+        except TimeoutError:
+            log.error("the %s did not stop within %.0f s: killed", self.name, timeout_s)
+            await self._kill(process)
+
+    def cpu_s(self) -> float:
+        """CPU seconds the running process has used, all its threads counted (0.0 when none runs)."""
+        return _process_cpu_s(self.pid) if self.pid is not None else 0.0
+
+    async def _kill(self, process: asyncio.subprocess.Process, grace_s: float = 0.0) -> None:
+        # Killing one that has exited would reap it under asyncio's child watcher (Popen.send_signal
+        # polls first), which then reports its exit status as 255: a process on its way out gets time.
+        if grace_s:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), grace_s)
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+
+
+def _process_cpu_s(pid: int) -> float:
+    """User and system CPU seconds of a live process, from /proc (Linux); 0.0 elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
