@@ -61,6 +61,8 @@ from consumers.workers.dialer import GROUP as DIALER_GROUP
 from consumers.workers.summariser import GROUP as SUMMARISER_GROUP
 from consumers.workers.tools import GROUP as TOOLS_GROUP
 from producers.log_producer import TopicPartition
+from projections.default_projections import default_projections
+from projections.projection_runner import projected
 from schemas.events import CallStarted, ProviderFallback
 from schemas.topics import CALLS, COMMANDS, TOPICS
 from streams.audio.codecs import pcm16_to_mulaw
@@ -312,8 +314,11 @@ def _latency(values: list[float]) -> dict[str, float | None]:
 async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
                       fallback: FallbackProfile | None = None, ramp_s: float = 0.0,
                       history_events: int = 0, turns: int = DEFAULT_TURNS,
-                      vad: VadKind | None = None) -> dict[str, Any]:
-    """`vad`: the demo agent's judge for this run (with `settings.agents_dir` unset)."""
+                      vad: VadKind | None = None, analytics: bool = False) -> dict[str, Any]:
+    """`vad`: the demo agent's judge for this run (with `settings.agents_dir` unset). `analytics`: the
+    projections and the summariser run as `voxlog serve` runs them (its background process, or with
+    `settings.background_process` off the gateway's own loop), and the result says what they cost and
+    how long after the last call their tables held every event."""
     made = itertools.count()
     if settings.agents_dir is None:  # the demo tenant's own limit (50 calls) must not cap what is measured
         settings = settings.model_copy(update={"agents_dir": demo_agents_with(
@@ -328,13 +333,22 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
 
     end_of_turn_ms = END_OF_TURN_SILENCE_MS
     budget_ms = end_of_turn_ms + timeline.asr_final_ms + timeline.llm_ms + timeline.tts_first_byte_ms
-    async with local_stack(settings, providers_factory=providers) as stack:
+    async with local_stack(settings, providers_factory=providers, analytics=analytics) as stack:
+        background = stack.gateway.background
         before = await _events_in_log(stack.gateway.backend)
         rss_before_mb = _rss_mb()
         started, cpu_before = time.perf_counter(), time.process_time()
+        background_before = background.cpu_s() if background is not None else 0.0
         sids, results, callers_cpu_s = await _callers_process(stack, calls, budget_ms, ramp_s, turns)
         await stack.gateway.wait_idle(60)
         elapsed, cpu_s = time.perf_counter() - started, time.process_time() - cpu_before
+        background_cpu_s = background.cpu_s() - background_before if background is not None else 0.0
+        projected_after_s = None
+        if analytics and stack.gateway.analytics is not None:
+            await projected(stack.gateway.backend, stack.gateway.analytics,
+                            default_projections(stack.gateway.router, recordings=stack.gateway.recordings_path),
+                            timeout_s=600)
+            projected_after_s = round(time.perf_counter() - started - elapsed, 2)
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         events = await _events_in_log(stack.gateway.backend) - before
         fell_back = await _fallback_calls(stack.gateway.backend, set(sids)) if fallback else set()
@@ -373,6 +387,10 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
         "gateway_peak_rss_mb": round(peak_mb, 1),
         "gateway_peak_rss_mb_per_call": round((peak_mb - rss_before_mb) / max(1, calls - len(refused)), 3),
         "callers_cpu_s": round(callers_cpu_s, 2),
+        "analytics": None if not analytics else "background process" if background is not None else "gateway",
+        "background_cpu_s": round(background_cpu_s, 2),
+        "background_cpu_share": round(background_cpu_s / elapsed, 3),
+        "projected_after_s": projected_after_s,
         "callers_cpu_share": round(callers_cpu_s / elapsed, 3),
         "events": events,
         "seconds": round(elapsed, 1),

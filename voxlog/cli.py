@@ -425,6 +425,10 @@ def bench_calls_command(
     vad: Annotated[str | None, typer.Option(
         help="The demo agent's VAD judge for this run: energy, webrtc or silero (default: its file's, silero); "
         "not with VOXLOG_AGENTS_DIR.")] = None,
+    analytics: Annotated[bool, typer.Option(
+        help="Run the projections and the summariser as voxlog serve does (in its background process; with "
+        "VOXLOG_BACKGROUND_PROCESS=false on the gateway's loop), and report their CPU and how long after the "
+        "last call their tables held every event.")] = False,
 ) -> None:
     """Concurrent calls through the real gateway with scripted-timeline providers: what voxlog adds
     to voice-to-voice latency, how evenly the agent's audio is paced, and (with --fallback) what a
@@ -443,7 +447,8 @@ def bench_calls_command(
                                                             capability=fallback_capability.value)
     result = run_on_serving_loop(bench_calls(settings, calls=calls, timeline=timeline, fallback=profile,
                                              ramp_s=ramp_s, history_events=history_events, turns=turns,
-                                             vad=None if vad is None else _vad_kind(vad, "--vad")))
+                                             vad=None if vad is None else _vad_kind(vad, "--vad"),
+                                             analytics=analytics))
     write_result(result, out)
     added, jitter = result["added_latency_ms"], result["pacing_jitter_ms"]
     console.print(f"{calls} calls on {result['log']}: added latency p50 {added['p50']} ms, p99 {added['p99']} ms; "
@@ -452,6 +457,10 @@ def bench_calls_command(
                   f"call-minute), callers' {result['callers_cpu_share']:.0%}; peak memory "
                   f"{result['gateway_peak_rss_mb']} MB ({result['gateway_peak_rss_mb_per_call']} MB a call); "
                   f"failed calls: {len(result['failed_calls'])} -> {out}")
+    if result["analytics"] is not None:
+        console.print(f"projections and summariser in the {result['analytics']}: background CPU "
+                      f"{result['background_cpu_share']:.0%}; every event in the tables "
+                      f"{result['projected_after_s']} s after the last call")
     if result["refused_calls"]:
         refusal = result["refusal_ms"]
         console.print(f"capacity {result['capacity']}: {result['admitted_calls']} admitted, "

@@ -45,7 +45,8 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr = Field(
         SecretStr(DEMO_WEBHOOK_SECRET), description="Signs outgoing tool webhooks (HMAC-SHA256); unset: the "
         "demo's published secret, which `voxlog serve` refuses for agents of your own (VOXLOG_AGENTS_DIR).")
-    run_workers: bool = Field(True, description="Run the tool worker and the dialer inside `voxlog serve` too.")
+    run_workers: bool = Field(True, description="Run the tool worker, the dialer and the after-call worker inside "
+                              "`voxlog serve` too, and the summariser (in its background process).")
     max_calls: int | None = Field(
         None, ge=1, description="Calls one gateway serves at once; more are told busy. Unset: "
         f"{CALLS_PER_CORE} per CPU core (docs/performance.md, 'Admission').")

@@ -116,7 +116,8 @@ async def local_stack(
     analytics: bool = False, provider_settings: ProviderSettings | None = None,
 ) -> AsyncIterator[LocalStack]:
     """`analytics`: run the projections and the summariser as `voxlog serve` does, in the gateway's
-    background process, which holds the embedded ClickHouse (`stack.gateway.analytics` reads it);
+    background process, which holds the embedded ClickHouse (`stack.gateway.analytics` reads it; with
+    `settings.background_process` off, on the gateway's own loop);
     without, the summariser runs on the gateway's own loop and nothing projects (tests hand the gateway
     a store of this process's own). `provider_settings`: the providers' own (else from the
     environment; the background process's always are)."""
@@ -128,7 +129,7 @@ async def local_stack(
         settings = settings.model_copy(update={
             "twilio_account_sid": account_sid, "twilio_auth_token": SecretStr(AUTH_TOKEN),
             "twilio_api_base": twilio.base_url, "public_url": base_url, "run_projections": analytics,
-            "background_process": analytics,
+            "background_process": analytics and settings.background_process,
             "webhook_secret": SecretStr(WEBHOOK_SECRET)})
         gateway = build_gateway(settings)
         if provider_settings is not None:
