@@ -29,7 +29,7 @@ from multiprocessing.connection import Client, Connection, Listener, answer_chal
 from pathlib import Path
 from typing import Any
 
-from projections.store import AnalyticsError, AnalyticsStore, QueryResult
+from projections.store import AnalyticsError, AnalyticsStore, AnalyticsUnavailable, QueryResult
 from projections.tables import Table
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class HostedStore:
             except (OSError, EOFError, TimeoutError, AuthenticationError) as exc:
                 self._drop()
                 why = str(exc) or type(exc).__name__
-                raise AnalyticsError(f"analytics unavailable: voxlog's background process, which holds "
+                raise AnalyticsUnavailable(f"analytics unavailable: voxlog's background process, which holds "
                                      f"{self._dsn.removeprefix('chdb://')}, did not answer ({why})") from exc
         if status == "error":
             raise AnalyticsError(value)

@@ -24,6 +24,10 @@ class AnalyticsError(Exception):
     """ClickHouse refused a statement: bad SQL, a limit reached, a read-only violation."""
 
 
+class AnalyticsUnavailable(AnalyticsError):
+    """ClickHouse could not be reached: the statement was not judged (try again later), whatever it was."""
+
+
 @dataclass(frozen=True)
 class QueryResult:
     columns: tuple[str, ...]

@@ -36,7 +36,14 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from projections.store import Analytics, AnalyticsError, AnalyticsStore, QueryResult, setting_value
+from projections.store import (
+    Analytics,
+    AnalyticsError,
+    AnalyticsStore,
+    AnalyticsUnavailable,
+    QueryResult,
+    setting_value,
+)
 from projections.tables import ANALYST_TABLES
 
 TENANT_SQL_LIMITS: Mapping[str, int | str] = {
@@ -518,10 +525,14 @@ class TenantSql:
         internals = self._internals()
         try:
             statement = str(tenant.query("SELECT formatQuerySingleLine({q:String})", {"q": sql}).rows[0][0])
+        except AnalyticsUnavailable:
+            raise  # not the query's doing: the API says so (503)
         except AnalyticsError as exc:
             raise describe_failure(exc, sql, limits=self.limits, internals=internals) from exc
         try:
             dump = tenant.query(f"EXPLAIN AST {statement} FORMAT {_CHECK_FORMAT}").rows
+        except AnalyticsUnavailable:
+            raise  # not the query's doing: the API says so (503)
         except AnalyticsError as exc:
             code = error_code(exc)
             if code in _LIMIT_ERRORS or code == 456:  # too big; a {parameter} never given
@@ -541,6 +552,8 @@ class TenantSql:
         statement = self.check(tenant_id, sql)
         try:
             return self._tenant_store(tenant_id).query(statement)
+        except AnalyticsUnavailable:
+            raise  # not the query's doing: the API says so (503)
         except AnalyticsError as exc:
             raise describe_failure(exc, sql, limits=self.limits, internals=self._internals()) from exc
 

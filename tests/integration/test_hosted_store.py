@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from projections.hosted_store import HostedStore, StoreHost
-from projections.store import AnalyticsError, AnalyticsStore
+from projections.store import AnalyticsError, AnalyticsStore, AnalyticsUnavailable
 from projections.tables import CALLS
-from projections.tenant_sql import TENANT_SQL_LIMITS
+from projections.tenant_sql import TENANT_SQL_LIMITS, TenantSql
 
 
 @pytest.fixture
@@ -165,3 +165,19 @@ def test_a_host_that_never_answers_fails_the_request_and_its_connection_is_not_r
 def test_no_host_is_reported_as_analytics_unavailable(host_folder: Path) -> None:
     with pytest.raises(AnalyticsError, match=r"analytics unavailable: .*background process"):
         HostedStore(host_folder / "absent", secrets.token_bytes(32), "chdb:///x").query("SELECT 1")
+
+
+def test_a_tenant_query_while_the_host_is_away_is_unavailable_not_a_bad_query(
+    store: AnalyticsStore, host_folder: Path
+) -> None:
+    address, key = host_folder / "s", secrets.token_bytes(32)
+    database = str(store.query("SELECT currentDatabase()").rows[0][0])
+    host = StoreHost(store.dsn, address, key)
+    sql = TenantSql(HostedStore(address, key, store.dsn, database=database))
+    assert sql.query("acme", "SELECT count() FROM calls").rows == [(0,)]
+    host.close()
+    # The API answers 503 (try again) for this, where a query's own fault is a 400 or 403.
+    with pytest.raises(AnalyticsUnavailable):
+        sql.query("acme", "SELECT count() FROM calls")
+    with pytest.raises(AnalyticsUnavailable):
+        TenantSql(HostedStore(address, key, store.dsn, database=database)).query("globex", "SELECT 1")
