@@ -54,12 +54,19 @@ def operations_router(runtime: GatewayRuntime) -> APIRouter:
                                                            "is starting or shutting down",
                                             "content": {"application/json": {"schema": {"type": "object"}}}}})
     async def health() -> JSONResponse:
-        """Readiness: 200 when the gateway takes calls, 503 (with the reason) when it does not."""
+        """Readiness: 200 when the gateway takes calls, 503 (with the reason) when it does not; and how its
+        background process (projections, summariser) is, which calls do not wait for."""
         problem = runtime.not_ready()
-        body = {"status": "ok" if problem is None else "unavailable", "log": runtime.backend.describe(),
-                "live_calls": len(runtime.sessions), "capacity": runtime.capacity, "instance": runtime.instance_id}
+        body: dict[str, object] = {
+            "status": "ok" if problem is None else "unavailable", "log": runtime.backend.describe(),
+            "live_calls": len(runtime.sessions), "capacity": runtime.capacity, "instance": runtime.instance_id}
         if problem is not None:
             body["problem"] = problem
+        if runtime.background is not None:  # calls are taken without it: said, not a reason to be unready
+            background = runtime.background
+            body["background"] = {"status": "ok" if background.problem is None else "unavailable",
+                                  "restarts": background.restarts,
+                                  **({"problem": background.problem} if background.problem else {})}
         return JSONResponse(body, status_code=200 if problem is None else 503)
 
     return router

@@ -617,6 +617,10 @@ async def test_the_background_process_projects_the_calls_comes_back_when_killed_
     await eventually(replaced, 90, "a new background process, serving the same tables")
     second = background_of(gateway)
     assert second is not None
+    async with httpx.AsyncClient(timeout=10) as client:
+        health = (await client.get(f"{gateway.base_url}/healthz")).json()
+    assert health["status"] == "ok"
+    assert health["background"] == {"status": "ok", "restarts": 1}
 
     gateway.process.send_signal(signal.SIGKILL)
     gateway.process.wait(30)
