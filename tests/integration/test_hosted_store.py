@@ -36,6 +36,12 @@ def host_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     folder.rmdir()
 
 
+def own_host(store: AnalyticsStore, folder: Path) -> tuple[StoreHost, str]:
+    """A host of its own for this process's engine (one the test may close), and `store`'s database."""
+    database = str(store.query("SELECT currentDatabase()").rows[0][0])
+    return StoreHost(store.dsn, folder / "s", secrets.token_bytes(32)), database
+
+
 def test_results_keep_clickhouse_types_and_parameters_are_bound(hosted: HostedStore) -> None:
     result = hosted.query("SELECT {n:UInt32} AS n, {s:String} AS s, toDateTime('2026-12-06 10:00:00', 'UTC') AS at, "
                           "toDecimal64(1.25, 2) AS d, [1, 2] AS a, NULL AS nothing, "
@@ -78,9 +84,8 @@ def test_a_connection_keeps_the_settings_it_opened_with(hosted: HostedStore) -> 
 def test_a_restarted_host_gives_a_connection_its_database_and_limits_again(
     store: AnalyticsStore, host_folder: Path
 ) -> None:
-    address, key = host_folder / "s", secrets.token_bytes(32)
-    database = str(store.query("SELECT currentDatabase()").rows[0][0])
-    host = StoreHost(store.dsn, address, key)
+    host, database = own_host(store, host_folder)
+    address, key = host.address, host.authkey
     limited = HostedStore(address, key, store.dsn, database=database, settings={"readonly": 1, "max_threads": 1})
     assert limited.query("SELECT currentDatabase(), getSetting('readonly')").rows == [(database, 1)]
     host.close()
@@ -170,9 +175,8 @@ def test_no_host_is_reported_as_analytics_unavailable(host_folder: Path) -> None
 def test_a_tenant_query_while_the_host_is_away_is_unavailable_not_a_bad_query(
     store: AnalyticsStore, host_folder: Path
 ) -> None:
-    address, key = host_folder / "s", secrets.token_bytes(32)
-    database = str(store.query("SELECT currentDatabase()").rows[0][0])
-    host = StoreHost(store.dsn, address, key)
+    host, database = own_host(store, host_folder)
+    address, key = host.address, host.authkey
     sql = TenantSql(HostedStore(address, key, store.dsn, database=database))
     assert sql.query("acme", "SELECT count() FROM calls").rows == [(0,)]
     host.close()
