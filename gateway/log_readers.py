@@ -1,6 +1,7 @@
-"""The work of a gateway that reads the whole log rather than a call: the projections into ClickHouse
-and the summariser. `voxlog serve` runs it in its background process (`gateway.background_process`,
-`voxlog.background`), beside the calls' event loop; a gateway without one runs it on its own loop."""
+"""The work of a gateway that reads the whole log rather than a call: the projections into ClickHouse,
+the summariser and the after-call worker (which writes each call to the CRM once it is summarised).
+`voxlog serve` runs it in its background process (`gateway.background_process`, `voxlog.background`),
+beside the calls' event loop; a gateway without one runs it on its own loop."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from consumers.backends import LogBackend
+from consumers.workers.after_call import AfterCallStore, AfterCallWorker
 from consumers.workers.summariser import Summariser, SummaryStore
 from projections.default_projections import default_projections
 from projections.projection_runner import ProjectionRunner
@@ -26,10 +28,12 @@ READY_TIMEOUT_S = 60.0
 class LogReaders:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     summaries: SummaryStore | None = None
+    after_calls: AfterCallStore | None = None
 
     def close(self) -> None:
-        if self.summaries is not None:
-            self.summaries.close()
+        for state in (self.summaries, self.after_calls):
+            if state is not None:
+                state.close()
 
 
 @dataclass(frozen=True)
@@ -41,15 +45,32 @@ class ProjectionsTarget:
     recording_store: RecordingStore
 
 
+@dataclass(frozen=True)
+class WorkersTarget:
+    """Where the summariser and the after-call worker keep their state, and the gateway's public URL
+    (the recordings' links the CRM is given; None: no link)."""
+
+    home: Path
+    public_url: str | None
+
+    def recording_url(self, call_id: str) -> str:
+        """Where the tenant API serves a call's recording (to its API keys), for the CRM's call record."""
+        return f"{self.public_url.rstrip('/')}/v1/calls/{call_id}/recording" if self.public_url else ""
+
+
 async def start_log_readers(backend: LogBackend, router: AgentRouter, providers: ProviderRegistry,
                             stop: asyncio.Event, *, projections: ProjectionsTarget | None,
-                            summaries_path: Path | None) -> LogReaders:
-    """Starts the projections (with a target) and the summariser (with a path for its state), each a
-    task that ends once `stop` is set; returns when the tables exist (a call's start reads caller
-    memory from one) and the summariser has joined its group."""
+                            workers: WorkersTarget | None) -> LogReaders:
+    """Starts the projections (with a target) and the summariser and after-call worker (with theirs),
+    each a task that ends once `stop` is set; returns when the tables exist (a call's start reads
+    caller memory from one) and the workers have joined their groups."""
     readers = LogReaders()
-    if summaries_path is not None:
-        readers.summaries = SummaryStore(summaries_path)
+    if workers is not None:
+        readers.after_calls = AfterCallStore(workers.home / "after_call.db")
+        after_call = AfterCallWorker(backend, router, readers.after_calls, workers.recording_url)
+        readers.tasks.append(asyncio.create_task(after_call.run(stop), name="after-call"))
+        await asyncio.wait_for(after_call.ready.wait(), READY_TIMEOUT_S)
+        readers.summaries = SummaryStore(workers.home / "summaries.db")
 
         def summary_llm(tenant_id: str, agent_id: str) -> LlmProvider | None:
             agent = router.agents.get((tenant_id, agent_id))

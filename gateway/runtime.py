@@ -25,14 +25,13 @@ from pydantic import SecretStr
 from consumers.backends import LogBackend, ensure_topics
 from consumers.log_consumer import LogConsumer
 from consumers.tool_replies import ToolReplies
-from consumers.workers.after_call import AfterCallStore, AfterCallWorker
 from consumers.workers.call_leases import CallReaper, LeasedCall, LeaseKeeper, new_instance_id
 from consumers.workers.dialer import DialStore, DialWorker
 from consumers.workers.tools import ToolRunner, ToolStore, ToolWorker
 from gateway.admission import Admission, RateLimits, Refusal
 from gateway.background_process import BackgroundFailed, BackgroundProcess
 from gateway.config_audit import record_config_changes
-from gateway.log_readers import LogReaders, ProjectionsTarget, start_log_readers
+from gateway.log_readers import LogReaders, ProjectionsTarget, WorkersTarget, start_log_readers
 from gateway.whatif_isolation import WhatIfChildren
 from producers.event_writer import CallRecorder, EventWriter, standalone_event
 from producers.log_producer import LogProducer
@@ -92,8 +91,8 @@ class GatewayRuntime:
     home: Path
     tenants: Tenants = field(default_factory=lambda: Tenants({}))
     run_workers: bool = True
-    """Run the tool worker, the dialer, the after-call worker and the summariser for this gateway (one
-    machine); with Kafka they usually run apart."""
+    """Run the tool worker and the dialer for this gateway, and the summariser and after-call worker (in
+    its background process, if it has one) too (one machine); with Kafka they usually run apart."""
     webhook_secret: bytes = b""
     twilio_auth_token: str = ""
     """Checks Twilio's signatures on webhooks and media streams; empty: none are checked (no Twilio account)."""
@@ -108,8 +107,8 @@ class GatewayRuntime:
     run_projections: bool = False
     """Run the projections on this gateway's event loop, into `analytics` (an `AnalyticsStore`)."""
     background: BackgroundProcess | None = None
-    """Where the summariser and the projections run instead, when given: a process of their own, which
-    the gateway starts with itself and again whenever it dies."""
+    """Where the projections, the summariser and the after-call worker run instead, when given: a
+    process of their own, which the gateway starts with itself and again whenever it dies."""
     _tenant_sql: TenantSql | None = None
     _call_views: CallViews | None = None
     metrics: CallMetrics = field(default_factory=CallMetrics)
@@ -147,7 +146,6 @@ class GatewayRuntime:
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _store: ToolStore | None = None
-    _after_calls: AfterCallStore | None = None
     _readers: LogReaders | None = None
     _dials: DialStore | None = None
     dialer: DialWorker | None = None
@@ -220,10 +218,6 @@ class GatewayRuntime:
                 log.info("no dialer: outbound calls need a Twilio account and VOXLOG_PUBLIC_URL")
             if self.backend.keys is not None:
                 self._tasks.append(asyncio.create_task(self._run_retention(self.backend.keys), name="retention"))
-            self._after_calls = AfterCallStore(self.home / "after_call.db")
-            after_call = AfterCallWorker(self.backend, self.router, self._after_calls, self._recording_url)
-            self._tasks.append(asyncio.create_task(after_call.run(self._stop), name="after-call"))
-            await asyncio.wait_for(after_call.ready.wait(), 60)
         reaper_consumer = self.backend.consumer([GATEWAYS], auto_offset_reset="earliest")
         await reaper_consumer.start()
         self.reaper = CallReaper(reaper_consumer, self.backend.admin, self.writer, self.instance_id, __version__)
@@ -243,7 +237,7 @@ class GatewayRuntime:
                 target = ProjectionsTarget(self.analytics, self.recordings_path, self.recordings)
             self._readers = await start_log_readers(
                 self.backend, self.router, self.provider_registry, self._stop, projections=target,
-                summaries_path=self.home / "summaries.db" if self.run_workers else None)
+                workers=WorkersTarget(self.home, self.public_url) if self.run_workers else None)
             self._tasks.extend(self._readers.tasks)
 
     def _on_consent_refused(self, event: Event[EventPayload]) -> None:
@@ -317,8 +311,6 @@ class GatewayRuntime:
                                for producer in (self._producer, self._lease_producer) if producer is not None))
         if self._store is not None:
             self._store.close()
-        if self._after_calls is not None:
-            self._after_calls.close()
         if self._readers is not None:
             self._readers.close()
         if self.background is not None:
@@ -346,10 +338,6 @@ class GatewayRuntime:
 
     def _providers(self, agent: AgentSpec) -> Providers:
         return (self.providers_factory or self.provider_registry.providers_for)(agent)
-
-    def _recording_url(self, call_id: str) -> str:
-        """Where the tenant API serves a call's recording (to its API keys), for the CRM's call record."""
-        return f"{self.public_url.rstrip('/')}/v1/calls/{call_id}/recording" if self.public_url else ""
 
     def tenant_sql(self) -> TenantSql:
         """Tenant-scoped SQL over `analytics`; AnalyticsError when there is none."""

@@ -1,11 +1,11 @@
-"""`voxlog serve`'s background process: the projections and the summariser (`gateway.log_readers`),
-apart from the calls' event loop, and, with the embedded ClickHouse, the engine itself, which the
-gateway reads through it (`projections.hosted_store`).
+"""`voxlog serve`'s background process: the projections, the summariser and the after-call worker
+(`gateway.log_readers`), apart from the calls' event loop, and, with the embedded ClickHouse, the
+engine itself, which the gateway reads through it (`projections.hosted_store`).
 
 The gateway starts it (`gateway.background_process`) as `python -m voxlog.background` and writes a
 pickled `BackgroundConfig` on its standard input: the settings, secrets included, travel on that
-pipe only. It answers `ready` on its standard output once the tables exist and the summariser has
-joined its group, or `failed: <why>`; it stops when its standard input closes (the gateway stopped,
+pipe only. It answers `ready` on its standard output once the tables exist and the workers have
+joined their groups, or `failed: <why>`; it stops when its standard input closes (the gateway stopped,
 or died) or on SIGTERM, each reader finishing the batch it has.
 """
 
@@ -24,7 +24,7 @@ from typing import BinaryIO
 import uvloop
 
 from gateway.background_process import READY
-from gateway.log_readers import ProjectionsTarget, start_log_readers
+from gateway.log_readers import ProjectionsTarget, WorkersTarget, start_log_readers
 from projections.hosted_store import StoreHost
 from projections.store import AnalyticsError, AnalyticsStore
 from streams.config.agents import AgentRouter, load_agents
@@ -42,7 +42,8 @@ STOP_S = 10.0
 class BackgroundConfig:
     settings: Settings
     projections: bool
-    summariser: bool
+    workers: bool
+    """The summariser and the after-call worker."""
     host_address: Path | None
     """Where to serve the embedded ClickHouse to the gateway (a Unix socket), or None."""
     authkey: bytes
@@ -79,8 +80,9 @@ async def run_background(config: BackgroundConfig, stdin: BinaryIO, stdout: Bina
             host = StoreHost(store.dsn, config.host_address, config.authkey)
     router = AgentRouter(load_agents(settings.agents_dir or DEFAULT_AGENTS_DIR))
     providers = ProviderRegistry()
+    workers = WorkersTarget(settings.home, settings.public_url) if config.workers else None
     readers = await start_log_readers(log_backend(settings), router, providers, stop, projections=target,
-                                      summaries_path=settings.home / "summaries.db" if config.summariser else None)
+                                      workers=workers)
     tell(READY)
     try:
         await stop.wait()

@@ -101,7 +101,7 @@ def background_process(settings: Settings) -> tuple[BackgroundProcess, HostedSto
         address = folder / "clickhouse.sock"
         hosted = HostedStore(address, authkey, embedded_dsn(settings.home))
     config = BackgroundConfig(settings=settings, projections=settings.run_projections,
-                              summariser=settings.run_workers, host_address=address, authkey=authkey)
+                              workers=settings.run_workers, host_address=address, authkey=authkey)
     return BackgroundProcess([sys.executable, "-m", "voxlog.background"], config.encoded()), hosted
 
 

@@ -45,8 +45,8 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr = Field(
         SecretStr(DEMO_WEBHOOK_SECRET), description="Signs outgoing tool webhooks (HMAC-SHA256); unset: the "
         "demo's published secret, which `voxlog serve` refuses for agents of your own (VOXLOG_AGENTS_DIR).")
-    run_workers: bool = Field(True, description="Run the tool worker, the dialer and the after-call worker inside "
-                              "`voxlog serve` too, and the summariser (in its background process).")
+    run_workers: bool = Field(True, description="Run the tool worker and the dialer inside `voxlog serve` too, and "
+                              "the summariser and the after-call worker (in its background process).")
     max_calls: int | None = Field(
         None, ge=1, description="Calls one gateway serves at once; more are told busy. Unset: "
         f"{CALLS_PER_CORE} per CPU core (docs/performance.md, 'Admission').")
@@ -57,9 +57,9 @@ class Settings(BaseSettings):
         True, description="Run the ClickHouse projections with `voxlog serve` (the embedded ClickHouse can be "
         "open in one process only; with a ClickHouse server they may run apart instead: `voxlog projections run`).")
     background_process: bool = Field(
-        True, description="Run the projections and the summariser in a process of their own beside `voxlog "
-        "serve`'s, which holds the embedded ClickHouse and answers the gateway's queries of it: their work is "
-        "then not on the calls' event loop. False: all in one process.")
+        True, description="Run the projections, the summariser and the after-call worker in a process of their "
+        "own beside `voxlog serve`'s, which holds the embedded ClickHouse and answers the gateway's queries of it: "
+        "their work is then not on the calls' event loop. False: all in one process.")
 
     keystore: Path | None = Field(
         None, description="Folder of the keystore that seals callers' personal data in the log (data keys per "
