@@ -28,11 +28,13 @@ from consumers.event_reader import read_call
 from producers.log_producer import TopicPartition
 from schemas.base import Event, EventPayload
 from schemas.codec import EventCodec
-from schemas.events import CallEnded, CallerAudioChunk, CallRefused, CallStarted
+from schemas.events import CallEnded, CallerAudioChunk, CallRefused, CallStarted, CallSummarized
 from schemas.topics import AUDIT, CALL_TOPICS, CALLS
 from streams.call.session import Providers
+from streams.memory import caller_key
 from streams.providers.base import TtsProvider
 from tests.conftest import kafka_bootstrap
+from tests.integration.test_call_e2e import agent_done_speaking, say
 from voxlog.settings import Settings
 from voxlog.sim.demo_agents import demo_agents_with
 from voxlog.sim.fake_twilio import FakeTwilio, new_account_sid
@@ -555,7 +557,7 @@ async def test_the_broker_away_longer_than_the_producers_timeouts_and_back(
 
 def children(pid: int) -> list[int]:
     """The processes `pid` started that still run (Linux: every thread's list)."""
-    found = []
+    found: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(OSError):
             found.extend(int(child) for child in (task / "children").read_text().split())
@@ -579,8 +581,8 @@ def running(pid: int) -> bool:
 
 
 @pytest.mark.slow
-async def test_the_background_process_projects_the_calls_comes_back_when_killed_and_dies_with_its_gateway(
-    tmp_path: Path, twilio: FakeTwilio, gateways: list[GatewayProcess]
+async def test_the_background_process_projects_and_summarises_comes_back_when_killed_and_dies_with_its_gateway(
+    tmp_path: Path, twilio: FakeTwilio, gateways: list[GatewayProcess], embedded_backend: LogBackend
 ) -> None:
     gateway = GatewayProcess.start(tmp_path, twilio, kafka=None, VOXLOG_RUN_PROJECTIONS="true")
     gateways.append(gateway)
@@ -588,12 +590,22 @@ async def test_the_background_process_projects_the_calls_comes_back_when_killed_
     background = background_of(gateway)
     assert background is not None, "voxlog serve runs the projections in a process of their own"
 
-    caller = gateway.caller(twilio, "+15557400001")
+    number = "+15557400001"
+    caller = gateway.caller(twilio, number)
     instructions = await caller.dial()
     await caller.connect(instructions)
-    await caller.send_mulaw(SILENCE_1S)
+    await agent_done_speaking(caller)  # the greeting
+    await say(caller, "my internet is down again")
     await caller.stop()
     call_id = instructions.parameters["call_id"]
+
+    async def summarised() -> bool:
+        async with embedded_backend.admin() as admin:
+            memory = (await read_call(admin, caller_key("demo", number) or "", topics=(CALLS,))).events
+        return any(isinstance(e.payload, CallSummarized) and e.payload.call_id == call_id for e in memory)
+
+    # The summariser runs there too: the caller's memory stream gets the call's summary.
+    await eventually(summarised, 60, "the call's summary, by the summariser in the background process")
 
     async def sql(query: str) -> httpx.Response:
         async with httpx.AsyncClient(timeout=30) as client:
