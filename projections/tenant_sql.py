@@ -31,6 +31,7 @@ import hashlib
 import hmac
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -466,13 +467,20 @@ def _internal(text: str, internals: Sequence[str]) -> bool:
     return any(marker.lower() in text.lower() for marker in internals)
 
 
+TENANT_CONNECTIONS = 64
+"""Tenants whose connections stay open; beyond, the least recently used is let go (each is an engine
+session, and through a store host a thread too) and opened again, as it was, when its tenant next asks."""
+
+
 class TenantSql:
     """Runs tenants' queries against `store` (whose current database holds the analyst tables)."""
 
-    def __init__(self, store: Analytics, *, limits: Mapping[str, int | str] = TENANT_SQL_LIMITS) -> None:
+    def __init__(self, store: Analytics, *, limits: Mapping[str, int | str] = TENANT_SQL_LIMITS,
+                 connections: int = TENANT_CONNECTIONS) -> None:
         self.store = store
         self.limits = limits
-        self._views: dict[str, Analytics] = {}
+        self.connections = connections
+        self._views: OrderedDict[str, Analytics] = OrderedDict()
         self._creating = threading.Lock()  # queries arrive on worker threads: one connection per tenant
         self._main: str | None = None
         self._functions: FunctionNames | None = None
@@ -494,6 +502,10 @@ class TenantSql:
             found = self._views.get(tenant_id)
             if found is None:
                 found = self._views[tenant_id] = self._open_tenant(tenant_id)
+                while len(self._views) > self.connections:
+                    self._views.popitem(last=False)  # closed once a query still running on it lets it go
+            else:
+                self._views.move_to_end(tenant_id)
             return found
 
     def _open_tenant(self, tenant_id: str) -> Analytics:

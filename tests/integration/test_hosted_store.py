@@ -5,6 +5,7 @@ over a hosted connection too: tests/integration/test_tenant_sql*.py.)"""
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 import secrets
 import socket
@@ -185,3 +186,25 @@ def test_a_tenant_query_while_the_host_is_away_is_unavailable_not_a_bad_query(
         sql.query("acme", "SELECT count() FROM calls")
     with pytest.raises(AnalyticsUnavailable):
         TenantSql(HostedStore(address, key, store.dsn, database=database)).query("globex", "SELECT 1")
+
+
+async def test_tenants_beyond_the_open_connections_are_let_go_and_come_back_with_their_limits(
+    store: AnalyticsStore, host_folder: Path
+) -> None:
+    host, database = own_host(store, host_folder)
+    try:
+        sql = TenantSql(HostedStore(host.address, host.authkey, store.dsn, database=database), connections=2)
+        for tenant in ("acme", "globex", "initech"):
+            assert sql.query(tenant, "SELECT count() FROM calls").rows == [(0,)]
+        assert list(sql._views) == ["globex", "initech"]
+        for _ in range(200):  # the host's thread for acme's connection ends when it is let go
+            if len(host._connections) == 3:  # the main connection and two tenants'
+                break
+            await asyncio.sleep(0.05)
+        assert len(host._connections) == 3
+        assert sql.query("acme", "SELECT count() FROM calls").rows == [(0,)]
+        assert list(sql._views) == ["initech", "acme"]
+        with pytest.raises(AnalyticsError, match="readonly"):
+            sql._tenant_store("acme").command("CREATE TABLE t (a UInt8) ENGINE = Memory")
+    finally:
+        host.close()
