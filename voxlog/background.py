@@ -12,6 +12,7 @@ or died) or on SIGTERM, each reader finishing the batch it has.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import pickle
 import signal
@@ -58,8 +59,11 @@ async def run_background(config: BackgroundConfig, stdin: BinaryIO, stdout: Bina
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
 
+    gateway_gone = threading.Event()
+
     def lifeline() -> None:
         stdin.read()  # returns at its end: the gateway closed it, or died
+        gateway_gone.set()
         loop.call_soon_threadsafe(stop.set)
 
     threading.Thread(target=lifeline, name="lifeline", daemon=True).start()
@@ -93,6 +97,9 @@ async def run_background(config: BackgroundConfig, stdin: BinaryIO, stdout: Bina
     finally:
         if host is not None:
             host.close()
+            if gateway_gone.is_set():  # no other process will be started there: the gateway's folder goes too
+                with contextlib.suppress(OSError):
+                    host.address.parent.rmdir()
         readers.close()
         await providers.aclose()
     return 0
