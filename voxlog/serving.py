@@ -90,9 +90,9 @@ def build_gateway(settings: Settings) -> GatewayRuntime:
 
 
 def background_process(settings: Settings) -> tuple[BackgroundProcess, HostedStore | None]:
-    """The process that runs the settings' projections and summariser beside the gateway, and the
-    gateway's connection to the embedded ClickHouse it then holds (None with a ClickHouse server,
-    which the gateway reaches itself)."""
+    """The process that runs the settings' projections and workers (the summariser, the after-call
+    worker) beside the gateway, and the gateway's connection to the embedded ClickHouse it then holds
+    (None with a ClickHouse server, which the gateway reaches itself)."""
     address, hosted, authkey = None, None, secrets.token_bytes(32)
     if settings.run_projections and not settings.clickhouse_dsn:
         # A folder only this user can open (a Unix socket's path must be short: not under `home`).
