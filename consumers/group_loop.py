@@ -51,7 +51,7 @@ async def run_in_group(
                 batch = await events.poll(timeout_s=0.2, max_records=max_records, types=types)
                 for item in batch:
                     await handle(producer, item)
-                if batch:
+                if events.polled:  # a poll of only events passed over is committed too, or read again after a restart
                     try:
                         await events.commit()  # flushes the producer first: replies and dead letters
                     except CommitFailed as exc:

@@ -6,12 +6,13 @@ beside the calls' event loop; a gateway without one runs it on its own loop."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from consumers.backends import LogBackend
 from consumers.workers.after_call import AfterCallStore, AfterCallWorker
-from consumers.workers.summariser import Summariser, SummaryStore
+from consumers.workers.summariser import Summariser, SummaryLlm, SummaryStore
 from projections.default_projections import default_projections
 from projections.projection_runner import ProjectionRunner
 from projections.recording_store import RecordingStore
@@ -58,7 +59,18 @@ class WorkersTarget:
         return f"{self.public_url.rstrip('/')}/v1/calls/{call_id}/recording" if self.public_url else ""
 
 
-async def start_log_readers(backend: LogBackend, router: AgentRouter, providers: ProviderRegistry,
+def summary_llm_of(router: AgentRouter, providers: Callable[[], ProviderRegistry]) -> SummaryLlm:
+    """Who summarises an agent's calls, asked of the registry `providers` gives at the time (a gateway's
+    may be replaced after it starts)."""
+
+    def summary_llm(tenant_id: str, agent_id: str) -> LlmProvider | None:
+        agent = router.agents.get((tenant_id, agent_id))
+        return providers().summary_llm(agent) if agent is not None else None
+
+    return summary_llm
+
+
+async def start_log_readers(backend: LogBackend, router: AgentRouter, summary_llm: SummaryLlm,
                             stop: asyncio.Event, *, projections: ProjectionsTarget | None,
                             workers: WorkersTarget | None) -> LogReaders:
     """Starts the projections (with a target) and the summariser and after-call worker (with theirs),
@@ -71,11 +83,6 @@ async def start_log_readers(backend: LogBackend, router: AgentRouter, providers:
         readers.tasks.append(asyncio.create_task(after_call.run(stop), name="after-call"))
         await asyncio.wait_for(after_call.ready.wait(), READY_TIMEOUT_S)
         readers.summaries = SummaryStore(workers.home / "summaries.db")
-
-        def summary_llm(tenant_id: str, agent_id: str) -> LlmProvider | None:
-            agent = router.agents.get((tenant_id, agent_id))
-            return providers.summary_llm(agent) if agent is not None else None
-
         summariser = Summariser(backend, readers.summaries, llm_for=summary_llm)
         readers.tasks.append(asyncio.create_task(summariser.run(stop), name="summariser"))
         await asyncio.wait_for(summariser.ready.wait(), READY_TIMEOUT_S)

@@ -31,7 +31,7 @@ from consumers.workers.tools import ToolRunner, ToolStore, ToolWorker
 from gateway.admission import Admission, RateLimits, Refusal
 from gateway.background_process import BackgroundFailed, BackgroundProcess
 from gateway.config_audit import record_config_changes
-from gateway.log_readers import LogReaders, ProjectionsTarget, WorkersTarget, start_log_readers
+from gateway.log_readers import LogReaders, ProjectionsTarget, WorkersTarget, start_log_readers, summary_llm_of
 from gateway.whatif_isolation import WhatIfChildren
 from producers.event_writer import CallRecorder, EventWriter, standalone_event
 from producers.log_producer import LogProducer
@@ -236,7 +236,8 @@ class GatewayRuntime:
                     raise TypeError("projections run in this process write to a store it holds (AnalyticsStore)")
                 target = ProjectionsTarget(self.analytics, self.recordings_path, self.recordings)
             self._readers = await start_log_readers(
-                self.backend, self.router, self.provider_registry, self._stop, projections=target,
+                self.backend, self.router, summary_llm_of(self.router, lambda: self.provider_registry), self._stop,
+                projections=target,
                 workers=WorkersTarget(self.home, self.public_url) if self.run_workers else None)
             self._tasks.extend(self._readers.tasks)
 

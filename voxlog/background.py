@@ -25,7 +25,7 @@ from typing import BinaryIO
 import uvloop
 
 from gateway.background_process import READY
-from gateway.log_readers import ProjectionsTarget, WorkersTarget, start_log_readers
+from gateway.log_readers import ProjectionsTarget, WorkersTarget, start_log_readers, summary_llm_of
 from projections.hosted_store import StoreHost
 from projections.store import AnalyticsError, AnalyticsStore
 from streams.config.agents import AgentRouter, load_agents
@@ -85,8 +85,8 @@ async def run_background(config: BackgroundConfig, stdin: BinaryIO, stdout: Bina
     router = AgentRouter(load_agents(settings.agents_dir or DEFAULT_AGENTS_DIR))
     providers = ProviderRegistry()
     workers = WorkersTarget(settings.home, settings.public_url) if config.workers else None
-    readers = await start_log_readers(log_backend(settings), router, providers, stop, projections=target,
-                                      workers=workers)
+    readers = await start_log_readers(log_backend(settings), router, summary_llm_of(router, lambda: providers), stop,
+                                      projections=target, workers=workers)
     tell(READY)
     try:
         await stop.wait()
