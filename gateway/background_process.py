@@ -16,11 +16,13 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
+
+from streams.providers.worker_process import WorkerProcess
 
 log = logging.getLogger(__name__)
 
+NAME = "background process"
 READY = b"ready"
 """The line the process writes on its standard output once it serves (before: `failed: <why>`)."""
 READY_TIMEOUT_S = 60.0
@@ -37,57 +39,54 @@ class BackgroundFailed(Exception):
 
 @dataclass
 class BackgroundProcess:
-    command: Sequence[str]
+    module: str
+    """Run as `python -m MODULE` (`streams.providers.worker_process`), its standard error the gateway's."""
     config: bytes
     """What the process reads first on its standard input."""
-    name: str = "background process"
     problem: str | None = "not started"
     """Why it does not serve now, or None while it does."""
     restarts: int = 0
-    _process: asyncio.subprocess.Process | None = None
+    _worker: WorkerProcess | None = None
     _ready_at: float = 0.0
     _stopping: bool = False
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None and self._process.returncode is None else None
+        return self._worker.process.pid if self._worker is not None and self._worker.running else None
 
     async def start(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Starts it and waits until it is ready; BackgroundFailed when it is not (it is then stopped)."""
-        process = self._process = await asyncio.create_subprocess_exec(
-            *self.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-        assert process.stdin is not None
-        assert process.stdout is not None
+        worker = self._worker = await WorkerProcess.spawn(self.module, keep_stderr=False)
         try:
-            process.stdin.write(self.config)
-            await process.stdin.drain()
-            line = await asyncio.wait_for(process.stdout.readline(), timeout_s)
+            worker.stdin.write(self.config)
+            await worker.stdin.drain()
+            line = await asyncio.wait_for(worker.stdout.readline(), timeout_s)
         except (TimeoutError, OSError) as exc:
-            await self._kill(process)
-            self.problem = f"the {self.name} did not get ready within {timeout_s:.0f} s" if isinstance(
-                exc, TimeoutError) else f"the {self.name} could not be told what to do: {exc}"
+            await worker.close(None)
+            self.problem = f"the {NAME} did not get ready within {timeout_s:.0f} s" if isinstance(
+                exc, TimeoutError) else f"the {NAME} could not be told what to do: {exc}"
             raise BackgroundFailed(self.problem) from exc
         if line.strip() != READY:
-            await self._kill(process, grace_s=EXIT_GRACE_S)  # it exits of itself once it has said why
+            await worker.close(b"", EXIT_GRACE_S)  # it exits of itself once it has said why
             said = line.decode(errors="replace").strip().removeprefix("failed: ")
-            self.problem = f"the {self.name} failed: {said or f'it exited ({process.returncode})'}"
+            self.problem = f"the {NAME} failed: {said or f'it exited ({worker.process.returncode})'}"
             raise BackgroundFailed(self.problem)
         self.problem, self._ready_at = None, time.monotonic()
-        log.info("the %s (pid %d) is ready", self.name, process.pid)
+        log.info("the %s (pid %d) is ready", NAME, worker.process.pid)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keeps it running until `stop`: each time it exits, it is started again."""
         delay = RESTART_FIRST_S
         while not stop.is_set():
-            if self._process is not None and self._process.returncode is None:
-                exited = asyncio.create_task(self._process.wait())
+            if self._worker is not None and self._worker.running:
+                exited = asyncio.create_task(self._worker.process.wait())
                 stopped = asyncio.create_task(stop.wait())
                 await asyncio.wait((exited, stopped), return_when=asyncio.FIRST_COMPLETED)
                 stopped.cancel()
                 if stop.is_set() or self._stopping:
                     exited.cancel()
                     return
-                self.problem = f"the {self.name} exited ({self._process.returncode}); starting it again"
+                self.problem = f"the {NAME} exited ({self._worker.process.returncode}); starting it again"
                 log.error("%s in %.0f s", self.problem, delay)
                 if time.monotonic() - self._ready_at >= STABLE_S:
                     delay = RESTART_FIRST_S
@@ -105,30 +104,12 @@ class BackgroundProcess:
     async def stop(self, timeout_s: float) -> None:
         """Asks it to stop (its standard input closed) and waits `timeout_s` before killing it."""
         self._stopping = True
-        process = self._process
-        if process is None or process.returncode is not None:
-            return
-        assert process.stdin is not None
-        process.stdin.close()
-        try:
-            await asyncio.wait_for(process.wait(), timeout_s)
-        except TimeoutError:
-            log.error("the %s did not stop within %.0f s: killed", self.name, timeout_s)
-            await self._kill(process)
+        if self._worker is not None and self._worker.running and not await self._worker.close(b"", timeout_s):
+            log.error("the %s did not stop within %.0f s: killed", NAME, timeout_s)
 
     def cpu_s(self) -> float:
         """CPU seconds the running process has used, all its threads counted (0.0 when none runs)."""
         return _process_cpu_s(self.pid) if self.pid is not None else 0.0
-
-    async def _kill(self, process: asyncio.subprocess.Process, grace_s: float = 0.0) -> None:
-        # Killing one that has exited would reap it under asyncio's child watcher (Popen.send_signal
-        # polls first), which then reports its exit status as 255: a process on its way out gets time.
-        if grace_s:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(process.wait(), grace_s)
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
 
 
 def _process_cpu_s(pid: int) -> float:

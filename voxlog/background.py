@@ -30,6 +30,7 @@ from projections.hosted_store import StoreHost
 from projections.store import AnalyticsError, AnalyticsStore
 from streams.config.agents import AgentRouter, load_agents
 from streams.providers.registry import ProviderRegistry
+from streams.providers.worker_process import child_pipes
 from voxlog.backends import log_backend, recording_store
 from voxlog.settings import DEFAULT_AGENTS_DIR, Settings
 
@@ -109,10 +110,11 @@ def main() -> None:
     # Ctrl-C in a terminal reaches the whole process group: the gateway, draining, stops this one.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="voxlog-background %(levelname)s %(name)s: %(message)s")
-    config = pickle.load(sys.stdin.buffer)
+    requests, replies = child_pipes()  # what C code prints goes to standard error, not into `ready`
+    config = pickle.load(requests)
     if not isinstance(config, BackgroundConfig):
         raise SystemExit("voxlog.background reads a BackgroundConfig on its standard input (voxlog serve starts it)")
-    sys.exit(uvloop.run(run_background(config, sys.stdin.buffer, sys.stdout.buffer)))  # as the gateway's loop
+    sys.exit(uvloop.run(run_background(config, requests, replies)))  # as the gateway's loop
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ import atexit
 import logging
 import secrets
 import shutil
-import sys
 import tempfile
 from collections.abc import Coroutine
 from pathlib import Path
@@ -102,7 +101,7 @@ def background_process(settings: Settings) -> tuple[BackgroundProcess, HostedSto
         hosted = HostedStore(address, authkey, embedded_dsn(settings.home))
     config = BackgroundConfig(settings=settings, projections=settings.run_projections,
                               workers=settings.run_workers, host_address=address, authkey=authkey)
-    return BackgroundProcess([sys.executable, "-m", "voxlog.background"], config.encoded()), hosted
+    return BackgroundProcess("voxlog.background", config.encoded()), hosted
 
 
 def gateway_server(settings: Settings, host: str, port: int, *, gateway: GatewayRuntime | None = None,

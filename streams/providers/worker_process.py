@@ -1,9 +1,11 @@
-"""A local recogniser's worker process: started as `python -m MODULE` with this project on its path,
-its standard error kept (the last lines explain a crash), killed and reaped without hanging.
+"""A worker process: started as `python -m MODULE` with this project on its path, its standard error
+kept (the last lines explain a crash) or left to be the parent's (its log lines then reach the
+operator), stopped and reaped without hanging.
 
 The recognisers decode in processes of their own (streams/providers/asr_pocketsphinx.py says why:
 the decoders hold the GIL or the CPU long enough to stall every call's event loop), and speak a
-length-prefixed protocol on the worker's stdin and stdout; this is what the two have in common.
+length-prefixed protocol on the worker's stdin and stdout; the gateway's background process
+(gateway/background_process.py) is one too.
 """
 
 from __future__ import annotations
@@ -21,22 +23,22 @@ PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 class WorkerProcess:
-    """A started worker: its process, and the tail of what it wrote to standard error."""
+    """A started worker: its process, and the tail of what it wrote to standard error (if kept)."""
 
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self.process = process
         self._stderr: collections.deque[str] = collections.deque(maxlen=20)
-        self._stderr_task = asyncio.create_task(self._drain_stderr())
+        self._stderr_task = asyncio.create_task(self._drain_stderr()) if process.stderr is not None else None
 
     @classmethod
-    async def spawn(cls, module: str) -> WorkerProcess:
-        """OSError where the process cannot start."""
+    async def spawn(cls, module: str, *, keep_stderr: bool = True) -> WorkerProcess:
+        """OSError where the process cannot start. `keep_stderr` False: its standard error is ours."""
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", module,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env=env,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE if keep_stderr else None, env=env,
         )
         return cls(process)
 
@@ -73,27 +75,33 @@ class WorkerProcess:
 
     async def last_words(self) -> str:
         """`: line | line` of the worker's last standard error lines (waiting briefly for a dying
-        worker's to arrive), or "" when it wrote none."""
+        worker's to arrive), or "" when it wrote none (or they were not kept)."""
+        if self._stderr_task is None:
+            return ""
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(self._stderr_task), 0.5)
         return (": " + " | ".join(list(self._stderr)[-5:])) if self._stderr else ""
 
-    async def close(self, goodbye: bytes | None) -> None:
-        """Sends `goodbye` (the protocol's quit request) and waits a while for the exit; kills the
-        worker where it does not go, or where `goodbye` is None."""
+    async def close(self, goodbye: bytes | None, timeout_s: float = 5.0) -> bool:
+        """Sends `goodbye` (the protocol's quit request; b"": its standard input's end alone) and waits
+        `timeout_s` for the exit; kills the worker where it does not go, or where `goodbye` is None.
+        True when it went of itself."""
         if goodbye is not None and self.running:
             with contextlib.suppress(Exception):
                 self.stdin.write(goodbye)
                 await self.stdin.drain()
                 self.stdin.close()
-            if await self.reap():
+            if await self.reap(timeout_s):
                 await self._end_stderr()
-                return
+                return True
         self.kill()
         await self.reap()
         await self._end_stderr()
+        return False
 
     async def _end_stderr(self) -> None:
+        if self._stderr_task is None:
+            return
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._stderr_task, 1.0)
 
