@@ -73,17 +73,28 @@ def operations_router(runtime: GatewayRuntime) -> APIRouter:
 
 
 def create_app(runtime: GatewayRuntime) -> FastAPI:
+    sip = None
+    if runtime.sip is not None:
+        from gateway.sip_call_flow import SipCallFlow  # PJSIP loads only where SIP is served
+
+        sip = SipCallFlow(runtime, runtime.sip)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
         try:
+            if sip is not None:  # after the runtime: a call is taken only once it can be recorded
+                await sip.start()
             yield
         finally:
-            await runtime.stop()
+            await runtime.stop()  # its calls end first, SIP's with a BYE from the endpoint still running
+            if sip is not None:
+                await sip.stop()
 
     app = FastAPI(title="voxlog gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     add_api_docs(app)  # /docs and /redoc with their assets served here: no CDN (gateway/api_docs.py)
     app.state.gateway = runtime
+    app.state.sip = sip
     app.include_router(operations_router(runtime))
     app.include_router(TwilioCallFlow(runtime).router())
     app.include_router(widget_router(runtime))

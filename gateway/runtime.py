@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from pydantic import SecretStr
 
@@ -58,6 +58,9 @@ from streams.keystore.data_keys import DataKeyStore
 from streams.keystore.retention import RETENTION_INTERVAL_S, enforce_retention
 from streams.metrics import CallMetrics
 from streams.providers.registry import ProviderRegistry
+
+if TYPE_CHECKING:  # its module loads PJSIP, which a gateway without SIP does without
+    from gateway.sip_endpoint import SipEndpointConfig
 
 log = logging.getLogger(__name__)
 AnalyticsReader = TypeVar("AnalyticsReader", TenantSql, CallViews)
@@ -122,6 +125,8 @@ class GatewayRuntime:
     """One per gateway, so that circuit breakers and rate limits span its calls."""
     secrets: Secrets = field(default_factory=Secrets)
     """What the tool worker resolves the tenants' integration secrets against (the environment, VOXLOG_SECRETS_DIR)."""
+    sip: SipEndpointConfig | None = None
+    """Where and how the gateway takes SIP calls (`VOXLOG_SIP_BIND`); None: no SIP."""
     local_services: list[LocalService] = field(default_factory=list)
     """Servers this process runs for its tenants and stops with them (the demo's CalDAV calendar)."""
     providers_factory: Callable[[AgentSpec], Providers] | None = None

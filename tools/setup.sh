@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what voxlog needs on a Debian machine, idempotently: the system packages (flite and espeak-ng,
-# the offline voices; with --dev also a JDK, Maven, Chromium and docker-compose for the tests) and .venv with
-# the project (with --dev, its test and lint tools too).
+# the offline voices; with --dev also a JDK, Maven, Chromium, baresip and docker-compose for the tests) and
+# .venv with the project (with --dev, its test and lint tools too).
 #
 #   bash tools/setup.sh          # to run voxlog
 #   bash tools/setup.sh --dev    # to run its tests (what .ci/run does)
@@ -19,6 +19,7 @@ if $dev; then
   command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
   command -v mvn >/dev/null 2>&1 || missing+=(maven)
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v baresip >/dev/null 2>&1 || missing+=(baresip)  # the SIP tests' far end (baresip-core, no GUI)
   if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null 2>&1; then
     missing+=(docker-compose)
   fi

@@ -19,8 +19,10 @@ import uvloop
 from gateway.app import GatewayServer, create_app
 from gateway.background_process import BackgroundProcess
 from gateway.runtime import GatewayRuntime
+from gateway.sip_endpoint import SipEndpointConfig
 from projections.hosted_store import HostedStore
 from projections.store import Analytics, AnalyticsError, AnalyticsStore, embedded_dsn
+from schemas.version import __version__
 from streams.channels.twilio_rest import TwilioRest
 from streams.config.agents import AgentRouter, load_agents
 from streams.config.tenants import Tenants, load_tenants
@@ -85,7 +87,31 @@ def build_gateway(settings: Settings) -> GatewayRuntime:
                    run_projections=background is None and settings.run_projections and analytics is not None,
                    background=background, recording_store=recording_store(settings),
                    vcon_signing_key=settings.vcon_signing_key_path, capacity=settings.call_capacity,
-                   drain_s=settings.drain_s, twilio_auth_token=token)
+                   drain_s=settings.drain_s, twilio_auth_token=token, sip=sip_config(settings))
+
+
+SIP_ANSWERING = 16
+"""INVITEs the SIP stack holds beyond the gateway's capacity while they are answered: a full gateway's
+answer is its own (503, Retry-After), not the stack's 486."""
+
+
+def sip_config(settings: Settings) -> SipEndpointConfig | None:
+    """The SIP endpoint the settings ask for (`VOXLOG_SIP_BIND`), or None."""
+    if settings.sip_bind is None:
+        return None
+    host, _, port = settings.sip_bind.rpartition(":")
+    first, _, last = settings.sip_rtp_ports.partition("-")
+    tls = settings.sip_tls_port is not None
+    if tls and (settings.sip_tls_cert is None or settings.sip_tls_key is None):
+        raise ValueError("VOXLOG_SIP_TLS_PORT needs VOXLOG_SIP_TLS_CERT and VOXLOG_SIP_TLS_KEY")
+    if int(last) < int(first):
+        raise ValueError(f"VOXLOG_SIP_RTP_PORTS {settings.sip_rtp_ports}: the last port is before the first")
+    return SipEndpointConfig(host=host.strip("[]"), port=int(port), public_host=settings.sip_public_host,
+                             tls_port=settings.sip_tls_port, tls_cert=settings.sip_tls_cert,
+                             tls_key=settings.sip_tls_key, rtp_port=int(first), rtp_port_range=int(last) - int(first),
+                             max_calls=settings.call_capacity + SIP_ANSWERING, user_agent=f"voxlog/{__version__}",
+                             rtp_timeout_s=settings.sip_rtp_timeout_s,
+                             invites_per_minute=settings.sip_invites_per_minute)
 
 
 def background_process(settings: Settings) -> tuple[BackgroundProcess, HostedStore | None]:

@@ -61,6 +61,23 @@ class Settings(BaseSettings):
         "own beside `voxlog serve`'s, which holds the embedded ClickHouse and answers the gateway's queries of it: "
         "their work is then not on the calls' event loop. False: all in one process.")
 
+    sip_bind: str | None = Field(
+        None, description="host:port where `voxlog serve` takes SIP calls (UDP and TCP) from the tenants' trunks and "
+        "PBXs (`sip:` in tenant.yaml); unset: no SIP.")
+    sip_public_host: str | None = Field(
+        None, description="The address SIP peers reach this gateway at, put in Contact and SDP (behind NAT); unset: "
+        "the host of VOXLOG_SIP_BIND.")
+    sip_tls_port: int | None = Field(None, ge=1, le=65535, description="SIP over TLS on this port too (with "
+                                     "VOXLOG_SIP_TLS_CERT and VOXLOG_SIP_TLS_KEY).")
+    sip_tls_cert: Path | None = Field(None, description="The TLS certificate chain (PEM) for SIP over TLS.")
+    sip_tls_key: Path | None = Field(None, description="Its private key (PEM).")
+    sip_rtp_ports: str = Field("20000-29999", pattern=r"^[0-9]{1,5}-[0-9]{1,5}$",
+                               description="The UDP ports RTP (and RTCP) of SIP calls use, first-last.")
+    sip_rtp_timeout_s: float = Field(30.0, gt=0, description="A SIP call that brings no RTP for this long "
+                                     "(and is not on hold) is ended, reason rtp_timeout.")
+    sip_invites_per_minute: float = Field(120.0, gt=0, description="INVITEs one source address may send; more are "
+                                          "answered 503 with Retry-After.")
+
     keystore: Path | None = Field(
         None, description="Folder of the keystore that seals callers' personal data in the log (data keys per "
         "call, wrapped by per-tenant key-encryption keys; docs/compliance.md). Every process that reads or writes "
@@ -92,6 +109,15 @@ class Settings(BaseSettings):
         if url is not None:
             parse_s3_url(url)
         return url
+
+    @field_validator("sip_bind")
+    @classmethod
+    def _host_and_port(cls, bind: str | None) -> str | None:
+        if bind is not None:
+            host, _, port = bind.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"VOXLOG_SIP_BIND is host:port, not {bind!r}")
+        return bind
 
     @property
     def call_capacity(self) -> int:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from streams.config.agents import TENANT_FILES, AgentConfigError
 from streams.config.consent import ConsentRule
+from streams.config.sip_trunks import SipTrunks
 from streams.connectors.integrations import TenantIntegrations
 
 E164 = r"^\+[1-9][0-9]{6,14}$"
@@ -83,6 +84,8 @@ class TenantSpec(_Spec):
     consent: TenantConsent = TenantConsent()
     integrations: TenantIntegrations = TenantIntegrations()
     """The tenant's own CRM, ticket desk, calendar and webhooks, which its agents' tools act in."""
+    sip: SipTrunks = SipTrunks()
+    """Its SIP trunks and PBXs: the addresses and credentials its INVITEs come with (streams/config/sip_trunks.py)."""
 
     def key_id(self, key: str) -> str | None:
         """The id of the API key `key`, if it is one of this tenant's."""
@@ -122,7 +125,13 @@ class Tenants:
     def __init__(self, tenants: dict[str, TenantSpec]) -> None:
         self.tenants = tenants
         seen: dict[str, str] = {}
+        users: dict[str, str] = {}
         for tenant in tenants.values():
+            for credential in tenant.sip.inbound.credentials:
+                if credential.username in users:  # a username says whose trunk a call is on: one tenant's only
+                    raise AgentConfigError(f"SIP credential {credential.username} of tenant {tenant.id} is also "
+                                           f"one of {users[credential.username]}")
+                users[credential.username] = tenant.id
             for key in tenant.api_keys:
                 if key.sha256 in seen:
                     raise AgentConfigError(f"an API key of tenant {tenant.id} is also one of {seen[key.sha256]}")

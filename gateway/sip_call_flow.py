@@ -1,0 +1,220 @@
+"""SIP's call flow: what the gateway does with an INVITE from a tenant's trunk or PBX.
+
+An INVITE is checked before anything is answered: a source address sending too many is told 503 with
+Retry-After; it must come from an address one of the tenants allows (`sip.inbound.allow`), or prove
+one of their digest credentials (401 with a challenge, then 403 for a wrong answer, audited); the
+number it dials picks the agent (404 when none answers it, or when the agent is another tenant's);
+then the call is admitted as a Twilio call is (503 with Retry-After when busy). Answered (200, the
+SDP answer from PJSIP), its media runs a session exactly as a phone call's does, `channel: sip`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import secrets
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from gateway.admission import retry_after
+from gateway.caller_recall import recall
+from gateway.runtime import GatewayRuntime, new_call_id
+from gateway.sip_endpoint import IncomingInvite, SipEndpoint, SipEndpointConfig
+from gateway.sip_media_transport import SipMediaTransport
+from schemas.events import CallStarted
+from streams.audio.codecs import pcm16_to_mulaw
+from streams.call.session import CallSession
+from streams.call.transport import InboundCall
+from streams.channels.sip_digest import DigestAuthority, number_of
+from streams.channels.sip_screening import InviteScreen, Refused, Routed
+from streams.channels.twilio_media_protocol import StreamingPhoneCodec
+
+log = logging.getLogger(__name__)
+
+REALM = "voxlog"
+MEDIA_WAIT_S = 32.0
+"""An answered call whose ACK (and so its media) has not come by then is ended (RFC 3261's timer H)."""
+HEARD_FRAMES_MAX = 250
+"""Caller frames waiting for the loop (5 s); past it the oldest are dropped and counted (a stalled loop)."""
+BUSY_RETRY_S = 5.0
+"""What Retry-After says when the gateway is full: calls last minutes, this is when to try again."""
+
+
+@dataclass
+class SipLeg:
+    """One SIP call on its way through the gateway."""
+
+    invite: IncomingInvite
+    media: asyncio.Event = field(default_factory=asyncio.Event)
+    heard: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
+    session: CallSession | None = None
+    transport: SipMediaTransport | None = None
+    ended: tuple[int, str] | None = None
+    dropped_frames: int = 0
+
+
+class SipCallFlow:
+    """The gateway's SIP side: an endpoint (`gateway.sip_endpoint`) whose events this handles on the loop."""
+
+    def __init__(self, runtime: GatewayRuntime, config: SipEndpointConfig) -> None:
+        self.runtime = runtime
+        self.config = config
+        self.endpoint = SipEndpoint(config, self)
+        secret = runtime.webhook_secret or secrets.token_bytes(32)
+        digest = DigestAuthority(REALM, hmac.new(secret, b"sip-digest-nonces", hashlib.sha256).digest())
+        self.door = InviteScreen(runtime.router, runtime.tenants, runtime.secrets, digest)
+        self.legs: dict[int, SipLeg] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        await self.endpoint.start()
+        config = self.endpoint.config
+        log.info("SIP: listening on %s:%d (UDP, TCP)%s", config.host, config.port,
+                 f", TLS on {config.tls_port}" if config.tls_port else "")
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.endpoint.stop()
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coroutine, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ the endpoint's events
+
+    def screen(self, invite: IncomingInvite) -> Refused | Routed:
+        return self.door.screen(invite.source_ip, invite.to_uri, invite.message)
+
+    def refused(self, invite: IncomingInvite, refusal: Refused) -> None:
+        """Audits a refusal that matters, as many as a source's allowance of failures (a flood writes no more)."""
+        denial = refusal.denial
+        if denial is None or self.runtime.rate_limits.failed_auth(f"sip:{invite.source_ip}") is not None:
+            return
+        self._spawn(self.runtime.audit(
+            tenant_id=denial.tenant_id, call_id=f"sip:{invite.sip_call_id[:200]}", actor="sip", action=denial.action,
+            resource=invite.to_uri[:200], outcome="denied", detail=denial.detail[:500], remote_addr=invite.source_ip),
+            f"sip-audit-{invite.handle}")
+
+    def invited(self, invite: IncomingInvite, routed: Routed) -> None:
+        leg = SipLeg(invite)
+        self.legs[invite.handle] = leg
+        self._spawn(self._take(leg, self._call_of(invite, routed)), f"sip-{invite.handle}")
+
+    def media_ready(self, handle: int) -> None:
+        leg = self.legs.get(handle)
+        if leg is not None:
+            leg.media.set()
+
+    def heard(self, handle: int, pcm: bytes) -> None:
+        leg = self.legs.get(handle)
+        if leg is None or leg.session is None:
+            return
+        if leg.heard.qsize() >= HEARD_FRAMES_MAX:
+            leg.heard.get_nowait()
+            leg.dropped_frames += 1
+        leg.heard.put_nowait(pcm)
+
+    def dtmf(self, handle: int, digit: str) -> None:
+        leg = self.legs.get(handle)
+        if leg is not None and leg.session is not None:
+            leg.session.dtmf(digit)
+
+    def transfer_status(self, handle: int, code: int, reason: str, final: bool) -> None:
+        leg = self.legs.get(handle)
+        if leg is not None and leg.transport is not None:
+            leg.transport.transfer_status(code, reason, final)
+
+    def rtp_stopped(self, handle: int, silent_s: float) -> None:
+        leg = self.legs.get(handle)
+        if leg is not None and leg.session is not None:
+            leg.session.end_now("rtp_timeout", f"no RTP from the caller for {silent_s:.0f} s")
+
+    def ended(self, handle: int, code: int, reason: str) -> None:
+        leg = self.legs.get(handle)
+        if leg is None:
+            return
+        leg.ended = (code, reason)
+        leg.media.set()
+        if leg.transport is not None:
+            leg.transport.ended()
+        leg.heard.put_nowait(None)
+
+    # ------------------------------------------------------------------ an INVITE
+
+    async def _take(self, leg: SipLeg, call: InboundCall) -> None:
+        invite = leg.invite
+        try:
+            if await self.runtime.admit(call) is not None:
+                self.endpoint.respond(invite.handle, 503, "Busy", {"Retry-After": retry_after(BUSY_RETRY_S)})
+                return
+            await self._converse(leg, call)
+        except Exception:
+            log.exception("SIP call %d from %s failed", invite.handle, invite.source)
+            self.endpoint.respond(invite.handle, 500, "Server Internal Error")
+        finally:
+            self.legs.pop(invite.handle, None)
+
+    def _call_of(self, invite: IncomingInvite, routed: Routed) -> InboundCall:
+        agent = routed.agent
+        return InboundCall(
+            call_id=new_call_id(), tenant_id=agent.tenant,
+            started=CallStarted(channel="sip", direction="inbound", agent_id=agent.id, agent_version=agent.version,
+                                routed_by="number", from_number=number_of(invite.from_uri) or invite.from_uri[:200],
+                                to_number=routed.number, provider_call_id=invite.sip_call_id[:200],
+                                parameters={"sip_source": invite.source}))
+
+    # ------------------------------------------------------------------ the call
+
+    async def _converse(self, leg: SipLeg, call: InboundCall) -> None:
+        runtime, handle = self.runtime, leg.invite.handle
+        self.endpoint.respond(handle, 200)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(leg.media.wait(), MEDIA_WAIT_S)
+        if leg.ended is not None or not leg.media.is_set():
+            runtime.admission.release(call.call_id)
+            if leg.ended is None:
+                self.endpoint.hangup(handle)
+            return
+        agent = runtime.router.get(call.tenant_id, call.started.agent_id)
+        transport = SipMediaTransport(self.endpoint, handle, leg.invite.source)
+        leg.transport = transport
+        session = runtime.open_session(call, agent, transport, memory=await recall(runtime.analytics, call))
+        leg.session = session
+        running = asyncio.create_task(runtime.run_session(session))
+        codec = StreamingPhoneCodec()
+        try:
+            while not running.done():
+                receive = asyncio.ensure_future(leg.heard.get())
+                done, _ = await asyncio.wait({receive, running}, return_when=asyncio.FIRST_COMPLETED)
+                if receive not in done:
+                    receive.cancel()
+                    break
+                pcm = receive.result()
+                if pcm is None:
+                    session.closed(_end_reason(leg.ended))
+                    break
+                mulaw = pcm16_to_mulaw(pcm)
+                await session.hear(codec.decode(mulaw), mulaw, "mulaw", 8000)
+        finally:
+            session.closed("shutdown" if runtime.draining else "socket_closed")
+            await running
+            if leg.dropped_frames:
+                log.warning("SIP call %s: %d caller frames dropped (the loop fell behind)", call.call_id,
+                            leg.dropped_frames)
+            await transport.hangup()
+
+
+def _end_reason(ended: tuple[int, str] | None) -> Literal["caller_hangup", "carrier_error"]:
+    """How the far end's leaving reads in `call.ended`: a BYE or CANCEL is a hang-up, an error status not."""
+    if ended is None or ended[0] < 300 or ended[0] in (487,):
+        return "caller_hangup"
+    return "carrier_error"
+
+

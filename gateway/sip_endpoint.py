@@ -1,0 +1,510 @@
+"""PJSIP (its pjsua2 binding) as the gateway's SIP user agent, in a thread of its own.
+
+PJSIP does SIP and RTP: parsing, transactions and retransmissions, SDP offer/answer (G.711 PCMU and
+PCMA, RFC 4733 telephone-events), the jitter buffer, symmetric RTP, session timers, REFER. Its
+endpoint is one per process and wants one thread to own it: `SipEndpoint` runs that thread, polls
+SIP from it, and runs there what the event loop asks (`respond`, `answer`, `hangup`, `transfer`).
+What happens to calls comes back to the loop as calls on `SipEvents`, through `call_soon_threadsafe`.
+
+Audio stays off the loop's critical path: PJSIP's media clock (a thread of PJSIP's) takes each call's
+20 ms of caller audio from the conference bridge (8 kHz, 16-bit) and asks for 20 ms of the agent's;
+the agent's frames wait in a per-call queue that the clock empties at its own steady pace, so RTP
+goes out every 20 ms whatever the loop is doing, and a clear (barge-in) drops what is queued at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import gc
+import itertools
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import pjsua2 as pj
+
+from gateway.admission import RateLimits
+from streams.channels.sip_screening import Refused, Routed
+
+log = logging.getLogger(__name__)
+
+CLOCK_RATE = 8000
+FRAME_BYTES = CLOCK_RATE * 20 // 1000 * 2
+"""20 ms of 8 kHz 16-bit mono: what the media clock hands over and asks for."""
+SILENCE = bytes(FRAME_BYTES)
+QUEUED_FRAMES_MAX = 3000
+"""A minute of agent audio; past it (a loop that outruns the clock) the oldest frames go."""
+POLL_MS = 10
+REFUSAL_SPACING_S = 0.05
+"""At most 20 refusals a second leave the endpoint (see `SipEndpoint._refuse`)."""
+RTP_CHECK_S = 1.0
+CODECS = ("PCMU/8000/1", "PCMA/8000/1")
+"""The codecs offered and accepted, in order of preference; every other one PJSIP has is disabled
+(the bridge runs at 8 kHz: a wideband codec would only be resampled down)."""
+
+
+class SipStartError(RuntimeError):
+    """The endpoint could not start (a port taken, a certificate that does not load)."""
+
+
+@dataclass(frozen=True)
+class SipEndpointConfig:
+    host: str = "127.0.0.1"
+    """The address SIP and RTP bind to."""
+    port: int = 5060
+    """UDP and TCP."""
+    public_host: str | None = None
+    """The address peers reach us at, put in Contact and SDP; None: `host`."""
+    tls_port: int | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    rtp_port: int = 20000
+    rtp_port_range: int = 10000
+    max_calls: int = 64
+    user_agent: str = "voxlog"
+    session_expires_s: int = 1800
+    """RFC 4028 session timers, when the peer supports them: a call whose peer vanished ends after this."""
+    rtp_timeout_s: float = 30.0
+    """A call that brings no RTP for this long (and is not on hold) is reported (`SipEvents.rtp_stopped`)."""
+    invites_per_minute: float = 120.0
+    """INVITEs one source address may send; past it they are answered 503 with Retry-After."""
+    invite_burst: int = 30
+
+    @property
+    def advertised(self) -> str:
+        return self.public_host or self.host
+
+
+@dataclass(frozen=True)
+class IncomingInvite:
+    handle: int
+    source: str
+    """The address the INVITE came from, `ip:port` (what the network says, not what the message claims)."""
+    to_uri: str
+    from_uri: str
+    sip_call_id: str
+    message: str
+    """The INVITE as received, for what the stack does not parse for us (Authorization)."""
+
+    @property
+    def source_ip(self) -> str:
+        return _ip_of(self.source)
+
+
+def _ip_of(source: str) -> str:
+    """The address of `ip:port`, `[v6]:port` or a bare address."""
+    host = source.rsplit(":", 1)[0] if source.count(":") == 1 or "]" in source else source
+    return host.strip("[]")
+
+
+class SipEvents(Protocol):
+    """What the endpoint asks and tells: `screen` on the endpoint's thread (it must not block), the rest on
+    the event loop."""
+
+    def screen(self, invite: IncomingInvite) -> Refused | Routed: ...
+
+    def refused(self, invite: IncomingInvite, refusal: Refused) -> None: ...
+
+    def invited(self, invite: IncomingInvite, routed: Routed) -> None: ...
+
+    def media_ready(self, handle: int) -> None: ...
+
+    def heard(self, handle: int, pcm: bytes) -> None: ...
+
+    def dtmf(self, handle: int, digit: str) -> None: ...
+
+    def transfer_status(self, handle: int, code: int, reason: str, final: bool) -> None: ...
+
+    def rtp_stopped(self, handle: int, silent_s: float) -> None: ...
+
+    def ended(self, handle: int, code: int, reason: str) -> None: ...
+
+
+class _AgentAudio(pj.AudioMediaPort):  # type: ignore[misc]
+    """One call's media port on the bridge: caller frames out to the loop, agent frames from a queue."""
+
+    def __init__(self, handle: int, post: Callable[..., None], events: SipEvents) -> None:
+        super().__init__()
+        self.handle = handle
+        self._post = post
+        self._events = events
+        self.queued: collections.deque[bytes] = collections.deque(maxlen=QUEUED_FRAMES_MAX)
+
+    def onFrameRequested(self, frame: Any) -> None:
+        try:
+            pcm = self.queued.popleft()
+        except IndexError:
+            pcm = SILENCE
+        frame.type = pj.PJMEDIA_FRAME_TYPE_AUDIO
+        frame.buf = pj.ByteVector(pcm)
+        frame.size = len(pcm)
+
+    def onFrameReceived(self, frame: Any) -> None:
+        if frame.type == pj.PJMEDIA_FRAME_TYPE_AUDIO and frame.size:
+            self._post(self._events.heard, self.handle, bytes(frame.buf))
+
+
+class _Call(pj.Call):  # type: ignore[misc]
+    def __init__(self, endpoint: SipEndpoint, account: pj.Account, call_id: int, handle: int) -> None:
+        super().__init__(account, call_id)
+        self.endpoint = endpoint
+        self.handle = handle
+        self.port: _AgentAudio | None = None
+        self.bridged: int | None = None
+        self.rx_packets = -1
+        self.rx_changed = time.monotonic()
+        self.told_silent = False
+        self.ended = False
+
+    def onCallState(self, prm: Any) -> None:
+        info = self.getInfo()
+        if info.state == pj.PJSIP_INV_STATE_DISCONNECTED and not self.ended:
+            self.ended = True
+            self.endpoint.finished(self, info.lastStatusCode, info.lastReason)
+
+    def onCallMediaState(self, prm: Any) -> None:
+        info = self.getInfo()
+        for index, media in enumerate(info.media):
+            if media.type != pj.PJMEDIA_TYPE_AUDIO or media.status != pj.PJSUA_CALL_MEDIA_ACTIVE:
+                continue
+            audio = self.getAudioMedia(index)
+            first = self.port is None
+            if self.port is None:
+                self.port = _AgentAudio(self.handle, self.endpoint.post, self.endpoint.events)
+                fmt = pj.MediaFormatAudio()
+                fmt.type = pj.PJMEDIA_TYPE_AUDIO
+                fmt.clockRate = CLOCK_RATE
+                fmt.channelCount = 1
+                fmt.bitsPerSample = 16
+                fmt.frameTimeUsec = 20000
+                self.port.createPort(f"call-{self.handle}", fmt)
+            if self.bridged != audio.getPortId():  # a re-INVITE may give the call a new slot
+                audio.startTransmit(self.port)
+                self.port.startTransmit(audio)
+                self.bridged = audio.getPortId()
+            if first:
+                self.endpoint.post(self.endpoint.events.media_ready, self.handle)
+            return
+
+    def onDtmfDigit(self, prm: Any) -> None:
+        self.endpoint.post(self.endpoint.events.dtmf, self.handle, str(prm.digit))
+
+    def onCallTransferStatus(self, prm: Any) -> None:
+        self.endpoint.post(self.endpoint.events.transfer_status, self.handle, int(prm.statusCode),
+                            str(prm.reason), bool(prm.finalNotify))
+        prm.cont = False  # one outcome is all we wait for: no further NOTIFYs
+
+    def receiving(self) -> bool:
+        """Whether RTP is coming in (or the call is on hold, when none need come)."""
+        info = self.getInfo()
+        for index, media in enumerate(info.media):
+            if media.type != pj.PJMEDIA_TYPE_AUDIO:
+                continue
+            if media.status != pj.PJSUA_CALL_MEDIA_ACTIVE:
+                return True  # held, or not yet up: silence is expected
+            packets = int(self.getStreamStat(index).rtcp.rxStat.pkt)
+            now = time.monotonic()
+            if packets != self.rx_packets:
+                self.rx_packets, self.rx_changed, self.told_silent = packets, now, False
+            return False if self.told_silent else now - self.rx_changed < self.endpoint.config.rtp_timeout_s
+        return True
+
+
+class _Account(pj.Account):  # type: ignore[misc]
+    def __init__(self, endpoint: SipEndpoint) -> None:
+        super().__init__()
+        self.endpoint = endpoint
+
+    def onIncomingCall(self, prm: Any) -> None:
+        self.endpoint.incoming(self, prm)
+
+
+class _LogToPython(pj.LogWriter):  # type: ignore[misc]
+    def write(self, entry: Any) -> None:
+        text = str(entry.msg).rstrip()
+        level = logging.WARNING if entry.level <= 2 else logging.DEBUG
+        log.log(level, "pjsip: %s", text)
+
+
+@dataclass
+class SipEndpoint:
+    """The SIP user agent: `start()` from the event loop, whose `events` it tells; `stop()` ends it."""
+
+    config: SipEndpointConfig
+    events: SipEvents
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+    _commands: queue.SimpleQueue[Callable[[], None] | None] = field(default_factory=queue.SimpleQueue)
+    _calls: dict[int, _Call] = field(default_factory=dict)
+    _gone: list[_Call] = field(default_factory=list)
+    _handles: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    _ready: threading.Event = field(default_factory=threading.Event)
+    _problem: str | None = None
+    _account: _Account | None = None
+    _writer: _LogToPython | None = None
+    _invites: RateLimits = field(default_factory=RateLimits)
+    _refusals: collections.deque[tuple[_Call, Refused]] = field(default_factory=collections.deque)
+    _next_refusal: float = 0.0
+    """Per source address, used on the endpoint's thread only."""
+
+    # ------------------------------------------------------------------ the loop's side
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="sip-endpoint", daemon=True)
+        self._thread.start()
+        await asyncio.to_thread(self._ready.wait)
+        if self._problem is not None:
+            raise SipStartError(self._problem)
+
+    async def stop(self) -> None:
+        """Hangs up what is left and destroys the endpoint."""
+        if self._thread is None:
+            return
+        self._commands.put(None)
+        await asyncio.to_thread(self._thread.join, 10)
+        self._thread = None
+
+    def respond(self, handle: int, code: int, reason: str = "", headers: dict[str, str] | None = None) -> None:
+        """Answers a ringing call: 200 takes it (SDP answer from the stack), anything else refuses it."""
+        self._command(handle, lambda call: self._respond(call, code, reason, headers or {}))
+
+    def hangup(self, handle: int) -> None:
+        self._command(handle, lambda call: call.hangup(pj.CallOpParam()))
+
+    def transfer(self, handle: int, target: str) -> None:
+        """A blind transfer (REFER); its NOTIFYs come back as `transfer_status`."""
+
+        def refer(call: _Call) -> None:
+            try:
+                call.xfer(target, pj.CallOpParam(True))
+            except pj.Error as exc:
+                self.post(self.events.transfer_status, call.handle, 500, exc.reason, True)
+
+        self._command(handle, refer)
+
+    def play(self, handle: int, pcm: bytes) -> bool:
+        """Queues 20 ms of the agent's 8 kHz PCM for the call; False when the call has no media (yet, or any more)."""
+        call = self._calls.get(handle)
+        if call is None or call.port is None:
+            return False
+        call.port.queued.append(pcm)
+        return True
+
+    def clear(self, handle: int) -> None:
+        call = self._calls.get(handle)
+        if call is not None and call.port is not None:
+            call.port.queued.clear()
+
+    def queued_frames(self, handle: int) -> int:
+        call = self._calls.get(handle)
+        return len(call.port.queued) if call is not None and call.port is not None else 0
+
+    def _command(self, handle: int, action: Callable[[_Call], None]) -> None:
+        def run() -> None:
+            call = self._calls.get(handle)
+            if call is not None and not call.ended:
+                action(call)
+
+        self._commands.put(run)
+
+    def post(self, method: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(method, *args)
+
+    # ------------------------------------------------------------------ the endpoint's thread
+
+    def _run(self) -> None:
+        endpoint = pj.Endpoint()
+        try:
+            endpoint.libCreate()
+            self._configure(endpoint)
+        except pj.Error as exc:
+            self._problem = f"the SIP endpoint cannot start on {self.config.host}:{self.config.port}: {exc.info()}"
+            with contextlib.suppress(pj.Error):
+                endpoint.libDestroy()
+            self._ready.set()
+            return
+        self._ready.set()
+        checked = time.monotonic()
+        try:
+            while True:
+                endpoint.libHandleEvents(POLL_MS)
+                if not self._run_commands():
+                    break
+                self._gone.clear()  # the callbacks that ended them have returned
+                self._answer_refusals()
+                if time.monotonic() - checked >= RTP_CHECK_S:
+                    checked = time.monotonic()
+                    self._check_rtp()
+        finally:
+            self._shutdown(endpoint)
+
+    def _configure(self, endpoint: pj.Endpoint) -> None:
+        config = self.config
+        ep_config = pj.EpConfig()
+        ua = ep_config.uaConfig
+        ua.threadCnt = 0  # SIP is polled by this thread alone
+        ua.mainThreadOnly = False
+        ua.maxCalls = config.max_calls
+        ua.userAgent = config.user_agent
+        logging_config = ep_config.logConfig
+        logging_config.level = 3 if log.isEnabledFor(logging.DEBUG) else 2
+        logging_config.consoleLevel = 0
+        self._writer = _LogToPython()
+        logging_config.writer = self._writer
+        media = ep_config.medConfig
+        media.clockRate = CLOCK_RATE
+        media.sndClockRate = CLOCK_RATE
+        media.noVad = True
+        media.ecTailLen = 0  # no echo canceller: the far end is a phone, not our loudspeaker
+        endpoint.libInit(ep_config)
+        for kind in (pj.PJSIP_TRANSPORT_UDP, pj.PJSIP_TRANSPORT_TCP):
+            transport = pj.TransportConfig()
+            transport.port = config.port
+            transport.boundAddress = config.host
+            transport.publicAddress = config.advertised
+            endpoint.transportCreate(kind, transport)
+        if config.tls_port is not None and config.tls_cert is not None and config.tls_key is not None:
+            tls = pj.TransportConfig()
+            tls.port = config.tls_port
+            tls.boundAddress = config.host
+            tls.publicAddress = config.advertised
+            tls.tlsConfig.certFile = str(config.tls_cert)
+            tls.tlsConfig.privKeyFile = str(config.tls_key)
+            tls.tlsConfig.method = pj.PJSIP_TLSV1_2_METHOD
+            endpoint.transportCreate(pj.PJSIP_TRANSPORT_TLS, tls)
+        endpoint.audDevManager().setNullDev()
+        for codec in endpoint.codecEnum2():
+            wanted = codec.codecId in CODECS
+            endpoint.codecSetPriority(codec.codecId, 255 - CODECS.index(codec.codecId) if wanted else 0)
+        endpoint.libStart()
+        account = pj.AccountConfig()
+        account.idUri = f"sip:voxlog@{config.advertised}:{config.port}"
+        rtp = account.mediaConfig.transportConfig
+        rtp.port = config.rtp_port
+        rtp.portRange = config.rtp_port_range
+        rtp.boundAddress = config.host
+        rtp.publicAddress = config.advertised
+        calls = account.callConfig
+        calls.timerUse = pj.PJSUA_SIP_TIMER_OPTIONAL
+        calls.timerSessExpiresSec = config.session_expires_s
+        self._account = _Account(self)
+        self._account.create(account, True)
+
+    def _run_commands(self) -> bool:
+        """Runs what the loop asked; False once it asked the endpoint to stop."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+            if command is None:
+                return False
+            try:
+                command()
+            except pj.Error as exc:
+                log.warning("sip: %s", exc.info())
+
+    def incoming(self, account: _Account, prm: Any) -> None:
+        handle = next(self._handles)
+        call = _Call(self, account, prm.callId, handle)
+        rdata = prm.rdata
+        source = str(rdata.srcAddress)
+        wait = self._invites.take(_ip_of(source), self.config.invites_per_minute, self.config.invite_burst)
+        if wait is not None:
+            self._refuse(call, Refused(503, "Too Many Calls", {"Retry-After": str(max(1, math.ceil(wait)))}))
+            return
+        info = call.getInfo()
+        invite = IncomingInvite(handle=handle, source=source, to_uri=str(info.localUri), from_uri=str(info.remoteUri),
+                                sip_call_id=str(info.callIdString), message=str(rdata.wholeMsg))
+        try:
+            screened = self.events.screen(invite)
+        except Exception:
+            log.exception("sip: the INVITE from %s could not be screened", source)
+            screened = Refused(500, "Server Internal Error")
+        if isinstance(screened, Refused):
+            self._refuse(call, screened)
+            self.post(self.events.refused, invite, screened)
+            return
+        self._calls[handle] = call
+        self.post(self.events.invited, invite, screened)
+
+    def _refuse(self, call: _Call, refusal: Refused) -> None:
+        """Answers a refused INVITE once its turn comes: refusals are spaced (`REFUSAL_SPACING_S`), so that
+        a flood holds the stack's few call slots, and the stack itself answers the rest 486 before it opens
+        their media ports (each INVITE it takes opens two, which its 64 I/O handles get back only 500 ms
+        after they close: a burst past that aborts PJSIP, and the gateway with it)."""
+        self._refusals.append((call, refusal))
+
+    def _answer_refusals(self) -> None:
+        now = time.monotonic()
+        while self._refusals and now >= self._next_refusal:
+            call, refusal = self._refusals.popleft()
+            self._gone.append(call)
+            self._next_refusal = max(self._next_refusal, now - REFUSAL_SPACING_S) + REFUSAL_SPACING_S
+            try:
+                self._respond(call, refusal.code, refusal.reason, dict(refusal.headers))
+            except pj.Error as exc:  # the caller gave up meanwhile (CANCEL)
+                log.debug("sip: refusal not sent: %s", exc.info())
+
+    def _respond(self, call: _Call, code: int, reason: str, headers: dict[str, str]) -> None:
+        operation = pj.CallOpParam()
+        operation.statusCode = code
+        if reason:
+            operation.reason = reason
+        for name, value in headers.items():
+            header = pj.SipHeader()
+            header.hName = name
+            header.hValue = value
+            operation.txOption.headers.append(header)
+        # An answer keeps its headers even from within onIncomingCall (pjsua queues it); a hang-up there would not.
+        call.answer(operation)
+
+    def finished(self, call: _Call, code: int, reason: str) -> None:
+        self._calls.pop(call.handle, None)
+        self._gone.append(call)  # deleted after this callback returns
+        if call.port is not None:
+            call.port.queued.clear()
+        self.post(self.events.ended, call.handle, int(code), str(reason))
+
+    def _check_rtp(self) -> None:
+        for call in list(self._calls.values()):
+            if call.port is None or call.ended:
+                continue
+            try:
+                receiving = call.receiving()
+            except pj.Error:
+                continue
+            if not receiving and not call.told_silent:
+                call.told_silent = True
+                self.post(self.events.rtp_stopped, call.handle, time.monotonic() - call.rx_changed)
+
+    def _shutdown(self, endpoint: pj.Endpoint) -> None:
+        with contextlib.suppress(pj.Error):
+            endpoint.hangupAllCalls()
+            deadline = time.monotonic() + 1.0
+            while self._calls and time.monotonic() < deadline:
+                endpoint.libHandleEvents(POLL_MS)
+        # Every pjsua2 object must be gone before the library is: a port destroyed after it aborts the process.
+        for call in [*self._calls.values(), *self._gone]:
+            call.port = None
+        self._calls.clear()
+        self._gone.clear()
+        gc.collect()  # any cycle still holding one
+        if self._account is not None:
+            with contextlib.suppress(pj.Error):
+                self._account.shutdown()
+            self._account = None
+        with contextlib.suppress(pj.Error):
+            endpoint.libDestroy()

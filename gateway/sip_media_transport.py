@@ -1,0 +1,114 @@
+"""A SIP call's media as the session's `MediaTransport`: the agent's speech queued on the call's port of
+PJSIP's bridge (`gateway.sip_endpoint`), which sends it as RTP every 20 ms; barge-in drops the queue;
+transfer is a blind REFER, hang-up a BYE (or CANCEL)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from gateway.sip_endpoint import FRAME_BYTES, SipEndpoint
+from streams.audio.codecs import Resampler, mulaw_to_pcm16
+from streams.audio.formats import PCM_RATE
+from streams.call.transport import Channel, MediaTransport, TransportClosed
+from streams.channels.sip_digest import number_of
+
+log = logging.getLogger(__name__)
+
+TRANSFER_TIMEOUT_S = 60.0
+"""A transfer whose final NOTIFY has not come by then counts as not answered."""
+
+
+def transfer_outcome(code: int) -> str:
+    """A REFER's outcome (its final NOTIFY's status, or its own refusal) as a handoff outcome."""
+    if 200 <= code < 300:
+        return "connected"
+    if code in (486, 600):
+        return "busy"
+    if code in (408, 480, 487):
+        return "no_answer"
+    return "failed"
+
+
+def refer_target(target: str, peer_host: str) -> str:
+    """Where to REFER the caller: a SIP URI as given; a number through the peer that sent the call
+    (the PBX or trunk, which knows how to reach it)."""
+    if target.lower().startswith(("sip:", "sips:")):
+        return target
+    number = number_of(f"tel:{target}") if not target.lower().startswith("tel:") else number_of(target)
+    if not number:
+        raise ValueError(f"cannot transfer to {target!r}: neither a number nor a SIP URI")
+    return f"sip:{number}@{peer_host}"
+
+
+class SipMediaTransport(MediaTransport):
+    channel: Channel = "sip"
+
+    def __init__(self, endpoint: SipEndpoint, handle: int, peer_host: str) -> None:
+        self.endpoint = endpoint
+        self.handle = handle
+        self.peer_host = peer_host
+        self.closed = False
+        self._down = Resampler(PCM_RATE, 8000)
+        self._pending = b""
+        self._transfer: asyncio.Future[tuple[int, str]] | None = None
+        self.frames_sent = 0
+
+    def _queue(self, pcm: bytes) -> None:
+        if self.closed or not self.endpoint.play(self.handle, pcm):
+            self.closed = True
+            raise TransportClosed(f"sip call {self.handle} has no media")
+        self.frames_sent += 1
+
+    async def play(self, frame: bytes) -> None:
+        """16 kHz PCM (any length), as 8 kHz frames."""
+        self._pending += self._down.process(frame)
+        while len(self._pending) >= FRAME_BYTES:
+            self._queue(self._pending[:FRAME_BYTES])
+            self._pending = self._pending[FRAME_BYTES:]
+
+    async def play_speech(self, frame: bytes) -> None:
+        """20 ms of mu-law (the channel's speech format): linear for the bridge, which encodes it for
+        the codec the call agreed on (PCMU or PCMA)."""
+        self._queue(mulaw_to_pcm16(frame))
+
+    async def clear(self) -> None:
+        self.endpoint.clear(self.handle)
+        self._pending = b""
+        self._down = Resampler(PCM_RATE, 8000)
+
+    async def mark(self, name: str) -> None:
+        """Playback is ours, not a far end's buffer: nothing to mark."""
+
+    async def transfer(self, target: str) -> tuple[str, str | None]:
+        try:
+            uri = refer_target(target, self.peer_host)
+        except ValueError as exc:
+            return "failed", str(exc)
+        if self.closed:
+            raise TransportClosed(f"sip call {self.handle} has ended")
+        self._transfer = asyncio.get_running_loop().create_future()
+        self.endpoint.transfer(self.handle, uri)
+        try:
+            code, reason = await asyncio.wait_for(self._transfer, TRANSFER_TIMEOUT_S)
+        except TimeoutError:
+            return "no_answer", f"no final NOTIFY for the REFER to {uri} within {TRANSFER_TIMEOUT_S:.0f} s"
+        finally:
+            self._transfer = None
+        outcome = transfer_outcome(code)
+        return outcome, None if outcome == "connected" else f"REFER to {uri}: {code} {reason}".strip()
+
+    def transfer_status(self, code: int, reason: str, final: bool) -> None:
+        """A NOTIFY of the transfer's progress (or the REFER's refusal)."""
+        if final and self._transfer is not None and not self._transfer.done():
+            self._transfer.set_result((code, reason))
+
+    def ended(self) -> None:
+        self.closed = True
+        if self._transfer is not None and not self._transfer.done():
+            self._transfer.set_exception(TransportClosed(f"sip call {self.handle} ended during the transfer"))
+
+    async def hangup(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.endpoint.hangup(self.handle)

@@ -1,0 +1,142 @@
+"""What voxlog reads of an INVITE itself, beside its SIP stack: the number dialled, and the digest
+credentials a trunk proves (RFC 3261 22.4, RFC 8760's algorithms: MD5 and SHA-256, qop=auth).
+
+The stack (PJSIP) parses and answers SIP; it has no server side of digest authentication for calls, so
+the challenge and its check are here, pure and fuzzed: nonces are stateless (a time and its HMAC under
+the gateway's secret), good for `NONCE_TTL_S`, and an answer is compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+NONCE_TTL_S = 300
+MAX_HEADER = 4096
+"""An Authorization header longer than this is refused unread."""
+_ALGORITHMS: dict[str, Callable[[bytes], hashlib._Hash]] = {"MD5": hashlib.md5, "SHA-256": hashlib.sha256}
+_PARAM = re.compile(r'\s*([A-Za-z][A-Za-z0-9_-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,"]+)\s*(?:,|$)')
+_USER = re.compile(r"^(?:sips?|tel):([^@;?>]+)", re.IGNORECASE)
+
+
+class DigestError(ValueError):
+    """Credentials that do not prove anything, and why (for the audit record, never for the peer)."""
+
+
+def number_of(uri: str) -> str:
+    """The user part of a SIP or tel URI, as dialled (`sip:+15550100@host;user=phone` -> `+15550100`):
+    a display name and angle brackets around it are allowed. '' when there is none."""
+    text = uri.strip()
+    if "<" in text:
+        text = text[text.index("<") + 1:]
+    match = _USER.match(text.strip())
+    if match is None:
+        return ""
+    return unquote(match.group(1)).strip()
+
+
+def header_value(message: str, name: str) -> str | None:
+    """The first `name` header of a SIP message's text (case-insensitive; folded lines joined), or None."""
+    head = message.split("\r\n\r\n", 1)[0].split("\n\n", 1)[0]
+    lines = head.replace("\r\n", "\n").split("\n")[1:]  # the first line is the request line
+    wanted = name.lower()
+    for index, line in enumerate(lines):
+        field, colon, value = line.partition(":")
+        if not colon or field.strip().lower() != wanted:
+            continue
+        for more in lines[index + 1:]:
+            if not more[:1].isspace():
+                break
+            value += " " + more.strip()
+        return value.strip()
+    return None
+
+
+def parse_digest(header: str) -> dict[str, str]:
+    """The parameters of a `Digest ...` Authorization value, unquoted, names lower-cased; DigestError
+    for anything else."""
+    if len(header) > MAX_HEADER:
+        raise DigestError("the Authorization header is too long")
+    scheme, _, rest = header.strip().partition(" ")
+    if scheme.lower() != "digest":
+        raise DigestError(f"the Authorization scheme is {scheme[:20]!r}, not Digest")
+    params: dict[str, str] = {}
+    position = 0
+    rest = rest.strip()
+    while position < len(rest):
+        match = _PARAM.match(rest, position)
+        if match is None or match.end() == position:
+            raise DigestError("the Authorization header's parameters cannot be read")
+        name, value = match.group(1).lower(), match.group(2)
+        if value.startswith('"'):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        if name in params:
+            raise DigestError(f"the Authorization header names {name} twice")
+        params[name] = value
+        position = match.end()
+    return params
+
+
+@dataclass(frozen=True)
+class DigestAuthority:
+    """Challenges and checks digest credentials for one realm. `secret` keys the nonces: a gateway's
+    own, so that a nonce it did not make never checks out."""
+
+    realm: str
+    secret: bytes
+    clock: Callable[[], float] = time.time
+
+    def challenge(self, algorithm: str = "MD5") -> str:
+        """A WWW-Authenticate value with a fresh nonce."""
+        issued = f"{int(self.clock()):x}"
+        return (f'Digest realm="{self.realm}", nonce="{issued}.{self._seal(issued)}", algorithm={algorithm}, '
+                f'qop="auth"')
+
+    def _seal(self, issued: str) -> str:
+        return hmac.new(self.secret, f"{self.realm}:{issued}".encode(), hashlib.sha256).hexdigest()[:32]
+
+    def verify(self, authorization: str, method: str, password_of: Callable[[str], str | None]) -> str:
+        """The username whose password the answer proves; DigestError otherwise."""
+        params = parse_digest(authorization)
+        for needed in ("username", "realm", "nonce", "uri", "response"):
+            if needed not in params:
+                raise DigestError(f"the Authorization header has no {needed}")
+        if params["realm"] != self.realm:
+            raise DigestError(f"the realm is {params['realm'][:64]!r}, not {self.realm!r}")
+        issued, _, seal = params["nonce"].partition(".")
+        if not hmac.compare_digest(seal.encode(), self._seal(issued).encode()):
+            raise DigestError("the nonce is not one this gateway made")
+        try:
+            age = self.clock() - int(issued, 16)
+        except ValueError:
+            raise DigestError("the nonce cannot be read") from None
+        if not 0 <= age <= NONCE_TTL_S:
+            raise DigestError(f"the nonce is stale ({age:.0f} s old)")
+        algorithm = params.get("algorithm", "MD5").upper()
+        digest = _ALGORITHMS.get(algorithm)
+        if digest is None:
+            raise DigestError(f"the algorithm {algorithm[:20]!r} is not supported")
+        password = password_of(params["username"])
+        if password is None:
+            raise DigestError(f"no credential is named {params['username'][:64]!r}")
+
+        def h(text: str) -> str:
+            return digest(text.encode()).hexdigest()
+
+        ha1 = h(f"{params['username']}:{self.realm}:{password}")
+        ha2 = h(f"{method}:{params['uri']}")
+        qop = params.get("qop")
+        if qop is None:
+            expected = h(f"{ha1}:{params['nonce']}:{ha2}")
+        elif qop == "auth" and "nc" in params and "cnonce" in params:
+            expected = h(f"{ha1}:{params['nonce']}:{params['nc']}:{params['cnonce']}:{qop}:{ha2}")
+        else:
+            raise DigestError(f"the qop {qop[:20]!r} is not supported, or nc and cnonce are missing")
+        if not hmac.compare_digest(expected.encode(), params["response"].lower().encode()):
+            raise DigestError(f"the password of {params['username'][:64]!r} does not match")
+        return params["username"]

@@ -1,0 +1,109 @@
+"""The door of the SIP channel: what an INVITE gets before anyone answers it, decided at once from the
+operators' configuration alone (no I/O but a secret's file), so that the SIP stack answers a refusal
+in the same breath as it reads the INVITE and a flood of them holds nothing.
+
+An INVITE must come from an address one of the tenants allows (`sip.inbound.allow`), or prove one of
+their digest credentials (401 with a challenge, then 403 for a wrong answer); the number it dials picks
+the agent (404 when none answers it, or when the agent is another tenant's: a trunk never reaches,
+nor learns of, another tenant's agent). Refusals that matter are `Denial`s, for the audit trail.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from streams.channels.sip_digest import DigestAuthority, DigestError, header_value, number_of, parse_digest
+from streams.config.agents import AgentRouter, AgentSpec, RoutingError
+from streams.config.sip_trunks import SipTrunks, invite_source
+from streams.config.tenants import Tenants
+from streams.connectors.base import ConnectorError
+from streams.connectors.secrets import Secrets
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Denial:
+    """A refusal for the audit trail: whose, what, why."""
+
+    tenant_id: str
+    action: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    code: int
+    reason: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    denial: Denial | None = None
+
+
+@dataclass(frozen=True)
+class Routed:
+    agent: AgentSpec
+    number: str
+
+
+@dataclass(frozen=True)
+class InviteScreen:
+    router: AgentRouter
+    tenants: Tenants
+    secrets: Secrets
+    digest: DigestAuthority
+
+    def screen(self, source_ip: str, to_uri: str, message: str) -> Refused | Routed:
+        trunks = ((tenant.id, tenant.sip) for tenant in self.tenants.tenants.values())
+        allowed = self._allowed(source_ip, message, trunks)
+        if isinstance(allowed, Refused):
+            return allowed
+        number = number_of(to_uri)
+        try:
+            agent = self.router.by_number(number)
+        except RoutingError:
+            return Refused(404, "Not Found")
+        if agent.tenant not in allowed:
+            return Refused(404, "Not Found", denial=Denial(
+                "platform", "sip.wrong_tenant", f"{number} is not a number of {', '.join(sorted(allowed))}"))
+        return Routed(agent, number)
+
+    def _allowed(self, source_ip: str, message: str,
+                 trunks: Iterable[tuple[str, SipTrunks]]) -> frozenset[str] | Refused:
+        """The tenants the INVITE may reach: those that allow its address, else the one whose credential it proves."""
+        source = invite_source(source_ip, trunks)
+        if source.allowed:
+            return source.allowed
+        if not source.by_credential:
+            return Refused(403, "Forbidden", denial=Denial("platform", "sip.address_denied",
+                                                           f"no tenant allows {source_ip}"))
+        authorization = header_value(message, "Authorization")
+        if authorization is None:
+            return Refused(401, "Unauthorized", {"WWW-Authenticate": self.digest.challenge()})
+
+        def password_of(username: str) -> str | None:
+            entry = source.by_credential.get(username)
+            if entry is None:
+                return None
+            try:
+                return self.secrets.resolve(entry[1].password, f"SIP credential {username}").get_secret_value()
+            except ConnectorError as exc:  # a secret not mounted: nobody gets in with that name, and it is said
+                log.error("%s", exc)
+                return None
+
+        try:
+            username = self.digest.verify(authorization, "INVITE", password_of)
+        except DigestError as exc:
+            claimed = _claimed_username(authorization)
+            tenant = source.by_credential[claimed][0] if claimed in source.by_credential else "platform"
+            return Refused(403, "Forbidden", denial=Denial(tenant, "sip.credentials_denied", str(exc)))
+        return frozenset({source.by_credential[username][0]})
+
+
+def _claimed_username(authorization: str) -> str:
+    try:
+        return parse_digest(authorization).get("username", "")
+    except DigestError:
+        return ""
+

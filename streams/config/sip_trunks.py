@@ -1,0 +1,79 @@
+"""A tenant's SIP trunks, as its `tenant.yaml` declares them (`sip:`), and which tenants an INVITE may
+reach.
+
+An INVITE is the tenant's when it comes from one of the tenant's addresses (`inbound.allow`, CIDRs:
+the PBX or the carrier's signalling hosts), or when it proves one of the tenant's digest credentials
+(`inbound.credentials`, from anywhere). A tenant with neither takes no SIP calls. The number dialled
+then picks the agent, which must be one of those tenants': a trunk never reaches another tenant's agent.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from streams.connectors.secrets import SecretRef
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SipCredential(_Spec):
+    username: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+    password: SecretRef
+    """Where the password is (`{env: NAME}` or `{file: NAME}`), never the password itself."""
+
+
+class SipInbound(_Spec):
+    allow: tuple[str, ...] = ()
+    """Source addresses (CIDRs, or single addresses) whose INVITEs need no credentials."""
+    credentials: tuple[SipCredential, ...] = ()
+    """Digest credentials (RFC 8760) an INVITE from any other address must prove."""
+
+    @field_validator("allow")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)  # ValueError names the bad one
+        return value
+
+    def networks(self) -> tuple[IpNetwork, ...]:
+        return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in self.allow)
+
+
+class SipTrunks(_Spec):
+    inbound: SipInbound = SipInbound()
+
+
+@dataclass(frozen=True)
+class InviteSource:
+    """Who may have sent an INVITE from one address: the tenants that allow the address, and the
+    tenants whose credentials it could prove instead."""
+
+    allowed: frozenset[str]
+    """Tenants that take this address's INVITEs without credentials."""
+    by_credential: Mapping[str, tuple[str, SipCredential]]
+    """username -> (tenant, credential), for the tenants that take INVITEs from anywhere with credentials."""
+
+
+def invite_source(address: str, trunks: Iterable[tuple[str, SipTrunks]]) -> InviteSource:
+    """What the tenants' trunks say about an INVITE from `address` (an IP, no port). An address that is
+    not an IP (a broken peer) is allowed by nobody."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        ip = None
+    allowed: set[str] = set()
+    by_credential: dict[str, tuple[str, SipCredential]] = {}
+    for tenant, trunk in trunks:
+        if ip is not None and any(ip in network for network in trunk.inbound.networks()):
+            allowed.add(tenant)
+        for credential in trunk.inbound.credentials:
+            by_credential.setdefault(credential.username, (tenant, credential))
+    return InviteSource(frozenset(allowed), by_credential)

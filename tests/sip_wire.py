@@ -1,0 +1,106 @@
+"""SIP spoken by hand over UDP, for the tests of what the gateway answers a broken or hostile peer:
+an INVITE built line by line (any source address of 127.0.0.0/8, any SDP, any headers), the
+responses read back, and datagrams of anything at all."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+PCMU_SDP = ("v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\n"
+            "m=audio {port} RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\n"
+            "a=sendrecv\r\n")
+G729_ONLY_SDP = ("v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\n"
+                 "m=audio {port} RTP/AVP 18\r\na=rtpmap:18 G729/8000\r\na=sendrecv\r\n")
+
+
+@dataclass
+class SipResponse:
+    status: int
+    reason: str
+    headers: dict[str, str] = field(default_factory=dict)
+    text: str = ""
+
+
+def parse_response(data: bytes) -> SipResponse | None:
+    text = data.decode("utf-8", "replace")
+    head = text.split("\r\n\r\n", 1)[0].split("\r\n")
+    parts = head[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("SIP/2.0") or not parts[1].isdigit():
+        return None
+    headers: dict[str, str] = {}
+    for line in head[1:]:
+        name, _, value = line.partition(":")
+        headers.setdefault(name.strip().lower(), value.strip())
+    return SipResponse(int(parts[1]), parts[2] if len(parts) > 2 else "", headers, text)
+
+
+class SipWire:
+    """One UDP socket bound to `source_ip`, speaking to the gateway's SIP port."""
+
+    def __init__(self, gateway_port: int, source_ip: str = "127.0.0.1") -> None:
+        self.gateway = ("127.0.0.1", gateway_port)
+        self.ip = source_ip
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((source_ip, 0))
+        self.port = self.sock.getsockname()[1]
+        self.sock.setblocking(False)
+        self._finals: dict[str, SipResponse] = {}
+        """Final responses read while waiting for another request's."""
+        self._sent: dict[str, bytes] = {}
+        """Requests by Call-ID, retransmitted as a UA does over UDP (RFC 3261 timer A) until answered."""
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendto(data, self.gateway)
+
+    def invite(self, to_number: str, *, sdp: str = PCMU_SDP, headers: dict[str, str] | None = None,
+               call_id: str | None = None, method: str = "INVITE") -> str:
+        """Sends an INVITE (or another method) to `sip:to_number@gateway`; returns its Call-ID."""
+        call_id = call_id or f"{uuid.uuid4()}@{self.ip}"
+        host, port = self.gateway
+        body = sdp.format(ip=self.ip, port=40000) if sdp else ""
+        lines = [
+            f"{method} sip:{to_number}@{host}:{port} SIP/2.0",
+            f"Via: SIP/2.0/UDP {self.ip}:{self.port};branch=z9hG4bK{uuid.uuid4().hex};rport",
+            "Max-Forwards: 70",
+            f"From: <sip:+15557770001@{self.ip}>;tag={uuid.uuid4().hex[:8]}",
+            f"To: <sip:{to_number}@{host}>",
+            f"Call-ID: {call_id}",
+            f"CSeq: 1 {method}",
+            f"Contact: <sip:caller@{self.ip}:{self.port}>",
+            *(f"{name}: {value}" for name, value in (headers or {}).items()),
+            *(["Content-Type: application/sdp"] if body else []),
+            f"Content-Length: {len(body.encode())}",
+        ]
+        self._sent[call_id] = ("\r\n".join(lines) + "\r\n\r\n" + body).encode()
+        self.send(self._sent[call_id])
+        return call_id
+
+    async def final(self, call_id: str, timeout_s: float = 10.0) -> SipResponse:
+        """The final response (>= 200) to the request with this Call-ID; provisional ones are skipped."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        interval = 0.5
+        resend = loop.time() + interval
+        while call_id not in self._finals:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"no final response to {call_id} within {timeout_s} s")
+            if loop.time() >= resend and call_id in self._sent:
+                self.send(self._sent[call_id])  # a datagram lost in a full socket buffer, as on any network
+                interval = min(interval * 2, 4.0)
+                resend = loop.time() + interval
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(self.sock, 65535), min(remaining, resend - loop.time()))
+            except TimeoutError:
+                continue
+            response = parse_response(data)
+            if response is not None and response.status >= 200:
+                self._finals.setdefault(response.headers.get("call-id", ""), response)
+        self._sent.pop(call_id, None)
+        return self._finals.pop(call_id)
