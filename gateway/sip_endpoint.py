@@ -77,6 +77,8 @@ class SipEndpointConfig:
     invites_per_minute: float = 120.0
     """INVITEs one source address may send; past it they are answered 503 with Retry-After."""
     invite_burst: int = 30
+    log_level: int = 2
+    """What PJSIP prints on standard output: 1 errors, 2 warnings too, up to 6 (every message)."""
 
     @property
     def advertised(self) -> str:
@@ -200,7 +202,6 @@ class _Call(pj.Call):  # type: ignore[misc]
     def onCallTransferStatus(self, prm: Any) -> None:
         self.endpoint.post(self.endpoint.events.transfer_status, self.handle, int(prm.statusCode),
                             str(prm.reason), bool(prm.finalNotify))
-        prm.cont = False  # one outcome is all we wait for: no further NOTIFYs
 
     def receiving(self) -> bool:
         """Whether RTP is coming in (or the call is on hold, when none need come)."""
@@ -227,13 +228,6 @@ class _Account(pj.Account):  # type: ignore[misc]
         self.endpoint.incoming(self, prm)
 
 
-class _LogToPython(pj.LogWriter):  # type: ignore[misc]
-    def write(self, entry: Any) -> None:
-        text = str(entry.msg).rstrip()
-        level = logging.WARNING if entry.level <= 2 else logging.DEBUG
-        log.log(level, "pjsip: %s", text)
-
-
 @dataclass
 class SipEndpoint:
     """The SIP user agent: `start()` from the event loop, whose `events` it tells; `stop()` ends it."""
@@ -249,7 +243,6 @@ class SipEndpoint:
     _ready: threading.Event = field(default_factory=threading.Event)
     _problem: str | None = None
     _account: _Account | None = None
-    _writer: _LogToPython | None = None
     _invites: RateLimits = field(default_factory=RateLimits)
     _refusals: collections.deque[tuple[_Call, Refused]] = field(default_factory=collections.deque)
     _next_refusal: float = 0.0
@@ -359,10 +352,8 @@ class SipEndpoint:
         ua.maxCalls = config.max_calls
         ua.userAgent = config.user_agent
         logging_config = ep_config.logConfig
-        logging_config.level = 3 if log.isEnabledFor(logging.DEBUG) else 2
-        logging_config.consoleLevel = 0
-        self._writer = _LogToPython()
-        logging_config.writer = self._writer
+        # (the binding's LogWriter is never called: PJSIP writes its own lines to standard output)
+        logging_config.level = logging_config.consoleLevel = self.config.log_level
         media = ep_config.medConfig
         media.clockRate = CLOCK_RATE
         media.sndClockRate = CLOCK_RATE

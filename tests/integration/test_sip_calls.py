@@ -1,0 +1,200 @@
+"""A real softphone (Debian's baresip) calls the gateway over SIP on loopback, on both log backends: it
+hears the greeting and the agent's answer (Whisper reads what it recorded), its RFC 4733 digits reach
+the call, the call is in the log as `channel: sip` and replays identically; a REFER hands the caller to a
+second baresip that answers, and a transfer nobody takes leaves the caller with the agent."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from consumers.event_reader import read_call
+from schemas.base import Event, EventPayload
+from schemas.events import CallEnded, CallStarted, DtmfReceived, HandoffCompleted, TtsCompleted
+from streams.audio.codecs import frames, resample_pcm16, rms_dbfs
+from streams.call.replay import agent_for, verify_call
+from streams.providers.asr_faster_whisper import packaged_model_dir
+from tests.baresip_peer import BaresipPeer, baresip_peer, require_baresip, speech_wav_8k
+from voxlog.settings import Settings
+from voxlog.sim.demo_agents import demo_agents_with
+from voxlog.sim.stack import LocalStack, local_stack
+
+pytestmark = pytest.mark.slow
+
+AGENT = "+15550100"
+LOUD_DBFS = -40.0
+
+
+def free_sip_port() -> int:
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = int(udp.getsockname()[1])
+            with socket.socket() as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no port free for UDP and TCP")
+
+
+def sip_settings(home: Path, agents: Path | None = None, kafka: str | None = None) -> Settings:
+    return Settings(home=home, kafka_bootstrap=kafka, agents_dir=agents, sip_bind=f"127.0.0.1:{free_sip_port()}")
+
+
+def agent_uri(stack: LocalStack) -> str:
+    assert stack.gateway.sip is not None
+    return f"sip:{AGENT}@127.0.0.1:{stack.gateway.sip.port}"
+
+
+def loud_seconds(pcm: bytes, rate: int) -> float:
+    return sum(1 for frame in frames(pcm, rate, 20) if rms_dbfs(frame) > LOUD_DBFS) * 0.02
+
+
+async def until(condition: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        await asyncio.sleep(0.1)
+
+
+def fell_silent(peer: BaresipPeer, after_loud_s: float) -> bool:
+    """The peer has heard more than `after_loud_s` of speech in all, and the last second was silent."""
+    try:
+        pcm, rate = peer.received_audio()
+    except (FileNotFoundError, AssertionError, ValueError):
+        return False
+    tail = pcm[-rate * 2:]
+    return loud_seconds(pcm, rate) > after_loud_s and len(tail) == rate * 2 and loud_seconds(tail, rate) == 0.0
+
+
+def words(pcm: bytes, rate: int) -> str:
+    """What Whisper tiny.en (the packaged model) hears in `pcm`, lower case, letters only."""
+    import numpy as np
+    from faster_whisper import WhisperModel  # type: ignore[import-untyped]
+
+    model_dir = packaged_model_dir()
+    assert model_dir is not None
+    audio = np.frombuffer(resample_pcm16(pcm, rate, 16_000), dtype="<i2").astype(np.float32) / 32768.0
+    segments, _ = WhisperModel(str(model_dir), device="cpu", compute_type="int8").transcribe(audio, language="en")
+    return re.sub(r"[^a-z ]", "", " ".join(s.text for s in segments).lower())
+
+
+async def events_of(stack: LocalStack, call_id: str) -> list[Event[EventPayload]]:
+    await stack.gateway.wait_idle(30)
+    async with stack.gateway.backend.admin() as admin:
+        return (await read_call(admin, call_id)).events
+
+
+def the_call(stack: LocalStack) -> str:
+    [session] = stack.gateway.sessions.values()
+    return session.call.call_id
+
+
+@pytest.fixture
+async def stack(log_bootstrap: str | None, tmp_path: Path) -> AsyncIterator[LocalStack]:
+    require_baresip()
+    async with local_stack(sip_settings(tmp_path / "home", kafka=log_bootstrap)) as running:
+        yield running
+
+
+async def test_a_softphone_talks_to_the_agent(stack: LocalStack, tmp_path: Path) -> None:
+    ask = speech_wav_8k("I would like to book a technician visit for tomorrow morning.", tmp_path / "ask.wav")
+    async with baresip_peer(tmp_path, user="caller") as caller:
+        await caller.dial(agent_uri(stack))
+        established = await caller.wait_event("CALL_ESTABLISHED")
+        call_id = the_call(stack)
+        await until(lambda: fell_silent(caller, 2.0), 30, "the greeting heard, then silence")
+        greeting, rate = caller.received_audio()
+        await caller.send_dtmf("5")
+        await caller.play(ask)
+        await until(lambda: fell_silent(caller, loud_seconds(greeting, rate) + 1.5), 60, "the agent's answer heard")
+        heard, rate = caller.received_audio()
+        await caller.hangup()
+        await caller.wait_event("CALL_CLOSED")
+
+    said = words(greeting, rate)  # ("Acme" is beyond tiny.en)
+    assert "thanks for calling" in said, said
+    assert "how can i help you" in said, said
+    answer = words(heard[len(greeting):], rate)
+    assert "book" in answer, answer
+
+    events = await events_of(stack, call_id)
+    started = events[0].payload
+    assert isinstance(started, CallStarted)
+    assert (started.channel, started.to_number, started.provider_call_id) == ("sip", AGENT, established["id"])
+    assert started.from_number == "caller"
+    assert [e.payload.digit for e in events if isinstance(e.payload, DtmfReceived)] == ["5"]
+    ended = events[-1].payload
+    assert isinstance(ended, CallEnded)
+    assert (ended.reason, ended.outcome) == ("caller_hangup", "booked")
+    spoken = [e.payload for e in events if isinstance(e.payload, TtsCompleted)]
+    assert sum(p.audio_ms for p in spoken) / 1000 >= loud_seconds(heard, rate)  # what it heard, the agent said
+    assert {e.type for e in events} >= {"audio.caller_chunk", "audio.agent_chunk", "transcript.final", "tool.succeeded"}
+    assert verify_call(events, agent_for(events, stack.gateway.router)).identical
+
+
+@pytest.mark.parametrize("human_answers", [True, False], ids=["answered", "refused"])
+async def test_a_refer_hands_the_caller_to_a_human_or_leaves_them_with_the_agent(
+        tmp_path: Path, human_answers: bool) -> None:
+    require_baresip()
+    human_cm = baresip_peer(tmp_path, user="human", auto_answer=human_answers)
+    async with human_cm as human:
+        agents = demo_agents_with(tmp_path / "agents", front_desk={"handoff": {"target": human.uri}})
+        ask = speech_wav_8k("Can I talk to a human please?", tmp_path / "ask.wav")
+        async with (local_stack(sip_settings(tmp_path / "home", agents)) as stack,
+                    baresip_peer(tmp_path, user="caller") as caller):
+            await caller.dial(agent_uri(stack))
+            first = await caller.wait_event("CALL_ESTABLISHED")
+            call_id = the_call(stack)
+            await until(lambda: fell_silent(caller, 2.0), 30, "the greeting heard, then silence")
+            await caller.play(ask)
+            transfer = await caller.wait_event("TRANSFER", timeout_s=60)
+            assert transfer["param"] == human.uri
+            if human_answers:
+                assert (await human.wait_event("CALL_ESTABLISHED", timeout_s=20))["peeruri"] == caller.uri
+                closed = await caller.wait_event("CALL_CLOSED", timeout_s=30)  # the agent's leg, ended by us
+                assert closed["id"] == first["id"]
+                events = await events_of(stack, call_id)
+            else:
+                await human.wait_event("CALL_INCOMING", timeout_s=20)
+                await human.hangup()  # declines: the caller's INVITE to the human fails
+                await handoff_completed(stack, call_id, 30)
+                assert call_id in stack.gateway.sessions, "the caller is still with the agent"
+                await caller.hangup()
+                await caller.wait_event("CALL_CLOSED")
+                events = await events_of(stack, call_id)
+
+    [completed] = [e.payload for e in events if isinstance(e.payload, HandoffCompleted)]
+    ended = events[-1].payload
+    assert isinstance(ended, CallEnded)
+    if human_answers:
+        assert completed.outcome == "connected"
+        assert ended.reason == "handoff"
+    else:
+        assert completed.outcome != "connected"
+        assert completed.detail is not None
+        assert "REFER" in completed.detail
+        assert ended.reason == "caller_hangup"
+    assert verify_call(events, agent_for(events, stack.gateway.router)).identical
+
+
+async def handoff_completed(stack: LocalStack, call_id: str, timeout_s: float) -> None:
+    """Until the live call's handoff.completed is in the log."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        await stack.gateway.writer.flush()
+        async with stack.gateway.backend.admin() as admin:
+            if any(isinstance(e.payload, HandoffCompleted) for e in (await read_call(admin, call_id)).events):
+                return
+        assert time.monotonic() < deadline, "no handoff.completed in the log"
+        await asyncio.sleep(0.2)
