@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import uvicorn
 from fastapi import APIRouter, FastAPI
@@ -21,6 +22,9 @@ from gateway.api import api_router
 from gateway.api_docs import add_api_docs
 from gateway.console import call_views_router, console_router
 from gateway.runtime import GatewayRuntime
+
+if TYPE_CHECKING:
+    from gateway.sip_call_flow import SipCallFlow
 from gateway.twilio_call_flow import TwilioCallFlow
 from gateway.widget import widget_router
 
@@ -39,7 +43,7 @@ class GatewayServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def operations_router(runtime: GatewayRuntime) -> APIRouter:
+def operations_router(runtime: GatewayRuntime, sip: SipCallFlow | None = None) -> APIRouter:
     """`GET /metrics` and `GET /healthz`, for the operators' scrapers and load balancers."""
     router = APIRouter()
 
@@ -67,13 +71,15 @@ def operations_router(runtime: GatewayRuntime) -> APIRouter:
             body["background"] = {"status": "ok" if background.problem is None else "unavailable",
                                   "restarts": background.restarts,
                                   **({"problem": background.problem} if background.problem else {})}
+        if sip is not None:  # SIP's state is said; its calls are what `live_calls` counts with the others'
+            body["sip"] = sip.health()
         return JSONResponse(body, status_code=200 if problem is None else 503)
 
     return router
 
 
 def create_app(runtime: GatewayRuntime) -> FastAPI:
-    sip = None
+    sip: SipCallFlow | None = None
     if runtime.sip is not None:
         from gateway.sip_call_flow import SipCallFlow  # PJSIP loads only where SIP is served
 
@@ -95,7 +101,7 @@ def create_app(runtime: GatewayRuntime) -> FastAPI:
     add_api_docs(app)  # /docs and /redoc with their assets served here: no CDN (gateway/api_docs.py)
     app.state.gateway = runtime
     app.state.sip = sip
-    app.include_router(operations_router(runtime))
+    app.include_router(operations_router(runtime, sip))
     app.include_router(TwilioCallFlow(runtime).router())
     app.include_router(widget_router(runtime))
     app.include_router(api_router(runtime))

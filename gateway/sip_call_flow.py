@@ -76,6 +76,14 @@ class SipCallFlow:
         log.info("SIP: listening on %s:%d (UDP, TCP)%s", config.host, config.port,
                  f", TLS on {config.tls_port}" if config.tls_port else "")
 
+    def health(self) -> dict[str, object]:
+        config = self.endpoint.config
+        body: dict[str, object] = {"status": "ok" if self.endpoint.running else "unavailable",
+                                   "listening": f"{config.host}:{config.port}", "calls": len(self.legs)}
+        if config.tls_port is not None:
+            body["tls"] = f"{config.host}:{config.tls_port}"
+        return body
+
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()

@@ -81,6 +81,61 @@ class SipWire:
         self.send(self._sent[call_id])
         return call_id
 
+    def in_dialog(self, method: str, response: SipResponse, cseq: int | None = None) -> None:
+        """Sends `method` (ACK, BYE, CANCEL) for the request `response` answered: its dialog's From, To
+        (with the far end's tag, if any), Call-ID, and the INVITE's CSeq number (or `cseq`)."""
+        number = cseq if cseq is not None else int(response.headers["cseq"].split()[0])
+        host, port = self.gateway
+        lines = [
+            f"{method} sip:{host}:{port} SIP/2.0",
+            f"Via: SIP/2.0/UDP {self.ip}:{self.port};branch=z9hG4bK{uuid.uuid4().hex};rport",
+            "Max-Forwards: 70",
+            f"From: {response.headers['from']}",
+            f"To: {response.headers['to']}",
+            f"Call-ID: {response.headers['call-id']}",
+            f"CSeq: {number} {method}",
+            "Content-Length: 0",
+        ]
+        self.send(("\r\n".join(lines) + "\r\n\r\n").encode())
+
+    def cancel(self, call_id: str) -> None:
+        """CANCELs the INVITE with this Call-ID (same branch, as RFC 3261 9.1 asks)."""
+        invite = self._sent[call_id].decode()
+        head = invite.split("\r\n\r\n", 1)[0].split("\r\n")
+        keep = [line for line in head[1:] if line.split(":", 1)[0].lower() in ("via", "from", "to", "call-id", "max-forwards")]
+        request_uri = head[0].split(" ")[1]
+        lines = [f"CANCEL {request_uri} SIP/2.0", *keep, "CSeq: 1 CANCEL", "Content-Length: 0"]
+        self.send(("\r\n".join(lines) + "\r\n\r\n").encode())
+
+    async def request(self, method: str, timeout_s: float = 10.0) -> SipResponse:
+        """The next request of `method` the gateway sends us (its headers in a `SipResponse`, status 0),
+        answered 200 OK."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"no {method} within {timeout_s} s")
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(self.sock, 65535), remaining)
+            except TimeoutError:
+                continue
+            text = data.decode("utf-8", "replace")
+            if not text.startswith(f"{method} "):
+                response = parse_response(data)
+                if response is not None and response.status >= 200:
+                    self._finals.setdefault(response.headers.get("call-id", ""), response)
+                continue
+            head = text.split("\r\n\r\n", 1)[0].split("\r\n")
+            headers: dict[str, str] = {}
+            for line in head[1:]:
+                name, _, value = line.partition(":")
+                headers.setdefault(name.strip().lower(), value.strip())
+            ok = ["SIP/2.0 200 OK", *(f"{name}: {headers[name.lower()]}" for name in ("Via", "From", "To", "Call-ID", "CSeq")),
+                  "Content-Length: 0"]
+            self.send(("\r\n".join(ok) + "\r\n\r\n").encode())
+            return SipResponse(0, method, headers, text)
+
     async def final(self, call_id: str, timeout_s: float = 10.0) -> SipResponse:
         """The final response (>= 200) to the request with this Call-ID; provisional ones are skipped."""
         loop = asyncio.get_running_loop()

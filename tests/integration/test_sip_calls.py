@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from consumers.event_reader import read_call
@@ -113,6 +114,10 @@ async def test_a_softphone_talks_to_the_agent(stack: LocalStack, tmp_path: Path)
         await caller.dial(agent_uri(stack))
         established = await caller.wait_event("CALL_ESTABLISHED")
         call_id = the_call(stack)
+        async with httpx.AsyncClient() as client:
+            health = (await client.get(f"{stack.base_url}/healthz")).json()
+        assert health["sip"] == {"status": "ok", "listening": agent_uri(stack).split("@")[1], "calls": 1}
+        assert health["live_calls"] == 1
         await until(lambda: fell_silent(caller, 2.0), 30, "the greeting heard, then silence")
         greeting, rate = caller.received_audio()
         await caller.send_dtmf("5")

@@ -181,6 +181,35 @@ async def test_numbers_nobody_or_another_tenant_answers_are_not_found(stack: Loc
     assert (await theirs.final(theirs.invite(OTHER_AGENT))).status == 200
 
 
+async def test_a_call_whose_rtp_never_comes_is_ended_with_a_reason(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path / "home", sip_bind=f"127.0.0.1:{free_sip_port()}", sip_rtp_timeout_s=2)
+    async with local_stack(settings) as stack:
+        wire = from_(stack, "127.0.0.1")
+        answer = await wire.final(wire.invite(AGENT))
+        assert answer.status == 200, answer.text
+        wire.in_dialog("ACK", answer)  # and then not one RTP packet
+        bye = await wire.request("BYE", timeout_s=20)
+        assert bye.headers["call-id"] == answer.headers["call-id"]
+        await stack.gateway.wait_idle(10)
+        [report] = stack.gateway.reports
+        assert report.end_reason == "rtp_timeout"
+
+
+async def test_a_cancel_before_the_answer_leaves_nothing_held(stack: LocalStack, wire: SipWire) -> None:
+    """CANCELs race the answer: whichever wins, the call's place is given back (capacity 1 here)."""
+    for _ in range(5):
+        call_id = wire.invite(AGENT)
+        wire.cancel(call_id)
+        response = await wire.final(call_id)
+        assert response.status in (200, 487), response.text
+        if response.status == 200:  # answered first: the caller hangs up instead
+            wire.in_dialog("ACK", response)
+            wire.in_dialog("BYE", response, cseq=2)
+        await stack.gateway.wait_idle(10)
+    answer = await wire.final(wire.invite(AGENT))
+    assert answer.status == 200, "no place was left held by a cancelled call"
+
+
 async def test_an_sdp_with_no_common_codec_is_not_acceptable(stack: LocalStack, wire: SipWire) -> None:
     before = await call_events(stack)
     assert (await wire.final(wire.invite(AGENT, sdp=G729_ONLY_SDP))).status == 488
