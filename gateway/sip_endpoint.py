@@ -266,6 +266,11 @@ class SipEndpoint:
         await asyncio.to_thread(self._thread.join, 10)
         self._thread = None
 
+    @property
+    def running(self) -> bool:
+        """Its thread is up and serving (it stops only when told to, or when PJSIP fails)."""
+        return self._thread is not None and self._thread.is_alive() and self._problem is None
+
     def respond(self, handle: int, code: int, reason: str = "", headers: dict[str, str] | None = None) -> None:
         """Answers a ringing call: 200 takes it (SDP answer from the stack), anything else refuses it."""
         self._command(handle, lambda call: self._respond(call, code, reason, headers or {}))
