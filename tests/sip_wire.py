@@ -102,7 +102,8 @@ class SipWire:
         """CANCELs the INVITE with this Call-ID (same branch, as RFC 3261 9.1 asks)."""
         invite = self._sent[call_id].decode()
         head = invite.split("\r\n\r\n", 1)[0].split("\r\n")
-        keep = [line for line in head[1:] if line.split(":", 1)[0].lower() in ("via", "from", "to", "call-id", "max-forwards")]
+        copied = ("via", "from", "to", "call-id", "max-forwards")
+        keep = [line for line in head[1:] if line.split(":", 1)[0].lower() in copied]
         request_uri = head[0].split(" ")[1]
         lines = [f"CANCEL {request_uri} SIP/2.0", *keep, "CSeq: 1 CANCEL", "Content-Length: 0"]
         self.send(("\r\n".join(lines) + "\r\n\r\n").encode())
@@ -131,7 +132,8 @@ class SipWire:
             for line in head[1:]:
                 name, _, value = line.partition(":")
                 headers.setdefault(name.strip().lower(), value.strip())
-            ok = ["SIP/2.0 200 OK", *(f"{name}: {headers[name.lower()]}" for name in ("Via", "From", "To", "Call-ID", "CSeq")),
+            echoed = ("Via", "From", "To", "Call-ID", "CSeq")
+            ok = ["SIP/2.0 200 OK", *(f"{name}: {headers[name.lower()]}" for name in echoed),
                   "Content-Length: 0"]
             self.send(("\r\n".join(ok) + "\r\n\r\n").encode())
             return SipResponse(0, method, headers, text)

@@ -84,6 +84,8 @@ from voxlog.progress import progress
 from voxlog.serving import run_on_serving_loop
 from voxlog.settings import Settings
 from voxlog.sim.demo_agents import demo_agents_with
+from voxlog.sim.sip_caller import SipCaller, free_sip_port
+from voxlog.sim.sip_caller import loud as sip_loud
 from voxlog.sim.stack import LocalStack, local_stack
 from voxlog.sim.twilio_caller import TwilioCaller, parse_stream_twiml
 
@@ -173,6 +175,42 @@ async def _one_call(caller: TwilioCaller, speech: bytes, budget_ms: float, turns
     return figures
 
 
+async def _one_sip_call(caller: SipCaller, speech: bytes, budget_ms: float, turns: int,
+                        delay_s: float = 0.0) -> CallFigures:
+    """`_one_call` over SIP: the same turns, timed on the RTP as it arrives (the gateway sends RTP all the
+    call long, silence included: a turn's answer begins at its first loud packet)."""
+    figures = CallFigures()
+    await asyncio.sleep(delay_s)
+    try:
+        asked = time.perf_counter()
+        status = await caller.dial()
+        figures.webhook_ms = (time.perf_counter() - asked) * 1000
+        if status in (486, 503):
+            figures.refused = True
+            return figures
+        if status != 200:
+            raise AssertionError(f"the INVITE was answered {status}")
+        await caller.agent_quiet(0.5, 30)  # the greeting
+        for _ in range(turns):
+            await caller.send_mulaw(speech)
+            spoke_until, heard = time.monotonic(), caller.loud_bytes()
+            await caller.send_mulaw(bytes([MULAW_SILENCE]) * int(8000 * 1.5))
+            await caller.agent_quiet(0.5, 30, beyond=heard)
+            after = [frame for frame in caller.agent_frames if frame.at > spoke_until]
+            loud = [frame.at for frame in after if sip_loud(frame.payload)]
+            if loud:
+                figures.added_ms.append((loud[0] - spoke_until) * 1000 - budget_ms)
+                gaps = [b.at - a.at for a, b in itertools.pairwise(after) if b.at - a.at < 0.2]
+                figures.jitter_ms += [abs(g - 0.02) * 1000 for g in gaps]
+            if caller.closed.is_set():
+                break
+    except Exception as exc:  # a failed call is reported, not hidden
+        figures.error = repr(exc)
+    finally:
+        await caller.hangup()
+    return figures
+
+
 async def play_callers(plan: dict[str, Any]) -> list[CallFigures]:
     """All the callers of a run, at once (in the callers' own process), sharing one HTTP client: a
     client (and its SSL context) per webhook would cost the callers more CPU than the gateway spends.
@@ -184,6 +222,13 @@ async def play_callers(plan: dict[str, Any]) -> list[CallFigures]:
         return figures
 
     speech = await caller_speech()
+    if plan.get("sip_port"):
+        with progress("bench calls: SIP callers", total=len(plan["calls"]), unit="calls") as ended:
+            return await asyncio.gather(*(
+                counted(_one_sip_call(SipCaller("127.0.0.1", plan["sip_port"], plan["to"], from_=number), speech,
+                                      plan["budget_ms"], plan["turns"], index * plan["ramp_s"] / len(plan["calls"])),
+                        ended)
+                for index, (_sid, number) in enumerate(plan["calls"])))
     async with httpx.AsyncClient(base_url=plan["base_url"], timeout=30) as http:
         with progress("bench calls: callers", total=len(plan["calls"]), unit="calls") as ended:
             return await asyncio.gather(*(
@@ -202,10 +247,12 @@ async def _callers_process(stack: LocalStack, calls: int, budget_ms: float, ramp
     seconds too: a load generator that takes the machine's cores measures itself."""
     plan: dict[str, Any] = {"base_url": stack.base_url, "auth_token": stack.auth_token,
                             "account_sid": stack.settings.twilio_account_sid, "to": "+15550100",
-                            "budget_ms": budget_ms, "ramp_s": ramp_s, "turns": turns, "calls": []}
+                            "budget_ms": budget_ms, "ramp_s": ramp_s, "turns": turns, "calls": [],
+                            "sip_port": stack.gateway.sip.port if stack.gateway.sip is not None else None}
     for index in range(calls):
         number = f"+1555{index:07d}"
-        plan["calls"].append((stack.twilio.add_call(number, plan["to"]), number))
+        sid = stack.twilio.add_call(number, plan["to"]) if stack.gateway.sip is None else f"sip-{index}"
+        plan["calls"].append((sid, number))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "voxlog.bench_calls", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
@@ -314,12 +361,16 @@ def _latency(values: list[float]) -> dict[str, float | None]:
 async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
                       fallback: FallbackProfile | None = None, ramp_s: float = 0.0,
                       history_events: int = 0, turns: int = DEFAULT_TURNS,
-                      vad: VadKind | None = None, analytics: bool = False) -> dict[str, Any]:
+                      vad: VadKind | None = None, analytics: bool = False,
+                      channel: Literal["phone", "sip"] = "phone") -> dict[str, Any]:
     """`vad`: the demo agent's judge for this run (with `settings.agents_dir` unset). `analytics`: the
     projections and the summariser run as `voxlog serve` runs them (its background process, or with
     `settings.background_process` off the gateway's own loop), and the result says what they cost and
-    how long after the last call their tables held every event."""
+    how long after the last call their tables held every event. `channel`: the callers phone in as
+    Twilio carries them (`phone`) or over SIP to the gateway's SIP endpoint (`sip`, on a free port)."""
     made = itertools.count()
+    if channel == "sip" and settings.sip_bind is None:
+        settings = settings.model_copy(update={"sip_bind": f"127.0.0.1:{free_sip_port()}"})
     if settings.agents_dir is None:  # the demo tenant's own limit (50 calls) must not cap what is measured
         settings = settings.model_copy(update={"agents_dir": demo_agents_with(
             settings.home / "bench-agents", tenant={"limits": {"max_concurrent_calls": calls}},
@@ -363,6 +414,7 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
     result: dict[str, Any] = {
         **run_facts("calls"),
         "log": backend,
+        "channel": channel,
         "calls": calls,
         "turns_per_call": turns,
         "history_events": history_events,

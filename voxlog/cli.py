@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 from urllib.parse import quote
 
 import typer
@@ -399,10 +399,19 @@ def _vad_kind(value: str, param_hint: str) -> VadKind:
     return kind
 
 
+def _channel(name: str) -> Literal["phone", "sip"]:
+    if name not in ("phone", "sip"):
+        raise typer.BadParameter(f"--channel is phone or sip, not {name!r}")
+    return "sip" if name == "sip" else "phone"
+
+
 @bench_app.command("calls")
 def bench_calls_command(
     out: Annotated[Path, typer.Option(help="JSON file the results are written to.")],
     calls: Annotated[int, typer.Option(min=1, help="Concurrent calls.")] = 50,
+    channel: Annotated[str, typer.Option(
+        help="How the callers call: phone (as Twilio carries them: webhook and Media Streams) or sip (INVITE and "
+        "RTP to the gateway's SIP endpoint; docs/sip.md says how many calls its PJSIP build holds).")] = "phone",
     turns: Annotated[int, typer.Option(min=1, help="Turns per call (the last a goodbye).")] = 20,
     asr_ms: Annotated[int, typer.Option(help="Scripted ASR final-result delay.")] = 150,
     llm_ms: Annotated[int, typer.Option(help="Scripted LLM delay.")] = 300,
@@ -448,10 +457,11 @@ def bench_calls_command(
     result = run_on_serving_loop(bench_calls(settings, calls=calls, timeline=timeline, fallback=profile,
                                              ramp_s=ramp_s, history_events=history_events, turns=turns,
                                              vad=None if vad is None else _vad_kind(vad, "--vad"),
-                                             analytics=analytics))
+                                             analytics=analytics, channel=_channel(channel)))
     write_result(result, out)
     added, jitter = result["added_latency_ms"], result["pacing_jitter_ms"]
-    console.print(f"{calls} calls on {result['log']}: added latency p50 {added['p50']} ms, p99 {added['p99']} ms; "
+    console.print(f"{calls} {channel} calls on {result['log']}: added latency p50 {added['p50']} ms, "
+                  f"p99 {added['p99']} ms; "
                   f"pacing jitter p99 {jitter['p99']} ms; {result['events_per_s']:,} events/s; "
                   f"gateway CPU {result['gateway_cpu_share']:.0%} ({result['gateway_cpu_s_per_call_minute']} s a "
                   f"call-minute), callers' {result['callers_cpu_share']:.0%}; peak memory "

@@ -34,9 +34,12 @@ def number_of(uri: str) -> str:
     text = uri.strip()
     if "<" in text:
         text = text[text.index("<") + 1:]
-    match = _USER.match(text.strip())
+    text = text.strip()
+    match = _USER.match(text)
     if match is None:
         return ""
+    if not text.lower().startswith("tel:") and text[match.end():match.end() + 1] != "@":
+        return ""  # sip:host has no user part: the host is no number
     return unquote(match.group(1)).strip()
 
 
@@ -47,7 +50,7 @@ def header_value(message: str, name: str) -> str | None:
     wanted = name.lower()
     for index, line in enumerate(lines):
         field, colon, value = line.partition(":")
-        if not colon or field.strip().lower() != wanted:
+        if not colon or line[:1].isspace() or field.strip().lower() != wanted:  # (a folded line is no header)
             continue
         for more in lines[index + 1:]:
             if not more[:1].isspace():
@@ -62,6 +65,10 @@ def parse_digest(header: str) -> dict[str, str]:
     for anything else."""
     if len(header) > MAX_HEADER:
         raise DigestError("the Authorization header is too long")
+    try:
+        header.encode()
+    except UnicodeEncodeError:  # bytes that were not UTF-8, as the SIP stack hands them over
+        raise DigestError("the Authorization header is not UTF-8") from None
     scheme, _, rest = header.strip().partition(" ")
     if scheme.lower() != "digest":
         raise DigestError(f"the Authorization scheme is {scheme[:20]!r}, not Digest")

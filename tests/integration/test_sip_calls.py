@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,26 +24,13 @@ from streams.providers.asr_faster_whisper import packaged_model_dir
 from tests.baresip_peer import BaresipPeer, baresip_peer, require_baresip, speech_wav_8k
 from voxlog.settings import Settings
 from voxlog.sim.demo_agents import demo_agents_with
+from voxlog.sim.sip_caller import free_sip_port
 from voxlog.sim.stack import LocalStack, local_stack
 
 pytestmark = pytest.mark.slow
 
 AGENT = "+15550100"
 LOUD_DBFS = -40.0
-
-
-def free_sip_port() -> int:
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket() as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no port free for UDP and TCP")
 
 
 def sip_settings(home: Path, agents: Path | None = None, kafka: str | None = None) -> Settings:

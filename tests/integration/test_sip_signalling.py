@@ -25,6 +25,7 @@ from streams.channels.sip_digest import parse_digest
 from tests.sip_wire import G729_ONLY_SDP, SipWire
 from voxlog.settings import Settings
 from voxlog.sim.demo_agents import demo_agents_with
+from voxlog.sim.sip_caller import free_sip_port
 from voxlog.sim.stack import LocalStack, local_stack
 
 pytestmark = pytest.mark.slow
@@ -32,21 +33,6 @@ pytestmark = pytest.mark.slow
 AGENT = "+15550100"
 OTHER_AGENT = "+15550200"
 PBX_PASSWORD = "pbx-secret-42"
-
-
-def free_sip_port() -> int:
-    """A port free for both UDP and TCP (PJSIP binds both itself)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket() as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no port free for UDP and TCP")
 
 
 def agents_with_trunks(folder: Path) -> Path:
