@@ -10,6 +10,9 @@ Audio stays off the loop's critical path: PJSIP's media clock (a thread of PJSIP
 20 ms of caller audio from the conference bridge (8 kHz, 16-bit) and asks for 20 ms of the agent's;
 the agent's frames wait in a per-call queue that the clock empties at its own steady pace, so RTP
 goes out every 20 ms whatever the loop is doing, and a clear (barge-in) drops what is queued at once.
+A mark (`mark`) waits in that queue behind the audio queued before it: the clock that reaches it, or
+the clear that drops it, tells the loop (as Twilio echoes a mark once its audio has played or been
+cleared).
 """
 
 from __future__ import annotations
@@ -107,6 +110,16 @@ def _ip_of(source: str) -> str:
     return host.strip("[]")
 
 
+class _Mark:
+    """A mark in a call's queue of agent frames: not audio; `reached` is posted to the loop when the media
+    clock gets to it, or when a clear (or an overflowing queue) drops it."""
+
+    __slots__ = ("reached",)
+
+    def __init__(self, reached: Callable[[], None]) -> None:
+        self.reached = reached
+
+
 class SipEvents(Protocol):
     """What the endpoint asks and tells: `screen` on the endpoint's thread (it must not block), the rest on
     the event loop."""
@@ -138,13 +151,22 @@ class _AgentAudio(pj.AudioMediaPort):  # type: ignore[misc]
         self.handle = handle
         self._post = post
         self._events = events
-        self.queued: collections.deque[bytes] = collections.deque(maxlen=QUEUED_FRAMES_MAX)
+        self.queued: collections.deque[bytes | _Mark] = collections.deque(maxlen=QUEUED_FRAMES_MAX)
+        """Agent frames and marks; appended on the loop, taken from the left by the clock and by a clear
+        (each `popleft` atomic: an entry goes to exactly one of them)."""
 
     def onFrameRequested(self, frame: Any) -> None:
-        try:
-            pcm = self.queued.popleft()
-        except IndexError:
-            pcm = SILENCE
+        queued = self.queued
+        while True:
+            try:
+                entry = queued.popleft()
+            except IndexError:
+                pcm = SILENCE
+                break
+            if isinstance(entry, bytes):
+                pcm = entry
+                break
+            self._post(entry.reached)  # a mark: every frame queued before it has gone out
         frame.type = pj.PJMEDIA_FRAME_TYPE_AUDIO
         frame.buf = pj.ByteVector(pcm)
         frame.size = len(pcm)
@@ -291,18 +313,47 @@ class SipEndpoint:
 
     def play(self, handle: int, pcm: bytes) -> bool:
         """Queues 20 ms of the agent's 8 kHz PCM for the call; False when the call has no media (yet, or any more)."""
+        return self._queue(handle, pcm)
+
+    def mark(self, handle: int, reached: Callable[[], None]) -> bool:
+        """Queues a mark behind the call's queued frames: `reached` is called on the loop once the media
+        clock has taken every frame before it (or a clear dropped them); False when the call has no media."""
+        return self._queue(handle, _Mark(reached))
+
+    def _queue(self, handle: int, entry: bytes | _Mark) -> bool:
         call = self._calls.get(handle)
         if call is None or call.port is None:
             return False
-        call.port.queued.append(pcm)
+        queued = call.port.queued
+        while len(queued) >= QUEUED_FRAMES_MAX:  # the oldest go, a mark among them reported, not lost
+            try:
+                oldest = queued.popleft()
+            except IndexError:
+                break
+            if isinstance(oldest, _Mark):
+                self.post(oldest.reached)
+        queued.append(entry)
         return True
 
-    def clear(self, handle: int) -> None:
+    def clear(self, handle: int) -> int | None:
+        """Drops the call's queued frames: how many (None when the call has no media); the marks among them
+        are reported reached, in order."""
         call = self._calls.get(handle)
-        if call is not None and call.port is not None:
-            call.port.queued.clear()
+        if call is None or call.port is None:
+            return None
+        queued, dropped = call.port.queued, 0
+        while True:
+            try:
+                entry = queued.popleft()
+            except IndexError:
+                return dropped
+            if isinstance(entry, bytes):
+                dropped += 1
+            else:
+                self.post(entry.reached)
 
     def queued_frames(self, handle: int) -> int:
+        """Frames (and marks) waiting for the media clock."""
         call = self._calls.get(handle)
         return len(call.port.queued) if call is not None and call.port is not None else 0
 
@@ -486,17 +537,21 @@ class SipEndpoint:
                 call.told_silent = True
                 self.post(self.events.rtp_stopped, call.handle, time.monotonic() - call.rx_changed)
 
+    def _forget_calls(self) -> None:
+        for call in [*self._calls.values(), *self._gone]:
+            call.port = None
+        self._calls.clear()
+        self._gone.clear()
+
     def _shutdown(self, endpoint: pj.Endpoint) -> None:
         with contextlib.suppress(pj.Error):
             endpoint.hangupAllCalls()
             deadline = time.monotonic() + 1.0
             while self._calls and time.monotonic() < deadline:
                 endpoint.libHandleEvents(POLL_MS)
-        # Every pjsua2 object must be gone before the library is: a port destroyed after it aborts the process.
-        for call in [*self._calls.values(), *self._gone]:
-            call.port = None
-        self._calls.clear()
-        self._gone.clear()
+        # Every pjsua2 object must be gone before the library is: a port destroyed after it aborts the process,
+        # and so does a call (no loop variable here may keep the last one until this returns).
+        self._forget_calls()
         gc.collect()  # any cycle still holding one
         if self._account is not None:
             with contextlib.suppress(pj.Error):

@@ -1,11 +1,15 @@
 """A SIP call's media as the session's `MediaTransport`: the agent's speech queued on the call's port of
 PJSIP's bridge (`gateway.sip_endpoint`), which sends it as RTP every 20 ms; barge-in drops the queue;
-transfer is a blind REFER, hang-up a BYE (or CANCEL)."""
+a mark waits in the queue behind the audio before it and is reported (`on_mark`) once that has gone out
+or been dropped; transfer is a blind REFER, hang-up a BYE (or CANCEL)."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import re
+from collections.abc import Callable
 
 from gateway.sip_endpoint import FRAME_BYTES, SipEndpoint
 from streams.audio.codecs import Resampler, mulaw_to_pcm16
@@ -15,6 +19,7 @@ from streams.channels.sip_digest import number_of
 
 log = logging.getLogger(__name__)
 
+_DIALLED = re.compile(r"\+?[0-9*#]{1,32}")
 TRANSFER_TIMEOUT_S = 60.0
 """A transfer whose final NOTIFY has not come by then counts as not answered."""
 
@@ -35,17 +40,22 @@ def refer_target(target: str, peer_host: str) -> str:
     (the PBX or trunk, which knows how to reach it)."""
     if target.lower().startswith(("sip:", "sips:")):
         return target
-    number = number_of(f"tel:{target}") if not target.lower().startswith("tel:") else number_of(target)
-    if not number:
+    number = number_of(target if target.lower().startswith("tel:") else f"tel:{target}")
+    dialled = re.sub(r"[\s().-]", "", number)  # the separators people write numbers with
+    if not _DIALLED.fullmatch(dialled):
         raise ValueError(f"cannot transfer to {target!r}: neither a number nor a SIP URI")
-    return f"sip:{number}@{peer_host}"
+    return f"sip:{dialled}@{peer_host}"
 
 
 class SipMediaTransport(MediaTransport):
     channel: Channel = "sip"
 
-    def __init__(self, endpoint: SipEndpoint, handle: int, peer_host: str) -> None:
+    def __init__(self, endpoint: SipEndpoint, handle: int, peer_host: str,
+                 on_mark: Callable[[str], None] | None = None) -> None:
         self.endpoint = endpoint
+        self.on_mark = on_mark
+        """Told, on the loop, each mark's name once the audio queued before it has been sent (or dropped
+        by a clear), in order."""
         self.handle = handle
         self.peer_host = peer_host
         self.closed = False
@@ -53,6 +63,8 @@ class SipMediaTransport(MediaTransport):
         self._pending = b""
         self._transfer: asyncio.Future[tuple[int, str]] | None = None
         self.frames_sent = 0
+        self.frames_cleared: list[int] = []
+        """How many queued frames each clear dropped unsent."""
 
     def _queue(self, pcm: bytes) -> None:
         if self.closed or not self.endpoint.play(self.handle, pcm):
@@ -73,12 +85,24 @@ class SipMediaTransport(MediaTransport):
         self._queue(mulaw_to_pcm16(frame))
 
     async def clear(self) -> None:
-        self.endpoint.clear(self.handle)
+        dropped = None if self.closed else self.endpoint.clear(self.handle)
+        if dropped is None:
+            self.closed = True
+            raise TransportClosed(f"sip call {self.handle} has no media")
+        self.frames_cleared.append(dropped)
         self._pending = b""
         self._down = Resampler(PCM_RATE, 8000)
 
     async def mark(self, name: str) -> None:
-        """Playback is ours, not a far end's buffer: nothing to mark."""
+        """Behind the audio queued so far: `on_mark(name)` once the media clock has sent it (or a clear
+        dropped it)."""
+        if self.closed or not self.endpoint.mark(self.handle, functools.partial(self._reached, name)):
+            self.closed = True
+            raise TransportClosed(f"sip call {self.handle} has no media")
+
+    def _reached(self, name: str) -> None:
+        if self.on_mark is not None:
+            self.on_mark(name)
 
     async def transfer(self, target: str) -> tuple[str, str | None]:
         try:
