@@ -15,7 +15,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -64,6 +64,7 @@ if TYPE_CHECKING:  # its module loads PJSIP, which a gateway without SIP does wi
 
 log = logging.getLogger(__name__)
 AnalyticsReader = TypeVar("AnalyticsReader", TenantSql, CallViews)
+T = TypeVar("T")
 
 PRODUCER = "voxlog.gateway"
 LOG_STALL_S = 3.0
@@ -77,6 +78,22 @@ LEASE_HOLD_TIMEOUT_S = 5.0
 
 def new_call_id() -> str:
     return f"call-{uuid.uuid4()}"
+
+
+async def while_running(running: asyncio.Task[Any],
+                        receive: Callable[[], Awaitable[T | None]]) -> AsyncIterator[T | None]:
+    """What a channel's `receive` gives, one after another, while its call's session (`running`) goes on:
+    it ends when the session does (the pending receive cancelled), and after a None (the far end gone)."""
+    while not running.done():
+        receiving = asyncio.ensure_future(receive())
+        done, _ = await asyncio.wait({receiving, running}, return_when=asyncio.FIRST_COMPLETED)
+        if receiving not in done:
+            receiving.cancel()
+            return
+        item = receiving.result()
+        yield item
+        if item is None:
+            return
 
 
 class LocalService(Protocol):

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from gateway.admission import retry_after
 from gateway.caller_recall import recall
-from gateway.runtime import GatewayRuntime, new_call_id
+from gateway.runtime import GatewayRuntime, new_call_id, while_running
 from gateway.sip_endpoint import IncomingInvite, SipEndpoint, SipEndpointConfig
 from gateway.sip_media_transport import SipMediaTransport
 from schemas.events import CallStarted
@@ -198,13 +198,7 @@ class SipCallFlow:
         running = asyncio.create_task(runtime.run_session(session))
         codec = StreamingPhoneCodec()
         try:
-            while not running.done():
-                receive = asyncio.ensure_future(leg.heard.get())
-                done, _ = await asyncio.wait({receive, running}, return_when=asyncio.FIRST_COMPLETED)
-                if receive not in done:
-                    receive.cancel()
-                    break
-                pcm = receive.result()
+            async for pcm in while_running(running, leg.heard.get):
                 if pcm is None:
                     session.closed(_end_reason(leg.ended))
                     break

@@ -18,7 +18,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, HTMLResponse
 
 from gateway.caller_recall import recall
-from gateway.runtime import GatewayRuntime, new_call_id
+from gateway.runtime import GatewayRuntime, new_call_id, while_running
 from schemas.events import CallStarted
 from streams.call.transport import Channel, InboundCall, MediaTransport, TransportClosed
 from streams.channels.widget_protocol import (
@@ -150,13 +150,7 @@ def widget_router(gateway: GatewayRuntime) -> APIRouter:
         running = asyncio.create_task(gateway.run_session(session))
         events = iterate_page(websocket)
         try:
-            while not running.done():
-                receive = asyncio.ensure_future(anext(events, None))
-                done, _ = await asyncio.wait({receive, running}, return_when=asyncio.FIRST_COMPLETED)
-                if receive not in done:
-                    receive.cancel()
-                    break
-                event = receive.result()
+            async for event in while_running(running, lambda: anext(events, None)):
                 if event is None:
                     session.closed("caller_hangup")
                     break
