@@ -65,10 +65,13 @@ class InviteSource:
 def invite_source(address: str, trunks: Iterable[tuple[str, SipTrunks]]) -> InviteSource:
     """What the tenants' trunks say about an INVITE from `address` (an IP, no port). An address that is
     not an IP (a broken peer) is allowed by nobody."""
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         ip = None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack socket's IPv4 peer (::ffff:203.0.113.5) is that IPv4 address
     allowed: set[str] = set()
     by_credential: dict[str, tuple[str, SipCredential]] = {}
     for tenant, trunk in trunks:

@@ -151,3 +151,8 @@ def test_the_tenants_take_distinct_usernames_and_the_same_addresses() -> None:
     source = invite_source("198.51.100.1", ((t.id, t.sip) for t in tenants.tenants.values()))
     assert source.allowed == {"acme", "globex"}
     assert {u: t for u, (t, _) in source.by_credential.items()} == {"acme-pbx": "acme", "globex-pbx": "globex"}
+
+
+def test_an_ipv4_peer_seen_on_a_dual_stack_socket_is_that_ipv4_address() -> None:
+    assert invite_source("::ffff:203.0.113.5", [("acme", trunks(allow=("203.0.113.0/28",)))]).allowed == {"acme"}
+    assert invite_source("::ffff:198.51.100.1", [("acme", trunks(allow=("203.0.113.0/28",)))]).allowed == frozenset()
