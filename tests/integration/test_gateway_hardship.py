@@ -629,10 +629,14 @@ async def test_the_background_process_projects_and_summarises_comes_back_when_ki
     await eventually(replaced, 90, "a new background process, serving the same tables")
     second = background_of(gateway)
     assert second is not None
-    async with httpx.AsyncClient(timeout=10) as client:
-        health = (await client.get(f"{gateway.base_url}/healthz")).json()
-    assert health["status"] == "ok"
-    assert health["background"] == {"status": "ok", "restarts": 1}
+
+    async def reported() -> bool:  # (its store may answer a moment before it has said it is ready)
+        async with httpx.AsyncClient(timeout=10) as client:
+            health = (await client.get(f"{gateway.base_url}/healthz")).json()
+        assert health["status"] == "ok"
+        return bool(health["background"] == {"status": "ok", "restarts": 1})
+
+    await eventually(reported, 30, "the restart reported by /healthz")
 
     gateway.process.send_signal(signal.SIGKILL)
     gateway.process.wait(30)
