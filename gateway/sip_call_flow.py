@@ -23,15 +23,15 @@ from typing import Any, Literal
 from gateway.admission import retry_after
 from gateway.caller_recall import recall
 from gateway.runtime import GatewayRuntime, new_call_id, while_running
-from gateway.sip_endpoint import IncomingInvite, SipEndpoint, SipEndpointConfig
+from gateway.sip_endpoint import CLOCK_RATE, IncomingInvite, SipEndpoint, SipEndpointConfig
 from gateway.sip_media_transport import SipMediaTransport
 from schemas.events import CallStarted
-from streams.audio.codecs import pcm16_to_mulaw
+from streams.audio.codecs import Resampler, pcm16_to_mulaw
+from streams.audio.formats import PCM_RATE
 from streams.call.session import CallSession
 from streams.call.transport import InboundCall
 from streams.channels.sip_digest import DigestAuthority, number_of
 from streams.channels.sip_screening import InviteScreen, Refused, Routed
-from streams.channels.twilio_media_protocol import StreamingPhoneCodec
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,6 @@ class SipCallFlow:
 
     def __init__(self, runtime: GatewayRuntime, config: SipEndpointConfig) -> None:
         self.runtime = runtime
-        self.config = config
         self.endpoint = SipEndpoint(config, self)
         secret = runtime.webhook_secret or secrets.token_bytes(32)
         digest = DigestAuthority(REALM, hmac.new(secret, b"sip-digest-nonces", hashlib.sha256).digest())
@@ -196,14 +195,15 @@ class SipCallFlow:
         session = runtime.open_session(call, agent, transport, memory=await recall(runtime.analytics, call))
         leg.session = session
         running = asyncio.create_task(runtime.run_session(session))
-        codec = StreamingPhoneCodec()
+        up = Resampler(CLOCK_RATE, PCM_RATE)
         try:
             async for pcm in while_running(running, leg.heard.get):
                 if pcm is None:
                     session.closed(_end_reason(leg.ended))
                     break
-                mulaw = pcm16_to_mulaw(pcm)
-                await session.hear(codec.decode(mulaw), mulaw, "mulaw", 8000)
+                # PJSIP hands over linear PCM (PCMU's levels, decoded): the record keeps it as G.711
+                # mu-law, the recogniser hears it upsampled, with no decode of the mu-law just made.
+                await session.hear(up.process(pcm), pcm16_to_mulaw(pcm), "mulaw", CLOCK_RATE)
         finally:
             session.closed("shutdown" if runtime.draining else "socket_closed")
             await running

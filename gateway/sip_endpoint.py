@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 CLOCK_RATE = 8000
 FRAME_BYTES = CLOCK_RATE * 20 // 1000 * 2
 """20 ms of 8 kHz 16-bit mono: what the media clock hands over and asks for."""
-SILENCE = bytes(FRAME_BYTES)
+SILENCE = pj.ByteVector(bytes(FRAME_BYTES))
+"""What the media clock sends while nothing is queued: made once, not at every tick of every call."""
 QUEUED_FRAMES_MAX = 3000
 """A minute of agent audio; past it (a loop that outruns the clock) the oldest frames go."""
 POLL_MS = 10
@@ -176,7 +177,7 @@ class _AgentAudio(pj.AudioMediaPort):  # type: ignore[misc]
         self.handle = handle
         self._post = post
         self._events = events
-        self.queued: collections.deque[bytes | _Mark] = collections.deque(maxlen=QUEUED_FRAMES_MAX)
+        self.queued: collections.deque[Any | _Mark] = collections.deque(maxlen=QUEUED_FRAMES_MAX)
         """Agent frames and marks; appended on the loop, taken from the left by the clock and by a clear
         (each `popleft` atomic: an entry goes to exactly one of them)."""
 
@@ -186,15 +187,14 @@ class _AgentAudio(pj.AudioMediaPort):  # type: ignore[misc]
             try:
                 entry = queued.popleft()
             except IndexError:
-                pcm = SILENCE
-                break
-            if isinstance(entry, bytes):
-                pcm = entry
+                entry = SILENCE
+            if not isinstance(entry, _Mark):
                 break
             self._post(entry.reached)  # a mark: every frame queued before it has gone out
+        # (a ByteVector made on the loop as it was queued: this thread, every 20 ms, only hands it over)
         frame.type = pj.PJMEDIA_FRAME_TYPE_AUDIO
-        frame.buf = pj.ByteVector(pcm)
-        frame.size = len(pcm)
+        frame.buf = entry
+        frame.size = entry.size()
 
     def onFrameReceived(self, frame: Any) -> None:
         if frame.type == pj.PJMEDIA_FRAME_TYPE_AUDIO and frame.size:
@@ -338,14 +338,15 @@ class SipEndpoint:
 
     def play(self, handle: int, pcm: bytes) -> bool:
         """Queues 20 ms of the agent's 8 kHz PCM for the call; False when the call has no media (yet, or any more)."""
-        return self._queue(handle, pcm)
+        return self._queue(handle, pj.ByteVector(pcm))
 
     def mark(self, handle: int, reached: Callable[[], None]) -> bool:
         """Queues a mark behind the call's queued frames: `reached` is called on the loop once the media
         clock has taken every frame before it (or a clear dropped them); False when the call has no media."""
         return self._queue(handle, _Mark(reached))
 
-    def _queue(self, handle: int, entry: bytes | _Mark) -> bool:
+    def _queue(self, handle: int, entry: Any | _Mark) -> bool:
+        """`entry`: a ByteVector of audio, or a mark."""
         call = self._calls.get(handle)
         if call is None or call.port is None:
             return False
@@ -372,10 +373,10 @@ class SipEndpoint:
                 entry = queued.popleft()
             except IndexError:
                 return dropped
-            if isinstance(entry, bytes):
-                dropped += 1
-            else:
+            if isinstance(entry, _Mark):
                 self.post(entry.reached)
+            else:
+                dropped += 1
 
     def queued_frames(self, handle: int) -> int:
         """Frames (and marks) waiting for the media clock."""

@@ -9,6 +9,8 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
+from voxlog.sim.sip_caller import ok_to, parse_sip
+
 PCMU_SDP = ("v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\n"
             "m=audio {port} RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\n"
             "a=sendrecv\r\n")
@@ -25,16 +27,12 @@ class SipResponse:
 
 
 def parse_response(data: bytes) -> SipResponse | None:
-    text = data.decode("utf-8", "replace")
-    head = text.split("\r\n\r\n", 1)[0].split("\r\n")
-    parts = head[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("SIP/2.0") or not parts[1].isdigit():
+    status, headers, _ = parse_sip(data)
+    if status is None:
         return None
-    headers: dict[str, str] = {}
-    for line in head[1:]:
-        name, _, value = line.partition(":")
-        headers.setdefault(name.strip().lower(), value.strip())
-    return SipResponse(int(parts[1]), parts[2] if len(parts) > 2 else "", headers, text)
+    text = data.decode("utf-8", "replace")
+    parts = text.split("\r\n", 1)[0].split(" ", 2)
+    return SipResponse(status, parts[2] if len(parts) > 2 else "", headers, text)
 
 
 class SipWire:
@@ -127,15 +125,8 @@ class SipWire:
                 if response is not None and response.status >= 200:
                     self._finals.setdefault(response.headers.get("call-id", ""), response)
                 continue
-            head = text.split("\r\n\r\n", 1)[0].split("\r\n")
-            headers: dict[str, str] = {}
-            for line in head[1:]:
-                name, _, value = line.partition(":")
-                headers.setdefault(name.strip().lower(), value.strip())
-            echoed = ("Via", "From", "To", "Call-ID", "CSeq")
-            ok = ["SIP/2.0 200 OK", *(f"{name}: {headers[name.lower()]}" for name in echoed),
-                  "Content-Length: 0"]
-            self.send(("\r\n".join(ok) + "\r\n\r\n").encode())
+            _, headers, _ = parse_sip(data)
+            self.send(ok_to(headers).encode())
             return SipResponse(0, method, headers, text)
 
     async def final(self, call_id: str, timeout_s: float = 10.0) -> SipResponse:

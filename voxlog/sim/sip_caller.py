@@ -89,7 +89,7 @@ class SipCaller:
                 interval = min(interval * 2, 4.0)
                 resend = loop.time() + interval
                 continue
-            status, headers, body = _parse(data)
+            status, headers, body = parse_sip(data)
             if status is None or status < 200 or headers.get("call-id") != call_id:
                 continue
             self.status = status
@@ -166,10 +166,8 @@ class SipCaller:
             data, _ = await self._sip_in.get()
             text = data.decode("utf-8", "replace")
             if text.startswith("BYE "):
-                _, headers, _ = _parse(data)
-                ok = ["SIP/2.0 200 OK", *(f"{name}: {headers.get(name.lower(), '')}"
-                                          for name in ("Via", "From", "To", "Call-ID", "CSeq")), "Content-Length: 0"]
-                self._send_sip("\r\n".join(ok) + "\r\n\r\n")
+                _, headers, _ = parse_sip(data)
+                self._send_sip(ok_to(headers))
                 self.closed.set()
 
     def _request(self, method: str, cseq: int, *, to: str, body: str = "", extra: list[str] | None = None) -> str:
@@ -190,6 +188,12 @@ def loud(mulaw: bytes) -> bool:
     return sum(1 for b in mulaw if (b & 0x7F) < 0x70) > len(mulaw) // 10
 
 
+def ok_to(headers: dict[str, str]) -> str:
+    """200 OK to the request with these headers (`parse_sip`'s)."""
+    echoed = (f"{name}: {headers.get(name.lower(), '')}" for name in ("Via", "From", "To", "Call-ID", "CSeq"))
+    return "\r\n".join(["SIP/2.0 200 OK", *echoed, "Content-Length: 0"]) + "\r\n\r\n"
+
+
 def free_sip_port(host: str = "127.0.0.1") -> int:
     """A port free for both UDP and TCP on `host`, for a SIP endpoint that binds both itself (it is free
     when looked up: a rare race with another process remains, as with any port handed to a server)."""
@@ -206,7 +210,8 @@ def free_sip_port(host: str = "127.0.0.1") -> int:
     raise RuntimeError("no port free for both UDP and TCP")
 
 
-def _parse(data: bytes) -> tuple[int | None, dict[str, str], str]:
+def parse_sip(data: bytes) -> tuple[int | None, dict[str, str], str]:
+    """A SIP message's status (None for a request), its headers (first of each, names lower-cased) and body."""
     text = data.decode("utf-8", "replace")
     head, _, body = text.partition("\r\n\r\n")
     lines = head.split("\r\n")
