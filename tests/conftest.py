@@ -73,20 +73,32 @@ def log_bootstrap(backend_name: str) -> str | None:
 CHDB_HOME = Path(tempfile.gettempdir()) / f"voxlog-test-chdb-{os.getpid()}"
 
 
+@pytest.fixture(scope="session")
+def chdb_engine() -> Iterator[AnalyticsStore]:
+    """A connection held open to this process's chDB engine for the whole session. chDB runs one engine
+    (one data path) per process and stops it when its last connection closes; a restart starts its
+    threads anew and never gives the old ones back (each holding two descriptors open), so a session
+    that let it stop between tests ran out of descriptors below 1024, which PJSIP's select() needs."""
+    engine = AnalyticsStore.open(None, CHDB_HOME)
+    yield engine
+    engine.close()
+
+
 @pytest.fixture
-def store() -> AnalyticsStore:
-    # chDB runs one engine (one data path) per process: every test gets a database of its own in it.
+def store(chdb_engine: AnalyticsStore) -> Iterator[AnalyticsStore]:
+    # Every test gets a database of its own in the one engine.
     database = f"t_{uuid.uuid4().hex[:12]}"
-    admin = AnalyticsStore.open(None, CHDB_HOME)
-    admin.command(f"CREATE DATABASE {database}")
-    return AnalyticsStore(admin.dsn, database=database)
+    chdb_engine.command(f"CREATE DATABASE {database}")
+    made = AnalyticsStore(chdb_engine.dsn, database=database)
+    yield made
+    made.close()
 
 
 @pytest.fixture(scope="session")
-def store_host() -> Iterator[StoreHost]:
+def store_host(chdb_engine: AnalyticsStore) -> Iterator[StoreHost]:
     """This process's chDB engine served as `voxlog serve`'s background process serves its own."""
     folder = Path(tempfile.mkdtemp(prefix="voxlog-test-host-"))
-    host = StoreHost(AnalyticsStore.open(None, CHDB_HOME).dsn, folder / "clickhouse.sock", secrets.token_bytes(32))
+    host = StoreHost(chdb_engine.dsn, folder / "clickhouse.sock", secrets.token_bytes(32))
     yield host
     host.close()
     shutil.rmtree(folder, ignore_errors=True)

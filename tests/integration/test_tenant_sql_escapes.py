@@ -21,7 +21,6 @@ from projections.store import Analytics, AnalyticsStore
 from projections.tables import CALLS, TRANSCRIPTS, Table
 from projections.tenant_sql import TENANT_SQL_LIMITS, ForbiddenQuery, QueryFailed, TenantSql
 from streams.config.tenants import Limits, Tenants
-from tests.conftest import CHDB_HOME
 from tests.integration.test_outbound_calls import agents_with_two_tenants, api
 from voxlog.settings import Settings
 from voxlog.sim.stack import LocalStack, local_stack
@@ -350,12 +349,11 @@ async def gateway(request: pytest.FixtureRequest, log_bootstrap: str | None, sto
 
 
 @pytest.fixture(scope="module")
-def seeded() -> TenantSql:
+def seeded(chdb_engine: AnalyticsStore) -> TenantSql:
     """One database for every direct attempt: what one of them did, the next would see."""
     database = f"t_{uuid.uuid4().hex[:12]}"
-    admin = AnalyticsStore.open(None, CHDB_HOME)
-    admin.command(f"CREATE DATABASE {database}")
-    store = AnalyticsStore(admin.dsn, database=database)
+    chdb_engine.command(f"CREATE DATABASE {database}")
+    store = AnalyticsStore(chdb_engine.dsn, database=database)
     seed(store)
     return TenantSql(store, limits=LIMITS)
 
