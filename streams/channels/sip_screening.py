@@ -14,9 +14,18 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from streams.channels.sip_digest import DigestAuthority, DigestError, header_value, number_of, parse_digest
+from streams.channels.sip_digest import (
+    DigestAuthority,
+    DigestError,
+    ReplayedAnswer,
+    StaleAnswer,
+    header_value,
+    number_of,
+    parse_digest,
+    request_uri,
+)
 from streams.config.agents import AgentRouter, AgentSpec, RoutingError
-from streams.config.sip_trunks import SipTrunks, invite_source
+from streams.config.sip_trunks import SipCredential, SipTrunks, invite_source
 from streams.config.tenants import Tenants
 from streams.connectors.base import ConnectorError
 from streams.connectors.secrets import Secrets
@@ -93,17 +102,23 @@ class InviteScreen:
                 return None
 
         try:
-            username = self.digest.verify(authorization, "INVITE", password_of)
+            username = self.digest.verify(authorization, "INVITE", request_uri(message), password_of)
+        except StaleAnswer as exc:
+            # A nonce past its life is routine (a user agent that keeps one); an answer given twice is not.
+            return Refused(401, "Unauthorized", {"WWW-Authenticate": self.digest.challenge(stale=True)},
+                           denial=Denial(self._tenant_claimed(authorization, source.by_credential),
+                                         "sip.credentials_replayed", str(exc))
+                           if isinstance(exc, ReplayedAnswer) else None)
         except DigestError as exc:
-            claimed = _claimed_username(authorization)
-            tenant = source.by_credential[claimed][0] if claimed in source.by_credential else "platform"
-            return Refused(403, "Forbidden", denial=Denial(tenant, "sip.credentials_denied", str(exc)))
+            return Refused(403, "Forbidden", denial=Denial(
+                self._tenant_claimed(authorization, source.by_credential), "sip.credentials_denied", str(exc)))
         return frozenset({source.by_credential[username][0]})
 
-
-def _claimed_username(authorization: str) -> str:
-    try:
-        return parse_digest(authorization).get("username", "")
-    except DigestError:
-        return ""
-
+    @staticmethod
+    def _tenant_claimed(authorization: str, by_credential: Mapping[str, tuple[str, SipCredential]]) -> str:
+        """The tenant whose credential an answer names, for its audit trail ("platform" for none)."""
+        try:
+            claimed = parse_digest(authorization).get("username", "")
+        except DigestError:
+            return "platform"
+        return by_credential[claimed][0] if claimed in by_credential else "platform"

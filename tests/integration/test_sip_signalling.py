@@ -139,7 +139,7 @@ async def test_wrong_credentials_are_forbidden_and_audited(stack: LocalStack) ->
     assert "does not match" in audit.detail
 
 
-async def test_the_right_credentials_reach_the_agent(stack: LocalStack) -> None:
+async def test_the_right_credentials_reach_the_agent_once(stack: LocalStack) -> None:
     wire = from_(stack, "127.0.0.9")
     challenge = parse_digest((await wire.final(wire.invite(AGENT))).headers["www-authenticate"])
     uri = f"sip:{AGENT}@127.0.0.1:{wire.gateway[1]}"
@@ -153,6 +153,14 @@ async def test_the_right_credentials_reach_the_agent(stack: LocalStack) -> None:
     assert response.status == 200, response.text
     assert "m=audio" in response.text
     assert "PCMU" in response.text
+
+    # The same answer copied into another INVITE is a replay: challenged anew, and audited.
+    replayed = wire.invite(AGENT, headers={"Authorization": authorization})
+    again = await wire.final(replayed)
+    assert again.status == 401, again.text
+    assert parse_digest(again.headers["www-authenticate"])["stale"] == "true"
+    [audit] = await audits(stack, replayed)
+    assert (audit.action, audit.remote_addr) == ("sip.credentials_replayed", "127.0.0.9")
 
 
 async def test_an_address_allowed_by_nobody_when_nobody_has_credentials_is_forbidden(tmp_path: Path) -> None:

@@ -16,11 +16,16 @@ from hypothesis import strategies as st
 from streams.channels.sip_digest import (
     MAX_HEADER,
     NONCE_TTL_S,
+    AnswerLedger,
     DigestAuthority,
     DigestError,
+    ReplayedAnswer,
+    StaleAnswer,
     header_value,
     number_of,
     parse_digest,
+    request_uri,
+    same_target,
 )
 
 REALM = "voxlog.test"
@@ -28,6 +33,8 @@ SECRET = b"the gateway's own secret"
 NOW = 1_700_000_000.0
 HASHES = {"MD5": hashlib.md5, "SHA-256": hashlib.sha256}
 PASSWORDS = {"pbx-1": "correct horse", "carrier": "battery staple"}
+URI = "sip:+15550100@gw.voxlog.test"
+"""The Request-URI of the INVITE the answers come with."""
 
 
 def response(*, username: str, realm: str, password: str, method: str, uri: str, nonce: str,
@@ -63,7 +70,7 @@ def quote(value: str) -> str:
 
 
 def answer(nonce: str, *, username: str = "pbx-1", password: str | None = None, method: str = "INVITE",
-           uri: str = "sip:+15550100@gw.voxlog.test", algorithm: str = "MD5", qop: str | None = "auth",
+           uri: str = URI, algorithm: str = "MD5", qop: str | None = "auth",
            realm: str = REALM) -> dict[str, str]:
     """The parameters of a correct answer to `nonce` (or one with `password` instead of the right one)."""
     params = {"username": username, "realm": realm, "nonce": nonce, "uri": uri, "algorithm": algorithm}
@@ -120,40 +127,90 @@ def test_a_correct_answer_verifies_and_names_its_username(algorithm: str, qop: s
     nonce = nonce_of(gateway.challenge(algorithm))
     for username in PASSWORDS:
         header = authorization(answer(nonce, username=username, algorithm=algorithm, qop=qop))
-        assert gateway.verify(header, "INVITE", password_of) == username
+        assert gateway.verify(header, "INVITE", URI, password_of) == username
 
 
 def test_without_an_algorithm_the_answer_is_md5s() -> None:
     gateway = authority()
     params = answer(nonce_of(gateway.challenge()))
     del params["algorithm"]
-    assert gateway.verify(authorization(params), "INVITE", password_of) == "pbx-1"
+    assert gateway.verify(authorization(params), "INVITE", URI, password_of) == "pbx-1"
     sha = answer(nonce_of(gateway.challenge()), algorithm="SHA-256")
     del sha["algorithm"]
     with pytest.raises(DigestError, match="does not match"):
-        gateway.verify(authorization(sha), "INVITE", password_of)
+        gateway.verify(authorization(sha), "INVITE", URI, password_of)
 
 
 def test_the_response_may_be_written_in_capitals_and_the_algorithm_in_lower_case() -> None:
     gateway = authority()
     params = answer(nonce_of(gateway.challenge("SHA-256")), algorithm="SHA-256")
     params |= {"response": params["response"].upper(), "algorithm": "sha-256"}
-    assert gateway.verify(authorization(params), "INVITE", password_of) == "pbx-1"
+    assert gateway.verify(authorization(params), "INVITE", URI, password_of) == "pbx-1"
 
 
-def test_a_nonce_is_good_until_its_lifetime_ends() -> None:
+def test_a_nonce_is_good_until_its_lifetime_ends_then_stale() -> None:
     nonce = nonce_of(authority(NOW).challenge())
     header = authorization(answer(nonce))
-    assert authority(NOW + NONCE_TTL_S).verify(header, "INVITE", password_of) == "pbx-1"
-    with pytest.raises(DigestError, match="stale"):
-        authority(NOW + NONCE_TTL_S + 1).verify(header, "INVITE", password_of)
+    assert authority(NOW + NONCE_TTL_S).verify(header, "INVITE", URI, password_of) == "pbx-1"
+    with pytest.raises(StaleAnswer, match="stale") as raised:
+        authority(NOW + NONCE_TTL_S + 1).verify(header, "INVITE", URI, password_of)
+    assert not isinstance(raised.value, ReplayedAnswer)
 
 
-def test_a_nonce_from_the_future_is_refused() -> None:
+def test_a_nonce_from_the_future_is_stale() -> None:
     """A nonce dated after the gateway's clock was not made by this clock (or the clock went back)."""
     header = authorization(answer(nonce_of(authority(NOW + 60).challenge())))
-    with pytest.raises(DigestError, match="stale"):
-        authority(NOW).verify(header, "INVITE", password_of)
+    with pytest.raises(StaleAnswer, match="stale"):
+        authority(NOW).verify(header, "INVITE", URI, password_of)
+
+
+def test_a_stale_challenge_says_so() -> None:
+    assert parse_digest(authority().challenge(stale=True))["stale"] == "true"
+    assert "stale" not in parse_digest(authority().challenge())
+
+
+# Each answer is good once (the nonces are stateless: this is what stops a replay).
+
+@pytest.mark.parametrize("qop", ["auth", None])
+def test_an_answer_given_twice_is_a_replay(qop: str | None) -> None:
+    gateway = authority()
+    header = authorization(answer(nonce_of(gateway.challenge()), qop=qop))
+    assert gateway.verify(header, "INVITE", URI, password_of) == "pbx-1"
+    with pytest.raises(ReplayedAnswer, match="'pbx-1' was given before"):
+        gateway.verify(header, "INVITE", URI, password_of)
+
+
+def test_the_same_nonce_counted_on_is_a_new_answer() -> None:
+    """RFC 7616 3.4: a client may reuse a nonce with the next nc; that is no replay."""
+    gateway = authority()
+    params = answer(nonce_of(gateway.challenge()))
+    assert gateway.verify(authorization(params), "INVITE", URI, password_of) == "pbx-1"
+    counted = params | {"nc": "00000002", "response": response(
+        username="pbx-1", realm=REALM, password=PASSWORDS["pbx-1"], method="INVITE", uri=URI, nonce=params["nonce"],
+        nc="00000002")}
+    assert gateway.verify(authorization(counted), "INVITE", URI, password_of) == "pbx-1"
+
+
+def test_a_wrong_answer_is_not_remembered() -> None:
+    """Only answers that proved the password are kept: wrong ones cannot fill the ledger, nor spoil a
+    right one given after."""
+    gateway = authority()
+    nonce = nonce_of(gateway.challenge())
+    for _ in range(3):
+        with pytest.raises(DigestError, match="does not match"):
+            gateway.verify(authorization(answer(nonce, password="guess")), "INVITE", URI, password_of)
+    assert gateway.verify(authorization(answer(nonce)), "INVITE", URI, password_of) == "pbx-1"
+
+
+def test_the_ledger_forgets_an_answer_when_its_nonce_dies_and_keeps_at_most_its_limit() -> None:
+    ledger = AnswerLedger(limit=3)
+    assert ledger.first("a", until=NOW + 10, now=NOW)
+    assert not ledger.first("a", until=NOW + 10, now=NOW + 10)
+    assert ledger.first("a", until=NOW + 30, now=NOW + 11), "past its nonce's life it is stale anyway"
+    for answer_text in ("b", "c", "d"):
+        assert ledger.first(answer_text, until=NOW + 30, now=NOW + 12)
+    assert ledger.first("a", until=NOW + 30, now=NOW + 12), "the oldest went first at the limit"
+    assert not ledger.first("d", until=NOW + 30, now=NOW + 12)
 
 
 # Answers that do not prove anything.
@@ -162,42 +219,76 @@ def test_a_wrong_password_is_refused_naming_the_username() -> None:
     gateway = authority()
     header = authorization(answer(nonce_of(gateway.challenge()), password="not the password"))
     with pytest.raises(DigestError, match=r"password of 'pbx-1' does not match"):
-        gateway.verify(header, "INVITE", password_of)
+        gateway.verify(header, "INVITE", URI, password_of)
 
 
 def test_an_answer_for_another_method_or_uri_is_refused() -> None:
     gateway = authority()
     nonce = nonce_of(gateway.challenge())
     with pytest.raises(DigestError, match="does not match"):
-        gateway.verify(authorization(answer(nonce, method="REGISTER")), "INVITE", password_of)
-    moved = answer(nonce) | {"uri": "sip:+15550199@gw.voxlog.test"}
+        gateway.verify(authorization(answer(nonce, method="REGISTER")), "INVITE", URI, password_of)
+    moved = answer(nonce) | {"uri": URI}
+    moved["response"] = answer(nonce, uri="sip:+15550199@gw.voxlog.test")["response"]
     with pytest.raises(DigestError, match="does not match"):
-        gateway.verify(authorization(moved), "INVITE", password_of)
+        gateway.verify(authorization(moved), "INVITE", URI, password_of)
+
+
+@pytest.mark.parametrize("request_line_uri", ["sip:+15550199@gw.voxlog.test", "sip:+15550100@elsewhere.test",
+                                              "sip:+15550100@gw.voxlog.test:5080", "sips:+15550100@gw.voxlog.test",
+                                              "", "garbage"])
+def test_a_right_answer_for_one_request_uri_is_refused_on_another(request_line_uri: str) -> None:
+    """An answer seen on the wire takes nobody's credential to another number, host or port."""
+    gateway = authority()
+    with pytest.raises(DigestError, match=r"the answer is for 'sip:\+15550100@gw.voxlog.test', not for"):
+        gateway.verify(authorization(answer(nonce_of(gateway.challenge()))), "INVITE", request_line_uri, password_of)
+
+
+@pytest.mark.parametrize("request_line_uri", [
+    "sip:+15550100@GW.VOXLOG.TEST", "sip:+15550100@gw.voxlog.test;user=phone",
+    "sip:%2B15550100@gw.voxlog.test;transport=tcp", "SIP:+15550100@gw.voxlog.test"])
+def test_the_request_uri_may_differ_from_the_answers_in_case_escapes_and_parameters(request_line_uri: str) -> None:
+    gateway = authority()
+    header = authorization(answer(nonce_of(gateway.challenge())))
+    assert gateway.verify(header, "INVITE", request_line_uri, password_of) == "pbx-1"
+
+
+def test_request_uri_reads_the_request_line() -> None:
+    assert request_uri("INVITE sip:+15550100@gw SIP/2.0\r\nVia: x\r\n\r\n") == "sip:+15550100@gw"
+    assert request_uri("SIP/2.0 200 OK\r\n") == ""
+    assert request_uri("INVITE sip:a@b\r\n") == ""
+    assert request_uri("") == ""
+
+
+@settings(max_examples=300)
+@given(st.text(max_size=80), st.text(max_size=80))
+def test_same_target_never_raises_and_is_symmetric(one: str, other: str) -> None:
+    assert same_target(one, other) == same_target(other, one)
+    assert same_target(one, one) or not one.strip().lower().startswith(("sip:", "sips:", "tel:", "<"))
 
 
 def test_an_answer_for_another_realm_is_refused_naming_it() -> None:
     gateway = authority()
     header = authorization(answer(nonce_of(gateway.challenge()), realm="elsewhere.test"))
     with pytest.raises(DigestError, match=r"realm is 'elsewhere.test', not 'voxlog.test'"):
-        gateway.verify(header, "INVITE", password_of)
+        gateway.verify(header, "INVITE", URI, password_of)
 
 
 def test_a_nonce_of_another_realm_under_the_same_secret_is_not_ours() -> None:
     nonce = nonce_of(authority(realm="elsewhere.test").challenge())
     with pytest.raises(DigestError, match="nonce is not one this gateway made"):
-        authority().verify(authorization(answer(nonce)), "INVITE", password_of)
+        authority().verify(authorization(answer(nonce)), "INVITE", URI, password_of)
 
 
 def test_a_nonce_made_under_another_secret_is_refused() -> None:
     nonce = nonce_of(authority(secret=b"another gateway's secret").challenge())
     with pytest.raises(DigestError, match="nonce is not one this gateway made"):
-        authority().verify(authorization(answer(nonce)), "INVITE", password_of)
+        authority().verify(authorization(answer(nonce)), "INVITE", URI, password_of)
 
 
 @pytest.mark.parametrize("nonce", ["", "made-up", "6553f100", "6553f100.", ".deadbeef"])
 def test_a_made_up_nonce_is_refused(nonce: str) -> None:
     with pytest.raises(DigestError, match="nonce is not one this gateway made"):
-        authority().verify(authorization(answer(nonce)), "INVITE", password_of)
+        authority().verify(authorization(answer(nonce)), "INVITE", URI, password_of)
 
 
 def test_a_nonce_whose_time_is_changed_no_longer_checks_out() -> None:
@@ -206,7 +297,7 @@ def test_a_nonce_whose_time_is_changed_no_longer_checks_out() -> None:
     _, _, seal = nonce_of(authority(NOW).challenge()).partition(".")
     later = f"{int(gateway.clock()):x}.{seal}"
     with pytest.raises(DigestError, match="nonce is not one this gateway made"):
-        gateway.verify(authorization(answer(later)), "INVITE", password_of)
+        gateway.verify(authorization(answer(later)), "INVITE", URI, password_of)
 
 
 @pytest.mark.parametrize("algorithm", ["MD5-sess", "SHA-256-sess", "SHA-512-256", "SHA1", "none"])
@@ -214,7 +305,7 @@ def test_an_algorithm_other_than_md5_and_sha_256_is_refused(algorithm: str) -> N
     gateway = authority()
     params = answer(nonce_of(gateway.challenge())) | {"algorithm": algorithm}
     with pytest.raises(DigestError, match=rf"algorithm {re.escape(repr(algorithm.upper()))} is not supported"):
-        gateway.verify(authorization(params), "INVITE", password_of)
+        gateway.verify(authorization(params), "INVITE", URI, password_of)
 
 
 @pytest.mark.parametrize("missing", ["username", "realm", "nonce", "uri", "response"])
@@ -223,7 +314,7 @@ def test_an_answer_without_a_needed_field_is_refused_naming_it(missing: str) -> 
     params = answer(nonce_of(gateway.challenge()))
     del params[missing]
     with pytest.raises(DigestError, match=f"has no {missing}"):
-        gateway.verify(authorization(params), "INVITE", password_of)
+        gateway.verify(authorization(params), "INVITE", URI, password_of)
 
 
 @pytest.mark.parametrize("missing", ["nc", "cnonce"])
@@ -232,27 +323,27 @@ def test_qop_auth_without_nc_or_cnonce_is_refused(missing: str) -> None:
     params = answer(nonce_of(gateway.challenge()))
     del params[missing]
     with pytest.raises(DigestError, match="nc and cnonce are missing"):
-        gateway.verify(authorization(params), "INVITE", password_of)
+        gateway.verify(authorization(params), "INVITE", URI, password_of)
 
 
 def test_qop_auth_int_is_refused() -> None:
     gateway = authority()
     params = answer(nonce_of(gateway.challenge()), qop="auth-int")
     with pytest.raises(DigestError, match="qop 'auth-int' is not supported"):
-        gateway.verify(authorization(params), "INVITE", password_of)
+        gateway.verify(authorization(params), "INVITE", URI, password_of)
 
 
 def test_an_unknown_username_is_refused_naming_it() -> None:
     gateway = authority()
     params = answer(nonce_of(gateway.challenge())) | {"username": "intruder"}
     with pytest.raises(DigestError, match="no credential is named 'intruder'"):
-        gateway.verify(authorization(params), "INVITE", password_of)
+        gateway.verify(authorization(params), "INVITE", URI, password_of)
 
 
 @pytest.mark.parametrize("header", ['Basic cGJ4LTE6Y29ycmVjdCBob3JzZQ==', "Bearer abc", "", "Digestusername=x"])
 def test_a_scheme_other_than_digest_is_refused(header: str) -> None:
     with pytest.raises(DigestError, match="not Digest"):
-        authority().verify(header, "INVITE", password_of)
+        authority().verify(header, "INVITE", URI, password_of)
 
 
 @pytest.mark.parametrize("field", ["nonce", "username"])
@@ -260,7 +351,7 @@ def test_text_that_pjsip_decoded_from_invalid_utf8_is_refused_as_a_digest_error(
     gateway = authority()
     params = answer(nonce_of(gateway.challenge())) | {field: "\udcff"}
     with pytest.raises(DigestError):
-        gateway.verify(authorization(params), "INVITE", lambda username: "a password")
+        gateway.verify(authorization(params), "INVITE", URI, lambda username: "a password")
 
 
 # parse_digest
@@ -358,7 +449,7 @@ answer_fields = st.fixed_dictionaries({}, optional={
 def test_verify_raises_nothing_but_digest_errors_on_any_authorization(header: str) -> None:
     gateway = authority()
     try:
-        username = gateway.verify(header, "INVITE", password_of)
+        username = gateway.verify(header, "INVITE", URI, password_of)
     except DigestError:
         return  # refused, as it may be: any other exception fails the test
     params = parse_digest(header)

@@ -2,7 +2,8 @@
 files alone. The demo tenant takes INVITEs from this machine; a second tenant, `globex`, from its PBX's
 network or from anywhere with its digest credential. A number picks the agent, never another tenant's;
 an address nobody allows is challenged when credentials exist (401), refused when they do not (403), and
-a wrong answer, an unknown name or a credential whose secret is missing is refused (403), each with the
+a wrong answer, an unknown name, an answer for another Request-URI or a credential whose secret is
+missing is refused (403), a stale or replayed answer is challenged anew (401, stale=true), each with the
 denial the audit trail records."""
 
 from __future__ import annotations
@@ -212,15 +213,46 @@ def test_a_credential_whose_secret_is_not_set_lets_nobody_in(door: InviteScreen,
     assert (refused.denial.tenant_id, refused.denial.action) == ("globex", "sip.credentials_denied")
 
 
-def test_an_answer_to_a_stale_challenge_is_forbidden(router: AgentRouter, tenants: Tenants) -> None:
+def test_an_answer_to_a_stale_challenge_is_challenged_again_without_a_denial(router: AgentRouter,
+                                                                            tenants: Tenants) -> None:
+    """A user agent that kept a nonce past its life is routine: it gets a fresh one (stale=true)."""
     challenge = challenge_for(screen_of(router, tenants, NOW), GLOBEX_NUMBER)
     later = screen_of(router, tenants, NOW + NONCE_TTL_S + 1)
     refused = later.screen(ELSEWHERE, *invite(GLOBEX_NUMBER, answer(challenge, GLOBEX_NUMBER)))
     assert isinstance(refused, Refused)
+    assert (refused.code, refused.denial) == (401, None)
+    fresh = parse_digest(refused.headers["WWW-Authenticate"])
+    assert fresh["stale"] == "true"
+    assert fresh["nonce"] != parse_digest(challenge)["nonce"]
+    assert isinstance(later.screen(ELSEWHERE, *invite(GLOBEX_NUMBER, answer(refused.headers["WWW-Authenticate"],
+                                                                            GLOBEX_NUMBER))), Routed)
+
+
+def test_a_replayed_answer_is_challenged_again_and_denied_to_the_credentials_tenant(door: InviteScreen,
+                                                                                   router: AgentRouter) -> None:
+    """The nonces are stateless: an INVITE copied off the wire would otherwise place calls on the trunk's
+    credential for the nonce's five minutes."""
+    authorization = answer(challenge_for(door, GLOBEX_NUMBER), GLOBEX_NUMBER)
+    assert door.screen(ELSEWHERE, *invite(GLOBEX_NUMBER, authorization)) == \
+        Routed(router.get("globex", "front-desk"), GLOBEX_NUMBER)
+    replayed = door.screen(ELSEWHERE, *invite(GLOBEX_NUMBER, authorization))
+    assert isinstance(replayed, Refused)
+    assert replayed.code == 401
+    assert parse_digest(replayed.headers["WWW-Authenticate"])["stale"] == "true"
+    assert replayed.denial is not None
+    assert (replayed.denial.tenant_id, replayed.denial.action) == ("globex", "sip.credentials_replayed")
+
+
+def test_an_answer_for_one_number_does_not_call_another(door: InviteScreen) -> None:
+    """The digest's uri is the Request-URI's: an answer seen on the wire cannot be sent to another number."""
+    globex_second = "+15550201"
+    authorization = answer(challenge_for(door, GLOBEX_NUMBER), GLOBEX_NUMBER)
+    refused = door.screen(ELSEWHERE, *invite(globex_second, authorization))
+    assert isinstance(refused, Refused)
     assert refused.code == 403
     assert refused.denial is not None
-    assert refused.denial.action == "sip.credentials_denied"
-    assert "stale" in refused.denial.detail
+    assert (refused.denial.tenant_id, refused.denial.action) == ("globex", "sip.credentials_denied")
+    assert globex_second in refused.denial.detail
 
 
 @pytest.mark.parametrize("authorization", ["Basic Z2xvYmV4LXBieDpwYXNzd29yZA==", 'Digest username="globex-pbx', ""])
