@@ -25,6 +25,7 @@ import gc
 import itertools
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -54,6 +55,17 @@ RTP_CHECK_S = 1.0
 CODECS = ("PCMU/8000/1", "PCMA/8000/1")
 """The codecs offered and accepted, in order of preference; every other one PJSIP has is disabled
 (the bridge runs at 8 kHz: a wideband codec would only be resampled down)."""
+
+
+PJ_ETOOBIG = 70017
+"""PJSIP's status for a socket its select() cannot take (numbered past FD_SETSIZE), among others."""
+
+
+def _descriptors_open() -> int | str:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return "an unknown number of"
 
 
 class SipStartError(RuntimeError):
@@ -406,6 +418,9 @@ class SipEndpoint:
             self._configure(endpoint)
         except pj.Error as exc:
             self._problem = f"the SIP endpoint cannot start on {self.config.host}:{self.config.port}: {exc.info()}"
+            if exc.status == PJ_ETOOBIG:
+                self._problem += (f"; this process holds {_descriptors_open()} descriptors, and PJSIP's select() "
+                                  "takes no socket numbered past 1023")
             with contextlib.suppress(pj.Error):
                 endpoint.libDestroy()
             self._ready.set()

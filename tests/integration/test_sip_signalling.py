@@ -12,12 +12,14 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.sip_endpoint import SipEndpoint, SipEndpointConfig, SipEvents, SipStartError
 from schemas.codec import EventCodec
 from schemas.events import AuditRecorded
 from schemas.topics import AUDIT, CALL_TOPICS
@@ -290,3 +292,19 @@ async def test_the_endpoint_survives_fuzzing(stack: LocalStack) -> None:
     await alive(stack)
     assert not stack.gateway.sessions
 
+
+async def test_a_process_past_1023_descriptors_is_told_why_sip_cannot_start() -> None:
+    """PJSIP's select() takes no socket numbered past 1023: a gateway holding that many is told so, in
+    words, rather than PJSIP's "Size is too big"."""
+    held = []
+    try:
+        while not held or held[-1] < 1100:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        endpoint = SipEndpoint(SipEndpointConfig(port=free_sip_port()), cast(SipEvents, object()))
+        with pytest.raises(SipStartError, match=r"this process holds \d+ descriptors, and PJSIP's select\(\) takes no "
+                                                r"socket numbered past 1023"):
+            await endpoint.start()
+        assert not endpoint.running
+    finally:
+        for descriptor in held:
+            os.close(descriptor)
