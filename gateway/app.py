@@ -84,6 +84,7 @@ def create_app(runtime: GatewayRuntime) -> FastAPI:
         from gateway.sip_call_flow import SipCallFlow  # PJSIP loads only where SIP is served
 
         sip = SipCallFlow(runtime, runtime.sip)
+        runtime.sip_placer = sip  # the dialer places the calls of tenants with a SIP trunk through it
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -26,7 +26,7 @@ from consumers.backends import LogBackend, ensure_topics
 from consumers.log_consumer import LogConsumer
 from consumers.tool_replies import ToolReplies
 from consumers.workers.call_leases import CallReaper, LeasedCall, LeaseKeeper, new_instance_id
-from consumers.workers.dialer import DialStore, DialWorker
+from consumers.workers.dialer import CallPlacer, DialStore, DialWorker, TwilioPlacer
 from consumers.workers.tools import ToolRunner, ToolStore, ToolWorker
 from gateway.admission import Admission, RateLimits, Refusal
 from gateway.background_process import BackgroundFailed, BackgroundProcess
@@ -144,6 +144,8 @@ class GatewayRuntime:
     """What the tool worker resolves the tenants' integration secrets against (the environment, VOXLOG_SECRETS_DIR)."""
     sip: SipEndpointConfig | None = None
     """Where and how the gateway takes SIP calls (`VOXLOG_SIP_BIND`); None: no SIP."""
+    sip_placer: CallPlacer | None = None
+    """What places the calls of tenants with a SIP trunk (`sip.outbound`): the gateway's SIP side, if any."""
     local_services: list[LocalService] = field(default_factory=list)
     """Servers this process runs for its tenants and stops with them (the demo's CalDAV calendar)."""
     providers_factory: Callable[[AgentSpec], Providers] | None = None
@@ -183,6 +185,12 @@ class GatewayRuntime:
     @property
     def recordings(self) -> RecordingStore:
         return self.recording_store or LocalRecordingStore(self.recordings_path)
+
+    def placer_for(self, tenant_id: str, twilio: CallPlacer | None) -> CallPlacer | None:
+        """How a tenant's calls go out: its SIP trunk where it has one and SIP is served, else Twilio."""
+        if self.tenants.get(tenant_id).sip.outbound is not None and self.sip_placer is not None:
+            return self.sip_placer
+        return twilio
 
     def _tenant_limit(self, tenant_id: str) -> int | None:
         return self.tenants.get(tenant_id).limits.max_concurrent_calls
@@ -231,13 +239,16 @@ class GatewayRuntime:
                                                          SecretStr(self.webhook_secret.decode())))
             self._tasks.append(asyncio.create_task(worker.run(self._stop), name="tool-worker"))
             await asyncio.wait_for(worker.ready.wait(), 60)
-            if self.rest is not None and self.public_url:
+            twilio = TwilioPlacer(self.rest, self.public_url) if self.rest is not None and self.public_url else None
+            if twilio is not None or self.sip_placer is not None:
                 self._dials = DialStore(self.home / "dials.db")
-                self.dialer = DialWorker(self.backend, self.rest, self.tenants, self.public_url, self._dials)
+                self.dialer = DialWorker(self.backend, lambda tenant: self.placer_for(tenant, twilio), self.tenants,
+                                         self._dials)
                 self._tasks.append(asyncio.create_task(self.dialer.run(self._stop), name="dialer"))
                 await asyncio.wait_for(self.dialer.ready.wait(), 60)
             else:
-                log.info("no dialer: outbound calls need a Twilio account and VOXLOG_PUBLIC_URL")
+                log.info("no dialer: outbound calls need a Twilio account and VOXLOG_PUBLIC_URL, or SIP served "
+                         "(VOXLOG_SIP_BIND) for tenants with a SIP trunk")
             if self.backend.keys is not None:
                 self._tasks.append(asyncio.create_task(self._run_retention(self.backend.keys), name="retention"))
         reaper_consumer = self.backend.consumer([GATEWAYS], auto_offset_reset="earliest")

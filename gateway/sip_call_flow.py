@@ -6,6 +6,12 @@ one of their digest credentials (401 with a challenge, then 403 for a wrong answ
 number it dials picks the agent (404 when none answers it, or when the agent is another tenant's);
 then the call is admitted as a Twilio call is (503 with Retry-After when busy). Answered (200, the
 SDP answer from PJSIP), its media runs a session exactly as a phone call's does, `channel: sip`.
+
+Outbound, the dialer places a tenant's calls here when the tenant has a SIP trunk (`sip.outbound`):
+`place` takes a seat on the gateway, sends the INVITE to the trunk (PJSIP answers its digest challenge
+with the tenant's credential), and the call's progress goes on the dial's stream as `call.status`
+(ringing, in-progress, then completed, or busy, no-answer, failed); answered, it runs a session as an
+inbound call does, `direction: outbound`.
 """
 
 from __future__ import annotations
@@ -20,18 +26,23 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from consumers.workers.dialer import Dial, PlaceFailed
 from gateway.admission import retry_after
 from gateway.caller_recall import recall
-from gateway.runtime import GatewayRuntime, new_call_id, while_running
-from gateway.sip_endpoint import CLOCK_RATE, IncomingInvite, SipEndpoint, SipEndpointConfig
+from gateway.runtime import PRODUCER, GatewayRuntime, new_call_id, while_running
+from gateway.sip_endpoint import CLOCK_RATE, IncomingInvite, SipDialError, SipEndpoint, SipEndpointConfig
 from gateway.sip_media_transport import SipMediaTransport
-from schemas.events import CallStarted
+from producers.event_writer import CallRecorder
+from schemas.events import CallStarted, CallStatus
+from schemas.version import __version__
 from streams.audio.codecs import Resampler, pcm16_to_mulaw
 from streams.audio.formats import PCM_RATE
 from streams.call.session import CallSession
 from streams.call.transport import InboundCall
 from streams.channels.sip_digest import DigestAuthority, number_of
 from streams.channels.sip_screening import InviteScreen, Refused, Routed
+from streams.config.agents import RoutingError
+from streams.connectors.base import ConnectorError
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +51,28 @@ MEDIA_WAIT_S = 32.0
 """An answered call whose ACK (and so its media) has not come by then is ended (RFC 3261's timer H)."""
 HEARD_FRAMES_MAX = 250
 """Caller frames waiting for the loop (5 s); past it the oldest are dropped and counted (a stalled loop)."""
+DIAL_SENT_S = 10.0
+"""How long the endpoint's thread may take to send a placed call's INVITE (it polls every 10 ms)."""
 BUSY_RETRY_S = 5.0
 """What Retry-After says when the gateway is full: calls last minutes, this is when to try again."""
+
+
+BUSY_CODES = frozenset({486, 600, 603})
+UNANSWERED_CODES = frozenset({480, 487})
 
 
 @dataclass
 class SipLeg:
     """One SIP call on its way through the gateway."""
 
-    invite: IncomingInvite
+    handle: int
+    peer: str
+    """Where its signalling comes from: the caller's address, or the trunk a call we placed went to."""
     media: asyncio.Event = field(default_factory=asyncio.Event)
     heard: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
+    progress: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+    """ringing, answered, ended: how a call we placed gets on."""
+    ringing_code: int | None = None
     session: CallSession | None = None
     transport: SipMediaTransport | None = None
     ended: tuple[int, str] | None = None
@@ -68,9 +90,15 @@ class SipCallFlow:
         self.door = InviteScreen(runtime.router, runtime.tenants, runtime.secrets, digest)
         self.legs: dict[int, SipLeg] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._started = asyncio.Event()
+
+    @property
+    def provider(self) -> str:
+        return "sip"
 
     async def start(self) -> None:
         await self.endpoint.start()
+        self._started.set()
         config = self.endpoint.config
         log.info("SIP: listening on %s:%d (UDP, TCP)%s", config.host, config.port,
                  f", TLS on {config.tls_port}" if config.tls_port else "")
@@ -110,9 +138,20 @@ class SipCallFlow:
             f"sip-audit-{invite.handle}")
 
     def invited(self, invite: IncomingInvite, routed: Routed) -> None:
-        leg = SipLeg(invite)
+        leg = SipLeg(invite.handle, invite.source)
         self.legs[invite.handle] = leg
         self._spawn(self._take(leg, self._call_of(invite, routed)), f"sip-{invite.handle}")
+
+    def ringing(self, handle: int, code: int) -> None:
+        leg = self.legs.get(handle)
+        if leg is not None:
+            leg.ringing_code = code
+            leg.progress.put_nowait("ringing")
+
+    def answered(self, handle: int) -> None:
+        leg = self.legs.get(handle)
+        if leg is not None:
+            leg.progress.put_nowait("answered")
 
     def media_ready(self, handle: int) -> None:
         leg = self.legs.get(handle)
@@ -152,21 +191,113 @@ class SipCallFlow:
         if leg.transport is not None:
             leg.transport.ended()
         leg.heard.put_nowait(None)
+        leg.progress.put_nowait("ended")
 
     # ------------------------------------------------------------------ an INVITE
 
     async def _take(self, leg: SipLeg, call: InboundCall) -> None:
-        invite = leg.invite
         try:
             if await self.runtime.admit(call) is not None:
-                self.endpoint.respond(invite.handle, 503, "Busy", {"Retry-After": retry_after(BUSY_RETRY_S)})
+                self.endpoint.respond(leg.handle, 503, "Busy", {"Retry-After": retry_after(BUSY_RETRY_S)})
                 return
+            self.endpoint.respond(leg.handle, 200)
             await self._converse(leg, call)
         except Exception:
-            log.exception("SIP call %d from %s failed", invite.handle, invite.source)
-            self.endpoint.respond(invite.handle, 500, "Server Internal Error")
+            log.exception("SIP call %d from %s failed", leg.handle, leg.peer)
+            self.endpoint.respond(leg.handle, 500, "Server Internal Error")
         finally:
-            self.legs.pop(invite.handle, None)
+            self.legs.pop(leg.handle, None)
+
+    # ------------------------------------------------------------------ a call we place
+
+    async def place(self, dial: Dial, status_seq: int) -> str:
+        """The dialer's way out through the tenant's trunk: the INVITE's Call-ID once it is sent. Raises
+        PlaceFailed (retryable when the gateway is full)."""
+        await self._started.wait()
+        trunk = self.runtime.tenants.get(dial.tenant_id).sip.outbound
+        if trunk is None:
+            raise PlaceFailed(f"tenant {dial.tenant_id} has no SIP trunk (sip.outbound)", code=None, retryable=False)
+        try:
+            agent = self.runtime.router.get(dial.tenant_id, dial.agent_id)
+            credential = None
+            if trunk.username is not None and trunk.password is not None:
+                credential = (trunk.username, self.runtime.secrets.resolve(
+                    trunk.password, f"SIP trunk credential {trunk.username}").get_secret_value())
+        except (RoutingError, ConnectorError) as exc:
+            raise PlaceFailed(str(exc), code=None, retryable=False) from exc
+        # A seat first, not recorded as a refusal when there is none: the dialer tries again, and the
+        # call's stream begins with its call.started only once someone answers.
+        refusal = self.runtime.admission.admit(dial.call_id, dial.tenant_id)
+        if refusal is not None:
+            raise PlaceFailed(f"the gateway cannot take the call now: {refusal.detail}", code=503, retryable=True)
+        handle, placed = self.endpoint.dial(trunk.target(dial.to_number), trunk.caller(dial.from_number), credential)
+        leg = SipLeg(handle, trunk.proxy)
+        self.legs[handle] = leg  # before the INVITE is out: its progress may come before `placed` is seen
+        try:
+            sip_call_id = await asyncio.wait_for(placed, DIAL_SENT_S)
+        except (SipDialError, TimeoutError) as exc:
+            self.legs.pop(handle, None)
+            self.endpoint.hangup(handle)  # queued behind the placing: a late INVITE is cancelled, not left ringing
+            self.runtime.admission.release(dial.call_id)
+            raise PlaceFailed(str(exc) or "the SIP endpoint did not say whether it sent the INVITE", code=None,
+                              retryable=False) from exc
+        call = InboundCall(
+            call_id=dial.call_id, tenant_id=dial.tenant_id,
+            started=CallStarted(channel="sip", direction="outbound", agent_id=agent.id, agent_version=agent.version,
+                                routed_by="outbound_request", from_number=dial.from_number, to_number=dial.to_number,
+                                provider_call_id=sip_call_id, parameters={**dial.parameters, "dial_id": dial.dial_id}))
+        statuses = CallRecorder(self.runtime.writer, tenant_id=dial.tenant_id, call_id=dial.dial_id,
+                                producer=PRODUCER, producer_version=__version__, next_seq=status_seq)
+        self._spawn(self._ring(leg, call, statuses, dial.ring_timeout_s), f"sip-out-{handle}")
+        return sip_call_id
+
+    async def _ring(self, leg: SipLeg, call: InboundCall, statuses: CallRecorder, ring_timeout_s: float) -> None:
+        """A call we placed, from its INVITE to its end: its statuses on the dial's stream."""
+        loop = asyncio.get_running_loop()
+
+        async def status(name: str, code: int | None, **more: Any) -> None:
+            await statuses.record(CallStatus(status=name, provider="sip", sip_response_code=code, **more))
+            await self.runtime.writer.flush()
+
+        answered_at: float | None = None
+        try:
+            deadline, gave_up, rang = loop.time() + ring_timeout_s, False, False
+            while answered_at is None:
+                try:
+                    step = await asyncio.wait_for(leg.progress.get(), max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    if gave_up:  # the stack never ended it (its own timers should have): nothing more to wait for
+                        await status("failed", None, raw={"reason": "no final answer after the CANCEL"})
+                        self.runtime.admission.release(call.call_id)
+                        return
+                    # Nobody answered in time: CANCEL, whose 487 ends the call (where the trunk has said nothing
+                    # at all, PJSIP ends it at once, 487 too, and sends the CANCEL if a response ever comes).
+                    gave_up, deadline = True, loop.time() + MEDIA_WAIT_S + 5
+                    self.endpoint.hangup(leg.handle)
+                    continue
+                if step == "ringing" and leg.ringing_code is not None:
+                    await status("ringing", leg.ringing_code)
+                    rang, leg.ringing_code = True, None  # once: a 183 after a 180 is the same ringing
+                elif step == "answered":
+                    answered_at = loop.time()
+                elif step == "ended":
+                    code, reason = leg.ended or (0, "")
+                    if gave_up and not rang and code == 487:  # PJSIP ends a call nothing answered at once
+                        await status("failed", None, raw={"reason": "the trunk sent no response by the ring timeout"})
+                    else:
+                        await status(_status_of(code, rang), code or None, raw={"reason": reason})
+                    self.runtime.admission.release(call.call_id)
+                    return
+            await status("in-progress", 200)
+            await self._converse(leg, call)
+            await status("completed", None, duration_s=int(loop.time() - answered_at))
+        except Exception:
+            log.exception("SIP call %d to %s failed", leg.handle, leg.peer)
+            self.endpoint.hangup(leg.handle)
+            if answered_at is None:
+                self.runtime.admission.release(call.call_id)
+        finally:
+            self.legs.pop(leg.handle, None)
 
     def _call_of(self, invite: IncomingInvite, routed: Routed) -> InboundCall:
         agent = routed.agent
@@ -180,8 +311,8 @@ class SipCallFlow:
     # ------------------------------------------------------------------ the call
 
     async def _converse(self, leg: SipLeg, call: InboundCall) -> None:
-        runtime, handle = self.runtime, leg.invite.handle
-        self.endpoint.respond(handle, 200)
+        """An answered call: once its media is up, a session until either side ends it."""
+        runtime, handle = self.runtime, leg.handle
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(leg.media.wait(), MEDIA_WAIT_S)
         if leg.ended is not None or not leg.media.is_set():
@@ -190,7 +321,7 @@ class SipCallFlow:
                 self.endpoint.hangup(handle)
             return
         agent = runtime.router.get(call.tenant_id, call.started.agent_id)
-        transport = SipMediaTransport(self.endpoint, handle, leg.invite.source)
+        transport = SipMediaTransport(self.endpoint, handle, leg.peer)
         leg.transport = transport
         session = runtime.open_session(call, agent, transport, memory=await recall(runtime.analytics, call))
         leg.session = session
@@ -211,6 +342,16 @@ class SipCallFlow:
                 log.warning("SIP call %s: %d caller frames dropped (the loop fell behind)", call.call_id,
                             leg.dropped_frames)
             await transport.hangup()
+
+
+def _status_of(code: int, rang: bool) -> str:
+    """What a call we placed that ended before anyone answered it was: its final SIP status read as
+    Twilio's (a timeout is no answer where it rang, a trunk that said nothing where it did not)."""
+    if code in BUSY_CODES:
+        return "busy"
+    if code in UNANSWERED_CODES or (code == 408 and rang):
+        return "no-answer"
+    return "failed"
 
 
 def _end_reason(ended: tuple[int, str] | None) -> Literal["caller_hangup", "carrier_error"]:

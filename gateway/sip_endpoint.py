@@ -51,6 +51,8 @@ QUEUED_FRAMES_MAX = 3000
 POLL_MS = 10
 REFUSAL_SPACING_S = 0.05
 """At most 20 refusals a second leave the endpoint (see `SipEndpoint._refuse`)."""
+OUTBOUND_ACCOUNTS_MAX = 6
+"""Trunk credentials kept as accounts at once (the wheel's PJSUA_MAX_ACC is 8, one is the inbound's)."""
 RTP_CHECK_S = 1.0
 CODECS = ("PCMU/8000/1", "PCMA/8000/1")
 """The codecs offered and accepted, in order of preference; every other one PJSIP has is disabled
@@ -66,6 +68,10 @@ def _descriptors_open() -> int | str:
         return len(os.listdir("/proc/self/fd"))
     except OSError:
         return "an unknown number of"
+
+
+class SipDialError(RuntimeError):
+    """A call that could not be placed at all (a bad URI, no transport to the trunk, no call slot)."""
 
 
 class SipStartError(RuntimeError):
@@ -168,6 +174,12 @@ class SipEvents(Protocol):
 
     def invited(self, invite: IncomingInvite, routed: Routed) -> None: ...
 
+    def ringing(self, handle: int, code: int) -> None:
+        """A call we placed is ringing (180) or bringing early media (183)."""
+
+    def answered(self, handle: int) -> None:
+        """A call is up: the 200 and its ACK are through."""
+
     def media_ready(self, handle: int) -> None: ...
 
     def heard(self, handle: int, pcm: bytes) -> None: ...
@@ -217,6 +229,7 @@ class _Call(pj.Call):  # type: ignore[misc]
     def __init__(self, endpoint: SipEndpoint, account: pj.Account, call_id: int, handle: int) -> None:
         super().__init__(account, call_id)
         self.endpoint = endpoint
+        self.account = account
         self.handle = handle
         self.port: _AgentAudio | None = None
         self.bridged: int | None = None
@@ -230,6 +243,10 @@ class _Call(pj.Call):  # type: ignore[misc]
         if info.state == pj.PJSIP_INV_STATE_DISCONNECTED and not self.ended:
             self.ended = True
             self.endpoint.finished(self, info.lastStatusCode, info.lastReason)
+        elif info.state == pj.PJSIP_INV_STATE_EARLY and info.role == pj.PJSIP_ROLE_UAC:
+            self.endpoint.post(self.endpoint.events.ringing, self.handle, int(info.lastStatusCode))
+        elif info.state == pj.PJSIP_INV_STATE_CONFIRMED:
+            self.endpoint.post(self.endpoint.events.answered, self.handle)
 
     def onCallMediaState(self, prm: Any) -> None:
         info = self.getInfo()
@@ -302,6 +319,8 @@ class SipEndpoint:
     _ready: threading.Event = field(default_factory=threading.Event)
     _problem: str | None = None
     _account: _Account | None = None
+    _outbound: dict[tuple[str, str], _Account] = field(default_factory=dict)
+    """The accounts that place calls with a trunk's credential, by credential."""
     _invites: RateLimits = field(default_factory=RateLimits)
     _refusals: collections.deque[tuple[_Call, Refused]] = field(default_factory=collections.deque)
     _next_refusal: float = 0.0
@@ -335,7 +354,46 @@ class SipEndpoint:
         self._command(handle, lambda call: self._respond(call, code, reason, headers or {}))
 
     def hangup(self, handle: int) -> None:
+        """Ends the call: BYE once it is up, CANCEL while a call we placed still rings."""
         self._command(handle, lambda call: call.hangup(pj.CallOpParam()))
+
+    def dial(self, target: str, caller: str, credential: tuple[str, str] | None) -> tuple[int, asyncio.Future[str]]:
+        """Places a call to `target` (a SIP URI) from `caller` (the From URI), answering the far end's
+        digest challenge with `credential` (username, password): the call's handle at once, and a future
+        of its Call-ID once the INVITE is sent (or of a SipDialError). What follows comes as `ringing`,
+        `answered`, `media_ready` and `ended` (a final refusal: its status), perhaps before the future is
+        seen done."""
+        assert self._loop is not None, "start() first"
+        placed: asyncio.Future[str] = self._loop.create_future()
+        handle = next(self._handles)
+
+        def settle(outcome: str | BaseException) -> None:
+            if placed.done():
+                return
+            if isinstance(outcome, BaseException):
+                placed.set_exception(outcome)
+            else:
+                placed.set_result(outcome)
+
+        def place() -> None:
+            call = _Call(self, self._outbound_account(credential), pj.PJSUA_INVALID_ID, handle)
+            operation = pj.CallOpParam(True)
+            operation.txOption.localUri = caller
+            try:
+                call.makeCall(target, operation)
+            except pj.Error as exc:
+                self._gone.append(call)
+                self.post(settle, SipDialError(f"{target}: {exc.reason} ({exc.status})"))
+                return
+            if not call.ended:
+                self._calls[handle] = call
+            self.post(settle, str(call.getInfo().callIdString))
+
+        if not self.running:
+            settle(SipDialError("the SIP endpoint is not running"))
+        else:
+            self._commands.put(place)
+        return handle, placed
 
     def transfer(self, handle: int, target: str) -> None:
         """A blind transfer (REFER); its NOTIFYs come back as `transfer_status`."""
@@ -477,8 +535,14 @@ class SipEndpoint:
             wanted = codec.codecId in CODECS
             endpoint.codecSetPriority(codec.codecId, 255 - CODECS.index(codec.codecId) if wanted else 0)
         endpoint.libStart()
+        self._account = _Account(self)
+        self._account.create(self._account_config("voxlog"), True)
+
+    def _account_config(self, user: str) -> pj.AccountConfig:
+        """An account's settings: `user` at this endpoint, RTP in the configured ports, session timers."""
+        config = self.config
         account = pj.AccountConfig()
-        account.idUri = f"sip:voxlog@{config.advertised}:{config.port}"
+        account.idUri = f"sip:{user}@{config.advertised}:{config.port}"
         rtp = account.mediaConfig.transportConfig
         rtp.port = config.rtp_port
         rtp.portRange = config.rtp_port_range
@@ -487,8 +551,30 @@ class SipEndpoint:
         calls = account.callConfig
         calls.timerUse = pj.PJSUA_SIP_TIMER_OPTIONAL
         calls.timerSessExpiresSec = config.session_expires_s
-        self._account = _Account(self)
-        self._account.create(account, True)
+        return account
+
+    def _outbound_account(self, credential: tuple[str, str] | None) -> _Account:
+        """The account whose digest credential answers a trunk's challenge (PJSIP keeps credentials per
+        account): one per credential, the idle ones past `OUTBOUND_ACCOUNTS_MAX` let go, oldest first."""
+        assert self._account is not None
+        if credential is None:
+            return self._account
+        account = self._outbound.pop(credential, None)
+        if account is None:
+            busy = {id(call.account) for call in self._calls.values()}
+            while len(self._outbound) >= OUTBOUND_ACCOUNTS_MAX:
+                idle = next((key for key, kept in self._outbound.items() if id(kept) not in busy), None)
+                if idle is None:
+                    break  # each has a call (more than the stack takes at once): PJSIP's own limit answers
+                with contextlib.suppress(pj.Error):
+                    self._outbound.pop(idle).shutdown()
+            username, password = credential
+            settings = self._account_config(username)
+            settings.sipConfig.authCreds.append(pj.AuthCredInfo("digest", "*", username, 0, password))
+            account = _Account(self)
+            account.create(settings, False)
+        self._outbound[credential] = account  # the most recently used last
+        return account
 
     def _run_commands(self) -> bool:
         """Runs what the loop asked; False once it asked the endpoint to stop."""
@@ -594,9 +680,11 @@ class SipEndpoint:
         # and so does a call (no loop variable here may keep the last one until this returns).
         self._forget_calls()
         gc.collect()  # any cycle still holding one
-        if self._account is not None:
-            with contextlib.suppress(pj.Error):
-                self._account.shutdown()
-            self._account = None
+        for account in [*self._outbound.values(), self._account]:
+            if account is not None:
+                with contextlib.suppress(pj.Error):
+                    account.shutdown()
+        self._outbound.clear()
+        self._account = None
         with contextlib.suppress(pj.Error):
             endpoint.libDestroy()

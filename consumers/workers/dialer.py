@@ -5,11 +5,12 @@ It consumes `voxlog.commands` in its own group. A request is first written to th
 (SQLite, idempotent by dial id), then its offset is committed: from then on the store, not the log,
 is the queue, so a rate-limited tenant never holds up the partition for the others. One task per
 tenant takes that tenant's dials in request order, waits for a token of its bucket
-(`Dialing.calls_per_minute`, `burst`), and places the call with Twilio's REST API.
+(`Dialing.calls_per_minute`, `burst`), and places the call: through the tenant's SIP trunk when it
+has one (`sip.outbound`) and the gateway serves SIP, else with Twilio's REST API (`CallPlacer`).
 
 Outcomes are recorded in the dial's own stream (key = dial id, seq after the request's 0):
 `call.dial_placed`, or `call.dial_failed` per failed attempt. Only what is safe to retry is retried
-(Twilio's 429 and 5xx, or a request that never left); a dial whose placing was interrupted by a
+(Twilio's 429 and 5xx, a request that never left, a gateway full); a dial whose placing was interrupted by a
 crash is given up rather than risk ringing someone twice. A dial not placed before it expires is
 given up too.
 """
@@ -24,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from consumers.backends import LogBackend
 from consumers.event_reader import ConsumedEvent
@@ -46,6 +48,50 @@ log = logging.getLogger(__name__)
 WORKER = "voxlog.dialer"
 GROUP = "voxlog-dialer"
 DIAL_TOPIC = topic_for(CallDialPlaced.EVENT_TYPE)
+
+
+class PlaceFailed(Exception):
+    """A call its provider did not place: why, its code (an HTTP or SIP status) and whether trying again may work."""
+
+    def __init__(self, message: str, *, code: int | None, retryable: bool) -> None:
+        super().__init__(message)
+        self.message, self.code, self.retryable = message, code, retryable
+
+
+class CallPlacer(Protocol):
+    """A way out to the telephone network: Twilio's REST API, or a tenant's SIP trunk."""
+
+    @property
+    def provider(self) -> str:
+        """twilio, sip: what `call.dial_placed` and `call.dial_failed` say."""
+        ...
+
+    async def place(self, dial: Dial, status_seq: int) -> str:
+        """Places the call: the provider's id of it. Until it is answered, its status events go on the
+        dial's stream from `status_seq` on. Raises PlaceFailed."""
+        ...
+
+
+class TwilioPlacer:
+    """Calls placed with Twilio's REST API; Twilio fetches the voice webhook when the person answers."""
+
+    provider = "twilio"
+
+    def __init__(self, rest: TwilioRest, public_url: str) -> None:
+        if not public_url.startswith(("http://", "https://")):
+            raise ValueError("the dialer needs the public URL Twilio reaches the gateway at (VOXLOG_PUBLIC_URL)")
+        self.rest = rest
+        self.public_url = public_url
+
+    async def place(self, dial: Dial, status_seq: int) -> str:
+        route = OutboundRoute(dial.dial_id, dial.call_id, dial.tenant_id, dial.agent_id, dial.parameters)
+        try:
+            call = await self.rest.create_call(
+                dial.to_number, dial.from_number, voice_url(self.public_url, route),
+                status_url(self.public_url, dial.dial_id, dial.tenant_id, status_seq), timeout_s=dial.ring_timeout_s)
+        except TwilioRestError as exc:
+            raise PlaceFailed(exc.message, code=exc.code, retryable=exc.retryable) from exc
+        return call.sid
 
 
 @dataclass(frozen=True)
@@ -146,14 +192,13 @@ class DialStore:
 
 
 class DialWorker:
-    """Requests in from the log, calls out through Twilio, outcomes back onto the log."""
+    """Requests in from the log, calls out through each tenant's placer, outcomes back onto the log."""
 
     def __init__(
         self,
         backend: LogBackend,
-        rest: TwilioRest,
+        placer_for: Callable[[str], CallPlacer | None],
         tenants: Tenants,
-        public_url: str,
         store: DialStore,
         *,
         attempts: int = 3,
@@ -161,12 +206,9 @@ class DialWorker:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        if not public_url.startswith(("http://", "https://")):
-            raise ValueError("the dialer needs the public URL Twilio reaches the gateway at (VOXLOG_PUBLIC_URL)")
         self.backend = backend
-        self.rest = rest
+        self.placer_for = placer_for
         self.tenants = tenants
-        self.public_url = public_url
         self.store = store
         self.attempts = attempts
         self.backoff_s = backoff_s
@@ -205,7 +247,7 @@ class DialWorker:
             await self._send(dial_id, data)  # at least once: a consumer knows a repeat by its seq
         for dial in await asyncio.to_thread(self.store.interrupted):
             await self._give_up(dial, dial.attempts, "the dialer stopped while placing this call; its outcome is "
-                                "unknown, so it is not placed again", code=None)
+                                "unknown, so it is not placed again", code=None, provider=self._provider(dial))
         for dial in await asyncio.to_thread(self.store.queued):
             self._schedule(dial.tenant_id)
 
@@ -251,13 +293,23 @@ class DialWorker:
         await self._writer.flush()
         await asyncio.to_thread(self.store.sent, dial_id, data)
 
-    async def _give_up(self, dial: Dial, attempt: int, error: str, *, code: int | None) -> None:
-        await self._move(dial, CallDialFailed(provider="twilio", error=error, code=code, attempt=attempt,
+    async def _give_up(self, dial: Dial, attempt: int, error: str, *, code: int | None, provider: str) -> None:
+        await self._move(dial, CallDialFailed(provider=provider, error=error, code=code, attempt=attempt,
                                               retryable=False, final=True),
                          seq=dial.next_seq, state="failed", attempts=attempt)
         self.failed += 1
 
+    def _provider(self, dial: Dial) -> str:
+        placer = self.placer_for(dial.tenant_id)
+        return "none" if placer is None else placer.provider
+
     async def _dial(self, dial: Dial) -> None:
+        placer = self.placer_for(dial.tenant_id)
+        if placer is None:
+            await self._give_up(dial, dial.attempts, f"tenant {dial.tenant_id} has no way out: no SIP trunk this "
+                                "gateway serves (sip.outbound, VOXLOG_SIP_BIND) and no Twilio account",
+                                code=None, provider="none")
+            return
         bucket = self._bucket(dial.tenant_id)
         while (delay := bucket.delay(self.clock())) > 0:
             if self.clock() + delay > dial.expires_at_us / 1e6:
@@ -265,24 +317,20 @@ class DialWorker:
             await self.sleep(delay)
         if self.clock() * 1e6 >= dial.expires_at_us or bucket.delay(self.clock()) > 0:
             await self._give_up(dial, dial.attempts, "expired before it could be placed (tenant rate limit or "
-                                "dialer backlog)", code=None)
+                                "dialer backlog)", code=None, provider=placer.provider)
             return
         bucket.take(self.clock())
         seq, attempt = dial.next_seq, dial.attempts
-        route = OutboundRoute(dial.dial_id, dial.call_id, dial.tenant_id, dial.agent_id, dial.parameters)
         while True:
             attempt += 1
             await asyncio.to_thread(self.store.update, dial.dial_id, state="placing", next_seq=seq, attempts=attempt)
             started = time.perf_counter()
             try:
-                # The placed event takes `seq`; the call's status callbacks number on from seq + 1.
-                call = await self.rest.create_call(
-                    dial.to_number, dial.from_number, voice_url(self.public_url, route),
-                    status_url(self.public_url, dial.dial_id, dial.tenant_id, seq + 1),
-                    timeout_s=dial.ring_timeout_s)
-            except TwilioRestError as exc:
+                # The placed event takes `seq`; the call's status events number on from seq + 1.
+                provider_call_id = await placer.place(dial, seq + 1)
+            except PlaceFailed as exc:
                 last = not exc.retryable or attempt >= self.attempts or self.clock() * 1e6 >= dial.expires_at_us
-                await self._move(dial, CallDialFailed(provider="twilio", error=exc.message, code=exc.code,
+                await self._move(dial, CallDialFailed(provider=placer.provider, error=exc.message, code=exc.code,
                                                       attempt=attempt, retryable=not last, final=last),
                                  seq=seq, state="failed" if last else "queued", attempts=attempt)
                 seq += 1
@@ -293,9 +341,9 @@ class DialWorker:
                 continue
             latency_ms = int((time.perf_counter() - started) * 1000)
             queued_ms = max(0, int(self.clock() * 1000 - dial.requested_us / 1000) - latency_ms)
-            # Status callbacks may already be numbering from seq + 1; this event holds seq.
-            await self._move(dial, CallDialPlaced(provider="twilio", provider_call_id=call.sid, attempt=attempt,
-                                                  queued_ms=queued_ms, latency_ms=latency_ms),
-                             seq=seq, state="placed", attempts=attempt, provider_call_id=call.sid)
+            # Status events may already be numbering from seq + 1; this event holds seq.
+            await self._move(dial, CallDialPlaced(provider=placer.provider, provider_call_id=provider_call_id,
+                                                  attempt=attempt, queued_ms=queued_ms, latency_ms=latency_ms),
+                             seq=seq, state="placed", attempts=attempt, provider_call_id=provider_call_id)
             self.placed += 1
             return

@@ -1,6 +1,9 @@
 """A tenant's SIP trunks, as its `tenant.yaml` declares them (`sip:`), and which tenants an INVITE may
 reach.
 
+Outbound (`outbound:`), the trunk the dialer places the tenant's calls through: the carrier's or PBX's
+SIP server (`proxy`, host and port), how to reach it, and the digest credential it challenges for.
+
 An INVITE is the tenant's when it comes from one of the tenant's addresses (`inbound.allow`, CIDRs:
 the PBX or the carrier's signalling hosts), or when it proves one of the tenant's digest credentials
 (`inbound.credentials`, from anywhere). A tenant with neither takes no SIP calls. The number dialled
@@ -12,8 +15,9 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from streams.connectors.secrets import SecretRef
 
@@ -47,8 +51,46 @@ class SipInbound(_Spec):
         return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in self.allow)
 
 
+_HOST = r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)"
+
+
+class SipOutbound(_Spec):
+    proxy: str = Field(pattern=rf"^{_HOST}(?::[0-9]{{1,5}})?$")
+    """The trunk's SIP server, `host` or `host:port` (an IPv6 address in brackets): INVITEs go to
+    `sip:<number>@<proxy>`."""
+    transport: Literal["udp", "tcp", "tls"] = "udp"
+    username: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+    password: SecretRef | None = None
+    """The digest credential the trunk challenges for (401 or 407), where the password is."""
+
+    @field_validator("proxy")
+    @classmethod
+    def _port(cls, value: str) -> str:
+        _, colon, port = value.rpartition("]")[2].rpartition(":")
+        if colon and not 0 < int(port) < 65536:
+            raise ValueError(f"the port of {value} is not 1 to 65535")
+        return value
+
+    @model_validator(mode="after")
+    def _credential_whole(self) -> SipOutbound:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("a trunk's credential needs both username and password")
+        return self
+
+    def target(self, number: str) -> str:
+        """The Request-URI of a call to `number` through this trunk."""
+        return f"sip:{number}@{self.proxy}" + ("" if self.transport == "udp" else f";transport={self.transport}")
+
+    def caller(self, number: str) -> str:
+        """The From URI of a call from the tenant's `number`: that number at the trunk's host."""
+        host = self.proxy if self.proxy.endswith("]") else self.proxy.rpartition(":")[0] or self.proxy
+        return f"sip:{number}@{host}"
+
+
 class SipTrunks(_Spec):
     inbound: SipInbound = SipInbound()
+    outbound: SipOutbound | None = None
+    """Where the tenant's outbound calls go when it has a SIP trunk (else through Twilio)."""
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import pytest
 
 from consumers.backends import LogBackend, ensure_topics
 from consumers.event_reader import read_call
-from consumers.workers.dialer import DialStore, DialWorker
+from consumers.workers.dialer import DialStore, DialWorker, TwilioPlacer
 from gateway.api import new_dial_id
 from gateway.runtime import new_call_id
 from producers.event_writer import CallRecorder, EventWriter
@@ -77,7 +77,8 @@ async def running(worker: DialWorker) -> tuple[asyncio.Event, asyncio.Task[None]
 
 def worker(backend: LogBackend, twilio: FakeTwilio, store: DialStore) -> DialWorker:
     rest = TwilioRest(twilio.account_sid, TOKEN, base_url=twilio.base_url)
-    return DialWorker(backend, rest, Tenants(load_tenants(DEFAULT_AGENTS_DIR)), PUBLIC, store, backoff_s=0.05)
+    placer = TwilioPlacer(rest, PUBLIC)
+    return DialWorker(backend, lambda tenant: placer, Tenants(load_tenants(DEFAULT_AGENTS_DIR)), store, backoff_s=0.05)
 
 
 async def test_a_request_is_placed_once_and_an_expired_one_never(

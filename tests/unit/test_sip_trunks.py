@@ -1,6 +1,7 @@
 """streams.config.sip_trunks and a tenant file's `sip:` section: the addresses (CIDRs, single addresses,
 IPv4 and IPv6) whose INVITEs a tenant takes, bad ones refused when the tenants load, the digest
-credentials each tenant's INVITEs may prove instead, and one credential username per tenant."""
+credentials each tenant's INVITEs may prove instead, and one credential username per tenant; the
+outbound trunk (proxy, transport, credential) and the URIs a call through it is sent to and from."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import yaml
 from pydantic import ValidationError
 
 from streams.config.agents import AgentConfigError
-from streams.config.sip_trunks import SipCredential, SipInbound, SipTrunks, invite_source
+from streams.config.sip_trunks import SipCredential, SipInbound, SipOutbound, SipTrunks, invite_source
 from streams.config.tenants import Tenants, TenantSpec, load_tenants
 from streams.connectors.secrets import SecretRef
 from voxlog.settings import DEFAULT_AGENTS_DIR
@@ -156,3 +157,44 @@ def test_the_tenants_take_distinct_usernames_and_the_same_addresses() -> None:
 def test_an_ipv4_peer_seen_on_a_dual_stack_socket_is_that_ipv4_address() -> None:
     assert invite_source("::ffff:203.0.113.5", [("acme", trunks(allow=("203.0.113.0/28",)))]).allowed == {"acme"}
     assert invite_source("::ffff:198.51.100.1", [("acme", trunks(allow=("203.0.113.0/28",)))]).allowed == frozenset()
+
+
+# Outbound.
+
+@pytest.mark.parametrize(("proxy", "transport", "target", "caller"), [
+    ("sip.carrier.example", "udp", "sip:+15557770100@sip.carrier.example", "sip:+15550100@sip.carrier.example"),
+    ("sip.carrier.example:5080", "tcp", "sip:+15557770100@sip.carrier.example:5080;transport=tcp",
+     "sip:+15550100@sip.carrier.example"),
+    ("192.0.2.10:5061", "tls", "sip:+15557770100@192.0.2.10:5061;transport=tls", "sip:+15550100@192.0.2.10"),
+    ("[2001:db8::10]:5060", "udp", "sip:+15557770100@[2001:db8::10]:5060", "sip:+15550100@[2001:db8::10]"),
+    ("[2001:db8::10]", "udp", "sip:+15557770100@[2001:db8::10]", "sip:+15550100@[2001:db8::10]"),
+])
+def test_a_call_through_the_trunk_goes_to_the_number_at_its_proxy_from_the_caller_id_at_its_host(
+        proxy: str, transport: str, target: str, caller: str) -> None:
+    trunk = SipOutbound.model_validate({"proxy": proxy, "transport": transport})
+    assert trunk.target("+15557770100") == target
+    assert trunk.caller("+15550100") == caller
+
+
+@pytest.mark.parametrize("proxy", ["", "sip:carrier.example", "carrier.example:0", "carrier.example:65536",
+                                   "carrier example", "carrier.example;transport=tcp", "carrier.example:50a",
+                                   "user@carrier.example", "-carrier.example", "[not-v6]:5060",
+                                   "carrier.example\r\nX: y", "carrier.example\n"])
+def test_a_proxy_that_is_not_a_host_and_port_is_refused(proxy: str) -> None:
+    with pytest.raises(ValidationError):
+        SipOutbound(proxy=proxy)
+
+
+@pytest.mark.parametrize("credential", [{"username": "voxlog"}, {"password": {"env": "TRUNK_PASSWORD"}},
+                                        {"username": "a b", "password": {"env": "TRUNK_PASSWORD"}}])
+def test_a_trunk_credential_is_a_username_and_where_its_password_is_both(credential: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        SipOutbound.model_validate({"proxy": "carrier.example", **credential})
+
+
+def test_a_tenant_file_declares_its_outbound_trunk() -> None:
+    spec = tenant("acme", {"outbound": {"proxy": "sip.carrier.example:5060", "transport": "tcp",
+                                        "username": "acme-out", "password": {"file": "acme-trunk"}}})
+    assert spec.sip.outbound == SipOutbound(proxy="sip.carrier.example:5060", transport="tcp", username="acme-out",
+                                            password=SecretRef(file="acme-trunk"))
+    assert tenant("plain", {}).sip.outbound is None, "without one, its calls go out through Twilio"
