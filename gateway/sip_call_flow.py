@@ -59,6 +59,7 @@ BUSY_RETRY_S = 5.0
 
 BUSY_CODES = frozenset({486, 600, 603})
 UNANSWERED_CODES = frozenset({480, 487})
+"""Final statuses of a call we placed that read as Twilio's busy and no-answer (else: failed)."""
 
 
 @dataclass
@@ -73,6 +74,7 @@ class SipLeg:
     progress: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
     """ringing, answered, ended: how a call we placed gets on."""
     ringing_code: int | None = None
+    """The provisional status (180, 183) of a call we placed, once it rings."""
     session: CallSession | None = None
     transport: SipMediaTransport | None = None
     ended: tuple[int, str] | None = None
@@ -275,9 +277,9 @@ class SipCallFlow:
                     gave_up, deadline = True, loop.time() + MEDIA_WAIT_S + 5
                     self.endpoint.hangup(leg.handle)
                     continue
-                if step == "ringing" and leg.ringing_code is not None:
+                if step == "ringing" and not rang:  # once: a 183 after a 180 is the same ringing
+                    rang = True
                     await status("ringing", leg.ringing_code)
-                    rang, leg.ringing_code = True, None  # once: a 183 after a 180 is the same ringing
                 elif step == "answered":
                     answered_at = loop.time()
                 elif step == "ended":
