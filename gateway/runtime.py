@@ -187,8 +187,9 @@ class GatewayRuntime:
         return self.recording_store or LocalRecordingStore(self.recordings_path)
 
     def placer_for(self, tenant_id: str, twilio: CallPlacer | None) -> CallPlacer | None:
-        """How a tenant's calls go out: its SIP trunk where it has one and SIP is served, else Twilio."""
-        if self.tenants.get(tenant_id).sip.outbound is not None and self.sip_placer is not None:
+        """How a tenant's calls go out: its SIP trunk where it has one (never Twilio instead: another caller
+        id, another bill; None where this gateway serves no SIP), else Twilio."""
+        if self.tenants.get(tenant_id).sip.outbound is not None:
             return self.sip_placer
         return twilio
 

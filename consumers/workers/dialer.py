@@ -6,7 +6,7 @@ It consumes `voxlog.commands` in its own group. A request is first written to th
 is the queue, so a rate-limited tenant never holds up the partition for the others. One task per
 tenant takes that tenant's dials in request order, waits for a token of its bucket
 (`Dialing.calls_per_minute`, `burst`), and places the call: through the tenant's SIP trunk when it
-has one (`sip.outbound`) and the gateway serves SIP, else with Twilio's REST API (`CallPlacer`).
+has one (`sip.outbound`; the gateway must serve SIP), else with Twilio's REST API (`CallPlacer`).
 
 Outcomes are recorded in the dial's own stream (key = dial id, seq after the request's 0):
 `call.dial_placed`, or `call.dial_failed` per failed attempt. Only what is safe to retry is retried
@@ -306,9 +306,9 @@ class DialWorker:
     async def _dial(self, dial: Dial) -> None:
         placer = self.placer_for(dial.tenant_id)
         if placer is None:
-            await self._give_up(dial, dial.attempts, f"tenant {dial.tenant_id} has no way out: no SIP trunk this "
-                                "gateway serves (sip.outbound, VOXLOG_SIP_BIND) and no Twilio account",
-                                code=None, provider="none")
+            await self._give_up(dial, dial.attempts, f"no way out for tenant {dial.tenant_id}'s calls here: its SIP "
+                                "trunk (sip.outbound) needs a gateway serving SIP (VOXLOG_SIP_BIND), a tenant "
+                                "without one a Twilio account", code=None, provider="none")
             return
         bucket = self._bucket(dial.tenant_id)
         while (delay := bucket.delay(self.clock())) > 0:

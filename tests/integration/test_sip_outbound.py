@@ -29,6 +29,7 @@ from streams.call.replay import agent_for, verify_call
 from streams.channels.sip_digest import parse_digest
 from tests.baresip_peer import baresip_peer, require_baresip
 from tests.integration.test_sip_calls import fell_silent, loud_seconds, sip_settings, until
+from voxlog.settings import Settings
 from voxlog.sim.demo_agents import demo_agents_with
 from voxlog.sim.sip_caller import parse_sip
 from voxlog.sim.stack import LocalStack, local_stack
@@ -260,3 +261,17 @@ async def test_a_trunk_credential_whose_secret_is_missing_fails_the_dial_and_sen
         with pytest.raises(TimeoutError):
             await trunk.request("INVITE", timeout_s=1)
         assert stack.gateway.admission.live == 0
+
+
+async def test_a_tenant_with_a_trunk_is_never_dialled_through_twilio_instead(tmp_path: Path) -> None:
+    """A gateway serving no SIP (but with a Twilio account) fails the dial, saying why: another caller id
+    and another bill would be worse than no call."""
+    settings = Settings(home=tmp_path / "home", agents_dir=agents_with_trunk(tmp_path / "agents", "127.0.0.1:5060"))
+    async with local_stack(settings) as stack:
+        dial_id, _ = await ask_for_a_call(stack)
+        dial = await stream_until(stack, dial_id, lambda events: any(
+            isinstance(e.payload, CallDialFailed) for e in events))
+        [failed] = [e.payload for e in dial if isinstance(e.payload, CallDialFailed)]
+        assert (failed.provider, failed.final) == ("none", True)
+        assert "needs a gateway serving SIP (VOXLOG_SIP_BIND)" in failed.error, failed.error
+        assert stack.twilio.calls == {}, "nothing placed through Twilio"
