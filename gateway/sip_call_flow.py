@@ -71,10 +71,8 @@ class SipLeg:
     """Where its signalling comes from: the caller's address, or the trunk a call we placed went to."""
     media: asyncio.Event = field(default_factory=asyncio.Event)
     heard: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
-    progress: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
-    """ringing, answered, ended: how a call we placed gets on."""
-    ringing_code: int | None = None
-    """The provisional status (180, 183) of a call we placed, once it rings."""
+    progress: asyncio.Queue[tuple[str, int]] = field(default_factory=asyncio.Queue)
+    """How a call we placed gets on: (ringing, 180 or 183), (answered, 200), (ended, its status)."""
     session: CallSession | None = None
     transport: SipMediaTransport | None = None
     ended: tuple[int, str] | None = None
@@ -147,13 +145,12 @@ class SipCallFlow:
     def ringing(self, handle: int, code: int) -> None:
         leg = self.legs.get(handle)
         if leg is not None:
-            leg.ringing_code = code
-            leg.progress.put_nowait("ringing")
+            leg.progress.put_nowait(("ringing", code))
 
     def answered(self, handle: int) -> None:
         leg = self.legs.get(handle)
         if leg is not None:
-            leg.progress.put_nowait("answered")
+            leg.progress.put_nowait(("answered", 200))
 
     def media_ready(self, handle: int) -> None:
         leg = self.legs.get(handle)
@@ -193,7 +190,7 @@ class SipCallFlow:
         if leg.transport is not None:
             leg.transport.ended()
         leg.heard.put_nowait(None)
-        leg.progress.put_nowait("ended")
+        leg.progress.put_nowait(("ended", code))
 
     # ------------------------------------------------------------------ an INVITE
 
@@ -266,7 +263,7 @@ class SipCallFlow:
             deadline, gave_up, rang = loop.time() + ring_timeout_s, False, False
             while answered_at is None:
                 try:
-                    step = await asyncio.wait_for(leg.progress.get(), max(0.0, deadline - loop.time()))
+                    step, code = await asyncio.wait_for(leg.progress.get(), max(0.0, deadline - loop.time()))
                 except TimeoutError:
                     if gave_up:  # the stack never ended it (its own timers should have): nothing more to wait for
                         await status("failed", None, raw={"reason": "no final answer after the CANCEL"})
@@ -279,11 +276,11 @@ class SipCallFlow:
                     continue
                 if step == "ringing" and not rang:  # once: a 183 after a 180 is the same ringing
                     rang = True
-                    await status("ringing", leg.ringing_code)
+                    await status("ringing", code)
                 elif step == "answered":
                     answered_at = loop.time()
                 elif step == "ended":
-                    code, reason = leg.ended or (0, "")
+                    reason = leg.ended[1] if leg.ended is not None else ""
                     if gave_up and not rang and code == 487:  # PJSIP ends a call nothing answered at once
                         await status("failed", None, raw={"reason": "the trunk sent no response by the ring timeout"})
                     else:

@@ -29,10 +29,11 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import pjsua2 as pj
 
@@ -68,6 +69,9 @@ def _descriptors_open() -> int | str:
         return len(os.listdir("/proc/self/fd"))
     except OSError:
         return "an unknown number of"
+
+
+_Made = TypeVar("_Made")
 
 
 class SipDialError(RuntimeError):
@@ -228,6 +232,7 @@ class _AgentAudio(pj.AudioMediaPort):  # type: ignore[misc]
 class _Call(pj.Call):  # type: ignore[misc]
     def __init__(self, endpoint: SipEndpoint, account: pj.Account, call_id: int, handle: int) -> None:
         super().__init__(account, call_id)
+        endpoint.made(self)
         self.endpoint = endpoint
         self.account = account
         self.handle = handle
@@ -256,7 +261,7 @@ class _Call(pj.Call):  # type: ignore[misc]
             audio = self.getAudioMedia(index)
             first = self.port is None
             if self.port is None:
-                self.port = _AgentAudio(self.handle, self.endpoint.post, self.endpoint.events)
+                self.port = self.endpoint.made(_AgentAudio(self.handle, self.endpoint.post, self.endpoint.events))
                 fmt = pj.MediaFormatAudio()
                 fmt.type = pj.PJMEDIA_TYPE_AUDIO
                 fmt.clockRate = CLOCK_RATE
@@ -298,6 +303,7 @@ class _Call(pj.Call):  # type: ignore[misc]
 class _Account(pj.Account):  # type: ignore[misc]
     def __init__(self, endpoint: SipEndpoint) -> None:
         super().__init__()
+        endpoint.made(self)
         self.endpoint = endpoint
 
     def onIncomingCall(self, prm: Any) -> None:
@@ -321,6 +327,8 @@ class SipEndpoint:
     _account: _Account | None = None
     _outbound: dict[tuple[str, str], _Account] = field(default_factory=dict)
     """The accounts that place calls with a trunk's credential, by credential."""
+    _made: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet)
+    """Every pjsua2 object of ours (calls, ports, accounts) still alive: see `_shutdown`."""
     _invites: RateLimits = field(default_factory=RateLimits)
     _refusals: collections.deque[tuple[_Call, Refused]] = field(default_factory=collections.deque)
     _next_refusal: float = 0.0
@@ -460,6 +468,11 @@ class SipEndpoint:
                 action(call)
 
         self._commands.put(run)
+
+    def made(self, thing: _Made) -> _Made:
+        """`thing`, a pjsua2 object just made on the endpoint's thread, kept track of (see `_shutdown`)."""
+        self._made.add(thing)
+        return thing
 
     def post(self, method: Callable[..., None], *args: Any) -> None:
         loop = self._loop
@@ -678,6 +691,7 @@ class SipEndpoint:
                 endpoint.libHandleEvents(POLL_MS)
         # Every pjsua2 object must be gone before the library is: a port destroyed after it aborts the process,
         # and so does a call (no loop variable here may keep the last one until this returns).
+        self._refusals.clear()  # INVITEs refused but not yet answered: the stack ends them with itself
         self._forget_calls()
         gc.collect()  # any cycle still holding one
         for account in [*self._outbound.values(), self._account]:
@@ -686,5 +700,13 @@ class SipEndpoint:
                     account.shutdown()
         self._outbound.clear()
         self._account = None
+        # What of ours still lives (held elsewhere, or in a cycle the collector meets later, on whatever
+        # thread it runs) must never run its C++ destructor once the library is gone: against a dead
+        # library, or the next endpoint's, that crashed the process. Held here through libDestroy (whose
+        # callbacks may still reach them), then left to Python alone.
+        survivors = list(self._made)
+        for made in survivors:
+            made.thisown = False
         with contextlib.suppress(pj.Error):
             endpoint.libDestroy()
+        survivors.clear()
