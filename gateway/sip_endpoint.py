@@ -55,6 +55,8 @@ REFUSAL_SPACING_S = 0.05
 OUTBOUND_ACCOUNTS_MAX = 6
 """Trunk credentials kept as accounts at once (the wheel's PJSUA_MAX_ACC is 8, one is the inbound's)."""
 RTP_CHECK_S = 1.0
+PORT_HOLD_S = 1.0
+"""How long an ended call's media port is kept before it is let go: fifty ticks of the media clock."""
 CODECS = ("PCMU/8000/1", "PCMA/8000/1")
 """The codecs offered and accepted, in order of preference; every other one PJSIP has is disabled
 (the bridge runs at 8 kHz: a wideband codec would only be resampled down)."""
@@ -321,6 +323,8 @@ class SipEndpoint:
     _commands: queue.SimpleQueue[Callable[[], None] | None] = field(default_factory=queue.SimpleQueue)
     _calls: dict[int, _Call] = field(default_factory=dict)
     _gone: list[_Call] = field(default_factory=list)
+    _retired: collections.deque[tuple[float, _AgentAudio]] = field(default_factory=collections.deque)
+    """Media ports of ended calls, with when: each kept `PORT_HOLD_S` before it is let go (`_let_ports_go`)."""
     _handles: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _ready: threading.Event = field(default_factory=threading.Event)
     _problem: str | None = None
@@ -504,6 +508,7 @@ class SipEndpoint:
                 if not self._run_commands():
                     break
                 self._gone.clear()  # the callbacks that ended them have returned
+                self._let_ports_go()
                 self._answer_refusals()
                 if time.monotonic() - checked >= RTP_CHECK_S:
                     checked = time.monotonic()
@@ -663,6 +668,8 @@ class SipEndpoint:
         self._gone.append(call)  # deleted after this callback returns
         if call.port is not None:
             call.port.queued.clear()
+            self._retired.append((time.monotonic(), call.port))
+            call.port = None
         self.post(self.events.ended, call.handle, int(code), str(reason))
 
     def _check_rtp(self) -> None:
@@ -677,11 +684,20 @@ class SipEndpoint:
                 call.told_silent = True
                 self.post(self.events.rtp_stopped, call.handle, time.monotonic() - call.rx_changed)
 
+    def _let_ports_go(self) -> None:
+        """Drops the media ports of calls that ended more than `PORT_HOLD_S` ago. Not sooner: the media
+        clock's thread may still be in a port's callback as its call ends, and a port deleted then is
+        called back while Python frees it, so freed twice (that crashed the process now and then)."""
+        expired = time.monotonic() - PORT_HOLD_S
+        while self._retired and self._retired[0][0] < expired:
+            self._retired.popleft()
+
     def _forget_calls(self) -> None:
         for call in [*self._calls.values(), *self._gone]:
             call.port = None
         self._calls.clear()
         self._gone.clear()
+        self._retired.clear()
 
     def _shutdown(self, endpoint: pj.Endpoint) -> None:
         with contextlib.suppress(pj.Error):

@@ -82,6 +82,12 @@ async def events_of(stack: LocalStack, call_id: str) -> list[Event[EventPayload]
         return (await read_call(admin, call_id)).events
 
 
+def conversation(events: list[Event[EventPayload]]) -> list[str]:
+    """Who said what in the call's log, in order: what a failed assertion on the audio shows beside it."""
+    return [f"{e.type}: {getattr(e.payload, 'text', getattr(e.payload, 'digit', ''))}" for e in events
+            if e.type in ("transcript.final", "tts.requested", "dtmf.received", "turn.barge_in")]
+
+
 def the_call(stack: LocalStack) -> str:
     [session] = stack.gateway.sessions.values()
     return session.call.call_id
@@ -113,13 +119,12 @@ async def test_a_softphone_talks_to_the_agent(stack: LocalStack, tmp_path: Path)
         await caller.hangup()
         await caller.wait_event("CALL_CLOSED")
 
+    events = await events_of(stack, call_id)
     said = words(greeting, rate)  # ("Acme" is beyond tiny.en)
     assert "thanks for calling" in said, said
     assert "how can i help you" in said, said
     answer = words(heard[len(greeting):], rate)
-    assert "book" in answer, answer
-
-    events = await events_of(stack, call_id)
+    assert "book" in answer, (answer, conversation(events))
     started = events[0].payload
     assert isinstance(started, CallStarted)
     assert (started.channel, started.to_number, started.provider_call_id) == ("sip", AGENT, established["id"])
