@@ -80,7 +80,10 @@ class SipLeg:
 
 
 class SipCallFlow:
-    """The gateway's SIP side: an endpoint (`gateway.sip_endpoint`) whose events this handles on the loop."""
+    """The gateway's SIP side: an endpoint (`gateway.sip_endpoint`) whose events this handles on the loop,
+    and the dialer's way out for tenants with a SIP trunk (a `CallPlacer`)."""
+
+    provider = "sip"
 
     def __init__(self, runtime: GatewayRuntime, config: SipEndpointConfig) -> None:
         self.runtime = runtime
@@ -91,10 +94,6 @@ class SipCallFlow:
         self.legs: dict[int, SipLeg] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = asyncio.Event()
-
-    @property
-    def provider(self) -> str:
-        return "sip"
 
     async def start(self) -> None:
         await self.endpoint.start()

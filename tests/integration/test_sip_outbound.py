@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from consumers.event_reader import read_call
@@ -28,6 +27,7 @@ from schemas.events import CallDialFailed, CallDialPlaced, CallEnded, CallStarte
 from streams.call.replay import agent_for, verify_call
 from streams.channels.sip_digest import parse_digest
 from tests.baresip_peer import baresip_peer, require_baresip
+from tests.integration.test_outbound_calls import api, wait_for_stream
 from tests.integration.test_sip_calls import fell_silent, loud_seconds, sip_settings, until
 from voxlog.settings import Settings
 from voxlog.sim.demo_agents import demo_agents_with
@@ -36,7 +36,6 @@ from voxlog.sim.stack import LocalStack, local_stack
 
 pytestmark = pytest.mark.slow
 
-DEMO_KEY = "demo-api-key"
 CALLER_ID = "+15550100"
 """The demo tenant's caller id."""
 PERSON = "+15557770100"
@@ -62,24 +61,9 @@ async def stack_with_trunk(tmp_path: Path, proxy: str, *, kafka: str | None = No
 
 
 async def ask_for_a_call(stack: LocalStack, **more: Any) -> tuple[str, str]:
-    async with httpx.AsyncClient(base_url=stack.base_url, timeout=10) as client:
-        asked = await client.post("/v1/calls", headers={"Authorization": f"Bearer {DEMO_KEY}"},
-                                  json={"agent": "front-desk", "to": PERSON, **more})
+    asked = await api(stack, "POST", "/v1/calls", json={"agent": "front-desk", "to": PERSON, **more})
     assert asked.status_code == 202, asked.text
     return asked.json()["dial_id"], asked.json()["call_id"]
-
-
-async def stream_until(stack: LocalStack, key: str, done: Callable[[list[Event[EventPayload]]], bool],
-                       timeout_s: float = 30) -> list[Event[EventPayload]]:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        async with stack.gateway.backend.admin() as admin:
-            events = (await read_call(admin, key)).events
-        if done(events):
-            return events
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{key}: {[e.type for e in events]} {statuses(events)}")
-        await asyncio.sleep(0.1)
 
 
 def statuses(events: list[Event[EventPayload]]) -> list[tuple[str, int | None]]:
@@ -104,7 +88,7 @@ async def test_a_softphone_called_through_the_trunk_hears_the_agent(log_bootstra
         heard, rate = person.received_audio()
         await person.hangup()
         await person.wait_event("CALL_CLOSED")
-        dial = await stream_until(stack, dial_id, has_status("completed"))
+        dial = await wait_for_stream(stack, dial_id, has_status("completed"), timeout_s=30)
         await stack.gateway.wait_idle(30)
         async with stack.gateway.backend.admin() as admin:
             events = (await read_call(admin, call_id)).events
@@ -209,7 +193,7 @@ async def test_the_trunks_challenge_is_answered_with_the_tenants_credential_and_
         trunk.answer(second, 486, "Busy Here")
         await trunk.request("ACK")
 
-        dial = await stream_until(stack, dial_id, has_status("busy"))
+        dial = await wait_for_stream(stack, dial_id, has_status("busy"), timeout_s=30)
         assert statuses(dial) == [("busy", 486)]
         [placed] = [e.payload for e in dial if isinstance(e.payload, CallDialPlaced)]
         assert (placed.provider, placed.provider_call_id) == ("sip", first.headers["call-id"])
@@ -231,7 +215,7 @@ async def test_a_ring_nobody_answers_is_cancelled_at_the_ring_timeout(trunk: Han
         trunk.answer(invite, 487, "Request Terminated")
         await trunk.request("ACK")
 
-        dial = await stream_until(stack, dial_id, has_status("no-answer"))
+        dial = await wait_for_stream(stack, dial_id, has_status("no-answer"), timeout_s=30)
         assert statuses(dial) == [("ringing", 180), ("no-answer", 487)]
         assert stack.gateway.admission.live == 0
 
@@ -241,7 +225,7 @@ async def test_a_trunk_that_says_nothing_fails_the_call_at_the_ring_timeout(trun
     async with stack_with_trunk(tmp_path, trunk.address) as stack:
         dial_id, _ = await ask_for_a_call(stack, ring_timeout_s=5)
         await trunk.request("INVITE")
-        dial = await stream_until(stack, dial_id, has_status("failed"))
+        dial = await wait_for_stream(stack, dial_id, has_status("failed"), timeout_s=30)
         assert statuses(dial) == [("failed", None)]
         [failed] = [e.payload for e in dial if isinstance(e.payload, CallStatus)]
         assert failed.raw == {"reason": "the trunk sent no response by the ring timeout"}
@@ -253,7 +237,7 @@ async def test_a_trunk_credential_whose_secret_is_missing_fails_the_dial_and_sen
     monkeypatch.delenv(PASSWORD_VARIABLE, raising=False)
     async with stack_with_trunk(tmp_path, trunk.address, credential=True) as stack:
         dial_id, _ = await ask_for_a_call(stack)
-        dial = await stream_until(stack, dial_id, lambda events: any(
+        dial = await wait_for_stream(stack, dial_id, lambda events: any(
             isinstance(e.payload, CallDialFailed) and e.payload.final for e in events))
         [failed] = [e.payload for e in dial if isinstance(e.payload, CallDialFailed)]
         assert (failed.provider, failed.retryable) == ("sip", False)
@@ -269,7 +253,7 @@ async def test_a_tenant_with_a_trunk_is_never_dialled_through_twilio_instead(tmp
     settings = Settings(home=tmp_path / "home", agents_dir=agents_with_trunk(tmp_path / "agents", "127.0.0.1:5060"))
     async with local_stack(settings) as stack:
         dial_id, _ = await ask_for_a_call(stack)
-        dial = await stream_until(stack, dial_id, lambda events: any(
+        dial = await wait_for_stream(stack, dial_id, lambda events: any(
             isinstance(e.payload, CallDialFailed) for e in events))
         [failed] = [e.payload for e in dial if isinstance(e.payload, CallDialFailed)]
         assert (failed.provider, failed.final) == ("none", True)
