@@ -82,10 +82,11 @@ async def events_of(stack: LocalStack, call_id: str) -> list[Event[EventPayload]
         return (await read_call(admin, call_id)).events
 
 
-def conversation(events: list[Event[EventPayload]]) -> list[str]:
-    """Who said what in the call's log, in order: what a failed assertion on the audio shows beside it."""
-    return [f"{e.type}: {getattr(e.payload, 'text', getattr(e.payload, 'digit', ''))}" for e in events
-            if e.type in ("transcript.final", "tts.requested", "dtmf.received", "turn.barge_in")]
+def conversation(events: list[Event[EventPayload]]) -> str:
+    """Who said what in the call's log, in order, a line each: what a failed assertion on the audio shows
+    beside it (a string, which pytest does not shorten as it does a list)."""
+    return "\n".join(f"{e.type}: {getattr(e.payload, 'text', getattr(e.payload, 'digit', ''))}" for e in events
+                     if e.type in ("transcript.final", "tts.requested", "dtmf.received", "turn.barge_in"))
 
 
 def the_call(stack: LocalStack) -> str:
@@ -101,7 +102,9 @@ async def stack(log_bootstrap: str | None, tmp_path: Path) -> AsyncIterator[Loca
 
 
 async def test_a_softphone_talks_to_the_agent(stack: LocalStack, tmp_path: Path) -> None:
-    ask = speech_wav_8k("I would like to book a technician visit for tomorrow morning.", tmp_path / "ask.wav")
+    # Whisper tiny.en hears this through G.711 under any cut or loss tried; of "I would like to book a technician
+    # visit", "book" reads as "welcome" and "visit" as "with it" most times, and the agent did not book (CI).
+    ask = speech_wav_8k("I need an appointment with a technician for tomorrow morning.", tmp_path / "ask.wav")
     async with baresip_peer(tmp_path, user="caller") as caller:
         await caller.dial(agent_uri(stack))
         established = await caller.wait_event("CALL_ESTABLISHED")
@@ -112,9 +115,11 @@ async def test_a_softphone_talks_to_the_agent(stack: LocalStack, tmp_path: Path)
         assert health["live_calls"] == 1
         await until(lambda: fell_silent(caller, 2.0), 30, "the greeting heard, then silence")
         greeting, rate = caller.received_audio()
-        await caller.send_dtmf("5")
+        await caller.send_dtmf("5")  # heard as words ("pressed 5"): the agent answers it, so wait for that
+        await until(lambda: fell_silent(caller, loud_seconds(greeting, rate) + 1.0), 30, "the reply to the key")
+        asked, rate = caller.received_audio()
         await caller.play(ask)
-        await until(lambda: fell_silent(caller, loud_seconds(greeting, rate) + 1.5), 60, "the agent's answer heard")
+        await until(lambda: fell_silent(caller, loud_seconds(asked, rate) + 1.5), 60, "the agent's answer heard")
         heard, rate = caller.received_audio()
         await caller.hangup()
         await caller.wait_event("CALL_CLOSED")
@@ -123,8 +128,8 @@ async def test_a_softphone_talks_to_the_agent(stack: LocalStack, tmp_path: Path)
     said = words(greeting, rate)  # ("Acme" is beyond tiny.en)
     assert "thanks for calling" in said, said
     assert "how can i help you" in said, said
-    answer = words(heard[len(greeting):], rate)
-    assert "book" in answer, (answer, conversation(events))
+    answer = words(heard[len(asked):], rate)
+    assert "book" in answer, f"{answer}\n{conversation(events)}"
     started = events[0].payload
     assert isinstance(started, CallStarted)
     assert (started.channel, started.to_number, started.provider_call_id) == ("sip", AGENT, established["id"])
