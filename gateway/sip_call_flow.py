@@ -30,7 +30,7 @@ from consumers.workers.dialer import Dial, PlaceFailed
 from gateway.admission import retry_after
 from gateway.caller_recall import recall
 from gateway.runtime import PRODUCER, GatewayRuntime, new_call_id, while_running
-from gateway.sip_endpoint import CLOCK_RATE, IncomingInvite, SipDialError, SipEndpoint, SipEndpointConfig
+from gateway.sip_endpoint import NARROWBAND_RATE, IncomingInvite, SipDialError, SipEndpoint, SipEndpointConfig
 from gateway.sip_media_transport import SipMediaTransport
 from producers.event_writer import CallRecorder
 from schemas.events import CallStarted, CallStatus
@@ -70,6 +70,8 @@ class SipLeg:
     peer: str
     """Where its signalling comes from: the caller's address, or the trunk a call we placed went to."""
     media: asyncio.Event = field(default_factory=asyncio.Event)
+    rate: int = NARROWBAND_RATE
+    """Its audio's sample rate both ways, once `media` is set: 16 kHz on G.722, else 8 kHz."""
     heard: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
     progress: asyncio.Queue[tuple[str, int]] = field(default_factory=asyncio.Queue)
     """How a call we placed gets on: (ringing, 180 or 183), (answered, 200), (ended, its status)."""
@@ -151,9 +153,10 @@ class SipCallFlow:
         if leg is not None:
             leg.progress.put_nowait(("answered", 200))
 
-    def media_ready(self, handle: int) -> None:
+    def media_ready(self, handle: int, rate: int) -> None:
         leg = self.legs.get(handle)
         if leg is not None:
+            leg.rate = rate
             leg.media.set()
 
     def heard(self, handle: int, pcm: bytes) -> None:
@@ -319,20 +322,24 @@ class SipCallFlow:
                 self.endpoint.hangup(handle)
             return
         agent = runtime.router.get(call.tenant_id, call.started.agent_id)
-        transport = SipMediaTransport(self.endpoint, handle, leg.peer)
+        transport = SipMediaTransport(self.endpoint, handle, leg.peer, leg.rate)
         leg.transport = transport
         session = runtime.open_session(call, agent, transport, memory=await recall(runtime.analytics, call))
         leg.session = session
         running = asyncio.create_task(runtime.run_session(session))
-        up = Resampler(CLOCK_RATE, PCM_RATE)
+        up = Resampler(NARROWBAND_RATE, PCM_RATE)
+        wide = leg.rate == PCM_RATE
         try:
             async for pcm in while_running(running, leg.heard.get):
                 if pcm is None:
                     session.closed(_end_reason(leg.ended))
                     break
+                if wide:  # G.722, decoded by PJSIP: what the recogniser hears is what the record keeps
+                    await session.hear(pcm, pcm, "pcm_s16le", PCM_RATE)
+                    continue
                 # PJSIP hands over linear PCM (PCMU's levels, decoded): the record keeps it as G.711
                 # mu-law, the recogniser hears it upsampled, with no decode of the mu-law just made.
-                await session.hear(up.process(pcm), pcm16_to_mulaw(pcm), "mulaw", CLOCK_RATE)
+                await session.hear(up.process(pcm), pcm16_to_mulaw(pcm), "mulaw", NARROWBAND_RATE)
         finally:
             session.closed("shutdown" if runtime.draining else "socket_closed")
             await running

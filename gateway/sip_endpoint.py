@@ -1,13 +1,14 @@
 """PJSIP (its pjsua2 binding) as the gateway's SIP user agent, in a thread of its own.
 
 PJSIP does SIP and RTP: parsing, transactions and retransmissions, SDP offer/answer (G.711 PCMU and
-PCMA, RFC 4733 telephone-events), the jitter buffer, symmetric RTP, session timers, REFER. Its
+PCMA, G.722, RFC 4733 telephone-events), the jitter buffer, symmetric RTP, session timers, REFER. Its
 endpoint is one per process and wants one thread to own it: `SipEndpoint` runs that thread, polls
 SIP from it, and runs there what the event loop asks (`respond`, `answer`, `hangup`, `transfer`).
 What happens to calls comes back to the loop as calls on `SipEvents`, through `call_soon_threadsafe`.
 
 Audio stays off the loop's critical path: PJSIP's media clock (a thread of PJSIP's) takes each call's
-20 ms of caller audio from the conference bridge (8 kHz, 16-bit) and asks for 20 ms of the agent's;
+20 ms of caller audio from the conference bridge (16-bit, at the call's codec's rate: 8 kHz for G.711,
+16 kHz for G.722) and asks for 20 ms of the agent's;
 the agent's frames wait in a per-call queue that the clock empties at its own steady pace, so RTP
 goes out every 20 ms whatever the loop is doing, and a clear (barge-in) drops what is queued at once.
 A mark (`mark`) waits in that queue behind the audio queued before it: the clock that reaches it, or
@@ -42,11 +43,17 @@ from streams.channels.sip_screening import Refused, Routed
 
 log = logging.getLogger(__name__)
 
-CLOCK_RATE = 8000
-FRAME_BYTES = CLOCK_RATE * 20 // 1000 * 2
-"""20 ms of 8 kHz 16-bit mono: what the media clock hands over and asks for."""
-SILENCE = pj.ByteVector(bytes(FRAME_BYTES))
-"""What the media clock sends while nothing is queued: made once, not at every tick of every call."""
+NARROWBAND_RATE = 8000
+WIDEBAND_RATE = 16000
+
+
+def frame_bytes(rate: int) -> int:
+    """20 ms of 16-bit mono at `rate`: what the media clock hands over and asks for, a call's port at its rate."""
+    return rate * 20 // 1000 * 2
+
+
+SILENCES = {rate: pj.ByteVector(bytes(frame_bytes(rate))) for rate in (NARROWBAND_RATE, WIDEBAND_RATE)}
+"""What the media clock sends while nothing is queued: made once per rate, not at every tick of every call."""
 QUEUED_FRAMES_MAX = 3000
 """A minute of agent audio; past it (a loop that outruns the clock) the oldest frames go."""
 POLL_MS = 10
@@ -57,9 +64,9 @@ OUTBOUND_ACCOUNTS_MAX = 6
 RTP_CHECK_S = 1.0
 PORT_HOLD_S = 1.0
 """How long an ended call's media port is kept before it is let go: fifty ticks of the media clock."""
-CODECS = ("PCMU/8000/1", "PCMA/8000/1")
-"""The codecs offered and accepted, in order of preference; every other one PJSIP has is disabled
-(the bridge runs at 8 kHz: a wideband codec would only be resampled down)."""
+CODECS = {"PCMU": "PCMU/8000/1", "PCMA": "PCMA/8000/1", "G722": "G722/16000/1"}
+"""The codecs that may be offered and accepted (`SipEndpointConfig.codecs`), by PJSIP's names for them;
+every other one PJSIP has is disabled."""
 
 
 PJ_ETOOBIG = 70017
@@ -106,12 +113,26 @@ class SipEndpointConfig:
     invites_per_minute: float = 120.0
     """INVITEs one source address may send; past it they are answered 503 with Retry-After."""
     invite_burst: int = 30
+    codecs: tuple[str, ...] = ("PCMU", "PCMA")
+    """Offered and accepted, in order of preference (of `CODECS`). With G722 among them PJSIP's bridge
+    runs at 16 kHz, and a G.711 call's audio passes through its resampling filter, to 16 kHz and back:
+    heard alike, but no longer sample for sample (without it, the agent's G.711 is sent as it was made)."""
     log_level: int = 2
     """What PJSIP prints on standard output: 1 errors, 2 warnings too, up to 6 (every message)."""
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.codecs if name not in CODECS]
+        if unknown or not self.codecs or len(set(self.codecs)) != len(self.codecs):
+            raise ValueError(f"SIP codecs (VOXLOG_SIP_CODECS) {', '.join(self.codecs) or 'none'}: name each of "
+                             f"{', '.join(CODECS)} at most once, at least one")
 
     @property
     def advertised(self) -> str:
         return self.public_host or self.host
+
+    @property
+    def bridge_rate(self) -> int:
+        return WIDEBAND_RATE if "G722" in self.codecs else NARROWBAND_RATE
 
 
 @dataclass(frozen=True)
@@ -186,7 +207,8 @@ class SipEvents(Protocol):
     def answered(self, handle: int) -> None:
         """A call is up: the 200 and its ACK are through."""
 
-    def media_ready(self, handle: int) -> None: ...
+    def media_ready(self, handle: int, rate: int) -> None:
+        """The call's audio flows, in 20 ms frames of 16-bit PCM at `rate` both ways (`heard`, `play`)."""
 
     def heard(self, handle: int, pcm: bytes) -> None: ...
 
@@ -202,9 +224,11 @@ class SipEvents(Protocol):
 class _AgentAudio(pj.AudioMediaPort):  # type: ignore[misc]
     """One call's media port on the bridge: caller frames out to the loop, agent frames from a queue."""
 
-    def __init__(self, handle: int, post: Callable[..., None], events: SipEvents) -> None:
+    def __init__(self, handle: int, rate: int, post: Callable[..., None], events: SipEvents) -> None:
         super().__init__()
         self.handle = handle
+        self.rate = rate
+        self._silence = SILENCES[rate]
         self._post = post
         self._events = events
         self.queued: collections.deque[Any | _Mark] = collections.deque(maxlen=QUEUED_FRAMES_MAX)
@@ -217,7 +241,7 @@ class _AgentAudio(pj.AudioMediaPort):  # type: ignore[misc]
             try:
                 entry = queued.popleft()
             except IndexError:
-                entry = SILENCE
+                entry = self._silence
             if not isinstance(entry, _Mark):
                 break
             self._post(entry.reached)  # a mark: every frame queued before it has gone out
@@ -263,10 +287,15 @@ class _Call(pj.Call):  # type: ignore[misc]
             audio = self.getAudioMedia(index)
             first = self.port is None
             if self.port is None:
-                self.port = self.endpoint.made(_AgentAudio(self.handle, self.endpoint.post, self.endpoint.events))
+                # The port keeps the rate of the codec the call began with (a re-INVITE that changes it is
+                # resampled by the bridge), so that a G.711 call's audio is not resampled to 16 kHz and back.
+                wide = int(self.getStreamInfo(index).codecClockRate) > NARROWBAND_RATE
+                rate = WIDEBAND_RATE if wide else NARROWBAND_RATE
+                self.port = self.endpoint.made(_AgentAudio(self.handle, rate, self.endpoint.post,
+                                                           self.endpoint.events))
                 fmt = pj.MediaFormatAudio()
                 fmt.type = pj.PJMEDIA_TYPE_AUDIO
-                fmt.clockRate = CLOCK_RATE
+                fmt.clockRate = rate
                 fmt.channelCount = 1
                 fmt.bitsPerSample = 16
                 fmt.frameTimeUsec = 20000
@@ -276,7 +305,7 @@ class _Call(pj.Call):  # type: ignore[misc]
                 self.port.startTransmit(audio)
                 self.bridged = audio.getPortId()
             if first:
-                self.endpoint.post(self.endpoint.events.media_ready, self.handle)
+                self.endpoint.post(self.endpoint.events.media_ready, self.handle, self.port.rate)
             return
 
     def onDtmfDigit(self, prm: Any) -> None:
@@ -528,8 +557,7 @@ class SipEndpoint:
         # (the binding's LogWriter is never called: PJSIP writes its own lines to standard output)
         logging_config.level = logging_config.consoleLevel = self.config.log_level
         media = ep_config.medConfig
-        media.clockRate = CLOCK_RATE
-        media.sndClockRate = CLOCK_RATE
+        media.clockRate = media.sndClockRate = config.bridge_rate
         media.noVad = True
         media.ecTailLen = 0  # no echo canceller: the far end is a phone, not our loudspeaker
         endpoint.libInit(ep_config)
@@ -549,9 +577,12 @@ class SipEndpoint:
             tls.tlsConfig.method = pj.PJSIP_TLSV1_2_METHOD
             endpoint.transportCreate(pj.PJSIP_TRANSPORT_TLS, tls)
         endpoint.audDevManager().setNullDev()
-        for codec in endpoint.codecEnum2():
-            wanted = codec.codecId in CODECS
-            endpoint.codecSetPriority(codec.codecId, 255 - CODECS.index(codec.codecId) if wanted else 0)
+        wanted = [CODECS[name] for name in config.codecs]
+        present = [codec.codecId for codec in endpoint.codecEnum2()]
+        for codec_id in present:
+            endpoint.codecSetPriority(codec_id, 255 - wanted.index(codec_id) if codec_id in wanted else 0)
+        if missing := [name for name in config.codecs if CODECS[name] not in present]:
+            log.error("sip: this PJSIP has no %s: calls are offered and answered without it", ", ".join(missing))
         endpoint.libStart()
         self._account = _Account(self)
         self._account.create(self._account_config("voxlog"), True)

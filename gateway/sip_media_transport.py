@@ -11,7 +11,7 @@ import logging
 import re
 from collections.abc import Callable
 
-from gateway.sip_endpoint import FRAME_BYTES, SipEndpoint
+from gateway.sip_endpoint import NARROWBAND_RATE, SipEndpoint, frame_bytes
 from streams.audio.codecs import Resampler, mulaw_to_pcm16
 from streams.audio.formats import PCM_RATE
 from streams.call.transport import Channel, MediaTransport, TransportClosed
@@ -50,7 +50,7 @@ def refer_target(target: str, peer_host: str) -> str:
 class SipMediaTransport(MediaTransport):
     channel: Channel = "sip"
 
-    def __init__(self, endpoint: SipEndpoint, handle: int, peer_host: str,
+    def __init__(self, endpoint: SipEndpoint, handle: int, peer_host: str, rate: int = NARROWBAND_RATE,
                  on_mark: Callable[[str], None] | None = None) -> None:
         self.endpoint = endpoint
         self.on_mark = on_mark
@@ -59,7 +59,11 @@ class SipMediaTransport(MediaTransport):
         self.handle = handle
         self.peer_host = peer_host
         self.closed = False
-        self._down = Resampler(PCM_RATE, 8000)
+        self.rate = rate
+        """The call's port's: its frames are `frame_bytes(rate)` long."""
+        self._frame_bytes = frame_bytes(rate)
+        self._down = Resampler(PCM_RATE, rate)
+        self._up = Resampler(NARROWBAND_RATE, rate)
         self._pending = b""
         self._transfer: asyncio.Future[tuple[int, str]] | None = None
         self.frames_sent = 0
@@ -73,16 +77,18 @@ class SipMediaTransport(MediaTransport):
         self.frames_sent += 1
 
     async def play(self, frame: bytes) -> None:
-        """16 kHz PCM (any length), as 8 kHz frames."""
-        self._pending += self._down.process(frame)
-        while len(self._pending) >= FRAME_BYTES:
-            self._queue(self._pending[:FRAME_BYTES])
-            self._pending = self._pending[FRAME_BYTES:]
+        """16 kHz PCM (any length), as frames at the port's rate."""
+        self._pending += self._down.process(frame) if self.rate != PCM_RATE else frame
+        size = self._frame_bytes
+        while len(self._pending) >= size:
+            self._queue(self._pending[:size])
+            self._pending = self._pending[size:]
 
     async def play_speech(self, frame: bytes) -> None:
         """20 ms of mu-law (the channel's speech format): linear for the bridge, which encodes it for
-        the codec the call agreed on (PCMU or PCMA)."""
-        self._queue(mulaw_to_pcm16(frame))
+        the codec the call agreed on (PCMU, PCMA; on G.722 it is upsampled first)."""
+        pcm = mulaw_to_pcm16(frame)
+        self._queue(pcm if self.rate == NARROWBAND_RATE else self._up.process(pcm))
 
     async def clear(self) -> None:
         dropped = None if self.closed else self.endpoint.clear(self.handle)
@@ -91,7 +97,8 @@ class SipMediaTransport(MediaTransport):
             raise TransportClosed(f"sip call {self.handle} has no media")
         self.frames_cleared.append(dropped)
         self._pending = b""
-        self._down = Resampler(PCM_RATE, 8000)
+        self._down = Resampler(PCM_RATE, self.rate)
+        self._up = Resampler(NARROWBAND_RATE, self.rate)
 
     async def mark(self, name: str) -> None:
         """Behind the audio queued so far: `on_mark(name)` once the media clock has sent it (or a clear

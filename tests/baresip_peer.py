@@ -52,6 +52,8 @@ from tests.speech import require_espeak, synthesize_pcm16
 BARESIP = Path("/usr/bin/baresip")
 MODULES = Path("/usr/lib/baresip/modules")
 RATE = 8_000  # what aufile plays and what PCMU carries
+CODEC_RATES = {"g711": RATE, "g722": 16_000}
+"""The codec modules a peer may load (its only one: what it offers and accepts), and the rate aufile then plays."""
 STARTUP_TIMEOUT_S = 30.0  # a loaded 2-core machine
 COMMAND_TIMEOUT_S = 10.0
 START_ATTEMPTS = 3  # a port picked free may be taken before baresip binds it
@@ -96,20 +98,20 @@ def _free_port(*, with_next: bool = False) -> int:
     raise AssertionError("no free loopback port for baresip")
 
 
-def _playable(source: Path | None, target: Path, hold_s: float) -> Path:
-    """`source` (any PCM WAV; silence where None) as 8 kHz mono 16-bit, followed by `hold_s` seconds of
-    silence: aufile hangs up at the end of its file."""
+def _playable(source: Path | None, target: Path, hold_s: float, rate: int = RATE) -> Path:
+    """`source` (any PCM WAV; silence where None) as mono 16-bit at `rate` (the codec's), followed by
+    `hold_s` seconds of silence: aufile hangs up at the end of its file."""
     pcm = b""
     if source is not None:
-        pcm, rate = read_wav(source)
-        if rate != RATE:
-            pcm = resample_pcm16(pcm, rate, RATE)
-    write_wav(target, pcm + b"\x00\x00" * int(hold_s * RATE), RATE)
+        pcm, source_rate = read_wav(source)
+        if source_rate != rate:
+            pcm = resample_pcm16(pcm, source_rate, rate)
+    write_wav(target, pcm + b"\x00\x00" * int(hold_s * rate), rate)
     return target
 
 
-def _config(sip_port: int, ctrl_port: int, source: Path, recordings: Path) -> str:
-    modules = ("g711", "aufile", "aubridge", "sndfile", "account", "menu", "ctrl_tcp")  # ctrl_tcp last
+def _config(sip_port: int, ctrl_port: int, source: Path, recordings: Path, codec: str) -> str:
+    modules = (codec, "aufile", "aubridge", "sndfile", "account", "menu", "ctrl_tcp")  # ctrl_tcp last
     return "\n".join([
         f"sip_listen 127.0.0.1:{sip_port}",
         "net_interface 127.0.0.1",
@@ -146,6 +148,7 @@ class BaresipPeer:
     """One running baresip, driven over ctrl_tcp. `wait_event` returns each event once, in order, per kind."""
 
     user: str
+    codec: str  # a module of CODEC_RATES
     sip_port: int
     ctrl_port: int
     folder: Path  # its config, log, and `recordings/`
@@ -281,7 +284,7 @@ class BaresipPeer:
 
     async def play(self, wav: Path, *, hold_s: float = DEFAULT_HOLD_S) -> None:
         """Switches what this peer says, mid-call, to `wav` (from its start), then silence."""
-        target = _playable(wav, self.folder / f"play-{next(self._play_files)}.wav", hold_s)
+        target = _playable(wav, self.folder / f"play-{next(self._play_files)}.wav", hold_s, CODEC_RATES[self.codec])
         await self.command("ausrc", f"aufile,{target}")
 
     async def hangup(self) -> None:
@@ -338,7 +341,7 @@ class BaresipPeer:
         return to_mono_pcm16(body, header.sample_width, header.channels), header.sample_rate
 
 
-def _launch(folder: Path, user: str, source: Path, auto_answer: bool) -> BaresipPeer:
+def _launch(folder: Path, user: str, source: Path, auto_answer: bool, codec: str) -> BaresipPeer:
     """Writes the config and accounts on freshly picked ports and starts baresip in its own process group."""
     sip_port = _free_port(with_next=True)
     ctrl_port = _free_port()
@@ -346,17 +349,18 @@ def _launch(folder: Path, user: str, source: Path, auto_answer: bool) -> Baresip
         ctrl_port = _free_port()
     recordings = folder / "recordings"
     recordings.mkdir(parents=True, exist_ok=True)
-    (folder / "config").write_text(_config(sip_port, ctrl_port, source, recordings))
+    (folder / "config").write_text(_config(sip_port, ctrl_port, source, recordings, codec))
     answer = ";answermode=auto" if auto_answer else ""
     (folder / "accounts").write_text(f"<sip:{user}@127.0.0.1:{sip_port}>;regint=0{answer}\n")
     with (folder / "baresip.log").open("ab") as log:
         process = subprocess.Popen([str(BARESIP), "-f", str(folder)], stdin=subprocess.DEVNULL, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
-    return BaresipPeer(user, sip_port, ctrl_port, folder, process)
+    return BaresipPeer(user, codec, sip_port, ctrl_port, folder, process)
 
 
-async def _start(folder: Path, user: str, source: Path, auto_answer: bool, deadline: float) -> BaresipPeer:
-    peer = _launch(folder, user, source, auto_answer)
+async def _start(folder: Path, user: str, source: Path, auto_answer: bool, codec: str,
+                 deadline: float) -> BaresipPeer:
+    peer = _launch(folder, user, source, auto_answer, codec)
     try:
         await peer._connect(deadline)
     except BaseException:
@@ -368,18 +372,19 @@ async def _start(folder: Path, user: str, source: Path, auto_answer: bool, deadl
 
 @asynccontextmanager
 async def baresip_peer(workdir: Path, *, user: str = "caller", play: Path | None = None, auto_answer: bool = False,
-                       hold_s: float = DEFAULT_HOLD_S) -> AsyncIterator[BaresipPeer]:
+                       hold_s: float = DEFAULT_HOLD_S, codec: str = "g711") -> AsyncIterator[BaresipPeer]:
     """A baresip with the SIP address `sip:<user>@127.0.0.1:<free port>` until the block ends, its files in
     `workdir/baresip-<user>/`. In each call it says `play` (any PCM WAV; silence where None) and then
-    `hold_s` seconds of silence (then aufile hangs up); `auto_answer` answers incoming calls at once."""
+    `hold_s` seconds of silence (then aufile hangs up); `auto_answer` answers incoming calls at once; `codec`
+    (of CODEC_RATES) is the one codec it speaks."""
     require_baresip()
     folder = workdir / f"baresip-{user}"
     folder.mkdir(parents=True)
-    source = _playable(play, folder / "play-0.wav", hold_s)
+    source = _playable(play, folder / "play-0.wav", hold_s, CODEC_RATES[codec])
     failures: list[str] = []
     for _ in range(START_ATTEMPTS):
         try:
-            peer = await _start(folder, user, source, auto_answer, time.monotonic() + STARTUP_TIMEOUT_S)
+            peer = await _start(folder, user, source, auto_answer, codec, time.monotonic() + STARTUP_TIMEOUT_S)
             break
         except AssertionError as exc:  # e.g. a port taken between its pick and baresip's bind
             failures.append(str(exc))

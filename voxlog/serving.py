@@ -111,7 +111,8 @@ def sip_config(settings: Settings) -> SipEndpointConfig | None:
                              tls_key=settings.sip_tls_key, rtp_port=int(first), rtp_port_range=int(last) - int(first),
                              max_calls=settings.call_capacity + SIP_ANSWERING, user_agent=f"voxlog/{__version__}",
                              rtp_timeout_s=settings.sip_rtp_timeout_s,
-                             invites_per_minute=settings.sip_invites_per_minute)
+                             invites_per_minute=settings.sip_invites_per_minute,
+                             codecs=tuple(name.upper() for name in settings.sip_codecs.split(",")))
 
 
 def background_process(settings: Settings) -> tuple[BackgroundProcess, HostedStore | None]:

@@ -77,6 +77,11 @@ class Settings(BaseSettings):
                                      "(and is not on hold) is ended, reason rtp_timeout.")
     sip_invites_per_minute: float = Field(120.0, gt=0, description="INVITEs one source address may send; more are "
                                           "answered 503 with Retry-After.")
+    sip_codecs: str = Field("PCMU,PCMA", pattern=r"^[A-Za-z0-9]+(,[A-Za-z0-9]+)*$",
+                            description="The codecs SIP calls may use, in order of preference, of PCMU, PCMA and "
+                            "G722 (e.g. G722,PCMU,PCMA for PBXs and softphones that speak it): on G.722 the caller "
+                            "is heard at 16 kHz, which the recogniser reads better than G.711's 8 kHz; with G722 "
+                            "listed, G.711 calls pass through PJSIP's resampler (to 16 kHz and back).")
 
     keystore: Path | None = Field(
         None, description="Folder of the keystore that seals callers' personal data in the log (data keys per "

@@ -26,7 +26,7 @@ import numpy.typing as npt
 import pytest
 from fastapi import FastAPI, WebSocket
 
-from gateway.sip_endpoint import FRAME_BYTES, IncomingInvite, SipEndpoint, SipEndpointConfig
+from gateway.sip_endpoint import NARROWBAND_RATE, IncomingInvite, SipEndpoint, SipEndpointConfig, frame_bytes
 from gateway.sip_media_transport import SipMediaTransport
 from gateway.twilio_media_transport import TwilioMediaTransport, iterate_media, wait_for_start
 from gateway.widget import WidgetTransport, iterate_page
@@ -311,11 +311,17 @@ class AnswerEveryCall:
         self.sources[invite.handle] = invite.source_ip
         self.endpoint.respond(invite.handle, 200)
 
-    def media_ready(self, handle: int) -> None:
+    def ringing(self, handle: int, code: int) -> None:
+        raise AssertionError("this endpoint places no calls")
+
+    def answered(self, handle: int) -> None:
+        pass  # the media is what the tests wait for
+
+    def media_ready(self, handle: int, rate: int) -> None:
         endpoint = self.endpoint
         assert endpoint is not None
         acknowledged: asyncio.Queue[str] = asyncio.Queue()
-        side = Served(SipMediaTransport(endpoint, handle, self.sources[handle]), acknowledged)
+        side = Served(SipMediaTransport(endpoint, handle, self.sources[handle], rate), acknowledged)
 
         def reached(name: str) -> None:
             side.queued_at_mark.append(endpoint.queued_frames(handle))
@@ -432,9 +438,10 @@ class SipLink(Link):
         heard: list[bytes] = []
         for batch, dropped in zip(batches, cleared, strict=True):
             sent = self.channel.heard(batch)
-            queued = len(sent) // FRAME_BYTES
+            size = frame_bytes(NARROWBAND_RATE)
+            queued = len(sent) // size
             assert 0 < dropped <= queued, f"a clear dropped {dropped} of {queued} frames queued"
-            heard.append(sent[: (queued - dropped) * FRAME_BYTES])  # what the media clock had taken: sent
+            heard.append(sent[: (queued - dropped) * size])  # what the media clock had taken: sent
         # Then something else: once it is heard, so is all that went before; what was dropped never is.
         coda = native_frames(self.transport, 3)
         for frame in coda:
@@ -487,7 +494,7 @@ class SipChannel:
         """8 kHz PCM in 20 ms frames, as the transport resamples and queues it, through G.711 (PCMU)."""
         resampler = Resampler(PCM_RATE, 8_000)
         pcm = b"".join(resampler.process(frame) for frame in pcm_frames)
-        return mulaw_to_pcm16(pcm16_to_mulaw(pcm[: len(pcm) - len(pcm) % FRAME_BYTES]))
+        return mulaw_to_pcm16(pcm16_to_mulaw(pcm[: len(pcm) - len(pcm) % frame_bytes(NARROWBAND_RATE)]))
 
     def heard_speech(self, frames: list[bytes]) -> bytes:
         return mulaw_to_pcm16(b"".join(frames))  # the mu-law frames, as G.711 decodes them

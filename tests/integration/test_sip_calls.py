@@ -17,11 +17,20 @@ import pytest
 
 from consumers.event_reader import read_call
 from schemas.base import Event, EventPayload
-from schemas.events import CallEnded, CallStarted, DtmfReceived, HandoffCompleted, TtsCompleted
-from streams.audio.codecs import frames, resample_pcm16, rms_dbfs
+from schemas.events import (
+    CallEnded,
+    CallerAudioChunk,
+    CallStarted,
+    DtmfReceived,
+    HandoffCompleted,
+    TranscriptFinal,
+    TtsCompleted,
+)
+from streams.audio.codecs import frames, resample_pcm16, rms_dbfs, write_wav
 from streams.call.replay import agent_for, verify_call
 from streams.providers.asr_faster_whisper import packaged_model_dir
 from tests.baresip_peer import BaresipPeer, baresip_peer, require_baresip, speech_wav_8k
+from tests.speech import synthesize_pcm16
 from voxlog.settings import Settings
 from voxlog.sim.demo_agents import demo_agents_with
 from voxlog.sim.sip_caller import free_sip_port
@@ -33,8 +42,10 @@ AGENT = "+15550100"
 LOUD_DBFS = -40.0
 
 
-def sip_settings(home: Path, agents: Path | None = None, kafka: str | None = None) -> Settings:
-    return Settings(home=home, kafka_bootstrap=kafka, agents_dir=agents, sip_bind=f"127.0.0.1:{free_sip_port()}")
+def sip_settings(home: Path, agents: Path | None = None, kafka: str | None = None,
+                 codecs: str = "PCMU,PCMA") -> Settings:
+    return Settings(home=home, kafka_bootstrap=kafka, agents_dir=agents, sip_bind=f"127.0.0.1:{free_sip_port()}",
+                    sip_codecs=codecs)
 
 
 def agent_uri(stack: LocalStack) -> str:
@@ -142,6 +153,40 @@ async def test_a_softphone_talks_to_the_agent(stack: LocalStack, tmp_path: Path)
     assert sum(p.audio_ms for p in spoken) / 1000 >= loud_seconds(heard, rate)  # what it heard, the agent said
     assert {e.type for e in events} >= {"audio.caller_chunk", "audio.agent_chunk", "transcript.final", "tool.succeeded"}
     assert verify_call(events, agent_for(events, stack.gateway.router)).identical
+
+
+async def test_a_g722_softphone_is_heard_at_16_khz(tmp_path: Path) -> None:
+    """A softphone that speaks only G.722 calls a gateway that offers it (VOXLOG_SIP_CODECS): the call is
+    wideband, the caller's audio recorded and recognised at 16 kHz, not 8, and the agent heard through it."""
+    require_baresip()
+    ask = tmp_path / "ask.wav"
+    write_wav(ask, synthesize_pcm16("I need an appointment with a technician for tomorrow morning.", 16_000), 16_000)
+    settings = sip_settings(tmp_path / "home", codecs="G722,PCMU,PCMA")
+    async with local_stack(settings) as stack, baresip_peer(tmp_path, codec="g722") as caller:
+        await caller.dial(agent_uri(stack))
+        await caller.wait_event("CALL_ESTABLISHED")
+        call_id = the_call(stack)
+        await until(lambda: fell_silent(caller, 2.0), 30, "the greeting heard, then silence")
+        greeting, rate = caller.received_audio()
+        await caller.play(ask)
+        await until(lambda: fell_silent(caller, loud_seconds(greeting, rate) + 1.5), 60, "the agent's answer heard")
+        heard, rate = caller.received_audio()
+        await caller.hangup()
+        await caller.wait_event("CALL_CLOSED")
+        events = await events_of(stack, call_id)
+        router = stack.gateway.router
+
+    assert rate == 16_000, "baresip decoded G.722"
+    said = words(greeting, rate)
+    assert "thanks for calling" in said, said
+    chunks = [e.payload for e in events if isinstance(e.payload, CallerAudioChunk)]
+    assert {(c.codec, c.sample_rate) for c in chunks} == {("pcm_s16le", 16_000)}
+    assert sum(c.duration_ms for c in chunks) >= 2_000
+    [transcript] = [e.payload.text for e in events if isinstance(e.payload, TranscriptFinal)]
+    assert "appointment" in transcript.lower(), conversation(events)
+    answer = words(heard[len(greeting):], rate)
+    assert "book" in answer, f"{answer}\n{conversation(events)}"
+    assert verify_call(events, agent_for(events, router)).identical
 
 
 @pytest.mark.parametrize("human_answers", [True, False], ids=["answered", "refused"])
