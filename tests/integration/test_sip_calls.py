@@ -75,6 +75,19 @@ def fell_silent(peer: BaresipPeer, after_loud_s: float) -> bool:
     return loud_seconds(pcm, rate) > after_loud_s and len(tail) == rate * 2 and loud_seconds(tail, rate) == 0.0
 
 
+async def greeting_heard(caller: BaresipPeer) -> tuple[bytes, int]:
+    """What the caller has heard once the agent's greeting has ended, and its rate."""
+    await until(lambda: fell_silent(caller, 2.0), 30, "the greeting heard, then silence")
+    return caller.received_audio()
+
+
+async def answer_heard(caller: BaresipPeer, ask: Path, before: bytes, rate: int) -> bytes:
+    """The caller says `ask` once it has heard `before`; all it has heard once the agent's answer has ended."""
+    await caller.play(ask)
+    await until(lambda: fell_silent(caller, loud_seconds(before, rate) + 1.5), 60, "the agent's answer heard")
+    return caller.received_audio()[0]
+
+
 def words(pcm: bytes, rate: int) -> str:
     """What Whisper tiny.en (the packaged model) hears in `pcm`, lower case, letters only."""
     import numpy as np
@@ -124,14 +137,11 @@ async def test_a_softphone_talks_to_the_agent(stack: LocalStack, tmp_path: Path)
             health = (await client.get(f"{stack.base_url}/healthz")).json()
         assert health["sip"] == {"status": "ok", "listening": agent_uri(stack).split("@")[1], "calls": 1}
         assert health["live_calls"] == 1
-        await until(lambda: fell_silent(caller, 2.0), 30, "the greeting heard, then silence")
-        greeting, rate = caller.received_audio()
+        greeting, rate = await greeting_heard(caller)
         await caller.send_dtmf("5")  # heard as words ("pressed 5"): the agent answers it, so wait for that
         await until(lambda: fell_silent(caller, loud_seconds(greeting, rate) + 1.0), 30, "the reply to the key")
         asked, rate = caller.received_audio()
-        await caller.play(ask)
-        await until(lambda: fell_silent(caller, loud_seconds(asked, rate) + 1.5), 60, "the agent's answer heard")
-        heard, rate = caller.received_audio()
+        heard = await answer_heard(caller, ask, asked, rate)
         await caller.hangup()
         await caller.wait_event("CALL_CLOSED")
 
@@ -166,11 +176,8 @@ async def test_a_g722_softphone_is_heard_at_16_khz(tmp_path: Path) -> None:
         await caller.dial(agent_uri(stack))
         await caller.wait_event("CALL_ESTABLISHED")
         call_id = the_call(stack)
-        await until(lambda: fell_silent(caller, 2.0), 30, "the greeting heard, then silence")
-        greeting, rate = caller.received_audio()
-        await caller.play(ask)
-        await until(lambda: fell_silent(caller, loud_seconds(greeting, rate) + 1.5), 60, "the agent's answer heard")
-        heard, rate = caller.received_audio()
+        greeting, rate = await greeting_heard(caller)
+        heard = await answer_heard(caller, ask, greeting, rate)
         await caller.hangup()
         await caller.wait_event("CALL_CLOSED")
         events = await events_of(stack, call_id)
@@ -202,7 +209,7 @@ async def test_a_refer_hands_the_caller_to_a_human_or_leaves_them_with_the_agent
             await caller.dial(agent_uri(stack))
             first = await caller.wait_event("CALL_ESTABLISHED")
             call_id = the_call(stack)
-            await until(lambda: fell_silent(caller, 2.0), 30, "the greeting heard, then silence")
+            await greeting_heard(caller)
             await caller.play(ask)
             transfer = await caller.wait_event("TRANSFER", timeout_s=60)
             assert transfer["param"] == human.uri
