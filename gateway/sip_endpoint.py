@@ -23,6 +23,7 @@ import collections
 import contextlib
 import ctypes
 import gc
+import ipaddress
 import itertools
 import logging
 import math
@@ -39,7 +40,8 @@ from typing import Any, Protocol, TypeVar
 import pjsua2 as pj
 
 from gateway.admission import RateLimits
-from streams.channels.sip_screening import Refused, Routed
+from streams.channels.sip_screening import SOURCE_HEADER, Denial, Refused, Routed, vouched_source
+from streams.config.sip_trunks import IpNetwork
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,9 @@ class SipEndpointConfig:
     invites_per_minute: float = 120.0
     """INVITEs one source address may send; past it they are answered 503 with Retry-After."""
     invite_burst: int = 30
+    trusted_proxies: tuple[str, ...] = ()
+    """CIDRs of SIP proxies in front of the gateways (deploy/kamailio): an INVITE from one of them is taken to
+    come from the address it names (`sip_screening.SOURCE_HEADER`), for screening, rate limits and audits."""
     codecs: tuple[str, ...] = ("PCMU", "PCMA")
     """Offered and accepted, in order of preference (of `CODECS`). With G722 among them PJSIP's bridge
     runs at 16 kHz, and a G.711 call's audio passes through its resampling filter, to 16 kHz and back:
@@ -121,6 +126,10 @@ class SipEndpointConfig:
     """What PJSIP prints on standard output: 1 errors, 2 warnings too, up to 6 (every message)."""
 
     def __post_init__(self) -> None:
+        try:
+            self.proxy_networks()
+        except ValueError as exc:
+            raise ValueError(f"VOXLOG_SIP_TRUSTED_PROXIES: {exc}") from None
         unknown = [name for name in self.codecs if name not in CODECS]
         if unknown or not self.codecs or len(set(self.codecs)) != len(self.codecs):
             raise ValueError(f"SIP codecs (VOXLOG_SIP_CODECS) {', '.join(self.codecs) or 'none'}: name each of "
@@ -129,6 +138,9 @@ class SipEndpointConfig:
     @property
     def advertised(self) -> str:
         return self.public_host or self.host
+
+    def proxy_networks(self) -> tuple[IpNetwork, ...]:
+        return tuple(ipaddress.ip_network(cidr.strip(), strict=False) for cidr in self.trusted_proxies)
 
     @property
     def bridge_rate(self) -> int:
@@ -363,6 +375,11 @@ class SipEndpoint:
     _made: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet)
     """Every pjsua2 object of ours (calls, ports, accounts) still alive: see `_shutdown`."""
     _invites: RateLimits = field(default_factory=RateLimits)
+    _proxies: tuple[IpNetwork, ...] = ()
+    """`config.trusted_proxies`, parsed once."""
+
+    def __post_init__(self) -> None:
+        self._proxies = self.config.proxy_networks()
     _refusals: collections.deque[tuple[_Call, Refused]] = field(default_factory=collections.deque)
     _next_refusal: float = 0.0
     """Per source address, used on the endpoint's thread only."""
@@ -643,14 +660,25 @@ class SipEndpoint:
         handle = next(self._handles)
         call = _Call(self, account, prm.callId, handle)
         rdata = prm.rdata
-        source = str(rdata.srcAddress)
-        wait = self._invites.take(_ip_of(source), self.config.invites_per_minute, self.config.invite_burst)
+        network_source = str(rdata.srcAddress)
+        # (the message is read only from a trusted proxy here: a flood from elsewhere costs no copy of it)
+        source = vouched_source(network_source, str(rdata.wholeMsg), self._proxies) if self._proxies else network_source
+        wait = self._invites.take(_ip_of(source or network_source), self.config.invites_per_minute,
+                                  self.config.invite_burst)
         if wait is not None:
             self._refuse(call, Refused(503, "Too Many Calls", {"Retry-After": str(max(1, math.ceil(wait)))}))
             return
         info = call.getInfo()
-        invite = IncomingInvite(handle=handle, source=source, to_uri=str(info.localUri), from_uri=str(info.remoteUri),
-                                sip_call_id=str(info.callIdString), message=str(rdata.wholeMsg))
+        invite = IncomingInvite(handle=handle, source=source or network_source, to_uri=str(info.localUri),
+                                from_uri=str(info.remoteUri), sip_call_id=str(info.callIdString),
+                                message=str(rdata.wholeMsg))
+        if source is None:
+            unvouched = Refused(403, "Forbidden", denial=Denial(
+                "platform", "sip.proxy_unvouched",
+                f"the trusted proxy {network_source} named no caller's address in {SOURCE_HEADER}"))
+            self._refuse(call, unvouched)
+            self.post(self.events.refused, invite, unvouched)
+            return
         try:
             screened = self.events.screen(invite)
         except Exception:

@@ -36,10 +36,10 @@ def parse_response(data: bytes) -> SipResponse | None:
 
 
 class SipWire:
-    """One UDP socket bound to `source_ip`, speaking to the gateway's SIP port."""
+    """One UDP socket bound to `source_ip`, speaking to the gateway's SIP port (or a proxy's, at `host`)."""
 
-    def __init__(self, gateway_port: int, source_ip: str = "127.0.0.1") -> None:
-        self.gateway = ("127.0.0.1", gateway_port)
+    def __init__(self, gateway_port: int, source_ip: str = "127.0.0.1", host: str = "127.0.0.1") -> None:
+        self.gateway = (host, gateway_port)
         self.ip = source_ip
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((source_ip, 0))

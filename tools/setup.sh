@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what voxlog needs on a Debian machine, idempotently: the system packages (flite and espeak-ng,
-# the offline voices; with --dev also a JDK, Maven, Chromium, baresip and docker-compose for the tests) and
-# .venv with the project (with --dev, its test and lint tools too).
+# the offline voices; with --dev also a JDK, Maven, Chromium, baresip, Kamailio and docker-compose for the
+# tests) and .venv with the project (with --dev, its test and lint tools too).
 #
 #   bash tools/setup.sh          # to run voxlog
 #   bash tools/setup.sh --dev    # to run its tests (what .ci/run does)
@@ -20,6 +20,8 @@ if $dev; then
   command -v mvn >/dev/null 2>&1 || missing+=(maven)
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   command -v baresip >/dev/null 2>&1 || missing+=(baresip)  # the SIP tests' far end (baresip-core, no GUI)
+  # the SIP front (deploy/kamailio) the tests put before two gateways
+  command -v kamailio >/dev/null 2>&1 || [[ -x /usr/sbin/kamailio ]] || missing+=(kamailio)
   if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null 2>&1; then
     missing+=(docker-compose)
   fi

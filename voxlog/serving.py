@@ -112,7 +112,9 @@ def sip_config(settings: Settings) -> SipEndpointConfig | None:
                              max_calls=settings.call_capacity + SIP_ANSWERING, user_agent=f"voxlog/{__version__}",
                              rtp_timeout_s=settings.sip_rtp_timeout_s,
                              invites_per_minute=settings.sip_invites_per_minute,
-                             codecs=tuple(name.upper() for name in settings.sip_codecs.split(",")))
+                             codecs=tuple(name.upper() for name in settings.sip_codecs.split(",")),
+                             trusted_proxies=tuple(cidr for cidr in settings.sip_trusted_proxies.split(",")
+                                                   if cidr.strip()))
 
 
 def background_process(settings: Settings) -> tuple[BackgroundProcess, HostedStore | None]:

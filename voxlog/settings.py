@@ -77,6 +77,9 @@ class Settings(BaseSettings):
                                      "(and is not on hold) is ended, reason rtp_timeout.")
     sip_invites_per_minute: float = Field(120.0, gt=0, description="INVITEs one source address may send; more are "
                                           "answered 503 with Retry-After.")
+    sip_trusted_proxies: str = Field("", description="Comma-separated CIDRs of SIP proxies in front of several "
+                                     "gateways (deploy/kamailio: Kamailio's dispatcher): an INVITE from one is taken "
+                                     "to come from the address it names in X-Voxlog-Source. Unset: none.")
     sip_codecs: str = Field("PCMU,PCMA", pattern=r"^[A-Za-z0-9]+(,[A-Za-z0-9]+)*$",
                             description="The codecs SIP calls may use, in order of preference, of PCMU, PCMA and "
                             "G722 (e.g. G722,PCMU,PCMA for PBXs and softphones that speak it): on G.722 the caller "

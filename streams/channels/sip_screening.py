@@ -10,6 +10,7 @@ nor learns of, another tenant's agent). Refusals that matter are `Denial`s, for 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from streams.channels.sip_digest import (
     request_uri,
 )
 from streams.config.agents import AgentRouter, AgentSpec, RoutingError
-from streams.config.sip_trunks import SipCredential, SipTrunks, invite_source
+from streams.config.sip_trunks import IpNetwork, SipCredential, SipTrunks, invite_source
 from streams.config.tenants import Tenants
 from streams.connectors.base import ConnectorError
 from streams.connectors.secrets import Secrets
@@ -54,6 +55,48 @@ class Refused:
 class Routed:
     agent: AgentSpec
     number: str
+
+
+SOURCE_HEADER = "X-Voxlog-Source"
+"""Where a trusted SIP proxy in front of the gateways (`VOXLOG_SIP_TRUSTED_PROXIES`; deploy/kamailio)
+names the address an INVITE reached it from: `ip`, `ip:port` or `[v6]:port`. It removes any the
+sender wrote."""
+
+
+def vouched_source(network_source: str, message: str, proxies: Iterable[IpNetwork]) -> str | None:
+    """Where an INVITE comes from, `ip:port`: the network's word for it, or, when that is a trusted proxy,
+    the proxy's (`SOURCE_HEADER`), which screening, rate limits and audits then go by. None when a
+    trusted proxy names no address, or nonsense. A header from anyone else is ignored, whatever it says."""
+    network = _endpoint(network_source)
+    if network is None or not any(network[0] in trusted for trusted in proxies):
+        return network_source
+    claimed = header_value(message, SOURCE_HEADER)
+    named = _endpoint(claimed) if claimed is not None and len(claimed) <= 64 else None
+    if named is None:
+        return None
+    ip, port = named
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+def _endpoint(source: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int] | None:
+    """The IP (IPv4-mapped IPv6 as IPv4) and port (0 when none) of `ip`, `ip:port` or `[v6]:port`, or None."""
+    host, port = source.strip(), "0"
+    if host.startswith("["):
+        host, bracket, rest = host[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            return None
+        port = rest[1:] or "0"
+    elif host.count(":") == 1:
+        host, _, port = host.partition(":")
+    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        return None
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip, int(port)
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,17 @@ denial the audit trail records."""
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 from streams.channels.sip_digest import NONCE_TTL_S, DigestAuthority, parse_digest
-from streams.channels.sip_screening import Denial, InviteScreen, Refused, Routed
+from streams.channels.sip_screening import SOURCE_HEADER, Denial, InviteScreen, Refused, Routed, vouched_source
 from streams.config.agents import AgentRouter, load_agents
 from streams.config.sip_trunks import SipInbound, SipTrunks
 from streams.config.tenants import Tenants, load_tenants
@@ -262,3 +265,39 @@ def test_an_unreadable_authorization_is_forbidden_not_an_error(door: InviteScree
     assert refused.code == 403
     assert refused.denial is not None
     assert (refused.denial.tenant_id, refused.denial.action) == ("platform", "sip.credentials_denied")
+
+
+# -- behind a trusted proxy: the address it vouches for ---------------------------------------------
+
+PROXIES = (ipaddress.ip_network("10.0.0.0/29"), ipaddress.ip_network("2001:db8::/64"))
+
+
+def invite_with(*headers: str) -> str:
+    return "\r\n".join(["INVITE sip:+15550100@gw SIP/2.0", "Via: SIP/2.0/UDP 10.0.0.2", *headers, "", ""])
+
+
+@pytest.mark.parametrize(("claimed", "seen"), [
+    ("198.51.100.7", "198.51.100.7:0"),
+    ("198.51.100.7:5062", "198.51.100.7:5062"),
+    ("[2001:db8:1::5]:5060", "[2001:db8:1::5]:5060"),
+    ("2001:db8:1::5", "[2001:db8:1::5]:0"),
+    ("[::ffff:198.51.100.7]:5060", "198.51.100.7:5060"),
+])
+def test_a_trusted_proxy_is_taken_at_its_word(claimed: str, seen: str) -> None:
+    assert vouched_source("10.0.0.2:5060", invite_with(f"{SOURCE_HEADER}: {claimed}"), PROXIES) == seen
+    assert vouched_source("[2001:db8::7]:5060", invite_with(f"x-voxlog-source:{claimed}"), PROXIES) == seen
+
+
+@pytest.mark.parametrize("claimed", [None, "", "gw.example", "198.51.100.7:99999", "198.51.100.7:5o60",
+                                     "[2001:db8::5", "[2001:db8::5]5060", "1.2.3.4:５０６０", "9" * 70])
+def test_a_trusted_proxy_that_names_no_address_vouches_for_nobody(claimed: str | None) -> None:
+    headers = () if claimed is None else (f"{SOURCE_HEADER}: {claimed}",)
+    assert vouched_source("10.0.0.3:5060", invite_with(*headers), PROXIES) is None
+
+
+@given(st.text(max_size=80))
+def test_what_anyone_else_claims_is_ignored(claimed: str) -> None:
+    message = invite_with(f"{SOURCE_HEADER}: {claimed}".replace("\r", " ").replace("\n", " "))
+    assert vouched_source("203.0.113.9:5060", message, PROXIES) == "203.0.113.9:5060"
+    assert vouched_source("10.0.0.9:5060", message, PROXIES) == "10.0.0.9:5060"  # just outside the /29
+    assert vouched_source("10.0.0.9:5060", message, ()) == "10.0.0.9:5060"

@@ -1,0 +1,217 @@
+"""More SIP calls than one gateway holds: Debian's Kamailio in front of two `voxlog serve` processes, with
+deploy/kamailio/kamailio.cfg as it ships. Six softphones (baresip) call the one front address; the
+gateways, four calls each at most (docs/sip.md), take them all between them, a full one passing its
+INVITEs on. The tenant allows only the callers' address, not the proxy's: the gateways screen each
+INVITE by the address the proxy vouches for (VOXLOG_SIP_TRUSTED_PROXIES), and a gateway that does not
+trust the proxy refuses it; an address a caller writes in the header the proxy vouches with is not
+believed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from streams.channels.sip_screening import SOURCE_HEADER
+from tests.baresip_peer import BaresipPeer, baresip_peer, require_baresip
+from tests.sip_wire import SipWire
+from voxlog.sim.demo_agents import demo_agents_with
+from voxlog.sim.sip_caller import free_sip_port
+from voxlog.sim.stack import free_port
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+KAMAILIO = shutil.which("kamailio") or "/usr/sbin/kamailio"
+FRONT_HOST = "127.0.0.2"
+"""The proxy's own loopback address: not the callers' (127.0.0.1), which is all the tenant allows."""
+AGENT = "+15550100"
+CALLS = 6
+
+
+def require_kamailio() -> None:
+    if not Path(KAMAILIO).exists():
+        if os.environ.get("CI"):
+            raise AssertionError("kamailio is missing: tools/setup.sh installs it")
+        pytest.skip("kamailio is missing (tools/setup.sh installs it)")
+
+
+@dataclass
+class SipGateway:
+    """`voxlog serve` with SIP, as an operator runs one behind the front."""
+
+    process: subprocess.Popen[bytes]
+    base_url: str
+    sip_port: int
+    output: Path
+
+    @classmethod
+    def start(cls, home: Path, agents: Path, *, trusted: str) -> SipGateway:
+        port, sip_port = free_port(), free_sip_port()
+        environment = {**os.environ, "VOXLOG_HOME": str(home), "VOXLOG_AGENTS_DIR": str(agents),
+                       "VOXLOG_RUN_PROJECTIONS": "false", "VOXLOG_SIP_BIND": f"127.0.0.1:{sip_port}",
+                       "VOXLOG_SIP_TRUSTED_PROXIES": trusted, "VOXLOG_SIP_RTP_PORTS": f"{sip_port + 2}-{sip_port + 80}",
+                       "VOXLOG_WEBHOOK_SECRET": secrets.token_hex(16)}  # (agents of our own: not the demo's secret)
+        environment.pop("VOXLOG_KAFKA_BOOTSTRAP", None)
+        home.mkdir(parents=True)
+        output = home / "gateway.log"
+        with output.open("wb") as sink:
+            process = subprocess.Popen([sys.executable, "-m", "voxlog.cli", "serve", "--port", str(port)],
+                                       env=environment, stdout=sink, stderr=subprocess.STDOUT, cwd=REPO)
+        return cls(process, f"http://127.0.0.1:{port}", sip_port, output)
+
+    async def health(self) -> dict[str, object]:
+        if self.process.poll() is not None:
+            raise AssertionError(f"the gateway exited: {self.output.read_text()[-3000:]}")
+        async with httpx.AsyncClient(timeout=5) as client:
+            answer: dict[str, object] = (await client.get(f"{self.base_url}/healthz")).json()
+            return answer
+
+    async def ready(self) -> None:
+        async def answers() -> bool:
+            with contextlib.suppress(httpx.HTTPError):
+                return (await self.health()).get("sip", {}) != {}  # type: ignore[comparison-overlap]
+            return False
+
+        await until_async(answers, 90, f"gateway {self.base_url} ready")
+
+    async def sip_calls(self) -> int:
+        sip = (await self.health())["sip"]
+        assert isinstance(sip, dict)
+        return int(sip["calls"])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(30)
+
+
+async def until_async(condition: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        await asyncio.sleep(0.2)
+
+
+@dataclass
+class Front:
+    process: subprocess.Popen[bytes]
+    port: int
+    output: Path
+
+    @property
+    def uri(self) -> str:
+        return f"sip:{AGENT}@{FRONT_HOST}:{self.port}"
+
+
+@contextlib.contextmanager
+def kamailio_front(folder: Path, gateways: list[SipGateway]) -> Iterator[Front]:
+    folder.mkdir(parents=True)
+    listed = folder / "dispatcher.list"
+    listed.write_text("".join(f"1 sip:127.0.0.1:{g.sip_port}\n" for g in gateways))
+    port = free_port()
+    output = folder / "kamailio.log"
+    with output.open("wb") as sink:
+        process = subprocess.Popen(
+            [KAMAILIO, "-f", str(REPO / "deploy" / "kamailio" / "kamailio.cfg"), "-DD", "-E",
+             "-l", f"udp:{FRONT_HOST}:{port}", "-l", f"tcp:{FRONT_HOST}:{port}", "-Y", str(folder),
+             "-P", str(folder / "kamailio.pid"), "-w", str(folder), "-m", "64", "-M", "8",
+             "-A", f'DISPATCHER_LIST="{listed}"'],
+            stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield Front(process, port, output)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(15)
+
+
+@pytest.fixture
+async def front(tmp_path: Path) -> AsyncIterator[tuple[Front, list[SipGateway]]]:
+    require_baresip()
+    require_kamailio()
+    agents = demo_agents_with(tmp_path / "agents", tenant={"sip": {"inbound": {"allow": ["127.0.0.1/32"]}}})
+    gateways = [SipGateway.start(tmp_path / f"gateway-{i}", agents, trusted=f"{FRONT_HOST}/32") for i in range(2)]
+    try:
+        for gateway in gateways:
+            await gateway.ready()
+        with kamailio_front(tmp_path / "front", gateways) as running:
+            yield running, gateways
+    finally:
+        for gateway in gateways:
+            gateway.stop()
+
+
+async def test_six_callers_through_one_front_are_all_taken_by_two_gateways(
+        front: tuple[Front, list[SipGateway]], tmp_path: Path) -> None:
+    proxy, gateways = front
+    async with contextlib.AsyncExitStack() as stack:
+        callers: list[BaresipPeer] = [await stack.enter_async_context(baresip_peer(tmp_path, user=f"caller{i}"))
+                                      for i in range(CALLS)]
+        for caller in callers:
+            await caller.dial(proxy.uri)
+            await caller.wait_event("CALL_ESTABLISHED", timeout_s=30)
+        counts = [await g.sip_calls() for g in gateways]
+        assert sum(counts) == CALLS, counts
+        assert max(counts) <= 4, counts  # what one gateway's PJSIP holds
+        for caller in callers:
+            await caller.hangup()
+            await caller.wait_event("CALL_CLOSED", timeout_s=20)
+
+    async def all_over() -> bool:
+        return [await g.sip_calls() for g in gateways] == [0, 0]
+
+    await until_async(all_over, 30, "every call ended on its gateway")
+
+
+async def test_a_gateway_that_does_not_trust_the_front_refuses_what_it_relays(tmp_path: Path) -> None:
+    require_baresip()
+    require_kamailio()
+    agents = demo_agents_with(tmp_path / "agents", tenant={"sip": {"inbound": {"allow": ["127.0.0.1/32"]}}})
+    gateway = SipGateway.start(tmp_path / "gateway", agents, trusted="")
+    try:
+        await gateway.ready()
+        with kamailio_front(tmp_path / "front", [gateway]) as proxy:
+            async with baresip_peer(tmp_path, user="caller") as caller:
+                await caller.dial(proxy.uri)
+                closed = await caller.wait_event("CALL_CLOSED", timeout_s=30)
+        assert "403" in str(closed.get("param")), closed
+        assert await gateway.sip_calls() == 0
+    finally:
+        gateway.stop()
+
+
+async def test_an_address_a_caller_claims_through_the_front_is_not_believed(
+        front: tuple[Front, list[SipGateway]]) -> None:
+    """From 127.0.0.3, which the tenant does not allow, claiming to be 127.0.0.1, which it does: the front
+    removes the claim and vouches for 127.0.0.3, and the gateway refuses."""
+    proxy, gateways = front
+    wire = SipWire(proxy.port, "127.0.0.3", host=FRONT_HOST)
+    try:
+        call_id = wire.invite(AGENT, headers={SOURCE_HEADER: "127.0.0.1:5060"})
+        answer = await wire.final(call_id, timeout_s=20)
+    finally:
+        wire.close()
+    assert answer.status == 403, answer.text
+    assert [await g.sip_calls() for g in gateways] == [0, 0]
