@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -455,20 +456,42 @@ class OwnBroker:
     bootstrap: str
 
     def run(self, command: str) -> None:
-        subprocess.run([str(REPO / "tools" / "kafka" / "broker.sh"), command], env=self.env, check=True,
-                       capture_output=True, timeout=180)
+        done = subprocess.run([str(REPO / "tools" / "kafka" / "broker.sh"), command], env=self.env,
+                              capture_output=True, timeout=180)
+        if done.returncode:
+            raise AssertionError(f"broker.sh {command} exited {done.returncode}:\n"
+                                 f"{(done.stdout + done.stderr).decode(errors='replace')[-3000:]}")
+
+
+def broker_port() -> int:
+    """A free client port whose next one, the controller's, is free too (broker.sh refuses a taken one)."""
+    while True:
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
 
 
 @pytest.fixture
 def own_broker(tmp_path: Path) -> Iterator[OwnBroker]:
     kafka_bootstrap()  # CI has a broker's jars and a JDK; without them this skips (or fails under CI)
-    port = free_port()
-    while port + 1 >= 65535:
-        port = free_port()
-    env = {**os.environ, "VOXLOG_KAFKA_PORT": str(port), "VOXLOG_KAFKA_DIR": str(tmp_path / "broker"),
-           "VOXLOG_KAFKA_HEAP": "-Xmx512m -Xms256m"}
-    broker = OwnBroker(env, f"127.0.0.1:{port}")
-    broker.run("start")
+    failures: list[str] = []
+    for attempt in range(3):  # a port taken by someone else between its pick and the broker's bind: another
+        port = broker_port()
+        env = {**os.environ, "VOXLOG_KAFKA_PORT": str(port), "VOXLOG_KAFKA_DIR": str(tmp_path / f"broker-{attempt}"),
+               "VOXLOG_KAFKA_HEAP": "-Xmx512m -Xms256m", "VOXLOG_KAFKA_START_TIMEOUT": "180"}
+        broker = OwnBroker(env, f"127.0.0.1:{port}")
+        try:
+            broker.run("start")
+            break
+        except AssertionError as exc:
+            failures.append(str(exc))
+            broker.run("stop")
+    else:
+        raise AssertionError("the test's own broker did not start:\n" + "\n---\n".join(failures))
     try:
         yield broker
     finally:
