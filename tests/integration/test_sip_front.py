@@ -8,7 +8,6 @@ believed."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import secrets
@@ -16,8 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import pytest
 
 from streams.channels.sip_screening import SOURCE_HEADER
 from tests.baresip_peer import BaresipPeer, baresip_peer, require_baresip
+from tests.integration.test_gateway_hardship import eventually
 from tests.sip_wire import SipWire
 from voxlog.sim.demo_agents import demo_agents_with
 from voxlog.sim.sip_caller import free_sip_port
@@ -85,7 +84,7 @@ class SipGateway:
                 return (await self.health()).get("sip", {}) != {}  # type: ignore[comparison-overlap]
             return False
 
-        await until_async(answers, 90, f"gateway {self.base_url} ready")
+        await eventually(answers, 90, f"gateway {self.base_url} ready")
 
     async def sip_calls(self) -> int:
         sip = (await self.health())["sip"]
@@ -100,14 +99,6 @@ class SipGateway:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(30)
-
-
-async def until_async(condition: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        await asyncio.sleep(0.2)
 
 
 @dataclass
@@ -182,7 +173,7 @@ async def test_six_callers_through_one_front_are_all_taken_by_two_gateways(
     async def all_over() -> bool:
         return [await g.sip_calls() for g in gateways] == [0, 0]
 
-    await until_async(all_over, 30, "every call ended on its gateway")
+    await eventually(all_over, 30, "every call ended on its gateway")
 
 
 async def test_a_gateway_that_does_not_trust_the_front_refuses_what_it_relays(tmp_path: Path) -> None:
