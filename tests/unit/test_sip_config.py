@@ -53,3 +53,13 @@ def test_an_rtp_range_backwards_is_refused(tmp_path: Path) -> None:
 def test_tls_without_its_certificate_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="VOXLOG_SIP_TLS_CERT"):
         sip_config(settings(tmp_path, sip_tls_port=5081))
+
+
+def test_trusted_proxies_are_networks(tmp_path: Path) -> None:
+    config = sip_config(settings(tmp_path, sip_trusted_proxies="10.0.0.5/32, 2001:db8::/64"))
+    assert config is not None
+    assert [str(n) for n in config.proxy_networks()] == ["10.0.0.5/32", "2001:db8::/64"]
+    with pytest.raises(ValueError, match="VOXLOG_SIP_TRUSTED_PROXIES"):
+        sip_config(settings(tmp_path, sip_trusted_proxies="10.0.0.0/33"))
+    with pytest.raises(ValueError, match="VOXLOG_SIP_TRUSTED_PROXIES"):
+        sip_config(settings(tmp_path, sip_trusted_proxies="front.example"))
