@@ -59,8 +59,8 @@ class Routed:
 
 SOURCE_HEADER = "X-Voxlog-Source"
 """Where a trusted SIP proxy in front of the gateways (`VOXLOG_SIP_TRUSTED_PROXIES`; deploy/kamailio)
-names the address an INVITE reached it from: `ip`, `ip:port` or `[v6]:port`. It removes any the
-sender wrote."""
+names the address an INVITE reached it from: `ip:port` or `[v6]:port`. It removes any the sender
+wrote."""
 
 
 def vouched_source(network_source: str, message: str, proxies: Iterable[IpNetwork]) -> str | None:
@@ -79,16 +79,18 @@ def vouched_source(network_source: str, message: str, proxies: Iterable[IpNetwor
 
 
 def _endpoint(source: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int] | None:
-    """The IP (IPv4-mapped IPv6 as IPv4) and port (0 when none) of `ip`, `ip:port` or `[v6]:port`, or None."""
-    host, port = source.strip(), "0"
+    """The IP (IPv4-mapped IPv6 as IPv4) and port of `ip:port` or `[v6]:port`, or None."""
+    host = source.strip()
     if host.startswith("["):
         host, bracket, rest = host[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")):
+        if not bracket or not rest.startswith(":"):
             return None
-        port = rest[1:] or "0"
+        port = rest[1:]
     elif host.count(":") == 1:
         host, _, port = host.partition(":")
-    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
+    else:
+        return None
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) <= 65535:
         return None
     try:
         ip = ipaddress.ip_address(host)
