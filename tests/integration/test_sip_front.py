@@ -9,6 +9,7 @@ believed."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import shutil
@@ -22,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from streams.channels.sip_digest import parse_digest
 from streams.channels.sip_screening import SOURCE_HEADER
 from tests.baresip_peer import BaresipPeer, baresip_peer, require_baresip
 from tests.integration.test_gateway_hardship import eventually
@@ -37,6 +39,7 @@ KAMAILIO = shutil.which("kamailio") or "/usr/sbin/kamailio"
 FRONT_HOST = "127.0.0.2"
 """The proxy's own loopback address: not the callers' (127.0.0.1), which is all the tenant allows."""
 AGENT = "+15550100"
+PBX_PASSWORD = "pbx-secret-42"
 CALLS = 6
 
 
@@ -139,10 +142,15 @@ def kamailio_front(folder: Path, gateways: list[SipGateway]) -> Iterator[Front]:
 
 
 @pytest.fixture
-async def front(tmp_path: Path) -> AsyncIterator[tuple[Front, list[SipGateway]]]:
+async def front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Front, list[SipGateway]]]:
+    """Two gateways behind the front; the tenant takes SIP from the callers' address, or from anywhere
+    with its PBX's credential."""
     require_baresip()
     require_kamailio()
-    agents = demo_agents_with(tmp_path / "agents", tenant={"sip": {"inbound": {"allow": ["127.0.0.1/32"]}}})
+    monkeypatch.setenv("VOXLOG_TEST_SIP_PASSWORD", PBX_PASSWORD)  # (the gateways' environment inherits it)
+    agents = demo_agents_with(tmp_path / "agents", tenant={"sip": {"inbound": {
+        "allow": ["127.0.0.1/32"],
+        "credentials": [{"username": "demo-pbx", "password": {"env": "VOXLOG_TEST_SIP_PASSWORD"}}]}}})
     gateways = [SipGateway.start(tmp_path / f"gateway-{i}", agents, trusted=f"{FRONT_HOST}/32") for i in range(2)]
     try:
         for gateway in gateways:
@@ -196,7 +204,7 @@ async def test_a_gateway_that_does_not_trust_the_front_refuses_what_it_relays(tm
 async def test_an_address_a_caller_claims_through_the_front_is_not_believed(
         front: tuple[Front, list[SipGateway]]) -> None:
     """From 127.0.0.3, which the tenant does not allow, claiming to be 127.0.0.1, which it does: the front
-    removes the claim and vouches for 127.0.0.3, and the gateway refuses."""
+    removes the claim and vouches for 127.0.0.3, and the gateway asks for credentials."""
     proxy, gateways = front
     wire = SipWire(proxy.port, "127.0.0.3", host=FRONT_HOST)
     try:
@@ -204,5 +212,28 @@ async def test_an_address_a_caller_claims_through_the_front_is_not_believed(
         answer = await wire.final(call_id, timeout_s=20)
     finally:
         wire.close()
-    assert answer.status == 403, answer.text
+    assert answer.status == 401, answer.text
     assert [await g.sip_calls() for g in gateways] == [0, 0]
+
+
+async def test_credentials_through_the_front_reach_the_gateway_that_asked(
+        front: tuple[Front, list[SipGateway]]) -> None:
+    """From an address nobody allows, with the PBX's credential: challenged by one gateway, the INVITE
+    that answers the challenge (same Call-ID) goes to that gateway, which lets it in."""
+    proxy, gateways = front
+    wire = SipWire(proxy.port, "127.0.0.9", host=FRONT_HOST)
+    try:
+        call_id = wire.invite(AGENT)
+        challenge = parse_digest((await wire.final(call_id, timeout_s=20)).headers["www-authenticate"])
+        uri = f"sip:{AGENT}@{FRONT_HOST}:{proxy.port}"
+        ha1 = hashlib.md5(f"demo-pbx:{challenge['realm']}:{PBX_PASSWORD}".encode()).hexdigest()
+        ha2 = hashlib.md5(f"INVITE:{uri}".encode()).hexdigest()
+        answer = hashlib.md5(f"{ha1}:{challenge['nonce']}:00000001:abc:auth:{ha2}".encode()).hexdigest()
+        authorization = (f'Digest username="demo-pbx", realm="{challenge["realm"]}", nonce="{challenge["nonce"]}", '
+                         f'uri="{uri}", response="{answer}", qop=auth, nc=00000001, cnonce="abc", algorithm=MD5')
+        wire.invite(AGENT, headers={"Authorization": authorization}, call_id=call_id)
+        response = await wire.final(call_id, timeout_s=20)
+    finally:
+        wire.close()
+    assert response.status == 200, response.text
+    assert sorted([await g.sip_calls() for g in gateways]) == [0, 1]
