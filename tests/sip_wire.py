@@ -5,6 +5,7 @@ responses read back, and datagrams of anything at all."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import socket
 import uuid
 from dataclasses import dataclass, field
@@ -16,6 +17,16 @@ PCMU_SDP = ("v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\n"
             "a=sendrecv\r\n")
 G729_ONLY_SDP = ("v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\n"
                  "m=audio {port} RTP/AVP 18\r\na=rtpmap:18 G729/8000\r\na=sendrecv\r\n")
+
+
+def digest_answer(challenge: dict[str, str], username: str, password: str, uri: str) -> str:
+    """An Authorization value answering `challenge` (its parameters) for an INVITE to `uri`, as a user
+    agent computes it (RFC 2617, MD5, qop=auth, the first use of the nonce)."""
+    ha1 = hashlib.md5(f"{username}:{challenge['realm']}:{password}".encode()).hexdigest()
+    ha2 = hashlib.md5(f"INVITE:{uri}".encode()).hexdigest()
+    answer = hashlib.md5(f"{ha1}:{challenge['nonce']}:00000001:abc:auth:{ha2}".encode()).hexdigest()
+    return (f'Digest username="{username}", realm="{challenge["realm"]}", nonce="{challenge["nonce"]}", '
+            f'uri="{uri}", response="{answer}", qop=auth, nc=00000001, cnonce="abc", algorithm=MD5')
 
 
 @dataclass

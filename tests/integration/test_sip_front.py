@@ -9,7 +9,6 @@ believed."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import secrets
 import shutil
@@ -27,7 +26,7 @@ from streams.channels.sip_digest import parse_digest
 from streams.channels.sip_screening import SOURCE_HEADER
 from tests.baresip_peer import BaresipPeer, baresip_peer, require_baresip
 from tests.integration.test_gateway_hardship import eventually
-from tests.sip_wire import SipWire
+from tests.sip_wire import SipWire, digest_answer
 from voxlog.sim.demo_agents import demo_agents_with
 from voxlog.sim.sip_caller import free_sip_port
 from voxlog.sim.stack import free_port
@@ -225,12 +224,7 @@ async def test_credentials_through_the_front_reach_the_gateway_that_asked(
     try:
         call_id = wire.invite(AGENT)
         challenge = parse_digest((await wire.final(call_id, timeout_s=20)).headers["www-authenticate"])
-        uri = f"sip:{AGENT}@{FRONT_HOST}:{proxy.port}"
-        ha1 = hashlib.md5(f"demo-pbx:{challenge['realm']}:{PBX_PASSWORD}".encode()).hexdigest()
-        ha2 = hashlib.md5(f"INVITE:{uri}".encode()).hexdigest()
-        answer = hashlib.md5(f"{ha1}:{challenge['nonce']}:00000001:abc:auth:{ha2}".encode()).hexdigest()
-        authorization = (f'Digest username="demo-pbx", realm="{challenge["realm"]}", nonce="{challenge["nonce"]}", '
-                         f'uri="{uri}", response="{answer}", qop=auth, nc=00000001, cnonce="abc", algorithm=MD5')
+        authorization = digest_answer(challenge, "demo-pbx", PBX_PASSWORD, f"sip:{AGENT}@{FRONT_HOST}:{proxy.port}")
         wire.invite(AGENT, headers={"Authorization": authorization}, call_id=call_id)
         response = await wire.final(call_id, timeout_s=20)
     finally:

@@ -7,7 +7,6 @@ answer, and the endpoint keeps answering."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -24,7 +23,7 @@ from schemas.codec import EventCodec
 from schemas.events import AuditRecorded
 from schemas.topics import AUDIT, CALL_TOPICS
 from streams.channels.sip_digest import parse_digest
-from tests.sip_wire import G729_ONLY_SDP, SipWire
+from tests.sip_wire import G729_ONLY_SDP, SipWire, digest_answer
 from voxlog.settings import Settings
 from voxlog.sim.demo_agents import demo_agents_with
 from voxlog.sim.sip_caller import free_sip_port
@@ -128,12 +127,7 @@ async def test_an_address_no_tenant_allows_is_forbidden_and_audited(stack: Local
 async def test_wrong_credentials_are_forbidden_and_audited(stack: LocalStack) -> None:
     wire = from_(stack, "127.0.0.9")
     challenge = parse_digest((await wire.final(wire.invite(AGENT))).headers["www-authenticate"])
-    uri = f"sip:{AGENT}@127.0.0.1:{wire.gateway[1]}"
-    ha1 = hashlib.md5(b"demo-pbx:voxlog:not-the-password").hexdigest()
-    ha2 = hashlib.md5(f"INVITE:{uri}".encode()).hexdigest()
-    answer = hashlib.md5(f"{ha1}:{challenge['nonce']}:00000001:abc:auth:{ha2}".encode()).hexdigest()
-    authorization = (f'Digest username="demo-pbx", realm="voxlog", nonce="{challenge["nonce"]}", uri="{uri}", '
-                     f'response="{answer}", qop=auth, nc=00000001, cnonce="abc", algorithm=MD5')
+    authorization = digest_answer(challenge, "demo-pbx", "not-the-password", f"sip:{AGENT}@127.0.0.1:{wire.gateway[1]}")
     call_id = wire.invite(AGENT, headers={"Authorization": authorization})
     assert (await wire.final(call_id)).status == 403
     [audit] = await audits(stack, call_id)
@@ -144,12 +138,7 @@ async def test_wrong_credentials_are_forbidden_and_audited(stack: LocalStack) ->
 async def test_the_right_credentials_reach_the_agent_once(stack: LocalStack) -> None:
     wire = from_(stack, "127.0.0.9")
     challenge = parse_digest((await wire.final(wire.invite(AGENT))).headers["www-authenticate"])
-    uri = f"sip:{AGENT}@127.0.0.1:{wire.gateway[1]}"
-    ha1 = hashlib.md5(f"demo-pbx:voxlog:{PBX_PASSWORD}".encode()).hexdigest()
-    ha2 = hashlib.md5(f"INVITE:{uri}".encode()).hexdigest()
-    answer = hashlib.md5(f"{ha1}:{challenge['nonce']}:00000001:abc:auth:{ha2}".encode()).hexdigest()
-    authorization = (f'Digest username="demo-pbx", realm="voxlog", nonce="{challenge["nonce"]}", uri="{uri}", '
-                     f'response="{answer}", qop=auth, nc=00000001, cnonce="abc", algorithm=MD5')
+    authorization = digest_answer(challenge, "demo-pbx", PBX_PASSWORD, f"sip:{AGENT}@127.0.0.1:{wire.gateway[1]}")
     call_id = wire.invite(AGENT, headers={"Authorization": authorization})
     response = await wire.final(call_id)
     assert response.status == 200, response.text
