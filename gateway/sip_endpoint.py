@@ -661,8 +661,9 @@ class SipEndpoint:
         call = _Call(self, account, prm.callId, handle)
         rdata = prm.rdata
         network_source = str(rdata.srcAddress)
-        # (the message is read only from a trusted proxy here: a flood from elsewhere costs no copy of it)
-        source = vouched_source(network_source, str(rdata.wholeMsg), self._proxies) if self._proxies else network_source
+        # (read here only when proxies are trusted: otherwise a flood past its allowance costs no copy of it)
+        message = str(rdata.wholeMsg) if self._proxies else None
+        source = vouched_source(network_source, message, self._proxies) if message is not None else network_source
         wait = self._invites.take(_ip_of(source or network_source), self.config.invites_per_minute,
                                   self.config.invite_burst)
         if wait is not None:
@@ -671,7 +672,7 @@ class SipEndpoint:
         info = call.getInfo()
         invite = IncomingInvite(handle=handle, source=source or network_source, to_uri=str(info.localUri),
                                 from_uri=str(info.remoteUri), sip_call_id=str(info.callIdString),
-                                message=str(rdata.wholeMsg))
+                                message=message if message is not None else str(rdata.wholeMsg))
         if source is None:
             unvouched = Refused(403, "Forbidden", denial=Denial(
                 "platform", "sip.proxy_unvouched",
