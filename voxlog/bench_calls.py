@@ -41,6 +41,8 @@ import asyncio
 import dataclasses
 import itertools
 import json
+import os
+import pickle
 import resource
 import statistics
 import sys
@@ -49,7 +51,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TextIO, TypeVar
 
 import httpx
 import numpy as np
@@ -80,13 +82,13 @@ from streams.providers.tts_espeak import EspeakTts
 from voxlog.backends import log_backend
 from voxlog.bench import percentile, run_facts
 from voxlog.bench_projections import write_synthetic_calls
+from voxlog.bench_sip_fleet import SIP_CALLS_PER_GATEWAY, fleet_settings, sip_fleet
 from voxlog.progress import progress
 from voxlog.serving import run_on_serving_loop
 from voxlog.settings import Settings
 from voxlog.sim.demo_agents import demo_agents_with
 from voxlog.sim.sip_caller import SipCaller, free_sip_port
-from voxlog.sim.sip_caller import loud as sip_loud
-from voxlog.sim.stack import LocalStack, local_stack
+from voxlog.sim.stack import local_stack
 from voxlog.sim.twilio_caller import TwilioCaller, parse_stream_twiml
 
 P = TypeVar("P")
@@ -197,17 +199,18 @@ async def _one_sip_call(caller: SipCaller, speech: bytes, budget_ms: float, turn
             await caller.send_mulaw(bytes([MULAW_SILENCE]) * int(8000 * 1.5))
             await caller.agent_quiet(0.5, 30, beyond=heard)
             after = [frame for frame in caller.agent_frames if frame.at > spoke_until]
-            loud = [frame.at for frame in after if sip_loud(frame.payload)]
+            loud = [frame.at for frame in after if frame.loud]
             if loud:
                 figures.added_ms.append((loud[0] - spoke_until) * 1000 - budget_ms)
                 gaps = [b.at - a.at for a, b in itertools.pairwise(after) if b.at - a.at < 0.2]
                 figures.jitter_ms += [abs(g - 0.02) * 1000 for g in gaps]
             if caller.closed.is_set():
                 break
+        await caller.hangup()
     except Exception as exc:  # a failed call is reported, not hidden
         figures.error = repr(exc)
     finally:
-        await caller.hangup()
+        await caller.close()
     return figures
 
 
@@ -225,7 +228,7 @@ async def play_callers(plan: dict[str, Any]) -> list[CallFigures]:
     if plan.get("sip_port"):
         with progress("bench calls: SIP callers", total=len(plan["calls"]), unit="calls") as ended:
             return await asyncio.gather(*(
-                counted(_one_sip_call(SipCaller("127.0.0.1", plan["sip_port"], plan["to"], from_=number), speech,
+                counted(_one_sip_call(SipCaller(plan["sip_host"], plan["sip_port"], plan["to"], from_=number), speech,
                                       plan["budget_ms"], plan["turns"], index * plan["ramp_s"] / len(plan["calls"])),
                         ended)
                 for index, (_sid, number) in enumerate(plan["calls"])))
@@ -240,19 +243,18 @@ async def play_callers(plan: dict[str, Any]) -> list[CallFigures]:
                 for index, (sid, number) in enumerate(plan["calls"])))
 
 
-async def _callers_process(stack: LocalStack, calls: int, budget_ms: float, ramp_s: float,
-                           turns: int) -> tuple[list[str], list[CallFigures], float]:
+async def _callers_process(target: dict[str, Any], calls: int, budget_ms: float, ramp_s: float, turns: int,
+                           add_call: Callable[[str, str], str] | None) -> tuple[list[str], list[CallFigures], float]:
     """Runs the callers in a process of their own, as Twilio is: only the gateway is measured here,
-    and the callers' clocks are not held up by the gateway's event loop. Returns the callers' CPU
-    seconds too: a load generator that takes the machine's cores measures itself."""
-    plan: dict[str, Any] = {"base_url": stack.base_url, "auth_token": stack.auth_token,
-                            "account_sid": stack.settings.twilio_account_sid, "to": "+15550100",
-                            "budget_ms": budget_ms, "ramp_s": ramp_s, "turns": turns, "calls": [],
-                            "sip_port": stack.gateway.sip.port if stack.gateway.sip is not None else None}
+    and the callers' clocks are not held up by the gateway's event loop. `target`: where they call (a
+    gateway's URL and Twilio account, or `sip_host` and `sip_port`); `add_call` tells Twilio of a phone
+    call (caller, callee), returning its sid. Returns the callers' CPU seconds too: a load generator that
+    takes the machine's cores measures itself."""
+    plan: dict[str, Any] = {"sip_port": None, **target, "to": "+15550100", "budget_ms": budget_ms,
+                            "ramp_s": ramp_s, "turns": turns, "calls": []}
     for index in range(calls):
         number = f"+1555{index:07d}"
-        sid = stack.twilio.add_call(number, plan["to"]) if stack.gateway.sip is None else f"sip-{index}"
-        plan["calls"].append((sid, number))
+        plan["calls"].append((add_call(number, plan["to"]) if add_call is not None else f"sip-{index}", number))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "voxlog.bench_calls", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
@@ -358,6 +360,29 @@ def _latency(values: list[float]) -> dict[str, float | None]:
             "max": round(max(values), 1) if values else None}
 
 
+@dataclass
+class GatewaySide:
+    """What the gateway (or, past one SIP gateway's calls, the gateways) did in a run."""
+
+    log: str
+    capacity: int
+    judges: list[str]
+    sids: list[str]
+    results: list[CallFigures]
+    callers_cpu_s: float
+    elapsed_s: float
+    cpu_s: float
+    peak_rss_mb: float
+    rss_before_mb: float
+    events: int
+    gateways: int = 1
+    front_cpu_s: float | None = None
+    analytics: str | None = None
+    background_cpu_s: float = 0.0
+    projected_after_s: float | None = None
+    fell_back: set[str] = field(default_factory=set)
+
+
 async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
                       fallback: FallbackProfile | None = None, ramp_s: float = 0.0,
                       history_events: int = 0, turns: int = DEFAULT_TURNS,
@@ -367,9 +392,14 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
     projections and the summariser run as `voxlog serve` runs them (its background process, or with
     `settings.background_process` off the gateway's own loop), and the result says what they cost and
     how long after the last call their tables held every event. `channel`: the callers phone in as
-    Twilio carries them (`phone`) or over SIP to the gateway's SIP endpoint (`sip`, on a free port)."""
-    made = itertools.count()
-    if channel == "sip" and settings.sip_bind is None:
+    Twilio carries them (`phone`) or over SIP to the gateway's SIP endpoint (`sip`, on a free port); past
+    the calls one gateway's PJSIP holds, to gateways enough for them behind a SIP front
+    (`voxlog.bench_sip_fleet`)."""
+    fleet = channel == "sip" and calls > SIP_CALLS_PER_GATEWAY
+    if fleet and (fallback is not None or history_events or analytics):
+        raise ValueError(f"--fallback, --history-events and --analytics are measured on one gateway: over SIP, "
+                         f"--calls {SIP_CALLS_PER_GATEWAY} at most")
+    if channel == "sip" and settings.sip_bind is None and not fleet:
         settings = settings.model_copy(update={"sip_bind": f"127.0.0.1:{free_sip_port()}"})
     if settings.agents_dir is None:  # the demo tenant's own limit (50 calls) must not cap what is measured
         settings = settings.model_copy(update={"agents_dir": demo_agents_with(
@@ -377,20 +407,38 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
             front_desk={"vad": vad} if vad is not None else None)})
     if history_events:
         await write_history(settings, history_events)
+    end_of_turn_ms = END_OF_TURN_SILENCE_MS
+    budget_ms = end_of_turn_ms + timeline.asr_final_ms + timeline.llm_ms + timeline.tts_first_byte_ms
+    if fleet:
+        side = await _through_sip_fleet(settings, calls, timeline, budget_ms, ramp_s, turns)
+    else:
+        side = await _through_one_gateway(settings, calls, timeline, budget_ms, ramp_s, turns, fallback, analytics)
+    return _figures(side, calls=calls, channel=channel, turns=turns, history_events=history_events, ramp_s=ramp_s,
+                    timeline=timeline, end_of_turn_ms=end_of_turn_ms, budget_ms=budget_ms, fallback=fallback)
+
+
+async def _through_one_gateway(settings: Settings, calls: int, timeline: Timeline, budget_ms: float, ramp_s: float,
+                               turns: int, fallback: FallbackProfile | None, analytics: bool) -> GatewaySide:
+    made = itertools.count()
 
     def providers(agent: AgentSpec) -> Providers:
         failing = fallback is not None and next(made) % fallback.every == 0
         return _providers(timeline, agent, fallback, failing, caller_lines(turns))
 
-    end_of_turn_ms = END_OF_TURN_SILENCE_MS
-    budget_ms = end_of_turn_ms + timeline.asr_final_ms + timeline.llm_ms + timeline.tts_first_byte_ms
     async with local_stack(settings, providers_factory=providers, analytics=analytics) as stack:
         background = stack.gateway.background
         before = await _events_in_log(stack.gateway.backend)
         rss_before_mb = _rss_mb()
         started, cpu_before = time.perf_counter(), time.process_time()
         background_before = background.cpu_s() if background is not None else 0.0
-        sids, results, callers_cpu_s = await _callers_process(stack, calls, budget_ms, ramp_s, turns)
+        if stack.gateway.sip is not None:
+            target: dict[str, Any] = {"sip_host": "127.0.0.1", "sip_port": stack.gateway.sip.port}
+            add_call = None
+        else:
+            target = {"base_url": stack.base_url, "auth_token": stack.auth_token,
+                      "account_sid": stack.settings.twilio_account_sid}
+            add_call = stack.twilio.add_call
+        sids, results, callers_cpu_s = await _callers_process(target, calls, budget_ms, ramp_s, turns, add_call)
         await stack.gateway.wait_idle(60)
         elapsed, cpu_s = time.perf_counter() - started, time.process_time() - cpu_before
         background_cpu_s = background.cpu_s() - background_before if background is not None else 0.0
@@ -401,26 +449,72 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
                             timeout_s=600)
             projected_after_s = round(time.perf_counter() - started - elapsed, 2)
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-        events = await _events_in_log(stack.gateway.backend) - before
-        fell_back = await _fallback_calls(stack.gateway.backend, set(sids)) if fallback else set()
-        backend = stack.gateway.backend.describe()
-        capacity = stack.gateway.capacity
-        judges = sorted({agent.vad for agent in stack.gateway.router.agents.values()})
-    normal = [r for sid, r in zip(sids, results, strict=True) if sid not in fell_back and not r.refused]
+        return GatewaySide(
+            log=stack.gateway.backend.describe(), capacity=stack.gateway.capacity,
+            judges=sorted({agent.vad for agent in stack.gateway.router.agents.values()}),
+            sids=sids, results=results, callers_cpu_s=callers_cpu_s, elapsed_s=elapsed, cpu_s=cpu_s,
+            peak_rss_mb=peak_mb, rss_before_mb=rss_before_mb,
+            events=await _events_in_log(stack.gateway.backend) - before,
+            analytics=None if not analytics else "background process" if background is not None else "gateway",
+            background_cpu_s=background_cpu_s, projected_after_s=projected_after_s,
+            fell_back=await _fallback_calls(stack.gateway.backend, set(sids)) if fallback else set())
+
+
+async def _through_sip_fleet(settings: Settings, calls: int, timeline: Timeline, budget_ms: float, ramp_s: float,
+                             turns: int) -> GatewaySide:
+    folder = settings.home / "bench-sip-fleet"
+    gateways = fleet_settings(settings, folder, calls)
+    plan = {"timeline": dataclasses.asdict(timeline), "turns": turns}
+    async with sip_fleet(gateways, plan, folder) as fleet:
+        before = await _events_in_logs(gateways)
+        started = time.perf_counter()
+        fleet.start_clock()
+        front_cpu_before = fleet.front.cpu_s()
+        sids, results, callers_cpu_s = await _callers_process(
+            {"sip_host": fleet.front.host, "sip_port": fleet.front.port}, calls, budget_ms, ramp_s, turns, None)
+        front_cpu_s = fleet.front.cpu_s() - front_cpu_before
+        reports = await asyncio.gather(*(gateway.finish() for gateway in fleet.gateways))
+        elapsed = time.perf_counter() - started
+    return GatewaySide(
+        log=f"{reports[0]['log']} ({len(reports)} gateways)" if len({r["log"] for r in reports}) == 1 else
+        f"{len(reports)} logs of their own (e.g. {reports[0]['log']})",
+        capacity=sum(r["capacity"] for r in reports), judges=sorted({j for r in reports for j in r["judges"]}),
+        sids=sids, results=results, callers_cpu_s=callers_cpu_s, elapsed_s=elapsed,
+        cpu_s=sum(r["cpu_s"] for r in reports), peak_rss_mb=sum(r["peak_rss_mb"] for r in reports),
+        rss_before_mb=sum(r["rss_before_mb"] for r in reports), events=await _events_in_logs(gateways) - before,
+        gateways=len(reports), front_cpu_s=front_cpu_s)
+
+
+async def _events_in_logs(settings: list[Settings]) -> int:
+    """The events in the logs these settings name, each log counted once (gateways on one broker share it)."""
+    backends: dict[str, LogBackend] = {}
+    for one in settings:
+        backend = log_backend(one)
+        backends.setdefault(backend.describe(), backend)
+    return sum([await _events_in_log(backend) for backend in backends.values()])
+
+
+def _figures(side: GatewaySide, *, calls: int, channel: str, turns: int, history_events: int, ramp_s: float,
+             timeline: Timeline, end_of_turn_ms: int, budget_ms: float,
+             fallback: FallbackProfile | None) -> dict[str, Any]:
+    sids, results, elapsed = side.sids, side.results, side.elapsed_s
+    normal = [r for sid, r in zip(sids, results, strict=True) if sid not in side.fell_back and not r.refused]
     added = [ms for r in normal for ms in r.added_ms]
     jitter = [ms for r in results for ms in r.jitter_ms]
     refused = [r for r in results if r.refused]
     admitted_webhooks = [r.webhook_ms for r in results if not r.refused and r.webhook_ms is not None]
+    admitted = max(1, calls - len(refused))
     result: dict[str, Any] = {
         **run_facts("calls"),
-        "log": backend,
+        "log": side.log,
         "channel": channel,
         "calls": calls,
         "turns_per_call": turns,
         "history_events": history_events,
-        "vad": judges,
+        "vad": side.judges,
         "ramp_s": ramp_s,
-        "capacity": capacity,
+        "capacity": side.capacity,
+        "gateways": side.gateways,
         "admitted_calls": calls - len(refused),
         "refused_calls": len(refused),
         "refusal_ms": _latency([r.webhook_ms for r in refused if r.webhook_ms is not None]),
@@ -433,24 +527,26 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
         "pacing_jitter_ms": {"p50": round(statistics.median(jitter), 2) if jitter else None,
                              "p99": round(percentile(jitter, 0.99), 2) if jitter else None,
                              "frames": len(jitter)},
-        "gateway_cpu_s": round(cpu_s, 2),
-        "gateway_cpu_share": round(cpu_s / elapsed, 3),
-        "gateway_cpu_s_per_call_minute": round(cpu_s / max(1, calls - len(refused)) / (elapsed / 60), 3),
-        "gateway_peak_rss_mb": round(peak_mb, 1),
-        "gateway_peak_rss_mb_per_call": round((peak_mb - rss_before_mb) / max(1, calls - len(refused)), 3),
-        "callers_cpu_s": round(callers_cpu_s, 2),
-        "analytics": None if not analytics else "background process" if background is not None else "gateway",
-        "background_cpu_s": round(background_cpu_s, 2),
-        "background_cpu_share": round(background_cpu_s / elapsed, 3),
-        "projected_after_s": projected_after_s,
-        "callers_cpu_share": round(callers_cpu_s / elapsed, 3),
-        "events": events,
+        "gateway_cpu_s": round(side.cpu_s, 2),
+        "gateway_cpu_share": round(side.cpu_s / elapsed, 3),
+        "gateway_cpu_s_per_call_minute": round(side.cpu_s / admitted / (elapsed / 60), 3),
+        "gateway_peak_rss_mb": round(side.peak_rss_mb, 1),
+        "gateway_peak_rss_mb_per_call": round((side.peak_rss_mb - side.rss_before_mb) / admitted, 3),
+        "front_cpu_s": None if side.front_cpu_s is None else round(side.front_cpu_s, 2),
+        "callers_cpu_s": round(side.callers_cpu_s, 2),
+        "analytics": side.analytics,
+        "background_cpu_s": round(side.background_cpu_s, 2),
+        "background_cpu_share": round(side.background_cpu_s / elapsed, 3),
+        "projected_after_s": side.projected_after_s,
+        "callers_cpu_share": round(side.callers_cpu_s / elapsed, 3),
+        "events": side.events,
         "seconds": round(elapsed, 1),
-        "events_per_s": round(events / elapsed),
+        "events_per_s": round(side.events / elapsed),
     }
     if fallback is not None:
         # What a fallback turn took beyond a normal turn: its added latency less the normal turns' median.
-        fallback_added = [ms for sid, r in zip(sids, results, strict=True) if sid in fell_back for ms in r.added_ms]
+        fallback_added = [ms for sid, r in zip(sids, results, strict=True) if sid in side.fell_back
+                          for ms in r.added_ms]
         baseline = statistics.median(added) if added else 0.0
         costs = [ms - baseline for ms in fallback_added]
         # The target is about a primary that hangs: what it may cost beyond its timeout. A fast error's
@@ -460,7 +556,7 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
         result["fallback"] = {
             "capability": fallback.capability, "failure": fallback.failure, "every": fallback.every,
             "attempt_timeout_ms": fallback.attempt_timeout_ms,
-            "calls_fell_back": len(fell_back), "turns_measured": len(costs),
+            "calls_fell_back": len(side.fell_back), "turns_measured": len(costs),
             "added_latency_ms": _latency(fallback_added),
             "cost_ms": _latency(costs),
             "target_ms": limit_ms,
@@ -469,6 +565,35 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
     return result
 
 
-if __name__ == "__main__":  # the callers' process: a plan on stdin, their figures on stdout
+async def serve_fleet_gateway(settings: Settings, plan: dict[str, Any], report: TextIO) -> None:
+    """One gateway of a SIP fleet (`voxlog.bench_sip_fleet`): serves with the scripted providers until its
+    standard input closes, then, its calls over, reports what it spent."""
+    timeline, lines = Timeline(**plan["timeline"]), caller_lines(plan["turns"])
+    async with local_stack(settings, providers_factory=lambda agent: _providers(timeline, agent, None, False, lines)
+                           ) as stack:
+        assert stack.gateway.sip is not None
+        rss_before_mb = _rss_mb()
+        print(json.dumps({"sip_port": stack.gateway.sip.port}), file=report, flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.buffer.read)
+        await stack.gateway.wait_idle(60)
+        print(json.dumps({"cpu_s": time.process_time(), "rss_before_mb": rss_before_mb,
+                          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                          "capacity": stack.gateway.capacity, "log": stack.gateway.backend.describe(),
+                          "judges": sorted({agent.vad for agent in stack.gateway.router.agents.values()})}),
+              file=report, flush=True)
+
+
+def _serve_as_fleet_gateway() -> None:
+    """`python -m voxlog.bench_calls gateway`: its reports on the standard output it was given, whatever
+    else would write there (PJSIP's lines) sent to its standard error."""
+    report = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    settings, plan = pickle.load(sys.stdin.buffer)
+    run_on_serving_loop(serve_fleet_gateway(settings, plan, report))
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["gateway"]:
+    _serve_as_fleet_gateway()
+elif __name__ == "__main__":  # the callers' process: a plan on stdin, their figures on stdout
     figures = run_on_serving_loop(play_callers(json.loads(sys.stdin.read())))
     print(json.dumps([dataclasses.asdict(f) for f in figures]))

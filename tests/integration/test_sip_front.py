@@ -4,18 +4,18 @@ gateways, four calls each at most (docs/sip.md), take them all between them, a f
 INVITEs on. The tenant allows only the callers' address, not the proxy's: the gateways screen each
 INVITE by the address the proxy vouches for (VOXLOG_SIP_TRUSTED_PROXIES), and a gateway that does not
 trust the proxy refuses it; an address a caller writes in the header the proxy vouches with is not
-believed."""
+believed. And `voxlog bench calls --channel sip` past one gateway's calls runs this way itself."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,28 +25,28 @@ import pytest
 from streams.channels.sip_digest import parse_digest
 from streams.channels.sip_screening import SOURCE_HEADER
 from tests.baresip_peer import BaresipPeer, baresip_peer, require_baresip
+from tests.integration.test_cli import voxlog
 from tests.integration.test_gateway_hardship import eventually
 from tests.sip_wire import SipWire, digest_answer
 from voxlog.sim.demo_agents import demo_agents_with
 from voxlog.sim.sip_caller import free_sip_port
+from voxlog.sim.sip_front import FRONT_HOST, Front, kamailio_front, kamailio_missing
 from voxlog.sim.stack import free_port
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-KAMAILIO = shutil.which("kamailio") or "/usr/sbin/kamailio"
-FRONT_HOST = "127.0.0.2"
-"""The proxy's own loopback address: not the callers' (127.0.0.1), which is all the tenant allows."""
 AGENT = "+15550100"
 PBX_PASSWORD = "pbx-secret-42"
 CALLS = 6
 
 
 def require_kamailio() -> None:
-    if not Path(KAMAILIO).exists():
+    missing = kamailio_missing()
+    if missing:
         if os.environ.get("CI"):
-            raise AssertionError("kamailio is missing: tools/setup.sh installs it")
-        pytest.skip("kamailio is missing (tools/setup.sh installs it)")
+            raise AssertionError(missing)
+        pytest.skip(missing)
 
 
 @dataclass
@@ -103,43 +103,6 @@ class SipGateway:
                 self.process.wait(30)
 
 
-@dataclass
-class Front:
-    process: subprocess.Popen[bytes]
-    port: int
-    output: Path
-
-    @property
-    def uri(self) -> str:
-        return f"sip:{AGENT}@{FRONT_HOST}:{self.port}"
-
-
-@contextlib.contextmanager
-def kamailio_front(folder: Path, gateways: list[SipGateway]) -> Iterator[Front]:
-    folder.mkdir(parents=True)
-    listed = folder / "dispatcher.list"
-    listed.write_text("".join(f"1 sip:127.0.0.1:{g.sip_port}\n" for g in gateways))
-    port = free_port()
-    output = folder / "kamailio.log"
-    with output.open("wb") as sink:
-        process = subprocess.Popen(
-            [KAMAILIO, "-f", str(REPO / "deploy" / "kamailio" / "kamailio.cfg"), "-DD", "-E",
-             "-l", f"udp:{FRONT_HOST}:{port}", "-l", f"tcp:{FRONT_HOST}:{port}", "-Y", str(folder),
-             "-P", str(folder / "kamailio.pid"), "-w", str(folder), "-m", "64", "-M", "8",
-             "-A", f'DISPATCHER_LIST="{listed}"'],
-            stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield Front(process, port, output)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(15)
-
-
 @pytest.fixture
 async def front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Front, list[SipGateway]]]:
     """Two gateways behind the front; the tenant takes SIP from the callers' address, or from anywhere
@@ -154,7 +117,7 @@ async def front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterato
     try:
         for gateway in gateways:
             await gateway.ready()
-        with kamailio_front(tmp_path / "front", gateways) as running:
+        with kamailio_front(tmp_path / "front", [("127.0.0.1", g.sip_port) for g in gateways]) as running:
             yield running, gateways
     finally:
         for gateway in gateways:
@@ -168,7 +131,7 @@ async def test_six_callers_through_one_front_are_all_taken_by_two_gateways(
         callers: list[BaresipPeer] = [await stack.enter_async_context(baresip_peer(tmp_path, user=f"caller{i}"))
                                       for i in range(CALLS)]
         for caller in callers:
-            await caller.dial(proxy.uri)
+            await caller.dial(proxy.uri(AGENT))
             await caller.wait_event("CALL_ESTABLISHED", timeout_s=30)
         counts = [await g.sip_calls() for g in gateways]
         assert sum(counts) == CALLS, counts
@@ -190,9 +153,9 @@ async def test_a_gateway_that_does_not_trust_the_front_refuses_what_it_relays(tm
     gateway = SipGateway.start(tmp_path / "gateway", agents, trusted="")
     try:
         await gateway.ready()
-        with kamailio_front(tmp_path / "front", [gateway]) as proxy:
+        with kamailio_front(tmp_path / "front", [("127.0.0.1", gateway.sip_port)]) as proxy:
             async with baresip_peer(tmp_path, user="caller") as caller:
-                await caller.dial(proxy.uri)
+                await caller.dial(proxy.uri(AGENT))
                 closed = await caller.wait_event("CALL_CLOSED", timeout_s=30)
         assert "403" in str(closed.get("param")), closed
         assert await gateway.sip_calls() == 0
@@ -231,3 +194,23 @@ async def test_credentials_through_the_front_reach_the_gateway_that_asked(
         wire.close()
     assert response.status == 200, response.text
     assert sorted([await g.sip_calls() for g in gateways]) == [0, 1]
+
+
+def test_bench_calls_past_one_gateway_starts_gateways_enough_behind_a_front(tmp_path: Path) -> None:
+    """`voxlog bench calls --channel sip` with more calls than one gateway's PJSIP holds: two gateway
+    processes behind Kamailio, every call answered, its turns timed, and hung up (each BYE answered 2xx
+    through the front, else the call is reported failed)."""
+    require_kamailio()
+    out = tmp_path / "calls.json"
+    result = voxlog("bench", "calls", "--channel", "sip", "--calls", "6", "--turns", "2", "--vad", "energy",
+                    "--out", str(out), home=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(out.read_text())
+    assert (figures["gateways"], figures["capacity"], figures["admitted_calls"]) == (2, 8, 6)
+    assert figures["failed_calls"] == []
+    assert figures["turns_measured"] == 12
+    assert figures["vad"] == ["energy"], "the gateways run the benchmark's agents"
+    assert -25 < figures["added_latency_ms"]["p50"] <= figures["added_latency_ms"]["p99"]
+    assert figures["gateway_cpu_s"] > 0
+    assert figures["front_cpu_s"] is not None
+    assert figures["events"] > 6 * 50, "each gateway's log counted"

@@ -19,6 +19,7 @@ RTP_HEADER = struct.Struct("!BBHII")
 PCMU = 0
 FRAME_BYTES = 160
 """20 ms of 8 kHz mu-law."""
+CATCH_UP_S = 0.06
 
 
 @dataclass
@@ -26,6 +27,7 @@ class AgentFrame:
     at: float
     """When it arrived, `time.monotonic()`."""
     payload: bytes
+    loud: bool
 
 
 class _Datagrams(asyncio.DatagramProtocol):
@@ -53,11 +55,17 @@ class SipCaller:
     _rtp_in: asyncio.Queue[tuple[bytes, float]] = field(default_factory=asyncio.Queue)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _dialog: dict[str, str] = field(default_factory=dict)
+    _routes: list[str] = field(default_factory=list)
+    _bye_answer: asyncio.Future[int] | None = None
     _far_rtp: tuple[str, int] | None = None
     _seq: int = field(default_factory=lambda: random.randrange(65536))
     _timestamp: int = field(default_factory=lambda: random.randrange(2**32))
     _ssrc: int = field(default_factory=lambda: random.randrange(2**32))
-    _next_send: float = 0.0
+    _outgoing: bytearray = field(default_factory=bytearray)
+    _sent: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when what was queued has all been sent."""
+    _loud_bytes: int = 0
+    _last_loud_at: float = 0.0
 
     @property
     def agent_audio(self) -> bytes:
@@ -75,7 +83,8 @@ class SipCaller:
                "a=fmtp:101 0-16\r\na=ptime:20\r\na=sendrecv\r\n")
         self._dialog = {"call-id": call_id, "from": f"<sip:{self.from_}@{self.host}>;tag={tag}",
                         "uri": f"sip:{self.to}@{self.gateway_host}:{self.gateway_port}", "via_port": str(sip_port)}
-        invite = self._request("INVITE", 1, to=f"<sip:{self.to}@{self.gateway_host}>", body=sdp,
+        invite_branch = f"z9hG4bK{uuid.uuid4().hex}"
+        invite = self._request("INVITE", 1, to=f"<sip:{self.to}@{self.gateway_host}>", body=sdp, branch=invite_branch,
                                extra=[f"Contact: <sip:caller@{self.host}:{sip_port}>", "Content-Type: application/sdp"])
         deadline, interval, resend = loop.time() + timeout_s, 0.5, loop.time() + 0.5
         self._send_sip(invite)
@@ -94,52 +103,88 @@ class SipCaller:
                 continue
             self.status = status
             self._dialog["to"] = headers.get("to", "")
-            if status >= 300:
-                self._send_sip(self._request("ACK", 1, to=self._dialog["to"]))
+            if status >= 300:  # its ACK is the INVITE transaction's own (the same branch), hop by hop
+                self._send_sip(self._request("ACK", 1, to=self._dialog["to"], branch=invite_branch))
                 return status
             self._far_rtp = _rtp_address(body)
+            # The dialog's requests go to the gateway's Contact along the Record-Route a front put in (RFC
+            # 3261 12.1.2: the UAC's route set is the Record-Route reversed), through that front.
+            self._dialog["uri"] = _uri_in(headers.get("contact", "")) or self._dialog["uri"]
+            self._routes = list(reversed(header_values(data, "record-route")))
             self._send_sip(self._request("ACK", 1, to=self._dialog["to"]))
-            self._tasks = [asyncio.create_task(self._read_rtp()), asyncio.create_task(self._read_sip())]
-            self._next_send = loop.time()
+            self._tasks = [asyncio.create_task(self._read_rtp()), asyncio.create_task(self._read_sip()),
+                           asyncio.create_task(self._send_rtp())]
             return status
 
     async def send_mulaw(self, mulaw: bytes) -> None:
-        """Sends the caller's speech as RTP, one 20 ms packet every 20 ms (paced on this loop's clock)."""
+        """Queues the caller's speech and returns once its last packet is sent (or the call ended)."""
         if self._rtp is None or self._far_rtp is None:
             raise RuntimeError("the call is not answered")
+        self._outgoing += mulaw
+        self._sent.clear()
+        waits = [asyncio.create_task(self._sent.wait()), asyncio.create_task(self.closed.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+
+    async def _send_rtp(self) -> None:
+        """RTP all the call long, one 20 ms packet every 20 ms on this loop's clock, as a phone sends it:
+        the speech queued, silence between. (A stream that stopped between turns and came back with a
+        catch-up burst would fill the gateway's jitter buffer, which no phone does.) A loop held up sends
+        at most `CATCH_UP_S` of what it owes at once, the rest late."""
+        assert self._rtp is not None
+        assert self._far_rtp is not None
         loop = asyncio.get_running_loop()
-        for start in range(0, len(mulaw), FRAME_BYTES):
-            payload = mulaw[start:start + FRAME_BYTES].ljust(FRAME_BYTES, b"\xff")
-            delay = self._next_send - loop.time()
+        next_send = loop.time()
+        while True:
+            delay = next_send - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            self._next_send = max(self._next_send + 0.02, loop.time() - 0.1)
+            next_send = max(next_send + 0.02, loop.time() - CATCH_UP_S)
+            payload = bytes(self._outgoing[:FRAME_BYTES]).ljust(FRAME_BYTES, b"\xff")
+            del self._outgoing[:FRAME_BYTES]
             header = RTP_HEADER.pack(0x80, PCMU, self._seq, self._timestamp, self._ssrc)
             self._rtp.sendto(header + payload, self._far_rtp)
             self._seq = (self._seq + 1) % 65536
             self._timestamp = (self._timestamp + FRAME_BYTES) % 2**32
-            if self.closed.is_set():
-                return
+            if not self._outgoing:
+                self._sent.set()
 
     async def agent_quiet(self, quiet_s: float = 0.5, timeout_s: float = 30.0, *, beyond: int = 0) -> bool:
         """Until the agent has sent more than `beyond` loud bytes and then nothing loud for `quiet_s`."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and not self.closed.is_set():
-            sounding = [f for f in self.agent_frames if loud(f.payload)]
-            heard = sum(len(f.payload) for f in sounding)
-            if heard > beyond and time.monotonic() - sounding[-1].at >= quiet_s:
+            if self._loud_bytes > beyond and time.monotonic() - self._last_loud_at >= quiet_s:
                 return True
             await asyncio.sleep(0.02)
         return False
 
     def loud_bytes(self) -> int:
-        return sum(len(f.payload) for f in self.agent_frames if loud(f.payload))
+        """The agent's loud audio so far (kept as the frames arrive: fifty callers polling this every 20 ms
+        must not rescan their calls)."""
+        return self._loud_bytes
 
-    async def hangup(self) -> None:
-        if self._sip is not None and self.status == 200 and not self.closed.is_set():
-            self._send_sip(self._request("BYE", 2, to=self._dialog["to"]))
-            self.closed.set()
-        await self.close()
+    async def hangup(self, timeout_s: float = 8.0) -> None:
+        """Sends BYE (unless the gateway hung up first) and waits for its answer, resending it as RFC 3261's
+        timer E does; a BYE that no one answers 2xx raises: the dialog's route is wrong, and the gateway
+        would keep the call until its RTP timeout."""
+        if self._sip is None or self.status != 200 or self.closed.is_set():
+            return
+        self.closed.set()
+        self._bye_answer = asyncio.get_running_loop().create_future()
+        bye = self._request("BYE", 2, to=self._dialog["to"])
+        deadline, interval = time.monotonic() + timeout_s, 0.5
+        while not self._bye_answer.done() and time.monotonic() < deadline:
+            self._send_sip(bye)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._bye_answer), min(interval, deadline - time.monotonic()))
+            interval = min(interval * 2, 4.0)
+        if not self._bye_answer.done():
+            raise TimeoutError(f"no answer to the BYE within {timeout_s:.0f} s")
+        if not 200 <= self._bye_answer.result() < 300:
+            raise RuntimeError(f"the BYE was answered {self._bye_answer.result()}")
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -159,22 +204,30 @@ class SipCaller:
             offset = RTP_HEADER.size + 4 * (data[0] & 0x0F)
             if data[0] & 0x10 and len(data) >= offset + 4:  # a header extension
                 offset += 4 + 4 * struct.unpack("!H", data[offset + 2:offset + 4])[0]
-            self.agent_frames.append(AgentFrame(at, data[offset:]))
+            frame = AgentFrame(at, data[offset:], loud(data[offset:]))
+            self.agent_frames.append(frame)
+            if frame.loud:
+                self._loud_bytes += len(frame.payload)
+                self._last_loud_at = at
 
     async def _read_sip(self) -> None:
         while True:
             data, _ = await self._sip_in.get()
-            text = data.decode("utf-8", "replace")
-            if text.startswith("BYE "):
-                _, headers, _ = parse_sip(data)
+            status, headers, _ = parse_sip(data)
+            if data.startswith(b"BYE "):
                 self._send_sip(ok_to(headers))
                 self.closed.set()
+            elif (status is not None and status >= 200 and headers.get("cseq", "").endswith("BYE")
+                  and self._bye_answer is not None and not self._bye_answer.done()):
+                self._bye_answer.set_result(status)
 
-    def _request(self, method: str, cseq: int, *, to: str, body: str = "", extra: list[str] | None = None) -> str:
+    def _request(self, method: str, cseq: int, *, to: str, body: str = "", extra: list[str] | None = None,
+                 branch: str | None = None) -> str:
         lines = [f"{method} {self._dialog['uri']} SIP/2.0",
-                 f"Via: SIP/2.0/UDP {self.host}:{self._dialog['via_port']};branch=z9hG4bK{uuid.uuid4().hex};rport",
-                 "Max-Forwards: 70", f"From: {self._dialog['from']}", f"To: {to}",
-                 f"Call-ID: {self._dialog['call-id']}",
+                 f"Via: SIP/2.0/UDP {self.host}:{self._dialog['via_port']};"
+                 f"branch={branch or f'z9hG4bK{uuid.uuid4().hex}'};rport",
+                 "Max-Forwards: 70", *(f"Route: {route}" for route in self._routes), f"From: {self._dialog['from']}",
+                 f"To: {to}", f"Call-ID: {self._dialog['call-id']}",
                  f"CSeq: {cseq} {method}", *(extra or []), f"Content-Length: {len(body.encode())}"]
         return "\r\n".join(lines) + "\r\n\r\n" + body
 
@@ -183,9 +236,12 @@ class SipCaller:
         self._sip.sendto(message.encode(), (self.gateway_host, self.gateway_port))
 
 
+_LOUD_CODES = bytes(1 if (code & 0x7F) < 0x70 else 0 for code in range(256))
+
+
 def loud(mulaw: bytes) -> bool:
-    """Mu-law codes near 0x7F/0xFF are silence."""
-    return sum(1 for b in mulaw if (b & 0x7F) < 0x70) > len(mulaw) // 10
+    """Mu-law codes near 0x7F/0xFF are silence; more than a tenth of the others is sound."""
+    return mulaw.translate(_LOUD_CODES).count(1) > len(mulaw) // 10
 
 
 def ok_to(headers: dict[str, str]) -> str:
@@ -222,6 +278,24 @@ def parse_sip(data: bytes) -> tuple[int | None, dict[str, str], str]:
         name, _, value = line.partition(":")
         headers.setdefault(name.strip().lower(), value.strip())
     return status, headers, body
+
+
+def header_values(data: bytes, name: str) -> list[str]:
+    """Every value of a header, in order, whether on lines of their own or comma-separated (for headers
+    whose values hold no commas of their own, as Record-Route's and Via's do not in what peers here send)."""
+    head = data.decode("utf-8", "replace").partition("\r\n\r\n")[0]
+    values: list[str] = []
+    for line in head.split("\r\n")[1:]:
+        header, _, value = line.partition(":")
+        if header.strip().lower() == name:
+            values += [part.strip() for part in value.split(",") if part.strip()]
+    return values
+
+
+def _uri_in(name_addr: str) -> str | None:
+    """The URI of a `<sip:...>` name-addr (a Contact's), or None."""
+    start, end = name_addr.find("<"), name_addr.find(">")
+    return name_addr[start + 1:end] if 0 <= start < end else None
 
 
 def _rtp_address(sdp: str) -> tuple[str, int]:
