@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import faulthandler
 import itertools
 import json
 import os
@@ -588,6 +589,7 @@ def _serve_as_fleet_gateway() -> None:
     else would write there (PJSIP's lines) sent to its standard error."""
     report = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
+    faulthandler.enable()  # as `voxlog serve`: a native fault leaves each thread's stack in its log
     settings, plan = pickle.load(sys.stdin.buffer)
     run_on_serving_loop(serve_fleet_gateway(settings, plan, report))
 

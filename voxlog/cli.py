@@ -7,6 +7,7 @@ import contextlib
 import csv
 import datetime
 import enum
+import faulthandler
 import json
 import os
 import signal
@@ -161,6 +162,9 @@ def serve(
     VOXLOG_RUN_WORKERS=false, the tool worker, on the configured backends."""
     from voxlog.serving import gateway_server
 
+    # A native fault (PJSIP, onnxruntime, chDB run in this process) would end it without a word: this
+    # writes every thread's Python stack to standard error first.
+    faulthandler.enable()
     settings = Settings()
     console.print(f"voxlog gateway on http://{host}:{port} ({log_backend(settings).describe()}); "
                   f"widget at http://{host}:{port}/widget")
