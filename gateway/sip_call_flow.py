@@ -107,7 +107,8 @@ class SipCallFlow:
     def health(self) -> dict[str, object]:
         config = self.endpoint.config
         body: dict[str, object] = {"status": "ok" if self.endpoint.running else "unavailable",
-                                   "listening": f"{config.host}:{config.port}", "calls": len(self.legs)}
+                                   "listening": f"{config.host}:{config.port}", "calls": len(self.legs),
+                                   "media_ports": self.endpoint.media_ports}
         if config.tls_port is not None:
             body["tls"] = f"{config.host}:{config.tls_port}"
         return body

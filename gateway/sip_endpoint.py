@@ -65,7 +65,7 @@ OUTBOUND_ACCOUNTS_MAX = 6
 """Trunk credentials kept as accounts at once (the wheel's PJSUA_MAX_ACC is 8, one is the inbound's)."""
 RTP_CHECK_S = 1.0
 PORT_HOLD_S = 1.0
-"""How long an ended call's media port is kept before it is let go: fifty ticks of the media clock."""
+"""How long an ended call's media port rests before another call takes it: fifty ticks of the media clock."""
 CODECS = {"PCMU": "PCMU/8000/1", "PCMA": "PCMA/8000/1", "G722": "G722/16000/1"}
 """The codecs that may be offered and accepted (`SipEndpointConfig.codecs`), by PJSIP's names for them;
 every other one PJSIP has is disabled."""
@@ -239,6 +239,7 @@ class _AgentAudio(pj.AudioMediaPort):  # type: ignore[misc]
     def __init__(self, handle: int, rate: int, post: Callable[..., None], events: SipEvents) -> None:
         super().__init__()
         self.handle = handle
+        """The call it serves now (ports outlive calls: `SipEndpoint.port_for`)."""
         self.rate = rate
         self._silence = SILENCES[rate]
         self._post = post
@@ -302,16 +303,7 @@ class _Call(pj.Call):  # type: ignore[misc]
                 # The port keeps the rate of the codec the call began with (a re-INVITE that changes it is
                 # resampled by the bridge), so that a G.711 call's audio is not resampled to 16 kHz and back.
                 wide = int(self.getStreamInfo(index).codecClockRate) > NARROWBAND_RATE
-                rate = WIDEBAND_RATE if wide else NARROWBAND_RATE
-                self.port = self.endpoint.made(_AgentAudio(self.handle, rate, self.endpoint.post,
-                                                           self.endpoint.events))
-                fmt = pj.MediaFormatAudio()
-                fmt.type = pj.PJMEDIA_TYPE_AUDIO
-                fmt.clockRate = rate
-                fmt.channelCount = 1
-                fmt.bitsPerSample = 16
-                fmt.frameTimeUsec = 20000
-                self.port.createPort(f"call-{self.handle}", fmt)
+                self.port = self.endpoint.port_for(self.handle, WIDEBAND_RATE if wide else NARROWBAND_RATE)
             if self.bridged != audio.getPortId():  # a re-INVITE may give the call a new slot
                 audio.startTransmit(self.port)
                 self.port.startTransmit(audio)
@@ -364,8 +356,9 @@ class SipEndpoint:
     _commands: queue.SimpleQueue[Callable[[], None] | None] = field(default_factory=queue.SimpleQueue)
     _calls: dict[int, _Call] = field(default_factory=dict)
     _gone: list[_Call] = field(default_factory=list)
-    _retired: collections.deque[tuple[float, _AgentAudio]] = field(default_factory=collections.deque)
-    """Media ports of ended calls, with when: each kept `PORT_HOLD_S` before it is let go (`_let_ports_go`)."""
+    _idle_ports: collections.deque[tuple[float, _AgentAudio]] = field(default_factory=collections.deque)
+    """Media ports of ended calls, with when they ended, for the calls to come (`port_for`)."""
+    _ports_made: int = 0
     _handles: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _ready: threading.Event = field(default_factory=threading.Event)
     _problem: str | None = None
@@ -401,6 +394,12 @@ class SipEndpoint:
         self._commands.put(None)
         await asyncio.to_thread(self._thread.join, 10)
         self._thread = None
+
+    @property
+    def media_ports(self) -> int:
+        """The media ports made so far: never more than the most calls held at once and a few resting,
+        however many calls come and go (`port_for`)."""
+        return self._ports_made
 
     @property
     def running(self) -> bool:
@@ -554,7 +553,6 @@ class SipEndpoint:
                 if not self._run_commands():
                     break
                 self._gone.clear()  # the callbacks that ended them have returned
-                self._let_ports_go()
                 self._answer_refusals()
                 if time.monotonic() - checked >= RTP_CHECK_S:
                     checked = time.monotonic()
@@ -728,7 +726,7 @@ class SipEndpoint:
         self._gone.append(call)  # deleted after this callback returns
         if call.port is not None:
             call.port.queued.clear()
-            self._retired.append((time.monotonic(), call.port))
+            self._idle_ports.append((time.monotonic(), call.port))
             call.port = None
         self.post(self.events.ended, call.handle, int(code), str(reason))
 
@@ -744,20 +742,37 @@ class SipEndpoint:
                 call.told_silent = True
                 self.post(self.events.rtp_stopped, call.handle, time.monotonic() - call.rx_changed)
 
-    def _let_ports_go(self) -> None:
-        """Drops the media ports of calls that ended more than `PORT_HOLD_S` ago. Not sooner: the media
-        clock's thread may still be in a port's callback as its call ends, and a port deleted then is
-        called back while Python frees it, so freed twice (that crashed the process now and then)."""
-        expired = time.monotonic() - PORT_HOLD_S
-        while self._retired and self._retired[0][0] < expired:
-            self._retired.popleft()
+    def port_for(self, handle: int, rate: int) -> _AgentAudio:
+        """A media port on the bridge for the call `handle`, at `rate`: one an ended call left, idle for
+        `PORT_HOLD_S` (the media clock's thread may still be in its callback as its call ends), or a new
+        one. No port is destroyed while the endpoint runs, so there are never more than the most calls
+        held at once, and a few resting. PJSIP 2.15.1's bridge removes a port on its clock's next tick,
+        after pjsua2's destructor has freed it (pjproject pull request 4200 fixed this later): each port
+        destroyed as its call ended wrote to freed memory, and crashed a gateway now and then."""
+        settled = time.monotonic() - PORT_HOLD_S
+        for index, (ended_at, idle) in enumerate(self._idle_ports):
+            if idle.rate == rate and ended_at < settled:
+                del self._idle_ports[index]
+                idle.handle = handle
+                idle.queued.clear()
+                return idle
+        port = self.made(_AgentAudio(handle, rate, self.post, self.events))
+        fmt = pj.MediaFormatAudio()
+        fmt.type = pj.PJMEDIA_TYPE_AUDIO
+        fmt.clockRate = rate
+        fmt.channelCount = 1
+        fmt.bitsPerSample = 16
+        fmt.frameTimeUsec = 20000
+        self._ports_made += 1
+        port.createPort(f"agent-{self._ports_made}", fmt)
+        return port
 
     def _forget_calls(self) -> None:
         for call in [*self._calls.values(), *self._gone]:
             call.port = None
         self._calls.clear()
         self._gone.clear()
-        self._retired.clear()
+        self._idle_ports.clear()
 
     def _shutdown(self, endpoint: pj.Endpoint) -> None:
         with contextlib.suppress(pj.Error):

@@ -135,7 +135,8 @@ async def test_a_softphone_talks_to_the_agent(stack: LocalStack, tmp_path: Path)
         call_id = the_call(stack)
         async with httpx.AsyncClient() as client:
             health = (await client.get(f"{stack.base_url}/healthz")).json()
-        assert health["sip"] == {"status": "ok", "listening": agent_uri(stack).split("@")[1], "calls": 1}
+        assert health["sip"] == {"status": "ok", "listening": agent_uri(stack).split("@")[1], "calls": 1,
+                                 "media_ports": 1}
         assert health["live_calls"] == 1
         greeting, rate = await greeting_heard(caller)
         await caller.send_dtmf("5")  # heard as words ("pressed 5"): the agent answers it, so wait for that
