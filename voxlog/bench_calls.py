@@ -525,6 +525,7 @@ def _figures(side: GatewaySide, *, calls: int, channel: str, turns: int, history
         "scripted_ms": {"vad_end_of_turn": end_of_turn_ms, "asr_final": timeline.asr_final_ms,
                         "llm": timeline.llm_ms, "tts_first_byte": timeline.tts_first_byte_ms, "total": budget_ms},
         "added_latency_ms": _latency(added),
+        "added_latency_ms_by_call": [[round(ms, 1) for ms in r.added_ms] for r in normal],
         "pacing_jitter_ms": {"p50": round(statistics.median(jitter), 2) if jitter else None,
                              "p99": round(percentile(jitter, 0.99), 2) if jitter else None,
                              "frames": len(jitter)},
