@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import pickle
 import shutil
 import sys
@@ -26,7 +25,7 @@ from typing import Any
 
 from voxlog.settings import Settings
 from voxlog.sim.sip_caller import free_sip_port
-from voxlog.sim.sip_front import FRONT_HOST, Front, kamailio_front
+from voxlog.sim.sip_front import FRONT_HOST, Front, kamailio_front, process_cpu_s
 
 SIP_CALLS_PER_GATEWAY = 4
 """What one gateway process holds: the PJSIP build's compiled-in PJSUA_MAX_CALLS (docs/sip.md)."""
@@ -36,12 +35,6 @@ cores."""
 GATEWAY_FINISH_S = 120.0
 RTP_PORTS_PER_GATEWAY = 40
 """Each gateway's own RTP ports (two a call, and room for a port another process took meanwhile)."""
-
-
-def process_cpu_s(pid: int) -> float:
-    """A live process's CPU seconds so far, all its threads (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass

@@ -71,13 +71,27 @@ class Front:
 
     def cpu_s(self) -> float:
         """The CPU seconds its processes (a main one and its children, one process group) have used."""
-        total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+        total = 0.0
         for stat in Path("/proc").glob("[0-9]*/stat"):
             with contextlib.suppress(OSError, ValueError, IndexError):
-                fields = stat.read_text().rpartition(")")[2].split()
+                fields = _stat_fields(stat)
                 if int(fields[2]) == self.process.pid:  # its process group
-                    total += (int(fields[11]) + int(fields[12])) / tick
+                    total += _cpu_s(fields)
         return total
+
+
+def process_cpu_s(pid: int) -> float:
+    """A live process's CPU seconds so far, all its threads (Linux)."""
+    return _cpu_s(_stat_fields(Path(f"/proc/{pid}/stat")))
+
+
+def _stat_fields(stat: Path) -> list[str]:
+    """/proc/<pid>/stat's fields after the command name (which may hold spaces): the state is [0]."""
+    return stat.read_text().rpartition(")")[2].split()
+
+
+def _cpu_s(fields: list[str]) -> float:
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager
