@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
+from consumers.embedded_log_watch import log_watch
 from consumers.log_consumer import CommitFailed, LogAdmin, LogConsumer, TopicInfo
 from producers.embedded_log_file import CommitRejected, LogFile
 from producers.embedded_producer import open_log_file
@@ -28,7 +29,6 @@ class EmbeddedConsumer(LogConsumer):
         session_timeout_s: float = 10.0,
         heartbeat_interval_s: float = 1.0,
         max_poll_interval_s: float = 300.0,
-        idle_poll_s: float = 0.05,
     ) -> None:
         self._path = path
         self._topics = list(topics)
@@ -40,13 +40,12 @@ class EmbeddedConsumer(LogConsumer):
         self._max_poll_interval_s = max_poll_interval_s
         self._last_poll = time.monotonic()
         self._keepalive: asyncio.Task[None] | None = None
-        self._idle_poll_s = idle_poll_s
         self._log: LogFile | None = None
         self._positions: dict[TopicPartition, int] = {}
         self._consumed: dict[TopicPartition, int] = {}
         self._last_heartbeat = 0.0
-        self._data_version = -1
-        self._wake = asyncio.Event()
+        self._stale = True  # positions the log has not been looked at from yet
+        self._wake = asyncio.Event()  # set by an append to our topics, in this process or (the watch) another
         self._next_tp = 0  # round-robin start, so no partition starves
 
     @property
@@ -58,6 +57,7 @@ class EmbeddedConsumer(LogConsumer):
     async def start(self) -> None:
         self._log = await asyncio.to_thread(open_log_file, self._path)
         notifier_for(self._path).subscribe(self._wake, self._topics)
+        log_watch(self._path).subscribe(self._wake, self._topics)
         if self._group_id is None:
             for topic in self._topics:
                 partitions = await asyncio.to_thread(self.log.ensure_topic, topic)
@@ -90,6 +90,7 @@ class EmbeddedConsumer(LogConsumer):
                 await self._keepalive
             self._keepalive = None
         notifier_for(self._path).unsubscribe(self._wake)
+        await log_watch(self._path).unsubscribe(self._wake)
         if self._group_id is not None and self._member_id is not None:
             await asyncio.to_thread(self.log.leave, self._group_id, self._member_id)
         await asyncio.to_thread(self.log.close)
@@ -120,7 +121,7 @@ class EmbeddedConsumer(LogConsumer):
                 self._positions[tp] = 0
             else:
                 self._positions[tp] = await asyncio.to_thread(self.log.end_offset, tp.topic, tp.partition)
-        self._data_version = -1  # new partitions: look at them now
+        self._stale = True  # new partitions: look at them now
 
     async def poll(self, timeout_s: float = 1.0, max_records: int = 1000) -> list[LogRecord]:
         deadline = time.monotonic() + timeout_s
@@ -128,20 +129,24 @@ class EmbeddedConsumer(LogConsumer):
         while True:
             if self._group_id is not None and time.monotonic() - self._last_heartbeat >= self._heartbeat_interval_s:
                 await self._heartbeat()
-            self._wake.clear()
-            version = await asyncio.to_thread(self.log.data_version)
-            if version != self._data_version:
+            if self._stale or self._wake.is_set():
+                self._stale = False
+                self._wake.clear()  # before the read: an append during it wakes the next look
                 records = await asyncio.to_thread(self._fetch, max_records)
                 if records:
+                    # A short read took every partition to the end it saw; later appends wake us.
+                    self._stale = len(records) >= max_records
                     return records
-                self._data_version = version
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 return []
+            if self._group_id is not None:  # reassignment is learnt by heartbeats, here in poll
+                remaining = min(remaining, self._last_heartbeat + self._heartbeat_interval_s - now)
             # Not asyncio.wait_for: on Python 3.11 a cancel that comes as it times out is swallowed,
             # and a cancelled consumer (a projector killed in a test) went on polling for ever.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(remaining, self._idle_poll_s)):
+                async with asyncio.timeout(max(remaining, 0.0)):
                     await self._wake.wait()
 
     def _fetch(self, max_records: int) -> list[LogRecord]:
@@ -150,9 +155,12 @@ class EmbeddedConsumer(LogConsumer):
         if not tps:
             return out
         start = self._next_tp % len(tps)
+        ends = dict(zip(tps, self.log.end_offsets([(tp.topic, tp.partition) for tp in tps]), strict=True))
         for tp in tps[start:] + tps[:start]:
             if len(out) >= max_records:
                 break
+            if ends[tp] <= self._positions[tp]:
+                continue
             rows = self.log.read(tp.topic, tp.partition, self._positions[tp], max_records - len(out))
             if rows:
                 self._positions[tp] = rows[-1].offset + 1
@@ -182,7 +190,7 @@ class EmbeddedConsumer(LogConsumer):
         if tp not in self._positions:
             raise KeyError(f"{tp} is not assigned to this consumer")
         self._positions[tp] = offset
-        self._data_version = -1
+        self._stale = True
 
 
 class EmbeddedAdmin(LogAdmin):

@@ -209,12 +209,12 @@ class LogFile:
         return result
 
     # appends ------------------------------------------------------------------------------
-    def append(self, messages: Iterable[Message]) -> int:
-        """Appends in one transaction; returns how many."""
+    def append(self, messages: Iterable[Message]) -> dict[tuple[str, int], int]:
+        """Appends in one transaction; returns the end offset it left each (topic, partition) written at."""
         with self._lock:
             return self._write(lambda: self._append(messages))
 
-    def _append(self, messages: Iterable[Message]) -> int:
+    def _append(self, messages: Iterable[Message]) -> dict[tuple[str, int], int]:
         # This loop holds the GIL while the producing session wants it: keep it lean.
         now_ms = int(time.time() * 1000)
         next_ids: dict[tuple[str, int], int] = {}
@@ -243,7 +243,7 @@ class LogFile:
         if latest:
             self._db.executemany("DELETE FROM records WHERE key = ? AND id >= ? AND id < ?",
                                  [(key, tp << OFFSET_BITS, rid) for (key, tp), rid in latest.items()])
-        return len(rows)
+        return {slot: next_id & OFFSET_MASK for slot, next_id in next_ids.items()}
 
     # reads --------------------------------------------------------------------------------
     def read(self, topic: str, partition: int, offset: int, limit: int) -> list[LogRecord]:
@@ -260,12 +260,22 @@ class LogFile:
             ]
 
     def end_offset(self, topic: str, partition: int) -> int:
+        return self.end_offsets([(topic, partition)])[0]
+
+    def end_offsets(self, partitions: Sequence[tuple[str, int]]) -> list[int]:
+        """Each (topic, partition)'s next offset, in one statement: a consumer woken by any commit to
+        the file (most of them audio) learns which of its partitions have anything new without a read
+        of each (a read is a statement and a Python round trip; this is one seek a partition in C)."""
+        if not partitions:
+            return []
         with self._lock:
-            tp = self._tp(topic, partition)
-            last = self._db.execute(
-                "SELECT max(id) FROM records WHERE id >= ? AND id < ?", (tp << OFFSET_BITS, (tp + 1) << OFFSET_BITS)
-            ).fetchone()[0]
-            return 0 if last is None else (last & OFFSET_MASK) + 1
+            bounds: list[int] = []
+            for topic, partition in partitions:
+                tp = self._tp(topic, partition)
+                bounds += (tp << OFFSET_BITS, (tp + 1) << OFFSET_BITS)
+            one = "(SELECT max(id) FROM records WHERE id >= ? AND id < ?)"
+            row = self._db.execute("SELECT " + ", ".join([one] * len(partitions)), bounds).fetchone()
+            return [0 if last is None else (last & OFFSET_MASK) + 1 for last in row]
 
     def read_key(self, topics: Sequence[str], key: bytes) -> list[LogRecord]:
         with self._lock:

@@ -118,7 +118,7 @@ class EmbeddedProducer(LogProducer):
             failures = 0
             while True:
                 try:
-                    await asyncio.to_thread(self._log.append, batch)
+                    ends = await asyncio.to_thread(self._log.append, batch)
                     break
                 except sqlite3.OperationalError as exc:  # full, locked, I/O: may pass; the batch stays first
                     pause = RETRY_PAUSES_S[min(failures, len(RETRY_PAUSES_S) - 1)]
@@ -138,6 +138,6 @@ class EmbeddedProducer(LogProducer):
                 log.warning("embedded log %s: appends go through again after %.1f s", self._path,
                             time.monotonic() - since)
             self._written += len(batch)
-            notifier.notify({topic for topic, _, _, _ in batch})
+            notifier.notify(ends)
             async with self._progress:
                 self._progress.notify_all()

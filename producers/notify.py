@@ -1,15 +1,15 @@
 """Wakes consumers of an embedded log file in this process the moment a producer commits.
 
 Consumers in other processes cannot be woken this way; they notice new data by polling SQLite's
-`data_version` (see `consumers.embedded_consumer`).
+`data_version` (see `consumers.embedded_log_watch`), and the ends this process's appends left tell
+that poll which growth it has already been told of.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterable
-from collections.abc import Set as AbstractSet
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 
@@ -20,6 +20,7 @@ class LogNotifier:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event, frozenset[str]]] = []
+        self._ends: dict[tuple[str, int], int] = {}  # (topic, partition): the end this process's appends left
 
     def subscribe(self, event: asyncio.Event, topics: Iterable[str]) -> None:
         with self._lock:
@@ -29,9 +30,18 @@ class LogNotifier:
         with self._lock:
             self._waiters = [w for w in self._waiters if w[1] is not event]
 
-    def notify(self, topics: AbstractSet[str]) -> None:
+    def appended_ends(self) -> dict[tuple[str, int], int]:
+        """The end offset of each partition as this process's last append to it left it."""
+        with self._lock:
+            return dict(self._ends)
+
+    def notify(self, ends: Mapping[tuple[str, int], int]) -> None:
+        """An append committed, leaving these partitions at these end offsets."""
         with self._lock:
             waiters = list(self._waiters)
+            for pair, end in ends.items():
+                self._ends[pair] = max(end, self._ends.get(pair, 0))
+        topics = {topic for topic, _ in ends}
         for loop, event, wanted in waiters:
             if loop.is_closed() or wanted.isdisjoint(topics):
                 continue
