@@ -11,6 +11,7 @@ of sound (docs/performance.md, `voxlog bench vad`): the most accurate judge here
 from __future__ import annotations
 
 import importlib.util
+import math
 import threading
 from pathlib import Path
 
@@ -25,6 +26,9 @@ KEEP_MARGIN = 0.15
 """Speech goes on while the probability stays above the threshold less this (Silero's own hysteresis)."""
 QUIET = 10 ** (-50 / 20)
 """A frame whose every sample is below -50 dBFS of full scale is judged silence without the model."""
+QUIET_SAMPLE = math.ceil(QUIET * 32768) - 1
+"""The loudest 16-bit sample under `QUIET` (103): the test is made on the frame as it comes, before any
+conversion, which is most of what a quiet frame costs."""
 
 _session: onnxruntime.InferenceSession | None = None
 _session_lock = threading.Lock()
@@ -69,14 +73,15 @@ class SileroJudge:
         self._probability = 0.0
 
     def judge(self, frame: bytes) -> tuple[bool, bool]:
-        samples = np.frombuffer(frame, dtype="<i2").astype(np.float32) / 32768.0
-        if samples.size and float(np.max(np.abs(samples))) < QUIET:
+        pcm = np.frombuffer(frame, dtype="<i2")
+        if pcm.size and pcm.max() <= QUIET_SAMPLE and pcm.min() >= -QUIET_SAMPLE:
             # A quiet line (a listening caller, a pause) is not speech: the model is not asked, which
             # is most of what it would cost on a clean line. It goes on with this frame as its context.
-            self._pending = np.concatenate((self._pending, samples))[-CONTEXT:]
+            tail = pcm[-CONTEXT:].astype(np.float32) / 32768.0
+            self._pending = tail if tail.size == CONTEXT else np.concatenate((self._pending, tail))[-CONTEXT:]
             self._probability = 0.0
             return False, False
-        pending = np.concatenate((self._pending, samples))
+        pending = np.concatenate((self._pending, pcm.astype(np.float32) / 32768.0))
         windows = (pending.size - CONTEXT) // WINDOW
         for index in range(windows):
             window = pending[index * WINDOW:index * WINDOW + CONTEXT + WINDOW].reshape(1, -1)
