@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 import uuid
 from collections import Counter
@@ -316,9 +317,38 @@ async def _java_reference(backend: KafkaBackend, messages: list[RawMessage], run
 
 
 def run_facts(benchmark: str) -> dict[str, Any]:
-    """What every benchmark's result starts with: which one, voxlog's version, when, on what machine."""
-    return {"benchmark": benchmark, "version": __version__, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}}
+    """What every benchmark's result starts with: which one, voxlog's version and commit, when, on what machine."""
+    return {"benchmark": benchmark, "version": __version__, "commit": source_commit(),
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": {"cpus": os.cpu_count(), "cpu": cpu_model(), "python": platform.python_version(),
+                        "platform": platform.platform()}}
+
+
+def source_commit() -> str | None:
+    """The git commit voxlog runs from, `+modified` when tracked files differ from it; None outside a
+    checkout (an installed wheel). A figure is only a result beside the code that made it."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        changes = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+modified" if changes else head
+
+
+def cpu_model() -> str | None:
+    """The processor's name as Linux gives it (machines of one kind differ: EPYC against Xeon)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in cpuinfo.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "model name":
+            return value.strip()
+    return None
 
 
 def write_result(result: dict[str, Any], out: Path) -> None:
