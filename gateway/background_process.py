@@ -14,10 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from dataclasses import dataclass
 
+from gateway.process_cpu import process_cpu_s
 from streams.providers.worker_process import WorkerProcess
 
 log = logging.getLogger(__name__)
@@ -109,14 +109,5 @@ class BackgroundProcess:
 
     def cpu_s(self) -> float:
         """CPU seconds the running process has used, all its threads counted (0.0 when none runs)."""
-        return _process_cpu_s(self.pid) if self.pid is not None else 0.0
+        return process_cpu_s(self.pid) if self.pid is not None else 0.0
 
-
-def _process_cpu_s(pid: int) -> float:
-    """User and system CPU seconds of a live process, from /proc (Linux); 0.0 elsewhere."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from gateway.process_cpu import process_cpu_s
 from streams.audio.codecs import mulaw_to_pcm16, pcm16_to_mulaw, resample_pcm16
 from streams.audio.formats import PCM_FRAME_BYTES, PCM_RATE
 from streams.providers.asr_faster_whisper import FasterWhisperAsr
@@ -210,12 +211,6 @@ async def _hear(stream: AsrStream, pcm: bytes, *, realtime: bool = False) -> tup
     return result, (time.perf_counter() - ended) * 1000
 
 
-def _process_cpu_s(pid: int) -> float:
-    """A process's user and system CPU seconds, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _worker_pids() -> set[int]:
     """This process's children: the recognisers' worker processes."""
     me = str(os.getpid())
@@ -235,7 +230,7 @@ async def hear_all(make: Callable[[], AsrProvider], utterances: list[tuple[str, 
     """Every utterance heard by a recogniser `make` makes; `on_progress` advanced by each."""
     tally = Tally()
     provider = make()
-    before = {pid: _process_cpu_s(pid) for pid in _worker_pids()}
+    before = {pid: process_cpu_s(pid) for pid in _worker_pids()}
     stream = await provider.open_stream(keywords=KEYWORDS)
     try:
         for voice, line, sentence, pcm in utterances:
@@ -246,7 +241,7 @@ async def hear_all(make: Callable[[], AsrProvider], utterances: list[tuple[str, 
                                      len(reference)))
             if on_progress is not None:
                 on_progress(1)
-        tally.cpu_s = sum(_process_cpu_s(pid) - before.get(pid, 0.0) for pid in _worker_pids())
+        tally.cpu_s = sum(process_cpu_s(pid) - before.get(pid, 0.0) for pid in _worker_pids())
     finally:
         await stream.close()
         await provider.aclose()

@@ -373,6 +373,7 @@ class GatewaySide:
     callers_cpu_s: float
     elapsed_s: float
     cpu_s: float
+    loop_cpu_s: float  # the busiest gateway's event loop thread: where one gateway's knee is
     peak_rss_mb: float
     rss_before_mb: float
     events: int
@@ -430,7 +431,7 @@ async def _through_one_gateway(settings: Settings, calls: int, timeline: Timelin
         background = stack.gateway.background
         before = await _events_in_log(stack.gateway.backend)
         rss_before_mb = _rss_mb()
-        started, cpu_before = time.perf_counter(), time.process_time()
+        started, cpu_before, loop_before = time.perf_counter(), time.process_time(), time.thread_time()
         background_before = background.cpu_s() if background is not None else 0.0
         if stack.gateway.sip is not None:
             target: dict[str, Any] = {"sip_host": "127.0.0.1", "sip_port": stack.gateway.sip.port}
@@ -442,6 +443,7 @@ async def _through_one_gateway(settings: Settings, calls: int, timeline: Timelin
         sids, results, callers_cpu_s = await _callers_process(target, calls, budget_ms, ramp_s, turns, add_call)
         await stack.gateway.wait_idle(60)
         elapsed, cpu_s = time.perf_counter() - started, time.process_time() - cpu_before
+        loop_cpu_s = time.thread_time() - loop_before  # this coroutine runs on the gateway's loop
         background_cpu_s = background.cpu_s() - background_before if background is not None else 0.0
         projected_after_s = None
         if analytics and stack.gateway.analytics is not None:
@@ -454,7 +456,7 @@ async def _through_one_gateway(settings: Settings, calls: int, timeline: Timelin
             log=stack.gateway.backend.describe(), capacity=stack.gateway.capacity,
             judges=sorted({agent.vad for agent in stack.gateway.router.agents.values()}),
             sids=sids, results=results, callers_cpu_s=callers_cpu_s, elapsed_s=elapsed, cpu_s=cpu_s,
-            peak_rss_mb=peak_mb, rss_before_mb=rss_before_mb,
+            loop_cpu_s=loop_cpu_s, peak_rss_mb=peak_mb, rss_before_mb=rss_before_mb,
             events=await _events_in_log(stack.gateway.backend) - before,
             analytics=None if not analytics else "background process" if background is not None else "gateway",
             background_cpu_s=background_cpu_s, projected_after_s=projected_after_s,
@@ -481,7 +483,8 @@ async def _through_sip_fleet(settings: Settings, calls: int, timeline: Timeline,
         f"{len(reports)} logs of their own (e.g. {reports[0]['log']})",
         capacity=sum(r["capacity"] for r in reports), judges=sorted({j for r in reports for j in r["judges"]}),
         sids=sids, results=results, callers_cpu_s=callers_cpu_s, elapsed_s=elapsed,
-        cpu_s=sum(r["cpu_s"] for r in reports), peak_rss_mb=sum(r["peak_rss_mb"] for r in reports),
+        cpu_s=sum(r["cpu_s"] for r in reports), loop_cpu_s=max(r["loop_cpu_s"] for r in reports),
+        peak_rss_mb=sum(r["peak_rss_mb"] for r in reports),
         rss_before_mb=sum(r["rss_before_mb"] for r in reports), events=await _events_in_logs(gateways) - before,
         gateways=len(reports), front_cpu_s=front_cpu_s)
 
@@ -531,6 +534,7 @@ def _figures(side: GatewaySide, *, calls: int, channel: str, turns: int, history
                              "frames": len(jitter)},
         "gateway_cpu_s": round(side.cpu_s, 2),
         "gateway_cpu_share": round(side.cpu_s / elapsed, 3),
+        "gateway_loop_cpu_share": round(side.loop_cpu_s / elapsed, 3),
         "gateway_cpu_s_per_call_minute": round(side.cpu_s / admitted / (elapsed / 60), 3),
         "gateway_peak_rss_mb": round(side.peak_rss_mb, 1),
         "gateway_peak_rss_mb_per_call": round((side.peak_rss_mb - side.rss_before_mb) / admitted, 3),
@@ -578,7 +582,8 @@ async def serve_fleet_gateway(settings: Settings, plan: dict[str, Any], report: 
         print(json.dumps({"sip_port": stack.gateway.sip.port}), file=report, flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.buffer.read)
         await stack.gateway.wait_idle(60)
-        print(json.dumps({"cpu_s": time.process_time(), "rss_before_mb": rss_before_mb,
+        print(json.dumps({"cpu_s": time.process_time(), "loop_cpu_s": time.thread_time(),
+                          "rss_before_mb": rss_before_mb,
                           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                           "capacity": stack.gateway.capacity, "log": stack.gateway.backend.describe(),
                           "judges": sorted({agent.vad for agent in stack.gateway.router.agents.values()})}),

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.process_cpu import process_cpu_s
 from voxlog.settings import Settings
 from voxlog.sim.sip_caller import free_sip_port
-from voxlog.sim.sip_front import FRONT_HOST, Front, kamailio_front, process_cpu_s
+from voxlog.sim.sip_front import FRONT_HOST, Front, kamailio_front
 
 SIP_CALLS_PER_GATEWAY = 4
 """What one gateway process holds: the PJSIP build's compiled-in PJSUA_MAX_CALLS (docs/sip.md)."""
@@ -44,6 +45,7 @@ class FleetGateway:
     output: Path
     sip_port: int = 0
     cpu_at_start_s: float = 0.0
+    loop_cpu_at_start_s: float = 0.0  # its main thread's, which runs its event loop
 
     async def report(self, timeout_s: float) -> dict[str, Any]:
         """Its next report line."""
@@ -69,6 +71,7 @@ class FleetGateway:
         figures = await self.report(GATEWAY_FINISH_S)
         await asyncio.wait_for(self.process.wait(), GATEWAY_FINISH_S)
         figures["cpu_s"] -= self.cpu_at_start_s
+        figures["loop_cpu_s"] -= self.loop_cpu_at_start_s
         return figures
 
     async def stop(self) -> None:
@@ -87,6 +90,7 @@ class SipFleet:
         """The run starts now: each gateway's CPU is counted from here."""
         for gateway in self.gateways:
             gateway.cpu_at_start_s = process_cpu_s(gateway.process.pid)
+            gateway.loop_cpu_at_start_s = process_cpu_s(gateway.process.pid, thread=gateway.process.pid)
 
 
 def fleet_settings(settings: Settings, folder: Path, calls: int) -> list[Settings]:

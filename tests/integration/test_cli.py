@@ -253,6 +253,9 @@ def test_bench_calls_measures_what_voxlog_adds(tmp_path: Path) -> None:
     assert figures["history_events"] == 2000
     assert figures["callers_cpu_s"] > 0  # the load generator's own cost, reported beside the gateway's
     assert figures["gateway_cpu_s_per_call_minute"] > 0
+    # The event loop's thread is part of the gateway's process: its share is some of the process's.
+    assert 0 < figures["gateway_loop_cpu_share"] <= figures["gateway_cpu_share"]
+    assert figures["commit"], "the result names the code that made it"
     assert figures["gateway_peak_rss_mb"] > 50  # the interpreter and its libraries at least
     assert figures["scripted_ms"]["total"] == 700 + 150 + 300 + 120
     # What voxlog adds cannot be negative beyond a frame's worth of measuring granularity.

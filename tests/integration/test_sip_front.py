@@ -223,5 +223,7 @@ def test_bench_calls_past_one_gateway_starts_gateways_enough_behind_a_front(tmp_
     assert figures["vad"] == ["energy"], "the gateways run the benchmark's agents"
     assert -25 < figures["added_latency_ms"]["p50"] <= figures["added_latency_ms"]["p99"]
     assert figures["gateway_cpu_s"] > 0
+    # The busiest gateway's loop: part of one gateway's CPU, so under the gateways' sum.
+    assert 0 < figures["gateway_loop_cpu_share"] < figures["gateway_cpu_share"]
     assert figures["front_cpu_s"] is not None
     assert figures["events"] > 6 * 50, "each gateway's log counted"

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.process_cpu import stat_cpu_s, stat_fields
 from voxlog.sim.stack import free_port
 
 KAMAILIO_CFG = Path(__file__).resolve().parents[2] / "deploy" / "kamailio" / "kamailio.cfg"
@@ -74,24 +75,12 @@ class Front:
         total = 0.0
         for stat in Path("/proc").glob("[0-9]*/stat"):
             with contextlib.suppress(OSError, ValueError, IndexError):
-                fields = _stat_fields(stat)
+                fields = stat_fields(stat)
                 if int(fields[2]) == self.process.pid:  # its process group
-                    total += _cpu_s(fields)
+                    total += stat_cpu_s(fields)
         return total
 
 
-def process_cpu_s(pid: int) -> float:
-    """A live process's CPU seconds so far, all its threads (Linux)."""
-    return _cpu_s(_stat_fields(Path(f"/proc/{pid}/stat")))
-
-
-def _stat_fields(stat: Path) -> list[str]:
-    """/proc/<pid>/stat's fields after the command name (which may hold spaces): the state is [0]."""
-    return stat.read_text().rpartition(")")[2].split()
-
-
-def _cpu_s(fields: list[str]) -> float:
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager
