@@ -21,4 +21,5 @@ def test_a_result_names_its_commit_and_whether_the_tree_differed() -> None:
 
 def test_a_result_names_the_processor() -> None:
     cpu = run_facts("log")["machine"]["cpu"]
-    assert isinstance(cpu, str) and cpu, "Linux names its processor in /proc/cpuinfo"
+    assert isinstance(cpu, str)
+    assert cpu, "Linux names its processor in /proc/cpuinfo"
