@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 OTHER_WRITERS_POLL_S = 0.05
 """How soon an append by another process reaches a waiting consumer here."""
+FAILURE_LOG_EVERY_S = 60.0
+"""While looks keep failing, how often that is logged again."""
 
 
 class LogWatch:
@@ -38,6 +41,8 @@ class LogWatch:
         self._watched: frozenset[str] = frozenset()
         self._ends: dict[tuple[str, int], int] = {}
         self._task: asyncio.Task[None] | None = None
+        self._failing_since: float | None = None
+        self._failure_logged_at = 0.0
 
     def subscribe(self, event: asyncio.Event, topics: Iterable[str]) -> None:
         self._waiters[event] = frozenset(topics)
@@ -66,12 +71,29 @@ class LogWatch:
             topics = frozenset().union(*self._waiters.values())
             try:
                 grew = await asyncio.to_thread(self._grown_topics, topics)
-            except Exception:  # the consumers' own reads will raise what is wrong; they must not sleep through it
-                log.exception("embedded log %s: looking for other processes' appends failed", self._path)
+            except Exception as exc:  # their own reads will raise what is wrong: consumers must not sleep through it
+                self._failed(exc)
                 grew = set(topics)
+            else:
+                if self._failing_since is not None:
+                    log.warning("embedded log %s: looking for other processes' appends works again after %.1f s",
+                                self._path, time.monotonic() - self._failing_since)
+                    self._failing_since = None
             for event, wanted in list(self._waiters.items()):
                 if not wanted.isdisjoint(grew):
                     event.set()
+
+    def _failed(self, exc: Exception) -> None:
+        """A failed look is logged with its trace once, then once a minute while it goes on: a file that
+        cannot be read must not write twenty errors a second."""
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = self._failure_logged_at = now
+            log.exception("embedded log %s: looking for other processes' appends failed", self._path)
+        elif now - self._failure_logged_at >= FAILURE_LOG_EVERY_S:
+            self._failure_logged_at = now
+            log.error("embedded log %s: looking for other processes' appends still fails after %.0f s: %s",
+                      self._path, now - self._failing_since, exc)
 
     def _grown_topics(self, topics: frozenset[str]) -> set[str]:
         """The topics with an end offset that moved since the last look (or was never seen). In a thread."""

@@ -5,12 +5,15 @@ workers used to read all their partitions twenty times a second while calls wrot
 from __future__ import annotations
 
 import asyncio
+import logging
+import sqlite3
 import threading
 from pathlib import Path
 
 import pytest
 
 from consumers.embedded_consumer import EmbeddedConsumer
+from consumers.embedded_log_watch import LogWatch, log_watch
 from producers.embedded_log_file import LogFile
 from producers.embedded_producer import EmbeddedProducer, open_log_file
 from producers.log_producer import LogRecord
@@ -106,3 +109,31 @@ async def test_consumers_on_two_loops_each_have_a_watch(tmp_path: Path) -> None:
         assert await asyncio.to_thread(lambda: asyncio.run(one_round(b"second"))) == [b"second"]
     finally:
         other.close()
+
+
+async def test_a_watch_that_cannot_look_logs_once_and_keeps_waking_its_consumers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A file the watch cannot read: its consumers are woken at every look (their own reads then raise
+    what is wrong), and the log gets the failure once, not twenty times a second."""
+    looks = 0
+
+    def broken(self: LogWatch, topics: frozenset[str]) -> set[str]:
+        nonlocal looks
+        looks += 1
+        raise sqlite3.DatabaseError("file is not a database")
+
+    monkeypatch.setattr(LogWatch, "_grown_topics", broken)
+    watch = log_watch(tmp_path / "log.db")
+    woken = asyncio.Event()
+    watch.subscribe(woken, ["voxlog.commands"])
+    try:
+        with caplog.at_level(logging.WARNING, logger="consumers.embedded_log_watch"):
+            async with asyncio.timeout(30):
+                while looks < 5:
+                    await woken.wait()
+                    woken.clear()
+        failures = [r for r in caplog.records if "looking for other processes' appends" in r.getMessage()]
+        assert len(failures) == 1, [r.getMessage() for r in failures]
+        assert failures[0].exc_info is not None, "the first failure is logged with its trace"
+    finally:
+        await watch.unsubscribe(woken)
