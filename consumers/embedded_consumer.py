@@ -60,12 +60,10 @@ class EmbeddedConsumer(LogConsumer):
         log_watch(self._path).subscribe(self._wake, self._topics)
         if self._group_id is None:
             for topic in self._topics:
-                partitions = await asyncio.to_thread(self.log.ensure_topic, topic)
-                for p in range(partitions):
-                    tp = TopicPartition(topic, p)
-                    self._positions[tp] = (
-                        0 if self._reset == "earliest" else await asyncio.to_thread(self.log.end_offset, topic, p)
-                    )
+                pairs = [(topic, p) for p in range(await asyncio.to_thread(self.log.ensure_topic, topic))]
+                ends = [0] * len(pairs) if self._reset == "earliest" else await asyncio.to_thread(
+                    self.log.end_offsets, pairs)
+                self._positions.update((TopicPartition(*pair), end) for pair, end in zip(pairs, ends, strict=True))
         else:
             await self._heartbeat()
             self._keepalive = asyncio.create_task(self._keep_alive())
@@ -213,7 +211,8 @@ class EmbeddedAdmin(LogAdmin):
         partitions = await asyncio.to_thread(self._log.partitions, topic)
         if partitions is None:
             raise KeyError(f"no topic {topic!r}")
-        return {p: await asyncio.to_thread(self._log.end_offset, topic, p) for p in range(partitions)}
+        ends = await asyncio.to_thread(self._log.end_offsets, [(topic, p) for p in range(partitions)])
+        return dict(enumerate(ends))
 
     async def read_key(
         self, topics: Sequence[str], key: bytes, *, since_ms: int | None = None

@@ -110,8 +110,8 @@ class LogWatch:
         # Growth past both the last look and this process's own appends is another writer's. A
         # partition never looked at has no last look: its consumers may have read it before a
         # foreign append the look would now take for granted, so it wakes them once.
-        grew = {topic for pair in pairs if ends[pair] > max(self._ends.get(pair, -1), told.get(pair, -1))
-                for topic in pair[:1]}
+        grew = {topic for (topic, p), end in ends.items()
+                if end > max(self._ends.get((topic, p), -1), told.get((topic, p), -1))}
         self._ends = ends
         return grew
 
