@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import secrets
 from collections.abc import Coroutine
@@ -90,8 +88,10 @@ class SipCallFlow:
     def __init__(self, runtime: GatewayRuntime, config: SipEndpointConfig) -> None:
         self.runtime = runtime
         self.endpoint = SipEndpoint(config, self)
-        secret = runtime.webhook_secret or secrets.token_bytes(32)
-        digest = DigestAuthority(REALM, hmac.new(secret, b"sip-digest-nonces", hashlib.sha256).digest())
+        # Nonces under a key of this process's own: the answers it took are remembered only here, so an
+        # answer copied off the wire is good nowhere else (another gateway, this one restarted) and its
+        # nonce is merely asked for anew there (`UnknownNonce`).
+        digest = DigestAuthority(REALM, secrets.token_bytes(32))
         self.door = InviteScreen(runtime.router, runtime.tenants, runtime.secrets, digest)
         self.legs: dict[int, SipLeg] = {}
         self._tasks: set[asyncio.Task[None]] = set()

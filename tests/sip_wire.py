@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import socket
 import uuid
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ def digest_answer(challenge: dict[str, str], username: str, password: str, uri: 
     answer = hashlib.md5(f"{ha1}:{challenge['nonce']}:00000001:abc:auth:{ha2}".encode()).hexdigest()
     return (f'Digest username="{username}", realm="{challenge["realm"]}", nonce="{challenge["nonce"]}", '
             f'uri="{uri}", response="{answer}", qop=auth, nc=00000001, cnonce="abc", algorithm=MD5')
+
+
+_BRANCH = re.compile(r";\s*branch=([^;,\s]+)")
 
 
 @dataclass
@@ -60,6 +64,10 @@ class SipWire:
         """Final responses read while waiting for another request's."""
         self._sent: dict[str, bytes] = {}
         """Requests by Call-ID, retransmitted as a UA does over UDP (RFC 3261 timer A) until answered."""
+        self._asked: dict[str, tuple[str, str]] = {}
+        """The latest request of each Call-ID (its Via branch and method): a final response is its only
+        if it names both. (A peer repeats a final response until ACKed, and this wire does not ACK: the
+        401 to a first INVITE is sent again while the INVITE that answers it waits for its own.)"""
 
     def close(self) -> None:
         self.sock.close()
@@ -73,9 +81,11 @@ class SipWire:
         call_id = call_id or f"{uuid.uuid4()}@{self.ip}"
         host, port = self.gateway
         body = sdp.format(ip=self.ip, port=40000) if sdp else ""
+        branch = f"z9hG4bK{uuid.uuid4().hex}"
+        self._asked[call_id] = (branch, method)
         lines = [
             f"{method} sip:{to_number}@{host}:{port} SIP/2.0",
-            f"Via: SIP/2.0/UDP {self.ip}:{self.port};branch=z9hG4bK{uuid.uuid4().hex};rport",
+            f"Via: SIP/2.0/UDP {self.ip}:{self.port};branch={branch};rport",
             "Max-Forwards: 70",
             f"From: <sip:+15557770001@{self.ip}>;tag={uuid.uuid4().hex[:8]}",
             f"To: <sip:{to_number}@{host}>",
@@ -132,13 +142,22 @@ class SipWire:
                 continue
             text = data.decode("utf-8", "replace")
             if not text.startswith(f"{method} "):
-                response = parse_response(data)
-                if response is not None and response.status >= 200:
-                    self._finals.setdefault(response.headers.get("call-id", ""), response)
+                self._keep_final(data)
                 continue
             _, headers, _ = parse_sip(data)
             self.send(ok_to(headers).encode())
             return SipResponse(0, method, headers, text)
+
+    def _keep_final(self, data: bytes) -> None:
+        """Keeps a final response to the latest request of its Call-ID, for whoever waits for it."""
+        response = parse_response(data)
+        if response is None or response.status < 200:
+            return
+        call_id = response.headers.get("call-id", "")
+        branch = _BRANCH.search(response.headers.get("via", ""))
+        method = response.headers.get("cseq", "").rpartition(" ")[2]
+        if self._asked.get(call_id) == ((branch.group(1) if branch else ""), method):
+            self._finals.setdefault(call_id, response)
 
     async def final(self, call_id: str, timeout_s: float = 10.0) -> SipResponse:
         """The final response (>= 200) to the request with this Call-ID; provisional ones are skipped."""
@@ -158,8 +177,6 @@ class SipWire:
                 data = await asyncio.wait_for(loop.sock_recv(self.sock, 65535), min(remaining, resend - loop.time()))
             except TimeoutError:
                 continue
-            response = parse_response(data)
-            if response is not None and response.status >= 200:
-                self._finals.setdefault(response.headers.get("call-id", ""), response)
+            self._keep_final(data)
         self._sent.pop(call_id, None)
         return self._finals.pop(call_id)

@@ -42,6 +42,13 @@ class ReplayedAnswer(StaleAnswer):
     """An answer given before: a replay, or a user agent that reuses a nonce without counting."""
 
 
+class UnknownNonce(StaleAnswer):
+    """An answer to a nonce this gateway did not make or cannot read: another gateway's, when the front
+    before them sent the answer elsewhere than the challenge (the first gateway did not answer in time),
+    one from before this gateway restarted under a new secret, or one made up. It proves nothing either
+    way, so the peer is challenged anew; a forger gains a challenge, which anyone gets by asking."""
+
+
 def number_of(uri: str) -> str:
     """The user part of a SIP or tel URI, as dialled (`sip:+15550100@host;user=phone` -> `+15550100`):
     a display name and angle brackets around it are allowed. '' when there is none."""
@@ -145,7 +152,7 @@ class AnswerLedger:
 @dataclass(frozen=True)
 class DigestAuthority:
     """Challenges and checks digest credentials for one realm. `secret` keys the nonces: a gateway's
-    own, so that a nonce it did not make never checks out."""
+    own, so that a nonce it did not make never checks out (gateways that share one accept each other's)."""
 
     realm: str
     secret: bytes
@@ -175,11 +182,11 @@ class DigestAuthority:
             raise DigestError(f"the answer is for {params['uri'][:80]!r}, not for the request's {uri[:80]!r}")
         issued, _, seal = params["nonce"].partition(".")
         if not hmac.compare_digest(seal.encode(), self._seal(issued).encode()):
-            raise DigestError("the nonce is not one this gateway made")
+            raise UnknownNonce("the nonce is not one this gateway made")
         try:
             age = self.clock() - int(issued, 16)
         except ValueError:
-            raise DigestError("the nonce cannot be read") from None
+            raise UnknownNonce("the nonce cannot be read") from None
         if not 0 <= age <= NONCE_TTL_S:
             raise StaleAnswer(f"the nonce is stale ({age:.0f} s old)")
         algorithm = params.get("algorithm", "MD5").upper()

@@ -21,6 +21,7 @@ from streams.channels.sip_digest import (
     DigestError,
     ReplayedAnswer,
     StaleAnswer,
+    UnknownNonce,
     header_value,
     number_of,
     parse_digest,
@@ -276,19 +277,19 @@ def test_an_answer_for_another_realm_is_refused_naming_it() -> None:
 
 def test_a_nonce_of_another_realm_under_the_same_secret_is_not_ours() -> None:
     nonce = nonce_of(authority(realm="elsewhere.test").challenge())
-    with pytest.raises(DigestError, match="nonce is not one this gateway made"):
+    with pytest.raises(UnknownNonce, match="nonce is not one this gateway made"):
         authority().verify(authorization(answer(nonce)), "INVITE", URI, password_of)
 
 
-def test_a_nonce_made_under_another_secret_is_refused() -> None:
+def test_a_nonce_made_under_another_secret_is_asked_for_anew() -> None:
     nonce = nonce_of(authority(secret=b"another gateway's secret").challenge())
-    with pytest.raises(DigestError, match="nonce is not one this gateway made"):
+    with pytest.raises(UnknownNonce, match="nonce is not one this gateway made"):
         authority().verify(authorization(answer(nonce)), "INVITE", URI, password_of)
 
 
 @pytest.mark.parametrize("nonce", ["", "made-up", "6553f100", "6553f100.", ".deadbeef"])
-def test_a_made_up_nonce_is_refused(nonce: str) -> None:
-    with pytest.raises(DigestError, match="nonce is not one this gateway made"):
+def test_a_made_up_nonce_is_asked_for_anew(nonce: str) -> None:
+    with pytest.raises(UnknownNonce, match="nonce is not one this gateway made"):
         authority().verify(authorization(answer(nonce)), "INVITE", URI, password_of)
 
 
@@ -297,7 +298,7 @@ def test_a_nonce_whose_time_is_changed_no_longer_checks_out() -> None:
     gateway = authority(NOW + NONCE_TTL_S * 10)
     _, _, seal = nonce_of(authority(NOW).challenge()).partition(".")
     later = f"{int(gateway.clock()):x}.{seal}"
-    with pytest.raises(DigestError, match="nonce is not one this gateway made"):
+    with pytest.raises(UnknownNonce, match="nonce is not one this gateway made"):
         gateway.verify(authorization(answer(later)), "INVITE", URI, password_of)
 
 

@@ -231,6 +231,24 @@ def test_an_answer_to_a_stale_challenge_is_challenged_again_without_a_denial(rou
                                                                             GLOBEX_NUMBER))), Routed)
 
 
+def test_an_answer_to_another_gateways_challenge_is_challenged_again_without_a_denial(router: AgentRouter,
+                                                                                     tenants: Tenants) -> None:
+    """Behind a front, the INVITE that answers one gateway's challenge can reach another (the first did not
+    answer the front in time): that gateway cannot check the nonce, so it asks anew (stale=true, a user
+    agent answers without asking for the password) and lets the second answer in."""
+    asked = InviteScreen(router, tenants, Secrets(environ=ENVIRON),
+                         DigestAuthority(REALM, b"the first gateway's secret", clock=lambda: NOW))
+    other = screen_of(router, tenants)
+    refused = other.screen(ELSEWHERE, *invite(GLOBEX_NUMBER, answer(challenge_for(asked, GLOBEX_NUMBER),
+                                                                    GLOBEX_NUMBER)))
+    assert isinstance(refused, Refused)
+    assert (refused.code, refused.denial) == (401, None)
+    assert parse_digest(refused.headers["WWW-Authenticate"])["stale"] == "true"
+    assert other.screen(ELSEWHERE, *invite(GLOBEX_NUMBER, answer(refused.headers["WWW-Authenticate"],
+                                                                 GLOBEX_NUMBER))) == \
+        Routed(router.get("globex", "front-desk"), GLOBEX_NUMBER)
+
+
 def test_a_replayed_answer_is_challenged_again_and_denied_to_the_credentials_tenant(door: InviteScreen,
                                                                                    router: AgentRouter) -> None:
     """The nonces are stateless: an INVITE copied off the wire would otherwise place calls on the trunk's
