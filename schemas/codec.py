@@ -17,6 +17,7 @@ sealed event (`KeyUnavailable`) rather than pass it on blank.
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 import cavro
@@ -35,8 +36,13 @@ CAVRO_OPTIONS = cavro.DEFAULT_OPTIONS.replace(
     record_allow_extra_fields=False,  # a field the schema lacks is a bug to report, not data to drop
     logical_types=(),  # none of the schemas has one; a future one is read as its plain Avro type
 )
-_END_OF_BODY = cavro.Schema({"type": "fixed", "name": "EndOfBody", "size": 1}, options=CAVRO_OPTIONS)
-"""One byte read after a body must fail (EOFError), else the message has trailing bytes."""
+_BODY_END = b"\x00" + bytes(byte or 1 for byte in secrets.token_bytes(15))
+"""Put after each body read, and read back after it: what is read there instead is trailing bytes, and
+a body that read into it was truncated. (cavro tells no reader's position; reading one byte too many,
+to fail, cost 2 us an event in a raised EOFError.) A zero and then none: no end of it begins it, so
+fewer than 16 trailing bytes always show; 16 or more pass only where they begin with these 15 bytes,
+drawn afresh by each process."""
+_BODY_END_READER = cavro.Schema({"type": "fixed", "name": "BodyEnd", "size": len(_BODY_END)}, options=CAVRO_OPTIONS)
 
 
 class SchemaViolation(ValueError):
@@ -177,16 +183,13 @@ class EventCodec:
     def decode(self, data: bytes) -> Event[EventPayload]:
         writer = self._writer(data)
         latest = self._latest[writer.event_type]
-        body = cavro.MemoryReader(memoryview(data)[HEADER_LEN:])
+        body = cavro.MemoryReader(memoryview(data + _BODY_END)[HEADER_LEN:])
         try:
             record = self._reader(writer).binary_read(body)
+            end = _BODY_END_READER.binary_read(body)
         except Exception as exc:  # truncated or corrupt bodies fail in many ways (EOF, UTF-8, unknown branch)
             raise UndecodableMessage(f"corrupt {writer.event_type} v{writer.version} body: {exc!r}") from exc
-        try:
-            _END_OF_BODY.binary_read(body)
-        except EOFError:
-            pass
-        else:
+        if end != _BODY_END:
             raise UndecodableMessage(f"corrupt {writer.event_type} v{writer.version} body: trailing bytes")
         assert isinstance(record, dict)
         if record["envelope"]["pii_sealed"] is not None:

@@ -104,10 +104,11 @@ def test_unknown_schema_version_is_named() -> None:
         codec.decode(SINGLE_OBJECT_MAGIC + bytes(range(1, 9)) + body)
 
 
-@given(any_event, st.binary(min_size=1, max_size=12))
-@settings(max_examples=200)
+@given(any_event, st.binary(min_size=1, max_size=40))
+@settings(max_examples=300)
 def test_any_trailing_bytes_are_corruption(event: Event[EventPayload], tail: bytes) -> None:
-    """Whatever follows a whole body, even a byte that would continue a varint, is refused."""
+    """Whatever follows a whole body, even a byte that would continue a varint, is refused: shorter and
+    longer than what the codec reads after a body to tell its end."""
     with pytest.raises(UndecodableMessage, match="trailing bytes"):
         codec.decode(codec.encode(event) + tail)
 
