@@ -338,17 +338,25 @@ def source_commit() -> str | None:
     return f"{head}+modified" if changes else head
 
 
-def cpu_model() -> str | None:
-    """The processor's name as Linux gives it (machines of one kind differ: EPYC against Xeon)."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
+def cpu_model(cpuinfo: str | None = None) -> str | None:
+    """The processor's name as Linux gives it in `cpuinfo` (/proc/cpuinfo's text; read when not given),
+    since machines of one kind differ (EPYC against Xeon): x86's "model name"; else a board's "Model" or
+    "Hardware"; else an ARM core's implementer and part numbers; else the architecture alone."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
     for line in cpuinfo.splitlines():
         name, _, value = line.partition(":")
-        if name.strip() == "model name":
-            return value.strip()
-    return None
+        fields.setdefault(name.strip(), value.strip())
+    for name in ("model name", "Model", "Hardware"):
+        if fields.get(name):
+            return fields[name]
+    if fields.get("CPU implementer") and fields.get("CPU part"):
+        return f"{platform.machine() or 'ARM'} implementer {fields['CPU implementer']} part {fields['CPU part']}"
+    return platform.machine() or None
 
 
 def write_result(result: dict[str, Any], out: Path) -> None:
