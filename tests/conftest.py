@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from consumers.backends import EmbeddedBackend, KafkaBackend, LogBackend
 from projections.hosted_store import HostedStore, StoreHost
@@ -27,6 +28,11 @@ KEYSTORE = Path(tempfile.gettempdir()) / f"voxlog-test-keystore-{os.getuid()}"
 """The tests' one keystore: every process a test starts shares it (VOXLOG_KEYSTORE), as every process of a
 deployment does, since the test broker's topics are shared by every test, and outlive a run."""
 os.environ["VOXLOG_KEYSTORE"] = str(KEYSTORE)
+
+# Properties, not timings: on a busy machine one example can outlast Hypothesis's default deadline (200 ms:
+# a collector pass, a starved core) and fail a run that found nothing wrong. Speed lives in `voxlog bench`.
+settings.register_profile("voxlog", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("voxlog")
 
 
 def kafka_bootstrap() -> str:
