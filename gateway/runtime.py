@@ -119,6 +119,9 @@ class GatewayRuntime:
     rest: TwilioRest | None = None
     """Twilio's REST API, when an account is configured: transfers, hang-ups, outbound calls."""
     public_url: str | None = None
+    replica_url: str | None = None
+    """This gateway's own public URL when several share `public_url` (a load balancer before them): Twilio's
+    media stream and a transfer's outcome come to the gateway that holds the call."""
     analytics: Analytics | None = None
     """ClickHouse, for the tenant SQL API, the console and caller memory (and the projections, with
     `run_projections`): a `HostedStore` where the background process holds the embedded engine."""

@@ -66,7 +66,8 @@ class TwilioCallFlow:
     def router(self) -> APIRouter:
         """The signed webhooks (`gateway.twilio_webhook_routes`) and the media stream's WebSocket."""
         router = twilio_router(lambda: self.runtime.twilio_auth_token, self.runtime.public_url, self.answer,
-                               self.status, on_rejected=self.rejected, on_dial_action=self.dial_action)
+                               self.status, on_rejected=self.rejected, on_dial_action=self.dial_action,
+                               replica_url=self.runtime.replica_url)
         router.add_api_websocket_route(MEDIA_PATH, self.media_stream)
         return router
 
@@ -178,7 +179,7 @@ class TwilioCallFlow:
     async def media_stream(self, websocket: WebSocket) -> None:
         """`WS /twilio/media`: the stream of a call the voice webhook answered, run as its session."""
         token = self.runtime.twilio_auth_token
-        if token and not validate_media_handshake(token, websocket, self.runtime.public_url):
+        if token and not validate_media_handshake(token, websocket, self.runtime.public_url, self.runtime.replica_url):
             await websocket.close(code=1008)
             return
         await websocket.accept()
@@ -193,8 +194,14 @@ class TwilioCallFlow:
 
     async def _claim(self, start: Start) -> InboundCall | None:
         """The pending call a stream's `start` names, if the stream is that call's."""
-        call = self._pending.pop(start.custom_parameters.get(CALL_ID_PARAMETER, ""), None)
-        if call is None or not call.started.provider_call_id or start.call_sid == call.started.provider_call_id:
+        call_id = start.custom_parameters.get(CALL_ID_PARAMETER, "")
+        call = self._pending.pop(call_id, None)
+        if call is None:
+            # Answered by another gateway (or never): the stream was sent to the wrong one, which cannot run it.
+            log.warning("the media stream of call %.64r (CallSid %.64r) reached a gateway that did not answer it: "
+                        "behind one public URL, each gateway needs VOXLOG_REPLICA_URL", call_id, start.call_sid)
+            return None
+        if not call.started.provider_call_id or start.call_sid == call.started.provider_call_id:
             return call
         # Another call's stream (a replayed or forged start) gets nothing; the answered call keeps its place.
         self._pending[call.call_id] = call
@@ -208,7 +215,9 @@ class TwilioCallFlow:
                         events: AsyncIterator[MediaEvent]) -> None:
         runtime = self.runtime
         agent = runtime.router.get(call.tenant_id, call.started.agent_id)
-        action = f"{public_base_url(websocket, runtime.public_url)}{DIAL_ACTION_PATH}?" + urlencode(
+        # To this replica, which holds the call (VOXLOG_REPLICA_URL), not to whichever the public URL picks.
+        base = public_base_url(websocket, runtime.replica_url or runtime.public_url)
+        action = f"{base}{DIAL_ACTION_PATH}?" + urlencode(
             {"call_id": call.call_id, "tenant": call.tenant_id, "agent": call.started.agent_id,
              "direction": call.started.direction})
         transport = TwilioMediaTransport.from_start(websocket, start, rest=runtime.rest,

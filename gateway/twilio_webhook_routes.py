@@ -106,10 +106,20 @@ def media_stream_url(conn: HTTPConnection, public_url: str | None) -> str:
     return urlunsplit((ws_scheme(base.scheme), base.netloc, base.path + MEDIA_PATH, "", ""))
 
 
-def validate_media_handshake(auth_token: str, websocket: HTTPConnection, public_url: str | None) -> bool:
-    """Checks the X-Twilio-Signature Twilio sends on the media WebSocket's upgrade request."""
-    return validate_handshake(auth_token, public_request_url(websocket, public_url),
-                              websocket.headers.get(SIGNATURE_HEADER))
+def validate_media_handshake(auth_token: str, websocket: HTTPConnection, public_url: str | None,
+                             replica_url: str | None = None) -> bool:
+    """Checks the X-Twilio-Signature Twilio sends on the media WebSocket's upgrade request: signed over
+    the stream URL the TwiML named, this replica's own when it has one (`own_urls`)."""
+    signature = websocket.headers.get(SIGNATURE_HEADER)
+    return any(validate_handshake(auth_token, public_request_url(websocket, base), signature)
+               for base in own_urls(public_url, replica_url))
+
+
+def own_urls(public_url: str | None, replica_url: str | None) -> tuple[str | None, ...]:
+    """The bases Twilio may have signed a request to this gateway over: the public URL (None: the URL
+    requested), and the replica's own (VOXLOG_REPLICA_URL), where its media streams and transfer
+    outcomes are sent."""
+    return (public_url,) if not replica_url or replica_url == public_url else (replica_url, public_url)
 
 
 # --------------------------------------------------------------------------- the router
@@ -280,6 +290,7 @@ def twilio_router(
     on_rejected: RejectedHook | None = None,
     on_dial_action: DialActionHook | None = None,
     replay_guard: ReplayGuard | None = None,
+    replica_url: str | None = None,
 ) -> APIRouter:
     """`POST /twilio/voice`, `POST /twilio/status` and (with `on_dial_action`) `POST
     /twilio/dial-action`, all signature-checked.
@@ -288,8 +299,11 @@ def twilio_router(
     public host, with the stream parameters plus `CALL_ID_PARAMETER`=call_id. The status webhook calls
     `on_status(CallSid, CallStatus)` and answers 204. A bad or missing signature, or a replay, answers
     403 and calls `on_rejected`; a retry gets the first answer again (`replay_guard`, a fresh one by
-    default). `public_url` is VOXLOG_PUBLIC_URL (None: the URL requested, forwarded headers honoured).
+    default). `public_url` is VOXLOG_PUBLIC_URL (None: the URL requested, forwarded headers honoured);
+    `replica_url` VOXLOG_REPLICA_URL, where `<Stream>` points when several gateways share the public URL
+    (a webhook signed over either is taken).
     """
+    stream_base = replica_url or public_url
     router = APIRouter(tags=["twilio"])
     guard = replay_guard or ReplayGuard()
 
@@ -320,13 +334,14 @@ def twilio_router(
         except WebhookError as exc:
             return PlainTextResponse(exc.detail, status_code=exc.status_code)
         form = dict(pairs)
-        url = public_request_url(request, public_url)
+        urls = [public_request_url(request, base) for base in own_urls(public_url, replica_url)]
+        url = urls[-1]  # the public one, named when refused
         token = auth_token_getter()
         if not token:
             return await refuse(request, url, form, "no auth token configured", "invalid Twilio signature")
         if not signature:
             return await refuse(request, url, form, "missing signature", "invalid Twilio signature")
-        if not validate_twilio_request(token, url, pairs, signature):
+        if not any(validate_twilio_request(token, signed, pairs, signature) for signed in urls):
             return await refuse(request, url, form, "bad signature", "invalid Twilio signature")
         key = f"{request.url.path} {signature}"
         try:
@@ -362,7 +377,7 @@ def twilio_router(
                 log.info("call %s rejected: %s", form.get("CallSid"), exc.reason)
                 return TwimlResponse(reject_twiml("busy" if exc.busy else "rejected"))
             stream_parameters = {**dict(parameters), CALL_ID_PARAMETER: call_id}
-            return TwimlResponse(connect_stream_twiml(media_stream_url(request, public_url),
+            return TwimlResponse(connect_stream_twiml(media_stream_url(request, stream_base),
                                                       stream_parameters))
 
         return await answer_once(request, signature, handle)
@@ -410,7 +425,7 @@ def twilio_router(
                 if back is None:
                     return TwimlResponse(hangup_twiml())
                 call_id, parameters = back
-                return TwimlResponse(connect_stream_twiml(media_stream_url(request, public_url),
+                return TwimlResponse(connect_stream_twiml(media_stream_url(request, stream_base),
                                                           {**dict(parameters), CALL_ID_PARAMETER: call_id}))
 
             return await answer_once(request, signature, handle)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,6 +39,10 @@ class Settings(BaseSettings):
     public_url: str | None = Field(
         None, description="Public base URL Twilio reaches us at (TwiML stream URLs, webhook signatures); "
         "unset: the URL each request came to.")
+    replica_url: str | None = Field(
+        None, description="This gateway's own public base URL, when several share VOXLOG_PUBLIC_URL behind a load "
+        "balancer: each call's media stream and transfer outcome come back to the gateway that answered it; "
+        "unset: the public URL (one gateway).")
     twilio_account_sid: str | None = Field(None, validation_alias=AliasChoices("TWILIO_ACCOUNT_SID"))
     twilio_auth_token: SecretStr | None = Field(None, validation_alias=AliasChoices("TWILIO_AUTH_TOKEN"))
     twilio_api_base: str | None = Field(
@@ -116,6 +121,15 @@ class Settings(BaseSettings):
     def _an_s3_url(cls, url: str | None) -> str | None:
         if url is not None:
             parse_s3_url(url)
+        return url
+
+    @field_validator("public_url", "replica_url")
+    @classmethod
+    def _a_base_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            parts = urlsplit(url.strip())
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+                raise ValueError(f"a public URL is http(s)://host[:port][/prefix], not {url!r}")
         return url
 
     @field_validator("sip_bind")

@@ -15,7 +15,7 @@ import math
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -62,6 +62,7 @@ class Gateway:
 
     base_url: str = ""
     public_url: str | None = None
+    replica_url: str | None = None
     inbound: list[dict[str, str]] = field(default_factory=list)
     statuses: list[tuple[str, CallStatus]] = field(default_factory=list)
     rejected: list[RejectedWebhook] = field(default_factory=list)
@@ -101,12 +102,13 @@ def build_app(gateway: Gateway, rest: TwilioRest | None) -> FastAPI:
 
     app = FastAPI()
     app.include_router(
-        twilio_router(lambda: AUTH_TOKEN, gateway.public_url, on_inbound, on_status, on_rejected=on_rejected)
+        twilio_router(lambda: AUTH_TOKEN, gateway.public_url, on_inbound, on_status, on_rejected=on_rejected,
+                      replica_url=gateway.replica_url)
     )
 
     @app.websocket("/twilio/media")
     async def media(websocket: WebSocket) -> None:
-        if not validate_media_handshake(AUTH_TOKEN, websocket, gateway.public_url):
+        if not validate_media_handshake(AUTH_TOKEN, websocket, gateway.public_url, gateway.replica_url):
             gateway.handshakes_refused += 1
             await websocket.close(code=1008)
             return
@@ -219,6 +221,33 @@ async def test_public_url_decides_signed_url_and_stream_url(fake_twilio: FakeTwi
         await caller.stop()
         await asyncio.wait_for(gw.handler_done.wait(), 5)
         assert gw.handshakes_refused == 0
+
+
+async def test_a_replica_names_its_own_stream_url_and_takes_what_is_signed_over_either(
+        fake_twilio: FakeTwilio) -> None:
+    """Behind a load balancer (the public URL), a replica's `<Stream>` names its own address, where Twilio
+    connects and which it signs; webhooks signed over the public URL or the replica's are taken, and over
+    any other address refused (named by the public URL)."""
+    gw = Gateway(public_url="https://voice.example.com", replica_url="https://gw-2.voice.example.com")
+    async with serve_app(build_app(gw, None)) as base_url:
+        gw.base_url = base_url
+        caller = make_caller(gw, public_url="https://voice.example.com")
+        instructions = await caller.dial()
+        assert instructions.url == "wss://gw-2.voice.example.com/twilio/media"
+        assert (await make_caller(gw, public_url="https://gw-2.voice.example.com").ring()).status_code == 200
+        assert (await make_caller(gw, public_url="https://gw-3.voice.example.com").ring()).status_code == 403
+        assert gw.rejected[-1].url == "https://voice.example.com/twilio/voice"
+        await caller.connect(instructions)  # signed over the replica's wss:// URL
+        start, _transport = await gw.stream()
+        assert start.custom_parameters["call_id"] == f"call-{caller.call_sid[-8:]}"
+        await caller.stop()
+        await asyncio.wait_for(gw.handler_done.wait(), 5)
+        assert gw.handshakes_refused == 0
+        # A handshake signed over an address that is neither is refused.
+        elsewhere = make_caller(gw, public_url="https://voice.example.com")
+        with pytest.raises(Exception, match="403"):
+            await elsewhere.connect(replace(instructions, url="wss://gw-3.voice.example.com/twilio/media"))
+        assert gw.handshakes_refused == 1
 
 
 async def test_forwarded_headers_without_public_url(gateway: Gateway) -> None:

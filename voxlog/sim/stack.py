@@ -49,7 +49,7 @@ class LocalStack:
     def caller(self, *, from_: str = "+15550001111", to: str = "+15550100") -> TwilioCaller:
         """A caller Twilio knows about: its call exists in Twilio's REST API for transfers and hang-ups."""
         caller = TwilioCaller(self.base_url, AUTH_TOKEN, account_sid=self.settings.twilio_account_sid or "",
-                              from_=from_, to=to)
+                              from_=from_, to=to, public_url=self.settings.public_url)
         self.twilio.add_call(from_, to, sid=caller.call_sid)
         return caller
 
@@ -113,14 +113,16 @@ async def serve_app(app: ASGIApp) -> AsyncIterator[str]:
 @asynccontextmanager
 async def local_stack(
     settings: Settings, providers_factory: Callable[[AgentSpec], Providers] | None = None, *,
-    analytics: bool = False, provider_settings: ProviderSettings | None = None,
+    analytics: bool = False, provider_settings: ProviderSettings | None = None, behind: str | None = None,
 ) -> AsyncIterator[LocalStack]:
     """`analytics`: run the projections and the summariser as `voxlog serve` does, in the gateway's
     background process, which holds the embedded ClickHouse (`stack.gateway.analytics` reads it; with
     `settings.background_process` off, on the gateway's own loop);
     without, the summariser runs on the gateway's own loop and nothing projects (tests hand the gateway
     a store of this process's own). `provider_settings`: the providers' own (else from the
-    environment; the background process's always are)."""
+    environment; the background process's always are). `behind`: the public URL this gateway shares with
+    other replicas (a load balancer's), its own address then its VOXLOG_REPLICA_URL; else its own address
+    is its public URL."""
     account_sid = new_account_sid()
     # Bound here and handed to uvicorn: a port only looked up would be free for anyone until it binds.
     with FakeTwilio(account_sid, AUTH_TOKEN) as twilio, _listening_socket() as sock:
@@ -128,7 +130,8 @@ async def local_stack(
         base_url = f"http://127.0.0.1:{port}"
         settings = settings.model_copy(update={
             "twilio_account_sid": account_sid, "twilio_auth_token": SecretStr(AUTH_TOKEN),
-            "twilio_api_base": twilio.base_url, "public_url": base_url, "run_projections": analytics,
+            "twilio_api_base": twilio.base_url, "public_url": behind or base_url,
+            "replica_url": base_url if behind else None, "run_projections": analytics,
             "background_process": analytics and settings.background_process,
             "webhook_secret": SecretStr(WEBHOOK_SECRET)})
         gateway = build_gateway(settings)
