@@ -66,7 +66,13 @@ class RadicaleServer:
             raise ValueError(f"user names cannot be empty or hold ':', '/' or outer spaces: {bad}")
         self.folder = folder
         self.host = host
-        self.port = port or _free_port(host)
+        self._reservation: socket.socket | None = None
+        """Holds a port chosen here until the server answers on it: else, in the time between (a gateway's
+        whole start), a connection's ephemeral port or another server could take it."""
+        if not port:
+            self._reservation = _reserved_port(host)
+            port = int(self._reservation.getsockname()[1])
+        self.port = port
         """Chosen when the server is made (0: a free one), so that its URL is known before it starts."""
         self.users = dict(users)
         self.rights = rights
@@ -112,9 +118,16 @@ class RadicaleServer:
                 raise RadicaleError(f"radicale did not answer on {self.host}:{self.port} within "
                                     f"{START_TIMEOUT_S:.0f} s:\n{self.log_tail()}")
             time.sleep(0.02)  # the poll's interval, not a wait for readiness
+        self._release()
+
+    def _release(self) -> None:
+        if self._reservation is not None:
+            self._reservation.close()
+            self._reservation = None
 
     def stop(self) -> None:
         """Stops the server (SIGTERM, then SIGKILL after STOP_TIMEOUT_S); stopping a stopped one does nothing."""
+        self._release()
         process, self._process = self._process, None
         if process is None:
             return
@@ -197,11 +210,14 @@ class RadicaleServer:
         return False
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        port: int = probe.getsockname()[1]
-        return port
+def _reserved_port(host: str) -> socket.socket:
+    """A socket bound to a free port and not listening. With SO_REUSEADDR on both, Radicale can still bind
+    the port and listen. But no connection's ephemeral port and no other bind without SO_REUSEADDR can
+    take it while the socket is open."""
+    reservation = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    reservation.bind((host, 0))
+    return reservation
 
 
 def _port_free(host: str, port: int) -> bool:

@@ -3,14 +3,19 @@ second `voxlog serve`): each runs its own Radicale on the shared storage, and no
 
 from __future__ import annotations
 
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import httpx
+import pytest
+
 from streams.config.tenants import load_tenants
 from streams.connectors.base import BookingRequest
 from streams.connectors.calendar_caldav import CalDavCalendar, connect
+from streams.connectors.radicale_server import RadicaleServer
 from streams.connectors.secrets import Secrets
 from streams.connectors.vendor_settings import CalDavSettings
 from voxlog.demo_calendar import DEMO_TENANT, DemoCalendar, demo_calendar
@@ -55,3 +60,22 @@ def test_gateways_starting_together_on_one_home_each_serve_the_one_calendar(tmp_
             calendar.stop()
     assert not list((tmp_path / "caldav").glob("users.*"))  # the passwords' files go with their servers
     assert not list((tmp_path / "caldav").glob("password.*"))
+
+
+def test_a_chosen_port_is_held_from_when_the_server_is_made_until_it_answers(tmp_path: Path) -> None:
+    """The port is in the demo tenant's URL from the gateway's build, before the server starts: until it
+    answers there, nothing else may take the port (a connection's ephemeral port took one in CI once)."""
+    server = RadicaleServer(tmp_path / "caldav", users={"demo": "secret"})
+    with socket.socket() as squatter, pytest.raises(OSError, match="in use"):
+        squatter.bind((server.host, server.port))
+    server.start()
+    try:
+        assert httpx.get(server.url, timeout=10).status_code in (200, 302, 401)
+        with socket.socket() as squatter, pytest.raises(OSError, match="in use"):  # now Radicale's own
+            squatter.bind((server.host, server.port))
+    finally:
+        server.stop()
+    with socket.socket() as after:
+        after.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (the request's connection may linger)
+        after.bind((server.host, server.port))
+        after.listen()  # given back with the server: nobody listens there, and nothing holds it
