@@ -152,7 +152,7 @@ class AnswerLedger:
 @dataclass(frozen=True)
 class DigestAuthority:
     """Challenges and checks digest credentials for one realm. `secret` keys the nonces: a gateway's
-    own, so that a nonce it did not make never checks out (gateways that share one accept each other's)."""
+    own, so that a nonce it did not make never checks out (`UnknownNonce`: the peer is asked anew)."""
 
     realm: str
     secret: bytes

@@ -30,7 +30,7 @@ def landing(url: str, replicas: list[LocalStack], turn: int) -> str:
     if parts.netloc != urlsplit(BALANCER).netloc:
         return url
     replica = urlsplit(replicas[turn % len(replicas)].base_url)
-    return urlunsplit(("ws", replica.netloc, parts.path[len(urlsplit(BALANCER).path):], "", ""))
+    return urlunsplit(("ws", replica.netloc, parts.path, "", ""))  # (the balancer's URL has no path of its own)
 
 
 async def test_each_call_streams_and_hears_its_transfer_outcome_at_the_replica_that_answered(
