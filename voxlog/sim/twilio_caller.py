@@ -124,6 +124,9 @@ class TwilioCaller(MediaPeer):
         self._sequence = 0
         self._chunk = 0
         self._send_lock = asyncio.Lock()
+        self._next_frame_at = 0.0
+        """When the frame after the last one sent in real time is due: a phone's stream has no gap and no
+        burst where one `send_mulaw` ends and the next begins."""
         self.start_event: Start | None = None
 
     # ------------------------------------------------------------------ webhooks
@@ -304,7 +307,9 @@ class TwilioCaller(MediaPeer):
         frames = [mulaw[i : i + MULAW_FRAME_BYTES] for i in range(0, len(mulaw), MULAW_FRAME_BYTES)]
         if len(frames[-1]) < MULAW_FRAME_BYTES:
             frames[-1] = frames[-1] + bytes([MULAW_SILENCE]) * (MULAW_FRAME_BYTES - len(frames[-1]))
-        started = time.monotonic()
+        started = max(time.monotonic(), self._next_frame_at)
+        if realtime:
+            self._next_frame_at = started + len(frames) * FRAME_S / speed
         for index, payload in enumerate(frames):
             if realtime:
                 due = started + index * FRAME_S / speed
