@@ -39,6 +39,7 @@ from typing import Any, Protocol, TypeVar
 
 import pjsua2 as pj
 
+from gateway import rtp_source_lock
 from gateway.admission import RateLimits
 from streams.channels.sip_screening import SOURCE_HEADER, Denial, Refused, Routed, vouched_source
 from streams.config.sip_trunks import IpNetwork
@@ -64,6 +65,9 @@ REFUSAL_SPACING_S = 0.05
 OUTBOUND_ACCOUNTS_MAX = 6
 """Trunk credentials kept as accounts at once (the wheel's PJSUA_MAX_ACC is 8, one is the inbound's)."""
 RTP_CHECK_S = 1.0
+NAT_PROBATION_PACKETS = 10
+"""RTP packets a call takes from an address its SDP does not name before it is latched there: PJSIP's own
+count before it switches (`PJMEDIA_RTP_NAT_PROBATION_CNT`)."""
 PORT_HOLD_S = 1.0
 """How long an ended call's media port rests before another call takes it: fifty ticks of the media clock."""
 CODECS = {"PCMU": "PCMU/8000/1", "PCMA": "PCMA/8000/1", "G722": "G722/16000/1"}
@@ -281,6 +285,11 @@ class _Call(pj.Call):  # type: ignore[misc]
         self.rx_changed = time.monotonic()
         self.told_silent = False
         self.ended = False
+        self.rtp_socket: int | None = None
+        """The descriptor of PJSIP's socket for this call's RTP (`rtp_source_lock`), once its media is up."""
+        self.rtp_media = 0
+        self.rtp_packets_unlatched = 0
+        """The stream's RTP packet count when it was last unlatched: only packets after it latch it anew."""
 
     def onCallState(self, prm: Any) -> None:
         info = self.getInfo()
@@ -308,6 +317,7 @@ class _Call(pj.Call):  # type: ignore[misc]
                 audio.startTransmit(self.port)
                 self.port.startTransmit(audio)
                 self.bridged = audio.getPortId()
+            self.endpoint.unlatch(self, index)
             if first:
                 self.endpoint.post(self.endpoint.events.media_ready, self.handle, self.port.rate)
             return
@@ -355,6 +365,8 @@ class SipEndpoint:
     _thread: threading.Thread | None = None
     _commands: queue.SimpleQueue[Callable[[], None] | None] = field(default_factory=queue.SimpleQueue)
     _calls: dict[int, _Call] = field(default_factory=dict)
+    _latching: dict[int, _Call] = field(default_factory=dict)
+    """Calls whose media is up and whose RTP source is not yet latched (`rtp_source_lock`), by handle."""
     _gone: list[_Call] = field(default_factory=list)
     _idle_ports: collections.deque[tuple[float, _AgentAudio]] = field(default_factory=collections.deque)
     """Media ports of ended calls, with when they ended, for the calls to come (`port_for`)."""
@@ -552,6 +564,8 @@ class SipEndpoint:
                 endpoint.libHandleEvents(POLL_MS)
                 if not self._run_commands():
                     break
+                if self._latching:
+                    self._latch_rtp_sources()
                 self._gone.clear()  # the callbacks that ended them have returned
                 self._answer_refusals()
                 if time.monotonic() - checked >= RTP_CHECK_S:
@@ -599,6 +613,9 @@ class SipEndpoint:
         if missing := [name for name in config.codecs if CODECS[name] not in present]:
             log.error("sip: this PJSIP has no %s: calls are offered and answered without it", ", ".join(missing))
         endpoint.libStart()
+        if not rtp_source_lock.SUPPORTED:
+            log.warning("sip: socket filters are Linux's: calls' RTP is not latched to its first source, and PJSIP "
+                        "sends a call's audio wherever ten RTP packets in a row come from (docs/sip.md)")
         self._account = _Account(self)
         self._account.create(self._account_config("voxlog"), True)
 
@@ -721,8 +738,61 @@ class SipEndpoint:
         # An answer keeps its headers even from within onIncomingCall (pjsua queues it); a hang-up there would not.
         call.answer(operation)
 
+    def unlatch(self, call: _Call, index: int) -> None:
+        """The call's media is (again) up: RTP from anyone reaches its socket until the first packet of the
+        new stream says whose it is (`_latch_rtp_sources`). A socket PJSIP kept from an earlier call, or this
+        call's before a re-INVITE, loses its old filter."""
+        if not rtp_source_lock.SUPPORTED:
+            return
+        self._latching.pop(call.handle, None)
+        local = rtp_source_lock.host_port(str(call.getMedTransportInfo(index).localRtpName))
+        fd = None if local is None else rtp_source_lock.udp_socket_at(*local)
+        call.rtp_socket, call.rtp_media = fd, index
+        try:  # a re-INVITE that changes little keeps the stream, and its count, with the old peer's packets in it
+            call.rtp_packets_unlatched = int(call.getStreamStat(index).rtcp.rxStat.pkt)
+        except pj.Error:
+            call.rtp_packets_unlatched = 0
+        if fd is None:
+            log.warning("sip: call %s: its RTP socket (%s) was not found: RTP from any address reaches it",
+                        call.handle, call.getMedTransportInfo(index).localRtpName)
+            return
+        try:
+            rtp_source_lock.unlock(fd)
+        except OSError as exc:
+            log.warning("sip: call %s: its RTP socket's old filter stays (%s): not latched", call.handle, exc)
+            return
+        self._latching[call.handle] = call
+
+    def _latch_rtp_sources(self) -> None:
+        """Each call awaiting its RTP is latched to where it comes from: at once when that is the address its
+        SDP names, else (a peer behind NAT) once `NAT_PROBATION_PACKETS` have come, as PJSIP itself would
+        switch to it (a re-INVITE that moves the peer's media may leave the old address sending a while)."""
+        for handle, call in list(self._latching.items()):
+            if call.ended or call.rtp_socket is None:
+                del self._latching[handle]
+                continue
+            try:  # this stream's own count: a socket PJSIP kept may remember an earlier call's source
+                counted = int(call.getStreamStat(call.rtp_media).rtcp.rxStat.pkt)
+                source = rtp_source_lock.host_port(str(call.getMedTransportInfo(call.rtp_media).srcRtpName))
+                declared = rtp_source_lock.host_port(str(call.getStreamInfo(call.rtp_media).remoteRtpAddress))
+            except pj.Error:
+                continue
+            if counted < call.rtp_packets_unlatched:  # a new stream since: its count started again
+                call.rtp_packets_unlatched = 0
+            packets = counted - call.rtp_packets_unlatched
+            if packets <= 0 or source is None or (source != declared and packets < NAT_PROBATION_PACKETS):
+                continue
+            del self._latching[handle]
+            try:
+                rtp_source_lock.lock_to(call.rtp_socket, *source)
+            except OSError as exc:
+                log.warning("sip: call %s: RTP could not be latched to %s:%s (%s)", handle, *source, exc)
+                continue
+            log.info("sip: call %s: RTP latched to %s:%s", handle, *source)
+
     def finished(self, call: _Call, code: int, reason: str) -> None:
         self._calls.pop(call.handle, None)
+        self._latching.pop(call.handle, None)
         self._gone.append(call)  # deleted after this callback returns
         if call.port is not None:
             call.port.queued.clear()

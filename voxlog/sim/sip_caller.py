@@ -45,6 +45,9 @@ class SipCaller:
     to: str
     from_: str = "+15557770001"
     host: str = "127.0.0.1"
+    sdp_rtp_port: int | None = None
+    """The RTP port its SDP names; None: the one it sends from (a phone behind NAT names one its packets do
+    not come from, and is answered where they do)."""
     agent_frames: list[AgentFrame] = field(default_factory=list)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     """The gateway hung up (its BYE)."""
@@ -57,6 +60,10 @@ class SipCaller:
     _dialog: dict[str, str] = field(default_factory=dict)
     _routes: list[str] = field(default_factory=list)
     _bye_answer: asyncio.Future[int] | None = None
+    _invite_answer: asyncio.Future[int] | None = None
+    """The final status of a re-INVITE (`move_media`)."""
+    _cseq: int = 1
+    """The dialog's last CSeq (the INVITE's is 1)."""
     _far_rtp: tuple[str, int] | None = None
     _seq: int = field(default_factory=lambda: random.randrange(65536))
     _timestamp: int = field(default_factory=lambda: random.randrange(2**32))
@@ -78,9 +85,7 @@ class SipCaller:
         self._rtp, _ = await loop.create_datagram_endpoint(lambda: _Datagrams(self._rtp_in), local_addr=(self.host, 0))
         sip_port, rtp_port = self._sip.get_extra_info("sockname")[1], self._rtp.get_extra_info("sockname")[1]
         call_id, tag = f"{uuid.uuid4()}@{self.host}", uuid.uuid4().hex[:10]
-        sdp = (f"v=0\r\no=- 1 1 IN IP4 {self.host}\r\ns=-\r\nc=IN IP4 {self.host}\r\nt=0 0\r\n"
-               f"m=audio {rtp_port} RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\n"
-               "a=fmtp:101 0-16\r\na=ptime:20\r\na=sendrecv\r\n")
+        sdp = self._offer(self.sdp_rtp_port or rtp_port, 1)
         self._dialog = {"call-id": call_id, "from": f"<sip:{self.from_}@{self.host}>;tag={tag}",
                         "uri": f"sip:{self.to}@{self.gateway_host}:{self.gateway_port}", "via_port": str(sip_port)}
         invite_branch = f"z9hG4bK{uuid.uuid4().hex}"
@@ -174,7 +179,8 @@ class SipCaller:
             return
         self.closed.set()
         self._bye_answer = asyncio.get_running_loop().create_future()
-        bye = self._request("BYE", 2, to=self._dialog["to"])
+        self._cseq += 1
+        bye = self._request("BYE", self._cseq, to=self._dialog["to"])
         deadline, interval = time.monotonic() + timeout_s, 0.5
         while not self._bye_answer.done() and time.monotonic() < deadline:
             self._send_sip(bye)
@@ -220,6 +226,44 @@ class SipCaller:
             elif (status is not None and status >= 200 and headers.get("cseq", "").endswith("BYE")
                   and self._bye_answer is not None and not self._bye_answer.done()):
                 self._bye_answer.set_result(status)
+            elif (status is not None and status >= 200 and headers.get("cseq") == f"{self._cseq} INVITE"
+                  and self._invite_answer is not None and not self._invite_answer.done()):
+                self._invite_answer.set_result(status)
+
+    async def move_media(self, timeout_s: float = 10.0) -> int:
+        """A re-INVITE naming a new RTP port, as a PBX moving a call's media to a phone does: from its answer
+        on, the caller's RTP comes from that port and the old one falls silent. The re-INVITE's final status."""
+        loop = asyncio.get_running_loop()
+        moved, _ = await loop.create_datagram_endpoint(lambda: _Datagrams(self._rtp_in), local_addr=(self.host, 0))
+        self._cseq += 1
+        self._invite_answer = loop.create_future()
+        reinvite = self._request("INVITE", self._cseq, to=self._dialog["to"],
+                                 body=self._offer(moved.get_extra_info("sockname")[1], self._cseq),
+                                 extra=[f"Contact: <sip:caller@{self.host}:{self._dialog['via_port']}>",
+                                        "Content-Type: application/sdp"])
+        deadline, interval = loop.time() + timeout_s, 0.5
+        while not self._invite_answer.done() and loop.time() < deadline:
+            self._send_sip(reinvite)  # RFC 3261 timer A
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._invite_answer), min(interval, deadline - loop.time()))
+            interval = min(interval * 2, 4.0)
+        if not self._invite_answer.done():
+            moved.close()
+            raise TimeoutError(f"no answer to the re-INVITE within {timeout_s:.0f} s")
+        status = self._invite_answer.result()
+        if 200 <= status < 300:
+            self._send_sip(self._request("ACK", self._cseq, to=self._dialog["to"]))
+            old, self._rtp = self._rtp, moved
+            if old is not None:
+                old.close()
+        else:
+            moved.close()
+        return status
+
+    def _offer(self, rtp_port: int, version: int) -> str:
+        return (f"v=0\r\no=- 1 {version} IN IP4 {self.host}\r\ns=-\r\nc=IN IP4 {self.host}\r\nt=0 0\r\n"
+                f"m=audio {rtp_port} RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\n"
+                "a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-16\r\na=ptime:20\r\na=sendrecv\r\n")
 
     def _request(self, method: str, cseq: int, *, to: str, body: str = "", extra: list[str] | None = None,
                  branch: str | None = None) -> str:

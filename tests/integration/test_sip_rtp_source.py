@@ -1,0 +1,145 @@
+"""Whose RTP a SIP call takes (`gateway.rtp_source_lock`), over real UDP to the real stack (PJSIP): a
+stranger who floods a call's RTP port is neither sent the call nor heard in it, and a caller behind NAT,
+whose packets come from another port than its SDP names, is answered where they come from."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from consumers.event_reader import read_call
+from gateway import rtp_source_lock
+from schemas.events import SpeechStarted
+from voxlog.bench_calls import caller_speech
+from voxlog.settings import Settings
+from voxlog.sim.sip_caller import SipCaller, free_sip_port
+from voxlog.sim.stack import LocalStack, local_stack
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not rtp_source_lock.SUPPORTED, reason="socket filters are Linux's")]
+
+AGENT = "+15550100"
+STRANGER = "127.0.0.5"
+FLOOD_TICKS = 75
+"""1.5 s of 20 ms ticks."""
+PACKETS_A_TICK = 20
+"""PJSIP switches to a source that sends ten packets between two of the caller's."""
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[LocalStack]:
+    settings = Settings(home=tmp_path / "home", sip_bind=f"127.0.0.1:{free_sip_port()}")
+    async with local_stack(settings) as running:
+        yield running
+
+
+def drain(sock: socket.socket) -> int:
+    count = 0
+    while True:
+        try:
+            sock.recv(2048)
+        except BlockingIOError:
+            return count
+        count += 1
+
+
+async def flood(target: tuple[str, int], speech: bytes) -> int:
+    """A stranger's RTP at the call's port, speech in it, `PACKETS_A_TICK` a tick: how many packets came back."""
+    seq, timestamp, ssrc = random.randrange(65536), random.randrange(2**32), random.randrange(2**32)
+    received = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+        stranger.bind((STRANGER, 0))
+        stranger.setblocking(False)
+        for tick in range(FLOOD_TICKS):
+            for index in range(PACKETS_A_TICK):
+                at = (tick * PACKETS_A_TICK + index) * 160 % max(len(speech) - 160, 1)
+                stranger.sendto(struct.pack("!BBHII", 0x80, 0, seq, timestamp, ssrc) + speech[at:at + 160], target)
+                seq, timestamp = (seq + 1) % 65536, (timestamp + 160) % 2**32
+            await asyncio.sleep(0.02)
+            received += drain(stranger)
+        await asyncio.sleep(0.3)
+        return received + drain(stranger)
+
+
+async def test_a_stranger_flooding_a_calls_rtp_port_is_sent_nothing_and_not_heard(stack: LocalStack) -> None:
+    assert stack.gateway.sip is not None
+    caller = SipCaller("127.0.0.1", stack.gateway.sip.port, AGENT)
+    assert await caller.dial() == 200
+    try:
+        assert await caller.agent_quiet(0.5, 30), "the greeting never ended"
+        [session] = stack.gateway.sessions.values()
+        call_id = session.call.call_id
+        assert caller._far_rtp is not None
+        before = len(caller.agent_frames)
+        back = await flood(caller._far_rtp, await caller_speech())
+        during = len(caller.agent_frames) - before
+        assert back == 0, f"the stranger was sent {back} packets of the call"
+        # 90 ticks of the bridge's clock passed; a loaded machine may send fewer, none if the stranger had the call.
+        assert during >= 45, f"the caller got {during} packets while the stranger flooded"
+        await asyncio.sleep(1.0)  # the VAD would have heard the stranger's speech by now
+    finally:
+        await caller.hangup()
+        await caller.close()
+    await stack.gateway.wait_idle(30)
+    async with stack.gateway.backend.admin() as admin:
+        events = (await read_call(admin, call_id)).events
+    assert not [e for e in events if isinstance(e.payload, SpeechStarted)], "the agent heard the stranger"
+
+
+async def test_without_the_latch_pjsip_sends_the_call_to_the_stranger(
+    stack: LocalStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attack the latch stops is real: with it off, PJSIP's symmetric RTP hands the stranger the call."""
+    monkeypatch.setattr(rtp_source_lock, "SUPPORTED", False)
+    assert stack.gateway.sip is not None
+    caller = SipCaller("127.0.0.1", stack.gateway.sip.port, AGENT)
+    assert await caller.dial() == 200
+    try:
+        assert await caller.agent_quiet(0.5, 30), "the greeting never ended"
+        assert caller._far_rtp is not None
+        assert await flood(caller._far_rtp, await caller_speech()) > 0
+    finally:
+        await caller.hangup()
+        await caller.close()
+
+
+async def test_a_caller_behind_nat_is_answered_where_its_rtp_comes_from(stack: LocalStack) -> None:
+    assert stack.gateway.sip is not None
+    # Its SDP names a port nothing listens on, as a phone behind NAT names its private one.
+    caller = SipCaller("127.0.0.1", stack.gateway.sip.port, AGENT, sdp_rtp_port=free_sip_port())
+    assert await caller.dial() == 200
+    try:
+        assert await caller.agent_quiet(0.5, 30), "the caller never heard the greeting end"
+        assert caller.loud_bytes() > 8000, "the greeting did not reach the port the caller's RTP comes from"
+    finally:
+        await caller.hangup()
+        await caller.close()
+
+
+async def test_a_peer_that_moves_its_media_by_re_invite_is_heard_at_the_new_port(stack: LocalStack) -> None:
+    """A PBX moving a call's media to a phone: the latch follows the new SDP, the old address's is forgotten."""
+    assert stack.gateway.sip is not None
+    caller = SipCaller("127.0.0.1", stack.gateway.sip.port, AGENT)
+    assert await caller.dial() == 200
+    try:
+        assert await caller.agent_quiet(0.5, 30), "the greeting never ended"
+        [session] = stack.gateway.sessions.values()
+        call_id = session.call.call_id
+        assert await caller.move_media() == 200
+        moved_at = len(caller.agent_frames)
+        await caller.send_mulaw(await caller_speech())
+        await caller.send_mulaw(bytes([0xFF]) * 8000)  # a second of silence: the end of the caller's turn
+        assert len(caller.agent_frames) - moved_at >= 50, "the agent's RTP did not follow to the new port"
+    finally:
+        await caller.hangup()
+        await caller.close()
+    await stack.gateway.wait_idle(30)
+    async with stack.gateway.backend.admin() as admin:
+        events = (await read_call(admin, call_id)).events
+    assert [e for e in events if isinstance(e.payload, SpeechStarted)], "the caller was not heard from its new port"
