@@ -9,6 +9,7 @@ import random
 import socket
 import struct
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -67,14 +68,31 @@ async def flood(target: tuple[str, int], speech: bytes) -> int:
         return received + drain(stranger)
 
 
-async def test_a_stranger_flooding_a_calls_rtp_port_is_sent_nothing_and_not_heard(stack: LocalStack) -> None:
+@asynccontextmanager
+async def answered_call(stack: LocalStack, sdp_rtp_port: int | None = None) -> AsyncIterator[tuple[SipCaller, str]]:
+    """A SIP call to the agent, its greeting over: the caller and the call's id; hung up after."""
     assert stack.gateway.sip is not None
-    caller = SipCaller("127.0.0.1", stack.gateway.sip.port, AGENT)
+    caller = SipCaller("127.0.0.1", stack.gateway.sip.port, AGENT, sdp_rtp_port=sdp_rtp_port)
     assert await caller.dial() == 200
     try:
-        assert await caller.agent_quiet(0.5, 30), "the greeting never ended"
+        assert await caller.agent_quiet(0.5, 30), "the greeting never ended (or never reached the caller)"
         [session] = stack.gateway.sessions.values()
-        call_id = session.call.call_id
+        yield caller, session.call.call_id
+    finally:
+        await caller.hangup()
+        await caller.close()
+
+
+async def heard_speech(stack: LocalStack, call_id: str) -> bool:
+    """Whether the agent's VAD heard speech in the call (a `speech.started` in its log)."""
+    await stack.gateway.wait_idle(30)
+    async with stack.gateway.backend.admin() as admin:
+        events = (await read_call(admin, call_id)).events
+    return any(isinstance(e.payload, SpeechStarted) for e in events)
+
+
+async def test_a_stranger_flooding_a_calls_rtp_port_is_sent_nothing_and_not_heard(stack: LocalStack) -> None:
+    async with answered_call(stack) as (caller, call_id):
         assert caller._far_rtp is not None
         before = len(caller.agent_frames)
         back = await flood(caller._far_rtp, await caller_speech())
@@ -83,13 +101,7 @@ async def test_a_stranger_flooding_a_calls_rtp_port_is_sent_nothing_and_not_hear
         # 90 ticks of the bridge's clock passed; a loaded machine may send fewer, none if the stranger had the call.
         assert during >= 45, f"the caller got {during} packets while the stranger flooded"
         await asyncio.sleep(1.0)  # the VAD would have heard the stranger's speech by now
-    finally:
-        await caller.hangup()
-        await caller.close()
-    await stack.gateway.wait_idle(30)
-    async with stack.gateway.backend.admin() as admin:
-        events = (await read_call(admin, call_id)).events
-    assert not [e for e in events if isinstance(e.payload, SpeechStarted)], "the agent heard the stranger"
+    assert not await heard_speech(stack, call_id), "the agent heard the stranger"
 
 
 async def test_without_the_latch_pjsip_sends_the_call_to_the_stranger(
@@ -97,49 +109,24 @@ async def test_without_the_latch_pjsip_sends_the_call_to_the_stranger(
 ) -> None:
     """The attack the latch stops is real: with it off, PJSIP's symmetric RTP hands the stranger the call."""
     monkeypatch.setattr(rtp_source_lock, "SUPPORTED", False)
-    assert stack.gateway.sip is not None
-    caller = SipCaller("127.0.0.1", stack.gateway.sip.port, AGENT)
-    assert await caller.dial() == 200
-    try:
-        assert await caller.agent_quiet(0.5, 30), "the greeting never ended"
+    async with answered_call(stack) as (caller, _):
         assert caller._far_rtp is not None
         assert await flood(caller._far_rtp, await caller_speech()) > 0
-    finally:
-        await caller.hangup()
-        await caller.close()
 
 
 async def test_a_caller_behind_nat_is_answered_where_its_rtp_comes_from(stack: LocalStack) -> None:
-    assert stack.gateway.sip is not None
-    # Its SDP names a port nothing listens on, as a phone behind NAT names its private one.
-    caller = SipCaller("127.0.0.1", stack.gateway.sip.port, AGENT, sdp_rtp_port=free_sip_port())
-    assert await caller.dial() == 200
-    try:
-        assert await caller.agent_quiet(0.5, 30), "the caller never heard the greeting end"
-        assert caller.loud_bytes() > 8000, "the greeting did not reach the port the caller's RTP comes from"
-    finally:
-        await caller.hangup()
-        await caller.close()
+    # Its SDP names a port nothing listens on, as a phone behind NAT names its private one: the greeting
+    # reaches the port its RTP comes from, or `answered_call` fails.
+    async with answered_call(stack, sdp_rtp_port=free_sip_port()) as (caller, _):
+        assert caller.loud_bytes() > 8000
 
 
 async def test_a_peer_that_moves_its_media_by_re_invite_is_heard_at_the_new_port(stack: LocalStack) -> None:
     """A PBX moving a call's media to a phone: the latch follows the new SDP, the old address's is forgotten."""
-    assert stack.gateway.sip is not None
-    caller = SipCaller("127.0.0.1", stack.gateway.sip.port, AGENT)
-    assert await caller.dial() == 200
-    try:
-        assert await caller.agent_quiet(0.5, 30), "the greeting never ended"
-        [session] = stack.gateway.sessions.values()
-        call_id = session.call.call_id
+    async with answered_call(stack) as (caller, call_id):
         assert await caller.move_media() == 200
         moved_at = len(caller.agent_frames)
         await caller.send_mulaw(await caller_speech())
         await caller.send_mulaw(bytes([0xFF]) * 8000)  # a second of silence: the end of the caller's turn
         assert len(caller.agent_frames) - moved_at >= 50, "the agent's RTP did not follow to the new port"
-    finally:
-        await caller.hangup()
-        await caller.close()
-    await stack.gateway.wait_idle(30)
-    async with stack.gateway.backend.admin() as admin:
-        events = (await read_call(admin, call_id)).events
-    assert [e for e in events if isinstance(e.payload, SpeechStarted)], "the caller was not heard from its new port"
+    assert await heard_speech(stack, call_id), "the caller was not heard from its new port"
