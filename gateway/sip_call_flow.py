@@ -28,7 +28,14 @@ from consumers.workers.dialer import Dial, PlaceFailed
 from gateway.admission import retry_after
 from gateway.caller_recall import recall
 from gateway.runtime import PRODUCER, GatewayRuntime, new_call_id, while_running
-from gateway.sip_endpoint import NARROWBAND_RATE, IncomingInvite, SipDialError, SipEndpoint, SipEndpointConfig
+from gateway.sip_endpoint import (
+    NARROWBAND_RATE,
+    IncomingInvite,
+    SipDialError,
+    SipEndpoint,
+    SipEndpointConfig,
+    ip_of,
+)
 from gateway.sip_media_transport import SipMediaTransport
 from producers.event_writer import CallRecorder
 from schemas.events import CallStarted, CallStatus
@@ -43,6 +50,10 @@ from streams.config.agents import RoutingError
 from streams.connectors.base import ConnectorError
 
 log = logging.getLogger(__name__)
+
+REFUSED_REQUEST_ACTIONS = {"REFER": "sip.refer_refused", "INVITE with Replaces": "sip.replaces_refused",
+                           "redirect": "sip.redirect_refused"}
+"""The audit action of each request `SipEndpoint` refuses a peer within a call (`SipEvents.peer_request_refused`)."""
 
 REALM = "voxlog"
 MEDIA_WAIT_S = 32.0
@@ -178,6 +189,26 @@ class SipCallFlow:
         leg = self.legs.get(handle)
         if leg is not None and leg.transport is not None:
             leg.transport.transfer_status(code, reason, final)
+
+    def peer_request_refused(self, handle: int, request: str, target: str) -> None:
+        """Recorded in the call as bad input from the channel (a peer that keeps at it has its call ended) and
+        audited, as many as the peer's allowance of failures. A call not yet answered has no session: a
+        redirect of a call we placed fails its dial, which the dial's own events record."""
+        leg = self.legs.get(handle)
+        detail = f"{request} from the peer refused (403): a peer's request does not move a call"
+        if target:
+            detail += f"; it named {target[:200]}"
+        log.warning("SIP call %d: %s", handle, detail)
+        if leg is None or leg.session is None:
+            return
+        leg.session.bad_input("sip", detail)
+        if self.runtime.rate_limits.failed_auth(f"sip:{ip_of(leg.peer)}") is not None:
+            return
+        call = leg.session.call
+        self._spawn(self.runtime.audit(
+            tenant_id=call.tenant_id, call_id=call.call_id, actor="sip", action=REFUSED_REQUEST_ACTIONS[request],
+            resource=target[:200] or request, outcome="denied", detail=detail[:500], remote_addr=ip_of(leg.peer)),
+            f"sip-audit-refused-{handle}")
 
     def rtp_stopped(self, handle: int, silent_s: float) -> None:
         leg = self.legs.get(handle)

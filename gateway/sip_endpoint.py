@@ -164,10 +164,10 @@ class IncomingInvite:
 
     @property
     def source_ip(self) -> str:
-        return _ip_of(self.source)
+        return ip_of(self.source)
 
 
-def _ip_of(source: str) -> str:
+def ip_of(source: str) -> str:
     """The address of `ip:port`, `[v6]:port` or a bare address."""
     host = source.rsplit(":", 1)[0] if source.count(":") == 1 or "]" in source else source
     return host.strip("[]")
@@ -233,6 +233,11 @@ class SipEvents(Protocol):
     def transfer_status(self, handle: int, code: int, reason: str, final: bool) -> None: ...
 
     def rtp_stopped(self, handle: int, silent_s: float) -> None: ...
+
+    def peer_request_refused(self, handle: int, request: str, target: str) -> None:
+        """The peer asked, within the call, for what the gateway never does on a peer's word (`_Call`): a
+        REFER (PJSIP would call its target), an INVITE that replaces the call, a redirect of a call we
+        placed. Answered 403 (a redirect: the call fails); the call goes on."""
 
     def ended(self, handle: int, code: int, reason: str) -> None: ...
 
@@ -321,6 +326,23 @@ class _Call(pj.Call):  # type: ignore[misc]
             if first:
                 self.endpoint.post(self.endpoint.events.media_ready, self.handle, self.port.rate)
             return
+
+    # A peer's word does not move a call. PJSIP's defaults would: a REFER from the caller has it INVITE
+    # whatever the Refer-To says (measured: a caller's REFER to sip:+1900...@anywhere was dialled, outside
+    # admission, screening, the trunk's credentials and the log: toll fraud), an INVITE with Replaces takes
+    # over the call without passing the INVITE screening, and a 3xx sends a call we placed elsewhere.
+    def onCallTransferRequest(self, prm: Any) -> None:
+        prm.statusCode = 403
+        self.endpoint.post(self.endpoint.events.peer_request_refused, self.handle, "REFER", str(prm.dstUri))
+
+    def onCallReplaceRequest(self, prm: Any) -> None:
+        prm.statusCode = 403
+        prm.reason = "Replaces is not accepted"
+        self.endpoint.post(self.endpoint.events.peer_request_refused, self.handle, "INVITE with Replaces", "")
+
+    def onCallRedirected(self, prm: Any) -> int:
+        self.endpoint.post(self.endpoint.events.peer_request_refused, self.handle, "redirect", str(prm.targetUri))
+        return int(pj.PJSIP_REDIRECT_REJECT)
 
     def onDtmfDigit(self, prm: Any) -> None:
         self.endpoint.post(self.endpoint.events.dtmf, self.handle, str(prm.digit))
@@ -679,7 +701,7 @@ class SipEndpoint:
         # (read here only when proxies are trusted: otherwise a flood past its allowance costs no copy of it)
         message = str(rdata.wholeMsg) if self._proxies else None
         source = vouched_source(network_source, message, self._proxies) if message is not None else network_source
-        wait = self._invites.take(_ip_of(source or network_source), self.config.invites_per_minute,
+        wait = self._invites.take(ip_of(source or network_source), self.config.invites_per_minute,
                                   self.config.invite_burst)
         if wait is not None:
             self._refuse(call, Refused(503, "Too Many Calls", {"Retry-After": str(max(1, math.ceil(wait)))}))

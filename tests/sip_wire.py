@@ -1,6 +1,6 @@
 """SIP spoken by hand over UDP, for the tests of what the gateway answers a broken or hostile peer:
 an INVITE built line by line (any source address of 127.0.0.0/8, any SDP, any headers), the
-responses read back, and datagrams of anything at all."""
+responses read back, and datagrams of anything at all; and the audit records the gateway keeps of it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,11 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
+from schemas.codec import EventCodec
+from schemas.events import AuditRecorded
+from schemas.topics import AUDIT
 from voxlog.sim.sip_caller import ok_to, parse_sip
+from voxlog.sim.stack import LocalStack
 
 PCMU_SDP = ("v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\n"
             "m=audio {port} RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\n"
@@ -180,3 +184,17 @@ class SipWire:
             self._keep_final(data)
         self._sent.pop(call_id, None)
         return self._finals.pop(call_id)
+
+
+async def audits_of(stack: LocalStack, stream_id: str, timeout_s: float = 10.0) -> list[AuditRecorded]:
+    """The audit records of this stream (an INVITE's `sip:<Call-ID>`, a call's id), once there are any."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        async with stack.gateway.backend.admin() as admin:
+            records = [r async for r in admin.read_key([AUDIT], stream_id.encode())]
+        payloads = [EventCodec().decode(r.value).payload for r in records]
+        found = [p for p in payloads if isinstance(p, AuditRecorded)]
+        if found or loop.time() > deadline:
+            return found
+        await asyncio.sleep(0.05)

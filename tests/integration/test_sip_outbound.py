@@ -82,7 +82,7 @@ async def test_a_softphone_called_through_the_trunk_hears_the_agent(log_bootstra
     async with baresip_peer(tmp_path, user=PERSON, auto_answer=True) as person, \
             stack_with_trunk(tmp_path, f"127.0.0.1:{person.sip_port}", kafka=log_bootstrap) as stack:
         dial_id, call_id = await ask_for_a_call(stack, parameters={"customer": "Ada"})
-        established = await person.wait_event("CALL_ESTABLISHED", timeout_s=30)
+        established = await person.wait_event("CALL_ESTABLISHED", timeout_s=60)  # Kafka's dialer, a busy machine
         assert PERSON in established["peeruri"] or CALLER_ID in established["peeruri"], established
         await until(lambda: fell_silent(person, 1.0), 60, "the agent heard, then silence")
         heard, rate = person.received_audio()

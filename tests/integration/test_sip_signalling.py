@@ -19,11 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.sip_endpoint import SipEndpoint, SipEndpointConfig, SipEvents, SipStartError
-from schemas.codec import EventCodec
 from schemas.events import AuditRecorded
-from schemas.topics import AUDIT, CALL_TOPICS
+from schemas.topics import CALL_TOPICS
 from streams.channels.sip_digest import parse_digest
-from tests.sip_wire import G729_ONLY_SDP, SipWire, digest_answer
+from tests.sip_wire import G729_ONLY_SDP, SipWire, audits_of, digest_answer
 from voxlog.settings import Settings
 from voxlog.sim.demo_agents import demo_agents_with
 from voxlog.sim.sip_caller import free_sip_port
@@ -75,16 +74,7 @@ def from_(stack: LocalStack, ip: str) -> SipWire:
 
 async def audits(stack: LocalStack, call_id: str, timeout_s: float = 10.0) -> list[AuditRecorded]:
     """The audit records of the INVITE with this Call-ID, once there are any (they follow its answer)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        async with stack.gateway.backend.admin() as admin:
-            records = [r async for r in admin.read_key([AUDIT], f"sip:{call_id}".encode())]
-        payloads = [EventCodec().decode(r.value).payload for r in records]
-        found = [p for p in payloads if isinstance(p, AuditRecorded)]
-        if found or loop.time() > deadline:
-            return found
-        await asyncio.sleep(0.05)
+    return await audits_of(stack, f"sip:{call_id}", timeout_s)
 
 
 async def call_events(stack: LocalStack) -> int:

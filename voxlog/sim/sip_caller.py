@@ -59,9 +59,8 @@ class SipCaller:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _dialog: dict[str, str] = field(default_factory=dict)
     _routes: list[str] = field(default_factory=list)
-    _bye_answer: asyncio.Future[int] | None = None
-    _invite_answer: asyncio.Future[int] | None = None
-    """The final status of a re-INVITE (`move_media`)."""
+    _answers: dict[str, asyncio.Future[int]] = field(default_factory=dict)
+    """The final status of each request sent within the dialog, by its CSeq ("2 BYE")."""
     _cseq: int = 1
     """The dialog's last CSeq (the INVITE's is 1)."""
     _far_rtp: tuple[str, int] | None = None
@@ -178,19 +177,31 @@ class SipCaller:
         if self._sip is None or self.status != 200 or self.closed.is_set():
             return
         self.closed.set()
-        self._bye_answer = asyncio.get_running_loop().create_future()
+        status = await self.request("BYE", timeout_s=timeout_s)
+        if not 200 <= status < 300:
+            raise RuntimeError(f"the BYE was answered {status}")
+
+    async def request(self, method: str, *, extra: list[str] | None = None, body: str = "",
+                      timeout_s: float = 10.0) -> int:
+        """A request within the dialog, resent as RFC 3261's timers A and E do until it is answered: its final
+        status (raises TimeoutError without one)."""
         self._cseq += 1
-        bye = self._request("BYE", self._cseq, to=self._dialog["to"])
+        cseq = f"{self._cseq} {method}"
+        answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._answers[cseq] = answer
+        message = self._request(method, self._cseq, to=self._dialog["to"], body=body, extra=extra)
         deadline, interval = time.monotonic() + timeout_s, 0.5
-        while not self._bye_answer.done() and time.monotonic() < deadline:
-            self._send_sip(bye)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._bye_answer), min(interval, deadline - time.monotonic()))
-            interval = min(interval * 2, 4.0)
-        if not self._bye_answer.done():
-            raise TimeoutError(f"no answer to the BYE within {timeout_s:.0f} s")
-        if not 200 <= self._bye_answer.result() < 300:
-            raise RuntimeError(f"the BYE was answered {self._bye_answer.result()}")
+        try:
+            while not answer.done() and time.monotonic() < deadline:
+                self._send_sip(message)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(answer), min(interval, deadline - time.monotonic()))
+                interval = min(interval * 2, 4.0)
+            if not answer.done():
+                raise TimeoutError(f"no answer to the {method} within {timeout_s:.0f} s")
+            return answer.result()
+        finally:
+            del self._answers[cseq]
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -223,41 +234,26 @@ class SipCaller:
             if data.startswith(b"BYE "):
                 self._send_sip(ok_to(headers))
                 self.closed.set()
-            elif (status is not None and status >= 200 and headers.get("cseq", "").endswith("BYE")
-                  and self._bye_answer is not None and not self._bye_answer.done()):
-                self._bye_answer.set_result(status)
-            elif (status is not None and status >= 200 and headers.get("cseq") == f"{self._cseq} INVITE"
-                  and self._invite_answer is not None and not self._invite_answer.done()):
-                self._invite_answer.set_result(status)
+            elif status is not None and status >= 200:
+                answer = self._answers.get(headers.get("cseq", ""))
+                if answer is not None and not answer.done():
+                    answer.set_result(status)
 
     async def move_media(self, timeout_s: float = 10.0) -> int:
         """A re-INVITE naming a new RTP port, as a PBX moving a call's media to a phone does: from its answer
         on, the caller's RTP comes from that port and the old one falls silent. The re-INVITE's final status."""
         loop = asyncio.get_running_loop()
         moved, _ = await loop.create_datagram_endpoint(lambda: _Datagrams(self._rtp_in), local_addr=(self.host, 0))
-        self._cseq += 1
-        self._invite_answer = loop.create_future()
-        reinvite = self._request("INVITE", self._cseq, to=self._dialog["to"],
-                                 body=self._offer(moved.get_extra_info("sockname")[1], self._cseq),
-                                 extra=[f"Contact: <sip:caller@{self.host}:{self._dialog['via_port']}>",
-                                        "Content-Type: application/sdp"])
-        deadline, interval = loop.time() + timeout_s, 0.5
-        while not self._invite_answer.done() and loop.time() < deadline:
-            self._send_sip(reinvite)  # RFC 3261 timer A
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._invite_answer), min(interval, deadline - loop.time()))
-            interval = min(interval * 2, 4.0)
-        if not self._invite_answer.done():
+        status = await self.request(
+            "INVITE", body=self._offer(moved.get_extra_info("sockname")[1], self._cseq + 1), timeout_s=timeout_s,
+            extra=[f"Contact: <sip:caller@{self.host}:{self._dialog['via_port']}>", "Content-Type: application/sdp"])
+        if not 200 <= status < 300:
             moved.close()
-            raise TimeoutError(f"no answer to the re-INVITE within {timeout_s:.0f} s")
-        status = self._invite_answer.result()
-        if 200 <= status < 300:
-            self._send_sip(self._request("ACK", self._cseq, to=self._dialog["to"]))
-            old, self._rtp = self._rtp, moved
-            if old is not None:
-                old.close()
-        else:
-            moved.close()
+            return status
+        self._send_sip(self._request("ACK", self._cseq, to=self._dialog["to"]))
+        old, self._rtp = self._rtp, moved
+        if old is not None:
+            old.close()
         return status
 
     def _offer(self, rtp_port: int, version: int) -> str:

@@ -1,6 +1,9 @@
-"""Whose RTP a SIP call takes (`gateway.rtp_source_lock`), over real UDP to the real stack (PJSIP): a
-stranger who floods a call's RTP port is neither sent the call nor heard in it, and a caller behind NAT,
-whose packets come from another port than its SDP names, is answered where they come from."""
+"""What a hostile peer or stranger gets from a call in progress, over real UDP to the real stack (PJSIP).
+Whose RTP a call takes (`gateway.rtp_source_lock`): a stranger who floods a call's RTP port is neither sent
+the call nor heard in it, a caller behind NAT (its packets from another port than its SDP names) is
+answered where they come from, and a peer that moves its media by re-INVITE is followed. What a peer may
+ask within the call: a REFER (PJSIP would dial its target) and an INVITE replacing the call are refused,
+audited, and the call goes on."""
 
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ import pytest
 
 from consumers.event_reader import read_call
 from gateway import rtp_source_lock
-from schemas.events import SpeechStarted
+from schemas.events import ErrorRaised, SpeechStarted
+from tests.sip_wire import SipWire, audits_of
 from voxlog.bench_calls import caller_speech
 from voxlog.settings import Settings
 from voxlog.sim.sip_caller import SipCaller, free_sip_port
@@ -83,12 +87,15 @@ async def answered_call(stack: LocalStack, sdp_rtp_port: int | None = None) -> A
         await caller.close()
 
 
-async def heard_speech(stack: LocalStack, call_id: str) -> bool:
-    """Whether the agent's VAD heard speech in the call (a `speech.started` in its log)."""
+async def payloads_of(stack: LocalStack, call_id: str) -> list[object]:
     await stack.gateway.wait_idle(30)
     async with stack.gateway.backend.admin() as admin:
-        events = (await read_call(admin, call_id)).events
-    return any(isinstance(e.payload, SpeechStarted) for e in events)
+        return [e.payload for e in (await read_call(admin, call_id)).events]
+
+
+async def heard_speech(stack: LocalStack, call_id: str) -> bool:
+    """Whether the agent's VAD heard speech in the call (a `speech.started` in its log)."""
+    return any(isinstance(p, SpeechStarted) for p in await payloads_of(stack, call_id))
 
 
 async def test_a_stranger_flooding_a_calls_rtp_port_is_sent_nothing_and_not_heard(stack: LocalStack) -> None:
@@ -130,3 +137,45 @@ async def test_a_peer_that_moves_its_media_by_re_invite_is_heard_at_the_new_port
         await caller.send_mulaw(bytes([0xFF]) * 8000)  # a second of silence: the end of the caller's turn
         assert len(caller.agent_frames) - moved_at >= 50, "the agent's RTP did not follow to the new port"
     assert await heard_speech(stack, call_id), "the caller was not heard from its new port"
+
+
+async def test_a_callers_refer_is_refused_dials_nobody_and_the_call_goes_on(stack: LocalStack) -> None:
+    """PJSIP's default was to INVITE whatever a caller's REFER named: a premium number through the trunk."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as target:
+        target.bind(("127.0.0.1", 0))
+        target.setblocking(False)
+        refer_to = f"<sip:+19005550123@127.0.0.1:{target.getsockname()[1]}>"
+        async with answered_call(stack) as (caller, call_id):
+            status = await caller.request("REFER", extra=[f"Refer-To: {refer_to}"])
+            assert status == 403
+            await asyncio.sleep(1.0)
+            assert drain(target) == 0, "the gateway dialled the REFER's target"
+            assert not caller.closed.is_set()
+            before = len(caller.agent_frames)
+            await asyncio.sleep(0.5)
+            assert len(caller.agent_frames) - before >= 10, "the call's audio stopped"
+    [refused] = [p for p in await payloads_of(stack, call_id) if isinstance(p, ErrorRaised) and "REFER" in p.message]
+    assert refused.kind == "bad_input"
+    assert "+19005550123" in refused.message
+    [audit] = await audits_of(stack, call_id)
+    assert (audit.action, audit.outcome, audit.remote_addr) == ("sip.refer_refused", "denied", "127.0.0.1")
+
+
+async def test_an_invite_that_replaces_a_call_is_refused_and_the_call_goes_on(stack: LocalStack) -> None:
+    """An INVITE with Replaces takes a call over without its own screening; nobody here needs it."""
+    assert stack.gateway.sip is not None
+    async with answered_call(stack) as (caller, call_id):
+        from_tag = caller._dialog["from"].rpartition("tag=")[2]
+        to_tag = caller._dialog["to"].rpartition("tag=")[2]
+        wire = SipWire(stack.gateway.sip.port, "127.0.0.1")
+        try:
+            taking = wire.invite(AGENT, headers={
+                "Replaces": f"{caller._dialog['call-id']};to-tag={to_tag};from-tag={from_tag}"})
+            assert (await wire.final(taking)).status == 403
+        finally:
+            wire.close()
+        assert not caller.closed.is_set()
+        before = len(caller.agent_frames)
+        await asyncio.sleep(0.5)
+        assert len(caller.agent_frames) - before >= 10, "the call's audio stopped"
+    assert [a.action for a in await audits_of(stack, call_id)] == ["sip.replaces_refused"]
