@@ -220,6 +220,26 @@ async def test_a_ring_nobody_answers_is_cancelled_at_the_ring_timeout(trunk: Han
         assert stack.gateway.admission.live == 0
 
 
+async def test_a_redirect_is_not_followed_and_fails_the_dial(trunk: HandTrunk, tmp_path: Path) -> None:
+    """A 3xx from the trunk (or a callee behind it) does not send the call elsewhere: it goes where the API said."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as elsewhere:
+        elsewhere.bind(("127.0.0.1", 0))
+        elsewhere.setblocking(False)
+        async with stack_with_trunk(tmp_path, trunk.address) as stack:
+            dial_id, _ = await ask_for_a_call(stack)
+            invite = await trunk.request("INVITE")
+            trunk.answer(invite, 302, "Moved Temporarily",
+                         {"Contact": f"<sip:+19005550123@127.0.0.1:{elsewhere.getsockname()[1]}>"})
+            await trunk.request("ACK")
+            dial = await wait_for_stream(stack, dial_id, lambda events: any(
+                isinstance(e.payload, CallStatus) and e.payload.status in ("failed", "busy", "no-answer")
+                for e in events), timeout_s=30)
+            with pytest.raises(BlockingIOError):
+                elsewhere.recv(4096)
+            assert [status for status, _ in statuses(dial)][-1] == "failed", statuses(dial)
+            assert stack.gateway.admission.live == 0
+
+
 async def test_a_trunk_that_says_nothing_fails_the_call_at_the_ring_timeout(trunk: HandTrunk, tmp_path: Path) -> None:
     """No response at all, not even 100 Trying: a trunk that is down, not a person who did not answer."""
     async with stack_with_trunk(tmp_path, trunk.address) as stack:
