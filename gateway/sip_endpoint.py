@@ -376,6 +376,13 @@ class _Account(pj.Account):  # type: ignore[misc]
     def onIncomingCall(self, prm: Any) -> None:
         self.endpoint.incoming(self, prm)
 
+    def onIncomingSubscribe(self, prm: Any) -> None:
+        # PJSIP accepted a presence SUBSCRIBE from anyone, unscreened, for as long as it asked (an hour), and
+        # kept sending it NOTIFYs: a dialog held per datagram, and a reflector towards a forged source.
+        # An agent has no presence to offer.
+        prm.code = 489
+        prm.reason = "Bad Event"
+
 
 @dataclass
 class SipEndpoint:

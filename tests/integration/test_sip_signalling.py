@@ -246,6 +246,20 @@ async def test_unknown_methods_and_garbage_do_not_stop_the_endpoint(
     await alive(stack)
 
 
+async def test_a_subscription_is_refused_from_anyone(stack: LocalStack) -> None:
+    """PJSIP took a presence SUBSCRIBE from any address for an hour, NOTIFYing it: a dialog per datagram."""
+    assert stack.gateway.sip is not None
+    for source in ("127.0.0.2", "127.0.0.5"):  # an address the demo tenant allows, and one nobody does
+        wire = SipWire(stack.gateway.sip.port, source)
+        try:
+            for event in ("presence", "message-summary", "dialog"):
+                subscribe = wire.invite("voxlog", method="SUBSCRIBE", sdp="",
+                                        headers={"Event": event, "Expires": "3600"})
+                assert (await wire.final(subscribe, timeout_s=5)).status == 489
+        finally:
+            wire.close()
+
+
 async def test_the_endpoint_survives_fuzzing(stack: LocalStack) -> None:
     """Hypothesis's datagrams (above) at a live endpoint, then an OPTIONS that must still be answered."""
     assert stack.gateway.sip is not None
