@@ -108,6 +108,9 @@ class SipEndpointConfig:
     tls_port: int | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_ca: Path | None = None
+    """The CA bundle a peer's certificate must chain to when we connect to it over TLS (a trunk): its name
+    is checked too. None: no TLS connection out is trusted."""
     rtp_port: int = 20000
     rtp_port_range: int = 10000
     max_calls: int = 64
@@ -633,6 +636,11 @@ class SipEndpoint:
             tls.tlsConfig.certFile = str(config.tls_cert)
             tls.tlsConfig.privKeyFile = str(config.tls_key)
             tls.tlsConfig.method = pj.PJSIP_TLSV1_2_METHOD
+            # PJSIP's default trusts any certificate a server shows: a trunk's digest credential and the call's
+            # signalling would go to whoever sat between. Peers calling in are screened by address and digest.
+            tls.tlsConfig.verifyServer = True
+            if config.tls_ca is not None:
+                tls.tlsConfig.CaListFile = str(config.tls_ca)
             endpoint.transportCreate(pj.PJSIP_TRANSPORT_TLS, tls)
         endpoint.audDevManager().setNullDev()
         wanted = [CODECS[name] for name in config.codecs]

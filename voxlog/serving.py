@@ -8,11 +8,13 @@ import atexit
 import logging
 import secrets
 import shutil
+import ssl
 import tempfile
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+import certifi
 import uvicorn
 import uvloop
 
@@ -96,6 +98,13 @@ SIP_ANSWERING = 16
 answer is its own (503, Retry-After), not the stack's 486."""
 
 
+def trusted_cas() -> Path:
+    """The CA bundle a TLS trunk's certificate is checked against when `VOXLOG_SIP_TLS_CA` names none: the
+    system's (where the operator's own CAs are installed), else certifi's."""
+    system = ssl.get_default_verify_paths().cafile
+    return Path(system) if system and Path(system).is_file() else Path(certifi.where())
+
+
 def sip_config(settings: Settings) -> SipEndpointConfig | None:
     """The SIP endpoint the settings ask for (`VOXLOG_SIP_BIND`), or None."""
     if settings.sip_bind is None:
@@ -109,7 +118,8 @@ def sip_config(settings: Settings) -> SipEndpointConfig | None:
         raise ValueError(f"VOXLOG_SIP_RTP_PORTS {settings.sip_rtp_ports}: the last port is before the first")
     return SipEndpointConfig(host=host.strip("[]"), port=int(port), public_host=settings.sip_public_host,
                              tls_port=settings.sip_tls_port, tls_cert=settings.sip_tls_cert,
-                             tls_key=settings.sip_tls_key, rtp_port=int(first), rtp_port_range=int(last) - int(first),
+                             tls_key=settings.sip_tls_key, tls_ca=settings.sip_tls_ca or trusted_cas(),
+                             rtp_port=int(first), rtp_port_range=int(last) - int(first),
                              max_calls=settings.call_capacity + SIP_ANSWERING, user_agent=f"voxlog/{__version__}",
                              rtp_timeout_s=settings.sip_rtp_timeout_s,
                              invites_per_minute=settings.sip_invites_per_minute,

@@ -76,6 +76,9 @@ class Settings(BaseSettings):
                                      "VOXLOG_SIP_TLS_CERT and VOXLOG_SIP_TLS_KEY).")
     sip_tls_cert: Path | None = Field(None, description="The TLS certificate chain (PEM) for SIP over TLS.")
     sip_tls_key: Path | None = Field(None, description="Its private key (PEM).")
+    sip_tls_ca: Path | None = Field(
+        None, description="The CA certificates (PEM) a TLS trunk's certificate must chain to, for calls placed "
+        "through it; unset: the system's (or certifi's) bundle.")
     sip_rtp_ports: str = Field("20000-29999", pattern=r"^[0-9]{1,5}-[0-9]{1,5}$",
                                description="The UDP ports RTP (and RTCP) of SIP calls use, first-last.")
     sip_rtp_timeout_s: float = Field(30.0, gt=0, description="A SIP call that brings no RTP for this long "

@@ -10,8 +10,11 @@ timeout passes)."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import hashlib
+import ipaddress
 import socket
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -20,6 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from consumers.event_reader import read_call
 from schemas.base import Event, EventPayload
@@ -31,7 +39,7 @@ from tests.integration.test_outbound_calls import api, wait_for_stream
 from tests.integration.test_sip_calls import fell_silent, loud_seconds, sip_settings, until
 from voxlog.settings import Settings
 from voxlog.sim.demo_agents import demo_agents_with
-from voxlog.sim.sip_caller import parse_sip
+from voxlog.sim.sip_caller import free_sip_port, parse_sip
 from voxlog.sim.stack import LocalStack, local_stack
 
 pytestmark = pytest.mark.slow
@@ -279,3 +287,73 @@ async def test_a_tenant_with_a_trunk_is_never_dialled_through_twilio_instead(tmp
         assert (failed.provider, failed.final) == ("none", True)
         assert "needs a gateway serving SIP (VOXLOG_SIP_BIND)" in failed.error, failed.error
         assert stack.twilio.calls == {}, "nothing placed through Twilio"
+
+
+# A trunk over TLS.
+
+def certificate(folder: Path, name: str, *, names_the_address: bool = True) -> tuple[Path, Path]:
+    """A self-signed certificate for `name` (and 127.0.0.1, unless not), and its key: files in `folder`."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    alternatives: list[x509.GeneralName] = [x509.DNSName(name)]
+    if names_the_address:
+        alternatives.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    made = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName(alternatives), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert, private = folder / f"{name}.crt", folder / f"{name}.key"
+    cert.write_bytes(made.public_bytes(serialization.Encoding.PEM))
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return cert, private
+
+
+@pytest.mark.parametrize(("trusted", "names_the_address", "reached"), [
+    (True, True, True),
+    (False, True, False),  # a certificate nobody told the gateway to trust
+    (True, False, False),  # trusted, but for another name than the trunk's address
+], ids=["trusted", "untrusted", "another-name"])
+async def test_a_tls_trunk_is_sent_the_call_only_when_its_certificate_checks_out(
+        tmp_path: Path, trusted: bool, names_the_address: bool, reached: bool) -> None:
+    """PJSIP's default trusted any certificate a server showed: the INVITE, and the digest answered to a
+    challenge, went to whoever sat between the gateway and its trunk."""
+    trunk_cert, trunk_key = certificate(tmp_path, "trunk.test", names_the_address=names_the_address)
+    gateway_cert, gateway_key = certificate(tmp_path, "gateway.test")
+    first_bytes: list[bytes] = []
+    connected = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            first_bytes.append(await asyncio.wait_for(reader.read(200), 10))
+        except (TimeoutError, OSError, ssl.SSLError):
+            first_bytes.append(b"")
+        connected.set()
+        writer.close()
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(trunk_cert, trunk_key)
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
+    try:
+        proxy = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        agents = agents_with_trunk(tmp_path / "agents", proxy)
+        tenant_file = agents / "demo" / "tenant.yaml"
+        tenant = yaml.safe_load(tenant_file.read_text())
+        tenant["sip"]["outbound"]["transport"] = "tls"
+        tenant_file.write_text(yaml.safe_dump(tenant))
+        settings = sip_settings(tmp_path / "home", agents).model_copy(update={
+            "sip_tls_port": free_sip_port(), "sip_tls_cert": gateway_cert, "sip_tls_key": gateway_key,
+            "sip_tls_ca": trunk_cert if trusted else None})
+        async with local_stack(settings) as stack:
+            dial_id, _ = await ask_for_a_call(stack)
+            if reached:
+                await asyncio.wait_for(connected.wait(), 30)
+                assert first_bytes[0].startswith(b"INVITE sip:+15557770100@"), first_bytes
+            else:
+                dial = await wait_for_stream(stack, dial_id, has_status("failed"), timeout_s=60)
+                assert [name for name, _ in statuses(dial)] == ["failed"]
+                assert not any(data.startswith(b"INVITE") for data in first_bytes), first_bytes
+    finally:
+        server.close()

@@ -63,3 +63,15 @@ def test_trusted_proxies_are_networks(tmp_path: Path) -> None:
         sip_config(settings(tmp_path, sip_trusted_proxies="10.0.0.0/33"))
     with pytest.raises(ValueError, match="VOXLOG_SIP_TRUSTED_PROXIES"):
         sip_config(settings(tmp_path, sip_trusted_proxies="front.example"))
+
+
+def test_a_tls_trunks_certificate_is_checked_against_the_cas_named_or_a_bundle_that_exists(tmp_path: Path) -> None:
+    named = tmp_path / "cas.pem"
+    config = sip_config(settings(tmp_path, sip_tls_ca=named))
+    assert config is not None
+    assert config.tls_ca == named
+    default = sip_config(settings(tmp_path))
+    assert default is not None
+    assert default.tls_ca is not None
+    assert default.tls_ca.is_file()
+    assert "BEGIN CERTIFICATE" in default.tls_ca.read_text()
