@@ -72,12 +72,14 @@ def host_port(name: str) -> tuple[str, int] | None:
 
 
 def udp_socket_at(host: str, port: int) -> int | None:
-    """The descriptor of this process's UDP socket bound to `host`:`port` (PJSIP's, for a call's RTP), if any."""
-    wanted = ipaddress.ip_address(host)
+    """The descriptor of this process's UDP socket on `port` (PJSIP's, for a call's RTP), if any. `host` is
+    what PJSIP names, which behind NAT is the published address, not the bound one: it only picks among
+    sockets on the same port bound to different addresses."""
     try:
         descriptors = os.listdir("/proc/self/fd")
     except OSError:
         return None
+    found: list[tuple[int, str]] = []
     for name in descriptors:
         fd = int(name)
         try:
@@ -87,13 +89,22 @@ def udp_socket_at(host: str, port: int) -> int | None:
         except OSError:
             continue  # closed meanwhile, or not ours to read
         with probe:
-            if probe.type != socket.SOCK_DGRAM or probe.family not in (socket.AF_INET, socket.AF_INET6):
-                continue
-            bound_host, bound_port = probe.getsockname()[:2]
-            if bound_port == port and (ipaddress.ip_address(bound_host) in (wanted, ipaddress.ip_address("0.0.0.0"),
-                                                                             ipaddress.ip_address("::"))):
-                return fd
-    return None
+            if probe.type == socket.SOCK_DGRAM and probe.family in (socket.AF_INET, socket.AF_INET6):
+                bound_host, bound_port = probe.getsockname()[:2]
+                if bound_port == port:
+                    found.append((fd, bound_host))
+    if len(found) > 1:
+        found = [(fd, bound) for fd, bound in found if _answers_at(bound, host)]
+    return found[0][0] if len(found) == 1 else None
+
+
+def _answers_at(bound: str, host: str) -> bool:
+    """Whether a socket bound to `bound` takes packets for `host` (the same address, or every address)."""
+    try:
+        address = ipaddress.ip_address(bound)
+        return address.is_unspecified or address == ipaddress.ip_address(host)
+    except ValueError:
+        return False
 
 
 def lock_to(fd: int, host: str, port: int) -> None:

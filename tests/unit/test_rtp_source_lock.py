@@ -122,6 +122,23 @@ def test_the_socket_bound_to_an_address_is_found_and_a_port_nobody_holds_is_not(
     assert udp_socket_at("127.0.0.1", port) is None  # closed
 
 
+def test_a_socket_is_found_by_its_port_whatever_address_pjsip_publishes_for_it() -> None:
+    """Behind NAT, PJSIP names the published address (VOXLOG_SIP_PUBLIC_HOST), not the one bound."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as held:
+        held.bind(("127.0.0.1", 0))
+        assert udp_socket_at("203.0.113.5", held.getsockname()[1]) == held.fileno()
+
+
+def test_of_two_sockets_on_one_port_the_one_at_the_address_named_is_found() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as first, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as second:
+        first.bind(("127.0.0.1", 0))
+        port = first.getsockname()[1]
+        second.bind(("127.0.0.5", port))
+        assert udp_socket_at("127.0.0.5", port) == second.fileno()
+        assert udp_socket_at("203.0.113.5", port) is None  # neither: not a guess
+
+
 def test_a_socket_bound_to_every_address_is_found_by_any() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as held:
         held.bind(("0.0.0.0", 0))
