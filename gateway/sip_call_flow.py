@@ -195,7 +195,7 @@ class SipCallFlow:
         audited, as many as the peer's allowance of failures. A call not yet answered has no session: a
         redirect of a call we placed fails its dial, which the dial's own events record."""
         leg = self.legs.get(handle)
-        detail = f"{request} from the peer refused (403): a peer's request does not move a call"
+        detail = f"{request} from the peer refused: a peer's request does not move a call"
         if target:
             detail += f"; it named {target[:200]}"
         log.warning("SIP call %d: %s", handle, detail)

@@ -110,7 +110,7 @@ class SipEndpointConfig:
     tls_key: Path | None = None
     tls_ca: Path | None = None
     """The CA bundle a peer's certificate must chain to when we connect to it over TLS (a trunk): its name
-    is checked too. None: no TLS connection out is trusted."""
+    is checked too. None: none named (`voxlog.serving.sip_config` always names one)."""
     rtp_port: int = 20000
     rtp_port_range: int = 10000
     max_calls: int = 64
