@@ -22,6 +22,7 @@ RTCP is left to PJSIP: its reports carry no audio.
 from __future__ import annotations
 
 import ctypes
+import errno
 import ipaddress
 import os
 import socket
@@ -122,5 +123,5 @@ def unlock(fd: int) -> None:
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
         except OSError as exc:
-            if exc.errno != 2:  # ENOENT: there was none
+            if exc.errno != errno.ENOENT:  # there was none
                 raise

@@ -782,7 +782,8 @@ class SipEndpoint:
         if not rtp_source_lock.SUPPORTED:
             return
         self._latching.pop(call.handle, None)
-        local = rtp_source_lock.host_port(str(call.getMedTransportInfo(index).localRtpName))
+        named = str(call.getMedTransportInfo(index).localRtpName)
+        local = rtp_source_lock.host_port(named)
         fd = None if local is None else rtp_source_lock.udp_socket_at(*local)
         call.rtp_socket, call.rtp_media = fd, index
         try:  # a re-INVITE that changes little keeps the stream, and its count, with the old peer's packets in it
@@ -791,7 +792,7 @@ class SipEndpoint:
             call.rtp_packets_unlatched = 0
         if fd is None:
             log.warning("sip: call %s: its RTP socket (%s) was not found: RTP from any address reaches it",
-                        call.handle, call.getMedTransportInfo(index).localRtpName)
+                        call.handle, named)
             return
         try:
             rtp_source_lock.unlock(fd)
