@@ -647,6 +647,14 @@ class SipEndpoint:
         present = [codec.codecId for codec in endpoint.codecEnum2()]
         for codec_id in present:
             endpoint.codecSetPriority(codec_id, 255 - wanted.index(codec_id) if codec_id in wanted else 0)
+            if codec_id in wanted:
+                # PJSIP's loss concealment (WSOLA) holds back 5 ms of every frame it decodes, lost or not: the
+                # caller was heard 5 ms late and out of step with its packets, so the end of each turn
+                # reached into one more 20 ms frame and the VAD's silence began a frame later (25 ms a turn,
+                # docs/performance.md). A lost packet is heard as the silence it was, as on Twilio's path.
+                param = endpoint.codecGetParam(codec_id)
+                param.setting.plc = False
+                endpoint.codecSetParam(codec_id, param)
         if missing := [name for name in config.codecs if CODECS[name] not in present]:
             log.error("sip: this PJSIP has no %s: calls are offered and answered without it", ", ".join(missing))
         endpoint.libStart()
