@@ -100,9 +100,9 @@ async def heard_speech(stack: LocalStack, call_id: str) -> bool:
 
 async def test_a_stranger_flooding_a_calls_rtp_port_is_sent_nothing_and_not_heard(stack: LocalStack) -> None:
     async with answered_call(stack) as (caller, call_id):
-        assert caller._far_rtp is not None
+        assert caller.gateway_rtp is not None
         before = len(caller.agent_frames)
-        back = await flood(caller._far_rtp, await caller_speech())
+        back = await flood(caller.gateway_rtp, await caller_speech())
         during = len(caller.agent_frames) - before
         assert back == 0, f"the stranger was sent {back} packets of the call"
         # 90 ticks of the bridge's clock passed; a loaded machine may send fewer, none if the stranger had the call.
@@ -117,8 +117,8 @@ async def test_without_the_latch_pjsip_sends_the_call_to_the_stranger(
     """The attack the latch stops is real: with it off, PJSIP's symmetric RTP hands the stranger the call."""
     monkeypatch.setattr(rtp_source_lock, "SUPPORTED", False)
     async with answered_call(stack) as (caller, _):
-        assert caller._far_rtp is not None
-        assert await flood(caller._far_rtp, await caller_speech()) > 0
+        assert caller.gateway_rtp is not None
+        assert await flood(caller.gateway_rtp, await caller_speech()) > 0
 
 
 async def test_a_caller_behind_nat_is_answered_where_its_rtp_comes_from(stack: LocalStack) -> None:
@@ -165,12 +165,9 @@ async def test_an_invite_that_replaces_a_call_is_refused_and_the_call_goes_on(st
     """An INVITE with Replaces takes a call over without its own screening; nobody here needs it."""
     assert stack.gateway.sip is not None
     async with answered_call(stack) as (caller, call_id):
-        from_tag = caller._dialog["from"].rpartition("tag=")[2]
-        to_tag = caller._dialog["to"].rpartition("tag=")[2]
         wire = SipWire(stack.gateway.sip.port, "127.0.0.1")
         try:
-            taking = wire.invite(AGENT, headers={
-                "Replaces": f"{caller._dialog['call-id']};to-tag={to_tag};from-tag={from_tag}"})
+            taking = wire.invite(AGENT, headers={"Replaces": caller.replaces()})
             assert (await wire.final(taking)).status == 403
         finally:
             wire.close()

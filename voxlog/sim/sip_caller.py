@@ -77,6 +77,17 @@ class SipCaller:
     def agent_audio(self) -> bytes:
         return b"".join(frame.payload for frame in self.agent_frames)
 
+    @property
+    def gateway_rtp(self) -> tuple[str, int] | None:
+        """Where the gateway's answer said to send RTP (None before an answer)."""
+        return self._far_rtp
+
+    def replaces(self) -> str:
+        """A Replaces header's value naming this dialog (RFC 3891), as a second INVITE would to take it over."""
+        from_tag = self._dialog["from"].rpartition("tag=")[2]
+        to_tag = self._dialog["to"].rpartition("tag=")[2]
+        return f"{self._dialog['call-id']};to-tag={to_tag};from-tag={from_tag}"
+
     async def dial(self, timeout_s: float = 30.0) -> int:
         """INVITEs the agent's number; the final status (on 200, ACKed and the RTP running)."""
         loop = asyncio.get_running_loop()
