@@ -650,7 +650,7 @@ class SipEndpoint:
             if codec_id in wanted:
                 # PJSIP's loss concealment (WSOLA) holds back 5 ms of every frame it decodes, lost or not: the
                 # caller was heard 5 ms late and out of step with its packets, so the end of each turn
-                # reached into one more 20 ms frame and the VAD's silence began a frame later (25 ms a turn,
+                # reached into one more 20 ms frame and the VAD's silence began a frame later (up to 25 ms a turn,
                 # docs/performance.md). A lost packet is heard as the silence it was, as on Twilio's path.
                 param = endpoint.codecGetParam(codec_id)
                 param.setting.plc = False
