@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
 from schemas.envelope import Envelope
+from schemas.slot_init import slot_init
 
 
 class EventPayload:
@@ -27,6 +28,7 @@ class EventPayload:
 P = TypeVar("P", bound=EventPayload, covariant=True)
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class Event(Generic[P]):
     """An immutable fact about a call: who/when/where (envelope) and what (payload)."""

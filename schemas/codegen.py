@@ -72,7 +72,8 @@ class _Module:
             return name
         self.emitted[name] = "record"
         fields = [f for f in schema["fields"] if f["name"] != skip]
-        lines = ["", "", "@dataclass(frozen=True, slots=True)", f"class {name}{f'({base})' if base else ''}:"]
+        heading = f"class {name}({base}):" if base else f"class {name}:"
+        lines = ["", "", "@slot_init", "@dataclass(frozen=True, slots=True)", heading]
         lines.append(f'    """{schema.get("doc", name)}"""')
         lines.append("")
         for key, value in (class_vars or {}).items():
@@ -153,7 +154,8 @@ def render(registry: SchemaRegistry) -> dict[str, str]:
     env.record(registry.envelope, base=None)
     envelope_py = (
         HEADER + "\nfrom __future__ import annotations\n\nfrom collections.abc import Mapping\n"
-        "from dataclasses import dataclass\nfrom typing import Any\n" + "".join(env.blocks)
+        "from dataclasses import dataclass\nfrom typing import Any\n\nfrom schemas.slot_init import slot_init\n"
+        + "".join(env.blocks)
     )
 
     events = _Module()
@@ -169,7 +171,7 @@ def render(registry: SchemaRegistry) -> dict[str, str]:
     events_py = (
         HEADER + "\nfrom __future__ import annotations\n\nfrom collections.abc import Mapping\n"
         "from dataclasses import dataclass, field\nfrom typing import Any, ClassVar, Literal\n\n"
-        "from schemas.base import EventPayload\n"
+        "from schemas.base import EventPayload\nfrom schemas.slot_init import slot_init\n"
         + "".join(events.blocks)
         + f"\n\nPAYLOAD_TYPES: dict[str, type[EventPayload]] = {{\n{table}\n}}\n"
         + "\n__all__ = [\n"

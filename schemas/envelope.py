@@ -6,7 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from schemas.slot_init import slot_init
 
+
+@slot_init
 @dataclass(frozen=True, slots=True)
 class Envelope:
     """Carried by every event. Kafka key = call_id, so one call's events are totally ordered."""

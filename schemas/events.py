@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from schemas.base import EventPayload
+from schemas.slot_init import slot_init
 
 
 AudioCodec = Literal["pcm_s16le", "mulaw"]
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class AgentAudioChunk(EventPayload):
     """A chunk of the agent's audio as sent to the caller."""
@@ -58,6 +60,7 @@ class AgentAudioChunk(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class CallerAudioChunk(EventPayload):
     """A chunk of the caller's audio as received (typically 20 ms)."""
@@ -100,6 +103,7 @@ class CallerAudioChunk(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class AuditRecorded(EventPayload):
     """Who or what did what, when, to what: for the compliance trail. On the audit topic; call_id (the key) is the call concerned or '-'; seq is not a call's sequence."""
@@ -142,6 +146,7 @@ class AuditRecorded(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class CallAnswered(EventPayload):
     """The call was answered and media is flowing."""
@@ -164,6 +169,7 @@ class CallAnswered(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class CallDialFailed(EventPayload):
     """An attempt to place the call failed, or the dial was given up (final)."""
@@ -206,6 +212,7 @@ class CallDialFailed(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class CallDialPlaced(EventPayload):
     """The dialer placed the call with the carrier (Twilio accepted it); it rings next."""
@@ -244,6 +251,7 @@ class CallDialPlaced(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class CallDialRequested(EventPayload):
     """Someone asked the platform to phone a person (POST /v1/calls). The dial's own stream: call_id in the envelope is the dial id; the dialer places it."""
@@ -294,6 +302,7 @@ class CallDialRequested(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class CallEnded(EventPayload):
     """The call ended."""
@@ -328,6 +337,7 @@ class CallEnded(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class CallHangupRequested(EventPayload):
     """The core decided to end the call; call.ended follows."""
@@ -350,6 +360,7 @@ class CallHangupRequested(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class CallRefused(EventPayload):
     """A call that reached the gateway was not taken on (admission control): the caller heard busy. The call has no other event."""
@@ -414,6 +425,7 @@ Channel = Literal["phone", "sip", "widget", "unknown"]
 Direction = Literal["inbound", "outbound"]
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class CallStarted(EventPayload):
     """A call began on a channel and was routed to an agent."""
@@ -472,6 +484,7 @@ class CallStarted(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class CallStatus(EventPayload):
     """A telephony status callback (e.g. Twilio's): the carrier's view of the call."""
@@ -510,6 +523,7 @@ class CallStatus(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class CallSummarized(EventPayload):
     """A finished call, summarised for the caller's long-term memory. On the caller's memory stream: the envelope's call_id is the caller key, seq counts that caller's summaries."""
@@ -548,6 +562,7 @@ class CallSummarized(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class CallerErased(EventPayload):
     """A caller's data is to be erased from every projection: their memory, and the calls, turns, transcripts, tool calls, errors and recordings of their calls that started before `erased_before_us`. A stream of its own (call_id erasure-...). Their data keys are destroyed first (keys_destroyed), so the personal data of those calls no longer opens in any copy of the log; the events themselves stay, in order."""
@@ -586,6 +601,7 @@ class CallerErased(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class ConsentGiven(EventPayload):
     """The caller gave consent."""
@@ -616,6 +632,7 @@ class ConsentGiven(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class ConsentRefused(EventPayload):
     """The caller refused consent."""
@@ -646,6 +663,7 @@ class ConsentRefused(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class DtmfReceived(EventPayload):
     """The caller pressed a key."""
@@ -672,6 +690,7 @@ class DtmfReceived(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class ErrorRaised(EventPayload):
     """Something went wrong."""
@@ -714,6 +733,7 @@ class ErrorRaised(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class GuardrailTriggered(EventPayload):
     """A safety guardrail acted on input or output."""
@@ -752,6 +772,7 @@ class GuardrailTriggered(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class HandoffCompleted(EventPayload):
     """The handoff finished."""
@@ -786,6 +807,7 @@ class HandoffCompleted(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class HandoffOutcome(EventPayload):
     """What became of a transfer once the human's leg ended, as the carrier reports it (Twilio's <Dial> action)."""
@@ -828,6 +850,7 @@ class HandoffOutcome(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class HandoffRequested(EventPayload):
     """The agent hands the call to a human."""
@@ -862,6 +885,7 @@ class HandoffRequested(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class ToolCallSpec:
     """ToolCallSpec"""
@@ -889,6 +913,7 @@ class ToolCallSpec:
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class LlmDecided(EventPayload):
     """The LLM's decision: text to say and/or tool calls."""
@@ -947,6 +972,7 @@ class LlmDecided(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class LlmRequested(EventPayload):
     """The core asked the LLM for a decision."""
@@ -1005,6 +1031,7 @@ class LlmRequested(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class MemorySummary:
     """MemorySummary"""
@@ -1032,6 +1059,7 @@ class MemorySummary:
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class MemoryLoaded(EventPayload):
     """Long-term memory of the caller loaded at call start."""
@@ -1062,6 +1090,7 @@ class MemoryLoaded(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class ProviderFallback(EventPayload):
     """A provider failed and the next in the chain took over."""
@@ -1100,6 +1129,7 @@ class ProviderFallback(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class SpeechStarted(EventPayload):
     """Voice activity detection: the caller started speaking."""
@@ -1122,6 +1152,7 @@ class SpeechStarted(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class SpeechStopped(EventPayload):
     """Voice activity detection: the caller stopped speaking."""
@@ -1148,6 +1179,7 @@ class SpeechStopped(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class TimerCancelled(EventPayload):
     """The core cancelled a timer before it fired."""
@@ -1174,6 +1206,7 @@ class TimerCancelled(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class TimerFired(EventPayload):
     """A timer the core set has fired (time enters the core only as events)."""
@@ -1208,6 +1241,7 @@ class TimerFired(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class TimerSet(EventPayload):
     """The core set a timer; a timer.fired event comes back when it is due."""
@@ -1238,6 +1272,7 @@ class TimerSet(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class ToolFailed(EventPayload):
     """A tool attempt failed."""
@@ -1292,6 +1327,7 @@ class ToolFailed(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class ToolRequested(EventPayload):
     """The core asked a worker to run a tool (a command)."""
@@ -1338,6 +1374,7 @@ class ToolRequested(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class ToolSucceeded(EventPayload):
     """A tool ran and returned a result."""
@@ -1384,6 +1421,7 @@ class ToolSucceeded(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class Word:
     """Word"""
@@ -1415,6 +1453,7 @@ class Word:
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class TranscriptFinal(EventPayload):
     """A final recognition result for one utterance."""
@@ -1473,6 +1512,7 @@ class TranscriptFinal(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class TranscriptInterim(EventPayload):
     """A partial recognition result; may still change."""
@@ -1519,6 +1559,7 @@ class TranscriptInterim(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class TtsCompleted(EventPayload):
     """Speech synthesis finished (or was cut by barge-in)."""
@@ -1565,6 +1606,7 @@ class TtsCompleted(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class TtsRequested(EventPayload):
     """Text sent to speech synthesis."""
@@ -1607,6 +1649,7 @@ class TtsRequested(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class BargeIn(EventPayload):
     """The caller spoke over the agent; playback stops."""
@@ -1637,6 +1680,7 @@ class BargeIn(EventPayload):
         )
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class TurnTaken(EventPayload):
     """End of the caller's turn: the agent takes the turn."""
