@@ -10,6 +10,7 @@ from consumers.log_consumer import LogAdmin, LogConsumer
 from producers.log_producer import LogProducer, LogRecord, TopicPartition
 from schemas.base import Event, EventPayload
 from schemas.codec import EventCodec, UndecodableMessage
+from schemas.slot_init import slot_init
 from schemas.topics import CALL_TOPICS, DEADLETTER
 
 DLQ_REASON = "vx-dlq-reason"
@@ -19,6 +20,7 @@ DLQ_OFFSET = "vx-dlq-offset"
 DLQ_CONSUMER = "vx-dlq-consumer"
 
 
+@slot_init  # one a record read
 @dataclass(frozen=True, slots=True)
 class ConsumedEvent:
     record: LogRecord

@@ -10,6 +10,7 @@ from types import TracebackType
 from typing import NamedTuple, Self
 
 from schemas.codec import EventCodec
+from schemas.slot_init import slot_init
 from schemas.topics import DEADLETTER
 
 Headers = Sequence[tuple[str, bytes]]
@@ -27,6 +28,8 @@ class TopicPartition(NamedTuple):
     topic: str
     partition: int
 
+
+@slot_init  # one a record read
 @dataclass(frozen=True, slots=True)
 class LogRecord:
     topic: str
