@@ -1,6 +1,7 @@
 """SIP spoken by hand over UDP, for the tests of what the gateway answers a broken or hostile peer:
 an INVITE built line by line (any source address of 127.0.0.0/8, any SDP, any headers), the
-responses read back, and datagrams of anything at all; and the audit records the gateway keeps of it."""
+responses read back, and datagrams of anything at all; the audit records the gateway keeps of it; and a
+call to the agent by the benchmark's SIP caller, with what its log holds."""
 
 from __future__ import annotations
 
@@ -9,13 +10,20 @@ import hashlib
 import re
 import socket
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+from consumers.event_reader import read_call
+from schemas.base import EventPayload
 from schemas.codec import EventCodec
 from schemas.events import AuditRecorded
 from schemas.topics import AUDIT
-from voxlog.sim.sip_caller import ok_to, parse_sip
+from voxlog.sim.sip_caller import SipCaller, ok_to, parse_sip
 from voxlog.sim.stack import LocalStack
+
+AGENT = "+15550100"
+"""The demo agent's number."""
 
 PCMU_SDP = ("v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\n"
             "m=audio {port} RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\n"
@@ -198,3 +206,25 @@ async def audits_of(stack: LocalStack, stream_id: str, timeout_s: float = 10.0) 
         if found or loop.time() > deadline:
             return found
         await asyncio.sleep(0.05)
+
+
+@asynccontextmanager
+async def answered_call(stack: LocalStack, sdp_rtp_port: int | None = None) -> AsyncIterator[tuple[SipCaller, str]]:
+    """A SIP call to the agent, its greeting over: the caller and the call's id; hung up after."""
+    assert stack.gateway.sip is not None
+    caller = SipCaller("127.0.0.1", stack.gateway.sip.port, AGENT, sdp_rtp_port=sdp_rtp_port)
+    assert await caller.dial() == 200
+    try:
+        assert await caller.agent_quiet(0.5, 30), "the greeting never ended (or never reached the caller)"
+        [session] = stack.gateway.sessions.values()
+        yield caller, session.call.call_id
+    finally:
+        await caller.hangup()
+        await caller.close()
+
+
+async def payloads_of(stack: LocalStack, call_id: str) -> list[EventPayload]:
+    """What the call's log holds, once the gateway has nothing left to write."""
+    await stack.gateway.wait_idle(30)
+    async with stack.gateway.backend.admin() as admin:
+        return [e.payload for e in (await read_call(admin, call_id)).events]

@@ -5,31 +5,19 @@ back 5 ms of every frame it decoded: the caller's audio was heard 40 samples lat
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 
-from consumers.event_reader import read_call
 from schemas.events import CallerAudioChunk
-from voxlog.settings import Settings
-from voxlog.sim.sip_caller import FRAME_BYTES, SipCaller, free_sip_port
-from voxlog.sim.stack import LocalStack, local_stack
+from tests.sip_wire import answered_call, payloads_of
+from voxlog.sim.sip_caller import FRAME_BYTES
+from voxlog.sim.stack import LocalStack
 
 pytestmark = pytest.mark.slow
 
-AGENT = "+15550100"
 MARKER = bytes(range(0x00, 0x50)) * 2
 """One packet of loud mu-law codes (each decodes to a sample of its own and encodes back to itself) found
 nowhere else in the call."""
 PACKETS = 25
-
-
-@pytest.fixture
-async def stack(tmp_path: Path) -> AsyncIterator[LocalStack]:
-    settings = Settings(home=tmp_path / "home", sip_bind=f"127.0.0.1:{free_sip_port()}")
-    async with local_stack(settings) as running:
-        yield running
 
 
 def recorded_mulaw(chunks: list[CallerAudioChunk]) -> bytes:
@@ -43,25 +31,13 @@ def recorded_mulaw(chunks: list[CallerAudioChunk]) -> bytes:
     return bytes(stream)
 
 
-async def test_the_caller_is_heard_sample_for_sample_in_step_with_its_packets(stack: LocalStack) -> None:
-    assert stack.gateway.sip is not None
-    caller = SipCaller("127.0.0.1", stack.gateway.sip.port, AGENT)
-    assert await caller.dial() == 200
-    try:
-        assert await caller.agent_quiet(0.5, 30), "the greeting never ended (or never reached the caller)"
-        [session] = stack.gateway.sessions.values()
-        call_id = session.call.call_id
-        sent = MARKER * PACKETS
-        assert len(MARKER) == FRAME_BYTES
+async def test_the_caller_is_heard_sample_for_sample_in_step_with_its_packets(sip_stack: LocalStack) -> None:
+    sent = MARKER * PACKETS
+    assert len(MARKER) == FRAME_BYTES
+    async with answered_call(sip_stack) as (caller, call_id):
         await caller.send_mulaw(sent)
         await caller.send_mulaw(b"\xff" * FRAME_BYTES * 25)
-    finally:
-        await caller.hangup()
-        await caller.close()
-    await stack.gateway.wait_idle(30)
-    async with stack.gateway.backend.admin() as admin:
-        events = (await read_call(admin, call_id)).events
-    recorded = recorded_mulaw([e.payload for e in events if isinstance(e.payload, CallerAudioChunk)])
+    recorded = recorded_mulaw([p for p in await payloads_of(sip_stack, call_id) if isinstance(p, CallerAudioChunk)])
 
     at = recorded.find(MARKER)
     assert at >= 0, "the caller's packet is not in the recording as it was sent"

@@ -19,19 +19,25 @@ from schemas.events import PAYLOAD_TYPES, CallStarted
 from schemas.slot_init import slot_init
 
 
-@dataclass(frozen=True, slots=True)
-class Plain:
-    name: str
-    count: int
-    note: str | None = None
-    tags: tuple[str, ...] = ()
-    extra: dict[str, str] = field(default_factory=dict)
+def shape(name: str) -> Any:
+    """A frozen, slotted dataclass of each kind of field, made anew for each side of the comparison and
+    named as the module global it is bound to (pickle finds a class by its name)."""
+
+    @dataclass(frozen=True, slots=True)
+    class Shape:
+        name: str
+        count: int
+        note: str | None = None
+        tags: tuple[str, ...] = ()
+        extra: dict[str, str] = field(default_factory=dict)
+
+    Shape.__name__ = Shape.__qualname__ = name
+    return Shape
 
 
-Fast = slot_init(dataclass(frozen=True, slots=True)(type("Fast", (), {
-    "__annotations__": dict(Plain.__annotations__),
-    "note": None, "tags": (), "extra": field(default_factory=dict),
-})))
+Plain = shape("Plain")
+"""With the dataclass's own `__init__`."""
+Fast = slot_init(shape("Fast"))
 
 
 @given(name=st.text(), count=st.integers(), note=st.none() | st.text(), tags=st.lists(st.text()).map(tuple),
