@@ -15,6 +15,7 @@ import logging
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -74,6 +75,9 @@ LOG_OUTAGE_END_S = 15.0
 last events wait in the producer's bounded buffer for the log to come back."""
 LEASE_HOLD_TIMEOUT_S = 5.0
 """A call whose owner cannot be put on record within this long is not started."""
+REPORTS_KEPT = 1000
+"""The ended calls' reports a gateway keeps (the newest): the demo reads its few, and a gateway that serves for
+months must not keep one for every call it ever ran."""
 
 
 def new_call_id() -> str:
@@ -154,7 +158,9 @@ class GatewayRuntime:
     providers_factory: Callable[[AgentSpec], Providers] | None = None
     """An agent's providers, where not the registry's (benchmarks' scripted timelines)."""
     sessions: dict[str, CallSession] = field(default_factory=dict)
-    reports: list[SessionReport] = field(default_factory=list)
+    reports: deque[SessionReport] = field(default_factory=lambda: deque(maxlen=REPORTS_KEPT))
+    calls_run: int = 0
+    """Calls run to their end since the gateway started (refused ones not counted)."""
     capacity: int = 20
     """Calls this gateway serves at once (`VOXLOG_MAX_CALLS`)."""
     drain_s: float = 15.0
@@ -453,6 +459,7 @@ class GatewayRuntime:
             report = await session.run()
             self._leases.release(call.call_id)  # its call.ended is durable (else the lease keeps it for a reaper)
             self.reports.append(report)
+            self.calls_run += 1
             return report
         finally:
             self.admission.release(call.call_id)

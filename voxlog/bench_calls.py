@@ -38,6 +38,7 @@ the target being at most the attempt timeout plus 50 ms.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import faulthandler
 import itertools
@@ -82,19 +83,29 @@ from streams.providers.tts_chain import ChainTts
 from streams.providers.tts_espeak import EspeakTts
 from voxlog.backends import log_backend
 from voxlog.bench import percentile, run_facts
+from voxlog.bench_fleet import (
+    REPLICAS_PUBLIC_URL,
+    SIP_CALLS_PER_GATEWAY,
+    gateway_fleet,
+    phone_fleet_settings,
+    sip_fleet,
+    sip_fleet_settings,
+)
 from voxlog.bench_projections import write_synthetic_calls
-from voxlog.bench_sip_fleet import SIP_CALLS_PER_GATEWAY, fleet_settings, sip_fleet
 from voxlog.progress import progress
 from voxlog.serving import run_on_serving_loop
 from voxlog.settings import Settings
 from voxlog.sim.demo_agents import demo_agents_with
+from voxlog.sim.fake_twilio import new_call_sid
 from voxlog.sim.sip_caller import SipCaller, free_sip_port
-from voxlog.sim.stack import local_stack
+from voxlog.sim.stack import LocalStack, local_stack
 from voxlog.sim.twilio_caller import TwilioCaller, parse_stream_twiml
 
 P = TypeVar("P")
 
 GREETING_LINE, LAST_LINE = "hello there", "that is all goodbye"
+CALLED = "+15550100"
+"""The demo agent's number, which every caller dials."""
 DEFAULT_TURNS = 20
 """Per call: 50 calls give 1,000 turns, enough for a p99 that is not the few slowest turns of a run."""
 
@@ -232,30 +243,48 @@ async def play_callers(plan: dict[str, Any]) -> list[CallFigures]:
                 counted(_one_sip_call(SipCaller(plan["sip_host"], plan["sip_port"], plan["to"], from_=number), speech,
                                       plan["budget_ms"], plan["turns"], index * plan["ramp_s"] / len(plan["calls"])),
                         ended)
-                for index, (_sid, number) in enumerate(plan["calls"])))
-    async with httpx.AsyncClient(base_url=plan["base_url"], timeout=30) as http:
+                for index, (_sid, number, _gateway) in enumerate(plan["calls"])))
+    async with contextlib.AsyncExitStack() as clients:
+        gateways = [(gateway, await clients.enter_async_context(httpx.AsyncClient(base_url=gateway["base_url"],
+                                                                                  timeout=30)))
+                    for gateway in plan["gateways"]]
+
+        def phone_caller(sid: str, number: str, index: int) -> TwilioCaller:
+            gateway, http = gateways[index]
+            return TwilioCaller(gateway["base_url"], gateway["auth_token"], account_sid=gateway["account_sid"],
+                                call_sid=sid, from_=number, to=plan["to"], public_url=plan["public_url"], http=http)
+
         with progress("bench calls: callers", total=len(plan["calls"]), unit="calls") as ended:
             return await asyncio.gather(*(
-                counted(_one_call(TwilioCaller(plan["base_url"], plan["auth_token"], account_sid=plan["account_sid"],
-                                               call_sid=sid, from_=number, to=plan["to"], http=http),
-                                  speech, plan["budget_ms"], plan["turns"],
+                counted(_one_call(phone_caller(sid, number, gateway), speech, plan["budget_ms"], plan["turns"],
                                   index * plan["ramp_s"] / len(plan["calls"])),
                         ended)
-                for index, (sid, number) in enumerate(plan["calls"])))
+                for index, (sid, number, gateway) in enumerate(plan["calls"])))
 
 
-async def _callers_process(target: dict[str, Any], calls: int, budget_ms: float, ramp_s: float, turns: int,
-                           add_call: Callable[[str, str], str] | None) -> tuple[list[str], list[CallFigures], float]:
+def _phone_calls(calls: int, gateways: int) -> list[tuple[str, str, int]]:
+    """Each phone call's sid, its caller's number, and which of `gateways` its webhook reaches: the next in
+    turn, as a round-robin balancer sends them."""
+    return [(new_call_sid(), _caller_number(index), index % gateways) for index in range(calls)]
+
+
+def _sip_calls(calls: int) -> list[tuple[str, str, int]]:
+    return [(f"sip-{index}", _caller_number(index), 0) for index in range(calls)]
+
+
+def _caller_number(index: int) -> str:
+    return f"+1555{index:07d}"
+
+
+async def _callers_process(target: dict[str, Any], calls: list[tuple[str, str, int]], budget_ms: float,
+                           ramp_s: float, turns: int) -> tuple[list[str], list[CallFigures], float]:
     """Runs the callers in a process of their own, as Twilio is: only the gateway is measured here,
-    and the callers' clocks are not held up by the gateway's event loop. `target`: where they call (a
-    gateway's URL and Twilio account, or `sip_host` and `sip_port`); `add_call` tells Twilio of a phone
-    call (caller, callee), returning its sid. Returns the callers' CPU seconds too: a load generator that
-    takes the machine's cores measures itself."""
-    plan: dict[str, Any] = {"sip_port": None, **target, "to": "+15550100", "budget_ms": budget_ms,
-                            "ramp_s": ramp_s, "turns": turns, "calls": []}
-    for index in range(calls):
-        number = f"+1555{index:07d}"
-        plan["calls"].append((add_call(number, plan["to"]) if add_call is not None else f"sip-{index}", number))
+    and the callers' clocks are not held up by the gateway's event loop. `target`: where they call (by
+    phone, `gateways`: each one's URL and Twilio account, and the `public_url` they share, if any; or
+    `sip_host` and `sip_port`); `calls`: `_phone_calls` or `_sip_calls`. Returns the callers' CPU seconds
+    too: a load generator that takes the machine's cores measures itself."""
+    plan: dict[str, Any] = {"sip_port": None, "gateways": [], "public_url": None, **target, "to": CALLED,
+                            "budget_ms": budget_ms, "ramp_s": ramp_s, "turns": turns, "calls": calls}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "voxlog.bench_calls", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
@@ -264,7 +293,7 @@ async def _callers_process(target: dict[str, Any], calls: int, budget_ms: float,
         raise RuntimeError(f"the callers' process failed (exit {child.returncode})")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the callers' process, reaped by now
     cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    return [sid for sid, _ in plan["calls"]], [CallFigures(**figures) for figures in json.loads(out)], cpu_s
+    return [sid for sid, _, _ in calls], [CallFigures(**figures) for figures in json.loads(out)], cpu_s
 
 
 WORKER_GROUPS = ((TOOLS_GROUP, COMMANDS), (DIALER_GROUP, COMMANDS), (AFTER_CALL_GROUP, CALLS),
@@ -378,6 +407,8 @@ class GatewaySide:
     rss_before_mb: float
     events: int
     gateways: int = 1
+    calls_by_gateway: list[int] = field(default_factory=list)
+    """The calls each gateway ran to their end."""
     front_cpu_s: float | None = None
     analytics: str | None = None
     background_cpu_s: float = 0.0
@@ -389,18 +420,21 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
                       fallback: FallbackProfile | None = None, ramp_s: float = 0.0,
                       history_events: int = 0, turns: int = DEFAULT_TURNS,
                       vad: VadKind | None = None, analytics: bool = False,
-                      channel: Literal["phone", "sip"] = "phone") -> dict[str, Any]:
+                      channel: Literal["phone", "sip"] = "phone", replicas: int = 1) -> dict[str, Any]:
     """`vad`: the demo agent's judge for this run (with `settings.agents_dir` unset). `analytics`: the
     projections and the summariser run as `voxlog serve` runs them (its background process, or with
     `settings.background_process` off the gateway's own loop), and the result says what they cost and
     how long after the last call their tables held every event. `channel`: the callers phone in as
     Twilio carries them (`phone`) or over SIP to the gateway's SIP endpoint (`sip`, on a free port); past
-    the calls one gateway's PJSIP holds, to gateways enough for them behind a SIP front
-    (`voxlog.bench_sip_fleet`)."""
-    fleet = channel == "sip" and calls > SIP_CALLS_PER_GATEWAY
+    the calls one gateway's PJSIP holds, to gateways enough for them behind a SIP front. `replicas`: by
+    phone, the gateway processes behind one public address the calls are spread over (`voxlog.bench_fleet`)."""
+    if channel == "sip" and replicas != 1:
+        raise ValueError("over SIP the gateways are as many as the calls need (their PJSIP holds "
+                         f"{SIP_CALLS_PER_GATEWAY} each): --gateways is for phone calls")
+    fleet = (channel == "sip" and calls > SIP_CALLS_PER_GATEWAY) or replicas > 1
     if fleet and (fallback is not None or history_events or analytics):
-        raise ValueError(f"--fallback, --history-events and --analytics are measured on one gateway: over SIP, "
-                         f"--calls {SIP_CALLS_PER_GATEWAY} at most")
+        raise ValueError(f"--fallback, --history-events and --analytics are measured on one gateway: by phone, "
+                         f"--gateways 1; over SIP, --calls {SIP_CALLS_PER_GATEWAY} at most")
     if channel == "sip" and settings.sip_bind is None and not fleet:
         settings = settings.model_copy(update={"sip_bind": f"127.0.0.1:{free_sip_port()}"})
     if settings.agents_dir is None:  # the demo tenant's own limit (50 calls) must not cap what is measured
@@ -412,7 +446,7 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
     end_of_turn_ms = END_OF_TURN_SILENCE_MS
     budget_ms = end_of_turn_ms + timeline.asr_final_ms + timeline.llm_ms + timeline.tts_first_byte_ms
     if fleet:
-        side = await _through_sip_fleet(settings, calls, timeline, budget_ms, ramp_s, turns)
+        side = await _through_fleet(settings, calls, timeline, budget_ms, ramp_s, turns, channel, replicas)
     else:
         side = await _through_one_gateway(settings, calls, timeline, budget_ms, ramp_s, turns, fallback, analytics)
     return _figures(side, calls=calls, channel=channel, turns=turns, history_events=history_events, ramp_s=ramp_s,
@@ -435,12 +469,13 @@ async def _through_one_gateway(settings: Settings, calls: int, timeline: Timelin
         background_before = background.cpu_s() if background is not None else 0.0
         if stack.gateway.sip is not None:
             target: dict[str, Any] = {"sip_host": "127.0.0.1", "sip_port": stack.gateway.sip.port}
-            add_call = None
+            ringing = _sip_calls(calls)
         else:
-            target = {"base_url": stack.base_url, "auth_token": stack.auth_token,
-                      "account_sid": stack.settings.twilio_account_sid}
-            add_call = stack.twilio.add_call
-        sids, results, callers_cpu_s = await _callers_process(target, calls, budget_ms, ramp_s, turns, add_call)
+            target = {"gateways": [_phone_gateway(stack)]}
+            ringing = _phone_calls(calls, 1)
+            for sid, number, _ in ringing:
+                stack.twilio.add_call(number, CALLED, sid=sid)
+        sids, results, callers_cpu_s = await _callers_process(target, ringing, budget_ms, ramp_s, turns)
         await stack.gateway.wait_idle(60)
         elapsed, cpu_s = time.perf_counter() - started, time.process_time() - cpu_before
         loop_cpu_s = time.thread_time() - loop_before  # this coroutine runs on the gateway's loop
@@ -458,24 +493,44 @@ async def _through_one_gateway(settings: Settings, calls: int, timeline: Timelin
             sids=sids, results=results, callers_cpu_s=callers_cpu_s, elapsed_s=elapsed, cpu_s=cpu_s,
             loop_cpu_s=loop_cpu_s, peak_rss_mb=peak_mb, rss_before_mb=rss_before_mb,
             events=await _events_in_log(stack.gateway.backend) - before,
+            calls_by_gateway=[stack.gateway.calls_run],
             analytics=None if not analytics else "background process" if background is not None else "gateway",
             background_cpu_s=background_cpu_s, projected_after_s=projected_after_s,
             fell_back=await _fallback_calls(stack.gateway.backend, set(sids)) if fallback else set())
 
 
-async def _through_sip_fleet(settings: Settings, calls: int, timeline: Timeline, budget_ms: float, ramp_s: float,
-                             turns: int) -> GatewaySide:
-    folder = settings.home / "bench-sip-fleet"
-    gateways = fleet_settings(settings, folder, calls)
+def _phone_gateway(stack: LocalStack) -> dict[str, Any]:
+    """Where a phone caller reaches this gateway, and as which Twilio account."""
+    return {"base_url": stack.base_url, "auth_token": stack.auth_token,
+            "account_sid": stack.settings.twilio_account_sid}
+
+
+async def _through_fleet(settings: Settings, calls: int, timeline: Timeline, budget_ms: float, ramp_s: float,
+                         turns: int, channel: Literal["phone", "sip"], replicas: int) -> GatewaySide:
+    """The calls through gateway processes (`voxlog.bench_fleet`): over SIP, behind the SIP front; by phone,
+    `replicas` of them sharing one public address."""
+    folder = settings.home / "bench-fleet"
     plan = {"timeline": dataclasses.asdict(timeline), "turns": turns}
-    async with sip_fleet(gateways, plan, folder) as fleet:
+    if channel == "sip":
+        gateways = sip_fleet_settings(settings, folder, calls)
+        ringing = _sip_calls(calls)
+        serving = sip_fleet(gateways, plan, folder)
+    else:
+        gateways = phone_fleet_settings(settings, folder, replicas)
+        ringing = _phone_calls(calls, replicas)
+        serving = gateway_fleet(gateways, [
+            {**plan, "behind": REPLICAS_PUBLIC_URL,
+             "twilio_calls": [(sid, number, CALLED) for sid, number, answering in ringing if answering == index]}
+            for index in range(replicas)], folder)
+    async with serving as fleet:
         before = await _events_in_logs(gateways)
         started = time.perf_counter()
         fleet.start_clock()
-        front_cpu_before = fleet.front.cpu_s()
-        sids, results, callers_cpu_s = await _callers_process(
-            {"sip_host": fleet.front.host, "sip_port": fleet.front.port}, calls, budget_ms, ramp_s, turns, None)
-        front_cpu_s = fleet.front.cpu_s() - front_cpu_before
+        front, front_cpu_before = fleet.front, fleet.front.cpu_s() if fleet.front is not None else 0.0
+        target = ({"sip_host": front.host, "sip_port": front.port} if front is not None else
+                  {"gateways": [gateway.serving for gateway in fleet.gateways], "public_url": REPLICAS_PUBLIC_URL})
+        sids, results, callers_cpu_s = await _callers_process(target, ringing, budget_ms, ramp_s, turns)
+        front_cpu_s = front.cpu_s() - front_cpu_before if front is not None else None
         reports = await asyncio.gather(*(gateway.finish() for gateway in fleet.gateways))
         elapsed = time.perf_counter() - started
     return GatewaySide(
@@ -486,7 +541,7 @@ async def _through_sip_fleet(settings: Settings, calls: int, timeline: Timeline,
         cpu_s=sum(r["cpu_s"] for r in reports), loop_cpu_s=max(r["loop_cpu_s"] for r in reports),
         peak_rss_mb=sum(r["peak_rss_mb"] for r in reports),
         rss_before_mb=sum(r["rss_before_mb"] for r in reports), events=await _events_in_logs(gateways) - before,
-        gateways=len(reports), front_cpu_s=front_cpu_s)
+        gateways=len(reports), calls_by_gateway=[r["calls"] for r in reports], front_cpu_s=front_cpu_s)
 
 
 async def _events_in_logs(settings: list[Settings]) -> int:
@@ -519,6 +574,7 @@ def _figures(side: GatewaySide, *, calls: int, channel: str, turns: int, history
         "ramp_s": ramp_s,
         "capacity": side.capacity,
         "gateways": side.gateways,
+        "calls_by_gateway": side.calls_by_gateway,
         "admitted_calls": calls - len(refused),
         "refused_calls": len(refused),
         "refusal_ms": _latency([r.webhook_ms for r in refused if r.webhook_ms is not None]),
@@ -572,20 +628,24 @@ def _figures(side: GatewaySide, *, calls: int, channel: str, turns: int, history
 
 
 async def serve_fleet_gateway(settings: Settings, plan: dict[str, Any], report: TextIO) -> None:
-    """One gateway of a SIP fleet (`voxlog.bench_sip_fleet`): serves with the scripted providers until its
-    standard input closes, then, its calls over, reports what it spent."""
+    """One gateway of a fleet (`voxlog.bench_fleet`): serves with the scripted providers until its standard
+    input closes, then, its calls over, reports what it spent. A phone replica's plan names the public address
+    it shares (`behind`) and the calls its fake Twilio knows (`twilio_calls`)."""
     timeline, lines = Timeline(**plan["timeline"]), caller_lines(plan["turns"])
-    async with local_stack(settings, providers_factory=lambda agent: _providers(timeline, agent, None, False, lines)
-                           ) as stack:
-        assert stack.gateway.sip is not None
+    async with local_stack(settings, providers_factory=lambda agent: _providers(timeline, agent, None, False, lines),
+                           behind=plan.get("behind")) as stack:
+        for sid, number, called in plan.get("twilio_calls", ()):
+            stack.twilio.add_call(number, called, sid=sid)
         rss_before_mb = _rss_mb()
-        print(json.dumps({"sip_port": stack.gateway.sip.port}), file=report, flush=True)
+        serving = _phone_gateway(stack) if stack.gateway.sip is None else {"sip_port": stack.gateway.sip.port}
+        print(json.dumps(serving), file=report, flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.buffer.read)
         await stack.gateway.wait_idle(60)
         print(json.dumps({"cpu_s": time.process_time(), "loop_cpu_s": time.thread_time(),
                           "rss_before_mb": rss_before_mb,
                           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                           "capacity": stack.gateway.capacity, "log": stack.gateway.backend.describe(),
+                          "calls": stack.gateway.calls_run,
                           "judges": sorted({agent.vad for agent in stack.gateway.router.agents.values()})}),
               file=report, flush=True)
 

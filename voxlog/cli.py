@@ -442,6 +442,10 @@ def bench_calls_command(
         help="Run the projections and the summariser as voxlog serve does (in its background process; with "
         "VOXLOG_BACKGROUND_PROCESS=false on the gateway's loop), and report their CPU and how long after the "
         "last call their tables held every event.")] = False,
+    gateways: Annotated[int, typer.Option(
+        min=1, help="Phone calls: this many gateway processes behind one public address, the calls spread over "
+        "them in turn as a load balancer spreads Twilio's webhooks (--max-calls is shared out between them). "
+        "Over SIP the gateways are as many as the calls need.")] = 1,
 ) -> None:
     """Concurrent calls through the real gateway with scripted-timeline providers: what voxlog adds
     to voice-to-voice latency, how evenly the agent's audio is paced, and (with --fallback) what a
@@ -455,13 +459,18 @@ def bench_calls_command(
     if vad is not None and settings.agents_dir is not None:
         raise typer.BadParameter("--vad sets the demo agent's judge; with VOXLOG_AGENTS_DIR, set `vad:` in your "
                                  "agent's file", param_hint="--vad")
+    if gateways > 1 and channel == "sip":
+        raise typer.BadParameter("over SIP the gateways are as many as the calls need", param_hint="--gateways")
+    if gateways > 1 and (fallback is not None or history_events or analytics):
+        raise typer.BadParameter("--fallback, --history-events and --analytics are measured on one gateway",
+                                 param_hint="--gateways")
     timeline = Timeline(asr_final_ms=asr_ms, llm_ms=llm_ms, tts_first_byte_ms=tts_ms, speech_ms_per_word=60)
     profile = None if fallback is None else FallbackProfile(fallback.value, fallback_every, attempt_timeout_ms,
                                                             capability=fallback_capability.value)
     result = run_on_serving_loop(bench_calls(settings, calls=calls, timeline=timeline, fallback=profile,
                                              ramp_s=ramp_s, history_events=history_events, turns=turns,
                                              vad=None if vad is None else _vad_kind(vad, "--vad"),
-                                             analytics=analytics, channel=_channel(channel)))
+                                             analytics=analytics, channel=_channel(channel), replicas=gateways))
     write_result(result, out)
     added, jitter = result["added_latency_ms"], result["pacing_jitter_ms"]
     console.print(f"{calls} {channel} calls on {result['log']}: added latency p50 {added['p50']} ms, "

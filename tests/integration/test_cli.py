@@ -279,6 +279,31 @@ def test_bench_calls_past_capacity_measures_the_refusals_and_the_admitted_calls(
 
 
 @pytest.mark.slow
+def test_bench_calls_spreads_phone_calls_over_replicas(tmp_path: Path) -> None:
+    """`--gateways 2`: two gateway processes behind one public address, each call's webhook signed over that
+    address and sent to the next replica in turn, its stream to the replica that answered; the capacity
+    asked for is shared out between them."""
+    out = tmp_path / "calls.json"
+    result = voxlog("bench", "calls", "--calls", "4", "--gateways", "2", "--max-calls", "6", "--turns", "2",
+                    "--vad", "energy", "--out", str(out), home=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(out.read_text())
+    assert (figures["gateways"], figures["capacity"], figures["admitted_calls"]) == (2, 6, 4)
+    assert figures["calls_by_gateway"] == [2, 2], "each replica ran the calls the balancer gave it"
+    assert figures["failed_calls"] == []
+    assert figures["turns_measured"] == 8
+    assert figures["vad"] == ["energy"], "the replicas run the benchmark's agents"
+    assert -25 < figures["added_latency_ms"]["p50"] <= figures["added_latency_ms"]["p99"]
+    # The busiest replica's loop: part of one replica's CPU, so under the replicas' sum.
+    assert 0 < figures["gateway_loop_cpu_share"] < figures["gateway_cpu_share"]
+    assert figures["front_cpu_s"] is None, "by phone the callers play the balancer"
+    assert figures["events"] > 4 * 50, "each replica's log counted"
+    refused = voxlog("bench", "calls", "--channel", "sip", "--gateways", "2", "--out", str(out), home=tmp_path)
+    assert refused.returncode != 0
+    assert "--gateways" in refused.stdout + refused.stderr
+
+
+@pytest.mark.slow
 def test_analysts_query_the_tables_and_compliance_checks_the_trail(tmp_path: Path) -> None:
     assert voxlog("demo", "--synthetic", "--calls", "3", home=tmp_path).returncode == 0
     totals = "SELECT count() AS calls, sum(turns) AS turns FROM calls"
