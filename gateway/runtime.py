@@ -59,6 +59,7 @@ from streams.keystore.data_keys import DataKeyStore
 from streams.keystore.retention import RETENTION_INTERVAL_S, enforce_retention
 from streams.metrics import CallMetrics
 from streams.providers.registry import ProviderRegistry
+from streams.startup_heap import freeze_startup_heap
 
 if TYPE_CHECKING:  # its module loads PJSIP, which a gateway without SIP does without
     from gateway.sip_endpoint import SipEndpointConfig
@@ -283,6 +284,7 @@ class GatewayRuntime:
                 projections=target,
                 workers=WorkersTarget(self.home, self.public_url) if self.run_workers else None)
             self._tasks.extend(self._readers.tasks)
+        freeze_startup_heap()  # started (its judges' models loaded): what it holds now stays for good
 
     def _on_consent_refused(self, event: Event[EventPayload]) -> None:
         """A caller who refused to be recorded: the call's audio key destroyed, so that what they said

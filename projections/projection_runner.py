@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import gc
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -31,6 +29,7 @@ from projections.projection import HoldsOffsets, Projection, log_admin
 from projections.store import Analytics, AnalyticsStore
 from projections.tables import OFFSETS, Output, Statement, Table
 from schemas.topics import DEADLETTER
+from streams.startup_heap import freeze_startup_heap
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +257,7 @@ class ProjectionRunner:
 
     async def rebuild(self) -> None:
         """Drops the projection's tables and offsets, and projects the whole log again."""
-        _freeze_startup_heap()
+        freeze_startup_heap()  # a rebuild allocates millions of short-lived objects: passes, many
         # Offsets first: a crash before the tables are dropped then replays rows that collapse.
         # Offsets of zero, newer than the stored ones, forget them as a DELETE would, at the cost
         # of an insert rather than a mutation.
@@ -273,15 +272,6 @@ class ProjectionRunner:
             await asyncio.to_thread(self.store.drop, table)
         self.projection.reset()
         await self.run(asyncio.Event(), until_caught_up=True)
-
-
-@functools.cache
-def _freeze_startup_heap() -> None:
-    """Takes what the process holds when its first rebuild starts (modules, schemas, the PII
-    recognisers, clickhouse-connect's pandas) out of the cycle collector's full passes, for good:
-    it lives as long as the process. A rebuild allocates millions of short-lived objects, and the
-    full passes they trigger would walk all of it again and again (a third of a rebuild's time)."""
-    gc.freeze()
 
 
 def _last_per_partition(records: Iterable[LogRecord]) -> list[LogRecord]:

@@ -31,6 +31,7 @@ from projections.store import AnalyticsError, AnalyticsStore
 from streams.config.agents import AgentRouter, load_agents
 from streams.providers.registry import ProviderRegistry
 from streams.providers.worker_process import child_pipes
+from streams.startup_heap import freeze_startup_heap
 from voxlog.backends import log_backend, recording_store
 from voxlog.settings import DEFAULT_AGENTS_DIR, Settings
 
@@ -88,6 +89,7 @@ async def run_background(config: BackgroundConfig, stdin: BinaryIO, stdout: Bina
     workers = WorkersTarget(settings.home, settings.public_url) if config.workers else None
     readers = await start_log_readers(log_backend(settings), router, summary_llm_of(router, lambda: providers), stop,
                                       projections=target, workers=workers)
+    freeze_startup_heap()  # started: what it holds now stays for good
     tell(READY)
     try:
         await stop.wait()

@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import dataclasses
 import faulthandler
+import gc
 import itertools
 import json
 import os
@@ -81,6 +82,7 @@ from streams.providers.resilience import ChainLlm, CircuitBreaker, Guarded, Prov
 from streams.providers.timeline import ScriptedFailure, Timeline, TimelineAsr, TimelineLlm, TimelineTts
 from streams.providers.tts_chain import ChainTts
 from streams.providers.tts_espeak import EspeakTts
+from streams.startup_heap import freeze_startup_heap
 from voxlog.backends import log_backend
 from voxlog.bench import percentile, run_facts
 from voxlog.bench_fleet import (
@@ -237,6 +239,7 @@ async def play_callers(plan: dict[str, Any]) -> list[CallFigures]:
         return figures
 
     speech = await caller_speech()
+    freeze_startup_heap()  # a load generator that stalls for the collector's passes would time itself
     if plan.get("sip_port"):
         with progress("bench calls: SIP callers", total=len(plan["calls"]), unit="calls") as ended:
             return await asyncio.gather(*(
@@ -378,6 +381,37 @@ async def _fallback_calls(backend: LogBackend, call_sids: set[str]) -> set[str]:
     return {sid for call_id, sid in sid_of.items() if call_id in fell_back}
 
 
+class CollectorPauses:
+    """The cycle collector's passes in this process while it is on (`with`): each one holds every thread
+    that needs the GIL, the event loop's included, for as long as it walks the heap."""
+
+    def __init__(self) -> None:
+        self.passes = [0, 0, 0]
+        self.longest_ms = [0.0, 0.0, 0.0]
+        self.total_ms = 0.0
+        self._began = 0.0
+
+    def _observe(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+            return
+        generation, took_ms = info["generation"], (time.perf_counter() - self._began) * 1000
+        self.passes[generation] += 1
+        self.longest_ms[generation] = max(self.longest_ms[generation], took_ms)
+        self.total_ms += took_ms
+
+    def __enter__(self) -> CollectorPauses:
+        gc.callbacks.append(self._observe)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        gc.callbacks.remove(self._observe)
+
+    def figures(self) -> dict[str, Any]:
+        return {"full_passes": self.passes[2], "full_pass_longest_ms": round(self.longest_ms[2], 1),
+                "longest_ms": round(max(self.longest_ms), 1), "total_ms": round(self.total_ms, 1)}
+
+
 def _rss_mb() -> float:
     """This process's resident memory now (Linux)."""
     with open("/proc/self/statm") as statm:
@@ -409,6 +443,8 @@ class GatewaySide:
     gateways: int = 1
     calls_by_gateway: list[int] = field(default_factory=list)
     """The calls each gateway ran to their end."""
+    collector: list[dict[str, Any]] = field(default_factory=list)
+    """Each gateway's `CollectorPauses` over the run."""
     front_cpu_s: float | None = None
     analytics: str | None = None
     background_cpu_s: float = 0.0
@@ -475,8 +511,9 @@ async def _through_one_gateway(settings: Settings, calls: int, timeline: Timelin
             ringing = _phone_calls(calls, 1)
             for sid, number, _ in ringing:
                 stack.twilio.add_call(number, CALLED, sid=sid)
-        sids, results, callers_cpu_s = await _callers_process(target, ringing, budget_ms, ramp_s, turns)
-        await stack.gateway.wait_idle(60)
+        with CollectorPauses() as pauses:
+            sids, results, callers_cpu_s = await _callers_process(target, ringing, budget_ms, ramp_s, turns)
+            await stack.gateway.wait_idle(60)
         elapsed, cpu_s = time.perf_counter() - started, time.process_time() - cpu_before
         loop_cpu_s = time.thread_time() - loop_before  # this coroutine runs on the gateway's loop
         background_cpu_s = background.cpu_s() - background_before if background is not None else 0.0
@@ -493,7 +530,7 @@ async def _through_one_gateway(settings: Settings, calls: int, timeline: Timelin
             sids=sids, results=results, callers_cpu_s=callers_cpu_s, elapsed_s=elapsed, cpu_s=cpu_s,
             loop_cpu_s=loop_cpu_s, peak_rss_mb=peak_mb, rss_before_mb=rss_before_mb,
             events=await _events_in_log(stack.gateway.backend) - before,
-            calls_by_gateway=[stack.gateway.calls_run],
+            calls_by_gateway=[stack.gateway.calls_run], collector=[pauses.figures()],
             analytics=None if not analytics else "background process" if background is not None else "gateway",
             background_cpu_s=background_cpu_s, projected_after_s=projected_after_s,
             fell_back=await _fallback_calls(stack.gateway.backend, set(sids)) if fallback else set())
@@ -541,7 +578,8 @@ async def _through_fleet(settings: Settings, calls: int, timeline: Timeline, bud
         cpu_s=sum(r["cpu_s"] for r in reports), loop_cpu_s=max(r["loop_cpu_s"] for r in reports),
         peak_rss_mb=sum(r["peak_rss_mb"] for r in reports),
         rss_before_mb=sum(r["rss_before_mb"] for r in reports), events=await _events_in_logs(gateways) - before,
-        gateways=len(reports), calls_by_gateway=[r["calls"] for r in reports], front_cpu_s=front_cpu_s)
+        gateways=len(reports), calls_by_gateway=[r["calls"] for r in reports],
+        collector=[r["collector"] for r in reports], front_cpu_s=front_cpu_s)
 
 
 async def _events_in_logs(settings: list[Settings]) -> int:
@@ -592,6 +630,11 @@ def _figures(side: GatewaySide, *, calls: int, channel: str, turns: int, history
         "gateway_cpu_share": round(side.cpu_s / elapsed, 3),
         "gateway_loop_cpu_share": round(side.loop_cpu_s / elapsed, 3),
         "gateway_cpu_s_per_call_minute": round(side.cpu_s / admitted / (elapsed / 60), 3),
+        "gateway_collector": {
+            "full_passes": sum(c["full_passes"] for c in side.collector),
+            "full_pass_longest_ms": max(c["full_pass_longest_ms"] for c in side.collector),
+            "longest_ms": max(c["longest_ms"] for c in side.collector),
+            "total_ms": round(sum(c["total_ms"] for c in side.collector), 1)},
         "gateway_peak_rss_mb": round(side.peak_rss_mb, 1),
         "gateway_peak_rss_mb_per_call": round((side.peak_rss_mb - side.rss_before_mb) / admitted, 3),
         "front_cpu_s": None if side.front_cpu_s is None else round(side.front_cpu_s, 2),
@@ -639,13 +682,14 @@ async def serve_fleet_gateway(settings: Settings, plan: dict[str, Any], report: 
         rss_before_mb = _rss_mb()
         serving = _phone_gateway(stack) if stack.gateway.sip is None else {"sip_port": stack.gateway.sip.port}
         print(json.dumps(serving), file=report, flush=True)
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.buffer.read)
-        await stack.gateway.wait_idle(60)
+        with CollectorPauses() as pauses:
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.buffer.read)
+            await stack.gateway.wait_idle(60)
         print(json.dumps({"cpu_s": time.process_time(), "loop_cpu_s": time.thread_time(),
                           "rss_before_mb": rss_before_mb,
                           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                           "capacity": stack.gateway.capacity, "log": stack.gateway.backend.describe(),
-                          "calls": stack.gateway.calls_run,
+                          "calls": stack.gateway.calls_run, "collector": pauses.figures(),
                           "judges": sorted({agent.vad for agent in stack.gateway.router.agents.values()})}),
               file=report, flush=True)
 
