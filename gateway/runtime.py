@@ -160,8 +160,6 @@ class GatewayRuntime:
     """An agent's providers, where not the registry's (benchmarks' scripted timelines)."""
     sessions: dict[str, CallSession] = field(default_factory=dict)
     reports: deque[SessionReport] = field(default_factory=lambda: deque(maxlen=REPORTS_KEPT))
-    calls_run: int = 0
-    """Calls run to their end since the gateway started (refused ones not counted)."""
     capacity: int = 20
     """Calls this gateway serves at once (`VOXLOG_MAX_CALLS`)."""
     drain_s: float = 15.0
@@ -461,7 +459,6 @@ class GatewayRuntime:
             report = await session.run()
             self._leases.release(call.call_id)  # its call.ended is durable (else the lease keeps it for a reaper)
             self.reports.append(report)
-            self.calls_run += 1
             return report
         finally:
             self.admission.release(call.call_id)

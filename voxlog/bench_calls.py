@@ -65,6 +65,7 @@ from consumers.workers.after_call import GROUP as AFTER_CALL_GROUP
 from consumers.workers.dialer import GROUP as DIALER_GROUP
 from consumers.workers.summariser import GROUP as SUMMARISER_GROUP
 from consumers.workers.tools import GROUP as TOOLS_GROUP
+from gateway.runtime import GatewayRuntime
 from producers.log_producer import TopicPartition
 from projections.default_projections import default_projections
 from projections.projection_runner import projected
@@ -386,18 +387,19 @@ class CollectorPauses:
     that needs the GIL, the event loop's included, for as long as it walks the heap."""
 
     def __init__(self) -> None:
-        self.passes = [0, 0, 0]
-        self.longest_ms = [0.0, 0.0, 0.0]
-        self.total_ms = 0.0
+        self.full_passes = 0
+        self.full_pass_longest_ms = self.longest_ms = self.total_ms = 0.0
         self._began = 0.0
 
     def _observe(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self._began = time.perf_counter()
             return
-        generation, took_ms = info["generation"], (time.perf_counter() - self._began) * 1000
-        self.passes[generation] += 1
-        self.longest_ms[generation] = max(self.longest_ms[generation], took_ms)
+        took_ms = (time.perf_counter() - self._began) * 1000
+        if info["generation"] == 2:
+            self.full_passes += 1
+            self.full_pass_longest_ms = max(self.full_pass_longest_ms, took_ms)
+        self.longest_ms = max(self.longest_ms, took_ms)
         self.total_ms += took_ms
 
     def __enter__(self) -> CollectorPauses:
@@ -408,8 +410,16 @@ class CollectorPauses:
         gc.callbacks.remove(self._observe)
 
     def figures(self) -> dict[str, Any]:
-        return {"full_passes": self.passes[2], "full_pass_longest_ms": round(self.longest_ms[2], 1),
-                "longest_ms": round(max(self.longest_ms), 1), "total_ms": round(self.total_ms, 1)}
+        """`frozen_objects`: what the process took out of the passes once started (`streams.startup_heap`)."""
+        return {"full_passes": self.full_passes, "full_pass_longest_ms": round(self.full_pass_longest_ms, 1),
+                "longest_ms": round(self.longest_ms, 1), "total_ms": round(self.total_ms, 1),
+                "frozen_objects": gc.get_freeze_count()}
+
+
+def calls_ended(gateway: GatewayRuntime) -> int:
+    """The calls a gateway has ended, every tenant's and agent's: its `voxlog_calls_ended` metric."""
+    return int(sum(sample.value for metric in gateway.metrics.calls_ended.collect() for sample in metric.samples
+                   if sample.name == "voxlog_calls_ended_total"))
 
 
 def _rss_mb() -> float:
@@ -452,6 +462,19 @@ class GatewaySide:
     fell_back: set[str] = field(default_factory=set)
 
 
+def through_fleet(calls: int, channel: Literal["phone", "sip"], replicas: int, one_gateway_only: bool) -> bool:
+    """Whether the calls go through gateway processes (`voxlog.bench_fleet`) rather than this one; a
+    ValueError for what cannot be measured so (`one_gateway_only`: a fallback profile, history or analytics)."""
+    if channel == "sip" and replicas != 1:
+        raise ValueError("over SIP the gateways are as many as the calls need (their PJSIP holds "
+                         f"{SIP_CALLS_PER_GATEWAY} each): --gateways is for phone calls")
+    fleet = (channel == "sip" and calls > SIP_CALLS_PER_GATEWAY) or replicas > 1
+    if fleet and one_gateway_only:
+        raise ValueError(f"--fallback, --history-events and --analytics are measured on one gateway: by phone, "
+                         f"--gateways 1; over SIP, --calls {SIP_CALLS_PER_GATEWAY} at most")
+    return fleet
+
+
 async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
                       fallback: FallbackProfile | None = None, ramp_s: float = 0.0,
                       history_events: int = 0, turns: int = DEFAULT_TURNS,
@@ -464,13 +487,7 @@ async def bench_calls(settings: Settings, *, calls: int, timeline: Timeline,
     Twilio carries them (`phone`) or over SIP to the gateway's SIP endpoint (`sip`, on a free port); past
     the calls one gateway's PJSIP holds, to gateways enough for them behind a SIP front. `replicas`: by
     phone, the gateway processes behind one public address the calls are spread over (`voxlog.bench_fleet`)."""
-    if channel == "sip" and replicas != 1:
-        raise ValueError("over SIP the gateways are as many as the calls need (their PJSIP holds "
-                         f"{SIP_CALLS_PER_GATEWAY} each): --gateways is for phone calls")
-    fleet = (channel == "sip" and calls > SIP_CALLS_PER_GATEWAY) or replicas > 1
-    if fleet and (fallback is not None or history_events or analytics):
-        raise ValueError(f"--fallback, --history-events and --analytics are measured on one gateway: by phone, "
-                         f"--gateways 1; over SIP, --calls {SIP_CALLS_PER_GATEWAY} at most")
+    fleet = through_fleet(calls, channel, replicas, fallback is not None or bool(history_events) or analytics)
     if channel == "sip" and settings.sip_bind is None and not fleet:
         settings = settings.model_copy(update={"sip_bind": f"127.0.0.1:{free_sip_port()}"})
     if settings.agents_dir is None:  # the demo tenant's own limit (50 calls) must not cap what is measured
@@ -530,7 +547,7 @@ async def _through_one_gateway(settings: Settings, calls: int, timeline: Timelin
             sids=sids, results=results, callers_cpu_s=callers_cpu_s, elapsed_s=elapsed, cpu_s=cpu_s,
             loop_cpu_s=loop_cpu_s, peak_rss_mb=peak_mb, rss_before_mb=rss_before_mb,
             events=await _events_in_log(stack.gateway.backend) - before,
-            calls_by_gateway=[stack.gateway.calls_run], collector=[pauses.figures()],
+            calls_by_gateway=[calls_ended(stack.gateway)], collector=[pauses.figures()],
             analytics=None if not analytics else "background process" if background is not None else "gateway",
             background_cpu_s=background_cpu_s, projected_after_s=projected_after_s,
             fell_back=await _fallback_calls(stack.gateway.backend, set(sids)) if fallback else set())
@@ -634,7 +651,8 @@ def _figures(side: GatewaySide, *, calls: int, channel: str, turns: int, history
             "full_passes": sum(c["full_passes"] for c in side.collector),
             "full_pass_longest_ms": max(c["full_pass_longest_ms"] for c in side.collector),
             "longest_ms": max(c["longest_ms"] for c in side.collector),
-            "total_ms": round(sum(c["total_ms"] for c in side.collector), 1)},
+            "total_ms": round(sum(c["total_ms"] for c in side.collector), 1),
+            "frozen_objects_least": min(c["frozen_objects"] for c in side.collector)},
         "gateway_peak_rss_mb": round(side.peak_rss_mb, 1),
         "gateway_peak_rss_mb_per_call": round((side.peak_rss_mb - side.rss_before_mb) / admitted, 3),
         "front_cpu_s": None if side.front_cpu_s is None else round(side.front_cpu_s, 2),
@@ -689,7 +707,7 @@ async def serve_fleet_gateway(settings: Settings, plan: dict[str, Any], report: 
                           "rss_before_mb": rss_before_mb,
                           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                           "capacity": stack.gateway.capacity, "log": stack.gateway.backend.describe(),
-                          "calls": stack.gateway.calls_run, "collector": pauses.figures(),
+                          "calls": calls_ended(stack.gateway), "collector": pauses.figures(),
                           "judges": sorted({agent.vad for agent in stack.gateway.router.agents.values()})}),
               file=report, flush=True)
 

@@ -452,18 +452,17 @@ def bench_calls_command(
     failed primary LLM, recogniser or voice costs a turn."""
     from streams.providers.timeline import Timeline
     from voxlog.bench import write_result
-    from voxlog.bench_calls import FallbackProfile, bench_calls
+    from voxlog.bench_calls import FallbackProfile, bench_calls, through_fleet
     from voxlog.serving import run_on_serving_loop
 
     settings = Settings() if max_calls is None else Settings(max_calls=max_calls)
     if vad is not None and settings.agents_dir is not None:
         raise typer.BadParameter("--vad sets the demo agent's judge; with VOXLOG_AGENTS_DIR, set `vad:` in your "
                                  "agent's file", param_hint="--vad")
-    if gateways > 1 and channel == "sip":
-        raise typer.BadParameter("over SIP the gateways are as many as the calls need", param_hint="--gateways")
-    if gateways > 1 and (fallback is not None or history_events or analytics):
-        raise typer.BadParameter("--fallback, --history-events and --analytics are measured on one gateway",
-                                 param_hint="--gateways")
+    try:  # what cannot be measured together, refused before anything starts
+        through_fleet(calls, _channel(channel), gateways, fallback is not None or bool(history_events) or analytics)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     timeline = Timeline(asr_final_ms=asr_ms, llm_ms=llm_ms, tts_first_byte_ms=tts_ms, speech_ms_per_word=60)
     profile = None if fallback is None else FallbackProfile(fallback.value, fallback_every, attempt_timeout_ms,
                                                             capability=fallback_capability.value)

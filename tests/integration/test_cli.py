@@ -257,6 +257,8 @@ def test_bench_calls_measures_what_voxlog_adds(tmp_path: Path) -> None:
     assert 0 < figures["gateway_loop_cpu_share"] <= figures["gateway_cpu_share"]
     assert figures["commit"], "the result names the code that made it"
     assert figures["gateway_peak_rss_mb"] > 50  # the interpreter and its libraries at least
+    # The started gateway took its heap out of the collector's full passes (streams/startup_heap.py).
+    assert figures["gateway_collector"]["frozen_objects_least"] > 10_000
     assert figures["scripted_ms"]["total"] == 700 + 150 + 300 + 120
     # What voxlog adds cannot be negative beyond a frame's worth of measuring granularity.
     assert -25 < figures["added_latency_ms"]["p50"] <= figures["added_latency_ms"]["p99"]
@@ -297,6 +299,7 @@ def test_bench_calls_spreads_phone_calls_over_replicas(tmp_path: Path) -> None:
     # The busiest replica's loop: part of one replica's CPU, so under the replicas' sum.
     assert 0 < figures["gateway_loop_cpu_share"] < figures["gateway_cpu_share"]
     assert figures["front_cpu_s"] is None, "by phone the callers play the balancer"
+    assert figures["gateway_collector"]["frozen_objects_least"] > 10_000, "each replica froze its startup heap"
     assert figures["events"] > 4 * 50, "each replica's log counted"
     refused = voxlog("bench", "calls", "--channel", "sip", "--gateways", "2", "--out", str(out), home=tmp_path)
     assert refused.returncode != 0

@@ -65,4 +65,4 @@ async def test_each_call_streams_and_hears_its_transfer_outcome_at_the_replica_t
             outcome = (await stream_of(answering, call_id))[-1].payload
             assert isinstance(outcome, HandoffOutcome)
             assert (outcome.outcome, outcome.duration_s) == ("connected", 7)
-        assert [replica.gateway.calls_run for replica in replicas] == [1, 1]
+        assert [len(replica.gateway.reports) for replica in replicas] == [1, 1]
