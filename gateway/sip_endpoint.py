@@ -22,7 +22,6 @@ import asyncio
 import collections
 import contextlib
 import ctypes
-import gc
 import ipaddress
 import itertools
 import logging
@@ -896,24 +895,25 @@ class SipEndpoint:
             deadline = time.monotonic() + 1.0
             while self._calls and time.monotonic() < deadline:
                 endpoint.libHandleEvents(POLL_MS)
-        # Every pjsua2 object must be gone before the library is: a port destroyed after it aborts the process,
-        # and so does a call (no loop variable here may keep the last one until this returns).
+        # None of our pjsua2 objects is destroyed from here on: each is disowned (its C++ destructor never
+        # runs) and held through libDestroy, whose callbacks may still reach it, then left to Python alone.
+        # A port destroyed while the library runs is removed from the bridge on the media clock's next tick,
+        # after pjsua2 freed it (see `port_for`): the clock thread then ran in freed memory, and CI's process
+        # crashed at an endpoint's shutdown, when forgetting the calls destroyed their ports. Destroyed once
+        # the library is gone, a port or a call aborts the process, against it or the next endpoint's. And no
+        # collection here: one run on this thread finalises the whole process's garbage (the event loop's
+        # transports and coroutines among it) off its thread. What is kept is a few objects an endpoint.
+        survivors = list(self._made)
+        for made in survivors:
+            made.thisown = False
         self._refusals.clear()  # INVITEs refused but not yet answered: the stack ends them with itself
         self._forget_calls()
-        gc.collect()  # any cycle still holding one
         for account in [*self._outbound.values(), self._account]:
             if account is not None:
                 with contextlib.suppress(pj.Error):
                     account.shutdown()
         self._outbound.clear()
         self._account = None
-        # What of ours still lives (held elsewhere, or in a cycle the collector meets later, on whatever
-        # thread it runs) must never run its C++ destructor once the library is gone: against a dead
-        # library, or the next endpoint's, that crashed the process. Held here through libDestroy (whose
-        # callbacks may still reach them), then left to Python alone.
-        survivors = list(self._made)
-        for made in survivors:
-            made.thisown = False
         with contextlib.suppress(pj.Error):
             endpoint.libDestroy()
         survivors.clear()
