@@ -73,7 +73,6 @@ from schemas.events import CallStarted, ProviderFallback
 from schemas.topics import CALLS, COMMANDS, TOPICS
 from streams.audio.codecs import pcm16_to_mulaw
 from streams.audio.vad import END_OF_TURN_SILENCE_MS, VadKind
-from streams.audio.vad_silero import model_runs
 from streams.call.session import Providers
 from streams.channels.twilio_media_protocol import OutboundMedia
 from streams.config.agents import AgentSpec
@@ -456,8 +455,6 @@ class GatewaySide:
     """The calls each gateway ran to their end."""
     collector: list[dict[str, Any]] = field(default_factory=list)
     """Each gateway's `CollectorPauses` over the run."""
-    vad_runs: list[dict[str, int]] = field(default_factory=list)
-    """Each gateway's runs of Silero's model over the run, and the windows they judged (`model_runs`)."""
     front_cpu_s: float | None = None
     analytics: str | None = None
     background_cpu_s: float = 0.0
@@ -522,7 +519,6 @@ async def _through_one_gateway(settings: Settings, calls: int, timeline: Timelin
         before = await _events_in_log(stack.gateway.backend)
         rss_before_mb = _rss_mb()
         started, cpu_before, loop_before = time.perf_counter(), time.process_time(), time.thread_time()
-        vad_before = model_runs()
         background_before = background.cpu_s() if background is not None else 0.0
         if stack.gateway.sip is not None:
             target: dict[str, Any] = {"sip_host": "127.0.0.1", "sip_port": stack.gateway.sip.port}
@@ -552,7 +548,6 @@ async def _through_one_gateway(settings: Settings, calls: int, timeline: Timelin
             loop_cpu_s=loop_cpu_s, peak_rss_mb=peak_mb, rss_before_mb=rss_before_mb,
             events=await _events_in_log(stack.gateway.backend) - before,
             calls_by_gateway=[calls_ended(stack.gateway)], collector=[pauses.figures()],
-            vad_runs=[{name: count - vad_before[name] for name, count in model_runs().items()}],
             analytics=None if not analytics else "background process" if background is not None else "gateway",
             background_cpu_s=background_cpu_s, projected_after_s=projected_after_s,
             fell_back=await _fallback_calls(stack.gateway.backend, set(sids)) if fallback else set())
@@ -601,8 +596,7 @@ async def _through_fleet(settings: Settings, calls: int, timeline: Timeline, bud
         peak_rss_mb=sum(r["peak_rss_mb"] for r in reports),
         rss_before_mb=sum(r["rss_before_mb"] for r in reports), events=await _events_in_logs(gateways) - before,
         gateways=len(reports), calls_by_gateway=[r["calls"] for r in reports],
-        collector=[r["collector"] for r in reports], vad_runs=[r["vad_runs"] for r in reports],
-        front_cpu_s=front_cpu_s)
+        collector=[r["collector"] for r in reports], front_cpu_s=front_cpu_s)
 
 
 async def _events_in_logs(settings: list[Settings]) -> int:
@@ -659,10 +653,6 @@ def _figures(side: GatewaySide, *, calls: int, channel: str, turns: int, history
             "longest_ms": max(c["longest_ms"] for c in side.collector),
             "total_ms": round(sum(c["total_ms"] for c in side.collector), 1),
             "frozen_objects_least": min(c["frozen_objects"] for c in side.collector)},
-        "gateway_vad_runs": {
-            "runs": sum(v["runs"] for v in side.vad_runs), "windows": sum(v["windows"] for v in side.vad_runs),
-            "windows_per_run": round(sum(v["windows"] for v in side.vad_runs)
-                                     / max(1, sum(v["runs"] for v in side.vad_runs)), 2)},
         "gateway_peak_rss_mb": round(side.peak_rss_mb, 1),
         "gateway_peak_rss_mb_per_call": round((side.peak_rss_mb - side.rss_before_mb) / admitted, 3),
         "front_cpu_s": None if side.front_cpu_s is None else round(side.front_cpu_s, 2),
@@ -718,7 +708,6 @@ async def serve_fleet_gateway(settings: Settings, plan: dict[str, Any], report: 
                           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                           "capacity": stack.gateway.capacity, "log": stack.gateway.backend.describe(),
                           "calls": calls_ended(stack.gateway), "collector": pauses.figures(),
-                          "vad_runs": model_runs(),
                           "judges": sorted({agent.vad for agent in stack.gateway.router.agents.values()})}),
               file=report, flush=True)
 

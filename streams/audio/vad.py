@@ -14,11 +14,8 @@ Judges, one module each, chosen per agent (`AgentSpec.vad`), measured by `voxlog
 - `streams.audio.vad_webrtc.WebRtcJudge`: WebRTC's GMM voice detector (C, about 2.5 us a frame);
 - `streams.audio.vad_silero.SileroJudge`: Silero's neural VAD on onnxruntime (about 100 us a frame of
   sound, none for a quiet one): the agents' default, the one that keeps taking turns on a noisy line.
-  A call judges through `Vad.process_batched`, where the model runs once for the windows of all the
-  calls that wait, off the event loop (`BatchedJudge`).
 
-The same frames always give the same events: nothing depends on time or randomness, nor on which
-other streams' windows a model judged with a frame's.
+The same frames always give the same events: nothing depends on time or randomness.
 """
 
 from __future__ import annotations
@@ -26,12 +23,12 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol
 
 from streams.audio.codecs import SILENCE_DBFS, rms_dbfs
 
-__all__ = ["END_OF_TURN_SILENCE_MS", "MIN_SPEECH_MS", "VAD_KINDS", "BatchedJudge", "EnergyJudge", "SpeechJudge", "Vad",
-           "VadEvent", "VadKind", "make_judge"]
+__all__ = ["END_OF_TURN_SILENCE_MS", "MIN_SPEECH_MS", "VAD_KINDS", "EnergyJudge", "SpeechJudge", "Vad", "VadEvent",
+           "VadKind", "make_judge"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,22 +48,6 @@ class SpeechJudge(Protocol):
     """Judges each frame of one stream, in order: (may it start speech, does it keep speech going)."""
 
     def judge(self, frame: bytes) -> tuple[bool, bool]: ...
-
-
-@runtime_checkable
-class BatchedJudge(Protocol):
-    """A judge that can also judge a frame in an event loop, its model run together with other streams'."""
-
-    def judge(self, frame: bytes) -> tuple[bool, bool]: ...
-
-    async def judge_batched(self, frame: bytes) -> tuple[bool, bool]: ...
-
-
-def _checked(frame: bytes) -> bool:
-    """Whether there is a frame to judge: 16-bit PCM has an even number of bytes."""
-    if len(frame) % 2:
-        raise ValueError(f"16-bit PCM must have an even number of bytes, got {len(frame)}")
-    return bool(frame)
 
 
 class _State(Enum):
@@ -170,7 +151,6 @@ class Vad:
         if min_speech_ms < 0 or end_of_turn_silence_ms <= 0 or sample_rate <= 0:
             raise ValueError("durations and the sample rate must be positive")
         self.judge = judge if judge is not None else EnergyJudge(sample_rate=sample_rate)
-        self._batched = self.judge if isinstance(self.judge, BatchedJudge) else None  # asked once, not each frame
         self.min_speech_ms = min_speech_ms
         self.end_of_turn_silence_ms = end_of_turn_silence_ms
         self.sample_rate = sample_rate
@@ -192,20 +172,11 @@ class Vad:
 
     def process(self, frame: bytes) -> list[VadEvent]:
         """Feeds the next frame (20 ms is the intended size; any whole number of samples works)."""
-        if not _checked(frame):
+        if len(frame) % 2:
+            raise ValueError(f"16-bit PCM must have an even number of bytes, got {len(frame)}")
+        if not frame:
             return []
-        return self._advance(frame, *self.judge.judge(frame))
-
-    async def process_batched(self, frame: bytes) -> list[VadEvent]:
-        """`process`, where a judge whose model serves many streams at once (`BatchedJudge`) judges the
-        frame with theirs: the same events, the event loop free while the model runs."""
-        if not _checked(frame):
-            return []
-        if self._batched is not None:
-            return self._advance(frame, *await self._batched.judge_batched(frame))
-        return self._advance(frame, *self.judge.judge(frame))
-
-    def _advance(self, frame: bytes, starts: bool, keeps: bool) -> list[VadEvent]:
+        starts, keeps = self.judge.judge(frame)
         frame_start = self._samples
         self._samples += len(frame) // 2
 

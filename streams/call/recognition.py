@@ -123,7 +123,7 @@ class AudioRecognition:
             await self._write(self._kept.add(raw, codec, rate, offset_ms))
         self._frames_heard += 1  # counted kept or not: positions in the caller's stream stay those of the call
         self._heard.append(pcm16)
-        for vad_event in await self._vad.process_batched(pcm16):
+        for vad_event in self._vad.process(pcm16):
             if vad_event.kind == "speech_started":
                 self._inputs.submit(SpeechStarted(offset_ms=vad_event.offset_ms))
                 before = min(len(self._heard) - 1, (offset_ms - vad_event.offset_ms + PREROLL_MS) // FRAME_MS)

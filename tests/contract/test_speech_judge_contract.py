@@ -4,8 +4,6 @@ espeak-ng's speech; the noisy lines are `voxlog bench vad`'s own (voxlog/bench_v
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -69,28 +67,6 @@ def test_the_same_frames_give_the_same_turns(kind: VadKind) -> None:
     require_espeak()
     audio = with_noise(spoken()[0], -50, seed=3)
     assert run(Vad(make_judge(kind)), audio) == run(Vad(make_judge(kind)), audio)
-
-
-async def test_calls_judged_together_take_the_turns_each_takes_alone(kind: VadKind) -> None:
-    """A gateway's calls judge through `process_batched`, at once (a batched judge's model runs for all
-    of them together): each call's turns are those of its frames alone, whatever the others hear."""
-    require_espeak()
-    audio = spoken()[0]
-    lines = [with_noise(audio, level, seed=seed) for seed, level in enumerate((-60, -50, -45, -40, -35, -30))]
-    lines.append(audio[len(audio) // 3:])  # another call, at another point of its speech
-    alone = [run(Vad(make_judge(kind)), line) for line in lines]
-    vads = [Vad(make_judge(kind)) for _ in lines]
-    together: list[list[VadEvent]] = [[] for _ in lines]
-    streams = [list(frames(line, RATE, 20)) for line in lines]
-    for step in range(max(len(stream) for stream in streams)):
-        going = [index for index, stream in enumerate(streams) if step < len(stream)]
-        heard = await asyncio.gather(*(vads[index].process_batched(streams[index][step]) for index in going))
-        for index, events in zip(going, heard, strict=True):
-            together[index] += events
-    for index, vad in enumerate(vads):
-        together[index] += vad.finish()
-    assert together == alone
-    assert all(alone), "every line has turns to compare"
 
 
 @settings(max_examples=40, deadline=None)

@@ -277,10 +277,6 @@ def test_bench_calls_past_capacity_measures_the_refusals_and_the_admitted_calls(
     assert figures["failed_calls"] == []
     assert figures["turns_measured"] == 6, "the admitted calls' turns"
     assert 0 < figures["refusal_ms"]["p50"] <= figures["refusal_ms"]["p99"]
-    # The demo agent's judge is Silero's: the calls' windows went to the model, some of them together.
-    assert figures["vad"] == ["silero"]
-    vad_runs = figures["gateway_vad_runs"]
-    assert 0 < vad_runs["runs"] <= vad_runs["windows"], vad_runs
     assert "told busy" in result.stdout
 
 
