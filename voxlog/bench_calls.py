@@ -712,11 +712,17 @@ async def serve_fleet_gateway(settings: Settings, plan: dict[str, Any], report: 
               file=report, flush=True)
 
 
-def _serve_as_fleet_gateway() -> None:
-    """`python -m voxlog.bench_calls gateway`: its reports on the standard output it was given, whatever
-    else would write there (PJSIP's lines) sent to its standard error."""
+def _reports_only() -> TextIO:
+    """The standard output this process was given, for its reports alone: whatever else would write there
+    (PJSIP's lines, a library's) goes to its standard error, where it cannot break the report's JSON."""
     report = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
+    return report
+
+
+def _serve_as_fleet_gateway() -> None:
+    """`python -m voxlog.bench_calls gateway`: its reports on the standard output it was given."""
+    report = _reports_only()
     faulthandler.enable()  # as `voxlog serve`: a native fault leaves each thread's stack in its log
     settings, plan = pickle.load(sys.stdin.buffer)
     run_on_serving_loop(serve_fleet_gateway(settings, plan, report))
@@ -725,5 +731,6 @@ def _serve_as_fleet_gateway() -> None:
 if __name__ == "__main__" and sys.argv[1:] == ["gateway"]:
     _serve_as_fleet_gateway()
 elif __name__ == "__main__":  # the callers' process: a plan on stdin, their figures on stdout
+    figures_out = _reports_only()
     figures = run_on_serving_loop(play_callers(json.loads(sys.stdin.read())))
-    print(json.dumps([dataclasses.asdict(f) for f in figures]))
+    print(json.dumps([dataclasses.asdict(f) for f in figures]), file=figures_out, flush=True)
