@@ -5,9 +5,13 @@ while the caller's consent lets the call keep their audio (`keep_audio`, which t
 the core: not after a refusal, nor under opt-in before a yes; the frame is heard all the same). The
 VAD tells when the caller starts and stops speaking (inputs of the call), and only speech goes to the
 recogniser, with the 300 ms of line before where the VAD says it began (pre-roll) so the start of a
-word is not lost. Interim transcripts are recorded and shown; an utterance's final transcript, written in the
-canonical form whoever recognised it (streams/providers/asr_text.py: numbers, times and emails as the
-core and redaction read them), is an input of the call, with times in the call's audio.
+word is not lost. An utterance's final transcript is awaited (a provider's round trip) in a task of
+its own, and what the recogniser is given meanwhile waits its turn behind it: the VAD and the recording
+never wait for a final, so the caller is heard in real time meanwhile (a barge-in, the next utterance)
+rather than in one burst when it comes. Interim transcripts are recorded and shown; an utterance's
+final transcript, written in the canonical form whoever recognised it
+(streams/providers/asr_text.py: numbers, times and emails as the core and redaction read them), is an
+input of the call, with times in the call's audio.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from producers.event_writer import CallRecorder
 from schemas.events import CallerAudioChunk, SpeechStarted, SpeechStopped, TranscriptFinal, TranscriptInterim, Word
@@ -25,7 +30,7 @@ from streams.audio.vad import Vad, VadKind, make_judge
 from streams.call.inputs import CallInputs
 from streams.call.transport import MediaTransport
 from streams.providers.asr_text import normalize_transcript
-from streams.providers.base import AsrProvider, AsrStream, ProviderError, Recognition
+from streams.providers.base import AsrProvider, AsrStream, ProviderError
 
 PREROLL_MS = 300
 """The line before where the VAD says speech began goes to the recogniser with it, so the start of a word
@@ -33,7 +38,24 @@ is not lost (the VAD confirms speech only after it has lasted a while, and a mod
 HEARD_FRAMES = 50
 """The last second of frames, kept for the pre-roll: speech is confirmed well within it."""
 QUEUED_FRAMES = 500
-"""10 s of caller audio waiting for the audio task; past that the channel waits (backpressure)."""
+"""10 s of caller audio waiting for the audio task; past that the channel waits (backpressure). As much
+again may wait for a recogniser busy with a final; past that the audio task waits for it."""
+
+
+@dataclass(frozen=True, slots=True)
+class _UtteranceBegins:
+    first_frame_ms: int
+    """Where in the call's audio the utterance's first frame fed to the recogniser (its pre-roll) is."""
+
+
+@dataclass(frozen=True, slots=True)
+class _UtteranceEnds:
+    stopped: float
+    """When the VAD heard the caller stop (`time.perf_counter`): the final's latency runs from there."""
+
+
+_RecogniserWork = bytes | _UtteranceBegins | _UtteranceEnds
+"""A frame of speech to feed, or an utterance's bounds."""
 
 
 class AudioRecognition:
@@ -51,6 +73,9 @@ class AudioRecognition:
         self._inputs = inputs
         self._clock_us = clock_us
         self._frames: asyncio.Queue[tuple[bytes, bytes, str, int] | None] = asyncio.Queue(maxsize=QUEUED_FRAMES)
+        self._finishing: asyncio.Task[None] | None = None
+        """A final being awaited, then the recogniser's work given to it meanwhile (`_behind_final`)."""
+        self._behind_final: deque[_RecogniserWork] = deque()
         self._vad = Vad(make_judge(vad))
         self._heard: deque[bytes] = deque(maxlen=HEARD_FRAMES)
         self._stream: AsrStream | None = None
@@ -84,7 +109,9 @@ class AudioRecognition:
         await self._frames.put((pcm16, raw, codec, sample_rate))
 
     def stop(self) -> None:
-        """Drops what is queued and ends `run`; a channel blocked on a full queue (a dead audio task) goes on."""
+        """Drops what is queued and ends `run` (a final being awaited is finished first); a channel blocked
+        on a full queue (a dead audio task) goes on."""
+        self._behind_final.clear()
         while not self._frames.empty():
             self._frames.get_nowait()
         self._frames.put_nowait(None)
@@ -100,8 +127,17 @@ class AudioRecognition:
         try:
             while (item := await self._frames.get()) is not None:
                 await self._frame(self._stream, *item)
+        except asyncio.CancelledError:
+            if self._finishing is not None:
+                self._finishing.cancel()  # a recogniser that holds up the call's end is cut short with it
+            raise
         finally:
-            await self._stream.close()
+            self.stop()
+            try:
+                if self._finishing is not None:
+                    await self._finishing  # its final, not what waited behind it: a record begun is finished
+            finally:
+                await self._stream.close()
 
     async def end_recording(self) -> None:
         """The call is ending: the kept frames gathered so far are written (before its end), none after."""
@@ -128,39 +164,76 @@ class AudioRecognition:
                 self._inputs.submit(SpeechStarted(offset_ms=vad_event.offset_ms))
                 before = min(len(self._heard) - 1, (offset_ms - vad_event.offset_ms + PREROLL_MS) // FRAME_MS)
                 earlier = list(self._heard)[-1 - before:-1] if before > 0 else []
-                self._shift_ms = offset_ms - len(earlier) * FRAME_MS - self._fed_ms
+                await self._recognise(stream, _UtteranceBegins(offset_ms - len(earlier) * FRAME_MS))
                 for frame in earlier:
-                    await self._feed(stream, frame)
+                    await self._recognise(stream, frame)
             else:
                 self.speech_stopped_us = self._clock_us()
                 self._inputs.submit(SpeechStopped(offset_ms=vad_event.offset_ms, duration_ms=vad_event.duration_ms))
-                await self._finish_utterance(stream)
+                await self._recognise(stream, _UtteranceEnds(time.perf_counter()))
         if self._vad.in_speech:
-            interim = await self._feed(stream, pcm16)
-            if interim is not None and interim.text:
-                await self._recorder.record(
-                    TranscriptInterim(
-                        utterance_id=f"u{self._utterances}",
-                        text=interim.text,
-                        confidence=interim.confidence,
-                        provider=interim.provider or self._asr.name,
-                        model=interim.model or self._asr.model,
-                        start_ms=interim.start_ms + self._shift_ms,
-                        end_ms=interim.end_ms + self._shift_ms,
-                    )
-                )
-                await self._transport.show("caller", interim.text, final=False)
+            await self._recognise(stream, pcm16)
 
-    async def _feed(self, stream: AsrStream, pcm16: bytes) -> Recognition | None:
+    async def _recognise(self, stream: AsrStream, work: _RecogniserWork) -> None:
+        """The recogniser's work, done here while it is free; behind a final it is awaiting, queued for the
+        task that awaits it (which does it in order, then ends). An utterance's end starts that task."""
+        finishing = self._finishing
+        if finishing is not None and not finishing.done():
+            if len(self._behind_final) < QUEUED_FRAMES:
+                self._behind_final.append(work)
+                return
+            await asyncio.wait({finishing})  # 10 s behind: the caller's audio waits for the recogniser
+        if finishing is not None:
+            self._finishing = None
+            finishing.result()  # a bug in it ends the audio task, which the session reports
+        if isinstance(work, _UtteranceEnds):
+            self._finishing = asyncio.create_task(self._finish_then_catch_up(stream, work))
+            self._finishing.add_done_callback(self._finished)
+        else:
+            await self._recognise_now(stream, work)
+
+    async def _recognise_now(self, stream: AsrStream, work: bytes | _UtteranceBegins) -> None:
+        if isinstance(work, _UtteranceBegins):
+            self._shift_ms = work.first_frame_ms - self._fed_ms
+        else:
+            await self._feed(stream, work)
+
+    async def _finish_then_catch_up(self, stream: AsrStream, end: _UtteranceEnds) -> None:
+        await self._finish_utterance(stream, end.stopped)
+        while self._behind_final:  # what came meanwhile, in order (another utterance's end among it)
+            work = self._behind_final.popleft()
+            if isinstance(work, _UtteranceEnds):
+                await self._finish_utterance(stream, work.stopped)
+            else:
+                await self._recognise_now(stream, work)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        """A final's task that died of a bug ends `run` (which raises its error) without waiting for more audio."""
+        if not task.cancelled() and task.exception() is not None:
+            self.stop()
+
+    async def _feed(self, stream: AsrStream, pcm16: bytes) -> None:
         self._fed_ms += FRAME_MS
         try:
-            return await stream.accept(pcm16)
+            interim = await stream.accept(pcm16)
         except ProviderError as exc:
             self._inputs.report("asr", exc.report)  # the utterance's end tries again (a chain: from its first)
-            return None
+            return
+        if interim is not None and interim.text:
+            await self._recorder.record(
+                TranscriptInterim(
+                    utterance_id=f"u{self._utterances}",
+                    text=interim.text,
+                    confidence=interim.confidence,
+                    provider=interim.provider or self._asr.name,
+                    model=interim.model or self._asr.model,
+                    start_ms=interim.start_ms + self._shift_ms,
+                    end_ms=interim.end_ms + self._shift_ms,
+                )
+            )
+            await self._transport.show("caller", interim.text, final=False)
 
-    async def _finish_utterance(self, stream: AsrStream) -> None:
-        stopped = time.perf_counter()
+    async def _finish_utterance(self, stream: AsrStream, stopped: float) -> None:
         try:
             result = await stream.end_utterance()
         except ProviderError as exc:
