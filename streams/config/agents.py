@@ -8,6 +8,7 @@ The offline LLM (`offline-scripted`) follows the agent's `script`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -104,8 +105,9 @@ class ToolDefinition(_Spec):
             raise ValueError(f"tool {self.name}: only a webhook.post names a webhook")
         return self
 
-    @property
+    @functools.cached_property
     def parameters_json(self) -> str:
+        """Made once: every LLM request of every call carries it."""
         return json.dumps(self.parameters, sort_keys=True, separators=(",", ":"))
 
 
