@@ -33,6 +33,7 @@ from gateway.admission import Admission, RateLimits, Refusal
 from gateway.background_process import BackgroundFailed, BackgroundProcess
 from gateway.config_audit import record_config_changes
 from gateway.log_readers import LogReaders, ProjectionsTarget, WorkersTarget, start_log_readers, summary_llm_of
+from gateway.loop_lag import GATEWAY_PERIOD_S, loop_lag_histogram, watch_loop_lag
 from gateway.whatif_isolation import WhatIfChildren
 from producers.event_writer import CallRecorder, EventWriter, standalone_event
 from producers.log_producer import LogProducer
@@ -185,6 +186,7 @@ class GatewayRuntime:
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.capacity, tenant_limit=self._tenant_limit, not_ready=self.not_ready)
+        self.loop_lag = loop_lag_histogram(self.metrics.registry)
 
     @property
     def recordings_path(self) -> Path:
@@ -225,6 +227,8 @@ class GatewayRuntime:
         self._leases = LeaseKeeper(self._lease_producer, self.instance_id)
         await self._leases.renew()
         self._tasks.append(asyncio.create_task(self._leases.run(self._stop), name="lease"))
+        self._tasks.append(asyncio.create_task(watch_loop_lag(GATEWAY_PERIOD_S, self.loop_lag.observe, self._stop),
+                                               name="loop-lag"))
         if self.providers_factory is None:
             for agent in self.router.agents.values():
                 for problem in self.provider_registry.problems(agent):

@@ -52,7 +52,7 @@ import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TextIO, TypeVar
 
@@ -65,6 +65,7 @@ from consumers.workers.after_call import GROUP as AFTER_CALL_GROUP
 from consumers.workers.dialer import GROUP as DIALER_GROUP
 from consumers.workers.summariser import GROUP as SUMMARISER_GROUP
 from consumers.workers.tools import GROUP as TOOLS_GROUP
+from gateway.loop_lag import watch_loop_lag
 from gateway.runtime import GatewayRuntime
 from producers.log_producer import TopicPartition
 from projections.default_projections import default_projections
@@ -111,6 +112,8 @@ CALLED = "+15550100"
 """The demo agent's number, which every caller dials."""
 DEFAULT_TURNS = 20
 """Per call: 50 calls give 1,000 turns, enough for a p99 that is not the few slowest turns of a run."""
+LOOP_LAG_PERIOD_S = 0.005
+"""How often the benchmark samples the gateways' and the callers' event loops: a stall of a few ms shows."""
 
 
 def caller_lines(turns: int) -> tuple[str, ...]:
@@ -229,18 +232,42 @@ async def _one_sip_call(caller: SipCaller, speech: bytes, budget_ms: float, turn
     return figures
 
 
-async def play_callers(plan: dict[str, Any]) -> list[CallFigures]:
+@contextlib.asynccontextmanager
+async def loop_lag_sampled() -> AsyncIterator[list[float]]:
+    """This process's event loop's lag (seconds), sampled every `LOOP_LAG_PERIOD_S` while it is open: how
+    late a process ran what was due, the gateways' (a late turn's cause) or the callers' (a late stamp's)."""
+    lags: list[float] = []
+    stop = asyncio.Event()
+    sampling = asyncio.create_task(watch_loop_lag(LOOP_LAG_PERIOD_S, lags.append, stop))
+    try:
+        yield lags
+    finally:
+        stop.set()
+        await sampling
+
+
+def _lag_ms(lags: list[float]) -> dict[str, float | None]:
+    return _latency([lag * 1000 for lag in lags])
+
+
+async def play_callers(plan: dict[str, Any]) -> tuple[list[CallFigures], dict[str, float | None]]:
     """All the callers of a run, at once (in the callers' own process), sharing one HTTP client: a
     client (and its SSL context) per webhook would cost the callers more CPU than the gateway spends.
-    Their progress goes to this process's standard error, the benchmark's own."""
+    Their progress goes to this process's standard error, the benchmark's own. Returns their figures and
+    their loop's lag."""
+    speech = await caller_speech()
+    freeze_startup_heap()  # a load generator that stalls for the collector's passes would time itself
+    async with loop_lag_sampled() as lags:
+        figures = await _play(plan, speech)
+    return figures, _lag_ms(lags)
 
+
+async def _play(plan: dict[str, Any], speech: bytes) -> list[CallFigures]:
     async def counted(call: Awaitable[CallFigures], done: Callable[[int], None]) -> CallFigures:
         figures = await call
         done(1)
         return figures
 
-    speech = await caller_speech()
-    freeze_startup_heap()  # a load generator that stalls for the collector's passes would time itself
     if plan.get("sip_port"):
         with progress("bench calls: SIP callers", total=len(plan["calls"]), unit="calls") as ended:
             return await asyncio.gather(*(
@@ -280,13 +307,23 @@ def _caller_number(index: int) -> str:
     return f"+1555{index:07d}"
 
 
+@dataclass
+class CallersRun:
+    """What the callers' process did: each call's sid and figures, its CPU seconds, its loop's lag (ms)."""
+
+    sids: list[str]
+    results: list[CallFigures]
+    cpu_s: float
+    loop_lag_ms: dict[str, float | None]
+
+
 async def _callers_process(target: dict[str, Any], calls: list[tuple[str, str, int]], budget_ms: float,
-                           ramp_s: float, turns: int) -> tuple[list[str], list[CallFigures], float]:
+                           ramp_s: float, turns: int) -> CallersRun:
     """Runs the callers in a process of their own, as Twilio is: only the gateway is measured here,
     and the callers' clocks are not held up by the gateway's event loop. `target`: where they call (by
     phone, `gateways`: each one's URL and Twilio account, and the `public_url` they share, if any; or
-    `sip_host` and `sip_port`); `calls`: `_phone_calls` or `_sip_calls`. Returns the callers' CPU seconds
-    too: a load generator that takes the machine's cores measures itself."""
+    `sip_host` and `sip_port`); `calls`: `_phone_calls` or `_sip_calls`. With the callers' CPU seconds and
+    their loop's lag: a load generator that takes the machine's cores, or stamps late, measures itself."""
     plan: dict[str, Any] = {"sip_port": None, "gateways": [], "public_url": None, **target, "to": CALLED,
                             "budget_ms": budget_ms, "ramp_s": ramp_s, "turns": turns, "calls": calls}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -297,7 +334,9 @@ async def _callers_process(target: dict[str, Any], calls: list[tuple[str, str, i
         raise RuntimeError(f"the callers' process failed (exit {child.returncode})")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the callers' process, reaped by now
     cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    return [sid for sid, _, _ in calls], [CallFigures(**figures) for figures in json.loads(out)], cpu_s
+    played = json.loads(out)
+    return CallersRun([sid for sid, _, _ in calls], [CallFigures(**figures) for figures in played["calls"]], cpu_s,
+                      played["loop_lag_ms"])
 
 
 WORKER_GROUPS = ((TOOLS_GROUP, COMMANDS), (DIALER_GROUP, COMMANDS), (AFTER_CALL_GROUP, CALLS),
@@ -447,6 +486,9 @@ class GatewaySide:
     elapsed_s: float
     cpu_s: float
     loop_cpu_s: float  # the busiest gateway's event loop thread: where one gateway's knee is
+    loop_lag_ms: dict[str, float | None]
+    """Its event loop's lag over the run (of several gateways, the one with the worst p99)."""
+    callers_loop_lag_ms: dict[str, float | None]
     peak_rss_mb: float
     rss_before_mb: float
     events: int
@@ -529,8 +571,9 @@ async def _through_one_gateway(settings: Settings, calls: int, timeline: Timelin
             for sid, number, _ in ringing:
                 stack.twilio.add_call(number, CALLED, sid=sid)
         with CollectorPauses() as pauses:
-            sids, results, callers_cpu_s = await _callers_process(target, ringing, budget_ms, ramp_s, turns)
-            await stack.gateway.wait_idle(60)
+            async with loop_lag_sampled() as lags:
+                callers = await _callers_process(target, ringing, budget_ms, ramp_s, turns)
+                await stack.gateway.wait_idle(60)
         elapsed, cpu_s = time.perf_counter() - started, time.process_time() - cpu_before
         loop_cpu_s = time.thread_time() - loop_before  # this coroutine runs on the gateway's loop
         background_cpu_s = background.cpu_s() - background_before if background is not None else 0.0
@@ -544,13 +587,14 @@ async def _through_one_gateway(settings: Settings, calls: int, timeline: Timelin
         return GatewaySide(
             log=stack.gateway.backend.describe(), capacity=stack.gateway.capacity,
             judges=sorted({agent.vad for agent in stack.gateway.router.agents.values()}),
-            sids=sids, results=results, callers_cpu_s=callers_cpu_s, elapsed_s=elapsed, cpu_s=cpu_s,
-            loop_cpu_s=loop_cpu_s, peak_rss_mb=peak_mb, rss_before_mb=rss_before_mb,
+            sids=callers.sids, results=callers.results, callers_cpu_s=callers.cpu_s, elapsed_s=elapsed, cpu_s=cpu_s,
+            loop_cpu_s=loop_cpu_s, peak_rss_mb=peak_mb, rss_before_mb=rss_before_mb, loop_lag_ms=_lag_ms(lags),
+            callers_loop_lag_ms=callers.loop_lag_ms,
             events=await _events_in_log(stack.gateway.backend) - before,
             calls_by_gateway=[calls_ended(stack.gateway)], collector=[pauses.figures()],
             analytics=None if not analytics else "background process" if background is not None else "gateway",
             background_cpu_s=background_cpu_s, projected_after_s=projected_after_s,
-            fell_back=await _fallback_calls(stack.gateway.backend, set(sids)) if fallback else set())
+            fell_back=await _fallback_calls(stack.gateway.backend, set(callers.sids)) if fallback else set())
 
 
 def _phone_gateway(stack: LocalStack) -> dict[str, Any]:
@@ -583,7 +627,7 @@ async def _through_fleet(settings: Settings, calls: int, timeline: Timeline, bud
         front, front_cpu_before = fleet.front, fleet.front.cpu_s() if fleet.front is not None else 0.0
         target = ({"sip_host": front.host, "sip_port": front.port} if front is not None else
                   {"gateways": [gateway.serving for gateway in fleet.gateways], "public_url": REPLICAS_PUBLIC_URL})
-        sids, results, callers_cpu_s = await _callers_process(target, ringing, budget_ms, ramp_s, turns)
+        callers = await _callers_process(target, ringing, budget_ms, ramp_s, turns)
         front_cpu_s = front.cpu_s() - front_cpu_before if front is not None else None
         reports = await asyncio.gather(*(gateway.finish() for gateway in fleet.gateways))
         elapsed = time.perf_counter() - started
@@ -591,8 +635,10 @@ async def _through_fleet(settings: Settings, calls: int, timeline: Timeline, bud
         log=f"{reports[0]['log']} ({len(reports)} gateways)" if len({r["log"] for r in reports}) == 1 else
         f"{len(reports)} logs of their own (e.g. {reports[0]['log']})",
         capacity=sum(r["capacity"] for r in reports), judges=sorted({j for r in reports for j in r["judges"]}),
-        sids=sids, results=results, callers_cpu_s=callers_cpu_s, elapsed_s=elapsed,
+        sids=callers.sids, results=callers.results, callers_cpu_s=callers.cpu_s, elapsed_s=elapsed,
         cpu_s=sum(r["cpu_s"] for r in reports), loop_cpu_s=max(r["loop_cpu_s"] for r in reports),
+        loop_lag_ms=max((r["loop_lag_ms"] for r in reports), key=lambda lag: lag["p99"] or 0.0),
+        callers_loop_lag_ms=callers.loop_lag_ms,
         peak_rss_mb=sum(r["peak_rss_mb"] for r in reports),
         rss_before_mb=sum(r["rss_before_mb"] for r in reports), events=await _events_in_logs(gateways) - before,
         gateways=len(reports), calls_by_gateway=[r["calls"] for r in reports],
@@ -646,6 +692,7 @@ def _figures(side: GatewaySide, *, calls: int, channel: str, turns: int, history
         "gateway_cpu_s": round(side.cpu_s, 2),
         "gateway_cpu_share": round(side.cpu_s / elapsed, 3),
         "gateway_loop_cpu_share": round(side.loop_cpu_s / elapsed, 3),
+        "gateway_loop_lag_ms": side.loop_lag_ms,
         "gateway_cpu_s_per_call_minute": round(side.cpu_s / admitted / (elapsed / 60), 3),
         "gateway_collector": {
             "full_passes": sum(c["full_passes"] for c in side.collector),
@@ -662,6 +709,7 @@ def _figures(side: GatewaySide, *, calls: int, channel: str, turns: int, history
         "background_cpu_share": round(side.background_cpu_s / elapsed, 3),
         "projected_after_s": side.projected_after_s,
         "callers_cpu_share": round(side.callers_cpu_s / elapsed, 3),
+        "callers_loop_lag_ms": side.callers_loop_lag_ms,
         "events": side.events,
         "seconds": round(elapsed, 1),
         "events_per_s": round(side.events / elapsed),
@@ -701,9 +749,10 @@ async def serve_fleet_gateway(settings: Settings, plan: dict[str, Any], report: 
         serving = _phone_gateway(stack) if stack.gateway.sip is None else {"sip_port": stack.gateway.sip.port}
         print(json.dumps(serving), file=report, flush=True)
         with CollectorPauses() as pauses:
-            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.buffer.read)
-            await stack.gateway.wait_idle(60)
-        print(json.dumps({"cpu_s": time.process_time(), "loop_cpu_s": time.thread_time(),
+            async with loop_lag_sampled() as lags:
+                await asyncio.get_running_loop().run_in_executor(None, sys.stdin.buffer.read)
+                await stack.gateway.wait_idle(60)
+        print(json.dumps({"cpu_s": time.process_time(), "loop_cpu_s": time.thread_time(), "loop_lag_ms": _lag_ms(lags),
                           "rss_before_mb": rss_before_mb,
                           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                           "capacity": stack.gateway.capacity, "log": stack.gateway.backend.describe(),
@@ -732,5 +781,6 @@ if __name__ == "__main__" and sys.argv[1:] == ["gateway"]:
     _serve_as_fleet_gateway()
 elif __name__ == "__main__":  # the callers' process: a plan on stdin, their figures on stdout
     figures_out = _reports_only()
-    figures = run_on_serving_loop(play_callers(json.loads(sys.stdin.read())))
-    print(json.dumps([dataclasses.asdict(f) for f in figures]), file=figures_out, flush=True)
+    figures, lag = run_on_serving_loop(play_callers(json.loads(sys.stdin.read())))
+    print(json.dumps({"calls": [dataclasses.asdict(f) for f in figures], "loop_lag_ms": lag}), file=figures_out,
+          flush=True)

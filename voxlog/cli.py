@@ -476,8 +476,9 @@ def bench_calls_command(
                   f"p99 {added['p99']} ms; "
                   f"pacing jitter p99 {jitter['p99']} ms; {result['events_per_s']:,} events/s; "
                   f"gateway CPU {result['gateway_cpu_share']:.0%} ({result['gateway_cpu_s_per_call_minute']} s a "
-                  f"call-minute; its busiest event loop {result['gateway_loop_cpu_share']:.0%}), callers' "
-                  f"{result['callers_cpu_share']:.0%}; peak memory "
+                  f"call-minute; its busiest event loop {result['gateway_loop_cpu_share']:.0%}, late by p99 "
+                  f"{result['gateway_loop_lag_ms']['p99']} ms), callers' {result['callers_cpu_share']:.0%} (late by "
+                  f"p99 {result['callers_loop_lag_ms']['p99']} ms); peak memory "
                   f"{result['gateway_peak_rss_mb']} MB ({result['gateway_peak_rss_mb_per_call']} MB a call); "
                   f"failed calls: {len(result['failed_calls'])} -> {out}")
     if result["analytics"] is not None:

@@ -255,6 +255,8 @@ def test_bench_calls_measures_what_voxlog_adds(tmp_path: Path) -> None:
     assert figures["gateway_cpu_s_per_call_minute"] > 0
     # The event loop's thread is part of the gateway's process: its share is some of the process's.
     assert 0 < figures["gateway_loop_cpu_share"] <= figures["gateway_cpu_share"]
+    for lag in (figures["gateway_loop_lag_ms"], figures["callers_loop_lag_ms"]):  # both loops sampled all run long
+        assert 0 <= lag["p50"] <= lag["p99"] <= lag["max"]
     assert figures["commit"], "the result names the code that made it"
     assert figures["gateway_peak_rss_mb"] > 50  # the interpreter and its libraries at least
     # The started gateway took its heap out of the collector's full passes (streams/startup_heap.py).
@@ -298,6 +300,7 @@ def test_bench_calls_spreads_phone_calls_over_replicas(tmp_path: Path) -> None:
     assert -25 < figures["added_latency_ms"]["p50"] <= figures["added_latency_ms"]["p99"]
     # The busiest replica's loop: part of one replica's CPU, so under the replicas' sum.
     assert 0 < figures["gateway_loop_cpu_share"] < figures["gateway_cpu_share"]
+    assert 0 <= figures["gateway_loop_lag_ms"]["p50"] <= figures["gateway_loop_lag_ms"]["max"], "each replica sampled"
     assert figures["front_cpu_s"] is None, "by phone the callers play the balancer"
     assert figures["gateway_collector"]["frozen_objects_least"] > 10_000, "each replica froze its startup heap"
     assert figures["events"] > 4 * 50, "each replica's log counted"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import wave
 from pathlib import Path
 
@@ -86,4 +87,8 @@ async def test_a_finished_call_has_a_stereo_recording_and_metrics(
     assert 'voxlog_calls_total{agent="front-desk",channel="phone",direction="inbound",tenant="demo"} 1.0' in metrics
     assert 'voxlog_turns_total{agent="front-desk"' in metrics
     assert 'voxlog_voice_to_voice_seconds_count{agent="front-desk"' in metrics
+    # The gateway's loop, sampled all the while it served (gateway/loop_lag.py): a call's worth of samples.
+    sampled = re.search(r"^voxlog_event_loop_lag_seconds_count (\S+)$", metrics, re.MULTILINE)
+    assert sampled is not None, metrics
+    assert float(sampled.group(1)) >= 10
     assert 'voxlog_tool_calls_total{outcome="succeeded",tool="create_ticket"} 1.0' in metrics
