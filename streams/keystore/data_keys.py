@@ -94,6 +94,11 @@ class _Cache:
         self._entries.move_to_end(key)
         return True, entry[1]
 
+    def expired(self, key: object) -> object | None:
+        """What was cached under `key` until its time ran out (None if nothing, or if its time is not up)."""
+        entry = self._entries.get(key)
+        return None if entry is None or entry[0] >= time.monotonic() else entry[1]
+
     def put(self, key: object, value: object) -> None:
         self._entries[key] = (time.monotonic() + CACHE_TTL_S, value)
         self._entries.move_to_end(key)
@@ -132,9 +137,27 @@ class DataKeyStore:
         hit, cached = self._sealing.get((event.tenant_id, event.call_id, kind))
         if hit and isinstance(cached, SealingKey):  # every event but a stream's first: nothing more to work out
             return cached
+        subject = subject_of(event)
+        # A live call's key is looked up again every CACHE_TTL_S: checked with one read while it is still the
+        # stream's, rather than read, unwrapped and made a cipher again (a burst of calls' turns pays it at once).
+        was = self._sealing.expired((event.tenant_id, event.call_id, kind))
+        if isinstance(was, SealingKey) and self._still_current(event.tenant_id, event.call_id, kind, was, subject):
+            self._sealing.put((event.tenant_id, event.call_id, kind), was)
+            return was
         # A call's keys of both kinds are made together, when it starts: one durable write per call.
         kinds = (kind, *(k for k in KINDS if k != kind)) if isinstance(event.payload, CallStarted) else (kind,)
-        return self._stream_key(event.tenant_id, event.call_id, kinds, subject_of(event))
+        return self._stream_key(event.tenant_id, event.call_id, kinds, subject)
+
+    def _still_current(self, tenant: str, stream: str, kind: str, key: SealingKey, subject: str | None) -> bool:
+        """Whether `key` is live and still the stream's newest of its kind, with no subject to note on it:
+        then `_stream_key` would give the same key, and write nothing."""
+        if key.cipher is None:
+            return False  # destroyed: a subject's own stream makes a new one (`_stream_key`)
+        with self._lock:
+            row = self._db.execute(
+                "SELECT key_id, wrapped IS NULL, subject FROM data_keys WHERE tenant_id = ? AND stream_id = ? AND "
+                "kind = ? ORDER BY generation DESC LIMIT 1", (tenant, stream, kind)).fetchone()
+        return row is not None and row[0] == key.key_id and not row[1] and (subject is None or row[2] is not None)
 
     def prepare_call(self, tenant_id: str, call_id: str, subject: str | None) -> None:
         """A call's keys, made (a durable commit) and cached before its first event needs them. The

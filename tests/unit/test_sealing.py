@@ -182,6 +182,42 @@ def test_a_key_destroyed_elsewhere_stops_opening_once_the_cache_expires(tmp_path
     assert codec.decode(data).pii_withheld
 
 
+def test_a_live_calls_key_whose_time_is_up_is_checked_not_unwrapped_again(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    keys = keystore(tmp_path)
+    codec = EventCodec(keys=keys)
+    first = codec.decode(codec.encode(started())).envelope.pii_key_id
+    unwrapping, sealed = keys.keks.unwrap, []
+
+    def unwrap(*args: object) -> bytes:
+        raise AssertionError("a key still the call's is not unwrapped again to seal with it")
+
+    monkeypatch.setattr(keys.keks, "unwrap", unwrap)
+    now = time.monotonic()
+    for ttls in (1, 2, 3):  # each time the cache's time is up, the call goes on with the same key
+        monkeypatch.setattr(time, "monotonic", lambda ttls=ttls: now + ttls * (CACHE_TTL_S + 1))
+        sealed.append(codec.encode(heard(f"still here {ttls}", seq=ttls)))
+    monkeypatch.setattr(keys.keks, "unwrap", unwrapping)  # opening them is another matter
+    assert [codec.decode(data).envelope.pii_key_id for data in sealed] == [first] * 3
+    assert [getattr(codec.decode(data).payload, "text", None) for data in sealed] == [
+        "still here 1", "still here 2", "still here 3"]
+
+
+def test_a_live_calls_key_destroyed_elsewhere_seals_nothing_once_its_time_is_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sealer, eraser = keystore(tmp_path), keystore(tmp_path)
+    codec = EventCodec(keys=sealer)
+    codec.encode(started())
+    eraser.destroy_subject("acme", caller_key("acme", NUMBER) or "", created_before_ms=2**62, by="erasure-1")
+    # Cached for CACHE_TTL_S: sealed still, under the key now destroyed (so unreadable all the same).
+    assert codec.decode(codec.encode(heard("said before it was known"))).envelope.pii_sealed
+    now = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: now + CACHE_TTL_S + 1)
+    after = codec.decode(codec.encode(heard("my card is 4111 1111 1111 1111", seq=2)))
+    assert after.pii_withheld
+    assert after.envelope.pii_sealed == b""  # nothing of it kept, under any key
+
+
 def test_a_call_prepared_ahead_writes_nothing_to_the_keystore_when_it_starts(keys: DataKeyStore) -> None:
     keys.prepare_call("acme", "call-1", caller_key("acme", NUMBER))
     before = [(k.key_id, k.kind, k.subject) for k in keys.keys("acme")]
