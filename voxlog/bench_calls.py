@@ -258,11 +258,11 @@ async def play_callers(plan: dict[str, Any]) -> tuple[list[CallFigures], dict[st
     speech = await caller_speech()
     freeze_startup_heap()  # a load generator that stalls for the collector's passes would time itself
     async with loop_lag_sampled() as lags:
-        figures = await _play(plan, speech)
+        figures = await _play_calls(plan, speech)
     return figures, _lag_ms(lags)
 
 
-async def _play(plan: dict[str, Any], speech: bytes) -> list[CallFigures]:
+async def _play_calls(plan: dict[str, Any], speech: bytes) -> list[CallFigures]:
     async def counted(call: Awaitable[CallFigures], done: Callable[[int], None]) -> CallFigures:
         figures = await call
         done(1)
