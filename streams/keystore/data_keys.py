@@ -119,11 +119,16 @@ class DataKeyStore:
         self._db = private_sqlite(path)
         self._db.executescript(_SCHEMA)
         self._lock = threading.RLock()
+        # Lookups on the event loop read through a connection of their own: in WAL a reader never waits for
+        # a writer, and a call's keys are made (a durable commit) in a thread holding `_lock`.
+        self._reader = private_sqlite(path)
+        self._reader_lock = threading.Lock()
         self._sealing = _Cache()
         self._opening = _Cache()
 
     def close(self) -> None:
         self._db.close()
+        self._reader.close()
         self.keks.close()
 
     @staticmethod
@@ -153,8 +158,8 @@ class DataKeyStore:
         then `_stream_key` would give the same key, and write nothing."""
         if key.cipher is None:
             return False  # destroyed: a subject's own stream makes a new one (`_stream_key`)
-        with self._lock:
-            row = self._db.execute(
+        with self._reader_lock:
+            row = self._reader.execute(
                 "SELECT key_id, wrapped IS NULL, subject FROM data_keys WHERE tenant_id = ? AND stream_id = ? AND "
                 "kind = ? ORDER BY generation DESC LIMIT 1", (tenant, stream, kind)).fetchone()
         return row is not None and row[0] == key.key_id and not row[1] and (subject is None or row[2] is not None)
@@ -242,8 +247,8 @@ class DataKeyStore:
         hit, cached = self._opening.get(key_id)
         if hit:
             return cached if isinstance(cached, AESSIV) else None
-        with self._lock:
-            row = self._db.execute(
+        with self._reader_lock:
+            row = self._reader.execute(
                 "SELECT tenant_id, kek_id, wrapped FROM data_keys WHERE key_id = ?", (key_id,)
             ).fetchone()
         if row is None or row[0] != tenant_id:

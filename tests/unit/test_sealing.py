@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +203,40 @@ def test_a_live_calls_key_whose_time_is_up_is_checked_not_unwrapped_again(tmp_pa
     assert [codec.decode(data).envelope.pii_key_id for data in sealed] == [first] * 3
     assert [getattr(codec.decode(data).payload, "text", None) for data in sealed] == [
         "still here 1", "still here 2", "still here 3"]
+
+
+def _done_while_another_thread_writes(keys: DataKeyStore, lookup: Callable[[], object]) -> bool:
+    """Whether `lookup` ends while another thread holds the keystore as `prepare_call` does through its
+    durable commit (a call's keys made in a thread beside the event loop)."""
+    writing, written = threading.Event(), threading.Event()
+
+    def commit() -> None:
+        with keys._lock:
+            writing.set()
+            written.wait(30)
+
+    writer = threading.Thread(target=commit)
+    writer.start()
+    writing.wait(30)
+    looking = threading.Thread(target=lookup)
+    looking.start()
+    looking.join(10)
+    ended = not looking.is_alive()
+    written.set()
+    writer.join(30)
+    looking.join(30)
+    return ended
+
+
+def test_a_live_calls_key_is_looked_up_beside_a_thread_writing_to_the_keystore(keys: DataKeyStore) -> None:
+    codec = EventCodec(keys=keys)
+    data = codec.encode(started())
+    keys._opening.clear()
+    assert _done_while_another_thread_writes(keys, lambda: codec.decode(data)), "opening waited for the writer"
+    entry = keys._sealing._entries[("acme", "call-1", "personal")]
+    keys._sealing._entries[("acme", "call-1", "personal")] = (time.monotonic() - 1, entry[1])  # its time up
+    assert _done_while_another_thread_writes(keys, lambda: codec.encode(heard("still here"))), \
+        "refreshing a live call's sealing key waited for the writer"
 
 
 def test_a_live_calls_key_destroyed_elsewhere_seals_nothing_once_its_time_is_up(
