@@ -3,6 +3,7 @@ volume. A production deployment across machines keeps them in a KMS instead (doc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import sqlite3
@@ -20,9 +21,13 @@ _NONCE_BYTES = 12
 
 
 def private_sqlite(path: Path) -> sqlite3.Connection:
-    """A SQLite file only its owner can read, in a folder only its owner can enter."""
+    """A SQLite file only its owner can read, in a folder only its owner can enter. A file that exists is
+    left to SQLite alone: SQLite's locks are POSIX locks, which closing any descriptor of the file drops
+    for the whole process, and a process whose locks are gone may have the WAL deleted under it."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    if not path.exists():
+        with contextlib.suppress(FileExistsError):  # another process made it first
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
     db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     return db

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -169,6 +171,23 @@ def test_two_processes_share_one_key_per_call(tmp_path: Path) -> None:
     assert EventCodec(keys=two).decode(first).payload == started().payload
     assert EventCodec(keys=one).decode(second).payload == heard("hello").payload
     assert sorted(k.kind for k in one.keys("acme")) == ["audio", "personal"]
+
+
+def test_keys_made_by_a_process_whose_keystore_another_process_opened_and_closed_are_kept(tmp_path: Path) -> None:
+    """SQLite's locks are POSIX locks: a process that opens and closes a file descriptor of its own on the
+    keystore's file after opening it drops them all, and another process closing last then deletes the WAL
+    under it; the keys it makes after that reach no other process, and what it sealed is lost."""
+    keys = keystore(tmp_path)
+    codec = EventCodec(keys=keys)
+    opens = ("import sys; from pathlib import Path; from streams.keystore.data_keys import DataKeyStore; "
+             "from streams.keystore.local_key_encryption import LocalKeyEncryptionKeys; folder = Path(sys.argv[1]); "
+             "keys = DataKeyStore(folder / 'keys.db', LocalKeyEncryptionKeys(folder / 'kek.db')); ")
+    subprocess.run([sys.executable, "-c", opens + "keys.prepare_call('acme', 'call-elsewhere', None); keys.close()",
+                    str(tmp_path)], check=True, timeout=120)  # another process, in and out
+    sealed = codec.decode(codec.encode(started("call-here"))).envelope.pii_key_id
+    read = subprocess.run([sys.executable, "-c", opens + "print(keys.opening_cipher('acme', sys.argv[2]) is not None)",
+                           str(tmp_path), sealed or ""], capture_output=True, text=True, timeout=120)
+    assert read.stdout.strip() == "True", read.stderr[-2000:]
 
 
 def test_a_key_destroyed_elsewhere_stops_opening_once_the_cache_expires(tmp_path: Path,
