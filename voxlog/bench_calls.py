@@ -251,10 +251,8 @@ def _lag_ms(lags: list[float]) -> dict[str, float | None]:
 
 
 async def play_callers(plan: dict[str, Any]) -> tuple[list[CallFigures], dict[str, float | None]]:
-    """All the callers of a run, at once (in the callers' own process), sharing one HTTP client: a
-    client (and its SSL context) per webhook would cost the callers more CPU than the gateway spends.
-    Their progress goes to this process's standard error, the benchmark's own. Returns their figures and
-    their loop's lag."""
+    """All the callers of a run, at once (in the callers' own process): their figures, and their loop's
+    lag over the calls. Their progress goes to this process's standard error, the benchmark's own."""
     speech = await caller_speech()
     freeze_startup_heap()  # a load generator that stalls for the collector's passes would time itself
     async with loop_lag_sampled() as lags:
@@ -263,6 +261,9 @@ async def play_callers(plan: dict[str, Any]) -> tuple[list[CallFigures], dict[st
 
 
 async def _play_calls(plan: dict[str, Any], speech: bytes) -> list[CallFigures]:
+    """Phone callers share one HTTP client: a client (and its SSL context) per webhook would cost the
+    callers more CPU than the gateway spends."""
+
     async def counted(call: Awaitable[CallFigures], done: Callable[[int], None]) -> CallFigures:
         figures = await call
         done(1)

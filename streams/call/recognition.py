@@ -192,20 +192,18 @@ class AudioRecognition:
         else:
             await self._recognise_now(stream, work)
 
-    async def _recognise_now(self, stream: AsrStream, work: bytes | _UtteranceBegins) -> None:
+    async def _recognise_now(self, stream: AsrStream, work: _RecogniserWork) -> None:
         if isinstance(work, _UtteranceBegins):
             self._shift_ms = work.first_frame_ms - self._fed_ms
+        elif isinstance(work, _UtteranceEnds):
+            await self._finish_utterance(stream, work.stopped)
         else:
             await self._feed(stream, work)
 
     async def _finish_then_catch_up(self, stream: AsrStream, end: _UtteranceEnds) -> None:
-        await self._finish_utterance(stream, end.stopped)
+        await self._recognise_now(stream, end)
         while self._behind_final:  # what came meanwhile, in order (another utterance's end among it)
-            work = self._behind_final.popleft()
-            if isinstance(work, _UtteranceEnds):
-                await self._finish_utterance(stream, work.stopped)
-            else:
-                await self._recognise_now(stream, work)
+            await self._recognise_now(stream, self._behind_final.popleft())
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         """A final's task that died of a bug ends `run` (which raises its error) without waiting for more audio."""
