@@ -116,6 +116,31 @@ class ProjectionRunner:
         self.positions = {TopicPartition(t, int(p)): int(o) for t, p, o in result.rows}
         await self.projection.load(self.store)
 
+    async def _prepare_rebuild(self) -> None:
+        """`prepare` for a rebuild: the offsets forgotten, the tables dropped and made again whole by their
+        CREATE (no columns to look up, no positions to read: a third of a small rebuild's time was these)."""
+        async with log_admin(self.backend) as admin:
+            await ensure_topics(admin)
+        # Offsets first: a crash before the tables are dropped then replays rows that collapse.
+        # Offsets of zero, newer than the stored ones, forget them as a DELETE would, at the cost
+        # of an insert rather than a mutation.
+        await asyncio.to_thread(self.store.create, OFFSETS)
+        stored = await asyncio.to_thread(
+            self.store.query, f"SELECT topic, log_partition FROM {OFFSETS.name} FINAL "
+            "WHERE projection_name = {name:String} AND next_offset > 0", {"name": self.projection.name})
+        version = time.time_ns()
+        zeros = [(self.projection.name, topic, partition, 0, version) for topic, partition in stored.rows]
+        await asyncio.to_thread(self.store.insert, OFFSETS, zeros)
+        await asyncio.to_thread(self._remake_tables)
+        self.positions = {}
+        self.projection.reset()
+        await self.projection.load(self.store)
+
+    def _remake_tables(self) -> None:
+        for table in self.projection.tables:
+            self.store.drop(table)
+            self.store.create(table, new=True)
+
     async def _ends(self) -> dict[TopicPartition, int]:
         async with log_admin(self.backend) as admin:
             return {TopicPartition(topic, p): end for topic in self.projection.topics
@@ -125,6 +150,9 @@ class ProjectionRunner:
         """Projects until `stop` is set (or, with `until_caught_up`, until it reached where the
         log ended when it began)."""
         await self.prepare()
+        await self._consume(stop, until_caught_up=until_caught_up)
+
+    async def _consume(self, stop: asyncio.Event, *, until_caught_up: bool) -> None:
         ends = await self._ends() if until_caught_up else {}
         read_before = self.events
         to_read = sum(max(0, end - self.positions.get(tp, 0)) for tp, end in ends.items()) if until_caught_up else None
@@ -258,20 +286,8 @@ class ProjectionRunner:
     async def rebuild(self) -> None:
         """Drops the projection's tables and offsets, and projects the whole log again."""
         freeze_startup_heap()  # a rebuild allocates millions of short-lived objects: passes, many
-        # Offsets first: a crash before the tables are dropped then replays rows that collapse.
-        # Offsets of zero, newer than the stored ones, forget them as a DELETE would, at the cost
-        # of an insert rather than a mutation.
-        await asyncio.to_thread(self.store.create, OFFSETS)
-        stored = await asyncio.to_thread(
-            self.store.query, f"SELECT topic, log_partition FROM {OFFSETS.name} FINAL "
-            "WHERE projection_name = {name:String} AND next_offset > 0", {"name": self.projection.name})
-        version = time.time_ns()
-        zeros = [(self.projection.name, topic, partition, 0, version) for topic, partition in stored.rows]
-        await asyncio.to_thread(self.store.insert, OFFSETS, zeros)
-        for table in self.projection.tables:
-            await asyncio.to_thread(self.store.drop, table)
-        self.projection.reset()
-        await self.run(asyncio.Event(), until_caught_up=True)
+        await self._prepare_rebuild()
+        await self._consume(asyncio.Event(), until_caught_up=True)
 
 
 def _last_per_partition(records: Iterable[LogRecord]) -> list[LogRecord]:

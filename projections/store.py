@@ -136,10 +136,13 @@ class AnalyticsStore:
             except ClickHouseError as exc:
                 raise AnalyticsError(_first_line(exc)) from exc
 
-    def create(self, table: Table) -> None:
+    def create(self, table: Table, *, new: bool = False) -> None:
         """Creates the table, or adds the columns a newer voxlog defines to one an older made (rows
-        written before get the column's default until a rebuild)."""
+        written before get the column's default until a rebuild). `new`: it was just dropped, so its
+        CREATE makes it whole and its columns are not looked up."""
         self.command(table.ddl())
+        if new:
+            return
         have = {name for (name,) in self.query(
             "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = {t:String}",
             {"t": table.name}).rows}
