@@ -83,6 +83,11 @@ def _key_of(table: Table) -> Callable[[tuple[Any, ...]], Any]:
     return key
 
 
+POLL_RECORDS = 2000
+"""Records a runner reads from the log at a time."""
+POLL_TIMEOUT_S = 0.2
+"""How long a runner's read waits for records when there are none."""
+
 ReadProgress = Callable[[int, int | None], None]
 """Told, as a runner reads, the records it has read in this run and, when it reads up to where the log
 ended as it began (a rebuild, a catch-up), how many that is in all; else None."""
@@ -249,7 +254,7 @@ class ProjectionRunner:
         self.dead_lettered += 1
 
     async def _poll(self, events: EventConsumer) -> tuple[list[ConsumedEvent], list[LogRecord]]:
-        batch = await events.poll(timeout_s=0.2, max_records=2000, types=self.projection.event_types)
+        batch = await events.poll(timeout_s=POLL_TIMEOUT_S, max_records=POLL_RECORDS, types=self.projection.event_types)
         return batch, events.polled
 
     async def _flush(self, pending: RowBatch, positions: dict[TopicPartition, int]) -> None:

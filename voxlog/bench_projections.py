@@ -4,7 +4,10 @@ Two phases, on the configured log and a ClickHouse of the benchmark's own (embed
 `VOXLOG_HOME/bench/clickhouse`, unless `VOXLOG_CLICKHOUSE_DSN` names a server):
 1. rebuild: N events of synthetic calls (the realistic mix: mostly audio) are in the log; every
    projection (calls, audit, memory, recordings; or those named with `--only`) rebuilds from
-   offset zero. Reported per projection: the events it read, per second.
+   offset zero. Reported per projection: the events it read, per second, beside its reference measured
+   in the same run: the same topics read and the events of the types it folds decoded, as its runner
+   reads and decodes them, with nothing folded or written (a rebuild cannot be faster; how much slower
+   it is, is what its fold and its writes cost).
 2. lag: calls flow at a steady rate (default 5,000 events/s) while the projections run as they do
    in production (batches of 5,000 rows or one a second); a poller asks ClickHouse every 50 ms
    which turns exist yet. Lag = when a turn's row could first be read - when its event was written.
@@ -22,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from consumers.backends import LogBackend, ensure_topics
+from consumers.event_reader import EventConsumer
 from producers.event_writer import CallRecorder, EventWriter
 from projections.default_projections import default_projections
-from projections.projection_runner import ProjectionRunner
+from projections.projection import Projection
+from projections.projection_runner import POLL_RECORDS, POLL_TIMEOUT_S, ProjectionRunner
 from projections.store import AnalyticsStore
 from projections.tables import Column, Table
 from schemas.events import TurnTaken
@@ -100,9 +105,12 @@ async def bench_projections(backend: LogBackend, store: AnalyticsStore, recordin
             started, cpu_before = time.perf_counter(), time.process_time()
             await runner.rebuild()
             elapsed, cpu_s = time.perf_counter() - started, time.process_time() - cpu_before
+        reference = await read_and_decode(backend, projection, runner.events)
         rebuild[projection.name] = {"events": runner.events, "rows": runner.rows_written,
                                     "seconds": round(elapsed, 2), "cpu_s": round(cpu_s, 2),
-                                    "events_per_s": round(runner.events / elapsed)}
+                                    "events_per_s": round(runner.events / elapsed),
+                                    "reference": reference,
+                                    "of_reference": round(runner.events / elapsed / reference["events_per_s"], 2)}
     return {
         **run_facts("projections"),
         "log": backend.describe(),
@@ -110,6 +118,24 @@ async def bench_projections(backend: LogBackend, store: AnalyticsStore, recordin
         "rebuild": rebuild,
         "lag": await _lag(backend, store, recordings, chosen, rate, seconds) if "calls" in chosen else None,
     }
+
+
+async def read_and_decode(backend: LogBackend, projection: Projection, events: int) -> dict[str, Any]:
+    """A rebuild's reference: the first `events` records of the projection's topics read and those of the
+    types it folds decoded, as its runner reads and decodes them, with nothing folded or written."""
+    read = decoded = 0
+    started, cpu_before = time.perf_counter(), time.process_time()
+    async with backend.producer() as dead_letters, backend.consumer(list(projection.topics)) as consumer:
+        reader = EventConsumer(consumer, dead_letters, name=f"voxlog-bench-reference-{projection.name}")
+        while read < events:
+            decoded += len(await reader.poll(timeout_s=POLL_TIMEOUT_S, max_records=POLL_RECORDS,
+                                             types=projection.event_types))
+            if not reader.polled:  # the log's end: fewer records than the rebuild read (not on a log at rest)
+                break
+            read += len(reader.polled)
+    elapsed, cpu_s = time.perf_counter() - started, time.process_time() - cpu_before
+    return {"events": read, "decoded": decoded, "seconds": round(elapsed, 2), "cpu_s": round(cpu_s, 2),
+            "events_per_s": round(read / elapsed)}
 
 
 async def _lag(backend: LogBackend, store: AnalyticsStore, recordings: Path, chosen: Collection[str], rate: int,

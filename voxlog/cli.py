@@ -601,7 +601,8 @@ def bench_projections_command(
     result = asyncio.run(bench_projections(backend, store, bench_home / "recordings", events=events, rate=rate,
                                            seconds=seconds, only=only or ()))
     write_result(result, out)
-    rebuilt = ", ".join(f"{name} {r['events_per_s']:,}/s" for name, r in result["rebuild"].items())
+    rebuilt = ", ".join(f"{name} {r['events_per_s']:,}/s ({r['of_reference']} of reading and decoding alone, "
+                        f"{r['reference']['events_per_s']:,}/s)" for name, r in result["rebuild"].items())
     lag = result["lag"]
     lagged = "no lag phase (it needs the calls projection)" if lag is None else (
         f"at {lag['achieved_rate']:,} events/s lag p50 {lag['p50_ms']} ms, p99 {lag['p99_ms']} ms "

@@ -165,6 +165,23 @@ def test_bench_log_writes_its_figures(tmp_path: Path) -> None:
     assert not list((tmp_path / "bench").glob("raw-*")), "the scratch file is gone"
 
 
+@pytest.mark.slow
+def test_bench_projections_puts_each_rebuild_beside_reading_and_decoding_alone(tmp_path: Path) -> None:
+    out = tmp_path / "projections.json"
+    result = voxlog("bench", "projections", "--events", "3000", "--seconds", "1", "--only", "calls", "--only", "audit",
+                    "--out", str(out), home=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rebuild = json.loads(out.read_text())["rebuild"]
+    assert list(rebuild) == ["calls", "audit"]
+    for figures in rebuild.values():
+        reference = figures["reference"]
+        assert reference["events"] == figures["events"] > 0  # the same records, read again
+        assert 0 < reference["decoded"] < reference["events"]  # of the types it folds only (no audio, no partials)
+        assert figures["of_reference"] == pytest.approx(figures["events_per_s"] / reference["events_per_s"], rel=0.05)
+        assert figures["rows"] > 0
+    assert "of reading and decoding alone" in " ".join(result.stdout.split())  # however the console wrapped it
+
+
 def test_bench_vad_compares_the_judges_on_the_noisy_line(tmp_path: Path) -> None:
     require_espeak()
     out = tmp_path / "vad.json"
