@@ -24,7 +24,7 @@ from projections.calls import CallsFold, CallsProjection
 from projections.default_projections import default_projections
 from projections.projection_runner import ProjectionRunner, RowBatch
 from projections.store import AnalyticsStore
-from projections.tables import ANALYST_TABLES, AUDIT_LOG
+from projections.tables import ANALYST_TABLES, AUDIT_LOG, TURNS
 from schemas.base import Event, EventPayload
 from schemas.events import (
     AuditRecorded,
@@ -356,3 +356,24 @@ async def test_a_call_whose_start_is_not_coming_is_folded_from_the_log_once(embe
     await _fold(projection, log, [commands[0], (read_later, ended_event)], RowBatch())
     assert projection.read_back == 1
     assert not projection.waiting
+
+
+async def test_a_rebuild_makes_the_tables_this_voxlog_defines_whatever_was_there(
+        embedded_backend: EmbeddedBackend, store: AnalyticsStore) -> None:
+    """A rebuild drops the projection's tables and makes them anew, so a table an older voxlog made, with
+    other columns and another key, comes out as this one defines it, holding the log's rows only (the
+    rebuild looks no columns up: its CREATE must make the table whole)."""
+    log = embedded_backend
+    await write_calls(log, "demo", 2)
+    store.command("CREATE TABLE turns (tenant_id String, call_id String, retired_column String, _version UInt64) "
+                  "ENGINE = ReplacingMergeTree(_version) ORDER BY (call_id)")
+    store.command("INSERT INTO turns VALUES ('demo', 'not-in-the-log', 'old', 1)")
+    await ProjectionRunner(log, store, CallsProjection()).rebuild()
+    columns = [name for (name,) in store.query(
+        "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = 'turns' ORDER BY position"
+    ).rows]
+    assert columns == list(TURNS.column_names)
+    key = store.query("SELECT sorting_key FROM system.tables WHERE database = currentDatabase() AND name = 'turns'")
+    assert key.rows == [(", ".join(TURNS.order_by),)]
+    calls = {call for (call,) in store.query("SELECT DISTINCT call_id FROM turns FINAL").rows}
+    assert len(calls) == 2 and "not-in-the-log" not in calls
