@@ -10,6 +10,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,6 +34,14 @@ def voxlog(*args: str, home: Path, kafka: str | None = None, timeout: float = 24
         timeout=timeout,
         check=False,
     )
+
+
+def bench(*args: str, home: Path) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
+    """`voxlog bench ARGS --out FILE`, which must succeed: the figures it wrote, and what it printed."""
+    out = home / "bench-figures.json"
+    result = voxlog("bench", *args, "--out", str(out), home=home)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(out.read_text()), result
 
 
 def test_demo_runs_end_to_end_on_the_embedded_log(tmp_path: Path) -> None:
@@ -147,12 +156,7 @@ def test_events_tail_of_an_unknown_call_says_so(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_bench_log_writes_its_figures(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    result = voxlog(
-        "bench", "log", "--events", "3000", "--rate", "1000", "--seconds", "2", "--out", str(out), home=tmp_path
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    figures = json.loads(out.read_text())
+    figures, _ = bench("log", "--events", "3000", "--rate", "1000", "--seconds", "2", home=tmp_path)
     assert figures["backend"] == "embedded"
     assert figures["append"]["events"] == figures["consume"]["events"] == 3000
     assert figures["latency"]["events"] > 1000
@@ -167,27 +171,22 @@ def test_bench_log_writes_its_figures(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_bench_projections_puts_each_rebuild_beside_reading_and_decoding_alone(tmp_path: Path) -> None:
-    out = tmp_path / "projections.json"
-    result = voxlog("bench", "projections", "--events", "3000", "--seconds", "1", "--only", "calls", "--only", "audit",
-                    "--out", str(out), home=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    rebuild = json.loads(out.read_text())["rebuild"]
+    figures, result = bench("projections", "--events", "3000", "--seconds", "1", "--only", "calls", "--only", "audit",
+                            home=tmp_path)
+    rebuild = figures["rebuild"]
     assert list(rebuild) == ["calls", "audit"]
-    for figures in rebuild.values():
-        reference = figures["reference"]
-        assert reference["events"] == figures["events"] > 0  # the same records, read again
+    for rebuilt in rebuild.values():
+        reference = rebuilt["reference"]
+        assert reference["events"] == rebuilt["events"] > 0  # the same records, read again
         assert 0 < reference["decoded"] < reference["events"]  # of the types it folds only (no audio, no partials)
-        assert figures["of_reference"] == pytest.approx(figures["events_per_s"] / reference["events_per_s"], rel=0.05)
-        assert figures["rows"] > 0
+        assert rebuilt["of_reference"] == pytest.approx(rebuilt["events_per_s"] / reference["events_per_s"], rel=0.05)
+        assert rebuilt["rows"] > 0
     assert "of reading and decoding alone" in " ".join(result.stdout.split())  # however the console wrapped it
 
 
 def test_bench_vad_compares_the_judges_on_the_noisy_line(tmp_path: Path) -> None:
     require_espeak()
-    out = tmp_path / "vad.json"
-    result = voxlog("bench", "vad", "--judge", "energy", "--judge", "silero", "--out", str(out), home=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    figures = json.loads(out.read_text())
+    figures, _ = bench("vad", "--judge", "energy", "--judge", "silero", home=tmp_path)
     assert list(figures["judges"]) == ["energy", "silero"]
     for judge in figures["judges"].values():
         clean = judge["lines"]["clean"]
@@ -196,7 +195,7 @@ def test_bench_vad_compares_the_judges_on_the_noisy_line(tmp_path: Path) -> None
         assert judge["all"]["cpu_us_per_frame"] > 0
     energy, silero = (figures["judges"][k]["noisy"] for k in ("energy", "silero"))
     assert silero["missed"] + silero["stuck"] < (energy["missed"] + energy["stuck"]) / 4  # why Silero is the default
-    refused = voxlog("bench", "vad", "--judge", "loud", "--out", str(out), home=tmp_path)
+    refused = voxlog("bench", "vad", "--judge", "loud", "--out", str(tmp_path / "vad.json"), home=tmp_path)
     assert refused.returncode == 2
     assert "no judge loud; there are energy, webrtc, silero" in refused.stderr
 
@@ -259,11 +258,8 @@ def test_replay_verify_reports_identical_calls_and_the_first_divergence(embedded
 
 @pytest.mark.slow
 def test_bench_calls_measures_what_voxlog_adds(tmp_path: Path) -> None:
-    out = tmp_path / "calls.json"
-    result = voxlog("bench", "calls", "--calls", "3", "--turns", "2", "--history-events", "2000", "--vad", "energy",
-                    "--out", str(out), home=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    figures = json.loads(out.read_text())
+    figures, _ = bench("calls", "--calls", "3", "--turns", "2", "--history-events", "2000", "--vad", "energy",
+                       home=tmp_path)
     assert figures["vad"] == ["energy"]
     assert figures["failed_calls"] == []
     assert figures["turns_measured"] == 6  # two turns per call
@@ -287,11 +283,7 @@ def test_bench_calls_measures_what_voxlog_adds(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_bench_calls_past_capacity_measures_the_refusals_and_the_admitted_calls(tmp_path: Path) -> None:
-    out = tmp_path / "calls.json"
-    result = voxlog("bench", "calls", "--calls", "6", "--max-calls", "3", "--turns", "2", "--out", str(out),
-                    home=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    figures = json.loads(out.read_text())
+    figures, result = bench("calls", "--calls", "6", "--max-calls", "3", "--turns", "2", home=tmp_path)
     assert (figures["capacity"], figures["admitted_calls"], figures["refused_calls"]) == (3, 3, 3)
     assert figures["failed_calls"] == []
     assert figures["turns_measured"] == 6, "the admitted calls' turns"
@@ -304,11 +296,8 @@ def test_bench_calls_spreads_phone_calls_over_replicas(tmp_path: Path) -> None:
     """`--gateways 2`: two gateway processes behind one public address, each call's webhook signed over that
     address and sent to the next replica in turn, its stream to the replica that answered; the capacity
     asked for is shared out between them."""
-    out = tmp_path / "calls.json"
-    result = voxlog("bench", "calls", "--calls", "4", "--gateways", "2", "--max-calls", "6", "--turns", "2",
-                    "--vad", "energy", "--out", str(out), home=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    figures = json.loads(out.read_text())
+    figures, _ = bench("calls", "--calls", "4", "--gateways", "2", "--max-calls", "6", "--turns", "2",
+                       "--vad", "energy", home=tmp_path)
     assert (figures["gateways"], figures["capacity"], figures["admitted_calls"]) == (2, 6, 4)
     assert figures["calls_by_gateway"] == [2, 2], "each replica ran the calls the balancer gave it"
     assert figures["failed_calls"] == []
@@ -321,7 +310,8 @@ def test_bench_calls_spreads_phone_calls_over_replicas(tmp_path: Path) -> None:
     assert figures["front_cpu_s"] is None, "by phone the callers play the balancer"
     assert figures["gateway_collector"]["frozen_objects_least"] > 10_000, "each replica froze its startup heap"
     assert figures["events"] > 4 * 50, "each replica's log counted"
-    refused = voxlog("bench", "calls", "--channel", "sip", "--gateways", "2", "--out", str(out), home=tmp_path)
+    refused = voxlog("bench", "calls", "--channel", "sip", "--gateways", "2", "--out", str(tmp_path / "calls.json"),
+                     home=tmp_path)
     assert refused.returncode != 0
     assert "--gateways" in refused.stdout + refused.stderr
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import secrets
 import signal
@@ -28,7 +27,7 @@ from gateway.sip_endpoint import PORT_HOLD_S
 from streams.channels.sip_digest import parse_digest
 from streams.channels.sip_screening import SOURCE_HEADER
 from tests.baresip_peer import BaresipPeer, baresip_peer, require_baresip
-from tests.integration.test_cli import voxlog
+from tests.integration.test_cli import bench
 from tests.integration.test_gateway_hardship import eventually
 from tests.sip_wire import SipWire, digest_answer
 from voxlog.sim.demo_agents import demo_agents_with
@@ -221,11 +220,7 @@ def test_bench_calls_past_one_gateway_starts_gateways_enough_behind_a_front(tmp_
     processes behind Kamailio, every call answered, its turns timed, and hung up (each BYE answered 2xx
     through the front, else the call is reported failed)."""
     require_kamailio()
-    out = tmp_path / "calls.json"
-    result = voxlog("bench", "calls", "--channel", "sip", "--calls", "6", "--turns", "2", "--vad", "energy",
-                    "--out", str(out), home=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    figures = json.loads(out.read_text())
+    figures, _ = bench("calls", "--channel", "sip", "--calls", "6", "--turns", "2", "--vad", "energy", home=tmp_path)
     assert (figures["gateways"], figures["capacity"], figures["admitted_calls"]) == (2, 8, 6)
     assert figures["failed_calls"] == []
     assert figures["turns_measured"] == 12
