@@ -113,7 +113,7 @@ async def bench_projections(backend: LogBackend, store: AnalyticsStore, recordin
                                     "seconds": round(elapsed, 2), "cpu_s": round(cpu_s, 2),
                                     "events_per_s": round(runner.events / elapsed),
                                     "reference": reference,
-                                    "of_reference": round(runner.events / elapsed / reference["events_per_s"], 2)
+                                    "of_reference": round(runner.events / elapsed / reference["events_per_s"], 3)
                                     if reference["events_per_s"] else None}
     return {
         **run_facts("projections"),
