@@ -38,6 +38,7 @@ from schemas.events import (
     ToolSucceeded,
     TranscriptFinal,
 )
+from streams.audio.formats import PCM_RATE
 from streams.call.core import (
     CORE_PRODUCER,
     Action,
@@ -61,6 +62,7 @@ from streams.call.speech_out import SpeechOut
 from streams.call.transport import InboundCall, MediaTransport, TransportClosed
 from streams.config.agents import AgentSpec
 from streams.providers.base import AsrProvider, LlmProvider, LlmRequest, LlmResult, ProviderError, TtsProvider
+from streams.rate_limit import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,13 @@ BAD_INPUT_LIMIT = 1000
 """Malformed frames after which the call is ended (`protocol_error`): nothing sensible is arriving."""
 AUDIO_STOP_S = 2.0
 """How long a call's audio task has to finish what it is doing once the call is over."""
+AUDIO_AHEAD_LIMIT_US = 2_000_000
+"""How far the caller's audio may run ahead of the call's clock. A carrier that delivers a stalled
+network's backlog at once stays within it; frames beyond it come faster than anyone speaks (a flood,
+which would fill the log and the recording with hours of "audio" in seconds), and are dropped."""
+DTMF_PER_S = 10.0
+DTMF_BURST = 20
+"""Key presses taken a second, and at once: more than a thumb can press; a flood of them is dropped."""
 
 
 @dataclass(frozen=True)
@@ -150,7 +159,9 @@ class CallSession:
         self._hanging_up: asyncio.Task[None] | None = None
         self._bad_inputs = 0
         self._ending = False
+        self._heard_us = 0  # the caller's audio taken so far, by its length
         self._start()
+        self._keys = TokenBucket(DTMF_PER_S, DTMF_BURST, self._started_us / 1e6)
 
     def _start(self) -> None:
         """call.started (with what is remembered of the caller, and the answer) goes first into the
@@ -165,10 +176,23 @@ class CallSession:
     # -- what channels call -------------------------------------------------------------------
     async def hear(self, pcm16: bytes, raw: bytes, codec: str, sample_rate: int) -> None:
         """One inbound frame: 16 kHz PCM for VAD and ASR, and the bytes as received for the record."""
-        if not self._ended.is_set():
-            await self._recognition.hear(pcm16, raw, codec, sample_rate)
+        if self._ended.is_set():
+            return
+        heard_us = self._heard_us + len(pcm16) * 500_000 // PCM_RATE  # 2 bytes a sample
+        ahead_us = heard_us - (self.clock_us() - self._started_us)
+        if ahead_us > AUDIO_AHEAD_LIMIT_US:
+            self.bad_input("session.audio", f"caller audio {ahead_us // 1000} ms ahead of the call's clock: "
+                                            f"frame dropped")
+            return
+        self._heard_us = heard_us
+        await self._recognition.hear(pcm16, raw, codec, sample_rate)
 
     def dtmf(self, digit: str) -> None:
+        now_s = self.clock_us() / 1e6
+        if self._keys.delay(now_s) > 0:
+            self.bad_input("session.dtmf", f"key {digit[:4]!r} dropped: more than {DTMF_PER_S:g} presses a second")
+            return
+        self._keys.take(now_s)
         self._inputs.submit(DtmfReceived(digit=digit, offset_ms=self._recognition.offset_ms))
 
     def bad_input(self, component: str, message: str) -> None:

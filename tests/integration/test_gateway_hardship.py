@@ -10,6 +10,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -30,9 +31,17 @@ from gateway.runtime import LOG_OUTAGE_END_S
 from producers.log_producer import TopicPartition
 from schemas.base import Event, EventPayload
 from schemas.codec import EventCodec
-from schemas.events import CallEnded, CallerAudioChunk, CallRefused, CallStarted, CallSummarized
+from schemas.events import (
+    CallEnded,
+    CallerAudioChunk,
+    CallRefused,
+    CallStarted,
+    CallSummarized,
+    DtmfReceived,
+    ErrorRaised,
+)
 from schemas.topics import AUDIT, CALL_TOPICS, CALLS
-from streams.call.session import Providers
+from streams.call.session import AUDIO_AHEAD_LIMIT_US, DTMF_BURST, DTMF_PER_S, Providers
 from streams.memory import caller_key
 from streams.providers.base import TtsProvider
 from tests.conftest import kafka_bootstrap
@@ -232,6 +241,54 @@ async def test_a_flood_of_malformed_frames_is_counted_not_recorded_and_then_ends
         assert "counted, not recorded" in errors[10].message  # type: ignore[attr-defined]
         assert errors[11].fatal  # type: ignore[attr-defined]
         assert assert_whole(events).reason == "protocol_error"
+
+
+async def test_audio_faster_than_anyone_speaks_is_dropped_and_a_flood_of_it_ends_the_call(tmp_path: Path) -> None:
+    async with local_stack(Settings(home=tmp_path)) as stack:
+        caller = stack.caller(to=AGENT_NUMBER)
+        instructions = await caller.dial()
+        call_id = instructions.parameters["call_id"]
+        async with caller:
+            await caller.connect(instructions)
+            await caller.send_mulaw(SILENCE_1S, realtime=False)  # a second's backlog at once: within the limit
+            await caller.send_mulaw(SILENCE_1S * 60, realtime=False)  # a minute of "audio" in a moment: a flood
+            await asyncio.wait_for(caller.closed.wait(), 30)
+        await stack.gateway.wait_idle(30)
+        events = await call_events(stack.gateway.backend, call_id)
+        end = assert_whole(events)
+        assert end.reason == "protocol_error"
+        errors = [e.payload for e in events if isinstance(e.payload, ErrorRaised)]
+        first = re.fullmatch(r"caller audio (\d+) ms ahead of the call's clock: frame dropped", errors[0].message)
+        assert first is not None, errors[0].message
+        # Each frame takes the audio 20 ms further ahead and the clock only brings it back: the first frame
+        # dropped is the one past the limit, so everything up to it was heard.
+        assert AUDIO_AHEAD_LIMIT_US // 1000 < int(first[1]) <= AUDIO_AHEAD_LIMIT_US // 1000 + 20
+        assert errors[-1].fatal
+        assert len(errors) == 12, "ten recorded one by one, one saying the rest are counted, one ending the call"
+
+
+async def test_a_flood_of_key_presses_is_taken_at_a_thumbs_pace_and_the_call_goes_on(tmp_path: Path) -> None:
+    async with local_stack(Settings(home=tmp_path)) as stack:
+        caller = stack.caller(to=AGENT_NUMBER)
+        instructions = await caller.dial()
+        call_id = instructions.parameters["call_id"]
+        async with caller:
+            await caller.connect(instructions)
+            started = time.monotonic()
+            for _ in range(200):
+                await caller.send_dtmf("5")
+            await caller.send_mulaw(SILENCE_1S)  # paced: the call goes on
+            elapsed = time.monotonic() - started
+            assert not caller.closed.is_set()
+            await caller.stop()
+        await stack.gateway.wait_idle(30)
+        events = await call_events(stack.gateway.backend, call_id)
+        pressed = [e for e in events if isinstance(e.payload, DtmfReceived)]
+        assert DTMF_BURST <= len(pressed) <= DTMF_BURST + DTMF_PER_S * elapsed + 1
+        errors = [e.payload for e in events if isinstance(e.payload, ErrorRaised)]
+        assert "more than 10 presses a second" in errors[0].message
+        assert not any(e.fatal for e in errors)
+        assert assert_whole(events).reason != "protocol_error"
 
 
 async def test_a_media_stream_claiming_another_call_is_refused_and_the_real_one_connects(tmp_path: Path) -> None:
