@@ -1,6 +1,8 @@
 """The tenant API: `POST /v1/calls` asks for an outbound call, `GET /v1/calls/dials/{id}` tells what
 became of it, `POST /v1/sql` queries the analyst tables. All take a tenant API key
 (`Authorization: Bearer KEY`) and only ever see that tenant's data; every SQL query is audited.
+Reads of the analytics store run on threads of their own (`AnalyticsReads`), a tenant's SQL queries
+one at a time.
 
 A dial request is recorded as `call.dial_requested` (the dial's stream, seq 0) and answered 202 at
 once; the dialer (`consumers.workers.dialer`) places it within the tenant's rate limit, and the answered
@@ -13,11 +15,13 @@ import asyncio
 import logging
 import random
 import re
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, ParamSpec, TypeVar
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Security
@@ -31,8 +35,8 @@ from gateway.admission import retry_after
 from gateway.runtime import PRODUCER, GatewayRuntime, new_call_id
 from producers.event_writer import CallRecorder
 from projections.recording_store import RangeNotSatisfiable, RecordingStoreError
-from projections.store import AnalyticsError
-from projections.tenant_sql import ForbiddenQuery, QueryFailed
+from projections.store import AnalyticsError, QueryResult
+from projections.tenant_sql import ForbiddenQuery, QueryFailed, TenantSql
 from projections.vcon_export import KEY_FILE as VCON_KEY_FILE
 from projections.vcon_export import MEDIA_TYPE as VCON_MEDIA_TYPE
 from projections.vcon_export import (
@@ -56,6 +60,52 @@ _BYTE_RANGE = re.compile(r"bytes=(\d+-\d*|-\d+)")
 """One byte range (the store is asked for it as it is); several in one request get the whole file."""
 DIAL_LOOKBACK_MS = 60_000
 """A dial's events start at its request; its id carries that time, which bounds the log scan."""
+ANALYTICS_THREADS = 4
+"""Threads that read the analytics store for the tenant API; more reads at once wait for one. (chDB runs one
+query at a time however many wait for it; a ClickHouse server runs them side by side.)"""
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class TenantQueryRunning(Exception):
+    """The tenant has a SQL query running already."""
+
+
+class AnalyticsReads:
+    """The tenant API's reads of the analytics store, on a bounded pool of threads of their own: a query
+    that runs to its time limit holds one of these, never one of the default executor's, which the calls'
+    path needs (their keys, their recordings). And the tenants with a SQL query running, one each, so that
+    one tenant cannot line the store up for everyone."""
+
+    def __init__(self) -> None:
+        self._threads = ThreadPoolExecutor(max_workers=ANALYTICS_THREADS, thread_name_prefix="analytics-read")
+        self._querying: set[str] = set()
+        self._querying_lock = threading.Lock()  # a query's end is told on the pool's thread
+
+    async def read(self, read: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """`read(*args, **kwargs)` on one of the pool's threads."""
+        return await asyncio.wrap_future(self._threads.submit(read, *args, **kwargs))
+
+    async def tenant_query(self, sql: TenantSql, tenant_id: str, query: str) -> QueryResult:
+        """The tenant's query, on one of the pool's threads; TenantQueryRunning while another of its
+        queries has not ended."""
+        with self._querying_lock:
+            if tenant_id in self._querying:
+                raise TenantQueryRunning(tenant_id)
+            self._querying.add(tenant_id)
+        running = self._threads.submit(sql.query, tenant_id, query)
+        # Free when the query ends, not when its request does: a client that hangs up cannot line up another.
+        running.add_done_callback(lambda _: self._ended(tenant_id))
+        return await asyncio.wrap_future(running)
+
+    def _ended(self, tenant_id: str) -> None:
+        with self._querying_lock:
+            self._querying.discard(tenant_id)
+
+    def close(self) -> None:
+        """Queries not started are dropped; one running ends at its time limit."""
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
 
 def new_dial_id(now_ms: int | None = None) -> str:
@@ -211,7 +261,7 @@ TENANT_API_REFUSALS: dict[int | str, dict[str, Any]] = {
 """What every route of the tenant API may answer before it does anything (`tenant_of`)."""
 
 
-def api_router(runtime: GatewayRuntime) -> APIRouter:
+def api_router(runtime: GatewayRuntime, analytics: AnalyticsReads) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["tenant API"], responses=TENANT_API_REFUSALS)
 
     @router.post("/calls", status_code=202, response_model=DialAccepted,
@@ -263,9 +313,13 @@ def api_router(runtime: GatewayRuntime) -> APIRouter:
         400: refusal("The query cannot run, and why: a syntax error and where, an unknown column, a limit it ran "
                      "into (or the body cannot be read)."),
         403: refusal("Not a query a tenant may run (one SELECT over its own tables, allowed functions only), and why."),
+        429: {**TENANT_API_REFUSALS[429], "description": "Over the key's request rate (or this address sent too many "
+                                                         "invalid keys), or the tenant has a query running already: "
+                                                         "its queries run one at a time."},
         503: refusal("Analytics is unavailable; try again shortly.")})
     async def tenant_sql(body: SqlRequest, caller: Caller, request: Request) -> SqlResult:
-        """The tenant's own rows of the analyst tables (docs/analytics.md), read-only and bounded."""
+        """The tenant's own rows of the analyst tables (docs/analytics.md), read-only and bounded; one query
+        of a tenant's at a time."""
         tenant, key_id = caller
         remote = request.client.host if request.client else None
 
@@ -275,7 +329,12 @@ def api_router(runtime: GatewayRuntime) -> APIRouter:
 
         try:
             sql = runtime.tenant_sql()
-            result = await asyncio.to_thread(sql.query, tenant.id, body.query)
+            result = await analytics.tenant_query(sql, tenant.id, body.query)
+        except TenantQueryRunning as exc:
+            await audit("denied", f"another of the tenant's queries is running: {body.query}")
+            raise HTTPException(429, f"tenant {tenant.id} has a SQL query running already; its queries run one at "
+                                     "a time: send this one once that one has been answered",
+                                headers={"Retry-After": "1"}) from exc
         except ForbiddenQuery as exc:
             await audit("denied", f"{exc}: {body.query}")
             raise HTTPException(403, str(exc)) from exc
@@ -365,7 +424,7 @@ def api_router(runtime: GatewayRuntime) -> APIRouter:
             # Where the call started bounds the log's scan (on Kafka, its partition from 0 else): the tables
             # say, else its recording; an id that is neither is no call of the tenant's, and nothing is read.
             try:
-                started_us = await asyncio.to_thread(runtime.call_views().started_at, tenant.id, call_id)
+                started_us = await analytics.read(runtime.call_views().started_at, tenant.id, call_id)
                 if started_us is None:
                     started_us = await asyncio.to_thread(recording_started, runtime.recordings, tenant.id, call_id)
                     if started_us is None:

@@ -9,24 +9,33 @@ with uvicorn (`GatewayServer`).
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.api import api_router
+from gateway.api import AnalyticsReads, api_router
 from gateway.api_docs import add_api_docs
-from gateway.console import call_views_router, console_router
+from gateway.console import AGENT_FILE_MAX, call_views_router, console_router
 from gateway.runtime import GatewayRuntime
 
 if TYPE_CHECKING:
     from gateway.sip_call_flow import SipCallFlow
 from gateway.twilio_call_flow import TwilioCallFlow
 from gateway.widget import widget_router
+
+REQUEST_BODY_MAX_BYTES = 12 * AGENT_FILE_MAX + 64 * 1024
+"""The largest request body the app reads: a what-if's agent file (the largest body of any route), each
+character up to 12 bytes in JSON (an astral one escaped as two `\\uXXXX`), and room for the rest. A larger
+one is answered 413 before it is read, so before its API key is looked at (Twilio's webhooks keep their 64 KiB)."""
+VALIDATION_TEXT_MAX = 200
+"""Characters kept of each part of a validation error's location and of its message: a key the schema does
+not know is a part of the location, and a validator's message may quote what was sent."""
 
 
 class GatewayServer(uvicorn.Server):
@@ -78,6 +87,13 @@ def operations_router(runtime: GatewayRuntime, sip: SipCallFlow | None = None) -
     return router
 
 
+def unechoed(error: Mapping[str, Any]) -> dict[str, Any]:
+    """A validation error's type, location and message, their text clipped (`VALIDATION_TEXT_MAX`)."""
+    return {"type": error["type"],
+            "loc": [part if isinstance(part, int) else str(part)[:VALIDATION_TEXT_MAX] for part in error["loc"]],
+            "msg": str(error["msg"])[:VALIDATION_TEXT_MAX]}
+
+
 def create_app(runtime: GatewayRuntime) -> FastAPI:
     sip: SipCallFlow | None = None
     if runtime.sip is not None:
@@ -85,6 +101,8 @@ def create_app(runtime: GatewayRuntime) -> FastAPI:
 
         sip = SipCallFlow(runtime, runtime.sip)
         runtime.sip_placer = sip  # the dialer places the calls of tenants with a SIP trunk through it
+
+    analytics_reads = AnalyticsReads()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -97,15 +115,24 @@ def create_app(runtime: GatewayRuntime) -> FastAPI:
             await runtime.stop()  # its calls end first, SIP's with a BYE from the endpoint still running
             if sip is not None:
                 await sip.stop()
+            analytics_reads.close()
 
-    app = FastAPI(title="voxlog gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="voxlog gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  max_body_size=REQUEST_BODY_MAX_BYTES)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_refusal(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 with each error's type, location and message, never its input or context: FastAPI's own
+        answer echoes what was sent, whatever its size."""
+        return JSONResponse({"detail": [unechoed(error) for error in exc.errors()]}, status_code=422)
+
     add_api_docs(app)  # /docs and /redoc with their assets served here: no CDN (gateway/api_docs.py)
     app.state.gateway = runtime
     app.state.sip = sip
     app.include_router(operations_router(runtime, sip))
     app.include_router(TwilioCallFlow(runtime).router())
     app.include_router(widget_router(runtime))
-    app.include_router(api_router(runtime))
-    app.include_router(call_views_router(runtime))
+    app.include_router(api_router(runtime, analytics_reads))
+    app.include_router(call_views_router(runtime, analytics_reads))
     app.include_router(console_router())
     return app

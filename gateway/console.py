@@ -32,7 +32,7 @@ from fastapi.responses import FileResponse, HTMLResponse, Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from consumers.event_reader import read_call
-from gateway.api import TENANT_API_REFUSALS, UNREADABLE_BODY, Caller, Unprocessable, refusal
+from gateway.api import TENANT_API_REFUSALS, UNREADABLE_BODY, AnalyticsReads, Caller, Unprocessable, refusal
 from gateway.runtime import GatewayRuntime
 from gateway.whatif_isolation import WhatIfBusy, WhatIfFailed
 from gateway.widget import JAVASCRIPT, STATIC
@@ -419,7 +419,7 @@ def console_router() -> APIRouter:
     return router
 
 
-def call_views_router(runtime: GatewayRuntime) -> APIRouter:
+def call_views_router(runtime: GatewayRuntime, analytics: AnalyticsReads) -> APIRouter:
     """`GET /v1/console/calls`, `GET /v1/console/calls/{call_id}` and `POST /v1/calls/{call_id}/whatif`, in
     the tenant API. (The call views sit apart from `/v1/calls`, whose POST asks for a dial: a dial's call
     is no call of the tables until it is answered.)"""
@@ -467,8 +467,8 @@ def call_views_router(runtime: GatewayRuntime) -> APIRouter:
         filters = CallFilter(agent=agent or None, agent_version=agent_version or None, outcome=outcome or None,
                              since_us=_epoch_us(since), until_us=_epoch_us(until), errors=errors, fallbacks=fallbacks)
         try:
-            page = await asyncio.to_thread(runtime.call_views().list_calls, tenant.id, filters, limit=limit,
-                                           offset=offset)
+            page = await analytics.read(runtime.call_views().list_calls, tenant.id, filters, limit=limit,
+                                        offset=offset)
         except AnalyticsError as exc:
             log.warning("the call list is unavailable: %s", exc)
             await audit(request, caller, "-", "calls.listed", "failed", "analytics unavailable")
@@ -486,7 +486,7 @@ def call_views_router(runtime: GatewayRuntime) -> APIRouter:
         replay check (identical, the first divergence, or erased). Audited (`call.read`)."""
         tenant, _ = caller
         try:
-            rows = await asyncio.to_thread(runtime.call_views().call, tenant.id, call_id)
+            rows = await analytics.read(runtime.call_views().call, tenant.id, call_id)
         except AnalyticsError as exc:
             log.warning("call %s is unavailable: %s", call_id, exc)
             raise HTTPException(503, "analytics is unavailable right now; try again shortly") from exc
@@ -524,7 +524,7 @@ def call_views_router(runtime: GatewayRuntime) -> APIRouter:
         runs and nothing is written to the call. Audited (`call.whatif`)."""
         tenant, _ = caller
         try:
-            started_us = await asyncio.to_thread(runtime.call_views().started_at, tenant.id, call_id)
+            started_us = await analytics.read(runtime.call_views().started_at, tenant.id, call_id)
             known = started_us is not None
         except AnalyticsError:  # the log is the record: the call is read from it alone, unbounded
             started_us, known = None, True
