@@ -164,6 +164,8 @@ class GatewayRuntime:
     capacity: int = 20
     """Calls this gateway serves at once (`VOXLOG_MAX_CALLS`)."""
     drain_s: float = 15.0
+    widget_calls_per_address: int = 3
+    """Widget calls one client address may have at once (`VOXLOG_WIDGET_CALLS_PER_ADDRESS`)."""
     instance_id: str = field(default_factory=new_instance_id)
     draining: bool = False
     admission: Admission = field(init=False)

@@ -3,18 +3,25 @@
 The protocol on the socket is `streams.channels.widget_protocol`; this is its socket side:
 `iterate_page` reads the page's messages into its events, `WidgetTransport` is the session's
 `MediaTransport` for a widget call (16 kHz PCM both ways, marks, clears, the live transcript).
+
+A widget key is public (it is in the page of every site that embeds the widget), so anyone can open
+calls with one: each client address may have `widget_calls_per_address` at once, lest one take all the
+gateway's places from every tenant. The address is the one the tenant API's per-address limits count:
+uvicorn's, from X-Forwarded-For where the peer is a proxy it trusts (FORWARDED_ALLOW_IPS).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import html
+from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, HTMLResponse
 
 from gateway.caller_recall import recall
@@ -23,6 +30,7 @@ from schemas.events import CallStarted
 from streams.call.transport import Channel, InboundCall, MediaTransport, TransportClosed
 from streams.channels.widget_protocol import (
     BadFrame,
+    Hello,
     PageAudio,
     PageEvent,
     PageReader,
@@ -35,11 +43,36 @@ from streams.channels.widget_protocol import (
     started_message,
     transcript_message,
 )
-from streams.config.agents import RoutingError
+from streams.config.agents import AgentSpec, RoutingError
 
 STATIC = Path(__file__).parent / "static"
 JAVASCRIPT = "text/javascript"
 """JavaScript's media type (RFC 9239; application/javascript is its obsolete alias)."""
+WIDGET_KEY_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+"""The widget keys `GET /widget` puts in its page; anything else is refused (422) before it nears the HTML."""
+POLICY_VIOLATION = 1008
+"""The WebSocket close code of a call refused by a rule (RFC 6455, 7.4.1)."""
+
+
+@dataclass
+class CallsPerAddress:
+    """The live widget calls of each client address, up to `limit` each. Only addresses with a live call are
+    kept, so it holds no more entries than the gateway has calls."""
+
+    limit: int
+    _live: Counter[str] = field(default_factory=Counter)
+
+    def take(self, address: str) -> bool:
+        """Counts one more call from `address`, or says False when it has `limit` already."""
+        if self._live[address] >= self.limit:
+            return False
+        self._live[address] += 1
+        return True
+
+    def give_back(self, address: str) -> None:
+        self._live[address] -= 1
+        if self._live[address] <= 0:
+            del self._live[address]
 
 
 async def iterate_page(websocket: WebSocket) -> AsyncIterator[PageEvent]:
@@ -107,11 +140,29 @@ def _javascript(description: str) -> dict[str, Any]:
 
 
 def widget_router(gateway: GatewayRuntime) -> APIRouter:
+    # The console imports this module (its STATIC, its JAVASCRIPT): its page headers are imported here, not above.
+    from gateway.console import PAGE_HEADERS
+
     router = APIRouter()
+    callers = CallsPerAddress(gateway.widget_calls_per_address)
 
     @router.get("/widget", response_class=HTMLResponse)
-    async def page(key: str = "demo-widget-key") -> str:
-        return (STATIC / "widget.html").read_text().replace("{{WIDGET_KEY}}", json.dumps(key)[1:-1])
+    async def page(key: Annotated[str, Query(pattern=WIDGET_KEY_PATTERN, description="The widget key to call with.")]
+                   = "demo-widget-key") -> HTMLResponse:
+        """A page with the widget on it, served under the console's Content-Security-Policy: no inline script,
+        nothing from another origin, so no key can be made into markup or script."""
+        text = (STATIC / "widget.html").read_text().replace("{{WIDGET_KEY}}", html.escape(key, quote=True))
+        return HTMLResponse(text, headers=PAGE_HEADERS)
+
+    @router.get("/widget/widget-page.js", response_class=FileResponse,
+                responses={200: _javascript("The widget page's own script: mounts the widget.")})
+    async def page_script() -> FileResponse:
+        return FileResponse(STATIC / "widget-page.js", media_type=JAVASCRIPT, headers=PAGE_HEADERS)
+
+    @router.get("/widget/widget.css", response_class=FileResponse, responses={200: {
+        "description": "The widget page's style sheet.", "content": {"text/css": {"schema": {"type": "string"}}}}})
+    async def style() -> FileResponse:
+        return FileResponse(STATIC / "widget.css", media_type="text/css", headers=PAGE_HEADERS)
 
     @router.get("/widget/voxlog-widget.js", response_class=FileResponse,
                 responses={200: _javascript("The embeddable script: the page's microphone, speaker and socket.")})
@@ -132,8 +183,22 @@ def widget_router(gateway: GatewayRuntime) -> APIRouter:
         except (TimeoutError, ValueError, RoutingError, WebSocketDisconnect, KeyError) as exc:
             with contextlib.suppress(Exception):
                 await websocket.send_text(error_message(f"cannot start: {exc}"))
-                await websocket.close(code=1008)
+                await websocket.close(code=POLICY_VIOLATION)
             return
+        address = websocket.client.host if websocket.client else "-"
+        if not callers.take(address):
+            refusal = f"this address has {callers.limit} widget calls already"
+            with contextlib.suppress(Exception):
+                await websocket.send_text(error_message(refusal))
+                await websocket.close(code=POLICY_VIOLATION, reason=refusal)
+            return
+        try:
+            await converse(websocket, hello, agent)
+        finally:
+            callers.give_back(address)
+
+    async def converse(websocket: WebSocket, hello: Hello, agent: AgentSpec) -> None:
+        """One widget call, from its admission to its end."""
         call = InboundCall(call_id=new_call_id(), tenant_id=agent.tenant,
                            started=CallStarted(channel="widget", direction="inbound", agent_id=agent.id,
                                                agent_version=agent.version, routed_by="widget_key",
@@ -146,7 +211,9 @@ def widget_router(gateway: GatewayRuntime) -> APIRouter:
             return
         transport = WidgetTransport(websocket)
         session = gateway.open_session(call, agent, transport, memory=await recall(gateway.analytics, call))
-        await websocket.send_text(started_message(call.call_id))
+        # A page gone already is not told: its reader says it is gone, and the session, run, ends at once.
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+            await websocket.send_text(started_message(call.call_id))
         running = asyncio.create_task(gateway.run_session(session))
         events = iterate_page(websocket)
         try:
@@ -159,6 +226,9 @@ def widget_router(gateway: GatewayRuntime) -> APIRouter:
                 elif isinstance(event, BadFrame):
                     gateway.bad_input(session, "gateway.widget", event.reason)
         finally:
+            # Whatever stopped the reading (a failure of ours included), nobody hears the call now: it ends at
+            # once and gives its place back. No-op once it has ended.
+            session.closed("shutdown" if gateway.draining else "socket_closed")
             transport.closed = transport.closed or running.done()
             report = await running
             with contextlib.suppress(Exception):

@@ -90,7 +90,8 @@ def build_gateway(settings: Settings) -> GatewayRuntime:
                    run_projections=background is None and settings.run_projections and analytics is not None,
                    background=background, recording_store=recording_store(settings),
                    vcon_signing_key=settings.vcon_signing_key_path, capacity=settings.call_capacity,
-                   drain_s=settings.drain_s, twilio_auth_token=token, sip=sip_config(settings))
+                   drain_s=settings.drain_s, widget_calls_per_address=settings.widget_calls_per_address,
+                   twilio_auth_token=token, sip=sip_config(settings))
 
 
 SIP_ANSWERING = 16

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     max_calls: int | None = Field(
         None, ge=1, description="Calls one gateway serves at once; more are told busy. Unset: "
         f"{CALLS_PER_CORE} per CPU core (docs/performance.md, 'Admission').")
+    widget_calls_per_address: int = Field(
+        3, ge=1, description="Widget calls one client address may have at once (the widget's key is public); more "
+        "are refused. Behind a proxy, list it in FORWARDED_ALLOW_IPS so that each caller has an address of their own.")
     drain_s: float = Field(
         15.0, gt=0, description="On SIGTERM, how long live calls get to end (they are told the gateway is shutting "
         "down) and the log to take their last events, before the process exits anyway.")

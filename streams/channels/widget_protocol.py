@@ -7,6 +7,9 @@ The server answers `{"type": "started", "call_id"}`, then binary frames of agent
 format), `{"type": "transcript", "speaker", "text", "final"}`, `{"type": "mark", "name"}`,
 `{"type": "clear"}` on barge-in, and `{"type": "end", "reason"}`; a call it cannot take gets
 `{"type": "error", "message"}` or `{"type": "busy", "message"}` and the socket closes.
+
+A text message is refused unread past `MAX_CONTROL_CHARS`; one that is not a JSON object (or nests too
+deeply to parse) is a `BadFrame`, as an odd-sized audio frame is.
 """
 
 from __future__ import annotations
@@ -16,9 +19,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from streams.audio.formats import PCM_FRAME_BYTES
+from streams.channels.twilio_media_protocol import excerpt
 
 MAX_FRAME_BYTES = PCM_FRAME_BYTES * 10
 """200 ms: more in one message is not a live microphone."""
+MAX_CONTROL_CHARS = 8 * 1024
+"""A text message's size at most, checked before it is parsed (which bounds the parser's work on garbage,
+as the Twilio protocol's `MAX_MESSAGE_CHARS` does). The opening message carries the page's URL, which the
+web servers before a page already limit to about this (nginx's and Apache's 8 KiB request lines); a mark
+is a few dozen characters."""
 PAGE_FIELD_CHARS = 500
 
 
@@ -54,9 +63,7 @@ PageEvent = PageAudio | MarkReached | BadFrame
 
 def parse_hello(text: str) -> Hello:
     """The page's opening message; raises ValueError when it is not one."""
-    message = json.loads(text)
-    if not isinstance(message, dict):
-        raise ValueError(f"the opening message must be a JSON object, got {type(message).__name__}")
+    message = _load_control(text)
     return Hello(key=str(message.get("key", "")), page=str(message.get("page", ""))[:PAGE_FIELD_CHARS])
 
 
@@ -69,7 +76,10 @@ class PageReader:
 
     def read(self, message: str | bytes) -> list[PageEvent]:
         if isinstance(message, str):
-            name = _mark_name(message)
+            try:
+                name = _mark_name(_load_control(message))
+            except ValueError as exc:
+                return [BadFrame(f"{exc}: {excerpt(message)}")]
             return [] if name is None else [MarkReached(name)]
         if len(message) % 2 or len(message) > MAX_FRAME_BYTES:
             return [BadFrame(f"audio frame of {len(message)} bytes")]
@@ -81,12 +91,23 @@ class PageReader:
         return frames
 
 
-def _mark_name(text: str) -> str | None:
+def _load_control(text: str) -> dict[str, Any]:
+    """A control message's JSON object; ValueError, saying why, for anything else."""
+    if len(text) > MAX_CONTROL_CHARS:
+        raise ValueError(f"control message of {len(text)} characters, more than {MAX_CONTROL_CHARS}")
     try:
-        message: Any = json.loads(text)
-    except ValueError:
-        return None
-    if isinstance(message, dict) and message.get("type") == "mark" and isinstance(message.get("name"), str):
+        message = json.loads(text)
+    except RecursionError as exc:  # the parser recurses per level of nesting: "[[[[..." exhausts the stack
+        raise ValueError("control message nested too deeply") from exc
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"control message is not JSON: {exc}") from exc
+    if not isinstance(message, dict):
+        raise ValueError(f"control message must be a JSON object, got {type(message).__name__}")
+    return message
+
+
+def _mark_name(message: dict[str, Any]) -> str | None:
+    if message.get("type") == "mark" and isinstance(message.get("name"), str):
         return str(message["name"])
     return None
 
