@@ -220,13 +220,18 @@ async def test_api_keys_are_rate_limited_and_strangers_cannot_make_the_audit_tra
 # --------------------------------------------------------------------------- hostile media streams
 
 
+async def connected_call(stack: LocalStack) -> tuple[TwilioCaller, str]:
+    """A phone call the gateway answered, its media stream open, and its id."""
+    caller = stack.caller(to=AGENT_NUMBER)
+    instructions = await caller.dial()
+    await caller.connect(instructions)
+    return caller, instructions.parameters["call_id"]
+
+
 async def test_a_flood_of_malformed_frames_is_counted_not_recorded_and_then_ends_the_call(tmp_path: Path) -> None:
     async with local_stack(Settings(home=tmp_path)) as stack:
-        caller = stack.caller(to=AGENT_NUMBER)
-        instructions = await caller.dial()
-        call_id = instructions.parameters["call_id"]
+        caller, call_id = await connected_call(stack)
         async with caller:
-            await caller.connect(instructions)
             for i in range(30):
                 await caller.send_raw(f"{{not json {i}")
             await caller.send_mulaw(SILENCE_1S)  # the call goes on
@@ -245,11 +250,8 @@ async def test_a_flood_of_malformed_frames_is_counted_not_recorded_and_then_ends
 
 async def test_audio_faster_than_anyone_speaks_is_dropped_and_a_flood_of_it_ends_the_call(tmp_path: Path) -> None:
     async with local_stack(Settings(home=tmp_path)) as stack:
-        caller = stack.caller(to=AGENT_NUMBER)
-        instructions = await caller.dial()
-        call_id = instructions.parameters["call_id"]
+        caller, call_id = await connected_call(stack)
         async with caller:
-            await caller.connect(instructions)
             await caller.send_mulaw(SILENCE_1S, realtime=False)  # a second's backlog at once: within the limit
             await caller.send_mulaw(SILENCE_1S * 60, realtime=False)  # a minute of "audio" in a moment: a flood
             await asyncio.wait_for(caller.closed.wait(), 30)
@@ -269,11 +271,8 @@ async def test_audio_faster_than_anyone_speaks_is_dropped_and_a_flood_of_it_ends
 
 async def test_a_flood_of_key_presses_is_taken_at_a_thumbs_pace_and_the_call_goes_on(tmp_path: Path) -> None:
     async with local_stack(Settings(home=tmp_path)) as stack:
-        caller = stack.caller(to=AGENT_NUMBER)
-        instructions = await caller.dial()
-        call_id = instructions.parameters["call_id"]
+        caller, call_id = await connected_call(stack)
         async with caller:
-            await caller.connect(instructions)
             started = time.monotonic()
             for _ in range(200):
                 await caller.send_dtmf("5")
