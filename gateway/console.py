@@ -33,9 +33,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from consumers.event_reader import read_call
 from gateway.api import TENANT_API_REFUSALS, UNREADABLE_BODY, AnalyticsReads, Caller, Unprocessable, refusal
+from gateway.pages import CSS, JAVASCRIPT, page_file, text_file
 from gateway.runtime import GatewayRuntime
 from gateway.whatif_isolation import WhatIfBusy, WhatIfFailed
-from gateway.widget import JAVASCRIPT, STATIC
 from projections.audit import epoch_us
 from projections.call_views import CallFilter
 from projections.store import AnalyticsError
@@ -50,13 +50,6 @@ from streams.redaction import default_redactor
 
 log = logging.getLogger(__name__)
 
-CONTENT_SECURITY_POLICY = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; media-src blob:; "
-    "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-"""The console's: its own script and style only (no inline script, no other origin), fetches to this
-gateway only, the recording from the blob the page made of it."""
-PAGE_HEADERS = {"Content-Security-Policy": CONTENT_SECURITY_POLICY, "X-Content-Type-Options": "nosniff",
-                "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 PAGE_SIZE_MAX = 200
 AGENT_FILE_MAX = 200_000
 """Characters of an agent file a what-if takes (the demo's is about 3,000)."""
@@ -404,17 +397,17 @@ def console_router() -> APIRouter:
     async def console() -> Response:
         """The QA console, for a browser: a tenant's calls, each with its recording, transcript,
         latencies, tool calls, errors, event timeline, replay check and what-if."""
-        return FileResponse(STATIC / "console.html", media_type="text/html", headers=PAGE_HEADERS)
+        return page_file("console.html", "text/html")
 
-    @router.get("/console/console.js", response_class=FileResponse, responses={200: {
-        "description": "The console's script.", "content": {JAVASCRIPT: {"schema": {"type": "string"}}}}})
+    @router.get("/console/console.js", response_class=FileResponse,
+                responses={200: text_file(JAVASCRIPT, "The console's script.")})
     async def script() -> FileResponse:
-        return FileResponse(STATIC / "console.js", media_type=JAVASCRIPT, headers=PAGE_HEADERS)
+        return page_file("console.js", JAVASCRIPT)
 
-    @router.get("/console/console.css", response_class=FileResponse, responses={200: {
-        "description": "The console's style sheet.", "content": {"text/css": {"schema": {"type": "string"}}}}})
+    @router.get("/console/console.css", response_class=FileResponse,
+                responses={200: text_file(CSS, "The console's style sheet.")})
     async def style() -> FileResponse:
-        return FileResponse(STATIC / "console.css", media_type="text/css", headers=PAGE_HEADERS)
+        return page_file("console.css", CSS)
 
     return router
 

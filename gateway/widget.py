@@ -18,13 +18,13 @@ import html
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, HTMLResponse
 
 from gateway.caller_recall import recall
+from gateway.pages import CSS, JAVASCRIPT, PAGE_HEADERS, STATIC, page_file, text_file
 from gateway.runtime import GatewayRuntime, new_call_id, while_running
 from schemas.events import CallStarted
 from streams.call.transport import Channel, InboundCall, MediaTransport, TransportClosed
@@ -45,9 +45,6 @@ from streams.channels.widget_protocol import (
 )
 from streams.config.agents import AgentSpec, RoutingError
 
-STATIC = Path(__file__).parent / "static"
-JAVASCRIPT = "text/javascript"
-"""JavaScript's media type (RFC 9239; application/javascript is its obsolete alias)."""
 WIDGET_KEY_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 """The widget keys `GET /widget` puts in its page; anything else is refused (422) before it nears the HTML."""
 POLICY_VIOLATION = 1008
@@ -135,42 +132,43 @@ class WidgetTransport(MediaTransport):
         await self._send(transcript_message(speaker, text, final))
 
 
-def _javascript(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {JAVASCRIPT: {"schema": {"type": "string"}}}}
+async def refuse(websocket: WebSocket, message: str, *, reason: str = "") -> None:
+    """Tells the page why it gets no call, and closes its socket (a page gone already is not told)."""
+    with contextlib.suppress(Exception):
+        await websocket.send_text(error_message(message))
+        await websocket.close(code=POLICY_VIOLATION, reason=reason)
 
 
 def widget_router(gateway: GatewayRuntime) -> APIRouter:
-    # The console imports this module (its STATIC, its JAVASCRIPT): its page headers are imported here, not above.
-    from gateway.console import PAGE_HEADERS
-
     router = APIRouter()
     callers = CallsPerAddress(gateway.widget_calls_per_address)
 
     @router.get("/widget", response_class=HTMLResponse)
     async def page(key: Annotated[str, Query(pattern=WIDGET_KEY_PATTERN, description="The widget key to call with.")]
                    = "demo-widget-key") -> HTMLResponse:
-        """A page with the widget on it, served under the console's Content-Security-Policy: no inline script,
+        """A page with the widget on it, served under the pages' Content-Security-Policy: no inline script,
         nothing from another origin, so no key can be made into markup or script."""
         text = (STATIC / "widget.html").read_text().replace("{{WIDGET_KEY}}", html.escape(key, quote=True))
         return HTMLResponse(text, headers=PAGE_HEADERS)
 
     @router.get("/widget/widget-page.js", response_class=FileResponse,
-                responses={200: _javascript("The widget page's own script: mounts the widget.")})
+                responses={200: text_file(JAVASCRIPT, "The widget page's own script: mounts the widget.")})
     async def page_script() -> FileResponse:
-        return FileResponse(STATIC / "widget-page.js", media_type=JAVASCRIPT, headers=PAGE_HEADERS)
+        return page_file("widget-page.js", JAVASCRIPT)
 
-    @router.get("/widget/widget.css", response_class=FileResponse, responses={200: {
-        "description": "The widget page's style sheet.", "content": {"text/css": {"schema": {"type": "string"}}}}})
+    @router.get("/widget/widget.css", response_class=FileResponse,
+                responses={200: text_file(CSS, "The widget page's style sheet.")})
     async def style() -> FileResponse:
-        return FileResponse(STATIC / "widget.css", media_type="text/css", headers=PAGE_HEADERS)
+        return page_file("widget.css", CSS)
 
     @router.get("/widget/voxlog-widget.js", response_class=FileResponse,
-                responses={200: _javascript("The embeddable script: the page's microphone, speaker and socket.")})
+                responses={200: text_file(JAVASCRIPT, "The embeddable script: the page's microphone, speaker and "
+                                                      "socket.")})
     async def script() -> FileResponse:
         return FileResponse(STATIC / "voxlog-widget.js", media_type=JAVASCRIPT)
 
     @router.get("/widget/capture-worklet.js", response_class=FileResponse,
-                responses={200: _javascript("The AudioWorklet the script captures the microphone with.")})
+                responses={200: text_file(JAVASCRIPT, "The AudioWorklet the script captures the microphone with.")})
     async def worklet() -> FileResponse:
         return FileResponse(STATIC / "capture-worklet.js", media_type=JAVASCRIPT)
 
@@ -181,16 +179,12 @@ def widget_router(gateway: GatewayRuntime) -> APIRouter:
             hello = parse_hello(await asyncio.wait_for(websocket.receive_text(), 10))
             agent = gateway.router.by_widget_key(hello.key)
         except (TimeoutError, ValueError, RoutingError, WebSocketDisconnect, KeyError) as exc:
-            with contextlib.suppress(Exception):
-                await websocket.send_text(error_message(f"cannot start: {exc}"))
-                await websocket.close(code=POLICY_VIOLATION)
+            await refuse(websocket, f"cannot start: {exc}")
             return
         address = websocket.client.host if websocket.client else "-"
         if not callers.take(address):
             refusal = f"this address has {callers.limit} widget calls already"
-            with contextlib.suppress(Exception):
-                await websocket.send_text(error_message(refusal))
-                await websocket.close(code=POLICY_VIOLATION, reason=refusal)
+            await refuse(websocket, refusal, reason=refusal)
             return
         try:
             await converse(websocket, hello, agent)

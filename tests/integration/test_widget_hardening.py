@@ -20,7 +20,7 @@ from websockets.asyncio.client import ClientConnection
 
 from consumers.event_reader import read_call
 from gateway.app import create_app
-from gateway.console import CONTENT_SECURITY_POLICY
+from gateway.pages import CONTENT_SECURITY_POLICY
 from schemas.base import Event, EventPayload
 from schemas.events import CallEnded, ErrorRaised
 from streams.channels.widget_protocol import MAX_CONTROL_CHARS, PageEvent
