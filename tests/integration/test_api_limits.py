@@ -171,8 +171,9 @@ async def test_a_tenants_queries_run_one_at_a_time_and_never_on_the_threads_call
             assert "one at a time" in second.json()["detail"]
             other = asyncio.create_task(api(stack, "POST", "/v1/sql", key=OTHER_KEY, json={"query": "SELECT 1"}))
             await eventually(running("demo", "other"), 5, "other's query running beside demo's")
-            # Both held to their limit, the default executor still answers at once.
-            await asyncio.wait_for(asyncio.to_thread(lambda: None), 1)
+            # Both held to their limit, the default executor still answers (at once; were the queries on it, it
+            # would not answer until they end, which only this test's `finally` brings: the deadline is for that).
+            await asyncio.wait_for(asyncio.to_thread(lambda: None), 30)
         finally:
             held.end.set()
         assert (await first).status_code == 200
