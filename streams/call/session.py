@@ -160,8 +160,11 @@ class CallSession:
         self._bad_inputs = 0
         self._ending = False
         self._heard_us = 0  # the caller's audio taken so far, by its length
+        # The floods' guards keep time by a monotonic clock: the wall clock, stepped back by NTP, would have
+        # them drop a call's audio and keys, and end it, for no fault of the caller's.
+        self._opened_s = time.monotonic()
+        self._keys = TokenBucket(DTMF_PER_S, DTMF_BURST, self._opened_s)
         self._start()
-        self._keys = TokenBucket(DTMF_PER_S, DTMF_BURST, self._started_us / 1e6)
 
     def _start(self) -> None:
         """call.started (with what is remembered of the caller, and the answer) goes first into the
@@ -179,7 +182,7 @@ class CallSession:
         if self._ended.is_set():
             return
         heard_us = self._heard_us + len(pcm16) * 500_000 // PCM_RATE  # 2 bytes a sample
-        ahead_us = heard_us - (self.clock_us() - self._started_us)
+        ahead_us = heard_us - int((time.monotonic() - self._opened_s) * 1_000_000)
         if ahead_us > AUDIO_AHEAD_LIMIT_US:
             self.bad_input("session.audio", f"caller audio {ahead_us // 1000} ms ahead of the call's clock: "
                                             f"frame dropped")
@@ -188,7 +191,7 @@ class CallSession:
         await self._recognition.hear(pcm16, raw, codec, sample_rate)
 
     def dtmf(self, digit: str) -> None:
-        now_s = self.clock_us() / 1e6
+        now_s = time.monotonic()
         if self._keys.delay(now_s) > 0:
             self.bad_input("session.dtmf", f"key {digit[:4]!r} dropped: more than {DTMF_PER_S:g} presses a second")
             return
